@@ -1,0 +1,19 @@
+use thiserror::Error;
+
+/// Error raised by a hook or a weight patch. The pipeline reports it with the hook's name.
+#[derive(Debug, Error)]
+pub enum HookError {
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("{hook}: {message}")]
+    Failed { hook: String, message: String },
+}
+
+impl HookError {
+    pub fn failed(hook: impl Into<String>, message: impl Into<String>) -> Self {
+        HookError::Failed {
+            hook: hook.into(),
+            message: message.into(),
+        }
+    }
+}

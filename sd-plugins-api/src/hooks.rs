@@ -1,0 +1,335 @@
+use candle_core::Tensor;
+
+use crate::HookError;
+
+/// Where the loop is. `index` counts scheduler steps from 0 over the *full* schedule, so an
+/// img2img run at strength 0.5 with 20 steps sees indices 10..20 (`first_index` = 10).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInfo {
+    pub index: usize,
+    pub first_index: usize,
+    /// Number of steps of the full schedule.
+    pub total: usize,
+    /// The timestep the UNet receives at this step.
+    pub timestep: f64,
+    /// Images generated in parallel (the latent batch, without the CFG copy).
+    pub batch: usize,
+    /// True when the model input holds an unconditional half (classifier-free guidance).
+    pub cfg: bool,
+}
+
+impl StepInfo {
+    /// Fraction of the schedule done before this step, in [0, 1): the `start`/`end` window of
+    /// control units is compared against it (diffusers: `i / len(timesteps)`).
+    pub fn fraction(&self) -> f64 {
+        self.index as f64 / self.total.max(1) as f64
+    }
+}
+
+/// Text conditioning, `[batch, tokens, dim]`. `uncond` is `None` when CFG is off.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    pub cond: Tensor,
+    pub uncond: Option<Tensor>,
+}
+
+/// What a residual provider (a ControlNet, an adapter) sees at one step.
+#[derive(Debug)]
+pub struct ResidualInput<'a> {
+    /// The scaled latent model input, `[n * batch, C, h, w]`: with CFG the unconditional
+    /// half comes first, then the conditional half (diffusers' order).
+    pub sample: &'a Tensor,
+    /// The 4 latent channels of `sample` when the UNet takes extra channels (inpainting
+    /// UNets concatenate mask and masked image); the same tensor as `sample` otherwise.
+    pub latents: &'a Tensor,
+    pub encoder_hidden_states: &'a Tensor,
+}
+
+/// Additive UNet residuals: one per skip connection of the down path, plus the mid block.
+#[derive(Debug, Clone)]
+pub struct Residuals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+impl Residuals {
+    /// Element-wise sum of two residual sets (several providers are summed).
+    pub fn add(&self, other: &Residuals) -> Result<Residuals, HookError> {
+        if self.down.len() != other.down.len() {
+            return Err(HookError::failed(
+                "residuals",
+                format!(
+                    "cannot sum residual sets of {} and {} down tensors",
+                    self.down.len(),
+                    other.down.len()
+                ),
+            ));
+        }
+        let down = self
+            .down
+            .iter()
+            .zip(&other.down)
+            .map(|(a, b)| a.add(b))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Residuals {
+            down,
+            mid: self.mid.add(&other.mid)?,
+        })
+    }
+}
+
+/// The UNet's predictions at one step, to be combined into one.
+#[derive(Debug)]
+pub struct NoisePrediction<'a> {
+    pub uncond: Option<&'a Tensor>,
+    pub cond: &'a Tensor,
+    pub guidance_scale: f64,
+}
+
+/// Read access to the sampler's noise schedule (inpaint blending re-noises with it).
+pub trait NoiseLevels {
+    /// Timesteps of the full schedule.
+    fn timesteps(&self) -> &[f64];
+    /// `original` noised to the level of schedule index `index`.
+    fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        index: usize,
+    ) -> candle_core::Result<Tensor>;
+}
+
+/// A typed hook into the denoising loop. Every method has a do-nothing default.
+pub trait Hook: Send {
+    fn name(&self) -> &str;
+
+    /// Edit the text conditioning once, before sampling.
+    fn on_conditioning(&mut self, _cond: &mut Conditioning) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// Read or edit the latents before the UNet runs at this step.
+    fn before_step(&mut self, _step: &StepInfo, _latents: &mut Tensor) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// Additive residuals for the UNet at this step (ControlNet is one provider).
+    fn residuals(
+        &mut self,
+        _step: &StepInfo,
+        _input: &ResidualInput<'_>,
+    ) -> Result<Option<Residuals>, HookError> {
+        Ok(None)
+    }
+
+    /// Combine cond/uncond predictions. The first hook that returns `Some` wins; plain
+    /// classifier-free guidance is used when none does.
+    fn on_noise_pred(
+        &mut self,
+        _step: &StepInfo,
+        _pred: &NoisePrediction<'_>,
+    ) -> Result<Option<Tensor>, HookError> {
+        Ok(None)
+    }
+
+    /// Read or edit the latents after the sampler stepped.
+    fn after_step(
+        &mut self,
+        _step: &StepInfo,
+        _levels: &dyn NoiseLevels,
+        _latents: &mut Tensor,
+    ) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// Post-process decoded images, `[batch, 3, H, W]` in [0, 1].
+    fn on_image(&mut self, _images: &mut Tensor) -> Result<(), HookError> {
+        Ok(())
+    }
+}
+
+/// An ordered list of hooks, called in order at each hook point.
+#[derive(Default)]
+pub struct HookSet {
+    hooks: Vec<Box<dyn Hook>>,
+}
+
+impl HookSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, hook: Box<dyn Hook>) {
+        self.hooks.push(hook);
+    }
+
+    pub fn len(&self) -> usize {
+        self.hooks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hooks.is_empty()
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.hooks.iter().map(|h| h.name()).collect()
+    }
+
+    pub fn on_conditioning(&mut self, cond: &mut Conditioning) -> Result<(), HookError> {
+        self.hooks
+            .iter_mut()
+            .try_for_each(|h| h.on_conditioning(cond))
+    }
+
+    pub fn before_step(&mut self, step: &StepInfo, latents: &mut Tensor) -> Result<(), HookError> {
+        self.hooks
+            .iter_mut()
+            .try_for_each(|h| h.before_step(step, latents))
+    }
+
+    /// The sum of every provider's residuals, or `None` when no hook provides any.
+    pub fn residuals(
+        &mut self,
+        step: &StepInfo,
+        input: &ResidualInput<'_>,
+    ) -> Result<Option<Residuals>, HookError> {
+        let mut total: Option<Residuals> = None;
+        for hook in self.hooks.iter_mut() {
+            if let Some(r) = hook.residuals(step, input)? {
+                total = Some(match total {
+                    None => r,
+                    Some(t) => t.add(&r)?,
+                });
+            }
+        }
+        Ok(total)
+    }
+
+    /// The guided prediction: the first hook's answer, else plain CFG
+    /// `uncond + scale * (cond - uncond)` (or `cond` alone without CFG).
+    pub fn noise_pred(
+        &mut self,
+        step: &StepInfo,
+        pred: &NoisePrediction<'_>,
+    ) -> Result<Tensor, HookError> {
+        for hook in self.hooks.iter_mut() {
+            if let Some(t) = hook.on_noise_pred(step, pred)? {
+                return Ok(t);
+            }
+        }
+        Ok(classifier_free_guidance(pred)?)
+    }
+
+    pub fn after_step(
+        &mut self,
+        step: &StepInfo,
+        levels: &dyn NoiseLevels,
+        latents: &mut Tensor,
+    ) -> Result<(), HookError> {
+        self.hooks
+            .iter_mut()
+            .try_for_each(|h| h.after_step(step, levels, latents))
+    }
+
+    pub fn on_image(&mut self, images: &mut Tensor) -> Result<(), HookError> {
+        self.hooks.iter_mut().try_for_each(|h| h.on_image(images))
+    }
+}
+
+/// Plain classifier-free guidance (diffusers: `uncond + g * (text - uncond)`).
+pub fn classifier_free_guidance(pred: &NoisePrediction<'_>) -> candle_core::Result<Tensor> {
+    match pred.uncond {
+        None => Ok(pred.cond.clone()),
+        Some(u) => u.add(&((pred.cond - u)? * pred.guidance_scale)?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    struct Const(f32);
+    impl Hook for Const {
+        fn name(&self) -> &str {
+            "const"
+        }
+        fn residuals(
+            &mut self,
+            _step: &StepInfo,
+            input: &ResidualInput<'_>,
+        ) -> Result<Option<Residuals>, HookError> {
+            let t = (input.sample.ones_like()? * self.0 as f64)?;
+            Ok(Some(Residuals {
+                down: vec![t.clone(), t.clone()],
+                mid: t,
+            }))
+        }
+    }
+
+    fn step() -> StepInfo {
+        StepInfo {
+            index: 1,
+            first_index: 0,
+            total: 4,
+            timestep: 500.0,
+            batch: 1,
+            cfg: true,
+        }
+    }
+
+    #[test]
+    fn residuals_of_several_providers_are_summed() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 2, 2, 2), candle_core::DType::F32, &dev).unwrap();
+        let mut set = HookSet::new();
+        set.push(Box::new(Const(1.5)));
+        set.push(Box::new(Const(2.0)));
+        let input = ResidualInput {
+            sample: &x,
+            latents: &x,
+            encoder_hidden_states: &x,
+        };
+        let r = set.residuals(&step(), &input).unwrap().unwrap();
+        let v: Vec<f32> = r.mid.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|&a| (a - 3.5).abs() < 1e-6));
+        assert_eq!(r.down.len(), 2);
+    }
+
+    #[test]
+    fn no_provider_means_no_residuals_and_default_cfg() {
+        let dev = Device::Cpu;
+        let mut set = HookSet::new();
+        let x = Tensor::new(&[1f32, 2.0], &dev).unwrap();
+        let input = ResidualInput {
+            sample: &x,
+            latents: &x,
+            encoder_hidden_states: &x,
+        };
+        assert!(set.residuals(&step(), &input).unwrap().is_none());
+        let u = Tensor::new(&[1f32, 1.0], &dev).unwrap();
+        let c = Tensor::new(&[2f32, 3.0], &dev).unwrap();
+        let g = set
+            .noise_pred(
+                &step(),
+                &NoisePrediction {
+                    uncond: Some(&u),
+                    cond: &c,
+                    guidance_scale: 7.5,
+                },
+            )
+            .unwrap();
+        assert_eq!(g.to_vec1::<f32>().unwrap(), vec![8.5, 16.0]);
+    }
+
+    #[test]
+    fn fraction_counts_from_the_full_schedule() {
+        let s = StepInfo {
+            index: 10,
+            first_index: 10,
+            total: 20,
+            ..step()
+        };
+        assert_eq!(s.fraction(), 0.5);
+    }
+}
