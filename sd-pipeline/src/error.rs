@@ -1,0 +1,65 @@
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Errors of the Stable Diffusion core. Each names the file, key, tensor or value at fault.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    /// A config file holds a value we cannot use.
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    /// Weights could not be loaded: a missing tensor, a wrong shape, a damaged file.
+    #[error("{path}: {source}")]
+    Weights {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("image {path}: {message}")]
+    Image { path: PathBuf, message: String },
+    /// A generation parameter out of range or inconsistent with the model.
+    #[error("{0}")]
+    Invalid(String),
+    // SAMPLER_ERROR
+    #[error(transparent)]
+    Hook(#[from] sd_plugins_api::HookError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub(crate) fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Read and parse a JSON file into `T`, with the path in every error.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}

@@ -1,0 +1,249 @@
+//! Building blocks shared by the UNet, the VAE and (later) ControlNet, with diffusers names.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+
+use super::nn::{attention, conv2d, group_norm, linear, linear_no_bias, LayerNorm};
+
+/// diffusers `ResnetBlock2D` (time_embedding_norm "default", SiLU).
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetConfig {
+    pub groups: usize,
+    pub eps: f64,
+    pub temb_channels: Option<usize>,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(i: usize, o: usize, cfg: ResnetConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm1: group_norm(cfg.groups, i, cfg.eps, vb.pp("norm1"))?,
+            conv1: conv2d(i, o, 3, 1, 1, vb.pp("conv1"))?,
+            time_emb_proj: cfg
+                .temb_channels
+                .map(|t| linear(t, o, vb.pp("time_emb_proj")))
+                .transpose()?,
+            norm2: group_norm(cfg.groups, o, cfg.eps, vb.pp("norm2"))?,
+            conv2: conv2d(o, o, 3, 1, 1, vb.pp("conv2"))?,
+            conv_shortcut: if i != o {
+                Some(conv2d(i, o, 1, 1, 0, vb.pp("conv_shortcut"))?)
+            } else {
+                None
+            },
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (skip + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// diffusers `Attention` as used by `BasicTransformerBlock` (no q/k/v bias).
+#[derive(Debug, Clone)]
+struct CrossAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl CrossAttention {
+    fn new(dim: usize, ctx_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            to_q: linear_no_bias(dim, dim, vb.pp("to_q"))?,
+            to_k: linear_no_bias(ctx_dim, dim, vb.pp("to_k"))?,
+            to_v: linear_no_bias(ctx_dim, dim, vb.pp("to_v"))?,
+            to_out: linear(dim, dim, vb.pp("to_out.0"))?,
+            heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, ctx: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = ctx.unwrap_or(xs);
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        self.to_out
+            .forward(&attention(&q, &k, &v, self.heads, false)?)
+    }
+}
+
+/// diffusers `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward.
+#[derive(Debug, Clone)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: CrossAttention,
+    norm2: LayerNorm,
+    attn2: CrossAttention,
+    norm3: LayerNorm,
+    ff_proj: Linear,
+    ff_out: Linear,
+}
+
+impl BasicTransformerBlock {
+    fn new(dim: usize, ctx_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            norm1: LayerNorm::new(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: CrossAttention::new(dim, dim, heads, vb.pp("attn1"))?,
+            norm2: LayerNorm::new(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: CrossAttention::new(dim, ctx_dim, heads, vb.pp("attn2"))?,
+            norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
+            ff_proj: linear(dim, 2 * inner, vb.pp("ff.net.0.proj"))?,
+            ff_out: linear(inner, dim, vb.pp("ff.net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))? + xs)?;
+        let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
+        let inner = h.dim(2)? / 2;
+        // GEGLU with exact (erf) GELU, as diffusers.
+        let h = (h.narrow(2, 0, inner)? * h.narrow(2, inner, inner)?.gelu_erf()?)?;
+        self.ff_out.forward(&h)? + xs
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Proj {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers `Transformer2DModel` with continuous input (SD1 conv / SD2 linear projections).
+#[derive(Debug, Clone)]
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Proj,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerConfig {
+    pub heads: usize,
+    pub layers: usize,
+    pub cross_attention_dim: usize,
+    pub groups: usize,
+    pub use_linear_projection: bool,
+}
+
+impl Transformer2D {
+    pub fn new(channels: usize, cfg: TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let proj = |name: &str| -> Result<Proj> {
+            Ok(if cfg.use_linear_projection {
+                Proj::Linear(linear(channels, channels, vb.pp(name))?)
+            } else {
+                Proj::Conv(conv2d(channels, channels, 1, 1, 0, vb.pp(name))?)
+            })
+        };
+        Ok(Self {
+            norm: group_norm(cfg.groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: proj("proj_in")?,
+            blocks: (0..cfg.layers)
+                .map(|i| {
+                    BasicTransformerBlock::new(
+                        channels,
+                        cfg.cross_attention_dim,
+                        cfg.heads,
+                        vb.pp(format!("transformer_blocks.{i}")),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
+        let to_image = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
+        let normed = self.norm.forward(xs)?;
+        let mut t = match &self.proj_in {
+            Proj::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Proj::Linear(l) => l.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            t = block.forward(&t, ctx)?;
+        }
+        let out = match &self.proj_out {
+            Proj::Conv(conv) => conv.forward(&to_image(&t)?)?,
+            Proj::Linear(l) => to_image(&l.forward(&t)?)?,
+        };
+        out + xs
+    }
+}
+
+/// diffusers `Downsample2D` with a conv. `padding == 0` means the VAE's asymmetric (0,1,0,1) pad.
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    padding: usize,
+}
+
+impl Downsample2D {
+    pub fn new(c: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(c, c, 3, 2, padding, vb.pp("conv"))?,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.padding == 0 {
+            let xs = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            self.conv.forward(&xs)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// diffusers `Upsample2D` with a conv: nearest resize (to `size`, or x2) then 3x3 conv.
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(c, c, 3, 1, 1, vb.pp("conv"))?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+    }
+}

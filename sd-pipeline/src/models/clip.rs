@@ -1,0 +1,125 @@
+//! CLIP text encoder (transformers' `CLIPTextModel`, keys under `text_model.`).
+
+use candle_core::{DType, IndexOp, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use super::config::{ClipActivation, ClipConfig};
+use super::nn::{attention, linear, LayerNorm};
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    activation: ClipActivation,
+}
+
+impl EncoderLayer {
+    fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let attn = vb.pp("self_attn");
+        Ok(Self {
+            layer_norm1: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            q_proj: linear(d, d, attn.pp("q_proj"))?,
+            k_proj: linear(d, d, attn.pp("k_proj"))?,
+            v_proj: linear(d, d, attn.pp("v_proj"))?,
+            out_proj: linear(d, d, attn.pp("out_proj"))?,
+            layer_norm2: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            heads: cfg.num_attention_heads,
+            activation: cfg.activation,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.layer_norm1.forward(xs)?;
+        let q = self.q_proj.forward(&h)?;
+        let k = self.k_proj.forward(&h)?;
+        let v = self.v_proj.forward(&h)?;
+        let a = self
+            .out_proj
+            .forward(&attention(&q, &k, &v, self.heads, true)?)?;
+        let xs = (xs + a)?;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
+        let h = match self.activation {
+            // transformers' QuickGELUActivation: x * sigmoid(1.702 x)
+            ClipActivation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            ClipActivation::Gelu => h.gelu_erf()?,
+        };
+        xs + self.fc2.forward(&h)?
+    }
+}
+
+/// The text transformer. `forward` returns the hidden states A1111's `clip_skip` asks for.
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    config: ClipConfig,
+}
+
+impl ClipTextModel {
+    pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("text_model");
+        let emb = vb.pp("embeddings");
+        let token_embedding =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;
+        let position_embedding = emb.get(
+            (cfg.max_position_embeddings, cfg.hidden_size),
+            "position_embedding.weight",
+        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::new(
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+            vb.pp("final_layer_norm"),
+        )?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    /// Encode token ids `[B, S]` (u32 or i64). `clip_skip` uses A1111's numbering: 1 is the last
+    /// layer; n > 1 takes the output of layer `L - n + 1` and applies the final layer norm.
+    pub fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let n_layers = self.layers.len();
+        if clip_skip == 0 || clip_skip > n_layers {
+            candle_core::bail!(
+                "clip_skip {clip_skip} is out of range for a text encoder of {n_layers} layers (1..={n_layers})"
+            );
+        }
+        let (_b, s) = ids.dims2()?;
+        if s > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "{s} tokens exceed the text encoder's {} positions",
+                self.config.max_position_embeddings
+            );
+        }
+        let ids = ids.to_dtype(DType::U32)?;
+        let pos = self.position_embedding.i(..s)?;
+        let mut xs = self.token_embedding.forward(&ids)?.broadcast_add(&pos)?;
+        for layer in &self.layers[..n_layers + 1 - clip_skip] {
+            xs = layer.forward(&xs)?;
+        }
+        self.final_layer_norm.forward(&xs)
+    }
+}

@@ -1,0 +1,10 @@
+//! Model code on candle with diffusers parameter names, so diffusers-layout safetensors load
+//! directly. Everything here is differentiable (no fused op without a backward pass is used
+//! on a tracked tensor) and the UNet takes per-sample timesteps.
+
+pub mod blocks;
+pub mod clip;
+pub mod config;
+pub mod nn;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,117 @@
+//! Shared layers: layer norm, attention, convolutions, with a differentiable path.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+/// Layer norm over the last dimension. Uses candle's fused kernel for inference and the
+/// differentiable formula when a gradient is being tracked (the fused op has no backward).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() || self.weight.track_op() || self.bias.track_op() {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
+        } else {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+        }
+    }
+}
+
+/// Softmax over the last dimension, fused for inference, differentiable when tracked.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+pub fn linear(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear(i, o, vb)
+}
+
+pub fn linear_no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear_no_bias(i, o, vb)
+}
+
+pub fn conv2d(
+    i: usize,
+    o: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(i, o, kernel, cfg, vb)
+}
+
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+/// Upper bound on the bytes of one block of attention scores; queries are processed in
+/// chunks so that memory stays bounded at large resolutions. Results are identical.
+const ATTENTION_CHUNK_BYTES: usize = 256 << 20;
+
+/// Scaled dot-product attention over `[B, S, H*D]` inputs with `heads` heads.
+/// `causal` masks future positions (CLIP).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    let (b, sq, inner) = q.dims3()?;
+    let sk = k.dim(1)?;
+    let hd = inner / heads;
+    let split = |t: &Tensor, s: usize| -> Result<Tensor> {
+        t.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous()
+    };
+    let q = (split(q, sq)? * (hd as f64).powf(-0.5))?;
+    let k = split(k, sk)?;
+    let v = split(v, sk)?;
+    let kt = k.t()?;
+    let rows_per_chunk = (ATTENTION_CHUNK_BYTES / (4 * b * heads * sk).max(1)).clamp(1, sq);
+    let mut outs = Vec::with_capacity(sq.div_ceil(rows_per_chunk));
+    let mut start = 0;
+    while start < sq {
+        let len = rows_per_chunk.min(sq - start);
+        let qc = if len == sq {
+            q.clone()
+        } else {
+            q.narrow(2, start, len)?
+        };
+        let mut scores = qc.matmul(&kt)?;
+        if causal {
+            let mask: Vec<f32> = (start..start + len)
+                .flat_map(|i| (0..sk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (len, sk), q.device())?.to_dtype(scores.dtype())?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = softmax_last_dim(&scores)?;
+        outs.push(probs.matmul(&v)?);
+        start += len;
+    }
+    let out = if outs.len() == 1 {
+        outs.pop().unwrap()
+    } else {
+        Tensor::cat(&outs, 2)?
+    };
+    out.transpose(1, 2)?.reshape((b, sq, inner))
+}

@@ -1,0 +1,311 @@
+//! diffusers `UNet2DConditionModel` (SD 1.x / 2.x), with per-sample timesteps and additive
+//! residuals (ControlNet) on the skip connections and the mid block.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use sd_plugins_api::Residuals;
+
+use super::blocks::{
+    Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, TransformerConfig, Upsample2D,
+};
+use super::config::{BlockKind, UNetConfig};
+use super::nn::{conv2d, group_norm, linear};
+
+/// Sinusoidal timestep embedding, diffusers `get_timestep_embedding` (float32 arithmetic).
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let ln = -(10000f64.ln()) as f32;
+    let denom = (half as f64 - freq_shift) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| (ln * i as f32 / denom).exp()).collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
+    let args = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    let (a, b) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[b, a], 1)?
+    } else {
+        Tensor::cat(&[a, b], 1)?
+    };
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    downsampler: Option<Downsample2D>,
+}
+
+#[derive(Debug, Clone)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    upsampler: Option<Upsample2D>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down: Vec<DownBlock>,
+    mid_resnets: Vec<ResnetBlock2D>,
+    mid_attentions: Vec<Transformer2D>,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    config: UNetConfig,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(cfg: &UNetConfig, vb: VarBuilder) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let temb_dim = ch[0] * 4;
+        let resnet = |scale: f64| ResnetConfig {
+            groups: cfg.norm_num_groups,
+            eps: cfg.norm_eps,
+            temb_channels: Some(temb_dim),
+            output_scale_factor: scale,
+        };
+        let tcfg = |i: usize| TransformerConfig {
+            heads: cfg.num_attention_heads[i],
+            layers: cfg.transformer_layers_per_block[i],
+            cross_attention_dim: cfg.cross_attention_dim,
+            groups: cfg.norm_num_groups,
+            use_linear_projection: cfg.use_linear_projection,
+        };
+
+        let mut down = Vec::with_capacity(n);
+        let mut out_c = ch[0];
+        for i in 0..n {
+            let in_c = out_c;
+            out_c = ch[i];
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let layers = cfg.layers_per_block[i];
+            let resnets = (0..layers)
+                .map(|j| {
+                    let ic = if j == 0 { in_c } else { out_c };
+                    ResnetBlock2D::new(ic, out_c, resnet(1.0), vb.pp(format!("resnets.{j}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let attentions = if cfg.down_blocks[i] == BlockKind::CrossAttn {
+                (0..layers)
+                    .map(|j| Transformer2D::new(out_c, tcfg(i), vb.pp(format!("attentions.{j}"))))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                vec![]
+            };
+            let downsampler = if i + 1 < n {
+                Some(Downsample2D::new(
+                    out_c,
+                    cfg.downsample_padding,
+                    vb.pp("downsamplers.0"),
+                )?)
+            } else {
+                None
+            };
+            down.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
+        }
+
+        let mid_vb = vb.pp("mid_block");
+        let c_mid = ch[n - 1];
+        let mid_resnets = (0..2)
+            .map(|j| {
+                ResnetBlock2D::new(
+                    c_mid,
+                    c_mid,
+                    resnet(cfg.mid_block_scale_factor),
+                    mid_vb.pp(format!("resnets.{j}")),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mid_attentions = vec![Transformer2D::new(
+            c_mid,
+            tcfg(n - 1),
+            mid_vb.pp("attentions.0"),
+        )?];
+
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut up = Vec::with_capacity(n);
+        let mut out_c = rev[0];
+        for i in 0..n {
+            let prev_c = out_c;
+            out_c = rev[i];
+            let in_c = rev[(i + 1).min(n - 1)];
+            let bi = n - 1 - i; // the matching down block
+            let layers = cfg.layers_per_block[bi] + 1;
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let resnets = (0..layers)
+                .map(|j| {
+                    let skip = if j == layers - 1 { in_c } else { out_c };
+                    let ic = if j == 0 { prev_c } else { out_c };
+                    ResnetBlock2D::new(ic + skip, out_c, resnet(1.0), vb.pp(format!("resnets.{j}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let attentions = if cfg.up_blocks[i] == BlockKind::CrossAttn {
+                (0..layers)
+                    .map(|j| Transformer2D::new(out_c, tcfg(bi), vb.pp(format!("attentions.{j}"))))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                vec![]
+            };
+            let upsampler = if i + 1 < n {
+                Some(Upsample2D::new(out_c, vb.pp("upsamplers.0"))?)
+            } else {
+                None
+            };
+            up.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
+        }
+
+        Ok(Self {
+            conv_in: conv2d(cfg.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?,
+            time_linear_1: linear(ch[0], temb_dim, vb.pp("time_embedding.linear_1"))?,
+            time_linear_2: linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?,
+            down,
+            mid_resnets,
+            mid_attentions,
+            up,
+            conv_norm_out: group_norm(
+                cfg.norm_num_groups,
+                ch[0],
+                cfg.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv2d(ch[0], cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Number of skip connections of the down path (= down residuals a ControlNet provides).
+    pub fn num_skips(&self) -> usize {
+        1 + self
+            .down
+            .iter()
+            .map(|b| b.resnets.len() + usize::from(b.downsampler.is_some()))
+            .sum::<usize>()
+    }
+
+    /// The time embedding `[B, 4*C0]` for per-sample timesteps `[B]`.
+    pub fn time_embedding(&self, timesteps: &Tensor, dtype: DType) -> Result<Tensor> {
+        let t = timestep_embedding(
+            timesteps,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?
+        .to_dtype(dtype)?;
+        self.time_linear_2
+            .forward(&self.time_linear_1.forward(&t)?.silu()?)
+    }
+
+    /// Predict noise (or v) for `sample` `[B, C_in, h, w]` at per-sample `timesteps` `[B]`
+    /// with text conditioning `[B, S, D]`, adding `residuals` when given.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        residuals: Option<&Residuals>,
+    ) -> Result<Tensor> {
+        let b = sample.dim(0)?;
+        let timesteps = match timesteps.rank() {
+            0 => timesteps.broadcast_as(b)?.contiguous()?,
+            _ => timesteps.clone(),
+        };
+        if timesteps.dim(0)? != b {
+            candle_core::bail!("{} timesteps given for a batch of {b}", timesteps.dim(0)?);
+        }
+        if let Some(r) = residuals {
+            if r.down.len() != self.num_skips() {
+                candle_core::bail!(
+                    "{} down residuals given, the UNet has {} skip connections",
+                    r.down.len(),
+                    self.num_skips()
+                );
+            }
+        }
+        let sample = if self.config.center_input_sample {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
+        let emb = self.time_embedding(&timesteps, sample.dtype())?;
+        let ctx = encoder_hidden_states;
+
+        let mut xs = self.conv_in.forward(&sample)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                xs = resnet.forward(&xs, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, ctx)?;
+                }
+                skips.push(xs.clone());
+            }
+            if let Some(ds) = &block.downsampler {
+                xs = ds.forward(&xs)?;
+                skips.push(xs.clone());
+            }
+        }
+        if let Some(r) = residuals {
+            skips = skips
+                .iter()
+                .zip(&r.down)
+                .map(|(s, d)| s + d)
+                .collect::<Result<Vec<_>>>()?;
+        }
+
+        xs = self.mid_resnets[0].forward(&xs, Some(&emb))?;
+        for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
+            xs = attn.forward(&xs, ctx)?;
+            xs = resnet.forward(&xs, Some(&emb))?;
+        }
+        if let Some(r) = residuals {
+            xs = (xs + &r.mid)?;
+        }
+
+        for block in &self.up {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().expect("skip count matches the block layout");
+                xs = Tensor::cat(&[&xs, &skip], 1)?;
+                xs = resnet.forward(&xs, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, ctx)?;
+                }
+            }
+            if let Some(us) = &block.upsampler {
+                // Resize to the next skip's size (diffusers' forward_upsample_size; equal to
+                // x2 whenever the latent size is divisible).
+                let next = skips.last().expect("an upsampler is followed by skips");
+                let (_, _, h, w) = next.dims4()?;
+                xs = us.forward(&xs, Some((h, w)))?;
+            }
+        }
+        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        self.conv_out.forward(&xs)
+    }
+}

@@ -1,0 +1,172 @@
+//! CLIP BPE tokenizer built from `tokenizer/vocab.json` + `merges.txt` (real SD repos ship no
+//! tokenizer.json), and AUTOMATIC1111's 75-token prompt chunking.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormSeq, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{Error, Result};
+
+/// Tokens of one chunk between BOS and EOS (A1111's `chunk_length`).
+pub const CHUNK_TOKENS: usize = 75;
+/// A1111's `comma_padding_backtrack` default: a chunk that fills up is cut after a comma found
+/// within this many tokens of its end.
+pub const COMMA_BACKTRACK: usize = 20;
+
+/// CLIP's pre-tokenization pattern (transformers' CLIPTokenizer, minus the special tokens
+/// which are matched as added tokens).
+const CLIP_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+#[derive(Debug, Clone)]
+pub struct ClipTokenizer {
+    inner: Tokenizer,
+    pub bos: u32,
+    pub eos: u32,
+    pub pad: u32,
+    comma: Option<u32>,
+    path: PathBuf,
+}
+
+fn token_content(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+impl ClipTokenizer {
+    /// Load from a diffusers `tokenizer/` folder. The pad token comes from the folder's own
+    /// `special_tokens_map.json` / `tokenizer_config.json` (SD1 pads with `<|endoftext|>`,
+    /// SD2 with `!`).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let vocab = dir.join("vocab.json");
+        let merges = dir.join("merges.txt");
+        for f in [&vocab, &merges] {
+            if !f.is_file() {
+                return Err(Error::Tokenizer {
+                    path: f.clone(),
+                    message: "file not found".into(),
+                });
+            }
+        }
+        let err = |message: String| Error::Tokenizer {
+            path: dir.to_path_buf(),
+            message,
+        };
+        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+            .end_of_word_suffix("</w>".into())
+            .unk_token("<|endoftext|>".into())
+            .build()
+            .map_err(|e| err(format!("cannot read vocab.json/merges.txt: {e}")))?;
+        let mut tk = Tokenizer::new(bpe);
+        let norm = NormSeq::new(vec![
+            NFC.into(),
+            Replace::new(
+                tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+                " ",
+            )
+            .map_err(|e| err(e.to_string()))?
+            .into(),
+            Lowercase.into(),
+        ]);
+        tk.with_normalizer(Some(norm));
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_PATTERN.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        tk.with_pre_tokenizer(Some(PreSeq::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])));
+        tk.add_special_tokens(&[
+            AddedToken::from("<|startoftext|>", true),
+            AddedToken::from("<|endoftext|>", true),
+        ]);
+
+        let id = |t: &str| {
+            tk.token_to_id(t)
+                .ok_or_else(|| err(format!("token {t:?} is not in vocab.json")))
+        };
+        let bos = id("<|startoftext|>")?;
+        let eos = id("<|endoftext|>")?;
+        let mut pad_token = None;
+        for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+            let p = dir.join(name);
+            if pad_token.is_none() && p.is_file() {
+                let v: serde_json::Value = crate::error::read_json(&p)?;
+                pad_token = v.get("pad_token").and_then(token_content);
+            }
+        }
+        let pad = match pad_token {
+            Some(t) => id(&t)?,
+            None => eos,
+        };
+        let comma = tk.token_to_id(",</w>");
+        Ok(Self {
+            inner: tk,
+            bos,
+            eos,
+            pad,
+            comma,
+            path: dir.to_path_buf(),
+        })
+    }
+
+    /// Token ids of `text` without BOS/EOS.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text.trim(), false)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: format!("cannot tokenize {text:?}: {e}"),
+            })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// A1111 chunking (modules/sd_hijack_clip.py `tokenize_line`): 75-token chunks, a full chunk
+    /// cut after a comma within the last 20 tokens, each chunk `[BOS] + tokens + [EOS]` padded
+    /// to 77 with the pad token. An empty prompt gives one chunk.
+    pub fn chunks(&self, text: &str) -> Result<Vec<Vec<u32>>> {
+        let tokens = self.encode(text)?;
+        let mut chunks: Vec<Vec<u32>> = Vec::new();
+        let mut chunk: Vec<u32> = Vec::new();
+        let mut last_comma: Option<usize> = None;
+        let finish = |chunk: Vec<u32>, chunks: &mut Vec<Vec<u32>>| {
+            let mut ids = Vec::with_capacity(CHUNK_TOKENS + 2);
+            ids.push(self.bos);
+            ids.extend_from_slice(&chunk);
+            ids.push(self.eos);
+            ids.resize(CHUNK_TOKENS + 2, self.pad);
+            chunks.push(ids);
+        };
+        for &token in &tokens {
+            if Some(token) == self.comma {
+                last_comma = Some(chunk.len());
+            } else if let Some(lc) = last_comma {
+                if chunk.len() == CHUNK_TOKENS && chunk.len() - lc <= COMMA_BACKTRACK {
+                    let reloc = chunk.split_off(lc + 1);
+                    finish(std::mem::replace(&mut chunk, reloc), &mut chunks);
+                    last_comma = None;
+                }
+            }
+            if chunk.len() == CHUNK_TOKENS {
+                finish(std::mem::take(&mut chunk), &mut chunks);
+                last_comma = None;
+            }
+            chunk.push(token);
+        }
+        if !chunk.is_empty() || chunks.is_empty() {
+            finish(chunk, &mut chunks);
+        }
+        Ok(chunks)
+    }
+}
