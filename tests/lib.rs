@@ -1,1 +1,101 @@
+//! Helpers for the parity tests: fixture paths, tensors, comparisons, replayed noise.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use sd_pipeline::noise::NoiseSource;
+
+/// `tests/fixtures/` of this workspace.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+/// All tensors of `tests/fixtures/expected/<name>`.
+pub fn expected(name: &str) -> HashMap<String, Tensor> {
+    let path = fixtures().join("expected").join(name);
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
+}
+
+pub fn get<'a>(map: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
+    map.get(name)
+        .unwrap_or_else(|| panic!("fixture tensor {name} missing"))
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a.to_dtype(candle_core::DType::F32).unwrap() - b.to_dtype(candle_core::DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Assert `a` matches `b` within `tol` (max abs), and that `b` is not trivially small, so a
+/// test of an all-zero output cannot pass by accident.
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+    let d = max_abs_diff(a, b);
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!("{what}: max abs diff {d:.3e} (reference max abs {scale:.3})");
+    assert!(
+        scale > 1e-3,
+        "{what}: reference is ~zero, the test would prove nothing"
+    );
+    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
+}
+
+/// Replays recorded per-step noise (`step_noise` [steps, ...]) to an ancestral sampler.
+pub struct Replay {
+    noise: Vec<Tensor>,
+    next: usize,
+}
+
+impl Replay {
+    pub fn new(step_noise: Option<&Tensor>) -> Self {
+        let noise = match step_noise {
+            Some(t) => (0..t.dim(0).unwrap()).map(|i| t.get(i).unwrap()).collect(),
+            None => vec![],
+        };
+        Self { noise, next: 0 }
+    }
+
+    pub fn used(&self) -> usize {
+        self.next
+    }
+}
+
+impl NoiseSource for Replay {
+    fn randn(&mut self, shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+        let t = self.noise.get(self.next).ok_or_else(|| {
+            candle_core::Error::Msg(format!("replay noise exhausted after {} draws", self.next))
+        })?;
+        if t.dims() != shape {
+            candle_core::bail!(
+                "replay noise {} has shape {:?}, {shape:?} asked",
+                self.next,
+                t.dims()
+            );
+        }
+        self.next += 1;
+        t.to_device(device)
+    }
+}

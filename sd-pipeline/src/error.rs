@@ -31,7 +31,8 @@ pub enum Error {
     /// A generation parameter out of range or inconsistent with the model.
     #[error("{0}")]
     Invalid(String),
-    // SAMPLER_ERROR
+    #[error(transparent)]
+    Sampler(#[from] crate::samplers::SamplerError),
     #[error(transparent)]
     Hook(#[from] sd_plugins_api::HookError),
     #[error(transparent)]

@@ -133,10 +133,7 @@ impl TorchRng {
     }
 }
 
-/// Supplies Gaussian noise to the pipeline and the samplers.
-pub trait NoiseSource {
-    fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor>;
-}
+pub use crate::samplers::NoiseSource;
 
 impl NoiseSource for TorchRng {
     fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {

@@ -1,1 +1,2 @@
-
+//! Preprocessors (canny, pose, depth, ...) producing control images. Not built yet: see the
+//! preprocessors issue.

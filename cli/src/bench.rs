@@ -1,0 +1,139 @@
+//! `sdctl bench`: speed and memory of the real architectures with random weights.
+//! Benchmarks report; they never assert.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use clap::{Args, Subcommand, ValueEnum};
+use sd_pipeline::models::config::UNetConfig;
+use sd_pipeline::models::unet::UNet2DConditionModel;
+
+use crate::CliResult;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Seconds per UNet call and peak memory, for SD 1.5 or 2.1 with random weights.
+    Unet(UnetArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Arch {
+    Sd15,
+    Sd21,
+}
+
+#[derive(Args, Debug)]
+pub struct UnetArgs {
+    #[arg(long, value_enum, default_value = "sd15")]
+    pub arch: Arch,
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    /// UNet batch (2 = one image with classifier-free guidance)
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Timed calls after one warm-up call
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Random weights of any requested shape (N(0, 0.02)): real architecture, no files.
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        _: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights have no unshaped tensor {name}")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes, where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run(cmd: BenchCommand) -> CliResult {
+    match cmd {
+        BenchCommand::Unet(a) => unet(a),
+    }
+}
+
+fn unet(a: UnetArgs) -> CliResult {
+    if a.width == 0 || a.height == 0 || a.width % 8 != 0 || a.height % 8 != 0 {
+        return Err(format!(
+            "--width {} / --height {}: must be positive multiples of 8",
+            a.width, a.height
+        )
+        .into());
+    }
+    if a.batch == 0 || a.iters == 0 {
+        return Err("--batch and --iters must be at least 1".into());
+    }
+    let device = crate::device::device(&a.device)?;
+    let dtype = crate::device::dtype(&a.dtype)?;
+    let cfg = match a.arch {
+        Arch::Sd15 => UNetConfig::sd15(),
+        Arch::Sd21 => UNetConfig::sd21(),
+    };
+    let t = Instant::now();
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
+    let unet = UNet2DConditionModel::new(&cfg, vb)?;
+    let build = t.elapsed();
+    let (h, w) = (a.height / 8, a.width / 8);
+    let x = Tensor::randn(0f32, 1.0, (a.batch, 4, h, w), &device)?.to_dtype(dtype)?;
+    let ctx = Tensor::randn(0f32, 1.0, (a.batch, 77, cfg.cross_attention_dim), &device)?
+        .to_dtype(dtype)?;
+    let ts = Tensor::full(500f32, a.batch, &device)?;
+    let mut times = Vec::with_capacity(a.iters + 1);
+    for _ in 0..=a.iters {
+        let t = Instant::now();
+        let out = unet.forward(&x, &ts, &ctx, None)?;
+        device.synchronize()?;
+        drop(out);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let first = times[0];
+    let timed = &times[1..];
+    let mean = timed.iter().sum::<f64>() / timed.len() as f64;
+    let min = timed.iter().cloned().fold(f64::INFINITY, f64::min);
+    println!(
+        "unet {:?} {}x{} batch {} {:?} on {}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}); build {:.1} s; peak RSS {}",
+        a.arch,
+        a.width,
+        a.height,
+        a.batch,
+        dtype,
+        a.device,
+        mean,
+        timed.len(),
+        min,
+        first,
+        build.as_secs_f64(),
+        peak_rss_bytes()
+            .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+            .unwrap_or_else(|| "unknown".into())
+    );
+    Ok(())
+}

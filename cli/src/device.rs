@@ -1,0 +1,24 @@
+//! `--device` and `--dtype` parsing.
+
+use candle_core::{DType, Device};
+
+use crate::CliResult;
+
+pub fn device(name: &str) -> CliResult<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| {
+            format!("--device cuda: no usable CUDA device ({e}); sdctl must be built with `--features cuda`").into()
+        }),
+        other => Err(format!("--device {other:?}: expected cpu or cuda").into()),
+    }
+}
+
+pub fn dtype(name: &str) -> CliResult<DType> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("--dtype {other:?}: expected f32, f16 or bf16").into()),
+    }
+}

@@ -1,0 +1,270 @@
+//! `sdctl generate` end to end on the tiny fixture models: the CLI contract, and clear errors
+//! (non-zero exit, no panic, no output file) on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::Device;
+use sd_tests::{assert_close, expected, fixtures, get, model_dir};
+
+fn sdctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdctl"))
+        .args(args)
+        .output()
+        .expect("sdctl runs")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sdctl-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs sdctl expecting failure; returns stderr. Checks: non-zero exit, no panic, no output.
+fn fails(args: &[&str], out: &Path) -> String {
+    let o = sdctl(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    assert!(
+        !out.exists(),
+        "an output file was left behind: {}",
+        out.display()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap()).unwrap().collect();
+    assert!(leftovers.is_empty(), "files left behind: {leftovers:?}");
+    err
+}
+
+const CASE: &str = "sd1_txt2img_euler_normal";
+
+fn base_args<'a>(model: &'a str, noise: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "a red circle on a blue background",
+        "--negative-prompt",
+        "blurry, lowres",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "4",
+        "--cfg-scale",
+        "7.5",
+        "--sampler",
+        "euler",
+        "--schedule",
+        "normal",
+        "--noise",
+        noise,
+        "--output",
+        out,
+    ]
+}
+
+#[test]
+fn generate_matches_diffusers_and_writes_png_and_latents() {
+    let dir = scratch("ok");
+    let out = dir.join("out.png");
+    let lat = dir.join("latents.safetensors");
+    let noise = fixtures().join(format!("expected/pipe_{CASE}.safetensors"));
+    let model = model_dir("sd1");
+    let mut args = base_args(s(&model), s(&noise), s(&out));
+    args.extend(["--save-latents", s(&lat)]);
+    let o = sdctl(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("it/s"), "timing summary missing: {err}");
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+    let got = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
+    let exp = expected(&format!("pipe_{CASE}.safetensors"));
+    assert_close(
+        "cli latents",
+        get(&got, "latents"),
+        get(&exp, "latents"),
+        1e-3,
+    );
+    // The PNG carries the generation parameters.
+    let bytes = std::fs::read(&out).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("parameters") && text.contains("Steps: 4"),
+        "no parameters chunk"
+    );
+}
+
+#[test]
+fn batch_writes_numbered_files() {
+    let dir = scratch("batch");
+    let out = dir.join("img.png");
+    let model = model_dir("sd1");
+    let o = sdctl(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a cat",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--seed",
+        "1",
+        "--output",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(dir.join("img-0.png").is_file() && dir.join("img-1.png").is_file());
+    assert!(!out.exists());
+}
+
+#[test]
+fn missing_model_folder_is_a_clear_error() {
+    let dir = scratch("nomodel");
+    let out = dir.join("o.png");
+    let err = fails(
+        &[
+            "generate",
+            "--model",
+            "/nonexistent/model",
+            "--prompt",
+            "x",
+            "--output",
+            s(&out),
+        ],
+        &out,
+    );
+    assert!(err.contains("/nonexistent/model"), "{err}");
+}
+
+#[test]
+fn width_not_multiple_of_8_is_a_clear_error() {
+    let dir = scratch("width");
+    let out = dir.join("o.png");
+    let model = model_dir("sd1");
+    let err = fails(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "x",
+            "--width",
+            "100",
+            "--height",
+            "64",
+            "--output",
+            s(&out),
+        ],
+        &out,
+    );
+    assert!(err.contains("width 100"), "{err}");
+}
+
+#[test]
+fn unknown_sampler_is_a_clear_error() {
+    let dir = scratch("sampler");
+    let out = dir.join("o.png");
+    let model = model_dir("sd1");
+    let err = fails(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "x",
+            "--sampler",
+            "plms",
+            "--output",
+            s(&out),
+        ],
+        &out,
+    );
+    assert!(err.contains("plms") && err.contains("euler_a"), "{err}");
+}
+
+#[test]
+fn noise_of_the_wrong_shape_is_a_clear_error() {
+    let dir = scratch("noise");
+    let out = dir.join("o.png");
+    let noise = fixtures().join(format!("expected/pipe_{CASE}.safetensors"));
+    let model = model_dir("sd1");
+    let mut args = base_args(s(&model), s(&noise), s(&out));
+    args[8] = "128"; // --width 128: the noise file is for 64x64
+    let err = fails(&args, &out);
+    assert!(
+        err.contains("noise") && err.contains("[1, 4, 8, 16]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_tensor_shapes_name_the_file_and_tensor() {
+    let dir = scratch("shapes");
+    let out_dir = dir.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join("o.png");
+    // A copy of the sd1 model whose UNet config disagrees with its weights.
+    let model = dir.join("model");
+    copy_dir(&model_dir("sd1"), &model);
+    let cfg_path = model.join("unet/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["block_out_channels"] = serde_json::json!([16, 32, 48]);
+    cfg["norm_num_groups"] = serde_json::json!(8);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = fails(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--output",
+            s(&out),
+        ],
+        &out,
+    );
+    assert!(
+        err.contains("unet") && err.contains("safetensors"),
+        "file not named: {err}"
+    );
+    assert!(
+        err.contains("shape mismatch") || err.contains("shape"),
+        "tensor/shape not named: {err}"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}

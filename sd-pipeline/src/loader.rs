@@ -1,0 +1,258 @@
+//! Loading a diffusers-layout model folder (`model_index.json`, `unet/`, `vae/`,
+//! `text_encoder/`, `tokenizer/`, `scheduler/`): fp32/fp16/bf16 safetensors, memory-mapped,
+//! sharded or not, with weight patches applied as tensors are read.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use sd_plugins_api::{ModelPart, WeightPatch};
+
+use crate::error::{read_json, Error, Result};
+use crate::models::clip::ClipTextModel;
+use crate::models::config::{ClipConfig, UNetConfig, VaeConfig};
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::AutoencoderKL;
+use crate::samplers::SchedulerConfig;
+use crate::tokenizer::ClipTokenizer;
+
+/// The weight files of one component folder, in the order diffusers looks for them.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let stems = ["diffusion_pytorch_model", "model"];
+    for stem in stems {
+        for variant in ["", ".fp16"] {
+            let single = dir.join(format!("{stem}{variant}.safetensors"));
+            if single.is_file() {
+                return Ok(vec![single]);
+            }
+            let index = dir.join(format!("{stem}{variant}.safetensors.index.json"));
+            if index.is_file() {
+                let v: serde_json::Value = read_json(&index)?;
+                let map = v
+                    .get("weight_map")
+                    .and_then(|m| m.as_object())
+                    .ok_or_else(|| {
+                        Error::config(&index, "no `weight_map` object in the shard index")
+                    })?;
+                let mut files: Vec<PathBuf> = map
+                    .values()
+                    .filter_map(|f| f.as_str())
+                    .map(|f| dir.join(f))
+                    .collect();
+                files.sort();
+                files.dedup();
+                if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+                    return Err(Error::config(
+                        &index,
+                        format!("shard {} is missing", missing.display()),
+                    ));
+                }
+                return Ok(files);
+            }
+        }
+    }
+    Err(Error::config(
+        dir,
+        "no weights found (expected diffusion_pytorch_model[.fp16].safetensors or model[.fp16].safetensors; .bin/.ckpt pickles are not loaded)",
+    ))
+}
+
+/// A safetensors backend that adds the deltas of weight patches to the tensors it reads.
+struct Patched {
+    inner: candle_core::safetensors::MmapedSafetensors,
+    part: ModelPart,
+    patches: Vec<Arc<dyn WeightPatch>>,
+}
+
+impl Patched {
+    fn apply(&self, name: &str, mut t: Tensor) -> candle_core::Result<Tensor> {
+        for p in &self.patches {
+            let delta = p
+                .delta(self.part, name, &t)
+                .map_err(|e| candle_core::Error::Msg(format!("weight patch {}: {e}", p.name())))?;
+            if let Some(d) = delta {
+                if d.dims() != t.dims() {
+                    candle_core::bail!(
+                        "weight patch {} gives {name} a delta of shape {:?}, the weight is {:?}",
+                        p.name(),
+                        d.dims(),
+                        t.dims()
+                    );
+                }
+                let d = d.to_dtype(t.dtype())?.to_device(t.device())?;
+                t = (t + d)?;
+            }
+        }
+        Ok(t)
+    }
+}
+
+impl SimpleBackend for Patched {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = SimpleBackend::get(&self.inner, s, name, h, dtype, dev)?;
+        self.apply(name, t)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = SimpleBackend::get_unchecked(&self.inner, name, dtype, dev)?;
+        self.apply(name, t)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// Build a model from a component folder's weights, naming the file in any error.
+pub fn load_component<T>(
+    files: &[PathBuf],
+    part: ModelPart,
+    patches: &[Arc<dyn WeightPatch>],
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
+) -> Result<T> {
+    let shown = files[0].clone();
+    let wrap = |source| Error::Weights {
+        path: shown.clone(),
+        source,
+    };
+    // SAFETY: the files are memory-mapped read-only; like every mmap-based loader, we rely
+    // on them not being modified while the model is alive.
+    let inner =
+        unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(wrap)?;
+    let backend = Patched {
+        inner,
+        part,
+        patches: patches.to_vec(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    build(vb).map_err(wrap)
+}
+
+/// A loaded Stable Diffusion model.
+pub struct StableDiffusion {
+    pub root: PathBuf,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub text_encoder: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
+    pub scheduler_config: SchedulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl StableDiffusion {
+    /// Load a diffusers-layout folder. `patches` (LoRA...) are added to the weights as read.
+    pub fn load(
+        root: &Path,
+        device: &Device,
+        dtype: DType,
+        patches: &[Arc<dyn WeightPatch>],
+    ) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::io(
+                root,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+            ));
+        }
+        let index = root.join("model_index.json");
+        if !index.is_file() {
+            return Err(Error::config(
+                root,
+                "not a diffusers model folder: model_index.json not found",
+            ));
+        }
+        let _: serde_json::Value = read_json(&index)?;
+        let sub = |name: &str| -> Result<PathBuf> {
+            let d = root.join(name);
+            if d.is_dir() {
+                Ok(d)
+            } else {
+                Err(Error::config(
+                    root,
+                    format!("component folder `{name}/` not found"),
+                ))
+            }
+        };
+        let unet_dir = sub("unet")?;
+        let vae_dir = sub("vae")?;
+        let te_dir = sub("text_encoder")?;
+        let tok_dir = sub("tokenizer")?;
+        let sched_dir = sub("scheduler")?;
+
+        let unet_cfg = UNetConfig::from_file(&unet_dir.join("config.json"))?;
+        let vae_cfg = VaeConfig::from_file(&vae_dir.join("config.json"))?;
+        let clip_cfg = ClipConfig::from_file(&te_dir.join("config.json"))?;
+        if clip_cfg.hidden_size != unet_cfg.cross_attention_dim {
+            return Err(Error::config(
+                &te_dir,
+                format!(
+                    "text encoder width {} does not match the UNet's cross_attention_dim {}",
+                    clip_cfg.hidden_size, unet_cfg.cross_attention_dim
+                ),
+            ));
+        }
+        let l = vae_cfg.latent_channels;
+        if unet_cfg.in_channels != l && unet_cfg.in_channels != 2 * l + 1 {
+            return Err(Error::config(
+                &unet_dir,
+                format!(
+                    "UNet in_channels {} fits neither plain ({l}) nor inpainting ({}) use of a VAE with {l} latent channels",
+                    unet_cfg.in_channels,
+                    2 * l + 1
+                ),
+            ));
+        }
+        let scheduler_config =
+            SchedulerConfig::from_file(&sched_dir.join("scheduler_config.json"))?;
+        let tokenizer = ClipTokenizer::from_dir(&tok_dir)?;
+
+        let unet = load_component(
+            &weight_files(&unet_dir)?,
+            ModelPart::Unet,
+            patches,
+            dtype,
+            device,
+            |vb| UNet2DConditionModel::new(&unet_cfg, vb),
+        )?;
+        let vae = load_component(
+            &weight_files(&vae_dir)?,
+            ModelPart::Vae,
+            patches,
+            dtype,
+            device,
+            |vb| AutoencoderKL::new(&vae_cfg, vb),
+        )?;
+        let text_encoder = load_component(
+            &weight_files(&te_dir)?,
+            ModelPart::TextEncoder,
+            patches,
+            dtype,
+            device,
+            |vb| ClipTextModel::new(&clip_cfg, vb),
+        )?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler_config,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// True for 9-channel inpainting UNets.
+    pub fn is_inpaint_model(&self) -> bool {
+        self.unet.config().in_channels == 2 * self.vae.config().latent_channels + 1
+    }
+}

@@ -1,0 +1,372 @@
+//! The denoising loop: txt2img, img2img and inpainting (9-channel inpaint UNets, and mask
+//! blending for ordinary 4-channel models), calling the hook points of `sd-plugins-api`.
+//! Mirrors diffusers' StableDiffusion{,Img2Img,Inpaint}Pipeline step for step.
+
+use candle_core::{DType, Tensor};
+use sd_plugins_api::{
+    Conditioning, Hook, HookError, HookSet, NoiseLevels, NoisePrediction, ResidualInput, StepInfo,
+};
+
+use crate::error::{Error, Result};
+use crate::loader::StableDiffusion;
+use crate::noise::NoiseSource;
+use crate::samplers::{build_sampler, img2img_start_index, Sampler, SamplerKind, Schedule};
+use crate::text::encode_prompts;
+
+/// What to generate. Images and masks are tensors already prepared by `image_io`.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub sampler: SamplerKind,
+    pub schedule: Schedule,
+    pub batch: usize,
+    pub clip_skip: usize,
+    /// img2img / inpaint source, `[1, 3, height, width]` in [-1, 1].
+    pub init_image: Option<Tensor>,
+    /// Inpaint mask, `[1, 1, height, width]`, 1 = repaint.
+    pub mask: Option<Tensor>,
+    /// Denoising strength; defaults: 0.8 for img2img, 1.0 with a mask (diffusers).
+    pub strength: Option<f64>,
+    /// Replaces the initial noise draw, `[batch, C, height/f, width/f]`.
+    pub noise: Option<Tensor>,
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width: 512,
+            height: 512,
+            steps: 20,
+            cfg_scale: 7.5,
+            sampler: SamplerKind::Euler,
+            schedule: Schedule::Normal,
+            batch: 1,
+            clip_skip: 1,
+            init_image: None,
+            mask: None,
+            strength: None,
+            noise: None,
+        }
+    }
+
+    /// The strength that applies: the given one, else 1.0 with a mask, 0.8 for img2img.
+    pub fn effective_strength(&self) -> f64 {
+        match (self.strength, &self.mask) {
+            (Some(s), _) => s,
+            (None, Some(_)) => 1.0,
+            (None, None) => 0.8,
+        }
+    }
+}
+
+/// Final latents (before VAE decoding) and decoded images `[batch, 3, H, W]` in [0, 1].
+#[derive(Debug, Clone)]
+pub struct GenerateOutput {
+    pub latents: Tensor,
+    pub images: Tensor,
+}
+
+struct Levels<'a>(&'a dyn Sampler);
+
+impl NoiseLevels for Levels<'_> {
+    fn timesteps(&self) -> &[f64] {
+        self.0.timesteps()
+    }
+    fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        index: usize,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .add_noise(original, noise, index)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+/// Mask blending for 4-channel models (diffusers' inpaint pipeline): after each step, keep
+/// the unmasked region of the source latents, re-noised to the next step's level.
+struct InpaintBlend {
+    image_latents: Tensor,
+    noise: Tensor,
+    /// Latent-size mask, 1 = repaint.
+    mask: Tensor,
+}
+
+impl Hook for InpaintBlend {
+    fn name(&self) -> &str {
+        "inpaint-blend"
+    }
+    fn after_step(
+        &mut self,
+        step: &StepInfo,
+        levels: &dyn NoiseLevels,
+        latents: &mut Tensor,
+    ) -> Result<(), HookError> {
+        let proper = if step.index + 1 < levels.timesteps().len() {
+            levels.add_noise(&self.image_latents, &self.noise, step.index + 1)?
+        } else {
+            self.image_latents.clone()
+        };
+        let keep = self.mask.affine(-1.0, 1.0)?;
+        *latents = (proper.broadcast_mul(&keep)? + latents.broadcast_mul(&self.mask)?)?;
+        Ok(())
+    }
+}
+
+impl StableDiffusion {
+    /// Pixels per latent pixel (8 for real SD).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().downscale_factor()
+    }
+
+    fn latent_shape(&self, req: &GenerateRequest) -> [usize; 4] {
+        let f = self.vae_scale_factor();
+        [
+            req.batch,
+            self.vae.config().latent_channels,
+            req.height / f,
+            req.width / f,
+        ]
+    }
+
+    /// Check a request against this model; every message names the parameter and value.
+    pub fn validate(&self, req: &GenerateRequest) -> Result<()> {
+        let f = self.vae_scale_factor();
+        for (name, v) in [("width", req.width), ("height", req.height)] {
+            if v == 0 || v % f != 0 {
+                return Err(Error::Invalid(format!(
+                    "{name} {v} is not a positive multiple of {f} (the VAE's downscale factor)"
+                )));
+            }
+        }
+        if req.steps == 0 {
+            return Err(Error::Invalid("steps must be at least 1".into()));
+        }
+        if req.batch == 0 {
+            return Err(Error::Invalid("batch must be at least 1".into()));
+        }
+        if !req.cfg_scale.is_finite() {
+            return Err(Error::Invalid(format!(
+                "cfg_scale {} is not a number",
+                req.cfg_scale
+            )));
+        }
+        let strength = req.effective_strength();
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(Error::Invalid(format!(
+                "strength {strength} is outside (0, 1]"
+            )));
+        }
+        if req.init_image.is_some() && img2img_start_index(req.steps, strength) >= req.steps {
+            return Err(Error::Invalid(format!(
+                "strength {strength} with {} steps leaves no step to run (int(steps * strength) = 0)",
+                req.steps
+            )));
+        }
+        if req.mask.is_some() && req.init_image.is_none() {
+            return Err(Error::Invalid("a mask needs an init image".into()));
+        }
+        if self.is_inpaint_model() && req.mask.is_none() {
+            return Err(Error::Invalid(format!(
+                "{} is an inpainting model (9-channel UNet): it needs an init image and a mask",
+                self.root.display()
+            )));
+        }
+        let check = |what: &str, t: &Tensor, want: &[usize]| -> Result<()> {
+            if t.dims() != want {
+                return Err(Error::Invalid(format!(
+                    "{what} has shape {:?}, expected {want:?}",
+                    t.dims()
+                )));
+            }
+            Ok(())
+        };
+        if let Some(img) = &req.init_image {
+            check("init image", img, &[1, 3, req.height, req.width])?;
+        }
+        if let Some(m) = &req.mask {
+            check("mask", m, &[1, 1, req.height, req.width])?;
+        }
+        if let Some(n) = &req.noise {
+            check("noise tensor", n, &self.latent_shape(req))?;
+        }
+        Ok(())
+    }
+
+    /// Encode images `[B, 3, H, W]` in [-1, 1] to scaled latents (the distribution's mean).
+    pub fn encode_image(&self, image: &Tensor) -> Result<Tensor> {
+        let z = self.vae.encode_mean(&image.to_dtype(self.dtype)?)?;
+        Ok(self.vae.scale_latents(&z.to_dtype(DType::F32)?)?)
+    }
+
+    /// Decode scaled latents to images in [0, 1].
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = self.vae.unscale_latents(latents)?.to_dtype(self.dtype)?;
+        let img = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+
+    /// Run the denoising loop and return the final latents (what diffusers returns with
+    /// `output_type="latent"`).
+    pub fn denoise(
+        &self,
+        req: &GenerateRequest,
+        hooks: &mut HookSet,
+        rng: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        self.validate(req)?;
+        let dev = &self.device;
+        let cfg = req.cfg_scale > 1.0; // diffusers: do_classifier_free_guidance
+        let (cond, uncond) = encode_prompts(
+            &self.tokenizer,
+            &self.text_encoder,
+            &req.prompt,
+            cfg.then_some(req.negative_prompt.as_str()),
+            req.clip_skip,
+            dev,
+        )?;
+        let mut conditioning = Conditioning { cond, uncond };
+        hooks.on_conditioning(&mut conditioning)?;
+        let repeat = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&vec![t; req.batch], 0)?) };
+        let cond = repeat(&conditioning.cond)?;
+        let context = match &conditioning.uncond {
+            Some(u) => Tensor::cat(&[&repeat(u)?, &cond], 0)?,
+            None => cond,
+        };
+        let context = context.to_dtype(self.dtype)?;
+
+        let mut sampler =
+            build_sampler(req.sampler, req.schedule, &self.scheduler_config, req.steps)?;
+        let total = sampler.timesteps().len();
+        let shape = self.latent_shape(req);
+        let noise = match &req.noise {
+            Some(n) => n.to_dtype(DType::F32)?.to_device(dev)?,
+            None => rng.randn(&shape, dev)?,
+        };
+
+        let strength = req.effective_strength();
+        let first = if req.init_image.is_some() {
+            img2img_start_index(req.steps, strength)
+        } else {
+            0
+        };
+        // Source latents, for img2img, inpaint blending and strength < 1 inpainting.
+        let image_latents = match &req.init_image {
+            Some(img) => Some(repeat(&self.encode_image(img)?)?),
+            None => None,
+        };
+        let mut latents = match (&image_latents, req.mask.is_some() && strength >= 1.0) {
+            (Some(src), false) => sampler.add_noise(src, &noise, first)?,
+            _ => (&noise * sampler.init_noise_sigma())?,
+        };
+
+        // Inpainting: latent-size mask, masked-image latents for 9-channel UNets, and mask
+        // blending for 4-channel ones.
+        let mut extra_channels: Option<Tensor> = None;
+        let mut blend: Option<InpaintBlend> = None;
+        if let (Some(mask), Some(img)) = (&req.mask, &req.init_image) {
+            let (h, w) = (shape[2], shape[3]);
+            let mask_lat = repeat(&mask.upsample_nearest2d(h, w)?)?;
+            if self.is_inpaint_model() {
+                let keep = mask.affine(-1.0, 1.0)?; // diffusers: image * (mask < 0.5)
+                let masked = img.broadcast_mul(&keep)?;
+                let masked_latents = repeat(&self.encode_image(&masked)?)?;
+                let extra = Tensor::cat(&[&mask_lat, &masked_latents], 1)?;
+                extra_channels = Some(if cfg {
+                    Tensor::cat(&[&extra, &extra], 0)?
+                } else {
+                    extra
+                });
+            } else {
+                blend = Some(InpaintBlend {
+                    image_latents: image_latents.clone().expect("init image encoded"),
+                    noise: noise.clone(),
+                    mask: mask_lat,
+                });
+            }
+        }
+
+        for index in first..total {
+            let t = sampler.timesteps()[index];
+            let step = StepInfo {
+                index,
+                first_index: first,
+                total,
+                timestep: t,
+                batch: req.batch,
+                cfg,
+            };
+            hooks.before_step(&step, &mut latents)?;
+            let doubled = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let scaled = sampler.scale_model_input(&doubled, index)?;
+            let model_input = match &extra_channels {
+                Some(e) => Tensor::cat(&[&scaled, e], 1)?,
+                None => scaled.clone(),
+            };
+            let model_input = model_input.to_dtype(self.dtype)?;
+            let scaled_in = scaled.to_dtype(self.dtype)?;
+            let residuals = hooks.residuals(
+                &step,
+                &ResidualInput {
+                    sample: &model_input,
+                    latents: &scaled_in,
+                    encoder_hidden_states: &context,
+                },
+            )?;
+            let n = model_input.dim(0)?;
+            let ts = Tensor::full(t as f32, n, &self.device)?;
+            let out = self
+                .unet
+                .forward(&model_input, &ts, &context, residuals.as_ref())?
+                .to_dtype(DType::F32)?;
+            let (uncond_pred, cond_pred) = if cfg {
+                (
+                    Some(out.narrow(0, 0, req.batch)?),
+                    out.narrow(0, req.batch, req.batch)?,
+                )
+            } else {
+                (None, out)
+            };
+            let guided = hooks.noise_pred(
+                &step,
+                &NoisePrediction {
+                    uncond: uncond_pred.as_ref(),
+                    cond: &cond_pred,
+                    guidance_scale: req.cfg_scale,
+                },
+            )?;
+            latents = sampler.step(&guided, index, &latents, rng)?;
+            let levels = Levels(sampler.as_ref());
+            if let Some(b) = blend.as_mut() {
+                b.after_step(&step, &levels, &mut latents)?;
+            }
+            hooks.after_step(&step, &levels, &mut latents)?;
+        }
+        Ok(latents)
+    }
+
+    /// Denoise, decode, and run the `on_image` hooks.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        hooks: &mut HookSet,
+        rng: &mut dyn NoiseSource,
+    ) -> Result<GenerateOutput> {
+        let latents = self.denoise(req, hooks, rng)?;
+        let mut images = self.decode_latents(&latents)?;
+        hooks.on_image(&mut images)?;
+        Ok(GenerateOutput { latents, images })
+    }
+}
