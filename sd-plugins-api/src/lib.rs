@@ -10,6 +10,7 @@ mod patch;
 
 pub use error::HookError;
 pub use hooks::{
-    classifier_free_guidance, Conditioning, Hook, HookSet, NoiseLevels, NoisePrediction, ResidualInput, Residuals, StepInfo,
+    classifier_free_guidance, Conditioning, Hook, HookSet, NoiseLevels, NoisePrediction,
+    ResidualInput, Residuals, StepInfo,
 };
 pub use patch::{ModelPart, WeightPatch};

@@ -19,5 +19,10 @@ pub trait WeightPatch: Send + Sync {
     fn name(&self) -> &str;
     /// The delta to add to `name` (whose loaded value is `base`), or `None` when this patch
     /// does not touch that parameter. The delta must have `base`'s shape.
-    fn delta(&self, part: ModelPart, name: &str, base: &Tensor) -> Result<Option<Tensor>, HookError>;
+    fn delta(
+        &self,
+        part: ModelPart,
+        name: &str,
+        base: &Tensor,
+    ) -> Result<Option<Tensor>, HookError>;
 }
