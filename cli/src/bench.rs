@@ -81,7 +81,7 @@ pub fn run(cmd: BenchCommand) -> CliResult {
 }
 
 fn unet(a: UnetArgs) -> CliResult {
-    if a.width == 0 || a.height == 0 || a.width % 8 != 0 || a.height % 8 != 0 {
+    if a.width == 0 || a.height == 0 || !a.width.is_multiple_of(8) || !a.height.is_multiple_of(8) {
         return Err(format!(
             "--width {} / --height {}: must be positive multiples of 8",
             a.width, a.height

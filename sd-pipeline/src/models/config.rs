@@ -283,13 +283,13 @@ impl UNetConfig {
             .unwrap_or(&raw.attention_head_dim)
             .expand(n, "attention_head_dim", path)?;
         for (i, (&c, &h)) in raw.block_out_channels.iter().zip(&heads).enumerate() {
-            if h == 0 || c % h != 0 {
+            if h == 0 || !c.is_multiple_of(h) {
                 return Err(Error::config(
                     path,
                     format!("block {i}: {c} channels cannot be split into {h} attention heads"),
                 ));
             }
-            if c % raw.norm_num_groups != 0 {
+            if !c.is_multiple_of(raw.norm_num_groups) {
                 return Err(Error::config(
                     path,
                     format!(
@@ -456,7 +456,7 @@ impl VaeConfig {
         if let Some(c) = raw
             .block_out_channels
             .iter()
-            .find(|&&c| c % raw.norm_num_groups != 0)
+            .find(|&&c| !c.is_multiple_of(raw.norm_num_groups))
         {
             return Err(Error::config(
                 path,
@@ -566,7 +566,8 @@ impl ClipConfig {
                 ))
             }
         };
-        if raw.num_attention_heads == 0 || raw.hidden_size % raw.num_attention_heads != 0 {
+        if raw.num_attention_heads == 0 || !raw.hidden_size.is_multiple_of(raw.num_attention_heads)
+        {
             return Err(Error::config(
                 path,
                 format!(

@@ -89,9 +89,9 @@ impl UNet2DConditionModel {
 
         let mut down = Vec::with_capacity(n);
         let mut out_c = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let in_c = out_c;
-            out_c = ch[i];
+            out_c = c;
             let vb = vb.pp(format!("down_blocks.{i}"));
             let layers = cfg.layers_per_block[i];
             let resnets = (0..layers)

@@ -112,9 +112,9 @@ impl Encoder {
         let n = ch.len();
         let mut blocks = Vec::with_capacity(n);
         let mut out_c = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let in_c = out_c;
-            out_c = ch[i];
+            out_c = c;
             let bvb = vb.pp(format!("down_blocks.{i}"));
             let resnets = (0..cfg.layers_per_block)
                 .map(|j| {
@@ -181,9 +181,9 @@ impl Decoder {
         let n = rev.len();
         let mut blocks = Vec::with_capacity(n);
         let mut out_c = rev[0];
-        for i in 0..n {
+        for (i, &c) in rev.iter().enumerate() {
             let prev_c = out_c;
-            out_c = rev[i];
+            out_c = c;
             let bvb = vb.pp(format!("up_blocks.{i}"));
             let resnets = (0..cfg.layers_per_block + 1)
                 .map(|j| {
