@@ -106,7 +106,13 @@ impl ClipTokenizer {
             }
         }
         let pad = match pad_token {
-            Some(t) => id(&t)?,
+            Some(t) => {
+                // transformers treats the pad token as a special token that splits the text
+                // (SD2's "!!" becomes two pad tokens, not the BPE token "!!"); so do we.
+                let pad = id(&t)?;
+                tk.add_special_tokens(&[AddedToken::from(t.clone(), true)]);
+                pad
+            }
             None => eos,
         };
         let comma = tk.token_to_id(",</w>");

@@ -68,8 +68,14 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
+    /// Keys are read under `text_model.` (files saved by transformers 4, as SD repos ship) or
+    /// at the root (transformers 5 drops the prefix).
     pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
-        let vb = vb.pp("text_model");
+        let vb = if vb.contains_tensor("embeddings.token_embedding.weight") {
+            vb
+        } else {
+            vb.pp("text_model")
+        };
         let emb = vb.pp("embeddings");
         let token_embedding =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;
