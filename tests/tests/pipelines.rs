@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device};
 use sd_pipeline::image_io::{load_image, load_mask};
+use sd_pipeline::noise::TorchRng;
 use sd_pipeline::{GenerateRequest, StableDiffusion};
 use sd_plugins_api::HookSet;
 use sd_tests::{assert_close, expected, fixtures, get, model_dir, Replay};
@@ -42,17 +43,27 @@ fn run_case(case: &Value, models: &mut HashMap<String, StableDiffusion>) {
             .map(|p| load_image(&p, width, height, &Device::Cpu).unwrap()),
         mask: path("mask").map(|p| load_mask(&p, width, height, &Device::Cpu).unwrap()),
         strength: case["strength"].as_f64(),
-        noise: Some(get(&exp, "noise").clone()),
+        noise: exp.get("noise").cloned(),
     };
-    let mut replay = Replay::new(exp.get("step_noise"));
-    let latents = sd.denoise(&req, &mut HookSet::new(), &mut replay).unwrap();
-    if let Some(sn) = exp.get("step_noise") {
-        assert_eq!(
-            replay.used(),
-            sn.dim(0).unwrap(),
-            "{name}: every recorded step noise is drawn"
-        );
-    }
+    let latents = match case["seed"].as_u64() {
+        // diffusers drew everything from torch.Generator("cpu").manual_seed(seed)
+        Some(seed) => sd
+            .denoise(&req, &mut HookSet::new(), &mut TorchRng::new(seed))
+            .unwrap(),
+        None => {
+            let mut replay = Replay::new(exp.get("step_noise"));
+            let latents = sd.denoise(&req, &mut HookSet::new(), &mut replay).unwrap();
+            if let Some(sn) = exp.get("step_noise") {
+                let n = sn.dim(0).unwrap();
+                assert_eq!(
+                    replay.used(),
+                    n,
+                    "{name}: every recorded step noise is drawn"
+                );
+            }
+            latents
+        }
+    };
     assert_close(name, &latents, get(&exp, "latents"), 1e-3);
 }
 
@@ -71,12 +82,17 @@ fn kind(c: &Value) -> &str {
 
 #[test]
 fn txt2img_sd1_epsilon_every_sampler_and_schedule() {
-    run_matching(|c| kind(c) == "txt2img" && c["model"] == "sd1");
+    run_matching(|c| kind(c) == "txt2img" && c["model"] == "sd1" && c.get("seed").is_none());
 }
 
 #[test]
 fn txt2img_sd2_v_prediction_every_sampler_and_schedule() {
     run_matching(|c| kind(c) == "txt2img" && c["model"] == "sd2");
+}
+
+#[test]
+fn seeds_give_diffusers_cpu_generator_noise() {
+    run_matching(|c| c.get("seed").is_some());
 }
 
 #[test]
