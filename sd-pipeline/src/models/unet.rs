@@ -54,38 +54,45 @@ struct UpBlock {
     upsampler: Option<Upsample2D>,
 }
 
+/// The encoder half of the UNet: `conv_in`, time embedding, down blocks and mid block, with
+/// diffusers names. The UNet and ControlNet (its trainable copy) are both built on it.
 #[derive(Debug, Clone)]
-pub struct UNet2DConditionModel {
+pub struct UNetEncoder {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
     down: Vec<DownBlock>,
     mid_resnets: Vec<ResnetBlock2D>,
     mid_attentions: Vec<Transformer2D>,
-    up: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
     config: UNetConfig,
 }
 
-impl UNet2DConditionModel {
+fn resnet_cfg(cfg: &UNetConfig, scale: f64) -> ResnetConfig {
+    ResnetConfig {
+        groups: cfg.norm_num_groups,
+        eps: cfg.norm_eps,
+        temb_channels: Some(cfg.block_out_channels[0] * 4),
+        output_scale_factor: scale,
+    }
+}
+
+fn transformer_cfg(cfg: &UNetConfig, i: usize) -> TransformerConfig {
+    TransformerConfig {
+        heads: cfg.num_attention_heads[i],
+        layers: cfg.transformer_layers_per_block[i],
+        cross_attention_dim: cfg.cross_attention_dim,
+        groups: cfg.norm_num_groups,
+        use_linear_projection: cfg.use_linear_projection,
+    }
+}
+
+impl UNetEncoder {
     pub fn new(cfg: &UNetConfig, vb: VarBuilder) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let n = ch.len();
         let temb_dim = ch[0] * 4;
-        let resnet = |scale: f64| ResnetConfig {
-            groups: cfg.norm_num_groups,
-            eps: cfg.norm_eps,
-            temb_channels: Some(temb_dim),
-            output_scale_factor: scale,
-        };
-        let tcfg = |i: usize| TransformerConfig {
-            heads: cfg.num_attention_heads[i],
-            layers: cfg.transformer_layers_per_block[i],
-            cross_attention_dim: cfg.cross_attention_dim,
-            groups: cfg.norm_num_groups,
-            use_linear_projection: cfg.use_linear_projection,
-        };
+        let resnet = |scale: f64| resnet_cfg(cfg, scale);
+        let tcfg = |i: usize| transformer_cfg(cfg, i);
 
         let mut down = Vec::with_capacity(n);
         let mut out_c = ch[0];
@@ -140,7 +147,113 @@ impl UNet2DConditionModel {
             tcfg(n - 1),
             mid_vb.pp("attentions.0"),
         )?];
+        Ok(Self {
+            conv_in: conv2d(cfg.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?,
+            time_linear_1: linear(ch[0], temb_dim, vb.pp("time_embedding.linear_1"))?,
+            time_linear_2: linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?,
+            down,
+            mid_resnets,
+            mid_attentions,
+            config: cfg.clone(),
+        })
+    }
 
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Number of skip connections of the down path (= down residuals a ControlNet provides).
+    pub fn num_skips(&self) -> usize {
+        1 + self
+            .down
+            .iter()
+            .map(|b| b.resnets.len() + usize::from(b.downsampler.is_some()))
+            .sum::<usize>()
+    }
+
+    /// Channels of each skip connection, in order.
+    pub fn skip_channels(&self) -> Vec<usize> {
+        let ch = &self.config.block_out_channels;
+        let mut out = vec![ch[0]];
+        for (i, b) in self.down.iter().enumerate() {
+            out.extend(std::iter::repeat_n(
+                ch[i],
+                b.resnets.len() + usize::from(b.downsampler.is_some()),
+            ));
+        }
+        out
+    }
+
+    /// The time embedding `[B, 4*C0]` for per-sample timesteps `[B]`.
+    pub fn time_embedding(&self, timesteps: &Tensor, dtype: DType) -> Result<Tensor> {
+        let t = timestep_embedding(
+            timesteps,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?
+        .to_dtype(dtype)?;
+        self.time_linear_2
+            .forward(&self.time_linear_1.forward(&t)?.silu()?)
+    }
+
+    /// Run conv_in (plus `hint`, a ControlNet's conditioning embedding, when given), the down
+    /// blocks and the mid block. Returns the skip tensors and the mid block's output.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        emb: &Tensor,
+        ctx: &Tensor,
+        hint: Option<&Tensor>,
+    ) -> Result<(Vec<Tensor>, Tensor)> {
+        let sample = if self.config.center_input_sample {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
+        let mut xs = self.conv_in.forward(&sample)?;
+        if let Some(h) = hint {
+            xs = (xs + h)?;
+        }
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                xs = resnet.forward(&xs, Some(emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, ctx)?;
+                }
+                skips.push(xs.clone());
+            }
+            if let Some(ds) = &block.downsampler {
+                xs = ds.forward(&xs)?;
+                skips.push(xs.clone());
+            }
+        }
+        xs = self.mid_resnets[0].forward(&xs, Some(emb))?;
+        for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
+            xs = attn.forward(&xs, ctx)?;
+            xs = resnet.forward(&xs, Some(emb))?;
+        }
+        Ok((skips, xs))
+    }
+}
+
+/// diffusers `UNet2DConditionModel`: the encoder plus the up path.
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    encoder: UNetEncoder,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(cfg: &UNetConfig, vb: VarBuilder) -> Result<Self> {
+        let encoder = UNetEncoder::new(cfg, vb.clone())?;
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let resnet = |scale: f64| resnet_cfg(cfg, scale);
+        let tcfg = |i: usize| transformer_cfg(cfg, i);
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut up = Vec::with_capacity(n);
         let mut out_c = rev[0];
@@ -178,12 +291,7 @@ impl UNet2DConditionModel {
         }
 
         Ok(Self {
-            conv_in: conv2d(cfg.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?,
-            time_linear_1: linear(ch[0], temb_dim, vb.pp("time_embedding.linear_1"))?,
-            time_linear_2: linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?,
-            down,
-            mid_resnets,
-            mid_attentions,
+            encoder,
             up,
             conv_norm_out: group_norm(
                 cfg.norm_num_groups,
@@ -192,34 +300,20 @@ impl UNet2DConditionModel {
                 vb.pp("conv_norm_out"),
             )?,
             conv_out: conv2d(ch[0], cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
-            config: cfg.clone(),
         })
     }
 
     pub fn config(&self) -> &UNetConfig {
-        &self.config
+        self.encoder.config()
+    }
+
+    pub fn encoder(&self) -> &UNetEncoder {
+        &self.encoder
     }
 
     /// Number of skip connections of the down path (= down residuals a ControlNet provides).
     pub fn num_skips(&self) -> usize {
-        1 + self
-            .down
-            .iter()
-            .map(|b| b.resnets.len() + usize::from(b.downsampler.is_some()))
-            .sum::<usize>()
-    }
-
-    /// The time embedding `[B, 4*C0]` for per-sample timesteps `[B]`.
-    pub fn time_embedding(&self, timesteps: &Tensor, dtype: DType) -> Result<Tensor> {
-        let t = timestep_embedding(
-            timesteps,
-            self.config.block_out_channels[0],
-            self.config.flip_sin_to_cos,
-            self.config.freq_shift,
-        )?
-        .to_dtype(dtype)?;
-        self.time_linear_2
-            .forward(&self.time_linear_1.forward(&t)?.silu()?)
+        self.encoder.num_skips()
     }
 
     /// Predict noise (or v) for `sample` `[B, C_in, h, w]` at per-sample `timesteps` `[B]`
@@ -248,43 +342,15 @@ impl UNet2DConditionModel {
                 );
             }
         }
-        let sample = if self.config.center_input_sample {
-            ((sample * 2.0)? - 1.0)?
-        } else {
-            sample.clone()
-        };
-        let emb = self.time_embedding(&timesteps, sample.dtype())?;
+        let emb = self.encoder.time_embedding(&timesteps, sample.dtype())?;
         let ctx = encoder_hidden_states;
-
-        let mut xs = self.conv_in.forward(&sample)?;
-        let mut skips = vec![xs.clone()];
-        for block in &self.down {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                xs = resnet.forward(&xs, Some(&emb))?;
-                if let Some(attn) = block.attentions.get(j) {
-                    xs = attn.forward(&xs, ctx)?;
-                }
-                skips.push(xs.clone());
-            }
-            if let Some(ds) = &block.downsampler {
-                xs = ds.forward(&xs)?;
-                skips.push(xs.clone());
-            }
-        }
+        let (mut skips, mut xs) = self.encoder.forward(sample, &emb, ctx, None)?;
         if let Some(r) = residuals {
             skips = skips
                 .iter()
                 .zip(&r.down)
                 .map(|(s, d)| s + d)
                 .collect::<Result<Vec<_>>>()?;
-        }
-
-        xs = self.mid_resnets[0].forward(&xs, Some(&emb))?;
-        for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
-            xs = attn.forward(&xs, ctx)?;
-            xs = resnet.forward(&xs, Some(&emb))?;
-        }
-        if let Some(r) = residuals {
             xs = (xs + &r.mid)?;
         }
 
