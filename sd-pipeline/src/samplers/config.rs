@@ -1,7 +1,11 @@
 //! `scheduler_config.json`: the keys a file sets, with each target class's defaults for the
-//! rest (diffusers' `from_config` drops the source class's own defaults, `_use_default_values`).
+//! rest. diffusers' `XScheduler.from_config(file)` takes the file's keys and the *target*
+//! class's `__init__` defaults for absent ones (not the source `_class_name`'s), so fields whose
+//! default differs between DDIM and the others stay `Option` here.
 
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use serde::Deserialize;
 
@@ -11,6 +15,36 @@ use super::SamplerError;
 pub enum PredictionType {
     Epsilon,
     VPrediction,
+}
+
+impl FromStr for PredictionType {
+    type Err = SamplerError;
+    fn from_str(s: &str) -> Result<Self, SamplerError> {
+        match s {
+            "epsilon" => Ok(Self::Epsilon),
+            "v_prediction" => Ok(Self::VPrediction),
+            other => Err(bad(
+                "<argument>",
+                "prediction_type",
+                other,
+                if other == "sample" {
+                    "unsupported"
+                } else {
+                    "unknown"
+                },
+                "expected epsilon or v_prediction",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for PredictionType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Epsilon => "epsilon",
+            Self::VPrediction => "v_prediction",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +61,20 @@ pub enum BetaSchedule {
     SquaredCosCapV2,
 }
 
+fn bad(path: &str, key: &str, value: &str, problem: &'static str, note: &str) -> SamplerError {
+    SamplerError::Config {
+        path: path.to_string(),
+        key: key.to_string(),
+        value: format!("{value:?}"),
+        problem,
+        note: if note.is_empty() {
+            String::new()
+        } else {
+            format!(" ({note})")
+        },
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 struct Raw {
     num_train_timesteps: Option<usize>,
@@ -40,11 +88,18 @@ struct Raw {
     set_alpha_to_one: Option<bool>,
     clip_sample: Option<bool>,
     clip_sample_range: Option<f64>,
+    sigma_min: Option<f64>,
+    sigma_max: Option<f64>,
+    // Accepted only at their defaults: anything else changes results in ways not ported.
     thresholding: Option<bool>,
     rescale_betas_zero_snr: Option<bool>,
+    interpolation_type: Option<String>,
+    timestep_type: Option<String>,
+    lambda_min_clipped: Option<f64>,
+    variance_type: Option<String>,
 }
 
-/// A parsed scheduler config. Fields that differ per target class stay optional.
+/// A parsed scheduler config. Fields whose default differs per target class stay optional.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
     pub num_train_timesteps: usize,
@@ -56,20 +111,33 @@ pub struct SchedulerConfig {
     /// `None`: the target class's default (leading for DDIM, linspace for the others).
     pub timestep_spacing: Option<TimestepSpacing>,
     pub steps_offset: usize,
-    /// DDIM only; default true there.
+    /// DDIM only; `None` means DDIM's default, true.
     pub set_alpha_to_one: Option<bool>,
-    /// DDIM only; default true there.
+    /// DDIM only; `None` means DDIM's default, true.
     pub clip_sample: Option<bool>,
     pub clip_sample_range: f64,
+    /// Karras bounds; `None`: the schedule's own ends. diffusers keeps these keys in every
+    /// scheduler's config, and `_convert_to_karras` reads them wherever they are.
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+}
+
+impl Default for SchedulerConfig {
+    /// Every key absent: diffusers' `__init__` defaults.
+    fn default() -> Self {
+        Self::from_json_str("{}").expect("the empty config parses")
+    }
 }
 
 impl SchedulerConfig {
+    /// Read `scheduler_config.json`; errors name `path`.
     pub fn from_file(path: &Path) -> Result<Self, SamplerError> {
-        let text = std::fs::read_to_string(path).map_err(|e| SamplerError::Config {
-            path: path.display().to_string(),
-            message: e.to_string(),
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| SamplerError::Read {
+            path: name.clone(),
+            source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse(&text, &name)
     }
 
     pub fn from_json_str(text: &str) -> Result<Self, SamplerError> {
@@ -77,49 +145,106 @@ impl SchedulerConfig {
     }
 
     fn parse(text: &str, path: &str) -> Result<Self, SamplerError> {
-        let err = |message: String| SamplerError::Config {
+        let raw: Raw = serde_json::from_str(text).map_err(|source| SamplerError::Json {
             path: path.to_string(),
-            message,
-        };
-        let raw: Raw = serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+            source,
+        })?;
+        let unsupported =
+            |key: &str, value: &str, note: &str| Err(bad(path, key, value, "unsupported", note));
         if raw.thresholding == Some(true) {
-            return Err(err("`thresholding` = true is not supported".into()));
+            return unsupported("thresholding", "true", "dynamic thresholding is not ported");
         }
         if raw.rescale_betas_zero_snr == Some(true) {
-            return Err(err(
-                "`rescale_betas_zero_snr` = true is not supported".into()
-            ));
+            return unsupported(
+                "rescale_betas_zero_snr",
+                "true",
+                "zero-SNR rescaling is not ported",
+            );
+        }
+        if let Some(v) = raw.interpolation_type.as_deref().filter(|&v| v != "linear") {
+            return unsupported("interpolation_type", v, "only linear is ported");
+        }
+        if let Some(v) = raw.timestep_type.as_deref().filter(|&v| v != "discrete") {
+            return unsupported("timestep_type", v, "only discrete is ported");
+        }
+        if let Some(v) = raw.variance_type.as_deref() {
+            return unsupported("variance_type", v, "learned variance is not ported");
+        }
+        if let Some(v) = raw.lambda_min_clipped.filter(|v| v.is_finite()) {
+            return unsupported("lambda_min_clipped", &v.to_string(), "only -inf is ported");
         }
         let beta_schedule = match raw.beta_schedule.as_deref().unwrap_or("linear") {
             "linear" => BetaSchedule::Linear,
             "scaled_linear" => BetaSchedule::ScaledLinear,
             "squaredcos_cap_v2" => BetaSchedule::SquaredCosCapV2,
-            other => return Err(err(format!("unsupported `beta_schedule` = {other:?}"))),
+            other => {
+                return Err(bad(
+                    path,
+                    "beta_schedule",
+                    other,
+                    "unknown",
+                    "expected linear, scaled_linear or squaredcos_cap_v2",
+                ))
+            }
         };
-        let prediction_type = match raw.prediction_type.as_deref().unwrap_or("epsilon") {
-            "epsilon" => PredictionType::Epsilon,
-            "v_prediction" => PredictionType::VPrediction,
-            other => return Err(err(format!("unsupported `prediction_type` = {other:?}"))),
+        let prediction_type = match raw.prediction_type.as_deref() {
+            None => PredictionType::Epsilon,
+            Some(v) => v.parse().map_err(|e| match e {
+                SamplerError::Config {
+                    key,
+                    value,
+                    problem,
+                    note,
+                    ..
+                } => SamplerError::Config {
+                    path: path.to_string(),
+                    key,
+                    value,
+                    problem,
+                    note,
+                },
+                e => e,
+            })?,
         };
         let timestep_spacing = match raw.timestep_spacing.as_deref() {
             None => None,
             Some("linspace") => Some(TimestepSpacing::Linspace),
             Some("leading") => Some(TimestepSpacing::Leading),
             Some("trailing") => Some(TimestepSpacing::Trailing),
-            Some(other) => return Err(err(format!("unsupported `timestep_spacing` = {other:?}"))),
+            Some(other) => {
+                return Err(bad(
+                    path,
+                    "timestep_spacing",
+                    other,
+                    "unknown",
+                    "expected linspace, leading or trailing",
+                ))
+            }
         };
         let num_train_timesteps = raw.num_train_timesteps.unwrap_or(1000);
         if num_train_timesteps < 2 {
-            return Err(err(format!(
-                "`num_train_timesteps` = {num_train_timesteps} is too small"
-            )));
+            return Err(bad(
+                path,
+                "num_train_timesteps",
+                &num_train_timesteps.to_string(),
+                "invalid",
+                "at least 2",
+            ));
         }
         if let Some(b) = &raw.trained_betas {
             if b.len() != num_train_timesteps {
-                return Err(err(format!(
-                    "`trained_betas` has {} values for {num_train_timesteps} timesteps",
-                    b.len()
-                )));
+                return Err(bad(
+                    path,
+                    "trained_betas",
+                    &format!("[{} values]", b.len()),
+                    "invalid",
+                    &format!("one per train timestep, {num_train_timesteps}"),
+                ));
+            }
+        }
+        for (key, v) in [("sigma_min", raw.sigma_min), ("sigma_max", raw.sigma_max)] {
+            if let Some(v) = v.filter(|v| !(*v > 0.0 && v.is_finite())) {
+                return Err(bad(path, key, &v.to_string(), "invalid", "must be > 0"));
             }
         }
         Ok(Self {
@@ -134,6 +259,8 @@ impl SchedulerConfig {
             set_alpha_to_one: raw.set_alpha_to_one,
             clip_sample: raw.clip_sample,
             clip_sample_range: raw.clip_sample_range.unwrap_or(1.0),
+            sigma_min: raw.sigma_min,
+            sigma_max: raw.sigma_max,
         })
     }
 
@@ -173,6 +300,13 @@ mod tests {
         let e = SchedulerConfig::from_json_str(r#"{"prediction_type": "sample"}"#)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("prediction_type"), "{e}");
+        assert!(
+            e.contains("prediction_type") && e.contains("<scheduler config>"),
+            "{e}"
+        );
+        let e = SchedulerConfig::from_json_str(r#"{"thresholding": true}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("thresholding"), "{e}");
     }
 }

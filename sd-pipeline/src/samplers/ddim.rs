@@ -1,44 +1,41 @@
-//! DDIM, eta 0 (diffusers `DDIMScheduler`).
+//! DDIM, eta 0 (diffusers `DDIMScheduler`, scheduling_ddim.py).
 
 use candle_core::{Result, Tensor};
 
 use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
-use super::schedule::{alphas_cumprod, round_half_even, trailing};
+use super::schedule::{alphas_cumprod, np_arange_down, np_linspace, round_half_even};
 use super::{NoiseSource, Sampler, SamplerError};
 
 pub struct Ddim {
     timesteps: Vec<f64>,
+    /// float32 `alphas_cumprod`, indexed by train timestep.
     ac: Vec<f32>,
     final_alpha_cumprod: f32,
+    /// `num_train_timesteps // num_inference_steps`, whatever the spacing (scheduling_ddim.py step).
     step_ratio: usize,
     prediction: PredictionType,
-    clip: Option<f64>,
+    clip: Option<f32>,
 }
 
 impl Ddim {
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> std::result::Result<Self, SamplerError> {
         let n = cfg.num_train_timesteps;
         let ts: Vec<i64> = match cfg.spacing_or(TimestepSpacing::Leading) {
-            TimestepSpacing::Linspace => (0..steps)
+            // np.linspace(0, n - 1, steps).round()[::-1]
+            TimestepSpacing::Linspace => np_linspace(0.0, (n - 1) as f64, steps)
+                .into_iter()
                 .rev()
-                .map(|i| {
-                    let v = if steps == 1 {
-                        0.0
-                    } else {
-                        i as f64 * ((n - 1) as f64 / (steps - 1) as f64)
-                    };
-                    round_half_even(if i + 1 == steps { (n - 1) as f64 } else { v }) as i64
-                })
+                .map(|t| round_half_even(t) as i64)
                 .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = n / steps;
-                (0..steps)
-                    .rev()
-                    .map(|i| (i * ratio + cfg.steps_offset) as i64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => trailing(n, n as f64 / steps as f64)
-                .map(|t| t as i64 - 1)
+            // (np.arange(0, steps) * (n // steps)).round()[::-1] + steps_offset
+            TimestepSpacing::Leading => (0..steps)
+                .rev()
+                .map(|i| (i * (n / steps) + cfg.steps_offset) as i64)
+                .collect(),
+            // np.round(np.arange(n, 0, -n / steps)) - 1
+            TimestepSpacing::Trailing => np_arange_down(n as f64, n as f64 / steps as f64)
+                .into_iter()
+                .map(|t| round_half_even(t) as i64 - 1)
                 .collect(),
         };
         if let Some(bad) = ts.iter().find(|&&t| t < 0 || t as usize >= n) {
@@ -62,8 +59,18 @@ impl Ddim {
             clip: cfg
                 .clip_sample
                 .unwrap_or(true)
-                .then_some(cfg.clip_sample_range),
+                .then_some(cfg.clip_sample_range as f32),
         })
+    }
+
+    fn alpha_at(&self, i: usize) -> Result<f32> {
+        match self.timesteps.get(i) {
+            Some(&t) => Ok(self.ac[t as usize]),
+            None => candle_core::bail!(
+                "step index {i} is past the {} DDIM steps",
+                self.timesteps.len()
+            ),
+        }
     }
 }
 
@@ -82,39 +89,42 @@ impl Sampler for Ddim {
 
     fn step(
         &mut self,
-        eps_or_v: &Tensor,
+        model_output: &Tensor,
         i: usize,
         sample: &Tensor,
         _: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        let t = self.timesteps[i] as usize;
-        let prev = t as i64 - self.step_ratio as i64;
-        let a_t = self.ac[t] as f64;
+        // float32 0-d tensor arithmetic, as in scheduling_ddim.py step (eta = 0)
+        let a_t = self.alpha_at(i)?;
+        let prev = self.timesteps[i] as i64 - self.step_ratio as i64;
         let a_prev = if prev >= 0 {
-            self.ac[prev as usize] as f64
+            self.ac[prev as usize]
         } else {
-            self.final_alpha_cumprod as f64
+            self.final_alpha_cumprod
         };
         let b_t = 1.0 - a_t;
+        let (sa, sb) = (a_t.sqrt() as f64, b_t.sqrt() as f64);
         let (x0, eps) = match self.prediction {
             PredictionType::Epsilon => (
-                ((sample - (eps_or_v * b_t.sqrt())?)? / a_t.sqrt())?,
-                eps_or_v.clone(),
+                ((sample - (model_output * sb)?)? / sa)?,
+                model_output.clone(),
             ),
             PredictionType::VPrediction => (
-                ((sample * a_t.sqrt())? - (eps_or_v * b_t.sqrt())?)?,
-                ((eps_or_v * a_t.sqrt())? + (sample * b_t.sqrt())?)?,
+                ((sample * sa)? - (model_output * sb)?)?,
+                ((model_output * sa)? + (sample * sb)?)?,
             ),
         };
         let x0 = match self.clip {
-            Some(r) => x0.clamp(-r as f32, r as f32)?,
+            Some(r) => x0.clamp(-r, r)?,
             None => x0,
         };
-        (x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?
+        // std_dev_t = 0: direction (1 - a_prev - 0) ** 0.5
+        let dir = (1.0 - a_prev).sqrt() as f64;
+        (x0 * a_prev.sqrt() as f64)? + (eps * dir)?
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
-        let a = self.ac[self.timesteps[i] as usize] as f64;
-        (original * a.sqrt())? + (noise * (1.0 - a).sqrt())?
+        let a = self.alpha_at(i)?;
+        (original * a.sqrt() as f64)? + (noise * (1.0 - a).sqrt() as f64)?
     }
 }

@@ -1,33 +1,37 @@
-//! DPM-Solver++ multistep (diffusers `DPMSolverMultistepScheduler`, algorithm dpmsolver++,
-//! midpoint solver, lower_order_final, final sigma 0), order 1 or 2.
+//! DPM-Solver++ multistep (diffusers `DPMSolverMultistepScheduler`,
+//! scheduling_dpmsolver_multistep.py: algorithm dpmsolver++, midpoint solver,
+//! lower_order_final, final sigma 0), order 1 (= DDIM) or 2 (= DPM++ 2M).
 
 use candle_core::{Result, Tensor};
 
-use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::schedule::{
-    alphas_cumprod, interp, karras, round_half_even, sigma_to_t, trailing, train_sigmas,
+    alphas_cumprod, interp, karras, log_sigmas, np_arange_down, np_linspace, round_half_even,
+    sigma_to_t, train_sigmas,
 };
 use super::{NoiseSource, Sampler, SamplerError};
 
 pub struct DpmSolver {
+    /// int64 timesteps, as f64.
     timesteps: Vec<f64>,
+    /// float32 sigmas, one per step plus the final 0.
     sigmas: Vec<f32>,
     order: usize,
     prediction: PredictionType,
-    /// The previous step's data prediction and the number of steps taken so far.
+    /// The previous step's data prediction (`model_outputs[-2]` at the next step).
     previous: Option<Tensor>,
     lower_order_nums: usize,
 }
 
-/// `(alpha_t, sigma_t)` of a VP process with noise level `sigma`.
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
+/// `_sigma_to_alpha_sigma_t` in float32: `alpha_t = 1 / (sigma**2 + 1) ** 0.5`, `sigma_t = sigma * alpha_t`.
+fn alpha_sigma(sigma: f32) -> (f32, f32) {
     let a = 1.0 / (sigma * sigma + 1.0).sqrt();
     (a, sigma * a)
 }
 
-fn lambda(sigma: f64) -> f64 {
-    let (a, s) = alpha_sigma(sigma);
-    a.ln() - s.ln()
+/// `lambda = log(alpha_t) - log(sigma_t)` in float32 (+inf at sigma 0).
+fn lambda(alpha: f32, sigma: f32) -> f32 {
+    alpha.ln() - sigma.ln()
 }
 
 impl DpmSolver {
@@ -38,46 +42,59 @@ impl DpmSolver {
         use_karras: bool,
     ) -> std::result::Result<Self, SamplerError> {
         let n = cfg.num_train_timesteps;
-        // lambda_min_clipped = -inf: the last timestep is n
+        // lambda_min_clipped = -inf: clipped_idx = 0, last_timestep = n
         let ts: Vec<f64> = match cfg.spacing_or(TimestepSpacing::Linspace) {
-            TimestepSpacing::Linspace => {
-                // np.linspace(0, n - 1, steps + 1).round()[::-1][:-1]
-                let m = steps + 1;
-                (1..m)
-                    .rev()
-                    .map(|i| {
-                        let v = if i == m - 1 {
-                            (n - 1) as f64
-                        } else {
-                            i as f64 * ((n - 1) as f64 / (m - 1) as f64)
-                        };
-                        round_half_even(v)
-                    })
-                    .collect()
-            }
-            TimestepSpacing::Leading => {
-                let ratio = n / (steps + 1);
-                (1..=steps)
-                    .rev()
-                    .map(|i| (i * ratio + cfg.steps_offset) as f64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => trailing(n, n as f64 / steps as f64)
-                .map(|t| t - 1.0)
+            // np.linspace(0, n - 1, steps + 1).round()[::-1][:-1]
+            TimestepSpacing::Linspace => np_linspace(0.0, (n - 1) as f64, steps + 1)
+                .into_iter()
+                .skip(1)
+                .rev()
+                .map(round_half_even)
+                .collect(),
+            // (np.arange(steps + 1) * (n // (steps + 1))).round()[::-1][:-1] + steps_offset
+            TimestepSpacing::Leading => (1..=steps)
+                .rev()
+                .map(|i| (i * (n / (steps + 1)) + cfg.steps_offset) as f64)
+                .collect(),
+            // np.arange(n, 0, -n / steps).round() - 1
+            TimestepSpacing::Trailing => np_arange_down(n as f64, n as f64 / steps as f64)
+                .into_iter()
+                .map(|t| round_half_even(t) - 1.0)
                 .collect(),
         };
         let train = train_sigmas(&alphas_cumprod(cfg));
         let (sigmas, timesteps): (Vec<f64>, Vec<f64>) = if use_karras {
-            let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln()).collect();
-            let k = karras(train[0] as f64, train[n - 1] as f64, steps);
+            // Karras between the train schedule's ends (or the config's sigma_min / sigma_max);
+            // timesteps by _sigma_to_t, rounded, except for squaredcos_cap_v2 where they stay
+            // fractional and the int64 cast truncates them.
+            let log_sigmas = log_sigmas(&train);
+            let k = karras(
+                cfg.sigma_min.unwrap_or(train[0] as f64),
+                cfg.sigma_max.unwrap_or(train[n - 1] as f64),
+                steps,
+            );
+            let round = cfg.beta_schedule != BetaSchedule::SquaredCosCapV2;
             let t = k
                 .iter()
-                .map(|&s| round_half_even(sigma_to_t(s, &log_sigmas)))
+                .map(|&s| {
+                    let t = sigma_to_t(s, &log_sigmas);
+                    if round {
+                        round_half_even(t)
+                    } else {
+                        t.trunc()
+                    }
+                })
                 .collect();
             (k, t)
         } else {
             (ts.iter().map(|&t| interp(t, &train)).collect(), ts)
         };
+        if let Some(bad) = timesteps.iter().find(|&&t| t < 0.0 || t >= n as f64) {
+            return Err(SamplerError::Invalid(format!(
+                "DPM-Solver timestep {bad} is outside 0..{n} (steps_offset {} with {steps} steps)",
+                cfg.steps_offset
+            )));
+        }
         let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         sigmas.push(0.0);
         Ok(Self {
@@ -111,29 +128,41 @@ impl Sampler for DpmSolver {
         sample: &Tensor,
         _: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        let s0 = self.sigmas[i] as f64;
-        let st = self.sigmas[i + 1] as f64;
-        let (alpha_s0, sigma_s0) = alpha_sigma(s0);
-        let (alpha_t, sigma_t) = alpha_sigma(st);
+        if i >= self.timesteps.len() {
+            candle_core::bail!(
+                "step index {i} is past the {} DPM-Solver steps",
+                self.timesteps.len()
+            );
+        }
+        // float32 0-d tensor arithmetic throughout, as diffusers
+        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         // convert_model_output: the data prediction x0
         let x0 = match self.prediction {
-            PredictionType::Epsilon => ((sample - (model_output * sigma_s0)?)? / alpha_s0)?,
-            PredictionType::VPrediction => ((sample * alpha_s0)? - (model_output * sigma_s0)?)?,
+            PredictionType::Epsilon => {
+                ((sample - (model_output * sigma_s0 as f64)?)? / alpha_s0 as f64)?
+            }
+            PredictionType::VPrediction => {
+                ((sample * alpha_s0 as f64)? - (model_output * sigma_s0 as f64)?)?
+            }
         };
-        let h = lambda(st) - lambda(s0);
+        let lambda_s0 = lambda(alpha_s0, sigma_s0);
+        let h = lambda(alpha_t, sigma_t) - lambda_s0;
         let coef = alpha_t * ((-h).exp() - 1.0);
-        let ratio = if s0 == 0.0 { 0.0 } else { sigma_t / sigma_s0 };
+        let ratio = sigma_t / sigma_s0;
+        // lower_order_final with final_sigmas_type "zero": the last step is always first order
         let last = i + 1 == self.timesteps.len();
-        // lower_order_final: the last step is first order (final sigma 0)
         let first_order = self.order == 1 || self.lower_order_nums < 1 || last;
+        let base = ((sample * ratio as f64)? - (&x0 * coef as f64)?)?;
         let out = match (&self.previous, first_order) {
             (Some(m1), false) => {
-                let s1 = self.sigmas[i - 1] as f64;
-                let r0 = (lambda(s0) - lambda(s1)) / h;
-                let d1 = ((&x0 - m1)? * (1.0 / r0))?;
-                ((sample * ratio)? - (&x0 * coef)?)?.sub(&(d1 * (0.5 * coef))?)?
+                // multistep_dpm_solver_second_order_update, midpoint
+                let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
+                let r0 = (lambda_s0 - lambda(alpha_s1, sigma_s1)) / h;
+                let d1 = ((&x0 - m1)? * (1.0 / r0) as f64)?;
+                (base - (d1 * (0.5 * coef) as f64)?)?
             }
-            _ => ((sample * ratio)? - (&x0 * coef)?)?,
+            _ => base,
         };
         self.previous = Some(x0);
         if self.lower_order_nums < self.order {
@@ -143,7 +172,13 @@ impl Sampler for DpmSolver {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
-        let (a, s) = alpha_sigma(self.sigmas[i] as f64);
-        (original * a)? + (noise * s)?
+        if i >= self.timesteps.len() {
+            candle_core::bail!(
+                "step index {i} is past the {} DPM-Solver steps",
+                self.timesteps.len()
+            );
+        }
+        let (a, s) = alpha_sigma(self.sigmas[i]);
+        (original * a as f64)? + (noise * s as f64)?
     }
 }
