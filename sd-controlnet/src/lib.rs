@@ -1,3 +1,18 @@
-//! ControlNet: the trainable copy of the UNet encoder with zero convolutions, composed as a
-//! residual provider (`sd_plugins_api::Hook::residuals`). Not built yet: see the ControlNet
-//! issue. The UNet in `sd-pipeline` already takes additive residuals.
+//! ControlNet: a trainable copy of the UNet encoder, a conditioning (hint) embedding and one
+//! zero-initialised 1x1 convolution per skip connection and for the mid block. It reaches the
+//! denoising loop only through the residual hook (`sd_plugins_api::Hook::residuals`).
+
+pub mod config;
+pub mod control_image;
+pub mod error;
+pub mod init;
+pub mod load;
+pub mod model;
+pub mod spec;
+pub mod units;
+
+pub use error::{ControlError, Result};
+pub use load::load_controlnet;
+pub use model::ControlNetModel;
+pub use spec::UnitSpec;
+pub use units::{ControlMode, ControlNetHook, ControlUnit, ResizeMode};

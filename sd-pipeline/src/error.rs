@@ -32,7 +32,7 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
-    Sampler(#[from] crate::samplers::SamplerError),
+    Sampler(Box<crate::samplers::SamplerError>),
     #[error(transparent)]
     Hook(#[from] sd_plugins_api::HookError),
     #[error(transparent)]
@@ -40,6 +40,12 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<crate::samplers::SamplerError> for Error {
+    fn from(e: crate::samplers::SamplerError) -> Self {
+        Error::Sampler(Box::new(e))
+    }
+}
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -1,0 +1,206 @@
+//! Control images: RGB in [0, 1] at the generation size. Grayscale is expanded, alpha is
+//! composited over white (the annotators' `HWC3`), and the size is fitted with
+//! sd-webui-controlnet's resize modes.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use image::imageops::FilterType;
+use image::{DynamicImage, Rgb, RgbImage};
+
+use crate::error::{ControlError, Result};
+use crate::units::ResizeMode;
+
+/// RGB pixels of an image file, alpha composited over white.
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    if !path.is_file() {
+        return Err(ControlError::file(path, "control image not found"));
+    }
+    let img = image::open(path)
+        .map_err(|e| ControlError::file(path, format!("cannot read control image: {e}")))?;
+    Ok(match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other if other.color().has_alpha() => {
+            let rgba = other.to_rgba8();
+            let mut out = RgbImage::new(rgba.width(), rgba.height());
+            for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+                let a = p.0[3] as f32 / 255.0;
+                let mix =
+                    |c: u8| (c as f32 * a + 255.0 * (1.0 - a)).round().clamp(0.0, 255.0) as u8;
+                *o = Rgb([mix(p.0[0]), mix(p.0[1]), mix(p.0[2])]);
+            }
+            out
+        }
+        other => other.to_rgb8(),
+    })
+}
+
+fn scaled(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    if img.width() == w && img.height() == h {
+        return img.clone();
+    }
+    // Enlarging: cubic; shrinking: triangle (area-like), as the webui picks INTER_CUBIC / INTER_AREA.
+    let filter = if w > img.width() || h > img.height() {
+        FilterType::CatmullRom
+    } else {
+        FilterType::Triangle
+    };
+    image::imageops::resize(img, w.max(1), h.max(1), filter)
+}
+
+/// Median colour of the border pixels (sd-webui-controlnet's fill background).
+fn border_median(img: &RgbImage) -> Rgb<u8> {
+    let (w, h) = img.dimensions();
+    let mut border = Vec::new();
+    for x in 0..w {
+        border.push(*img.get_pixel(x, 0));
+        border.push(*img.get_pixel(x, h - 1));
+    }
+    for y in 0..h {
+        border.push(*img.get_pixel(0, y));
+        border.push(*img.get_pixel(w - 1, y));
+    }
+    let mut out = [0u8; 3];
+    for (c, o) in out.iter_mut().enumerate() {
+        let mut v: Vec<u8> = border.iter().map(|p| p.0[c]).collect();
+        v.sort_unstable();
+        let n = v.len();
+        *o = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            ((v[n / 2 - 1] as u16 + v[n / 2] as u16) / 2) as u8
+        };
+    }
+    Rgb(out)
+}
+
+/// Fit `img` to `width` x `height`: `just` stretches; `crop` scales to cover and centre-crops;
+/// `fill` scales to fit and pads with the border's median colour.
+pub fn fit(img: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImage {
+    let (w, h) = (img.width() as f64, img.height() as f64);
+    let (kw, kh) = (width as f64 / w, height as f64 / h);
+    match mode {
+        ResizeMode::Just => scaled(img, width, height),
+        ResizeMode::Crop => {
+            let k = kw.max(kh);
+            let (nw, nh) = (
+                ((w * k).round() as u32).max(width),
+                ((h * k).round() as u32).max(height),
+            );
+            let s = scaled(img, nw, nh);
+            let (x0, y0) = ((nw - width) / 2, (nh - height) / 2);
+            image::imageops::crop_imm(&s, x0, y0, width, height).to_image()
+        }
+        ResizeMode::Fill => {
+            let k = kw.min(kh);
+            let (nw, nh) = (
+                ((w * k).round() as u32).clamp(1, width),
+                ((h * k).round() as u32).clamp(1, height),
+            );
+            let s = scaled(img, nw, nh);
+            let mut out = RgbImage::from_pixel(width, height, border_median(&s));
+            image::imageops::replace(
+                &mut out,
+                &s,
+                ((width - nw) / 2) as i64,
+                ((height - nh) / 2) as i64,
+            );
+            out
+        }
+    }
+}
+
+/// `[1, 3, H, W]` in [0, 1].
+pub fn to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .to_device(device)?)
+}
+
+/// Load a control image at the generation size.
+pub fn load_control_image(
+    path: &Path,
+    width: usize,
+    height: usize,
+    mode: ResizeMode,
+    device: &Device,
+) -> Result<Tensor> {
+    let img = fit(&load_rgb(path)?, width as u32, height as u32, mode);
+    to_tensor(&img, device)
+}
+
+/// A unit's spatial mask `[1, 1, H, W]` in [0, 1] (grayscale; white = full effect).
+pub fn load_unit_mask(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    let img = fit(
+        &load_rgb(path)?,
+        width as u32,
+        height as u32,
+        ResizeMode::Just,
+    );
+    let t = to_tensor(&img, device)?;
+    Ok(t.mean_keepdim(1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crop_covers_and_centres() {
+        // 40x20, left half red, right half blue; crop to 20x20 keeps the middle.
+        let mut img = RgbImage::new(40, 20);
+        for (x, _, p) in img.enumerate_pixels_mut() {
+            *p = if x < 20 {
+                Rgb([255, 0, 0])
+            } else {
+                Rgb([0, 0, 255])
+            };
+        }
+        let out = fit(&img, 20, 20, ResizeMode::Crop);
+        assert_eq!(out.dimensions(), (20, 20));
+        assert_eq!(out.get_pixel(2, 10).0, [255, 0, 0]);
+        assert_eq!(out.get_pixel(17, 10).0, [0, 0, 255]);
+    }
+
+    #[test]
+    fn fill_pads_with_the_border_median() {
+        let mut img = RgbImage::from_pixel(20, 10, Rgb([10, 200, 30]));
+        img.put_pixel(10, 5, Rgb([255, 255, 255]));
+        let out = fit(&img, 20, 20, ResizeMode::Fill);
+        assert_eq!(out.dimensions(), (20, 20));
+        assert_eq!(out.get_pixel(0, 0).0, [10, 200, 30]); // padding
+        assert_eq!(out.get_pixel(0, 19).0, [10, 200, 30]);
+        assert_eq!(out.get_pixel(10, 10).0, [255, 255, 255]); // content is centred, not scaled
+    }
+
+    #[test]
+    fn just_stretches() {
+        let img = RgbImage::from_pixel(30, 10, Rgb([1, 2, 3]));
+        assert_eq!(fit(&img, 16, 24, ResizeMode::Just).dimensions(), (16, 24));
+    }
+
+    #[test]
+    fn alpha_is_composited_over_white() {
+        let dir = std::env::temp_dir().join(format!("cn-alpha-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.png");
+        let mut img = image::RgbaImage::from_pixel(4, 4, image::Rgba([0, 0, 0, 0]));
+        img.put_pixel(1, 1, image::Rgba([0, 0, 0, 255]));
+        img.save(&p).unwrap();
+        let rgb = load_rgb(&p).unwrap();
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(rgb.get_pixel(1, 1).0, [0, 0, 0]);
+        let gray = dir.join("g.png");
+        image::GrayImage::from_pixel(2, 2, image::Luma([77]))
+            .save(&gray)
+            .unwrap();
+        assert_eq!(load_rgb(&gray).unwrap().get_pixel(0, 0).0, [77, 77, 77]);
+        assert!(load_rgb(&dir.join("missing.png"))
+            .unwrap_err()
+            .to_string()
+            .contains("missing.png"));
+    }
+}

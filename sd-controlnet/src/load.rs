@@ -1,0 +1,241 @@
+//! Loading ControlNets: the diffusers format (a folder with config.json, or a diffusers-keyed
+//! safetensors file with `NAME.json` or `config.json` beside it) and the lllyasviel / A1111
+//! format (`control_model.*` keys, or the same names without the prefix), detected from the
+//! keys. Full ControlLDM files that also carry `model.diffusion_model.*` load their control part.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use sd_pipeline::loader::{load_component, weight_files};
+use sd_pipeline::models::config::UNetConfig;
+use sd_plugins_api::ModelPart;
+
+use crate::config::ControlNetConfig;
+use crate::error::{ControlError, Result};
+use crate::model::ControlNetModel;
+
+/// Checkpoint layouts we read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Format {
+    Diffusers,
+    /// lllyasviel / A1111 names, under this prefix (`control_model.` or empty).
+    Ldm {
+        prefix: String,
+    },
+}
+
+/// Tensor names and shapes of a safetensors file, from its header alone.
+pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    use std::io::Read;
+    let bad = |m: String| ControlError::file(path, m);
+    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(bad("not a safetensors file: header too large".into()));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("not a safetensors file".into()))?;
+    Ok(obj
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, t)| {
+            let shape = t["shape"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as usize)
+                        .collect()
+                })
+                .unwrap_or_default();
+            (k.clone(), shape)
+        })
+        .collect())
+}
+
+pub fn detect(names: &[(String, Vec<usize>)], path: &Path) -> Result<Format> {
+    let has = |k: &str| names.iter().any(|(n, _)| n == k);
+    if has("controlnet_cond_embedding.conv_in.weight") {
+        Ok(Format::Diffusers)
+    } else if has("control_model.input_hint_block.0.weight") {
+        Ok(Format::Ldm {
+            prefix: "control_model.".into(),
+        })
+    } else if has("input_hint_block.0.weight") {
+        Ok(Format::Ldm {
+            prefix: String::new(),
+        })
+    } else {
+        Err(ControlError::file(
+            path,
+            "not a ControlNet: neither diffusers keys (controlnet_cond_embedding.*) nor lllyasviel/A1111 keys (input_hint_block.*) found",
+        ))
+    }
+}
+
+/// The lllyasviel / LDM name of a diffusers ControlNet parameter (`layers` = resnets per
+/// down block; LDM counts `input_blocks` as conv_in, then layers + 1 per level).
+pub fn ldm_name(name: &str, layers: usize, hint_blocks: usize) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    let rest = |k: usize| parts[k..].join(".");
+    let resnet = |r: &str| -> String {
+        let (head, tail) = r.split_once('.').unwrap_or((r, ""));
+        let mapped = match head {
+            "norm1" => "in_layers.0",
+            "conv1" => "in_layers.2",
+            "time_emb_proj" => "emb_layers.1",
+            "norm2" => "out_layers.0",
+            "conv2" => "out_layers.3",
+            "conv_shortcut" => "skip_connection",
+            other => other,
+        };
+        format!("{mapped}.{tail}")
+    };
+    match parts.as_slice() {
+        ["conv_in", ..] => format!("input_blocks.0.0.{}", rest(1)),
+        ["time_embedding", "linear_1", ..] => format!("time_embed.0.{}", rest(2)),
+        ["time_embedding", "linear_2", ..] => format!("time_embed.2.{}", rest(2)),
+        ["down_blocks", i, kind, j, ..] => {
+            let (i, j): (usize, usize) = (i.parse().unwrap_or(0), j.parse().unwrap_or(0));
+            match *kind {
+                "resnets" => format!(
+                    "input_blocks.{}.0.{}",
+                    1 + i * (layers + 1) + j,
+                    resnet(&rest(4))
+                ),
+                "attentions" => format!("input_blocks.{}.1.{}", 1 + i * (layers + 1) + j, rest(4)),
+                // downsamplers.0.conv.X
+                _ => format!("input_blocks.{}.0.op.{}", (i + 1) * (layers + 1), rest(5)),
+            }
+        }
+        ["mid_block", "resnets", j, ..] => {
+            let idx = if *j == "0" { 0 } else { 2 };
+            format!("middle_block.{idx}.{}", resnet(&rest(3)))
+        }
+        ["mid_block", "attentions", _, ..] => format!("middle_block.1.{}", rest(3)),
+        ["controlnet_cond_embedding", "conv_in", ..] => format!("input_hint_block.0.{}", rest(2)),
+        ["controlnet_cond_embedding", "blocks", k, ..] => {
+            format!(
+                "input_hint_block.{}.{}",
+                2 * k.parse::<usize>().unwrap_or(0) + 2,
+                rest(3)
+            )
+        }
+        ["controlnet_cond_embedding", "conv_out", ..] => {
+            format!("input_hint_block.{}.{}", 2 * hint_blocks + 2, rest(2))
+        }
+        ["controlnet_down_blocks", n, ..] => format!("zero_convs.{n}.0.{}", rest(2)),
+        ["controlnet_mid_block", ..] => format!("middle_block_out.0.{}", rest(1)),
+        _ => name.to_string(),
+    }
+}
+
+/// Where the weights and the config of a diffusers-format ControlNet are.
+fn diffusers_files(path: &Path) -> Result<(Vec<PathBuf>, PathBuf)> {
+    if path.is_dir() {
+        let cfg = path.join("config.json");
+        if !cfg.is_file() {
+            return Err(ControlError::file(
+                path,
+                "ControlNet folder without config.json",
+            ));
+        }
+        return Ok((weight_files(path)?, cfg));
+    }
+    let beside = path.with_extension("json");
+    let dir_cfg = path.parent().unwrap_or(Path::new(".")).join("config.json");
+    let cfg = [beside, dir_cfg]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| ControlError::file(path, "diffusers-format ControlNet file without a config (NAME.json or config.json beside it)"))?;
+    Ok((vec![path.to_path_buf()], cfg))
+}
+
+/// Load a ControlNet for a base model whose UNet config is `base` (the architecture of
+/// lllyasviel/A1111 files, which carry no config, is the base's; shapes are checked).
+pub fn load_controlnet(
+    path: &Path,
+    base: &UNetConfig,
+    device: &Device,
+    dtype: DType,
+) -> Result<ControlNetModel> {
+    if !path.exists() {
+        return Err(ControlError::file(path, "ControlNet not found"));
+    }
+    let weights_path = if path.is_dir() {
+        diffusers_files(path)?.0[0].clone()
+    } else {
+        path.to_path_buf()
+    };
+    let shapes = tensor_shapes(&weights_path)?;
+    let format = detect(&shapes, &weights_path)?;
+    let (files, cfg) = match &format {
+        Format::Diffusers => {
+            let (files, cfg_path) = diffusers_files(path)?;
+            (files, ControlNetConfig::from_file(&cfg_path)?)
+        }
+        Format::Ldm { prefix } => {
+            let shape = |k: &str| {
+                shapes
+                    .iter()
+                    .find(|(n, _)| n == &format!("{prefix}{k}"))
+                    .map(|(_, s)| s.clone())
+            };
+            let mut hint: Vec<(usize, Vec<usize>)> = shapes
+                .iter()
+                .filter_map(|(n, s)| {
+                    let r = n
+                        .strip_prefix(prefix.as_str())?
+                        .strip_prefix("input_hint_block.")?;
+                    let (idx, leaf) = r.split_once('.')?;
+                    (leaf == "weight")
+                        .then(|| (idx.parse().ok(), s.clone()))
+                        .and_then(|(i, s)| Some((i?, s)))
+                })
+                .collect();
+            hint.sort_by_key(|(i, _)| *i);
+            if hint.len() < 2 || hint.iter().any(|(_, s)| s.len() != 4) {
+                return Err(ControlError::file(path, "malformed input_hint_block"));
+            }
+            // conv_in, (3x3, stride-2) pairs, conv_out: embedding channels are the outputs of
+            // conv_in and of every stride-2 conv.
+            let outs: Vec<usize> = hint.iter().map(|(_, s)| s[0]).collect();
+            let mut emb = vec![outs[0]];
+            emb.extend(outs[1..outs.len() - 1].iter().skip(1).step_by(2));
+            let mut unet = base.clone();
+            if let Some(s) = shape("input_blocks.0.0.weight") {
+                unet.in_channels = s[1];
+            }
+            let cfg = ControlNetConfig {
+                unet,
+                conditioning_channels: hint[0].1[1],
+                conditioning_embedding_out_channels: emb,
+                bgr: false,
+                global_pool: false,
+            };
+            (vec![weights_path.clone()], cfg)
+        }
+    };
+    let layers = cfg.unet.layers_per_block[0];
+    let hint_blocks = 2 * (cfg.conditioning_embedding_out_channels.len() - 1);
+    let model = load_component(&files, ModelPart::Unet, &[], dtype, device, |vb| {
+        let vb = match &format {
+            Format::Diffusers => vb,
+            Format::Ldm { prefix } => {
+                let prefix = prefix.clone();
+                vb.rename_f(move |n: &str| format!("{prefix}{}", ldm_name(n, layers, hint_blocks)))
+            }
+        };
+        ControlNetModel::new(&cfg, vb)
+    })?;
+    Ok(model)
+}

@@ -1,0 +1,146 @@
+//! diffusers `ControlNetModel` (controlnets/controlnet.py) on the shared UNet encoder.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use sd_pipeline::models::unet::UNetEncoder;
+use sd_plugins_api::Residuals;
+
+use crate::config::ControlNetConfig;
+
+fn conv(i: usize, o: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: k / 2,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(i, o, k, cfg, vb)
+}
+
+/// The hint encoder: conv_in, pairs of (3x3, stride-2 3x3) convs with SiLU, conv_out.
+#[derive(Debug, Clone)]
+struct ConditioningEmbedding {
+    conv_in: Conv2d,
+    blocks: Vec<Conv2d>,
+    conv_out: Conv2d,
+}
+
+impl ConditioningEmbedding {
+    fn new(cfg: &ControlNetConfig, vb: VarBuilder) -> Result<Self> {
+        let ch = &cfg.conditioning_embedding_out_channels;
+        let mut blocks = Vec::new();
+        for i in 0..ch.len() - 1 {
+            blocks.push(conv(
+                ch[i],
+                ch[i],
+                3,
+                1,
+                vb.pp(format!("blocks.{}", 2 * i)),
+            )?);
+            blocks.push(conv(
+                ch[i],
+                ch[i + 1],
+                3,
+                2,
+                vb.pp(format!("blocks.{}", 2 * i + 1)),
+            )?);
+        }
+        Ok(Self {
+            conv_in: conv(cfg.conditioning_channels, ch[0], 3, 1, vb.pp("conv_in"))?,
+            blocks,
+            conv_out: conv(
+                ch[ch.len() - 1],
+                cfg.unet.block_out_channels[0],
+                3,
+                1,
+                vb.pp("conv_out"),
+            )?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = self.conv_in.forward(x)?.silu()?;
+        for b in &self.blocks {
+            x = b.forward(&x)?.silu()?;
+        }
+        self.conv_out.forward(&x)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlNetModel {
+    encoder: UNetEncoder,
+    cond_embedding: ConditioningEmbedding,
+    down_zero: Vec<Conv2d>,
+    mid_zero: Conv2d,
+    config: ControlNetConfig,
+}
+
+impl ControlNetModel {
+    /// Build with diffusers names (`controlnet_cond_embedding`, `controlnet_down_blocks.N`,
+    /// `controlnet_mid_block` plus the UNet encoder's own names).
+    pub fn new(cfg: &ControlNetConfig, vb: VarBuilder) -> Result<Self> {
+        let encoder = UNetEncoder::new(&cfg.unet, vb.clone())?;
+        let down_zero = encoder
+            .skip_channels()
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| conv(c, c, 1, 1, vb.pp(format!("controlnet_down_blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let c_mid = *cfg
+            .unet
+            .block_out_channels
+            .last()
+            .expect("at least one block");
+        Ok(Self {
+            cond_embedding: ConditioningEmbedding::new(cfg, vb.pp("controlnet_cond_embedding"))?,
+            down_zero,
+            mid_zero: conv(c_mid, c_mid, 1, 1, vb.pp("controlnet_mid_block"))?,
+            encoder,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ControlNetConfig {
+        &self.config
+    }
+
+    /// Number of down residuals (= the base UNet's skip connections).
+    pub fn num_down(&self) -> usize {
+        self.down_zero.len()
+    }
+
+    /// Unscaled residuals for latents `sample` `[B, C, h, w]`, per-sample `timesteps` `[B]`,
+    /// text `ctx` and the control image `cond` `[B, 3, H, W]` in [0, 1].
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        ctx: &Tensor,
+        cond: &Tensor,
+    ) -> Result<Residuals> {
+        let cond = if self.config.bgr {
+            cond.flip(&[1])?
+        } else {
+            cond.clone()
+        };
+        let emb = self.encoder.time_embedding(timesteps, sample.dtype())?;
+        let hint = self
+            .cond_embedding
+            .forward(&cond.to_dtype(sample.dtype())?)?;
+        let (skips, mid) = self.encoder.forward(sample, &emb, ctx, Some(&hint))?;
+        let mut down = skips
+            .iter()
+            .zip(&self.down_zero)
+            .map(|(s, c)| c.forward(s))
+            .collect::<Result<Vec<_>>>()?;
+        let mut mid = self.mid_zero.forward(&mid)?;
+        if self.config.global_pool {
+            down = down
+                .iter()
+                .map(|d| d.mean_keepdim(3)?.mean_keepdim(2))
+                .collect::<Result<Vec<_>>>()?;
+            mid = mid.mean_keepdim(3)?.mean_keepdim(2)?;
+        }
+        Ok(Residuals { down, mid })
+    }
+}

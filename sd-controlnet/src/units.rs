@@ -1,0 +1,226 @@
+//! Control units composed through the residual hook: any number, summed as diffusers'
+//! `MultiControlNetModel` does, each with its weight, step window, mode, per-layer weights and
+//! spatial mask.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use sd_plugins_api::{Hook, HookError, ResidualInput, Residuals, StepInfo};
+
+use crate::error::ControlError;
+use crate::model::ControlNetModel;
+
+/// How a unit's residuals are scaled and where they apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlMode {
+    /// Plain: `weight` on every residual, both CFG halves.
+    Balanced,
+    /// Soft injection: `weight` x diffusers' guess-mode ramp `logspace(-1, 0, N)`, both halves.
+    Prompt,
+    /// diffusers guess mode: the same ramp, on the conditional half only.
+    Control,
+}
+
+impl FromStr for ControlMode {
+    type Err = ControlError;
+    fn from_str(s: &str) -> Result<Self, ControlError> {
+        match s {
+            "balanced" => Ok(Self::Balanced),
+            "prompt" => Ok(Self::Prompt),
+            "control" => Ok(Self::Control),
+            o => Err(ControlError::Invalid(format!(
+                "unknown control mode {o:?}: expected balanced, prompt or control"
+            ))),
+        }
+    }
+}
+
+/// Fitting the control image to the generation size (sd-webui-controlnet's resize modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeMode {
+    Just,
+    Crop,
+    Fill,
+}
+
+impl FromStr for ResizeMode {
+    type Err = ControlError;
+    fn from_str(s: &str) -> Result<Self, ControlError> {
+        match s {
+            "just" => Ok(Self::Just),
+            "crop" => Ok(Self::Crop),
+            "fill" => Ok(Self::Fill),
+            o => Err(ControlError::Invalid(format!(
+                "unknown resize mode {o:?}: expected just, crop or fill"
+            ))),
+        }
+    }
+}
+
+/// One ControlNet with its image and settings.
+#[derive(Clone)]
+pub struct ControlUnit {
+    pub net: Arc<ControlNetModel>,
+    /// `[1, 3, H, W]` in [0, 1] at the generation size.
+    pub image: Tensor,
+    pub weight: f64,
+    pub start: f64,
+    pub end: f64,
+    pub mode: ControlMode,
+    /// One scale per residual (down residuals then mid), replacing the mode's ramp.
+    pub layer_weights: Option<Vec<f64>>,
+    /// `[1, 1, H, W]` in [0, 1]: where the unit applies.
+    pub mask: Option<Tensor>,
+}
+
+impl ControlUnit {
+    pub fn new(net: Arc<ControlNetModel>, image: Tensor) -> Self {
+        Self {
+            net,
+            image,
+            weight: 1.0,
+            start: 0.0,
+            end: 1.0,
+            mode: ControlMode::Balanced,
+            layer_weights: None,
+            mask: None,
+        }
+    }
+
+    /// The scale of each residual (down..., mid).
+    pub fn scales(&self) -> Vec<f64> {
+        let n = self.net.num_down() + 1;
+        if let Some(lw) = &self.layer_weights {
+            return lw.iter().map(|w| w * self.weight).collect();
+        }
+        match self.mode {
+            ControlMode::Balanced => vec![self.weight; n],
+            // torch.logspace(-1, 0, n): 10^(-1 + i/(n-1)) (= 0.825^(12-i) for n = 13)
+            _ => (0..n)
+                .map(|i| {
+                    let e = if n == 1 {
+                        0.0
+                    } else {
+                        -1.0 + i as f64 / (n - 1) as f64
+                    };
+                    (10f64.powf(e) as f32) as f64 * self.weight
+                })
+                .collect(),
+        }
+    }
+
+    /// diffusers' keep rule over the steps that run: off when `i/N < start` or `(i+1)/N > end`.
+    pub fn active(&self, step: &StepInfo) -> bool {
+        let n = (step.total - step.first_index) as f64;
+        let i = (step.index - step.first_index) as f64;
+        !(i / n < self.start || (i + 1.0) / n > self.end)
+    }
+
+    /// Check the unit against the base UNet's skip count before any denoising.
+    pub fn validate(&self, base_skips: usize, base_in_channels: usize) -> Result<(), ControlError> {
+        if self.net.num_down() != base_skips {
+            return Err(ControlError::Invalid(format!(
+                "the ControlNet gives {} down residuals but the base UNet has {base_skips} skip connections",
+                self.net.num_down()
+            )));
+        }
+        let cin = self.net.config().unet.in_channels;
+        if cin != base_in_channels {
+            return Err(ControlError::Invalid(format!(
+                "the ControlNet takes {cin} latent channels but the base model's latents have {base_in_channels}"
+            )));
+        }
+        if !(self.start >= 0.0 && self.end <= 1.0 && self.start <= self.end) {
+            return Err(ControlError::Invalid(format!(
+                "control start {} / end {} must satisfy 0 <= start <= end <= 1",
+                self.start, self.end
+            )));
+        }
+        if let Some(lw) = &self.layer_weights {
+            if lw.len() != base_skips + 1 {
+                return Err(ControlError::Invalid(format!(
+                    "layer_weights has {} values; this model needs {} (one per residual)",
+                    lw.len(),
+                    base_skips + 1
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn residuals(
+        &self,
+        step: &StepInfo,
+        input: &ResidualInput<'_>,
+    ) -> candle_core::Result<Residuals> {
+        let b = step.batch;
+        let cond_only = self.mode == ControlMode::Control && step.cfg;
+        let (sample, ctx) = if cond_only {
+            (
+                input.latents.narrow(0, b, b)?,
+                input.encoder_hidden_states.narrow(0, b, b)?,
+            )
+        } else {
+            (input.latents.clone(), input.encoder_hidden_states.clone())
+        };
+        let n = sample.dim(0)?;
+        let dtype = sample.dtype();
+        let image = self.image.to_dtype(dtype)?.repeat((n, 1, 1, 1))?;
+        let ts = Tensor::full(step.timestep as f32, n, sample.device())?;
+        let r = self.net.forward(&sample, &ts, &ctx, &image)?;
+        let scales = self.scales();
+        let apply = |t: &Tensor, s: f64| -> candle_core::Result<Tensor> {
+            let mut t = (t * s)?;
+            if let Some(m) = &self.mask {
+                let (_, _, h, w) = t.dims4()?;
+                t = t.broadcast_mul(&m.to_dtype(dtype)?.upsample_nearest2d(h, w)?)?;
+            }
+            if cond_only {
+                t = Tensor::cat(&[&t.zeros_like()?, &t], 0)?;
+            }
+            Ok(t)
+        };
+        let down = r
+            .down
+            .iter()
+            .zip(&scales)
+            .map(|(t, &s)| apply(t, s))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mid = apply(&r.mid, scales[scales.len() - 1])?;
+        Ok(Residuals { down, mid })
+    }
+}
+
+/// The residual provider that runs every active unit and sums their residuals.
+pub struct ControlNetHook {
+    units: Vec<ControlUnit>,
+}
+
+impl ControlNetHook {
+    pub fn new(units: Vec<ControlUnit>) -> Self {
+        Self { units }
+    }
+}
+
+impl Hook for ControlNetHook {
+    fn name(&self) -> &str {
+        "controlnet"
+    }
+
+    fn residuals(
+        &mut self,
+        step: &StepInfo,
+        input: &ResidualInput<'_>,
+    ) -> Result<Option<Residuals>, HookError> {
+        let mut total: Option<Residuals> = None;
+        for unit in self.units.iter().filter(|u| u.active(step)) {
+            let r = unit.residuals(step, input)?;
+            total = Some(match total {
+                None => r,
+                Some(t) => t.add(&r)?,
+            });
+        }
+        Ok(total)
+    }
+}
