@@ -42,6 +42,10 @@ pub struct UnetArgs {
     pub device: String,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Also time the UNet call with N ControlNets (random weights) feeding it residuals, and
+    /// report the ratio to the plain call measured in the same run
+    #[arg(long, default_value_t = 0)]
+    pub controlnet: usize,
 }
 
 /// Random weights of any requested shape (N(0, 0.02)): real architecture, no files.
@@ -106,18 +110,25 @@ fn unet(a: UnetArgs) -> CliResult {
     let ctx = Tensor::randn(0f32, 1.0, (a.batch, 77, cfg.cross_attention_dim), &device)?
         .to_dtype(dtype)?;
     let ts = Tensor::full(500f32, a.batch, &device)?;
-    let mut times = Vec::with_capacity(a.iters + 1);
-    for _ in 0..=a.iters {
-        let t = Instant::now();
-        let out = unet.forward(&x, &ts, &ctx, None)?;
-        device.synchronize()?;
-        drop(out);
-        times.push(t.elapsed().as_secs_f64());
-    }
-    let first = times[0];
-    let timed = &times[1..];
-    let mean = timed.iter().sum::<f64>() / timed.len() as f64;
-    let min = timed.iter().cloned().fold(f64::INFINITY, f64::min);
+    let time = |f: &dyn Fn() -> candle_core::Result<()>| -> CliResult<(f64, f64, f64)> {
+        let mut times = Vec::with_capacity(a.iters + 1);
+        for _ in 0..=a.iters {
+            let t = Instant::now();
+            f()?;
+            device.synchronize()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let timed = &times[1..];
+        let mean = timed.iter().sum::<f64>() / timed.len() as f64;
+        let min = timed.iter().cloned().fold(f64::INFINITY, f64::min);
+        Ok((mean, min, times[0]))
+    };
+    let (mean, min, first) = time(&|| unet.forward(&x, &ts, &ctx, None).map(drop))?;
+    let rss = || {
+        peak_rss_bytes()
+            .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+            .unwrap_or_else(|| "unknown".into())
+    };
     println!(
         "unet {:?} {}x{} batch {} {:?} on {}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}); build {:.1} s; peak RSS {}",
         a.arch,
@@ -127,13 +138,47 @@ fn unet(a: UnetArgs) -> CliResult {
         dtype,
         a.device,
         mean,
-        timed.len(),
+        a.iters,
         min,
         first,
         build.as_secs_f64(),
-        peak_rss_bytes()
-            .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
-            .unwrap_or_else(|| "unknown".into())
+        rss()
     );
+    if a.controlnet > 0 {
+        let cfg = sd_controlnet::config::ControlNetConfig::from_unet(&cfg);
+        let nets = (0..a.controlnet)
+            .map(|_| {
+                let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
+                sd_controlnet::ControlNetModel::new(&cfg, vb)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let hint =
+            Tensor::rand(0f32, 1.0, (a.batch, 3, a.height, a.width), &device)?.to_dtype(dtype)?;
+        let step = || -> candle_core::Result<()> {
+            let mut total: Option<sd_plugins_api::Residuals> = None;
+            for n in &nets {
+                let r = n.forward(&x, &ts, &ctx, &hint)?;
+                total = Some(match total {
+                    None => r,
+                    Some(t) => t
+                        .add(&r)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+                });
+            }
+            unet.forward(&x, &ts, &ctx, total.as_ref()).map(drop)
+        };
+        let (cmean, cmin, cfirst) = time(&step)?;
+        println!(
+            "unet + {} controlnet{}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}) = {:.2}x the plain call; peak RSS {}",
+            a.controlnet,
+            if a.controlnet == 1 { "" } else { "s" },
+            cmean,
+            a.iters,
+            cmin,
+            cfirst,
+            cmean / mean,
+            rss()
+        );
+    }
     Ok(())
 }

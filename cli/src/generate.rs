@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
+use sd_controlnet::{ControlNetHook, UnitSpec};
 use sd_pipeline::image_io::{image_size, load_image, load_mask, save_png};
 use sd_pipeline::noise::TorchRng;
 use sd_pipeline::samplers::{SamplerKind, Schedule};
@@ -72,6 +73,10 @@ pub struct GenerateArgs {
     /// f32 | f16 | bf16 (model weights and activations)
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// A control unit, repeatable: model=PATH,image=PATH[,weight=F][,start=F][,end=F]
+    /// [,mode=balanced|prompt|control][,resize=just|crop|fill][,preprocessor=NAME][,mask=PATH]
+    #[arg(long = "control", value_name = "KEY=VALUE,...")]
+    pub control: Vec<String>,
 }
 
 /// Output file names: OUT.png, or OUT-0.png... for batches.
@@ -187,6 +192,15 @@ pub fn run(args: GenerateArgs) -> CliResult {
         (None, w, h) => (w.unwrap_or(512), h.unwrap_or(512)),
     };
     let noise = args.noise.as_deref().map(load_noise).transpose()?;
+    let specs = args
+        .control
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.parse::<UnitSpec>()
+                .map_err(|e| format!("--control #{}: {e}", i + 1))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
 
     let sd = StableDiffusion::load(&args.model, &device, dtype, &[])?;
     let t_loaded = t0.elapsed();
@@ -229,10 +243,23 @@ pub fn run(args: GenerateArgs) -> CliResult {
         noise,
     };
     sd.validate(&req)?;
+    // Every ControlNet, control image and mask is loaded and checked before denoising starts.
+    let mut cache = Vec::new();
+    let units = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.build(&sd, width, height, &mut cache)
+                .map_err(|e| format!("--control #{}: {e}", i + 1))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
 
     let progress = Progress::new();
     let bar = progress.bar();
     let mut hooks = HookSet::new();
+    if !units.is_empty() {
+        hooks.push(Box::new(ControlNetHook::new(units)));
+    }
     hooks.push(Box::new(progress));
     let mut rng = TorchRng::new(seed);
     let latents = sd.denoise(&req, &mut hooks, &mut rng)?;

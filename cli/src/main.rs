@@ -1,6 +1,7 @@
 //! `sdctl`: Stable Diffusion with ControlNet, from the command line.
 
 mod bench;
+mod controlnet;
 mod device;
 mod generate;
 mod progress;
@@ -27,6 +28,9 @@ enum Command {
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// ControlNet tools.
+    #[command(subcommand)]
+    Controlnet(controlnet::ControlNetCommand),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Controlnet(cmd) => controlnet::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -268,3 +268,128 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn generate_with_control_matches_diffusers() {
+    let dir = scratch("control");
+    let out = dir.join("out.png");
+    let lat = dir.join("latents.safetensors");
+    let case = "cn_sd1_one_unit";
+    let noise = fixtures().join(format!("expected/pipe_{case}.safetensors"));
+    let model = model_dir("sd1");
+    let control = format!(
+        "model={},image={},weight=0.8",
+        fixtures().join("models/controlnet-sd1").display(),
+        fixtures().join("inputs/control_a.png").display()
+    );
+    let mut args = base_args(s(&model), s(&noise), s(&out));
+    args.extend(["--save-latents", s(&lat), "--control", &control]);
+    let o = sdctl(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
+    let exp = expected(&format!("pipe_{case}.safetensors"));
+    assert_close(
+        "cli control latents",
+        get(&got, "latents"),
+        get(&exp, "latents"),
+        1e-3,
+    );
+}
+
+#[test]
+fn bad_control_units_are_clear_errors() {
+    let dir = scratch("badcontrol");
+    let out = dir.join("o.png");
+    let model = model_dir("sd1");
+    let cn = fixtures().join("models/controlnet-sd1");
+    let img = fixtures().join("inputs/control_a.png");
+    let run = |control: String| {
+        fails(
+            &[
+                "generate",
+                "--model",
+                s(&model),
+                "--prompt",
+                "x",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--steps",
+                "2",
+                "--control",
+                &control,
+                "--output",
+                s(&out),
+            ],
+            &out,
+        )
+    };
+    let e = run(format!(
+        "model={},image={},strength=2",
+        cn.display(),
+        img.display()
+    ));
+    assert!(e.contains("--control #1") && e.contains("strength"), "{e}");
+    let e = run(format!("model={},image=/no/such.png", cn.display()));
+    assert!(e.contains("/no/such.png"), "{e}");
+    let e = run(format!("model=/no/cn,image={}", img.display()));
+    assert!(e.contains("/no/cn"), "{e}");
+    let e = run(format!(
+        "model={},image={},start=0.8,end=0.2",
+        cn.display(),
+        img.display()
+    ));
+    assert!(e.contains("start=0.8"), "{e}");
+}
+
+#[test]
+fn controlnet_init_then_generate_is_bit_identical_to_no_control() {
+    let dir = scratch("init");
+    let cn = dir.join("cn");
+    let model = model_dir("sd1");
+    let o = sdctl(&[
+        "controlnet",
+        "init",
+        "--base",
+        s(&model),
+        "--output",
+        s(&cn),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        cn.join("config.json").is_file()
+            && cn.join("diffusion_pytorch_model.safetensors").is_file()
+    );
+    let noise = fixtures().join(format!("expected/pipe_{CASE}.safetensors"));
+    let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+    let (oa, ob) = (dir.join("a.png"), dir.join("b.png"));
+    let mut plain = base_args(s(&model), s(&noise), s(&oa));
+    plain.extend(["--save-latents", s(&a)]);
+    assert!(sdctl(&plain).status.success());
+    let control = format!(
+        "model={},image={},weight=1.5",
+        cn.display(),
+        fixtures().join("inputs/control_a.png").display()
+    );
+    let mut with = base_args(s(&model), s(&noise), s(&ob));
+    with.extend(["--save-latents", s(&b), "--control", &control]);
+    let o = sdctl(&with);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let la = candle_core::safetensors::load(&a, &Device::Cpu).unwrap();
+    let lb = candle_core::safetensors::load(&b, &Device::Cpu).unwrap();
+    assert_eq!(
+        sd_tests::max_abs_diff(get(&la, "latents"), get(&lb, "latents")),
+        0.0
+    );
+    // a second init into the same folder is refused
+    let o = sdctl(&[
+        "controlnet",
+        "init",
+        "--base",
+        s(&model),
+        "--output",
+        s(&cn),
+    ]);
+    assert!(!o.status.success());
+}

@@ -111,7 +111,7 @@ impl UnitSpec {
             mask,
         };
         let latent_channels = sd.vae.config().latent_channels;
-        unit.validate(sd.unet.num_skips(), latent_channels)
+        unit.validate_for(sd.unet.config(), sd.unet.num_skips(), latent_channels)
             .map_err(|e| match e {
                 ControlError::Invalid(m) => ControlError::file(&self.model, m),
                 e => e,

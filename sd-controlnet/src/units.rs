@@ -117,7 +117,30 @@ impl ControlUnit {
         !(i / n < self.start || (i + 1.0) / n > self.end)
     }
 
-    /// Check the unit against the base UNet's skip count before any denoising.
+    /// Check the unit against the base UNet before any denoising.
+    pub fn validate_for(
+        &self,
+        base: &sd_pipeline::models::config::UNetConfig,
+        base_skips: usize,
+        latent_channels: usize,
+    ) -> Result<(), ControlError> {
+        let cn = &self.net.config().unet;
+        if cn.block_out_channels != base.block_out_channels {
+            return Err(ControlError::Invalid(format!(
+                "the ControlNet's block channels {:?} do not match the base UNet's {:?} (a ControlNet for another model family?)",
+                cn.block_out_channels, base.block_out_channels
+            )));
+        }
+        if cn.cross_attention_dim != base.cross_attention_dim {
+            return Err(ControlError::Invalid(format!(
+                "the ControlNet expects text embeddings of width {} but the base model's are {} (SD1 is 768, SD2 1024)",
+                cn.cross_attention_dim, base.cross_attention_dim
+            )));
+        }
+        self.validate(base_skips, latent_channels)
+    }
+
+    /// Check the residual count, latent channels, window and layer weights.
     pub fn validate(&self, base_skips: usize, base_in_channels: usize) -> Result<(), ControlError> {
         if self.net.num_down() != base_skips {
             return Err(ControlError::Invalid(format!(

@@ -4,7 +4,6 @@
 //! invariants: a freshly initialised ControlNet changes nothing, modes, masks, bad input.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -298,8 +297,29 @@ fn mismatched_or_missing_inputs_are_clear_errors() {
         e.contains("not a ControlNet") || e.contains("config"),
         "{e}"
     );
-    // a ControlNet for another base: channel mismatch named
-    let sd2 = sd("sd2");
-    let _ = sd2;
-    let _: PathBuf = fixtures();
+    // a ControlNet for another model family (other block channels, other text width)
+    let mut other = sd_controlnet::config::ControlNetConfig::from_unet(base.unet.config());
+    other.unet.block_out_channels = vec![16, 32, 64];
+    let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let unit = ControlUnit::new(
+        Arc::new(ControlNetModel::new(&other, vb).unwrap()),
+        image_a(),
+    );
+    let e = unit
+        .validate_for(base.unet.config(), base.unet.num_skips(), 4)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[16, 32, 64]"), "{e}");
+    let mut other = sd_controlnet::config::ControlNetConfig::from_unet(base.unet.config());
+    other.unet.cross_attention_dim = 16;
+    let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let unit = ControlUnit::new(
+        Arc::new(ControlNetModel::new(&other, vb).unwrap()),
+        image_a(),
+    );
+    let e = unit
+        .validate_for(base.unet.config(), base.unet.num_skips(), 4)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("width 16"), "{e}");
 }

@@ -1,0 +1,44 @@
+//! `sdctl controlnet`: tools for ControlNet files.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use crate::CliResult;
+
+#[derive(Subcommand, Debug)]
+pub enum ControlNetCommand {
+    /// Write a new ControlNet for a base model (diffusers format): the encoder copied from the
+    /// base UNet, zero convolutions zero, so it changes nothing until trained.
+    Init(InitArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// diffusers-layout base model folder
+    #[arg(long)]
+    pub base: PathBuf,
+    /// New folder to write (config.json + diffusion_pytorch_model.safetensors)
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Seed of the hint encoder's random initialisation
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(cmd: ControlNetCommand) -> CliResult {
+    match cmd {
+        ControlNetCommand::Init(a) => {
+            if !a.base.join("unet").is_dir() {
+                return Err(format!(
+                    "--base {}: not a diffusers model folder (no unet/)",
+                    a.base.display()
+                )
+                .into());
+            }
+            sd_controlnet::init::write_initial_controlnet(&a.base, &a.output, a.seed)?;
+            eprintln!("wrote {}", a.output.display());
+            Ok(())
+        }
+    }
+}
