@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use sd_pipeline::loader::{load_component, weight_files};
 use sd_pipeline::models::config::UNetConfig;
+use sd_pipeline::models::ldm_names::unet_ldm_name;
 use sd_plugins_api::ModelPart;
 
 use crate::config::ControlNetConfig;
@@ -82,46 +83,15 @@ pub fn detect(names: &[(String, Vec<usize>)], path: &Path) -> Result<Format> {
     }
 }
 
-/// The lllyasviel / LDM name of a diffusers ControlNet parameter (`layers` = resnets per
-/// down block; LDM counts `input_blocks` as conv_in, then layers + 1 per level).
-pub fn ldm_name(name: &str, layers: usize, hint_blocks: usize) -> String {
+/// The lllyasviel / LDM name of a diffusers ControlNet parameter: the encoder's names as the
+/// UNet's, plus the hint block, zero convolutions and the mid block's output conv.
+pub fn ldm_name(name: &str, unet: &UNetConfig, hint_blocks: usize) -> String {
+    if let Some(n) = unet_ldm_name(name, unet) {
+        return n;
+    }
     let parts: Vec<&str> = name.split('.').collect();
     let rest = |k: usize| parts[k..].join(".");
-    let resnet = |r: &str| -> String {
-        let (head, tail) = r.split_once('.').unwrap_or((r, ""));
-        let mapped = match head {
-            "norm1" => "in_layers.0",
-            "conv1" => "in_layers.2",
-            "time_emb_proj" => "emb_layers.1",
-            "norm2" => "out_layers.0",
-            "conv2" => "out_layers.3",
-            "conv_shortcut" => "skip_connection",
-            other => other,
-        };
-        format!("{mapped}.{tail}")
-    };
     match parts.as_slice() {
-        ["conv_in", ..] => format!("input_blocks.0.0.{}", rest(1)),
-        ["time_embedding", "linear_1", ..] => format!("time_embed.0.{}", rest(2)),
-        ["time_embedding", "linear_2", ..] => format!("time_embed.2.{}", rest(2)),
-        ["down_blocks", i, kind, j, ..] => {
-            let (i, j): (usize, usize) = (i.parse().unwrap_or(0), j.parse().unwrap_or(0));
-            match *kind {
-                "resnets" => format!(
-                    "input_blocks.{}.0.{}",
-                    1 + i * (layers + 1) + j,
-                    resnet(&rest(4))
-                ),
-                "attentions" => format!("input_blocks.{}.1.{}", 1 + i * (layers + 1) + j, rest(4)),
-                // downsamplers.0.conv.X
-                _ => format!("input_blocks.{}.0.op.{}", (i + 1) * (layers + 1), rest(5)),
-            }
-        }
-        ["mid_block", "resnets", j, ..] => {
-            let idx = if *j == "0" { 0 } else { 2 };
-            format!("middle_block.{idx}.{}", resnet(&rest(3)))
-        }
-        ["mid_block", "attentions", _, ..] => format!("middle_block.1.{}", rest(3)),
         ["controlnet_cond_embedding", "conv_in", ..] => format!("input_hint_block.0.{}", rest(2)),
         ["controlnet_cond_embedding", "blocks", k, ..] => {
             format!(
@@ -225,14 +195,16 @@ pub fn load_controlnet(
             (vec![weights_path.clone()], cfg)
         }
     };
-    let layers = cfg.unet.layers_per_block[0];
+    let unet_cfg = cfg.unet.clone();
     let hint_blocks = 2 * (cfg.conditioning_embedding_out_channels.len() - 1);
     let model = load_component(&files, ModelPart::Unet, &[], dtype, device, |vb| {
         let vb = match &format {
             Format::Diffusers => vb,
             Format::Ldm { prefix } => {
                 let prefix = prefix.clone();
-                vb.rename_f(move |n: &str| format!("{prefix}{}", ldm_name(n, layers, hint_blocks)))
+                vb.rename_f(move |n: &str| {
+                    format!("{prefix}{}", ldm_name(n, &unet_cfg, hint_blocks))
+                })
             }
         };
         ControlNetModel::new(&cfg, vb)

@@ -5,6 +5,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod ldm_names;
 pub mod nn;
 pub mod unet;
 pub mod vae;
