@@ -323,3 +323,55 @@ fn mismatched_or_missing_inputs_are_clear_errors() {
         .to_string();
     assert!(e.contains("width 16"), "{e}");
 }
+
+#[test]
+fn single_files_load_in_every_layout() {
+    let base = sd("sd1");
+    let want = forward(&net("models/controlnet-sd1", &base));
+    let dir = std::env::temp_dir().join(format!("cn-layouts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // a diffusers-keyed single file with NAME.json beside it
+    let src = fixtures().join("models/controlnet-sd1");
+    std::fs::copy(
+        src.join("diffusion_pytorch_model.safetensors"),
+        dir.join("canny.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("canny.json")).unwrap();
+    // lllyasviel names without the control_model. prefix (an extracted ControlNet)
+    let ldm = candle_core::safetensors::load(
+        fixtures().join("models/controlnet-sd1-ldm.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let stripped: HashMap<String, Tensor> = ldm
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("control_model.").map(|k| (k.to_string(), v)))
+        .collect();
+    candle_core::safetensors::save(&stripped, dir.join("extracted.safetensors")).unwrap();
+    for f in ["canny.safetensors", "extracted.safetensors"] {
+        let cn =
+            load_controlnet(&dir.join(f), base.unet.config(), &Device::Cpu, DType::F32).unwrap();
+        let got = forward(&cn);
+        for (x, y) in got.down.iter().zip(&want.down) {
+            assert_eq!(max_abs_diff(x, y), 0.0, "{f}");
+        }
+    }
+    // a diffusers-keyed file without any config is a clear error
+    std::fs::remove_file(dir.join("canny.json")).unwrap();
+    let e = load_controlnet(
+        &dir.join("canny.safetensors"),
+        base.unet.config(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("canny.safetensors") && e.contains("config"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
