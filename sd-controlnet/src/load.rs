@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use sd_pipeline::loader::{load_component, weight_files};
+use sd_pipeline::loader::{load_component, tensor_shapes, weight_files};
 use sd_pipeline::models::config::UNetConfig;
 use sd_pipeline::models::ldm_names::unet_ldm_name;
 use sd_plugins_api::ModelPart;
@@ -23,44 +23,6 @@ pub enum Format {
     Ldm {
         prefix: String,
     },
-}
-
-/// Tensor names and shapes of a safetensors file, from its header alone.
-pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
-    use std::io::Read;
-    let bad = |m: String| ControlError::file(path, m);
-    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 << 20 {
-        return Err(bad("not a safetensors file: header too large".into()));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("not a safetensors file".into()))?;
-    Ok(obj
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(k, t)| {
-            let shape = t["shape"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_u64())
-                        .map(|x| x as usize)
-                        .collect()
-                })
-                .unwrap_or_default();
-            (k.clone(), shape)
-        })
-        .collect())
 }
 
 pub fn detect(names: &[(String, Vec<usize>)], path: &Path) -> Result<Format> {

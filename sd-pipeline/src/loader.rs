@@ -59,6 +59,44 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     ))
 }
 
+/// Tensor names and shapes of a safetensors file, from its header alone.
+pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    use std::io::Read;
+    let bad = |m: String| Error::config(path, m);
+    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(bad("not a safetensors file: header too large".into()));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("not a safetensors file".into()))?;
+    Ok(obj
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, t)| {
+            let shape = t["shape"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as usize)
+                        .collect()
+                })
+                .unwrap_or_default();
+            (k.clone(), shape)
+        })
+        .collect())
+}
+
 /// A safetensors backend that adds the deltas of weight patches to the tensors it reads.
 struct Patched {
     inner: candle_core::safetensors::MmapedSafetensors,

@@ -1,0 +1,235 @@
+//! Reading LoRA files into modules (one per target layer) of factors.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{LoraError, Result};
+
+/// The factors of one module's delta.
+#[derive(Debug, Clone)]
+pub enum Factors {
+    /// LoRA / LoCon: `up @ down` (convs flattened), rank = `down.dim(0)`.
+    LoRA { up: Tensor, down: Tensor },
+    /// LoHa: `(w1a @ w1b) * (w2a @ w2b)`, rank = `w1b.dim(0)`.
+    LoHa {
+        w1a: Tensor,
+        w1b: Tensor,
+        w2a: Tensor,
+        w2b: Tensor,
+    },
+    /// LoKr: `kron(w1, w2)`, each given whole or as `a @ b`; rank of the last factorised one.
+    LoKr {
+        w1: Tensor,
+        w2: Tensor,
+        rank: Option<usize>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    pub factors: Factors,
+    pub alpha: Option<f64>,
+}
+
+impl LoraModule {
+    pub fn rank(&self) -> Option<usize> {
+        match &self.factors {
+            Factors::LoRA { down, .. } => down.dims().first().copied(),
+            Factors::LoHa { w1b, .. } => w1b.dims().first().copied(),
+            Factors::LoKr { rank, .. } => *rank,
+        }
+    }
+
+    /// `alpha / rank` (1 when alpha is missing or zero, or a LoKr has no factorised part).
+    pub fn scale(&self) -> f64 {
+        match (self.alpha, self.rank()) {
+            (Some(a), Some(r)) if a != 0.0 && r > 0 => a / r as f64,
+            _ => 1.0,
+        }
+    }
+
+    /// The full delta for a weight of `shape`, alpha/rank applied (the multiplier is not).
+    pub fn delta(&self, shape: &[usize]) -> candle_core::Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        let flat2 = |t: &Tensor| -> candle_core::Result<Tensor> { t.flatten_from(1) };
+        let d = match &self.factors {
+            Factors::LoRA { up, down } => flat2(up)?.matmul(&flat2(down)?)?,
+            Factors::LoHa { w1a, w1b, w2a, w2b } => {
+                (flat2(w1a)?.matmul(&flat2(w1b)?)? * flat2(w2a)?.matmul(&flat2(w2b)?)?)?
+            }
+            Factors::LoKr { w1, w2, .. } => {
+                // kron over the first two axes; the kernel (if any) comes from w2
+                let (a, b) = w1.dims2()?;
+                let out = shape[0];
+                let inp = shape.get(1).copied().unwrap_or(1);
+                let k: usize = shape.iter().skip(2).product();
+                if out % a != 0 || inp % b != 0 {
+                    candle_core::bail!(
+                        "LoKr w1 {:?} does not divide the weight {shape:?}",
+                        w1.dims()
+                    );
+                }
+                let (p, q) = (out / a, inp / b);
+                let w2 = w2.reshape((p, q, k))?;
+                let w1 = w1.reshape((a, 1, b, 1, 1))?;
+                let w2 = w2.reshape((1, p, 1, q, k))?;
+                w1.broadcast_mul(&w2)?.reshape((a * p, b * q * k))?
+            }
+        };
+        if d.elem_count() != numel {
+            candle_core::bail!(
+                "delta of {:?} elements for a weight of shape {shape:?}",
+                d.dims()
+            );
+        }
+        d.reshape(shape)? * self.scale()
+    }
+}
+
+/// A LoRA file: modules by key (the file's own module name, e.g. `lora_unet_..._to_q` or
+/// `unet.down_blocks.0...to_q`).
+#[derive(Debug, Clone)]
+pub struct LoraFile {
+    pub path: PathBuf,
+    pub format: String,
+    pub modules: BTreeMap<String, LoraModule>,
+}
+
+#[derive(Default)]
+struct Parts {
+    t: BTreeMap<String, Tensor>,
+}
+
+/// Split a tensor name into (module key, role) for every layout we read.
+fn split_key(name: &str) -> Option<(String, String, &'static str)> {
+    // PEFT / diffusers
+    for (suffix, role) in [(".lora_A.weight", "down"), (".lora_B.weight", "up")] {
+        if let Some(m) = name.strip_suffix(suffix) {
+            return Some((m.to_string(), role.into(), "peft"));
+        }
+    }
+    // legacy diffusers attention processors: X.processor.to_q_lora.down.weight
+    if let Some((x, rest)) = name.split_once(".processor.") {
+        for proj in ["to_q", "to_k", "to_v", "to_out"] {
+            for (suffix, role) in [(".down.weight", "down"), (".up.weight", "up")] {
+                if rest == format!("{proj}_lora{suffix}") {
+                    let target = if proj == "to_out" { "to_out.0" } else { proj };
+                    return Some((format!("{x}.{target}"), role.into(), "diffusers-legacy"));
+                }
+            }
+        }
+    }
+    // kohya / LyCORIS: KEY.role[.weight]
+    let (m, role) = name.split_once('.')?;
+    let role = role.strip_suffix(".weight").unwrap_or(role);
+    let fmt = match role {
+        "lora_down" | "lora_up" | "lora_mid" | "alpha" | "dora_scale" => "kohya",
+        r if r.starts_with("hada_") => "loha",
+        r if r.starts_with("lokr_") => "lokr",
+        _ => return None,
+    };
+    Some((m.to_string(), role.to_string(), fmt))
+}
+
+impl LoraFile {
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(LoraError::file(path, "LoRA file not found"));
+        }
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| LoraError::file(path, format!("cannot read: {e}")))?;
+        let mut groups: BTreeMap<String, Parts> = BTreeMap::new();
+        let mut formats = std::collections::BTreeSet::new();
+        for (name, t) in tensors {
+            let Some((key, role, fmt)) = split_key(&name) else {
+                continue;
+            };
+            formats.insert(fmt);
+            groups
+                .entry(key)
+                .or_default()
+                .t
+                .insert(role, t.to_dtype(DType::F32)?);
+        }
+        if groups.is_empty() {
+            return Err(LoraError::file(
+                path,
+                "not a LoRA: no lora_down/lora_up, lora_A/lora_B, hada_* or lokr_* tensors",
+            ));
+        }
+        let mut modules = BTreeMap::new();
+        for (key, mut p) in groups {
+            let bad = |m: String| LoraError::file(path, format!("{key}: {m}"));
+            let alpha = match p.t.remove("alpha") {
+                Some(a) => Some(
+                    a.flatten_all()?
+                        .get(0)?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?,
+                ),
+                None => None,
+            };
+            for unsupported in ["lora_mid", "dora_scale", "hada_t1", "hada_t2", "lokr_t2"] {
+                if p.t.contains_key(unsupported) {
+                    return Err(bad(format!(
+                        "`{unsupported}` (Tucker / DoRA) is not supported"
+                    )));
+                }
+            }
+            let mut take = |r: &str| p.t.remove(r);
+            let factors = if let (Some(up), Some(down)) = (
+                take("up").or_else(|| take("lora_up")),
+                take("down").or_else(|| take("lora_down")),
+            ) {
+                if up.dim(1)? != down.dim(0)? {
+                    return Err(bad(format!(
+                        "up {:?} and down {:?} ranks differ",
+                        up.dims(),
+                        down.dims()
+                    )));
+                }
+                Factors::LoRA { up, down }
+            } else if let (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) = (
+                take("hada_w1_a"),
+                take("hada_w1_b"),
+                take("hada_w2_a"),
+                take("hada_w2_b"),
+            ) {
+                Factors::LoHa { w1a, w1b, w2a, w2b }
+            } else {
+                let mut rank = None;
+                let mut factor = |whole: &str, a: &str, b: &str| -> Result<Option<Tensor>> {
+                    if let Some(w) = take(whole) {
+                        return Ok(Some(w));
+                    }
+                    match (take(a), take(b)) {
+                        (Some(a), Some(b)) => {
+                            rank = Some(b.dim(0)?);
+                            Ok(Some(a.matmul(&b.flatten_from(1)?)?))
+                        }
+                        _ => Ok(None),
+                    }
+                };
+                match (
+                    factor("lokr_w1", "lokr_w1_a", "lokr_w1_b")?,
+                    factor("lokr_w2", "lokr_w2_a", "lokr_w2_b")?,
+                ) {
+                    (Some(w1), Some(w2)) => Factors::LoKr { w1, w2, rank },
+                    _ => {
+                        return Err(bad(
+                            "incomplete module (missing up/down or LyCORIS factors)".into(),
+                        ))
+                    }
+                }
+            };
+            modules.insert(key, LoraModule { factors, alpha });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            format: formats.into_iter().collect::<Vec<_>>().join("+"),
+            modules,
+        })
+    }
+}

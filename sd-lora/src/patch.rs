@@ -1,0 +1,187 @@
+//! A loaded LoRA bound to a model's weights: a `WeightPatch` for the loader.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use sd_plugins_api::{HookError, ModelPart, WeightPatch};
+
+use crate::error::{LoraError, Result};
+use crate::file::{LoraFile, LoraModule};
+use crate::targets::Targets;
+
+/// A LoRA to apply: `--lora PATH[:WEIGHT]`, or `<lora:NAME:TE:UNET>` in a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub path: PathBuf,
+    pub unet_weight: f64,
+    pub te_weight: f64,
+}
+
+impl LoraSpec {
+    /// `PATH[:WEIGHT]` (one weight for both parts; the default is 1).
+    pub fn parse(s: &str) -> Result<Self> {
+        let (path, weight) = match s.rsplit_once(':') {
+            Some((p, w)) if !p.is_empty() && w.parse::<f64>().is_ok() => {
+                (p, w.parse::<f64>().unwrap_or(1.0))
+            }
+            _ => (s, 1.0),
+        };
+        if path.is_empty() {
+            return Err(LoraError::Invalid(format!(
+                "--lora {s:?}: expected PATH[:WEIGHT]"
+            )));
+        }
+        Ok(Self {
+            path: PathBuf::from(path),
+            unet_weight: weight,
+            te_weight: weight,
+        })
+    }
+}
+
+/// What binding a LoRA to a model found.
+#[derive(Debug, Clone)]
+pub struct LoraReport {
+    pub path: PathBuf,
+    pub format: String,
+    pub modules: usize,
+    pub unet_targets: usize,
+    pub te_targets: usize,
+    /// Module keys that name no weight of the model.
+    pub unmatched: Vec<String>,
+}
+
+impl LoraReport {
+    /// One line for people: counts and the first few unmatched keys.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{}: {} ({} modules: {} UNet, {} text encoder)",
+            self.path.display(),
+            self.format,
+            self.modules,
+            self.unet_targets,
+            self.te_targets
+        );
+        if !self.unmatched.is_empty() {
+            let first: Vec<&str> = self.unmatched.iter().take(3).map(|s| s.as_str()).collect();
+            s.push_str(&format!(
+                "; {} keys match nothing in the model, e.g. {}",
+                self.unmatched.len(),
+                first.join(", ")
+            ));
+        }
+        s
+    }
+}
+
+/// The deltas of one LoRA file at given multipliers. Factors stay in memory: re-weighting
+/// (`with_weights`) needs no re-read of the LoRA; applying it means rebuilding the model from
+/// its memory-mapped base files (pages come from the OS cache), the base is never modified.
+#[derive(Clone)]
+pub struct LoraPatch {
+    name: String,
+    modules: Arc<HashMap<(ModelPart, String), Arc<LoraModule>>>,
+    pub unet_weight: f64,
+    pub te_weight: f64,
+}
+
+impl LoraPatch {
+    pub fn with_weights(&self, unet_weight: f64, te_weight: f64) -> Self {
+        Self {
+            unet_weight,
+            te_weight,
+            ..self.clone()
+        }
+    }
+}
+
+impl WeightPatch for LoraPatch {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn delta(
+        &self,
+        part: ModelPart,
+        name: &str,
+        base: &Tensor,
+    ) -> Result<Option<Tensor>, HookError> {
+        let Some(m) = self.modules.get(&(part, name.to_string())) else {
+            return Ok(None);
+        };
+        let w = match part {
+            ModelPart::TextEncoder => self.te_weight,
+            _ => self.unet_weight,
+        };
+        if w == 0.0 {
+            return Ok(None);
+        }
+        Ok(Some((m.delta(base.dims())? * w)?))
+    }
+}
+
+/// Load a LoRA and bind it to the model at `model_root` (a diffusers folder). Shapes are
+/// checked here, so a LoRA for another model is an error before anything runs.
+pub fn load_lora(spec: &LoraSpec, targets: &Targets) -> Result<(LoraPatch, LoraReport)> {
+    let file = LoraFile::load(&spec.path)?;
+    let mut modules = HashMap::new();
+    let mut unmatched = Vec::new();
+    let (mut unet, mut te) = (0, 0);
+    for (key, module) in &file.modules {
+        let Some(t) = targets.get(key) else {
+            unmatched.push(key.clone());
+            continue;
+        };
+        // compute once to check the shapes
+        module.delta(&t.shape).map_err(|e| {
+            LoraError::file(
+                &spec.path,
+                format!(
+                    "{key}: inconsistent with the model's {} {:?}: {e}",
+                    t.param, t.shape
+                ),
+            )
+        })?;
+        match t.part {
+            ModelPart::TextEncoder => te += 1,
+            _ => unet += 1,
+        }
+        modules.insert((t.part, t.param.clone()), Arc::new(module.clone()));
+    }
+    let report = LoraReport {
+        path: spec.path.clone(),
+        format: file.format.clone(),
+        modules: file.modules.len(),
+        unet_targets: unet,
+        te_targets: te,
+        unmatched,
+    };
+    let patch = LoraPatch {
+        name: spec
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        modules: Arc::new(modules),
+        unet_weight: spec.unet_weight,
+        te_weight: spec.te_weight,
+    };
+    Ok((patch, report))
+}
+
+/// Resolve `path` as given, or as `NAME.safetensors` in `dir`.
+pub fn resolve_in(dir: Option<&Path>, name: &str) -> PathBuf {
+    let p = PathBuf::from(name);
+    if p.is_file() {
+        return p;
+    }
+    match dir {
+        Some(d) if d.join(format!("{name}.safetensors")).is_file() => {
+            d.join(format!("{name}.safetensors"))
+        }
+        Some(d) => d.join(name),
+        None => p,
+    }
+}
