@@ -77,6 +77,15 @@ pub struct GenerateArgs {
     /// [,mode=balanced|prompt|control][,resize=just|crop|fill][,preprocessor=NAME][,mask=PATH]
     #[arg(long = "control", value_name = "KEY=VALUE,...")]
     pub control: Vec<String>,
+    /// A LoRA, repeatable: PATH[:WEIGHT] (weight for UNet and text encoder, default 1)
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    pub lora: Vec<String>,
+    /// Where `<lora:NAME:WEIGHT>` prompt tags find NAME.safetensors
+    #[arg(long)]
+    pub lora_dir: Option<PathBuf>,
+    /// Fail when a LoRA has keys that match nothing in the model (otherwise they are reported)
+    #[arg(long)]
+    pub strict_lora: bool,
 }
 
 /// Output file names: OUT.png, or OUT-0.png... for batches.
@@ -128,7 +137,7 @@ pub fn save_tensors(path: &Path, name: &str, t: &Tensor) -> CliResult {
 }
 
 fn infotext(args: &GenerateArgs, req: &GenerateRequest, seed: Option<u64>, model: &Path) -> String {
-    let mut s = req.prompt.clone();
+    let mut s = args.prompt.clone();
     if !req.negative_prompt.is_empty() {
         s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
     }
@@ -202,7 +211,50 @@ pub fn run(args: GenerateArgs) -> CliResult {
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let sd = StableDiffusion::load(&args.model, &device, dtype, &[])?;
+    // LoRAs: --lora flags, then <lora:NAME:...> tags, which are removed from the prompt.
+    let (prompt, tags) =
+        sd_lora::extract_lora_tags(&args.prompt).map_err(|e| format!("--prompt: {e}"))?;
+    let mut lora_specs = args
+        .lora
+        .iter()
+        .map(|l| sd_lora::LoraSpec::parse(l).map_err(|e| format!("--lora: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    for t in &tags {
+        let path = sd_lora::resolve_in(args.lora_dir.as_deref(), &t.name);
+        if !path.is_file() {
+            return Err(format!(
+                "<lora:{}>: no file {} (set --lora-dir to the folder holding NAME.safetensors)",
+                t.name,
+                path.display()
+            )
+            .into());
+        }
+        lora_specs.push(sd_lora::LoraSpec {
+            path,
+            unet_weight: t.unet_weight,
+            te_weight: t.te_weight,
+        });
+    }
+    let mut patches: Vec<std::sync::Arc<dyn sd_plugins_api::WeightPatch>> = Vec::new();
+    if !lora_specs.is_empty() {
+        if !args.model.join("model_index.json").is_file() {
+            return Err(format!(
+                "--model {}: not a diffusers model folder (model_index.json not found)",
+                args.model.display()
+            )
+            .into());
+        }
+        let targets = sd_lora::Targets::from_model(&args.model)?;
+        for spec in &lora_specs {
+            let (patch, report) = sd_lora::load_lora(spec, &targets)?;
+            eprintln!("lora {}", report.summary());
+            if args.strict_lora && !report.unmatched.is_empty() {
+                return Err(format!("--strict-lora: {}", report.summary()).into());
+            }
+            patches.push(std::sync::Arc::new(patch));
+        }
+    }
+    let sd = StableDiffusion::load(&args.model, &device, dtype, &patches)?;
     let t_loaded = t0.elapsed();
     let f = sd.vae_scale_factor();
     for (name, v) in [("--width", width), ("--height", height)] {
@@ -227,7 +279,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
             .unwrap_or(0)
     });
     let req = GenerateRequest {
-        prompt: args.prompt.clone(),
+        prompt,
         negative_prompt: args.negative_prompt.clone(),
         width,
         height,

@@ -4,6 +4,7 @@ mod bench;
 mod controlnet;
 mod device;
 mod generate;
+mod lora;
 mod progress;
 
 use std::process::ExitCode;
@@ -31,6 +32,9 @@ enum Command {
     /// ControlNet tools.
     #[command(subcommand)]
     Controlnet(controlnet::ControlNetCommand),
+    /// LoRA tools.
+    #[command(subcommand)]
+    Lora(lora::LoraCommand),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Controlnet(cmd) => controlnet::run(cmd),
+        Command::Lora(cmd) => lora::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -393,3 +393,222 @@ fn controlnet_init_then_generate_is_bit_identical_to_no_control() {
     ]);
     assert!(!o.status.success());
 }
+
+fn ab_noise(dir: &Path) -> PathBuf {
+    let exp = expected("lora_sd1.safetensors");
+    let p = dir.join("noise.safetensors");
+    candle_core::safetensors::save(
+        &[("noise", get(&exp, "ab_noise").clone())]
+            .into_iter()
+            .collect(),
+        &p,
+    )
+    .unwrap();
+    p
+}
+
+fn latents(p: &Path) -> candle_core::Tensor {
+    get(
+        &candle_core::safetensors::load(p, &Device::Cpu).unwrap(),
+        "latents",
+    )
+    .clone()
+}
+
+#[test]
+fn loras_by_flag_and_by_prompt_tag_match_diffusers() {
+    let dir = scratch("lora");
+    let noise = ab_noise(&dir);
+    let model = model_dir("sd1");
+    let loras = fixtures().join("loras");
+    let exp = expected("lora_sd1.safetensors");
+    let (a, b) = (
+        loras.join("lora_a_peft.safetensors:0.7"),
+        loras.join("lora_b_kohya.safetensors:0.5"),
+    );
+    let (la, lb) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+    let mut flags = base_args(
+        s(&model),
+        s(&noise),
+        s(&dir.join("a.png")).to_string().leak(),
+    );
+    flags.extend(["--save-latents", s(&la), "--lora", s(&a), "--lora", s(&b)]);
+    let o = sdctl(&flags);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("lora ") && err.contains("modules"),
+        "no LoRA report: {err}"
+    );
+    assert_close("--lora", &latents(&la), get(&exp, "ab_latents"), 1e-3);
+    let mut tags = base_args(
+        s(&model),
+        s(&noise),
+        s(&dir.join("b.png")).to_string().leak(),
+    );
+    tags[4] =
+        "a red circle on a blue background <lora:lora_a_peft:0.7> <lora:lora_b_kohya:0.5:0.5>";
+    tags.extend(["--save-latents", s(&lb), "--lora-dir", s(&loras)]);
+    let o = sdctl(&tags);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sd_tests::max_abs_diff(&latents(&la), &latents(&lb)), 0.0);
+}
+
+#[test]
+fn lora_errors_and_strict_mode() {
+    let dir = scratch("lorabad");
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    let out = dir.join("out/o.png");
+    let model = model_dir("sd1");
+    let common = |extra: &[&str]| {
+        let mut v = vec![
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--output",
+            s(&out),
+        ];
+        v.extend_from_slice(extra);
+        v.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let run = |extra: &[&str]| {
+        let args = common(extra);
+        fails(&args.iter().map(|x| x.as_str()).collect::<Vec<_>>(), &out)
+    };
+    let e = run(&["--lora", "/no/such.safetensors"]);
+    assert!(e.contains("/no/such.safetensors"), "{e}");
+    let vae = model.join("vae/diffusion_pytorch_model.safetensors");
+    let e = run(&["--lora", s(&vae)]);
+    assert!(e.contains("not a LoRA"), "{e}");
+    let mut tag = common(&[]);
+    tag[4] = "x <lora:missing:1>".into();
+    let e = fails(&tag.iter().map(|x| x.as_str()).collect::<Vec<_>>(), &out);
+    assert!(e.contains("missing") && e.contains("--lora-dir"), "{e}");
+    // a ControlNet file is not a LoRA for this model either: its keys match nothing
+    let lyc = fixtures().join("loras/lycoris.safetensors");
+    let sdxl_like = dir.join("other.safetensors");
+    candle_core::safetensors::save(
+        &[
+            (
+                "lora_unet_not_a_layer.lora_down.weight",
+                candle_core::Tensor::ones((2, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            ),
+            (
+                "lora_unet_not_a_layer.lora_up.weight",
+                candle_core::Tensor::ones((4, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        &sdxl_like,
+    )
+    .unwrap();
+    let e = run(&["--lora", s(&sdxl_like), "--strict-lora"]);
+    assert!(
+        e.contains("--strict-lora") && e.contains("not_a_layer"),
+        "{e}"
+    );
+    std::fs::remove_file(&sdxl_like).unwrap();
+    let _ = lyc;
+}
+
+#[test]
+fn legacy_diffusers_processor_keys_load() {
+    // `...attn1.processor.to_q_lora.down.weight` names the same weight as PEFT's `...attn1.to_q`
+    let dir = scratch("legacy");
+    let q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1";
+    let t = |r, c| candle_core::Tensor::randn(0f32, 0.3, (r, c), &Device::Cpu).unwrap();
+    let (down, up) = (t(2, 16), t(16, 2));
+    let legacy = dir.join("legacy.safetensors");
+    let peft = dir.join("peft.safetensors");
+    let save = |p: &Path, d: &str, u: &str| {
+        candle_core::safetensors::save(
+            &[(d.to_string(), down.clone()), (u.to_string(), up.clone())]
+                .into_iter()
+                .collect(),
+            p,
+        )
+        .unwrap()
+    };
+    save(
+        &legacy,
+        &format!("unet.{q}.processor.to_q_lora.down.weight"),
+        &format!("unet.{q}.processor.to_q_lora.up.weight"),
+    );
+    save(
+        &peft,
+        &format!("unet.{q}.to_q.lora_A.weight"),
+        &format!("unet.{q}.to_q.lora_B.weight"),
+    );
+    let targets = sd_lora::Targets::from_model(&model_dir("sd1")).unwrap();
+    let d = |p: &Path| {
+        let (patch, report) = sd_lora::load_lora(
+            &sd_lora::LoraSpec::parse(p.to_str().unwrap()).unwrap(),
+            &targets,
+        )
+        .unwrap();
+        assert_eq!(
+            (report.unet_targets, report.unmatched.len()),
+            (1, 0),
+            "{}",
+            report.summary()
+        );
+        let base =
+            candle_core::Tensor::zeros((16, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
+        sd_plugins_api::WeightPatch::delta(
+            &patch,
+            sd_plugins_api::ModelPart::Unet,
+            &format!("{q}.to_q.weight"),
+            &base,
+        )
+        .unwrap()
+        .unwrap()
+    };
+    assert_eq!(sd_tests::max_abs_diff(&d(&legacy), &d(&peft)), 0.0);
+}
+
+#[test]
+fn lora_merge_round_trip_matches_live_lora() {
+    let dir = scratch("loramerge");
+    let noise = ab_noise(&dir);
+    let model = model_dir("sd1");
+    let a = fixtures().join("loras/lora_a_peft.safetensors:0.7");
+    let merged = dir.join("merged");
+    let o = sdctl(&[
+        "lora",
+        "merge",
+        "--model",
+        s(&model),
+        "--lora",
+        s(&a),
+        "--output",
+        s(&merged),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (l1, l2) = (dir.join("1.safetensors"), dir.join("2.safetensors"));
+    let mut live = base_args(
+        s(&model),
+        s(&noise),
+        s(&dir.join("1.png")).to_string().leak(),
+    );
+    live.extend(["--save-latents", s(&l1), "--lora", s(&a)]);
+    assert!(sdctl(&live).status.success());
+    let mut m = base_args(
+        s(&merged),
+        s(&noise),
+        s(&dir.join("2.png")).to_string().leak(),
+    );
+    m.extend(["--save-latents", s(&l2)]);
+    let o = sdctl(&m);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(sd_tests::max_abs_diff(&latents(&l1), &latents(&l2)) < 1e-5);
+}

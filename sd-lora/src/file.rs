@@ -42,6 +42,11 @@ impl LoraModule {
         }
     }
 
+    /// True for convolution modules (LoCon): the down factor has a kernel.
+    pub fn factors_is_conv(&self) -> bool {
+        matches!(&self.factors, Factors::LoRA { down, .. } if down.rank() == 4 && down.dims()[2..].iter().product::<usize>() > 1)
+    }
+
     /// `alpha / rank` (1 when alpha is missing or zero, or a LoKr has no factorised part).
     pub fn scale(&self) -> f64 {
         match (self.alpha, self.rank()) {
@@ -65,7 +70,7 @@ impl LoraModule {
                 let out = shape[0];
                 let inp = shape.get(1).copied().unwrap_or(1);
                 let k: usize = shape.iter().skip(2).product();
-                if out % a != 0 || inp % b != 0 {
+                if !out.is_multiple_of(a) || !inp.is_multiple_of(b) {
                     candle_core::bail!(
                         "LoKr w1 {:?} does not divide the weight {shape:?}",
                         w1.dims()
