@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use sd_pipeline::image_io::{load_image, load_mask};
 use sd_pipeline::noise::NoiseSource;
+use sd_pipeline::GenerateRequest;
 
 /// `tests/fixtures/` of this workspace.
 pub fn fixtures() -> PathBuf {
@@ -97,5 +99,30 @@ impl NoiseSource for Replay {
         }
         self.next += 1;
         t.to_device(device)
+    }
+}
+
+/// The generation request of a fixture case (cases.json / controlnet_cases.json), with the
+/// case's recorded initial noise when it has one.
+pub fn case_request(case: &serde_json::Value, exp: &HashMap<String, Tensor>) -> GenerateRequest {
+    let u = |k: &str| case[k].as_u64().unwrap() as usize;
+    let (width, height) = (u("width"), u("height"));
+    let path = |k: &str| case[k].as_str().map(|p| fixtures().join(p));
+    GenerateRequest {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
+        width,
+        height,
+        steps: u("steps"),
+        cfg_scale: case["cfg_scale"].as_f64().unwrap(),
+        sampler: case["sampler"].as_str().unwrap().parse().unwrap(),
+        schedule: case["schedule"].as_str().unwrap().parse().unwrap(),
+        batch: u("batch"),
+        clip_skip: u("clip_skip"),
+        init_image: path("init_image")
+            .map(|p| load_image(&p, width, height, &Device::Cpu).unwrap()),
+        mask: path("mask").map(|p| load_mask(&p, width, height, &Device::Cpu).unwrap()),
+        strength: case["strength"].as_f64(),
+        noise: exp.get("noise").cloned(),
     }
 }

@@ -11,10 +11,11 @@ use sd_controlnet::init::write_initial_controlnet;
 use sd_controlnet::{
     load_controlnet, ControlMode, ControlNetHook, ControlNetModel, ControlUnit, UnitSpec,
 };
-use sd_pipeline::image_io::{load_image, load_mask};
 use sd_pipeline::{GenerateRequest, StableDiffusion};
 use sd_plugins_api::HookSet;
-use sd_tests::{assert_close, expected, fixtures, get, max_abs_diff, model_dir, Replay};
+use sd_tests::{
+    assert_close, case_request, expected, fixtures, get, max_abs_diff, model_dir, Replay,
+};
 use serde_json::Value;
 
 fn sd(name: &str) -> StableDiffusion {
@@ -71,29 +72,6 @@ fn both_checkpoint_formats_give_identical_residuals() {
     assert_eq!(max_abs_diff(&a.mid, &b.mid), 0.0);
 }
 
-fn request(case: &Value, exp: &HashMap<String, Tensor>) -> GenerateRequest {
-    let u = |k: &str| case[k].as_u64().unwrap() as usize;
-    let (width, height) = (u("width"), u("height"));
-    let path = |k: &str| case[k].as_str().map(|p| fixtures().join(p));
-    GenerateRequest {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-        width,
-        height,
-        steps: u("steps"),
-        cfg_scale: case["cfg_scale"].as_f64().unwrap(),
-        sampler: case["sampler"].as_str().unwrap().parse().unwrap(),
-        schedule: case["schedule"].as_str().unwrap().parse().unwrap(),
-        batch: u("batch"),
-        clip_skip: u("clip_skip"),
-        init_image: path("init_image")
-            .map(|p| load_image(&p, width, height, &Device::Cpu).unwrap()),
-        mask: path("mask").map(|p| load_mask(&p, width, height, &Device::Cpu).unwrap()),
-        strength: case["strength"].as_f64(),
-        noise: exp.get("noise").cloned(),
-    }
-}
-
 fn units(case: &Value, base: &StableDiffusion) -> Vec<ControlUnit> {
     let mut cache = Vec::new();
     case["control"]
@@ -133,7 +111,7 @@ fn controlnet_pipelines_match_diffusers() {
         let model = case["model"].as_str().unwrap().to_string();
         let base = models.entry(model.clone()).or_insert_with(|| sd(&model));
         let exp = expected(&format!("pipe_{name}.safetensors"));
-        let req = request(case, &exp);
+        let req = case_request(case, &exp);
         let mut hooks = HookSet::new();
         hooks.push(Box::new(ControlNetHook::new(units(case, base))));
         let mut replay = Replay::new(exp.get("step_noise"));

@@ -6,11 +6,10 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device};
-use sd_pipeline::image_io::{load_image, load_mask};
 use sd_pipeline::noise::TorchRng;
-use sd_pipeline::{GenerateRequest, StableDiffusion};
+use sd_pipeline::StableDiffusion;
 use sd_plugins_api::HookSet;
-use sd_tests::{assert_close, expected, fixtures, get, model_dir, Replay};
+use sd_tests::{assert_close, case_request, expected, fixtures, get, model_dir, Replay};
 use serde_json::Value;
 
 fn cases() -> Vec<Value> {
@@ -25,26 +24,7 @@ fn run_case(case: &Value, models: &mut HashMap<String, StableDiffusion>) {
         StableDiffusion::load(&model_dir(model), &Device::Cpu, DType::F32, &[]).unwrap()
     });
     let exp = expected(&format!("pipe_{name}.safetensors"));
-    let u = |k: &str| case[k].as_u64().unwrap() as usize;
-    let (width, height) = (u("width"), u("height"));
-    let path = |k: &str| case[k].as_str().map(|p| fixtures().join(p));
-    let req = GenerateRequest {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
-        width,
-        height,
-        steps: u("steps"),
-        cfg_scale: case["cfg_scale"].as_f64().unwrap(),
-        sampler: case["sampler"].as_str().unwrap().parse().unwrap(),
-        schedule: case["schedule"].as_str().unwrap().parse().unwrap(),
-        batch: u("batch"),
-        clip_skip: u("clip_skip"),
-        init_image: path("init_image")
-            .map(|p| load_image(&p, width, height, &Device::Cpu).unwrap()),
-        mask: path("mask").map(|p| load_mask(&p, width, height, &Device::Cpu).unwrap()),
-        strength: case["strength"].as_f64(),
-        noise: exp.get("noise").cloned(),
-    };
+    let req = case_request(case, &exp);
     let latents = match case["seed"].as_u64() {
         // diffusers drew everything from torch.Generator("cpu").manual_seed(seed)
         Some(seed) => sd
