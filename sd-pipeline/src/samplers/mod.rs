@@ -136,9 +136,13 @@ pub trait Sampler {
     /// diffusers' `scheduler.timesteps` (int64 for DDIM/DPM-Solver, float32 for Euler/Euler a).
     fn timesteps(&self) -> &[f64];
     /// Standard deviation of the initial txt2img latents (1 for DDIM/DPM-Solver).
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
     /// diffusers `scale_model_input` for step `i` (index into `timesteps`).
-    fn scale_model_input(&self, sample: &Tensor, i: usize) -> candle_core::Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One step from index `i`: `model_output` is the (guided) UNet output for `timesteps()[i]`.
     /// Multistep samplers remember earlier outputs: call it for consecutive `i`.
     fn step(
