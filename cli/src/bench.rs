@@ -97,6 +97,7 @@ fn unet(a: UnetArgs) -> CliResult {
     }
     let device = crate::device::device(&a.device)?;
     let dtype = crate::device::dtype(&a.dtype)?;
+    crate::device::check_dtype(&device, dtype)?;
     let cfg = match a.arch {
         Arch::Sd15 => UNetConfig::sd15(),
         Arch::Sd21 => UNetConfig::sd21(),

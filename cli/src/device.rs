@@ -22,3 +22,11 @@ pub fn dtype(name: &str) -> CliResult<DType> {
         other => Err(format!("--dtype {other:?}: expected f32, f16 or bf16").into()),
     }
 }
+
+/// Refuse combinations candle cannot run, before any model is loaded.
+pub fn check_dtype(device: &Device, dtype: DType) -> CliResult {
+    if device.is_cpu() && dtype == DType::BF16 {
+        return Err("--dtype bf16 is not supported on the CPU (candle's CPU matmul has no bf16 kernel); use f32 (default) or f16".into());
+    }
+    Ok(())
+}

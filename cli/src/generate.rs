@@ -179,6 +179,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
         .map_err(|e| format!("--schedule: {e}"))?;
     let device = crate::device::device(&args.device)?;
     let dtype = crate::device::dtype(&args.dtype)?;
+    crate::device::check_dtype(&device, dtype)?;
     if args.strength.is_some() && args.init_image.is_none() {
         return Err("--strength needs --init-image".into());
     }

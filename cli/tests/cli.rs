@@ -612,3 +612,29 @@ fn lora_merge_round_trip_matches_live_lora() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(sd_tests::max_abs_diff(&latents(&l1), &latents(&l2)) < 1e-5);
 }
+
+#[test]
+fn bf16_on_the_cpu_is_refused_up_front() {
+    let dir = scratch("bf16");
+    let out = dir.join("o.png");
+    let model = model_dir("sd1");
+    let e = fails(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--dtype",
+            "bf16",
+            "--output",
+            s(&out),
+        ],
+        &out,
+    );
+    assert!(e.contains("bf16") && e.contains("f16"), "{e}");
+}
