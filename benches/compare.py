@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Time diffusers' UNet (and UNet + ControlNet) on the same shapes as `sdctl bench unet`, so the
+two can be compared side by side in one run on one machine. CI does not run this.
+
+    python benches/compare.py --width 512 --height 512 --batch 2 --iters 2 [--controlnet 1]
+    sdctl bench unet --arch sd15 --width 512 --height 512 --batch 2 --iters 2 [--controlnet 1]
+
+Needs torch and diffusers (see tests/fixtures/make_fixtures.py for the pinned versions). Random
+weights with the real SD1.5 architecture, f32, CPU, torch.inference_mode, default thread count.
+"""
+
+import argparse
+import resource
+import time
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--height", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--controlnet", type=int, default=0)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64).eval()
+    nets = [ControlNetModel.from_unet(unet).eval() for _ in range(a.controlnet)]
+    x = torch.randn(a.batch, 4, a.height // 8, a.width // 8)
+    ctx = torch.randn(a.batch, 77, 768)
+    t = torch.full((a.batch,), 500.0)
+    hint = torch.rand(a.batch, 3, a.height, a.width)
+
+    def run(with_control):
+        with torch.inference_mode():
+            down, mid = None, None
+            if with_control:
+                for n in nets:
+                    d, m = n(x, t, ctx, hint, return_dict=False)
+                    down = d if down is None else [p + q for p, q in zip(down, d)]
+                    mid = m if mid is None else mid + m
+            unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    def timed(with_control):
+        times = []
+        for _ in range(a.iters + 1):
+            s = time.perf_counter()
+            run(with_control)
+            times.append(time.perf_counter() - s)
+        return sum(times[1:]) / a.iters, min(times[1:]), times[0]
+
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    mean, mn, first = timed(False)
+    print(f"diffusers unet sd15 {a.width}x{a.height} batch {a.batch} f32 cpu (torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads): {mean:.3f} s/call (mean of {a.iters}, min {mn:.3f}, first {first:.3f}); "
+          f"peak RSS {rss():.2f} GiB")
+    if nets:
+        cmean, cmn, cfirst = timed(True)
+        print(f"diffusers unet + {len(nets)} controlnet: {cmean:.3f} s/call (min {cmn:.3f}, first {cfirst:.3f}) = "
+              f"{cmean / mean:.2f}x the plain call; peak RSS {rss():.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
