@@ -638,3 +638,26 @@ fn bf16_on_the_cpu_is_refused_up_front() {
     );
     assert!(e.contains("bf16") && e.contains("f16"), "{e}");
 }
+
+#[test]
+fn a_single_file_model_gets_a_clear_message() {
+    let dir = scratch("single");
+    let out = dir.join("o.png");
+    let file = model_dir("sd1").join("unet/diffusion_pytorch_model.safetensors");
+    let e = fails(
+        &[
+            "generate",
+            "--model",
+            s(&file),
+            "--prompt",
+            "x",
+            "--output",
+            s(&out),
+        ],
+        &out,
+    );
+    assert!(
+        e.contains("single-file") && e.contains("diffusers model folder"),
+        "{e}"
+    );
+}

@@ -195,6 +195,12 @@ impl StableDiffusion {
         dtype: DType,
         patches: &[Arc<dyn WeightPatch>],
     ) -> Result<Self> {
+        if root.is_file() {
+            return Err(Error::config(
+                root,
+                "single-file checkpoints (.safetensors/.ckpt) cannot be loaded yet: give a diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
+            ));
+        }
         if !root.is_dir() {
             return Err(Error::io(
                 root,
