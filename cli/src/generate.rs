@@ -6,7 +6,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use sd_controlnet::{ControlNetHook, UnitSpec};
-use sd_pipeline::image_io::{image_size, load_image, load_mask, save_png};
+use sd_pipeline::image_io::{image_size, load_image, load_mask, write_png};
 use sd_pipeline::noise::TorchRng;
 use sd_pipeline::samplers::{SamplerKind, Schedule};
 use sd_pipeline::{GenerateRequest, StableDiffusion};
@@ -117,23 +117,6 @@ fn load_noise(path: &Path) -> CliResult<Tensor> {
         )
     })?;
     Ok(t.to_dtype(DType::F32)?)
-}
-
-/// Save tensors atomically (temporary file, then rename).
-pub fn save_tensors(path: &Path, name: &str, t: &Tensor) -> CliResult {
-    let tmp = path.with_extension("safetensors.tmp");
-    let r = candle_core::safetensors::save(
-        &[(name, t.to_dtype(DType::F32)?)].into_iter().collect(),
-        &tmp,
-    )
-    .map_err(|e| format!("{}: {e}", path.display()).into())
-    .and_then(|_| {
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()).into())
-    });
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
 }
 
 fn infotext(args: &GenerateArgs, req: &GenerateRequest, seed: Option<u64>, model: &Path) -> String {
@@ -332,11 +315,35 @@ pub fn run(args: GenerateArgs) -> CliResult {
         &args.model,
     );
     let paths = output_paths(&args.output, req.batch);
-    if let Some(p) = &args.save_latents {
-        save_tensors(p, "latents", &latents)?;
+    // All-or-nothing output: everything is written under temporary names first, then renamed.
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let written = (|| -> CliResult {
+        if let Some(p) = &args.save_latents {
+            let tmp = p.with_extension("safetensors.tmp");
+            staged.push((tmp.clone(), p.clone()));
+            candle_core::safetensors::save(
+                &[("latents", latents.to_dtype(DType::F32)?)]
+                    .into_iter()
+                    .collect(),
+                &tmp,
+            )
+            .map_err(|e| format!("--save-latents {}: {e}", p.display()))?;
+        }
+        for (i, p) in paths.iter().enumerate() {
+            let tmp = p.with_extension("png.tmp");
+            staged.push((tmp.clone(), p.clone()));
+            write_png(&tmp, &images.get(i)?, Some(&info))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        for (tmp, _) in &staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+        return Err(e);
     }
-    for (i, p) in paths.iter().enumerate() {
-        save_png(p, &images.get(i)?, Some(&info))?;
+    for (tmp, p) in &staged {
+        std::fs::rename(tmp, p).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     let its = steps_run as f64 / sampling.as_secs_f64().max(1e-9);
     eprintln!(

@@ -661,3 +661,46 @@ fn a_single_file_model_gets_a_clear_message() {
         "{e}"
     );
 }
+
+#[test]
+fn a_failed_write_leaves_no_output_at_all() {
+    let dir = scratch("partial");
+    let out = dir.join("img.png");
+    let lat = dir.join("lat.safetensors");
+    // the second image cannot be written: its temporary name is taken by a folder
+    std::fs::create_dir_all(dir.join("img-1.png.tmp")).unwrap();
+    let model = model_dir("sd1");
+    let o = sdctl(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a cat",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--seed",
+        "1",
+        "--save-latents",
+        s(&lat),
+        "--output",
+        s(&out),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    for f in [
+        "img-0.png",
+        "img-1.png",
+        "lat.safetensors",
+        "img-0.png.tmp",
+        "lat.safetensors.tmp",
+    ] {
+        assert!(!dir.join(f).exists(), "{f} was left behind");
+    }
+}

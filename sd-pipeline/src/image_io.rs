@@ -98,34 +98,34 @@ pub fn to_rgb8(image: &Tensor) -> Result<(usize, usize, Vec<u8>)> {
     ))
 }
 
-/// Write one image `[3, H, W]` in [0, 1] as PNG, with `parameters` as a tEXt chunk when given.
-/// The file appears only when complete (written to a temporary name, then renamed).
-pub fn save_png(path: &Path, image: &Tensor, parameters: Option<&str>) -> Result<()> {
+/// Write one image `[3, H, W]` in [0, 1] as PNG at `path` (no temporary file: callers that
+/// need all-or-nothing output write to temporary names and rename, see [`save_png`]).
+pub fn write_png(path: &Path, image: &Tensor, parameters: Option<&str>) -> Result<()> {
     let (w, h, pixels) = to_rgb8(image)?;
-    let tmp = path.with_extension("png.tmp");
-    let io = |e: std::io::Error| Error::io(path, e);
-    let write = || -> Result<()> {
-        let file = std::fs::File::create(&tmp).map_err(io)?;
-        let mut enc = png::Encoder::new(BufWriter::new(file), w as u32, h as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        if let Some(p) = parameters {
-            enc.add_text_chunk("parameters".into(), p.into())
-                .map_err(|e| Error::Image {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                })?;
-        }
-        let png_err = |e: png::EncodingError| Error::Image {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        };
-        let mut writer = enc.write_header().map_err(png_err)?;
-        writer.write_image_data(&pixels).map_err(png_err)?;
-        writer.finish().map_err(png_err)?;
-        std::fs::rename(&tmp, path).map_err(io)
+    let img_err = |message: String| Error::Image {
+        path: path.to_path_buf(),
+        message,
     };
-    let r = write();
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut enc = png::Encoder::new(BufWriter::new(file), w as u32, h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    if let Some(p) = parameters {
+        enc.add_text_chunk("parameters".into(), p.into())
+            .map_err(|e| img_err(e.to_string()))?;
+    }
+    let mut writer = enc.write_header().map_err(|e| img_err(e.to_string()))?;
+    writer
+        .write_image_data(&pixels)
+        .map_err(|e| img_err(e.to_string()))?;
+    writer.finish().map_err(|e| img_err(e.to_string()))
+}
+
+/// Write one image as PNG; the file appears only when complete (temporary name, then rename).
+pub fn save_png(path: &Path, image: &Tensor, parameters: Option<&str>) -> Result<()> {
+    let tmp = path.with_extension("png.tmp");
+    let r = write_png(&tmp, image, parameters)
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
