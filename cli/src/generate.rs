@@ -34,12 +34,13 @@ pub struct GenerateArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 7.5)]
     pub cfg_scale: f64,
-    /// ddim | euler | euler_a | dpmpp_2m
+    /// ddim | euler | euler_a | dpmpp_2m (A1111, ComfyUI and diffusers names work too:
+    /// "DPM++ 2M Karras", "Euler a", euler_ancestral, DPMSolverMultistepScheduler)
     #[arg(long, default_value = "dpmpp_2m")]
     pub sampler: String,
-    /// normal | karras
-    #[arg(long, default_value = "karras")]
-    pub schedule: String,
+    /// normal | karras (default karras, or what the sampler name says)
+    #[arg(long)]
+    pub schedule: Option<String>,
     /// Seed of the noise (the same noise as torch.Generator("cpu").manual_seed); random if absent
     #[arg(long)]
     pub seed: Option<u64>,
@@ -152,14 +153,13 @@ fn infotext(args: &GenerateArgs, req: &GenerateRequest, seed: Option<u64>, model
 
 pub fn run(args: GenerateArgs) -> CliResult {
     let t0 = Instant::now();
-    let sampler: SamplerKind = args
-        .sampler
-        .parse()
-        .map_err(|e| format!("--sampler: {e}"))?;
-    let schedule: Schedule = args
-        .schedule
-        .parse()
-        .map_err(|e| format!("--schedule: {e}"))?;
+    let (sampler, implied) =
+        SamplerKind::parse_alias(&args.sampler).map_err(|e| format!("--sampler: {e}"))?;
+    let schedule: Schedule = match (&args.schedule, implied) {
+        (Some(s), _) => s.parse().map_err(|e| format!("--schedule: {e}"))?,
+        (None, Some(s)) => s,
+        (None, None) => Schedule::Karras,
+    };
     let device = crate::device::device(&args.device)?;
     let dtype = crate::device::dtype(&args.dtype)?;
     crate::device::check_dtype(&device, dtype)?;

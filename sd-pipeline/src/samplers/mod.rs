@@ -89,6 +89,38 @@ impl FromStr for SamplerKind {
     }
 }
 
+impl SamplerKind {
+    /// Parse a sampler as people type it: our names (`dpmpp_2m`), A1111's (`"DPM++ 2M Karras"`,
+    /// `"Euler a"`, `"DDIM"`), ComfyUI's (`euler_ancestral`) and diffusers class names
+    /// (`DPMSolverMultistepScheduler`). A trailing "Karras" also names the schedule.
+    pub fn parse_alias(s: &str) -> Result<(Self, Option<Schedule>), SamplerError> {
+        let mut n: String = s
+            .to_lowercase()
+            .replace("++", "pp")
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let mut schedule = None;
+        if let Some(stripped) = n.strip_suffix("karras") {
+            n = stripped.to_string();
+            schedule = Some(Schedule::Karras);
+        }
+        let kind = match n.as_str() {
+            "ddim" | "ddimscheduler" => Self::Ddim,
+            "euler" | "eulerdiscretescheduler" | "eulerdiscrete" => Self::Euler,
+            "eulera"
+            | "eulerancestral"
+            | "eulerancestraldiscretescheduler"
+            | "eulerancestraldiscrete" => Self::EulerA,
+            "dpmpp2m" | "dpmsolvermultistepscheduler" | "dpmsolvermultistep" | "dpmsolverpp2m" => {
+                Self::DpmPP2M
+            }
+            _ => return Err(SamplerError::UnknownSampler { name: s.into() }),
+        };
+        Ok((kind, schedule))
+    }
+}
+
 impl fmt::Display for SamplerKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -199,6 +231,33 @@ pub fn build_sampler(
 pub fn img2img_start_index(steps: usize, strength: f64) -> usize {
     let init = ((steps as f64 * strength) as usize).min(steps);
     steps.saturating_sub(init)
+}
+
+#[cfg(test)]
+mod alias_tests {
+    use super::*;
+
+    #[test]
+    fn names_people_type() {
+        let p = |s: &str| SamplerKind::parse_alias(s).unwrap();
+        assert_eq!(
+            p("DPM++ 2M Karras"),
+            (SamplerKind::DpmPP2M, Some(Schedule::Karras))
+        );
+        assert_eq!(p("dpmpp_2m"), (SamplerKind::DpmPP2M, None));
+        assert_eq!(p("Euler a"), (SamplerKind::EulerA, None));
+        assert_eq!(p("euler_ancestral"), (SamplerKind::EulerA, None));
+        assert_eq!(p("EulerDiscreteScheduler"), (SamplerKind::Euler, None));
+        assert_eq!(p("DDIM"), (SamplerKind::Ddim, None));
+        assert_eq!(
+            p("DPMSolverMultistepScheduler"),
+            (SamplerKind::DpmPP2M, None)
+        );
+        assert!(SamplerKind::parse_alias("PLMS")
+            .unwrap_err()
+            .to_string()
+            .contains("PLMS"));
+    }
 }
 
 #[cfg(test)]
