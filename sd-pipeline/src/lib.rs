@@ -6,6 +6,7 @@ pub mod loader;
 pub mod models;
 pub mod noise;
 pub mod pipeline;
+pub mod prompt;
 pub mod samplers;
 pub mod text;
 pub mod tokenizer;

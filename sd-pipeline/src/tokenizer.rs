@@ -142,37 +142,68 @@ impl ClipTokenizer {
     /// cut after a comma within the last 20 tokens, each chunk `[BOS] + tokens + [EOS]` padded
     /// to 77 with the pad token. An empty prompt gives one chunk.
     pub fn chunks(&self, text: &str) -> Result<Vec<Vec<u32>>> {
-        let tokens = self.encode(text)?;
-        let mut chunks: Vec<Vec<u32>> = Vec::new();
-        let mut chunk: Vec<u32> = Vec::new();
+        Ok(self
+            .weighted_chunks(&[(text.to_string(), 1.0)])?
+            .into_iter()
+            .map(|c| c.ids)
+            .collect())
+    }
+
+    /// A1111 chunking of weighted fragments (`prompt::parse_prompt_attention`): each fragment
+    /// is tokenized on its own and its weight given to its tokens; `("BREAK", -1)` ends the
+    /// chunk. BOS, EOS and padding have weight 1.
+    pub fn weighted_chunks(&self, fragments: &[(String, f32)]) -> Result<Vec<WeightedChunk>> {
+        let mut chunks: Vec<WeightedChunk> = Vec::new();
+        let mut chunk: Vec<(u32, f32)> = Vec::new();
         let mut last_comma: Option<usize> = None;
-        let finish = |chunk: Vec<u32>, chunks: &mut Vec<Vec<u32>>| {
+        let finish = |chunk: Vec<(u32, f32)>, chunks: &mut Vec<WeightedChunk>| {
             let mut ids = Vec::with_capacity(CHUNK_TOKENS + 2);
+            let mut weights = Vec::with_capacity(CHUNK_TOKENS + 2);
             ids.push(self.bos);
-            ids.extend_from_slice(&chunk);
-            ids.push(self.eos);
-            ids.resize(CHUNK_TOKENS + 2, self.pad);
-            chunks.push(ids);
-        };
-        for &token in &tokens {
-            if Some(token) == self.comma {
-                last_comma = Some(chunk.len());
-            } else if let Some(lc) = last_comma {
-                if chunk.len() == CHUNK_TOKENS && chunk.len() - lc <= COMMA_BACKTRACK {
-                    let reloc = chunk.split_off(lc + 1);
-                    finish(std::mem::replace(&mut chunk, reloc), &mut chunks);
-                    last_comma = None;
-                }
+            weights.push(1.0);
+            for (t, w) in chunk {
+                ids.push(t);
+                weights.push(w);
             }
-            if chunk.len() == CHUNK_TOKENS {
+            ids.push(self.eos);
+            weights.push(1.0);
+            ids.resize(CHUNK_TOKENS + 2, self.pad);
+            weights.resize(CHUNK_TOKENS + 2, 1.0);
+            chunks.push(WeightedChunk { ids, weights });
+        };
+        for (text, weight) in fragments {
+            if text == "BREAK" && *weight == -1.0 {
                 finish(std::mem::take(&mut chunk), &mut chunks);
                 last_comma = None;
+                continue;
             }
-            chunk.push(token);
+            for token in self.encode(text)? {
+                if Some(token) == self.comma {
+                    last_comma = Some(chunk.len());
+                } else if let Some(lc) = last_comma {
+                    if chunk.len() == CHUNK_TOKENS && chunk.len() - lc <= COMMA_BACKTRACK {
+                        let reloc = chunk.split_off(lc + 1);
+                        finish(std::mem::replace(&mut chunk, reloc), &mut chunks);
+                        last_comma = None;
+                    }
+                }
+                if chunk.len() == CHUNK_TOKENS {
+                    finish(std::mem::take(&mut chunk), &mut chunks);
+                    last_comma = None;
+                }
+                chunk.push((token, *weight));
+            }
         }
         if !chunk.is_empty() || chunks.is_empty() {
             finish(chunk, &mut chunks);
         }
         Ok(chunks)
     }
+}
+
+/// 77 token ids and their emphasis weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightedChunk {
+    pub ids: Vec<u32>,
+    pub weights: Vec<f32>,
 }

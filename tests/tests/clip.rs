@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use sd_pipeline::loader::{load_component, weight_files};
 use sd_pipeline::models::clip::ClipTextModel;
 use sd_pipeline::models::config::ClipConfig;
-use sd_pipeline::text::encode_prompts;
+use sd_pipeline::text::{encode_chunks, encode_prompts};
 use sd_pipeline::tokenizer::ClipTokenizer;
 use sd_plugins_api::ModelPart;
 use sd_tests::{assert_close, expected, fixtures, get, model_dir};
@@ -49,7 +49,8 @@ fn check(model: &str) {
             .collect();
         assert_eq!(ours, ids, "{model}: token ids of prompt {i} {prompt:?}");
         for skip in [1, 2] {
-            let (h, _) = encode_prompts(&tok, &clip, prompt, None, skip, &Device::Cpu).unwrap();
+            // raw text (no emphasis parsing): what transformers computes
+            let h = encode_chunks(&clip, &chunks, skip, &Device::Cpu).unwrap();
             let want = get(&exp, &format!("hidden_skip{skip}_{i}"));
             assert_close(
                 &format!("{model} prompt {i} clip_skip {skip}"),
@@ -102,4 +103,31 @@ fn clip_skip_out_of_range_is_a_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("clip_skip 9"), "{e}");
+}
+
+#[test]
+fn a1111_emphasis_matches_the_reference_algorithm() {
+    // expected: make_fixtures.py's port of A1111's parser, chunking with weights and
+    // process_tokens (scale per token, restore the chunk's mean) on the sd1 text encoder
+    let (tok, clip) = load("sd1");
+    let exp = expected("emphasis_sd1.safetensors");
+    let path = fixtures().join("expected/emphasis_prompts.json");
+    let prompts: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let chunks = sd_pipeline::text::prompt_chunks(&tok, p).unwrap();
+        let want: Vec<Vec<f32>> = get(&exp, &format!("weights_{i}")).to_vec2().unwrap();
+        let got: Vec<Vec<f32>> = chunks.iter().map(|c| c.weights.clone()).collect();
+        assert_eq!(got.len(), want.len(), "{p}: chunk count");
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - w).abs() < 1e-6, "{p}: weights {got:?} vs {want:?}");
+        }
+        let (h, _) = encode_prompts(&tok, &clip, p, None, 1, &Device::Cpu).unwrap();
+        assert_close(
+            &format!("emphasis {p:?}"),
+            &h,
+            get(&exp, &format!("hidden_{i}")),
+            1e-4,
+        );
+    }
 }
