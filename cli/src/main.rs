@@ -5,6 +5,7 @@ mod controlnet;
 mod device;
 mod generate;
 mod lora;
+mod png_info;
 mod progress;
 
 use std::process::ExitCode;
@@ -35,6 +36,8 @@ enum Command {
     /// LoRA tools.
     #[command(subcommand)]
     Lora(lora::LoraCommand),
+    /// Print the generation settings stored in a PNG (sdctl, AUTOMATIC1111, ComfyUI).
+    PngInfo(png_info::PngInfoArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Controlnet(cmd) => controlnet::run(cmd),
         Command::Lora(cmd) => lora::run(cmd),
+        Command::PngInfo(a) => png_info::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

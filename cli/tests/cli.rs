@@ -704,3 +704,53 @@ fn a_failed_write_leaves_no_output_at_all() {
         assert!(!dir.join(f).exists(), "{f} was left behind");
     }
 }
+
+#[test]
+fn png_info_reads_ours_and_comfyui() {
+    let dir = scratch("pnginfo");
+    let out = dir.join("a.png");
+    let model = model_dir("sd1");
+    let o = sdctl(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a (red:1.2) cat",
+        "--negative-prompt",
+        "blurry",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+        "--output",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = sdctl(&["png-info", s(&out)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(text.starts_with("a (red:1.2) cat\nNegative prompt: blurry\nSteps: 2, Sampler: dpmpp_2m, Schedule type: karras, CFG scale: 7.5, Seed: 7, Size: 64x64"), "{text}");
+    // a ComfyUI PNG: the API graph in a `prompt` chunk
+    let comfy = dir.join("comfy.png");
+    let f = std::fs::File::create(&comfy).unwrap();
+    let mut enc = png::Encoder::new(f, 1, 1);
+    enc.set_color(png::ColorType::Rgb);
+    enc.add_text_chunk("prompt".into(), r#"{"3": {"class_type": "KSampler", "inputs": {"seed": 5}}, "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a castle at dusk"}}}"#.into()).unwrap();
+    let mut w = enc.write_header().unwrap();
+    w.write_image_data(&[0, 0, 0]).unwrap();
+    w.finish().unwrap();
+    let o = sdctl(&["png-info", s(&comfy)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains("a castle at dusk") && text.contains("CLIPTextEncode"),
+        "{text}"
+    );
+    // not a PNG
+    let o = sdctl(&["png-info", s(&model.join("model_index.json"))]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a readable PNG"));
+}
