@@ -29,10 +29,9 @@ pub fn get<'a>(map: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
         .unwrap_or_else(|| panic!("fixture tensor {name} missing"))
 }
 
-/// Largest absolute difference between two tensors of the same shape.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(candle_core::DType::F32).unwrap() - b.to_dtype(candle_core::DType::F32).unwrap())
+/// Largest absolute value of a tensor.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(candle_core::DType::F32)
         .unwrap()
         .abs()
         .unwrap()
@@ -44,19 +43,18 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    max_abs(&(f32(a) - f32(b)).unwrap())
+}
+
 /// Assert `a` matches `b` within `tol` (max abs), and that `b` is not trivially small, so a
 /// test of an all-zero output cannot pass by accident.
 pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
     let d = max_abs_diff(a, b);
-    let scale = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = max_abs(b);
     println!("{what}: max abs diff {d:.3e} (reference max abs {scale:.3})");
     assert!(
         scale > 1e-3,

@@ -227,78 +227,48 @@ fn unit_masks_limit_where_control_applies() {
 #[test]
 fn mismatched_or_missing_inputs_are_clear_errors() {
     let base = sd("sd1");
-    let mut cache = Vec::new();
-    // an SD2 ControlNet (linear projections, other heads) does not fit... its shapes are the
-    // same here, so use a ControlNet whose residual count differs: layer_weights of wrong length
-    let mut s = UnitSpec::new(
-        fixtures().join("models/controlnet-sd1"),
-        fixtures().join("inputs/control_a.png"),
-    );
+    let spec =
+        |model: &str, image: &str| UnitSpec::new(fixtures().join(model), fixtures().join(image));
+    let err = |s: UnitSpec| {
+        s.build(&base, 64, 64, &mut Vec::new())
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    // layer_weights of the wrong length for this model's residual count
+    let mut s = spec("models/controlnet-sd1", "inputs/control_a.png");
     s.layer_weights = Some(vec![1.0; 3]);
-    let e = s
-        .build(&base, 64, 64, &mut cache)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = err(s);
     assert!(e.contains("layer_weights has 3 values"), "{e}");
-    let s = UnitSpec::new(
-        fixtures().join("models/controlnet-sd1"),
-        fixtures().join("inputs/missing.png"),
-    );
-    let e = s
-        .build(&base, 64, 64, &mut cache)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = err(spec("models/controlnet-sd1", "inputs/missing.png"));
     assert!(e.contains("missing.png"), "{e}");
-    let s = UnitSpec::new(
-        fixtures().join("models/nope"),
-        fixtures().join("inputs/control_a.png"),
-    );
-    let e = s
-        .build(&base, 64, 64, &mut cache)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = err(spec("models/nope", "inputs/control_a.png"));
     assert!(e.contains("nope"), "{e}");
     // not a ControlNet at all
-    let s = UnitSpec::new(
-        fixtures().join("models/sd1/unet/diffusion_pytorch_model.safetensors"),
-        fixtures().join("inputs/control_a.png"),
-    );
-    let e = s
-        .build(&base, 64, 64, &mut Vec::new())
-        .err()
-        .unwrap()
-        .to_string();
+    let e = err(spec(
+        "models/sd1/unet/diffusion_pytorch_model.safetensors",
+        "inputs/control_a.png",
+    ));
     assert!(
         e.contains("not a ControlNet") || e.contains("config"),
         "{e}"
     );
     // a ControlNet for another model family (other block channels, other text width)
-    let mut other = sd_controlnet::config::ControlNetConfig::from_unet(base.unet.config());
-    other.unet.block_out_channels = vec![16, 32, 64];
-    let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
-    let unit = ControlUnit::new(
-        Arc::new(ControlNetModel::new(&other, vb).unwrap()),
-        image_a(),
-    );
-    let e = unit
-        .validate_for(base.unet.config(), base.unet.num_skips(), 4)
-        .unwrap_err()
-        .to_string();
+    let misfit = |edit: &dyn Fn(&mut sd_controlnet::config::ControlNetConfig)| {
+        let mut other = sd_controlnet::config::ControlNetConfig::from_unet(base.unet.config());
+        edit(&mut other);
+        let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let unit = ControlUnit::new(
+            Arc::new(ControlNetModel::new(&other, vb).unwrap()),
+            image_a(),
+        );
+        unit.validate_for(base.unet.config(), base.unet.num_skips(), 4)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = misfit(&|c| c.unet.block_out_channels = vec![16, 32, 64]);
     assert!(e.contains("[16, 32, 64]"), "{e}");
-    let mut other = sd_controlnet::config::ControlNetConfig::from_unet(base.unet.config());
-    other.unet.cross_attention_dim = 16;
-    let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
-    let unit = ControlUnit::new(
-        Arc::new(ControlNetModel::new(&other, vb).unwrap()),
-        image_a(),
-    );
-    let e = unit
-        .validate_for(base.unet.config(), base.unet.num_skips(), 4)
-        .unwrap_err()
-        .to_string();
+    let e = misfit(&|c| c.unet.cross_attention_dim = 16);
     assert!(e.contains("width 16"), "{e}");
 }
 

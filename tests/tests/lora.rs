@@ -32,18 +32,23 @@ fn patched(specs: &[LoraSpec]) -> StableDiffusion {
     StableDiffusion::load(&model_dir("sd1"), &Device::Cpu, DType::F32, &patches).unwrap()
 }
 
-fn check(sd: &StableDiffusion, tag: &str) {
-    let exp = expected("lora_sd1.safetensors");
+/// The UNet's output on the inputs of the `unet_sd1` fixture.
+fn unet_on_fixture(sd: &StableDiffusion) -> Tensor {
     let u = expected("unet_sd1.safetensors");
-    let out = sd
-        .unet
+    sd.unet
         .forward(
             get(&u, "sample"),
             get(&u, "timestep"),
             get(&u, "encoder_hidden_states"),
             None,
         )
-        .unwrap();
+        .unwrap()
+}
+
+fn check(sd: &StableDiffusion, tag: &str) {
+    let exp = expected("lora_sd1.safetensors");
+    let u = expected("unet_sd1.safetensors");
+    let out = unet_on_fixture(sd);
     assert_close(
         &format!("{tag} unet"),
         &out,
@@ -86,16 +91,7 @@ fn kohya_format_matches_diffusers_fuse_lora() {
 fn ldm_style_kohya_names_patch_the_same_weights() {
     let sd = patched(&[spec("lora_b_ldm_names.safetensors", 0.5)]);
     let exp = expected("lora_sd1.safetensors");
-    let u = expected("unet_sd1.safetensors");
-    let out = sd
-        .unet
-        .forward(
-            get(&u, "sample"),
-            get(&u, "timestep"),
-            get(&u, "encoder_hidden_states"),
-            None,
-        )
-        .unwrap();
+    let out = unet_on_fixture(&sd);
     assert_close("ldm-named unet", &out, get(&exp, "b_unet_out"), 1e-4);
 }
 
