@@ -1,12 +1,15 @@
 //! `sdctl`: Stable Diffusion with ControlNet, from the command line.
 
 mod bench;
+mod config;
 mod controlnet;
 mod device;
 mod generate;
 mod lora;
 mod png_info;
+mod preprocessors;
 mod progress;
+mod settings;
 
 use std::process::ExitCode;
 
@@ -26,6 +29,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images: txt2img, img2img (--init-image) or inpainting (--init-image --mask).
+    #[command(after_help = "Every option is also a config key (--cfg-scale = cfg_scale) and an \
+environment variable (SDCTL_CFG_SCALE). Layers, lowest first: defaults, --config files in \
+order, SDCTL_* variables, flags. See `sdctl config show`.")]
     Generate(Box<generate::GenerateArgs>),
     /// Measure speed and memory.
     #[command(subcommand)]
@@ -36,6 +42,12 @@ enum Command {
     /// LoRA tools.
     #[command(subcommand)]
     Lora(lora::LoraCommand),
+    /// Layered settings: `config show` prints what generate would use.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Preprocessors (annotators) for control images.
+    #[command(subcommand)]
+    Preprocessors(preprocessors::PreprocessorsCommand),
     /// Print the generation settings stored in a PNG (sdctl, AUTOMATIC1111, ComfyUI).
     PngInfo(png_info::PngInfoArgs),
 }
@@ -55,6 +67,8 @@ fn main() -> ExitCode {
         Command::Controlnet(cmd) => controlnet::run(cmd),
         Command::Lora(cmd) => lora::run(cmd),
         Command::PngInfo(a) => png_info::run(a),
+        Command::Config(cmd) => config::run(cmd),
+        Command::Preprocessors(cmd) => preprocessors::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

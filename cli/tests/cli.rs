@@ -175,7 +175,10 @@ fn width_not_multiple_of_8_is_a_clear_error() {
         ],
         &out,
     );
-    assert!(err.contains("width 100"), "{err}");
+    assert!(
+        err.contains("--width: width: 100 is not a multiple of 8"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -340,7 +343,7 @@ fn bad_control_units_are_clear_errors() {
         cn.display(),
         img.display()
     ));
-    assert!(e.contains("start=0.8"), "{e}");
+    assert!(e.contains("start 0.8 is after end 0.2"), "{e}");
 }
 
 #[test]

@@ -1,19 +1,67 @@
-//! A control unit as the user writes it: `model=PATH,image=PATH[,weight=F][,start=F][,end=F]
-//! [,mode=...][,resize=...][,preprocessor=NAME][,mask=PATH]` on the command line, or the same
-//! keys in a `[[control]]` table of a config file.
+//! A control unit as the user describes it (the keys of a `[[control]]` table, or of
+//! `sdctl --control model=...,image=...`; parsing and checking those is the CLI settings'
+//! job), and how it becomes a [`ControlUnit`]: ControlNet loaded, image preprocessed and sized.
 
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::Device;
 use sd_pipeline::StableDiffusion;
+use sd_plugins_api::{resolve_params, ImageBuf, ParamValue, Params, Registry};
 
-use crate::control_image::{load_control_image, load_unit_mask};
+use crate::control_image::{fit, load_rgb, load_unit_mask, to_tensor};
 use crate::error::{ControlError, Result};
 use crate::load::load_controlnet;
 use crate::model::ControlNetModel;
 use crate::units::{ControlMode, ControlUnit, ResizeMode};
+
+/// A preprocessor by name with its parameters as given (checked against its declaration).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreprocessorChoice {
+    pub name: String,
+    pub params: Vec<(String, ParamValue)>,
+}
+
+impl PreprocessorChoice {
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            params: Vec::new(),
+        }
+    }
+
+    /// `none` means the image is used as it is.
+    pub fn is_none(&self) -> bool {
+        self.name == "none"
+    }
+
+    /// Check the name and parameters against the registry; every problem is listed.
+    pub fn resolve(&self, registry: &Registry) -> std::result::Result<Params, Vec<String>> {
+        if self.is_none() {
+            return match self.params.first() {
+                Some((k, _)) => Err(vec![format!("{k}: preprocessor none takes no parameters")]),
+                None => Ok(Params::default()),
+            };
+        }
+        let Some(p) = registry.preprocessor(&self.name) else {
+            let mut names = registry.preprocessor_names();
+            names.insert(0, "none");
+            let hint = match sd_plugins_api::params::closest(&self.name, &names) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None => format!("available: {}", names.join(", ")),
+            };
+            return Err(vec![format!(
+                "unknown preprocessor {:?} ({hint})",
+                self.name
+            )]);
+        };
+        resolve_params(&p.params(), &self.params).map_err(|errs| {
+            errs.into_iter()
+                .map(|e| format!("preprocessor {} parameter {e}", self.name))
+                .collect()
+        })
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnitSpec {
@@ -24,7 +72,7 @@ pub struct UnitSpec {
     pub end: f64,
     pub mode: ControlMode,
     pub resize: ResizeMode,
-    pub preprocessor: Option<String>,
+    pub preprocessor: Option<PreprocessorChoice>,
     pub mask: Option<PathBuf>,
     pub layer_weights: Option<Vec<f64>>,
 }
@@ -60,13 +108,6 @@ impl UnitSpec {
         if !self.weight.is_finite() {
             return bad(format!("control weight={} is not a number", self.weight));
         }
-        if let Some(p) = &self.preprocessor {
-            if p != "none" {
-                return bad(format!(
-                    "control preprocessor={p}: no preprocessor is available in this build (use a ready control image, or preprocessor=none)"
-                ));
-            }
-        }
         Ok(())
     }
 
@@ -78,8 +119,18 @@ impl UnitSpec {
         width: usize,
         height: usize,
         cache: &mut Vec<(PathBuf, Arc<ControlNetModel>)>,
+        registry: &Registry,
     ) -> Result<ControlUnit> {
         self.validate()?;
+        let pre = match &self.preprocessor {
+            Some(choice) if !choice.is_none() => {
+                let params = choice
+                    .resolve(registry)
+                    .map_err(|e| ControlError::Invalid(e.join("; ")))?;
+                Some((registry.preprocessor(&choice.name).cloned(), params))
+            }
+            _ => None,
+        };
         let device: &Device = &sd.device;
         let net = match cache.iter().find(|(p, _)| p == &self.model) {
             Some((_, n)) => n.clone(),
@@ -94,7 +145,22 @@ impl UnitSpec {
                 n
             }
         };
-        let image = load_control_image(&self.image, width, height, self.resize, device)?;
+        let mut rgb = load_rgb(&self.image)?;
+        if let Some((Some(p), params)) = pre {
+            let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+            let input = ImageBuf::new(w, h, 3, rgb.into_raw()).map_err(ControlError::Invalid)?;
+            let out = p.process(&input, &params).map_err(|e| {
+                ControlError::file(&self.image, format!("preprocessor {}: {e}", p.name()))
+            })?;
+            let out = ImageBuf::new(out.width, out.height, out.channels, out.data)
+                .map_err(|e| ControlError::Invalid(format!("preprocessor {}: {e}", p.name())))?;
+            let out = sd_plugins_api::hwc3(&out);
+            rgb = image::RgbImage::from_raw(out.width as u32, out.height as u32, out.data)
+                .ok_or_else(|| {
+                    ControlError::Invalid(format!("preprocessor {}: bad output", p.name()))
+                })?;
+        }
+        let image = to_tensor(&fit(&rgb, width as u32, height as u32, self.resize), device)?;
         let mask = self
             .mask
             .as_deref()
@@ -117,89 +183,5 @@ impl UnitSpec {
                 e => e,
             })?;
         Ok(unit)
-    }
-}
-
-fn num(key: &str, v: &str) -> Result<f64> {
-    v.parse::<f64>()
-        .map_err(|_| ControlError::Invalid(format!("control {key}={v:?} is not a number")))
-}
-
-impl FromStr for UnitSpec {
-    type Err = ControlError;
-
-    /// `model=PATH,image=PATH[,weight=F][,start=F][,end=F][,mode=M][,resize=R][,preprocessor=N][,mask=PATH]`
-    fn from_str(s: &str) -> Result<Self> {
-        let mut model = None;
-        let mut image = None;
-        let mut spec = UnitSpec::new("", "");
-        for part in s.split(',').filter(|p| !p.trim().is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| {
-                ControlError::Invalid(format!("control {part:?}: expected key=value (keys: model, image, weight, start, end, mode, resize, preprocessor, mask)"))
-            })?;
-            let (k, v) = (k.trim(), v.trim());
-            match k {
-                "model" => model = Some(PathBuf::from(v)),
-                "image" => image = Some(PathBuf::from(v)),
-                "weight" => spec.weight = num(k, v)?,
-                "start" => spec.start = num(k, v)?,
-                "end" => spec.end = num(k, v)?,
-                "mode" => spec.mode = v.parse()?,
-                "resize" => spec.resize = v.parse()?,
-                "preprocessor" => spec.preprocessor = Some(v.to_string()),
-                "mask" => spec.mask = Some(PathBuf::from(v)),
-                other => {
-                    return Err(ControlError::Invalid(format!(
-                        "unknown control key {other:?} (keys: model, image, weight, start, end, mode, resize, preprocessor, mask)"
-                    )))
-                }
-            }
-        }
-        spec.model = model.ok_or_else(|| {
-            ControlError::Invalid(format!("control {s:?}: model=PATH is required"))
-        })?;
-        spec.image = image.ok_or_else(|| {
-            ControlError::Invalid(format!("control {s:?}: image=PATH is required"))
-        })?;
-        spec.validate()?;
-        Ok(spec)
-    }
-}
-
-/// Resolve a path written relative to `base` (the directory a spec came from).
-pub fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_every_key() {
-        let s: UnitSpec = "model=cn,image=pose.png,weight=0.7,start=0.1,end=0.8,mode=control,resize=fill,mask=m.png,preprocessor=none"
-            .parse()
-            .unwrap();
-        assert_eq!(s.model, PathBuf::from("cn"));
-        assert_eq!(s.weight, 0.7);
-        assert_eq!((s.start, s.end), (0.1, 0.8));
-        assert_eq!(s.mode, ControlMode::Control);
-        assert_eq!(s.resize, ResizeMode::Fill);
-        assert_eq!(s.mask, Some(PathBuf::from("m.png")));
-    }
-
-    #[test]
-    fn errors_name_the_key_and_value() {
-        let e = |s: &str| s.parse::<UnitSpec>().unwrap_err().to_string();
-        assert!(e("image=a.png").contains("model=PATH"));
-        assert!(e("model=a,image=b,weight=x").contains("weight=\"x\""));
-        assert!(e("model=a,image=b,mode=strong").contains("strong"));
-        assert!(e("model=a,image=b,start=0.9,end=0.2").contains("start=0.9"));
-        assert!(e("model=a,image=b,colour=red").contains("colour"));
-        assert!(e("model=a,image=b,preprocessor=canny").contains("canny"));
     }
 }

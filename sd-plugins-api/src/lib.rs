@@ -41,11 +41,22 @@
 
 mod error;
 mod hooks;
+mod hwc3;
+pub mod params;
 mod patch;
+mod preprocess;
+
+#[doc(hidden)]
+pub use inventory;
 
 pub use error::HookError;
 pub use hooks::{
     classifier_free_guidance, Conditioning, Hook, HookSet, NoiseLevels, NoisePrediction,
     ResidualInput, Residuals, StepInfo,
 };
+pub use hwc3::hwc3;
+pub use params::{resolve_params, ParamError, ParamKind, ParamSpec, ParamValue, Params};
 pub use patch::{ModelPart, WeightPatch};
+pub use preprocess::{
+    BuiltinPreprocessor, ImageBuf, PluginError, PluginSource, Preprocessor, Registry,
+};

@@ -1,2 +1,12 @@
-//! Preprocessors (canny, pose, depth, ...) producing control images. Not built yet: see the
-//! preprocessors issue.
+//! Preprocessors (annotators) producing control images, each registered as a
+//! [`sd_plugins_api::Preprocessor`] so `sdctl` finds it by name. Algorithms and constants:
+//! `shared/reference/preprocessors.md`.
+
+mod simple;
+
+pub use sd_plugins_api::{hwc3, Registry};
+
+/// The built-in preprocessors of this crate (plus any other linked crate's).
+pub fn registry() -> Registry {
+    Registry::builtin()
+}

@@ -94,6 +94,7 @@ fn units(case: &Value, base: &StableDiffusion) -> Vec<ControlUnit> {
                 case["width"].as_u64().unwrap() as usize,
                 case["height"].as_u64().unwrap() as usize,
                 &mut cache,
+                &sd_preprocessors::registry(),
             )
             .unwrap()
         })
@@ -230,10 +231,16 @@ fn mismatched_or_missing_inputs_are_clear_errors() {
     let spec =
         |model: &str, image: &str| UnitSpec::new(fixtures().join(model), fixtures().join(image));
     let err = |s: UnitSpec| {
-        s.build(&base, 64, 64, &mut Vec::new())
-            .err()
-            .unwrap()
-            .to_string()
+        s.build(
+            &base,
+            64,
+            64,
+            &mut Vec::new(),
+            &sd_preprocessors::registry(),
+        )
+        .err()
+        .unwrap()
+        .to_string()
     };
     // layer_weights of the wrong length for this model's residual count
     let mut s = spec("models/controlnet-sd1", "inputs/control_a.png");
@@ -322,4 +329,43 @@ fn single_files_load_in_every_layout() {
         "{e}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_unit_preprocessor_runs_before_the_resize() {
+    // `invert` on the image equals no preprocessor on the inverted image file
+    let base = sd("sd1");
+    let reg = sd_preprocessors::registry();
+    let img = fixtures().join("inputs/control_a.png");
+    let inverted = std::env::temp_dir().join(format!("inverted-{}.png", std::process::id()));
+    let mut rgb = image::open(&img).unwrap().to_rgb8();
+    rgb.pixels_mut().for_each(|p| p.0 = p.0.map(|v| 255 - v));
+    rgb.save(&inverted).unwrap();
+    let cn = fixtures().join("models/controlnet-sd1");
+    let mut with_pre = UnitSpec::new(&cn, &img);
+    with_pre.preprocessor = Some(sd_controlnet::spec::PreprocessorChoice::named("invert"));
+    let a = with_pre
+        .build(&base, 64, 48, &mut Vec::new(), &reg)
+        .unwrap();
+    let b = UnitSpec::new(&cn, &inverted)
+        .build(&base, 64, 48, &mut Vec::new(), &reg)
+        .unwrap();
+    let plain = UnitSpec::new(&cn, &img)
+        .build(&base, 64, 48, &mut Vec::new(), &reg)
+        .unwrap();
+    assert_eq!(max_abs_diff(&a.image, &b.image), 0.0);
+    assert!(max_abs_diff(&a.image, &plain.image) > 0.5);
+    // parameters are checked against the preprocessor's declaration
+    let mut bad = UnitSpec::new(&cn, &img);
+    bad.preprocessor = Some(sd_controlnet::spec::PreprocessorChoice {
+        name: "threshold".into(),
+        params: vec![("threshold".into(), sd_plugins_api::ParamValue::Int(999))],
+    });
+    let e = bad
+        .build(&base, 64, 48, &mut Vec::new(), &reg)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("threshold: 999 is out of range 0..=255"), "{e}");
+    let _ = std::fs::remove_file(inverted);
 }

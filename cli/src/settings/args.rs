@@ -1,0 +1,188 @@
+//! The flags: one per setting, named as its config key with `-` for `_`. They form the top
+//! layer; `--control` and `--lora` append to the lists from config files.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use figment::value::{Dict, Value};
+
+use super::Problem;
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct SettingsArgs {
+    /// A config file (TOML, YAML or JSON), repeatable: later files override earlier ones,
+    /// [[control]] and [[lora]] lists are concatenated
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Vec<PathBuf>,
+    /// diffusers-layout model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The prompt; A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:WEIGHT>
+    #[arg(long)]
+    pub prompt: Option<String>,
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Image width (multiple of 8); default 512, or the init image's width
+    #[arg(long)]
+    pub width: Option<i64>,
+    /// Image height (multiple of 8); default 512, or the init image's height
+    #[arg(long)]
+    pub height: Option<i64>,
+    /// Denoising steps [default: 20]
+    #[arg(long)]
+    pub steps: Option<i64>,
+    /// Classifier-free guidance scale [default: 7.5]
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    /// ddim | euler | euler_a | dpmpp_2m [default: dpmpp_2m] (A1111, ComfyUI and diffusers
+    /// names work too: "DPM++ 2M Karras", "Euler a", euler_ancestral, DPMSolverMultistepScheduler)
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// normal | karras (default karras, or what the sampler name says)
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Seed of the noise (the same noise as torch.Generator("cpu").manual_seed); random if absent
+    #[arg(long)]
+    pub seed: Option<i64>,
+    /// Images generated at once [default: 1]
+    #[arg(long)]
+    pub batch: Option<i64>,
+    /// CLIP layers to skip, A1111 numbering: 1 = last layer, 2 = penultimate [default: 1]
+    #[arg(long)]
+    pub clip_skip: Option<i64>,
+    /// Source image for img2img, or for inpainting with --mask
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// Denoising strength in (0, 1]; default 0.8 for img2img, 1.0 for inpainting
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// Inpainting mask (white = repaint)
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// safetensors file with one f32 tensor `noise` [batch, 4, H/8, W/8] replacing the initial noise
+    #[arg(long)]
+    pub noise: Option<PathBuf>,
+    /// Write the final latents (before VAE decoding) as tensor `latents` to this safetensors file
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// Output PNG; with batch N > 1, OUT-0.png, OUT-1.png, ...
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// cpu | cuda [default: cpu]
+    #[arg(long)]
+    pub device: Option<String>,
+    /// f32 | f16 | bf16 (model weights and activations) [default: f32]
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// A control unit, repeatable: model=PATH,image=PATH[,weight=F][,start=F][,end=F]
+    /// [,mode=balanced|prompt|control][,resize=just|crop|fill][,preprocessor=NAME][,mask=PATH][,id=NAME]
+    #[arg(long = "control", value_name = "KEY=VALUE,...")]
+    pub control: Vec<String>,
+    /// A LoRA, repeatable: PATH[:WEIGHT] (weight for UNet and text encoder, default 1)
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    pub lora: Vec<String>,
+    /// Where `<lora:NAME:WEIGHT>` prompt tags find NAME.safetensors
+    #[arg(long)]
+    pub lora_dir: Option<PathBuf>,
+    /// Fail when a LoRA has keys that match nothing in the model (otherwise they are reported)
+    #[arg(long)]
+    pub strict_lora: bool,
+    /// Allow control weights outside [0, 2] and LoRA weights outside [-2, 2]
+    #[arg(long)]
+    pub allow_extreme_weights: bool,
+}
+
+fn path(p: &std::path::Path) -> Value {
+    Value::from(p.to_string_lossy().to_string())
+}
+
+impl SettingsArgs {
+    /// The flags as a layer (only those given).
+    pub fn to_dict(&self, problems: &mut Vec<Problem>) -> Dict {
+        let mut d = Dict::new();
+        let mut put = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                d.insert(k.into(), v);
+            }
+        };
+        put("model", self.model.as_deref().map(path));
+        put("prompt", self.prompt.clone().map(Value::from));
+        put(
+            "negative_prompt",
+            self.negative_prompt.clone().map(Value::from),
+        );
+        put("width", self.width.map(Value::from));
+        put("height", self.height.map(Value::from));
+        put("steps", self.steps.map(Value::from));
+        put("cfg_scale", self.cfg_scale.map(Value::from));
+        put("sampler", self.sampler.clone().map(Value::from));
+        put("schedule", self.schedule.clone().map(Value::from));
+        put("seed", self.seed.map(Value::from));
+        put("batch", self.batch.map(Value::from));
+        put("clip_skip", self.clip_skip.map(Value::from));
+        put("init_image", self.init_image.as_deref().map(path));
+        put("strength", self.strength.map(Value::from));
+        put("mask", self.mask.as_deref().map(path));
+        put("noise", self.noise.as_deref().map(path));
+        put("save_latents", self.save_latents.as_deref().map(path));
+        put("output", self.output.as_deref().map(path));
+        put("device", self.device.clone().map(Value::from));
+        put("dtype", self.dtype.clone().map(Value::from));
+        put("lora_dir", self.lora_dir.as_deref().map(path));
+        put("strict_lora", self.strict_lora.then_some(Value::from(true)));
+        put(
+            "allow_extreme_weights",
+            self.allow_extreme_weights.then_some(Value::from(true)),
+        );
+        let mut units = Vec::new();
+        for (i, c) in self.control.iter().enumerate() {
+            match control_table(c) {
+                Ok(t) => units.push(Value::from(t)),
+                Err(m) => problems.push(Problem::at(
+                    &super::Origin::Flag(format!("--control #{}", i + 1)),
+                    "",
+                    m,
+                )),
+            }
+        }
+        if !units.is_empty() {
+            d.insert("control".into(), Value::from(units));
+        }
+        let loras: Vec<Value> = self
+            .lora
+            .iter()
+            .map(|l| Value::from(lora_table(l)))
+            .collect();
+        if !loras.is_empty() {
+            d.insert("lora".into(), Value::from(loras));
+        }
+        d
+    }
+}
+
+/// `model=PATH,image=PATH,weight=0.7,...` as a table of strings (typed when checked).
+fn control_table(s: &str) -> Result<Dict, String> {
+    let mut d = Dict::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected KEY=VALUE"))?;
+        d.insert(k.trim().into(), Value::from(v.trim().to_string()));
+    }
+    Ok(d)
+}
+
+/// `PATH[:WEIGHT]` as a `[[lora]]` table (parsed as `sd_lora::LoraSpec::parse` does).
+fn lora_table(s: &str) -> Dict {
+    let mut d = Dict::new();
+    match sd_lora::LoraSpec::parse(s) {
+        Ok(spec) => {
+            d.insert("path".into(), path(&spec.path));
+            d.insert("weight".into(), Value::from(spec.unet_weight));
+        }
+        Err(_) => {
+            d.insert("path".into(), Value::from(s.to_string()));
+        }
+    }
+    d
+}

@@ -1,0 +1,174 @@
+//! The settings schema: every generation option with its one name (config key `cfg_scale`,
+//! flag `--cfg-scale`, environment variable `SDCTL_CFG_SCALE`), type, default and range.
+
+/// What a path names, which decides how it is checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PathRole {
+    /// An existing file.
+    File,
+    /// An existing folder.
+    Dir,
+    /// An existing file or folder (models).
+    FileOrDir,
+    /// A file to write: its folder must exist.
+    Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Ty {
+    Str,
+    Int { min: i64, max: i64 },
+    Float { min: f64, max: f64 },
+    Bool,
+    Choice(&'static [&'static str]),
+    Path(PathRole),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Default {
+    None,
+    Str(&'static str),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Field {
+    pub key: &'static str,
+    pub ty: Ty,
+    pub default: Default,
+}
+
+const fn f(key: &'static str, ty: Ty, default: Default) -> Field {
+    Field { key, ty, default }
+}
+
+const SIZE: Ty = Ty::Int { min: 8, max: 16384 };
+
+/// Top-level scalar settings, in the order `config show` prints them.
+pub const FIELDS: &[Field] = &[
+    f("model", Ty::Path(PathRole::FileOrDir), Default::None),
+    f("prompt", Ty::Str, Default::Str("")),
+    f("negative_prompt", Ty::Str, Default::Str("")),
+    f("width", SIZE, Default::None),
+    f("height", SIZE, Default::None),
+    f("steps", Ty::Int { min: 1, max: 10000 }, Default::Int(20)),
+    f(
+        "cfg_scale",
+        Ty::Float {
+            min: 0.0,
+            max: 100.0,
+        },
+        Default::Float(7.5),
+    ),
+    f("sampler", Ty::Str, Default::Str("dpmpp_2m")),
+    f("schedule", Ty::Choice(&["normal", "karras"]), Default::None),
+    f(
+        "seed",
+        Ty::Int {
+            min: 0,
+            max: i64::MAX,
+        },
+        Default::None,
+    ),
+    f("batch", Ty::Int { min: 1, max: 256 }, Default::Int(1)),
+    f("clip_skip", Ty::Int { min: 1, max: 24 }, Default::Int(1)),
+    f("init_image", Ty::Path(PathRole::File), Default::None),
+    f("strength", Ty::Float { min: 0.0, max: 1.0 }, Default::None),
+    f("mask", Ty::Path(PathRole::File), Default::None),
+    f("noise", Ty::Path(PathRole::File), Default::None),
+    f("save_latents", Ty::Path(PathRole::Output), Default::None),
+    f("output", Ty::Path(PathRole::Output), Default::None),
+    f("device", Ty::Choice(&["cpu", "cuda"]), Default::Str("cpu")),
+    f(
+        "dtype",
+        Ty::Choice(&["f32", "f16", "bf16"]),
+        Default::Str("f32"),
+    ),
+    f("lora_dir", Ty::Path(PathRole::Dir), Default::None),
+    f("strict_lora", Ty::Bool, Default::Bool(false)),
+    f("allow_extreme_weights", Ty::Bool, Default::Bool(false)),
+];
+
+/// Keys of a `[[control]]` table.
+pub const CONTROL_FIELDS: &[Field] = &[
+    f("id", Ty::Str, Default::None),
+    f("model", Ty::Path(PathRole::FileOrDir), Default::None),
+    f("image", Ty::Path(PathRole::File), Default::None),
+    f(
+        "weight",
+        Ty::Float {
+            min: f64::MIN,
+            max: f64::MAX,
+        },
+        Default::Float(1.0),
+    ),
+    f(
+        "start",
+        Ty::Float { min: 0.0, max: 1.0 },
+        Default::Float(0.0),
+    ),
+    f("end", Ty::Float { min: 0.0, max: 1.0 }, Default::Float(1.0)),
+    f(
+        "mode",
+        Ty::Choice(&["balanced", "prompt", "control"]),
+        Default::Str("balanced"),
+    ),
+    f(
+        "resize",
+        Ty::Choice(&["just", "crop", "fill"]),
+        Default::Str("crop"),
+    ),
+    // a name, or a table { name = "...", PARAM = VALUE, ... }; checked against the registry
+    f("preprocessor", Ty::Str, Default::Str("none")),
+    f("mask", Ty::Path(PathRole::File), Default::None),
+];
+
+/// Keys of a `[[lora]]` table. `weight` sets both parts; `unet_weight` / `te_weight` one each.
+pub const LORA_FIELDS: &[Field] = &[
+    f("id", Ty::Str, Default::None),
+    f("path", Ty::Path(PathRole::File), Default::None),
+    f(
+        "weight",
+        Ty::Float {
+            min: f64::MIN,
+            max: f64::MAX,
+        },
+        Default::Float(1.0),
+    ),
+    f(
+        "unet_weight",
+        Ty::Float {
+            min: f64::MIN,
+            max: f64::MAX,
+        },
+        Default::None,
+    ),
+    f(
+        "te_weight",
+        Ty::Float {
+            min: f64::MIN,
+            max: f64::MAX,
+        },
+        Default::None,
+    ),
+];
+
+/// Keys that hold lists of tables (concatenated across files) or file structure.
+pub const LIST_KEYS: &[&str] = &["control", "lora"];
+pub const INCLUDE_KEY: &str = "include";
+
+/// Control weights outside this range need `allow_extreme_weights`.
+pub const CONTROL_WEIGHT_RANGE: (f64, f64) = (0.0, 2.0);
+/// LoRA weights outside this range need `allow_extreme_weights` (negative LoRA weights are a
+/// common way to subtract a concept, so the range is symmetric).
+pub const LORA_WEIGHT_RANGE: (f64, f64) = (-2.0, 2.0);
+
+pub fn env_var(key: &str) -> String {
+    format!("SDCTL_{}", key.to_uppercase())
+}
+
+pub fn flag(key: &str) -> String {
+    format!("--{}", key.replace('_', "-"))
+}
