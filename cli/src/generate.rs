@@ -182,12 +182,12 @@ pub fn run(args: GenerateArgs) -> CliResult {
     sd.validate(&req)?;
     // Every ControlNet, control image and mask is loaded and checked before denoising starts.
     let mut cache = Vec::new();
-    let registry = sd_preprocessors::registry();
+    let registry = &st.registry;
     let units = specs
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            s.build(&sd, width, height, &mut cache, &registry)
+            s.build(&sd, width, height, &mut cache, registry)
                 .map_err(|e| format!("control[{i}]: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -197,6 +197,9 @@ pub fn run(args: GenerateArgs) -> CliResult {
     let mut hooks = HookSet::new();
     if !units.is_empty() {
         hooks.push(Box::new(ControlNetHook::new(units)));
+    }
+    for p in &st.plugins {
+        hooks.push(p.lib.hook(&p.params)?);
     }
     hooks.push(Box::new(progress));
     let mut rng = TorchRng::new(seed);

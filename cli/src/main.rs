@@ -29,9 +29,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images: txt2img, img2img (--init-image) or inpainting (--init-image --mask).
-    #[command(after_help = "Every option is also a config key (--cfg-scale = cfg_scale) and an \
+    #[command(
+        after_help = "Every option is also a config key (--cfg-scale = cfg_scale) and an \
 environment variable (SDCTL_CFG_SCALE). Layers, lowest first: defaults, --config files in \
-order, SDCTL_* variables, flags. See `sdctl config show`.")]
+order, SDCTL_* variables, flags. See `sdctl config show`."
+    )]
     Generate(Box<generate::GenerateArgs>),
     /// Measure speed and memory.
     #[command(subcommand)]
@@ -48,6 +50,9 @@ order, SDCTL_* variables, flags. See `sdctl config show`.")]
     /// Preprocessors (annotators) for control images.
     #[command(subcommand)]
     Preprocessors(preprocessors::PreprocessorsCommand),
+    /// Plugins: what is built in and what is loaded.
+    #[command(subcommand)]
+    Plugins(preprocessors::PluginsCommand),
     /// Print the generation settings stored in a PNG (sdctl, AUTOMATIC1111, ComfyUI).
     PngInfo(png_info::PngInfoArgs),
 }
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
         Command::PngInfo(a) => png_info::run(a),
         Command::Config(cmd) => config::run(cmd),
         Command::Preprocessors(cmd) => preprocessors::run(cmd),
+        Command::Plugins(cmd) => preprocessors::run_plugins(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

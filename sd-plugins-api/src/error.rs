@@ -3,6 +3,7 @@ use thiserror::Error;
 /// Error raised by a hook or a weight patch. The pipeline reports it with the hook's name.
 #[derive(Debug, Error)]
 pub enum HookError {
+    #[cfg(feature = "host")]
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error("{hook}: {message}")]

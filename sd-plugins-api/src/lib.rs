@@ -39,24 +39,35 @@
 //! # assert_eq!(out.to_vec1::<f32>().unwrap(), vec![4.0, 8.0]);
 //! ```
 
+pub mod abi;
 mod error;
+#[cfg(feature = "host")]
 mod hooks;
+#[cfg(feature = "host")]
+pub mod host;
 mod hwc3;
 pub mod params;
+#[cfg(feature = "host")]
 mod patch;
+pub mod plugin;
 mod preprocess;
+mod step;
 
 #[doc(hidden)]
 pub use inventory;
 
 pub use error::HookError;
+#[cfg(feature = "host")]
 pub use hooks::{
     classifier_free_guidance, Conditioning, Hook, HookSet, NoiseLevels, NoisePrediction,
-    ResidualInput, Residuals, StepInfo,
+    ResidualInput, Residuals,
 };
 pub use hwc3::hwc3;
 pub use params::{resolve_params, ParamError, ParamKind, ParamSpec, ParamValue, Params};
+#[cfg(feature = "host")]
 pub use patch::{ModelPart, WeightPatch};
+pub use plugin::{HookPlugin, TensorView};
 pub use preprocess::{
     BuiltinPreprocessor, ImageBuf, PluginError, PluginSource, Preprocessor, Registry,
 };
+pub use step::StepInfo;

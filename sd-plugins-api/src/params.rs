@@ -316,3 +316,120 @@ mod tests {
         assert_eq!(closest("zzzzzzzz", &["cfg_scale", "steps"]), None);
     }
 }
+
+/// Parameter declarations and values as JSON, the form they take across the plugin ABI.
+pub mod json {
+    use super::*;
+    use serde_json::{json, Map, Value};
+
+    pub fn spec_to_json(s: &ParamSpec) -> Value {
+        let mut v = json!({ "name": s.name, "default": value_to_json(&s.default), "help": s.help });
+        let m = v.as_object_mut().expect("object");
+        match &s.kind {
+            ParamKind::Bool => {
+                m.insert("type".into(), "bool".into());
+            }
+            ParamKind::Int { min, max } => {
+                m.insert("type".into(), "int".into());
+                m.insert("min".into(), (*min).into());
+                m.insert("max".into(), (*max).into());
+            }
+            ParamKind::Float { min, max } => {
+                m.insert("type".into(), "float".into());
+                m.insert("min".into(), (*min).into());
+                m.insert("max".into(), (*max).into());
+            }
+            ParamKind::Choice(c) => {
+                m.insert("type".into(), "choice".into());
+                m.insert("choices".into(), c.clone().into());
+            }
+            ParamKind::Str => {
+                m.insert("type".into(), "string".into());
+            }
+        }
+        v
+    }
+
+    pub fn spec_from_json(v: &Value) -> Result<ParamSpec, String> {
+        let name = v["name"].as_str().ok_or("parameter without a name")?;
+        let err = |what: &str| format!("parameter {name}: {what}");
+        let default = value_from_json(&v["default"]).ok_or_else(|| err("bad default"))?;
+        let kind = match v["type"].as_str() {
+            Some("bool") => ParamKind::Bool,
+            Some("int") => ParamKind::Int {
+                min: v["min"].as_i64().ok_or_else(|| err("int without min"))?,
+                max: v["max"].as_i64().ok_or_else(|| err("int without max"))?,
+            },
+            Some("float") => ParamKind::Float {
+                min: v["min"].as_f64().ok_or_else(|| err("float without min"))?,
+                max: v["max"].as_f64().ok_or_else(|| err("float without max"))?,
+            },
+            Some("choice") => ParamKind::Choice(
+                v["choices"]
+                    .as_array()
+                    .ok_or_else(|| err("choice without choices"))?
+                    .iter()
+                    .filter_map(|c| c.as_str().map(String::from))
+                    .collect(),
+            ),
+            Some("string") => ParamKind::Str,
+            other => return Err(err(&format!("unknown type {other:?}"))),
+        };
+        let spec = ParamSpec {
+            name: name.into(),
+            kind,
+            default,
+            help: v["help"].as_str().unwrap_or("").into(),
+        };
+        spec.check(&spec.default)
+            .map_err(|e| err(&format!("default: {e}")))?;
+        Ok(spec)
+    }
+
+    pub fn value_to_json(v: &ParamValue) -> Value {
+        match v {
+            ParamValue::Bool(b) => (*b).into(),
+            ParamValue::Int(i) => (*i).into(),
+            ParamValue::Float(x) => (*x).into(),
+            ParamValue::Str(s) => s.clone().into(),
+        }
+    }
+
+    pub fn value_from_json(v: &Value) -> Option<ParamValue> {
+        Some(match v {
+            Value::Bool(b) => ParamValue::Bool(*b),
+            Value::Number(n) if n.is_i64() => ParamValue::Int(n.as_i64()?),
+            Value::Number(n) => ParamValue::Float(n.as_f64()?),
+            Value::String(s) => ParamValue::Str(s.clone()),
+            _ => return None,
+        })
+    }
+
+    pub fn params_to_json(p: &Params) -> String {
+        let m: Map<String, Value> =
+            p.0.iter()
+                .map(|(k, v)| (k.clone(), value_to_json(v)))
+                .collect();
+        Value::Object(m).to_string()
+    }
+
+    /// Parse a JSON object of values and validate it against `specs`.
+    pub fn params_from_json(specs: &[ParamSpec], text: &str) -> Result<Params, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("parameters: {e}"))?;
+        let obj = v.as_object().ok_or("parameters: not a JSON object")?;
+        let given: Vec<(String, ParamValue)> = obj
+            .iter()
+            .map(|(k, v)| {
+                value_from_json(v)
+                    .map(|pv| (k.clone(), pv))
+                    .ok_or_else(|| format!("parameter {k}: unsupported value {v}"))
+            })
+            .collect::<Result<_, _>>()?;
+        resolve_params(specs, &given).map_err(|errs| {
+            errs.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+}

@@ -138,6 +138,8 @@ impl std::fmt::Display for PluginSource {
 #[derive(Clone)]
 pub struct Registry {
     preprocessors: Vec<(Arc<dyn Preprocessor>, PluginSource)>,
+    #[cfg(feature = "host")]
+    libraries: Vec<Arc<crate::host::PluginLibrary>>,
 }
 
 impl Registry {
@@ -149,7 +151,56 @@ impl Registry {
                 .map(|b| (Arc::from((b.create)()), PluginSource::Builtin))
                 .collect();
         preprocessors.sort_by(|a, b| a.0.name().cmp(b.0.name()));
-        Self { preprocessors }
+        Self {
+            preprocessors,
+            #[cfg(feature = "host")]
+            libraries: Vec::new(),
+        }
+    }
+
+    /// Load a plugin library (see [`crate::host`]); a preprocessor becomes available by
+    /// name, a hook plugin by [`Registry::hook_plugin`]. A file already loaded is not loaded
+    /// twice; a name already taken is refused.
+    #[cfg(feature = "host")]
+    pub fn load(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<Arc<crate::host::PluginLibrary>, String> {
+        let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        if let Some(l) = self
+            .libraries
+            .iter()
+            .find(|l| l.path.canonicalize().ok().as_deref() == Some(canon.as_path()))
+        {
+            return Ok(l.clone());
+        }
+        let lib = crate::host::load_plugin(path)?;
+        let name = &lib.manifest.name;
+        if self.libraries.iter().any(|l| &l.manifest.name == name) {
+            return Err(format!(
+                "plugin {}: the name {name:?} is already taken by another loaded plugin",
+                path.display()
+            ));
+        }
+        if let Some(p) = lib.preprocessor() {
+            self.add(p, PluginSource::Loaded(path.to_path_buf()))?;
+        }
+        self.libraries.push(lib.clone());
+        Ok(lib)
+    }
+
+    /// Every loaded plugin library.
+    #[cfg(feature = "host")]
+    pub fn libraries(&self) -> &[Arc<crate::host::PluginLibrary>] {
+        &self.libraries
+    }
+
+    /// A loaded hook plugin by name.
+    #[cfg(feature = "host")]
+    pub fn hook_plugin(&self, name: &str) -> Option<&Arc<crate::host::PluginLibrary>> {
+        self.libraries
+            .iter()
+            .find(|l| l.manifest.name == name && l.manifest.kind == crate::host::PluginKind::Hook)
     }
 
     /// Add a preprocessor loaded from `source`; a name already taken is refused.

@@ -87,6 +87,13 @@ pub struct SettingsArgs {
     /// Fail when a LoRA has keys that match nothing in the model (otherwise they are reported)
     #[arg(long)]
     pub strict_lora: bool,
+    /// A plugin to load, repeatable: PATH[,PARAM=VALUE]... (a hook plugin runs in generation
+    /// with these parameters; a preprocessor plugin becomes available by name)
+    #[arg(long = "plugin", value_name = "PATH[,PARAM=VALUE]...")]
+    pub plugin: Vec<String>,
+    /// Folder whose plugins are loaded (and usable by name) [default: CONFIG_DIR/sdctl/plugins]
+    #[arg(long)]
+    pub plugin_dir: Option<PathBuf>,
     /// Allow control weights outside [0, 2] and LoRA weights outside [-2, 2]
     #[arg(long)]
     pub allow_extreme_weights: bool,
@@ -129,6 +136,7 @@ impl SettingsArgs {
         put("device", self.device.clone().map(Value::from));
         put("dtype", self.dtype.clone().map(Value::from));
         put("lora_dir", self.lora_dir.as_deref().map(path));
+        put("plugin_dir", self.plugin_dir.as_deref().map(path));
         put("strict_lora", self.strict_lora.then_some(Value::from(true)));
         put(
             "allow_extreme_weights",
@@ -147,6 +155,29 @@ impl SettingsArgs {
         }
         if !units.is_empty() {
             d.insert("control".into(), Value::from(units));
+        }
+        let mut plugins = Vec::new();
+        for (i, p) in self.plugin.iter().enumerate() {
+            let mut parts = p.split(',');
+            let mut t = Dict::new();
+            t.insert(
+                "path".into(),
+                Value::from(parts.next().unwrap_or("").to_string()),
+            );
+            match control_table(&parts.collect::<Vec<_>>().join(",")) {
+                Ok(params) => {
+                    t.extend(params);
+                    plugins.push(Value::from(t));
+                }
+                Err(m) => problems.push(Problem::at(
+                    &super::Origin::Flag(format!("--plugin #{}", i + 1)),
+                    "",
+                    m,
+                )),
+            }
+        }
+        if !plugins.is_empty() {
+            d.insert("plugins".into(), Value::from(plugins));
         }
         let loras: Vec<Value> = self
             .lora

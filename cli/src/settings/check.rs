@@ -14,6 +14,7 @@ use super::fields::{
     self, Field, PathRole, Ty, CONTROL_FIELDS, CONTROL_WEIGHT_RANGE, FIELDS, LORA_FIELDS,
     LORA_WEIGHT_RANGE,
 };
+use super::plugins::PluginEntry;
 use super::sources::{describe, origin_of, Origin};
 use super::{resolve, Problem, Problems};
 
@@ -52,7 +53,7 @@ pub struct LoraEntry {
 }
 
 /// The validated settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     pub model: Option<PathBuf>,
     pub prompt: String,
@@ -78,6 +79,10 @@ pub struct Settings {
     pub strict_lora: bool,
     pub control: Vec<ControlEntry>,
     pub lora: Vec<LoraEntry>,
+    /// Hook plugins to run, with their parameters.
+    pub plugins: Vec<PluginEntry>,
+    /// Built-in preprocessors and every loaded plugin.
+    pub registry: Registry,
     /// Top-level values in schema order, for `config show`.
     pub shown: Vec<Shown>,
 }
@@ -223,19 +228,19 @@ fn unknown_key(key: &str, known: &[&str]) -> String {
 }
 
 /// Walks one table (top level or a list entry) against its fields.
-struct Table<'a> {
-    fig: &'a Figment,
+pub(super) struct Table<'a> {
+    pub(super) fig: &'a Figment,
     /// `""` for the top level, `control` / `lora` for list entries
-    list: &'static str,
+    pub(super) list: &'static str,
     /// Display index in the merged list, and index among entries of the same file.
-    index: usize,
-    file_index: usize,
-    problems: &'a mut Vec<Problem>,
-    shown: Vec<Shown>,
+    pub(super) index: usize,
+    pub(super) file_index: usize,
+    pub(super) problems: &'a mut Vec<Problem>,
+    pub(super) shown: Vec<Shown>,
 }
 
 impl Table<'_> {
-    fn key_name(&self, key: &str) -> String {
+    pub(super) fn key_name(&self, key: &str) -> String {
         if self.list.is_empty() {
             key.to_string()
         } else {
@@ -243,7 +248,7 @@ impl Table<'_> {
         }
     }
 
-    fn origin(&self, v: &Value, key: &str) -> Origin {
+    pub(super) fn origin(&self, v: &Value, key: &str) -> Origin {
         let idx = self.file_index.to_string();
         let path: Vec<&str> = if self.list.is_empty() {
             vec![key]
@@ -252,18 +257,20 @@ impl Table<'_> {
         };
         let mut o = origin_of(self.fig, v.tag(), &path);
         if let (Origin::Flag(_), false) = (&o, self.list.is_empty()) {
-            o = Origin::Flag(format!("--{} #{}", self.list, self.file_index + 1));
+            // the flag of a list: --control, --lora, --plugin
+            let flag = self.list.trim_end_matches('s');
+            o = Origin::Flag(format!("--{flag} #{}", self.file_index + 1));
         }
         o
     }
 
-    fn problem(&mut self, origin: &Origin, key: &str, msg: impl Into<String>) {
+    pub(super) fn problem(&mut self, origin: &Origin, key: &str, msg: impl Into<String>) {
         let k = self.key_name(key);
         self.problems.push(Problem::at(origin, k, msg));
     }
 
     /// Type-check every field present in `dict`; unknown keys are problems.
-    fn walk(
+    pub(super) fn walk(
         &mut self,
         dict: &Dict,
         fields: &[Field],
@@ -327,7 +334,7 @@ impl Table<'_> {
         out
     }
 
-    fn shown_origin(&self, key: &str) -> Option<Origin> {
+    pub(super) fn shown_origin(&self, key: &str) -> Option<Origin> {
         self.shown
             .iter()
             .find(|s| s.key == key)
@@ -375,10 +382,10 @@ fn preprocessor(v: &Value, origin: &Origin) -> Result<Typed, String> {
     }
 }
 
-fn get<'a>(vals: &'a [(String, Typed)], key: &str) -> Option<&'a Typed> {
+pub(super) fn get<'a>(vals: &'a [(String, Typed)], key: &str) -> Option<&'a Typed> {
     vals.iter().find(|(k, _)| k == key).map(|(_, v)| v)
 }
-fn get_str(vals: &[(String, Typed)], key: &str) -> Option<String> {
+pub(super) fn get_str(vals: &[(String, Typed)], key: &str) -> Option<String> {
     match get(vals, key)? {
         Typed::Str(s) => Some(s.clone()),
         _ => None,
@@ -403,7 +410,7 @@ fn get_bool(vals: &[(String, Typed)], key: &str) -> Option<bool> {
         _ => None,
     }
 }
-fn get_path(vals: &[(String, Typed)], key: &str) -> Option<PathBuf> {
+pub(super) fn get_path(vals: &[(String, Typed)], key: &str) -> Option<PathBuf> {
     match get(vals, key)? {
         Typed::Path(p) => Some(p.clone()),
         _ => None,
@@ -412,7 +419,11 @@ fn get_path(vals: &[(String, Typed)], key: &str) -> Option<PathBuf> {
 
 /// Entries of a list (`control`, `lora`) in merged order, each with its index among the
 /// entries of the same file (for line numbers).
-fn list_entries<'a>(fig: &Figment, root: &'a Dict, key: &str) -> Vec<(&'a Value, usize)> {
+pub(super) fn list_entries<'a>(
+    fig: &Figment,
+    root: &'a Dict,
+    key: &str,
+) -> Vec<(&'a Value, usize)> {
     let Some(v) = root.get(key) else {
         return Vec::new();
     };
@@ -433,7 +444,7 @@ fn list_entries<'a>(fig: &Figment, root: &'a Dict, key: &str) -> Vec<(&'a Value,
 }
 
 /// Validate the merged figment into settings.
-pub fn check(fig: &Figment, registry: &Registry) -> Result<Settings, Problems> {
+pub fn check(fig: &Figment, mut registry: Registry) -> Result<Settings, Problems> {
     let mut problems = Vec::new();
     let root: Dict = match figment::Provider::data(fig) {
         Ok(mut m) => m.remove(&figment::Profile::Default).unwrap_or_default(),
@@ -493,6 +504,15 @@ pub fn check(fig: &Figment, registry: &Registry) -> Result<Settings, Problems> {
         None => implied.unwrap_or(Schedule::Karras),
     };
     let shown = std::mem::take(&mut top.shown);
+
+    // plugins first: their preprocessors may be named by control units
+    let plugins = super::plugins::check_plugins(
+        fig,
+        &root,
+        get_path(&vals, "plugin_dir"),
+        &mut registry,
+        &mut problems,
+    );
 
     // [[control]]: concatenated across files; an id replaces the earlier unit with that id
     let mut control: Vec<ControlEntry> = Vec::new();
@@ -555,7 +575,7 @@ pub fn check(fig: &Figment, registry: &Registry) -> Result<Settings, Problems> {
             );
         }
         if let Some(Typed::Preprocessor(p)) = get(&vals, "preprocessor") {
-            if let Err(errs) = p.resolve(registry) {
+            if let Err(errs) = p.resolve(&registry) {
                 let o = t
                     .shown_origin("preprocessor")
                     .unwrap_or(unit_origin.clone());
@@ -663,6 +683,8 @@ pub fn check(fig: &Figment, registry: &Registry) -> Result<Settings, Problems> {
         strict_lora: get_bool(&vals, "strict_lora").unwrap_or(false),
         control,
         lora,
+        plugins,
+        registry,
         shown,
     })
 }

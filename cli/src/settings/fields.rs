@@ -88,6 +88,7 @@ pub const FIELDS: &[Field] = &[
     ),
     f("lora_dir", Ty::Path(PathRole::Dir), Default::None),
     f("strict_lora", Ty::Bool, Default::Bool(false)),
+    f("plugin_dir", Ty::Path(PathRole::Dir), Default::None),
     f("allow_extreme_weights", Ty::Bool, Default::Bool(false)),
 ];
 
@@ -156,7 +157,7 @@ pub const LORA_FIELDS: &[Field] = &[
 ];
 
 /// Keys that hold lists of tables (concatenated across files) or file structure.
-pub const LIST_KEYS: &[&str] = &["control", "lora"];
+pub const LIST_KEYS: &[&str] = &["control", "lora", "plugins"];
 pub const INCLUDE_KEY: &str = "include";
 
 /// Control weights outside this range need `allow_extreme_weights`.

@@ -5,6 +5,7 @@
 mod args;
 mod check;
 mod fields;
+mod plugins;
 mod show;
 mod sources;
 
@@ -117,7 +118,7 @@ pub fn load(args: &SettingsArgs) -> Result<Settings, Problems> {
     // unreadable files are reported and left out; the rest is still checked
     let fig = sources::compose(&files, flags);
     let registry = sd_preprocessors::registry();
-    match check::check(&fig, &registry) {
+    match check::check(&fig, registry) {
         Ok(s) if problems.is_empty() => Ok(s),
         Ok(_) => Err(Problems(problems)),
         Err(Problems(more)) => {

@@ -63,5 +63,9 @@ pub fn render(s: &Settings) -> String {
         out.push_str("\n[[lora]]\n");
         lines(&mut out, &l.shown);
     }
+    for p in &s.plugins {
+        out.push_str("\n[[plugins]]\n");
+        lines(&mut out, &p.shown);
+    }
     out
 }

@@ -1,0 +1,497 @@
+//! Plugins loaded at run time: the example plugins built as cdylibs and used through the CLI,
+//! and purpose-built bad plugins refused or contained at the boundary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+use candle_core::{Device, Tensor, D};
+use sd_plugins_api::{resolve_params, ImageBuf, NoisePrediction, ParamValue, Registry, StepInfo};
+use sd_tests::{fixtures, max_abs_diff, model_dir};
+
+static BUILD: Mutex<()> = Mutex::new(());
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Build a plugin crate of this workspace (into its own target folder, so the outer cargo's
+/// lock is not needed) and copy the library to a name unique to these features.
+fn build_plugin(package: &str, features: &str) -> PathBuf {
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let target = workspace().join("target/plugin-tests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace())
+        .args(["build", "--offline", "-p", package, "--target-dir"])
+        .arg(&target);
+    if !features.is_empty() {
+        cmd.args(["--features", features]);
+    }
+    let o = cmd.output().expect("cargo runs");
+    assert!(
+        o.status.success(),
+        "building {package} {features}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let file = format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        package.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    );
+    let built = target.join("debug").join(&file);
+    let copy = target.join(format!(
+        "{}-{}{}",
+        package,
+        if features.is_empty() {
+            "default"
+        } else {
+            features
+        },
+        std::env::consts::DLL_SUFFIX
+    ));
+    std::fs::copy(&built, &copy).unwrap();
+    copy
+}
+
+fn sdctl_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sdctl"));
+    c.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SDCTL_") {
+            c.env_remove(k);
+        }
+    }
+    // no plugin folder of the developer's own
+    c.env(
+        "XDG_CONFIG_HOME",
+        std::env::temp_dir().join("sdctl-no-config"),
+    );
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("sdctl runs")
+}
+
+fn sdctl(args: &[&str]) -> Output {
+    sdctl_env(args, &[])
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sdctl-plugins-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "sdctl failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// A failure that is an error message and exit code 1, not a crash.
+fn clean_failure(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected a clean error exit: {err}"
+    );
+    assert!(err.contains("error: "), "{err}");
+    err
+}
+
+fn latents(p: &Path) -> Tensor {
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()["latents"].clone()
+}
+
+/// A 4-step generation on the fixture model; extra arguments appended.
+fn generate(dir: &Path, name: &str, extra: &[&str]) -> Tensor {
+    let model = model_dir("sd1");
+    let lat = dir.join(format!("{name}.safetensors"));
+    let out = dir.join(format!("{name}.png"));
+    let mut args = vec![
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a red circle",
+        "--negative-prompt",
+        "blue",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "4",
+        "--cfg-scale",
+        "9",
+        "--seed",
+        "5",
+        "--output",
+        s(&out),
+        "--save-latents",
+        s(&lat),
+    ];
+    args.extend(extra);
+    ok(&sdctl(&args));
+    latents(&lat)
+}
+
+#[test]
+fn preprocessor_plugin_runs_through_the_abi_and_in_control_units() {
+    let lib = build_plugin("sdctl-plugin-posterize", "");
+    // in-process, through the ABI
+    let mut reg = Registry::builtin();
+    reg.load(&lib).unwrap();
+    let p = reg
+        .preprocessor("posterize")
+        .expect("registered by name")
+        .clone();
+    let img = ImageBuf::new(4, 1, 3, (0..12).map(|i| (i * 21) as u8).collect()).unwrap();
+    let params = resolve_params(&p.params(), &[("levels".into(), ParamValue::Int(3))]).unwrap();
+    let out = p.process(&img, &params).unwrap();
+    // 3 levels: [0, 86) -> 0, [86, 171) -> 127, [171, 256) -> 255
+    let want: Vec<u8> = img
+        .data
+        .iter()
+        .map(|&v| match v {
+            0..=85 => 0,
+            86..=170 => 127,
+            _ => 255,
+        })
+        .collect();
+    assert_eq!(out.data, want);
+    assert_eq!((out.width, out.height, out.channels), (4, 1, 3));
+
+    // through the CLI: a unit with the plugin's preprocessor equals a unit given the
+    // posterized image directly
+    let d = scratch("posterize");
+    let src = fixtures().join("inputs/init.png");
+    let mut rgb = image::open(&src).unwrap().to_rgb8();
+    rgb.pixels_mut()
+        .for_each(|px| px.0 = px.0.map(|v| (v as u32 * 4 / 256 * 255 / 3) as u8));
+    let pre = d.join("posterized.png");
+    rgb.save(&pre).unwrap();
+    let cn = model_dir("controlnet-sd1");
+    let cfg = d.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "plugins = [\"{}\"]\n\n[[control]]\nmodel = \"{}\"\nimage = \"{}\"\npreprocessor = {{ name = \"posterize\", levels = 4 }}\n",
+            lib.display(),
+            cn.display(),
+            src.display()
+        ),
+    )
+    .unwrap();
+    let a = generate(&d, "a", &["--config", s(&cfg)]);
+    let unit = format!("model={},image={}", cn.display(), pre.display());
+    let b = generate(&d, "b", &["--control", &unit]);
+    let raw = format!("model={},image={}", cn.display(), src.display());
+    let c = generate(&d, "c", &["--control", &raw]);
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert!(
+        max_abs_diff(&a, &c) > 1e-4,
+        "the preprocessor changed nothing"
+    );
+
+    // listed with its parameters; unknown parameters are caught before anything loads
+    let list = ok(&sdctl(&["preprocessors", "list", "--plugin", s(&lib)]));
+    assert!(
+        list.contains("posterize 0.1.0") && list.contains("levels = 4  [int 2..=256]"),
+        "{list}"
+    );
+    std::fs::write(
+        &cfg,
+        format!(
+            "plugins = [\"{}\"]\n\n[[control]]\nmodel = \"{}\"\nimage = \"{}\"\npreprocessor = {{ name = \"posterize\", levls = 4 }}\n",
+            lib.display(),
+            cn.display(),
+            src.display()
+        ),
+    )
+    .unwrap();
+    let err = clean_failure(&sdctl(&["config", "show", "--config", s(&cfg)]));
+    assert!(err.contains("c.toml:6: control[0].preprocessor: preprocessor posterize parameter levls: unknown parameter (did you mean `levels`?)"), "{err}");
+}
+
+/// diffusers' `rescale_noise_cfg` after plain CFG, in candle: the oracle for the hook.
+fn rescale_reference(u: &Tensor, c: &Tensor, g: f64, phi: f64) -> Tensor {
+    let cfg = (u + ((c - u).unwrap() * g).unwrap()).unwrap();
+    let std = |t: &Tensor| {
+        let b = t.dim(0).unwrap();
+        let flat = t.reshape((b, ())).unwrap();
+        let n = flat.dim(1).unwrap() as f64;
+        let mean = flat.mean_keepdim(D::Minus1).unwrap();
+        let var = (flat
+            .broadcast_sub(&mean)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_keepdim(D::Minus1)
+            .unwrap()
+            / (n - 1.0))
+            .unwrap();
+        var.sqrt().unwrap().reshape((b, 1, 1, 1)).unwrap()
+    };
+    let rescaled = cfg
+        .broadcast_mul(&std(c).broadcast_div(&std(&cfg)).unwrap())
+        .unwrap();
+    ((rescaled * phi).unwrap() + (cfg * (1.0 - phi)).unwrap()).unwrap()
+}
+
+#[test]
+fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
+    let lib = build_plugin("sdctl-plugin-cfg-rescale", "");
+    // the hook against the reference formula, through the ABI
+    let mut reg = Registry::builtin();
+    let loaded = reg.load(&lib).unwrap();
+    let params = resolve_params(
+        &loaded.manifest.params,
+        &[("phi".into(), ParamValue::Float(0.7))],
+    )
+    .unwrap();
+    let mut hook = loaded.hook(&params).unwrap();
+    let dev = Device::Cpu;
+    let u = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+    let c = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+    let step = StepInfo {
+        index: 0,
+        first_index: 0,
+        total: 4,
+        timestep: 999.0,
+        batch: 2,
+        cfg: true,
+    };
+    let pred = NoisePrediction {
+        uncond: Some(&u),
+        cond: &c,
+        guidance_scale: 7.5,
+    };
+    let got = hook
+        .on_noise_pred(&step, &pred)
+        .unwrap()
+        .expect("the hook answers");
+    let want = rescale_reference(&u, &c, 7.5, 0.7);
+    assert!(
+        max_abs_diff(&got, &want) < 1e-5,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+    drop(hook);
+
+    let d = scratch("cfg-rescale");
+    let plain = generate(&d, "plain", &[]);
+    let with = format!("{},phi=0.7", lib.display());
+    let rescaled = generate(&d, "rescaled", &["--plugin", &with]);
+    let neutral = format!("{},phi=0", lib.display());
+    let same = generate(&d, "neutral", &["--plugin", &neutral]);
+    assert!(
+        max_abs_diff(&plain, &rescaled) > 1e-3,
+        "{}",
+        max_abs_diff(&plain, &rescaled)
+    );
+    assert_eq!(max_abs_diff(&plain, &same), 0.0);
+
+    // from a config file, by name from the plugin folder, with parameters checked
+    let pdir = d.join("plugin-dir");
+    std::fs::create_dir_all(&pdir).unwrap();
+    std::fs::copy(&lib, pdir.join(lib.file_name().unwrap())).unwrap();
+    let cfg = d.join("p.toml");
+    std::fs::write(&cfg, "[[plugins]]\nname = \"cfg_rescale\"\nphi = 0.7\n").unwrap();
+    let lat = d.join("by-name.safetensors");
+    ok(&sdctl_env(
+        &[
+            "generate",
+            "--model",
+            s(&model_dir("sd1")),
+            "--prompt",
+            "a red circle",
+            "--negative-prompt",
+            "blue",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "4",
+            "--cfg-scale",
+            "9",
+            "--seed",
+            "5",
+            "--config",
+            s(&cfg),
+            "--output",
+            s(&d.join("by-name.png")),
+            "--save-latents",
+            s(&lat),
+        ],
+        &[("SDCTL_PLUGIN_DIR", s(&pdir))],
+    ));
+    assert_eq!(max_abs_diff(&latents(&lat), &rescaled), 0.0);
+    let show = ok(&sdctl_env(
+        &["config", "show", "--config", s(&cfg)],
+        &[("SDCTL_PLUGIN_DIR", s(&pdir))],
+    ));
+    assert!(
+        show.contains("[[plugins]]\nname = \"cfg_rescale\""),
+        "{show}"
+    );
+    let list = ok(&sdctl_env(
+        &["plugins", "list"],
+        &[("SDCTL_PLUGIN_DIR", s(&pdir))],
+    ));
+    assert!(
+        list.contains("cfg_rescale    hook") && list.contains("phi = 0.7  [float 0..=1]"),
+        "{list}"
+    );
+    std::fs::write(
+        &cfg,
+        "[[plugins]]\nname = \"cfg_rescale\"\nphi = 2.0\nphy = 1\n",
+    )
+    .unwrap();
+    let err = clean_failure(&sdctl_env(
+        &["config", "show", "--config", s(&cfg)],
+        &[("SDCTL_PLUGIN_DIR", s(&pdir))],
+    ));
+    assert!(
+        err.contains("p.toml:3: plugins[0].phi: plugin cfg_rescale: 2 is out of range 0..=1"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "p.toml:4: plugins[0].phy: plugin cfg_rescale: unknown parameter (did you mean `phi`?)"
+        ),
+        "{err}"
+    );
+    std::fs::write(&cfg, "[[plugins]]\nname = \"cfg_rescal\"\n").unwrap();
+    let err = clean_failure(&sdctl_env(
+        &["config", "show", "--config", s(&cfg)],
+        &[("SDCTL_PLUGIN_DIR", s(&pdir))],
+    ));
+    assert!(
+        err.contains("no loaded plugin is named \"cfg_rescal\" (loaded: cfg_rescale"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_plugins_are_refused_or_contained() {
+    let d = scratch("bad");
+    let mut reg = Registry::builtin();
+
+    let wrong_abi = build_plugin("sdctl-plugin-misbehaving", "wrong_abi");
+    let e = reg.load(&wrong_abi).err().unwrap();
+    assert!(
+        e.contains("built for plugin ABI version 999, this sdctl speaks version 1"),
+        "{e}"
+    );
+    let err = clean_failure(&sdctl(&["plugins", "list", "--plugin", s(&wrong_abi)]));
+    assert!(
+        err.contains("--plugin #1: plugins[0].path: plugin") && err.contains("ABI version 999"),
+        "{err}"
+    );
+
+    let no_entry = build_plugin("sdctl-plugin-misbehaving", "no_entry");
+    let e = reg.load(&no_entry).err().unwrap();
+    assert!(
+        e.contains("not an sdctl plugin (no `sd_plugin_entry` symbol)"),
+        "{e}"
+    );
+
+    let not_lib = d.join("notes.so");
+    std::fs::write(&not_lib, "just text").unwrap();
+    let e = reg.load(&not_lib).err().unwrap();
+    assert!(e.contains("not a loadable library"), "{e}");
+    let e = reg.load(&d.join("missing.so")).err().unwrap();
+    assert!(e.contains("missing.so: no such file"), "{e}");
+
+    let img = ImageBuf::new(64, 64, 3, vec![100; 64 * 64 * 3]).unwrap();
+    let wrong_size = build_plugin("sdctl-plugin-misbehaving", "wrong_size");
+    let mut r = Registry::builtin();
+    r.load(&wrong_size).unwrap();
+    let p = r.preprocessor("misbehaving").unwrap().clone();
+    let e = p
+        .process(&img, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("returned a buffer of 10 bytes for a 64x64x3 image"),
+        "{e}"
+    );
+
+    let panics = build_plugin("sdctl-plugin-misbehaving", "panics");
+    let mut r = Registry::builtin();
+    r.load(&panics).unwrap();
+    let p = r.preprocessor("misbehaving").unwrap().clone();
+    for _ in 0..2 {
+        // caught every time; this process goes on
+        let e = p
+            .process(&img, &Default::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("plugin panicked: deliberate panic inside process"),
+            "{e}"
+        );
+    }
+    // and through the CLI: a clean error, not a crash
+    let cn = model_dir("controlnet-sd1");
+    let cfg = d.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "plugins = [\"{}\"]\n[[control]]\nmodel = \"{}\"\nimage = \"{}\"\npreprocessor = \"misbehaving\"\n",
+            panics.display(),
+            cn.display(),
+            fixtures().join("inputs/control_a.png").display()
+        ),
+    )
+    .unwrap();
+    let out = d.join("o.png");
+    let err = clean_failure(&sdctl(&[
+        "generate",
+        "--config",
+        s(&cfg),
+        "--model",
+        s(&model_dir("sd1")),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--output",
+        s(&out),
+    ]));
+    assert!(
+        err.contains("plugin panicked: deliberate panic inside process"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    // the well-behaved build of the same crate works
+    let good = build_plugin("sdctl-plugin-misbehaving", "");
+    let mut r = Registry::builtin();
+    r.load(&good).unwrap();
+    let out = r
+        .preprocessor("misbehaving")
+        .unwrap()
+        .process(&img, &Default::default())
+        .unwrap();
+    assert!(out.data.iter().all(|&v| v == 155));
+}

@@ -1,0 +1,294 @@
+//! Writing a plugin: ordinary safe Rust, turned into the C ABI by [`export_plugin!`].
+//!
+//! A preprocessor plugin implements [`Preprocessor`](crate::Preprocessor) (and `Default`);
+//! a step-hook plugin implements [`HookPlugin`]. Then, in the `cdylib` crate:
+//!
+//! ```ignore
+//! sd_plugins_api::export_plugin!(preprocessor: Posterize);
+//! // or
+//! sd_plugins_api::export_plugin!(hook: CfgRescale);
+//! ```
+//!
+//! Panics inside a plugin's code are caught at the boundary and reported as errors.
+
+use crate::{ParamSpec, Params, StepInfo};
+
+/// A borrowed f32 tensor (row-major) with its shape.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    pub data: &'a [f32],
+    pub shape: &'a [usize],
+}
+
+/// A step hook living in a plugin. Return `Ok(None)` to leave a point alone; a returned
+/// tensor must have the input's shape (the host checks).
+pub trait HookPlugin: Send + Sized + 'static {
+    /// Name used in configs (`plugins = [{ name = "cfg_rescale", phi = 0.7 }]`).
+    fn name() -> &'static str;
+    fn description() -> &'static str;
+    fn params() -> Vec<ParamSpec>;
+    /// One instance per generation, with validated parameters.
+    fn create(params: &Params) -> Result<Self, String>;
+
+    /// Edit the latents before the UNet runs.
+    fn before_step(
+        &mut self,
+        _step: &StepInfo,
+        _latents: TensorView<'_>,
+    ) -> Result<Option<Vec<f32>>, String> {
+        Ok(None)
+    }
+
+    /// Combine the predictions (`uncond` is `None` without classifier-free guidance).
+    fn on_noise_pred(
+        &mut self,
+        _step: &StepInfo,
+        _uncond: Option<TensorView<'_>>,
+        _cond: TensorView<'_>,
+        _guidance_scale: f64,
+    ) -> Result<Option<Vec<f32>>, String> {
+        Ok(None)
+    }
+}
+
+/// Make a `cdylib` a plugin: `export_plugin!(preprocessor: T)` for a type implementing
+/// [`Preprocessor`](crate::Preprocessor) + `Default`, `export_plugin!(hook: T)` for a
+/// [`HookPlugin`]. Generates the `sd_plugin_entry` symbol and its function table.
+#[macro_export]
+macro_rules! export_plugin {
+    (preprocessor: $t:ty) => {
+        $crate::export_plugin!(@table $t,
+            $crate::plugin::glue::preprocessor_manifest::<$t>,
+            process: Some($crate::plugin::glue::process::<$t>),
+            create: None, destroy: None, before_step: None, on_noise_pred: None);
+    };
+    (hook: $t:ty) => {
+        $crate::export_plugin!(@table $t,
+            $crate::plugin::glue::hook_manifest::<$t>,
+            process: None,
+            create: Some($crate::plugin::glue::create::<$t>),
+            destroy: Some($crate::plugin::glue::destroy::<$t>),
+            before_step: Some($crate::plugin::glue::before_step::<$t>),
+            on_noise_pred: Some($crate::plugin::glue::on_noise_pred::<$t>));
+    };
+    (@table $t:ty, $manifest:path, process: $p:expr, create: $c:expr, destroy: $d:expr,
+        before_step: $b:expr, on_noise_pred: $n:expr) => {
+        #[no_mangle]
+        pub extern "C" fn sd_plugin_entry() -> *const $crate::abi::SdPluginV1 {
+            extern "C" fn manifest() -> $crate::abi::SdStr {
+                static M: ::std::sync::OnceLock<String> = ::std::sync::OnceLock::new();
+                $crate::abi::SdStr::new(M.get_or_init(|| $manifest(env!("CARGO_PKG_VERSION"))))
+            }
+            static TABLE: $crate::abi::SdPluginV1 = $crate::abi::SdPluginV1 {
+                abi_version: $crate::abi::ABI_VERSION,
+                struct_size: ::std::mem::size_of::<$crate::abi::SdPluginV1>() as u32,
+                manifest,
+                process: $p,
+                free_image: $crate::plugin::glue::free_image,
+                create: $c,
+                destroy: $d,
+                before_step: $b,
+                on_noise_pred: $n,
+                free_tensor: $crate::plugin::glue::free_tensor,
+            };
+            &TABLE
+        }
+    };
+}
+
+/// The generated side of the ABI (used by [`export_plugin!`]; not for direct use).
+#[doc(hidden)]
+// FFI entry points: the ABI contract makes the host pass valid (or null) pointers.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
+pub mod glue {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    use super::{HookPlugin, TensorView};
+    use crate::abi::*;
+    use crate::params::json::{params_from_json, spec_to_json};
+    use crate::{ImageBuf, ParamSpec, Preprocessor, StepInfo};
+
+    fn manifest(
+        kind: &str,
+        name: &str,
+        version: &str,
+        description: &str,
+        params: &[ParamSpec],
+    ) -> String {
+        serde_json::json!({
+            "kind": kind,
+            "name": name,
+            "version": version,
+            "description": description,
+            "params": params.iter().map(spec_to_json).collect::<Vec<_>>(),
+        })
+        .to_string()
+    }
+
+    pub fn preprocessor_manifest<T: Preprocessor + Default>(version: &str) -> String {
+        let p = T::default();
+        manifest(
+            "preprocessor",
+            p.name(),
+            version,
+            p.description(),
+            &p.params(),
+        )
+    }
+
+    pub fn hook_manifest<T: HookPlugin>(version: &str) -> String {
+        manifest("hook", T::name(), version, T::description(), &T::params())
+    }
+
+    fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into())
+    }
+
+    /// Run `f`, turning errors and panics into [`SD_ERROR`] with a message.
+    fn guard(err: *mut SdErrBuf, f: impl FnOnce() -> Result<i32, String>) -> i32 {
+        let msg = match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(Ok(code)) => return code,
+            Ok(Err(m)) => m,
+            Err(p) => format!("plugin panicked: {}", panic_message(&*p)),
+        };
+        if let Some(e) = unsafe { err.as_mut() } {
+            unsafe { e.write(&msg) };
+        }
+        SD_ERROR
+    }
+
+    pub extern "C" fn process<T: Preprocessor + Default>(
+        params: SdStr,
+        input: *const SdImage,
+        out: *mut SdImageOut,
+        err: *mut SdErrBuf,
+    ) -> i32 {
+        guard(err, || {
+            let p = T::default();
+            let params = params_from_json(&p.params(), unsafe { params.as_str()? })?;
+            let input = unsafe { input.as_ref() }.ok_or("null input")?;
+            let data = unsafe { std::slice::from_raw_parts(input.data, input.len) }.to_vec();
+            let img = ImageBuf::new(
+                input.width as usize,
+                input.height as usize,
+                input.channels as usize,
+                data,
+            )?;
+            let result = p.process(&img, &params).map_err(|e| e.to_string())?;
+            let mut data = std::mem::ManuallyDrop::new(result.data);
+            let out = unsafe { out.as_mut() }.ok_or("null output")?;
+            *out = SdImageOut {
+                width: result.width as u32,
+                height: result.height as u32,
+                channels: result.channels as u32,
+                data: data.as_mut_ptr(),
+                len: data.len(),
+                cap: data.capacity(),
+            };
+            Ok(SD_OK)
+        })
+    }
+
+    pub extern "C" fn free_image(out: *mut SdImageOut) {
+        if let Some(o) = unsafe { out.as_mut() } {
+            if !o.data.is_null() {
+                drop(unsafe { Vec::from_raw_parts(o.data, o.len, o.cap) });
+                o.data = std::ptr::null_mut();
+            }
+        }
+    }
+
+    pub extern "C" fn free_tensor(out: *mut SdTensorOut) {
+        if let Some(o) = unsafe { out.as_mut() } {
+            if !o.data.is_null() {
+                drop(unsafe { Vec::from_raw_parts(o.data, o.len, o.cap) });
+                o.data = std::ptr::null_mut();
+            }
+        }
+    }
+
+    pub extern "C" fn create<T: HookPlugin>(params: SdStr, err: *mut SdErrBuf) -> SdInstance {
+        let mut instance: SdInstance = std::ptr::null_mut();
+        guard(err, || {
+            let params = params_from_json(&T::params(), unsafe { params.as_str()? })?;
+            instance = Box::into_raw(Box::new(T::create(&params)?)) as SdInstance;
+            Ok(SD_OK)
+        });
+        instance
+    }
+
+    pub extern "C" fn destroy<T: HookPlugin>(instance: SdInstance) {
+        if !instance.is_null() {
+            let _ = catch_unwind(|| drop(unsafe { Box::from_raw(instance as *mut T) }));
+        }
+    }
+
+    fn step(s: *const SdStep) -> Result<StepInfo, String> {
+        let s = unsafe { s.as_ref() }.ok_or("null step")?;
+        Ok(StepInfo {
+            index: s.index as usize,
+            first_index: s.first_index as usize,
+            total: s.total as usize,
+            timestep: s.timestep,
+            batch: s.batch as usize,
+            cfg: s.cfg != 0,
+        })
+    }
+
+    unsafe fn view<'a>(t: *const SdTensor) -> Option<TensorView<'a>> {
+        let t = t.as_ref()?;
+        Some(TensorView {
+            data: std::slice::from_raw_parts(t.data, t.len),
+            shape: std::slice::from_raw_parts(t.shape, t.ndim),
+        })
+    }
+
+    fn answer(out: *mut SdTensorOut, result: Option<Vec<f32>>) -> Result<i32, String> {
+        let Some(v) = result else { return Ok(SD_PASS) };
+        let mut v = std::mem::ManuallyDrop::new(v);
+        let out = unsafe { out.as_mut() }.ok_or("null output")?;
+        *out = SdTensorOut {
+            data: v.as_mut_ptr(),
+            len: v.len(),
+            cap: v.capacity(),
+        };
+        Ok(SD_OK)
+    }
+
+    pub extern "C" fn before_step<T: HookPlugin>(
+        instance: SdInstance,
+        s: *const SdStep,
+        latents: *const SdTensor,
+        out: *mut SdTensorOut,
+        err: *mut SdErrBuf,
+    ) -> i32 {
+        guard(err, || {
+            let h = unsafe { (instance as *mut T).as_mut() }.ok_or("null instance")?;
+            let latents = unsafe { view(latents) }.ok_or("null latents")?;
+            answer(out, h.before_step(&step(s)?, latents)?)
+        })
+    }
+
+    pub extern "C" fn on_noise_pred<T: HookPlugin>(
+        instance: SdInstance,
+        s: *const SdStep,
+        uncond: *const SdTensor,
+        cond: *const SdTensor,
+        guidance_scale: f64,
+        out: *mut SdTensorOut,
+        err: *mut SdErrBuf,
+    ) -> i32 {
+        guard(err, || {
+            let h = unsafe { (instance as *mut T).as_mut() }.ok_or("null instance")?;
+            let cond = unsafe { view(cond) }.ok_or("null cond")?;
+            let uncond = unsafe { view(uncond) };
+            answer(
+                out,
+                h.on_noise_pred(&step(s)?, uncond, cond, guidance_scale)?,
+            )
+        })
+    }
+}
