@@ -7,11 +7,11 @@ use candle_core::{DType, Device, Tensor};
 use sd_controlnet::{ControlNetHook, UnitSpec};
 use sd_pipeline::image_io::{image_size, load_image, load_mask, write_png};
 use sd_pipeline::noise::TorchRng;
+use sd_pipeline::philox::PhiloxRng;
 use sd_pipeline::{GenerateRequest, StableDiffusion};
 use sd_plugins_api::HookSet;
 
 use crate::progress::Progress;
-use crate::settings::Settings;
 use crate::CliResult;
 
 pub use crate::settings::SettingsArgs as GenerateArgs;
@@ -45,37 +45,6 @@ fn load_noise(path: &Path) -> CliResult<Tensor> {
         )
     })?;
     Ok(t.to_dtype(DType::F32)?)
-}
-
-fn infotext(st: &Settings, req: &GenerateRequest, seed: Option<u64>, model: &Path) -> String {
-    let mut s = st.prompt.clone();
-    if !req.negative_prompt.is_empty() {
-        s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
-    }
-    s.push_str(&format!(
-        "\nSteps: {}, Sampler: {}, Schedule type: {}, CFG scale: {}, ",
-        req.steps, req.sampler, req.schedule, req.cfg_scale
-    ));
-    match seed {
-        Some(seed) => s.push_str(&format!("Seed: {seed}, ")),
-        None => s.push_str("Seed: noise file, "),
-    }
-    s.push_str(&format!(
-        "Size: {}x{}, Model: {}",
-        req.width,
-        req.height,
-        model.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    if req.clip_skip > 1 {
-        s.push_str(&format!(", Clip skip: {}", req.clip_skip));
-    }
-    if st.init_image.is_some() {
-        s.push_str(&format!(
-            ", Denoising strength: {}",
-            req.effective_strength()
-        ));
-    }
-    s
 }
 
 pub fn run(args: GenerateArgs) -> CliResult {
@@ -202,8 +171,11 @@ pub fn run(args: GenerateArgs) -> CliResult {
         hooks.push(p.lib.hook(&p.params)?);
     }
     hooks.push(Box::new(progress));
-    let mut rng = TorchRng::new(seed);
-    let latents = sd.denoise(&req, &mut hooks, &mut rng)?;
+    let mut rng: Box<dyn sd_pipeline::noise::NoiseSource> = match st.rng.as_str() {
+        "philox" => Box::new(PhiloxRng::new(seed)),
+        _ => Box::new(TorchRng::new(seed)),
+    };
+    let latents = sd.denoise(&req, &mut hooks, rng.as_mut())?;
     bar.finish_and_clear();
     let sampling = bar.elapsed();
     let steps_run = bar.position();
@@ -213,7 +185,21 @@ pub fn run(args: GenerateArgs) -> CliResult {
     hooks.on_image(&mut images)?;
     let decode = t_dec.elapsed();
 
-    let info = infotext(&st, &req, st.noise.is_none().then_some(seed), &model);
+    let run = crate::infotext::Run {
+        st: &st,
+        req: &req,
+        seed: st.noise.is_none().then_some(seed),
+        model: &model,
+        loras: &lora_specs,
+    };
+    let mut hashes = crate::hashes::HashCache::open();
+    let parameters = run.parameters(&mut hashes);
+    let json = run.settings_json(&mut hashes).to_string();
+    hashes.save();
+    let text = [
+        ("parameters", parameters.as_str()),
+        (crate::infotext::JSON_CHUNK, json.as_str()),
+    ];
     let paths = output_paths(&output, req.batch);
     // All-or-nothing output: everything is written under temporary names first, then renamed.
     let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
@@ -232,7 +218,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
         for (i, p) in paths.iter().enumerate() {
             let tmp = p.with_extension("png.tmp");
             staged.push((tmp.clone(), p.clone()));
-            write_png(&tmp, &images.get(i)?, Some(&info))?;
+            write_png(&tmp, &images.get(i)?, &text)?;
         }
         Ok(())
     })();

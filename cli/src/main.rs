@@ -5,6 +5,8 @@ mod config;
 mod controlnet;
 mod device;
 mod generate;
+mod hashes;
+mod infotext;
 mod lora;
 mod png_info;
 mod preprocessors;

@@ -10,6 +10,9 @@ use crate::CliResult;
 #[derive(Args, Debug)]
 pub struct PngInfoArgs {
     pub image: PathBuf,
+    /// Print sdctl's full JSON settings chunk instead of the A1111-style text
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Every tEXt / zTXt / iTXt chunk of a PNG as (keyword, text).
@@ -46,6 +49,18 @@ pub fn run(a: PngInfoArgs) -> CliResult {
             .find(|(key, _)| key == k)
             .map(|(_, v)| v.as_str())
     };
+    if a.json {
+        let j = find(crate::infotext::JSON_CHUNK).ok_or_else(|| {
+            format!(
+                "{}: no sdctl settings chunk (not made by sdctl)",
+                a.image.display()
+            )
+        })?;
+        let v: serde_json::Value = serde_json::from_str(j)
+            .map_err(|e| format!("{}: sdctl chunk: {e}", a.image.display()))?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     if let Some(p) = find("parameters") {
         println!("{p}");
     } else if let Some(prompt) = find("prompt") {

@@ -736,7 +736,7 @@ fn png_info_reads_ours_and_comfyui() {
     let o = sdctl(&["png-info", s(&out)]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
-    assert!(text.starts_with("a (red:1.2) cat\nNegative prompt: blurry\nSteps: 2, Sampler: dpmpp_2m, Schedule type: karras, CFG scale: 7.5, Seed: 7, Size: 64x64"), "{text}");
+    assert!(text.starts_with("a (red:1.2) cat\nNegative prompt: blurry\nSteps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 7, Size: 64x64"), "{text}");
     // a ComfyUI PNG: the API graph in a `prompt` chunk
     let comfy = dir.join("comfy.png");
     let f = std::fs::File::create(&comfy).unwrap();

@@ -22,6 +22,25 @@ pub enum ControlMode {
     Control,
 }
 
+impl ControlMode {
+    /// The name configs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Balanced => "balanced",
+            Self::Prompt => "prompt",
+            Self::Control => "control",
+        }
+    }
+    /// sd-webui-controlnet's name (infotext).
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Self::Balanced => "Balanced",
+            Self::Prompt => "My prompt is more important",
+            Self::Control => "ControlNet is more important",
+        }
+    }
+}
+
 impl FromStr for ControlMode {
     type Err = ControlError;
     fn from_str(s: &str) -> Result<Self, ControlError> {
@@ -42,6 +61,25 @@ pub enum ResizeMode {
     Just,
     Crop,
     Fill,
+}
+
+impl ResizeMode {
+    /// The name configs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Just => "just",
+            Self::Crop => "crop",
+            Self::Fill => "fill",
+        }
+    }
+    /// sd-webui-controlnet's name (infotext).
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Self::Just => "Just Resize",
+            Self::Crop => "Crop and Resize",
+            Self::Fill => "Resize and Fill",
+        }
+    }
 }
 
 impl FromStr for ResizeMode {

@@ -100,7 +100,7 @@ pub fn to_rgb8(image: &Tensor) -> Result<(usize, usize, Vec<u8>)> {
 
 /// Write one image `[3, H, W]` in [0, 1] as PNG at `path` (no temporary file: callers that
 /// need all-or-nothing output write to temporary names and rename, see [`save_png`]).
-pub fn write_png(path: &Path, image: &Tensor, parameters: Option<&str>) -> Result<()> {
+pub fn write_png(path: &Path, image: &Tensor, text: &[(&str, &str)]) -> Result<()> {
     let (w, h, pixels) = to_rgb8(image)?;
     let img_err = |message: String| Error::Image {
         path: path.to_path_buf(),
@@ -110,9 +110,14 @@ pub fn write_png(path: &Path, image: &Tensor, parameters: Option<&str>) -> Resul
     let mut enc = png::Encoder::new(BufWriter::new(file), w as u32, h as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    if let Some(p) = parameters {
-        enc.add_text_chunk("parameters".into(), p.into())
-            .map_err(|e| img_err(e.to_string()))?;
+    for (key, value) in text {
+        // tEXt holds Latin-1 only; anything else goes in a UTF-8 iTXt chunk (as PIL does)
+        let r = if value.chars().all(|c| (c as u32) < 256) {
+            enc.add_text_chunk(key.to_string(), value.to_string())
+        } else {
+            enc.add_itxt_chunk(key.to_string(), value.to_string())
+        };
+        r.map_err(|e| img_err(e.to_string()))?;
     }
     let mut writer = enc.write_header().map_err(|e| img_err(e.to_string()))?;
     writer
@@ -122,9 +127,9 @@ pub fn write_png(path: &Path, image: &Tensor, parameters: Option<&str>) -> Resul
 }
 
 /// Write one image as PNG; the file appears only when complete (temporary name, then rename).
-pub fn save_png(path: &Path, image: &Tensor, parameters: Option<&str>) -> Result<()> {
+pub fn save_png(path: &Path, image: &Tensor, text: &[(&str, &str)]) -> Result<()> {
     let tmp = path.with_extension("png.tmp");
-    let r = write_png(&tmp, image, parameters)
+    let r = write_png(&tmp, image, text)
         .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);

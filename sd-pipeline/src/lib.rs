@@ -5,6 +5,7 @@ pub mod image_io;
 pub mod loader;
 pub mod models;
 pub mod noise;
+pub mod philox;
 pub mod pipeline;
 pub mod prompt;
 pub mod samplers;

@@ -108,13 +108,13 @@ impl TorchRng {
         }
         let mut data: Vec<f32> = (0..n).map(|_| self.uniform_f32()).collect();
         let fill16 = |d: &mut [f32]| {
+            // normal_fill_16_AVX2 (ATen DistributionTemplates.h), one lane at a time
+            let two_pi = (2.0 * std::f64::consts::PI) as f32;
             for j in 0..8 {
-                let u1 = 1.0f32 - d[j];
-                let u2 = d[j + 8];
-                let radius = (-2.0f32 * u1.ln()).sqrt();
-                let theta = (2.0f64 * std::f64::consts::PI * u2 as f64) as f32;
-                d[j] = radius * theta.cos();
-                d[j + 8] = radius * theta.sin();
+                let radius = (-2.0f32 * cephes_log(1.0 - d[j])).sqrt();
+                let (sin, cos) = cephes_sincos(two_pi * d[j + 8]);
+                d[j] = radius * cos;
+                d[j + 8] = radius * sin;
             }
         };
         let mut i = 0;
@@ -131,6 +131,73 @@ impl TorchRng {
         }
         data
     }
+}
+
+/// `log256_ps` of ATen's `avx_mathfun.h` (Cephes polynomial, not libm) for one lane, with the
+/// fused multiply-adds the shipped torch build contracts its mul/add pairs into. Inputs are
+/// in (0, 1] here.
+#[allow(clippy::excessive_precision)] // Cephes' coefficients as published
+fn cephes_log(v: f32) -> f32 {
+    let mut x = v.max(f32::from_bits(0x0080_0000));
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) as i32 - 0x7f) as f32 + 1.0;
+    x = f32::from_bits((bits & !0x7f80_0000) | 0.5f32.to_bits());
+    let below = x < std::f32::consts::FRAC_1_SQRT_2;
+    let tmp = if below { x } else { 0.0 };
+    x -= 1.0;
+    if below {
+        e -= 1.0;
+    }
+    x += tmp;
+    let z = x * x;
+    let mut y = 7.037_683_6e-2_f32;
+    for c in [
+        -1.151_461_1e-1,
+        1.167_699_9e-1,
+        -1.242_014_1e-1,
+        1.424_932_3e-1,
+        -1.666_805_8e-1,
+        2.000_071_4e-1,
+        -2.499_999_4e-1,
+        3.333_333_1e-1_f32,
+    ] {
+        y = y.mul_add(x, c);
+    }
+    y *= x;
+    y = y.mul_add(z, e * -2.121_944_4e-4);
+    y = z.mul_add(-0.5, y);
+    x += y;
+    e.mul_add(0.693_359_4, x)
+}
+
+/// `sincos256_ps` of `avx_mathfun.h` for one lane (same contraction rules): `(sin, cos)`.
+fn cephes_sincos(theta: f32) -> (f32, f32) {
+    let mut sign_sin = theta.to_bits() & 0x8000_0000;
+    let mut x = theta.abs();
+    let mut j = (x * 1.273_239_5_f32) as i32; // 4 / pi, truncated as cvttps
+    j = (j + 1) & !1;
+    let q = j as f32;
+    sign_sin ^= ((j & 4) as u32) << 29;
+    let sign_cos = ((!(j - 2) & 4) as u32) << 29;
+    let sine_poly = (j & 2) == 0;
+    x = q.mul_add(-0.785_156_25, x);
+    x = q.mul_add(-2.418_756_5e-4, x);
+    x = q.mul_add(-3.774_895e-8, x);
+    let z = x * x;
+    let mut c = 2.443_315_7e-5_f32.mul_add(z, -1.388_731_6e-3);
+    c = c.mul_add(z, 4.166_664_6e-2);
+    c *= z;
+    c = c.mul_add(z, -(z * 0.5));
+    c += 1.0;
+    let mut s = (-1.951_529_6e-4_f32).mul_add(z, 8.332_161e-3);
+    s = s.mul_add(z, -1.666_665_5e-1);
+    s *= z;
+    s = s.mul_add(x, x);
+    let (sin, cos) = if sine_poly { (s, c) } else { (c, s) };
+    (
+        f32::from_bits(sin.to_bits() ^ sign_sin),
+        f32::from_bits(cos.to_bits() ^ sign_cos),
+    )
 }
 
 pub use crate::samplers::NoiseSource;

@@ -14,6 +14,10 @@ pub struct SettingsArgs {
     /// [[control]] and [[lora]] lists are concatenated
     #[arg(long = "config", value_name = "FILE")]
     pub config: Vec<PathBuf>,
+    /// Start from the settings stored in a PNG (ours, or AUTOMATIC1111's infotext); config
+    /// files, environment and flags still override them
+    #[arg(long, value_name = "IMAGE.png")]
+    pub from_png: Option<PathBuf>,
     /// diffusers-layout model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -41,9 +45,13 @@ pub struct SettingsArgs {
     /// normal | karras (default karras, or what the sampler name says)
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Seed of the noise (the same noise as torch.Generator("cpu").manual_seed); random if absent
+    /// Seed of the noise (drawn by --rng); random if absent
     #[arg(long)]
     pub seed: Option<i64>,
+    /// Noise generator: torch-cpu (torch.Generator("cpu"), diffusers' usual) or philox
+    /// (torch.randn on CUDA, as AUTOMATIC1111's NV source) [default: torch-cpu]
+    #[arg(long)]
+    pub rng: Option<String>,
     /// Images generated at once [default: 1]
     #[arg(long)]
     pub batch: Option<i64>,
@@ -125,6 +133,7 @@ impl SettingsArgs {
         put("sampler", self.sampler.clone().map(Value::from));
         put("schedule", self.schedule.clone().map(Value::from));
         put("seed", self.seed.map(Value::from));
+        put("rng", self.rng.clone().map(Value::from));
         put("batch", self.batch.map(Value::from));
         put("clip_skip", self.clip_skip.map(Value::from));
         put("init_image", self.init_image.as_deref().map(path));

@@ -65,6 +65,7 @@ pub struct Settings {
     pub sampler: SamplerKind,
     pub schedule: Schedule,
     pub seed: Option<u64>,
+    pub rng: String,
     pub batch: usize,
     pub clip_skip: usize,
     pub init_image: Option<PathBuf>,
@@ -230,6 +231,8 @@ fn unknown_key(key: &str, known: &[&str]) -> String {
 /// Walks one table (top level or a list entry) against its fields.
 pub(super) struct Table<'a> {
     pub(super) fig: &'a Figment,
+    /// The `--from-png` image, for origins
+    pub(super) png: Option<&'a Path>,
     /// `""` for the top level, `control` / `lora` for list entries
     pub(super) list: &'static str,
     /// Display index in the merged list, and index among entries of the same file.
@@ -255,7 +258,7 @@ impl Table<'_> {
         } else {
             vec![self.list, &idx, key]
         };
-        let mut o = origin_of(self.fig, v.tag(), &path);
+        let mut o = origin_of(self.fig, v.tag(), &path, self.png);
         if let (Origin::Flag(_), false) = (&o, self.list.is_empty()) {
             // the flag of a list: --control, --lora, --plugin
             let flag = self.list.trim_end_matches('s');
@@ -444,7 +447,11 @@ pub(super) fn list_entries<'a>(
 }
 
 /// Validate the merged figment into settings.
-pub fn check(fig: &Figment, mut registry: Registry) -> Result<Settings, Problems> {
+pub fn check(
+    fig: &Figment,
+    png: Option<&Path>,
+    mut registry: Registry,
+) -> Result<Settings, Problems> {
     let mut problems = Vec::new();
     let root: Dict = match figment::Provider::data(fig) {
         Ok(mut m) => m.remove(&figment::Profile::Default).unwrap_or_default(),
@@ -454,6 +461,7 @@ pub fn check(fig: &Figment, mut registry: Registry) -> Result<Settings, Problems
     };
     let mut top = Table {
         fig,
+        png,
         list: "",
         index: 0,
         file_index: 0,
@@ -508,6 +516,7 @@ pub fn check(fig: &Figment, mut registry: Registry) -> Result<Settings, Problems
     // plugins first: their preprocessors may be named by control units
     let plugins = super::plugins::check_plugins(
         fig,
+        png,
         &root,
         get_path(&vals, "plugin_dir"),
         &mut registry,
@@ -519,6 +528,7 @@ pub fn check(fig: &Figment, mut registry: Registry) -> Result<Settings, Problems
     for (i, (v, file_index)) in list_entries(fig, &root, "control").into_iter().enumerate() {
         let mut t = Table {
             fig,
+            png,
             list: "control",
             index: i,
             file_index,
@@ -602,6 +612,7 @@ pub fn check(fig: &Figment, mut registry: Registry) -> Result<Settings, Problems
     for (i, (v, file_index)) in list_entries(fig, &root, "lora").into_iter().enumerate() {
         let mut t = Table {
             fig,
+            png,
             list: "lora",
             index: i,
             file_index,
@@ -669,6 +680,7 @@ pub fn check(fig: &Figment, mut registry: Registry) -> Result<Settings, Problems
         sampler,
         schedule,
         seed: get_int(&vals, "seed").map(|s| s as u64),
+        rng: get_str(&vals, "rng").unwrap_or_else(|| "torch-cpu".into()),
         batch: usize_of("batch").unwrap_or(1),
         clip_skip: usize_of("clip_skip").unwrap_or(1),
         init_image: get_path(&vals, "init_image"),

@@ -72,6 +72,11 @@ pub const FIELDS: &[Field] = &[
         },
         Default::None,
     ),
+    f(
+        "rng",
+        Ty::Choice(&["torch-cpu", "philox"]),
+        Default::Str("torch-cpu"),
+    ),
     f("batch", Ty::Int { min: 1, max: 256 }, Default::Int(1)),
     f("clip_skip", Ty::Int { min: 1, max: 24 }, Default::Int(1)),
     f("init_image", Ty::Path(PathRole::File), Default::None),

@@ -75,6 +75,7 @@ impl Problem {
             Some(Origin::Default) => (1, String::new(), 0),
             Some(Origin::Env(v)) => (2, v.clone(), 0),
             Some(Origin::Flag(v)) => (3, v.clone(), 0),
+            Some(Origin::Png(p)) => (1, p.display().to_string(), 0),
             None => (4, String::new(), 0),
         }
     }
@@ -115,10 +116,22 @@ pub fn load(args: &SettingsArgs) -> Result<Settings, Problems> {
     let mut problems = Vec::new();
     let files = sources::expand_includes(&args.config, &mut problems);
     let flags = args.to_dict(&mut problems);
+    let png = args.from_png.as_deref().and_then(|p| {
+        match crate::infotext::settings_from_png(p)
+            .and_then(|m| figment::value::Value::serialize(m).map_err(|e| e.to_string()))
+        {
+            Ok(figment::value::Value::Dict(_, d)) => Some(d),
+            Ok(_) => None,
+            Err(e) => {
+                problems.push(Problem::bare("--from-png", e));
+                None
+            }
+        }
+    });
     // unreadable files are reported and left out; the rest is still checked
-    let fig = sources::compose(&files, flags);
+    let fig = sources::compose(&files, png, flags);
     let registry = sd_preprocessors::registry();
-    match check::check(&fig, registry) {
+    match check::check(&fig, args.from_png.as_deref(), registry) {
         Ok(s) if problems.is_empty() => Ok(s),
         Ok(_) => Err(Problems(problems)),
         Err(Problems(more)) => {

@@ -91,6 +91,7 @@ fn typed(v: &ParamValue) -> Typed {
 /// Load the plugin folder and every `plugins` entry; hook plugins are returned to run.
 pub fn check_plugins(
     fig: &Figment,
+    png: Option<&std::path::Path>,
     root: &Dict,
     plugin_dir: Option<PathBuf>,
     registry: &mut Registry,
@@ -114,6 +115,7 @@ pub fn check_plugins(
     for (i, (v, file_index)) in list_entries(fig, root, "plugins").into_iter().enumerate() {
         let mut t = Table {
             fig,
+            png,
             list: "plugins",
             index: i,
             file_index,

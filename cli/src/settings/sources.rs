@@ -19,6 +19,7 @@ pub enum Origin {
     File { path: PathBuf, line: Option<usize> },
     Env(String),
     Flag(String),
+    Png(PathBuf),
 }
 
 impl fmt::Display for Origin {
@@ -32,6 +33,7 @@ impl fmt::Display for Origin {
             } => write!(f, "{}:{l}", path.display()),
             Origin::Env(v) => write!(f, "env {v}"),
             Origin::Flag(v) => write!(f, "flag {v}"),
+            Origin::Png(p) => write!(f, "png {}", p.display()),
         }
     }
 }
@@ -54,6 +56,7 @@ struct Layer {
 
 const DEFAULTS: &str = "default";
 const FLAGS: &str = "flags";
+const PNG: &str = "png";
 
 impl Provider for Layer {
     fn metadata(&self) -> Metadata {
@@ -191,12 +194,15 @@ fn defaults() -> Dict {
     d
 }
 
-/// All layers merged: defaults, files (already include-expanded), env, flags.
-pub fn compose(files: &[PathBuf], flags: Dict) -> Figment {
+/// All layers merged: defaults, a PNG's settings, files (already include-expanded), env, flags.
+pub fn compose(files: &[PathBuf], png: Option<Dict>, flags: Dict) -> Figment {
     let mut fig = Figment::from(Layer {
         name: DEFAULTS,
         dict: defaults(),
     });
+    if let Some(dict) = png {
+        fig = fig.admerge(Layer { name: PNG, dict });
+    }
     for f in files {
         if let Ok(p) = provider(f) {
             fig = fig.admerge(p);
@@ -211,7 +217,7 @@ pub fn compose(files: &[PathBuf], flags: Dict) -> Figment {
 }
 
 /// The origin of a value, from the metadata of the layer that set it.
-pub fn origin_of(fig: &Figment, tag: Tag, key_path: &[&str]) -> Origin {
+pub fn origin_of(fig: &Figment, tag: Tag, key_path: &[&str], png: Option<&Path>) -> Origin {
     let key = key_path.first().copied().unwrap_or("");
     match fig.get_metadata(tag) {
         Some(Metadata {
@@ -223,6 +229,7 @@ pub fn origin_of(fig: &Figment, tag: Tag, key_path: &[&str]) -> Origin {
         },
         Some(m) if m.name == DEFAULTS => Origin::Default,
         Some(m) if m.name == FLAGS => Origin::Flag(fields::flag(key)),
+        Some(m) if m.name == PNG => Origin::Png(png.unwrap_or(Path::new("")).to_path_buf()),
         Some(_) => Origin::Env(fields::env_var(key)),
         None => Origin::Default,
     }

@@ -1,0 +1,443 @@
+//! What a PNG remembers of its generation: an A1111-style `parameters` text chunk (readable by
+//! AUTOMATIC1111 and the tools that read its infotext), and the full settings as JSON in an
+//! `sdctl` chunk; and reading either back for `--from-png`.
+
+use std::path::Path;
+
+use sd_pipeline::samplers::{SamplerKind, Schedule};
+use sd_pipeline::GenerateRequest;
+use sd_plugins_api::params::json::value_to_json;
+use serde_json::{json, Map, Value};
+
+use crate::hashes::HashCache;
+use crate::settings::Settings;
+
+/// The PNG text chunk holding the JSON settings.
+pub const JSON_CHUNK: &str = "sdctl";
+
+/// A1111's sampler names (its "Sampler:" field).
+pub fn a1111_sampler(kind: SamplerKind) -> &'static str {
+    match kind {
+        SamplerKind::Ddim => "DDIM",
+        SamplerKind::Euler => "Euler",
+        SamplerKind::EulerA => "Euler a",
+        SamplerKind::DpmPP2M => "DPM++ 2M",
+    }
+}
+
+fn a1111_schedule(s: Schedule) -> &'static str {
+    match s {
+        Schedule::Normal => "Normal",
+        Schedule::Karras => "Karras",
+    }
+}
+
+fn stem(p: &Path) -> String {
+    let name = p.file_name().unwrap_or_default().to_string_lossy();
+    name.strip_suffix(".safetensors")
+        .or_else(|| name.strip_suffix(".ckpt"))
+        .or_else(|| name.strip_suffix(".pth"))
+        .unwrap_or(&name)
+        .to_string()
+}
+
+/// A value for an infotext field, quoted as A1111 does when it holds separators.
+fn quote(v: &str) -> String {
+    if v.contains([',', ':', '"', '\n']) {
+        serde_json::to_string(v).unwrap_or_default()
+    } else {
+        v.to_string()
+    }
+}
+
+/// One generation, as the PNG records it.
+pub struct Run<'a> {
+    pub st: &'a Settings,
+    pub req: &'a GenerateRequest,
+    /// `None` when the initial noise came from a file.
+    pub seed: Option<u64>,
+    pub model: &'a Path,
+    pub loras: &'a [sd_lora::LoraSpec],
+}
+
+impl Run<'_> {
+    /// The A1111-style `parameters` text.
+    pub fn parameters(&self, hashes: &mut HashCache) -> String {
+        let (st, req) = (self.st, self.req);
+        let mut s = st.prompt.clone();
+        if !req.negative_prompt.is_empty() {
+            s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
+        }
+        let mut f: Vec<(String, String)> = vec![
+            ("Steps".into(), req.steps.to_string()),
+            ("Sampler".into(), a1111_sampler(req.sampler).into()),
+            ("Schedule type".into(), a1111_schedule(req.schedule).into()),
+            ("CFG scale".into(), req.cfg_scale.to_string()),
+            (
+                "Seed".into(),
+                self.seed.map_or("noise file".into(), |s| s.to_string()),
+            ),
+            ("Size".into(), format!("{}x{}", req.width, req.height)),
+            ("Model hash".into(), hashes.short(self.model, 10)),
+            ("Model".into(), stem(self.model)),
+        ];
+        if req.clip_skip > 1 {
+            f.push(("Clip skip".into(), req.clip_skip.to_string()));
+        }
+        if st.init_image.is_some() {
+            f.push((
+                "Denoising strength".into(),
+                req.effective_strength().to_string(),
+            ));
+        }
+        f.push((
+            "RNG".into(),
+            if st.rng == "philox" { "NV" } else { "CPU" }.into(),
+        ));
+        for (i, c) in st.control.iter().enumerate() {
+            let u = &c.spec;
+            let module = u
+                .preprocessor
+                .as_ref()
+                .map_or("none".to_string(), |p| p.name.clone());
+            f.push((
+                format!("ControlNet {i}"),
+                format!(
+                    "Module: {module}, Model: {} [{}], Weight: {}, Resize Mode: {}, Guidance Start: {}, Guidance End: {}, Control Mode: {}",
+                    stem(&u.model),
+                    hashes.short(&u.model, 8),
+                    u.weight,
+                    u.resize.a1111_name(),
+                    u.start,
+                    u.end,
+                    u.mode.a1111_name()
+                ),
+            ));
+        }
+        if !self.loras.is_empty() {
+            let list: Vec<String> = self
+                .loras
+                .iter()
+                .map(|l| format!("{}: {}", stem(&l.path), hashes.short(&l.path, 12)))
+                .collect();
+            f.push(("Lora hashes".into(), list.join(", ")));
+        }
+        for p in &st.plugins {
+            f.push((
+                format!("Plugin {}", p.lib.manifest.name),
+                p.params
+                    .0
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ));
+        }
+        f.push((
+            "Version".into(),
+            format!("sdctl {}", env!("CARGO_PKG_VERSION")),
+        ));
+        let fields: Vec<String> = f
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", quote(v)))
+            .collect();
+        s.push('\n');
+        s.push_str(&fields.join(", "));
+        s
+    }
+
+    /// Every setting (config keys, absolute paths), with the seed actually used.
+    pub fn settings_json(&self, hashes: &mut HashCache) -> Value {
+        let (st, req) = (self.st, self.req);
+        let path = |p: &Path| Value::from(p.display().to_string());
+        let mut m = Map::new();
+        m.insert("model".into(), path(self.model));
+        m.insert("prompt".into(), st.prompt.clone().into());
+        m.insert("negative_prompt".into(), st.negative_prompt.clone().into());
+        m.insert("width".into(), req.width.into());
+        m.insert("height".into(), req.height.into());
+        m.insert("steps".into(), req.steps.into());
+        m.insert("cfg_scale".into(), req.cfg_scale.into());
+        m.insert("sampler".into(), req.sampler.name().into());
+        m.insert("schedule".into(), req.schedule.to_string().into());
+        if let Some(seed) = self.seed {
+            m.insert("seed".into(), seed.into());
+        }
+        m.insert("rng".into(), st.rng.clone().into());
+        m.insert("batch".into(), req.batch.into());
+        m.insert("clip_skip".into(), req.clip_skip.into());
+        for (k, v) in [
+            ("init_image", &st.init_image),
+            ("mask", &st.mask),
+            ("noise", &st.noise),
+            ("lora_dir", &st.lora_dir),
+        ] {
+            if let Some(p) = v {
+                m.insert(k.into(), path(p));
+            }
+        }
+        if let Some(s) = st.strength {
+            m.insert("strength".into(), s.into());
+        }
+        m.insert("device".into(), st.device.clone().into());
+        m.insert("dtype".into(), st.dtype.clone().into());
+        let control: Vec<Value> = st
+            .control
+            .iter()
+            .map(|c| {
+                let u = &c.spec;
+                let mut t = json!({
+                    "model": path(&u.model),
+                    "image": path(&u.image),
+                    "weight": u.weight,
+                    "start": u.start,
+                    "end": u.end,
+                    "mode": u.mode.name(),
+                    "resize": u.resize.name(),
+                });
+                let o = t.as_object_mut().expect("object");
+                if let Some(id) = &c.id {
+                    o.insert("id".into(), id.clone().into());
+                }
+                if let Some(m) = &u.mask {
+                    o.insert("mask".into(), path(m));
+                }
+                if let Some(p) = &u.preprocessor {
+                    let mut pre = Map::new();
+                    pre.insert("name".into(), p.name.clone().into());
+                    for (k, v) in &p.params {
+                        pre.insert(k.clone(), value_to_json(v));
+                    }
+                    o.insert("preprocessor".into(), Value::Object(pre));
+                }
+                t
+            })
+            .collect();
+        if !control.is_empty() {
+            m.insert("control".into(), control.into());
+        }
+        // --lora flags, [[lora]] tables and <lora:...> prompt tags: the tags stay in the
+        // prompt, so only the others are listed here
+        let loras: Vec<Value> = st
+            .lora
+            .iter()
+            .map(|l| {
+                json!({ "path": path(&l.spec.path), "unet_weight": l.spec.unet_weight, "te_weight": l.spec.te_weight })
+            })
+            .collect();
+        if !loras.is_empty() {
+            m.insert("lora".into(), loras.into());
+        }
+        let plugins: Vec<Value> = st
+            .plugins
+            .iter()
+            .map(|p| {
+                let mut t = Map::new();
+                t.insert("path".into(), path(&p.lib.path));
+                for (k, v) in &p.params.0 {
+                    t.insert(k.clone(), value_to_json(v));
+                }
+                Value::Object(t)
+            })
+            .collect();
+        if !plugins.is_empty() {
+            m.insert("plugins".into(), plugins.into());
+        }
+        let mut files = Map::new();
+        files.insert(
+            self.model.display().to_string(),
+            hashes.sha256(self.model).into(),
+        );
+        for c in &st.control {
+            files.insert(
+                c.spec.model.display().to_string(),
+                hashes.sha256(&c.spec.model).into(),
+            );
+        }
+        for l in self.loras {
+            files.insert(l.path.display().to_string(), hashes.sha256(&l.path).into());
+        }
+        json!({
+            "version": format!("sdctl {}", env!("CARGO_PKG_VERSION")),
+            "settings": Value::Object(m),
+            "sha256": Value::Object(files),
+        })
+    }
+}
+
+/// Split A1111's `Key: value, Key: "quoted, value"` list.
+fn fields(line: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = line.trim();
+    while !rest.is_empty() {
+        let Some(colon) = rest.find(':') else { break };
+        let key = rest[..colon].trim().to_string();
+        let mut v = rest[colon + 1..].trim_start();
+        let value;
+        if v.starts_with('"') {
+            // a JSON string
+            let mut end = 1;
+            let bytes = v.as_bytes();
+            while end < bytes.len() && (bytes[end] != b'"' || bytes[end - 1] == b'\\') {
+                end += 1;
+            }
+            let q = &v[..(end + 1).min(v.len())];
+            value =
+                serde_json::from_str::<String>(q).unwrap_or_else(|_| q.trim_matches('"').into());
+            v = &v[(end + 1).min(v.len())..];
+        } else {
+            let end = v.find(',').unwrap_or(v.len());
+            value = v[..end].trim().to_string();
+            v = &v[end..];
+        }
+        out.push((key, value));
+        rest = v.trim_start().trim_start_matches(',').trim_start();
+    }
+    out
+}
+
+/// Settings from an A1111 `parameters` text (prompts, steps, sampler and schedule, CFG, seed,
+/// size, clip skip, RNG). The model is not recoverable from its name: give `--model`.
+pub fn parse_parameters(text: &str) -> Result<Map<String, Value>, String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let last = lines
+        .iter()
+        .rposition(|l| l.starts_with("Steps: "))
+        .ok_or("no \"Steps: ...\" line: not A1111 infotext")?;
+    let mut prompt = Vec::new();
+    let mut negative: Vec<String> = Vec::new();
+    for l in &lines[..last] {
+        if let Some(n) = l.strip_prefix("Negative prompt: ") {
+            negative.push(n.to_string());
+        } else if !negative.is_empty() {
+            negative.push(l.to_string());
+        } else {
+            prompt.push(l.to_string());
+        }
+    }
+    let mut m = Map::new();
+    m.insert("prompt".into(), prompt.join("\n").into());
+    m.insert("negative_prompt".into(), negative.join("\n").into());
+    let num = |v: &str, k: &str| -> Result<Value, String> {
+        if let Ok(i) = v.parse::<i64>() {
+            return Ok(i.into());
+        }
+        v.parse::<f64>()
+            .map(Value::from)
+            .map_err(|_| format!("{k}: {v:?} is not a number"))
+    };
+    let mut sampler = None;
+    let mut schedule = None;
+    let mut rng = "philox"; // A1111's default source is the GPU's: torch.randn on CUDA
+    for (k, v) in fields(lines[last]) {
+        match k.as_str() {
+            "Steps" => {
+                m.insert("steps".into(), num(&v, &k)?);
+            }
+            "CFG scale" => {
+                m.insert("cfg_scale".into(), num(&v, &k)?);
+            }
+            "Seed" => {
+                m.insert("seed".into(), num(&v, &k)?);
+            }
+            "Clip skip" => {
+                m.insert("clip_skip".into(), num(&v, &k)?);
+            }
+            "Size" => {
+                let (w, h) = v.split_once('x').ok_or(format!("Size: {v:?}"))?;
+                m.insert("width".into(), num(w, "Size")?);
+                m.insert("height".into(), num(h, "Size")?);
+            }
+            "Sampler" => sampler = Some(v),
+            "Schedule type" => schedule = Some(v.to_lowercase()),
+            "RNG" if v == "CPU" => rng = "torch-cpu",
+            _ => {}
+        }
+    }
+    if let Some(s) = sampler {
+        let (kind, implied) = SamplerKind::parse_alias(&s).map_err(|e| format!("Sampler: {e}"))?;
+        m.insert("sampler".into(), kind.name().into());
+        let sched = schedule
+            .filter(|s| s == "karras" || s == "normal")
+            .or(implied.map(|i| i.to_string()));
+        if let Some(sc) = sched {
+            m.insert("schedule".into(), sc.into());
+        }
+    }
+    m.insert("rng".into(), rng.into());
+    Ok(m)
+}
+
+/// The settings a PNG was made with: sdctl's JSON chunk, else A1111's `parameters` text.
+pub fn settings_from_png(path: &Path) -> Result<Map<String, Value>, String> {
+    let chunks = crate::png_info::text_chunks(path).map_err(|e| e.to_string())?;
+    let find = |k: &str| {
+        chunks
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let shown = path.display();
+    if let Some(j) = find(JSON_CHUNK) {
+        let v: Value =
+            serde_json::from_str(j).map_err(|e| format!("{shown}: `{JSON_CHUNK}` chunk: {e}"))?;
+        return v["settings"]
+            .as_object()
+            .cloned()
+            .ok_or(format!("{shown}: `{JSON_CHUNK}` chunk without settings"));
+    }
+    if let Some(p) = find("parameters") {
+        return parse_parameters(p).map_err(|e| format!("{shown}: parameters: {e}"));
+    }
+    if find("prompt").is_some() || find("workflow").is_some() {
+        return Err(format!(
+            "{shown}: a ComfyUI image stores its node graph, not settings (`sdctl png-info` shows its prompts)"
+        ));
+    }
+    Err(format!("{shown}: no generation settings in this PNG"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a1111_infotext_is_read_back() {
+        let text = "a cat, (masterpiece:1.2)\nsecond line\nNegative prompt: blurry, lowres\nSteps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 3141592, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, Lora hashes: \"a: 0123456789ab, b: ba9876543210\", Version: v1.10.1";
+        let m = parse_parameters(text).unwrap();
+        assert_eq!(m["prompt"], "a cat, (masterpiece:1.2)\nsecond line");
+        assert_eq!(m["negative_prompt"], "blurry, lowres");
+        assert_eq!(m["steps"], 25);
+        assert_eq!(m["sampler"], "dpmpp_2m");
+        assert_eq!(m["schedule"], "karras");
+        assert_eq!(m["cfg_scale"], 7);
+        assert_eq!(m["seed"], 3141592);
+        assert_eq!(
+            (m["width"].clone(), m["height"].clone()),
+            (512.into(), 768.into())
+        );
+        assert_eq!(m["clip_skip"], 2);
+        assert_eq!(m["rng"], "philox");
+        let m = parse_parameters(
+            "x\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 1, Size: 64x64, RNG: CPU",
+        )
+        .unwrap();
+        assert_eq!(m["sampler"], "euler_a");
+        assert_eq!(m["cfg_scale"], 7.5);
+        assert_eq!(m["rng"], "torch-cpu");
+        assert!(parse_parameters("just text").is_err());
+    }
+
+    #[test]
+    fn quoted_fields_split_correctly() {
+        let f = fields("A: 1, B: \"x, y: z\", C: w");
+        assert_eq!(
+            f,
+            vec![
+                ("A".into(), "1".into()),
+                ("B".into(), "x, y: z".into()),
+                ("C".into(), "w".into())
+            ]
+        );
+    }
+}
