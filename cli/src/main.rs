@@ -6,6 +6,7 @@ mod controlnet;
 mod device;
 mod generate;
 mod hashes;
+mod hub;
 mod infotext;
 mod lora;
 mod png_info;

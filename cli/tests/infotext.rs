@@ -386,3 +386,84 @@ fn rng_choice_changes_the_noise_and_is_validated() {
         "{err}"
     );
 }
+
+/// Copy a folder tree (the fixture model) into a snapshot.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let t = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_tree(&p, &t);
+        } else {
+            std::fs::copy(&p, &t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn models_by_repo_id_come_from_the_hugging_face_cache() {
+    let d = scratch("hf");
+    let cache = d.join("cache");
+    let home = d.join("hf-home");
+    // the real layout: hub/models--OWNER--NAME/refs/main -> snapshots/<commit>/...
+    let repo = home.join("hub/models--tiny-org--tiny-sd");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    copy_tree(&model_dir("sd1"), &repo.join("snapshots/0123abcd"));
+    let run = |model: &str, name: &str, env: &[(&str, &str)]| {
+        let lat = d.join(format!("{name}.safetensors"));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sdctl"));
+        c.args([
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--output",
+            s(&d.join(format!("{name}.png"))),
+            "--save-latents",
+            s(&lat),
+        ])
+        .env("SDCTL_CACHE_DIR", &cache)
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        (c.output().unwrap(), lat)
+    };
+    let (o, lat) = run("tiny-org/tiny-sd", "hub", &[("HF_HOME", s(&home))]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o2, direct) = run(s(&model_dir("sd1")), "direct", &[]);
+    assert!(o2.status.success());
+    assert_eq!(latents(&lat), latents(&direct));
+    // HF_HUB_CACHE points at the hub folder itself
+    let (o, _) = run(
+        "tiny-org/tiny-sd",
+        "hub2",
+        &[("HF_HUB_CACHE", s(&home.join("hub")))],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // missing, offline: where it looked
+    let (o, _) = run("tiny-org/absent", "absent", &[("HF_HOME", s(&home))]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "tiny-org/absent: not a file or folder here, and not in the Hugging Face cache"
+        ) && err.contains(&format!(
+            "{}/refs/main",
+            home.join("hub/models--tiny-org--absent").display()
+        )) && err.contains("HF_HUB_OFFLINE is set"),
+        "{err}"
+    );
+}

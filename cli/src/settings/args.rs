@@ -18,7 +18,8 @@ pub struct SettingsArgs {
     /// files, environment and flags still override them
     #[arg(long, value_name = "IMAGE.png")]
     pub from_png: Option<PathBuf>,
-    /// diffusers-layout model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    /// diffusers-layout model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/), or a Hugging Face repo id (owner/name) found in the local HF cache
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The prompt; A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:WEIGHT>

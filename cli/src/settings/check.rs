@@ -290,6 +290,17 @@ impl Table<'_> {
                 } else {
                     typed(v, f.ty, &origin)
                 };
+                // a model named by Hugging Face repo id: the local cache, or a download
+                let r = match (r, v) {
+                    (Ok(Typed::Path(p)), Value::String(_, raw))
+                        if f.ty == Ty::Path(PathRole::FileOrDir)
+                            && !p.exists()
+                            && crate::hub::looks_like_repo_id(raw) =>
+                    {
+                        crate::hub::resolve(raw).map(Typed::Path)
+                    }
+                    (r, _) => r,
+                };
                 match r {
                     Ok(t) => {
                         if let (Typed::Path(p), Ty::Path(role)) = (&t, f.ty) {
