@@ -65,6 +65,17 @@ impl Run<'_> {
     pub fn parameters(&self, hashes: &mut HashCache) -> String {
         let (st, req) = (self.st, self.req);
         let mut s = st.prompt.clone();
+        // LoRAs given by flag or config appear as A1111 prompt tags, so A1111 applies them too
+        // (`<lora:NAME:TE:UNET>` when the two weights differ)
+        for l in &st.lora {
+            let (te, unet) = (l.spec.te_weight, l.spec.unet_weight);
+            let w = if te == unet {
+                te.to_string()
+            } else {
+                format!("{te}:{unet}")
+            };
+            s.push_str(&format!(" <lora:{}:{w}>", stem(&l.spec.path)));
+        }
         if !req.negative_prompt.is_empty() {
             s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
         }

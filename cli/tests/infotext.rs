@@ -129,7 +129,7 @@ fn infotext_golden_and_from_png_round_trip() {
     let cn_hash = &sha256_hex(std::slice::from_ref(&cn))[..8];
     let lora_hash = &sha256_hex(std::slice::from_ref(&lora))[..12];
     let want = format!(
-        "a red (circle:1.2), test\nNegative prompt: blue\nSteps: 3, Sampler: Euler a, Schedule type: Normal, CFG scale: 7.5, Seed: 99, Size: 64x48, Model hash: {model_hash}, Model: sd1, Clip skip: 2, RNG: NV, ControlNet 0: \"Module: none, Model: controlnet-sd1-ldm [{cn_hash}], Weight: 0.6, Resize Mode: Crop and Resize, Guidance Start: 0, Guidance End: 0.8, Control Mode: My prompt is more important\", Lora hashes: \"lora_a_peft: {lora_hash}\", Version: sdctl {}\n",
+        "a red (circle:1.2), test <lora:lora_a_peft:0.7>\nNegative prompt: blue\nSteps: 3, Sampler: Euler a, Schedule type: Normal, CFG scale: 7.5, Seed: 99, Size: 64x48, Model hash: {model_hash}, Model: sd1, Clip skip: 2, RNG: NV, ControlNet 0: \"Module: none, Model: controlnet-sd1-ldm [{cn_hash}], Weight: 0.6, Resize Mode: Crop and Resize, Guidance Start: 0, Guidance End: 0.8, Control Mode: My prompt is more important\", Lora hashes: \"lora_a_peft: {lora_hash}\", Version: sdctl {}\n",
         env!("CARGO_PKG_VERSION")
     );
     assert_eq!(text, want);
