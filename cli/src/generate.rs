@@ -108,6 +108,14 @@ pub fn run(args: GenerateArgs) -> CliResult {
             patches.push(std::sync::Arc::new(patch));
         }
     }
+    // hook plugins: one instance each for this generation (its weight patch applies while
+    // the model loads, its hook points while it generates)
+    let instances = st
+        .plugins
+        .iter()
+        .map(|p| p.lib.instance(&p.params))
+        .collect::<Result<Vec<_>, _>>()?;
+    patches.extend(instances.iter().map(|i| i.patch()));
     let sd = StableDiffusion::load(&model, &device, dtype, &patches)?;
     let t_loaded = t0.elapsed();
     let f = sd.vae_scale_factor();
@@ -167,8 +175,8 @@ pub fn run(args: GenerateArgs) -> CliResult {
     if !units.is_empty() {
         hooks.push(Box::new(ControlNetHook::new(units)));
     }
-    for p in &st.plugins {
-        hooks.push(p.lib.hook(&p.params)?);
+    for i in &instances {
+        hooks.push(i.hook());
     }
     hooks.push(Box::new(progress));
     let mut rng: Box<dyn sd_pipeline::noise::NoiseSource> = match st.rng.as_str() {

@@ -495,3 +495,171 @@ fn bad_plugins_are_refused_or_contained() {
         .unwrap();
     assert!(out.data.iter().all(|&v| v == 155));
 }
+
+/// The in-process twin of plugins/every-point: the same arithmetic through candle.
+struct Twin;
+
+impl sd_plugins_api::Hook for Twin {
+    fn name(&self) -> &str {
+        "twin"
+    }
+    fn on_conditioning(
+        &mut self,
+        c: &mut sd_plugins_api::Conditioning,
+    ) -> Result<(), sd_plugins_api::HookError> {
+        c.cond = (&c.cond * 1.5)?;
+        Ok(())
+    }
+    fn before_step(
+        &mut self,
+        _: &StepInfo,
+        l: &mut Tensor,
+    ) -> Result<(), sd_plugins_api::HookError> {
+        *l = (&*l * 0.99)?;
+        Ok(())
+    }
+    fn residuals(
+        &mut self,
+        _: &StepInfo,
+        input: &sd_plugins_api::ResidualInput<'_>,
+    ) -> Result<Option<sd_plugins_api::Residuals>, sd_plugins_api::HookError> {
+        let (n, _, h, w) = input.sample.dims4()?;
+        let layout = [
+            (16, 1),
+            (16, 1),
+            (16, 1),
+            (16, 2),
+            (32, 2),
+            (32, 2),
+            (32, 4),
+            (32, 4),
+            (32, 4),
+            (32, 4),
+        ];
+        let mut down: Vec<Tensor> = layout
+            .iter()
+            .map(|&(c, d): &(usize, usize)| {
+                Tensor::full(
+                    0.05f32,
+                    (n, c, h.div_ceil(d), w.div_ceil(d)),
+                    input.sample.device(),
+                )
+                .and_then(|t| t.to_dtype(input.sample.dtype()))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let mid = down.pop().unwrap();
+        Ok(Some(sd_plugins_api::Residuals { down, mid }))
+    }
+    fn on_noise_pred(
+        &mut self,
+        _: &StepInfo,
+        p: &NoisePrediction<'_>,
+    ) -> Result<Option<Tensor>, sd_plugins_api::HookError> {
+        let Some(u) = p.uncond else { return Ok(None) };
+        Ok(Some((u + ((p.cond - u)? * p.guidance_scale)?)?))
+    }
+    fn after_step(
+        &mut self,
+        _: &StepInfo,
+        _: &dyn sd_plugins_api::NoiseLevels,
+        l: &mut Tensor,
+    ) -> Result<(), sd_plugins_api::HookError> {
+        *l = (&*l * 1.01)?;
+        Ok(())
+    }
+    fn on_image(&mut self, images: &mut Tensor) -> Result<(), sd_plugins_api::HookError> {
+        *images = images.affine(-1.0, 1.0)?;
+        Ok(())
+    }
+}
+
+struct TwinPatch;
+
+impl sd_plugins_api::WeightPatch for TwinPatch {
+    fn name(&self) -> &str {
+        "twin"
+    }
+    fn delta(
+        &self,
+        part: sd_plugins_api::ModelPart,
+        name: &str,
+        base: &Tensor,
+    ) -> Result<Option<Tensor>, sd_plugins_api::HookError> {
+        if part == sd_plugins_api::ModelPart::Unet && name == "conv_in.bias" {
+            return Ok(Some(
+                Tensor::full(0.01f32, base.dims(), base.device())?.to_dtype(base.dtype())?,
+            ));
+        }
+        Ok(None)
+    }
+}
+
+#[test]
+fn every_hook_point_and_weight_patches_cross_the_abi() {
+    use sd_pipeline::samplers::{SamplerKind, Schedule};
+    use sd_pipeline::{GenerateRequest, StableDiffusion};
+    use sd_plugins_api::{HookSet, WeightPatch};
+    use std::sync::Arc;
+
+    let lib = build_plugin("sdctl-plugin-every-point", "");
+    let mut reg = Registry::builtin();
+    let loaded = reg.load(&lib).unwrap();
+    let params = resolve_params(&loaded.manifest.params, &[]).unwrap();
+    let dev = Device::Cpu;
+    let req = GenerateRequest {
+        prompt: "a red circle".into(),
+        negative_prompt: "blue".into(),
+        width: 64,
+        height: 48,
+        steps: 3,
+        cfg_scale: 7.0,
+        sampler: SamplerKind::Euler,
+        schedule: Schedule::Normal,
+        batch: 1,
+        clip_skip: 1,
+        init_image: None,
+        mask: None,
+        strength: None,
+        noise: None,
+    };
+    let run = |patch: Arc<dyn WeightPatch>, hook: Box<dyn sd_plugins_api::Hook>| {
+        let sd = StableDiffusion::load(&model_dir("sd1"), &dev, candle_core::DType::F32, &[patch])
+            .unwrap();
+        let mut hooks = HookSet::new();
+        hooks.push(hook);
+        let mut rng = sd_pipeline::noise::TorchRng::new(11);
+        let out = sd.generate(&req, &mut hooks, &mut rng).unwrap();
+        (out.latents, out.images)
+    };
+    let inst = loaded.instance(&params).unwrap();
+    let (lat_plugin, img_plugin) = run(inst.patch(), inst.hook());
+    drop(inst);
+    let (lat_twin, img_twin) = run(Arc::new(TwinPatch), Box::new(Twin));
+    assert_eq!(max_abs_diff(&lat_plugin, &lat_twin), 0.0);
+    assert_eq!(max_abs_diff(&img_plugin, &img_twin), 0.0);
+    // and it did act: without it, the result differs
+    struct Nothing;
+    impl sd_plugins_api::Hook for Nothing {
+        fn name(&self) -> &str {
+            "nothing"
+        }
+    }
+    let (lat_plain, _) = run(Arc::new(NoPatch), Box::new(Nothing));
+    assert!(max_abs_diff(&lat_plain, &lat_twin) > 1e-3);
+}
+
+struct NoPatch;
+
+impl sd_plugins_api::WeightPatch for NoPatch {
+    fn name(&self) -> &str {
+        "none"
+    }
+    fn delta(
+        &self,
+        _: sd_plugins_api::ModelPart,
+        _: &str,
+        _: &Tensor,
+    ) -> Result<Option<Tensor>, sd_plugins_api::HookError> {
+        Ok(None)
+    }
+}

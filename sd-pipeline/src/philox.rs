@@ -98,9 +98,11 @@ mod tests {
             -1.671_050_67,
             2.265_504_97,
         ];
+        // CUDA's Box-Muller runs on float32 intrinsics (logf, sincosf), the reference on
+        // float64: they agree to a few float32 ulps (measured 1.9e-7 at most here)
         let got = PhiloxRng::new(0).randn_f32(12);
         for (g, w) in got.iter().zip(want) {
-            assert!((*g as f64 - w).abs() < 1e-7, "{got:?}");
+            assert!((*g as f64 - w).abs() < 3e-7, "{got:?}");
         }
     }
 }

@@ -137,6 +137,27 @@ pub struct SdStep {
 /// Instance pointer of a hook plugin.
 pub type SdInstance = *mut c_void;
 
+/// Tensors a plugin allocated: all values in one buffer, and `ndim` dims per tensor in
+/// `shapes`; freed by `free_tensors`.
+#[repr(C)]
+pub struct SdTensorsOut {
+    pub data: *mut f32,
+    pub len: usize,
+    pub cap: usize,
+    pub shapes: *mut u64,
+    pub shapes_len: usize,
+    pub shapes_cap: usize,
+    /// Number of tensors; each has `ndim` = `shapes_len / count` dims.
+    pub count: usize,
+}
+
+/// Which model a weight belongs to ([`crate::ModelPart`]): 0 UNet, 1 text encoder, 2 VAE.
+pub type SdPart = u32;
+
+type ErrP = *mut SdErrBuf;
+type TP = *const SdTensor;
+type OutP = *mut SdTensorOut;
+
 /// The table a plugin's entry function returns (version 1).
 #[repr(C)]
 pub struct SdPluginV1 {
@@ -148,40 +169,67 @@ pub struct SdPluginV1 {
     pub manifest: extern "C" fn() -> SdStr,
     /// Preprocessors: run on an image with parameters (a JSON object, validated by the host).
     pub process: Option<
-        extern "C" fn(
-            params: SdStr,
-            input: *const SdImage,
-            out: *mut SdImageOut,
-            err: *mut SdErrBuf,
-        ) -> i32,
+        extern "C" fn(params: SdStr, input: *const SdImage, out: *mut SdImageOut, err: ErrP) -> i32,
     >,
     pub free_image: extern "C" fn(out: *mut SdImageOut),
     /// Hooks: make an instance for one generation from parameters (JSON object); null = error.
-    pub create: Option<extern "C" fn(params: SdStr, err: *mut SdErrBuf) -> SdInstance>,
+    pub create: Option<extern "C" fn(params: SdStr, err: ErrP) -> SdInstance>,
     pub destroy: Option<extern "C" fn(instance: SdInstance)>,
-    /// Hooks: edit the latents before the UNet runs ([`SD_PASS`] = unchanged).
-    pub before_step: Option<
+    /// Hook points. Each returns [`SD_PASS`] to leave its point alone, [`SD_OK`] with its
+    /// output(s) written, or [`SD_ERROR`]. Outputs have exactly their input's number of values.
+    ///
+    /// Text conditioning once before sampling: `uncond` (and `out_uncond`) null without CFG.
+    pub on_conditioning: Option<
         extern "C" fn(
-            instance: SdInstance,
-            step: *const SdStep,
-            latents: *const SdTensor,
-            out: *mut SdTensorOut,
-            err: *mut SdErrBuf,
+            SdInstance,
+            cond: TP,
+            uncond: TP,
+            out_cond: OutP,
+            out_uncond: OutP,
+            err: ErrP,
         ) -> i32,
     >,
-    /// Hooks: combine the predictions (`uncond` null without CFG; [`SD_PASS`] = plain CFG).
+    /// Latents before the UNet runs.
+    pub before_step:
+        Option<extern "C" fn(SdInstance, *const SdStep, latents: TP, out: OutP, err: ErrP) -> i32>,
+    /// Additive UNet residuals (down..., mid): `sample` is the model input (CFG halves
+    /// uncond first), `latents` its 4 latent channels, `context` the text conditioning.
+    pub residuals: Option<
+        extern "C" fn(
+            SdInstance,
+            *const SdStep,
+            sample: TP,
+            latents: TP,
+            context: TP,
+            out: *mut SdTensorsOut,
+            err: ErrP,
+        ) -> i32,
+    >,
+    /// Combine the predictions (`uncond` null without CFG).
     pub on_noise_pred: Option<
         extern "C" fn(
-            instance: SdInstance,
-            step: *const SdStep,
-            uncond: *const SdTensor,
-            cond: *const SdTensor,
+            SdInstance,
+            *const SdStep,
+            uncond: TP,
+            cond: TP,
             guidance_scale: f64,
-            out: *mut SdTensorOut,
-            err: *mut SdErrBuf,
+            out: OutP,
+            err: ErrP,
         ) -> i32,
     >,
+    /// Latents after the sampler stepped.
+    pub after_step:
+        Option<extern "C" fn(SdInstance, *const SdStep, latents: TP, out: OutP, err: ErrP) -> i32>,
+    /// Decoded images `[batch, 3, H, W]` in [0, 1].
+    pub on_image: Option<extern "C" fn(SdInstance, images: TP, out: OutP, err: ErrP) -> i32>,
+    /// Weight patching, while weights load: does the plugin patch this parameter (1) or not (0)?
+    pub patches: Option<extern "C" fn(SdInstance, part: SdPart, name: SdStr) -> i32>,
+    /// The delta to add to parameter `name` (whose loaded value is `base`).
+    pub weight_delta: Option<
+        extern "C" fn(SdInstance, part: SdPart, name: SdStr, base: TP, out: OutP, err: ErrP) -> i32,
+    >,
     pub free_tensor: extern "C" fn(out: *mut SdTensorOut),
+    pub free_tensors: extern "C" fn(out: *mut SdTensorsOut),
 }
 
 /// The signature of [`ENTRY_SYMBOL`].

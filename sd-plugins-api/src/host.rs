@@ -4,15 +4,15 @@
 //! Loading a plugin runs its code in this process: only load plugins you trust.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 
 use crate::abi::*;
 use crate::params::json::{params_to_json, spec_from_json};
 use crate::{
-    Hook, HookError, ImageBuf, NoisePrediction, ParamSpec, Params, PluginError, Preprocessor,
-    StepInfo,
+    Conditioning, Hook, HookError, ImageBuf, ModelPart, NoiseLevels, NoisePrediction, ParamSpec,
+    Params, PluginError, Preprocessor, ResidualInput, Residuals, StepInfo, WeightPatch,
 };
 
 /// What a plugin provides.
@@ -169,8 +169,9 @@ impl PluginLibrary {
             .then(|| Arc::new(DynPreprocessor(self.clone())) as Arc<dyn Preprocessor>)
     }
 
-    /// A hook instance for one generation, from validated parameters.
-    pub fn hook(self: &Arc<Self>, params: &Params) -> Result<Box<dyn Hook>, HookError> {
+    /// An instance for one generation, from validated parameters: its hook points
+    /// ([`PluginInstance::hook`]) and its weight patch ([`PluginInstance::patch`]) share it.
+    pub fn instance(self: &Arc<Self>, params: &Params) -> Result<PluginInstance, HookError> {
         if self.manifest.kind != PluginKind::Hook {
             return Err(self.fail("is not a hook plugin"));
         }
@@ -178,14 +179,19 @@ impl PluginLibrary {
         let mut storage = Vec::new();
         let mut err = err_buf(&mut storage);
         let create = self.table().create.expect("checked at load");
-        let instance = create(SdStr::new(&json), &mut err);
-        if instance.is_null() {
+        let ptr = create(SdStr::new(&json), &mut err);
+        if ptr.is_null() {
             return Err(self.fail(err_text(&storage, &err)));
         }
-        Ok(Box::new(DynHook {
+        Ok(PluginInstance(Arc::new(Mutex::new(Instance {
             lib: self.clone(),
-            instance,
-        }))
+            ptr,
+        }))))
+    }
+
+    /// A hook instance for one generation (see [`PluginLibrary::instance`]).
+    pub fn hook(self: &Arc<Self>, params: &Params) -> Result<Box<dyn Hook>, HookError> {
+        Ok(self.instance(params)?.hook())
     }
 }
 
@@ -266,19 +272,60 @@ impl Preprocessor for DynPreprocessor {
     }
 }
 
-/// A hook instance living in a plugin.
-struct DynHook {
+/// One plugin instance (destroyed when the last user drops it).
+struct Instance {
     lib: Arc<PluginLibrary>,
-    instance: SdInstance,
+    ptr: SdInstance,
 }
 
-unsafe impl Send for DynHook {}
+// The plugin's instance is only used behind the mutex.
+unsafe impl Send for Instance {}
 
-impl Drop for DynHook {
+impl Drop for Instance {
     fn drop(&mut self) {
         if let Some(destroy) = self.lib.table().destroy {
-            destroy(self.instance);
+            destroy(self.ptr);
         }
+    }
+}
+
+/// A hook plugin's instance for one generation.
+#[derive(Clone)]
+pub struct PluginInstance(Arc<Mutex<Instance>>);
+
+impl PluginInstance {
+    /// Its hook points, for a [`crate::HookSet`].
+    pub fn hook(&self) -> Box<dyn Hook> {
+        let name = self
+            .0
+            .lock()
+            .map(|i| i.lib.manifest.name.clone())
+            .unwrap_or_default();
+        Box::new(DynHook {
+            inst: self.clone(),
+            name,
+        })
+    }
+
+    /// Its weight patch, for model loading (it answers only for parameters it patches).
+    pub fn patch(&self) -> Arc<dyn WeightPatch> {
+        let name = self
+            .0
+            .lock()
+            .map(|i| i.lib.manifest.name.clone())
+            .unwrap_or_default();
+        Arc::new(DynPatch {
+            inst: self.clone(),
+            name,
+        })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&Instance) -> Result<R, HookError>) -> Result<R, HookError> {
+        let guard = self
+            .0
+            .lock()
+            .map_err(|_| HookError::failed("plugin", "instance lock poisoned"))?;
+        f(&guard)
     }
 }
 
@@ -319,22 +366,56 @@ impl Flat {
     }
 }
 
-impl DynHook {
-    /// Read a plugin's answer: checked against the expected element count, then freed.
+fn empty_out() -> SdTensorOut {
+    SdTensorOut {
+        data: std::ptr::null_mut(),
+        len: 0,
+        cap: 0,
+    }
+}
+
+/// One call's error buffer.
+struct Err {
+    storage: Vec<u8>,
+    buf: SdErrBuf,
+}
+
+impl Err {
+    fn new() -> Self {
+        let mut storage = vec![0u8; ERR_CAP];
+        let buf = SdErrBuf {
+            ptr: storage.as_mut_ptr(),
+            cap: ERR_CAP,
+            len: 0,
+        };
+        Self { storage, buf }
+    }
+    fn text(&self) -> String {
+        err_text(&self.storage, &self.buf)
+    }
+}
+
+impl Instance {
+    fn t(&self) -> &SdPluginV1 {
+        self.lib.table()
+    }
+
+    /// Read a plugin's tensor answer: checked against the expected element count, then freed.
     fn take(
         &self,
         code: i32,
         mut out: SdTensorOut,
-        storage: &[u8],
-        err: &SdErrBuf,
+        err: &Err,
         like: &Tensor,
+        point: &str,
     ) -> Result<Option<Tensor>, HookError> {
-        let t = self.lib.table();
         let result = match code {
             SD_PASS => Ok(None),
-            SD_OK if out.data.is_null() => Err(self.lib.fail("returned no tensor")),
+            SD_OK if out.data.is_null() => {
+                Err(self.lib.fail(format!("{point}: returned no tensor")))
+            }
             SD_OK if out.len != like.elem_count() => Err(self.lib.fail(format!(
-                "returned {} values for a tensor of shape {:?} ({} values)",
+                "{point}: returned {} values for a tensor of shape {:?} ({} values)",
                 out.len,
                 like.dims(),
                 like.elem_count()
@@ -345,47 +426,180 @@ impl DynHook {
                     Tensor::from_vec(v, like.dims(), like.device())?.to_dtype(like.dtype())?,
                 ))
             }
-            _ => Err(self.lib.fail(err_text(storage, err))),
+            _ => Err(self.lib.fail(format!("{point}: {}", err.text()))),
         };
         if !out.data.is_null() {
-            (t.free_tensor)(&mut out);
+            (self.t().free_tensor)(&mut out);
         }
         result
     }
+
+    /// Call a latents-in, latents-out point.
+    fn latents_point(
+        &self,
+        f: Option<
+            extern "C" fn(
+                SdInstance,
+                *const SdStep,
+                *const SdTensor,
+                *mut SdTensorOut,
+                *mut SdErrBuf,
+            ) -> i32,
+        >,
+        step: &StepInfo,
+        latents: &mut Tensor,
+        point: &str,
+    ) -> Result<(), HookError> {
+        let Some(f) = f else { return Ok(()) };
+        let flat = Flat::of(latents)?;
+        let mut out = empty_out();
+        let mut err = Err::new();
+        let code = f(
+            self.ptr,
+            &sd_step(step),
+            &flat.view(),
+            &mut out,
+            &mut err.buf,
+        );
+        if let Some(t) = self.take(code, out, &err, latents, point)? {
+            *latents = t;
+        }
+        Ok(())
+    }
 }
 
-fn empty_out() -> SdTensorOut {
-    SdTensorOut {
-        data: std::ptr::null_mut(),
-        len: 0,
-        cap: 0,
-    }
+/// The hook points of a plugin instance.
+struct DynHook {
+    inst: PluginInstance,
+    name: String,
 }
 
 impl Hook for DynHook {
     fn name(&self) -> &str {
-        &self.lib.manifest.name
+        &self.name
+    }
+
+    fn on_conditioning(&mut self, cond: &mut Conditioning) -> Result<(), HookError> {
+        self.inst.with(|i| {
+            let Some(f) = i.t().on_conditioning else {
+                return Ok(());
+            };
+            let c = Flat::of(&cond.cond)?;
+            let u = cond.uncond.as_ref().map(Flat::of).transpose()?;
+            let uv = u.as_ref().map(Flat::view);
+            let (mut oc, mut ou) = (empty_out(), empty_out());
+            let mut err = Err::new();
+            let code = f(
+                i.ptr,
+                &c.view(),
+                uv.as_ref()
+                    .map_or(std::ptr::null(), |v| v as *const SdTensor),
+                &mut oc,
+                &mut ou,
+                &mut err.buf,
+            );
+            let new_u = match &cond.uncond {
+                Some(like) if code == SD_OK => i.take(code, ou, &err, like, "on_conditioning")?,
+                _ => {
+                    if !ou.data.is_null() {
+                        (i.t().free_tensor)(&mut ou);
+                    }
+                    None
+                }
+            };
+            if let Some(t) = i.take(code, oc, &err, &cond.cond, "on_conditioning")? {
+                cond.cond = t;
+            }
+            if let Some(t) = new_u {
+                cond.uncond = Some(t);
+            }
+            Ok(())
+        })
     }
 
     fn before_step(&mut self, step: &StepInfo, latents: &mut Tensor) -> Result<(), HookError> {
-        let Some(f) = self.lib.table().before_step else {
-            return Ok(());
-        };
-        let flat = Flat::of(latents)?;
-        let mut out = empty_out();
-        let mut storage = Vec::new();
-        let mut err = err_buf(&mut storage);
-        let code = f(
-            self.instance,
-            &sd_step(step),
-            &flat.view(),
-            &mut out,
-            &mut err,
-        );
-        if let Some(t) = self.take(code, out, &storage, &err, latents)? {
-            *latents = t;
-        }
-        Ok(())
+        self.inst
+            .with(|i| i.latents_point(i.t().before_step, step, latents, "before_step"))
+    }
+
+    fn residuals(
+        &mut self,
+        step: &StepInfo,
+        input: &ResidualInput<'_>,
+    ) -> Result<Option<Residuals>, HookError> {
+        self.inst.with(|i| {
+            let Some(f) = i.t().residuals else {
+                return Ok(None);
+            };
+            let (s, l, c) = (
+                Flat::of(input.sample)?,
+                Flat::of(input.latents)?,
+                Flat::of(input.encoder_hidden_states)?,
+            );
+            let mut out = SdTensorsOut {
+                data: std::ptr::null_mut(),
+                len: 0,
+                cap: 0,
+                shapes: std::ptr::null_mut(),
+                shapes_len: 0,
+                shapes_cap: 0,
+                count: 0,
+            };
+            let mut err = Err::new();
+            let code = f(
+                i.ptr,
+                &sd_step(step),
+                &s.view(),
+                &l.view(),
+                &c.view(),
+                &mut out,
+                &mut err.buf,
+            );
+            let result = (|| match code {
+                SD_PASS => Ok(None),
+                SD_OK => {
+                    if out.data.is_null()
+                        || out.shapes.is_null()
+                        || out.count < 2
+                        || !out.shapes_len.is_multiple_of(out.count)
+                    {
+                        return Err(i.lib.fail("residuals: malformed tensor list"));
+                    }
+                    let shapes = unsafe { std::slice::from_raw_parts(out.shapes, out.shapes_len) };
+                    let ndim = out.shapes_len / out.count;
+                    let sizes: Vec<Vec<usize>> = shapes
+                        .chunks(ndim)
+                        .map(|c| c.iter().map(|&d| d as usize).collect())
+                        .collect();
+                    let total: usize = sizes.iter().map(|s| s.iter().product::<usize>()).sum();
+                    if total != out.len {
+                        return Err(i.lib.fail(format!(
+                            "residuals: {} values for shapes {sizes:?} ({total} values)",
+                            out.len
+                        )));
+                    }
+                    let data = unsafe { std::slice::from_raw_parts(out.data, out.len) };
+                    let (dev, dt) = (input.sample.device(), input.sample.dtype());
+                    let mut at = 0;
+                    let mut tensors = Vec::with_capacity(sizes.len());
+                    for sz in &sizes {
+                        let n: usize = sz.iter().product();
+                        tensors.push(
+                            Tensor::from_slice(&data[at..at + n], sz.as_slice(), dev)?
+                                .to_dtype(dt)?,
+                        );
+                        at += n;
+                    }
+                    let mid = tensors.pop().expect("count >= 2");
+                    Ok(Some(Residuals { down: tensors, mid }))
+                }
+                _ => Err(i.lib.fail(format!("residuals: {}", err.text()))),
+            })();
+            if !out.data.is_null() || !out.shapes.is_null() {
+                (i.t().free_tensors)(&mut out);
+            }
+            result
+        })
     }
 
     fn on_noise_pred(
@@ -393,26 +607,97 @@ impl Hook for DynHook {
         step: &StepInfo,
         pred: &NoisePrediction<'_>,
     ) -> Result<Option<Tensor>, HookError> {
-        let Some(f) = self.lib.table().on_noise_pred else {
-            return Ok(None);
-        };
-        let cond = Flat::of(pred.cond)?;
-        let uncond = pred.uncond.map(Flat::of).transpose()?;
-        let uncond_view = uncond.as_ref().map(Flat::view);
-        let mut out = empty_out();
-        let mut storage = Vec::new();
-        let mut err = err_buf(&mut storage);
-        let code = f(
-            self.instance,
-            &sd_step(step),
-            uncond_view
-                .as_ref()
-                .map_or(std::ptr::null(), |v| v as *const SdTensor),
-            &cond.view(),
-            pred.guidance_scale,
-            &mut out,
-            &mut err,
-        );
-        self.take(code, out, &storage, &err, pred.cond)
+        self.inst.with(|i| {
+            let Some(f) = i.t().on_noise_pred else {
+                return Ok(None);
+            };
+            let cond = Flat::of(pred.cond)?;
+            let uncond = pred.uncond.map(Flat::of).transpose()?;
+            let uv = uncond.as_ref().map(Flat::view);
+            let mut out = empty_out();
+            let mut err = Err::new();
+            let code = f(
+                i.ptr,
+                &sd_step(step),
+                uv.as_ref()
+                    .map_or(std::ptr::null(), |v| v as *const SdTensor),
+                &cond.view(),
+                pred.guidance_scale,
+                &mut out,
+                &mut err.buf,
+            );
+            i.take(code, out, &err, pred.cond, "on_noise_pred")
+        })
+    }
+
+    fn after_step(
+        &mut self,
+        step: &StepInfo,
+        _levels: &dyn NoiseLevels,
+        latents: &mut Tensor,
+    ) -> Result<(), HookError> {
+        self.inst
+            .with(|i| i.latents_point(i.t().after_step, step, latents, "after_step"))
+    }
+
+    fn on_image(&mut self, images: &mut Tensor) -> Result<(), HookError> {
+        self.inst.with(|i| {
+            let Some(f) = i.t().on_image else {
+                return Ok(());
+            };
+            let flat = Flat::of(images)?;
+            let mut out = empty_out();
+            let mut err = Err::new();
+            let code = f(i.ptr, &flat.view(), &mut out, &mut err.buf);
+            if let Some(t) = i.take(code, out, &err, images, "on_image")? {
+                *images = t;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The weight patch of a plugin instance.
+struct DynPatch {
+    inst: PluginInstance,
+    name: String,
+}
+
+impl WeightPatch for DynPatch {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn delta(
+        &self,
+        part: ModelPart,
+        name: &str,
+        base: &Tensor,
+    ) -> Result<Option<Tensor>, HookError> {
+        self.inst.with(|i| {
+            let (Some(wants), Some(f)) = (i.t().patches, i.t().weight_delta) else {
+                return Ok(None);
+            };
+            let p: SdPart = match part {
+                ModelPart::Unet => 0,
+                ModelPart::TextEncoder => 1,
+                ModelPart::Vae => 2,
+            };
+            if wants(i.ptr, p, SdStr::new(name)) != 1 {
+                return Ok(None);
+            }
+            let flat = Flat::of(base)?;
+            let mut out = empty_out();
+            let mut err = Err::new();
+            let code = f(
+                i.ptr,
+                p,
+                SdStr::new(name),
+                &flat.view(),
+                &mut out,
+                &mut err.buf,
+            );
+            i.take(code, out, &err, base, &format!("weight_delta {name}"))
+        })
     }
 }

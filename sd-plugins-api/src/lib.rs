@@ -66,7 +66,7 @@ pub use hwc3::hwc3;
 pub use params::{resolve_params, ParamError, ParamKind, ParamSpec, ParamValue, Params};
 #[cfg(feature = "host")]
 pub use patch::{ModelPart, WeightPatch};
-pub use plugin::{HookPlugin, TensorView};
+pub use plugin::{HookPlugin, OwnedTensor, Part, TensorView};
 pub use preprocess::{
     BuiltinPreprocessor, ImageBuf, PluginError, PluginSource, Preprocessor, Registry,
 };

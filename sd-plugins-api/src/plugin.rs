@@ -20,8 +20,24 @@ pub struct TensorView<'a> {
     pub shape: &'a [usize],
 }
 
-/// A step hook living in a plugin. Return `Ok(None)` to leave a point alone; a returned
-/// tensor must have the input's shape (the host checks).
+/// An f32 tensor a plugin returns: row-major values and their shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnedTensor {
+    pub data: Vec<f32>,
+    pub shape: Vec<usize>,
+}
+
+/// Which model a weight belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Unet,
+    TextEncoder,
+    Vae,
+}
+
+/// A hook living in a plugin, at the design's hook points, and optionally a weight patch.
+/// Every method has a do-nothing default: return `Ok(None)` to leave a point alone; a
+/// returned tensor must have the input's number of values (the host checks).
 pub trait HookPlugin: Send + Sized + 'static {
     /// Name used in configs (`plugins = [{ name = "cfg_rescale", phi = 0.7 }]`).
     fn name() -> &'static str;
@@ -29,6 +45,17 @@ pub trait HookPlugin: Send + Sized + 'static {
     fn params() -> Vec<ParamSpec>;
     /// One instance per generation, with validated parameters.
     fn create(params: &Params) -> Result<Self, String>;
+
+    /// Edit the text conditioning `[batch, tokens, dim]` once before sampling: new `cond`
+    /// and, when there is one, new `uncond`.
+    #[allow(clippy::type_complexity)]
+    fn on_conditioning(
+        &mut self,
+        _cond: TensorView<'_>,
+        _uncond: Option<TensorView<'_>>,
+    ) -> Result<Option<(Vec<f32>, Option<Vec<f32>>)>, String> {
+        Ok(None)
+    }
 
     /// Edit the latents before the UNet runs.
     fn before_step(
@@ -39,6 +66,17 @@ pub trait HookPlugin: Send + Sized + 'static {
         Ok(None)
     }
 
+    /// Additive UNet residuals, down blocks then mid (a T2I-adapter-like provider).
+    fn residuals(
+        &mut self,
+        _step: &StepInfo,
+        _sample: TensorView<'_>,
+        _latents: TensorView<'_>,
+        _context: TensorView<'_>,
+    ) -> Result<Option<Vec<OwnedTensor>>, String> {
+        Ok(None)
+    }
+
     /// Combine the predictions (`uncond` is `None` without classifier-free guidance).
     fn on_noise_pred(
         &mut self,
@@ -46,6 +84,36 @@ pub trait HookPlugin: Send + Sized + 'static {
         _uncond: Option<TensorView<'_>>,
         _cond: TensorView<'_>,
         _guidance_scale: f64,
+    ) -> Result<Option<Vec<f32>>, String> {
+        Ok(None)
+    }
+
+    /// Edit the latents after the sampler stepped.
+    fn after_step(
+        &mut self,
+        _step: &StepInfo,
+        _latents: TensorView<'_>,
+    ) -> Result<Option<Vec<f32>>, String> {
+        Ok(None)
+    }
+
+    /// Post-process decoded images `[batch, 3, H, W]` in [0, 1].
+    fn on_image(&mut self, _images: TensorView<'_>) -> Result<Option<Vec<f32>>, String> {
+        Ok(None)
+    }
+
+    /// Whether [`HookPlugin::weight_delta`] wants parameter `name` (asked before its values
+    /// are copied out).
+    fn patches(&self, _part: Part, _name: &str) -> bool {
+        false
+    }
+
+    /// The delta to add to a parameter while weights load (LoRA-like patches).
+    fn weight_delta(
+        &self,
+        _part: Part,
+        _name: &str,
+        _base: TensorView<'_>,
     ) -> Result<Option<Vec<f32>>, String> {
         Ok(None)
     }
@@ -60,7 +128,9 @@ macro_rules! export_plugin {
         $crate::export_plugin!(@table $t,
             $crate::plugin::glue::preprocessor_manifest::<$t>,
             process: Some($crate::plugin::glue::process::<$t>),
-            create: None, destroy: None, before_step: None, on_noise_pred: None);
+            create: None, destroy: None, on_conditioning: None, before_step: None,
+            residuals: None, on_noise_pred: None, after_step: None, on_image: None,
+            patches: None, weight_delta: None);
     };
     (hook: $t:ty) => {
         $crate::export_plugin!(@table $t,
@@ -68,11 +138,19 @@ macro_rules! export_plugin {
             process: None,
             create: Some($crate::plugin::glue::create::<$t>),
             destroy: Some($crate::plugin::glue::destroy::<$t>),
+            on_conditioning: Some($crate::plugin::glue::on_conditioning::<$t>),
             before_step: Some($crate::plugin::glue::before_step::<$t>),
-            on_noise_pred: Some($crate::plugin::glue::on_noise_pred::<$t>));
+            residuals: Some($crate::plugin::glue::residuals::<$t>),
+            on_noise_pred: Some($crate::plugin::glue::on_noise_pred::<$t>),
+            after_step: Some($crate::plugin::glue::after_step::<$t>),
+            on_image: Some($crate::plugin::glue::on_image::<$t>),
+            patches: Some($crate::plugin::glue::patches::<$t>),
+            weight_delta: Some($crate::plugin::glue::weight_delta::<$t>));
     };
     (@table $t:ty, $manifest:path, process: $p:expr, create: $c:expr, destroy: $d:expr,
-        before_step: $b:expr, on_noise_pred: $n:expr) => {
+        on_conditioning: $oc:expr, before_step: $b:expr, residuals: $r:expr,
+        on_noise_pred: $n:expr, after_step: $a:expr, on_image: $oi:expr,
+        patches: $pa:expr, weight_delta: $wd:expr) => {
         #[no_mangle]
         pub extern "C" fn sd_plugin_entry() -> *const $crate::abi::SdPluginV1 {
             extern "C" fn manifest() -> $crate::abi::SdStr {
@@ -87,9 +165,16 @@ macro_rules! export_plugin {
                 free_image: $crate::plugin::glue::free_image,
                 create: $c,
                 destroy: $d,
+                on_conditioning: $oc,
                 before_step: $b,
+                residuals: $r,
                 on_noise_pred: $n,
+                after_step: $a,
+                on_image: $oi,
+                patches: $pa,
+                weight_delta: $wd,
                 free_tensor: $crate::plugin::glue::free_tensor,
+                free_tensors: $crate::plugin::glue::free_tensors,
             };
             &TABLE
         }
@@ -103,7 +188,7 @@ macro_rules! export_plugin {
 pub mod glue {
     use std::panic::{catch_unwind, AssertUnwindSafe};
 
-    use super::{HookPlugin, TensorView};
+    use super::{HookPlugin, Part, TensorView};
     use crate::abi::*;
     use crate::params::json::{params_from_json, spec_to_json};
     use crate::{ImageBuf, ParamSpec, Preprocessor, StepInfo};
@@ -208,6 +293,150 @@ pub mod glue {
                 o.data = std::ptr::null_mut();
             }
         }
+    }
+
+    pub extern "C" fn free_tensors(out: *mut SdTensorsOut) {
+        if let Some(o) = unsafe { out.as_mut() } {
+            if !o.data.is_null() {
+                drop(unsafe { Vec::from_raw_parts(o.data, o.len, o.cap) });
+                o.data = std::ptr::null_mut();
+            }
+            if !o.shapes.is_null() {
+                drop(unsafe { Vec::from_raw_parts(o.shapes, o.shapes_len, o.shapes_cap) });
+                o.shapes = std::ptr::null_mut();
+            }
+        }
+    }
+
+    fn instance<'a, T>(instance: SdInstance) -> Result<&'a mut T, String> {
+        unsafe { (instance as *mut T).as_mut() }.ok_or_else(|| "null instance".into())
+    }
+
+    fn part(p: SdPart) -> Result<Part, String> {
+        match p {
+            0 => Ok(Part::Unet),
+            1 => Ok(Part::TextEncoder),
+            2 => Ok(Part::Vae),
+            o => Err(format!("unknown model part {o}")),
+        }
+    }
+
+    pub extern "C" fn on_conditioning<T: HookPlugin>(
+        inst: SdInstance,
+        cond: *const SdTensor,
+        uncond: *const SdTensor,
+        out_cond: *mut SdTensorOut,
+        out_uncond: *mut SdTensorOut,
+        err: *mut SdErrBuf,
+    ) -> i32 {
+        guard(err, || {
+            let h = instance::<T>(inst)?;
+            let c = unsafe { view(cond) }.ok_or("null cond")?;
+            match h.on_conditioning(c, unsafe { view(uncond) })? {
+                None => Ok(SD_PASS),
+                Some((c, u)) => {
+                    answer(out_cond, Some(c))?;
+                    if let Some(u) = u {
+                        answer(out_uncond, Some(u))?;
+                    }
+                    Ok(SD_OK)
+                }
+            }
+        })
+    }
+
+    pub extern "C" fn residuals<T: HookPlugin>(
+        inst: SdInstance,
+        s: *const SdStep,
+        sample: *const SdTensor,
+        latents: *const SdTensor,
+        context: *const SdTensor,
+        out: *mut SdTensorsOut,
+        err: *mut SdErrBuf,
+    ) -> i32 {
+        guard(err, || {
+            let h = instance::<T>(inst)?;
+            let v = |t| unsafe { view(t) }.ok_or("null tensor");
+            let Some(list) = h.residuals(&step(s)?, v(sample)?, v(latents)?, v(context)?)? else {
+                return Ok(SD_PASS);
+            };
+            let ndim = list.first().map_or(0, |t| t.shape.len());
+            if list.iter().any(|t| t.shape.len() != ndim) {
+                return Err("residual tensors of different ranks".into());
+            }
+            let mut data = Vec::new();
+            let mut shapes = Vec::new();
+            for t in &list {
+                data.extend_from_slice(&t.data);
+                shapes.extend(t.shape.iter().map(|&d| d as u64));
+            }
+            let mut data = std::mem::ManuallyDrop::new(data);
+            let mut shapes = std::mem::ManuallyDrop::new(shapes);
+            let out = unsafe { out.as_mut() }.ok_or("null output")?;
+            *out = SdTensorsOut {
+                data: data.as_mut_ptr(),
+                len: data.len(),
+                cap: data.capacity(),
+                shapes: shapes.as_mut_ptr(),
+                shapes_len: shapes.len(),
+                shapes_cap: shapes.capacity(),
+                count: list.len(),
+            };
+            Ok(SD_OK)
+        })
+    }
+
+    pub extern "C" fn after_step<T: HookPlugin>(
+        inst: SdInstance,
+        s: *const SdStep,
+        latents: *const SdTensor,
+        out: *mut SdTensorOut,
+        err: *mut SdErrBuf,
+    ) -> i32 {
+        guard(err, || {
+            let h = instance::<T>(inst)?;
+            let latents = unsafe { view(latents) }.ok_or("null latents")?;
+            answer(out, h.after_step(&step(s)?, latents)?)
+        })
+    }
+
+    pub extern "C" fn on_image<T: HookPlugin>(
+        inst: SdInstance,
+        images: *const SdTensor,
+        out: *mut SdTensorOut,
+        err: *mut SdErrBuf,
+    ) -> i32 {
+        guard(err, || {
+            let h = instance::<T>(inst)?;
+            let images = unsafe { view(images) }.ok_or("null images")?;
+            answer(out, h.on_image(images)?)
+        })
+    }
+
+    pub extern "C" fn patches<T: HookPlugin>(inst: SdInstance, p: SdPart, name: SdStr) -> i32 {
+        let r = catch_unwind(AssertUnwindSafe(|| -> Result<bool, String> {
+            let h = instance::<T>(inst)?;
+            Ok(h.patches(part(p)?, unsafe { name.as_str()? }))
+        }));
+        matches!(r, Ok(Ok(true))) as i32
+    }
+
+    pub extern "C" fn weight_delta<T: HookPlugin>(
+        inst: SdInstance,
+        p: SdPart,
+        name: SdStr,
+        base: *const SdTensor,
+        out: *mut SdTensorOut,
+        err: *mut SdErrBuf,
+    ) -> i32 {
+        guard(err, || {
+            let h = instance::<T>(inst)?;
+            let base = unsafe { view(base) }.ok_or("null base")?;
+            answer(
+                out,
+                h.weight_delta(part(p)?, unsafe { name.as_str()? }, base)?,
+            )
+        })
     }
 
     pub extern "C" fn create<T: HookPlugin>(params: SdStr, err: *mut SdErrBuf) -> SdInstance {

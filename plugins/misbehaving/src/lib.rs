@@ -72,6 +72,7 @@ mod by_hand {
     }
 
     extern "C" fn free_tensor(_: *mut SdTensorOut) {}
+    extern "C" fn free_tensors(_: *mut SdTensorsOut) {}
 
     static TABLE: SdPluginV1 = SdPluginV1 {
         abi_version: if cfg!(feature = "wrong_abi") {
@@ -85,9 +86,16 @@ mod by_hand {
         free_image,
         create: None,
         destroy: None,
+        on_conditioning: None,
         before_step: None,
+        residuals: None,
         on_noise_pred: None,
+        after_step: None,
+        on_image: None,
+        patches: None,
+        weight_delta: None,
         free_tensor,
+        free_tensors,
     };
 
     #[no_mangle]
