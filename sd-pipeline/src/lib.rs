@@ -9,6 +9,7 @@ pub mod philox;
 pub mod pipeline;
 pub mod prompt;
 pub mod samplers;
+pub mod single_file;
 pub mod text;
 pub mod tokenizer;
 

@@ -61,6 +61,9 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Tensor names and shapes of a safetensors file, from its header alone.
 pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    if crate::single_file::pickle::is_pickle(path) {
+        return crate::single_file::pickle::shapes(path).map_err(|m| Error::config(path, m));
+    }
     use std::io::Read;
     let bad = |m: String| Error::config(path, m);
     let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
@@ -104,11 +107,17 @@ struct Patched {
     patches: Vec<Arc<dyn WeightPatch>>,
 }
 
-impl Patched {
-    fn apply(&self, name: &str, mut t: Tensor) -> candle_core::Result<Tensor> {
-        for p in &self.patches {
+/// Add every patch's delta for `name` to `t`.
+pub(crate) fn apply_patches(
+    patches: &[Arc<dyn WeightPatch>],
+    part: ModelPart,
+    name: &str,
+    mut t: Tensor,
+) -> candle_core::Result<Tensor> {
+    {
+        for p in patches {
             let delta = p
-                .delta(self.part, name, &t)
+                .delta(part, name, &t)
                 .map_err(|e| candle_core::Error::Msg(format!("weight patch {}: {e}", p.name())))?;
             if let Some(d) = delta {
                 if d.dims() != t.dims() {
@@ -124,6 +133,12 @@ impl Patched {
             }
         }
         Ok(t)
+    }
+}
+
+impl Patched {
+    fn apply(&self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        apply_patches(&self.patches, self.part, name, t)
     }
 }
 
@@ -162,6 +177,14 @@ pub fn load_component<T>(
         path: shown.clone(),
         source,
     };
+    if files.len() == 1 && crate::single_file::pickle::is_pickle(&files[0]) {
+        // a .pth / .ckpt: read (safely) into memory, names as stored
+        let store =
+            crate::single_file::pickle::load(&files[0]).map_err(|m| Error::config(&files[0], m))?;
+        let backend = crate::single_file::Mapped::identity(store, part, patches);
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+        return build(vb).map_err(wrap);
+    }
     // SAFETY: the files are memory-mapped read-only; like every mmap-based loader, we rely
     // on them not being modified while the model is alive.
     let inner =
@@ -195,11 +218,20 @@ impl StableDiffusion {
         dtype: DType,
         patches: &[Arc<dyn WeightPatch>],
     ) -> Result<Self> {
+        Self::load_with_vae(root, device, dtype, patches, None)
+    }
+
+    /// [`StableDiffusion::load`] for a diffusers folder or a single-file checkpoint, with the
+    /// VAE optionally taken from its own file (`--vae`).
+    pub fn load_with_vae(
+        root: &Path,
+        device: &Device,
+        dtype: DType,
+        patches: &[Arc<dyn WeightPatch>],
+        vae: Option<&Path>,
+    ) -> Result<Self> {
         if root.is_file() {
-            return Err(Error::config(
-                root,
-                "single-file checkpoints (.safetensors/.ckpt) cannot be loaded yet: give a diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
-            ));
+            return crate::single_file::Checkpoint::open(root)?.load(device, dtype, patches, vae);
         }
         if !root.is_dir() {
             return Err(Error::io(
@@ -267,14 +299,17 @@ impl StableDiffusion {
             device,
             |vb| UNet2DConditionModel::new(&unet_cfg, vb),
         )?;
-        let vae = load_component(
-            &weight_files(&vae_dir)?,
-            ModelPart::Vae,
-            patches,
-            dtype,
-            device,
-            |vb| AutoencoderKL::new(&vae_cfg, vb),
-        )?;
+        let vae = match vae {
+            Some(v) => crate::single_file::load_vae(v, &vae_cfg, patches, dtype, device)?,
+            None => load_component(
+                &weight_files(&vae_dir)?,
+                ModelPart::Vae,
+                patches,
+                dtype,
+                device,
+                |vb| AutoencoderKL::new(&vae_cfg, vb),
+            )?,
+        };
         let text_encoder = load_component(
             &weight_files(&te_dir)?,
             ModelPart::TextEncoder,

@@ -64,6 +64,48 @@ impl ClipTokenizer {
             .unk_token("<|endoftext|>".into())
             .build()
             .map_err(|e| err(format!("cannot read vocab.json/merges.txt: {e}")))?;
+        let mut pad_token = None;
+        for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+            let p = dir.join(name);
+            if pad_token.is_none() && p.is_file() {
+                let v: serde_json::Value = crate::error::read_json(&p)?;
+                pad_token = v.get("pad_token").and_then(token_content);
+            }
+        }
+        Self::build(bpe, pad_token, dir)
+    }
+
+    /// The standard CLIP BPE vocabulary embedded in the binary, for single-file checkpoints,
+    /// which carry none: `pad` is `<|endoftext|>` for SD1's CLIP, `!` for SD2's OpenCLIP.
+    pub fn embedded(pad: &str) -> Result<Self> {
+        let here = Path::new("<embedded CLIP vocabulary>");
+        let err = |message: String| Error::Tokenizer {
+            path: here.to_path_buf(),
+            message,
+        };
+        let vocab: tokenizers::models::bpe::Vocab =
+            serde_json::from_str(include_str!("../assets/clip/vocab.json"))
+                .map_err(|e| err(e.to_string()))?;
+        let merges: Vec<(String, String)> = include_str!("../assets/clip/merges.txt")
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .filter_map(|l| l.split_once(' '))
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .end_of_word_suffix("</w>".into())
+            .unk_token("<|endoftext|>".into())
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        Self::build(bpe, Some(pad.to_string()), here)
+    }
+
+    fn build(bpe: BPE, pad_token: Option<String>, dir: &Path) -> Result<Self> {
+        let err = |message: String| Error::Tokenizer {
+            path: dir.to_path_buf(),
+            message,
+        };
         let mut tk = Tokenizer::new(bpe);
         let norm = NormSeq::new(vec![
             NFC.into(),
@@ -97,14 +139,6 @@ impl ClipTokenizer {
         };
         let bos = id("<|startoftext|>")?;
         let eos = id("<|endoftext|>")?;
-        let mut pad_token = None;
-        for name in ["special_tokens_map.json", "tokenizer_config.json"] {
-            let p = dir.join(name);
-            if pad_token.is_none() && p.is_file() {
-                let v: serde_json::Value = crate::error::read_json(&p)?;
-                pad_token = v.get("pad_token").and_then(token_content);
-            }
-        }
         let pad = match pad_token {
             Some(t) => {
                 // transformers treats the pad token as a special token that splits the text

@@ -556,6 +556,17 @@ pub struct ClipConfig {
 impl ClipConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let raw: ClipConfigFile = read_json(path)?;
+        Self::from_raw(raw, path)
+    }
+
+    /// From `config.json` contents (built in memory for single files); errors name `path`.
+    pub fn from_value(v: &serde_json::Value, path: &Path) -> Result<Self> {
+        let raw: ClipConfigFile = serde_json::from_value(v.clone())
+            .map_err(|e| Error::config(path, format!("text encoder config: {e}")))?;
+        Self::from_raw(raw, path)
+    }
+
+    fn from_raw(raw: ClipConfigFile, path: &Path) -> Result<Self> {
         let activation = match raw.hidden_act.as_str() {
             "quick_gelu" => ClipActivation::QuickGelu,
             "gelu" => ClipActivation::Gelu,

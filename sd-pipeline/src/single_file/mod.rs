@@ -1,0 +1,400 @@
+//! Single-file checkpoints as A1111 and ComfyUI users have them: LDM-format `.safetensors`,
+//! and `.ckpt` / `.pth` pickles read without executing code. The architecture comes from the
+//! keys and shapes, or from a sidecar `NAME.yaml` (the original LDM config) when present.
+
+pub mod detect;
+pub mod names;
+pub mod pickle;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use sd_plugins_api::{ModelPart, WeightPatch};
+
+use crate::error::{Error, Result};
+use crate::loader::apply_patches;
+use crate::models::clip::ClipTextModel;
+use crate::models::config::{ClipConfig, UNetConfig, UNetConfigFile, VaeConfig, VaeConfigFile};
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::AutoencoderKL;
+use crate::samplers::SchedulerConfig;
+use crate::tokenizer::ClipTokenizer;
+use crate::StableDiffusion;
+
+pub use detect::{Detected, Family, Kind, Shapes, Sidecar};
+use names::{Source, Transform};
+
+/// The tensors of a file: memory-mapped safetensors, or a pickle read into memory.
+pub enum Store {
+    Mmap(MmapedSafetensors),
+    Mem(HashMap<String, Tensor>),
+}
+
+impl Store {
+    /// Open a `.safetensors`, `.ckpt`, `.pth`, `.pt` or `.bin` file.
+    pub fn open(path: &Path) -> Result<Self> {
+        if pickle::is_pickle(path) {
+            return pickle::load(path)
+                .map(Store::Mem)
+                .map_err(|m| Error::config(path, m));
+        }
+        // SAFETY: read-only mapping of a file we do not modify (as every mmap loader).
+        let m = unsafe { MmapedSafetensors::new(path) }.map_err(|source| Error::Weights {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Store::Mmap(m))
+    }
+
+    pub fn shapes(&self) -> Shapes {
+        match self {
+            Store::Mmap(m) => m
+                .tensors()
+                .into_iter()
+                .map(|(k, v)| (k, v.shape().to_vec()))
+                .collect(),
+            Store::Mem(m) => m
+                .iter()
+                .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+                .collect(),
+        }
+    }
+
+    pub fn dtypes(&self) -> Vec<(String, DType)> {
+        match self {
+            Store::Mmap(m) => m
+                .tensors()
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, DType::try_from(v.dtype()).ok()?)))
+                .collect(),
+            Store::Mem(m) => m.iter().map(|(k, t)| (k.clone(), t.dtype())).collect(),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Store::Mmap(m) => m.get(name).is_ok(),
+            Store::Mem(m) => m.contains_key(name),
+        }
+    }
+
+    /// A tensor on the CPU in its stored dtype.
+    pub fn get(&self, name: &str) -> candle_core::Result<Tensor> {
+        match self {
+            Store::Mmap(m) => m.load(name, &Device::Cpu),
+            Store::Mem(m) => m
+                .get(name)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.into() }),
+        }
+    }
+}
+
+type NameMap = Box<dyn Fn(&str) -> Option<Source> + Send + Sync>;
+
+/// A VarBuilder backend reading diffusers names from a single file through a name map, with
+/// weight patches applied as tensors are read.
+pub struct Mapped {
+    store: Arc<Store>,
+    map: NameMap,
+    part: ModelPart,
+    patches: Vec<Arc<dyn WeightPatch>>,
+}
+
+impl Mapped {
+    /// Tensors read under their own names.
+    pub fn identity(
+        store: HashMap<String, Tensor>,
+        part: ModelPart,
+        patches: &[Arc<dyn WeightPatch>],
+    ) -> Self {
+        Self {
+            store: Arc::new(Store::Mem(store)),
+            map: Box::new(|n: &str| {
+                Some(Source {
+                    name: n.to_string(),
+                    transform: Transform::None,
+                })
+            }),
+            part,
+            patches: patches.to_vec(),
+        }
+    }
+
+    fn fetch(&self, name: &str) -> candle_core::Result<Tensor> {
+        let src = (self.map)(name).ok_or_else(|| candle_core::Error::CannotFindTensor {
+            path: name.to_string(),
+        })?;
+        let t = self.store.get(&src.name)?;
+        match src.transform {
+            Transform::None => Ok(t),
+            Transform::Squeeze1x1 => match t.dims() {
+                [o, i, 1, 1] => t.reshape((*o, *i)),
+                _ => Ok(t),
+            },
+            Transform::Third(k) => {
+                let n = t.dim(0)? / 3;
+                t.narrow(0, k * n, n)?.contiguous()
+            }
+        }
+    }
+}
+
+impl SimpleBackend for Mapped {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.fetch(name)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "{name}: the file's tensor has shape {:?}, the model expects {:?}",
+                t.dims(),
+                s.dims()
+            );
+        }
+        let t = t.to_dtype(dtype)?.to_device(dev)?;
+        apply_patches(&self.patches, self.part, name, t)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.fetch(name)?.to_dtype(dtype)?.to_device(dev)?;
+        apply_patches(&self.patches, self.part, name, t)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        (self.map)(name).is_some_and(|s| self.store.contains(&s.name))
+    }
+}
+
+/// `NAME.yaml` next to `NAME.safetensors|.ckpt|.pth`.
+pub fn sidecar_path(path: &Path) -> PathBuf {
+    path.with_extension("yaml")
+}
+
+/// A full checkpoint, opened and detected.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub store: Arc<Store>,
+    pub detected: Detected,
+    /// The sidecar yaml, when one was used.
+    pub sidecar: Option<PathBuf>,
+}
+
+impl Checkpoint {
+    pub fn open(path: &Path) -> Result<Self> {
+        let store = Store::open(path)?;
+        let shapes = store.shapes();
+        match detect::kind(&shapes) {
+            Kind::Checkpoint => {}
+            Kind::ControlNet => {
+                return Err(Error::config(
+                    path,
+                    "this is a ControlNet, not a base model: use it in a control unit (--control model=...)",
+                ))
+            }
+            Kind::Lora => {
+                return Err(Error::config(
+                    path,
+                    "this is a LoRA, not a base model: use --lora or a [[lora]] table",
+                ))
+            }
+            Kind::Vae => {
+                return Err(Error::config(
+                    path,
+                    "this is a VAE on its own, not a base model: use --vae",
+                ))
+            }
+            Kind::Unknown => {
+                return Err(Error::config(
+                    path,
+                    "not a Stable Diffusion checkpoint: no model.diffusion_model.* keys (see `sdctl model inspect`)",
+                ))
+            }
+        }
+        let yaml = sidecar_path(path);
+        let (side, sidecar) = if yaml.is_file() {
+            let s = detect::read_sidecar(&yaml).map_err(|m| Error::config(&yaml, m))?;
+            (s, Some(yaml.clone()))
+        } else {
+            (Sidecar::default(), None)
+        };
+        let hint = |m: String| {
+            if sidecar.is_none() {
+                format!("{m} (no sidecar {} next to it: a non-standard or tiny model needs its original LDM config there)", yaml.display())
+            } else {
+                m
+            }
+        };
+        let detected = detect::detect(&shapes, &side).map_err(|m| Error::config(path, hint(m)))?;
+        let ck = Self {
+            path: path.to_path_buf(),
+            store: Arc::new(store),
+            detected,
+            sidecar: sidecar.clone(),
+        };
+        // every config is checked now, so a bad one is an error before anything loads
+        let checked = ck.unet_config().and(ck.vae_config()).and(ck.clip_config());
+        if let Err(e) = checked {
+            return Err(Error::config(path, hint(e.to_string())));
+        }
+        Ok(ck)
+    }
+
+    fn unet_config(&self) -> Result<UNetConfig> {
+        let raw: UNetConfigFile = serde_json::from_value(self.detected.unet.clone())
+            .map_err(|e| Error::config(&self.path, format!("detected UNet config: {e}")))?;
+        UNetConfig::from_raw(&raw, &self.path)
+    }
+
+    fn vae_config(&self) -> Result<VaeConfig> {
+        let raw: VaeConfigFile = serde_json::from_value(self.detected.vae.clone())
+            .map_err(|e| Error::config(&self.path, format!("detected VAE config: {e}")))?;
+        VaeConfig::from_raw(&raw, &self.path)
+    }
+
+    fn clip_config(&self) -> Result<ClipConfig> {
+        ClipConfig::from_value(&self.detected.text_encoder, &self.path)
+    }
+
+    /// The name map of one component (diffusers name -> the file's tensor).
+    pub fn name_map(&self, part: ModelPart) -> Result<NameMap> {
+        Ok(match part {
+            ModelPart::Unet => {
+                let cfg = self.unet_config()?;
+                Box::new(move |n: &str| names::unet(n, &cfg))
+            }
+            ModelPart::Vae => {
+                let levels = self.vae_config()?.block_out_channels.len();
+                Box::new(move |n: &str| names::vae(n, levels))
+            }
+            ModelPart::TextEncoder => match self.detected.family {
+                Family::Sd2 => Box::new(|n: &str| names::openclip(n)),
+                Family::Sd1 => {
+                    let tm = self.detected.clip_text_model;
+                    Box::new(move |n: &str| names::clip(n, tm))
+                }
+            },
+        })
+    }
+
+    fn vb(
+        &self,
+        part: ModelPart,
+        patches: &[Arc<dyn WeightPatch>],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        let backend = Mapped {
+            store: self.store.clone(),
+            map: self.name_map(part)?,
+            part,
+            patches: patches.to_vec(),
+        };
+        Ok(VarBuilder::from_backend(
+            Box::new(backend),
+            dtype,
+            device.clone(),
+        ))
+    }
+
+    /// Build the pipeline's models from the file.
+    pub fn load(
+        &self,
+        device: &Device,
+        dtype: DType,
+        patches: &[Arc<dyn WeightPatch>],
+        vae_override: Option<&Path>,
+    ) -> Result<StableDiffusion> {
+        let wrap = |source| Error::Weights {
+            path: self.path.clone(),
+            source,
+        };
+        let unet_cfg = self.unet_config()?;
+        let vae_cfg = self.vae_config()?;
+        let clip_cfg = self.clip_config()?;
+        let unet =
+            UNet2DConditionModel::new(&unet_cfg, self.vb(ModelPart::Unet, patches, dtype, device)?)
+                .map_err(wrap)?;
+        let vae = match vae_override {
+            Some(v) => load_vae(v, &vae_cfg, patches, dtype, device)?,
+            None => AutoencoderKL::new(&vae_cfg, self.vb(ModelPart::Vae, patches, dtype, device)?)
+                .map_err(wrap)?,
+        };
+        let text_encoder = ClipTextModel::new(
+            &clip_cfg,
+            self.vb(ModelPart::TextEncoder, patches, dtype, device)?,
+        )
+        .map_err(wrap)?;
+        let tokenizer = ClipTokenizer::embedded(self.detected.pad_token)?;
+        let scheduler_config = SchedulerConfig::from_json_str(&self.detected.scheduler.to_string())
+            .map_err(|e| Error::config(&self.path, e.to_string()))?;
+        Ok(StableDiffusion {
+            root: self.path.clone(),
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler_config,
+            device: device.clone(),
+            dtype,
+        })
+    }
+}
+
+/// A VAE from its own file (A1111 VAE files: bare LDM names `encoder.*`, `decoder.*`, or
+/// `first_stage_model.*`, or a diffusers VAE), with the architecture of `cfg`.
+pub fn load_vae(
+    path: &Path,
+    cfg: &VaeConfig,
+    patches: &[Arc<dyn WeightPatch>],
+    dtype: DType,
+    device: &Device,
+) -> Result<AutoencoderKL> {
+    let store = Arc::new(Store::open(path)?);
+    let shapes = store.shapes();
+    let levels = cfg.block_out_channels.len();
+    let map: NameMap = if shapes.keys().any(|k| k.starts_with("encoder.down_blocks.")) {
+        Box::new(|n: &str| {
+            Some(Source {
+                name: n.to_string(),
+                transform: Transform::None,
+            })
+        })
+    } else {
+        let prefixed = shapes.keys().any(|k| k.starts_with(names::VAE));
+        Box::new(move |n: &str| {
+            let s = names::vae(n, levels)?;
+            Some(if prefixed {
+                s
+            } else {
+                Source {
+                    name: s
+                        .name
+                        .strip_prefix(names::VAE)
+                        .unwrap_or(&s.name)
+                        .to_string(),
+                    transform: s.transform,
+                }
+            })
+        })
+    };
+    let backend = Mapped {
+        store,
+        map,
+        part: ModelPart::Vae,
+        patches: patches.to_vec(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    AutoencoderKL::new(cfg, vb).map_err(|source| Error::Weights {
+        path: path.to_path_buf(),
+        source,
+    })
+}

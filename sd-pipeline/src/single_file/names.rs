@@ -1,0 +1,213 @@
+//! Where each diffusers parameter lives in an LDM / A1111 single file, the inverse of what
+//! diffusers' `scripts/convert_diffusers_to_original_stable_diffusion.py` writes.
+
+use crate::models::config::UNetConfig;
+use crate::models::ldm_names::unet_ldm_name;
+
+pub const UNET: &str = "model.diffusion_model.";
+pub const VAE: &str = "first_stage_model.";
+pub const CLIP: &str = "cond_stage_model.transformer.";
+pub const OPENCLIP: &str = "cond_stage_model.model.";
+
+/// How a stored tensor becomes the diffusers parameter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Transform {
+    None,
+    /// A 1x1 conv weight `[o, i, 1, 1]` read as a linear weight `[o, i]`.
+    Squeeze1x1,
+    /// Rows `[k * n / 3, (k + 1) * n / 3)` of a fused q/k/v projection.
+    Third(usize),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    pub name: String,
+    pub transform: Transform,
+}
+
+fn src(name: String) -> Option<Source> {
+    Some(Source {
+        name,
+        transform: Transform::None,
+    })
+}
+
+/// UNet parameter -> LDM name (with the `model.diffusion_model.` prefix).
+pub fn unet(name: &str, cfg: &UNetConfig) -> Option<Source> {
+    src(format!("{UNET}{}", unet_ldm_name(name, cfg)?))
+}
+
+fn vae_resnet(rest: &str) -> String {
+    rest.replacen("conv_shortcut", "nin_shortcut", 1)
+}
+
+/// VAE parameter -> LDM name. `levels` is the number of resolution levels.
+pub fn vae(name: &str, levels: usize) -> Option<Source> {
+    let p: Vec<&str> = name.split('.').collect();
+    let rest = |k: usize| p[k..].join(".");
+    let s = |n: String| src(format!("{VAE}{n}"));
+    match p.as_slice() {
+        [side @ ("encoder" | "decoder"), "conv_in" | "conv_out", ..] => {
+            s(format!("{side}.{}", rest(1)))
+        }
+        [side @ ("encoder" | "decoder"), "conv_norm_out", ..] => {
+            s(format!("{side}.norm_out.{}", rest(2)))
+        }
+        ["encoder", "down_blocks", i, "resnets", j, ..] => s(format!(
+            "encoder.down.{i}.block.{j}.{}",
+            vae_resnet(&rest(5))
+        )),
+        ["encoder", "down_blocks", i, "downsamplers", "0", "conv", ..] => {
+            s(format!("encoder.down.{i}.downsample.conv.{}", rest(6)))
+        }
+        ["decoder", "up_blocks", i, "resnets", j, ..] => {
+            let i = levels.checked_sub(1 + i.parse::<usize>().ok()?)?;
+            s(format!("decoder.up.{i}.block.{j}.{}", vae_resnet(&rest(5))))
+        }
+        ["decoder", "up_blocks", i, "upsamplers", "0", "conv", ..] => {
+            let i = levels.checked_sub(1 + i.parse::<usize>().ok()?)?;
+            s(format!("decoder.up.{i}.upsample.conv.{}", rest(6)))
+        }
+        [side, "mid_block", "resnets", k, ..] => {
+            let k: usize = k.parse().ok()?;
+            s(format!(
+                "{side}.mid.block_{}.{}",
+                k + 1,
+                vae_resnet(&rest(4))
+            ))
+        }
+        [side, "mid_block", "attentions", "0", module, ..] => {
+            let (ldm, tail) = match *module {
+                "group_norm" => ("norm", rest(5)),
+                "to_q" => ("q", rest(5)),
+                "to_k" => ("k", rest(5)),
+                "to_v" => ("v", rest(5)),
+                "to_out" => ("proj_out", rest(6)),
+                _ => return None,
+            };
+            let transform = if ldm != "norm" && tail == "weight" {
+                Transform::Squeeze1x1
+            } else {
+                Transform::None
+            };
+            Some(Source {
+                name: format!("{VAE}{side}.mid.attn_1.{ldm}.{tail}"),
+                transform,
+            })
+        }
+        ["quant_conv" | "post_quant_conv", ..] => s(name.to_string()),
+        _ => None,
+    }
+}
+
+/// SD1 CLIP parameter (with or without `text_model.`) -> LDM name. `text_model` tells whether
+/// the file keeps transformers' `text_model.` level (most do).
+pub fn clip(name: &str, text_model: bool) -> Option<Source> {
+    let bare = name.strip_prefix("text_model.").unwrap_or(name);
+    if text_model {
+        src(format!("{CLIP}text_model.{bare}"))
+    } else {
+        src(format!("{CLIP}{bare}"))
+    }
+}
+
+/// SD2 CLIP parameter -> OpenCLIP name (the fused `in_proj` split into q, k, v).
+pub fn openclip(name: &str) -> Option<Source> {
+    let bare = name.strip_prefix("text_model.").unwrap_or(name);
+    let p: Vec<&str> = bare.split('.').collect();
+    let s = |n: String| src(format!("{OPENCLIP}{n}"));
+    match p.as_slice() {
+        ["embeddings", "token_embedding", "weight"] => s("token_embedding.weight".into()),
+        ["embeddings", "position_embedding", "weight"] => s("positional_embedding".into()),
+        ["final_layer_norm", t] => s(format!("ln_final.{t}")),
+        ["encoder", "layers", i, "self_attn", proj, t] => {
+            let k = match *proj {
+                "q_proj" => 0,
+                "k_proj" => 1,
+                "v_proj" => 2,
+                "out_proj" => return s(format!("transformer.resblocks.{i}.attn.out_proj.{t}")),
+                _ => return None,
+            };
+            Some(Source {
+                name: format!("{OPENCLIP}transformer.resblocks.{i}.attn.in_proj_{t}"),
+                transform: Transform::Third(k),
+            })
+        }
+        ["encoder", "layers", i, ln @ ("layer_norm1" | "layer_norm2"), t] => {
+            let l = if *ln == "layer_norm1" { "ln_1" } else { "ln_2" };
+            s(format!("transformer.resblocks.{i}.{l}.{t}"))
+        }
+        ["encoder", "layers", i, "mlp", fc, t] => {
+            let c = if *fc == "fc1" { "c_fc" } else { "c_proj" };
+            s(format!("transformer.resblocks.{i}.mlp.{c}.{t}"))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vae_names_follow_the_conversion_script() {
+        let v = |n: &str| vae(n, 4).unwrap();
+        assert_eq!(
+            v("encoder.down_blocks.1.resnets.0.conv_shortcut.weight").name,
+            "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight"
+        );
+        assert_eq!(
+            v("decoder.up_blocks.0.resnets.2.conv1.bias").name,
+            "first_stage_model.decoder.up.3.block.2.conv1.bias"
+        );
+        assert_eq!(
+            v("decoder.up_blocks.2.upsamplers.0.conv.weight").name,
+            "first_stage_model.decoder.up.1.upsample.conv.weight"
+        );
+        assert_eq!(
+            v("encoder.mid_block.resnets.1.norm2.weight").name,
+            "first_stage_model.encoder.mid.block_2.norm2.weight"
+        );
+        let q = v("decoder.mid_block.attentions.0.to_out.0.weight");
+        assert_eq!(
+            (q.name.as_str(), q.transform),
+            (
+                "first_stage_model.decoder.mid.attn_1.proj_out.weight",
+                Transform::Squeeze1x1
+            )
+        );
+        assert_eq!(
+            v("decoder.mid_block.attentions.0.to_q.bias").transform,
+            Transform::None
+        );
+        assert_eq!(
+            v("encoder.conv_norm_out.weight").name,
+            "first_stage_model.encoder.norm_out.weight"
+        );
+    }
+
+    #[test]
+    fn openclip_names_split_the_fused_projection() {
+        let o = |n: &str| openclip(n).unwrap();
+        let k = o("text_model.encoder.layers.3.self_attn.k_proj.weight");
+        assert_eq!(
+            (k.name.as_str(), k.transform),
+            (
+                "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight",
+                Transform::Third(1)
+            )
+        );
+        assert_eq!(
+            o("encoder.layers.0.mlp.fc2.bias").name,
+            "cond_stage_model.model.transformer.resblocks.0.mlp.c_proj.bias"
+        );
+        assert_eq!(
+            o("embeddings.position_embedding.weight").name,
+            "cond_stage_model.model.positional_embedding"
+        );
+        assert_eq!(
+            o("final_layer_norm.weight").name,
+            "cond_stage_model.model.ln_final.weight"
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! Single-file checkpoints made by diffusers' own conversion script
+//! (fixtures/make_single_file_fixtures.py): loading one gives exactly the diffusers folder's
+//! results; pickles are read without running code; wrong kinds of file are clear errors.
+
+use candle_core::{DType, Device, Tensor};
+use sd_pipeline::samplers::{SamplerKind, Schedule};
+use sd_pipeline::single_file::{Checkpoint, Family};
+use sd_pipeline::tokenizer::ClipTokenizer;
+use sd_pipeline::{GenerateRequest, StableDiffusion};
+use sd_plugins_api::HookSet;
+use sd_tests::{fixtures, max_abs_diff, model_dir};
+
+fn single(name: &str) -> std::path::PathBuf {
+    fixtures().join("models/single").join(name)
+}
+
+fn load(p: &std::path::Path) -> StableDiffusion {
+    StableDiffusion::load(p, &Device::Cpu, DType::F32, &[]).unwrap()
+}
+
+/// A 3-step seeded run: final latents and decoded images.
+fn run(sd: &StableDiffusion) -> (Tensor, Tensor) {
+    let req = GenerateRequest {
+        prompt: "a red circle, (blue:1.2) background".into(),
+        negative_prompt: "blurry".into(),
+        width: 64,
+        height: 48,
+        steps: 3,
+        cfg_scale: 7.0,
+        sampler: SamplerKind::DpmPP2M,
+        schedule: Schedule::Karras,
+        batch: 1,
+        clip_skip: 1,
+        init_image: None,
+        mask: None,
+        strength: None,
+        noise: None,
+    };
+    let out = sd
+        .generate(
+            &req,
+            &mut HookSet::new(),
+            &mut sd_pipeline::noise::TorchRng::new(5),
+        )
+        .unwrap();
+    (out.latents, out.images)
+}
+
+#[test]
+fn single_files_give_the_folders_results_exactly() {
+    for (file, folder, family, v) in [
+        ("sd1.safetensors", "sd1", Family::Sd1, false),
+        ("sd2.safetensors", "sd2", Family::Sd2, true),
+    ] {
+        let ck = Checkpoint::open(&single(file)).unwrap();
+        assert_eq!(ck.detected.family, family, "{file}");
+        assert_eq!(ck.detected.v_prediction, v, "{file}");
+        assert!(!ck.detected.inpaint);
+        assert!(ck.sidecar.is_some());
+        let (a_lat, a_img) = run(&load(&single(file)));
+        let (b_lat, b_img) = run(&load(&model_dir(folder)));
+        assert_eq!(max_abs_diff(&a_lat, &b_lat), 0.0, "{file} latents");
+        assert_eq!(max_abs_diff(&a_img, &b_img), 0.0, "{file} images");
+    }
+}
+
+#[test]
+fn the_embedded_tokenizer_is_the_standard_vocabulary() {
+    let emb = ClipTokenizer::embedded("<|endoftext|>").unwrap();
+    let dir = ClipTokenizer::from_dir(&model_dir("sd1").join("tokenizer")).unwrap();
+    for text in [
+        "a photo of a cat, best quality",
+        "Ünïcödé, 'quotes' and 1234 numbers!!",
+        "",
+    ] {
+        assert_eq!(
+            emb.chunks(text).unwrap(),
+            dir.chunks(text).unwrap(),
+            "{text}"
+        );
+    }
+    let emb2 = ClipTokenizer::embedded("!").unwrap();
+    let dir2 = ClipTokenizer::from_dir(&model_dir("sd2").join("tokenizer")).unwrap();
+    assert_eq!(
+        emb2.chunks("a cat!!").unwrap(),
+        dir2.chunks("a cat!!").unwrap()
+    );
+}
+
+#[test]
+fn pickled_controlnets_load_and_malicious_pickles_are_refused() {
+    let base = load(&model_dir("sd1"));
+    let cfg = base.unet.config();
+    let a = sd_controlnet::load_controlnet(
+        &single("controlnet-sd1-ldm.pth"),
+        cfg,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let b = sd_controlnet::load_controlnet(
+        &fixtures().join("models/controlnet-sd1-ldm.safetensors"),
+        cfg,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let dev = Device::Cpu;
+    let sample = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &dev).unwrap();
+    let t = Tensor::new(&[500f32], &dev).unwrap();
+    let ctx = Tensor::randn(0f32, 1.0, (1, 77, 8), &dev).unwrap();
+    let cond = Tensor::rand(0f32, 1.0, (1, 3, 64, 64), &dev).unwrap();
+    let ra = a.forward(&sample, &t, &ctx, &cond).unwrap();
+    let rb = b.forward(&sample, &t, &ctx, &cond).unwrap();
+    assert_eq!(max_abs_diff(&ra.mid, &rb.mid), 0.0);
+    for (x, y) in ra.down.iter().zip(&rb.down) {
+        assert_eq!(max_abs_diff(x, y), 0.0);
+    }
+
+    let _ = std::fs::remove_file("/tmp/sdctl-pwned");
+    let e = StableDiffusion::load(&single("evil.ckpt"), &Device::Cpu, DType::F32, &[])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("evil.ckpt") && e.contains("system`") && e.contains("refused"),
+        "{e}"
+    );
+    assert!(
+        !std::path::Path::new("/tmp/sdctl-pwned").exists(),
+        "code ran"
+    );
+}
+
+#[test]
+fn other_kinds_of_file_are_clear_errors() {
+    let err = |p: std::path::PathBuf| {
+        StableDiffusion::load(&p, &Device::Cpu, DType::F32, &[])
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let e = err(fixtures().join("models/controlnet-sd1-ldm.safetensors"));
+    assert!(e.contains("this is a ControlNet, not a base model"), "{e}");
+    let e = err(fixtures().join("loras/lora_b_kohya.safetensors"));
+    assert!(e.contains("this is a LoRA, not a base model"), "{e}");
+    let e = err(model_dir("sd1").join("unet/diffusion_pytorch_model.safetensors"));
+    assert!(e.contains("not a Stable Diffusion checkpoint"), "{e}");
+    // without its sidecar the tiny model's group norms cannot be known (LDM always uses 32)
+    let dir = std::env::temp_dir().join(format!("sf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bare = dir.join("tiny.safetensors");
+    std::fs::copy(single("sd1.safetensors"), &bare).unwrap();
+    let e = err(bare.clone());
+    assert!(
+        e.contains("tiny.safetensors")
+            && e.contains("norm_num_groups 32")
+            && e.contains("no sidecar"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
