@@ -91,13 +91,6 @@ pub fn run(args: GenerateArgs) -> CliResult {
     }
     let mut patches: Vec<std::sync::Arc<dyn sd_plugins_api::WeightPatch>> = Vec::new();
     if !lora_specs.is_empty() {
-        if !model.join("model_index.json").is_file() {
-            return Err(format!(
-                "model {}: not a diffusers model folder (model_index.json not found)",
-                model.display()
-            )
-            .into());
-        }
         let targets = sd_lora::Targets::from_model(&model)?;
         for spec in &lora_specs {
             let (patch, report) = sd_lora::load_lora(spec, &targets)?;
@@ -116,7 +109,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
         .map(|p| p.lib.instance(&p.params))
         .collect::<Result<Vec<_>, _>>()?;
     patches.extend(instances.iter().map(|i| i.patch()));
-    let sd = StableDiffusion::load(&model, &device, dtype, &patches)?;
+    let sd = StableDiffusion::load_with_vae(&model, &device, dtype, &patches, st.vae.as_deref())?;
     let t_loaded = t0.elapsed();
     let f = sd.vae_scale_factor();
     for (name, v) in [("--width", width), ("--height", height)] {

@@ -178,6 +178,7 @@ impl Run<'_> {
         m.insert("batch".into(), req.batch.into());
         m.insert("clip_skip".into(), req.clip_skip.into());
         for (k, v) in [
+            ("vae", &st.vae),
             ("init_image", &st.init_image),
             ("mask", &st.mask),
             ("noise", &st.noise),

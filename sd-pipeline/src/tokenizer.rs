@@ -22,6 +22,11 @@ pub const COMMA_BACKTRACK: usize = 20;
 /// which are matched as added tokens).
 const CLIP_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+/// The standard CLIP BPE vocabulary (`vocab.json`), as SD 1.x/2.x repos ship it.
+pub const EMBEDDED_VOCAB: &str = include_str!("../assets/clip/vocab.json");
+/// Its merges (`merges.txt`).
+pub const EMBEDDED_MERGES: &str = include_str!("../assets/clip/merges.txt");
+
 #[derive(Debug, Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
@@ -84,9 +89,8 @@ impl ClipTokenizer {
             message,
         };
         let vocab: tokenizers::models::bpe::Vocab =
-            serde_json::from_str(include_str!("../assets/clip/vocab.json"))
-                .map_err(|e| err(e.to_string()))?;
-        let merges: Vec<(String, String)> = include_str!("../assets/clip/merges.txt")
+            serde_json::from_str(EMBEDDED_VOCAB).map_err(|e| err(e.to_string()))?;
+        let merges: Vec<(String, String)> = EMBEDDED_MERGES
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
             .filter_map(|l| l.split_once(' '))

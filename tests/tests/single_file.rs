@@ -160,3 +160,76 @@ fn other_kinds_of_file_are_clear_errors() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn folder_tensors(dir: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
+    let mut out = std::collections::HashMap::new();
+    for part in ["unet", "vae", "text_encoder"] {
+        for f in sd_pipeline::loader::weight_files(&dir.join(part)).unwrap() {
+            for (k, v) in candle_core::safetensors::load(&f, &Device::Cpu).unwrap() {
+                let k = k.strip_prefix("text_model.").unwrap_or(&k).to_string();
+                if !k.ends_with("position_ids") {
+                    out.insert(format!("{part}/{k}"), v);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn assert_same_tensors(a: &std::path::Path, b: &std::path::Path) {
+    let (x, y) = (folder_tensors(a), folder_tensors(b));
+    let mut kx: Vec<&String> = x.keys().collect();
+    let mut ky: Vec<&String> = y.keys().collect();
+    kx.sort();
+    ky.sort();
+    assert_eq!(kx, ky, "{} vs {}", a.display(), b.display());
+    for (k, t) in &x {
+        let u = &y[k];
+        assert_eq!(t.dims(), u.dims(), "{k}");
+        let (t, u) = (
+            t.to_dtype(DType::F32).unwrap(),
+            u.to_dtype(DType::F32).unwrap(),
+        );
+        assert_eq!(max_abs_diff(&t, &u), 0.0, "{k}");
+    }
+}
+
+#[test]
+fn convert_round_trips_tensor_for_tensor() {
+    use sd_pipeline::single_file::convert::{to_diffusers, to_single_file};
+    let dir = std::env::temp_dir().join(format!("convert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // diffusers' own conversion, undone: the committed single files back to folders
+    for name in ["sd1", "sd2"] {
+        let back = dir.join(format!("{name}-from-ldm"));
+        to_diffusers(&single(&format!("{name}.safetensors")), &back, false).unwrap();
+        assert_same_tensors(&back, &model_dir(name));
+        let (a, _) = run(&load(&back));
+        let (b, _) = run(&load(&model_dir(name)));
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{name}");
+    }
+    // diffusers -> single -> diffusers, for SD1, SD2 and an inpainting model
+    for name in ["sd1", "sd2", "sd1-inpaint"] {
+        let file = dir.join(format!("{name}.safetensors"));
+        to_single_file(&model_dir(name), &file, false).unwrap();
+        assert!(file.with_extension("yaml").is_file());
+        let ck = Checkpoint::open(&file).unwrap();
+        assert_eq!(ck.detected.inpaint, name == "sd1-inpaint");
+        let back = dir.join(format!("{name}-back"));
+        to_diffusers(&file, &back, false).unwrap();
+        assert_same_tensors(&back, &model_dir(name));
+        if name != "sd1-inpaint" {
+            let (a, _) = run(&load(&file));
+            let (b, _) = run(&load(&model_dir(name)));
+            assert_eq!(max_abs_diff(&a, &b), 0.0, "{name} via its single file");
+        }
+        // an existing output is never overwritten
+        let e = to_single_file(&model_dir(name), &file, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("already exists"), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -22,6 +22,10 @@ pub struct SettingsArgs {
     /// scheduler/), or a Hugging Face repo id (owner/name) found in the local HF cache
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A VAE to use instead of the model's own (A1111 VAE files such as
+    /// vae-ft-mse-840000-ema-pruned.safetensors, LDM or diffusers names)
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// The prompt; A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:WEIGHT>
     #[arg(long)]
     pub prompt: Option<String>,
@@ -122,6 +126,7 @@ impl SettingsArgs {
             }
         };
         put("model", self.model.as_deref().map(path));
+        put("vae", self.vae.as_deref().map(path));
         put("prompt", self.prompt.clone().map(Value::from));
         put(
             "negative_prompt",

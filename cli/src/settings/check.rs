@@ -56,6 +56,7 @@ pub struct LoraEntry {
 #[derive(Clone)]
 pub struct Settings {
     pub model: Option<PathBuf>,
+    pub vae: Option<PathBuf>,
     pub prompt: String,
     pub negative_prompt: String,
     pub width: Option<usize>,
@@ -682,6 +683,7 @@ pub fn check(
     let usize_of = |k: &str| get_int(&vals, k).map(|i| i as usize);
     Ok(Settings {
         model: get_path(&vals, "model"),
+        vae: get_path(&vals, "vae"),
         prompt: get_str(&vals, "prompt").unwrap_or_default(),
         negative_prompt: get_str(&vals, "negative_prompt").unwrap_or_default(),
         width: usize_of("width"),

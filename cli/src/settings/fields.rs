@@ -49,6 +49,7 @@ const SIZE: Ty = Ty::Int { min: 8, max: 16384 };
 /// Top-level scalar settings, in the order `config show` prints them.
 pub const FIELDS: &[Field] = &[
     f("model", Ty::Path(PathRole::FileOrDir), Default::None),
+    f("vae", Ty::Path(PathRole::File), Default::None),
     f("prompt", Ty::Str, Default::Str("")),
     f("negative_prompt", Ty::Str, Default::Str("")),
     f("width", SIZE, Default::None),
@@ -101,6 +102,7 @@ pub const FIELDS: &[Field] = &[
 pub const CONTROL_FIELDS: &[Field] = &[
     f("id", Ty::Str, Default::None),
     f("model", Ty::Path(PathRole::FileOrDir), Default::None),
+    f("vae", Ty::Path(PathRole::File), Default::None),
     f("image", Ty::Path(PathRole::File), Default::None),
     f(
         "weight",

@@ -2,6 +2,7 @@
 //! and `.ckpt` / `.pth` pickles read without executing code. The architecture comes from the
 //! keys and shapes, or from a sidecar `NAME.yaml` (the original LDM config) when present.
 
+pub mod convert;
 pub mod detect;
 pub mod names;
 pub mod pickle;
@@ -248,19 +249,19 @@ impl Checkpoint {
         Ok(ck)
     }
 
-    fn unet_config(&self) -> Result<UNetConfig> {
+    pub fn unet_config(&self) -> Result<UNetConfig> {
         let raw: UNetConfigFile = serde_json::from_value(self.detected.unet.clone())
             .map_err(|e| Error::config(&self.path, format!("detected UNet config: {e}")))?;
         UNetConfig::from_raw(&raw, &self.path)
     }
 
-    fn vae_config(&self) -> Result<VaeConfig> {
+    pub fn vae_config(&self) -> Result<VaeConfig> {
         let raw: VaeConfigFile = serde_json::from_value(self.detected.vae.clone())
             .map_err(|e| Error::config(&self.path, format!("detected VAE config: {e}")))?;
         VaeConfig::from_raw(&raw, &self.path)
     }
 
-    fn clip_config(&self) -> Result<ClipConfig> {
+    pub fn clip_config(&self) -> Result<ClipConfig> {
         ClipConfig::from_value(&self.detected.text_encoder, &self.path)
     }
 
@@ -346,6 +347,143 @@ impl Checkpoint {
             device: device.clone(),
             dtype,
         })
+    }
+}
+
+/// Every tensor of a checkpoint, sorted into what the models use, what is known and unused,
+/// and what is not understood.
+#[derive(Debug, Default)]
+pub struct Inventory {
+    /// (component, diffusers parameter name, where it is in the file, its shape as a parameter)
+    pub params: Vec<(ModelPart, String, Source, Vec<usize>)>,
+    /// Known but unused: EMA copies, LDM schedule buffers, OpenCLIP's unused last block and
+    /// projection.
+    pub ignored: Vec<String>,
+    pub unknown: Vec<String>,
+}
+
+/// LDM training buffers that carry no weights the pipeline needs.
+const LDM_BUFFERS: &[&str] = &[
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "logvar",
+];
+
+impl Checkpoint {
+    /// Sort every tensor of the file (see [`Inventory`]).
+    pub fn inventory(&self) -> Result<Inventory> {
+        let unet = self.unet_config()?;
+        let levels = self.vae_config()?.block_out_channels.len();
+        let layers = self.clip_config()?.num_hidden_layers;
+        let mut inv = Inventory::default();
+        let shapes = self.store.shapes();
+        let plain = |n: &str| Source {
+            name: n.to_string(),
+            transform: Transform::None,
+        };
+        for (key, shape) in &shapes {
+            let mut push = |part, name: String, src: Source, shape: Vec<usize>| {
+                inv.params.push((part, name, src, shape))
+            };
+            if let Some(r) = key.strip_prefix(names::UNET) {
+                match names::unet_inverse(r, &unet) {
+                    Some(n) => push(ModelPart::Unet, n, plain(key), shape.clone()),
+                    None => inv.unknown.push(key.clone()),
+                }
+            } else if let Some(r) = key.strip_prefix(names::VAE) {
+                match names::vae_inverse(r, levels) {
+                    Some(n) => {
+                        let src = names::vae(&n, levels).unwrap_or_else(|| plain(key));
+                        let sh = match (src.transform, shape.as_slice()) {
+                            (Transform::Squeeze1x1, [o, i, 1, 1]) => vec![*o, *i],
+                            _ => shape.clone(),
+                        };
+                        push(ModelPart::Vae, n, src, sh)
+                    }
+                    None => inv.unknown.push(key.clone()),
+                }
+            } else if let Some(r) = key.strip_prefix(names::OPENCLIP) {
+                let block = r
+                    .strip_prefix("transformer.resblocks.")
+                    .and_then(|b| b.split('.').next())
+                    .and_then(|b| b.parse::<usize>().ok());
+                let names = names::openclip_inverse(r);
+                if block.is_some_and(|b| b >= layers)
+                    || r == "text_projection"
+                    || r == "logit_scale"
+                {
+                    inv.ignored.push(key.clone());
+                } else if names.is_empty() {
+                    inv.unknown.push(key.clone());
+                } else if names.len() == 3 {
+                    let mut sh = shape.clone();
+                    sh[0] /= 3;
+                    for (k, n) in names.into_iter().enumerate() {
+                        let src = Source {
+                            name: key.clone(),
+                            transform: Transform::Third(k),
+                        };
+                        push(ModelPart::TextEncoder, n, src, sh.clone());
+                    }
+                } else {
+                    push(
+                        ModelPart::TextEncoder,
+                        names[0].clone(),
+                        plain(key),
+                        shape.clone(),
+                    );
+                }
+            } else if let Some(r) = key.strip_prefix(names::CLIP) {
+                let bare = r.strip_prefix("text_model.").unwrap_or(r);
+                if bare.ends_with("position_ids") {
+                    inv.ignored.push(key.clone());
+                } else {
+                    push(
+                        ModelPart::TextEncoder,
+                        format!("text_model.{bare}"),
+                        plain(key),
+                        shape.clone(),
+                    );
+                }
+            } else if key.starts_with("model_ema.") || LDM_BUFFERS.contains(&key.as_str()) {
+                inv.ignored.push(key.clone());
+            } else {
+                inv.unknown.push(key.clone());
+            }
+        }
+        Ok(inv)
+    }
+
+    /// A component's parameter as the models name it, read through the file's layout.
+    pub fn tensor(&self, src: &Source) -> Result<Tensor> {
+        let backend = Mapped {
+            store: self.store.clone(),
+            map: {
+                let s = src.clone();
+                Box::new(move |_: &str| Some(s.clone()))
+            },
+            part: ModelPart::Unet,
+            patches: Vec::new(),
+        };
+        backend.fetch(&src.name).map_err(|source| Error::Weights {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// The configs a diffusers folder needs (`config.json` of each component, scheduler).
+    pub fn detected(&self) -> &Detected {
+        &self.detected
     }
 }
 

@@ -211,3 +211,216 @@ mod tests {
         );
     }
 }
+
+fn resnet_leaf_inverse(rest: &str) -> String {
+    let (head, tail) = rest.split_once('.').unwrap_or((rest, ""));
+    let mapped = match head {
+        "in_layers" | "emb_layers" | "out_layers" => {
+            let (idx, t) = tail.split_once('.').unwrap_or((tail, ""));
+            let m = match (head, idx) {
+                ("in_layers", "0") => "norm1",
+                ("in_layers", "2") => "conv1",
+                ("emb_layers", "1") => "time_emb_proj",
+                ("out_layers", "0") => "norm2",
+                ("out_layers", "3") => "conv2",
+                _ => return String::new(),
+            };
+            return format!("{m}.{t}");
+        }
+        "skip_connection" => "conv_shortcut",
+        _ => return String::new(),
+    };
+    format!("{mapped}.{tail}")
+}
+
+/// The diffusers UNet name of an LDM key (without `model.diffusion_model.`), checked by
+/// mapping it back.
+pub fn unet_inverse(ldm: &str, cfg: &UNetConfig) -> Option<String> {
+    let l = cfg.layers_per_block[0] + 1;
+    let p: Vec<&str> = ldm.split('.').collect();
+    let rest = |k: usize| p.get(k..).map(|r| r.join(".")).unwrap_or_default();
+    let num = |s: &str| s.parse::<usize>().ok();
+    let name = match p.as_slice() {
+        ["input_blocks", "0", "0", ..] => format!("conv_in.{}", rest(3)),
+        ["time_embed", "0", ..] => format!("time_embedding.linear_1.{}", rest(2)),
+        ["time_embed", "2", ..] => format!("time_embedding.linear_2.{}", rest(2)),
+        ["input_blocks", n, "0", "op", ..] => {
+            format!(
+                "down_blocks.{}.downsamplers.0.conv.{}",
+                num(n)? / l - 1,
+                rest(4)
+            )
+        }
+        ["input_blocks", n, "0", ..] => {
+            let n = num(n)? - 1;
+            format!(
+                "down_blocks.{}.resnets.{}.{}",
+                n / l,
+                n % l,
+                resnet_leaf_inverse(&rest(3))
+            )
+        }
+        ["input_blocks", n, "1", ..] => {
+            let n = num(n)? - 1;
+            format!("down_blocks.{}.attentions.{}.{}", n / l, n % l, rest(3))
+        }
+        ["middle_block", "1", ..] => format!("mid_block.attentions.0.{}", rest(2)),
+        ["middle_block", k @ ("0" | "2"), ..] => format!(
+            "mid_block.resnets.{}.{}",
+            if *k == "0" { 0 } else { 1 },
+            resnet_leaf_inverse(&rest(2))
+        ),
+        ["output_blocks", n, "0", ..] => {
+            let n = num(n)?;
+            format!(
+                "up_blocks.{}.resnets.{}.{}",
+                n / l,
+                n % l,
+                resnet_leaf_inverse(&rest(3))
+            )
+        }
+        ["output_blocks", n, _, "conv", ..] => {
+            format!("up_blocks.{}.upsamplers.0.conv.{}", num(n)? / l, rest(4))
+        }
+        ["output_blocks", n, "1", ..] => {
+            let n = num(n)?;
+            format!("up_blocks.{}.attentions.{}.{}", n / l, n % l, rest(3))
+        }
+        ["out", "0", ..] => format!("conv_norm_out.{}", rest(2)),
+        ["out", "2", ..] => format!("conv_out.{}", rest(2)),
+        _ => return None,
+    };
+    (unet_ldm_name(&name, cfg).as_deref() == Some(ldm)).then_some(name)
+}
+
+/// The diffusers VAE name of an LDM key (without `first_stage_model.`), checked by mapping
+/// it back.
+pub fn vae_inverse(ldm: &str, levels: usize) -> Option<String> {
+    let p: Vec<&str> = ldm.split('.').collect();
+    let rest = |k: usize| p.get(k..).map(|r| r.join(".")).unwrap_or_default();
+    let res = |r: String| r.replacen("nin_shortcut", "conv_shortcut", 1);
+    let name = match p.as_slice() {
+        [side, "conv_in" | "conv_out", ..] => {
+            ldm.to_string()
+                .replacen(&format!("{side}."), &format!("{side}."), 1)
+        }
+        [side, "norm_out", ..] => format!("{side}.conv_norm_out.{}", rest(2)),
+        ["encoder", "down", i, "block", j, ..] => {
+            format!("encoder.down_blocks.{i}.resnets.{j}.{}", res(rest(5)))
+        }
+        ["encoder", "down", i, "downsample", "conv", ..] => {
+            format!("encoder.down_blocks.{i}.downsamplers.0.conv.{}", rest(5))
+        }
+        ["decoder", "up", i, "block", j, ..] => {
+            let i = levels.checked_sub(1 + i.parse::<usize>().ok()?)?;
+            format!("decoder.up_blocks.{i}.resnets.{j}.{}", res(rest(5)))
+        }
+        ["decoder", "up", i, "upsample", "conv", ..] => {
+            let i = levels.checked_sub(1 + i.parse::<usize>().ok()?)?;
+            format!("decoder.up_blocks.{i}.upsamplers.0.conv.{}", rest(5))
+        }
+        [side, "mid", b, ..] if b.starts_with("block_") => {
+            let k: usize = b.strip_prefix("block_")?.parse().ok()?;
+            format!(
+                "{side}.mid_block.resnets.{}.{}",
+                k.checked_sub(1)?,
+                res(rest(3))
+            )
+        }
+        [side, "mid", "attn_1", m, ..] => {
+            let d = match *m {
+                "norm" => "group_norm",
+                "q" => "to_q",
+                "k" => "to_k",
+                "v" => "to_v",
+                "proj_out" => "to_out.0",
+                _ => return None,
+            };
+            format!("{side}.mid_block.attentions.0.{d}.{}", rest(4))
+        }
+        ["quant_conv" | "post_quant_conv", ..] => ldm.to_string(),
+        _ => return None,
+    };
+    (vae(&name, levels).map(|s| s.name) == Some(format!("{VAE}{ldm}"))).then_some(name)
+}
+
+/// The diffusers text-encoder names an OpenCLIP key (without `cond_stage_model.model.`) holds:
+/// three for a fused in_proj (q, k, v), one otherwise.
+pub fn openclip_inverse(key: &str) -> Vec<String> {
+    let p: Vec<&str> = key.split('.').collect();
+    let one = |s: String| vec![s];
+    match p.as_slice() {
+        ["token_embedding", "weight"] => one("text_model.embeddings.token_embedding.weight".into()),
+        ["positional_embedding"] => one("text_model.embeddings.position_embedding.weight".into()),
+        ["ln_final", t] => one(format!("text_model.final_layer_norm.{t}")),
+        ["transformer", "resblocks", i, "attn", inp, ..] if inp.starts_with("in_proj_") => {
+            let t = inp.strip_prefix("in_proj_").unwrap_or("weight");
+            ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .map(|q| format!("text_model.encoder.layers.{i}.self_attn.{q}.{t}"))
+                .collect()
+        }
+        ["transformer", "resblocks", i, "attn", "out_proj", t] => one(format!(
+            "text_model.encoder.layers.{i}.self_attn.out_proj.{t}"
+        )),
+        ["transformer", "resblocks", i, ln @ ("ln_1" | "ln_2"), t] => one(format!(
+            "text_model.encoder.layers.{i}.{}.{t}",
+            if *ln == "ln_1" {
+                "layer_norm1"
+            } else {
+                "layer_norm2"
+            }
+        )),
+        ["transformer", "resblocks", i, "mlp", c, t] => one(format!(
+            "text_model.encoder.layers.{i}.mlp.{}.{t}",
+            if *c == "c_fc" { "fc1" } else { "fc2" }
+        )),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod inverse_tests {
+    use super::*;
+
+    #[test]
+    fn inverses_round_trip() {
+        let cfg = UNetConfig::sd15();
+        for n in [
+            "conv_in.weight",
+            "down_blocks.0.resnets.1.conv1.weight",
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+            "down_blocks.2.downsamplers.0.conv.bias",
+            "mid_block.resnets.1.time_emb_proj.weight",
+            "mid_block.attentions.0.proj_out.bias",
+            "up_blocks.0.resnets.2.conv_shortcut.weight",
+            "up_blocks.0.upsamplers.0.conv.weight",
+            "up_blocks.1.upsamplers.0.conv.weight",
+            "up_blocks.3.attentions.2.norm.weight",
+            "conv_norm_out.bias",
+            "time_embedding.linear_2.weight",
+        ] {
+            let ldm = unet_ldm_name(n, &cfg).unwrap();
+            assert_eq!(unet_inverse(&ldm, &cfg).as_deref(), Some(n), "{ldm}");
+        }
+        assert_eq!(unet_inverse("input_blocks.1.0.bogus.weight", &cfg), None);
+        for n in [
+            "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+            "decoder.up_blocks.0.resnets.2.norm1.bias",
+            "decoder.up_blocks.2.upsamplers.0.conv.weight",
+            "encoder.mid_block.attentions.0.to_out.0.weight",
+            "decoder.mid_block.resnets.1.conv2.weight",
+            "encoder.conv_norm_out.weight",
+            "decoder.conv_in.bias",
+            "post_quant_conv.weight",
+        ] {
+            let ldm = vae(n, 4).unwrap().name;
+            let bare = ldm.strip_prefix(VAE).unwrap();
+            assert_eq!(vae_inverse(bare, 4).as_deref(), Some(n), "{ldm}");
+        }
+        assert_eq!(
+            openclip_inverse("transformer.resblocks.2.attn.in_proj_bias").len(),
+            3
+        );
+    }
+}

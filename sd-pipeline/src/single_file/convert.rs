@@ -1,0 +1,306 @@
+//! `sdctl model convert`: single file <-> diffusers folder, tensor for tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use sd_plugins_api::ModelPart;
+use serde_json::json;
+
+use super::names::{self, Transform};
+use super::Checkpoint;
+use crate::error::{read_json, Error, Result};
+use crate::loader::weight_files;
+use crate::models::config::{UNetConfig, VaeConfig};
+use crate::tokenizer::{EMBEDDED_MERGES, EMBEDDED_VOCAB};
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+fn save(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    candle_core::safetensors::save(tensors, path).map_err(|source| Error::Weights {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).unwrap_or_default();
+    std::fs::write(path, text).map_err(io(path))
+}
+
+fn cast(t: Tensor, half: bool) -> Result<Tensor> {
+    if half && t.dtype() != DType::F16 {
+        return Ok(t.to_dtype(DType::F16)?);
+    }
+    Ok(t)
+}
+
+/// A temporary sibling of `out`, renamed into place when complete.
+fn staging(out: &Path) -> Result<PathBuf> {
+    if out.exists() {
+        return Err(Error::config(
+            out,
+            "already exists: choose a new output name",
+        ));
+    }
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    Ok(out.with_file_name(format!(".{name}.partial")))
+}
+
+/// A single-file checkpoint -> a diffusers folder `out`.
+pub fn to_diffusers(src: &Path, out: &Path, half: bool) -> Result<()> {
+    let ck = Checkpoint::open(src)?;
+    let inv = ck.inventory()?;
+    let tmp = staging(out)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<()> {
+        for d in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+            std::fs::create_dir_all(tmp.join(d)).map_err(io(&tmp))?;
+        }
+        let mut parts: HashMap<&str, HashMap<String, Tensor>> = HashMap::new();
+        for (part, name, source, _) in &inv.params {
+            let dir = match part {
+                ModelPart::Unet => "unet",
+                ModelPart::Vae => "vae",
+                ModelPart::TextEncoder => "text_encoder",
+            };
+            let t = cast(ck.tensor(source)?, half)?;
+            parts.entry(dir).or_default().insert(name.clone(), t);
+        }
+        for (dir, file) in [
+            ("unet", "diffusion_pytorch_model.safetensors"),
+            ("vae", "diffusion_pytorch_model.safetensors"),
+            ("text_encoder", "model.safetensors"),
+        ] {
+            save(
+                &parts.remove(dir).unwrap_or_default(),
+                &tmp.join(dir).join(file),
+            )?;
+        }
+        let d = &ck.detected;
+        write_json(&tmp.join("unet/config.json"), &d.unet)?;
+        write_json(&tmp.join("vae/config.json"), &d.vae)?;
+        let mut te = d.text_encoder.clone();
+        te["architectures"] = json!(["CLIPTextModel"]);
+        te["model_type"] = json!("clip_text_model");
+        write_json(&tmp.join("text_encoder/config.json"), &te)?;
+        write_json(&tmp.join("scheduler/scheduler_config.json"), &d.scheduler)?;
+        std::fs::write(tmp.join("tokenizer/vocab.json"), EMBEDDED_VOCAB).map_err(io(&tmp))?;
+        std::fs::write(tmp.join("tokenizer/merges.txt"), EMBEDDED_MERGES).map_err(io(&tmp))?;
+        write_json(
+            &tmp.join("tokenizer/tokenizer_config.json"),
+            &json!({
+                "tokenizer_class": "CLIPTokenizer",
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": d.pad_token,
+                "model_max_length": 77,
+            }),
+        )?;
+        write_json(
+            &tmp.join("model_index.json"),
+            &json!({
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+            }),
+        )?;
+        std::fs::rename(&tmp, out).map_err(io(out))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn all_tensors(dir: &Path) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    for f in weight_files(dir)? {
+        let m =
+            candle_core::safetensors::load(&f, &candle_core::Device::Cpu).map_err(|source| {
+                Error::Weights {
+                    path: f.clone(),
+                    source,
+                }
+            })?;
+        out.extend(m);
+    }
+    Ok(out)
+}
+
+/// The sidecar yaml a converted file needs to load back as it was (LDM layout plus sdctl's
+/// keys for group norms and text-encoder heads).
+fn sidecar(
+    unet: &UNetConfig,
+    vae: &VaeConfig,
+    heads: usize,
+    openclip: bool,
+    sched: &serde_json::Value,
+) -> String {
+    let h = &unet.num_attention_heads;
+    let attn = if h.iter().all(|x| *x == h[0]) {
+        format!("num_heads: {}", h[0])
+    } else {
+        format!("num_head_channels: {}", unet.block_out_channels[0] / h[0])
+    };
+    let mult: Vec<String> = unet
+        .block_out_channels
+        .iter()
+        .map(|c| (c / unet.block_out_channels[0]).to_string())
+        .collect();
+    let vmult: Vec<String> = vae
+        .block_out_channels
+        .iter()
+        .map(|c| (c / vae.block_out_channels[0]).to_string())
+        .collect();
+    let v = sched["prediction_type"].as_str() == Some("v_prediction");
+    let target = if openclip {
+        "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
+    } else {
+        "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+    };
+    format!(
+        r#"# written by sdctl model convert: the original-LDM-style config of this checkpoint
+model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+{param}    linear_start: {ls}
+    linear_end: {le}
+    timesteps: {ts}
+    scale_factor: {sf}
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        in_channels: {inc}
+        out_channels: {outc}
+        model_channels: {mc}
+        num_res_blocks: {nrb}
+        channel_mult: [{mult}]
+        context_dim: {ctx}
+        {attn}
+        use_linear_in_transformer: {lin}
+        norm_num_groups: {ug}
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: {lat}
+        ddconfig:
+          z_channels: {lat}
+          ch: {vch}
+          ch_mult: [{vmult}]
+          num_res_blocks: {vnrb}
+          norm_num_groups: {vg}
+    cond_stage_config:
+      target: {target}
+      params:
+        layer: "last"
+        heads: {heads}
+"#,
+        param = if v {
+            "    parameterization: \"v\"\n"
+        } else {
+            ""
+        },
+        ls = sched["beta_start"].as_f64().unwrap_or(0.00085),
+        le = sched["beta_end"].as_f64().unwrap_or(0.012),
+        ts = sched["num_train_timesteps"].as_u64().unwrap_or(1000),
+        sf = vae.scaling_factor,
+        inc = unet.in_channels,
+        outc = unet.out_channels,
+        mc = unet.block_out_channels[0],
+        nrb = unet.layers_per_block[0],
+        mult = mult.join(", "),
+        ctx = unet.cross_attention_dim,
+        lin = unet.use_linear_projection,
+        ug = unet.norm_num_groups,
+        lat = vae.latent_channels,
+        vch = vae.block_out_channels[0],
+        vmult = vmult.join(", "),
+        vnrb = vae.layers_per_block,
+        vg = vae.norm_num_groups,
+    )
+}
+
+/// A diffusers folder -> a single LDM-layout `.safetensors` file `out`, with its sidecar yaml
+/// (`out` with the `.yaml` extension).
+pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
+    let unet_cfg = UNetConfig::from_file(&folder.join("unet/config.json"))?;
+    let vae_cfg = VaeConfig::from_file(&folder.join("vae/config.json"))?;
+    let te_raw: serde_json::Value = read_json(&folder.join("text_encoder/config.json"))?;
+    let sched: serde_json::Value = read_json(&folder.join("scheduler/scheduler_config.json"))?;
+    let openclip = te_raw["hidden_act"].as_str() == Some("gelu");
+    let heads = te_raw["num_attention_heads"].as_u64().unwrap_or(12) as usize;
+    let levels = vae_cfg.block_out_channels.len();
+    let mut state: HashMap<String, Tensor> = HashMap::new();
+    let missing = |dir: &str, name: &str| {
+        Error::config(
+            folder.join(dir),
+            format!("{name}: no place for it in the LDM layout"),
+        )
+    };
+    for (name, t) in all_tensors(&folder.join("unet"))? {
+        let s = names::unet(&name, &unet_cfg).ok_or_else(|| missing("unet", &name))?;
+        state.insert(s.name, cast(t, half)?);
+    }
+    for (name, t) in all_tensors(&folder.join("vae"))? {
+        let s = names::vae(&name, levels).ok_or_else(|| missing("vae", &name))?;
+        let t = match (s.transform, t.dims()) {
+            (Transform::Squeeze1x1, [o, i]) => t.reshape((*o, *i, 1, 1))?,
+            _ => t,
+        };
+        state.insert(s.name, cast(t, half)?);
+    }
+    let mut fused: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
+    for (name, t) in all_tensors(&folder.join("text_encoder"))? {
+        if name.ends_with("position_ids") {
+            continue;
+        }
+        let s = if openclip {
+            names::openclip(&name)
+        } else {
+            names::clip(&name, true)
+        }
+        .ok_or_else(|| missing("text_encoder", &name))?;
+        match s.transform {
+            Transform::Third(k) => fused.entry(s.name).or_default()[k] = Some(cast(t, half)?),
+            _ => {
+                state.insert(s.name, cast(t, half)?);
+            }
+        }
+    }
+    for (name, parts) in fused {
+        let parts: Vec<Tensor> = parts
+            .into_iter()
+            .map(|p| p.ok_or_else(|| missing("text_encoder", &format!("{name} (q, k and v)"))))
+            .collect::<Result<_>>()?;
+        state.insert(name, Tensor::cat(&parts, 0)?);
+    }
+    let tmp = staging(out)?;
+    let yaml = out.with_extension("yaml");
+    if yaml.exists() {
+        return Err(Error::config(
+            &yaml,
+            "already exists: choose a new output name",
+        ));
+    }
+    let result = save(&state, &tmp)
+        .and_then(|_| {
+            std::fs::write(&yaml, sidecar(&unet_cfg, &vae_cfg, heads, openclip, &sched))
+                .map_err(io(&yaml))
+        })
+        .and_then(|_| std::fs::rename(&tmp, out).map_err(io(out)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&yaml);
+    }
+    result
+}
