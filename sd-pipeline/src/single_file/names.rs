@@ -300,10 +300,7 @@ pub fn vae_inverse(ldm: &str, levels: usize) -> Option<String> {
     let rest = |k: usize| p.get(k..).map(|r| r.join(".")).unwrap_or_default();
     let res = |r: String| r.replacen("nin_shortcut", "conv_shortcut", 1);
     let name = match p.as_slice() {
-        [side, "conv_in" | "conv_out", ..] => {
-            ldm.to_string()
-                .replacen(&format!("{side}."), &format!("{side}."), 1)
-        }
+        [_, "conv_in" | "conv_out", ..] => ldm.to_string(),
         [side, "norm_out", ..] => format!("{side}.conv_norm_out.{}", rest(2)),
         ["encoder", "down", i, "block", j, ..] => {
             format!("encoder.down_blocks.{i}.resnets.{j}.{}", res(rest(5)))
