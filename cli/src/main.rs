@@ -9,6 +9,7 @@ mod hashes;
 mod hub;
 mod infotext;
 mod lora;
+mod model;
 mod png_info;
 mod preprocessors;
 mod progress;
@@ -53,6 +54,9 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
     /// Preprocessors (annotators) for control images.
     #[command(subcommand)]
     Preprocessors(preprocessors::PreprocessorsCommand),
+    /// Model files: inspect, convert between single file and diffusers folder.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Plugins: what is built in and what is loaded.
     #[command(subcommand)]
     Plugins(preprocessors::PluginsCommand),
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::Config(cmd) => config::run(cmd),
         Command::Preprocessors(cmd) => preprocessors::run(cmd),
         Command::Plugins(cmd) => preprocessors::run_plugins(cmd),
+        Command::Model(cmd) => model::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,8 +18,9 @@ pub struct SettingsArgs {
     /// files, environment and flags still override them
     #[arg(long, value_name = "IMAGE.png")]
     pub from_png: Option<PathBuf>,
-    /// diffusers-layout model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    /// scheduler/), or a Hugging Face repo id (owner/name) found in the local HF cache
+    /// The model: a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/), a single-file checkpoint (A1111/ComfyUI .safetensors or .ckpt, with an
+    /// optional NAME.yaml beside it), or a Hugging Face repo id (owner/name)
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A VAE to use instead of the model's own (A1111 VAE files such as
