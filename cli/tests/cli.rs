@@ -643,7 +643,7 @@ fn bf16_on_the_cpu_is_refused_up_front() {
 }
 
 #[test]
-fn a_single_file_model_gets_a_clear_message() {
+fn a_file_that_is_not_a_checkpoint_gets_a_clear_message() {
     let dir = scratch("single");
     let out = dir.join("o.png");
     let file = model_dir("sd1").join("unet/diffusion_pytorch_model.safetensors");
@@ -659,8 +659,10 @@ fn a_single_file_model_gets_a_clear_message() {
         ],
         &out,
     );
+    // a diffusers UNet file on its own is not a checkpoint
     assert!(
-        e.contains("single-file") && e.contains("diffusers model folder"),
+        e.contains("diffusion_pytorch_model.safetensors")
+            && e.contains("not a Stable Diffusion checkpoint"),
         "{e}"
     );
 }

@@ -147,9 +147,19 @@ pub fn load_controlnet(
             if let Some(s) = shape("input_blocks.0.0.weight") {
                 unet.in_channels = s[1];
             }
+            // A1111's sidecar NAME.yaml (cldm config) overrides the base's architecture
+            let yaml = weights_path.with_extension("yaml");
+            let side = if yaml.is_file() {
+                let s = sd_pipeline::single_file::detect::read_control_sidecar(&yaml)
+                    .map_err(|m| ControlError::file(&yaml, m))?;
+                s.apply(&mut unet);
+                Some(s)
+            } else {
+                None
+            };
             let cfg = ControlNetConfig {
                 unet,
-                conditioning_channels: hint[0].1[1],
+                conditioning_channels: side.and_then(|s| s.hint_channels).unwrap_or(hint[0].1[1]),
                 conditioning_embedding_out_channels: emb,
                 bgr: false,
                 global_pool: false,

@@ -233,3 +233,49 @@ fn convert_round_trips_tensor_for_tensor() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_controlnet_sidecar_overrides_the_base_architecture() {
+    let dir = std::env::temp_dir().join(format!("cn-sidecar-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("control_tiny.safetensors");
+    std::fs::copy(
+        fixtures().join("models/controlnet-sd1-ldm.safetensors"),
+        &file,
+    )
+    .unwrap();
+    let sd1 = load(&model_dir("sd1"));
+    let sd2 = load(&model_dir("sd2"));
+    let dev = Device::Cpu;
+    // the SD2 base (linear projections, other head counts) does not fit this ControlNet...
+    let e = sd_controlnet::load_controlnet(&file, sd2.unet.config(), &dev, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("control_tiny.safetensors"), "{e}");
+    // ...until its cldm yaml says what it is
+    std::fs::write(
+        file.with_extension("yaml"),
+        "model:\n  target: cldm.cldm.ControlLDM\n  params:\n    control_stage_config:\n      target: cldm.cldm.ControlNet\n      params:\n        in_channels: 4\n        hint_channels: 3\n        model_channels: 16\n        attention_resolutions: [1, 2]\n        num_res_blocks: 2\n        channel_mult: [1, 2, 2]\n        num_heads: 4\n        use_linear_in_transformer: False\n        context_dim: 8\n        norm_num_groups: 8\n",
+    )
+    .unwrap();
+    let a = sd_controlnet::load_controlnet(&file, sd2.unet.config(), &dev, DType::F32).unwrap();
+    let b = sd_controlnet::load_controlnet(&file, sd1.unet.config(), &dev, DType::F32).unwrap();
+    let sample = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &dev).unwrap();
+    let t = Tensor::new(&[300f32], &dev).unwrap();
+    let ctx = Tensor::randn(0f32, 1.0, (1, 77, 8), &dev).unwrap();
+    let cond = Tensor::rand(0f32, 1.0, (1, 3, 64, 64), &dev).unwrap();
+    let (ra, rb) = (
+        a.forward(&sample, &t, &ctx, &cond).unwrap(),
+        b.forward(&sample, &t, &ctx, &cond).unwrap(),
+    );
+    assert_eq!(max_abs_diff(&ra.mid, &rb.mid), 0.0);
+    // a broken sidecar names itself
+    std::fs::write(file.with_extension("yaml"), "model: [1, 2\n").unwrap();
+    let e = sd_controlnet::load_controlnet(&file, sd1.unet.config(), &dev, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("control_tiny.yaml"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -356,3 +356,97 @@ pub fn detect(s: &Shapes, side: &Sidecar) -> Result<Detected, String> {
         pad_token: pad,
     })
 }
+
+/// A ControlNet's sidecar yaml (`cldm_v15.yaml` style: `model.params.control_stage_config`),
+/// which overrides the architecture otherwise taken from the base model.
+#[derive(Debug, Clone, Default)]
+pub struct ControlSidecar {
+    pub model_channels: Option<usize>,
+    pub channel_mult: Option<Vec<usize>>,
+    pub num_res_blocks: Option<usize>,
+    pub attention_resolutions: Option<Vec<usize>>,
+    pub num_heads: Option<i64>,
+    pub num_head_channels: Option<i64>,
+    pub use_linear: Option<bool>,
+    pub context_dim: Option<usize>,
+    pub hint_channels: Option<usize>,
+    pub norm_groups: Option<usize>,
+}
+
+/// Read a ControlNet sidecar; errors say what is wrong with it.
+pub fn read_control_sidecar(path: &std::path::Path) -> Result<ControlSidecar, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let y: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
+    let p = &y["model"]["params"]["control_stage_config"]["params"];
+    if p.is_null() {
+        return Err(
+            "no model.params.control_stage_config.params: not a ControlNet (cldm) config".into(),
+        );
+    }
+    let u = |v: &serde_yaml::Value| v.as_u64().map(|x| x as usize);
+    let list = |v: &serde_yaml::Value| {
+        v.as_sequence().map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as usize))
+                .collect()
+        })
+    };
+    Ok(ControlSidecar {
+        model_channels: u(&p["model_channels"]),
+        channel_mult: list(&p["channel_mult"]),
+        num_res_blocks: u(&p["num_res_blocks"]),
+        attention_resolutions: list(&p["attention_resolutions"]),
+        num_heads: p["num_heads"].as_i64(),
+        num_head_channels: p["num_head_channels"].as_i64(),
+        use_linear: p["use_linear_in_transformer"].as_bool(),
+        context_dim: u(&p["context_dim"]),
+        hint_channels: u(&p["hint_channels"]),
+        norm_groups: u(&p["norm_num_groups"]),
+    })
+}
+
+impl ControlSidecar {
+    /// Apply to the encoder config (a copy of the base UNet's).
+    pub fn apply(&self, cfg: &mut crate::models::config::UNetConfig) {
+        use crate::models::config::BlockKind;
+        if let (Some(mc), Some(mult)) = (self.model_channels, &self.channel_mult) {
+            cfg.block_out_channels = mult.iter().map(|m| m * mc).collect();
+        }
+        let n = cfg.block_out_channels.len();
+        if let Some(r) = self.num_res_blocks {
+            cfg.layers_per_block = vec![r; n];
+        }
+        if let Some(res) = &self.attention_resolutions {
+            cfg.down_blocks = (0..n)
+                .map(|i| {
+                    if res.contains(&(1 << i)) {
+                        BlockKind::CrossAttn
+                    } else {
+                        BlockKind::Plain
+                    }
+                })
+                .collect();
+            cfg.up_blocks = cfg.down_blocks.iter().rev().copied().collect();
+        }
+        match (self.num_heads, self.num_head_channels) {
+            (Some(h), _) if h > 0 => cfg.num_attention_heads = vec![h as usize; n],
+            (_, Some(c)) if c > 0 => {
+                cfg.num_attention_heads = cfg
+                    .block_out_channels
+                    .iter()
+                    .map(|ch| ch / c as usize)
+                    .collect()
+            }
+            _ => {}
+        }
+        if let Some(l) = self.use_linear {
+            cfg.use_linear_projection = l;
+        }
+        if let Some(c) = self.context_dim {
+            cfg.cross_attention_dim = c;
+        }
+        if let Some(g) = self.norm_groups {
+            cfg.norm_num_groups = g;
+        }
+    }
+}
