@@ -14,6 +14,7 @@ mod png_info;
 mod preprocessors;
 mod progress;
 mod settings;
+mod train;
 
 use std::process::ExitCode;
 
@@ -54,6 +55,12 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
     /// Preprocessors (annotators) for control images.
     #[command(subcommand)]
     Preprocessors(preprocessors::PreprocessorsCommand),
+    /// Train ControlNets.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
+    /// Training datasets.
+    #[command(subcommand)]
+    Dataset(train::DatasetCommand),
     /// Model files: inspect, convert between single file and diffusers folder.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -83,6 +90,8 @@ fn main() -> ExitCode {
         Command::Preprocessors(cmd) => preprocessors::run(cmd),
         Command::Plugins(cmd) => preprocessors::run_plugins(cmd),
         Command::Model(cmd) => model::run(cmd),
+        Command::Train(cmd) => train::run(cmd),
+        Command::Dataset(cmd) => train::run_dataset(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

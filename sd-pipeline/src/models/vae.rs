@@ -271,6 +271,19 @@ impl AutoencoderKL {
         moments.narrow(1, 0, self.config.latent_channels)
     }
 
+    /// Mean and log-variance of the latent distribution (log-variance clamped to [-30, 20], as
+    /// diffusers' `DiagonalGaussianDistribution`); training samples `mean + exp(logvar / 2) * e`.
+    pub fn encode_moments(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut moments = self.encoder.forward(images)?;
+        if let Some(q) = &self.quant_conv {
+            moments = q.forward(&moments)?;
+        }
+        let l = self.config.latent_channels;
+        let mean = moments.narrow(1, 0, l)?;
+        let logvar = moments.narrow(1, l, l)?.clamp(-30f32, 20f32)?;
+        Ok((mean, logvar))
+    }
+
     /// Decode unscaled latents to images in roughly [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {

@@ -21,6 +21,7 @@ use std::str::FromStr;
 use candle_core::{Device, Tensor};
 use thiserror::Error;
 
+pub use schedule::alphas_cumprod;
 pub use config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 
 /// Errors of sampler names and scheduler configs; each names the file, key and value at fault.

@@ -1,0 +1,86 @@
+//! Training data: the fill50k layout (`prompt.json` lines with `source`, `target`, `prompt`)
+//! and diffusers' image-folder layout (`metadata.jsonl` lines with `image`,
+//! `conditioning_image`, `text`). Bad rows are reported with their line number.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{ControlError, Result};
+
+/// One training example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The image to learn to produce.
+    pub target: PathBuf,
+    /// The control image.
+    pub source: PathBuf,
+    pub prompt: String,
+    pub line: usize,
+}
+
+/// A bad row: where and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRow {
+    pub line: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for BadRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+/// Read a dataset folder. Rows that cannot be used (bad JSON, missing keys or files) are
+/// returned separately; the caller decides whether they are fatal.
+pub fn read_dataset(dir: &Path) -> Result<(Vec<Sample>, Vec<BadRow>, PathBuf)> {
+    let (index, keys) = if dir.join("prompt.json").is_file() {
+        (dir.join("prompt.json"), ("target", "source", "prompt"))
+    } else if dir.join("metadata.jsonl").is_file() {
+        (dir.join("metadata.jsonl"), ("image", "conditioning_image", "text"))
+    } else {
+        return Err(ControlError::file(
+            dir,
+            "not a dataset: expected prompt.json (fill50k layout) or metadata.jsonl (diffusers image folder)",
+        ));
+    };
+    let text = std::fs::read_to_string(&index).map_err(|e| ControlError::file(&index, e.to_string()))?;
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row = (|| -> std::result::Result<Sample, String> {
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+            let get = |k: &str| -> std::result::Result<String, String> {
+                v.get(k)
+                    .and_then(|x| x.as_str())
+                    .map(String::from)
+                    .ok_or_else(|| format!("missing string `{k}`"))
+            };
+            let target = dir.join(get(keys.0)?);
+            let source = dir.join(get(keys.1)?);
+            let prompt = get(keys.2)?;
+            for p in [&target, &source] {
+                if !p.is_file() {
+                    return Err(format!("no such file: {}", p.display()));
+                }
+            }
+            Ok(Sample {
+                target,
+                source,
+                prompt,
+                line: line_no,
+            })
+        })();
+        match row {
+            Ok(s) => good.push(s),
+            Err(message) => bad.push(BadRow {
+                line: line_no,
+                message,
+            }),
+        }
+    }
+    Ok((good, bad, index))
+}

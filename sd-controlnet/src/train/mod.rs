@@ -1,0 +1,688 @@
+//! Training ControlNets: a frozen base (UNet, VAE, text encoder), gradients flowing through
+//! the frozen UNet into the ControlNet (and, with `sd_locked = false`, into the UNet's decoder
+//! too), noise, timesteps and targets as diffusers' `examples/controlnet/train_controlnet.py`,
+//! AdamW, checkpoints written atomically, and resumption that reproduces an uninterrupted run
+//! (every random draw is keyed by the step, so a resumed run draws the same).
+
+pub mod dataset;
+pub mod fill;
+pub mod optim;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use sd_pipeline::loader::weight_files;
+use sd_pipeline::models::unet::UNet2DConditionModel;
+use sd_pipeline::noise::{NoiseSource, TorchRng};
+use sd_pipeline::samplers::{alphas_cumprod, PredictionType, SamplerKind, Schedule};
+use sd_pipeline::{GenerateRequest, StableDiffusion};
+use sd_plugins_api::{HookSet, Residuals};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::ControlNetConfig;
+use crate::control_image::load_control_image;
+use crate::error::{ControlError, Result};
+use crate::init::{init_config_json, init_weights};
+use crate::model::ControlNetModel;
+use crate::units::{ControlNetHook, ControlUnit, ResizeMode};
+use dataset::{read_dataset, Sample};
+use optim::{AdamW, AdamWParams};
+
+fn d_resolution() -> u32 {
+    512
+}
+fn d_one() -> usize {
+    1
+}
+fn d_lr() -> f64 {
+    1e-5
+}
+fn d_sched() -> String {
+    "constant".into()
+}
+fn d_b1() -> f64 {
+    0.9
+}
+fn d_b2() -> f64 {
+    0.999
+}
+fn d_wd() -> f64 {
+    1e-2
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_ckpt() -> usize {
+    500
+}
+fn d_val() -> usize {
+    100
+}
+fn d_true() -> bool {
+    true
+}
+
+/// `sdctl train controlnet` settings (config keys; every one is also a flag).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The base model (diffusers folder).
+    pub base: PathBuf,
+    /// A ControlNet to start from (diffusers folder); otherwise one made from the base.
+    #[serde(default)]
+    pub controlnet: Option<PathBuf>,
+    pub dataset: PathBuf,
+    pub output: PathBuf,
+    #[serde(default = "d_resolution")]
+    pub resolution: u32,
+    #[serde(default = "d_one")]
+    pub batch_size: usize,
+    #[serde(default = "d_one")]
+    pub gradient_accumulation: usize,
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    /// `constant` or `constant_with_warmup` (linear warm-up over `lr_warmup_steps`).
+    #[serde(default = "d_sched")]
+    pub lr_scheduler: String,
+    #[serde(default)]
+    pub lr_warmup_steps: usize,
+    #[serde(default = "d_b1")]
+    pub adam_beta1: f64,
+    #[serde(default = "d_b2")]
+    pub adam_beta2: f64,
+    #[serde(default = "d_wd")]
+    pub adam_weight_decay: f64,
+    #[serde(default = "d_eps")]
+    pub adam_epsilon: f64,
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    pub max_steps: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "d_ckpt")]
+    pub checkpointing_steps: usize,
+    #[serde(default)]
+    pub validation_prompt: Option<String>,
+    #[serde(default)]
+    pub validation_image: Option<PathBuf>,
+    #[serde(default = "d_val")]
+    pub validation_steps: usize,
+    /// Caption dropout: the share of prompts replaced by "" (for classifier-free guidance).
+    #[serde(default)]
+    pub proportion_empty_prompts: f64,
+    /// `false` also trains the UNet's decoder (up blocks and output), as lllyasviel allows.
+    #[serde(default = "d_true")]
+    pub sd_locked: bool,
+    /// Only the mid-block residual is added (lllyasviel's `only_mid_control`).
+    #[serde(default)]
+    pub only_mid_control: bool,
+    /// Skip unusable dataset rows (reported) instead of stopping.
+    #[serde(default)]
+    pub skip_bad_rows: bool,
+}
+
+impl TrainConfig {
+    /// Values that need no files.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ControlError::Invalid(m));
+        if self.max_steps == 0 {
+            return bad("max_steps must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.gradient_accumulation == 0 {
+            return bad("batch_size and gradient_accumulation must be at least 1".into());
+        }
+        if self.resolution == 0 || self.resolution % 8 != 0 {
+            return bad(format!("resolution {} is not a positive multiple of 8", self.resolution));
+        }
+        if !(self.learning_rate > 0.0) {
+            return bad(format!("learning_rate {} must be above 0", self.learning_rate));
+        }
+        if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
+            return bad(format!(
+                "proportion_empty_prompts {} is outside [0, 1]",
+                self.proportion_empty_prompts
+            ));
+        }
+        if !["constant", "constant_with_warmup"].contains(&self.lr_scheduler.as_str()) {
+            return bad(format!(
+                "lr_scheduler {:?}: expected constant or constant_with_warmup",
+                self.lr_scheduler
+            ));
+        }
+        if self.validation_prompt.is_some() != self.validation_image.is_some() {
+            return bad("validation needs both validation_prompt and validation_image".into());
+        }
+        Ok(())
+    }
+
+    /// The learning rate at optimizer step `step` (0-based), as diffusers' schedulers.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        match self.lr_scheduler.as_str() {
+            "constant_with_warmup" if step < self.lr_warmup_steps => {
+                self.learning_rate * (step as f64 / self.lr_warmup_steps.max(1) as f64)
+            }
+            _ => self.learning_rate,
+        }
+    }
+}
+
+/// The loss of one batch: noise added at `timesteps` (DDPMScheduler.add_noise), ControlNet
+/// residuals into the UNet, MSE against epsilon or v (diffusers' train_controlnet.py).
+#[allow(clippy::too_many_arguments)]
+pub fn training_loss(
+    cn: &ControlNetModel,
+    unet: &UNet2DConditionModel,
+    latents: &Tensor,
+    noise: &Tensor,
+    timesteps: &[usize],
+    ehs: &Tensor,
+    cond: &Tensor,
+    alphas_cumprod: &[f32],
+    v_prediction: bool,
+    only_mid_control: bool,
+) -> Result<Tensor> {
+    let dev = latents.device();
+    let b = timesteps.len();
+    let sa: Vec<f32> = timesteps.iter().map(|&t| alphas_cumprod[t].sqrt()).collect();
+    let so: Vec<f32> = timesteps
+        .iter()
+        .map(|&t| (1.0 - alphas_cumprod[t]).sqrt())
+        .collect();
+    let sa = Tensor::from_vec(sa, (b, 1, 1, 1), dev)?;
+    let so = Tensor::from_vec(so, (b, 1, 1, 1), dev)?;
+    let noisy = (latents.broadcast_mul(&sa)? + noise.broadcast_mul(&so)?)?;
+    let ts = Tensor::from_vec(
+        timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+        b,
+        dev,
+    )?;
+    let mut res = cn.forward(&noisy, &ts, ehs, cond)?;
+    if only_mid_control {
+        res = Residuals {
+            down: res
+                .down
+                .iter()
+                .map(|d| d.zeros_like())
+                .collect::<candle_core::Result<_>>()?,
+            mid: res.mid,
+        };
+    }
+    let pred = unet.forward(&noisy, &ts, ehs, Some(&res))?;
+    let target = if v_prediction {
+        (noise.broadcast_mul(&sa)? - latents.broadcast_mul(&so)?)?
+    } else {
+        noise.clone()
+    };
+    Ok((pred - target)?.sqr()?.mean_all()?)
+}
+
+/// What one optimizer step reports.
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    /// Steps done (1-based).
+    pub step: usize,
+    pub max_steps: usize,
+    pub loss: f32,
+    pub lr: f64,
+}
+
+fn weights_of(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for f in weight_files(dir)? {
+        let m = candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| ControlError::Weights {
+            path: f.clone(),
+            source: e,
+        })?;
+        for (k, t) in m {
+            out.insert(k, t.to_dtype(DType::F32)?);
+        }
+    }
+    Ok(out)
+}
+
+fn io_err(p: &Path) -> impl Fn(std::io::Error) -> ControlError + '_ {
+    move |e| ControlError::file(p, e.to_string())
+}
+
+/// Write `text` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// A training run.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    sd: StableDiffusion,
+    /// The UNet the loss runs through: the base's, or one with a trainable decoder.
+    unet: Option<UNet2DConditionModel>,
+    cn: ControlNetModel,
+    cn_config: Value,
+    cn_cfg: ControlNetConfig,
+    opt: AdamW,
+    samples: Vec<Sample>,
+    alphas: Vec<f32>,
+    v_prediction: bool,
+    /// Optimizer steps done.
+    pub step: usize,
+}
+
+fn vars_from(weights: HashMap<String, Tensor>) -> Result<(Vec<(String, Var)>, HashMap<String, Tensor>)> {
+    let mut vars = Vec::new();
+    let mut tensors = HashMap::new();
+    for (k, t) in weights {
+        let v = Var::from_tensor(&t)?;
+        tensors.insert(k.clone(), v.as_tensor().clone());
+        vars.push((k, v));
+    }
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((vars, tensors))
+}
+
+impl Trainer {
+    /// Set up a run (or continue the latest checkpoint in `output` with `resume`).
+    pub fn new(cfg: TrainConfig, resume: bool, warn: &mut dyn FnMut(String)) -> Result<Self> {
+        cfg.validate()?;
+        let dev = Device::Cpu;
+        if !cfg.base.join("model_index.json").is_file() {
+            return Err(ControlError::file(
+                &cfg.base,
+                "training needs a diffusers model folder as base (convert a single file with `sdctl model convert --to diffusers`)",
+            ));
+        }
+        let (samples, bad, index) = read_dataset(&cfg.dataset)?;
+        if !bad.is_empty() {
+            let list: Vec<String> = bad.iter().take(10).map(|b| b.to_string()).collect();
+            let msg = format!(
+                "{}: {} unusable row{}: {}{}",
+                index.display(),
+                bad.len(),
+                if bad.len() == 1 { "" } else { "s" },
+                list.join("; "),
+                if bad.len() > 10 { "; ..." } else { "" }
+            );
+            if !cfg.skip_bad_rows {
+                return Err(ControlError::Invalid(format!("{msg} (set skip_bad_rows to skip them)")));
+            }
+            warn(format!("{msg} (skipped)"));
+        }
+        if samples.is_empty() {
+            return Err(ControlError::file(&index, "no usable rows"));
+        }
+        let sd = StableDiffusion::load(&cfg.base, &dev, DType::F32, &[])?;
+        let unet_cfg_path = cfg.base.join("unet/config.json");
+
+        // where to start: the latest checkpoint, a given ControlNet, or a new one
+        let latest = cfg.output.join("latest");
+        let (start_dir, step) = if resume {
+            let name = std::fs::read_to_string(&latest).map_err(|_| {
+                ControlError::file(&latest, "nothing to resume: no checkpoint has been written yet")
+            })?;
+            let dir = cfg.output.join(name.trim());
+            let state: Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("state.json")).map_err(io_err(&dir))?,
+            )
+            .map_err(|e| ControlError::file(dir.join("state.json"), e.to_string()))?;
+            let step = state["step"].as_u64().unwrap_or(0) as usize;
+            (Some(dir.join("controlnet")), step)
+        } else {
+            if latest.exists() {
+                return Err(ControlError::file(
+                    &cfg.output,
+                    "holds checkpoints of an earlier run: use --resume, or another output folder",
+                ));
+            }
+            (cfg.controlnet.clone(), 0)
+        };
+        let (weights, cn_cfg, cn_config) = match &start_dir {
+            Some(dir) => {
+                let cfg_path = dir.join("config.json");
+                let v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?)
+                    .map_err(|e| ControlError::file(&cfg_path, e.to_string()))?;
+                (weights_of(dir)?, ControlNetConfig::from_file(&cfg_path)?, v)
+            }
+            None => {
+                let c = ControlNetConfig::from_unet(sd.unet.config());
+                let w = init_weights(&cfg.base.join("unet"), &c, cfg.seed)?;
+                let v = init_config_json(&unet_cfg_path, &c)?;
+                (w, c, v)
+            }
+        };
+        let (mut vars, tensors) = vars_from(weights)?;
+        let cn = ControlNetModel::new(&cn_cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
+
+        // sd_locked = false: the UNet's decoder trains too
+        let unet = if cfg.sd_locked {
+            None
+        } else {
+            let mut w = weights_of(&cfg.base.join("unet"))?;
+            if let Some(dir) = &start_dir {
+                let dec = dir.with_file_name("unet_decoder.safetensors");
+                if dec.is_file() {
+                    let m = candle_core::safetensors::load(&dec, &dev).map_err(|e| ControlError::Weights { path: dec.clone(), source: e })?;
+                    w.extend(m);
+                }
+            }
+            let mut tensors = HashMap::new();
+            for (k, t) in w {
+                if is_decoder(&k) {
+                    let v = Var::from_tensor(&t)?;
+                    tensors.insert(k.clone(), v.as_tensor().clone());
+                    vars.push((format!("unet.{k}"), v));
+                } else {
+                    tensors.insert(k, t);
+                }
+            }
+            Some(UNet2DConditionModel::new(
+                sd.unet.config(),
+                VarBuilder::from_tensors(tensors, DType::F32, &dev),
+            )?)
+        };
+        let params = AdamWParams {
+            lr: cfg.learning_rate,
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.adam_weight_decay,
+        };
+        let mut opt = AdamW::new(vars, params);
+        if let Some(dir) = start_dir.as_ref().filter(|_| resume) {
+            let f = dir.with_file_name("optimizer.safetensors");
+            let state = candle_core::safetensors::load(&f, &dev).map_err(|e| ControlError::Weights { path: f.clone(), source: e })?;
+            opt.load_state(state, step as u64);
+        }
+        let alphas = alphas_cumprod(&sd.scheduler_config);
+        let v_prediction = sd.scheduler_config.prediction_type == PredictionType::VPrediction;
+        std::fs::create_dir_all(&cfg.output).map_err(io_err(&cfg.output))?;
+        // the log keeps the steps the model has: a resumed run drops rows after its checkpoint
+        let log = cfg.output.join("log.csv");
+        let kept: Vec<String> = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.starts_with("step") || l.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| resume && s <= step)
+            })
+            .map(String::from)
+            .collect();
+        let mut text = if kept.is_empty() { "step,loss,lr\n".to_string() } else { kept.join("\n") + "\n" };
+        if !text.starts_with("step") {
+            text = format!("step,loss,lr\n{text}");
+        }
+        write_atomic(&log, &text)?;
+        Ok(Self {
+            cfg,
+            sd,
+            unet,
+            cn,
+            cn_config,
+            cn_cfg,
+            opt,
+            samples,
+            alphas,
+            v_prediction,
+            step,
+        })
+    }
+
+    /// The dataset example used at global example index `k` (a seeded shuffle per epoch).
+    fn example(&self, k: usize) -> &Sample {
+        let n = self.samples.len();
+        let (epoch, pos) = (k / n, k % n);
+        let mut perm: Vec<usize> = (0..n).collect();
+        let mut rng = TorchRng::new(self.cfg.seed ^ (0x5DEE_CE66 + epoch as u64 * 0x9E37_79B9));
+        for i in (1..n).rev() {
+            let j = (rng.next_u32() as usize) % (i + 1);
+            perm.swap(i, j);
+        }
+        &self.samples[perm[pos]]
+    }
+
+    /// The loss of micro-batch `micro` of optimizer step `step` (its gradients are taken by
+    /// the caller).
+    fn micro_loss(&self, step: usize, micro: usize) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let dev = Device::Cpu;
+        let r = cfg.resolution as usize;
+        let global = step * cfg.gradient_accumulation + micro;
+        let mut rng = TorchRng::new(cfg.seed.wrapping_mul(1_000_003).wrapping_add(global as u64 + 1));
+        let mut targets = Vec::new();
+        let mut conds = Vec::new();
+        let mut ehs = Vec::new();
+        let mut timesteps = Vec::new();
+        let n_train = self.alphas.len();
+        for j in 0..cfg.batch_size {
+            let s = self.example(global * cfg.batch_size + j).clone();
+            let target = load_control_image(&s.target, r, r, ResizeMode::Crop, &dev)
+                .map_err(|e| ControlError::file(&s.target, format!("dataset line {}: {e}", s.line)))?;
+            targets.push(((target * 2.0)? - 1.0)?);
+            conds.push(
+                load_control_image(&s.source, r, r, ResizeMode::Crop, &dev)
+                    .map_err(|e| ControlError::file(&s.source, format!("dataset line {}: {e}", s.line)))?,
+            );
+            let u = rng.next_u32() as f64 / 4_294_967_296.0;
+            let prompt = if u < cfg.proportion_empty_prompts { "" } else { s.prompt.as_str() };
+            let chunk = self.sd.tokenizer.chunks(prompt)?.remove(0);
+            ehs.push(sd_pipeline::text::encode_chunks(&self.sd.text_encoder, &[chunk], 1, &dev)?);
+            timesteps.push((rng.next_u32() as usize) % n_train);
+        }
+        let target = Tensor::cat(&targets, 0)?;
+        let cond = Tensor::cat(&conds, 0)?;
+        let ehs = Tensor::cat(&ehs, 0)?.detach();
+        let (mean, logvar) = self.sd.vae.encode_moments(&target)?;
+        let eps = rng.randn(mean.dims(), &dev)?;
+        let z = (mean + (logvar * 0.5)?.exp()? * eps)?;
+        let latents = self.sd.vae.scale_latents(&z)?.detach();
+        let noise = rng.randn(latents.dims(), &dev)?;
+        let unet = self.unet.as_ref().unwrap_or(&self.sd.unet);
+        training_loss(
+            &self.cn,
+            unet,
+            &latents,
+            &noise,
+            &timesteps,
+            &ehs,
+            &cond,
+            &self.alphas,
+            self.v_prediction,
+            cfg.only_mid_control,
+        )
+    }
+
+    /// The mean loss over `n` fixed batches (the same examples, noise and timesteps every
+    /// time it is called): progress measured without the noise of random timesteps.
+    pub fn eval_loss(&self, n: usize) -> Result<f32> {
+        let mut sum = 0f32;
+        for i in 0..n {
+            sum += self.micro_loss(1_000_000_000 + i, 0)?.detach().to_scalar::<f32>()?;
+        }
+        Ok(sum / n as f32)
+    }
+
+    /// One optimizer step: accumulated gradients, clipped, AdamW. Returns the mean loss.
+    pub fn train_step(&mut self) -> Result<f32> {
+        let accum = self.cfg.gradient_accumulation;
+        let mut sum: HashMap<String, Tensor> = HashMap::new();
+        let mut loss_sum = 0f32;
+        for micro in 0..accum {
+            let loss = self.micro_loss(self.step, micro)?;
+            loss_sum += loss.to_scalar::<f32>()?;
+            let grads = loss.backward()?;
+            for (name, var) in self.opt.vars() {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    let g = (g / accum as f64)?;
+                    let e = match sum.remove(name) {
+                        Some(s) => (s + g)?,
+                        None => g,
+                    };
+                    sum.insert(name.clone(), e);
+                }
+            }
+        }
+        // torch.nn.utils.clip_grad_norm_
+        if self.cfg.max_grad_norm > 0.0 {
+            let mut total = 0f64;
+            for g in sum.values() {
+                total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+            let norm = total.sqrt();
+            let coef = self.cfg.max_grad_norm / (norm + 1e-6);
+            if coef < 1.0 {
+                for g in sum.values_mut() {
+                    *g = (&*g * coef)?;
+                }
+            }
+        }
+        let lr = self.cfg.lr_at(self.step);
+        self.opt.step(&sum, lr)?;
+        self.step += 1;
+        Ok(loss_sum / accum as f32)
+    }
+
+    /// The ControlNet's current weights (detached copies).
+    pub fn controlnet_weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, var) in self.opt.vars() {
+            if !name.starts_with("unet.") {
+                out.insert(name.clone(), var.as_tensor().detach().copy()?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Write `output/checkpoint-STEP/` (controlnet/ in diffusers format, optimizer state,
+    /// step, trained UNet decoder) under a temporary name, rename it, then point `latest` at
+    /// it: a run killed at any moment leaves `latest` naming a complete checkpoint.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let out = &self.cfg.output;
+        let name = format!("checkpoint-{}", self.step);
+        let dir = out.join(&name);
+        let tmp = out.join(format!(".{name}.partial"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(tmp.join("controlnet")).map_err(io_err(&tmp))?;
+        let save = |m: &HashMap<String, Tensor>, p: &Path| {
+            candle_core::safetensors::save(m, p).map_err(|e| ControlError::Weights { path: p.to_path_buf(), source: e })
+        };
+        save(&self.controlnet_weights()?, &tmp.join("controlnet/diffusion_pytorch_model.safetensors"))?;
+        std::fs::write(
+            tmp.join("controlnet/config.json"),
+            serde_json::to_string_pretty(&self.cn_config).unwrap_or_default(),
+        )
+        .map_err(io_err(&tmp))?;
+        save(&self.opt.state(), &tmp.join("optimizer.safetensors"))?;
+        let dec: HashMap<String, Tensor> = self
+            .opt
+            .vars()
+            .iter()
+            .filter_map(|(n, v)| Some((n.strip_prefix("unet.")?.to_string(), v.as_tensor().detach())))
+            .collect();
+        if !dec.is_empty() {
+            save(&dec, &tmp.join("unet_decoder.safetensors"))?;
+        }
+        std::fs::write(
+            tmp.join("state.json"),
+            serde_json::json!({ "step": self.step, "config": self.cfg }).to_string(),
+        )
+        .map_err(io_err(&tmp))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+        write_atomic(&out.join("latest"), &name)?;
+        Ok(dir)
+    }
+
+    /// A validation image with the current ControlNet: `output/validation/step-STEP.png`.
+    pub fn validate_image(&self) -> Result<Option<PathBuf>> {
+        let (Some(prompt), Some(image)) = (&self.cfg.validation_prompt, &self.cfg.validation_image) else {
+            return Ok(None);
+        };
+        let dev = Device::Cpu;
+        let r = self.cfg.resolution as usize;
+        let net = ControlNetModel::new(
+            &self.cn_cfg,
+            VarBuilder::from_tensors(self.controlnet_weights()?, DType::F32, &dev),
+        )?;
+        let unit = ControlUnit::new(Arc::new(net), load_control_image(image, r, r, ResizeMode::Crop, &dev)?);
+        let mut hooks = HookSet::new();
+        hooks.push(Box::new(ControlNetHook::new(vec![unit])));
+        let req = GenerateRequest {
+            prompt: prompt.clone(),
+            negative_prompt: String::new(),
+            width: r,
+            height: r,
+            steps: 20,
+            cfg_scale: 7.5,
+            sampler: SamplerKind::DpmPP2M,
+            schedule: Schedule::Karras,
+            batch: 1,
+            clip_skip: 1,
+            init_image: None,
+            mask: None,
+            strength: None,
+            noise: None,
+        };
+        let out = self.sd.generate(&req, &mut hooks, &mut TorchRng::new(self.cfg.seed))?;
+        let dir = self.cfg.output.join("validation");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = dir.join(format!("step-{}.png", self.step));
+        sd_pipeline::image_io::save_png(&path, &out.images.get(0)?, &[("parameters", prompt.as_str())])?;
+        Ok(Some(path))
+    }
+
+    /// Train to `max_steps`, checkpointing and validating on schedule; `report` is called
+    /// after every step. The final ControlNet is also written to `output/controlnet/`.
+    pub fn run(&mut self, report: &mut dyn FnMut(StepReport)) -> Result<()> {
+        let log = self.cfg.output.join("log.csv");
+        while self.step < self.cfg.max_steps {
+            let lr = self.cfg.lr_at(self.step);
+            let loss = self.train_step()?;
+            if !loss.is_finite() {
+                return Err(ControlError::Invalid(format!(
+                    "step {}: the loss is {loss}; lower learning_rate",
+                    self.step
+                )));
+            }
+            let mut f = std::fs::OpenOptions::new().append(true).open(&log).map_err(io_err(&log))?;
+            writeln!(f, "{},{loss},{lr}", self.step).map_err(io_err(&log))?;
+            report(StepReport {
+                step: self.step,
+                max_steps: self.cfg.max_steps,
+                loss,
+                lr,
+            });
+            if self.step % self.cfg.checkpointing_steps == 0 || self.step == self.cfg.max_steps {
+                self.save_checkpoint()?;
+            }
+            if self.step % self.cfg.validation_steps == 0 {
+                self.validate_image()?;
+            }
+        }
+        // the final ControlNet, ready for --control
+        let last = self.cfg.output.join(format!("checkpoint-{}", self.step)).join("controlnet");
+        if !last.is_dir() {
+            self.save_checkpoint()?;
+        }
+        let dst = self.cfg.output.join("controlnet");
+        let tmp = self.cfg.output.join(".controlnet.partial");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(last.join(f), tmp.join(f)).map_err(io_err(&tmp))?;
+        }
+        let _ = std::fs::remove_dir_all(&dst);
+        std::fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+        Ok(())
+    }
+}
+
+/// UNet parameters that `sd_locked = false` trains: the decoder and the output.
+fn is_decoder(name: &str) -> bool {
+    name.starts_with("up_blocks.") || name.starts_with("conv_norm_out.") || name.starts_with("conv_out.")
+}
