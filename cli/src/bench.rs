@@ -16,6 +16,123 @@ use crate::CliResult;
 pub enum BenchCommand {
     /// Seconds per UNet call and peak memory, for SD 1.5 or 2.1 with random weights.
     Unet(UnetArgs),
+    /// One ControlNet training step (forward through ControlNet and frozen UNet, backward,
+    /// gradients of every ControlNet weight): seconds and peak memory, random weights.
+    Train(TrainBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainBenchArgs {
+    #[arg(long, value_enum, default_value = "sd15")]
+    pub arch: Arch,
+    /// Image size (latents are size / 8)
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1)]
+    pub iters: usize,
+}
+
+/// Random weights that are trainable variables (for the training benchmark).
+struct RandomVars(std::sync::Mutex<Vec<candle_core::Var>>);
+
+impl SimpleBackend for RandomVars {
+    fn get(
+        &self,
+        s: Shape,
+        _: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let v =
+            candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)?)?;
+        let t = v.as_tensor().clone();
+        self.0.lock().expect("not poisoned").push(v);
+        Ok(t)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights have no unshaped tensor {name}")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+fn train(a: TrainBenchArgs) -> CliResult {
+    if a.size == 0 || !a.size.is_multiple_of(8) || a.batch == 0 || a.iters == 0 {
+        return Err(
+            "--size must be a positive multiple of 8; --batch and --iters at least 1".into(),
+        );
+    }
+    let dev = Device::Cpu;
+    let cfg = match a.arch {
+        Arch::Sd15 => UNetConfig::sd15(),
+        Arch::Sd21 => UNetConfig::sd21(),
+    };
+    let unet = UNet2DConditionModel::new(
+        &cfg,
+        VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone()),
+    )?;
+    let cn_cfg = sd_controlnet::config::ControlNetConfig::from_unet(&cfg);
+    let backend = std::sync::Arc::new(RandomVars(std::sync::Mutex::new(Vec::new())));
+    struct Shared(std::sync::Arc<RandomVars>);
+    impl SimpleBackend for Shared {
+        fn get(
+            &self,
+            s: Shape,
+            n: &str,
+            h: Init,
+            d: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            self.0.get(s, n, h, d, dev)
+        }
+        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            self.0.get_unchecked(n, d, dev)
+        }
+        fn contains_tensor(&self, n: &str) -> bool {
+            self.0.contains_tensor(n)
+        }
+    }
+    let cn = sd_controlnet::ControlNetModel::new(
+        &cn_cfg,
+        VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, dev.clone()),
+    )?;
+    let vars = backend.0.lock().map(|v| v.len()).unwrap_or(0);
+    let l = a.size / 8;
+    let latents = Tensor::randn(0f32, 1.0, (a.batch, 4, l, l), &dev)?;
+    let noise = Tensor::randn(0f32, 1.0, (a.batch, 4, l, l), &dev)?;
+    let ehs = Tensor::randn(0f32, 1.0, (a.batch, 77, cfg.cross_attention_dim), &dev)?;
+    let cond = Tensor::rand(0f32, 1.0, (a.batch, 3, a.size, a.size), &dev)?;
+    let ts: Vec<usize> = (0..a.batch).map(|i| 100 + 300 * i).collect();
+    let alphas =
+        sd_pipeline::samplers::alphas_cumprod(&sd_pipeline::samplers::SchedulerConfig::default());
+    let mut times = Vec::new();
+    for _ in 0..a.iters {
+        let t = Instant::now();
+        let loss = sd_controlnet::train::training_loss(
+            &cn, &unet, &latents, &noise, &ts, &ehs, &cond, &alphas, false, false,
+        )?;
+        let grads = loss.backward()?;
+        drop(grads);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let rss = peak_rss_bytes()
+        .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+        .unwrap_or_else(|| "unknown".into());
+    println!(
+        "train controlnet {:?} {}x{} (latents {l}x{l}) batch {} f32 on cpu: {:.1} s/step (mean of {}), {} trainable tensors; peak RSS {rss}",
+        a.arch,
+        a.size,
+        a.size,
+        a.batch,
+        times.iter().sum::<f64>() / times.len() as f64,
+        times.len(),
+        vars,
+    );
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -81,6 +198,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn run(cmd: BenchCommand) -> CliResult {
     match cmd {
         BenchCommand::Unet(a) => unet(a),
+        BenchCommand::Train(a) => train(a),
     }
 }
 

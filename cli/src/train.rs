@@ -127,7 +127,13 @@ pub struct TrainArgs {
     pub skip_bad_rows: Option<bool>,
 }
 
-const PATH_KEYS: &[&str] = &["base", "controlnet", "dataset", "output", "validation_image"];
+const PATH_KEYS: &[&str] = &[
+    "base",
+    "controlnet",
+    "dataset",
+    "output",
+    "validation_image",
+];
 
 /// Layer the config file and the flags; paths from the file are relative to it.
 fn settings(args: &TrainArgs) -> CliResult<TrainConfig> {
@@ -140,12 +146,18 @@ fn settings(args: &TrainArgs) -> CliResult<TrainConfig> {
             Some("toml") => fig.merge(Toml::file_exact(path)),
             Some("yaml" | "yml") => fig.merge(Yaml::file_exact(path)),
             Some("json") => fig.merge(Json::file_exact(path)),
-            _ => return Err(format!("--config {}: use .toml, .yaml or .json", path.display()).into()),
+            _ => {
+                return Err(
+                    format!("--config {}: use .toml, .yaml or .json", path.display()).into(),
+                )
+            }
         };
     }
     let mut fig = fig.merge(Serialized::defaults(args));
     for key in PATH_KEYS {
-        let Some(md) = fig.find_metadata(key).cloned() else { continue };
+        let Some(md) = fig.find_metadata(key).cloned() else {
+            continue;
+        };
         if let (Some(Source::File(file)), Ok(v)) = (md.source, fig.find_value(key)) {
             if let (Some(s), Some(dir)) = (v.as_str(), file.parent()) {
                 let p = Path::new(s);
@@ -165,7 +177,12 @@ fn settings(args: &TrainArgs) -> CliResult<TrainConfig> {
 pub fn run(cmd: TrainCommand) -> CliResult {
     let TrainCommand::Controlnet(args) = cmd;
     let cfg = settings(&args)?;
-    for (name, p) in [("base", Some(&cfg.base)), ("dataset", Some(&cfg.dataset)), ("controlnet", cfg.controlnet.as_ref()), ("validation_image", cfg.validation_image.as_ref())] {
+    for (name, p) in [
+        ("base", Some(&cfg.base)),
+        ("dataset", Some(&cfg.dataset)),
+        ("controlnet", cfg.controlnet.as_ref()),
+        ("validation_image", cfg.validation_image.as_ref()),
+    ] {
         if let Some(p) = p {
             if !p.exists() {
                 return Err(format!("{name} {}: not found", p.display()).into());
@@ -175,8 +192,10 @@ pub fn run(cmd: TrainCommand) -> CliResult {
     let mut trainer = Trainer::new(cfg, args.resume, &mut |w| eprintln!("warning: {w}"))?;
     let bar = ProgressBar::new(trainer.cfg.max_steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  loss {msg}  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {per_sec}  loss {msg}  eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(trainer.step as u64);
     let t0 = std::time::Instant::now();
@@ -200,6 +219,12 @@ pub fn run(cmd: TrainCommand) -> CliResult {
 pub fn run_dataset(cmd: DatasetCommand) -> CliResult {
     let DatasetCommand::Fill(a) = cmd;
     write_fill_dataset(&a.output, a.count, a.size, a.seed)?;
-    eprintln!("{} examples of {}x{} in {}", a.count, a.size, a.size, a.output.display());
+    eprintln!(
+        "{} examples of {}x{} in {}",
+        a.count,
+        a.size,
+        a.size,
+        a.output.display()
+    );
     Ok(())
 }

@@ -19,7 +19,9 @@ fn loss_and_controlnet_gradients_match_pytorch() {
     let sd = StableDiffusion::load(&model_dir("sd1"), &dev, DType::F32, &[]).unwrap();
     let dir = fixtures().join("models/controlnet-sd1");
     let cfg = ControlNetConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &dev).unwrap();
+    let weights =
+        candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &dev)
+            .unwrap();
     let mut vars: HashMap<String, Var> = HashMap::new();
     let mut tensors = HashMap::new();
     for (k, t) in weights {
@@ -27,7 +29,8 @@ fn loss_and_controlnet_gradients_match_pytorch() {
         tensors.insert(k.clone(), v.as_tensor().clone());
         vars.insert(k, v);
     }
-    let cn = ControlNetModel::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap();
+    let cn =
+        ControlNetModel::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap();
     let sched = SchedulerConfig::from_json_str(
         r#"{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}"#,
     )
@@ -49,13 +52,18 @@ fn loss_and_controlnet_gradients_match_pytorch() {
         .unwrap();
         let want = get(&exp, &format!("{case}.loss")).to_vec1::<f32>().unwrap()[0];
         let got = loss.to_scalar::<f32>().unwrap();
-        assert!(((got - want) / want).abs() < 1e-4, "{case} loss {got} vs {want}");
+        assert!(
+            ((got - want) / want).abs() < 1e-4,
+            "{case} loss {got} vs {want}"
+        );
         let grads = loss.backward().unwrap();
         let mut checked = 0;
         let mut worst = 0f32;
         for (name, var) in &vars {
             let want = get(&exp, &format!("{case}.grad.{name}"));
-            let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let got = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
             let scale = max_abs(want).max(1e-12);
             let rel = max_abs_diff(got, want) / scale;
             worst = worst.max(rel);
@@ -65,7 +73,9 @@ fn loss_and_controlnet_gradients_match_pytorch() {
         assert_eq!(checked, vars.len());
         eprintln!("{case}: {checked} gradients, worst relative difference {worst:e}");
         // the gradients are not all zero (the check can fail)
-        assert!(vars.values().any(|v| max_abs(grads.get(v.as_tensor()).unwrap()) > 1e-6));
+        assert!(vars
+            .values()
+            .any(|v| max_abs(grads.get(v.as_tensor()).unwrap()) > 1e-6));
     }
 }
 
@@ -100,6 +110,8 @@ fn a_few_dozen_steps_lower_the_loss_on_a_fill_dataset() {
     // only the ControlNet learns (the random base UNet stays as it is), so the drop is small
     // but real: 1.7% measured
     assert!(after < before * 0.99, "held-out loss {before} -> {after}");
-    assert!(dir.join("out/controlnet/diffusion_pytorch_model.safetensors").is_file());
+    assert!(dir
+        .join("out/controlnet/diffusion_pytorch_model.safetensors")
+        .is_file());
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -36,14 +36,18 @@ pub fn read_dataset(dir: &Path) -> Result<(Vec<Sample>, Vec<BadRow>, PathBuf)> {
     let (index, keys) = if dir.join("prompt.json").is_file() {
         (dir.join("prompt.json"), ("target", "source", "prompt"))
     } else if dir.join("metadata.jsonl").is_file() {
-        (dir.join("metadata.jsonl"), ("image", "conditioning_image", "text"))
+        (
+            dir.join("metadata.jsonl"),
+            ("image", "conditioning_image", "text"),
+        )
     } else {
         return Err(ControlError::file(
             dir,
             "not a dataset: expected prompt.json (fill50k layout) or metadata.jsonl (diffusers image folder)",
         ));
     };
-    let text = std::fs::read_to_string(&index).map_err(|e| ControlError::file(&index, e.to_string()))?;
+    let text =
+        std::fs::read_to_string(&index).map_err(|e| ControlError::file(&index, e.to_string()))?;
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -52,7 +56,8 @@ pub fn read_dataset(dir: &Path) -> Result<(Vec<Sample>, Vec<BadRow>, PathBuf)> {
             continue;
         }
         let row = (|| -> std::result::Result<Sample, String> {
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
             let get = |k: &str| -> std::result::Result<String, String> {
                 v.get(k)
                     .and_then(|x| x.as_str())
@@ -83,4 +88,38 @@ pub fn read_dataset(dir: &Path) -> Result<(Vec<Sample>, Vec<BadRow>, PathBuf)> {
         }
     }
     Ok((good, bad, index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_folder_layout_and_bad_rows() {
+        let d = std::env::temp_dir().join(format!("ds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("img")).unwrap();
+        for f in ["a.png", "a_c.png"] {
+            std::fs::write(d.join("img").join(f), b"x").unwrap();
+        }
+        std::fs::write(
+            d.join("metadata.jsonl"),
+            "{\"image\": \"img/a.png\", \"conditioning_image\": \"img/a_c.png\", \"text\": \"a cat\"}\n\n{\"image\": \"img/b.png\", \"conditioning_image\": \"img/a_c.png\", \"text\": \"b\"}\n{\"image\": \"img/a.png\", \"text\": \"c\"}\n",
+        )
+        .unwrap();
+        let (good, bad, index) = read_dataset(&d).unwrap();
+        assert_eq!(index, d.join("metadata.jsonl"));
+        assert_eq!(good.len(), 1);
+        assert_eq!((good[0].prompt.as_str(), good[0].line), ("a cat", 1));
+        assert_eq!(good[0].source, d.join("img/a_c.png"));
+        assert_eq!(bad.len(), 2);
+        assert_eq!(bad[0].line, 3);
+        assert!(bad[0].message.contains("b.png"));
+        assert!(bad[1]
+            .to_string()
+            .starts_with("line 4: missing string `conditioning_image`"));
+        let e = read_dataset(&d.join("img")).err().unwrap().to_string();
+        assert!(e.contains("not a dataset"), "{e}");
+        let _ = std::fs::remove_dir_all(d);
+    }
 }

@@ -81,16 +81,33 @@ pub fn example(size: u32, rng: &mut TorchRng) -> (RgbImage, RgbImage, String, (f
             source.put_pixel(x, y, Rgb([v, v, v]));
             let inside = (r + 0.5 - d).clamp(0.0, 1.0);
             let mix = |a: u8, b: u8| (a as f64 * inside + b as f64 * (1.0 - inside)).round() as u8;
-            target.put_pixel(x, y, Rgb([mix(fc[0], bcol[0]), mix(fc[1], bcol[1]), mix(fc[2], bcol[2])]));
+            target.put_pixel(
+                x,
+                y,
+                Rgb([
+                    mix(fc[0], bcol[0]),
+                    mix(fc[1], bcol[1]),
+                    mix(fc[2], bcol[2]),
+                ]),
+            );
         }
     }
-    (source, target, format!("{fname} circle with {bname} background"), (cx, cy), r)
+    (
+        source,
+        target,
+        format!("{fname} circle with {bname} background"),
+        (cx, cy),
+        r,
+    )
 }
 
 /// Write `count` examples of `size` x `size` into `out` (fill50k layout), all or nothing.
 pub fn write_fill_dataset(out: &Path, count: usize, size: u32, seed: u64) -> Result<()> {
     if out.exists() {
-        return Err(ControlError::file(out, "already exists: choose a new folder"));
+        return Err(ControlError::file(
+            out,
+            "already exists: choose a new folder",
+        ));
     }
     if count == 0 || !(16..=2048).contains(&size) {
         return Err(ControlError::Invalid(format!(
@@ -99,7 +116,9 @@ pub fn write_fill_dataset(out: &Path, count: usize, size: u32, seed: u64) -> Res
     }
     let tmp = out.with_file_name(format!(
         ".{}.partial",
-        out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+        out.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     let io = |e: std::io::Error| ControlError::file(&tmp, e.to_string());

@@ -136,14 +136,24 @@ impl TrainConfig {
         if self.max_steps == 0 {
             return bad("max_steps must be at least 1".into());
         }
-        if self.batch_size == 0 || self.gradient_accumulation == 0 {
-            return bad("batch_size and gradient_accumulation must be at least 1".into());
+        if self.batch_size == 0
+            || self.gradient_accumulation == 0
+            || self.checkpointing_steps == 0
+            || self.validation_steps == 0
+        {
+            return bad("batch_size, gradient_accumulation, checkpointing_steps and validation_steps must be at least 1".into());
         }
-        if self.resolution == 0 || self.resolution % 8 != 0 {
-            return bad(format!("resolution {} is not a positive multiple of 8", self.resolution));
+        if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
+            return bad(format!(
+                "resolution {} is not a positive multiple of 8",
+                self.resolution
+            ));
         }
-        if !(self.learning_rate > 0.0) {
-            return bad(format!("learning_rate {} must be above 0", self.learning_rate));
+        if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
+            return bad(format!(
+                "learning_rate {} must be above 0",
+                self.learning_rate
+            ));
         }
         if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
             return bad(format!(
@@ -191,7 +201,10 @@ pub fn training_loss(
 ) -> Result<Tensor> {
     let dev = latents.device();
     let b = timesteps.len();
-    let sa: Vec<f32> = timesteps.iter().map(|&t| alphas_cumprod[t].sqrt()).collect();
+    let sa: Vec<f32> = timesteps
+        .iter()
+        .map(|&t| alphas_cumprod[t].sqrt())
+        .collect();
     let so: Vec<f32> = timesteps
         .iter()
         .map(|&t| (1.0 - alphas_cumprod[t]).sqrt())
@@ -237,9 +250,11 @@ pub struct StepReport {
 fn weights_of(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for f in weight_files(dir)? {
-        let m = candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| ControlError::Weights {
-            path: f.clone(),
-            source: e,
+        let m = candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| {
+            ControlError::Weights {
+                path: f.clone(),
+                source: e,
+            }
         })?;
         for (k, t) in m {
             out.insert(k, t.to_dtype(DType::F32)?);
@@ -276,7 +291,10 @@ pub struct Trainer {
     pub step: usize,
 }
 
-fn vars_from(weights: HashMap<String, Tensor>) -> Result<(Vec<(String, Var)>, HashMap<String, Tensor>)> {
+/// Named variables, and the same tensors by name for a VarBuilder.
+type VarsAndTensors = (Vec<(String, Var)>, HashMap<String, Tensor>);
+
+fn vars_from(weights: HashMap<String, Tensor>) -> Result<VarsAndTensors> {
     let mut vars = Vec::new();
     let mut tensors = HashMap::new();
     for (k, t) in weights {
@@ -311,7 +329,9 @@ impl Trainer {
                 if bad.len() > 10 { "; ..." } else { "" }
             );
             if !cfg.skip_bad_rows {
-                return Err(ControlError::Invalid(format!("{msg} (set skip_bad_rows to skip them)")));
+                return Err(ControlError::Invalid(format!(
+                    "{msg} (set skip_bad_rows to skip them)"
+                )));
             }
             warn(format!("{msg} (skipped)"));
         }
@@ -325,7 +345,10 @@ impl Trainer {
         let latest = cfg.output.join("latest");
         let (start_dir, step) = if resume {
             let name = std::fs::read_to_string(&latest).map_err(|_| {
-                ControlError::file(&latest, "nothing to resume: no checkpoint has been written yet")
+                ControlError::file(
+                    &latest,
+                    "nothing to resume: no checkpoint has been written yet",
+                )
             })?;
             let dir = cfg.output.join(name.trim());
             let state: Value = serde_json::from_str(
@@ -346,8 +369,10 @@ impl Trainer {
         let (weights, cn_cfg, cn_config) = match &start_dir {
             Some(dir) => {
                 let cfg_path = dir.join("config.json");
-                let v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?)
-                    .map_err(|e| ControlError::file(&cfg_path, e.to_string()))?;
+                let v: Value = serde_json::from_str(
+                    &std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?,
+                )
+                .map_err(|e| ControlError::file(&cfg_path, e.to_string()))?;
                 (weights_of(dir)?, ControlNetConfig::from_file(&cfg_path)?, v)
             }
             None => {
@@ -358,7 +383,8 @@ impl Trainer {
             }
         };
         let (mut vars, tensors) = vars_from(weights)?;
-        let cn = ControlNetModel::new(&cn_cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
+        let cn =
+            ControlNetModel::new(&cn_cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
 
         // sd_locked = false: the UNet's decoder trains too
         let unet = if cfg.sd_locked {
@@ -368,7 +394,12 @@ impl Trainer {
             if let Some(dir) = &start_dir {
                 let dec = dir.with_file_name("unet_decoder.safetensors");
                 if dec.is_file() {
-                    let m = candle_core::safetensors::load(&dec, &dev).map_err(|e| ControlError::Weights { path: dec.clone(), source: e })?;
+                    let m = candle_core::safetensors::load(&dec, &dev).map_err(|e| {
+                        ControlError::Weights {
+                            path: dec.clone(),
+                            source: e,
+                        }
+                    })?;
                     w.extend(m);
                 }
             }
@@ -397,7 +428,11 @@ impl Trainer {
         let mut opt = AdamW::new(vars, params);
         if let Some(dir) = start_dir.as_ref().filter(|_| resume) {
             let f = dir.with_file_name("optimizer.safetensors");
-            let state = candle_core::safetensors::load(&f, &dev).map_err(|e| ControlError::Weights { path: f.clone(), source: e })?;
+            let state =
+                candle_core::safetensors::load(&f, &dev).map_err(|e| ControlError::Weights {
+                    path: f.clone(),
+                    source: e,
+                })?;
             opt.load_state(state, step as u64);
         }
         let alphas = alphas_cumprod(&sd.scheduler_config);
@@ -409,11 +444,19 @@ impl Trainer {
             .unwrap_or_default()
             .lines()
             .filter(|l| {
-                l.starts_with("step") || l.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| resume && s <= step)
+                l.starts_with("step")
+                    || l.split(',')
+                        .next()
+                        .and_then(|s| s.parse::<usize>().ok())
+                        .is_some_and(|s| resume && s <= step)
             })
             .map(String::from)
             .collect();
-        let mut text = if kept.is_empty() { "step,loss,lr\n".to_string() } else { kept.join("\n") + "\n" };
+        let mut text = if kept.is_empty() {
+            "step,loss,lr\n".to_string()
+        } else {
+            kept.join("\n") + "\n"
+        };
         if !text.starts_with("step") {
             text = format!("step,loss,lr\n{text}");
         }
@@ -453,7 +496,11 @@ impl Trainer {
         let dev = Device::Cpu;
         let r = cfg.resolution as usize;
         let global = step * cfg.gradient_accumulation + micro;
-        let mut rng = TorchRng::new(cfg.seed.wrapping_mul(1_000_003).wrapping_add(global as u64 + 1));
+        let mut rng = TorchRng::new(
+            cfg.seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(global as u64 + 1),
+        );
         let mut targets = Vec::new();
         let mut conds = Vec::new();
         let mut ehs = Vec::new();
@@ -461,17 +508,29 @@ impl Trainer {
         let n_train = self.alphas.len();
         for j in 0..cfg.batch_size {
             let s = self.example(global * cfg.batch_size + j).clone();
-            let target = load_control_image(&s.target, r, r, ResizeMode::Crop, &dev)
-                .map_err(|e| ControlError::file(&s.target, format!("dataset line {}: {e}", s.line)))?;
+            let target =
+                load_control_image(&s.target, r, r, ResizeMode::Crop, &dev).map_err(|e| {
+                    ControlError::file(&s.target, format!("dataset line {}: {e}", s.line))
+                })?;
             targets.push(((target * 2.0)? - 1.0)?);
             conds.push(
-                load_control_image(&s.source, r, r, ResizeMode::Crop, &dev)
-                    .map_err(|e| ControlError::file(&s.source, format!("dataset line {}: {e}", s.line)))?,
+                load_control_image(&s.source, r, r, ResizeMode::Crop, &dev).map_err(|e| {
+                    ControlError::file(&s.source, format!("dataset line {}: {e}", s.line))
+                })?,
             );
             let u = rng.next_u32() as f64 / 4_294_967_296.0;
-            let prompt = if u < cfg.proportion_empty_prompts { "" } else { s.prompt.as_str() };
+            let prompt = if u < cfg.proportion_empty_prompts {
+                ""
+            } else {
+                s.prompt.as_str()
+            };
             let chunk = self.sd.tokenizer.chunks(prompt)?.remove(0);
-            ehs.push(sd_pipeline::text::encode_chunks(&self.sd.text_encoder, &[chunk], 1, &dev)?);
+            ehs.push(sd_pipeline::text::encode_chunks(
+                &self.sd.text_encoder,
+                &[chunk],
+                1,
+                &dev,
+            )?);
             timesteps.push((rng.next_u32() as usize) % n_train);
         }
         let target = Tensor::cat(&targets, 0)?;
@@ -502,7 +561,10 @@ impl Trainer {
     pub fn eval_loss(&self, n: usize) -> Result<f32> {
         let mut sum = 0f32;
         for i in 0..n {
-            sum += self.micro_loss(1_000_000_000 + i, 0)?.detach().to_scalar::<f32>()?;
+            sum += self
+                .micro_loss(1_000_000_000 + i, 0)?
+                .detach()
+                .to_scalar::<f32>()?;
         }
         Ok(sum / n as f32)
     }
@@ -569,9 +631,15 @@ impl Trainer {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(tmp.join("controlnet")).map_err(io_err(&tmp))?;
         let save = |m: &HashMap<String, Tensor>, p: &Path| {
-            candle_core::safetensors::save(m, p).map_err(|e| ControlError::Weights { path: p.to_path_buf(), source: e })
+            candle_core::safetensors::save(m, p).map_err(|e| ControlError::Weights {
+                path: p.to_path_buf(),
+                source: e,
+            })
         };
-        save(&self.controlnet_weights()?, &tmp.join("controlnet/diffusion_pytorch_model.safetensors"))?;
+        save(
+            &self.controlnet_weights()?,
+            &tmp.join("controlnet/diffusion_pytorch_model.safetensors"),
+        )?;
         std::fs::write(
             tmp.join("controlnet/config.json"),
             serde_json::to_string_pretty(&self.cn_config).unwrap_or_default(),
@@ -582,7 +650,9 @@ impl Trainer {
             .opt
             .vars()
             .iter()
-            .filter_map(|(n, v)| Some((n.strip_prefix("unet.")?.to_string(), v.as_tensor().detach())))
+            .filter_map(|(n, v)| {
+                Some((n.strip_prefix("unet.")?.to_string(), v.as_tensor().detach()))
+            })
             .collect();
         if !dec.is_empty() {
             save(&dec, &tmp.join("unet_decoder.safetensors"))?;
@@ -600,7 +670,8 @@ impl Trainer {
 
     /// A validation image with the current ControlNet: `output/validation/step-STEP.png`.
     pub fn validate_image(&self) -> Result<Option<PathBuf>> {
-        let (Some(prompt), Some(image)) = (&self.cfg.validation_prompt, &self.cfg.validation_image) else {
+        let (Some(prompt), Some(image)) = (&self.cfg.validation_prompt, &self.cfg.validation_image)
+        else {
             return Ok(None);
         };
         let dev = Device::Cpu;
@@ -609,7 +680,10 @@ impl Trainer {
             &self.cn_cfg,
             VarBuilder::from_tensors(self.controlnet_weights()?, DType::F32, &dev),
         )?;
-        let unit = ControlUnit::new(Arc::new(net), load_control_image(image, r, r, ResizeMode::Crop, &dev)?);
+        let unit = ControlUnit::new(
+            Arc::new(net),
+            load_control_image(image, r, r, ResizeMode::Crop, &dev)?,
+        );
         let mut hooks = HookSet::new();
         hooks.push(Box::new(ControlNetHook::new(vec![unit])));
         let req = GenerateRequest {
@@ -628,11 +702,17 @@ impl Trainer {
             strength: None,
             noise: None,
         };
-        let out = self.sd.generate(&req, &mut hooks, &mut TorchRng::new(self.cfg.seed))?;
+        let out = self
+            .sd
+            .generate(&req, &mut hooks, &mut TorchRng::new(self.cfg.seed))?;
         let dir = self.cfg.output.join("validation");
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let path = dir.join(format!("step-{}.png", self.step));
-        sd_pipeline::image_io::save_png(&path, &out.images.get(0)?, &[("parameters", prompt.as_str())])?;
+        sd_pipeline::image_io::save_png(
+            &path,
+            &out.images.get(0)?,
+            &[("parameters", prompt.as_str())],
+        )?;
         Ok(Some(path))
     }
 
@@ -649,7 +729,10 @@ impl Trainer {
                     self.step
                 )));
             }
-            let mut f = std::fs::OpenOptions::new().append(true).open(&log).map_err(io_err(&log))?;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&log)
+                .map_err(io_err(&log))?;
             writeln!(f, "{},{loss},{lr}", self.step).map_err(io_err(&log))?;
             report(StepReport {
                 step: self.step,
@@ -657,15 +740,21 @@ impl Trainer {
                 loss,
                 lr,
             });
-            if self.step % self.cfg.checkpointing_steps == 0 || self.step == self.cfg.max_steps {
+            if self.step.is_multiple_of(self.cfg.checkpointing_steps)
+                || self.step == self.cfg.max_steps
+            {
                 self.save_checkpoint()?;
             }
-            if self.step % self.cfg.validation_steps == 0 {
+            if self.step.is_multiple_of(self.cfg.validation_steps) {
                 self.validate_image()?;
             }
         }
         // the final ControlNet, ready for --control
-        let last = self.cfg.output.join(format!("checkpoint-{}", self.step)).join("controlnet");
+        let last = self
+            .cfg
+            .output
+            .join(format!("checkpoint-{}", self.step))
+            .join("controlnet");
         if !last.is_dir() {
             self.save_checkpoint()?;
         }
@@ -684,5 +773,7 @@ impl Trainer {
 
 /// UNet parameters that `sd_locked = false` trains: the decoder and the output.
 fn is_decoder(name: &str) -> bool {
-    name.starts_with("up_blocks.") || name.starts_with("conv_norm_out.") || name.starts_with("conv_out.")
+    name.starts_with("up_blocks.")
+        || name.starts_with("conv_norm_out.")
+        || name.starts_with("conv_out.")
 }

@@ -2,6 +2,7 @@
 //! directly. Everything here is differentiable (no fused op without a backward pass is used
 //! on a tracked tensor) and the UNet takes per-sample timesteps.
 
+pub mod attention_op;
 pub mod blocks;
 pub mod clip;
 pub mod config;

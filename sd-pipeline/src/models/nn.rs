@@ -85,8 +85,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let q = (split(q, sq)? * (hd as f64).powf(-0.5))?;
     let k = split(k, sk)?;
     let v = split(v, sk)?;
-    let kt = k.t()?;
     let rows_per_chunk = (ATTENTION_CHUNK_BYTES / (4 * b * heads * sk).max(1)).clamp(1, sq);
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if tracked && !causal && q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
+        // training: keep only q, k, v and the output; scores are recomputed in backward
+        let op = super::attention_op::RecomputedAttention {
+            rows: rows_per_chunk,
+        };
+        let out = q.apply_op3(&k, &v, op)?;
+        return out.transpose(1, 2)?.reshape((b, sq, inner));
+    }
+    let kt = k.t()?;
     let mut outs = Vec::with_capacity(sq.div_ceil(rows_per_chunk));
     let mut start = 0;
     while start < sq {

@@ -21,8 +21,8 @@ use std::str::FromStr;
 use candle_core::{Device, Tensor};
 use thiserror::Error;
 
-pub use schedule::alphas_cumprod;
 pub use config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+pub use schedule::alphas_cumprod;
 
 /// Errors of sampler names and scheduler configs; each names the file, key and value at fault.
 #[derive(Debug, Error)]

@@ -1,0 +1,363 @@
+//! `sdctl dataset fill` and `sdctl train controlnet` end to end on the tiny models: a config
+//! file with relative paths, checkpoints that load into `generate --control`, a run killed at
+//! a random moment resuming to the same weights as an uninterrupted run, bad dataset rows.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use sd_tests::{fixtures, model_dir};
+
+fn sdctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdctl"))
+        .args(args)
+        .env(
+            "SDCTL_CACHE_DIR",
+            std::env::temp_dir().join("sdctl-train-test-cache"),
+        )
+        .output()
+        .expect("sdctl runs")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sdctl-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let m = candle_core::safetensors::load(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = m
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// A training config next to the dataset; paths relative to it.
+fn config(dir: &Path, out: &str, steps: usize, extra: &str) -> PathBuf {
+    let p = dir.join(format!("{out}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            "base = \"{}\"\ndataset = \"data\"\noutput = \"{out}\"\nresolution = 64\nbatch_size = 2\ngradient_accumulation = 2\nlearning_rate = 1e-3\nlr_scheduler = \"constant_with_warmup\"\nlr_warmup_steps = 2\nmax_steps = {steps}\ncheckpointing_steps = 1\nvalidation_steps = 1000\nseed = 7\nproportion_empty_prompts = 0.5\n{extra}",
+            model_dir("sd1").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn fill_dataset_train_checkpoint_generate_and_resume_after_a_kill() {
+    let d = scratch("run");
+    ok(&sdctl(&[
+        "dataset",
+        "fill",
+        "--output",
+        s(&d.join("data")),
+        "--count",
+        "6",
+        "--size",
+        "64",
+        "--seed",
+        "2",
+    ]));
+    let index = std::fs::read_to_string(d.join("data/prompt.json")).unwrap();
+    assert_eq!(index.lines().count(), 6);
+    for l in index.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let p = v["prompt"].as_str().unwrap();
+        assert!(
+            p.contains(" circle with ") && p.ends_with(" background"),
+            "{p}"
+        );
+        assert!(d.join("data").join(v["source"].as_str().unwrap()).is_file());
+    }
+    let e = sdctl(&[
+        "dataset",
+        "fill",
+        "--output",
+        s(&d.join("data")),
+        "--count",
+        "6",
+    ]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("already exists"));
+
+    // uninterrupted: 6 steps
+    let full = config(&d, "full", 6, "");
+    ok(&sdctl(&["train", "controlnet", "--config", s(&full)]));
+    let log = std::fs::read_to_string(d.join("full/log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 7, "{log}");
+    assert!(log.starts_with("step,loss,lr\n1,"));
+    // the warm-up: lr 0, then half, then full
+    let lrs: Vec<f64> = log
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(&lrs[..3], &[0.0, 5e-4, 1e-3]);
+    let final_w = weights(&d.join("full/controlnet"));
+    let start = sd_controlnet_weights_from_init(&d);
+    assert_ne!(final_w, start, "training changed nothing");
+
+    // killed at a random moment, then resumed: the same weights as the uninterrupted run
+    let part = config(&d, "part", 6, "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sdctl"))
+        .args(["train", "controlnet", "--config", s(&part)])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let rows = std::fs::read_to_string(d.join("part/log.csv"))
+            .map(|l| l.lines().count())
+            .unwrap_or(0);
+        if rows >= 3 || t0.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(37));
+    }
+    // a few more milliseconds, then kill -9 mid-step (or mid-checkpoint)
+    std::thread::sleep(Duration::from_millis(
+        (t0.elapsed().as_millis() % 200) as u64,
+    ));
+    let _ = child.kill();
+    let _ = child.wait();
+    let latest = std::fs::read_to_string(d.join("part/latest")).unwrap();
+    let ck = d.join("part").join(latest.trim());
+    for f in [
+        "controlnet/config.json",
+        "controlnet/diffusion_pytorch_model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ] {
+        assert!(
+            ck.join(f).is_file(),
+            "latest checkpoint incomplete: {f} missing in {}",
+            ck.display()
+        );
+    }
+    ok(&sdctl(&[
+        "train",
+        "controlnet",
+        "--config",
+        s(&part),
+        "--resume",
+    ]));
+    assert_eq!(
+        weights(&d.join("part/controlnet")),
+        final_w,
+        "resumed run differs"
+    );
+    let log2 = std::fs::read_to_string(d.join("part/log.csv")).unwrap();
+    assert_eq!(
+        log2, log,
+        "the resumed log differs from the uninterrupted one"
+    );
+    // a fresh run into a used folder is refused
+    let e = sdctl(&["train", "controlnet", "--config", s(&part)]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("use --resume"));
+
+    // the trained ControlNet (and a checkpoint) load into generate --control
+    for cn in [
+        d.join("full/controlnet"),
+        d.join("full/checkpoint-3/controlnet"),
+    ] {
+        let unit = format!(
+            "model={},image={}",
+            cn.display(),
+            d.join("data/source/0.png").display()
+        );
+        let out = d.join("gen.png");
+        let _ = std::fs::remove_file(&out);
+        ok(&sdctl(&[
+            "generate",
+            "--model",
+            s(&model_dir("sd1")),
+            "--prompt",
+            "red circle with blue background",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--control",
+            &unit,
+            "--output",
+            s(&out),
+        ]));
+        assert!(out.is_file());
+    }
+}
+
+/// The weights a fresh run starts from (controlnet init with the same seed).
+fn sd_controlnet_weights_from_init(d: &Path) -> Vec<(String, Vec<f32>)> {
+    let out = d.join("init-cn");
+    let _ = std::fs::remove_dir_all(&out);
+    sd_controlnet::init::write_initial_controlnet(&model_dir("sd1"), &out, 7).unwrap();
+    weights(&out)
+}
+
+#[test]
+fn bad_rows_and_bad_settings_are_clear() {
+    let d = scratch("bad");
+    ok(&sdctl(&[
+        "dataset",
+        "fill",
+        "--output",
+        s(&d.join("data")),
+        "--count",
+        "3",
+        "--size",
+        "64",
+    ]));
+    let idx = d.join("data/prompt.json");
+    let mut text = std::fs::read_to_string(&idx).unwrap();
+    text.push_str("{\"source\": \"source/0.png\", \"prompt\": \"x\"}\nnot json\n{\"source\": \"source/9.png\", \"target\": \"target/0.png\", \"prompt\": \"y\"}\n");
+    std::fs::write(&idx, text).unwrap();
+    let cfg = config(&d, "out", 1, "");
+    let o = sdctl(&["train", "controlnet", "--config", s(&cfg)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    for want in [
+        "3 unusable rows",
+        "line 4: missing string `target`",
+        "line 5: not JSON",
+        "line 6: no such file",
+        "set skip_bad_rows",
+    ] {
+        assert!(err.contains(want), "missing {want:?}: {err}");
+    }
+    // skipped on request: trains with a warning
+    let o = sdctl(&[
+        "train",
+        "controlnet",
+        "--config",
+        s(&cfg),
+        "--skip-bad-rows",
+        "true",
+    ]);
+    let err = ok(&o);
+    assert!(
+        err.contains("warning:") && err.contains("(skipped)"),
+        "{err}"
+    );
+    // unknown keys and bad values
+    let bad = d.join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "base = \"{}\"\ndataset = \"data\"\noutput = \"o2\"\nmax_steps = 1\nlearning_rte = 1\n",
+            model_dir("sd1").display()
+        ),
+    )
+    .unwrap();
+    let e = String::from_utf8_lossy(&sdctl(&["train", "controlnet", "--config", s(&bad)]).stderr)
+        .to_string();
+    assert!(e.contains("learning_rte"), "{e}");
+    let e = String::from_utf8_lossy(
+        &sdctl(&[
+            "train",
+            "controlnet",
+            "--config",
+            s(&cfg),
+            "--resolution",
+            "60",
+        ])
+        .stderr,
+    )
+    .to_string();
+    assert!(e.contains("resolution 60"), "{e}");
+    let e = String::from_utf8_lossy(
+        &sdctl(&[
+            "train",
+            "controlnet",
+            "--config",
+            s(&cfg),
+            "--output",
+            s(&d.join("o3")),
+            "--base",
+            s(&fixtures().join("models/single/sd1.safetensors")),
+        ])
+        .stderr,
+    )
+    .to_string();
+    assert!(e.contains("needs a diffusers model folder"), "{e}");
+}
+
+#[test]
+fn unlocked_training_changes_the_unet_decoder_and_mid_only_control_works() {
+    let d = scratch("unlocked");
+    ok(&sdctl(&[
+        "dataset",
+        "fill",
+        "--output",
+        s(&d.join("data")),
+        "--count",
+        "2",
+        "--size",
+        "64",
+    ]));
+    let cfg = config(&d, "out", 2, "sd_locked = false\nonly_mid_control = true\n");
+    let img = d.join("data/source/1.png");
+    ok(&sdctl(&[
+        "train",
+        "controlnet",
+        "--config",
+        s(&cfg),
+        "--validation-prompt",
+        "red circle",
+        "--validation-image",
+        s(&img),
+        "--validation-steps",
+        "1",
+    ]));
+    for step in [1, 2] {
+        let v = d.join(format!("out/validation/step-{step}.png"));
+        assert_eq!(image::open(&v).unwrap().width(), 64, "{}", v.display());
+    }
+    let dec = candle_core::safetensors::load(
+        d.join("out/checkpoint-2/unet_decoder.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(dec.keys().all(|k| k.starts_with("up_blocks.")
+        || k.starts_with("conv_norm_out.")
+        || k.starts_with("conv_out.")));
+    let base = candle_core::safetensors::load(
+        model_dir("sd1").join("unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let k = "conv_out.weight";
+    let a = dec[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = base[k]
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_ne!(a, b, "the decoder did not train");
+    assert!(!dec.keys().any(|k| k.starts_with("down_blocks.")));
+}
