@@ -2,6 +2,7 @@
 //! [`sd_plugins_api::Preprocessor`] so `sdctl` finds it by name. Algorithms and constants:
 //! `shared/reference/preprocessors.md`.
 
+pub mod canny;
 mod simple;
 
 pub use sd_plugins_api::{hwc3, Registry};
