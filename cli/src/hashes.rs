@@ -15,6 +15,13 @@ struct Entry {
     sha256: String,
 }
 
+/// sdctl's cache folder: `SDCTL_CACHE_DIR`, else the user's cache folder (`~/.cache/sdctl`).
+pub fn cache_dir() -> Option<PathBuf> {
+    std::env::var_os("SDCTL_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| dirs::cache_dir().map(|d| d.join("sdctl")))
+}
+
 pub struct HashCache {
     file: Option<PathBuf>,
     entries: BTreeMap<String, Entry>,
@@ -64,10 +71,7 @@ fn stamp(files: &[PathBuf]) -> Option<(u64, u128)> {
 impl HashCache {
     /// The cache in `SDCTL_CACHE_DIR` or the user's cache folder (`~/.cache/sdctl`).
     pub fn open() -> Self {
-        let file = std::env::var_os("SDCTL_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| dirs::cache_dir().map(|d| d.join("sdctl")))
-            .map(|d| d.join("hashes.json"));
+        let file = cache_dir().map(|d| d.join("hashes.json"));
         let entries = file
             .as_ref()
             .and_then(|f| std::fs::read_to_string(f).ok())

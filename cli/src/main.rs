@@ -3,6 +3,7 @@
 mod bench;
 mod config;
 mod controlnet;
+mod detect;
 mod device;
 mod generate;
 mod hashes;
@@ -52,6 +53,8 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
     /// Layered settings: `config show` prints what generate would use.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Run a preprocessor: sdctl detect canny photo.jpg -o edges.png --param low=50
+    Detect(Box<detect::DetectArgs>),
     /// Preprocessors (annotators) for control images.
     #[command(subcommand)]
     Preprocessors(preprocessors::PreprocessorsCommand),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::PngInfo(a) => png_info::run(a),
         Command::Config(cmd) => config::run(cmd),
         Command::Preprocessors(cmd) => preprocessors::run(cmd),
+        Command::Detect(a) => detect::run(*a),
         Command::Plugins(cmd) => preprocessors::run_plugins(cmd),
         Command::Model(cmd) => model::run(cmd),
         Command::Train(cmd) => train::run(cmd),

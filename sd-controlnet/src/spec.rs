@@ -149,7 +149,7 @@ impl UnitSpec {
         if let Some((Some(p), params)) = pre {
             let (w, h) = (rgb.width() as usize, rgb.height() as usize);
             let input = ImageBuf::new(w, h, 3, rgb.into_raw()).map_err(ControlError::Invalid)?;
-            let out = p.process(&input, &params).map_err(|e| {
+            let (out, _) = registry.run(p.as_ref(), &input, &params).map_err(|e| {
                 ControlError::file(&self.image, format!("preprocessor {}: {e}", p.name()))
             })?;
             let out = ImageBuf::new(out.width, out.height, out.channels, out.data)

@@ -40,6 +40,8 @@
 //! ```
 
 pub mod abi;
+#[cfg(feature = "host")]
+pub mod cache;
 mod error;
 #[cfg(feature = "host")]
 mod hooks;

@@ -139,6 +139,8 @@ impl std::fmt::Display for PluginSource {
 pub struct Registry {
     preprocessors: Vec<(Arc<dyn Preprocessor>, PluginSource)>,
     #[cfg(feature = "host")]
+    cache: Option<crate::cache::PreprocessCache>,
+    #[cfg(feature = "host")]
     libraries: Vec<Arc<crate::host::PluginLibrary>>,
 }
 
@@ -154,7 +156,30 @@ impl Registry {
         Self {
             preprocessors,
             #[cfg(feature = "host")]
+            cache: None,
+            #[cfg(feature = "host")]
             libraries: Vec::new(),
+        }
+    }
+
+    /// Cache preprocessor results in `cache` (see [`crate::cache`]).
+    #[cfg(feature = "host")]
+    pub fn with_cache(mut self, cache: crate::cache::PreprocessCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Run `p`, through the cache when one is set. The flag says whether it was a cache hit.
+    #[cfg(feature = "host")]
+    pub fn run(
+        &self,
+        p: &dyn Preprocessor,
+        input: &ImageBuf,
+        params: &crate::Params,
+    ) -> Result<(ImageBuf, bool), crate::PluginError> {
+        match &self.cache {
+            Some(c) => c.run(p, input, params),
+            None => Ok((p.process(input, params)?, false)),
         }
     }
 

@@ -3,6 +3,7 @@
 //! `shared/reference/preprocessors.md`.
 
 pub mod canny;
+pub mod resize;
 mod simple;
 
 pub use sd_plugins_api::{hwc3, Registry};

@@ -130,7 +130,12 @@ pub fn load(args: &SettingsArgs) -> Result<Settings, Problems> {
     });
     // unreadable files are reported and left out; the rest is still checked
     let fig = sources::compose(&files, png, flags);
-    let registry = sd_preprocessors::registry();
+    let mut registry = sd_preprocessors::registry();
+    if let Some(d) = crate::hashes::cache_dir() {
+        registry = registry.with_cache(sd_plugins_api::cache::PreprocessCache::new(
+            d.join("preprocessed"),
+        ));
+    }
     match check::check(&fig, args.from_png.as_deref(), registry) {
         Ok(s) if problems.is_empty() => Ok(s),
         Ok(_) => Err(Problems(problems)),
