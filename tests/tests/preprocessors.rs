@@ -1,5 +1,6 @@
-//! Preprocessors against OpenCV (fixtures/make_preprocessor_fixtures.py): Canny on three
-//! photos at a 512 short side, three threshold pairs, every pixel equal.
+//! Preprocessors against OpenCV (fixtures/make_preprocessor_fixtures.py), on three photos at
+//! a 512 short side: Canny (three threshold pairs) and binary (Otsu, fixed) every pixel equal;
+//! the float-blur annotators (scribble_xdog, lineart_standard) within a level.
 
 use sd_plugins_api::{resolve_params, ImageBuf, ParamValue};
 use sd_tests::fixtures;
@@ -49,5 +50,70 @@ fn canny_equals_opencv_pixel_for_pixel() {
                 want.len()
             );
         }
+    }
+}
+
+/// The first channel of a preprocessor's (grey) output on a fixture photo.
+fn grey_out(name: &str, pre: &str, given: &[(&str, ParamValue)]) -> Vec<u8> {
+    let reg = sd_preprocessors::registry();
+    let p = reg.preprocessor(pre).unwrap();
+    let given: Vec<(String, ParamValue)> = given
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let params = resolve_params(&p.params(), &given).unwrap();
+    let out = p.process(&rgb(&format!("{name}.png")), &params).unwrap();
+    out.data.chunks(3).map(|c| c[0]).collect()
+}
+
+fn expected_grey(file: &str) -> Vec<u8> {
+    image::open(fixtures().join("preprocessors").join(file))
+        .unwrap()
+        .to_luma8()
+        .into_raw()
+}
+
+#[test]
+fn binary_equals_opencv_exactly() {
+    for name in ["astronaut", "coffee", "chelsea"] {
+        let otsu = grey_out(name, "binary", &[]);
+        assert_eq!(
+            otsu,
+            expected_grey(&format!("{name}_binary_otsu.png")),
+            "{name} otsu"
+        );
+        let fixed = grey_out(name, "binary", &[("threshold", ParamValue::Int(100))]);
+        assert_eq!(
+            fixed,
+            expected_grey(&format!("{name}_binary_100.png")),
+            "{name} 100"
+        );
+    }
+}
+
+#[test]
+fn float_blur_annotators_match_opencv() {
+    // float Gaussian blurs: the sums run in another order than OpenCV's SIMD code, so a value
+    // on a threshold can flip (binary output) or land one level off (8-bit output)
+    for name in ["astronaut", "coffee", "chelsea"] {
+        let xdog = grey_out(name, "scribble_xdog", &[]);
+        let want = expected_grey(&format!("{name}_scribble_xdog.png"));
+        let flips = xdog.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert!(
+            flips * 10_000 <= want.len(),
+            "{name} xdog: {flips} of {} differ",
+            want.len()
+        );
+        let line = grey_out(name, "lineart_standard", &[]);
+        let want = expected_grey(&format!("{name}_lineart_standard.png"));
+        let worst = line
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        let off = line.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert!(worst <= 1, "{name} lineart: {worst} levels apart");
+        eprintln!("{name}: xdog {flips} flips, lineart {off} pixels one level off");
     }
 }
