@@ -3,6 +3,7 @@
 //! `shared/reference/preprocessors.md`.
 
 pub mod canny;
+pub mod cvresize;
 pub mod lines;
 pub mod resize;
 mod simple;

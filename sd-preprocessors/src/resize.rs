@@ -1,13 +1,11 @@
 //! ControlNet's `resize_image` (annotator/util.py): the short side to the detect resolution,
 //! both sides rounded to multiples of 64.
 //!
-//! An input already at that size is passed through untouched (exact). Otherwise the resampling
-//! is the `image` crate's Lanczos3 (enlarging) or a box filter (shrinking), close to but not
-//! bit-equal with OpenCV's LANCZOS4 / AREA, whose kernels are not ported yet.
+//! LANCZOS4 when enlarging, AREA when shrinking, with OpenCV's own arithmetic (`cvresize`).
 
-use image::imageops::FilterType;
-use image::{ImageBuffer, Rgb};
 use sd_plugins_api::{hwc3, ImageBuf};
+
+use crate::cvresize::{resize, Interp};
 
 /// The size `resize_image(img, resolution)` produces: `np.round(side * k / 64) * 64`.
 pub fn detect_size(width: usize, height: usize, resolution: usize) -> (usize, usize) {
@@ -32,21 +30,14 @@ pub fn resize_image(img: &ImageBuf, resolution: usize) -> ImageBuf {
     if (w, h) == (rgb.width, rgb.height) {
         return rgb;
     }
-    let enlarge = w * h > rgb.width * rgb.height;
-    let buf: ImageBuffer<Rgb<u8>, Vec<u8>> =
-        ImageBuffer::from_raw(rgb.width as u32, rgb.height as u32, rgb.data).expect("sizes match");
-    let filter = if enlarge {
-        FilterType::Lanczos3
+    // annotator/util.py: k = resolution / min(H, W); LANCZOS4 if k > 1 else AREA
+    let k = resolution as f64 / rgb.width.min(rgb.height) as f64;
+    let interp = if k > 1.0 {
+        Interp::Lanczos4
     } else {
-        FilterType::Triangle
+        Interp::Area
     };
-    let out = image::imageops::resize(&buf, w as u32, h as u32, filter);
-    ImageBuf {
-        width: w,
-        height: h,
-        channels: 3,
-        data: out.into_raw(),
-    }
+    resize(&rgb, w, h, interp)
 }
 
 #[cfg(test)]
