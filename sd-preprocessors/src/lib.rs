@@ -5,6 +5,7 @@
 pub mod canny;
 pub mod cvresize;
 pub mod lines;
+pub mod resample;
 pub mod resize;
 mod simple;
 

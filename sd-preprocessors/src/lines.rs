@@ -9,7 +9,25 @@ use sd_plugins_api::{
 /// from `getGaussianKernel` (computed in double, stored as float), separable, borders
 /// reflected without repeating the edge (BORDER_REFLECT_101). Interleaved channels.
 pub fn gaussian_blur_f32(data: &[f32], w: usize, h: usize, c: usize, sigma: f64) -> Vec<f32> {
-    let n = (((sigma * 8.0 + 1.0).round()) as usize) | 1;
+    gaussian_blur_taps(
+        data,
+        w,
+        h,
+        c,
+        sigma,
+        (((sigma * 8.0 + 1.0).round()) as usize) | 1,
+    )
+}
+
+/// The same blur with an explicit (odd) number of taps.
+pub fn gaussian_blur_taps(
+    data: &[f32],
+    w: usize,
+    h: usize,
+    c: usize,
+    sigma: f64,
+    n: usize,
+) -> Vec<f32> {
     let r = n / 2;
     let s2 = -0.5 / (sigma * sigma);
     let raw: Vec<f64> = (0..n)

@@ -192,3 +192,65 @@ fn resize_image_equals_controlnets() {
         );
     }
 }
+
+/// Run a registered preprocessor on the resize source with integer/float parameters.
+fn run_on_src(pre: &str, given: &[(&str, ParamValue)]) -> ImageBuf {
+    let reg = sd_preprocessors::registry();
+    let p = reg.preprocessor(pre).unwrap();
+    let given: Vec<(String, ParamValue)> = given
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let params = resolve_params(&p.params(), &given).unwrap();
+    p.process(&rgb("resize_src.png"), &params).unwrap()
+}
+
+fn worst_and_off(a: &ImageBuf, b: &ImageBuf) -> (i32, usize) {
+    assert_eq!((a.width, a.height), (b.width, b.height));
+    let worst = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (*x as i32 - *y as i32).abs())
+        .max()
+        .unwrap();
+    (
+        worst,
+        a.data.iter().zip(&b.data).filter(|(x, y)| x != y).count(),
+    )
+}
+
+#[test]
+fn resampling_annotators_match_opencv() {
+    // colour grid: bicubic (OpenCV's SIMD rounding: within one level) then nearest
+    let (worst, _) = worst_and_off(&run_on_src("color", &[]), &rgb("color.png"));
+    assert!(worst <= 1, "color: {worst}");
+    // tile_resample: area shrink by 2.5 and 1.5
+    for rate in [2.5, 1.5] {
+        let got = run_on_src("tile_resample", &[("rate", ParamValue::Float(rate))]);
+        let (worst, off) = worst_and_off(&got, &rgb(&format!("tile_{rate}.png")));
+        assert!(worst <= 1, "tile {rate}: {worst} ({off} off)");
+    }
+    // unchanged below 1.1
+    assert_eq!(run_on_src("tile_resample", &[]), rgb("resize_src.png"));
+    // Gaussian blur: OpenCV blurs 8-bit images in fixed point, we in float: within one level
+    for (sigma, file) in [(9.0, "blur_9.0.png"), (2.0, "blur_2.0.png")] {
+        let got = run_on_src("blur_gaussian", &[("sigma", ParamValue::Float(sigma))]);
+        let (worst, off) = worst_and_off(&got, &rgb(file));
+        eprintln!("blur {sigma}: {off} values off, worst {worst}");
+        assert!(worst <= 1, "blur {sigma}: {worst} ({off} off)");
+    }
+    // shuffle: seeded, a warp of the same image (same size, values from the image's range)
+    let a = run_on_src("shuffle", &[("seed", ParamValue::Int(3))]);
+    let b = run_on_src("shuffle", &[("seed", ParamValue::Int(3))]);
+    let c = run_on_src("shuffle", &[("seed", ParamValue::Int(4))]);
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    let src = rgb("resize_src.png");
+    let (lo, hi) = (
+        *src.data.iter().min().unwrap(),
+        *src.data.iter().max().unwrap(),
+    );
+    assert!(a.data.iter().all(|&v| v >= lo && v <= hi));
+    assert_ne!(a, src);
+}
