@@ -12,6 +12,7 @@ mod infotext;
 mod lora;
 mod model;
 mod png_info;
+mod pose;
 mod preprocessors;
 mod progress;
 mod settings;
@@ -55,6 +56,9 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
     Config(config::ConfigCommand),
     /// Run a preprocessor: sdctl detect canny photo.jpg -o edges.png --param low=50
     Detect(Box<detect::DetectArgs>),
+    /// Pose files: render OpenPose keypoint JSON as a control image.
+    #[command(subcommand)]
+    Pose(pose::PoseCommand),
     /// Preprocessors (annotators) for control images.
     #[command(subcommand)]
     Preprocessors(preprocessors::PreprocessorsCommand),
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         Command::Config(cmd) => config::run(cmd),
         Command::Preprocessors(cmd) => preprocessors::run(cmd),
         Command::Detect(a) => detect::run(*a),
+        Command::Pose(cmd) => pose::run(cmd),
         Command::Plugins(cmd) => preprocessors::run_plugins(cmd),
         Command::Model(cmd) => model::run(cmd),
         Command::Train(cmd) => train::run(cmd),

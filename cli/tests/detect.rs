@@ -105,3 +105,65 @@ fn detect_canny_equals_opencv_and_is_cached() {
         assert!(err.contains(want), "{want}: {err}");
     }
 }
+
+#[test]
+fn pose_render_draws_keypoint_files() {
+    let d = std::env::temp_dir().join(format!("sdctl-pose-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let cache = d.join("cache");
+    let out = d.join("pose.png");
+    let json = fixtures().join("preprocessors/pose_1.json");
+    let o = sdctl(
+        &[
+            "pose",
+            "render",
+            json.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &cache,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(fixtures().join("preprocessors/pose_1.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(got.dimensions(), (768, 512));
+    assert_eq!(got.into_raw(), want.into_raw());
+    // another canvas size: normalised points scale with it
+    let o = sdctl(
+        &[
+            "pose",
+            "render",
+            json.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--width",
+            "256",
+            "--height",
+            "128",
+        ],
+        &cache,
+    );
+    assert!(o.status.success());
+    assert_eq!(image::open(&out).unwrap().width(), 256);
+    let bad = d.join("bad.json");
+    std::fs::write(&bad, "{\"people\": [{\"pose_keypoints_2d\": [1, 2]}]}").unwrap();
+    let o = sdctl(
+        &[
+            "pose",
+            "render",
+            bad.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &cache,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("people[0]") && err.contains("triples"),
+        "{err}"
+    );
+}

@@ -4,7 +4,9 @@
 
 pub mod canny;
 pub mod cvresize;
+pub mod draw;
 pub mod lines;
+pub mod pose;
 pub mod resample;
 pub mod resize;
 mod simple;

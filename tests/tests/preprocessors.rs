@@ -254,3 +254,33 @@ fn resampling_annotators_match_opencv() {
     assert!(a.data.iter().all(|&v| v >= lo && v <= hi));
     assert_ne!(a, src);
 }
+
+#[test]
+fn pose_drawing_is_pixel_exact() {
+    use sd_preprocessors::pose::{render, Pose};
+    for case in 0..4 {
+        let text =
+            std::fs::read_to_string(fixtures().join(format!("preprocessors/pose_{case}.json")))
+                .unwrap();
+        let pose = Pose::from_json(&text).unwrap();
+        let (w, h) = (pose.canvas_width.unwrap(), pose.canvas_height.unwrap());
+        let want = rgb(&format!("pose_{case}.png"));
+        let got = render(&pose, w, h);
+        let diffs: Vec<(usize, usize, Vec<u8>, Vec<u8>)> = got
+            .data
+            .chunks(3)
+            .zip(want.data.chunks(3))
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, (a, b))| (i % w, i / w, a.to_vec(), b.to_vec()))
+            .collect();
+        assert!(
+            diffs.is_empty(),
+            "pose {case}: {} pixels differ: {:?}",
+            diffs.len(),
+            &diffs[..diffs.len().min(8)]
+        );
+        // and the JSON round trips
+        assert_eq!(Pose::from_json(&pose.to_json().to_string()).unwrap(), pose);
+    }
+}

@@ -1,0 +1,227 @@
+//! OpenPose skeletons: the keypoint JSON format pose editors exchange, and drawing identical
+//! to controlnet_aux's `draw_bodypose` / `draw_facepose` (OpenCV's integer drawing, see
+//! `draw.rs`).
+
+use serde_json::{json, Value};
+
+use crate::draw::{ellipse2poly, fill_circle, fill_convex_poly, Canvas};
+
+/// The 17 limbs of the 18-point COCO body, as 1-based keypoint pairs.
+const LIMBS: [(usize, usize); 17] = [
+    (2, 3),
+    (2, 6),
+    (3, 4),
+    (4, 5),
+    (6, 7),
+    (7, 8),
+    (2, 9),
+    (9, 10),
+    (10, 11),
+    (2, 12),
+    (12, 13),
+    (13, 14),
+    (2, 1),
+    (1, 15),
+    (15, 17),
+    (1, 16),
+    (16, 18),
+];
+
+const COLORS: [[u8; 3]; 18] = [
+    [255, 0, 0],
+    [255, 85, 0],
+    [255, 170, 0],
+    [255, 255, 0],
+    [170, 255, 0],
+    [85, 255, 0],
+    [0, 255, 0],
+    [0, 255, 85],
+    [0, 255, 170],
+    [0, 255, 255],
+    [0, 170, 255],
+    [0, 85, 255],
+    [0, 0, 255],
+    [85, 0, 255],
+    [170, 0, 255],
+    [255, 0, 255],
+    [255, 0, 170],
+    [255, 0, 85],
+];
+
+/// A keypoint; `None` when missing.
+pub type Keypoint = Option<(f64, f64)>;
+
+/// One person.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Person {
+    pub body: Vec<Keypoint>,
+    pub face: Vec<Keypoint>,
+    pub left_hand: Vec<Keypoint>,
+    pub right_hand: Vec<Keypoint>,
+}
+
+/// A pose file: people and the canvas they were placed on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pose {
+    pub people: Vec<Person>,
+    pub canvas_width: Option<usize>,
+    pub canvas_height: Option<usize>,
+}
+
+fn points(v: &Value, key: &str) -> Result<Vec<Keypoint>, String> {
+    let Some(a) = v.get(key) else {
+        return Ok(Vec::new());
+    };
+    let a = a.as_array().ok_or(format!("`{key}` is not a list"))?;
+    if a.len() % 3 != 0 {
+        return Err(format!(
+            "`{key}` has {} numbers, not x, y, confidence triples",
+            a.len()
+        ));
+    }
+    a.chunks(3)
+        .map(|t| {
+            let n = |x: &Value| x.as_f64().ok_or(format!("`{key}` holds a non-number"));
+            let (x, y, c) = (n(&t[0])?, n(&t[1])?, n(&t[2])?);
+            // missing points are written as 0, 0, 0 (or with confidence 0)
+            Ok((c > 0.0 && !(x == 0.0 && y == 0.0 && c == 0.0)).then_some((x, y)))
+        })
+        .collect()
+}
+
+impl Pose {
+    /// Read the OpenPose keypoint JSON (`people[].pose_keypoints_2d`, `face_keypoints_2d`,
+    /// `hand_left_keypoints_2d`, `hand_right_keypoints_2d`, `canvas_width/height`); a list of
+    /// such objects (one per frame) gives its first.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let v = match &v {
+            Value::Array(a) => a.first().cloned().ok_or("an empty list")?,
+            o => o.clone(),
+        };
+        let people = v
+            .get("people")
+            .and_then(|p| p.as_array())
+            .ok_or("no `people` list")?
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let err = |e: String| format!("people[{i}]: {e}");
+                Ok(Person {
+                    body: points(p, "pose_keypoints_2d").map_err(err)?,
+                    face: points(p, "face_keypoints_2d").map_err(err)?,
+                    left_hand: points(p, "hand_left_keypoints_2d").map_err(err)?,
+                    right_hand: points(p, "hand_right_keypoints_2d").map_err(err)?,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        let dim = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
+        Ok(Pose {
+            people,
+            canvas_width: dim("canvas_width"),
+            canvas_height: dim("canvas_height"),
+        })
+    }
+
+    /// Write the same format (missing points as 0, 0, 0).
+    pub fn to_json(&self) -> Value {
+        let flat = |ps: &[Keypoint]| -> Vec<f64> {
+            ps.iter()
+                .flat_map(|p| match p {
+                    Some((x, y)) => [*x, *y, 1.0],
+                    None => [0.0, 0.0, 0.0],
+                })
+                .collect()
+        };
+        let people: Vec<Value> = self
+            .people
+            .iter()
+            .map(|p| {
+                json!({
+                    "pose_keypoints_2d": flat(&p.body),
+                    "face_keypoints_2d": flat(&p.face),
+                    "hand_left_keypoints_2d": flat(&p.left_hand),
+                    "hand_right_keypoints_2d": flat(&p.right_hand),
+                })
+            })
+            .collect();
+        let mut v = json!({ "people": people });
+        if let (Some(w), Some(h)) = (self.canvas_width, self.canvas_height) {
+            v["canvas_width"] = w.into();
+            v["canvas_height"] = h.into();
+        }
+        v
+    }
+}
+
+/// controlnet_aux `is_normalized`: every present point within [0, 1] (then they scale by the
+/// canvas; otherwise they are pixels).
+fn scale(points: &[Keypoint], w: usize, h: usize) -> (f64, f64) {
+    let present: Vec<&(f64, f64)> = points.iter().flatten().collect();
+    if !present.is_empty()
+        && present
+            .iter()
+            .all(|(x, y)| x.abs() <= 1.0 && y.abs() <= 1.0)
+    {
+        (w as f64, h as f64)
+    } else {
+        (1.0, 1.0)
+    }
+}
+
+/// controlnet_aux `draw_bodypose`: limbs as filled ellipses in 60% colour, then joints.
+pub fn draw_body(c: &mut Canvas, body: &[Keypoint]) {
+    let (w, h) = scale(body, c.width, c.height);
+    let get = |i: usize| body.get(i).copied().flatten();
+    for (i, &(a, b)) in LIMBS.iter().enumerate() {
+        let (Some(k1), Some(k2)) = (get(a - 1), get(b - 1)) else {
+            continue;
+        };
+        let (y0, y1) = (k1.0 * w, k2.0 * w);
+        let (x0, x1) = (k1.1 * h, k2.1 * h);
+        let (mx, my) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0);
+        let length = ((x0 - x1).powi(2) + (y0 - y1).powi(2)).sqrt();
+        let angle = (x0 - x1).atan2(y0 - y1).to_degrees();
+        let poly = ellipse2poly(
+            (my as i64, mx as i64),
+            ((length / 2.0) as i64, 4),
+            angle as i32,
+            0,
+            360,
+            1,
+        );
+        let col = COLORS[i].map(|v| (v as f64 * 0.6) as u8);
+        fill_convex_poly(c, &poly, col);
+    }
+    for (i, p) in body.iter().take(18).enumerate() {
+        if let Some((x, y)) = p {
+            fill_circle(c, ((x * w) as i64, (y * h) as i64), 4, COLORS[i]);
+        }
+    }
+}
+
+/// controlnet_aux `draw_facepose`: white dots of radius 3 (points at the origin skipped).
+pub fn draw_face(c: &mut Canvas, face: &[Keypoint]) {
+    let (w, h) = scale(face, c.width, c.height);
+    for (x, y) in face.iter().flatten() {
+        let (x, y) = ((x * w) as i64, (y * h) as i64);
+        if x as f64 > 0.01 && y as f64 > 0.01 {
+            fill_circle(c, (x, y), 3, [255, 255, 255]);
+        }
+    }
+}
+
+/// Draw every person of a pose on a black canvas (controlnet_aux `draw_poses`: per person,
+/// the body, then the face).
+pub fn render(pose: &Pose, width: usize, height: usize) -> Canvas {
+    let mut c = Canvas::new(width, height);
+    for p in &pose.people {
+        if !p.body.is_empty() {
+            draw_body(&mut c, &p.body);
+        }
+        if !p.face.is_empty() {
+            draw_face(&mut c, &p.face);
+        }
+    }
+    c
+}
