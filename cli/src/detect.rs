@@ -19,6 +19,10 @@ pub struct DetectArgs {
     /// multiples of 64 is processed at its own size
     #[arg(long, default_value_t = 512)]
     pub resolution: usize,
+    /// sd-webui-controlnet's sizing: short side to the resolution without rounding to 64,
+    /// padded to multiples of 64 for detection and cropped back after (resize_image_with_pad)
+    #[arg(long)]
+    pub pad: bool,
     /// A preprocessor parameter, repeatable: KEY=VALUE
     #[arg(long = "param", value_name = "KEY=VALUE")]
     pub params: Vec<String>,
@@ -91,8 +95,14 @@ pub fn run(a: DetectArgs) -> CliResult {
             rgb.into_raw(),
         )?
     };
-    let input = sd_preprocessors::resize::resize_image(&input, a.resolution);
-    let (out, cached) = reg.run(p.as_ref(), &input, &params)?;
+    let (out, cached) = if a.pad {
+        let (padded, size) = sd_preprocessors::resize::resize_image_with_pad(&input, a.resolution);
+        let (out, cached) = reg.run(p.as_ref(), &padded, &params)?;
+        (sd_preprocessors::resize::remove_pad(&out, size), cached)
+    } else {
+        let input = sd_preprocessors::resize::resize_image(&input, a.resolution);
+        reg.run(p.as_ref(), &input, &params)?
+    };
     let out = sd_plugins_api::hwc3(&out);
     let rgb = image::RgbImage::from_raw(out.width as u32, out.height as u32, out.data)
         .ok_or("preprocessor returned a malformed image")?;

@@ -79,6 +79,23 @@ fn detect_canny_equals_opencv_and_is_cached() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(image::open(&big).unwrap().height(), 640);
+    // the webui's padded sizing: 768x512 at resolution 500 -> 750x500, detected at 768x512
+    let padded = d.join("padded.png");
+    let o = sdctl(
+        &[
+            "detect",
+            "invert",
+            input.to_str().unwrap(),
+            "-o",
+            padded.to_str().unwrap(),
+            "--resolution",
+            "500",
+            "--pad",
+        ],
+        &cache,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(image::open(&padded).unwrap().width(), 750);
     for (args, want) in [
         (
             vec!["detect", "cany", "a.png", "-o", "b.png"],

@@ -57,3 +57,85 @@ mod tests {
         assert!(r.data.iter().all(|&v| v == 9));
     }
 }
+
+/// sd-webui-controlnet's pixel-perfect detect resolution for a raw image of `raw_w` x
+/// `raw_h` and a generation of `w` x `h` (sizes floored to multiples of 8); "Resize and Fill"
+/// (`outer_fit`) uses the smaller ratio.
+pub fn pixel_perfect_resolution(
+    raw_w: usize,
+    raw_h: usize,
+    w: usize,
+    h: usize,
+    outer_fit: bool,
+) -> usize {
+    let (w, h) = ((w / 8 * 8) as f64, (h / 8 * 8) as f64);
+    let (kx, ky) = (w / raw_w as f64, h / raw_h as f64);
+    let k = if outer_fit { kx.min(ky) } else { kx.max(ky) };
+    (k * raw_w.min(raw_h) as f64).round() as usize
+}
+
+/// sd-webui-controlnet's `resize_image_with_pad`: the short side to `resolution` (sides
+/// rounded, CUBIC when enlarging, AREA when shrinking), then edge-replicated padding on the
+/// bottom and right to multiples of 64. Returns the padded image and the size to crop back
+/// to after detection ([`remove_pad`]).
+pub fn resize_image_with_pad(img: &ImageBuf, resolution: usize) -> (ImageBuf, (usize, usize)) {
+    let rgb = hwc3(img);
+    let k = resolution as f64 / rgb.width.min(rgb.height) as f64;
+    let (wt, ht) = (
+        (rgb.width as f64 * k).round() as usize,
+        (rgb.height as f64 * k).round() as usize,
+    );
+    let interp = if k > 1.0 { Interp::Cubic } else { Interp::Area };
+    let r = resize(&rgb, wt.max(1), ht.max(1), interp);
+    let (pw, ph) = (wt.div_ceil(64) * 64, ht.div_ceil(64) * 64);
+    let mut data = Vec::with_capacity(pw * ph * 3);
+    for y in 0..ph {
+        for x in 0..pw {
+            data.extend_from_slice(r.pixel(x.min(r.width - 1), y.min(r.height - 1)));
+        }
+    }
+    (
+        ImageBuf {
+            width: pw,
+            height: ph,
+            channels: 3,
+            data,
+        },
+        (wt, ht),
+    )
+}
+
+/// Crop a detected map back to the un-padded size.
+pub fn remove_pad(img: &ImageBuf, (w, h): (usize, usize)) -> ImageBuf {
+    let (w, h) = (w.min(img.width), h.min(img.height));
+    let mut data = Vec::with_capacity(w * h * img.channels);
+    for y in 0..h {
+        let row = (y * img.width) * img.channels;
+        data.extend_from_slice(&img.data[row..row + w * img.channels]);
+    }
+    ImageBuf {
+        width: w,
+        height: h,
+        channels: img.channels,
+        data,
+    }
+}
+
+#[cfg(test)]
+mod webui_tests {
+    use super::*;
+
+    #[test]
+    fn pixel_perfect_and_padding() {
+        // 1024x768 photo for a 512x512 generation: crop fit uses the larger ratio
+        assert_eq!(pixel_perfect_resolution(1024, 768, 512, 512, false), 512);
+        assert_eq!(pixel_perfect_resolution(1024, 768, 512, 512, true), 384);
+        assert_eq!(pixel_perfect_resolution(600, 400, 768, 512, false), 512);
+        let (p, size) = resize_image_with_pad(&ImageBuf::filled(150, 100, 3, 5), 100);
+        assert_eq!(size, (150, 100));
+        assert_eq!((p.width, p.height), (192, 128));
+        assert!(p.data.iter().all(|&v| v == 5));
+        let back = remove_pad(&p, size);
+        assert_eq!((back.width, back.height), (150, 100));
+    }
+}
