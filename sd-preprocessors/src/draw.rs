@@ -127,16 +127,23 @@ fn line(c: &mut Canvas, p1: (i64, i64), p2: (i64, i64), col: [u8; 3]) {
 
 /// `cv2.fillConvexPoly(img, pts, color)` (LINE_8, shift 0).
 pub fn fill_convex_poly(c: &mut Canvas, v: &[(i64, i64)], col: [u8; 3]) {
-    const SHIFT: i64 = 16;
-    const ONE: i64 = 1 << SHIFT;
+    fill_convex_poly_shift(c, v, col, 0)
+}
+
+/// OpenCV's `FillConvexPoly` for LINE_8 with `shift` fractional bits in the vertices.
+fn fill_convex_poly_shift(c: &mut Canvas, v: &[(i64, i64)], col: [u8; 3], shift: i64) {
+    const XY: i64 = 16;
+    const ONE: i64 = 1 << XY;
     let n = v.len();
     if n == 0 {
         return;
     }
+    let delta = (1i64 << shift) >> 1;
     let (delta1, delta2) = (ONE >> 1, ONE >> 1);
     let mut imin = 0;
     let (mut xmin, mut xmax, mut ymin, mut ymax) = (v[0].0, v[0].0, v[0].1, v[0].1);
-    let mut p0 = v[n - 1];
+    let up = |p: (i64, i64)| (p.0 << (XY - shift), p.1 << (XY - shift));
+    let mut p0 = up(v[n - 1]);
     for (i, &p) in v.iter().enumerate() {
         if p.1 < ymin {
             ymin = p.1;
@@ -145,9 +152,16 @@ pub fn fill_convex_poly(c: &mut Canvas, v: &[(i64, i64)], col: [u8; 3]) {
         ymax = ymax.max(p.1);
         xmax = xmax.max(p.0);
         xmin = xmin.min(p.0);
-        line(c, p0, p, col);
-        p0 = p;
+        let pf = up(p);
+        if shift == 0 {
+            line(c, (p0.0 >> XY, p0.1 >> XY), (pf.0 >> XY, pf.1 >> XY), col);
+        } else {
+            line2(c, p0, pf, col);
+        }
+        p0 = pf;
     }
+    let (xmin, xmax) = ((xmin + delta) >> shift, (xmax + delta) >> shift);
+    let (ymin, ymax) = ((ymin + delta) >> shift, (ymax + delta) >> shift);
     let (w, h) = (c.width as i64, c.height as i64);
     if n < 3 || xmax < 0 || ymax < 0 || xmin >= w || ymin >= h {
         return;
@@ -190,9 +204,9 @@ pub fn fill_convex_poly(c: &mut Canvas, v: &[(i64, i64)], col: [u8; 3]) {
                         break;
                     }
                     edges -= 1;
-                    let ty = v[idx].1;
+                    let ty = (v[idx].1 + delta) >> shift;
                     if ty > y {
-                        let (xs, xe) = (v[idx0].0 << SHIFT, v[idx].0 << SHIFT);
+                        let (xs, xe) = (v[idx0].0 << (XY - shift), v[idx].0 << (XY - shift));
                         e.ye = ty;
                         e.dx = ((xe - xs) * 2 + (ty - y)) / (2 * (ty - y));
                         e.x = xs;
@@ -213,8 +227,8 @@ pub fn fill_convex_poly(c: &mut Canvas, v: &[(i64, i64)], col: [u8; 3]) {
             } else {
                 (0, 1)
             };
-            let x1 = (edge[l].x + delta1) >> SHIFT;
-            let x2 = (edge[r].x + delta2) >> SHIFT;
+            let x1 = (edge[l].x + delta1) >> XY;
+            let x2 = (edge[r].x + delta2) >> XY;
             if x2 >= 0 && x1 < w {
                 c.hline(y, x1.max(0), x2.min(w - 1), col);
             }
@@ -225,6 +239,85 @@ pub fn fill_convex_poly(c: &mut Canvas, v: &[(i64, i64)], col: [u8; 3]) {
         if y > ymax {
             break;
         }
+    }
+}
+
+/// OpenCV's `Line2`: a line between 16.16 fixed-point points (the outline of shifted
+/// polygons). The points are assumed inside the canvas (no clipping).
+fn line2(c: &mut Canvas, mut p1: (i64, i64), mut p2: (i64, i64), col: [u8; 3]) {
+    const XY: i64 = 16;
+    const ONE: i64 = 1 << XY;
+    let (mut dx, mut dy) = (p2.0 - p1.0, p2.1 - p1.1);
+    let (ax, ay) = (dx.abs(), dy.abs());
+    let (x_step, y_step, ecount);
+    if ax > ay {
+        if dx < 0 {
+            std::mem::swap(&mut p1, &mut p2);
+            dy = -dy;
+        }
+        x_step = ONE;
+        y_step = (dy << XY) / (ax | 1);
+        ecount = (p2.0 - p1.0) >> XY;
+    } else {
+        if dy < 0 {
+            std::mem::swap(&mut p1, &mut p2);
+            dx = -dx;
+        }
+        x_step = (dx << XY) / (ay | 1);
+        y_step = ONE;
+        ecount = (p2.1 - p1.1) >> XY;
+    }
+    p1.0 += ONE >> 1;
+    p1.1 += ONE >> 1;
+    c.put((p2.0 + (ONE >> 1)) >> XY, (p2.1 + (ONE >> 1)) >> XY, col);
+    let mut n = ecount;
+    if ax > ay {
+        p1.0 >>= XY;
+        while n >= 0 {
+            c.put(p1.0, p1.1 >> XY, col);
+            p1.0 += 1;
+            p1.1 += y_step;
+            n -= 1;
+        }
+    } else {
+        p1.1 >>= XY;
+        while n >= 0 {
+            c.put(p1.0 >> XY, p1.1, col);
+            p1.0 += x_step;
+            p1.1 += 1;
+            n -= 1;
+        }
+    }
+}
+
+/// `cv2.line(img, p1, p2, color, thickness)` for thickness > 1 (LINE_8): OpenCV's
+/// `ThickLine`, a fixed-point quadrilateral plus round caps.
+pub fn thick_line(c: &mut Canvas, p0: (i64, i64), p1: (i64, i64), col: [u8; 3], thickness: i64) {
+    const XY: i64 = 16;
+    const ONE: i64 = 1 << XY;
+    let (p0, p1) = ((p0.0 << XY, p0.1 << XY), (p1.0 << XY, p1.1 << XY));
+    let dx = (p0.0 - p1.0) as f64 / ONE as f64;
+    let dy = (p1.1 - p0.1) as f64 / ONE as f64;
+    let r = dx * dx + dy * dy;
+    let odd = thickness & 1;
+    let t = thickness << (XY - 1);
+    if r.abs() > f64::EPSILON {
+        let r = (t as f64 + odd as f64 * ONE as f64 * 0.5) / r.sqrt();
+        let dp = (
+            (dy * r).round_ties_even() as i64,
+            (dx * r).round_ties_even() as i64,
+        );
+        let pts = [
+            (p0.0 + dp.0, p0.1 + dp.1),
+            (p0.0 - dp.0, p0.1 - dp.1),
+            (p1.0 - dp.0, p1.1 - dp.1),
+            (p1.0 + dp.0, p1.1 + dp.1),
+        ];
+        fill_convex_poly_shift(c, &pts, col, XY);
+    }
+    for p in [p0, p1] {
+        let center = ((p.0 + (ONE >> 1)) >> XY, (p.1 + (ONE >> 1)) >> XY);
+        fill_circle(c, center, (t + (ONE >> 1)) >> XY, col);
     }
 }
 

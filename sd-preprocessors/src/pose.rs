@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::draw::{ellipse2poly, fill_circle, fill_convex_poly, Canvas};
+use crate::draw::{ellipse2poly, fill_circle, fill_convex_poly, thick_line, Canvas};
 
 /// The 17 limbs of the 18-point COCO body, as 1-based keypoint pairs.
 const LIMBS: [(usize, usize); 17] = [
@@ -211,13 +211,80 @@ pub fn draw_face(c: &mut Canvas, face: &[Keypoint]) {
     }
 }
 
+/// matplotlib's `hsv_to_rgb([h, 1, 1]) * 255`, rounded as OpenCV rounds colour scalars.
+fn hue(h: f64) -> [u8; 3] {
+    let i = (h * 6.0).floor();
+    let f = h * 6.0 - i;
+    let (v, p, q, t) = (1.0, 0.0, 1.0 - f, f);
+    let (r, g, b) = match (i as i64).rem_euclid(6) {
+        0 => (v, t, p),
+        1 => (q, v, p),
+        2 => (p, v, t),
+        3 => (p, q, v),
+        4 => (t, p, v),
+        _ => (v, p, q),
+    };
+    [r, g, b].map(|x: f64| (x * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
+}
+
+const HAND_EDGES: [(usize, usize); 20] = [
+    (0, 1),
+    (1, 2),
+    (2, 3),
+    (3, 4),
+    (0, 5),
+    (5, 6),
+    (6, 7),
+    (7, 8),
+    (0, 9),
+    (9, 10),
+    (10, 11),
+    (11, 12),
+    (0, 13),
+    (13, 14),
+    (14, 15),
+    (15, 16),
+    (0, 17),
+    (17, 18),
+    (18, 19),
+    (19, 20),
+];
+
+/// controlnet_aux `draw_handpose`: bones as 2-pixel lines in rainbow colours, joints as blue
+/// dots (points at the origin skipped).
+pub fn draw_hand(c: &mut Canvas, hand: &[Keypoint]) {
+    let (w, h) = scale(hand, c.width, c.height);
+    let px = |k: Keypoint| k.map(|(x, y)| ((x * w) as i64, (y * h) as i64));
+    for (ie, &(a, b)) in HAND_EDGES.iter().enumerate() {
+        let (Some(p1), Some(p2)) = (
+            px(hand.get(a).copied().flatten()),
+            px(hand.get(b).copied().flatten()),
+        ) else {
+            continue;
+        };
+        if p1.0 > 0 && p1.1 > 0 && p2.0 > 0 && p2.1 > 0 {
+            thick_line(c, p1, p2, hue(ie as f64 / HAND_EDGES.len() as f64), 2);
+        }
+    }
+    for p in hand.iter().map(|k| px(*k)).flatten() {
+        if p.0 > 0 && p.1 > 0 {
+            fill_circle(c, p, 4, [0, 0, 255]);
+        }
+    }
+}
+
 /// Draw every person of a pose on a black canvas (controlnet_aux `draw_poses`: per person,
-/// the body, then the face).
+/// the body, the hands, then the face).
 pub fn render(pose: &Pose, width: usize, height: usize) -> Canvas {
     let mut c = Canvas::new(width, height);
     for p in &pose.people {
         if !p.body.is_empty() {
             draw_body(&mut c, &p.body);
+        }
+        for hand in [&p.left_hand, &p.right_hand] {
+            if !hand.is_empty() {
+                draw_hand(&mut c, hand);
+            }
         }
         if !p.face.is_empty() {
             draw_face(&mut c, &p.face);
