@@ -266,7 +266,7 @@ pub fn draw_hand(c: &mut Canvas, hand: &[Keypoint]) {
             thick_line(c, p1, p2, hue(ie as f64 / HAND_EDGES.len() as f64), 2);
         }
     }
-    for p in hand.iter().map(|k| px(*k)).flatten() {
+    for p in hand.iter().filter_map(|k| px(*k)) {
         if p.0 > 0 && p.1 > 0 {
             fill_circle(c, p, 4, [0, 0, 255]);
         }
