@@ -184,3 +184,144 @@ fn pose_render_draws_keypoint_files() {
         "{err}"
     );
 }
+
+#[test]
+fn openpose_takes_keypoint_files_and_names_missing_weights() {
+    let d = std::env::temp_dir().join(format!("sdctl-openpose-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let cache = d.join("cache");
+    // A keypoint JSON is drawn, as controlnet_aux draws it.
+    let out = d.join("pose.png");
+    let json = fixtures().join("preprocessors/pose_0.json");
+    let o = sdctl(
+        &[
+            "detect",
+            "openpose",
+            json.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &cache,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(fixtures().join("preprocessors/pose_0.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(got.into_raw(), want.into_raw());
+    // ... only by openpose
+    let o = sdctl(
+        &[
+            "detect",
+            "canny",
+            json.to_str().unwrap(),
+            "-o",
+            d.join("x.png").to_str().unwrap(),
+        ],
+        &cache,
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("openpose"));
+    // No weights: the file wanted and the folder to put it in; nothing written.
+    let empty = d.join("annotators");
+    std::fs::create_dir_all(&empty).unwrap();
+    let photo = fixtures().join("preprocessors/chelsea.png");
+    let none = d.join("none.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_sdctl"))
+        .args([
+            "detect",
+            "openpose",
+            photo.to_str().unwrap(),
+            "-o",
+            none.to_str().unwrap(),
+        ])
+        .env("SDCTL_CACHE_DIR", &cache)
+        .env("SDCTL_ANNOTATOR_DIR", &empty)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("body_pose_model.pth") && e.contains(empty.to_str().unwrap()),
+        "{e}"
+    );
+    assert!(!none.exists());
+    // A model file that is not the body model: the missing tensor is named.
+    let partial = fixtures().join("openpose/partial_body.pth");
+    let o = sdctl(
+        &[
+            "detect",
+            "openpose",
+            photo.to_str().unwrap(),
+            "-o",
+            none.to_str().unwrap(),
+            "--param",
+            &format!("model={}", partial.display()),
+        ],
+        &cache,
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("conv2_1.weight"));
+    assert!(!none.exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn detect_inpaint_keeps_the_mark_as_alpha() {
+    let d = std::env::temp_dir().join(format!("sdctl-inpaint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    // 128x64: short side 64, multiples of 64, so processed at its own size at --resolution 64.
+    let nearest = image::imageops::FilterType::Nearest;
+    let src = image::open(fixtures().join("preprocessors/inpaint_src.png"))
+        .unwrap()
+        .resize_exact(128, 64, nearest)
+        .to_rgb8();
+    let m = image::open(fixtures().join("preprocessors/inpaint_mask.png"))
+        .unwrap()
+        .resize_exact(128, 64, nearest)
+        .to_luma8();
+    let (src_p, mask_p) = (d.join("src.png"), d.join("mask.png"));
+    src.save(&src_p).unwrap();
+    m.save(&mask_p).unwrap();
+    // The same mask as transparency (transparent = repaint).
+    let mut rgba = image::RgbaImage::new(128, 64);
+    for ((o, c), mv) in rgba.pixels_mut().zip(src.pixels()).zip(m.pixels()) {
+        *o = image::Rgba([c.0[0], c.0[1], c.0[2], 255 - mv.0[0]]);
+    }
+    let alpha_p = d.join("alpha.png");
+    rgba.save(&alpha_p).unwrap();
+    let mask_arg = format!("mask={}", mask_p.display());
+    for (input, extra) in [
+        (&src_p, vec!["--param", mask_arg.as_str()]),
+        (&alpha_p, vec![]),
+    ] {
+        let out = d.join("marked.png");
+        let mut args = vec![
+            "detect",
+            "inpaint",
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--resolution",
+            "64",
+        ];
+        args.extend(extra);
+        let o = sdctl(&args, &d.join("cache"));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = image::open(&out).unwrap().to_rgba8();
+        assert_eq!(got.dimensions(), (128, 64));
+        let masked = got.pixels().filter(|p| p.0[3] == 0).count();
+        assert!(masked > 100);
+        for ((p, c), mv) in got.pixels().zip(src.pixels()).zip(m.pixels()) {
+            assert_eq!(
+                p.0[3] == 0,
+                mv.0[0] > 127,
+                "alpha 0 exactly where the mask is > 0.5"
+            );
+            assert_eq!(&p.0[..3], &c.0[..], "colours kept");
+        }
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}

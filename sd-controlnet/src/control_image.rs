@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
 use image::{DynamicImage, Rgb, RgbImage};
+use sd_plugins_api::ImageBuf;
 
 use crate::error::{ControlError, Result};
 use crate::units::ResizeMode;
@@ -115,6 +116,54 @@ pub fn to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
     Ok(Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .to_device(device)?)
+}
+
+/// An image file as an [`ImageBuf`], keeping its transparency (RGBA) when it has any.
+pub fn load_rgba_buf(path: &Path) -> Result<ImageBuf> {
+    if !path.is_file() {
+        return Err(ControlError::file(path, "control image not found"));
+    }
+    let img = image::open(path)
+        .map_err(|e| ControlError::file(path, format!("cannot read control image: {e}")))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let buf = if img.color().has_alpha() {
+        ImageBuf::new(w, h, 4, img.to_rgba8().into_raw())
+    } else {
+        ImageBuf::new(w, h, 3, img.to_rgb8().into_raw())
+    };
+    buf.map_err(ControlError::Invalid)
+}
+
+/// The control tensor of an inpaint-marked RGBA image (alpha 0 = repaint): colours / 255,
+/// -1 at the marked pixels, fitted to the generation size (the mark is resized with the
+/// image and read back as mask > 0.5).
+pub fn inpaint_tensor(
+    marked: &ImageBuf,
+    width: usize,
+    height: usize,
+    mode: ResizeMode,
+    device: &Device,
+) -> Result<Tensor> {
+    let (w, h) = (marked.width as u32, marked.height as u32);
+    let mut rgb = RgbImage::new(w, h);
+    let mut keep = RgbImage::new(w, h);
+    for (i, px) in marked.data.chunks_exact(4).enumerate() {
+        let (x, y) = (i as u32 % w, i as u32 / w);
+        rgb.put_pixel(x, y, Rgb([px[0], px[1], px[2]]));
+        keep.put_pixel(x, y, Rgb([px[3]; 3]));
+    }
+    let rgb = fit(&rgb, width as u32, height as u32, mode);
+    let keep = fit(&keep, width as u32, height as u32, mode);
+    let mut data = Vec::with_capacity(width * height * 4);
+    for (c, k) in rgb.pixels().zip(keep.pixels()) {
+        data.extend([c.0[0], c.0[1], c.0[2], k.0[0]]);
+    }
+    let marked = ImageBuf::new(width, height, 4, data).map_err(ControlError::Invalid)?;
+    let values = sd_preprocessors::inpaint::control_values(&marked);
+    Ok(Tensor::from_vec(values, (height, width, 3), &Device::Cpu)?
         .permute((2, 0, 1))?
         .unsqueeze(0)?
         .to_device(device)?)

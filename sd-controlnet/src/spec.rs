@@ -9,7 +9,9 @@ use candle_core::Device;
 use sd_pipeline::StableDiffusion;
 use sd_plugins_api::{resolve_params, ImageBuf, ParamValue, Params, Registry};
 
-use crate::control_image::{fit, load_rgb, load_unit_mask, to_tensor};
+use crate::control_image::{
+    fit, inpaint_tensor, load_rgb, load_rgba_buf, load_unit_mask, to_tensor,
+};
 use crate::error::{ControlError, Result};
 use crate::load::load_controlnet;
 use crate::model::ControlNetModel;
@@ -145,22 +147,61 @@ impl UnitSpec {
                 n
             }
         };
-        let mut rgb = load_rgb(&self.image)?;
-        if let Some((Some(p), params)) = pre {
-            let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-            let input = ImageBuf::new(w, h, 3, rgb.into_raw()).map_err(ControlError::Invalid)?;
+        let pre_name = pre
+            .as_ref()
+            .and_then(|(p, _)| p.as_ref().map(|p| p.name().to_string()));
+        let is_json = self
+            .image
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        let image = if is_json {
+            // An OpenPose keypoint file: drawn as the openpose preprocessor draws its poses.
+            if !matches!(pre_name.as_deref(), None | Some("openpose")) {
+                return Err(ControlError::file(
+                    &self.image,
+                    "a .json control image is an OpenPose keypoint file: use it with \
+                     preprocessor openpose (or none)",
+                ));
+            }
+            let pose = sd_preprocessors::pose::Pose::from_file(&self.image)
+                .map_err(|e| ControlError::file(&self.image, e))?;
+            let (w, h) = (
+                pose.canvas_width.unwrap_or(width),
+                pose.canvas_height.unwrap_or(height),
+            );
+            let c = sd_preprocessors::pose::render(&pose, w, h);
+            let rgb = image::RgbImage::from_raw(w as u32, h as u32, c.data)
+                .ok_or_else(|| ControlError::Invalid("pose canvas".into()))?;
+            to_tensor(&fit(&rgb, width as u32, height as u32, self.resize), device)?
+        } else if let Some((Some(p), params)) = pre {
+            let inpaint = p.name() == "inpaint";
+            // The inpaint preprocessor reads transparency as its mask; the others get RGB.
+            let input = if inpaint {
+                load_rgba_buf(&self.image)?
+            } else {
+                let rgb = load_rgb(&self.image)?;
+                let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+                ImageBuf::new(w, h, 3, rgb.into_raw()).map_err(ControlError::Invalid)?
+            };
             let (out, _) = registry.run(p.as_ref(), &input, &params).map_err(|e| {
                 ControlError::file(&self.image, format!("preprocessor {}: {e}", p.name()))
             })?;
             let out = ImageBuf::new(out.width, out.height, out.channels, out.data)
                 .map_err(|e| ControlError::Invalid(format!("preprocessor {}: {e}", p.name())))?;
-            let out = sd_plugins_api::hwc3(&out);
-            rgb = image::RgbImage::from_raw(out.width as u32, out.height as u32, out.data)
-                .ok_or_else(|| {
-                    ControlError::Invalid(format!("preprocessor {}: bad output", p.name()))
-                })?;
-        }
-        let image = to_tensor(&fit(&rgb, width as u32, height as u32, self.resize), device)?;
+            if inpaint && out.channels == 4 {
+                inpaint_tensor(&out, width, height, self.resize, device)?
+            } else {
+                let out = sd_plugins_api::hwc3(&out);
+                let rgb = image::RgbImage::from_raw(out.width as u32, out.height as u32, out.data)
+                    .ok_or_else(|| {
+                        ControlError::Invalid(format!("preprocessor {}: bad output", p.name()))
+                    })?;
+                to_tensor(&fit(&rgb, width as u32, height as u32, self.resize), device)?
+            }
+        } else {
+            let rgb = load_rgb(&self.image)?;
+            to_tensor(&fit(&rgb, width as u32, height as u32, self.resize), device)?
+        };
         let mask = self
             .mask
             .as_deref()

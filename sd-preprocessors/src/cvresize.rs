@@ -19,7 +19,7 @@ pub enum Interp {
 const COEF_BITS: i32 = 11;
 const COEF_SCALE: f32 = (1 << COEF_BITS) as f32;
 
-fn cubic_coeffs(x: f32) -> [f32; 4] {
+pub(crate) fn cubic_coeffs(x: f32) -> [f32; 4] {
     const A: f32 = -0.75;
     let c0 = ((A * (x + 1.0) - 5.0 * A) * (x + 1.0) + 8.0 * A) * (x + 1.0) - 4.0 * A;
     let c1 = ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
@@ -27,7 +27,7 @@ fn cubic_coeffs(x: f32) -> [f32; 4] {
     [c0, c1, c2, 1.0 - c0 - c1 - c2]
 }
 
-fn lanczos4_coeffs(x: f32) -> [f32; 8] {
+pub(crate) fn lanczos4_coeffs(x: f32) -> [f32; 8] {
     const S45: f64 = std::f64::consts::FRAC_1_SQRT_2;
     const CS: [[f64; 2]; 8] = [
         [1.0, 0.0],
@@ -59,20 +59,29 @@ fn lanczos4_coeffs(x: f32) -> [f32; 8] {
     c
 }
 
-/// Source indices and fixed-point weights of each destination position along one axis.
-fn axis(src: usize, dst: usize, interp: Interp) -> (usize, Vec<Vec<(usize, i32)>>) {
-    let scale = src as f64 / dst as f64;
-    let ksize = match interp {
+/// OpenCV's `scale_x = 1. / inv_scale_x` with `inv_scale_x = dsize / ssize` (not `ssize / dsize`,
+/// which can differ in the last bit).
+pub(crate) fn cv_scale(src: usize, dst: usize) -> f64 {
+    1.0 / (dst as f64 / src as f64)
+}
+
+/// Source indices (clamped to the image, i.e. replicated borders) and float weights of each
+/// destination position along one axis, as `resizeGeneric` computes them for `interp`
+/// (Linear, Cubic, Lanczos4, or Area = INTER_AREA enlarging: bilinear with OpenCV's own
+/// offsets). The 8-bit path rounds the weights to 11-bit fixed point, the float path uses them.
+pub(crate) fn axis_taps(src: usize, dst: usize, interp: Interp) -> Vec<Vec<(usize, f32)>> {
+    let scale = cv_scale(src, dst);
+    let inv_scale = dst as f64 / src as f64;
+    let ksize: isize = match interp {
         Interp::Linear | Interp::Area => 2,
         Interp::Cubic => 4,
         _ => 8,
     };
-    let taps = (0..dst)
+    (0..dst)
         .map(|d| {
             let (mut sx, mut fx) = if interp == Interp::Area {
-                // INTER_AREA when enlarging: bilinear with OpenCV's own offsets
                 let sx = (d as f64 * scale).floor();
-                let fx = ((d as f64 + 1.0) - (sx + 1.0) * (dst as f64 / src as f64)) as f32;
+                let fx = ((d as f64 + 1.0) - (sx + 1.0) * inv_scale) as f32;
                 (sx as isize, if fx <= 0.0 { 0.0 } else { fx - fx.floor() })
             } else {
                 let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
@@ -97,19 +106,78 @@ fn axis(src: usize, dst: usize, interp: Interp) -> (usize, Vec<Vec<(usize, i32)>
                 .iter()
                 .enumerate()
                 .map(|(k, &w)| {
-                    let j = (sx + k as isize - (ksize as isize / 2 - 1)).clamp(0, src as isize - 1);
-                    (j as usize, (w * COEF_SCALE).round() as i32)
+                    let j = (sx + k as isize - (ksize / 2 - 1)).clamp(0, src as isize - 1);
+                    (j as usize, w)
                 })
                 .collect()
         })
-        .collect();
-    (ksize, taps)
+        .collect()
+}
+
+/// Source indices and fixed-point weights of each destination position along one axis.
+fn axis(src: usize, dst: usize, interp: Interp) -> Vec<Vec<(usize, i32)>> {
+    axis_taps(src, dst, interp)
+        .into_iter()
+        .map(|t| {
+            t.into_iter()
+                .map(|(j, w)| (j, (w * COEF_SCALE).round() as i32))
+                .collect()
+        })
+        .collect()
+}
+
+/// `resizeNN`'s source index of each destination position along one axis.
+pub(crate) fn nearest_index(src: usize, dst: usize) -> Vec<usize> {
+    let ifx = cv_scale(src, dst);
+    (0..dst)
+        .map(|d| ((d as f64 * ifx).floor() as usize).min(src - 1))
+        .collect()
+}
+
+/// The integer shrink factors when INTER_AREA takes `resizeAreaFast` (both scales integers).
+pub(crate) fn area_fast_factors(
+    (src_w, src_h): (usize, usize),
+    (w, h): (usize, usize),
+) -> Option<(usize, usize)> {
+    let (sx, sy) = (cv_scale(src_w, w), cv_scale(src_h, h));
+    let (ix, iy) = (sx.round(), sy.round());
+    ((sx - ix).abs() < f64::EPSILON && (sy - iy).abs() < f64::EPSILON)
+        .then_some((ix as usize, iy as usize))
+}
+
+/// `computeResizeAreaTab`: the source pixels of each destination position along one axis and
+/// their fractional-overlap weights (INTER_AREA shrinking by a non-integer factor).
+pub(crate) fn area_tab(src: usize, dst: usize) -> Vec<Vec<(usize, f32)>> {
+    let scale = cv_scale(src, dst);
+    (0..dst)
+        .map(|d| {
+            let f1 = d as f64 * scale;
+            let f2 = f1 + scale;
+            let cell = scale.min(src as f64 - f1);
+            let s2 = (f2.floor() as isize).min(src as isize - 1);
+            let s1 = (f1.ceil() as isize).min(s2);
+            let mut v = Vec::new();
+            if s1 as f64 - f1 > 1e-3 {
+                v.push(((s1 - 1) as usize, ((s1 as f64 - f1) / cell) as f32));
+            }
+            for s in s1..s2 {
+                v.push((s as usize, (1.0 / cell) as f32));
+            }
+            if f2 - s2 as f64 > 1e-3 {
+                v.push((
+                    s2 as usize,
+                    ((f2 - s2 as f64).min(1.0).min(cell) / cell) as f32,
+                ));
+            }
+            v
+        })
+        .collect()
 }
 
 fn generic(img: &ImageBuf, w: usize, h: usize, interp: Interp) -> Vec<u8> {
     let c = img.channels;
-    let (_, xt) = axis(img.width, w, interp);
-    let (_, yt) = axis(img.height, h, interp);
+    let xt = axis(img.width, w, interp);
+    let yt = axis(img.height, h, interp);
     // horizontal pass on every source row, integer
     let rows: Vec<Vec<i32>> = (0..img.height)
         .map(|y| {
@@ -146,13 +214,10 @@ fn generic(img: &ImageBuf, w: usize, h: usize, interp: Interp) -> Vec<u8> {
 }
 
 fn nearest(img: &ImageBuf, w: usize, h: usize) -> Vec<u8> {
-    let c = img.channels;
-    let (sx, sy) = (img.width as f64 / w as f64, img.height as f64 / h as f64);
-    let mut out = Vec::with_capacity(w * h * c);
-    for y in 0..h {
-        let yy = ((y as f64 * sy).floor() as usize).min(img.height - 1);
-        for x in 0..w {
-            let xx = ((x as f64 * sx).floor() as usize).min(img.width - 1);
+    let (xs, ys) = (nearest_index(img.width, w), nearest_index(img.height, h));
+    let mut out = Vec::with_capacity(w * h * img.channels);
+    for &yy in &ys {
+        for &xx in &xs {
             out.extend_from_slice(img.pixel(xx, yy));
         }
     }
@@ -163,9 +228,7 @@ fn nearest(img: &ImageBuf, w: usize, h: usize) -> Vec<u8> {
 /// OpenCV's fractional-overlap weights in float.
 fn area(img: &ImageBuf, w: usize, h: usize) -> Vec<u8> {
     let c = img.channels;
-    let (fx, fy) = (img.width as f64 / w as f64, img.height as f64 / h as f64);
-    if fx.fract() == 0.0 && fy.fract() == 0.0 {
-        let (ix, iy) = (fx as usize, fy as usize);
+    if let Some((ix, iy)) = area_fast_factors((img.width, img.height), (w, h)) {
         let a = (ix * iy) as u32;
         let mut out = Vec::with_capacity(w * h * c);
         for y in 0..h {
@@ -183,30 +246,9 @@ fn area(img: &ImageBuf, w: usize, h: usize) -> Vec<u8> {
         }
         return out;
     }
-    // fractional overlaps along each axis (computeResizeAreaTab)
-    let tab = |src: usize, dst: usize, scale: f64| -> Vec<Vec<(usize, f32)>> {
-        (0..dst)
-            .map(|d| {
-                let f1 = d as f64 * scale;
-                let f2 = f1 + scale;
-                let cell = scale.min(src as f64 - f1);
-                let (s1, s2) = (f1.ceil() as usize, (f2.floor() as usize).min(src));
-                let mut v = Vec::new();
-                if s1 as f64 - f1 > 1e-3 {
-                    v.push((s1 - 1, ((s1 as f64 - f1) / cell) as f32));
-                }
-                for s in s1..s2 {
-                    v.push((s, (1.0 / cell) as f32));
-                }
-                if f2 - s2 as f64 > 1e-3 && s2 < src {
-                    v.push((s2, ((f2 - s2 as f64).min(1.0).min(cell) / cell) as f32));
-                }
-                v
-            })
-            .collect()
-    };
-    let xt = tab(img.width, w, fx);
-    let yt = tab(img.height, h, fy);
+    // fractional overlaps along each axis
+    let xt = area_tab(img.width, w);
+    let yt = area_tab(img.height, h);
     let mut out = vec![0u8; w * h * c];
     for (dy, ys) in yt.iter().enumerate() {
         for (dx, xs) in xt.iter().enumerate() {

@@ -4,12 +4,19 @@
 
 pub mod canny;
 pub mod cvresize;
+pub mod cvresize_f32;
+pub mod depth_anything;
 pub mod draw;
+pub mod inpaint;
 pub mod lines;
+pub mod normal;
+pub mod openpose;
 pub mod pose;
 pub mod resample;
 pub mod resize;
+pub mod segmentation;
 mod simple;
+pub mod weights;
 
 pub use sd_plugins_api::{hwc3, Registry};
 

@@ -90,6 +90,12 @@ fn points(v: &Value, key: &str) -> Result<Vec<Keypoint>, String> {
 }
 
 impl Pose {
+    /// [`Pose::from_json`] of a file; errors name nothing but the problem (callers add the path).
+    pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        Self::from_json(&text)
+    }
+
     /// Read the OpenPose keypoint JSON (`people[].pose_keypoints_2d`, `face_keypoints_2d`,
     /// `hand_left_keypoints_2d`, `hand_right_keypoints_2d`, `canvas_width/height`); a list of
     /// such objects (one per frame) gives its first.

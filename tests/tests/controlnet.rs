@@ -369,3 +369,66 @@ fn a_unit_preprocessor_runs_before_the_resize() {
     assert!(e.contains("threshold: 999 is out of range 0..=255"), "{e}");
     let _ = std::fs::remove_file(inverted);
 }
+
+#[test]
+fn an_inpaint_unit_sends_minus_one_at_the_mask() {
+    // preprocessor `inpaint` with a mask file: the unit's control tensor is diffusers'
+    // make_inpaint_condition (fixture) at the generation size (64x48, the image's own).
+    let base = sd("sd1");
+    let reg = sd_preprocessors::registry();
+    let cn = fixtures().join("models/controlnet-sd1");
+    let img = fixtures().join("preprocessors/inpaint_src.png");
+    let mask = fixtures().join("preprocessors/inpaint_mask.png");
+    let mut unit = UnitSpec::new(&cn, &img);
+    unit.preprocessor = Some(sd_controlnet::spec::PreprocessorChoice {
+        name: "inpaint".into(),
+        params: vec![(
+            "mask".into(),
+            sd_plugins_api::ParamValue::Str(mask.display().to_string()),
+        )],
+    });
+    let u = unit.build(&base, 64, 48, &mut Vec::new(), &reg).unwrap();
+    let want = candle_core::safetensors::load(
+        fixtures().join("preprocessors/inpaint_control.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()["control"]
+        .permute((2, 0, 1))
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    assert_eq!(u.image.dims(), want.dims());
+    assert_eq!(max_abs_diff(&u.image, &want), 0.0);
+}
+
+#[test]
+fn a_keypoint_json_is_a_control_image() {
+    // pose_1.json drawn by the unit equals the controlnet_aux drawing of it (fixture PNG)
+    // used as the control image; with another preprocessor it is refused.
+    let base = sd("sd1");
+    let reg = sd_preprocessors::registry();
+    let cn = fixtures().join("models/controlnet-sd1");
+    let json = fixtures().join("preprocessors/pose_1.json");
+    let png = fixtures().join("preprocessors/pose_1.png");
+    let a = UnitSpec::new(&cn, &json)
+        .build(&base, 64, 48, &mut Vec::new(), &reg)
+        .unwrap();
+    let mut with_pre = UnitSpec::new(&cn, &json);
+    with_pre.preprocessor = Some(sd_controlnet::spec::PreprocessorChoice::named("openpose"));
+    let b = with_pre
+        .build(&base, 64, 48, &mut Vec::new(), &reg)
+        .unwrap();
+    let c = UnitSpec::new(&cn, &png)
+        .build(&base, 64, 48, &mut Vec::new(), &reg)
+        .unwrap();
+    assert_eq!(max_abs_diff(&a.image, &c.image), 0.0);
+    assert_eq!(max_abs_diff(&b.image, &c.image), 0.0);
+    let mut wrong = UnitSpec::new(&cn, &json);
+    wrong.preprocessor = Some(sd_controlnet::spec::PreprocessorChoice::named("canny"));
+    let e = wrong
+        .build(&base, 64, 48, &mut Vec::new(), &reg)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("pose_1.json") && e.contains("openpose"), "{e}");
+}

@@ -297,3 +297,115 @@ fn resize_image_with_pad_equals_the_webuis() {
         assert!(worst <= 1, "{res}: {worst} ({off} off)");
     }
 }
+
+fn run(pre: &str, input: &ImageBuf, given: &[(&str, ParamValue)]) -> ImageBuf {
+    let reg = sd_preprocessors::registry();
+    let p = reg.preprocessor(pre).unwrap();
+    let given: Vec<(String, ParamValue)> = given
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let params = resolve_params(&p.params(), &given).unwrap();
+    p.process(input, &params).unwrap()
+}
+
+fn grey(name: &str) -> ImageBuf {
+    let img = image::open(fixtures().join("preprocessors").join(name))
+        .unwrap()
+        .to_luma8();
+    ImageBuf::new(
+        img.width() as usize,
+        img.height() as usize,
+        1,
+        img.into_raw(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn inpaint_condition_equals_diffusers() {
+    // diffusers' make_inpaint_condition: image / 255 with -1 where mask / 255 > 0.5; exact.
+    let mask = fixtures().join("preprocessors/inpaint_mask.png");
+    let marked = run(
+        "inpaint",
+        &rgb("inpaint_src.png"),
+        &[("mask", ParamValue::Str(mask.display().to_string()))],
+    );
+    assert_eq!(marked.channels, 4);
+    let got = sd_preprocessors::inpaint::control_values(&marked);
+    let want = candle_core::safetensors::load(
+        fixtures().join("preprocessors/inpaint_control.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()["control"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(got.len(), want.len());
+    let masked = want.iter().filter(|&&v| v == -1.0).count();
+    assert!(masked > 100, "the fixture masks pixels");
+    assert_eq!(got, want);
+
+    // The input's transparency is the mask when no file is given.
+    let src = rgb("inpaint_src.png");
+    let m = grey("inpaint_mask.png");
+    let mut rgba = Vec::new();
+    for (px, a) in src.data.chunks(3).zip(&m.data) {
+        rgba.extend([px[0], px[1], px[2], 255 - a]);
+    }
+    let rgba = ImageBuf::new(src.width, src.height, 4, rgba).unwrap();
+    let from_alpha = run("inpaint", &rgba, &[]);
+    assert_eq!(sd_preprocessors::inpaint::control_values(&from_alpha), want);
+
+    // No mask at all is an error, not an unmasked image.
+    let reg = sd_preprocessors::registry();
+    let p = reg.preprocessor("inpaint").unwrap();
+    let params = resolve_params(&p.params(), &[]).unwrap();
+    let err = p.process(&src, &params).unwrap_err().to_string();
+    assert!(err.contains("mask"), "{err}");
+}
+
+#[test]
+fn normal_from_depth_within_a_level_of_controlnet_aux() {
+    let depth = grey("normal_depth.png");
+    for (a, th, file) in [
+        (std::f64::consts::TAU, 0.4, "normal_6.28_0.4.png"),
+        (3.0, 0.1, "normal_3.00_0.1.png"),
+    ] {
+        let out = run(
+            "normal_from_depth",
+            &depth,
+            &[
+                ("a", ParamValue::Float(a)),
+                ("bg_threshold", ParamValue::Float(th)),
+            ],
+        );
+        let want = rgb(file);
+        let worst = out
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        let off = out
+            .data
+            .iter()
+            .zip(&want.data)
+            .filter(|(a, b)| a != b)
+            .count();
+        eprintln!("normal a={a} bg={th}: worst {worst}, {off} values off");
+        // float32 normalisation then truncation to u8: at most one level.
+        assert!(worst <= 1, "{file}: worst difference {worst}");
+        let distinct: std::collections::HashSet<_> = want.data.chunks(3).collect();
+        assert!(distinct.len() > 50, "the fixture has slopes");
+    }
+}
+
+#[test]
+fn segmentation_colours_are_the_ade20k_palette() {
+    let out = run("segmentation", &grey("seg_labels.png"), &[]);
+    let want = rgb("seg_coloured.png");
+    assert_eq!(out.data, want.data);
+}

@@ -1,0 +1,56 @@
+//! Where annotator networks find their weights: a `model` parameter naming a file, or a
+//! well-known file name in the annotator folder (`SDCTL_ANNOTATOR_DIR`, default
+//! `~/.local/share/sdctl/annotators`).
+
+use std::path::PathBuf;
+
+use sd_plugins_api::{Params, PluginError};
+
+/// The annotator folder: `SDCTL_ANNOTATOR_DIR`, else the user's data dir + `sdctl/annotators`.
+pub fn annotator_dir() -> Option<PathBuf> {
+    std::env::var_os("SDCTL_ANNOTATOR_DIR")
+        .map(PathBuf::from)
+        .or_else(|| dirs::data_dir().map(|d| d.join("sdctl").join("annotators")))
+}
+
+/// The weight file for `preprocessor`: the `model` parameter when set (it must exist), else
+/// the first of `file_names` found in the annotator folder; otherwise an error that says which
+/// file is wanted and where to put it.
+pub fn find_weights(
+    preprocessor: &str,
+    params: &Params,
+    file_names: &[&str],
+) -> Result<PathBuf, PluginError> {
+    if let Some(p) = params.str("model").filter(|s| !s.is_empty()) {
+        let path = PathBuf::from(p);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(PluginError::failed(
+                preprocessor,
+                format!("model file {} not found", path.display()),
+            ))
+        };
+    }
+    let dir = annotator_dir();
+    if let Some(d) = &dir {
+        for n in file_names {
+            let p = d.join(n);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    let place = match &dir {
+        Some(d) => d.display().to_string(),
+        None => "$SDCTL_ANNOTATOR_DIR".into(),
+    };
+    Err(PluginError::failed(
+        preprocessor,
+        format!(
+            "needs its weights: put {} in {place} (or set SDCTL_ANNOTATOR_DIR), \
+             or pass --param model=FILE",
+            file_names.join(" or ")
+        ),
+    ))
+}
