@@ -325,3 +325,70 @@ fn detect_inpaint_keeps_the_mark_as_alpha() {
     }
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn network_results_are_cached_per_weight_file() {
+    // depth_anything_v2 with the tiny fixture network in the annotator folder: the second run
+    // is a cache hit; other weights are a miss; removed weights are the error, not a stale hit.
+    let d = std::env::temp_dir().join(format!("sdctl-depthcache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let ann = d.join("annotators");
+    std::fs::create_dir_all(&ann).unwrap();
+    let weights = ann.join("depth_anything_v2_vits.safetensors");
+    std::fs::copy(fixtures().join("depth/tiny_da2.safetensors"), &weights).unwrap();
+    let photo = fixtures().join("depth/chelsea.png");
+    let run = |out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_sdctl"))
+            .args([
+                "detect",
+                "depth_anything_v2",
+                photo.to_str().unwrap(),
+                "-o",
+                d.join(out).to_str().unwrap(),
+                "--resolution",
+                "64",
+                "--param",
+                "input_size=56",
+            ])
+            .env("SDCTL_CACHE_DIR", d.join("cache"))
+            .env("SDCTL_ANNOTATOR_DIR", &ann)
+            .output()
+            .unwrap()
+    };
+    let first = run("a.png");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&first.stderr).contains("cached"));
+    let again = run("b.png");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("cached"));
+    assert_eq!(
+        std::fs::read(d.join("a.png")).unwrap(),
+        std::fs::read(d.join("b.png")).unwrap()
+    );
+    // replaced weights (another size or time): recomputed
+    let mut w = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    let k = w
+        .keys()
+        .find(|k| k.contains("output_conv2.2.bias"))
+        .unwrap()
+        .clone();
+    let t = (w[&k].clone() + 1.0).unwrap();
+    w.insert(k, t);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    candle_core::safetensors::save(&w, &weights).unwrap();
+    let changed = run("c.png");
+    assert!(changed.status.success());
+    assert!(!String::from_utf8_lossy(&changed.stderr).contains("cached"));
+    std::fs::remove_file(&weights).unwrap();
+    let gone = run("d.png");
+    assert!(!gone.status.success());
+    let e = String::from_utf8_lossy(&gone.stderr);
+    assert!(
+        e.contains("depth_anything_v2_vits.pth") && e.contains(ann.to_str().unwrap()),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -20,11 +20,13 @@ impl PreprocessCache {
         Self { dir: dir.into() }
     }
 
-    fn key(p: &dyn Preprocessor, input: &ImageBuf, params: &Params) -> String {
+    fn key(p: &dyn Preprocessor, input: &ImageBuf, params: &Params, salt: &str) -> String {
         let mut h = Sha256::new();
         h.update(p.name().as_bytes());
         h.update([0]);
         h.update(p.version().as_bytes());
+        h.update([0]);
+        h.update(salt.as_bytes());
         h.update([0]);
         h.update(params_to_json(params).as_bytes());
         h.update((input.width as u64).to_le_bytes());
@@ -54,7 +56,10 @@ impl PreprocessCache {
         input: &ImageBuf,
         params: &Params,
     ) -> Result<(ImageBuf, bool), PluginError> {
-        let key = Self::key(p, input, params);
+        // what else the result depends on (a network's weight file); its errors (missing
+        // weights) are reported even when an older result is cached
+        let salt = p.cache_salt(params)?;
+        let key = Self::key(p, input, params, &salt);
         let path = self.path(&key);
         if let Some(img) = Self::read(&path) {
             return Ok((img, true));

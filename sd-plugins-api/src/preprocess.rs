@@ -95,6 +95,12 @@ pub trait Preprocessor: Send + Sync {
     fn params(&self) -> Vec<ParamSpec>;
     /// Run on an RGB image with validated parameters (every declared one present).
     fn process(&self, input: &ImageBuf, params: &Params) -> Result<ImageBuf, PluginError>;
+    /// What the result depends on besides the image, name, version and parameters (e.g. the
+    /// weight file a network found: its path, size and modification time), for the result
+    /// cache. An error here (weights missing) is reported instead of a cached result.
+    fn cache_salt(&self, _params: &Params) -> Result<String, PluginError> {
+        Ok(String::new())
+    }
     /// Version string shown in listings.
     fn version(&self) -> &str {
         env!("CARGO_PKG_VERSION")

@@ -669,6 +669,9 @@ impl Preprocessor for DepthAnythingV2Preprocessor {
             ),
         ]
     }
+    fn cache_salt(&self, params: &Params) -> std::result::Result<String, PluginError> {
+        crate::weights::weights_salt(NAME, params, WEIGHT_FILES)
+    }
     fn process(
         &self,
         input: &ImageBuf,

@@ -54,3 +54,22 @@ pub fn find_weights(
         ),
     ))
 }
+
+/// The cache salt of a network preprocessor: its weight file's path, size and modification
+/// time (so replacing the weights invalidates cached results); missing weights are the error.
+pub fn weights_salt(
+    preprocessor: &str,
+    params: &Params,
+    file_names: &[&str],
+) -> Result<String, PluginError> {
+    let p = find_weights(preprocessor, params, file_names)?;
+    let meta = std::fs::metadata(&p)
+        .map_err(|e| PluginError::failed(preprocessor, format!("{}: {e}", p.display())))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Ok(format!("{}|{}|{mtime}", p.display(), meta.len()))
+}

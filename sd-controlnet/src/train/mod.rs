@@ -4,6 +4,7 @@
 //! AdamW, checkpoints written atomically, and resumption that reproduces an uninterrupted run
 //! (every random draw is keyed by the step, so a resumed run draws the same).
 
+pub mod base;
 pub mod dataset;
 pub mod fill;
 pub mod optim;
@@ -292,9 +293,9 @@ pub struct Trainer {
 }
 
 /// Named variables, and the same tensors by name for a VarBuilder.
-type VarsAndTensors = (Vec<(String, Var)>, HashMap<String, Tensor>);
+pub(crate) type VarsAndTensors = (Vec<(String, Var)>, HashMap<String, Tensor>);
 
-fn vars_from(weights: HashMap<String, Tensor>) -> Result<VarsAndTensors> {
+pub(crate) fn vars_from(weights: HashMap<String, Tensor>) -> Result<VarsAndTensors> {
     let mut vars = Vec::new();
     let mut tensors = HashMap::new();
     for (k, t) in weights {

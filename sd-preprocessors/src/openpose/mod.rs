@@ -206,6 +206,9 @@ impl Preprocessor for Openpose {
             "body_pose_model.pth or .safetensors; empty: looked for in the annotator folder",
         )]
     }
+    fn cache_salt(&self, params: &Params) -> Result<String, PluginError> {
+        crate::weights::weights_salt(NAME, params, &WEIGHT_FILES)
+    }
     fn process(&self, input: &ImageBuf, params: &Params) -> Result<ImageBuf, PluginError> {
         let path = crate::weights::find_weights(NAME, params, &WEIGHT_FILES)?;
         let net = load_cached(&path).map_err(|e| PluginError::failed(NAME, e))?;
