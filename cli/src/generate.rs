@@ -51,7 +51,10 @@ pub fn run(args: GenerateArgs) -> CliResult {
     let t0 = Instant::now();
     let st = crate::settings::load(&args)?;
     st.require_for_generate()?;
-    let model = st.model.clone().unwrap_or_default();
+    let model = match st.model.clone() {
+        Some(m) => m,
+        None => crate::embedded::base_dir()?,
+    };
     let output = st.output.clone().unwrap_or_default();
     let (sampler, schedule) = (st.sampler, st.schedule);
     let device = crate::device::device(&st.device)?;

@@ -5,6 +5,8 @@ mod config;
 mod controlnet;
 mod detect;
 mod device;
+mod embedded;
+mod eval;
 mod generate;
 mod hashes;
 mod hub;
@@ -76,6 +78,9 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
     Plugins(preprocessors::PluginsCommand),
     /// Print the generation settings stored in a PNG (sdctl, AUTOMATIC1111, ComfyUI).
     PngInfo(png_info::PngInfoArgs),
+    /// Measure control fidelity: sdctl eval fill --model M --controlnet CN --json report.json
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
 }
 
 fn main() -> ExitCode {
@@ -97,6 +102,7 @@ fn main() -> ExitCode {
         Command::Preprocessors(cmd) => preprocessors::run(cmd),
         Command::Detect(a) => detect::run(*a),
         Command::Pose(cmd) => pose::run(cmd),
+        Command::Eval(cmd) => eval::run(cmd),
         Command::Plugins(cmd) => preprocessors::run_plugins(cmd),
         Command::Model(cmd) => model::run(cmd),
         Command::Train(cmd) => train::run(cmd),

@@ -16,6 +16,20 @@ pub enum ModelCommand {
     Inspect { path: PathBuf },
     /// Convert between a single-file checkpoint and a diffusers folder.
     Convert(ConvertArgs),
+    /// A new diffusers folder with freshly initialised weights, from a folder of configs
+    /// (unet/, vae/, text_encoder/ config.json and scheduler/scheduler_config.json), to train
+    /// with `sdctl train vae|unet|controlnet`.
+    New(NewArgs),
+}
+
+#[derive(Args)]
+pub struct NewArgs {
+    /// The folder holding the configs
+    pub configs: PathBuf,
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -215,13 +229,34 @@ pub fn run(cmd: ModelCommand) -> CliResult {
                 Err(format!("{}: no such file or folder", path.display()).into())
             }
         }
+        ModelCommand::New(a) => {
+            sd_controlnet::train::base::new_model(&a.configs, &a.output, a.seed)?;
+            eprintln!("new model in {}", a.output.display());
+            Ok(())
+        }
         ModelCommand::Convert(a) => {
             match a.to {
                 Target::Diffusers => {
                     if a.input.is_dir() {
-                        return Err(
-                            format!("{}: already a diffusers folder", a.input.display()).into()
-                        );
+                        if !a.half {
+                            return Err(format!(
+                                "{}: already a diffusers folder (add --half to write a float16 copy)",
+                                a.input.display()
+                            )
+                            .into());
+                        }
+                        if a.output.exists() {
+                            return Err(
+                                format!("--output {}: already exists", a.output.display()).into()
+                            );
+                        }
+                        let stage = a.output.with_extension("partial");
+                        let _ = std::fs::remove_dir_all(&stage);
+                        half_copy(&a.input, &stage)?;
+                        std::fs::rename(&stage, &a.output)
+                            .map_err(|e| format!("{}: {e}", a.output.display()))?;
+                        eprintln!("wrote {} (float16)", a.output.display());
+                        return Ok(());
                     }
                     single_file::convert::to_diffusers(&a.input, &a.output, a.half)?;
                 }
@@ -247,4 +282,35 @@ pub fn run(cmd: ModelCommand) -> CliResult {
             Ok(())
         }
     }
+}
+
+/// Copy a folder tree, writing every `.safetensors` file's float tensors as float16.
+fn half_copy(from: &Path, to: &Path) -> CliResult {
+    std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    for e in std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type()?.is_dir() {
+            half_copy(&src, &dst)?;
+        } else if src.extension().is_some_and(|x| x == "safetensors") {
+            let m = candle_core::safetensors::load(&src, &candle_core::Device::Cpu)
+                .map_err(|e| format!("{}: {e}", src.display()))?;
+            let m: std::collections::HashMap<String, candle_core::Tensor> = m
+                .into_iter()
+                .map(|(k, t)| {
+                    let t = if t.dtype().is_float() {
+                        t.to_dtype(candle_core::DType::F16)?
+                    } else {
+                        t
+                    };
+                    Ok((k, t))
+                })
+                .collect::<candle_core::Result<_>>()?;
+            candle_core::safetensors::save(&m, &dst)
+                .map_err(|e| format!("{}: {e}", dst.display()))?;
+        } else {
+            std::fs::copy(&src, &dst).map_err(|e| format!("{}: {e}", dst.display()))?;
+        }
+    }
+    Ok(())
 }

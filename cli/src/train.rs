@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use figment::providers::{Format, Json, Serialized, Toml, Yaml};
 use figment::{Figment, Source};
 use indicatif::{ProgressBar, ProgressStyle};
+use sd_controlnet::train::base::{train_unet, train_vae, BaseStep, BaseTrainConfig, Part};
 use sd_controlnet::train::{fill::write_fill_dataset, TrainConfig, Trainer};
 use serde::Serialize;
 
@@ -15,6 +16,64 @@ use crate::CliResult;
 pub enum TrainCommand {
     /// Train a ControlNet on a dataset (fill50k layout or diffusers image folder).
     Controlnet(Box<TrainArgs>),
+    /// Train a model's VAE (AutoencoderKL) on a dataset's images; measures the latent scaling
+    /// factor at the end.
+    Vae(Box<BaseTrainArgs>),
+    /// Train a model's UNet (and with --train-text-encoder its text encoder) on a dataset's
+    /// images and captions, the VAE frozen.
+    Unet(Box<BaseTrainArgs>),
+}
+
+/// `sdctl train vae|unet` settings; every key of the config is also a flag.
+#[derive(Args, Serialize, Default)]
+pub struct BaseTrainArgs {
+    /// A config file (TOML, YAML or JSON); flags override it; paths are relative to it.
+    #[arg(long = "config")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// The model folder to start from (`sdctl model new` makes a fresh one)
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<PathBuf>,
+    /// The model folder to write (the whole model, trained part replaced)
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_train_steps: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpointing_steps: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+    /// VAE: weight of the KL term
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl_weight: Option<f64>,
+    /// UNet: train the text encoder too
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_text_encoder: Option<bool>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proportion_empty_prompts: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -136,9 +195,13 @@ const PATH_KEYS: &[&str] = &[
 ];
 
 /// Layer the config file and the flags; paths from the file are relative to it.
-fn settings(args: &TrainArgs) -> CliResult<TrainConfig> {
+fn layered<A: Serialize, C: serde::de::DeserializeOwned>(
+    config: Option<&Path>,
+    args: &A,
+    path_keys: &[&str],
+) -> CliResult<C> {
     let mut fig = Figment::new();
-    if let Some(path) = &args.config {
+    if let Some(path) = config {
         if !path.is_file() {
             return Err(format!("--config {}: not found", path.display()).into());
         }
@@ -154,7 +217,7 @@ fn settings(args: &TrainArgs) -> CliResult<TrainConfig> {
         };
     }
     let mut fig = fig.merge(Serialized::defaults(args));
-    for key in PATH_KEYS {
+    for key in path_keys {
         let Some(md) = fig.find_metadata(key).cloned() else {
             continue;
         };
@@ -167,15 +230,78 @@ fn settings(args: &TrainArgs) -> CliResult<TrainConfig> {
             }
         }
     }
-    let cfg: TrainConfig = fig.extract().map_err(|e| {
+    let cfg: C = fig.extract().map_err(|e| {
         let e = e.to_string();
         format!("training settings: {e}")
     })?;
     Ok(cfg)
 }
 
+fn settings(args: &TrainArgs) -> CliResult<TrainConfig> {
+    layered(args.config.as_deref(), args, PATH_KEYS)
+}
+
+fn run_base(args: &BaseTrainArgs, part: Part) -> CliResult {
+    let cfg: BaseTrainConfig = layered(
+        args.config.as_deref(),
+        args,
+        &["model", "dataset", "output"],
+    )?;
+    for (name, p) in [("model", &cfg.model), ("dataset", &cfg.dataset)] {
+        if !p.exists() {
+            return Err(format!("{name} {}: not found", p.display()).into());
+        }
+    }
+    if cfg.output.exists() {
+        return Err(format!(
+            "output {}: already exists; choose a new folder",
+            cfg.output.display()
+        )
+        .into());
+    }
+    let bar = ProgressBar::new(cfg.max_train_steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {per_sec}  loss {msg}  eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let t0 = std::time::Instant::now();
+    let mut report = |r: BaseStep| {
+        bar.set_position(r.step as u64);
+        bar.set_message(format!("{:.5}", r.loss));
+    };
+    let what = match part {
+        Part::Vae => {
+            let (s, mae) = train_vae(&cfg, &mut report)?;
+            format!("VAE (latent scaling factor {s:.5}, reconstruction error {mae:.2}/255)")
+        }
+        Part::Unet => {
+            train_unet(&cfg, &mut report)?;
+            if cfg.train_text_encoder {
+                "UNet and text encoder".to_string()
+            } else {
+                "UNet".to_string()
+            }
+        }
+    };
+    bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "{} steps in {secs:.1} s ({:.2} it/s); {what} trained into {}",
+        cfg.max_train_steps,
+        cfg.max_train_steps as f64 / secs.max(1e-9),
+        cfg.output.display()
+    );
+    Ok(())
+}
+
 pub fn run(cmd: TrainCommand) -> CliResult {
-    let TrainCommand::Controlnet(args) = cmd;
+    let args = match cmd {
+        TrainCommand::Controlnet(args) => args,
+        TrainCommand::Vae(a) => return run_base(&a, Part::Vae),
+        TrainCommand::Unet(a) => return run_base(&a, Part::Unet),
+    };
     let cfg = settings(&args)?;
     for (name, p) in [
         ("base", Some(&cfg.base)),

@@ -361,3 +361,188 @@ fn unlocked_training_changes_the_unet_decoder_and_mid_only_control_works() {
     assert_ne!(a, b, "the decoder did not train");
     assert!(!dec.keys().any(|k| k.starts_with("down_blocks.")));
 }
+
+fn component(dir: &Path, file: &str) -> Vec<(String, Vec<f32>)> {
+    let m = candle_core::safetensors::load(dir.join(file), &Device::Cpu).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = m
+        .into_iter()
+        .map(|(k, t)| {
+            let t = t.to_dtype(candle_core::DType::F32).unwrap();
+            (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn a_model_from_configs_trains_its_vae_unet_and_a_controlnet() {
+    // model new (tiny-fill configs: factor-4 VAE) -> train vae -> train unet (+ text encoder)
+    // -> controlnet init -> generate with the ControlNet; every stage's output loads.
+    let d = scratch("base");
+    let configs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-fill/configs");
+    let (fresh, data) = (d.join("fresh"), d.join("data"));
+    ok(&sdctl(&[
+        "model",
+        "new",
+        s(&configs),
+        "--output",
+        s(&fresh),
+        "--seed",
+        "3",
+    ]));
+    let again = sdctl(&["model", "new", s(&configs), "--output", s(&fresh)]);
+    assert!(!again.status.success(), "an existing folder is refused");
+    ok(&sdctl(&[
+        "dataset",
+        "fill",
+        "--output",
+        s(&data),
+        "--count",
+        "6",
+        "--size",
+        "64",
+    ]));
+    let vae = d.join("vae");
+    let e = ok(&sdctl(&[
+        "train",
+        "vae",
+        "--model",
+        s(&fresh),
+        "--dataset",
+        s(&data),
+        "--output",
+        s(&vae),
+        "--max-train-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seed",
+        "1",
+    ]));
+    assert!(e.contains("latent scaling factor"), "{e}");
+    let log = std::fs::read_to_string(vae.join("train_log.csv")).unwrap();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.starts_with(char::is_numeric))
+            .count(),
+        3,
+        "{log}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(vae.join("vae/config.json")).unwrap())
+            .unwrap();
+    let scaling = cfg["scaling_factor"].as_f64().unwrap();
+    assert!(
+        scaling > 0.0 && scaling != 0.18215,
+        "measured, not the default: {scaling}"
+    );
+    let vw = "vae/diffusion_pytorch_model.safetensors";
+    assert_ne!(
+        component(&fresh, vw),
+        component(&vae, vw),
+        "the VAE trained"
+    );
+    let uw = "unet/diffusion_pytorch_model.safetensors";
+    assert_eq!(
+        component(&fresh, uw),
+        component(&vae, uw),
+        "the UNet did not"
+    );
+
+    let base = d.join("base");
+    ok(&sdctl(&[
+        "train",
+        "unet",
+        "--model",
+        s(&vae),
+        "--dataset",
+        s(&data),
+        "--output",
+        s(&base),
+        "--max-train-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--train-text-encoder",
+        "true",
+    ]));
+    let tw = "text_encoder/model.safetensors";
+    assert_ne!(
+        component(&vae, uw),
+        component(&base, uw),
+        "the UNet trained"
+    );
+    assert_ne!(
+        component(&vae, tw),
+        component(&base, tw),
+        "the text encoder trained"
+    );
+    assert_eq!(
+        component(&vae, vw),
+        component(&base, vw),
+        "the VAE is frozen"
+    );
+    let used = sdctl(&[
+        "train",
+        "unet",
+        "--model",
+        s(&vae),
+        "--dataset",
+        s(&data),
+        "--output",
+        s(&base),
+        "--max-train-steps",
+        "1",
+    ]);
+    assert!(!used.status.success(), "an existing output is refused");
+
+    // a ControlNet for a factor-4 base downsamples the hint by 4, and generates
+    let cn = d.join("cn");
+    ok(&sdctl(&[
+        "controlnet",
+        "init",
+        "--base",
+        s(&base),
+        "--output",
+        s(&cn),
+    ]));
+    let out = d.join("out.png");
+    ok(&sdctl(&[
+        "generate",
+        "--model",
+        s(&base),
+        "--prompt",
+        "red circle with blue background",
+        "--control",
+        &format!(
+            "model={},image={}",
+            cn.display(),
+            data.join("source/0.png").display()
+        ),
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--output",
+        s(&out),
+    ]));
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (64, 64));
+    // and a float16 copy of the folder loads the same way
+    let half = d.join("half");
+    ok(&sdctl(&[
+        "model",
+        "convert",
+        s(&base),
+        "--to",
+        "diffusers",
+        "--half",
+        "--output",
+        s(&half),
+    ]));
+    let m = candle_core::safetensors::load(half.join(uw), &Device::Cpu).unwrap();
+    assert!(m.values().all(|t| t.dtype() == candle_core::DType::F16));
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -123,4 +123,22 @@ impl ControlNetConfig {
             global_pool: false,
         }
     }
+
+    /// [`Self::from_unet`] for the model folder `base`, with a hint encoder that downsamples
+    /// the control image by the base's VAE factor (diffusers' default, three stride-2 convs,
+    /// is for the usual factor 8; a factor-4 VAE takes two).
+    pub fn for_base(base: &std::path::Path) -> crate::error::Result<Self> {
+        let unet = UNetConfig::from_file(&base.join("unet/config.json"))?;
+        let mut cfg = Self::from_unet(&unet);
+        let vae = base.join("vae/config.json");
+        if vae.is_file() {
+            let levels = sd_pipeline::models::config::VaeConfig::from_file(&vae)?
+                .block_out_channels
+                .len();
+            let mut ch = vec![16, 32, 96, 256];
+            ch.resize(levels.max(1), 256);
+            cfg.conditioning_embedding_out_channels = ch;
+        }
+        Ok(cfg)
+    }
 }

@@ -191,7 +191,8 @@ pub fn write_initial_controlnet(base: &Path, out: &Path, seed: u64) -> Result<()
     let unet_dir = base.join("unet");
     let unet_cfg_path = unet_dir.join("config.json");
     let unet_cfg = sd_pipeline::models::config::UNetConfig::from_file(&unet_cfg_path)?;
-    let cfg = ControlNetConfig::from_unet(&unet_cfg);
+    let _ = unet_cfg;
+    let cfg = ControlNetConfig::for_base(base)?;
     let weights = init_weights(&unet_dir, &cfg, seed)?;
     let config = init_config_json(&unet_cfg_path, &cfg)?;
     if out.exists() {

@@ -1,19 +1,15 @@
 //! diffusers `ControlNetModel` (controlnets/controlnet.py) on the shared UNet encoder.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
+use sd_pipeline::models::nn::Conv2d;
 use sd_pipeline::models::unet::UNetEncoder;
 use sd_plugins_api::Residuals;
 
 use crate::config::ControlNetConfig;
 
 fn conv(i: usize, o: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(i, o, k, cfg, vb)
+    sd_pipeline::models::nn::conv2d(i, o, k, stride, k / 2, vb)
 }
 
 /// The hint encoder: conv_in, pairs of (3x3, stride-2 3x3) convs with SiLU, conv_out.

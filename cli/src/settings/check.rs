@@ -92,8 +92,9 @@ pub struct Settings {
 impl Settings {
     /// What `generate` needs beyond valid values: a model and an output file.
     pub fn require_for_generate(&self) -> Result<(), Problems> {
+        // no model: the embedded tiny-fill model, in builds that carry it (`embedded.rs`)
         let mut p = Vec::new();
-        if self.model.is_none() {
+        if self.model.is_none() && !crate::embedded::AVAILABLE {
             p.push(Problem::bare(
                 "model",
                 "missing: give --model, `model = ...` in a config file, or SDCTL_MODEL",
@@ -559,6 +560,16 @@ pub fn check(
             match get_path(&vals, key) {
                 Some(p) => *slot = p,
                 None if d.contains_key(key) => {}
+                // without a base model the embedded one is used, with its own ControlNet
+                None if key == "model"
+                    && crate::embedded::AVAILABLE
+                    && fig.find_value("model").is_err() =>
+                {
+                    match crate::embedded::controlnet_dir() {
+                        Ok(p) => *slot = p,
+                        Err(e) => t.problem(&unit_origin, key, e.to_string()),
+                    }
+                }
                 None => t.problem(
                     &unit_origin,
                     key,

@@ -115,10 +115,12 @@ fn write_model(
     model: &Path,
     out: &Path,
     parts: &[(&str, &str, &HashMap<String, Tensor>)],
+    log: &str,
 ) -> Result<()> {
     let stage = out.with_extension("partial");
     let _ = std::fs::remove_dir_all(&stage);
     copy_tree(model, &stage)?;
+    std::fs::write(stage.join("train_log.csv"), log).map_err(io_err(&stage))?;
     for (dir, file, w) in parts {
         let d = stage.join(dir);
         std::fs::create_dir_all(&d).map_err(io_err(&d))?;
@@ -161,7 +163,8 @@ pub fn new_model(configs: &Path, out: &Path, seed: u64) -> Result<()> {
     )?;
     let vae = fresh_weights(&|vb| AutoencoderKL::new(&vae_cfg, vb).map(|_| ()), seed + 1)?;
     let clip = fresh_weights(
-        &|vb| ClipTextModel::new(&clip_cfg, vb.pp("text_model")).map(|_| ()),
+        // ClipTextModel reads under `text_model.` when the root has no embeddings
+        &|vb| ClipTextModel::new(&clip_cfg, vb).map(|_| ()),
         seed + 2,
     )?;
     let stage = out.with_extension("partial");
@@ -377,8 +380,9 @@ fn batch_indices(rng: &mut TorchRng, n: usize, b: usize) -> Vec<usize> {
     (0..b).map(|_| rng.next_u32() as usize % n).collect()
 }
 
-/// Train the VAE; returns the scaling factor written into the output's config.
-pub fn train_vae(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Result<f64> {
+/// Train the VAE; returns the scaling factor written into the output's config and the mean
+/// absolute reconstruction error (0..255) over the first 256 images.
+pub fn train_vae(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Result<(f64, f64)> {
     cfg.validate()?;
     let dev = Device::Cpu;
     let vae_cfg_path = cfg.model.join("vae/config.json");
@@ -400,12 +404,14 @@ pub fn train_vae(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Res
         },
     );
     let (imgs, _) = load_images(cfg)?;
-    let save = |opt: &AdamW, scaling: f64| -> Result<()> {
+    let mut log = String::from("step,mse,kl\n");
+    let save = |opt: &AdamW, scaling: f64, log: &str| -> Result<()> {
         let w = current(opt, "")?;
         write_model(
             &cfg.model,
             &cfg.output,
             &[("vae", "diffusion_pytorch_model.safetensors", &w)],
+            log,
         )?;
         let p = cfg.output.join("vae/config.json");
         let mut c = read_json(&p)?;
@@ -426,16 +432,22 @@ pub fn train_vae(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Res
         let rec = vae.decode(&z)?;
         let mse = (rec - &x)?.sqr()?.mean_all()?;
         // KL(N(mean, var) || N(0, 1)) per element
-        let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?.mean_all()?;
-        let loss = (&mse + (kl * (0.5 * cfg.kl_weight))?)?;
+        let kl = ((((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?.mean_all()? * 0.5)?;
+        let loss = (&mse + (&kl * cfg.kl_weight)?)?;
         clip_and_step(&mut opt, &loss, cfg.max_grad_norm, cfg.learning_rate)?;
+        log.push_str(&format!(
+            "{},{},{}\n",
+            step + 1,
+            mse.to_scalar::<f32>()?,
+            kl.to_scalar::<f32>()?
+        ));
         report(BaseStep {
             step: step + 1,
             max_steps: cfg.max_train_steps,
             loss: mse.to_scalar::<f32>()?,
         });
         if (step + 1) % cfg.checkpointing_steps == 0 && step + 1 < cfg.max_train_steps {
-            save(&opt, vae_cfg.scaling_factor)?;
+            save(&opt, vae_cfg.scaling_factor, &log)?;
         }
     }
     // the latent scaling factor: 1 / std of the latents over (up to 256 of) the images
@@ -448,8 +460,21 @@ pub fn train_vae(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Res
     let m = lat.mean_all()?.to_scalar::<f32>()? as f64;
     let var = lat.sqr()?.mean_all()?.to_scalar::<f32>()? as f64 - m * m;
     let scaling = 1.0 / var.max(1e-12).sqrt();
-    save(&opt, scaling)?;
-    Ok(scaling)
+    // reconstruction of the same images through the latent means
+    let mut err = 0f64;
+    let mut n = 0usize;
+    for chunk in imgs.iter().take(256).collect::<Vec<_>>().chunks(32) {
+        let x = Tensor::cat(chunk, 0)?;
+        let rec = vae.decode(&vae.encode_mean(&x)?)?.clamp(-1f32, 1f32)?;
+        err += ((rec - &x)?.abs()?.mean_all()?.to_scalar::<f32>()? as f64) * chunk.len() as f64;
+        n += chunk.len();
+    }
+    let mae = err / n as f64 * 127.5;
+    log.push_str(&format!(
+        "# final: latent scaling factor {scaling}, reconstruction MAE {mae:.2}/255\n"
+    ));
+    save(&opt, scaling, &log)?;
+    Ok((scaling, mae))
 }
 
 /// Train the UNet (and the text encoder with `train_text_encoder`) on frozen VAE latents.
@@ -511,14 +536,15 @@ pub fn train_unet(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Re
     let empty = tok.chunks("")?.remove(0);
     let alphas = alphas_cumprod(&sd.scheduler_config);
     let v_pred = sd.scheduler_config.prediction_type == PredictionType::VPrediction;
-    let save = |opt: &AdamW| -> Result<()> {
+    let mut log = String::from("step,loss\n");
+    let save = |opt: &AdamW, log: &str| -> Result<()> {
         let u = current(opt, "unet.")?;
         let mut parts = vec![("unet", "diffusion_pytorch_model.safetensors", &u)];
         let t = current(opt, "text_encoder.")?;
         if cfg.train_text_encoder {
             parts.push(("text_encoder", "model.safetensors", &t));
         }
-        write_model(&cfg.model, &cfg.output, &parts)
+        write_model(&cfg.model, &cfg.output, &parts, log)
     };
     for step in 0..cfg.max_train_steps {
         let mut rng = TorchRng::new(
@@ -565,16 +591,17 @@ pub fn train_unet(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Re
         };
         let loss = (pred - target)?.sqr()?.mean_all()?;
         clip_and_step(&mut opt, &loss, cfg.max_grad_norm, cfg.learning_rate)?;
+        log.push_str(&format!("{},{}\n", step + 1, loss.to_scalar::<f32>()?));
         report(BaseStep {
             step: step + 1,
             max_steps: cfg.max_train_steps,
             loss: loss.to_scalar::<f32>()?,
         });
         if (step + 1) % cfg.checkpointing_steps == 0 && step + 1 < cfg.max_train_steps {
-            save(&opt)?;
+            save(&opt, &log)?;
         }
     }
-    save(&opt)
+    save(&opt, &log)
 }
 
 /// The loss target chosen for a model: epsilon or v (for messages).

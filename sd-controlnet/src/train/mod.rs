@@ -377,7 +377,7 @@ impl Trainer {
                 (weights_of(dir)?, ControlNetConfig::from_file(&cfg_path)?, v)
             }
             None => {
-                let c = ControlNetConfig::from_unet(sd.unet.config());
+                let c = ControlNetConfig::for_base(&cfg.base)?;
                 let w = init_weights(&cfg.base.join("unet"), &c, cfg.seed)?;
                 let v = init_config_json(&unet_cfg_path, &c)?;
                 (w, c, v)

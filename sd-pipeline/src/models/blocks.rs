@@ -1,7 +1,9 @@
 //! Building blocks shared by the UNet, the VAE and (later) ControlNet, with diffusers names.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+use super::nn::Conv2d;
 
 use super::nn::{attention, conv2d, group_norm, linear, linear_no_bias, LayerNorm};
 

@@ -6,6 +6,7 @@ pub mod attention_op;
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod conv_op;
 pub mod ldm_names;
 pub mod nn;
 pub mod unet;

@@ -1,7 +1,7 @@
 //! Shared layers: layer norm, attention, convolutions, with a differentiable path.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 /// Layer norm over the last dimension. Uses candle's fused kernel for inference and the
 /// differentiable formula when a gradient is being tracked (the fused op has no backward).
@@ -49,6 +49,37 @@ pub fn linear_no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
     candle_nn::linear_no_bias(i, o, vb)
 }
 
+/// A 2-D convolution: candle's for inference, [`super::conv_op::conv2d_train`] (matmul
+/// gradients) when a gradient is tracked on the CPU.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.inner.weight();
+        let b = self.inner.bias();
+        let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
+        if tracked && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            super::conv_op::conv2d_train(x, w, b, self.stride, self.padding)
+        } else {
+            self.inner.forward(x)
+        }
+    }
+}
+
 pub fn conv2d(
     i: usize,
     o: usize,
@@ -62,7 +93,11 @@ pub fn conv2d(
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(i, o, kernel, cfg, vb)
+    Ok(Conv2d {
+        inner: candle_nn::conv2d(i, o, kernel, cfg, vb)?,
+        stride,
+        padding,
+    })
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {

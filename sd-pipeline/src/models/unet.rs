@@ -2,7 +2,9 @@
 //! residuals (ControlNet) on the skip connections and the mid block.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+use super::nn::Conv2d;
 use sd_plugins_api::Residuals;
 
 use super::blocks::{

@@ -1,7 +1,9 @@
 //! diffusers `AutoencoderKL` (encoder, decoder, quant convs).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+use super::nn::Conv2d;
 
 use super::blocks::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::config::VaeConfig;

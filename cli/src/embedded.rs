@@ -1,0 +1,102 @@
+//! The embedded default model (`models/tiny-fill`): a tiny Stable Diffusion (real
+//! architecture, scaled down) and a ControlNet trained by this project on the synthetic fill
+//! task, compiled into the binary (feature `embedded-model`) so that `sdctl generate` works
+//! with no download. On first use it is written out as a diffusers folder under the cache dir
+//! (content-addressed). Without the feature (the weights are not trained yet: see
+//! `models/tiny-fill/README.md`) there is no default model.
+
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+
+use crate::CliResult;
+
+#[cfg(feature = "embedded-model")]
+macro_rules! files {
+    ($($p:literal),* $(,)?) => {
+        &[$(($p, include_bytes!(concat!("../../models/tiny-fill/", $p)) as &[u8])),*]
+    };
+}
+
+/// Whether this build carries the embedded model.
+pub const AVAILABLE: bool = cfg!(feature = "embedded-model");
+
+#[cfg(not(feature = "embedded-model"))]
+const FILES: &[(&str, &[u8])] = &[];
+
+/// Every file of the model folder (the tokenizer's vocabulary comes from sd-pipeline).
+#[cfg(feature = "embedded-model")]
+const FILES: &[(&str, &[u8])] = files![
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/tokenizer_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "controlnet/config.json",
+    "controlnet/diffusion_pytorch_model.safetensors",
+];
+
+/// The embedded model written out (once) as a diffusers folder; returns its path.
+pub fn base_dir() -> CliResult<PathBuf> {
+    if !AVAILABLE {
+        return Err("no model given, and this build has no embedded model: pass --model".into());
+    }
+    let mut h = Sha256::new();
+    for (p, bytes) in FILES {
+        h.update(p.as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    let tag: String = h.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let root = crate::hashes::cache_dir()
+        .ok_or("no cache folder for the embedded model: set SDCTL_CACHE_DIR")?
+        .join("embedded")
+        .join(format!("tiny-fill-{tag}"));
+    if root.join("model_index.json").is_file() {
+        return Ok(root);
+    }
+    let stage = root.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&stage);
+    let write = |rel: &str, bytes: &[u8]| -> CliResult {
+        let p = stage.join(rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(())
+    };
+    // model_index.json last: its presence marks a complete folder
+    for (p, bytes) in FILES.iter().filter(|(p, _)| *p != "model_index.json") {
+        write(p, bytes)?;
+    }
+    write(
+        "tokenizer/vocab.json",
+        sd_pipeline::tokenizer::EMBEDDED_VOCAB.as_bytes(),
+    )?;
+    write(
+        "tokenizer/merges.txt",
+        sd_pipeline::tokenizer::EMBEDDED_MERGES.as_bytes(),
+    )?;
+    write("model_index.json", FILES[0].1)?;
+    match std::fs::rename(&stage, &root) {
+        Ok(()) => Ok(root),
+        // another process finished first
+        Err(_) if root.join("model_index.json").is_file() => {
+            let _ = std::fs::remove_dir_all(&stage);
+            Ok(root)
+        }
+        Err(e) => Err(format!("{}: {e}", root.display()).into()),
+    }
+}
+
+/// The embedded canny-outline ControlNet (a folder inside [`base_dir`]).
+pub fn controlnet_dir() -> CliResult<PathBuf> {
+    Ok(base_dir()?.join("controlnet"))
+}

@@ -1,0 +1,713 @@
+//! `sdctl eval`: measure how well a model with a ControlNet follows its control.
+//!
+//! `eval fill` draws unseen examples of the synthetic fill task (`sdctl dataset fill`: a white
+//! circle outline on black as the control image, prompt "<colour> circle with <colour>
+//! background"), generates one image per example with the outline as control, and measures
+//! the shape (IoU of the disk painted in the circle's colour against the true disk) and the
+//! colours (mean colour of the true disk and of the true background against the prompt's).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use image::{Rgb, RgbImage};
+use indicatif::{ProgressBar, ProgressStyle};
+use sd_controlnet::control_image::to_tensor;
+use sd_controlnet::train::fill::{example, COLOURS};
+use sd_controlnet::{load_controlnet, ControlNetHook, ControlUnit};
+use sd_pipeline::image_io::to_rgb8;
+use sd_pipeline::noise::TorchRng;
+use sd_pipeline::samplers::{SamplerKind, Schedule};
+use sd_pipeline::{GenerateRequest, StableDiffusion};
+use sd_plugins_api::HookSet;
+use serde::Serialize;
+
+use crate::CliResult;
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Control fidelity on the synthetic fill task: for each of --count unseen examples,
+    /// generate from the prompt with the circle outline as control, then measure the IoU of
+    /// the painted disk with the true disk and the colour error of disk and background.
+    Fill(FillArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FillArgs {
+    /// Base model: a diffusers folder or a single-file checkpoint [default: the embedded
+    /// tiny-fill model]
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The ControlNet (diffusers folder or single file) trained on the fill task [default:
+    /// the embedded model's, when --model is not given]
+    #[arg(long)]
+    pub controlnet: Option<PathBuf>,
+    /// Control weight; 0 runs without the ControlNet (the baseline)
+    #[arg(long, default_value_t = 1.0)]
+    pub weight: f64,
+    /// Number of examples
+    #[arg(long, default_value_t = 50)]
+    pub count: usize,
+    /// Example i is drawn, and generated, with seed SEED + i (far from training seeds, so
+    /// the outlines and prompts are unseen)
+    #[arg(long, default_value_t = 1_000_000)]
+    pub seed: u64,
+    /// Image size in pixels (square; a multiple of the VAE's scale factor, 16..=2048)
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
+    /// Denoising steps
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Classifier-free guidance scale
+    #[arg(long, default_value_t = 5.0)]
+    pub cfg_scale: f64,
+    /// ddim | euler | euler_a | dpmpp_2m (A1111, ComfyUI and diffusers names work too)
+    #[arg(long, default_value = "dpmpp_2m")]
+    pub sampler: String,
+    /// normal | karras (default karras, or what the sampler name says)
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// cpu | cuda
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32 | f16 | bf16
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Write every example's numbers and the summary as JSON
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write a PNG of control | generated pairs for the first examples (up to 16, 4 pairs a row)
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
+}
+
+pub fn run(cmd: EvalCommand) -> CliResult {
+    match cmd {
+        EvalCommand::Fill(a) => fill(a),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics (pure)
+
+/// The mean colour of one region of the image compared with the colour the prompt asked for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegionColour {
+    /// Pixels in the region.
+    pub pixels: usize,
+    /// Mean RGB over the region (0..255).
+    pub mean: [f64; 3],
+    /// Mean absolute difference per channel between `mean` and the expected colour (0..255).
+    pub error: f64,
+    /// The nearest of the fill task's colours (Euclidean RGB) to `mean`.
+    pub named: &'static str,
+    /// Whether `named` is the expected colour.
+    pub named_right: bool,
+}
+
+/// The fill task's measures for one generated image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FillMetrics {
+    /// |P ∩ T| / |P ∪ T| (1 when both are empty).
+    pub iou: f64,
+    /// |P|: pixels nearer to the circle colour than to the background colour.
+    pub predicted_pixels: usize,
+    /// |T|: pixels whose centre lies within r of the circle's centre.
+    pub true_pixels: usize,
+    /// The true disk's colour; `None` when the disk holds no pixel centre.
+    pub circle: Option<RegionColour>,
+    /// The true background's colour; `None` when the disk covers the whole image.
+    pub background: Option<RegionColour>,
+}
+
+fn dist2(a: [f64; 3], b: [u8; 3]) -> f64 {
+    (0..3).map(|c| (a[c] - b[c] as f64).powi(2)).sum()
+}
+
+/// The fill task's colour (name and RGB) nearest to `rgb` (Euclidean; the first on ties).
+pub fn nearest_colour(rgb: [f64; 3]) -> (&'static str, [u8; 3]) {
+    let mut best = COLOURS[0];
+    for &c in &COLOURS[1..] {
+        if dist2(rgb, c.1) < dist2(rgb, best.1) {
+            best = c;
+        }
+    }
+    best
+}
+
+/// Whether pixel (x, y) belongs to the true disk: its centre (x + 0.5, y + 0.5) lies within `r`
+/// of `centre` (fill.rs's convention).
+pub fn in_disk(x: u32, y: u32, centre: (f64, f64), r: f64) -> bool {
+    let dx = x as f64 + 0.5 - centre.0;
+    let dy = y as f64 + 0.5 - centre.1;
+    dx * dx + dy * dy <= r * r
+}
+
+fn region(sum: [f64; 3], pixels: usize, expected: [u8; 3]) -> Option<RegionColour> {
+    if pixels == 0 {
+        return None;
+    }
+    let mean = sum.map(|s| s / pixels as f64);
+    let error = (0..3)
+        .map(|c| (mean[c] - expected[c] as f64).abs())
+        .sum::<f64>()
+        / 3.0;
+    let (named, rgb) = nearest_colour(mean);
+    Some(RegionColour {
+        pixels,
+        mean,
+        error,
+        named,
+        named_right: rgb == expected,
+    })
+}
+
+/// Measure a generated fill image against the example it was generated for: the disk at
+/// `centre` with radius `r` (pixels) in colour `circle` on `background`.
+///
+/// - predicted disk P: pixels strictly nearer (Euclidean RGB) to `circle` than to `background`;
+///   true disk T: pixels whose centre lies within `r` of `centre`; IoU = |P ∩ T| / |P ∪ T|.
+/// - colour: the mean RGB over T against `circle`, and over the rest against `background`,
+///   as the mean absolute difference per channel (0..255), and whether the nearest named
+///   colour of the task to that mean is the expected one.
+pub fn fill_metrics(
+    image: &RgbImage,
+    centre: (f64, f64),
+    r: f64,
+    circle: [u8; 3],
+    background: [u8; 3],
+) -> FillMetrics {
+    let (mut inter, mut union, mut predicted, mut truth) = (0usize, 0usize, 0usize, 0usize);
+    let mut sums = [[0f64; 3]; 2]; // [disk, background]
+    for (x, y, Rgb(p)) in image.enumerate_pixels() {
+        let pf = p.map(|v| v as f64);
+        let p_in = dist2(pf, circle) < dist2(pf, background);
+        let t_in = in_disk(x, y, centre, r);
+        predicted += p_in as usize;
+        truth += t_in as usize;
+        inter += (p_in && t_in) as usize;
+        union += (p_in || t_in) as usize;
+        let s = &mut sums[if t_in { 0 } else { 1 }];
+        for c in 0..3 {
+            s[c] += pf[c];
+        }
+    }
+    let total = image.width() as usize * image.height() as usize;
+    FillMetrics {
+        iou: if union == 0 {
+            1.0
+        } else {
+            inter as f64 / union as f64
+        },
+        predicted_pixels: predicted,
+        true_pixels: truth,
+        circle: region(sums[0], truth, circle),
+        background: region(sums[1], total - truth, background),
+    }
+}
+
+/// The colours a fill prompt names ("<colour> circle with <colour> background"), as indices
+/// into [`COLOURS`].
+pub fn parse_fill_prompt(prompt: &str) -> Option<(usize, usize)> {
+    let rest = prompt.strip_suffix(" background")?;
+    let (fg, bg) = rest.split_once(" circle with ")?;
+    let find = |n: &str| COLOURS.iter().position(|(name, _)| *name == n);
+    Some((find(fg)?, find(bg)?))
+}
+
+/// One evaluated example.
+#[derive(Debug, Clone, Serialize)]
+pub struct FillExample {
+    pub index: usize,
+    pub seed: u64,
+    pub prompt: String,
+    pub centre: (f64, f64),
+    pub radius: f64,
+    pub circle_colour: &'static str,
+    pub background_colour: &'static str,
+    #[serde(flatten)]
+    pub metrics: FillMetrics,
+}
+
+/// Mean, median and worst of a list of numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    pub mean: f64,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    /// `None` for an empty list.
+    pub fn of(values: &[f64]) -> Option<Self> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Self {
+            mean: v.iter().sum::<f64>() / n as f64,
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+}
+
+/// Over all examples.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FillSummary {
+    pub count: usize,
+    pub iou: Option<Stats>,
+    pub circle_error: Option<Stats>,
+    pub background_error: Option<Stats>,
+    /// Fraction of disks whose mean colour is nearest to the prompt's circle colour.
+    pub circle_named_right: Option<f64>,
+    /// Fraction of backgrounds whose mean colour is nearest to the prompt's background colour.
+    pub background_named_right: Option<f64>,
+}
+
+pub fn summarise(examples: &[FillMetrics]) -> FillSummary {
+    let ious: Vec<f64> = examples.iter().map(|m| m.iou).collect();
+    let regions = |f: fn(&FillMetrics) -> Option<&RegionColour>| -> Vec<&RegionColour> {
+        examples.iter().filter_map(f).collect()
+    };
+    let circles = regions(|m| m.circle.as_ref());
+    let backs = regions(|m| m.background.as_ref());
+    let errors = |r: &[&RegionColour]| Stats::of(&r.iter().map(|c| c.error).collect::<Vec<_>>());
+    let right = |r: &[&RegionColour]| {
+        (!r.is_empty()).then(|| r.iter().filter(|c| c.named_right).count() as f64 / r.len() as f64)
+    };
+    FillSummary {
+        count: examples.len(),
+        iou: Stats::of(&ious),
+        circle_error: errors(&circles),
+        background_error: errors(&backs),
+        circle_named_right: right(&circles),
+        background_named_right: right(&backs),
+    }
+}
+
+/// Pairs (control | generated) in a row of the grid.
+pub const GRID_PAIRS_PER_ROW: usize = 4;
+/// Pairs in the grid at most (the first examples).
+pub const GRID_MAX_PAIRS: usize = 16;
+/// Pixels between pairs and between rows.
+pub const GRID_GAP: u32 = 4;
+
+/// Control | generated pairs, `GRID_PAIRS_PER_ROW` to a row, separated by `GRID_GAP` pixels of
+/// grey. All images are `size` x `size`. Width: `cols * 2 * size + (cols - 1) * GRID_GAP`,
+/// height: `rows * size + (rows - 1) * GRID_GAP`.
+pub fn grid(pairs: &[(RgbImage, RgbImage)], size: u32) -> RgbImage {
+    let n = pairs.len().max(1) as u32;
+    let per_row = GRID_PAIRS_PER_ROW as u32;
+    let cols = n.min(per_row);
+    let rows = n.div_ceil(per_row);
+    let mut out = RgbImage::from_pixel(
+        cols * 2 * size + (cols - 1) * GRID_GAP,
+        rows * size + (rows - 1) * GRID_GAP,
+        Rgb([128, 128, 128]),
+    );
+    for (i, (control, generated)) in pairs.iter().enumerate() {
+        let (c, r) = (i as u32 % per_row, i as u32 / per_row);
+        let x = (c * (2 * size + GRID_GAP)) as i64;
+        let y = (r * (size + GRID_GAP)) as i64;
+        image::imageops::replace(&mut out, control, x, y);
+        image::imageops::replace(&mut out, generated, x + size as i64, y);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command
+
+fn check_parent(flag: &str, p: &Path) -> CliResult {
+    let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(d) = parent {
+        if !d.is_dir() {
+            return Err(format!("{flag} {}: folder {} not found", p.display(), d.display()).into());
+        }
+    }
+    Ok(())
+}
+
+/// "FLAG PATH: message", without naming the path twice when the library's message names it.
+fn flag_error(flag: &str, path: &Path, e: &dyn std::fmt::Display) -> String {
+    let (msg, shown) = (e.to_string(), path.display().to_string());
+    match msg.strip_prefix(&shown) {
+        Some(rest) if rest.starts_with(':') => format!("{flag} {shown}{rest}"),
+        _ => format!("{flag} {shown}: {msg}"),
+    }
+}
+
+/// Write `path` with `write` via a temporary file, so that the file appears only when complete.
+fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> CliResult) -> CliResult {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let r = write(&tmp).and_then(|_| {
+        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()).into())
+    });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+fn fill(a: FillArgs) -> CliResult {
+    if a.count == 0 {
+        return Err("--count must be at least 1".into());
+    }
+    if !(16..=2048).contains(&a.size) {
+        return Err(format!("--size {}: need 16 <= size <= 2048", a.size).into());
+    }
+    if a.steps == 0 {
+        return Err("--steps must be at least 1".into());
+    }
+    if !a.weight.is_finite() {
+        return Err(format!("--weight {} is not a number", a.weight).into());
+    }
+    if !a.cfg_scale.is_finite() {
+        return Err(format!("--cfg-scale {} is not a number", a.cfg_scale).into());
+    }
+    let (sampler, implied) =
+        SamplerKind::parse_alias(&a.sampler).map_err(|e| format!("--sampler: {e}"))?;
+    let schedule = match &a.schedule {
+        Some(s) => s
+            .parse::<Schedule>()
+            .map_err(|e| format!("--schedule: {e}"))?,
+        None => implied.unwrap_or(Schedule::Karras),
+    };
+    let (model, controlnet) = match (&a.model, &a.controlnet) {
+        (Some(m), Some(c)) => (m.clone(), c.clone()),
+        (None, None) => (
+            crate::embedded::base_dir()?,
+            crate::embedded::controlnet_dir()?,
+        ),
+        (Some(_), None) => return Err("--model needs --controlnet too".into()),
+        (None, Some(c)) => (crate::embedded::base_dir()?, c.clone()),
+    };
+    for (flag, p) in [("--model", &model), ("--controlnet", &controlnet)] {
+        if !p.exists() {
+            return Err(format!("{flag} {}: not found", p.display()).into());
+        }
+    }
+    if let Some(p) = &a.json {
+        check_parent("--json", p)?;
+    }
+    if let Some(p) = &a.grid {
+        check_parent("--grid", p)?;
+    }
+    let device = crate::device::device(&a.device)?;
+    let dtype = crate::device::dtype(&a.dtype)?;
+    crate::device::check_dtype(&device, dtype)?;
+
+    let sd = StableDiffusion::load_with_vae(&model, &device, dtype, &[], None)
+        .map_err(|e| flag_error("--model", &model, &e))?;
+    let f = sd.vae_scale_factor();
+    let size = a.size as usize;
+    if !size.is_multiple_of(f) {
+        return Err(
+            format!("--size {size} is not a multiple of the VAE's scale factor {f}").into(),
+        );
+    }
+    let cn_err = |e: &dyn std::fmt::Display| flag_error("--controlnet", &controlnet, e);
+    let net = Arc::new(
+        load_controlnet(&controlnet, sd.unet.config(), &device, sd.dtype)
+            .map_err(|e| cn_err(&e))?,
+    );
+    // the ControlNet must fit the base model even when --weight 0 leaves it out
+    let blank = candle_core::Tensor::zeros((1, 3, size, size), candle_core::DType::F32, &device)?;
+    ControlUnit::new(net.clone(), blank)
+        .validate_for(
+            sd.unet.config(),
+            sd.unet.num_skips(),
+            sd.vae.config().latent_channels,
+        )
+        .map_err(|e| cn_err(&e))?;
+
+    let bar = ProgressBar::new(a.count as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} eval fill [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let mut examples: Vec<FillExample> = Vec::with_capacity(a.count);
+    let mut pairs: Vec<(RgbImage, RgbImage)> = Vec::new();
+    for i in 0..a.count {
+        let seed = a.seed.wrapping_add(i as u64);
+        let (control, _, prompt, centre, radius) = example(a.size, &mut TorchRng::new(seed));
+        let (fg, bg) = parse_fill_prompt(&prompt)
+            .ok_or_else(|| format!("example {i}: cannot read the colours of {prompt:?}"))?;
+        let req = GenerateRequest {
+            prompt: prompt.clone(),
+            negative_prompt: String::new(),
+            width: size,
+            height: size,
+            steps: a.steps,
+            cfg_scale: a.cfg_scale,
+            sampler,
+            schedule,
+            batch: 1,
+            clip_skip: 1,
+            init_image: None,
+            mask: None,
+            strength: None,
+            noise: None,
+        };
+        let mut hooks = HookSet::new();
+        if a.weight != 0.0 {
+            let mut unit = ControlUnit::new(net.clone(), to_tensor(&control, &device)?);
+            unit.weight = a.weight;
+            hooks.push(Box::new(ControlNetHook::new(vec![unit])));
+        }
+        let latents = sd.denoise(&req, &mut hooks, &mut TorchRng::new(seed))?;
+        let images = sd.decode_latents(&latents)?;
+        let (w, h, px) = to_rgb8(&images.get(0)?)?;
+        let generated = RgbImage::from_raw(w as u32, h as u32, px)
+            .ok_or("generated image has the wrong number of pixels")?;
+        let metrics = fill_metrics(&generated, centre, radius, COLOURS[fg].1, COLOURS[bg].1);
+        examples.push(FillExample {
+            index: i,
+            seed,
+            prompt,
+            centre,
+            radius,
+            circle_colour: COLOURS[fg].0,
+            background_colour: COLOURS[bg].0,
+            metrics,
+        });
+        if a.grid.is_some() && pairs.len() < GRID_MAX_PAIRS {
+            pairs.push((control, generated));
+        }
+        let mean = examples.iter().map(|e| e.metrics.iou).sum::<f64>() / examples.len() as f64;
+        bar.set_message(format!("mean IoU {mean:.3}"));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let metrics: Vec<FillMetrics> = examples.iter().map(|e| e.metrics.clone()).collect();
+    let summary = summarise(&metrics);
+    print_table(&a, sampler, schedule, &summary);
+
+    if let Some(p) = &a.json {
+        let doc = serde_json::json!({
+            "task": "fill",
+            "settings": {
+                "model": model.display().to_string(),
+                "controlnet": controlnet.display().to_string(),
+                "weight": a.weight,
+                "count": a.count,
+                "seed": a.seed,
+                "size": a.size,
+                "steps": a.steps,
+                "cfg_scale": a.cfg_scale,
+                "sampler": sampler.to_string(),
+                "schedule": schedule.to_string(),
+                "device": a.device,
+                "dtype": a.dtype,
+            },
+            "summary": summary,
+            "examples": examples,
+        });
+        let text = serde_json::to_string_pretty(&doc)?;
+        write_atomic(p, |tmp| {
+            std::fs::write(tmp, text + "\n").map_err(|e| format!("--json {}: {e}", p.display()))?;
+            Ok(())
+        })?;
+        eprintln!("wrote {}", p.display());
+    }
+    if let Some(p) = &a.grid {
+        let img = grid(&pairs, a.size);
+        write_atomic(p, |tmp| {
+            img.save_with_format(tmp, image::ImageFormat::Png)
+                .map_err(|e| format!("--grid {}: {e}", p.display()))?;
+            Ok(())
+        })?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn print_table(a: &FillArgs, sampler: SamplerKind, schedule: Schedule, s: &FillSummary) {
+    println!(
+        "eval fill: {} example{}, weight {}, seeds {}.., {}x{}, {} steps, cfg {}, {} {}",
+        s.count,
+        if s.count == 1 { "" } else { "s" },
+        a.weight,
+        a.seed,
+        a.size,
+        a.size,
+        a.steps,
+        a.cfg_scale,
+        sampler,
+        schedule
+    );
+    println!(
+        "{:<26}{:>9}{:>9}{:>9}{:>9}",
+        "", "mean", "median", "min", "max"
+    );
+    let row = |name: &str, st: &Option<Stats>, digits: usize| match st {
+        Some(st) => println!(
+            "{name:<26}{:>9.d$}{:>9.d$}{:>9.d$}{:>9.d$}",
+            st.mean,
+            st.median,
+            st.min,
+            st.max,
+            d = digits
+        ),
+        None => println!("{name:<26}{:>9}", "-"),
+    };
+    row("IoU", &s.iou, 3);
+    row("circle colour error", &s.circle_error, 1);
+    row("background colour error", &s.background_error, 1);
+    let frac = |f: Option<f64>| f.map_or("-".to_string(), |f| format!("{f:.2}"));
+    println!(
+        "{:<26}circle {}  background {}",
+        "colour named right",
+        frac(s.circle_named_right),
+        frac(s.background_named_right)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RED: [u8; 3] = [255, 0, 0];
+    const BLUE: [u8; 3] = [0, 0, 255];
+
+    /// A `size` x `size` image: `fg` where `inside(x, y)`, else `bg`.
+    fn paint(size: u32, fg: [u8; 3], bg: [u8; 3], inside: impl Fn(u32, u32) -> bool) -> RgbImage {
+        RgbImage::from_fn(size, size, |x, y| Rgb(if inside(x, y) { fg } else { bg }))
+    }
+
+    #[test]
+    fn perfect_image_scores_iou_one_and_no_error() {
+        let (c, r) = ((20.3, 27.9), 9.4);
+        let img = paint(64, RED, BLUE, |x, y| in_disk(x, y, c, r));
+        let m = fill_metrics(&img, c, r, RED, BLUE);
+        assert_eq!(m.iou, 1.0);
+        assert_eq!(m.predicted_pixels, m.true_pixels);
+        let (disk, back) = (m.circle.unwrap(), m.background.unwrap());
+        assert_eq!(disk.error, 0.0);
+        assert_eq!(back.error, 0.0);
+        assert_eq!(disk.mean, [255.0, 0.0, 0.0]);
+        assert_eq!((disk.named, disk.named_right), ("red", true));
+        assert_eq!((back.named, back.named_right), ("blue", true));
+        assert_eq!(disk.pixels + back.pixels, 64 * 64);
+    }
+
+    #[test]
+    fn shifted_disk_scores_by_hand() {
+        // centre (4, 4), r 1: the pixel centres within 1 are (3.5|4.5, 3.5|4.5), i.e. the 2x2
+        // square x, y in {3, 4}. Painting it one pixel to the right (x in {4, 5}) leaves
+        // |P ∩ T| = 2, |P ∪ T| = 6.
+        let (c, r) = ((4.0, 4.0), 1.0);
+        let truth: Vec<(u32, u32)> = (0..8)
+            .flat_map(|y| (0..8).map(move |x| (x, y)))
+            .filter(|&(x, y)| in_disk(x, y, c, r))
+            .collect();
+        assert_eq!(truth, vec![(3, 3), (4, 3), (3, 4), (4, 4)]);
+        let img = paint(8, RED, BLUE, |x, y| {
+            (4..=5).contains(&x) && (3..=4).contains(&y)
+        });
+        let m = fill_metrics(&img, c, r, RED, BLUE);
+        assert_eq!((m.predicted_pixels, m.true_pixels), (4, 4));
+        assert!((m.iou - 1.0 / 3.0).abs() < 1e-12, "{}", m.iou);
+        // disk: 2 red + 2 blue -> (127.5, 0, 127.5); |.| vs red: (127.5 + 0 + 127.5) / 3 = 85
+        let disk = m.circle.unwrap();
+        assert_eq!(disk.mean, [127.5, 0.0, 127.5]);
+        assert!((disk.error - 85.0).abs() < 1e-12);
+        // background: 60 pixels, 2 red + 58 blue -> (8.5, 0, 246.5); vs blue: 17 / 3
+        let back = m.background.unwrap();
+        assert_eq!(back.pixels, 60);
+        assert!((back.mean[0] - 8.5).abs() < 1e-12 && (back.mean[2] - 246.5).abs() < 1e-12);
+        assert!((back.error - 17.0 / 3.0).abs() < 1e-12);
+        assert!(back.named_right);
+        // (127.5, 0, 127.5) is nearest to purple (128, 0, 128), not red
+        assert_eq!((disk.named, disk.named_right), ("purple", false));
+    }
+
+    #[test]
+    fn no_disk_painted_scores_zero() {
+        let img = paint(32, RED, BLUE, |_, _| false);
+        let m = fill_metrics(&img, (16.0, 16.0), 6.0, RED, BLUE);
+        assert_eq!(m.iou, 0.0);
+        assert_eq!(m.predicted_pixels, 0);
+        let disk = m.circle.unwrap();
+        assert!((disk.error - 170.0).abs() < 1e-12); // (255 + 0 + 255) / 3
+        assert_eq!(disk.named, "blue");
+    }
+
+    #[test]
+    fn colour_naming_picks_the_nearest_name() {
+        assert_eq!(nearest_colour([250.0, 5.0, 5.0]).0, "red");
+        assert_eq!(nearest_colour([3.0, 120.0, 6.0]).0, "green");
+        assert_eq!(nearest_colour([140.0, 200.0, 230.0]).0, "sky blue");
+        assert_eq!(nearest_colour([10.0, 10.0, 10.0]).0, "black");
+        assert_eq!(nearest_colour([0.0, 95.0, 0.0]).0, "dark green");
+        for &(name, rgb) in COLOURS {
+            assert_eq!(nearest_colour(rgb.map(|v| v as f64)).0, name);
+        }
+        // a slightly-off colour over the true disk is still named right
+        let (c, r) = ((16.0, 16.0), 8.0);
+        let img = paint(32, [230, 30, 70], [250, 240, 140], |x, y| {
+            in_disk(x, y, c, r)
+        });
+        let m = fill_metrics(&img, c, r, [220, 20, 60], [240, 230, 140]);
+        assert_eq!(m.circle.as_ref().unwrap().named, "crimson");
+        assert!(m.circle.unwrap().named_right);
+        assert_eq!(m.background.as_ref().unwrap().named, "khaki");
+        assert!(m.background.unwrap().named_right);
+    }
+
+    #[test]
+    fn fill_targets_score_nearly_iou_one() {
+        for seed in 0..100 {
+            let (_, target, prompt, c, r) = example(64, &mut TorchRng::new(seed));
+            let (fg, bg) = parse_fill_prompt(&prompt).expect(&prompt);
+            let m = fill_metrics(&target, c, r, COLOURS[fg].1, COLOURS[bg].1);
+            // not always exactly 1: a pixel centre just inside r is mixed half and half in the
+            // target, which rounds to the midpoint, a tie that counts as background
+            assert!(m.iou > 0.97, "{prompt}: {}", m.iou);
+            assert!(m.circle.as_ref().unwrap().named_right, "{prompt}");
+            assert!(m.background.as_ref().unwrap().named_right, "{prompt}");
+        }
+    }
+
+    #[test]
+    fn prompts_parse_with_multi_word_colours() {
+        let idx = |n: &str| COLOURS.iter().position(|c| c.0 == n).unwrap();
+        assert_eq!(
+            parse_fill_prompt("dark green circle with sky blue background"),
+            Some((idx("dark green"), idx("sky blue")))
+        );
+        assert_eq!(parse_fill_prompt("red circle on blue background"), None);
+        assert_eq!(parse_fill_prompt("mauve circle with red background"), None);
+    }
+
+    #[test]
+    fn summary_and_grid() {
+        let s = Stats::of(&[0.5, 1.0, 0.0, 0.25]).unwrap();
+        assert_eq!((s.mean, s.median, s.min, s.max), (0.4375, 0.375, 0.0, 1.0));
+        assert_eq!(Stats::of(&[]), None);
+        let tile = |v| RgbImage::from_pixel(8, 8, Rgb([v, v, v]));
+        let pairs: Vec<_> = (0..5).map(|i| (tile(i * 10), tile(i * 10 + 5))).collect();
+        let g = grid(&pairs, 8);
+        assert_eq!(g.dimensions(), (4 * 16 + 3 * GRID_GAP, 2 * 8 + GRID_GAP));
+        assert_eq!(g.get_pixel(8, 0).0, [5, 5, 5]);
+        let second_row = 8 + GRID_GAP;
+        assert_eq!(g.get_pixel(0, second_row).0, [40, 40, 40]);
+        assert_eq!(g.get_pixel(9, second_row).0, [45, 45, 45]);
+    }
+}

@@ -1,0 +1,86 @@
+#![cfg(feature = "embedded-model")]
+//! The embedded tiny-fill model (`models/tiny-fill`): the README's first command works with no
+//! model given, and the ControlNet places the circle where the outline says (a behaviour test
+//! with a loose bound; the model card has the full evaluation).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sdctl-embedded-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn sdctl(args: &[&str], cache: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sdctl"))
+        .args(args)
+        .env("SDCTL_CACHE_DIR", cache)
+        .output()
+        .expect("sdctl runs")
+}
+
+#[test]
+fn the_readme_command_runs_on_the_embedded_model() {
+    let d = scratch("readme");
+    let out = d.join("circle.png");
+    let outline = root().join("models/tiny-fill/outline.png");
+    let o = sdctl(
+        &[
+            "generate",
+            "--prompt",
+            "red circle with light blue background",
+            "--control",
+            &format!("image={}", outline.display()),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &d.join("cache"),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (64, 64));
+    // written out once, then reused
+    let n = std::fs::read_dir(d.join("cache/embedded")).unwrap().count();
+    assert_eq!(n, 1);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn the_embedded_controlnet_places_the_circle() {
+    let d = scratch("iou");
+    let report = d.join("report.json");
+    let run = |weight: &str, json: &Path| {
+        let o = sdctl(
+            &[
+                "eval",
+                "fill",
+                "--count",
+                "6",
+                "--seed",
+                "777000",
+                "--weight",
+                weight,
+                "--json",
+                json.to_str().unwrap(),
+            ],
+            &d.join("cache"),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        v["summary"]["iou"]["mean"].as_f64().unwrap()
+    };
+    let with = run("1", &report);
+    let without = run("0", &d.join("base.json"));
+    eprintln!("mean IoU: ControlNet {with:.3}, without {without:.3}");
+    // loose bounds (6 seeds); the model card reports >= 50 unseen examples
+    assert!(with >= 0.7, "IoU with the ControlNet {with}");
+    assert!(with > without + 0.2, "{with} vs {without}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
