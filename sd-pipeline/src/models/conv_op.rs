@@ -1,10 +1,10 @@
-//! A trainable 2-D convolution for the CPU: `im2col` as a custom op whose backward is
-//! `col2im`, followed by a matmul. candle 0.11's own conv2d backward runs a naive
+//! A trainable 2-D convolution for the CPU. candle 0.11's own conv2d backward runs a naive
 //! `conv_transpose2d` for the input gradient and a conv2d with the whole gradient map as its
-//! kernel for the weight gradient, which makes training crawl; here both gradients are
-//! matmuls. Used only when a gradient is tracked (inference keeps candle's conv2d).
+//! kernel for the weight gradient, which makes training crawl; here the forward is candle's
+//! conv2d and the backward recomputes `im2col` columns and takes both gradients as matmuls
+//! (the input's through `col2im`). Used only when a gradient is tracked.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution.
@@ -106,13 +106,6 @@ impl CustomOp1 for Im2Col {
         });
         Ok((CpuStorage::F32(out), Shape::from((g.b, n, p))))
     }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let geo = Geo::new(arg.dims(), self.k, self.stride, self.pad)?;
-        Ok(Some(
-            grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im { geo })?,
-        ))
-    }
 }
 
 impl CustomOp1 for Col2Im {
@@ -156,6 +149,69 @@ impl CustomOp1 for Col2Im {
     }
 }
 
+/// The convolution as one op: forward is candle's conv2d (the inference path's numbers),
+/// backward recomputes the columns from the input and takes both gradients as matmuls. Only
+/// the input and the weight are kept for backward, as candle's own op does.
+struct ConvTrain {
+    stride: usize,
+    pad: usize,
+}
+
+fn tensor_of(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+    Tensor::from_slice(f32_slice(s, l)?, l.dims(), &candle_core::Device::Cpu)
+}
+
+impl CustomOp2 for ConvTrain {
+    fn name(&self) -> &'static str {
+        "conv2d-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = tensor_of(s1, l1)?.conv2d(&tensor_of(s2, l2)?, self.pad, self.stride, 1, 1)?;
+        let y = y.contiguous()?;
+        let (st, l) = y.storage_and_layout();
+        let v = match &*st {
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                v[l.start_offset()..][..l.shape().elem_count()].to_vec()
+            }
+            _ => candle_core::bail!("conv2d-train: unexpected storage"),
+        };
+        Ok((CpuStorage::F32(v), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (o, c, k, _) = w.dims4()?;
+        let geo = Geo::new(x.dims(), k, self.stride, self.pad)?;
+        let b = geo.b;
+        let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col {
+            k,
+            stride: self.stride,
+            pad: self.pad,
+        })?; // [B, N, P]
+        let g = grad.contiguous()?.reshape((b, o, geo.positions()))?;
+        let gw = g
+            .matmul(&cols.transpose(1, 2)?)?
+            .sum(0)?
+            .reshape((o, c, k, k))?;
+        let wm = w.reshape((o, c * k * k))?.t()?.contiguous()?; // [N, O]
+        let gcols = wm.broadcast_matmul(&g)?.contiguous()?; // [B, N, P]
+        let gx = gcols.apply_op1_no_bwd(&Col2Im { geo })?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
 /// `conv2d(x, weight) + bias` (square kernel, no dilation or groups) with matmul gradients.
 pub fn conv2d_train(
     x: &Tensor,
@@ -172,16 +228,13 @@ pub fn conv2d_train(
             x.dims()
         );
     }
-    let (b, _, h, w) = x.dims4()?;
-    let oh = (h + 2 * padding - k) / stride + 1;
-    let ow = (w + 2 * padding - k) / stride + 1;
-    let cols = x.contiguous()?.apply_op1(Im2Col {
-        k,
-        stride,
-        pad: padding,
-    })?; // [B, N, P]
-    let wm = weight.reshape((o, c * k * k))?; // [O, N]
-    let y = wm.broadcast_matmul(&cols)?.reshape((b, o, oh, ow))?; // [B, O, P]
+    let y = x.contiguous()?.apply_op2(
+        &weight.contiguous()?,
+        ConvTrain {
+            stride,
+            pad: padding,
+        },
+    )?;
     match bias {
         Some(bb) => y.broadcast_add(&bb.reshape((1, o, 1, 1))?),
         None => Ok(y),
