@@ -1,9 +1,9 @@
 //! Building blocks shared by the UNet, the VAE and (later) ControlNet, with diffusers names.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
-use super::nn::Conv2d;
+use super::nn::{Conv2d, GroupNorm};
 
 use super::nn::{attention, conv2d, group_norm, linear, linear_no_bias, LayerNorm};
 
@@ -48,12 +48,12 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),

@@ -1,7 +1,7 @@
 //! Shared layers: layer norm, attention, convolutions, with a differentiable path.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 /// Layer norm over the last dimension. Uses candle's fused kernel for inference and the
 /// differentiable formula when a gradient is being tracked (the fused op has no backward).
@@ -100,8 +100,65 @@ pub fn conv2d(
     })
 }
 
+/// GroupNorm: one fused CPU pass for f32 ([`super::group_norm_op`], with its own backward),
+/// candle-nn's op-by-op formula elsewhere. `forward_silu` fuses the SiLU that follows most
+/// norms in the UNet and the VAE.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let f32s = [x, &self.weight, &self.bias]
+            .iter()
+            .all(|t| t.dtype() == candle_core::DType::F32);
+        if x.device().is_cpu() && f32s {
+            x.contiguous()?.apply_op3(
+                &self.weight,
+                &self.bias,
+                super::group_norm_op::GroupNormOp {
+                    groups: self.groups,
+                    eps: self.eps,
+                    silu,
+                },
+            )
+        } else {
+            let y = self.inner.forward(x)?;
+            if silu {
+                y.silu()
+            } else {
+                Ok(y)
+            }
+        }
+    }
+
+    /// `silu(group_norm(x))`.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
+}
+
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+    let weight = vb.get(channels, "weight")?;
+    let bias = vb.get(channels, "bias")?;
+    Ok(GroupNorm {
+        inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
 }
 
 /// Upper bound on the bytes of one block of attention scores; queries are processed in

@@ -2,9 +2,9 @@
 //! residuals (ControlNet) on the skip connections and the mid block.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
-use super::nn::Conv2d;
+use super::nn::{Conv2d, GroupNorm};
 use sd_plugins_api::Residuals;
 
 use super::blocks::{
@@ -373,7 +373,7 @@ impl UNet2DConditionModel {
                 xs = us.forward(&xs, Some((h, w)))?;
             }
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -1,9 +1,9 @@
 //! diffusers `AutoencoderKL` (encoder, decoder, quant convs).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
-use super::nn::Conv2d;
+use super::nn::{Conv2d, GroupNorm};
 
 use super::blocks::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::config::VaeConfig;
@@ -164,7 +164,7 @@ impl Encoder {
         }
         let xs = self.mid.forward(&xs)?;
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+            .forward(&self.conv_norm_out.forward_silu(&xs)?)
     }
 }
 
@@ -225,7 +225,7 @@ impl Decoder {
             }
         }
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+            .forward(&self.conv_norm_out.forward_silu(&xs)?)
     }
 }
 
