@@ -163,6 +163,9 @@ pub struct UnetArgs {
     /// report the ratio to the plain call measured in the same run
     #[arg(long, default_value_t = 0)]
     pub controlnet: usize,
+    /// Also write the numbers as JSON to this file
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 /// Random weights of any requested shape (N(0, 0.02)): real architecture, no files.
@@ -263,6 +266,12 @@ fn unet(a: UnetArgs) -> CliResult {
         build.as_secs_f64(),
         rss()
     );
+    let mut report = serde_json::json!({
+        "arch": format!("{:?}", a.arch).to_lowercase(), "width": a.width, "height": a.height,
+        "batch": a.batch, "dtype": a.dtype, "device": a.device, "iters": a.iters,
+        "build_s": build.as_secs_f64(),
+        "unet": {"mean_s": mean, "min_s": min, "first_s": first, "peak_rss_bytes": peak_rss_bytes()},
+    });
     if a.controlnet > 0 {
         let cfg = sd_controlnet::config::ControlNetConfig::from_unet(&cfg);
         let nets = (0..a.controlnet)
@@ -287,6 +296,10 @@ fn unet(a: UnetArgs) -> CliResult {
             unet.forward(&x, &ts, &ctx, total.as_ref()).map(drop)
         };
         let (cmean, cmin, cfirst) = time(&step)?;
+        report["controlnet"] = serde_json::json!({
+            "count": a.controlnet, "mean_s": cmean, "min_s": cmin, "first_s": cfirst,
+            "ratio_to_plain": cmean / mean, "peak_rss_bytes": peak_rss_bytes(),
+        });
         println!(
             "unet + {} controlnet{}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}) = {:.2}x the plain call; peak RSS {}",
             a.controlnet,
@@ -298,6 +311,10 @@ fn unet(a: UnetArgs) -> CliResult {
             cmean / mean,
             rss()
         );
+    }
+    if let Some(p) = &a.json {
+        let text = serde_json::to_string_pretty(&report).expect("plain JSON values");
+        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(())
 }

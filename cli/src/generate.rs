@@ -66,7 +66,11 @@ pub fn run(args: GenerateArgs) -> CliResult {
             let (iw, ih) = image_size(img)?;
             (w.unwrap_or(iw), h.unwrap_or(ih))
         }
-        (None, w, h) => (w.unwrap_or(512), h.unwrap_or(512)),
+        // the embedded tiny-fill model is trained at 64x64
+        (None, w, h) => {
+            let d = if st.model.is_none() { 64 } else { 512 };
+            (w.unwrap_or(d), h.unwrap_or(d))
+        }
     };
     let noise = st.noise.as_deref().map(load_noise).transpose()?;
     let specs: Vec<UnitSpec> = st.control.iter().map(|c| c.spec.clone()).collect();

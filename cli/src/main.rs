@@ -1,5 +1,6 @@
 //! `sdctl`: Stable Diffusion with ControlNet, from the command line.
 
+mod alloc_tuning;
 mod bench;
 mod config;
 mod controlnet;
@@ -84,6 +85,12 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
 }
 
 fn main() -> ExitCode {
+    // candle asks for its thread count on every matmul, and without this variable that
+    // re-reads and parses /proc/cpuinfo each time (num_cpus::get_physical): ask once.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SDCTL_LOG")

@@ -34,7 +34,7 @@ fn the_readme_command_runs_on_the_embedded_model() {
         &[
             "generate",
             "--prompt",
-            "red circle with light blue background",
+            "red circle with sky blue background",
             "--control",
             &format!("image={}", outline.display()),
             "--output",
