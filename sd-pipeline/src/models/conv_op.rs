@@ -63,13 +63,14 @@ struct Col2Im {
     geo: Geo,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+/// The f32 values of a contiguous CPU tensor (the custom ops' inputs).
+pub(super) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
-        candle_core::bail!("conv_op: f32 only")
+        candle_core::bail!("custom CPU op: f32 only")
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("conv_op: input is not contiguous"),
+        None => candle_core::bail!("custom CPU op: input is not contiguous"),
     }
 }
 

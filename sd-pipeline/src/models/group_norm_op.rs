@@ -3,6 +3,7 @@
 //! multiply, add; SiLU two more) and as many allocations, on the UNet's largest activations.
 //! Statistics are accumulated in f64; results agree with the op-by-op formula to f32 rounding.
 
+use super::conv_op::f32_slice;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -64,16 +65,6 @@ impl GroupNormOp {
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("group norm op: f32 only")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("group norm op: input is not contiguous"),
-    }
-}
-
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "group-norm"
@@ -89,7 +80,7 @@ impl CustomOp3 for GroupNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo(l1.dims())?;
-        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, gamma, beta) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let stats = self.stats(x, &g);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(g.hw)
