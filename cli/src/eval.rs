@@ -110,6 +110,9 @@ pub struct RegionColour {
 pub struct FillMetrics {
     /// |P ∩ T| / |P ∪ T| (1 when both are empty).
     pub iou: f64,
+    /// The same against the disk found without the prompt's colours ([`shape_mask`]): where
+    /// the circle is drawn, whatever its colours.
+    pub shape_iou: f64,
     /// |P|: pixels nearer to the circle colour than to the background colour.
     pub predicted_pixels: usize,
     /// |T|: pixels whose centre lies within r of the circle's centre.
@@ -193,17 +196,71 @@ pub fn fill_metrics(
         }
     }
     let total = image.width() as usize * image.height() as usize;
+    let shape = shape_mask(image);
+    let (mut s_inter, mut s_union) = (0usize, 0usize);
+    for (i, (x, y, _)) in image.enumerate_pixels().enumerate() {
+        let t_in = in_disk(x, y, centre, r);
+        s_inter += (shape[i] && t_in) as usize;
+        s_union += (shape[i] || t_in) as usize;
+    }
+    let ratio = |i: usize, u: usize| if u == 0 { 1.0 } else { i as f64 / u as f64 };
     FillMetrics {
-        iou: if union == 0 {
-            1.0
-        } else {
-            inter as f64 / union as f64
-        },
+        iou: ratio(inter, union),
+        shape_iou: ratio(s_inter, s_union),
         predicted_pixels: predicted,
         true_pixels: truth,
         circle: region(sums[0], truth, circle),
         background: region(sums[1], total - truth, background),
     }
+}
+
+/// The disk found in an image without knowing its colours (row-major, `true` = disk): two
+/// colour clusters (k-means, Euclidean RGB, 10 rounds), seeded with the median colour of the
+/// image's border (the background, which the task's disks never cover whole) and the pixel
+/// farthest from it; the disk is the second cluster. An image of one colour has no disk.
+pub fn shape_mask(image: &RgbImage) -> Vec<bool> {
+    let (w, h) = image.dimensions();
+    let px: Vec<[f64; 3]> = image.pixels().map(|p| p.0.map(|v| v as f64)).collect();
+    let border: Vec<[f64; 3]> = image
+        .enumerate_pixels()
+        .filter(|(x, y, _)| *x == 0 || *y == 0 || *x + 1 == w || *y + 1 == h)
+        .map(|(_, _, p)| p.0.map(|v| v as f64))
+        .collect();
+    let mut back = [0f64; 3];
+    for (c, b) in back.iter_mut().enumerate() {
+        let mut v: Vec<f64> = border.iter().map(|p| p[c]).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        *b = v[v.len() / 2];
+    }
+    let d2 = |a: [f64; 3], b: [f64; 3]| (0..3).map(|c| (a[c] - b[c]).powi(2)).sum::<f64>();
+    let far = px
+        .iter()
+        .copied()
+        .max_by(|a, b| d2(*a, back).total_cmp(&d2(*b, back)))
+        .unwrap_or(back);
+    if d2(far, back) == 0.0 {
+        return vec![false; px.len()];
+    }
+    let mut cent = [back, far];
+    let mut label = vec![false; px.len()];
+    for _ in 0..10 {
+        let mut sums = [[0f64; 3]; 2];
+        let mut counts = [0usize; 2];
+        for (l, p) in label.iter_mut().zip(&px) {
+            *l = d2(*p, cent[1]) < d2(*p, cent[0]);
+            let k = *l as usize;
+            counts[k] += 1;
+            for c in 0..3 {
+                sums[k][c] += p[c];
+            }
+        }
+        for k in 0..2 {
+            if counts[k] > 0 {
+                cent[k] = sums[k].map(|s| s / counts[k] as f64);
+            }
+        }
+    }
+    label
 }
 
 /// The colours a fill prompt names ("<colour> circle with <colour> background"), as indices
@@ -266,6 +323,7 @@ impl Stats {
 pub struct FillSummary {
     pub count: usize,
     pub iou: Option<Stats>,
+    pub shape_iou: Option<Stats>,
     pub circle_error: Option<Stats>,
     pub background_error: Option<Stats>,
     /// Fraction of disks whose mean colour is nearest to the prompt's circle colour.
@@ -288,6 +346,7 @@ pub fn summarise(examples: &[FillMetrics]) -> FillSummary {
     FillSummary {
         count: examples.len(),
         iou: Stats::of(&ious),
+        shape_iou: Stats::of(&examples.iter().map(|m| m.shape_iou).collect::<Vec<_>>()),
         circle_error: errors(&circles),
         background_error: errors(&backs),
         circle_named_right: right(&circles),
@@ -567,7 +626,8 @@ fn print_table(a: &FillArgs, sampler: SamplerKind, schedule: Schedule, s: &FillS
         ),
         None => println!("{name:<26}{:>9}", "-"),
     };
-    row("IoU", &s.iou, 3);
+    row("IoU (prompt's colours)", &s.iou, 3);
+    row("IoU (shape, any colours)", &s.shape_iou, 3);
     row("circle colour error", &s.circle_error, 1);
     row("background colour error", &s.background_error, 1);
     let frac = |f: Option<f64>| f.map_or("-".to_string(), |f| format!("{f:.2}"));
@@ -597,6 +657,7 @@ mod tests {
         let img = paint(64, RED, BLUE, |x, y| in_disk(x, y, c, r));
         let m = fill_metrics(&img, c, r, RED, BLUE);
         assert_eq!(m.iou, 1.0);
+        assert_eq!(m.shape_iou, 1.0);
         assert_eq!(m.predicted_pixels, m.true_pixels);
         let (disk, back) = (m.circle.unwrap(), m.background.unwrap());
         assert_eq!(disk.error, 0.0);
@@ -624,6 +685,7 @@ mod tests {
         let m = fill_metrics(&img, c, r, RED, BLUE);
         assert_eq!((m.predicted_pixels, m.true_pixels), (4, 4));
         assert!((m.iou - 1.0 / 3.0).abs() < 1e-12, "{}", m.iou);
+        assert!((m.shape_iou - 1.0 / 3.0).abs() < 1e-12, "{}", m.shape_iou);
         // disk: 2 red + 2 blue -> (127.5, 0, 127.5); |.| vs red: (127.5 + 0 + 127.5) / 3 = 85
         let disk = m.circle.unwrap();
         assert_eq!(disk.mean, [127.5, 0.0, 127.5]);
@@ -643,10 +705,34 @@ mod tests {
         let img = paint(32, RED, BLUE, |_, _| false);
         let m = fill_metrics(&img, (16.0, 16.0), 6.0, RED, BLUE);
         assert_eq!(m.iou, 0.0);
+        assert_eq!(m.shape_iou, 0.0);
         assert_eq!(m.predicted_pixels, 0);
         let disk = m.circle.unwrap();
         assert!((disk.error - 170.0).abs() < 1e-12); // (255 + 0 + 255) / 3
         assert_eq!(disk.named, "blue");
+    }
+
+    #[test]
+    fn shape_iou_ignores_the_colours_and_survives_noise() {
+        // the right disk in the wrong colours: no IoU in the prompt's colours, full shape IoU
+        let (c, r) = ((40.0, 22.0), 12.5);
+        let img = paint(64, [20, 160, 30], [250, 250, 0], |x, y| in_disk(x, y, c, r));
+        let m = fill_metrics(&img, c, r, RED, BLUE);
+        assert_eq!(m.iou, 0.0);
+        assert_eq!(m.shape_iou, 1.0);
+        // +-20 of deterministic noise per channel keeps the two clusters apart
+        let mut noisy = img.clone();
+        for (i, p) in noisy.pixels_mut().enumerate() {
+            let n = ((i * 7919) % 41) as i32 - 20;
+            p.0 = p.0.map(|v| (v as i32 + n).clamp(0, 255) as u8);
+        }
+        assert_eq!(fill_metrics(&noisy, c, r, RED, BLUE).shape_iou, 1.0);
+        // a disk cut by the image's edge is still found: the border is mostly background
+        let (c, r) = ((3.0, 30.0), 10.0);
+        let img = paint(64, [200, 200, 200], [10, 10, 60], |x, y| {
+            in_disk(x, y, c, r)
+        });
+        assert_eq!(fill_metrics(&img, c, r, RED, BLUE).shape_iou, 1.0);
     }
 
     #[test]
@@ -680,6 +766,7 @@ mod tests {
             // not always exactly 1: a pixel centre just inside r is mixed half and half in the
             // target, which rounds to the midpoint, a tie that counts as background
             assert!(m.iou > 0.97, "{prompt}: {}", m.iou);
+            assert!(m.shape_iou > 0.97, "{prompt}: {}", m.shape_iou);
             assert!(m.circle.as_ref().unwrap().named_right, "{prompt}");
             assert!(m.background.as_ref().unwrap().named_right, "{prompt}");
         }
