@@ -2,8 +2,7 @@
 //! architecture, scaled down) and a ControlNet trained by this project on the synthetic fill
 //! task, compiled into the binary (feature `embedded-model`) so that `sdctl generate` works
 //! with no download. On first use it is written out as a diffusers folder under the cache dir
-//! (content-addressed). Without the feature (the weights are not trained yet: see
-//! `models/tiny-fill/README.md`) there is no default model.
+//! (content-addressed). Without the feature (on by default) there is no default model.
 
 use std::path::PathBuf;
 
