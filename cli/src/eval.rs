@@ -123,15 +123,19 @@ pub struct FillMetrics {
     pub background: Option<RegionColour>,
 }
 
-fn dist2(a: [f64; 3], b: [u8; 3]) -> f64 {
-    (0..3).map(|c| (a[c] - b[c] as f64).powi(2)).sum()
+fn dist2(a: [f64; 3], b: [f64; 3]) -> f64 {
+    (0..3).map(|c| (a[c] - b[c]).powi(2)).sum()
+}
+
+fn rgb_f64(c: [u8; 3]) -> [f64; 3] {
+    c.map(f64::from)
 }
 
 /// The fill task's colour (name and RGB) nearest to `rgb` (Euclidean; the first on ties).
 pub fn nearest_colour(rgb: [f64; 3]) -> (&'static str, [u8; 3]) {
     let mut best = COLOURS[0];
     for &c in &COLOURS[1..] {
-        if dist2(rgb, c.1) < dist2(rgb, best.1) {
+        if dist2(rgb, rgb_f64(c.1)) < dist2(rgb, rgb_f64(best.1)) {
             best = c;
         }
     }
@@ -169,7 +173,8 @@ fn region(sum: [f64; 3], pixels: usize, expected: [u8; 3]) -> Option<RegionColou
 /// `centre` with radius `r` (pixels) in colour `circle` on `background`.
 ///
 /// - predicted disk P: pixels strictly nearer (Euclidean RGB) to `circle` than to `background`;
-///   true disk T: pixels whose centre lies within `r` of `centre`; IoU = |P ∩ T| / |P ∪ T|.
+///   true disk T: pixels whose centre lies within `r` of `centre`; IoU = |P ∩ T| / |P ∪ T|;
+///   shape IoU: the same with [`shape_mask`] as P.
 /// - colour: the mean RGB over T against `circle`, and over the rest against `background`,
 ///   as the mean absolute difference per channel (0..255), and whether the nearest named
 ///   colour of the task to that mean is the expected one.
@@ -181,28 +186,26 @@ pub fn fill_metrics(
     background: [u8; 3],
 ) -> FillMetrics {
     let (mut inter, mut union, mut predicted, mut truth) = (0usize, 0usize, 0usize, 0usize);
+    let (mut s_inter, mut s_union) = (0usize, 0usize);
     let mut sums = [[0f64; 3]; 2]; // [disk, background]
-    for (x, y, Rgb(p)) in image.enumerate_pixels() {
-        let pf = p.map(|v| v as f64);
-        let p_in = dist2(pf, circle) < dist2(pf, background);
+    let (fg, bg) = (rgb_f64(circle), rgb_f64(background));
+    let shape = shape_mask(image);
+    for ((x, y, Rgb(p)), &s_in) in image.enumerate_pixels().zip(&shape) {
+        let pf = rgb_f64(*p);
+        let p_in = dist2(pf, fg) < dist2(pf, bg);
         let t_in = in_disk(x, y, centre, r);
         predicted += p_in as usize;
         truth += t_in as usize;
         inter += (p_in && t_in) as usize;
         union += (p_in || t_in) as usize;
+        s_inter += (s_in && t_in) as usize;
+        s_union += (s_in || t_in) as usize;
         let s = &mut sums[if t_in { 0 } else { 1 }];
         for c in 0..3 {
             s[c] += pf[c];
         }
     }
     let total = image.width() as usize * image.height() as usize;
-    let shape = shape_mask(image);
-    let (mut s_inter, mut s_union) = (0usize, 0usize);
-    for (i, (x, y, _)) in image.enumerate_pixels().enumerate() {
-        let t_in = in_disk(x, y, centre, r);
-        s_inter += (shape[i] && t_in) as usize;
-        s_union += (shape[i] || t_in) as usize;
-    }
     let ratio = |i: usize, u: usize| if u == 0 { 1.0 } else { i as f64 / u as f64 };
     FillMetrics {
         iou: ratio(inter, union),
@@ -220,11 +223,11 @@ pub fn fill_metrics(
 /// farthest from it; the disk is the second cluster. An image of one colour has no disk.
 pub fn shape_mask(image: &RgbImage) -> Vec<bool> {
     let (w, h) = image.dimensions();
-    let px: Vec<[f64; 3]> = image.pixels().map(|p| p.0.map(|v| v as f64)).collect();
+    let px: Vec<[f64; 3]> = image.pixels().map(|p| rgb_f64(p.0)).collect();
     let border: Vec<[f64; 3]> = image
         .enumerate_pixels()
         .filter(|(x, y, _)| *x == 0 || *y == 0 || *x + 1 == w || *y + 1 == h)
-        .map(|(_, _, p)| p.0.map(|v| v as f64))
+        .map(|(_, _, p)| rgb_f64(p.0))
         .collect();
     let mut back = [0f64; 3];
     for (c, b) in back.iter_mut().enumerate() {
@@ -232,13 +235,12 @@ pub fn shape_mask(image: &RgbImage) -> Vec<bool> {
         v.sort_by(|a, b| a.total_cmp(b));
         *b = v[v.len() / 2];
     }
-    let d2 = |a: [f64; 3], b: [f64; 3]| (0..3).map(|c| (a[c] - b[c]).powi(2)).sum::<f64>();
     let far = px
         .iter()
         .copied()
-        .max_by(|a, b| d2(*a, back).total_cmp(&d2(*b, back)))
+        .max_by(|a, b| dist2(*a, back).total_cmp(&dist2(*b, back)))
         .unwrap_or(back);
-    if d2(far, back) == 0.0 {
+    if dist2(far, back) == 0.0 {
         return vec![false; px.len()];
     }
     let mut cent = [back, far];
@@ -247,7 +249,7 @@ pub fn shape_mask(image: &RgbImage) -> Vec<bool> {
         let mut sums = [[0f64; 3]; 2];
         let mut counts = [0usize; 2];
         for (l, p) in label.iter_mut().zip(&px) {
-            *l = d2(*p, cent[1]) < d2(*p, cent[0]);
+            *l = dist2(*p, cent[1]) < dist2(*p, cent[0]);
             let k = *l as usize;
             counts[k] += 1;
             for c in 0..3 {
@@ -333,7 +335,7 @@ pub struct FillSummary {
 }
 
 pub fn summarise(examples: &[FillMetrics]) -> FillSummary {
-    let ious: Vec<f64> = examples.iter().map(|m| m.iou).collect();
+    let all = |f: fn(&FillMetrics) -> f64| Stats::of(&examples.iter().map(f).collect::<Vec<_>>());
     let regions = |f: fn(&FillMetrics) -> Option<&RegionColour>| -> Vec<&RegionColour> {
         examples.iter().filter_map(f).collect()
     };
@@ -345,8 +347,8 @@ pub fn summarise(examples: &[FillMetrics]) -> FillSummary {
     };
     FillSummary {
         count: examples.len(),
-        iou: Stats::of(&ious),
-        shape_iou: Stats::of(&examples.iter().map(|m| m.shape_iou).collect::<Vec<_>>()),
+        iou: all(|m| m.iou),
+        shape_iou: all(|m| m.shape_iou),
         circle_error: errors(&circles),
         background_error: errors(&backs),
         circle_named_right: right(&circles),
