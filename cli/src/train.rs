@@ -297,7 +297,6 @@ fn run_base(args: &BaseTrainArgs, part: Part) -> CliResult {
 }
 
 pub fn run(cmd: TrainCommand) -> CliResult {
-    crate::alloc_tuning::for_training();
     let args = match cmd {
         TrainCommand::Controlnet(args) => args,
         TrainCommand::Vae(a) => return run_base(&a, Part::Vae),

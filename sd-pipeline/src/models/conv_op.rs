@@ -1,10 +1,10 @@
-//! A trainable 2-D convolution for the CPU. candle 0.11's own conv2d backward runs a naive
+//! 2-D convolution for the CPU in f32: an `im2col` + gemm forward (inference, and the training
+//! forward) and a trainable op. candle 0.11's own conv2d backward runs a naive
 //! `conv_transpose2d` for the input gradient and a conv2d with the whole gradient map as its
-//! kernel for the weight gradient, which makes training crawl; here the forward is candle's
-//! conv2d and the backward recomputes `im2col` columns and takes both gradients as matmuls
-//! (the input's through `col2im`). Used only when a gradient is tracked.
+//! kernel for the weight gradient, which makes training crawl; here the backward recomputes
+//! `im2col` columns and takes both gradients as matmuls (the input's through `col2im`).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution.
@@ -84,29 +84,174 @@ impl CustomOp1 for Im2Col {
         let x = f32_slice(s, l)?;
         let (n, p) = (g.cols(), g.positions());
         let mut out = vec![0f32; g.b * n * p];
-        // one row of P positions per (batch, c, ky, kx): contiguous spans at stride 1
-        out.par_chunks_mut(p).enumerate().for_each(|(row, dst)| {
-            let (bi, r) = (row / n, row % n);
-            let (c, ky, kx) = (r / (g.k * g.k), r / g.k % g.k, r % g.k);
-            let src = &x[(bi * g.c + c) * g.h * g.w..][..g.h * g.w];
-            for oy in 0..g.oh {
-                let Some(y) = (oy * g.stride + ky).checked_sub(g.pad).filter(|&y| y < g.h) else {
-                    continue;
-                };
-                let line = &src[y * g.w..(y + 1) * g.w];
-                let d = &mut dst[oy * g.ow..(oy + 1) * g.ow];
-                for (ox, v) in d.iter_mut().enumerate() {
-                    if let Some(xx) = (ox * g.stride + kx)
-                        .checked_sub(g.pad)
-                        .filter(|&xx| xx < g.w)
-                    {
-                        *v = line[xx];
-                    }
-                }
-            }
-        });
+        for (bi, dst) in out.chunks_mut(n * p).enumerate() {
+            im2col(&x[bi * g.c * g.h * g.w..][..g.c * g.h * g.w], &g, dst);
+        }
         Ok((CpuStorage::F32(out), Shape::from((g.b, n, p))))
     }
+}
+
+/// The columns of one batch item, `[C*K*K, OH*OW]`, into `dst` (every element written): one
+/// row of positions per (c, ky, kx), in parallel; at stride 1 each output row is one copy.
+fn im2col(x: &[f32], g: &Geo, dst: &mut [f32]) {
+    let p = g.positions();
+    dst.par_chunks_mut(p).enumerate().for_each(|(r, dst)| {
+        let (c, ky, kx) = (r / (g.k * g.k), r / g.k % g.k, r % g.k);
+        let src = &x[c * g.h * g.w..][..g.h * g.w];
+        for oy in 0..g.oh {
+            let d = &mut dst[oy * g.ow..(oy + 1) * g.ow];
+            let Some(y) = (oy * g.stride + ky).checked_sub(g.pad).filter(|&y| y < g.h) else {
+                d.fill(0.0);
+                continue;
+            };
+            let line = &src[y * g.w..(y + 1) * g.w];
+            if g.stride == 1 {
+                // ox + kx - pad in [0, w): ox in [pad - kx, w + pad - kx)
+                let lo = g.pad.saturating_sub(kx).min(g.ow);
+                let hi = (g.w + g.pad).saturating_sub(kx).min(g.ow).max(lo);
+                d[..lo].fill(0.0);
+                d[hi..].fill(0.0);
+                d[lo..hi].copy_from_slice(&line[lo + kx - g.pad..hi + kx - g.pad]);
+            } else {
+                for (ox, v) in d.iter_mut().enumerate() {
+                    *v = (ox * g.stride + kx)
+                        .checked_sub(g.pad)
+                        .filter(|&xx| xx < g.w)
+                        .map_or(0.0, |xx| line[xx]);
+                }
+            }
+        }
+    });
+}
+
+/// `conv2d(x, w) + bias` for contiguous f32 `[B, C, H, W]` and `[O, C, K, K]`: per batch item
+/// the columns (none for 1x1 stride-1 kernels) times the weight as one gemm written straight
+/// into the NCHW output, the bias preloaded. candle 0.11's CPU conv2d transposes the whole
+/// input to NHWC and reorders the weight on one thread on every call, then scatters its output.
+fn conv2d_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usize) -> Vec<f32> {
+    let (n, p) = (g.cols(), g.positions());
+    let direct = g.k == 1 && g.stride == 1 && g.pad == 0;
+    let mut cols = if direct {
+        Vec::new()
+    } else {
+        vec![0f32; n * p]
+    };
+    let mut out = vec![0f32; g.b * o * p];
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    for (bi, dst) in out.chunks_mut(o * p).enumerate() {
+        let xb = &x[bi * g.c * g.h * g.w..][..g.c * g.h * g.w];
+        let rhs = if direct {
+            xb
+        } else {
+            im2col(xb, g, &mut cols);
+            &cols[..]
+        };
+        if let Some(bias) = bias {
+            dst.par_chunks_mut(p)
+                .zip(bias.par_iter())
+                .for_each(|(row, &v)| row.fill(v));
+        }
+        // SAFETY: row-major [o, p] = [o, n] x [n, p], every slice sized accordingly above.
+        unsafe {
+            gemm::gemm(
+                o,
+                p,
+                n,
+                dst.as_mut_ptr(),
+                1,
+                p as isize,
+                bias.is_some(),
+                w.as_ptr(),
+                1,
+                n as isize,
+                rhs.as_ptr(),
+                1,
+                p as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
+    out
+}
+
+/// The inference convolution as a CPU op (no gradient): [`conv2d_f32`] with the bias inside.
+struct ConvInfer {
+    stride: usize,
+    pad: usize,
+    bias: Option<Vec<f32>>,
+}
+
+impl CustomOp2 for ConvInfer {
+    fn name(&self) -> &'static str {
+        "conv2d-infer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [o, c, k, _] = l2.dims() else {
+            candle_core::bail!("conv2d: expected a 4-d weight, got {:?}", l2.dims())
+        };
+        let g = Geo::new(l1.dims(), *k, self.stride, self.pad)?;
+        if g.c != *c {
+            candle_core::bail!("conv2d: weight {:?} for input {:?}", l2.dims(), l1.dims());
+        }
+        let y = conv2d_f32(
+            f32_slice(s1, l1)?,
+            f32_slice(s2, l2)?,
+            self.bias.as_deref(),
+            &g,
+            *o,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((g.b, *o, g.oh, g.ow))))
+    }
+}
+
+/// `conv2d(x, weight) + bias` for inference on the CPU in f32 (square kernel, no dilation or
+/// groups); see [`conv2d_f32`].
+pub fn conv2d_infer(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (o, c, k, k2) = weight.dims4()?;
+    if k != k2 || x.dim(1)? != c {
+        candle_core::bail!(
+            "conv2d: weight {:?} for input {:?}",
+            weight.dims(),
+            x.dims()
+        );
+    }
+    let bias = bias
+        .map(|b| b.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
+    if bias.as_ref().is_some_and(|b| b.len() != o) {
+        candle_core::bail!("conv2d: bias of the wrong size for {o} output channels");
+    }
+    x.contiguous()?.apply_op2_no_bwd(
+        &weight.contiguous()?,
+        &ConvInfer {
+            stride,
+            pad: padding,
+            bias,
+        },
+    )
 }
 
 impl CustomOp1 for Col2Im {
@@ -150,16 +295,12 @@ impl CustomOp1 for Col2Im {
     }
 }
 
-/// The convolution as one op: forward is candle's conv2d (the inference path's numbers),
+/// The convolution as one op: forward is [`conv2d_f32`] (the inference path's numbers),
 /// backward recomputes the columns from the input and takes both gradients as matmuls. Only
 /// the input and the weight are kept for backward, as candle's own op does.
 struct ConvTrain {
     stride: usize,
     pad: usize,
-}
-
-fn tensor_of(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    Tensor::from_slice(f32_slice(s, l)?, l.dims(), &candle_core::Device::Cpu)
 }
 
 impl CustomOp2 for ConvTrain {
@@ -174,16 +315,12 @@ impl CustomOp2 for ConvTrain {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = tensor_of(s1, l1)?.conv2d(&tensor_of(s2, l2)?, self.pad, self.stride, 1, 1)?;
-        let y = y.contiguous()?;
-        let (st, l) = y.storage_and_layout();
-        let v = match &*st {
-            Storage::Cpu(CpuStorage::F32(v)) => {
-                v[l.start_offset()..][..l.shape().elem_count()].to_vec()
-            }
-            _ => candle_core::bail!("conv2d-train: unexpected storage"),
-        };
-        Ok((CpuStorage::F32(v), l.shape().clone()))
+        ConvInfer {
+            stride: self.stride,
+            pad: self.pad,
+            bias: None,
+        }
+        .cpu_fwd(s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -245,7 +382,63 @@ pub fn conv2d_train(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn inference_conv_matches_candles() {
+        let dev = Device::Cpu;
+        // 3x3 same, stride 2 (odd and even sizes), 1x1 (direct gemm), pad 0, a 1-pixel input
+        for (stride, pad, k, h, w, bias) in [
+            (1, 1, 3, 7, 6, true),
+            (2, 1, 3, 9, 10, true),
+            (2, 0, 3, 8, 7, false),
+            (1, 0, 1, 5, 4, true),
+            (1, 0, 1, 5, 4, false),
+            (2, 0, 1, 6, 5, true),
+            (1, 1, 3, 1, 1, true),
+            (1, 2, 5, 6, 3, false),
+        ] {
+            let x = Tensor::randn(0f32, 1., (2, 5, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (6, 5, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., 6, &dev).unwrap();
+            let b = bias.then_some(&b);
+            let ours = conv2d_infer(&x, &wt, b, stride, pad).unwrap();
+            let mut theirs = x.conv2d(&wt, pad, stride, 1, 1).unwrap();
+            if let Some(b) = b {
+                theirs = theirs
+                    .broadcast_add(&b.reshape((1, 6, 1, 1)).unwrap())
+                    .unwrap();
+            }
+            assert_eq!(ours.dims(), theirs.dims());
+            let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
+            // both sum 5*k*k products of unit normals in f32, in different orders
+            assert!(
+                d.to_scalar::<f32>().unwrap() < 1e-5,
+                "stride {stride} pad {pad} k {k}"
+            );
+        }
+        // a strided (transposed) input goes through contiguous() first
+        let x = Tensor::randn(0f32, 1., (2, 5, 6, 7), &dev)
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        let wt = Tensor::randn(0f32, 1., (3, 5, 3, 3), &dev).unwrap();
+        let d = (conv2d_infer(&x, &wt, None, 1, 1).unwrap() - x.conv2d(&wt, 1, 1, 1, 1).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(conv2d_infer(
+            &x,
+            &Tensor::zeros((3, 4, 3, 3), DType::F32, &dev).unwrap(),
+            None,
+            1,
+            1
+        )
+        .is_err());
+    }
 
     #[test]
     fn matches_candles_conv2d_and_its_gradients() {

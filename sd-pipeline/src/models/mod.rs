@@ -7,6 +7,7 @@ pub mod blocks;
 pub mod clip;
 pub mod config;
 pub mod conv_op;
+pub mod fused_attention;
 pub mod group_norm_op;
 pub mod ldm_names;
 pub mod nn;

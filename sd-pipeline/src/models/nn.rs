@@ -49,8 +49,9 @@ pub fn linear_no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
     candle_nn::linear_no_bias(i, o, vb)
 }
 
-/// A 2-D convolution: candle's for inference, [`super::conv_op::conv2d_train`] (matmul
-/// gradients) when a gradient is tracked on the CPU.
+/// A 2-D convolution. On the CPU in f32: [`super::conv_op::conv2d_infer`] (im2col + one gemm
+/// into the output) for inference, [`super::conv_op::conv2d_train`] (matmul gradients) when a
+/// gradient is tracked; candle's elsewhere.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
@@ -72,10 +73,13 @@ impl Module for Conv2d {
         let w = self.inner.weight();
         let b = self.inner.bias();
         let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
-        if tracked && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        let f32s = x.dtype() == candle_core::DType::F32 && w.dtype() == candle_core::DType::F32;
+        if !(x.device().is_cpu() && f32s) {
+            self.inner.forward(x)
+        } else if tracked {
             super::conv_op::conv2d_train(x, w, b, self.stride, self.padding)
         } else {
-            self.inner.forward(x)
+            super::conv_op::conv2d_infer(x, w, b, self.stride, self.padding)
         }
     }
 }
@@ -166,10 +170,18 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 const ATTENTION_CHUNK_BYTES: usize = 256 << 20;
 
 /// Scaled dot-product attention over `[B, S, H*D]` inputs with `heads` heads.
-/// `causal` masks future positions (CLIP).
+/// `causal` masks future positions (CLIP). Inference on the CPU in f32 without a mask takes
+/// [`super::fused_attention`]; everything else the chunked formula below.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
     let (b, sq, inner) = q.dims3()?;
     let sk = k.dim(1)?;
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let f32s = [q, k, v]
+        .iter()
+        .all(|t| t.dtype() == candle_core::DType::F32);
+    if !tracked && !causal && q.device().is_cpu() && f32s {
+        return super::fused_attention::fused_attention(q, k, v, heads);
+    }
     let hd = inner / heads;
     let split = |t: &Tensor, s: usize| -> Result<Tensor> {
         t.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous()
@@ -178,7 +190,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let k = split(k, sk)?;
     let v = split(v, sk)?;
     let rows_per_chunk = (ATTENTION_CHUNK_BYTES / (4 * b * heads * sk).max(1)).clamp(1, sq);
-    let tracked = q.track_op() || k.track_op() || v.track_op();
     if tracked && !causal && q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
         // training: keep only q, k, v and the output; scores are recomputed in backward
         let op = super::attention_op::RecomputedAttention {

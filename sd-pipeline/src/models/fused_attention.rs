@@ -1,0 +1,302 @@
+//! Inference attention for the CPU in f32, one pass per block of query rows (flash-style
+//! blocking, exact softmax): scores of a block of rows against every key with one gemm into a
+//! small scratch buffer, a vectorised softmax, one gemm with the values into the output. The
+//! heads are read from and written to `[B, S, H*D]` through strides, so no transposed copies are
+//! made, and no `(B*H, N, N)` score tensor ever exists. Blocks run in parallel, each gemm on one
+//! thread. The plain path in `nn::attention` is the reference it is tested against.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::conv_op::f32_slice;
+
+/// Query rows per block: the block's scores (`ROWS * keys` f32) stay within L2 for the
+/// UNet's 4096 keys at 512x512.
+const ROWS: usize = 64;
+
+/// `softmax(q k^T * scale) v` per head, over `[B, Sq, H*D]`, `[B, Sk, H*D]`, `[B, Sk, H*D]`.
+struct FusedAttention {
+    heads: usize,
+    scale: f32,
+}
+
+/// A raw output pointer shared by blocks that write disjoint regions.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every block writes its own rows x head columns of the output, nothing else.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let [b, sq, inner] = l1.dims() else {
+            candle_core::bail!(
+                "fused attention: q must be [B, S, H*D], got {:?}",
+                l1.dims()
+            )
+        };
+        let (b, sq, inner) = (*b, *sq, *inner);
+        let sk = l2.dims().get(1).copied().unwrap_or(0);
+        if l2.dims() != [b, sk, inner] || l3.dims() != l2.dims() || inner % self.heads != 0 {
+            candle_core::bail!(
+                "fused attention: q {:?}, k {:?}, v {:?} with {} heads",
+                l1.dims(),
+                l2.dims(),
+                l3.dims(),
+                self.heads
+            )
+        }
+        let (heads, d) = (self.heads, inner / self.heads);
+        let mut out = vec![0f32; b * sq * inner];
+        let dst = OutPtr(out.as_mut_ptr());
+        let blocks = sq.div_ceil(ROWS);
+        (0..b * heads * blocks).into_par_iter().for_each(|task| {
+            let (bh, blk) = (task / blocks, task % blocks);
+            let (bi, h) = (bh / heads, bh % heads);
+            let r0 = blk * ROWS;
+            let rows = ROWS.min(sq - r0);
+            let q0 = &q[(bi * sq + r0) * inner + h * d..];
+            let k0 = &k[bi * sk * inner + h * d..];
+            let v0 = &v[bi * sk * inner + h * d..];
+            let mut scores = vec![0f32; rows * sk];
+            // SAFETY: the strides below stay inside q/k/v (row r < rows of Sq, key j < Sk,
+            // column < d within the head) and inside `scores` [rows, sk].
+            unsafe {
+                // scores[rows, sk] = scale * q_blk[rows, d] x k^T[d, sk]
+                gemm::gemm(
+                    rows,
+                    sk,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    sk as isize,
+                    false,
+                    q0.as_ptr(),
+                    1,
+                    inner as isize,
+                    k0.as_ptr(),
+                    inner as isize,
+                    1,
+                    0.0,
+                    self.scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            let mut inv = vec![0f32; rows];
+            for (row, inv) in scores.chunks_exact_mut(sk).zip(inv.iter_mut()) {
+                *inv = 1.0 / exp_shifted_in_place(row);
+            }
+            let dst = dst;
+            let o0 = (bi * sq + r0) * inner + h * d;
+            // SAFETY: out[rows, d] at row stride `inner` is this block's own region.
+            unsafe {
+                // out_blk[rows, d] = p[rows, sk] x v[sk, d], then each row / its sum
+                gemm::gemm(
+                    rows,
+                    d,
+                    sk,
+                    dst.0.add(o0),
+                    1,
+                    inner as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    sk as isize,
+                    v0.as_ptr(),
+                    1,
+                    inner as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                for (r, s) in inv.iter().enumerate() {
+                    let row = std::slice::from_raw_parts_mut(dst.0.add(o0 + r * inner), d);
+                    row.iter_mut().for_each(|x| *x *= s);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, sq, inner))))
+    }
+}
+
+/// `softmax(q k^T / sqrt(D)) v` for contiguous-able f32 CPU tensors `[B, S, H*D]`, no mask.
+pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let d = q.dim(2)? / heads.max(1);
+    let op = FusedAttention {
+        heads,
+        scale: (d as f32).powf(-0.5),
+    };
+    q.contiguous()?
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+}
+
+/// Replace a row of scores by `exp(x - max)` and return the sum of the new values.
+fn exp_shifted_in_place(row: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was just detected.
+            return unsafe { exp_shifted_avx512(row) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { exp_shifted_avx2(row) };
+        }
+    }
+    exp_shifted(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_avx512(row: &mut [f32]) -> f32 {
+    exp_shifted(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(row: &mut [f32]) -> f32 {
+    exp_shifted(row)
+}
+
+/// Lanes of the reductions: written so that the compiler keeps them in vector registers.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn exp_shifted(row: &mut [f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            m[i] = m[i].max(c[i]);
+        }
+    }
+    let max = chunks.remainder().iter().fold(
+        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+        |a, &b| a.max(b),
+    );
+    let mut s = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            c[i] = exp_approx(c[i] - max);
+            s[i] += c[i];
+        }
+    }
+    let mut sum: f32 = s.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp_approx(*x - max);
+        sum += *x;
+    }
+    sum
+}
+
+/// `e^x` for x <= 0 (softmax arguments) within 2 ulp: Cephes' `expf` (range reduction by
+/// ln 2 in two parts, degree-5 polynomial), branch-free so that it vectorises; 0 below -87.
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.0);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * C1 - n * C2;
+    let p = 1.987_569_1e-4_f32;
+    let p = p.mul_add(r, 1.398_199_9e-3);
+    let p = p.mul_add(r, 8.333_452e-3);
+    let p = p.mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1);
+    let p = p.mul_add(r, 0.5);
+    let y = (p * r).mul_add(r, r) + 1.0;
+    // 2^n through the exponent bits (n in [-126, 0] here)
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    #[test]
+    fn exp_matches_std_within_two_ulp() {
+        let mut worst = 0f32;
+        for i in 0..200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (a, b) = (exp_approx(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+        }
+        assert!(worst < 2.5e-7, "relative error {worst}");
+        assert_eq!(exp_approx(0.0), 1.0);
+        assert_eq!(exp_approx(-1000.0), exp_approx(-87.0));
+        assert!(exp_approx(-1000.0) < 2e-38);
+    }
+
+    fn plain(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Tensor {
+        let (b, sq, inner) = q.dims3().unwrap();
+        let sk = k.dim(1).unwrap();
+        let d = inner / heads;
+        let split = |t: &Tensor, s: usize| {
+            t.reshape((b, s, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (split(q, sq), split(k, sk), split(v, sk));
+        let s = (q.matmul(&k.t().unwrap()).unwrap() * (d as f64).powf(-0.5)).unwrap();
+        let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+        p.matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, sq, inner))
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_plain_attention() {
+        let dev = Device::Cpu;
+        // self-attention over more rows than a block (and not a multiple of it), cross-attention
+        // with 77 keys, one head, large logits
+        for (b, sq, sk, heads, d, amp) in [
+            (2, 150, 150, 4, 8, 1.0),
+            (1, 64, 77, 8, 5, 1.0),
+            (2, 7, 3, 1, 16, 1.0),
+            (1, 70, 33, 2, 8, 30.0),
+        ] {
+            let q = (Tensor::randn(0f32, 1., (b, sq, heads * d), &dev).unwrap() * amp).unwrap();
+            let k = Tensor::randn(0f32, 1., (b, sk, heads * d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1., (b, sk, heads * d), &dev).unwrap();
+            let ours = fused_attention(&q, &k, &v, heads).unwrap();
+            let theirs = plain(&q, &k, &v, heads);
+            let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
+            // outputs are convex combinations of unit normals; f32 sums in another order
+            assert!(
+                diff.to_scalar::<f32>().unwrap() < 1e-5,
+                "case {b} {sq} {sk} {heads}"
+            );
+        }
+        let q = Tensor::zeros((1, 4, 6), candle_core::DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 3, 8), candle_core::DType::F32, &dev).unwrap();
+        assert!(fused_attention(&q, &k, &k, 2).is_err());
+    }
+}
