@@ -16,9 +16,29 @@ use crate::CliResult;
 pub enum BenchCommand {
     /// Seconds per UNet call and peak memory, for SD 1.5 or 2.1 with random weights.
     Unet(UnetArgs),
+    /// Seconds to load a model (diffusers folder or single file) with its memory-mapped
+    /// weights, cold and warm, and the peak memory.
+    Load(LoadArgs),
     /// One ControlNet training step (forward through ControlNet and frozen UNet, backward,
     /// gradients of every ControlNet weight): seconds and peak memory, random weights.
     Train(TrainBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LoadArgs {
+    /// A diffusers folder or a single-file checkpoint
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// Timed loads after the first (which may read from disk)
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Also write the numbers as JSON to this file
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -163,9 +183,87 @@ pub struct UnetArgs {
     /// report the ratio to the plain call measured in the same run
     #[arg(long, default_value_t = 0)]
     pub controlnet: usize,
+    /// Also time the UNet with a random LoRA of this rank merged into every attention,
+    /// feed-forward and projection weight (as `--lora` merges while loading), and report the
+    /// merge time and the ratio to the plain call (0: off)
+    #[arg(long, default_value_t = 0)]
+    pub lora: usize,
     /// Also write the numbers as JSON to this file
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// The UNet weights a LoRA for SD usually patches (kohya's and PEFT's default targets).
+const LORA_TARGETS: [&str; 8] = [
+    "to_q.weight",
+    "to_k.weight",
+    "to_v.weight",
+    "to_out.0.weight",
+    "ff.net.0.proj.weight",
+    "ff.net.2.weight",
+    "proj_in.weight",
+    "proj_out.weight",
+];
+
+/// A LoRA of random factors (N(0, 0.02), alpha = rank) on [`LORA_TARGETS`]: each delta is
+/// computed by `sd_lora`'s module code, as for a LoRA read from a file.
+struct RandomLora {
+    rank: usize,
+    patched: std::sync::atomic::AtomicUsize,
+}
+
+impl sd_plugins_api::WeightPatch for RandomLora {
+    fn name(&self) -> &str {
+        "random-lora"
+    }
+    fn delta(
+        &self,
+        part: sd_plugins_api::ModelPart,
+        name: &str,
+        base: &Tensor,
+    ) -> Result<Option<Tensor>, sd_plugins_api::HookError> {
+        if part != sd_plugins_api::ModelPart::Unet
+            || !LORA_TARGETS.iter().any(|t| name.ends_with(t))
+        {
+            return Ok(None);
+        }
+        let out = base.dim(0)?;
+        let inp = base.elem_count() / out;
+        let (dev, dt) = (base.device(), base.dtype());
+        let module = sd_lora::LoraModule {
+            factors: sd_lora::Factors::LoRA {
+                up: Tensor::randn(0f32, 0.02, (out, self.rank), dev)?.to_dtype(dt)?,
+                down: Tensor::randn(0f32, 0.02, (self.rank, inp), dev)?.to_dtype(dt)?,
+            },
+            alpha: Some(self.rank as f64),
+        };
+        self.patched
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(module.delta(base.dims())?))
+    }
+}
+
+/// [`RandomWeights`] with weight patches added through the loader's own patch step.
+struct PatchedRandom(Vec<std::sync::Arc<dyn sd_plugins_api::WeightPatch>>);
+
+impl SimpleBackend for PatchedRandom {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = RandomWeights.get(s, name, h, dtype, dev)?;
+        sd_pipeline::loader::apply_patches(&self.0, sd_plugins_api::ModelPart::Unet, name, t)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        RandomWeights.get_unchecked(name, dtype, dev)
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
 }
 
 /// Random weights of any requested shape (N(0, 0.02)): real architecture, no files.
@@ -202,7 +300,60 @@ pub fn run(cmd: BenchCommand) -> CliResult {
     match cmd {
         BenchCommand::Unet(a) => unet(a),
         BenchCommand::Train(a) => train(a),
+        BenchCommand::Load(a) => load(a),
     }
+}
+
+fn gib(b: Option<u64>) -> String {
+    b.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn load(a: LoadArgs) -> CliResult {
+    if a.iters == 0 {
+        return Err("--iters must be at least 1".into());
+    }
+    let device = crate::device::device(&a.device)?;
+    let dtype = crate::device::dtype(&a.dtype)?;
+    crate::device::check_dtype(&device, dtype)?;
+    let mut times = Vec::with_capacity(a.iters + 1);
+    for _ in 0..=a.iters {
+        let t = Instant::now();
+        let sd = sd_pipeline::loader::StableDiffusion::load_with_vae(
+            &a.model,
+            &device,
+            dtype,
+            &[],
+            None,
+        )?;
+        device.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+        drop(sd);
+    }
+    let warm = &times[1..];
+    let mean = warm.iter().sum::<f64>() / warm.len() as f64;
+    let min = warm.iter().cloned().fold(f64::INFINITY, f64::min);
+    println!(
+        "load {} ({:?} on {}): {:.3} s warm (mean of {}, min {:.3}), first load {:.3} s; peak RSS {}",
+        a.model.display(),
+        dtype,
+        a.device,
+        mean,
+        a.iters,
+        min,
+        times[0],
+        gib(peak_rss_bytes())
+    );
+    if let Some(p) = &a.json {
+        let report = serde_json::json!({
+            "model": a.model, "dtype": a.dtype, "device": a.device, "iters": a.iters,
+            "first_s": times[0], "warm_mean_s": mean, "warm_min_s": min,
+            "peak_rss_bytes": peak_rss_bytes(),
+        });
+        let text = serde_json::to_string_pretty(&report).expect("plain JSON values");
+        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
 }
 
 fn unet(a: UnetArgs) -> CliResult {
@@ -310,6 +461,38 @@ fn unet(a: UnetArgs) -> CliResult {
             cfirst,
             cmean / mean,
             rss()
+        );
+    }
+    if a.lora > 0 {
+        let patch = std::sync::Arc::new(RandomLora {
+            rank: a.lora,
+            patched: Default::default(),
+        });
+        let t = Instant::now();
+        let vb = VarBuilder::from_backend(
+            Box::new(PatchedRandom(vec![patch.clone()])),
+            dtype,
+            device.clone(),
+        );
+        let merged = UNet2DConditionModel::new(&cfg, vb)?;
+        let merged_build = t.elapsed().as_secs_f64();
+        let patched = patch.patched.load(std::sync::atomic::Ordering::Relaxed);
+        let (lmean, lmin, lfirst) = time(&|| merged.forward(&x, &ts, &ctx, None).map(drop))?;
+        report["lora"] = serde_json::json!({
+            "rank": a.lora, "patched_weights": patched, "build_s": merged_build,
+            "merge_s": merged_build - build.as_secs_f64(), "mean_s": lmean, "min_s": lmin,
+            "first_s": lfirst, "ratio_to_plain": lmean / mean,
+        });
+        println!(
+            "unet + merged LoRA (rank {}, {patched} weights): {:.3} s/call (mean of {}, min {:.3}, first call {:.3}) = {:.2}x the plain call; build {:.1} s (merge {:.1} s)",
+            a.lora,
+            lmean,
+            a.iters,
+            lmin,
+            lfirst,
+            lmean / mean,
+            merged_build,
+            merged_build - build.as_secs_f64(),
         );
     }
     if let Some(p) = &a.json {

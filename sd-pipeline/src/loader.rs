@@ -108,7 +108,7 @@ struct Patched {
 }
 
 /// Add every patch's delta for `name` to `t`.
-pub(crate) fn apply_patches(
+pub fn apply_patches(
     patches: &[Arc<dyn WeightPatch>],
     part: ModelPart,
     name: &str,
