@@ -102,7 +102,6 @@ impl CustomOp3 for FusedAttention {
             for (row, inv) in scores.chunks_exact_mut(sk).zip(inv.iter_mut()) {
                 *inv = 1.0 / exp_shifted_in_place(row);
             }
-            let dst = dst;
             let o0 = (bi * sq + r0) * inner + h * d;
             // SAFETY: out[rows, d] at row stride `inner` is this block's own region.
             unsafe {
