@@ -27,6 +27,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The element `i` places on (a method, so that closures capture the whole wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -110,7 +117,7 @@ impl CustomOp3 for FusedAttention {
                     rows,
                     d,
                     sk,
-                    dst.0.add(o0),
+                    dst.at(o0),
                     1,
                     inner as isize,
                     false,
@@ -128,7 +135,7 @@ impl CustomOp3 for FusedAttention {
                     gemm::Parallelism::None,
                 );
                 for (r, s) in inv.iter().enumerate() {
-                    let row = std::slice::from_raw_parts_mut(dst.0.add(o0 + r * inner), d);
+                    let row = std::slice::from_raw_parts_mut(dst.at(o0 + r * inner), d);
                     row.iter_mut().for_each(|x| *x *= s);
                 }
             }
