@@ -124,11 +124,159 @@ fn im2col(x: &[f32], g: &Geo, dst: &mut [f32]) {
     });
 }
 
-/// `conv2d(x, w) + bias` for contiguous f32 `[B, C, H, W]` and `[O, C, K, K]`: per batch item
-/// the columns (none for 1x1 stride-1 kernels) times the weight as one gemm written straight
-/// into the NCHW output, the bias preloaded. candle 0.11's CPU conv2d transposes the whole
+/// Winograd F(2x2, 3x3) (Lavin & Gray 2015) for 3x3 stride-1 pad-1 kernels: each 2x2 block
+/// of outputs from a 4x4 input tile with 16 multiplications instead of 36, as 16 gemms
+/// `[O, C] x [C, tiles]`. Layouts (leading index first): weights `[O][16][C]`, input tiles
+/// `[C][16][T]`, products `[O][16][T]`; the gemms read them through strides.
+fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usize) -> Vec<f32> {
+    let c = g.c;
+    let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+    let t = th * tw;
+    // U = G g G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
+    let mut u = vec![0f32; o * 16 * c];
+    u.par_chunks_mut(16 * c).enumerate().for_each(|(oi, uo)| {
+        for ci in 0..c {
+            let k = &w[(oi * c + ci) * 9..][..9];
+            let mut gg = [[0f32; 3]; 4];
+            for j in 0..3 {
+                let (a, b, d) = (k[j], k[3 + j], k[6 + j]);
+                gg[0][j] = a;
+                gg[1][j] = 0.5 * (a + b + d);
+                gg[2][j] = 0.5 * (a - b + d);
+                gg[3][j] = d;
+            }
+            for (i, r) in gg.iter().enumerate() {
+                let (a, b, d) = (r[0], r[1], r[2]);
+                let row = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+                for (j, v) in row.into_iter().enumerate() {
+                    uo[(i * 4 + j) * c + ci] = v;
+                }
+            }
+        }
+    });
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut v = vec![0f32; c * 16 * t];
+    let mut m = vec![0f32; o * 16 * t];
+    let mut out = vec![0f32; g.b * o * g.oh * g.ow];
+    for (bi, dst) in out.chunks_mut(o * g.oh * g.ow).enumerate() {
+        let xb = &x[bi * c * g.h * g.w..][..c * g.h * g.w];
+        // V = B^T d B per tile, B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+        v.par_chunks_mut(16 * t).enumerate().for_each(|(ci, vc)| {
+            let plane = &xb[ci * g.h * g.w..][..g.h * g.w];
+            for ty in 0..th {
+                for tx in 0..tw {
+                    let mut d = [[0f32; 4]; 4];
+                    if ty > 0 && tx > 0 && 2 * ty + 2 < g.h && 2 * tx + 2 < g.w {
+                        // interior tile: four rows of four, no padding
+                        for (i, row) in d.iter_mut().enumerate() {
+                            let at = (2 * ty + i - 1) * g.w + 2 * tx - 1;
+                            row.copy_from_slice(&plane[at..at + 4]);
+                        }
+                    } else {
+                        for (i, row) in d.iter_mut().enumerate() {
+                            let Some(y) = (2 * ty + i).checked_sub(1).filter(|&y| y < g.h) else {
+                                continue;
+                            };
+                            for (j, val) in row.iter_mut().enumerate() {
+                                if let Some(xx) = (2 * tx + j).checked_sub(1).filter(|&xx| xx < g.w)
+                                {
+                                    *val = plane[y * g.w + xx];
+                                }
+                            }
+                        }
+                    }
+                    let mut bd = [[0f32; 4]; 4];
+                    for j in 0..4 {
+                        bd[0][j] = d[0][j] - d[2][j];
+                        bd[1][j] = d[1][j] + d[2][j];
+                        bd[2][j] = d[2][j] - d[1][j];
+                        bd[3][j] = d[1][j] - d[3][j];
+                    }
+                    let ti = ty * tw + tx;
+                    for (i, r) in bd.iter().enumerate() {
+                        let row = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]];
+                        for (j, val) in row.into_iter().enumerate() {
+                            vc[(i * 4 + j) * t + ti] = val;
+                        }
+                    }
+                }
+            }
+        });
+        for e in 0..16 {
+            // SAFETY: M_e [o, t] (row stride 16t) = U_e [o, c] (row stride 16c) x V_e [c, t]
+            // (row stride 16t), all inside the buffers sized above.
+            unsafe {
+                gemm::gemm(
+                    o,
+                    t,
+                    c,
+                    m.as_mut_ptr().add(e * t),
+                    1,
+                    (16 * t) as isize,
+                    false,
+                    u.as_ptr().add(e * c),
+                    1,
+                    (16 * c) as isize,
+                    v.as_ptr().add(e * t),
+                    1,
+                    (16 * t) as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        }
+        // Y = A^T M A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], plus the bias
+        let hw = g.oh * g.ow;
+        dst.par_chunks_mut(hw).enumerate().for_each(|(oi, yo)| {
+            let mo = &m[oi * 16 * t..][..16 * t];
+            let b0 = bias.map_or(0.0, |b| b[oi]);
+            for ty in 0..th {
+                for tx in 0..tw {
+                    let ti = ty * tw + tx;
+                    let e = |i: usize, j: usize| mo[(i * 4 + j) * t + ti];
+                    let mut am = [[0f32; 4]; 2];
+                    for j in 0..4 {
+                        am[0][j] = e(0, j) + e(1, j) + e(2, j);
+                        am[1][j] = e(1, j) - e(2, j) - e(3, j);
+                    }
+                    for (i, r) in am.iter().enumerate() {
+                        let y = 2 * ty + i;
+                        if y >= g.oh {
+                            continue;
+                        }
+                        let pair = [r[0] + r[1] + r[2], r[1] - r[2] - r[3]];
+                        for (j, val) in pair.into_iter().enumerate() {
+                            let xx = 2 * tx + j;
+                            if xx < g.ow {
+                                yo[y * g.ow + xx] = val + b0;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+    out
+}
+
+/// `conv2d(x, w) + bias` for contiguous f32 `[B, C, H, W]` and `[O, C, K, K]`: Winograd for
+/// 3x3 stride-1 pad-1 kernels (SD1.5 UNet at 512x512: 10.2 -> 8.9 s per call); otherwise per
+/// batch item the columns (none for 1x1 stride-1 kernels) times the weight as one gemm written
+/// straight into the NCHW output, the bias preloaded. candle 0.11's CPU conv2d transposes the whole
 /// input to NHWC and reorders the weight on one thread on every call, then scatters its output.
 fn conv2d_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usize) -> Vec<f32> {
+    if g.k == 3 && g.stride == 1 && g.pad == 1 {
+        return conv3x3_winograd(x, w, bias, g, o);
+    }
     let (n, p) = (g.cols(), g.positions());
     let direct = g.k == 1 && g.stride == 1 && g.pad == 0;
     let mut cols = if direct {
