@@ -190,13 +190,12 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
                             }
                         }
                     }
-                    let mut bd = [[0f32; 4]; 4];
-                    for j in 0..4 {
-                        bd[0][j] = d[0][j] - d[2][j];
-                        bd[1][j] = d[1][j] + d[2][j];
-                        bd[2][j] = d[2][j] - d[1][j];
-                        bd[3][j] = d[1][j] - d[3][j];
-                    }
+                    let bd: [[f32; 4]; 4] = [
+                        std::array::from_fn(|j| d[0][j] - d[2][j]),
+                        std::array::from_fn(|j| d[1][j] + d[2][j]),
+                        std::array::from_fn(|j| d[2][j] - d[1][j]),
+                        std::array::from_fn(|j| d[1][j] - d[3][j]),
+                    ];
                     let ti = ty * tw + tx;
                     for (i, r) in bd.iter().enumerate() {
                         let row = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]];
@@ -243,11 +242,10 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
                 for tx in 0..tw {
                     let ti = ty * tw + tx;
                     let e = |i: usize, j: usize| mo[(i * 4 + j) * t + ti];
-                    let mut am = [[0f32; 4]; 2];
-                    for j in 0..4 {
-                        am[0][j] = e(0, j) + e(1, j) + e(2, j);
-                        am[1][j] = e(1, j) - e(2, j) - e(3, j);
-                    }
+                    let am: [[f32; 4]; 2] = [
+                        std::array::from_fn(|j| e(0, j) + e(1, j) + e(2, j)),
+                        std::array::from_fn(|j| e(1, j) - e(2, j) - e(3, j)),
+                    ];
                     for (i, r) in am.iter().enumerate() {
                         let y = 2 * ty + i;
                         if y >= g.oh {
