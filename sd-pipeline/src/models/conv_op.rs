@@ -124,27 +124,39 @@ fn im2col(x: &[f32], g: &Geo, dst: &mut [f32]) {
     });
 }
 
+/// Tiles per Winograd pass: bounds the transformed input and products (`16 * (C + O) * TILES`
+/// f32, 21 MiB for the VAE's 128 channels) however large the image.
+const WINOGRAD_TILES: usize = 1024;
+
+/// Whether Winograd beats im2col + gemm for a 3x3 stride-1 convolution of this size. Its
+/// weight transform (`16 * O * C` values, per call) must be paid back by the tiles (all batch
+/// items), and with few input channels the 16 gemms are too thin. Measured per convolution
+/// (2 cores, ms Winograd / im2col): 1280 ch at 8x8, 32 tiles 61 / 21; at 16x16, 128 tiles
+/// 93 / 79; 640 ch at 16x16 14 / 20; 320 ch at 64x64 73 / 109; VAE 128 ch at 256x256 139 / 238;
+/// 3 -> 16 ch at 256x256 12.5 / 1.3.
+fn winograd_pays(tiles: usize, c: usize, o: usize) -> bool {
+    c >= 8 && tiles >= 128 && tiles * 4096 >= o * c
+}
+
 /// Winograd F(2x2, 3x3) (Lavin & Gray 2015) for 3x3 stride-1 pad-1 kernels: each 2x2 block
 /// of outputs from a 4x4 input tile with 16 multiplications instead of 36, as 16 gemms
-/// `[O, C] x [C, tiles]`. Layouts (leading index first): weights `[O][16][C]`, input tiles
-/// `[C][16][T]`, products `[O][16][T]`; the gemms read them through strides.
+/// `[O, C] x [C, tiles]` per pass of at most [`WINOGRAD_TILES`] tiles. Layouts (leading index
+/// first): weights `[O][16][C]`, input tiles `[C][16][T]`, products `[O][16][T]`; the gemms read
+/// them through strides.
 fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usize) -> Vec<f32> {
     let c = g.c;
     let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
-    let t = th * tw;
     // U = G g G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
     let mut u = vec![0f32; o * 16 * c];
     u.par_chunks_mut(16 * c).enumerate().for_each(|(oi, uo)| {
         for ci in 0..c {
             let k = &w[(oi * c + ci) * 9..][..9];
-            let mut gg = [[0f32; 3]; 4];
-            for j in 0..3 {
-                let (a, b, d) = (k[j], k[3 + j], k[6 + j]);
-                gg[0][j] = a;
-                gg[1][j] = 0.5 * (a + b + d);
-                gg[2][j] = 0.5 * (a - b + d);
-                gg[3][j] = d;
-            }
+            let gg: [[f32; 3]; 4] = [
+                std::array::from_fn(|j| k[j]),
+                std::array::from_fn(|j| 0.5 * (k[j] + k[3 + j] + k[6 + j])),
+                std::array::from_fn(|j| 0.5 * (k[j] - k[3 + j] + k[6 + j])),
+                std::array::from_fn(|j| k[6 + j]),
+            ];
             for (i, r) in gg.iter().enumerate() {
                 let (a, b, d) = (r[0], r[1], r[2]);
                 let row = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
@@ -160,16 +172,21 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
     } else {
         gemm::Parallelism::None
     };
-    let mut v = vec![0f32; c * 16 * t];
-    let mut m = vec![0f32; o * 16 * t];
+    let total = th * tw;
+    let cap = WINOGRAD_TILES.min(total);
+    let mut v = vec![0f32; c * 16 * cap];
+    let mut m = vec![0f32; o * 16 * cap];
     let mut out = vec![0f32; g.b * o * g.oh * g.ow];
-    for (bi, dst) in out.chunks_mut(o * g.oh * g.ow).enumerate() {
+    let hw = g.oh * g.ow;
+    for (bi, dst) in out.chunks_mut(o * hw).enumerate() {
         let xb = &x[bi * c * g.h * g.w..][..c * g.h * g.w];
-        // V = B^T d B per tile, B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
-        v.par_chunks_mut(16 * t).enumerate().for_each(|(ci, vc)| {
-            let plane = &xb[ci * g.h * g.w..][..g.h * g.w];
-            for ty in 0..th {
-                for tx in 0..tw {
+        for t0 in (0..total).step_by(cap) {
+            let t = cap.min(total - t0);
+            // V = B^T d B per tile, B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+            v.par_chunks_mut(16 * cap).enumerate().for_each(|(ci, vc)| {
+                let plane = &xb[ci * g.h * g.w..][..g.h * g.w];
+                for ti in 0..t {
+                    let (ty, tx) = ((t0 + ti) / tw, (t0 + ti) % tw);
                     let mut d = [[0f32; 4]; 4];
                     if ty > 0 && tx > 0 && 2 * ty + 2 < g.h && 2 * tx + 2 < g.w {
                         // interior tile: four rows of four, no padding
@@ -196,52 +213,48 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
                         std::array::from_fn(|j| d[2][j] - d[1][j]),
                         std::array::from_fn(|j| d[1][j] - d[3][j]),
                     ];
-                    let ti = ty * tw + tx;
                     for (i, r) in bd.iter().enumerate() {
                         let row = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]];
                         for (j, val) in row.into_iter().enumerate() {
-                            vc[(i * 4 + j) * t + ti] = val;
+                            vc[(i * 4 + j) * cap + ti] = val;
                         }
                     }
                 }
+            });
+            for e in 0..16 {
+                // SAFETY: M_e [o, t] (row stride 16 cap) = U_e [o, c] (row stride 16c) x
+                // V_e [c, t] (row stride 16 cap), t <= cap, all inside the buffers above.
+                unsafe {
+                    gemm::gemm(
+                        o,
+                        t,
+                        c,
+                        m.as_mut_ptr().add(e * cap),
+                        1,
+                        (16 * cap) as isize,
+                        false,
+                        u.as_ptr().add(e * c),
+                        1,
+                        (16 * c) as isize,
+                        v.as_ptr().add(e * cap),
+                        1,
+                        (16 * cap) as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
             }
-        });
-        for e in 0..16 {
-            // SAFETY: M_e [o, t] (row stride 16t) = U_e [o, c] (row stride 16c) x V_e [c, t]
-            // (row stride 16t), all inside the buffers sized above.
-            unsafe {
-                gemm::gemm(
-                    o,
-                    t,
-                    c,
-                    m.as_mut_ptr().add(e * t),
-                    1,
-                    (16 * t) as isize,
-                    false,
-                    u.as_ptr().add(e * c),
-                    1,
-                    (16 * c) as isize,
-                    v.as_ptr().add(e * t),
-                    1,
-                    (16 * t) as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
-                );
-            }
-        }
-        // Y = A^T M A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], plus the bias
-        let hw = g.oh * g.ow;
-        dst.par_chunks_mut(hw).enumerate().for_each(|(oi, yo)| {
-            let mo = &m[oi * 16 * t..][..16 * t];
-            let b0 = bias.map_or(0.0, |b| b[oi]);
-            for ty in 0..th {
-                for tx in 0..tw {
-                    let ti = ty * tw + tx;
-                    let e = |i: usize, j: usize| mo[(i * 4 + j) * t + ti];
+            // Y = A^T M A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], plus the bias
+            dst.par_chunks_mut(hw).enumerate().for_each(|(oi, yo)| {
+                let mo = &m[oi * 16 * cap..][..16 * cap];
+                let b0 = bias.map_or(0.0, |b| b[oi]);
+                for ti in 0..t {
+                    let (ty, tx) = ((t0 + ti) / tw, (t0 + ti) % tw);
+                    let e = |i: usize, j: usize| mo[(i * 4 + j) * cap + ti];
                     let am: [[f32; 4]; 2] = [
                         std::array::from_fn(|j| e(0, j) + e(1, j) + e(2, j)),
                         std::array::from_fn(|j| e(1, j) - e(2, j) - e(3, j)),
@@ -260,8 +273,8 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
                         }
                     }
                 }
-            }
-        });
+            });
+        }
     }
     out
 }
@@ -272,9 +285,16 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
 /// straight into the NCHW output, the bias preloaded. candle 0.11's CPU conv2d transposes the whole
 /// input to NHWC and reorders the weight on one thread on every call, then scatters its output.
 fn conv2d_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usize) -> Vec<f32> {
-    if g.k == 3 && g.stride == 1 && g.pad == 1 {
-        return conv3x3_winograd(x, w, bias, g, o);
+    let tiles = g.b * g.oh.div_ceil(2) * g.ow.div_ceil(2);
+    if g.k == 3 && g.stride == 1 && g.pad == 1 && winograd_pays(tiles, g.c, o) {
+        conv3x3_winograd(x, w, bias, g, o)
+    } else {
+        conv2d_im2col(x, w, bias, g, o)
     }
+}
+
+/// [`conv2d_f32`] by columns: per batch item `[O, C*K*K] x [C*K*K, OH*OW]`.
+fn conv2d_im2col(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usize) -> Vec<f32> {
     let (n, p) = (g.cols(), g.positions());
     let direct = g.k == 1 && g.stride == 1 && g.pad == 0;
     let mut cols = if direct {
@@ -584,6 +604,50 @@ mod tests {
             1
         )
         .is_err());
+    }
+
+    #[test]
+    fn winograd_matches_candles_conv2d() {
+        let dev = Device::Cpu;
+        // odd and even sizes, one pixel, and 35x33 = 1155 tiles: two passes, the second partial
+        for (b, c, o, h, w) in [
+            (2, 5, 6, 7, 6),
+            (1, 3, 4, 1, 1),
+            (1, 4, 3, 70, 65),
+            (2, 2, 2, 3, 5),
+        ] {
+            let x = Tensor::randn(0f32, 1., (b, c, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (o, c, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1., o, &dev).unwrap();
+            let g = Geo::new(&[b, c, h, w], 3, 1, 1).unwrap();
+            let ours = conv3x3_winograd(
+                &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                &wt.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                Some(&bias.to_vec1::<f32>().unwrap()),
+                &g,
+                o,
+            );
+            let ours = Tensor::from_vec(ours, (b, o, h, w), &dev).unwrap();
+            let theirs = x
+                .conv2d(&wt, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap())
+                .unwrap();
+            let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = theirs
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            // the transforms add and halve a few unit normals before and after the products:
+            // a few f32 epsilons of the largest output
+            assert!(
+                d.to_scalar::<f32>().unwrap() <= 4e-6 * scale.max(1.0),
+                "{b} {c} {o} {h} {w}"
+            );
+        }
     }
 
     #[test]
