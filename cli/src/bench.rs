@@ -180,7 +180,8 @@ pub struct UnetArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Also time the UNet call with N ControlNets (random weights) feeding it residuals, and
-    /// report the ratio to the plain call measured in the same run
+    /// report the ratio to the plain call measured in the same run (the control image is
+    /// embedded once beforehand, as in a generation)
     #[arg(long, default_value_t = 0)]
     pub controlnet: usize,
     /// Also time the UNet with a random LoRA of this rank merged into every attention,
@@ -431,12 +432,16 @@ fn unet(a: UnetArgs) -> CliResult {
                 sd_controlnet::ControlNetModel::new(&cfg, vb)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let hint =
-            Tensor::rand(0f32, 1.0, (a.batch, 3, a.height, a.width), &device)?.to_dtype(dtype)?;
+        // the control image is embedded once per generation (as `generate` does), not per call
+        let image = Tensor::rand(0f32, 1.0, (1, 3, a.height, a.width), &device)?;
+        let hints = nets
+            .iter()
+            .map(|n| n.embed_condition(&image, dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let step = || -> candle_core::Result<()> {
             let mut total: Option<sd_plugins_api::Residuals> = None;
-            for n in &nets {
-                let r = n.forward(&x, &ts, &ctx, &hint)?;
+            for (n, hint) in nets.iter().zip(&hints) {
+                let r = n.forward_with_hint(&x, &ts, &ctx, hint)?;
                 total = Some(match total {
                     None => r,
                     Some(t) => t

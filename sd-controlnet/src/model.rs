@@ -114,15 +114,38 @@ impl ControlNetModel {
         ctx: &Tensor,
         cond: &Tensor,
     ) -> Result<Residuals> {
+        let hint = self.embed_condition(cond, sample.dtype())?;
+        self.forward_with_hint(sample, timesteps, ctx, &hint)
+    }
+
+    /// The control image's embedding (`controlnet_cond_embedding`) in `dtype`: it depends on
+    /// the image alone, so a generation computes it once and passes it to
+    /// [`Self::forward_with_hint`] at every step (diffusers recomputes it each step).
+    pub fn embed_condition(&self, cond: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
         let cond = if self.config.bgr {
             cond.flip(&[1])?
         } else {
             cond.clone()
         };
+        self.cond_embedding.forward(&cond.to_dtype(dtype)?)
+    }
+
+    /// [`Self::forward`] with the control image already embedded ([`Self::embed_condition`],
+    /// batch 1 or the sample's batch).
+    pub fn forward_with_hint(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        ctx: &Tensor,
+        hint: &Tensor,
+    ) -> Result<Residuals> {
         let emb = self.encoder.time_embedding(timesteps, sample.dtype())?;
-        let hint = self
-            .cond_embedding
-            .forward(&cond.to_dtype(sample.dtype())?)?;
+        let n = sample.dim(0)?;
+        let hint = if hint.dim(0)? == 1 && n > 1 {
+            hint.repeat((n, 1, 1, 1))?
+        } else {
+            hint.clone()
+        };
         let (skips, mid) = self.encoder.forward(sample, &emb, ctx, Some(&hint))?;
         let mut down = skips
             .iter()

@@ -210,10 +210,13 @@ impl ControlUnit {
         Ok(())
     }
 
+    /// This unit's residuals for one step; `hint` keeps the control image's embedding (batch 1)
+    /// from the first step for the later ones.
     fn residuals(
         &self,
         step: &StepInfo,
         input: &ResidualInput<'_>,
+        hint: &mut Option<Tensor>,
     ) -> candle_core::Result<Residuals> {
         let b = step.batch;
         let cond_only = self.mode == ControlMode::Control && step.cfg;
@@ -227,9 +230,16 @@ impl ControlUnit {
         };
         let n = sample.dim(0)?;
         let dtype = sample.dtype();
-        let image = self.image.to_dtype(dtype)?.repeat((n, 1, 1, 1))?;
+        let embedded = match hint {
+            Some(h) if h.dtype() == dtype => h.clone(),
+            _ => {
+                let h = self.net.embed_condition(&self.image, dtype)?;
+                *hint = Some(h.clone());
+                h
+            }
+        };
         let ts = Tensor::full(step.timestep as f32, n, sample.device())?;
-        let r = self.net.forward(&sample, &ts, &ctx, &image)?;
+        let r = self.net.forward_with_hint(&sample, &ts, &ctx, &embedded)?;
         let scales = self.scales();
         let apply = |t: &Tensor, s: f64| -> candle_core::Result<Tensor> {
             let mut t = (t * s)?;
@@ -256,11 +266,14 @@ impl ControlUnit {
 /// The residual provider that runs every active unit and sums their residuals.
 pub struct ControlNetHook {
     units: Vec<ControlUnit>,
+    /// Each unit's control image embedding, computed at its first active step.
+    hints: Vec<Option<Tensor>>,
 }
 
 impl ControlNetHook {
     pub fn new(units: Vec<ControlUnit>) -> Self {
-        Self { units }
+        let hints = vec![None; units.len()];
+        Self { units, hints }
     }
 }
 
@@ -275,8 +288,11 @@ impl Hook for ControlNetHook {
         input: &ResidualInput<'_>,
     ) -> Result<Option<Residuals>, HookError> {
         let mut total: Option<Residuals> = None;
-        for unit in self.units.iter().filter(|u| u.active(step)) {
-            let r = unit.residuals(step, input)?;
+        for (unit, hint) in self.units.iter().zip(self.hints.iter_mut()) {
+            if !unit.active(step) {
+                continue;
+            }
+            let r = unit.residuals(step, input, hint)?;
             total = Some(match total {
                 None => r,
                 Some(t) => t.add(&r)?,
