@@ -128,9 +128,8 @@ impl BasicTransformerBlock {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
         let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))? + xs)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
-        let inner = h.dim(2)? / 2;
         // GEGLU with exact (erf) GELU, as diffusers.
-        let h = (h.narrow(2, 0, inner)? * h.narrow(2, inner, inner)?.gelu_erf()?)?;
+        let h = super::geglu::geglu(&h)?;
         self.ff_out.forward(&h)? + xs
     }
 }

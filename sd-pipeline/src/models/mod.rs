@@ -8,6 +8,7 @@ pub mod clip;
 pub mod config;
 pub mod conv_op;
 pub mod fused_attention;
+pub mod geglu;
 pub mod group_norm_op;
 pub mod ldm_names;
 pub mod nn;
