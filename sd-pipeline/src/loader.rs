@@ -142,20 +142,61 @@ impl Patched {
     }
 }
 
+/// `t.to_dtype(dtype)`, with f16 / bf16 -> f32 on the CPU converted in parallel chunks with
+/// `half`'s vectorised slice conversion: candle converts element by element on one thread,
+/// a third of loading an f16 SD1.5 folder as f32 (measured with perf).
+pub(crate) fn to_dtype_fast(t: Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    use candle_core::{CpuStorage, Storage};
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    if dtype != DType::F32 || !t.device().is_cpu() || !matches!(t.dtype(), DType::F16 | DType::BF16)
+    {
+        return t.to_dtype(dtype);
+    }
+    let t = t.contiguous()?;
+    const CHUNK: usize = 1 << 16;
+    let n = t.elem_count();
+    let mut out = vec![0f32; n];
+    {
+        let (storage, layout) = t.storage_and_layout();
+        let start = layout.start_offset();
+        match &*storage {
+            Storage::Cpu(CpuStorage::F16(v)) => out
+                .par_chunks_mut(CHUNK)
+                .zip(v[start..start + n].par_chunks(CHUNK))
+                .for_each(|(o, i)| i.convert_to_f32_slice(o)),
+            Storage::Cpu(CpuStorage::BF16(v)) => out
+                .par_chunks_mut(CHUNK)
+                .zip(v[start..start + n].par_chunks(CHUNK))
+                .for_each(|(o, i)| i.convert_to_f32_slice(o)),
+            _ => return t.to_dtype(dtype),
+        }
+    }
+    Tensor::from_vec(out, t.shape(), t.device())
+}
+
 impl SimpleBackend for Patched {
     fn get(
         &self,
         s: Shape,
         name: &str,
-        h: Init,
+        _h: Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = SimpleBackend::get(&self.inner, s, name, h, dtype, dev)?;
+        let t = to_dtype_fast(self.inner.load(name, dev)?, dtype)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
         self.apply(name, t)
     }
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = SimpleBackend::get_unchecked(&self.inner, name, dtype, dev)?;
+        let t = to_dtype_fast(self.inner.load(name, dev)?, dtype)?;
         self.apply(name, t)
     }
     fn contains_tensor(&self, name: &str) -> bool {

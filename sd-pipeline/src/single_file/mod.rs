@@ -18,7 +18,7 @@ use candle_nn::{Init, VarBuilder};
 use sd_plugins_api::{ModelPart, WeightPatch};
 
 use crate::error::{Error, Result};
-use crate::loader::apply_patches;
+use crate::loader::{apply_patches, to_dtype_fast};
 use crate::models::clip::ClipTextModel;
 use crate::models::config::{ClipConfig, UNetConfig, UNetConfigFile, VaeConfig, VaeConfigFile};
 use crate::models::unet::UNet2DConditionModel;
@@ -163,11 +163,11 @@ impl SimpleBackend for Mapped {
                 s.dims()
             );
         }
-        let t = t.to_dtype(dtype)?.to_device(dev)?;
+        let t = to_dtype_fast(t, dtype)?.to_device(dev)?;
         apply_patches(&self.patches, self.part, name, t)
     }
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.fetch(name)?.to_dtype(dtype)?.to_device(dev)?;
+        let t = to_dtype_fast(self.fetch(name)?, dtype)?.to_device(dev)?;
         apply_patches(&self.patches, self.part, name, t)
     }
     fn contains_tensor(&self, name: &str) -> bool {
