@@ -139,9 +139,7 @@ fn train(a: TrainBenchArgs) -> CliResult {
         drop(grads);
         times.push(t.elapsed().as_secs_f64());
     }
-    let rss = peak_rss_bytes()
-        .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
-        .unwrap_or_else(|| "unknown".into());
+    let rss = peak_rss();
     println!(
         "train controlnet {:?} {}x{} (latents {l}x{l}) batch {} f32 on cpu: {:.1} s/step (mean of {}), {} trainable tensors; peak RSS {rss}",
         a.arch,
@@ -305,9 +303,37 @@ pub fn run(cmd: BenchCommand) -> CliResult {
     }
 }
 
-fn gib(b: Option<u64>) -> String {
-    b.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+/// This process's peak resident memory for messages ("unknown" where the OS does not say).
+fn peak_rss() -> String {
+    peak_rss_bytes()
+        .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// Run `f` once as a warm-up and `iters` more times: (mean, min) of the later runs and
+/// the first run's seconds.
+fn timed(
+    iters: usize,
+    device: &Device,
+    f: &dyn Fn() -> CliResult<()>,
+) -> CliResult<(f64, f64, f64)> {
+    let mut times = Vec::with_capacity(iters + 1);
+    for _ in 0..=iters {
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let later = &times[1..];
+    let mean = later.iter().sum::<f64>() / later.len() as f64;
+    let min = later.iter().cloned().fold(f64::INFINITY, f64::min);
+    Ok((mean, min, times[0]))
+}
+
+fn write_json(path: &std::path::Path, report: &serde_json::Value) -> CliResult {
+    let text = serde_json::to_string_pretty(report).expect("plain JSON values");
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(())
 }
 
 fn load(a: LoadArgs) -> CliResult {
@@ -317,23 +343,10 @@ fn load(a: LoadArgs) -> CliResult {
     let device = crate::device::device(&a.device)?;
     let dtype = crate::device::dtype(&a.dtype)?;
     crate::device::check_dtype(&device, dtype)?;
-    let mut times = Vec::with_capacity(a.iters + 1);
-    for _ in 0..=a.iters {
-        let t = Instant::now();
-        let sd = sd_pipeline::loader::StableDiffusion::load_with_vae(
-            &a.model,
-            &device,
-            dtype,
-            &[],
-            None,
-        )?;
-        device.synchronize()?;
-        times.push(t.elapsed().as_secs_f64());
-        drop(sd);
-    }
-    let warm = &times[1..];
-    let mean = warm.iter().sum::<f64>() / warm.len() as f64;
-    let min = warm.iter().cloned().fold(f64::INFINITY, f64::min);
+    let (mean, min, first) = timed(a.iters, &device, &|| {
+        sd_pipeline::loader::StableDiffusion::load_with_vae(&a.model, &device, dtype, &[], None)?;
+        Ok(())
+    })?;
     println!(
         "load {} ({:?} on {}): {:.3} s warm (mean of {}, min {:.3}), first load {:.3} s; peak RSS {}",
         a.model.display(),
@@ -342,17 +355,16 @@ fn load(a: LoadArgs) -> CliResult {
         mean,
         a.iters,
         min,
-        times[0],
-        gib(peak_rss_bytes())
+        first,
+        peak_rss()
     );
     if let Some(p) = &a.json {
         let report = serde_json::json!({
             "model": a.model, "dtype": a.dtype, "device": a.device, "iters": a.iters,
-            "first_s": times[0], "warm_mean_s": mean, "warm_min_s": min,
+            "first_s": first, "warm_mean_s": mean, "warm_min_s": min,
             "peak_rss_bytes": peak_rss_bytes(),
         });
-        let text = serde_json::to_string_pretty(&report).expect("plain JSON values");
-        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+        write_json(p, &report)?;
     }
     Ok(())
 }
@@ -384,25 +396,8 @@ fn unet(a: UnetArgs) -> CliResult {
     let ctx = Tensor::randn(0f32, 1.0, (a.batch, 77, cfg.cross_attention_dim), &device)?
         .to_dtype(dtype)?;
     let ts = Tensor::full(500f32, a.batch, &device)?;
-    let time = |f: &dyn Fn() -> candle_core::Result<()>| -> CliResult<(f64, f64, f64)> {
-        let mut times = Vec::with_capacity(a.iters + 1);
-        for _ in 0..=a.iters {
-            let t = Instant::now();
-            f()?;
-            device.synchronize()?;
-            times.push(t.elapsed().as_secs_f64());
-        }
-        let timed = &times[1..];
-        let mean = timed.iter().sum::<f64>() / timed.len() as f64;
-        let min = timed.iter().cloned().fold(f64::INFINITY, f64::min);
-        Ok((mean, min, times[0]))
-    };
+    let time = |f: &dyn Fn() -> candle_core::Result<()>| timed(a.iters, &device, &|| Ok(f()?));
     let (mean, min, first) = time(&|| unet.forward(&x, &ts, &ctx, None).map(drop))?;
-    let rss = || {
-        peak_rss_bytes()
-            .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
-            .unwrap_or_else(|| "unknown".into())
-    };
     println!(
         "unet {:?} {}x{} batch {} {:?} on {}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}); build {:.1} s; peak RSS {}",
         a.arch,
@@ -416,7 +411,7 @@ fn unet(a: UnetArgs) -> CliResult {
         min,
         first,
         build.as_secs_f64(),
-        rss()
+        peak_rss()
     );
     let mut report = serde_json::json!({
         "arch": format!("{:?}", a.arch).to_lowercase(), "width": a.width, "height": a.height,
@@ -465,7 +460,7 @@ fn unet(a: UnetArgs) -> CliResult {
             cmin,
             cfirst,
             cmean / mean,
-            rss()
+            peak_rss()
         );
     }
     if a.lora > 0 {
@@ -501,8 +496,7 @@ fn unet(a: UnetArgs) -> CliResult {
         );
     }
     if let Some(p) = &a.json {
-        let text = serde_json::to_string_pretty(&report).expect("plain JSON values");
-        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+        write_json(p, &report)?;
     }
     Ok(())
 }

@@ -178,12 +178,7 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
             }
         }
     });
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = gemm_parallelism();
     let total = th * tw;
     let cap = WINOGRAD_TILES.min(total);
     let mut v = vec![0f32; c * 16 * cap];
@@ -359,6 +354,14 @@ fn conv2d_im2col_batched(
     out
 }
 
+/// gemm on all of rayon's threads.
+fn gemm_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
 /// `dst[m, n] = bias + lhs[m, k] x rhs[k, n]`, row-major, on all threads.
 fn gemm_with_bias(
     dst: &mut [f32],
@@ -375,12 +378,7 @@ fn gemm_with_bias(
             .zip(bias.par_iter())
             .for_each(|(row, &v)| row.fill(v));
     }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = gemm_parallelism();
     // SAFETY: row-major [m, n] = [m, k] x [k, n], the slices' sizes checked above.
     unsafe {
         gemm::gemm(
@@ -444,6 +442,16 @@ impl CustomOp2 for ConvInfer {
     }
 }
 
+/// The output channels of `weight` `[O, C, K, K]` for input `x` `[B, C, H, W]`, or an error
+/// naming `op` when the kernel is not square or the channels do not match.
+fn output_channels(x: &Tensor, weight: &Tensor, op: &str) -> Result<usize> {
+    let (o, c, k, k2) = weight.dims4()?;
+    if k != k2 || x.dim(1)? != c {
+        candle_core::bail!("{op}: weight {:?} for input {:?}", weight.dims(), x.dims());
+    }
+    Ok(o)
+}
+
 /// `conv2d(x, weight) + bias` for inference on the CPU in f32 (square kernel, no dilation or
 /// groups); see [`conv2d_f32`].
 pub fn conv2d_infer(
@@ -453,14 +461,7 @@ pub fn conv2d_infer(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let (o, c, k, k2) = weight.dims4()?;
-    if k != k2 || x.dim(1)? != c {
-        candle_core::bail!(
-            "conv2d: weight {:?} for input {:?}",
-            weight.dims(),
-            x.dims()
-        );
-    }
+    let o = output_channels(x, weight, "conv2d")?;
     let bias = bias
         .map(|b| b.flatten_all()?.to_vec1::<f32>())
         .transpose()?;
@@ -581,14 +582,7 @@ pub fn conv2d_train(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let (o, c, k, k2) = weight.dims4()?;
-    if k != k2 || x.dim(1)? != c {
-        candle_core::bail!(
-            "conv2d_train: weight {:?} for input {:?}",
-            weight.dims(),
-            x.dims()
-        );
-    }
+    let o = output_channels(x, weight, "conv2d_train")?;
     let y = x.contiguous()?.apply_op2(
         &weight.contiguous()?,
         ConvTrain {
@@ -606,6 +600,20 @@ pub fn conv2d_train(
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+
+    /// max |ours - theirs| <= 4e-6 * max(1, max |theirs|).
+    fn assert_close(ours: &Tensor, theirs: &Tensor, what: &str) {
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let d = max(&(ours - theirs).unwrap());
+        assert!(d <= 4e-6 * max(theirs).max(1.0), "{what}: {d}");
+    }
 
     #[test]
     fn inference_conv_matches_candles() {
@@ -637,20 +645,9 @@ mod tests {
                     .unwrap();
             }
             assert_eq!(ours.dims(), theirs.dims());
-            let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
-            let scale = theirs
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
             // both sum 5*k*k products of unit normals in f32, in different orders: a few f32
             // epsilons (sqrt of the up to 125 terms) of the largest output
-            assert!(
-                d.to_scalar::<f32>().unwrap() <= 4e-6 * scale.max(1.0),
-                "stride {stride} pad {pad} k {k}"
-            );
+            assert_close(&ours, &theirs, &format!("stride {stride} pad {pad} k {k}"));
         }
         // a strided (transposed) input goes through contiguous() first
         let x = Tensor::randn(0f32, 1., (2, 5, 6, 7), &dev)
@@ -702,20 +699,9 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap())
                 .unwrap();
-            let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
-            let scale = theirs
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
             // the transforms add and halve a few unit normals before and after the products:
             // a few f32 epsilons of the largest output
-            assert!(
-                d.to_scalar::<f32>().unwrap() <= 4e-6 * scale.max(1.0),
-                "{b} {c} {o} {h} {w}"
-            );
+            assert_close(&ours, &theirs, &format!("{b} {c} {o} {h} {w}"));
         }
     }
 

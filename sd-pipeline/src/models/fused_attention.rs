@@ -155,32 +155,9 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resu
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
 }
 
-/// Replace a row of scores by `exp(x - max)` and return the sum of the new values.
-fn exp_shifted_in_place(row: &mut [f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was just detected.
-            return unsafe { exp_shifted_avx512(row) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { exp_shifted_avx2(row) };
-        }
-    }
-    exp_shifted(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_shifted_avx512(row: &mut [f32]) -> f32 {
-    exp_shifted(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_shifted_avx2(row: &mut [f32]) -> f32 {
-    exp_shifted(row)
+super::simd::simd_dispatch! {
+    /// Replace a row of scores by `exp(x - max)` and return the sum of the new values.
+    fn exp_shifted_in_place(row: &mut [f32]) -> f32 = exp_shifted
 }
 
 /// Lanes of the reductions: written so that the compiler keeps them in vector registers.

@@ -48,31 +48,8 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     x.narrow(last, 0, inner)? * x.narrow(last, inner, inner)?.gelu_erf()?
 }
 
-fn geglu_row(a: &[f32], b: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was just detected.
-            return unsafe { geglu_avx512(a, b, out) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { geglu_avx2(a, b, out) };
-        }
-    }
-    geglu_plain(a, b, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn geglu_avx512(a: &[f32], b: &[f32], out: &mut [f32]) {
-    geglu_plain(a, b, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn geglu_avx2(a: &[f32], b: &[f32], out: &mut [f32]) {
-    geglu_plain(a, b, out)
+super::simd::simd_dispatch! {
+    fn geglu_row(a: &[f32], b: &[f32], out: &mut [f32]) -> () = geglu_plain
 }
 
 #[inline(always)]

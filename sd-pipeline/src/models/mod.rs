@@ -12,5 +12,6 @@ pub mod geglu;
 pub mod group_norm_op;
 pub mod ldm_names;
 pub mod nn;
+mod simd;
 pub mod unet;
 pub mod vae;
