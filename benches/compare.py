@@ -28,7 +28,13 @@ def main():
     torch.manual_seed(0)
     unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64).eval()
     nets = [ControlNetModel.from_unet(unet).eval() for _ in range(a.controlnet)]
-    x = torch.randn(a.batch, 4, a.height // 8, a.width // 8)
+    # an even batch is one CFG step, as sdctl bench sends it: each latent once per prompt
+    shape = (4, a.height // 8, a.width // 8)
+    if a.batch % 2 == 0:
+        x = torch.randn(a.batch // 2, *shape)
+        x = torch.cat([x, x])
+    else:
+        x = torch.randn(a.batch, *shape)
     ctx = torch.randn(a.batch, 77, 768)
     t = torch.full((a.batch,), 500.0)
     hint = torch.rand(a.batch, 3, a.height, a.width)

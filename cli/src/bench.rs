@@ -187,6 +187,11 @@ pub struct UnetArgs {
     /// merge time and the ratio to the plain call (0: off)
     #[arg(long, default_value_t = 0)]
     pub lora: usize,
+    /// Every batch item a different latent. By default an even batch is what classifier-free
+    /// guidance sends: each latent once per prompt (the UNet computes the copies once up to
+    /// the first cross-attention)
+    #[arg(long)]
+    pub distinct: bool,
     /// Also write the numbers as JSON to this file
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -392,18 +397,26 @@ fn unet(a: UnetArgs) -> CliResult {
     let unet = UNet2DConditionModel::new(&cfg, vb)?;
     let build = t.elapsed();
     let (h, w) = (a.height / 8, a.width / 8);
-    let x = Tensor::randn(0f32, 1.0, (a.batch, 4, h, w), &device)?.to_dtype(dtype)?;
+    let cfg_batch = !a.distinct && a.batch.is_multiple_of(2);
+    let x = if !cfg_batch {
+        Tensor::randn(0f32, 1.0, (a.batch, 4, h, w), &device)?
+    } else {
+        let half = Tensor::randn(0f32, 1.0, (a.batch / 2, 4, h, w), &device)?;
+        Tensor::cat(&[&half, &half], 0)?
+    }
+    .to_dtype(dtype)?;
     let ctx = Tensor::randn(0f32, 1.0, (a.batch, 77, cfg.cross_attention_dim), &device)?
         .to_dtype(dtype)?;
     let ts = Tensor::full(500f32, a.batch, &device)?;
     let time = |f: &dyn Fn() -> candle_core::Result<()>| timed(a.iters, &device, &|| Ok(f()?));
     let (mean, min, first) = time(&|| unet.forward(&x, &ts, &ctx, None).map(drop))?;
     println!(
-        "unet {:?} {}x{} batch {} {:?} on {}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}); build {:.1} s; peak RSS {}",
+        "unet {:?} {}x{} batch {} ({}) {:?} on {}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}); build {:.1} s; peak RSS {}",
         a.arch,
         a.width,
         a.height,
         a.batch,
+        if cfg_batch { "latents once per prompt, as CFG" } else { "distinct latents" },
         dtype,
         a.device,
         mean,
@@ -415,7 +428,7 @@ fn unet(a: UnetArgs) -> CliResult {
     );
     let mut report = serde_json::json!({
         "arch": format!("{:?}", a.arch).to_lowercase(), "width": a.width, "height": a.height,
-        "batch": a.batch, "dtype": a.dtype, "device": a.device, "iters": a.iters,
+        "batch": a.batch, "cfg_batch": cfg_batch, "dtype": a.dtype, "device": a.device, "iters": a.iters,
         "build_s": build.as_secs_f64(),
         "unet": {"mean_s": mean, "min_s": min, "first_s": first, "peak_rss_bytes": peak_rss_bytes()},
     });

@@ -140,13 +140,7 @@ impl ControlNetModel {
         hint: &Tensor,
     ) -> Result<Residuals> {
         let emb = self.encoder.time_embedding(timesteps, sample.dtype())?;
-        let n = sample.dim(0)?;
-        let hint = if hint.dim(0)? == 1 && n > 1 {
-            hint.repeat((n, 1, 1, 1))?
-        } else {
-            hint.clone()
-        };
-        let (skips, mid) = self.encoder.forward(sample, &emb, ctx, Some(&hint))?;
+        let (skips, mid) = self.encoder.forward(sample, &emb, ctx, Some(hint))?;
         let mut down = skips
             .iter()
             .zip(&self.down_zero)

@@ -9,10 +9,16 @@ use sd_pipeline::models::config::{UNetConfig, UNetConfigFile};
 use sd_pipeline::models::unet::UNet2DConditionModel;
 
 fn tiny(linear: bool) -> UNetConfig {
+    tiny_with(["CrossAttnDownBlock2D", "DownBlock2D"], linear)
+}
+
+/// Two levels with these down blocks (the up blocks mirror them).
+fn tiny_with(down: [&str; 2], linear: bool) -> UNetConfig {
+    let up: Vec<String> = down.iter().rev().map(|d| d.replace("Down", "Up")).collect();
     let raw: UNetConfigFile = serde_json::from_value(serde_json::json!({
         "block_out_channels": [16, 32],
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "down_block_types": down,
+        "up_block_types": up,
         "layers_per_block": 1,
         "attention_head_dim": 2,
         "cross_attention_dim": 8,
@@ -176,4 +182,105 @@ fn residuals_are_added_to_skips_and_mid() {
         mid: r2.mid.clone(),
     };
     assert!(unet.forward(&x, &t, &ctx, Some(&bad)).is_err());
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn copies_of_one_latent_give_what_separate_calls_give() {
+    // Classifier-free guidance runs one latent per prompt: items that are copies share the
+    // work up to the first cross-attention. Each item must still get what a batch-1 call gives,
+    // wherever that first cross-attention is (first level, second level, only the mid block).
+    let dev = Device::Cpu;
+    for down in [
+        ["CrossAttnDownBlock2D", "DownBlock2D"],
+        ["DownBlock2D", "CrossAttnDownBlock2D"],
+        ["DownBlock2D", "DownBlock2D"],
+    ] {
+        for linear in [false, true] {
+            let (_vm, unet) = build(&tiny_with(down, linear));
+            let (x1, x2) = (
+                Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &dev).unwrap(),
+                Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &dev).unwrap(),
+            );
+            // [x1, x2, x1]: the third item is a copy of the first
+            let x = Tensor::cat(&[&x1, &x2, &x1], 0).unwrap();
+            let ctx = Tensor::randn(0f32, 1.0, (3, 5, 8), &dev).unwrap();
+            let t = Tensor::new(&[400f32, 400.0, 400.0], &dev).unwrap();
+            let all = unet.forward(&x, &t, &ctx, None).unwrap();
+            for i in 0..3 {
+                let one = unet
+                    .forward(
+                        &x.narrow(0, i, 1).unwrap(),
+                        &t.narrow(0, i, 1).unwrap(),
+                        &ctx.narrow(0, i, 1).unwrap(),
+                        None,
+                    )
+                    .unwrap();
+                let d = max_diff(&all.narrow(0, i, 1).unwrap(), &one);
+                assert!(d < 1e-5, "{down:?} linear={linear} item {i}: {d}");
+            }
+            // the copies' different prompts still give different outputs
+            let d = max_diff(&all.narrow(0, 0, 1).unwrap(), &all.narrow(0, 2, 1).unwrap());
+            assert!(d > 1e-3, "{down:?}: {d}");
+        }
+    }
+}
+
+#[test]
+fn gradients_flow_through_shared_items() {
+    // Training on a batch whose items are copies (computed once up to the first
+    // cross-attention) gives the gradients of the items run one by one: the mean squared
+    // output over the batch is the mean of the two batch-1 losses.
+    let (vm, unet) = build(&tiny(false));
+    let dev = Device::Cpu;
+    let x1 = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &dev).unwrap();
+    let ctx = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev).unwrap();
+    let loss = |x: &Tensor, ctx: &Tensor| {
+        let t = Tensor::full(300f32, x.dim(0).unwrap(), &dev).unwrap();
+        let out = unet.forward(x, &t, ctx, None).unwrap();
+        out.sqr().unwrap().mean_all().unwrap()
+    };
+    let shared = loss(&Tensor::cat(&[&x1, &x1], 0).unwrap(), &ctx)
+        .backward()
+        .unwrap();
+    let halves = ((loss(&x1, &ctx.narrow(0, 0, 1).unwrap())
+        + loss(&x1, &ctx.narrow(0, 1, 1).unwrap()))
+    .unwrap()
+        * 0.5)
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut checked = 0;
+    for var in vm.all_vars() {
+        let (a, b) = (
+            shared.get(var.as_tensor()).unwrap(),
+            halves.get(var.as_tensor()).unwrap(),
+        );
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = max_diff(a, b);
+        // f32 sums in another order: a few ulps of the largest gradient
+        assert!(
+            d <= 1e-5 * scale.max(1e-3),
+            "{:?}: {d} (scale {scale})",
+            var.shape()
+        );
+        checked += 1;
+    }
+    assert!(checked > 50);
 }

@@ -432,3 +432,63 @@ fn a_keypoint_json_is_a_control_image() {
         .to_string();
     assert!(e.contains("pose_1.json") && e.contains("openpose"), "{e}");
 }
+
+#[test]
+fn copies_of_one_latent_give_what_separate_calls_give() {
+    // Classifier-free guidance runs one latent twice: the shared prefix (computed once) must
+    // give each item what a batch-1 call gives, with a batch-1 hint serving both.
+    let base = sd("sd1");
+    let cn = net("models/controlnet-sd1", &base);
+    let exp = expected("controlnet_sd1.safetensors");
+    let (x, t, ctx) = (
+        get(&exp, "sample").narrow(0, 0, 1).unwrap(),
+        get(&exp, "timestep"),
+        get(&exp, "encoder_hidden_states"),
+    );
+    let ctx2 = Tensor::cat(
+        &[
+            &ctx.narrow(0, 0, 1).unwrap(),
+            &(ctx.narrow(0, 0, 1).unwrap() * -1.0).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let t1 = t.flatten_all().unwrap().narrow(0, 0, 1).unwrap();
+    let hint = cn
+        .embed_condition(&get(&exp, "cond").narrow(0, 0, 1).unwrap(), DType::F32)
+        .unwrap();
+    let both = cn
+        .forward_with_hint(
+            &Tensor::cat(&[&x, &x], 0).unwrap(),
+            &Tensor::cat(&[&t1, &t1], 0).unwrap(),
+            &ctx2,
+            &hint,
+        )
+        .unwrap();
+    for i in 0..2 {
+        let one = cn
+            .forward_with_hint(&x, &t1, &ctx2.narrow(0, i, 1).unwrap(), &hint)
+            .unwrap();
+        for (k, (a, b)) in both.down.iter().zip(&one.down).enumerate() {
+            assert_close(
+                &format!("item {i} down {k}"),
+                &a.narrow(0, i, 1).unwrap(),
+                b,
+                1e-5,
+            );
+        }
+        assert_close(
+            &format!("item {i} mid"),
+            &both.mid.narrow(0, i, 1).unwrap(),
+            &one.mid,
+            1e-5,
+        );
+    }
+    // the two prompts really differ after the first cross-attention
+    assert!(
+        max_abs_diff(
+            &both.mid.narrow(0, 0, 1).unwrap(),
+            &both.mid.narrow(0, 1, 1).unwrap()
+        ) > 1e-4
+    );
+}

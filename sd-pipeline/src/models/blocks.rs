@@ -4,6 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::nn::{Conv2d, GroupNorm};
+use super::shared_batch::SharedBatch;
 
 use super::nn::{attention, conv2d, group_norm, linear, linear_no_bias, LayerNorm};
 
@@ -125,8 +126,17 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))? + xs)?;
+        self.after_self_attention(&self.self_attention(xs)?, ctx)
+    }
+
+    /// The part that does not see the text: norm1, self-attention, residual.
+    fn self_attention(&self, xs: &Tensor) -> Result<Tensor> {
+        self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs
+    }
+
+    /// Cross-attention with the text and the feed-forward, each with its residual.
+    fn after_self_attention(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let xs = (self.attn2.forward(&self.norm2.forward(xs)?, Some(ctx))? + xs)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
         // GEGLU with exact (erf) GELU, as diffusers.
         let h = super::geglu::geglu(&h)?;
@@ -185,22 +195,59 @@ impl Transformer2D {
     }
 
     pub fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = xs.dims4()?;
-        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
-        let to_image = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
+        self.forward_inner(xs, ctx, None)
+    }
+
+    /// [`Self::forward`] for `xs` holding only the distinct items of the batch that `ctx`
+    /// has (see [`SharedBatch`]): they stay shrunk up to the first self-attention's output and
+    /// are expanded to the full batch before the text enters. Returns the full batch.
+    pub fn forward_shared(
+        &self,
+        xs: &Tensor,
+        ctx: &Tensor,
+        shared: &SharedBatch,
+    ) -> Result<Tensor> {
+        self.forward_inner(xs, ctx, Some(shared))
+    }
+
+    fn forward_inner(
+        &self,
+        xs: &Tensor,
+        ctx: &Tensor,
+        shared: Option<&SharedBatch>,
+    ) -> Result<Tensor> {
+        let (_, c, h, w) = xs.dims4()?;
+        let to_tokens = |t: &Tensor| {
+            let b = t.dim(0)?;
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+        };
+        let to_image = |t: &Tensor| {
+            let b = t.dim(0)?;
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
         let normed = self.norm.forward(xs)?;
         let mut t = match &self.proj_in {
             Proj::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
             Proj::Linear(l) => l.forward(&to_tokens(&normed)?)?,
         };
-        for block in &self.blocks {
+        let mut blocks = self.blocks.iter();
+        if let (Some(shared), Some(first)) = (shared, self.blocks.first()) {
+            blocks.next();
+            t = shared.expand(&first.self_attention(&t)?)?;
+            t = first.after_self_attention(&t, ctx)?;
+        }
+        for block in blocks {
             t = block.forward(&t, ctx)?;
         }
         let out = match &self.proj_out {
             Proj::Conv(conv) => conv.forward(&to_image(&t)?)?,
             Proj::Linear(l) => to_image(&l.forward(&t)?)?,
         };
-        out + xs
+        match shared {
+            Some(s) if self.blocks.is_empty() => s.expand(&(out + xs)?),
+            Some(s) => out + s.expand(xs)?,
+            None => out + xs,
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod geglu;
 pub mod group_norm_op;
 pub mod ldm_names;
 pub mod nn;
+pub mod shared_batch;
 mod simd;
 pub mod unet;
 pub mod vae;

@@ -12,6 +12,7 @@ use super::blocks::{
 };
 use super::config::{BlockKind, UNetConfig};
 use super::nn::{conv2d, group_norm, linear};
+use super::shared_batch::SharedBatch;
 
 /// Sinusoidal timestep embedding, diffusers `get_timestep_embedding` (float32 arithmetic).
 pub fn timestep_embedding(
@@ -213,24 +214,53 @@ impl UNetEncoder {
         } else {
             sample.clone()
         };
-        let mut xs = self.conv_in.forward(&sample)?;
+        // Items that are copies of one another (classifier-free guidance) are computed once
+        // up to the first cross-attention, where the text makes them differ.
+        let mut parts = vec![&sample, emb];
+        parts.extend(hint);
+        let mut shared = SharedBatch::detect(&parts)?;
+        let mut xs = match &shared {
+            Some(s) => s.shrink(&sample)?,
+            None => sample,
+        };
+        let mut item_emb = match &shared {
+            Some(s) => s.shrink(emb)?,
+            None => emb.clone(),
+        };
+        xs = self.conv_in.forward(&xs)?;
         if let Some(h) = hint {
-            xs = (xs + h)?;
+            // a batch-1 hint (a control image embedded once) serves every item
+            xs = match &shared {
+                Some(s) if h.dim(0)? != 1 => (xs + s.shrink(h)?)?,
+                _ => xs.broadcast_add(h)?,
+            };
         }
-        let mut skips = vec![xs.clone()];
+        let full = |t: &Tensor, shared: &Option<SharedBatch>| match shared {
+            Some(s) => s.expand(t),
+            None => Ok(t.clone()),
+        };
+        let mut skips = vec![full(&xs, &shared)?];
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                xs = resnet.forward(&xs, Some(emb))?;
+                xs = resnet.forward(&xs, Some(&item_emb))?;
                 if let Some(attn) = block.attentions.get(j) {
-                    xs = attn.forward(&xs, ctx)?;
+                    xs = match shared.take() {
+                        Some(s) => {
+                            item_emb = emb.clone();
+                            attn.forward_shared(&xs, ctx, &s)?
+                        }
+                        None => attn.forward(&xs, ctx)?,
+                    };
                 }
-                skips.push(xs.clone());
+                skips.push(full(&xs, &shared)?);
             }
             if let Some(ds) = &block.downsampler {
                 xs = ds.forward(&xs)?;
-                skips.push(xs.clone());
+                skips.push(full(&xs, &shared)?);
             }
         }
+        // (a down path without cross-attention)
+        xs = full(&xs, &shared)?;
         xs = self.mid_resnets[0].forward(&xs, Some(emb))?;
         for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
             xs = attn.forward(&xs, ctx)?;
