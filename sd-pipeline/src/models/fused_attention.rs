@@ -1,6 +1,7 @@
 //! Inference attention for the CPU in f32, one pass per block of query rows (flash-style
 //! blocking, exact softmax): scores of a block of rows against every key with one gemm into a
-//! small scratch buffer, a vectorised softmax, one gemm with the values into the output. The
+//! small per-thread scratch buffer, column-major so that neither gemm packs or transposes it, a
+//! softmax vectorised across the rows, one gemm with the values. The
 //! heads are read from and written to `[B, S, H*D]` through strides, so no transposed copies are
 //! made, and no `(B*H, N, N)` score tensor ever exists. Blocks run in parallel, each gemm on one
 //! thread. The plain path in `nn::attention` is the reference it is tested against.
@@ -10,9 +11,10 @@ use rayon::prelude::*;
 
 use super::conv_op::f32_slice;
 
-/// Query rows per block (4 MiB of scores for the UNet's 4096 keys at 512x512). Measured on the
-/// SD1.5 UNet at 512x512: 64 rows 10.5 s, 256 rows 10.0 s, 1024 rows 10.7 s per call.
-const ROWS: usize = 256;
+/// Query rows per block (2 MiB of scores for the UNet's 4096 keys at 512x512). Measured on the
+/// SD1.5 self-attention at 512x512 (batch 2, 4096 tokens, 8 heads of 40): 64 rows 283 ms,
+/// 128 rows 268-278 ms, 256 rows 270-300 ms, 512 rows 313 ms.
+const ROWS: usize = 128;
 
 /// `softmax(q k^T * scale) v` per head, over `[B, Sq, H*D]`, `[B, Sk, H*D]`, `[B, Sk, H*D]`.
 struct FusedAttention {
@@ -78,67 +80,79 @@ impl CustomOp3 for FusedAttention {
             let q0 = &q[(bi * sq + r0) * inner + h * d..];
             let k0 = &k[bi * sk * inner + h * d..];
             let v0 = &v[bi * sk * inner + h * d..];
-            let mut scores = vec![0f32; rows * sk];
-            // SAFETY: the strides below stay inside q/k/v (row r < rows of Sq, key j < Sk,
-            // column < d within the head) and inside `scores` [rows, sk].
-            unsafe {
-                // scores[rows, sk] = scale * q_blk[rows, d] x k^T[d, sk]
-                gemm::gemm(
-                    rows,
-                    sk,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    sk as isize,
-                    false,
-                    q0.as_ptr(),
-                    1,
-                    inner as isize,
-                    k0.as_ptr(),
-                    inner as isize,
-                    1,
-                    0.0,
-                    self.scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            let mut inv = vec![0f32; rows];
-            for (row, inv) in scores.chunks_exact_mut(sk).zip(inv.iter_mut()) {
-                *inv = 1.0 / exp_shifted_in_place(row);
-            }
-            let o0 = (bi * sq + r0) * inner + h * d;
-            // SAFETY: out[rows, d] at row stride `inner` is this block's own region.
-            unsafe {
-                // out_blk[rows, d] = p[rows, sk] x v[sk, d], then each row / its sum
-                gemm::gemm(
-                    rows,
-                    d,
-                    sk,
-                    dst.at(o0),
-                    1,
-                    inner as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    sk as isize,
-                    v0.as_ptr(),
-                    1,
-                    inner as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-                for (r, s) in inv.iter().enumerate() {
-                    let row = std::slice::from_raw_parts_mut(dst.at(o0 + r * inner), d);
-                    row.iter_mut().for_each(|x| *x *= s);
+            SCRATCH.with_borrow_mut(|scratch| {
+                // scores column-major [sk][rows] (the gemms' natural layout: neither packs or
+                // transposes it), then the block's output column-major [d][rows], row stats
+                let need = rows * sk + rows * d + 2 * rows;
+                if scratch.len() < need {
+                    scratch.resize(need, 0.0);
                 }
-            }
+                let (scores, rest) = scratch.split_at_mut(rows * sk);
+                let (out_t, rest) = rest.split_at_mut(rows * d);
+                let (max, rest) = rest.split_at_mut(rows);
+                let sum = &mut rest[..rows];
+                // SAFETY: the strides below stay inside q/k/v (row r < rows of Sq, key j < Sk,
+                // column < d within the head) and inside `scores` / `out_t`.
+                unsafe {
+                    // scores[r, j] = scale * q_blk[r, :] . k[j, :]
+                    gemm::gemm(
+                        rows,
+                        sk,
+                        d,
+                        scores.as_mut_ptr(),
+                        rows as isize,
+                        1,
+                        false,
+                        q0.as_ptr(),
+                        1,
+                        inner as isize,
+                        k0.as_ptr(),
+                        inner as isize,
+                        1,
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                softmax_columns(scores, max, sum);
+                // SAFETY: as above; `out_t` is [d][rows].
+                unsafe {
+                    // out_t[r, i] = sum_j p[r, j] v[j, i]
+                    gemm::gemm(
+                        rows,
+                        d,
+                        sk,
+                        out_t.as_mut_ptr(),
+                        rows as isize,
+                        1,
+                        false,
+                        scores.as_ptr(),
+                        rows as isize,
+                        1,
+                        v0.as_ptr(),
+                        1,
+                        inner as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                let o0 = (bi * sq + r0) * inner + h * d;
+                for (r, s) in sum.iter().enumerate() {
+                    let inv = 1.0 / s;
+                    // SAFETY: out[rows, d] at row stride `inner` is this block's own region.
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.at(o0 + r * inner), d) };
+                    for (i, x) in row.iter_mut().enumerate() {
+                        *x = out_t[i * rows + r] * inv;
+                    }
+                }
+            });
         });
         Ok((CpuStorage::F32(out), Shape::from((b, sq, inner))))
     }
@@ -155,41 +169,34 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resu
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
 }
 
-super::simd::simd_dispatch! {
-    /// Replace a row of scores by `exp(x - max)` and return the sum of the new values.
-    fn exp_shifted_in_place(row: &mut [f32]) -> f32 = exp_shifted
+thread_local! {
+    /// Each worker's scores and block output, reused from block to block (never zeroed: the
+    /// gemms write before anything reads).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Lanes of the reductions: written so that the compiler keeps them in vector registers.
-const LANES: usize = 16;
+super::simd::simd_dispatch! {
+    /// Softmax numerators of column-major scores `[keys][rows]`: each row's `exp(x - max)` in
+    /// place, its sum in `sum` (`max` is scratch), vectorised across the rows.
+    fn softmax_columns(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) -> () = exp_columns
+}
 
 #[inline(always)]
-fn exp_shifted(row: &mut [f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for i in 0..LANES {
-            m[i] = m[i].max(c[i]);
+fn exp_columns(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) {
+    let rows = max.len();
+    max.fill(f32::NEG_INFINITY);
+    for col in scores.chunks_exact(rows) {
+        for (m, &x) in max.iter_mut().zip(col) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    let max = chunks.remainder().iter().fold(
-        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
-        |a, &b| a.max(b),
-    );
-    let mut s = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for i in 0..LANES {
-            c[i] = exp_approx(c[i] - max);
-            s[i] += c[i];
+    sum.fill(0.0);
+    for col in scores.chunks_exact_mut(rows) {
+        for ((x, &m), s) in col.iter_mut().zip(max.iter()).zip(sum.iter_mut()) {
+            *x = exp_approx(*x - m);
+            *s += *x;
         }
     }
-    let mut sum: f32 = s.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp_approx(*x - max);
-        sum += *x;
-    }
-    sum
 }
 
 /// `e^x` for x <= 0 (softmax arguments) within 2 ulp: Cephes' `expf` (range reduction by
@@ -265,6 +272,7 @@ mod tests {
         // with 77 keys, one head, large logits
         for (b, sq, sk, heads, d, amp) in [
             (2, 150, 150, 4, 8, 1.0),
+            (1, 600, 40, 2, 8, 1.0),
             (1, 64, 77, 8, 5, 1.0),
             (2, 7, 3, 1, 16, 1.0),
             (1, 70, 33, 2, 8, 30.0),
