@@ -16,6 +16,7 @@ date; grep -m1 "model name" /proc/cpuinfo || true; nproc
 "$S" bench unet --width 512 --height 512 --batch 2 --iters 2 --controlnet 1 --lora 16
 "$PY" benches/compare.py --width 512 --height 512 --batch 2 --iters 2 --controlnet 2
 "$S" bench unet --width 512 --height 512 --batch 2 --iters 2 --controlnet 2
+"$S" bench unet --width 512 --height 512 --batch 2 --iters 2 --distinct
 "$S" bench load --model "$SD15" --iters 3
 [ -f "$SD15.safetensors" ] || "$S" model convert "$SD15" --to single-file --half --output "$SD15.safetensors"
 "$S" bench load --model "$SD15.safetensors" --iters 3
