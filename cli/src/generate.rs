@@ -60,18 +60,6 @@ pub fn run(args: GenerateArgs) -> CliResult {
     let device = crate::device::device(&st.device)?;
     let dtype = crate::device::dtype(&st.dtype)?;
     crate::device::check_dtype(&device, dtype)?;
-    let (width, height) = match (&st.init_image, st.width, st.height) {
-        (_, Some(w), Some(h)) => (w, h),
-        (Some(img), w, h) => {
-            let (iw, ih) = image_size(img)?;
-            (w.unwrap_or(iw), h.unwrap_or(ih))
-        }
-        // the embedded tiny-fill model is trained at 64x64
-        (None, w, h) => {
-            let d = if st.model.is_none() { 64 } else { 512 };
-            (w.unwrap_or(d), h.unwrap_or(d))
-        }
-    };
     let noise = st.noise.as_deref().map(load_noise).transpose()?;
     let specs: Vec<UnitSpec> = st.control.iter().map(|c| c.spec.clone()).collect();
 
@@ -118,6 +106,18 @@ pub fn run(args: GenerateArgs) -> CliResult {
     patches.extend(instances.iter().map(|i| i.patch()));
     let sd = StableDiffusion::load_with_vae(&model, &device, dtype, &patches, st.vae.as_deref())?;
     let t_loaded = t0.elapsed();
+    let (width, height) = match (&st.init_image, st.width, st.height) {
+        (_, Some(w), Some(h)) => (w, h),
+        (Some(img), w, h) => {
+            let (iw, ih) = image_size(img)?;
+            (w.unwrap_or(iw), h.unwrap_or(ih))
+        }
+        // the size the model was trained at (diffusers' default)
+        (None, w, h) => {
+            let (dw, dh) = sd.default_size();
+            (w.unwrap_or(dw), h.unwrap_or(dh))
+        }
+    };
     let f = sd.vae_scale_factor();
     for (name, v) in [("--width", width), ("--height", height)] {
         if v == 0 || v % f != 0 {

@@ -127,6 +127,16 @@ impl StableDiffusion {
         self.vae.config().downscale_factor()
     }
 
+    /// The image size (width, height) the model was trained at, as diffusers picks it when
+    /// none is given: the UNet's `sample_size` times the VAE's scale; 512x512 without one.
+    pub fn default_size(&self) -> (usize, usize) {
+        let f = self.vae_scale_factor();
+        match self.unet.config().sample_size {
+            Some((h, w)) => (w * f, h * f),
+            None => (512, 512),
+        }
+    }
+
     fn latent_shape(&self, req: &GenerateRequest) -> [usize; 4] {
         let f = self.vae_scale_factor();
         [

@@ -279,3 +279,12 @@ fn a_controlnet_sidecar_overrides_the_base_architecture() {
     assert!(e.contains("control_tiny.yaml"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn the_default_size_is_the_one_the_model_was_trained_at() {
+    // diffusers: unet.config.sample_size * vae_scale_factor; from_single_file sets sample_size
+    // from DIFFUSERS_TO_LDM_DEFAULT_IMAGE_SIZE_MAP (v1 512, v2 768) over the VAE's scale (8 here)
+    assert_eq!(load(&model_dir("sd1")).default_size(), (64, 64)); // config sample_size 8
+    assert_eq!(load(&single("sd1.safetensors")).default_size(), (512, 512));
+    assert_eq!(load(&single("sd2.safetensors")).default_size(), (768, 768));
+}

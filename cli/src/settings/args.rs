@@ -32,10 +32,11 @@ pub struct SettingsArgs {
     pub prompt: Option<String>,
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    /// Image width (multiple of 8); default 512, or the init image's width
+    /// Image width (multiple of 8); default the init image's width, else the model's own
+    /// (diffusers: UNet sample_size x VAE scale: 512 for SD1, 768 for SD2-768)
     #[arg(long)]
     pub width: Option<i64>,
-    /// Image height (multiple of 8); default 512, or the init image's height
+    /// Image height (multiple of 8); default the init image's height, else the model's own
     #[arg(long)]
     pub height: Option<i64>,
     /// Denoising steps [default: 20]

@@ -200,6 +200,17 @@ pub struct UNetConfig {
     pub num_attention_heads: Vec<usize>,
     pub use_linear_projection: bool,
     pub upcast_attention: bool,
+    /// The latent size (height, width) the model was trained at (`sample_size`), if given.
+    pub sample_size: Option<(usize, usize)>,
+}
+
+/// `sample_size`: one positive integer, or `[height, width]`.
+fn sample_size(v: &serde_json::Value) -> Option<(usize, usize)> {
+    let n = |v: &serde_json::Value| v.as_u64().filter(|&n| n > 0).map(|n| n as usize);
+    match v {
+        serde_json::Value::Array(a) if a.len() == 2 => Some((n(&a[0])?, n(&a[1])?)),
+        v => n(v).map(|s| (s, s)),
+    }
 }
 
 impl UNetConfig {
@@ -322,6 +333,10 @@ impl UNetConfig {
             num_attention_heads: heads,
             use_linear_projection: raw.use_linear_projection,
             upcast_attention: raw.upcast_attention,
+            sample_size: match &raw.sample_size {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(sample_size(v).ok_or_else(|| bad("sample_size", v))?),
+            },
         })
     }
 

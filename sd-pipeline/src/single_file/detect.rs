@@ -231,7 +231,7 @@ pub fn detect(s: &Shapes, side: &Sidecar) -> Result<Detected, String> {
         })
         .collect();
     let _ = model_channels;
-    let unet = json!({
+    let mut unet = json!({
         "_class_name": "UNet2DConditionModel",
         "in_channels": in_channels,
         "out_channels": out_channels,
@@ -344,9 +344,18 @@ pub fn detect(s: &Shapes, side: &Sidecar) -> Result<Detected, String> {
         "set_alpha_to_one": false,
         "clip_sample": false,
     });
+    let inpaint = in_channels == 2 * latent + 1;
+    // diffusers' from_single_file: DIFFUSERS_TO_LDM_DEFAULT_IMAGE_SIZE_MAP (v2 768, others
+    // 512), except that a yaml declaring epsilon prediction (2.x 512-base) keeps 512
+    let image_size = if family == Family::Sd2 && v && !inpaint {
+        768
+    } else {
+        512
+    };
+    unet["sample_size"] = json!(image_size >> (vae_levels - 1));
     Ok(Detected {
         family,
-        inpaint: in_channels == 2 * latent + 1,
+        inpaint,
         v_prediction: v,
         unet,
         vae,
