@@ -52,6 +52,12 @@ impl ClipTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let vocab = dir.join("vocab.json");
         let merges = dir.join("merges.txt");
+        if !vocab.exists() && !merges.exists() {
+            // A folder with only its config (the embedded tiny-fill model's): SD1 and SD2 both
+            // use the standard CLIP vocabulary, so that one, with the folder's pad token.
+            let pad = Self::pad_token(dir)?;
+            return Self::embedded(pad.as_deref().unwrap_or("<|endoftext|>"));
+        }
         for f in [&vocab, &merges] {
             if !f.is_file() {
                 return Err(Error::Tokenizer {
@@ -69,15 +75,22 @@ impl ClipTokenizer {
             .unk_token("<|endoftext|>".into())
             .build()
             .map_err(|e| err(format!("cannot read vocab.json/merges.txt: {e}")))?;
-        let mut pad_token = None;
+        Self::build(bpe, Self::pad_token(dir)?, dir)
+    }
+
+    /// The pad token a tokenizer folder names (`special_tokens_map.json`, then
+    /// `tokenizer_config.json`), if any.
+    fn pad_token(dir: &Path) -> Result<Option<String>> {
         for name in ["special_tokens_map.json", "tokenizer_config.json"] {
             let p = dir.join(name);
-            if pad_token.is_none() && p.is_file() {
+            if p.is_file() {
                 let v: serde_json::Value = crate::error::read_json(&p)?;
-                pad_token = v.get("pad_token").and_then(token_content);
+                if let Some(t) = v.get("pad_token").and_then(token_content) {
+                    return Ok(Some(t));
+                }
             }
         }
-        Self::build(bpe, pad_token, dir)
+        Ok(None)
     }
 
     /// The standard CLIP BPE vocabulary embedded in the binary, for single-file checkpoints,

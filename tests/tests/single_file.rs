@@ -88,6 +88,22 @@ fn the_embedded_tokenizer_is_the_standard_vocabulary() {
 }
 
 #[test]
+fn a_tokenizer_folder_without_a_vocabulary_uses_the_standard_one() {
+    // (the embedded tiny-fill model ships only tokenizer_config.json)
+    let tmp = std::env::temp_dir().join(format!("tok-novocab-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("tokenizer_config.json"), r#"{"pad_token": "!"}"#).unwrap();
+    let t = ClipTokenizer::from_dir(&tmp).unwrap();
+    let sd2 = ClipTokenizer::from_dir(&model_dir("sd2").join("tokenizer")).unwrap();
+    assert_eq!(t.chunks("a cat").unwrap(), sd2.chunks("a cat").unwrap());
+    // half a vocabulary is an error naming what is missing
+    std::fs::write(tmp.join("vocab.json"), "{}").unwrap();
+    let e = ClipTokenizer::from_dir(&tmp).unwrap_err().to_string();
+    std::fs::remove_dir_all(&tmp).unwrap();
+    assert!(e.contains("merges.txt"), "{e}");
+}
+
+#[test]
 fn pickled_controlnets_load_and_malicious_pickles_are_refused() {
     let base = load(&model_dir("sd1"));
     let cfg = base.unet.config();
