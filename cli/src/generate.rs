@@ -158,6 +158,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
     };
     sd.validate(&req)?;
     // Every ControlNet, control image and mask is loaded and checked before denoising starts.
+    let t_units = Instant::now();
     let mut cache = Vec::new();
     let registry = &st.registry;
     let units = specs
@@ -168,6 +169,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
                 .map_err(|e| format!("control[{i}]: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let units_took = t_units.elapsed();
 
     let progress = Progress::new();
     let bar = progress.bar();
@@ -193,6 +195,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
     hooks.on_image(&mut images)?;
     let decode = t_dec.elapsed();
 
+    let t_write = Instant::now();
     let run = crate::infotext::Run {
         st: &st,
         req: &req,
@@ -240,8 +243,13 @@ pub fn run(args: GenerateArgs) -> CliResult {
         std::fs::rename(tmp, p).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     let its = steps_run as f64 / sampling.as_secs_f64().max(1e-9);
+    let controls = if specs.is_empty() {
+        String::new()
+    } else {
+        format!(", controls {:.1} s", units_took.as_secs_f64())
+    };
     eprintln!(
-        "{} image{} {}x{} in {:.1} s: load {:.1} s, {} steps in {:.1} s ({:.2} it/s), decode {:.1} s; seed {} -> {}",
+        "{} image{} {}x{} in {:.1} s: load {:.1} s{controls}, {} steps in {:.1} s ({:.2} it/s; text encoding included), decode {:.1} s, write {:.1} s; seed {} -> {}",
         req.batch,
         if req.batch == 1 { "" } else { "s" },
         width,
@@ -252,6 +260,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
         sampling.as_secs_f64(),
         its,
         decode.as_secs_f64(),
+        t_write.elapsed().as_secs_f64(),
         if st.noise.is_some() { "(noise file)".to_string() } else { seed.to_string() },
         paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     );

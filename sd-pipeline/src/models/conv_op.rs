@@ -192,41 +192,7 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
             // V = B^T d B per tile, B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
             v.par_chunks_mut(16 * cap).enumerate().for_each(|(ci, vc)| {
                 let plane = &xb[ci * g.h * g.w..][..g.h * g.w];
-                for ti in 0..t {
-                    let (ty, tx) = ((t0 + ti) / tw, (t0 + ti) % tw);
-                    let mut d = [[0f32; 4]; 4];
-                    if ty > 0 && tx > 0 && 2 * ty + 2 < g.h && 2 * tx + 2 < g.w {
-                        // interior tile: four rows of four, no padding
-                        for (i, row) in d.iter_mut().enumerate() {
-                            let at = (2 * ty + i - 1) * g.w + 2 * tx - 1;
-                            row.copy_from_slice(&plane[at..at + 4]);
-                        }
-                    } else {
-                        for (i, row) in d.iter_mut().enumerate() {
-                            let Some(y) = (2 * ty + i).checked_sub(1).filter(|&y| y < g.h) else {
-                                continue;
-                            };
-                            for (j, val) in row.iter_mut().enumerate() {
-                                if let Some(xx) = (2 * tx + j).checked_sub(1).filter(|&xx| xx < g.w)
-                                {
-                                    *val = plane[y * g.w + xx];
-                                }
-                            }
-                        }
-                    }
-                    let bd: [[f32; 4]; 4] = [
-                        std::array::from_fn(|j| d[0][j] - d[2][j]),
-                        std::array::from_fn(|j| d[1][j] + d[2][j]),
-                        std::array::from_fn(|j| d[2][j] - d[1][j]),
-                        std::array::from_fn(|j| d[1][j] - d[3][j]),
-                    ];
-                    for (i, r) in bd.iter().enumerate() {
-                        let row = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]];
-                        for (j, val) in row.into_iter().enumerate() {
-                            vc[(i * 4 + j) * cap + ti] = val;
-                        }
-                    }
-                }
+                winograd_input(plane, g, t0, t, cap, vc);
             });
             for e in 0..16 {
                 // SAFETY: M_e [o, t] (row stride 16 cap) = U_e [o, c] (row stride 16c) x
@@ -255,35 +221,171 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
                     );
                 }
             }
-            // Y = A^T M A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], plus the bias
             dst.par_chunks_mut(hw).enumerate().for_each(|(oi, yo)| {
                 let mo = &m[oi * 16 * cap..][..16 * cap];
-                let b0 = bias.map_or(0.0, |b| b[oi]);
-                for ti in 0..t {
-                    let (ty, tx) = ((t0 + ti) / tw, (t0 + ti) % tw);
-                    let e = |i: usize, j: usize| mo[(i * 4 + j) * cap + ti];
-                    let am: [[f32; 4]; 2] = [
-                        std::array::from_fn(|j| e(0, j) + e(1, j) + e(2, j)),
-                        std::array::from_fn(|j| e(1, j) - e(2, j) - e(3, j)),
-                    ];
-                    for (i, r) in am.iter().enumerate() {
-                        let y = 2 * ty + i;
-                        if y >= g.oh {
-                            continue;
-                        }
-                        let pair = [r[0] + r[1] + r[2], r[1] - r[2] - r[3]];
-                        for (j, val) in pair.into_iter().enumerate() {
-                            let xx = 2 * tx + j;
-                            if xx < g.ow {
-                                yo[y * g.ow + xx] = val + b0;
-                            }
-                        }
-                    }
-                }
+                winograd_output(mo, bias.map_or(0.0, |b| b[oi]), g, t0, t, cap, yo);
             });
         }
     }
     out
+}
+
+/// Tiles handled together by the Winograd transforms: one vector register of f32 lanes.
+const LANES: usize = 16;
+
+/// A run of up to [`LANES`] tiles from tile `ti` of the pass starting at tile `t0`: consecutive
+/// tiles of one tile row, the first and last tile of a row alone (they read the padding).
+fn tile_run(g: &Geo, t0: usize, ti: usize, t: usize) -> (usize, usize, usize) {
+    let tw = g.ow.div_ceil(2);
+    let (ty, tx) = ((t0 + ti) / tw, (t0 + ti) % tw);
+    let run = if tx == 0 || tx + 1 == tw {
+        1
+    } else {
+        LANES.min(t - ti).min(tw - 1 - tx)
+    };
+    (ty, tx, run)
+}
+
+/// One value per lane.
+#[inline(always)]
+fn lanes(f: impl Fn(usize) -> f32) -> [f32; LANES] {
+    std::array::from_fn(f)
+}
+
+/// `dst[..run] = vals[..run]`, a fixed-size (inlined, vector) copy for a full run.
+#[inline(always)]
+fn copy_lanes(dst: &mut [f32], vals: &[f32; LANES], run: usize) {
+    if run == LANES {
+        dst[..LANES].copy_from_slice(vals);
+    } else {
+        dst[..run].copy_from_slice(&vals[..run]);
+    }
+}
+
+super::simd::simd_dispatch! {
+    /// Winograd input transform of one channel `plane` `[H][W]` for tiles `t0..t0 + t`:
+    /// `V = B^T d B`, `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`,
+    /// into `vc` `[16][cap]`.
+    fn winograd_input(plane: &[f32], g: &Geo, t0: usize, t: usize, cap: usize, vc: &mut [f32]) -> () = winograd_input_body
+}
+
+#[inline(always)]
+fn winograd_input_body(plane: &[f32], g: &Geo, t0: usize, t: usize, cap: usize, vc: &mut [f32]) {
+    let mut ti = 0;
+    while ti < t {
+        let (ty, tx, run) = tile_run(g, t0, ti, t);
+        // d[i][j][k]: row i, column j of tile k's 4x4 input (zero outside the image)
+        let mut d = [[[0f32; LANES]; 4]; 4];
+        let last = tx + run - 1;
+        if ty > 0 && tx > 0 && 2 * ty + 2 < g.h && 2 * last + 2 < g.w {
+            for (i, di) in d.iter_mut().enumerate() {
+                let row = &plane[(2 * ty + i - 1) * g.w + 2 * tx - 1..][..2 * run + 2];
+                for (j, dij) in di.iter_mut().enumerate() {
+                    for (k, v) in dij[..run].iter_mut().enumerate() {
+                        *v = row[2 * k + j];
+                    }
+                }
+            }
+        } else {
+            for (i, di) in d.iter_mut().enumerate() {
+                let Some(y) = (2 * ty + i).checked_sub(1).filter(|&y| y < g.h) else {
+                    continue;
+                };
+                for (j, dij) in di.iter_mut().enumerate() {
+                    for (k, v) in dij[..run].iter_mut().enumerate() {
+                        if let Some(x) = (2 * (tx + k) + j).checked_sub(1).filter(|&x| x < g.w) {
+                            *v = plane[y * g.w + x];
+                        }
+                    }
+                }
+            }
+        }
+        // B^T d: rows
+        let bd: [[[f32; LANES]; 4]; 4] = std::array::from_fn(|j| {
+            [
+                lanes(|k| d[0][j][k] - d[2][j][k]),
+                lanes(|k| d[1][j][k] + d[2][j][k]),
+                lanes(|k| d[2][j][k] - d[1][j][k]),
+                lanes(|k| d[1][j][k] - d[3][j][k]),
+            ]
+        });
+        // (B^T d) B: columns; bd[j][i] is row i, column j
+        for i in 0..4 {
+            let r = |j: usize| &bd[j][i];
+            let out: [[f32; LANES]; 4] = [
+                lanes(|k| r(0)[k] - r(2)[k]),
+                lanes(|k| r(1)[k] + r(2)[k]),
+                lanes(|k| r(2)[k] - r(1)[k]),
+                lanes(|k| r(1)[k] - r(3)[k]),
+            ];
+            for (j, vals) in out.iter().enumerate() {
+                copy_lanes(&mut vc[(i * 4 + j) * cap + ti..], vals, run);
+            }
+        }
+        ti += run;
+    }
+}
+
+super::simd::simd_dispatch! {
+    /// Winograd output transform of one output channel: `Y = A^T M A`,
+    /// `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`, plus `bias`, from `mo` `[16][cap]` into the
+    /// tiles `t0..t0 + t` of the plane `yo` `[OH][OW]`.
+    fn winograd_output(mo: &[f32], bias: f32, g: &Geo, t0: usize, t: usize, cap: usize, yo: &mut [f32]) -> () = winograd_output_body
+}
+
+#[inline(always)]
+fn winograd_output_body(
+    mo: &[f32],
+    bias: f32,
+    g: &Geo,
+    t0: usize,
+    t: usize,
+    cap: usize,
+    yo: &mut [f32],
+) {
+    let mut ti = 0;
+    while ti < t {
+        let (ty, tx, run) = tile_run(g, t0, ti, t);
+        let mut e = [[0f32; LANES]; 16];
+        for (n, en) in e.iter_mut().enumerate() {
+            let src = &mo[n * cap + ti..];
+            if run == LANES {
+                en.copy_from_slice(&src[..LANES]);
+            } else {
+                en[..run].copy_from_slice(&src[..run]);
+            }
+        }
+        let at = |i: usize, j: usize| &e[i * 4 + j];
+        // A^T M: two rows of four
+        let am: [[[f32; LANES]; 4]; 2] = [
+            std::array::from_fn(|j| lanes(|k| at(0, j)[k] + at(1, j)[k] + at(2, j)[k])),
+            std::array::from_fn(|j| lanes(|k| at(1, j)[k] - at(2, j)[k] - at(3, j)[k])),
+        ];
+        for (a, r) in am.iter().enumerate() {
+            let y = 2 * ty + a;
+            if y >= g.oh {
+                continue;
+            }
+            let left = lanes(|k| r[0][k] + r[1][k] + r[2][k] + bias);
+            let right = lanes(|k| r[1][k] - r[2][k] - r[3][k] + bias);
+            let row = &mut yo[y * g.ow..][..g.ow];
+            if 2 * (tx + run) <= g.ow {
+                for (k, pair) in row[2 * tx..2 * (tx + run)].chunks_exact_mut(2).enumerate() {
+                    pair[0] = left[k];
+                    pair[1] = right[k];
+                }
+            } else {
+                for k in 0..run {
+                    let x = 2 * (tx + k);
+                    row[x] = left[k];
+                    if x + 1 < g.ow {
+                        row[x + 1] = right[k];
+                    }
+                }
+            }
+        }
+        ti += run;
+    }
 }
 
 /// `conv2d(x, w) + bias` for contiguous f32 `[B, C, H, W]` and `[O, C, K, K]`: Winograd for
