@@ -398,11 +398,11 @@ fn unet(a: UnetArgs) -> CliResult {
     let build = t.elapsed();
     let (h, w) = (a.height / 8, a.width / 8);
     let cfg_batch = !a.distinct && a.batch.is_multiple_of(2);
-    let x = if !cfg_batch {
-        Tensor::randn(0f32, 1.0, (a.batch, 4, h, w), &device)?
-    } else {
+    let x = if cfg_batch {
         let half = Tensor::randn(0f32, 1.0, (a.batch / 2, 4, h, w), &device)?;
         Tensor::cat(&[&half, &half], 0)?
+    } else {
+        Tensor::randn(0f32, 1.0, (a.batch, 4, h, w), &device)?
     }
     .to_dtype(dtype)?;
     let ctx = Tensor::randn(0f32, 1.0, (a.batch, 77, cfg.cross_attention_dim), &device)?

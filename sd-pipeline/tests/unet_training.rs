@@ -43,6 +43,19 @@ fn build(cfg: &UNetConfig) -> (VarMap, UNet2DConditionModel) {
     (vm, unet)
 }
 
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
 #[test]
 fn every_parameter_receives_a_gradient() {
     for linear in [false, true] {
@@ -103,33 +116,19 @@ fn per_sample_timesteps_equal_separate_calls() {
                 None,
             )
             .unwrap();
-        let d = (both.narrow(0, i, 1).unwrap() - one)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(&both.narrow(0, i, 1).unwrap(), &one);
         assert!(d < 1e-5, "sample {i}: {d}");
     }
     // And the two timesteps really give different outputs.
-    let d = (both.narrow(0, 0, 1).unwrap()
-        - unet
-            .forward(
-                &x.narrow(0, 0, 1).unwrap(),
-                &Tensor::new(&[700f32], &dev).unwrap(),
-                &ctx.narrow(0, 0, 1).unwrap(),
-                None,
-            )
-            .unwrap())
-    .unwrap()
-    .abs()
-    .unwrap()
-    .max_all()
-    .unwrap()
-    .to_scalar::<f32>()
-    .unwrap();
+    let other = unet
+        .forward(
+            &x.narrow(0, 0, 1).unwrap(),
+            &Tensor::new(&[700f32], &dev).unwrap(),
+            &ctx.narrow(0, 0, 1).unwrap(),
+            None,
+        )
+        .unwrap();
+    let d = max_diff(&both.narrow(0, 0, 1).unwrap(), &other);
     assert!(d > 1e-3);
 }
 
@@ -154,45 +153,20 @@ fn residuals_are_added_to_skips_and_mid() {
     };
     let plain = unet.forward(&x, &t, &ctx, None).unwrap();
     let zero = unet.forward(&x, &t, &ctx, Some(&r)).unwrap();
-    let d = (&plain - &zero)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_diff(&plain, &zero);
     assert_eq!(d, 0.0);
     let r2 = sd_plugins_api::Residuals {
         down,
         mid: (mid + 1.0).unwrap(),
     };
     let moved = unet.forward(&x, &t, &ctx, Some(&r2)).unwrap();
-    let d = (&plain - &moved)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_diff(&plain, &moved);
     assert!(d > 1e-3);
     let bad = sd_plugins_api::Residuals {
         down: vec![],
         mid: r2.mid.clone(),
     };
     assert!(unet.forward(&x, &t, &ctx, Some(&bad)).is_err());
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
@@ -266,13 +240,7 @@ fn gradients_flow_through_shared_items() {
             shared.get(var.as_tensor()).unwrap(),
             halves.get(var.as_tensor()).unwrap(),
         );
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(b);
         let d = max_diff(a, b);
         // f32 sums in another order: a few ulps of the largest gradient
         assert!(

@@ -24,26 +24,29 @@ impl SharedBatch {
             return Ok(None);
         };
         let b = b?;
-        let mut rows: Vec<Vec<Vec<u32>>> = Vec::new();
+        let mut rows: Vec<Vec<Vec<f32>>> = Vec::new();
         for t in parts {
             match t.dim(0)? {
                 1 => {}
                 n if n == b => {
                     // f16/bf16 -> f32 is exact, so equal f32 bits mean equal items
-                    let flat = t
-                        .to_dtype(DType::F32)?
-                        .reshape((b, t.elem_count() / b))?
-                        .to_vec2::<f32>()?;
                     rows.push(
-                        flat.into_iter()
-                            .map(|r| r.into_iter().map(f32::to_bits).collect())
-                            .collect(),
+                        t.to_dtype(DType::F32)?
+                            .reshape((b, t.elem_count() / b))?
+                            .to_vec2::<f32>()?,
                     );
                 }
                 n => candle_core::bail!("shared batch: a part of batch {n} beside batch {b}"),
             }
         }
-        let same = |i: usize, j: usize| rows.iter().all(|p| p[i] == p[j]);
+        // bit equality (-0.0 is not 0.0; a NaN equals its own bits)
+        let same = |i: usize, j: usize| {
+            rows.iter().all(|p| {
+                p[i].iter()
+                    .zip(&p[j])
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            })
+        };
         let (mut unique, mut expand) = (Vec::<u32>::new(), Vec::<u32>::with_capacity(b));
         for i in 0..b {
             match unique.iter().position(|&u| same(u as usize, i)) {

@@ -218,37 +218,38 @@ impl UNetEncoder {
         // up to the first cross-attention, where the text makes them differ.
         let mut parts = vec![&sample, emb];
         parts.extend(hint);
-        let mut shared = SharedBatch::detect(&parts)?;
-        let mut xs = match &shared {
-            Some(s) => s.shrink(&sample)?,
-            None => sample,
+        // while shared: the batch and the time embedding of the distinct items
+        let mut shared = match SharedBatch::detect(&parts)? {
+            Some(s) => {
+                let e = s.shrink(emb)?;
+                Some((s, e))
+            }
+            None => None,
         };
-        let mut item_emb = match &shared {
-            Some(s) => s.shrink(emb)?,
-            None => emb.clone(),
+        let mut xs = match &shared {
+            Some((s, _)) => s.shrink(&sample)?,
+            None => sample,
         };
         xs = self.conv_in.forward(&xs)?;
         if let Some(h) = hint {
             // a batch-1 hint (a control image embedded once) serves every item
             xs = match &shared {
-                Some(s) if h.dim(0)? != 1 => (xs + s.shrink(h)?)?,
+                Some((s, _)) if h.dim(0)? != 1 => (xs + s.shrink(h)?)?,
                 _ => xs.broadcast_add(h)?,
             };
         }
-        let full = |t: &Tensor, shared: &Option<SharedBatch>| match shared {
-            Some(s) => s.expand(t),
+        let full = |t: &Tensor, shared: &Option<(SharedBatch, Tensor)>| match shared {
+            Some((s, _)) => s.expand(t),
             None => Ok(t.clone()),
         };
         let mut skips = vec![full(&xs, &shared)?];
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                xs = resnet.forward(&xs, Some(&item_emb))?;
+                let item_emb = shared.as_ref().map_or(emb, |(_, e)| e);
+                xs = resnet.forward(&xs, Some(item_emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = match shared.take() {
-                        Some(s) => {
-                            item_emb = emb.clone();
-                            attn.forward_shared(&xs, ctx, &s)?
-                        }
+                        Some((s, _)) => attn.forward_shared(&xs, ctx, &s)?,
                         None => attn.forward(&xs, ctx)?,
                     };
                 }
