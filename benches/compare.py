@@ -49,24 +49,34 @@ def main():
                     mid = m if mid is None else mid + m
             unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
-    def timed(with_control):
-        times = []
-        for _ in range(a.iters + 1):
-            s = time.perf_counter()
-            run(with_control)
-            times.append(time.perf_counter() - s)
-        return sum(times[1:]) / a.iters, min(times[1:]), times[0]
+    def once(with_control):
+        s = time.perf_counter()
+        run(with_control)
+        return time.perf_counter() - s
 
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    mean, mn, first = timed(False)
+    # warm-ups; the plain call's peak memory is read before any ControlNet call
+    first = once(False)
+    plain_rss = rss()
+    cfirst = once(True) if nets else 0.0
+    # with ControlNets, plain and controlled calls alternate A B B A (as sdctl bench): a drift in the
+    # machine's speed falls on both alike
+    plain, control = [], []
+    for i in range(a.iters):
+        for with_control in ([False, True] if i % 2 == 0 else [True, False]):
+            if with_control and nets:
+                control.append(once(True))
+            elif not with_control:
+                plain.append(once(False))
+    mean, mn = sum(plain) / a.iters, min(plain)
     print(f"diffusers unet sd15 {a.width}x{a.height} batch {a.batch} f32 cpu (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads): {mean:.3f} s/call (mean of {a.iters}, min {mn:.3f}, first {first:.3f}); "
-          f"peak RSS {rss():.2f} GiB")
+          f"peak RSS {plain_rss:.2f} GiB")
     if nets:
-        cmean, cmn, cfirst = timed(True)
+        cmean, cmn = sum(control) / a.iters, min(control)
         print(f"diffusers unet + {len(nets)} controlnet: {cmean:.3f} s/call (min {cmn:.3f}, first {cfirst:.3f}) = "
-              f"{cmean / mean:.2f}x the plain call; peak RSS {rss():.2f} GiB")
-
+              f"{cmean / mean:.2f}x the plain call (mins: {cmn / mn:.2f}x; calls alternated with the plain ones, A B B A); "
+              f"peak RSS {rss():.2f} GiB")
 
 if __name__ == "__main__":
     main()

@@ -322,17 +322,42 @@ fn timed(
     device: &Device,
     f: &dyn Fn() -> CliResult<()>,
 ) -> CliResult<(f64, f64, f64)> {
-    let mut times = Vec::with_capacity(iters + 1);
-    for _ in 0..=iters {
-        let t = Instant::now();
-        f()?;
-        device.synchronize()?;
-        times.push(t.elapsed().as_secs_f64());
+    let first = once(device, f)?;
+    let (mean, min) = rounds(iters, device, &[f])?[0];
+    Ok((mean, min, first))
+}
+
+/// Seconds of one call of `f`.
+fn once(device: &Device, f: &dyn Fn() -> CliResult<()>) -> CliResult<f64> {
+    let t = Instant::now();
+    f()?;
+    device.synchronize()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// `iters` rounds, each calling every one of `fs` in turn, every other round in reverse order
+/// (A B, B A, A B, ...): (mean, min) seconds per function. A drift in the machine's speed (other
+/// load, clocks) then falls on all of them alike, and each follows each as often, so their
+/// ratios hold even when the absolute times move.
+fn rounds(
+    iters: usize,
+    device: &Device,
+    fs: &[&dyn Fn() -> CliResult<()>],
+) -> CliResult<Vec<(f64, f64)>> {
+    let mut times = vec![Vec::with_capacity(iters); fs.len()];
+    for round in 0..iters {
+        for i in 0..fs.len() {
+            let i = if round % 2 == 0 { i } else { fs.len() - 1 - i };
+            times[i].push(once(device, fs[i])?);
+        }
     }
-    let later = &times[1..];
-    let mean = later.iter().sum::<f64>() / later.len() as f64;
-    let min = later.iter().cloned().fold(f64::INFINITY, f64::min);
-    Ok((mean, min, times[0]))
+    Ok(times
+        .iter()
+        .map(|t| {
+            let mean = t.iter().sum::<f64>() / t.len() as f64;
+            (mean, t.iter().cloned().fold(f64::INFINITY, f64::min))
+        })
+        .collect())
 }
 
 fn write_json(path: &std::path::Path, report: &serde_json::Value) -> CliResult {
@@ -409,7 +434,52 @@ fn unet(a: UnetArgs) -> CliResult {
         .to_dtype(dtype)?;
     let ts = Tensor::full(500f32, a.batch, &device)?;
     let time = |f: &dyn Fn() -> candle_core::Result<()>| timed(a.iters, &device, &|| Ok(f()?));
-    let (mean, min, first) = time(&|| unet.forward(&x, &ts, &ctx, None).map(drop))?;
+    let plain = || -> CliResult<()> { Ok(unet.forward(&x, &ts, &ctx, None).map(drop)?) };
+    // the plain call's warm-up, before any ControlNet exists, gives its peak memory
+    let first = once(&device, &plain)?;
+    let plain_rss = (peak_rss(), peak_rss_bytes());
+    let nets = if a.controlnet > 0 {
+        let cfg = sd_controlnet::config::ControlNetConfig::from_unet(&cfg);
+        (0..a.controlnet)
+            .map(|_| {
+                let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
+                sd_controlnet::ControlNetModel::new(&cfg, vb)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
+    // the control image is embedded once per generation (as `generate` does), not per call
+    let image = Tensor::rand(0f32, 1.0, (1, 3, a.height, a.width), &device)?;
+    let hints = nets
+        .iter()
+        .map(|n| n.embed_condition(&image, dtype))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let step = || -> CliResult<()> {
+        let mut total: Option<sd_plugins_api::Residuals> = None;
+        for (n, hint) in nets.iter().zip(&hints) {
+            let r = n.forward_with_hint(&x, &ts, &ctx, hint)?;
+            total = Some(match total {
+                None => r,
+                Some(t) => t.add(&r).map_err(|e| e.to_string())?,
+            });
+        }
+        Ok(unet.forward(&x, &ts, &ctx, total.as_ref()).map(drop)?)
+    };
+    // with ControlNets, plain and controlled calls alternate (A B B A ...): the ratio is the number
+    // compared
+    let cfirst = if nets.is_empty() {
+        0.0
+    } else {
+        once(&device, &step)?
+    };
+    let fs: Vec<&dyn Fn() -> CliResult<()>> = if nets.is_empty() {
+        vec![&plain]
+    } else {
+        vec![&plain, &step]
+    };
+    let stats = rounds(a.iters, &device, &fs)?;
+    let (mean, min) = stats[0];
     println!(
         "unet {:?} {}x{} batch {} ({}) {:?} on {}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}); build {:.1} s; peak RSS {}",
         a.arch,
@@ -424,48 +494,22 @@ fn unet(a: UnetArgs) -> CliResult {
         min,
         first,
         build.as_secs_f64(),
-        peak_rss()
+        plain_rss.0
     );
     let mut report = serde_json::json!({
         "arch": format!("{:?}", a.arch).to_lowercase(), "width": a.width, "height": a.height,
         "batch": a.batch, "cfg_batch": cfg_batch, "dtype": a.dtype, "device": a.device, "iters": a.iters,
         "build_s": build.as_secs_f64(),
-        "unet": {"mean_s": mean, "min_s": min, "first_s": first, "peak_rss_bytes": peak_rss_bytes()},
+        "unet": {"mean_s": mean, "min_s": min, "first_s": first, "peak_rss_bytes": plain_rss.1},
     });
-    if a.controlnet > 0 {
-        let cfg = sd_controlnet::config::ControlNetConfig::from_unet(&cfg);
-        let nets = (0..a.controlnet)
-            .map(|_| {
-                let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
-                sd_controlnet::ControlNetModel::new(&cfg, vb)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        // the control image is embedded once per generation (as `generate` does), not per call
-        let image = Tensor::rand(0f32, 1.0, (1, 3, a.height, a.width), &device)?;
-        let hints = nets
-            .iter()
-            .map(|n| n.embed_condition(&image, dtype))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let step = || -> candle_core::Result<()> {
-            let mut total: Option<sd_plugins_api::Residuals> = None;
-            for (n, hint) in nets.iter().zip(&hints) {
-                let r = n.forward_with_hint(&x, &ts, &ctx, hint)?;
-                total = Some(match total {
-                    None => r,
-                    Some(t) => t
-                        .add(&r)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
-                });
-            }
-            unet.forward(&x, &ts, &ctx, total.as_ref()).map(drop)
-        };
-        let (cmean, cmin, cfirst) = time(&step)?;
+    if let Some(&(cmean, cmin)) = stats.get(1) {
         report["controlnet"] = serde_json::json!({
             "count": a.controlnet, "mean_s": cmean, "min_s": cmin, "first_s": cfirst,
-            "ratio_to_plain": cmean / mean, "peak_rss_bytes": peak_rss_bytes(),
+            "ratio_to_plain": cmean / mean, "ratio_of_mins": cmin / min,
+            "peak_rss_bytes": peak_rss_bytes(),
         });
         println!(
-            "unet + {} controlnet{}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}) = {:.2}x the plain call; peak RSS {}",
+            "unet + {} controlnet{}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}) = {:.2}x the plain call (mins: {:.2}x; calls alternated with the plain ones, A B B A); peak RSS {}",
             a.controlnet,
             if a.controlnet == 1 { "" } else { "s" },
             cmean,
@@ -473,6 +517,7 @@ fn unet(a: UnetArgs) -> CliResult {
             cmin,
             cfirst,
             cmean / mean,
+            cmin / min,
             peak_rss()
         );
     }
