@@ -59,8 +59,8 @@ def main():
     first = once(False)
     plain_rss = rss()
     cfirst = once(True) if nets else 0.0
-    # with ControlNets, plain and controlled calls alternate A B B A (as sdctl bench): a drift in the
-    # machine's speed falls on both alike
+    # with ControlNets, plain and controlled calls alternate, order reversed every round (as
+    # sdctl bench): a drift in the machine's speed falls on both alike
     plain, control = [], []
     for i in range(a.iters):
         for with_control in ([False, True] if i % 2 == 0 else [True, False]):
@@ -75,7 +75,7 @@ def main():
     if nets:
         cmean, cmn = sum(control) / a.iters, min(control)
         print(f"diffusers unet + {len(nets)} controlnet: {cmean:.3f} s/call (min {cmn:.3f}, first {cfirst:.3f}) = "
-              f"{cmean / mean:.2f}x the plain call (mins: {cmn / mn:.2f}x; calls alternated with the plain ones, A B B A); "
+              f"{cmean / mean:.2f}x the plain call (mins: {cmn / mn:.2f}x; calls alternated with the plain ones, order reversed every round); "
               f"peak RSS {rss():.2f} GiB")
 
 if __name__ == "__main__":

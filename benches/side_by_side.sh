@@ -12,10 +12,10 @@ SD15=${SD15:-/tmp/sd15-random}
 date; grep -m1 "model name" /proc/cpuinfo || true; nproc
 "$PY" benches/compare.py --width 256 --height 256 --batch 2 --iters 3 --controlnet 1
 "$S" bench unet --width 256 --height 256 --batch 2 --iters 3 --controlnet 1
-"$PY" benches/compare.py --width 512 --height 512 --batch 2 --iters 2 --controlnet 1
-"$S" bench unet --width 512 --height 512 --batch 2 --iters 2 --controlnet 1 --lora 16
-"$PY" benches/compare.py --width 512 --height 512 --batch 2 --iters 2 --controlnet 2
-"$S" bench unet --width 512 --height 512 --batch 2 --iters 2 --controlnet 2
+"$PY" benches/compare.py --width 512 --height 512 --batch 2 --iters 4 --controlnet 1
+"$S" bench unet --width 512 --height 512 --batch 2 --iters 4 --controlnet 1 --lora 16
+"$PY" benches/compare.py --width 512 --height 512 --batch 2 --iters 4 --controlnet 2
+"$S" bench unet --width 512 --height 512 --batch 2 --iters 4 --controlnet 2
 "$S" bench unet --width 512 --height 512 --batch 2 --iters 2 --distinct
 "$S" bench load --model "$SD15" --iters 3
 [ -f "$SD15.safetensors" ] || "$S" model convert "$SD15" --to single-file --half --output "$SD15.safetensors"

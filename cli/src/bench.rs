@@ -433,7 +433,6 @@ fn unet(a: UnetArgs) -> CliResult {
     let ctx = Tensor::randn(0f32, 1.0, (a.batch, 77, cfg.cross_attention_dim), &device)?
         .to_dtype(dtype)?;
     let ts = Tensor::full(500f32, a.batch, &device)?;
-    let time = |f: &dyn Fn() -> candle_core::Result<()>| timed(a.iters, &device, &|| Ok(f()?));
     let plain = || -> CliResult<()> { Ok(unet.forward(&x, &ts, &ctx, None).map(drop)?) };
     // the plain call's warm-up, before any ControlNet exists, gives its peak memory
     let first = once(&device, &plain)?;
@@ -466,20 +465,51 @@ fn unet(a: UnetArgs) -> CliResult {
         }
         Ok(unet.forward(&x, &ts, &ctx, total.as_ref()).map(drop)?)
     };
-    // with ControlNets, plain and controlled calls alternate (A B B A ...): the ratio is the number
-    // compared
     let cfirst = if nets.is_empty() {
         0.0
     } else {
         once(&device, &step)?
     };
-    let fs: Vec<&dyn Fn() -> CliResult<()>> = if nets.is_empty() {
-        vec![&plain]
+    let control_rss = (peak_rss(), peak_rss_bytes());
+    // the merged-LoRA UNet: the same shapes, its weights patched while loading
+    let lora = if a.lora > 0 {
+        let patch = std::sync::Arc::new(RandomLora {
+            rank: a.lora,
+            patched: Default::default(),
+        });
+        let t = Instant::now();
+        let vb = VarBuilder::from_backend(
+            Box::new(PatchedRandom(vec![patch.clone()])),
+            dtype,
+            device.clone(),
+        );
+        let merged = UNet2DConditionModel::new(&cfg, vb)?;
+        let merged_build = t.elapsed().as_secs_f64();
+        let patched = patch.patched.load(std::sync::atomic::Ordering::Relaxed);
+        Some((merged, merged_build, patched))
     } else {
-        vec![&plain, &step]
+        None
     };
-    let stats = rounds(a.iters, &device, &fs)?;
-    let (mean, min) = stats[0];
+    let merged_call = || -> CliResult<()> {
+        let (merged, _, _) = lora.as_ref().expect("only timed with --lora");
+        Ok(merged.forward(&x, &ts, &ctx, None).map(drop)?)
+    };
+    let lfirst = if lora.is_some() {
+        once(&device, &merged_call)?
+    } else {
+        0.0
+    };
+    // the plain, controlled and merged calls alternate (A B C, C B A, ...): their ratios are the
+    // numbers compared
+    let mut fs: Vec<&dyn Fn() -> CliResult<()>> = vec![&plain];
+    if !nets.is_empty() {
+        fs.push(&step);
+    }
+    if lora.is_some() {
+        fs.push(&merged_call);
+    }
+    let mut stats = rounds(a.iters, &device, &fs)?.into_iter();
+    let (mean, min) = stats.next().expect("the plain call is timed");
     println!(
         "unet {:?} {}x{} batch {} ({}) {:?} on {}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}); build {:.1} s; peak RSS {}",
         a.arch,
@@ -502,14 +532,20 @@ fn unet(a: UnetArgs) -> CliResult {
         "build_s": build.as_secs_f64(),
         "unet": {"mean_s": mean, "min_s": min, "first_s": first, "peak_rss_bytes": plain_rss.1},
     });
-    if let Some(&(cmean, cmin)) = stats.get(1) {
+    let alternated = if fs.len() > 1 {
+        "; calls alternated with the plain ones, order reversed every round"
+    } else {
+        ""
+    };
+    if !nets.is_empty() {
+        let (cmean, cmin) = stats.next().expect("the controlled call is timed");
         report["controlnet"] = serde_json::json!({
             "count": a.controlnet, "mean_s": cmean, "min_s": cmin, "first_s": cfirst,
             "ratio_to_plain": cmean / mean, "ratio_of_mins": cmin / min,
-            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_bytes": control_rss.1,
         });
         println!(
-            "unet + {} controlnet{}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}) = {:.2}x the plain call (mins: {:.2}x; calls alternated with the plain ones, A B B A); peak RSS {}",
+            "unet + {} controlnet{}: {:.3} s/call (mean of {}, min {:.3}, first call {:.3}) = {:.2}x the plain call (mins: {:.2}x{alternated}); peak RSS {}",
             a.controlnet,
             if a.controlnet == 1 { "" } else { "s" },
             cmean,
@@ -518,37 +554,25 @@ fn unet(a: UnetArgs) -> CliResult {
             cfirst,
             cmean / mean,
             cmin / min,
-            peak_rss()
+            control_rss.0
         );
     }
-    if a.lora > 0 {
-        let patch = std::sync::Arc::new(RandomLora {
-            rank: a.lora,
-            patched: Default::default(),
-        });
-        let t = Instant::now();
-        let vb = VarBuilder::from_backend(
-            Box::new(PatchedRandom(vec![patch.clone()])),
-            dtype,
-            device.clone(),
-        );
-        let merged = UNet2DConditionModel::new(&cfg, vb)?;
-        let merged_build = t.elapsed().as_secs_f64();
-        let patched = patch.patched.load(std::sync::atomic::Ordering::Relaxed);
-        let (lmean, lmin, lfirst) = time(&|| merged.forward(&x, &ts, &ctx, None).map(drop))?;
+    if let Some((_, merged_build, patched)) = &lora {
+        let (lmean, lmin) = stats.next().expect("the merged call is timed");
         report["lora"] = serde_json::json!({
             "rank": a.lora, "patched_weights": patched, "build_s": merged_build,
             "merge_s": merged_build - build.as_secs_f64(), "mean_s": lmean, "min_s": lmin,
-            "first_s": lfirst, "ratio_to_plain": lmean / mean,
+            "first_s": lfirst, "ratio_to_plain": lmean / mean, "ratio_of_mins": lmin / min,
         });
         println!(
-            "unet + merged LoRA (rank {}, {patched} weights): {:.3} s/call (mean of {}, min {:.3}, first call {:.3}) = {:.2}x the plain call; build {:.1} s (merge {:.1} s)",
+            "unet + merged LoRA (rank {}, {patched} weights): {:.3} s/call (mean of {}, min {:.3}, first call {:.3}) = {:.2}x the plain call (mins: {:.2}x{alternated}); build {:.1} s (merge {:.1} s)",
             a.lora,
             lmean,
             a.iters,
             lmin,
             lfirst,
             lmean / mean,
+            lmin / min,
             merged_build,
             merged_build - build.as_secs_f64(),
         );
