@@ -599,3 +599,47 @@ fn unet(a: UnetArgs) -> CliResult {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn rounds_alternate_and_reverse() {
+        let calls = RefCell::new(String::new());
+        let a = || -> CliResult<()> {
+            calls.borrow_mut().push('A');
+            Ok(())
+        };
+        let b = || -> CliResult<()> {
+            calls.borrow_mut().push('B');
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            Ok(())
+        };
+        let c = || -> CliResult<()> {
+            calls.borrow_mut().push('C');
+            Ok(())
+        };
+        let stats = rounds(4, &Device::Cpu, &[&a, &b]).unwrap();
+        assert_eq!(*calls.borrow(), "ABBAABBA");
+        assert_eq!(stats.len(), 2);
+        // each function's own times: B sleeps, A does not
+        assert!(stats[1].1 >= 0.005 && stats[1].0 >= stats[1].1);
+        assert!(stats[0].0 < 0.005);
+        calls.borrow_mut().clear();
+        rounds(3, &Device::Cpu, &[&a, &b, &c]).unwrap();
+        assert_eq!(*calls.borrow(), "ABCCBAABC");
+    }
+
+    #[test]
+    fn rounds_stop_at_the_first_error() {
+        let calls = RefCell::new(0);
+        let fail = || -> CliResult<()> {
+            *calls.borrow_mut() += 1;
+            Err("broken".into())
+        };
+        assert!(rounds(3, &Device::Cpu, &[&fail]).is_err());
+        assert_eq!(*calls.borrow(), 1);
+    }
+}
