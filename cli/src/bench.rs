@@ -9,6 +9,7 @@ use candle_nn::{Init, VarBuilder};
 use clap::{Args, Subcommand, ValueEnum};
 use sd_pipeline::models::config::UNetConfig;
 use sd_pipeline::models::unet::UNet2DConditionModel;
+use sd_plugins_api::Residuals;
 
 use crate::CliResult;
 
@@ -414,6 +415,42 @@ fn load(a: LoadArgs) -> CliResult {
     Ok(())
 }
 
+/// A UNet with a random LoRA of `rank` merged into its weights while loading.
+struct MergedUnet {
+    unet: UNet2DConditionModel,
+    /// seconds to build it, random base weights included
+    build_s: f64,
+    /// seconds of those spent in the loader's patch step
+    merge_s: f64,
+    patched: usize,
+}
+
+fn merged_unet(
+    cfg: &UNetConfig,
+    rank: usize,
+    dtype: DType,
+    device: &Device,
+) -> CliResult<MergedUnet> {
+    let patch = std::sync::Arc::new(RandomLora {
+        rank,
+        patched: Default::default(),
+    });
+    let t = Instant::now();
+    let nanos = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let backend = PatchedRandom {
+        patches: vec![patch.clone()],
+        nanos: nanos.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    let unet = UNet2DConditionModel::new(cfg, vb)?;
+    Ok(MergedUnet {
+        unet,
+        build_s: t.elapsed().as_secs_f64(),
+        merge_s: nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9,
+        patched: patch.patched.load(std::sync::atomic::Ordering::Relaxed),
+    })
+}
+
 fn unet(a: UnetArgs) -> CliResult {
     if a.width == 0 || a.height == 0 || !a.width.is_multiple_of(8) || !a.height.is_multiple_of(8) {
         return Err(format!(
@@ -448,11 +485,14 @@ fn unet(a: UnetArgs) -> CliResult {
     let ctx = Tensor::randn(0f32, 1.0, (a.batch, 77, cfg.cross_attention_dim), &device)?
         .to_dtype(dtype)?;
     let ts = Tensor::full(500f32, a.batch, &device)?;
-    let plain = || -> CliResult<()> { Ok(unet.forward(&x, &ts, &ctx, None).map(drop)?) };
+    let call = |u: &UNet2DConditionModel, r: Option<&Residuals>| -> CliResult<()> {
+        Ok(u.forward(&x, &ts, &ctx, r).map(drop)?)
+    };
+    let plain = || call(&unet, None);
     // the plain call's warm-up, before any ControlNet exists, gives its peak memory
     let first = once(&device, &plain)?;
     let plain_rss = (peak_rss(), peak_rss_bytes());
-    let nets = if a.controlnet > 0 {
+    let nets = {
         let cfg = sd_controlnet::config::ControlNetConfig::from_unet(&cfg);
         (0..a.controlnet)
             .map(|_| {
@@ -460,17 +500,18 @@ fn unet(a: UnetArgs) -> CliResult {
                 sd_controlnet::ControlNetModel::new(&cfg, vb)
             })
             .collect::<candle_core::Result<Vec<_>>>()?
-    } else {
-        Vec::new()
     };
     // the control image is embedded once per generation (as `generate` does), not per call
-    let image = Tensor::rand(0f32, 1.0, (1, 3, a.height, a.width), &device)?;
-    let hints = nets
-        .iter()
-        .map(|n| n.embed_condition(&image, dtype))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let step = || -> CliResult<()> {
-        let mut total: Option<sd_plugins_api::Residuals> = None;
+    let hints = if nets.is_empty() {
+        Vec::new()
+    } else {
+        let image = Tensor::rand(0f32, 1.0, (1, 3, a.height, a.width), &device)?;
+        nets.iter()
+            .map(|n| n.embed_condition(&image, dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?
+    };
+    let step = (!nets.is_empty()).then_some(|| -> CliResult<()> {
+        let mut total: Option<Residuals> = None;
         for (n, hint) in nets.iter().zip(&hints) {
             let r = n.forward_with_hint(&x, &ts, &ctx, hint)?;
             total = Some(match total {
@@ -478,52 +519,23 @@ fn unet(a: UnetArgs) -> CliResult {
                 Some(t) => t.add(&r).map_err(|e| e.to_string())?,
             });
         }
-        Ok(unet.forward(&x, &ts, &ctx, total.as_ref()).map(drop)?)
-    };
-    let cfirst = if nets.is_empty() {
-        0.0
-    } else {
-        once(&device, &step)?
-    };
+        call(&unet, total.as_ref())
+    });
+    let cfirst = step.as_ref().map(|f| once(&device, f)).transpose()?;
     let control_rss = (peak_rss(), peak_rss_bytes());
-    // the merged-LoRA UNet: the same shapes, its weights patched while loading
-    let lora = if a.lora > 0 {
-        let patch = std::sync::Arc::new(RandomLora {
-            rank: a.lora,
-            patched: Default::default(),
-        });
-        let t = Instant::now();
-        let nanos = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let backend = PatchedRandom {
-            patches: vec![patch.clone()],
-            nanos: nanos.clone(),
-        };
-        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-        let merged = UNet2DConditionModel::new(&cfg, vb)?;
-        let merged_build = t.elapsed().as_secs_f64();
-        let merge = nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9;
-        let patched = patch.patched.load(std::sync::atomic::Ordering::Relaxed);
-        Some((merged, merged_build, merge, patched))
-    } else {
-        None
-    };
-    let merged_call = || -> CliResult<()> {
-        let (merged, ..) = lora.as_ref().expect("only timed with --lora");
-        Ok(merged.forward(&x, &ts, &ctx, None).map(drop)?)
-    };
-    let lfirst = if lora.is_some() {
-        once(&device, &merged_call)?
-    } else {
-        0.0
-    };
+    let merged = (a.lora > 0)
+        .then(|| merged_unet(&cfg, a.lora, dtype, &device))
+        .transpose()?;
+    let merged_call = merged.as_ref().map(|m| move || call(&m.unet, None));
+    let lfirst = merged_call.as_ref().map(|f| once(&device, f)).transpose()?;
     // the plain, controlled and merged calls alternate (A B C, C B A, ...): their ratios are the
     // numbers compared
     let mut fs: Vec<&dyn Fn() -> CliResult<()>> = vec![&plain];
-    if !nets.is_empty() {
-        fs.push(&step);
+    if let Some(f) = &step {
+        fs.push(f);
     }
-    if lora.is_some() {
-        fs.push(&merged_call);
+    if let Some(f) = &merged_call {
+        fs.push(f);
     }
     let mut stats = rounds(a.iters, &device, &fs)?.into_iter();
     let (mean, min) = stats.next().expect("the plain call is timed");
@@ -554,7 +566,7 @@ fn unet(a: UnetArgs) -> CliResult {
     } else {
         ""
     };
-    if !nets.is_empty() {
+    if let Some(cfirst) = cfirst {
         let (cmean, cmin) = stats.next().expect("the controlled call is timed");
         report["controlnet"] = serde_json::json!({
             "count": a.controlnet, "mean_s": cmean, "min_s": cmin, "first_s": cfirst,
@@ -574,24 +586,25 @@ fn unet(a: UnetArgs) -> CliResult {
             control_rss.0
         );
     }
-    if let Some((_, merged_build, merge, patched)) = &lora {
+    if let (Some(m), Some(lfirst)) = (&merged, lfirst) {
         let (lmean, lmin) = stats.next().expect("the merged call is timed");
         report["lora"] = serde_json::json!({
-            "rank": a.lora, "patched_weights": patched, "build_s": merged_build,
-            "merge_s": merge, "mean_s": lmean, "min_s": lmin,
+            "rank": a.lora, "patched_weights": m.patched, "build_s": m.build_s,
+            "merge_s": m.merge_s, "mean_s": lmean, "min_s": lmin,
             "first_s": lfirst, "ratio_to_plain": lmean / mean, "ratio_of_mins": lmin / min,
         });
         println!(
-            "unet + merged LoRA (rank {}, {patched} weights): {:.3} s/call (mean of {}, min {:.3}, first call {:.3}) = {:.2}x the plain call (mins: {:.2}x{alternated}); build {:.1} s (merge {:.1} s)",
+            "unet + merged LoRA (rank {}, {} weights): {:.3} s/call (mean of {}, min {:.3}, first call {:.3}) = {:.2}x the plain call (mins: {:.2}x{alternated}); build {:.1} s (merge {:.1} s)",
             a.lora,
+            m.patched,
             lmean,
             a.iters,
             lmin,
             lfirst,
             lmean / mean,
             lmin / min,
-            merged_build,
-            merge,
+            m.build_s,
+            m.merge_s,
         );
     }
     if let Some(p) = &a.json {
