@@ -386,9 +386,9 @@ fn load(a: LoadArgs) -> CliResult {
     if a.iters == 0 {
         return Err("--iters must be at least 1".into());
     }
-    let device = crate::device::device(&a.device)?;
-    let dtype = crate::device::dtype(&a.dtype)?;
-    crate::device::check_dtype(&device, dtype)?;
+    let device = sd::device::device(&a.device)?;
+    let dtype = sd::device::dtype(&a.dtype)?;
+    sd::device::check_dtype(&device, dtype)?;
     let (mean, min, first) = timed(a.iters, &device, &|| {
         sd_pipeline::loader::StableDiffusion::load_with_vae(&a.model, &device, dtype, &[], None)?;
         Ok(())
@@ -462,9 +462,9 @@ fn unet(a: UnetArgs) -> CliResult {
     if a.batch == 0 || a.iters == 0 {
         return Err("--batch and --iters must be at least 1".into());
     }
-    let device = crate::device::device(&a.device)?;
-    let dtype = crate::device::dtype(&a.dtype)?;
-    crate::device::check_dtype(&device, dtype)?;
+    let device = sd::device::device(&a.device)?;
+    let dtype = sd::device::dtype(&a.dtype)?;
+    sd::device::check_dtype(&device, dtype)?;
     let cfg = match a.arch {
         Arch::Sd15 => UNetConfig::sd15(),
         Arch::Sd21 => UNetConfig::sd21(),

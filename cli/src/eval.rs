@@ -450,12 +450,9 @@ fn fill(a: FillArgs) -> CliResult {
     };
     let (model, controlnet) = match (&a.model, &a.controlnet) {
         (Some(m), Some(c)) => (m.clone(), c.clone()),
-        (None, None) => (
-            crate::embedded::base_dir()?,
-            crate::embedded::controlnet_dir()?,
-        ),
+        (None, None) => (sd::embedded::base_dir()?, sd::embedded::controlnet_dir()?),
         (Some(_), None) => return Err("--model needs --controlnet too".into()),
-        (None, Some(c)) => (crate::embedded::base_dir()?, c.clone()),
+        (None, Some(c)) => (sd::embedded::base_dir()?, c.clone()),
     };
     for (flag, p) in [("--model", &model), ("--controlnet", &controlnet)] {
         if !p.exists() {
@@ -468,9 +465,9 @@ fn fill(a: FillArgs) -> CliResult {
     if let Some(p) = &a.grid {
         check_parent("--grid", p)?;
     }
-    let device = crate::device::device(&a.device)?;
-    let dtype = crate::device::dtype(&a.dtype)?;
-    crate::device::check_dtype(&device, dtype)?;
+    let device = sd::device::device(&a.device)?;
+    let dtype = sd::device::dtype(&a.dtype)?;
+    sd::device::check_dtype(&device, dtype)?;
 
     let sd = StableDiffusion::load_with_vae(&model, &device, dtype, &[], None)
         .map_err(|e| flag_error("--model", &model, &e))?;

@@ -15,42 +15,11 @@ pub struct PngInfoArgs {
     pub json: bool,
 }
 
-/// Every tEXt / zTXt / iTXt chunk of a PNG as (keyword, text).
-pub fn text_chunks(path: &std::path::Path) -> CliResult<Vec<(String, String)>> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let reader = decoder
-        .read_info()
-        .map_err(|e| format!("{}: not a readable PNG: {e}", path.display()))?;
-    let info = reader.info();
-    let mut out: Vec<(String, String)> = info
-        .uncompressed_latin1_text
-        .iter()
-        .map(|t| (t.keyword.clone(), t.text.clone()))
-        .collect();
-    for t in &info.compressed_latin1_text {
-        if let Ok(text) = t.get_text() {
-            out.push((t.keyword.clone(), text));
-        }
-    }
-    for t in &info.utf8_text {
-        if let Ok(text) = t.get_text() {
-            out.push((t.keyword.clone(), text));
-        }
-    }
-    Ok(out)
-}
-
 pub fn run(a: PngInfoArgs) -> CliResult {
-    let chunks = text_chunks(&a.image)?;
-    let find = |k: &str| {
-        chunks
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.as_str())
-    };
+    let chunks = sd::png_text::text_chunks(&a.image)?;
+    let find = |k: &str| sd::png_text::find(&chunks, k);
     if a.json {
-        let j = find(crate::infotext::JSON_CHUNK).ok_or_else(|| {
+        let j = find(sd::infotext::JSON_CHUNK).ok_or_else(|| {
             format!(
                 "{}: no sdctl settings chunk (not made by sdctl)",
                 a.image.display()

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use figment::value::{Dict, Value};
 
-use super::Problem;
+use crate::settings::problem::{Origin, Problem};
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct SettingsArgs {
@@ -164,7 +164,7 @@ impl SettingsArgs {
             match control_table(c) {
                 Ok(t) => units.push(Value::from(t)),
                 Err(m) => problems.push(Problem::at(
-                    &super::Origin::Flag(format!("--control #{}", i + 1)),
+                    &Origin::Flag(format!("--control #{}", i + 1)),
                     "",
                     m,
                 )),
@@ -187,7 +187,7 @@ impl SettingsArgs {
                     plugins.push(Value::from(t));
                 }
                 Err(m) => problems.push(Problem::at(
-                    &super::Origin::Flag(format!("--plugin #{}", i + 1)),
+                    &Origin::Flag(format!("--plugin #{}", i + 1)),
                     "",
                     m,
                 )),

@@ -10,9 +10,9 @@ use figment::Figment;
 use sd_plugins_api::host::{PluginKind, PluginLibrary};
 use sd_plugins_api::{resolve_params, ParamKind, ParamValue, Params, Registry};
 
-use super::check::{list_entries, num_f64, num_int, Shown, Table, Typed};
-use super::sources::{describe, Origin};
-use super::{resolve, Problem};
+use crate::settings::problem::{resolve, Origin, Problem};
+use crate::settings::table::{list_entries, Shown, Table, Typed};
+use crate::settings::values::{describe, num_f64, num_int};
 
 /// A hook plugin to run, with validated parameters.
 #[derive(Clone)]

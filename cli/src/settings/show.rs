@@ -1,6 +1,7 @@
 //! `sdctl config show`: the merged settings as TOML, each value annotated with its origin.
 
-use super::check::{Settings, Shown, Typed};
+use crate::settings::check::Settings;
+use crate::settings::table::{Shown, Typed};
 
 fn literal(v: &Typed) -> String {
     match v {
@@ -55,17 +56,15 @@ fn lines(out: &mut String, shown: &[Shown]) {
 pub fn render(s: &Settings) -> String {
     let mut out = String::new();
     lines(&mut out, &s.shown);
-    for c in &s.control {
-        out.push_str("\n[[control]]\n");
-        lines(&mut out, &c.shown);
-    }
-    for l in &s.lora {
-        out.push_str("\n[[lora]]\n");
-        lines(&mut out, &l.shown);
-    }
-    for p in &s.plugins {
-        out.push_str("\n[[plugins]]\n");
-        lines(&mut out, &p.shown);
+    for (table, entries) in [
+        ("control", &s.control_shown),
+        ("lora", &s.lora_shown),
+        ("plugins", &s.plugin_shown),
+    ] {
+        for shown in entries {
+            out.push_str(&format!("\n[[{table}]]\n"));
+            lines(&mut out, shown);
+        }
     }
     out
 }

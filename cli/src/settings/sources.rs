@@ -2,51 +2,17 @@
 //! environment variables and flags, layered with figment, lowest first. Lists are
 //! concatenated (`admerge`), scalars are replaced by later layers.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Json, Toml, Yaml};
 use figment::value::{Dict, Map, Tag, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 
-use super::fields::{self, Default, FIELDS};
-use super::Problem;
+use crate::settings::fields::{self, Default, FIELDS};
+use crate::settings::problem::{Origin, Problem};
+use crate::settings::values::describe;
 
 /// Where one value came from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Origin {
-    Default,
-    File { path: PathBuf, line: Option<usize> },
-    Env(String),
-    Flag(String),
-    Png(PathBuf),
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Origin::Default => write!(f, "default"),
-            Origin::File { path, line: None } => write!(f, "{}", path.display()),
-            Origin::File {
-                path,
-                line: Some(l),
-            } => write!(f, "{}:{l}", path.display()),
-            Origin::Env(v) => write!(f, "env {v}"),
-            Origin::Flag(v) => write!(f, "flag {v}"),
-            Origin::Png(p) => write!(f, "png {}", p.display()),
-        }
-    }
-}
-
-impl Origin {
-    /// The folder relative paths are resolved against: the config file's, else none (cwd).
-    pub fn base_dir(&self) -> Option<&Path> {
-        match self {
-            Origin::File { path, .. } => path.parent(),
-            _ => None,
-        }
-    }
-}
 
 /// A layer we build in code (defaults, flags), named so origins can be told apart.
 struct Layer {
@@ -232,22 +198,6 @@ pub fn origin_of(fig: &Figment, tag: Tag, key_path: &[&str], png: Option<&Path>)
         Some(m) if m.name == PNG => Origin::Png(png.unwrap_or(Path::new("")).to_path_buf()),
         Some(_) => Origin::Env(fields::env_var(key)),
         None => Origin::Default,
-    }
-}
-
-/// A short description of a value's type and value, for messages.
-pub fn describe(v: &Value) -> String {
-    match v {
-        Value::String(_, s) => format!("string {s:?}"),
-        Value::Char(_, c) => format!("string {c:?}"),
-        Value::Bool(_, b) => format!("boolean {b}"),
-        Value::Num(_, n) => match super::check::num_int(*n) {
-            Some(i) => format!("number {i}"),
-            None => format!("number {}", super::check::num_f64(*n)),
-        },
-        Value::Empty(..) => "nothing".into(),
-        Value::Dict(..) => "a table".into(),
-        Value::Array(..) => "a list".into(),
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 
-use crate::CliResult;
+use crate::error::Result;
 
 #[cfg(feature = "embedded-model")]
 macro_rules! files {
@@ -40,7 +40,7 @@ const FILES: &[(&str, &[u8])] = files![
 ];
 
 /// The embedded model written out (once) as a diffusers folder; returns its path.
-pub fn base_dir() -> CliResult<PathBuf> {
+pub fn base_dir() -> Result<PathBuf> {
     if !AVAILABLE {
         return Err("no model given, and this build has no embedded model: pass --model".into());
     }
@@ -63,7 +63,7 @@ pub fn base_dir() -> CliResult<PathBuf> {
     }
     let stage = root.with_extension(format!("partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&stage);
-    let write = |rel: &str, bytes: &[u8]| -> CliResult {
+    let write = |rel: &str, bytes: &[u8]| -> Result<()> {
         let p = stage.join(rel);
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -96,6 +96,6 @@ pub fn base_dir() -> CliResult<PathBuf> {
 }
 
 /// The embedded canny-outline ControlNet (a folder inside [`base_dir`]).
-pub fn controlnet_dir() -> CliResult<PathBuf> {
+pub fn controlnet_dir() -> Result<PathBuf> {
     Ok(base_dir()?.join("controlnet"))
 }

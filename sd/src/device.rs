@@ -2,9 +2,9 @@
 
 use candle_core::{DType, Device};
 
-use crate::CliResult;
+use crate::error::Result;
 
-pub fn device(name: &str) -> CliResult<Device> {
+pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Device::new_cuda(0).map_err(|e| {
@@ -14,7 +14,7 @@ pub fn device(name: &str) -> CliResult<Device> {
     }
 }
 
-pub fn dtype(name: &str) -> CliResult<DType> {
+pub fn dtype(name: &str) -> Result<DType> {
     match name {
         "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
@@ -24,7 +24,7 @@ pub fn dtype(name: &str) -> CliResult<DType> {
 }
 
 /// Refuse combinations candle cannot run, before any model is loaded.
-pub fn check_dtype(device: &Device, dtype: DType) -> CliResult {
+pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
     if device.is_cpu() && dtype == DType::BF16 {
         return Err("--dtype bf16 is not supported on the CPU (candle's CPU matmul has no bf16 kernel); use f32 (default) or f16".into());
     }

@@ -10,7 +10,8 @@ use sd_plugins_api::params::json::value_to_json;
 use serde_json::{json, Map, Value};
 
 use crate::hashes::HashCache;
-use crate::settings::Settings;
+use crate::job::{Job, Rng};
+use crate::png_text::{find, text_chunks};
 
 /// The PNG text chunk holding the JSON settings.
 pub const JSON_CHUNK: &str = "sdctl";
@@ -52,7 +53,7 @@ fn quote(v: &str) -> String {
 
 /// One generation, as the PNG records it.
 pub struct Run<'a> {
-    pub st: &'a Settings,
+    pub job: &'a Job,
     pub req: &'a GenerateRequest,
     /// `None` when the initial noise came from a file.
     pub seed: Option<u64>,
@@ -63,18 +64,18 @@ pub struct Run<'a> {
 impl Run<'_> {
     /// The A1111-style `parameters` text.
     pub fn parameters(&self, hashes: &mut HashCache) -> String {
-        let (st, req) = (self.st, self.req);
+        let (st, req) = (self.job, self.req);
         let mut s = st.prompt.clone();
         // LoRAs given by flag or config appear as A1111 prompt tags, so A1111 applies them too
         // (`<lora:NAME:TE:UNET>` when the two weights differ)
         for l in &st.lora {
-            let (te, unet) = (l.spec.te_weight, l.spec.unet_weight);
+            let (te, unet) = (l.te_weight, l.unet_weight);
             let w = if te == unet {
                 te.to_string()
             } else {
                 format!("{te}:{unet}")
             };
-            s.push_str(&format!(" <lora:{}:{w}>", stem(&l.spec.path)));
+            s.push_str(&format!(" <lora:{}:{w}>", stem(&l.path)));
         }
         if !req.negative_prompt.is_empty() {
             s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
@@ -103,7 +104,7 @@ impl Run<'_> {
         }
         f.push((
             "RNG".into(),
-            if st.rng == "philox" { "NV" } else { "CPU" }.into(),
+            if st.rng == Rng::Philox { "NV" } else { "CPU" }.into(),
         ));
         for (i, c) in st.control.iter().enumerate() {
             let u = &c.spec;
@@ -159,7 +160,7 @@ impl Run<'_> {
 
     /// Every setting (config keys, absolute paths), with the seed actually used.
     pub fn settings_json(&self, hashes: &mut HashCache) -> Value {
-        let (st, req) = (self.st, self.req);
+        let (st, req) = (self.job, self.req);
         let path = |p: &Path| Value::from(p.display().to_string());
         let mut m = Map::new();
         m.insert("model".into(), path(self.model));
@@ -174,7 +175,7 @@ impl Run<'_> {
         if let Some(seed) = self.seed {
             m.insert("seed".into(), seed.into());
         }
-        m.insert("rng".into(), st.rng.clone().into());
+        m.insert("rng".into(), st.rng.name().into());
         m.insert("batch".into(), req.batch.into());
         m.insert("clip_skip".into(), req.clip_skip.into());
         for (k, v) in [
@@ -234,7 +235,7 @@ impl Run<'_> {
             .lora
             .iter()
             .map(|l| {
-                json!({ "path": path(&l.spec.path), "unet_weight": l.spec.unet_weight, "te_weight": l.spec.te_weight })
+                json!({ "path": path(&l.path), "unet_weight": l.unet_weight, "te_weight": l.te_weight })
             })
             .collect();
         if !loras.is_empty() {
@@ -382,13 +383,8 @@ pub fn parse_parameters(text: &str) -> Result<Map<String, Value>, String> {
 
 /// The settings a PNG was made with: sdctl's JSON chunk, else A1111's `parameters` text.
 pub fn settings_from_png(path: &Path) -> Result<Map<String, Value>, String> {
-    let chunks = crate::png_info::text_chunks(path).map_err(|e| e.to_string())?;
-    let find = |k: &str| {
-        chunks
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.as_str())
-    };
+    let chunks = text_chunks(path)?;
+    let find = |k: &str| find(&chunks, k);
     let shown = path.display();
     if let Some(j) = find(JSON_CHUNK) {
         let v: Value =

@@ -1,0 +1,339 @@
+//! Running a [`Job`]: LoRAs (flags, tables and prompt tags) and plugin weight patches applied
+//! while the model loads, control units built and checked before denoising, the denoising loop
+//! with the hooks, decoding, and the infotext the PNGs carry.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use sd_controlnet::ControlNetHook;
+use sd_lora::LoraSpec;
+use sd_pipeline::image_io::{image_size, load_image, load_mask, write_png};
+use sd_pipeline::noise::{NoiseSource, TorchRng};
+use sd_pipeline::philox::PhiloxRng;
+use sd_pipeline::{GenerateRequest, StableDiffusion};
+use sd_plugins_api::host::PluginInstance;
+use sd_plugins_api::{Hook, HookSet, Registry, WeightPatch};
+
+use crate::error::Result;
+use crate::hashes::HashCache;
+use crate::infotext::{Run, JSON_CHUNK};
+use crate::job::{Job, Rng};
+use crate::output::{output_paths, Staged};
+
+/// What a generation made.
+pub struct Generation {
+    /// The decoded images, `[batch, 3, height, width]` in `[0, 1]`.
+    pub images: Tensor,
+    /// The final latents (what `--save-latents` writes).
+    pub latents: Tensor,
+    /// The seed used; `None` when the noise came from a file.
+    pub seed: Option<u64>,
+    pub width: usize,
+    pub height: usize,
+    /// Every LoRA applied: the job's list, then the prompt's tags.
+    pub loras: Vec<LoraSpec>,
+    /// A1111's infotext (the PNG's `parameters` chunk).
+    pub parameters: String,
+    /// Every setting as JSON (the PNG's `sdctl` chunk, what `--from-png` reads back).
+    pub settings_json: String,
+    pub timings: Timings,
+}
+
+/// Where the time went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Loading the model (and patching it).
+    pub load: Duration,
+    /// Loading ControlNets, control images and masks (and running preprocessors).
+    pub controls: Duration,
+    /// Text encoding and denoising.
+    pub sampling: Duration,
+    pub decode: Duration,
+}
+
+impl Generation {
+    /// The PNG text chunks: A1111's `parameters` and sdctl's JSON settings.
+    pub fn png_text(&self) -> [(&str, &str); 2] {
+        [
+            ("parameters", self.parameters.as_str()),
+            (JSON_CHUNK, self.settings_json.as_str()),
+        ]
+    }
+
+    /// Write the images (OUT.png, or OUT-0.png... for batches) and, if asked, the latents,
+    /// all or nothing. Returns the image paths.
+    pub fn write(&self, output: &Path, save_latents: Option<&Path>) -> Result<Vec<PathBuf>> {
+        let paths = output_paths(output, self.images.dim(0)?);
+        let mut staged = Staged::new();
+        if let Some(p) = save_latents {
+            staged.write(p, |tmp| {
+                candle_core::safetensors::save(
+                    &[("latents", self.latents.to_dtype(DType::F32)?)]
+                        .into_iter()
+                        .collect(),
+                    tmp,
+                )
+                .map_err(|e| format!("--save-latents {}: {e}", p.display()).into())
+            })?;
+        }
+        let text = self.png_text();
+        for (i, p) in paths.iter().enumerate() {
+            staged.write(p, |tmp| Ok(write_png(tmp, &self.images.get(i)?, &text)?))?;
+        }
+        staged.commit()?;
+        Ok(paths)
+    }
+}
+
+/// `--device` and `--dtype` as candle's.
+pub fn device_and_dtype(job: &Job) -> Result<(Device, DType)> {
+    let device = crate::device::device(&job.device)?;
+    let dtype = crate::device::dtype(&job.dtype)?;
+    crate::device::check_dtype(&device, dtype)?;
+    Ok((device, dtype))
+}
+
+fn load_noise(path: &Path) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| format!("--noise {}: {e}", path.display()))?;
+    let t = tensors.get("noise").ok_or_else(|| {
+        let names: Vec<&String> = tensors.keys().collect();
+        format!(
+            "--noise {}: no tensor named `noise` (found {names:?})",
+            path.display()
+        )
+    })?;
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+/// The job's LoRAs, then those its prompt's `<lora:NAME:...>` tags name (looked up in
+/// `lora_dir`), and the prompt without the tags.
+pub fn resolve_loras(job: &Job) -> Result<(String, Vec<LoraSpec>)> {
+    let (prompt, tags) =
+        sd_lora::extract_lora_tags(&job.prompt).map_err(|e| format!("prompt: {e}"))?;
+    let mut specs = job.lora.clone();
+    for t in &tags {
+        let path = sd_lora::resolve_in(job.lora_dir.as_deref(), &t.name);
+        if !path.is_file() {
+            return Err(format!(
+                "<lora:{}>: no file {} (set --lora-dir to the folder holding NAME.safetensors)",
+                t.name,
+                path.display()
+            )
+            .into());
+        }
+        specs.push(LoraSpec {
+            path,
+            unet_weight: t.unet_weight,
+            te_weight: t.te_weight,
+        });
+    }
+    Ok((prompt, specs))
+}
+
+/// The model a job names, or the embedded one.
+pub fn model_path(job: &Job) -> Result<PathBuf> {
+    match &job.model {
+        Some(m) => Ok(m.clone()),
+        None => crate::embedded::base_dir(),
+    }
+}
+
+/// A model loaded for a job: LoRAs and plugin weight patches merged in.
+pub struct Loaded {
+    pub sd: StableDiffusion,
+    pub model: PathBuf,
+    /// The prompt without its LoRA tags.
+    pub prompt: String,
+    pub loras: Vec<LoraSpec>,
+    /// One instance of each hook plugin for this generation.
+    plugins: Vec<PluginInstance>,
+    pub device: Device,
+}
+
+/// Load the job's model with its LoRAs and plugin patches.
+pub fn load(job: &Job) -> Result<Loaded> {
+    let model = model_path(job)?;
+    let (device, dtype) = device_and_dtype(job)?;
+    let (prompt, loras) = resolve_loras(job)?;
+    let mut patches: Vec<Arc<dyn WeightPatch>> = Vec::new();
+    if !loras.is_empty() {
+        let targets = sd_lora::Targets::from_model(&model)?;
+        for spec in &loras {
+            let (patch, report) = sd_lora::load_lora(spec, &targets)?;
+            eprintln!("lora {}", report.summary());
+            if job.strict_lora && !report.unmatched.is_empty() {
+                return Err(format!("--strict-lora: {}", report.summary()).into());
+            }
+            patches.push(Arc::new(patch));
+        }
+    }
+    // hook plugins: one instance each for this generation (its weight patch applies while
+    // the model loads, its hook points while it generates)
+    let plugins = job
+        .plugins
+        .iter()
+        .map(|p| p.lib.instance(&p.params))
+        .collect::<Result<Vec<_>, _>>()?;
+    patches.extend(plugins.iter().map(|i| i.patch()));
+    let sd = StableDiffusion::load_with_vae(&model, &device, dtype, &patches, job.vae.as_deref())?;
+    Ok(Loaded {
+        sd,
+        model,
+        prompt,
+        loras,
+        plugins,
+        device,
+    })
+}
+
+/// The generation size: the job's, else the init image's, else the model's own.
+fn size(job: &Job, sd: &StableDiffusion) -> Result<(usize, usize)> {
+    let (width, height) = match (&job.init_image, job.width, job.height) {
+        (_, Some(w), Some(h)) => (w, h),
+        (Some(img), w, h) => {
+            let (iw, ih) = image_size(img)?;
+            (w.unwrap_or(iw), h.unwrap_or(ih))
+        }
+        // the size the model was trained at (diffusers' default)
+        (None, w, h) => {
+            let (dw, dh) = sd.default_size();
+            (w.unwrap_or(dw), h.unwrap_or(dh))
+        }
+    };
+    let f = sd.vae_scale_factor();
+    for (name, v) in [("--width", width), ("--height", height)] {
+        if v == 0 || v % f != 0 {
+            return Err(format!("{name} {v} is not a positive multiple of {f}").into());
+        }
+    }
+    Ok((width, height))
+}
+
+/// A seed from the clock, for jobs that give none.
+fn draw_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 & 0xffff_ffff)
+        .unwrap_or(0)
+}
+
+/// Load the job's model and run the job; `hooks` (progress bars, previews) run after the
+/// job's own (ControlNets, plugins).
+pub fn generate(job: &Job, registry: &Registry, hooks: Vec<Box<dyn Hook>>) -> Result<Generation> {
+    let t0 = Instant::now();
+    let loaded = load(job)?;
+    let load_time = t0.elapsed();
+    let mut g = run(&loaded, job, registry, hooks)?;
+    g.timings.load = load_time;
+    Ok(g)
+}
+
+/// Run the job on a model loaded for it by [`load`].
+pub fn run(
+    loaded: &Loaded,
+    job: &Job,
+    registry: &Registry,
+    extra_hooks: Vec<Box<dyn Hook>>,
+) -> Result<Generation> {
+    let sd = &loaded.sd;
+    let device = &loaded.device;
+    let noise = job.noise.as_deref().map(load_noise).transpose()?;
+    let (width, height) = size(job, sd)?;
+    let init_image = job
+        .init_image
+        .as_deref()
+        .map(|p| load_image(p, width, height, device))
+        .transpose()?;
+    let mask = job
+        .mask
+        .as_deref()
+        .map(|p| load_mask(p, width, height, device))
+        .transpose()?;
+    let seed = job.seed.unwrap_or_else(draw_seed);
+    let req = GenerateRequest {
+        prompt: loaded.prompt.clone(),
+        negative_prompt: job.negative_prompt.clone(),
+        width,
+        height,
+        steps: job.steps,
+        cfg_scale: job.cfg_scale,
+        sampler: job.sampler,
+        schedule: job.schedule,
+        batch: job.batch,
+        clip_skip: job.clip_skip,
+        init_image,
+        mask,
+        strength: job.strength,
+        noise,
+    };
+    sd.validate(&req)?;
+    // Every ControlNet, control image and mask is loaded and checked before denoising starts.
+    let t_units = Instant::now();
+    let mut cache = Vec::new();
+    let units = job
+        .control
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.spec
+                .build(sd, width, height, &mut cache, registry)
+                .map_err(|e| format!("control[{i}]: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let controls = t_units.elapsed();
+
+    let mut hooks = HookSet::new();
+    if !units.is_empty() {
+        hooks.push(Box::new(ControlNetHook::new(units)));
+    }
+    for i in &loaded.plugins {
+        hooks.push(i.hook());
+    }
+    for h in extra_hooks {
+        hooks.push(h);
+    }
+    let mut rng: Box<dyn NoiseSource> = match job.rng {
+        Rng::Philox => Box::new(PhiloxRng::new(seed)),
+        Rng::TorchCpu => Box::new(TorchRng::new(seed)),
+    };
+    let t_sampling = Instant::now();
+    let latents = sd.denoise(&req, &mut hooks, rng.as_mut())?;
+    let sampling = t_sampling.elapsed();
+
+    let t_dec = Instant::now();
+    let mut images = sd.decode_latents(&latents)?;
+    hooks.on_image(&mut images)?;
+    let decode = t_dec.elapsed();
+
+    let seed = job.noise.is_none().then_some(seed);
+    let info = Run {
+        job,
+        req: &req,
+        seed,
+        model: &loaded.model,
+        loras: &loaded.loras,
+    };
+    let mut hashes = HashCache::open();
+    let parameters = info.parameters(&mut hashes);
+    let settings_json = info.settings_json(&mut hashes).to_string();
+    hashes.save();
+    Ok(Generation {
+        images,
+        latents,
+        seed,
+        width,
+        height,
+        loras: loaded.loras.clone(),
+        parameters,
+        settings_json,
+        timings: Timings {
+            load: Duration::ZERO,
+            controls,
+            sampling,
+            decode,
+        },
+    })
+}

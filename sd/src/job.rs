@@ -1,0 +1,155 @@
+//! [`Job`]: the settings a user gives for one generation, with the defaults `sdctl generate`
+//! uses, whatever door it comes through (the CLI, a config file, the server, a Rust program).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sd_controlnet::UnitSpec;
+use sd_lora::LoraSpec;
+use sd_pipeline::samplers::{SamplerKind, Schedule};
+use sd_plugins_api::host::PluginLibrary;
+use sd_plugins_api::Params;
+
+/// Where the initial (and ancestral) noise comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rng {
+    /// `torch.randn` on the CPU (diffusers' default generator; A1111's "CPU").
+    #[default]
+    TorchCpu,
+    /// Philox 4x32-10 as CUDA's `torch.randn` draws it (A1111's "GPU" / "NV").
+    Philox,
+}
+
+impl Rng {
+    pub fn name(self) -> &'static str {
+        match self {
+            Rng::TorchCpu => "torch-cpu",
+            Rng::Philox => "philox",
+        }
+    }
+}
+
+impl std::str::FromStr for Rng {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "torch-cpu" => Ok(Rng::TorchCpu),
+            "philox" => Ok(Rng::Philox),
+            other => Err(format!("{other:?} is not one of torch-cpu, philox")),
+        }
+    }
+}
+
+/// A control unit, with the id config files use to replace it in a later layer.
+#[derive(Debug, Clone)]
+pub struct Control {
+    pub id: Option<String>,
+    pub spec: UnitSpec,
+}
+
+impl From<UnitSpec> for Control {
+    fn from(spec: UnitSpec) -> Self {
+        Self { id: None, spec }
+    }
+}
+
+/// A hook plugin to run, with its checked parameters.
+#[derive(Clone)]
+pub struct Plugin {
+    pub lib: Arc<PluginLibrary>,
+    pub params: Params,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Plugin({}, {:?})", self.lib.manifest.name, self.params)
+    }
+}
+
+/// One generation: txt2img by default, img2img with `init_image`, inpainting with `init_image`
+/// and `mask`; control units, LoRAs and plugins as lists.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// A diffusers folder, a single-file checkpoint or a Hugging Face cache folder; `None`
+    /// is the embedded tiny-fill model (in builds with the `embedded-model` feature).
+    pub model: Option<PathBuf>,
+    /// A VAE file replacing the model's.
+    pub vae: Option<PathBuf>,
+    /// The prompt; `<lora:NAME:WEIGHT>` tags in it are taken out and loaded from `lora_dir`.
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// `None`: the init image's size, else the size the model was trained at.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub sampler: SamplerKind,
+    pub schedule: Schedule,
+    /// `None`: a seed is drawn (and reported in the result).
+    pub seed: Option<u64>,
+    pub rng: Rng,
+    pub batch: usize,
+    /// A1111 numbering: 1 is the last layer.
+    pub clip_skip: usize,
+    pub init_image: Option<PathBuf>,
+    /// img2img / inpaint strength; `None`: 0.8 for img2img, 1.0 with a mask.
+    pub strength: Option<f64>,
+    pub mask: Option<PathBuf>,
+    /// A safetensors file whose `noise` tensor replaces every initial-noise draw.
+    pub noise: Option<PathBuf>,
+    /// `cpu` or `cuda`.
+    pub device: String,
+    /// `f32`, `f16` or `bf16`.
+    pub dtype: String,
+    /// Where `<lora:NAME:...>` prompt tags are looked up.
+    pub lora_dir: Option<PathBuf>,
+    /// Refuse LoRAs with modules that match nothing in the model.
+    pub strict_lora: bool,
+    pub control: Vec<Control>,
+    pub lora: Vec<LoraSpec>,
+    pub plugins: Vec<Plugin>,
+}
+
+impl Default for Job {
+    /// `sdctl generate`'s defaults: 20 steps of DPM++ 2M Karras at CFG 7.5, torch's CPU
+    /// generator, f32 on the CPU.
+    fn default() -> Self {
+        Self {
+            model: None,
+            vae: None,
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            width: None,
+            height: None,
+            steps: 20,
+            cfg_scale: 7.5,
+            sampler: SamplerKind::DpmPP2M,
+            schedule: Schedule::Karras,
+            seed: None,
+            rng: Rng::TorchCpu,
+            batch: 1,
+            clip_skip: 1,
+            init_image: None,
+            strength: None,
+            mask: None,
+            noise: None,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            lora_dir: None,
+            strict_lora: false,
+            control: Vec::new(),
+            lora: Vec::new(),
+            plugins: Vec::new(),
+        }
+    }
+}
+
+impl Job {
+    /// A txt2img job with the default settings.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            ..Self::default()
+        }
+    }
+}
