@@ -7,6 +7,9 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use clap::{Args, Subcommand, ValueEnum};
+use sd::bench::{
+    merged_unet, once, peak_rss, peak_rss_bytes, rounds, timed, RandomVars, RandomWeights,
+};
 use sd_pipeline::models::config::UNetConfig;
 use sd_pipeline::models::unet::UNet2DConditionModel;
 use sd_plugins_api::Residuals;
@@ -53,32 +56,6 @@ pub struct TrainBenchArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 1)]
     pub iters: usize,
-}
-
-/// Random weights that are trainable variables (for the training benchmark).
-struct RandomVars(std::sync::Mutex<Vec<candle_core::Var>>);
-
-impl SimpleBackend for RandomVars {
-    fn get(
-        &self,
-        s: Shape,
-        _: &str,
-        _: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let v =
-            candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)?)?;
-        let t = v.as_tensor().clone();
-        self.0.lock().expect("not poisoned").push(v);
-        Ok(t)
-    }
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights have no unshaped tensor {name}")
-    }
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
 }
 
 fn train(a: TrainBenchArgs) -> CliResult {
@@ -198,182 +175,12 @@ pub struct UnetArgs {
     pub json: Option<std::path::PathBuf>,
 }
 
-/// The UNet weights a LoRA for SD usually patches (kohya's and PEFT's default targets).
-const LORA_TARGETS: [&str; 8] = [
-    "to_q.weight",
-    "to_k.weight",
-    "to_v.weight",
-    "to_out.0.weight",
-    "ff.net.0.proj.weight",
-    "ff.net.2.weight",
-    "proj_in.weight",
-    "proj_out.weight",
-];
-
-/// A LoRA of random factors (N(0, 0.02), alpha = rank) on [`LORA_TARGETS`]: each delta is
-/// computed by `sd_lora`'s module code, as for a LoRA read from a file.
-struct RandomLora {
-    rank: usize,
-    patched: std::sync::atomic::AtomicUsize,
-}
-
-impl sd_plugins_api::WeightPatch for RandomLora {
-    fn name(&self) -> &str {
-        "random-lora"
-    }
-    fn delta(
-        &self,
-        part: sd_plugins_api::ModelPart,
-        name: &str,
-        base: &Tensor,
-    ) -> Result<Option<Tensor>, sd_plugins_api::HookError> {
-        if part != sd_plugins_api::ModelPart::Unet
-            || !LORA_TARGETS.iter().any(|t| name.ends_with(t))
-        {
-            return Ok(None);
-        }
-        let out = base.dim(0)?;
-        let inp = base.elem_count() / out;
-        let (dev, dt) = (base.device(), base.dtype());
-        let module = sd_lora::LoraModule {
-            factors: sd_lora::Factors::LoRA {
-                up: Tensor::randn(0f32, 0.02, (out, self.rank), dev)?.to_dtype(dt)?,
-                down: Tensor::randn(0f32, 0.02, (self.rank, inp), dev)?.to_dtype(dt)?,
-            },
-            alpha: Some(self.rank as f64),
-        };
-        self.patched
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Some(module.delta(base.dims())?))
-    }
-}
-
-/// [`RandomWeights`] with weight patches added through the loader's own patch step; `nanos`
-/// sums the time spent patching (the merge, without drawing the random base weights).
-struct PatchedRandom {
-    patches: Vec<std::sync::Arc<dyn sd_plugins_api::WeightPatch>>,
-    nanos: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl SimpleBackend for PatchedRandom {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = RandomWeights.get(s, name, h, dtype, dev)?;
-        let start = Instant::now();
-        let t = sd_pipeline::loader::apply_patches(
-            &self.patches,
-            sd_plugins_api::ModelPart::Unet,
-            name,
-            t,
-        )?;
-        self.nanos.fetch_add(
-            start.elapsed().as_nanos() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        Ok(t)
-    }
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        RandomWeights.get_unchecked(name, dtype, dev)
-    }
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
-/// Random weights of any requested shape (N(0, 0.02)): real architecture, no files.
-struct RandomWeights;
-
-impl SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        s: Shape,
-        _: &str,
-        _: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)
-    }
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights have no unshaped tensor {name}")
-    }
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
-/// Peak resident memory of this process (VmHWM), in bytes, where the OS reports it.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 pub fn run(cmd: BenchCommand) -> CliResult {
     match cmd {
         BenchCommand::Unet(a) => unet(a),
         BenchCommand::Train(a) => train(a),
         BenchCommand::Load(a) => load(a),
     }
-}
-
-/// This process's peak resident memory for messages ("unknown" where the OS does not say).
-fn peak_rss() -> String {
-    peak_rss_bytes()
-        .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// Run `f` once as a warm-up and `iters` more times: (mean, min) of the later runs and
-/// the first run's seconds.
-fn timed(
-    iters: usize,
-    device: &Device,
-    f: &dyn Fn() -> CliResult<()>,
-) -> CliResult<(f64, f64, f64)> {
-    let first = once(device, f)?;
-    let (mean, min) = rounds(iters, device, &[f])?[0];
-    Ok((mean, min, first))
-}
-
-/// Seconds of one call of `f`.
-fn once(device: &Device, f: &dyn Fn() -> CliResult<()>) -> CliResult<f64> {
-    let t = Instant::now();
-    f()?;
-    device.synchronize()?;
-    Ok(t.elapsed().as_secs_f64())
-}
-
-/// `iters` rounds, each calling every one of `fs` in turn, every other round in reverse order
-/// (A B, B A, A B, ...): (mean, min) seconds per function. A drift in the machine's speed (other
-/// load, clocks) then falls on all of them alike, and each follows each as often, so their
-/// ratios hold even when the absolute times move.
-fn rounds(
-    iters: usize,
-    device: &Device,
-    fs: &[&dyn Fn() -> CliResult<()>],
-) -> CliResult<Vec<(f64, f64)>> {
-    let mut times = vec![Vec::with_capacity(iters); fs.len()];
-    for round in 0..iters {
-        for i in 0..fs.len() {
-            let i = if round % 2 == 0 { i } else { fs.len() - 1 - i };
-            times[i].push(once(device, fs[i])?);
-        }
-    }
-    Ok(times
-        .iter()
-        .map(|t| {
-            let mean = t.iter().sum::<f64>() / t.len() as f64;
-            (mean, t.iter().cloned().fold(f64::INFINITY, f64::min))
-        })
-        .collect())
 }
 
 fn write_json(path: &std::path::Path, report: &serde_json::Value) -> CliResult {
@@ -415,42 +222,6 @@ fn load(a: LoadArgs) -> CliResult {
     Ok(())
 }
 
-/// A UNet with a random LoRA of `rank` merged into its weights while loading.
-struct MergedUnet {
-    unet: UNet2DConditionModel,
-    /// seconds to build it, random base weights included
-    build_s: f64,
-    /// seconds of those spent in the loader's patch step
-    merge_s: f64,
-    patched: usize,
-}
-
-fn merged_unet(
-    cfg: &UNetConfig,
-    rank: usize,
-    dtype: DType,
-    device: &Device,
-) -> CliResult<MergedUnet> {
-    let patch = std::sync::Arc::new(RandomLora {
-        rank,
-        patched: Default::default(),
-    });
-    let t = Instant::now();
-    let nanos = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let backend = PatchedRandom {
-        patches: vec![patch.clone()],
-        nanos: nanos.clone(),
-    };
-    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-    let unet = UNet2DConditionModel::new(cfg, vb)?;
-    Ok(MergedUnet {
-        unet,
-        build_s: t.elapsed().as_secs_f64(),
-        merge_s: nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9,
-        patched: patch.patched.load(std::sync::atomic::Ordering::Relaxed),
-    })
-}
-
 fn unet(a: UnetArgs) -> CliResult {
     if a.width == 0 || a.height == 0 || !a.width.is_multiple_of(8) || !a.height.is_multiple_of(8) {
         return Err(format!(
@@ -485,7 +256,7 @@ fn unet(a: UnetArgs) -> CliResult {
     let ctx = Tensor::randn(0f32, 1.0, (a.batch, 77, cfg.cross_attention_dim), &device)?
         .to_dtype(dtype)?;
     let ts = Tensor::full(500f32, a.batch, &device)?;
-    let call = |u: &UNet2DConditionModel, r: Option<&Residuals>| -> CliResult<()> {
+    let call = |u: &UNet2DConditionModel, r: Option<&Residuals>| -> sd::Result<()> {
         Ok(u.forward(&x, &ts, &ctx, r).map(drop)?)
     };
     let plain = || call(&unet, None);
@@ -510,7 +281,7 @@ fn unet(a: UnetArgs) -> CliResult {
             .map(|n| n.embed_condition(&image, dtype))
             .collect::<candle_core::Result<Vec<_>>>()?
     };
-    let step = (!nets.is_empty()).then_some(|| -> CliResult<()> {
+    let step = (!nets.is_empty()).then_some(|| -> sd::Result<()> {
         let mut total: Option<Residuals> = None;
         for (n, hint) in nets.iter().zip(&hints) {
             let r = n.forward_with_hint(&x, &ts, &ctx, hint)?;
@@ -530,7 +301,7 @@ fn unet(a: UnetArgs) -> CliResult {
     let lfirst = merged_call.as_ref().map(|f| once(&device, f)).transpose()?;
     // the plain, controlled and merged calls alternate (A B C, C B A, ...): their ratios are the
     // numbers compared
-    let mut fs: Vec<&dyn Fn() -> CliResult<()>> = vec![&plain];
+    let mut fs: Vec<&dyn Fn() -> sd::Result<()>> = vec![&plain];
     if let Some(f) = &step {
         fs.push(f);
     }
@@ -611,48 +382,4 @@ fn unet(a: UnetArgs) -> CliResult {
         write_json(p, &report)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::cell::RefCell;
-
-    #[test]
-    fn rounds_alternate_and_reverse() {
-        let calls = RefCell::new(String::new());
-        let a = || -> CliResult<()> {
-            calls.borrow_mut().push('A');
-            Ok(())
-        };
-        let b = || -> CliResult<()> {
-            calls.borrow_mut().push('B');
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            Ok(())
-        };
-        let c = || -> CliResult<()> {
-            calls.borrow_mut().push('C');
-            Ok(())
-        };
-        let stats = rounds(4, &Device::Cpu, &[&a, &b]).unwrap();
-        assert_eq!(*calls.borrow(), "ABBAABBA");
-        assert_eq!(stats.len(), 2);
-        // each function's own times: B sleeps, A does not
-        assert!(stats[1].1 >= 0.005 && stats[1].0 >= stats[1].1);
-        assert!(stats[0].0 < 0.005);
-        calls.borrow_mut().clear();
-        rounds(3, &Device::Cpu, &[&a, &b, &c]).unwrap();
-        assert_eq!(*calls.borrow(), "ABCCBAABC");
-    }
-
-    #[test]
-    fn rounds_stop_at_the_first_error() {
-        let calls = RefCell::new(0);
-        let fail = || -> CliResult<()> {
-            *calls.borrow_mut() += 1;
-            Err("broken".into())
-        };
-        assert!(rounds(3, &Device::Cpu, &[&fail]).is_err());
-        assert_eq!(*calls.borrow(), 1);
-    }
 }

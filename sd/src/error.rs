@@ -1,23 +1,42 @@
 //! The front door's error: the library errors it passes through unchanged (their messages and
 //! causes are what a person reads), and messages that name the setting or file at fault.
 
-/// What went wrong while loading or running a [`crate::Job`].
+/// What went wrong while loading or running a [`crate::Job`]. The library errors are boxed so
+/// that a `Result` stays small.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A message naming the setting, file or value at fault.
     #[error("{0}")]
     Message(String),
     #[error(transparent)]
-    Pipeline(#[from] sd_pipeline::Error),
+    Pipeline(Box<sd_pipeline::Error>),
     #[error(transparent)]
-    Control(#[from] sd_controlnet::ControlError),
+    Control(Box<sd_controlnet::ControlError>),
     #[error(transparent)]
-    Lora(#[from] sd_lora::LoraError),
+    Lora(Box<sd_lora::LoraError>),
     #[error(transparent)]
-    Hook(#[from] sd_plugins_api::HookError),
+    Hook(Box<sd_plugins_api::HookError>),
     #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
+    Tensor(Box<candle_core::Error>),
 }
+
+macro_rules! boxed_from {
+    ($($variant:ident: $ty:ty),* $(,)?) => {$(
+        impl From<$ty> for Error {
+            fn from(e: $ty) -> Self {
+                Error::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+
+boxed_from!(
+    Pipeline: sd_pipeline::Error,
+    Control: sd_controlnet::ControlError,
+    Lora: sd_lora::LoraError,
+    Hook: sd_plugins_api::HookError,
+    Tensor: candle_core::Error,
+);
 
 impl From<String> for Error {
     fn from(m: String) -> Self {

@@ -6,23 +6,27 @@
 //!
 //! A ControlNet-guided generation with a LoRA:
 //!
-//! ```no_run
-//! use sd::{Control, Job, UnitSpec};
-//! use sd_lora::LoraSpec;
+//! ```
+//! use sd::{Job, LoraSpec, UnitSpec};
 //!
 //! # fn main() -> sd::Result<()> {
+//! # let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+//! # let model = format!("{fixtures}/models/sd1");
+//! # let controlnet = format!("{fixtures}/models/controlnet-sd1");
+//! # let pose = format!("{fixtures}/inputs/control_a.png");
+//! # let lora = format!("{fixtures}/loras/lora_b_kohya.safetensors");
+//! # let out = std::env::temp_dir().join(format!("sd-doc-{}.png", std::process::id()));
 //! let mut job = Job::new("a dancer on a stage, best quality");
-//! job.model = Some("models/stable-diffusion-v1-5".into());
+//! job.model = Some(model.into()); // a diffusers folder, a single file or a HF cache id
 //! job.negative_prompt = "lowres, blurry".into();
 //! job.seed = Some(42);
-//! job.control.push(Control::from(UnitSpec::new(
-//!     "models/control_v11p_sd15_openpose",
-//!     "inputs/pose.png",
-//! )));
-//! job.lora.push(LoraSpec::parse("loras/watercolor.safetensors:0.8")?);
-//! let out = sd::generate(&job, &sd::registry(), Vec::new())?;
-//! out.write("dancer.png".as_ref(), None)?;
-//! println!("seed {:?}\n{}", out.seed, out.parameters);
+//! job.control.push(UnitSpec::new(controlnet, pose).into());
+//! job.lora.push(LoraSpec { path: lora.into(), unet_weight: 0.8, te_weight: 0.8 });
+//! let made = sd::generate(&job, &sd::registry(), Vec::new())?;
+//! made.write(&out, None)?; // the PNG carries A1111's infotext
+//! println!("seed {:?}\n{}", made.seed, made.parameters);
+//! # assert!(made.parameters.contains("ControlNet 0: Module: none"));
+//! # std::fs::remove_file(&out).unwrap();
 //! # Ok(())
 //! # }
 //! ```
@@ -32,6 +36,7 @@
 //! hashes), [`hub`] (models by Hugging Face id), [`embedded`] (the built-in tiny-fill model),
 //! [`output`] (all-or-nothing writing), [`device`].
 
+pub mod bench;
 pub mod device;
 pub mod embedded;
 mod error;

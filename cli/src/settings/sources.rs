@@ -12,8 +12,6 @@ use crate::settings::fields::{self, Default, FIELDS};
 use crate::settings::problem::{Origin, Problem};
 use crate::settings::values::describe;
 
-/// Where one value came from.
-
 /// A layer we build in code (defaults, flags), named so origins can be told apart.
 struct Layer {
     name: &'static str,
