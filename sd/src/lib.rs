@@ -45,6 +45,7 @@ pub mod hashes;
 pub mod hub;
 pub mod infotext;
 pub mod job;
+pub mod model_files;
 pub mod output;
 pub mod png_text;
 
