@@ -37,6 +37,8 @@ pub struct GenerateRequest {
 }
 
 impl GenerateRequest {
+    /// A 512x512 txt2img request with sdctl's defaults (20 steps of DPM++ 2M Karras at CFG
+    /// 7.5), the same as the `sd` crate's `Job`.
     pub fn new(prompt: impl Into<String>) -> Self {
         Self {
             prompt: prompt.into(),
@@ -45,8 +47,8 @@ impl GenerateRequest {
             height: 512,
             steps: 20,
             cfg_scale: 7.5,
-            sampler: SamplerKind::Euler,
-            schedule: Schedule::Normal,
+            sampler: SamplerKind::DpmPP2M,
+            schedule: Schedule::Karras,
             batch: 1,
             clip_skip: 1,
             init_image: None,

@@ -153,3 +153,37 @@ impl Job {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The library's two doors, `Job` and the engine's `GenerateRequest`, start from the same
+    /// settings.
+    #[test]
+    fn job_and_request_defaults_agree() {
+        let (j, r) = (Job::new("p"), sd_pipeline::GenerateRequest::new("p"));
+        assert_eq!(
+            (
+                j.steps,
+                j.cfg_scale,
+                j.sampler,
+                j.schedule,
+                j.batch,
+                j.clip_skip
+            ),
+            (
+                r.steps,
+                r.cfg_scale,
+                r.sampler,
+                r.schedule,
+                r.batch,
+                r.clip_skip
+            )
+        );
+        assert_eq!(
+            (j.sampler, j.schedule),
+            (SamplerKind::DpmPP2M, Schedule::Karras)
+        );
+    }
+}

@@ -180,3 +180,29 @@ pub fn env_var(key: &str) -> String {
 pub fn flag(key: &str) -> String {
     format!("--{}", key.replace('_', "-"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_of(key: &str) -> Default {
+        FIELDS.iter().find(|f| f.key == key).unwrap().default
+    }
+
+    /// `config show`'s defaults are the library's (`sd::Job::default()`).
+    #[test]
+    fn schema_defaults_are_the_jobs() {
+        let j = sd::Job::default();
+        assert_eq!(default_of("steps"), Default::Int(j.steps as i64));
+        assert_eq!(default_of("cfg_scale"), Default::Float(j.cfg_scale));
+        assert_eq!(default_of("sampler"), Default::Str(j.sampler.name()));
+        assert_eq!(default_of("rng"), Default::Str(j.rng.name()));
+        assert_eq!(default_of("batch"), Default::Int(j.batch as i64));
+        assert_eq!(default_of("clip_skip"), Default::Int(j.clip_skip as i64));
+        assert_eq!(default_of("device"), Default::Str("cpu"));
+        assert_eq!(j.device, "cpu");
+        assert_eq!(default_of("dtype"), Default::Str("f32"));
+        assert_eq!(j.dtype, "f32");
+        assert_eq!(default_of("strict_lora"), Default::Bool(j.strict_lora));
+    }
+}
