@@ -1,48 +1,14 @@
 //! `sdctl generate` end to end on the tiny fixture models: the CLI contract, and clear errors
 //! (non-zero exit, no panic, no output file) on bad input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::Device;
 use sd_tests::{assert_close, expected, fixtures, get, model_dir};
 
-fn sdctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdctl"))
-        .args(args)
-        .output()
-        .expect("sdctl runs")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sdctl-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Runs sdctl expecting failure; returns stderr. Checks: non-zero exit, no panic, no output.
-fn fails(args: &[&str], out: &Path) -> String {
-    let o = sdctl(args);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!o.status.success(), "expected failure, got success: {err}");
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    assert!(
-        !out.exists(),
-        "an output file was left behind: {}",
-        out.display()
-    );
-    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap()).unwrap().collect();
-    assert!(leftovers.is_empty(), "files left behind: {leftovers:?}");
-    err
-}
+use common::{copy_tree, fails, latents, s, scratch, sdctl};
 
 const CASE: &str = "sd1_txt2img_euler_normal";
 
@@ -76,7 +42,7 @@ fn base_args<'a>(model: &'a str, noise: &'a str, out: &'a str) -> Vec<&'a str> {
 
 #[test]
 fn generate_matches_diffusers_and_writes_png_and_latents() {
-    let dir = scratch("ok");
+    let dir = scratch("test", "ok");
     let out = dir.join("out.png");
     let lat = dir.join("latents.safetensors");
     let noise = fixtures().join(format!("expected/pipe_{CASE}.safetensors"));
@@ -108,7 +74,7 @@ fn generate_matches_diffusers_and_writes_png_and_latents() {
 
 #[test]
 fn batch_writes_numbered_files() {
-    let dir = scratch("batch");
+    let dir = scratch("test", "batch");
     let out = dir.join("img.png");
     let model = model_dir("sd1");
     let o = sdctl(&[
@@ -137,7 +103,7 @@ fn batch_writes_numbered_files() {
 
 #[test]
 fn missing_model_folder_is_a_clear_error() {
-    let dir = scratch("nomodel");
+    let dir = scratch("test", "nomodel");
     let out = dir.join("o.png");
     let err = fails(
         &[
@@ -156,7 +122,7 @@ fn missing_model_folder_is_a_clear_error() {
 
 #[test]
 fn width_not_multiple_of_8_is_a_clear_error() {
-    let dir = scratch("width");
+    let dir = scratch("test", "width");
     let out = dir.join("o.png");
     let model = model_dir("sd1");
     let err = fails(
@@ -183,7 +149,7 @@ fn width_not_multiple_of_8_is_a_clear_error() {
 
 #[test]
 fn unknown_sampler_is_a_clear_error() {
-    let dir = scratch("sampler");
+    let dir = scratch("test", "sampler");
     let out = dir.join("o.png");
     let model = model_dir("sd1");
     let err = fails(
@@ -205,7 +171,7 @@ fn unknown_sampler_is_a_clear_error() {
 
 #[test]
 fn noise_of_the_wrong_shape_is_a_clear_error() {
-    let dir = scratch("noise");
+    let dir = scratch("test", "noise");
     let out = dir.join("o.png");
     let noise = fixtures().join(format!("expected/pipe_{CASE}.safetensors"));
     let model = model_dir("sd1");
@@ -220,13 +186,13 @@ fn noise_of_the_wrong_shape_is_a_clear_error() {
 
 #[test]
 fn wrong_tensor_shapes_name_the_file_and_tensor() {
-    let dir = scratch("shapes");
+    let dir = scratch("test", "shapes");
     let out_dir = dir.join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
     let out = out_dir.join("o.png");
     // A copy of the sd1 model whose UNet config disagrees with its weights.
     let model = dir.join("model");
-    copy_dir(&model_dir("sd1"), &model);
+    copy_tree(&model_dir("sd1"), &model);
     let cfg_path = model.join("unet/config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
@@ -259,22 +225,9 @@ fn wrong_tensor_shapes_name_the_file_and_tensor() {
     );
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
-}
-
 #[test]
 fn generate_with_control_matches_diffusers() {
-    let dir = scratch("control");
+    let dir = scratch("test", "control");
     let out = dir.join("out.png");
     let lat = dir.join("latents.safetensors");
     let case = "cn_sd1_one_unit";
@@ -301,7 +254,7 @@ fn generate_with_control_matches_diffusers() {
 
 #[test]
 fn bad_control_units_are_clear_errors() {
-    let dir = scratch("badcontrol");
+    let dir = scratch("test", "badcontrol");
     let out = dir.join("o.png");
     let model = model_dir("sd1");
     let cn = fixtures().join("models/controlnet-sd1");
@@ -348,7 +301,7 @@ fn bad_control_units_are_clear_errors() {
 
 #[test]
 fn controlnet_init_then_generate_is_bit_identical_to_no_control() {
-    let dir = scratch("init");
+    let dir = scratch("test", "init");
     let cn = dir.join("cn");
     let model = model_dir("sd1");
     let o = sdctl(&[
@@ -410,17 +363,9 @@ fn ab_noise(dir: &Path) -> PathBuf {
     p
 }
 
-fn latents(p: &Path) -> candle_core::Tensor {
-    get(
-        &candle_core::safetensors::load(p, &Device::Cpu).unwrap(),
-        "latents",
-    )
-    .clone()
-}
-
 #[test]
 fn loras_by_flag_and_by_prompt_tag_match_diffusers() {
-    let dir = scratch("lora");
+    let dir = scratch("test", "lora");
     let noise = ab_noise(&dir);
     let model = model_dir("sd1");
     let loras = fixtures().join("loras");
@@ -459,7 +404,7 @@ fn loras_by_flag_and_by_prompt_tag_match_diffusers() {
 
 #[test]
 fn lora_errors_and_strict_mode() {
-    let dir = scratch("lorabad");
+    let dir = scratch("test", "lorabad");
     std::fs::create_dir_all(dir.join("out")).unwrap();
     let out = dir.join("out/o.png");
     let model = model_dir("sd1");
@@ -527,7 +472,7 @@ fn lora_errors_and_strict_mode() {
 #[test]
 fn legacy_diffusers_processor_keys_load() {
     // `...attn1.processor.to_q_lora.down.weight` names the same weight as PEFT's `...attn1.to_q`
-    let dir = scratch("legacy");
+    let dir = scratch("test", "legacy");
     let q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1";
     let t = |r, c| candle_core::Tensor::randn(0f32, 0.3, (r, c), &Device::Cpu).unwrap();
     let (down, up) = (t(2, 16), t(16, 2));
@@ -581,7 +526,7 @@ fn legacy_diffusers_processor_keys_load() {
 
 #[test]
 fn lora_merge_round_trip_matches_live_lora() {
-    let dir = scratch("loramerge");
+    let dir = scratch("test", "loramerge");
     let noise = ab_noise(&dir);
     let model = model_dir("sd1");
     let a = fixtures().join("loras/lora_a_peft.safetensors:0.7");
@@ -618,7 +563,7 @@ fn lora_merge_round_trip_matches_live_lora() {
 
 #[test]
 fn bf16_on_the_cpu_is_refused_up_front() {
-    let dir = scratch("bf16");
+    let dir = scratch("test", "bf16");
     let out = dir.join("o.png");
     let model = model_dir("sd1");
     let e = fails(
@@ -644,7 +589,7 @@ fn bf16_on_the_cpu_is_refused_up_front() {
 
 #[test]
 fn a_file_that_is_not_a_checkpoint_gets_a_clear_message() {
-    let dir = scratch("single");
+    let dir = scratch("test", "single");
     let out = dir.join("o.png");
     let file = model_dir("sd1").join("unet/diffusion_pytorch_model.safetensors");
     let e = fails(
@@ -669,7 +614,7 @@ fn a_file_that_is_not_a_checkpoint_gets_a_clear_message() {
 
 #[test]
 fn a_failed_write_leaves_no_output_at_all() {
-    let dir = scratch("partial");
+    let dir = scratch("test", "partial");
     let out = dir.join("img.png");
     let lat = dir.join("lat.safetensors");
     // the second image cannot be written: its temporary name is taken by a folder
@@ -712,7 +657,7 @@ fn a_failed_write_leaves_no_output_at_all() {
 
 #[test]
 fn png_info_reads_ours_and_comfyui() {
-    let dir = scratch("pnginfo");
+    let dir = scratch("test", "pnginfo");
     let out = dir.join("a.png");
     let model = model_dir("sd1");
     let o = sdctl(&[

@@ -2,60 +2,20 @@
 //! includes, validation errors, `config show`, and the examples/ library run on the fixture
 //! models.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::Device;
 use sd_tests::{fixtures, model_dir};
 
-fn sdctl_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sdctl"));
-    c.args(args);
-    // a developer's own SDCTL_* settings must not leak into the tests
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SDCTL_") {
-            c.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("sdctl runs")
-}
-
-fn sdctl(args: &[&str]) -> Output {
-    sdctl_env(args, &[])
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sdctl-config-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{failed, ok, s, scratch, sdctl, sdctl_with};
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(&p, text).unwrap();
     p
-}
-
-fn ok(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "sdctl failed: {err}");
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn failed(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!o.status.success(), "expected failure: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    err
 }
 
 /// The line of `config show` output for `key` (first occurrence after `after`).
@@ -67,14 +27,14 @@ fn show_line<'a>(out: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn layering_defaults_files_env_flags() {
-    let d = scratch("layers");
+    let d = scratch("config", "layers");
     let a = write(
         &d,
         "a.toml",
         "steps = 30\ncfg_scale = 5.0\nprompt = \"from a\"\nseed = 1\n",
     );
     let b = write(&d, "b.toml", "# b overrides a\ncfg_scale = 6.0\nseed = 2\n");
-    let o = sdctl_env(
+    let o = sdctl_with(
         &[
             "config",
             "show",
@@ -119,7 +79,7 @@ fn layering_defaults_files_env_flags() {
 
 #[test]
 fn lists_concatenate_ids_replace_flags_append_and_paths_are_relative_to_their_file() {
-    let d = scratch("lists");
+    let d = scratch("config", "lists");
     let cn = model_dir("controlnet-sd1");
     let img = fixtures().join("inputs/control_a.png");
     // files in their own folders, naming files relative to themselves
@@ -189,7 +149,7 @@ fn lists_concatenate_ids_replace_flags_append_and_paths_are_relative_to_their_fi
 
 #[test]
 fn includes_are_relative_and_cycles_are_caught() {
-    let d = scratch("include");
+    let d = scratch("config", "include");
     write(
         &d,
         "common/base.toml",
@@ -225,7 +185,7 @@ fn includes_are_relative_and_cycles_are_caught() {
 
 #[test]
 fn every_problem_is_reported_at_once_with_file_line_and_key() {
-    let d = scratch("errors");
+    let d = scratch("config", "errors");
     let cn = model_dir("controlnet-sd1");
     let cfg = write(
         &d,
@@ -307,7 +267,7 @@ preprocessor = "invret"
         s(&cfg2),
         "--allow-extreme-weights",
     ]));
-    let err = failed(&sdctl_env(&["config", "show"], &[("SDCTL_STEPS", "many")]));
+    let err = failed(&sdctl_with(&["config", "show"], &[("SDCTL_STEPS", "many")]));
     assert!(
         err.contains("env SDCTL_STEPS: steps: expected an integer"),
         "{err}"
@@ -329,7 +289,7 @@ preprocessor = "invret"
 
 #[test]
 fn config_show_golden() {
-    let d = scratch("golden");
+    let d = scratch("config", "golden");
     let cn = d.join("cn");
     std::fs::create_dir_all(&cn).unwrap();
     std::fs::write(d.join("pose.png"), b"").unwrap();
@@ -338,7 +298,7 @@ fn config_show_golden() {
         "scene.toml",
         "prompt = \"a dancer\"\nsteps = 25\n\n[[control]]\nid = \"pose\"\nmodel = \"cn\"\nimage = \"pose.png\"\npreprocessor = { name = \"threshold\", threshold = 100 }\nend = 0.9\n",
     );
-    let out = ok(&sdctl_env(
+    let out = ok(&sdctl_with(
         &["config", "show", "--config", s(&cfg), "--cfg-scale", "6"],
         &[("SDCTL_SEED", "7")],
     ));
@@ -373,7 +333,7 @@ fn config_show_golden() {
 /// The example library, with the fixture models and images linked in where the examples
 /// expect real ones.
 fn example_sandbox() -> PathBuf {
-    let d = scratch("examples");
+    let d = scratch("config", "examples");
     let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     for e in std::fs::read_dir(&ex).unwrap() {
         let p = e.unwrap().path();
@@ -475,7 +435,7 @@ fn every_example_runs_on_the_fixture_models() {
 
 #[test]
 fn a_config_file_and_the_same_flags_give_identical_latents() {
-    let d = scratch("equiv");
+    let d = scratch("config", "equiv");
     let model = model_dir("sd1");
     let cn = model_dir("controlnet-sd1");
     let img = fixtures().join("inputs/control_a.png");

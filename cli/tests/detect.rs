@@ -1,28 +1,19 @@
 //! `sdctl detect`: a preprocessor on an image file, with the detect-resolution rule, the
 //! result cache and clear errors.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
 use sd_tests::fixtures;
 
-fn sdctl(args: &[&str], cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdctl"))
-        .args(args)
-        .env("SDCTL_CACHE_DIR", cache)
-        .output()
-        .expect("sdctl runs")
-}
+use common::{scratch, sdctl_cached, sdctl_command};
 
 #[test]
 fn detect_canny_equals_opencv_and_is_cached() {
-    let d = std::env::temp_dir().join(format!("sdctl-detect-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    let d = scratch("detect", "detect");
     let cache = d.join("cache");
     let input = fixtures().join("preprocessors/chelsea.png");
     let out = d.join("edges.png");
-    let o = sdctl(
+    let o = sdctl_cached(
         &[
             "detect",
             "canny",
@@ -44,7 +35,7 @@ fn detect_canny_equals_opencv_and_is_cached() {
         .to_luma8();
     assert_eq!(got.dimensions(), want.dimensions());
     assert_eq!(got.into_raw(), want.into_raw());
-    let o = sdctl(
+    let o = sdctl_cached(
         &[
             "detect",
             "canny",
@@ -65,7 +56,7 @@ fn detect_canny_equals_opencv_and_is_cached() {
     );
     // a larger detect resolution resizes first (sides multiples of 64)
     let big = d.join("big.png");
-    let o = sdctl(
+    let o = sdctl_cached(
         &[
             "detect",
             "invert",
@@ -81,7 +72,7 @@ fn detect_canny_equals_opencv_and_is_cached() {
     assert_eq!(image::open(&big).unwrap().height(), 640);
     // the webui's padded sizing: 768x512 at resolution 500 -> 750x500, detected at 768x512
     let padded = d.join("padded.png");
-    let o = sdctl(
+    let o = sdctl_cached(
         &[
             "detect",
             "invert",
@@ -116,7 +107,7 @@ fn detect_canny_equals_opencv_and_is_cached() {
             "cannot read the image",
         ),
     ] {
-        let o = sdctl(&args, &cache);
+        let o = sdctl_cached(&args, &cache);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert!(err.contains(want), "{want}: {err}");
@@ -125,13 +116,11 @@ fn detect_canny_equals_opencv_and_is_cached() {
 
 #[test]
 fn pose_render_draws_keypoint_files() {
-    let d = std::env::temp_dir().join(format!("sdctl-pose-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    let d = scratch("detect", "pose");
     let cache = d.join("cache");
     let out = d.join("pose.png");
     let json = fixtures().join("preprocessors/pose_1.json");
-    let o = sdctl(
+    let o = sdctl_cached(
         &[
             "pose",
             "render",
@@ -149,7 +138,7 @@ fn pose_render_draws_keypoint_files() {
     assert_eq!(got.dimensions(), (768, 512));
     assert_eq!(got.into_raw(), want.into_raw());
     // another canvas size: normalised points scale with it
-    let o = sdctl(
+    let o = sdctl_cached(
         &[
             "pose",
             "render",
@@ -167,7 +156,7 @@ fn pose_render_draws_keypoint_files() {
     assert_eq!(image::open(&out).unwrap().width(), 256);
     let bad = d.join("bad.json");
     std::fs::write(&bad, "{\"people\": [{\"pose_keypoints_2d\": [1, 2]}]}").unwrap();
-    let o = sdctl(
+    let o = sdctl_cached(
         &[
             "pose",
             "render",
@@ -187,14 +176,12 @@ fn pose_render_draws_keypoint_files() {
 
 #[test]
 fn openpose_takes_keypoint_files_and_names_missing_weights() {
-    let d = std::env::temp_dir().join(format!("sdctl-openpose-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    let d = scratch("detect", "openpose");
     let cache = d.join("cache");
     // A keypoint JSON is drawn, as controlnet_aux draws it.
     let out = d.join("pose.png");
     let json = fixtures().join("preprocessors/pose_0.json");
-    let o = sdctl(
+    let o = sdctl_cached(
         &[
             "detect",
             "openpose",
@@ -211,7 +198,7 @@ fn openpose_takes_keypoint_files_and_names_missing_weights() {
         .to_rgb8();
     assert_eq!(got.into_raw(), want.into_raw());
     // ... only by openpose
-    let o = sdctl(
+    let o = sdctl_cached(
         &[
             "detect",
             "canny",
@@ -228,7 +215,7 @@ fn openpose_takes_keypoint_files_and_names_missing_weights() {
     std::fs::create_dir_all(&empty).unwrap();
     let photo = fixtures().join("preprocessors/chelsea.png");
     let none = d.join("none.png");
-    let o = Command::new(env!("CARGO_BIN_EXE_sdctl"))
+    let o = sdctl_command()
         .args([
             "detect",
             "openpose",
@@ -249,7 +236,7 @@ fn openpose_takes_keypoint_files_and_names_missing_weights() {
     assert!(!none.exists());
     // A model file that is not the body model: the missing tensor is named.
     let partial = fixtures().join("openpose/partial_body.pth");
-    let o = sdctl(
+    let o = sdctl_cached(
         &[
             "detect",
             "openpose",
@@ -269,9 +256,7 @@ fn openpose_takes_keypoint_files_and_names_missing_weights() {
 
 #[test]
 fn detect_inpaint_keeps_the_mark_as_alpha() {
-    let d = std::env::temp_dir().join(format!("sdctl-inpaint-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    let d = scratch("detect", "inpaint");
     // 128x64: short side 64, multiples of 64, so processed at its own size at --resolution 64.
     let nearest = image::imageops::FilterType::Nearest;
     let src = image::open(fixtures().join("preprocessors/inpaint_src.png"))
@@ -308,7 +293,7 @@ fn detect_inpaint_keeps_the_mark_as_alpha() {
             "64",
         ];
         args.extend(extra);
-        let o = sdctl(&args, &d.join("cache"));
+        let o = sdctl_cached(&args, &d.join("cache"));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let got = image::open(&out).unwrap().to_rgba8();
         assert_eq!(got.dimensions(), (128, 64));
@@ -330,15 +315,14 @@ fn detect_inpaint_keeps_the_mark_as_alpha() {
 fn network_results_are_cached_per_weight_file() {
     // depth_anything_v2 with the tiny fixture network in the annotator folder: the second run
     // is a cache hit; other weights are a miss; removed weights are the error, not a stale hit.
-    let d = std::env::temp_dir().join(format!("sdctl-depthcache-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
+    let d = scratch("detect", "depthcache");
     let ann = d.join("annotators");
     std::fs::create_dir_all(&ann).unwrap();
     let weights = ann.join("depth_anything_v2_vits.safetensors");
     std::fs::copy(fixtures().join("depth/tiny_da2.safetensors"), &weights).unwrap();
     let photo = fixtures().join("depth/chelsea.png");
     let run = |out: &str| {
-        Command::new(env!("CARGO_BIN_EXE_sdctl"))
+        sdctl_command()
             .args([
                 "detect",
                 "depth_anything_v2",

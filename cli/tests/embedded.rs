@@ -3,34 +3,22 @@
 //! model given, and the ControlNet places the circle where the outline says (a behaviour test
 //! with a loose bound; the model card has the full evaluation).
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use common::{scratch, sdctl_cached};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sdctl-embedded-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn sdctl(args: &[&str], cache: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sdctl"))
-        .args(args)
-        .env("SDCTL_CACHE_DIR", cache)
-        .output()
-        .expect("sdctl runs")
-}
-
 #[test]
 fn the_readme_command_runs_on_the_embedded_model() {
-    let d = scratch("readme");
+    let d = scratch("embedded", "readme");
     let out = d.join("circle.png");
     let outline = root().join("models/tiny-fill/outline.png");
-    let o = sdctl(
+    let o = sdctl_cached(
         &[
             "generate",
             "--prompt",
@@ -55,10 +43,10 @@ fn the_readme_command_runs_on_the_embedded_model() {
 
 #[test]
 fn the_embedded_controlnet_places_the_circle() {
-    let d = scratch("iou");
+    let d = scratch("embedded", "iou");
     let report = d.join("report.json");
     let run = |weight: &str, json: &Path| {
-        let o = sdctl(
+        let o = sdctl_cached(
             &[
                 "eval",
                 "fill",

@@ -2,45 +2,15 @@
 //! clear errors (non-zero exit, no panic, no report) on bad input. The fixture models are
 //! random, so the numbers are checked for range only.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
 use sd_tests::model_dir;
 
-fn sdctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdctl"))
-        .args(args)
-        .output()
-        .expect("sdctl runs")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sdctl-eval-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn fails(args: &[&str], dir: &Path) -> String {
-    let o = sdctl(args);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!o.status.success(), "expected failure, got success: {err}");
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    let leftovers: Vec<_> = std::fs::read_dir(dir).unwrap().collect();
-    assert!(leftovers.is_empty(), "files left behind: {leftovers:?}");
-    err
-}
+use common::{fails, s, scratch, sdctl};
 
 #[test]
 fn eval_fill_writes_report_and_grid() {
-    let dir = scratch("ok");
+    let dir = scratch("eval", "ok");
     let (json, grid) = (dir.join("report.json"), dir.join("grid.png"));
     let (model, cn) = (model_dir("sd1"), model_dir("controlnet-sd1"));
     let o = sdctl(&[
@@ -121,7 +91,7 @@ fn eval_fill_writes_report_and_grid() {
 
 #[test]
 fn eval_fill_weight_zero_is_the_baseline_and_runs() {
-    let dir = scratch("w0");
+    let dir = scratch("eval", "w0");
     let json = dir.join("report.json");
     let (model, cn) = (model_dir("sd1"), model_dir("controlnet-sd1"));
     let o = sdctl(&[
@@ -153,7 +123,7 @@ fn eval_fill_weight_zero_is_the_baseline_and_runs() {
 
 #[test]
 fn eval_fill_errors_are_clear() {
-    let dir = scratch("err");
+    let dir = scratch("eval", "err");
     let json = dir.join("report.json");
     let model = model_dir("sd1");
     let cn = model_dir("controlnet-sd1");

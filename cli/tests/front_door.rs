@@ -6,15 +6,16 @@
 #[path = "../../examples/controlnet_lora.rs"]
 mod example;
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
+
+use common::{scratch, sdctl_command};
 
 #[test]
 fn the_example_program_and_sdctl_make_the_same_png() {
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    let dir = std::env::temp_dir().join(format!("sdctl-front-door-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("front-door", "same-png");
     let cache = dir.join("cache");
     // both doors hash the models into the same cache folder
     std::env::set_var("SDCTL_CACHE_DIR", &cache);
@@ -32,7 +33,7 @@ fn the_example_program_and_sdctl_make_the_same_png() {
         .contains("Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5"));
 
     let cli_png = dir.join("cli.png");
-    let out = Command::new(env!("CARGO_BIN_EXE_sdctl"))
+    let out = sdctl_command()
         .env("SDCTL_CACHE_DIR", &cache)
         .args(["generate", "--model"])
         .arg(&model)

@@ -1,42 +1,15 @@
 //! PNG metadata: the A1111-style infotext (golden string, hashes), the JSON settings chunk,
 //! `--from-png` round trips (ours and A1111's PNGs), and `--rng`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::Device;
 use sd_tests::{fixtures, max_abs_diff, model_dir};
 use sha2::{Digest, Sha256};
 
-fn sdctl(args: &[&str], cache: &Path) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sdctl"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SDCTL_") {
-            c.env_remove(k);
-        }
-    }
-    c.args(args)
-        .env("SDCTL_CACHE_DIR", cache)
-        .env("XDG_CONFIG_HOME", cache.join("no-config"))
-        .output()
-        .expect("sdctl runs")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sdctl-infotext-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
+use common::{copy_tree, latents_f32, ok, s, scratch, sdctl_cached, sdctl_command};
 
 fn sha256_hex(files: &[PathBuf]) -> String {
     let mut h = Sha256::new();
@@ -64,17 +37,9 @@ fn folder_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn latents(p: &Path) -> Vec<f32> {
-    candle_core::safetensors::load(p, &Device::Cpu).unwrap()["latents"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 #[test]
 fn infotext_golden_and_from_png_round_trip() {
-    let d = scratch("round");
+    let d = scratch("infotext", "round");
     let cache = d.join("cache");
     let fx = fixtures();
     let model = model_dir("sd1");
@@ -88,7 +53,7 @@ fn infotext_golden_and_from_png_round_trip() {
     let lora_arg = format!("{}:0.7", lora.display());
     let a = d.join("a.png");
     let lat_a = d.join("a.safetensors");
-    ok(&sdctl(
+    ok(&sdctl_cached(
         &[
             "generate",
             "--model",
@@ -124,7 +89,7 @@ fn infotext_golden_and_from_png_round_trip() {
         ],
         &cache,
     ));
-    let text = ok(&sdctl(&["png-info", s(&a)], &cache));
+    let text = ok(&sdctl_cached(&["png-info", s(&a)], &cache));
     let model_hash = &sha256_hex(&folder_files(&model))[..10];
     let cn_hash = &sha256_hex(std::slice::from_ref(&cn))[..8];
     let lora_hash = &sha256_hex(std::slice::from_ref(&lora))[..12];
@@ -135,7 +100,7 @@ fn infotext_golden_and_from_png_round_trip() {
     assert_eq!(text, want);
     // the JSON chunk: every setting, and full hashes
     let json: serde_json::Value =
-        serde_json::from_str(&ok(&sdctl(&["png-info", "--json", s(&a)], &cache))).unwrap();
+        serde_json::from_str(&ok(&sdctl_cached(&["png-info", "--json", s(&a)], &cache))).unwrap();
     assert_eq!(json["settings"]["rng"], "philox");
     assert_eq!(json["settings"]["control"][0]["mode"], "prompt");
     assert_eq!(
@@ -147,7 +112,7 @@ fn infotext_golden_and_from_png_round_trip() {
 
     // --from-png re-runs with the same settings: identical latents
     let lat_b = d.join("b.safetensors");
-    ok(&sdctl(
+    ok(&sdctl_cached(
         &[
             "generate",
             "--from-png",
@@ -159,10 +124,10 @@ fn infotext_golden_and_from_png_round_trip() {
         ],
         &cache,
     ));
-    assert_eq!(latents(&lat_a), latents(&lat_b));
+    assert_eq!(latents_f32(&lat_a), latents_f32(&lat_b));
     // flags still override: --seed 100 from the PNG equals a direct run with seed 100
     let lat_c = d.join("c.safetensors");
-    ok(&sdctl(
+    ok(&sdctl_cached(
         &[
             "generate",
             "--from-png",
@@ -177,7 +142,7 @@ fn infotext_golden_and_from_png_round_trip() {
         &cache,
     ));
     let lat_e = d.join("e.safetensors");
-    ok(&sdctl(
+    ok(&sdctl_cached(
         &[
             "generate",
             "--model",
@@ -213,9 +178,12 @@ fn infotext_golden_and_from_png_round_trip() {
         ],
         &cache,
     ));
-    assert_eq!(latents(&lat_c), latents(&lat_e));
-    assert_ne!(latents(&lat_a), latents(&lat_c));
-    let show = ok(&sdctl(&["config", "show", "--from-png", s(&a)], &cache));
+    assert_eq!(latents_f32(&lat_c), latents_f32(&lat_e));
+    assert_ne!(latents_f32(&lat_a), latents_f32(&lat_c));
+    let show = ok(&sdctl_cached(
+        &["config", "show", "--from-png", s(&a)],
+        &cache,
+    ));
     assert!(
         show.contains("seed = 99 ") && show.contains(&format!("# png {}", a.display())),
         "{show}"
@@ -236,7 +204,7 @@ fn png_with_text(path: &Path, chunks: &[(&str, &str)]) {
 
 #[test]
 fn a1111_pngs_give_their_settings_and_comfyui_ones_a_clear_error() {
-    let d = scratch("a1111");
+    let d = scratch("infotext", "a1111");
     let cache = d.join("cache");
     let a1111 = d.join("a1111.png");
     png_with_text(
@@ -247,7 +215,7 @@ fn a1111_pngs_give_their_settings_and_comfyui_ones_a_clear_error() {
         )],
     );
     let model = model_dir("sd1");
-    let show = ok(&sdctl(
+    let show = ok(&sdctl_cached(
         &[
             "config",
             "show",
@@ -275,7 +243,7 @@ fn a1111_pngs_give_their_settings_and_comfyui_ones_a_clear_error() {
     }
     // and generates with the model given: the same as the equivalent flags
     let lat_a = d.join("a.safetensors");
-    ok(&sdctl(
+    ok(&sdctl_cached(
         &[
             "generate",
             "--from-png",
@@ -290,7 +258,7 @@ fn a1111_pngs_give_their_settings_and_comfyui_ones_a_clear_error() {
         &cache,
     ));
     let lat_b = d.join("b.safetensors");
-    ok(&sdctl(
+    ok(&sdctl_cached(
         &[
             "generate",
             "--model",
@@ -322,7 +290,7 @@ fn a1111_pngs_give_their_settings_and_comfyui_ones_a_clear_error() {
         ],
         &cache,
     ));
-    assert_eq!(latents(&lat_a), latents(&lat_b));
+    assert_eq!(latents_f32(&lat_a), latents_f32(&lat_b));
 
     let comfy = d.join("comfy.png");
     png_with_text(
@@ -332,7 +300,7 @@ fn a1111_pngs_give_their_settings_and_comfyui_ones_a_clear_error() {
             "{\"6\": {\"class_type\": \"CLIPTextEncode\", \"inputs\": {\"text\": \"x\"}}}",
         )],
     );
-    let o = sdctl(&["config", "show", "--from-png", s(&comfy)], &cache);
+    let o = sdctl_cached(&["config", "show", "--from-png", s(&comfy)], &cache);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
@@ -343,12 +311,12 @@ fn a1111_pngs_give_their_settings_and_comfyui_ones_a_clear_error() {
 
 #[test]
 fn rng_choice_changes_the_noise_and_is_validated() {
-    let d = scratch("rng");
+    let d = scratch("infotext", "rng");
     let cache = d.join("cache");
     let model = model_dir("sd1");
     let run = |rng: &str, name: &str| {
         let lat = d.join(format!("{name}.safetensors"));
-        ok(&sdctl(
+        ok(&sdctl_cached(
             &[
                 "generate",
                 "--model",
@@ -372,14 +340,14 @@ fn rng_choice_changes_the_noise_and_is_validated() {
             ],
             &cache,
         ));
-        latents(&lat)
+        latents_f32(&lat)
     };
     let cpu = run("torch-cpu", "cpu");
     let philox = run("philox", "philox");
     let dev = Device::Cpu;
     let t = |v: &Vec<f32>| candle_core::Tensor::new(v.as_slice(), &dev).unwrap();
     assert!(max_abs_diff(&t(&cpu), &t(&philox)) > 1e-3);
-    let o = sdctl(&["config", "show", "--rng", "curand"], &cache);
+    let o = sdctl_cached(&["config", "show", "--rng", "curand"], &cache);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("flag --rng: rng: \"curand\" is not one of torch-cpu, philox"),
@@ -387,23 +355,9 @@ fn rng_choice_changes_the_noise_and_is_validated() {
     );
 }
 
-/// Copy a folder tree (the fixture model) into a snapshot.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let t = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_tree(&p, &t);
-        } else {
-            std::fs::copy(&p, &t).unwrap();
-        }
-    }
-}
-
 #[test]
 fn models_by_repo_id_come_from_the_hugging_face_cache() {
-    let d = scratch("hf");
+    let d = scratch("infotext", "hf");
     let cache = d.join("cache");
     let home = d.join("hf-home");
     // the real layout: hub/models--OWNER--NAME/refs/main -> snapshots/<commit>/...
@@ -413,7 +367,7 @@ fn models_by_repo_id_come_from_the_hugging_face_cache() {
     copy_tree(&model_dir("sd1"), &repo.join("snapshots/0123abcd"));
     let run = |model: &str, name: &str, env: &[(&str, &str)]| {
         let lat = d.join(format!("{name}.safetensors"));
-        let mut c = Command::new(env!("CARGO_BIN_EXE_sdctl"));
+        let mut c = sdctl_command();
         c.args([
             "generate",
             "--model",
@@ -445,7 +399,7 @@ fn models_by_repo_id_come_from_the_hugging_face_cache() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (o2, direct) = run(s(&model_dir("sd1")), "direct", &[]);
     assert!(o2.status.success());
-    assert_eq!(latents(&lat), latents(&direct));
+    assert_eq!(latents_f32(&lat), latents_f32(&direct));
     // HF_HUB_CACHE points at the hub folder itself
     let (o, _) = run(
         "tiny-org/tiny-sd",

@@ -1,55 +1,24 @@
 //! Single-file checkpoints through the CLI: `model inspect`, `model convert`, generating from a
 //! single file (with LoRAs, a pickled ControlNet, a swapped VAE), and clear refusals.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{Device, Tensor};
 use sd_tests::{fixtures, model_dir};
 
+use common::{latents_f32, ok, s, scratch, sdctl_cached};
+
+/// sdctl with this file's cache folder (shared by its tests).
 fn sdctl(args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sdctl"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SDCTL_") {
-            c.env_remove(k);
-        }
-    }
-    c.args(args)
-        .env(
-            "SDCTL_CACHE_DIR",
-            std::env::temp_dir().join("sdctl-model-test-cache"),
-        )
-        .output()
-        .expect("sdctl runs")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sdctl-model-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).to_string()
+    sdctl_cached(args, &std::env::temp_dir().join("sdctl-model-test-cache"))
 }
 
 fn single(name: &str) -> PathBuf {
     fixtures().join("models/single").join(name)
-}
-
-fn latents(p: &Path) -> Vec<f32> {
-    candle_core::safetensors::load(p, &Device::Cpu).unwrap()["latents"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 /// A short seeded generation; returns its latents.
@@ -79,7 +48,7 @@ fn generate(dir: &Path, name: &str, model: &Path, extra: &[&str]) -> Vec<f32> {
     ];
     args.extend(extra);
     ok(&sdctl(&args));
-    latents(&lat)
+    latents_f32(&lat)
 }
 
 #[test]
@@ -122,7 +91,7 @@ fn inspect_tells_what_a_file_is() {
     );
 
     // a key nothing maps: listed as not understood
-    let d = scratch("inspect");
+    let d = scratch("model", "inspect");
     let mut t: HashMap<String, Tensor> =
         candle_core::safetensors::load(single("sd1.safetensors"), &Device::Cpu).unwrap();
     t.insert(
@@ -157,7 +126,7 @@ fn inspect_tells_what_a_file_is() {
 
 #[test]
 fn generate_from_single_files_with_loras_controlnets_and_vaes() {
-    let d = scratch("gen");
+    let d = scratch("model", "gen");
     let fx = fixtures();
     // the single file and its folder give the same latents, with a LoRA too
     let a = generate(&d, "a", &single("sd1.safetensors"), &[]);
@@ -269,7 +238,7 @@ fn generate_from_single_files_with_loras_controlnets_and_vaes() {
 
 #[test]
 fn convert_through_the_cli() {
-    let d = scratch("convert");
+    let d = scratch("model", "convert");
     let file = d.join("tiny.safetensors");
     ok(&sdctl(&[
         "model",

@@ -1,13 +1,17 @@
 //! Plugins loaded at run time: the example plugins built as cdylibs and used through the CLI,
 //! and purpose-built bad plugins refused or contained at the boundary.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Mutex;
 
 use candle_core::{Device, Tensor, D};
 use sd_plugins_api::{resolve_params, ImageBuf, NoisePrediction, ParamValue, Registry, StepInfo};
 use sd_tests::{fixtures, max_abs_diff, model_dir};
+
+use common::{clean_failure, latents, ok, s, scratch, sdctl, sdctl_with};
 
 static BUILD: Mutex<()> = Mutex::new(());
 
@@ -53,65 +57,6 @@ fn build_plugin(package: &str, features: &str) -> PathBuf {
     ));
     std::fs::copy(&built, &copy).unwrap();
     copy
-}
-
-fn sdctl_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sdctl"));
-    c.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SDCTL_") {
-            c.env_remove(k);
-        }
-    }
-    // no plugin folder of the developer's own
-    c.env(
-        "XDG_CONFIG_HOME",
-        std::env::temp_dir().join("sdctl-no-config"),
-    );
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("sdctl runs")
-}
-
-fn sdctl(args: &[&str]) -> Output {
-    sdctl_env(args, &[])
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sdctl-plugins-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "sdctl failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-/// A failure that is an error message and exit code 1, not a crash.
-fn clean_failure(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "expected a clean error exit: {err}"
-    );
-    assert!(err.contains("error: "), "{err}");
-    err
-}
-
-fn latents(p: &Path) -> Tensor {
-    candle_core::safetensors::load(p, &Device::Cpu).unwrap()["latents"].clone()
 }
 
 /// A 4-step generation on the fixture model; extra arguments appended.
@@ -175,7 +120,7 @@ fn preprocessor_plugin_runs_through_the_abi_and_in_control_units() {
 
     // through the CLI: a unit with the plugin's preprocessor equals a unit given the
     // posterized image directly
-    let d = scratch("posterize");
+    let d = scratch("plugins", "posterize");
     let src = fixtures().join("inputs/init.png");
     let mut rgb = image::open(&src).unwrap().to_rgb8();
     rgb.pixels_mut()
@@ -290,7 +235,7 @@ fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
     );
     drop(hook);
 
-    let d = scratch("cfg-rescale");
+    let d = scratch("plugins", "cfg-rescale");
     let plain = generate(&d, "plain", &[]);
     let with = format!("{},phi=0.7", lib.display());
     let rescaled = generate(&d, "rescaled", &["--plugin", &with]);
@@ -310,7 +255,7 @@ fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
     let cfg = d.join("p.toml");
     std::fs::write(&cfg, "[[plugins]]\nname = \"cfg_rescale\"\nphi = 0.7\n").unwrap();
     let lat = d.join("by-name.safetensors");
-    ok(&sdctl_env(
+    ok(&sdctl_with(
         &[
             "generate",
             "--model",
@@ -339,7 +284,7 @@ fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
         &[("SDCTL_PLUGIN_DIR", s(&pdir))],
     ));
     assert_eq!(max_abs_diff(&latents(&lat), &rescaled), 0.0);
-    let show = ok(&sdctl_env(
+    let show = ok(&sdctl_with(
         &["config", "show", "--config", s(&cfg)],
         &[("SDCTL_PLUGIN_DIR", s(&pdir))],
     ));
@@ -347,7 +292,7 @@ fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
         show.contains("[[plugins]]\nname = \"cfg_rescale\""),
         "{show}"
     );
-    let list = ok(&sdctl_env(
+    let list = ok(&sdctl_with(
         &["plugins", "list"],
         &[("SDCTL_PLUGIN_DIR", s(&pdir))],
     ));
@@ -360,7 +305,7 @@ fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
         "[[plugins]]\nname = \"cfg_rescale\"\nphi = 2.0\nphy = 1\n",
     )
     .unwrap();
-    let err = clean_failure(&sdctl_env(
+    let err = clean_failure(&sdctl_with(
         &["config", "show", "--config", s(&cfg)],
         &[("SDCTL_PLUGIN_DIR", s(&pdir))],
     ));
@@ -375,7 +320,7 @@ fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
         "{err}"
     );
     std::fs::write(&cfg, "[[plugins]]\nname = \"cfg_rescal\"\n").unwrap();
-    let err = clean_failure(&sdctl_env(
+    let err = clean_failure(&sdctl_with(
         &["config", "show", "--config", s(&cfg)],
         &[("SDCTL_PLUGIN_DIR", s(&pdir))],
     ));
@@ -387,7 +332,7 @@ fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
 
 #[test]
 fn bad_plugins_are_refused_or_contained() {
-    let d = scratch("bad");
+    let d = scratch("plugins", "bad");
     let mut reg = Registry::builtin();
 
     let wrong_abi = build_plugin("sdctl-plugin-misbehaving", "wrong_abi");

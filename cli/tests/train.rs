@@ -2,38 +2,20 @@
 //! file with relative paths, checkpoints that load into `generate --control`, a run killed at
 //! a random moment resuming to the same weights as an uninterrupted run, bad dataset rows.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use sd_tests::{fixtures, model_dir};
 
+use common::{ok, ok_stderr, s, scratch, sdctl_cached, sdctl_command};
+
+/// sdctl with this file's cache folder (shared by its tests).
 fn sdctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdctl"))
-        .args(args)
-        .env(
-            "SDCTL_CACHE_DIR",
-            std::env::temp_dir().join("sdctl-train-test-cache"),
-        )
-        .output()
-        .expect("sdctl runs")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sdctl-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stderr).to_string()
+    sdctl_cached(args, &std::env::temp_dir().join("sdctl-train-test-cache"))
 }
 
 fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
@@ -66,7 +48,7 @@ fn config(dir: &Path, out: &str, steps: usize, extra: &str) -> PathBuf {
 
 #[test]
 fn fill_dataset_train_checkpoint_generate_and_resume_after_a_kill() {
-    let d = scratch("run");
+    let d = scratch("train", "run");
     ok(&sdctl(&[
         "dataset",
         "fill",
@@ -119,7 +101,7 @@ fn fill_dataset_train_checkpoint_generate_and_resume_after_a_kill() {
 
     // killed at a random moment, then resumed: the same weights as the uninterrupted run
     let part = config(&d, "part", 6, "");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sdctl"))
+    let mut child = sdctl_command()
         .args(["train", "controlnet", "--config", s(&part)])
         .stderr(Stdio::null())
         .spawn()
@@ -220,7 +202,7 @@ fn sd_controlnet_weights_from_init(d: &Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn bad_rows_and_bad_settings_are_clear() {
-    let d = scratch("bad");
+    let d = scratch("train", "bad");
     ok(&sdctl(&[
         "dataset",
         "fill",
@@ -257,7 +239,7 @@ fn bad_rows_and_bad_settings_are_clear() {
         "--skip-bad-rows",
         "true",
     ]);
-    let err = ok(&o);
+    let err = ok_stderr(&o);
     assert!(
         err.contains("warning:") && err.contains("(skipped)"),
         "{err}"
@@ -307,7 +289,7 @@ fn bad_rows_and_bad_settings_are_clear() {
 
 #[test]
 fn unlocked_training_changes_the_unet_decoder_and_mid_only_control_works() {
-    let d = scratch("unlocked");
+    let d = scratch("train", "unlocked");
     ok(&sdctl(&[
         "dataset",
         "fill",
@@ -379,7 +361,7 @@ fn component(dir: &Path, file: &str) -> Vec<(String, Vec<f32>)> {
 fn a_model_from_configs_trains_its_vae_unet_and_a_controlnet() {
     // model new (tiny-fill configs: factor-4 VAE) -> train vae -> train unet (+ text encoder)
     // -> controlnet init -> generate with the ControlNet; every stage's output loads.
-    let d = scratch("base");
+    let d = scratch("train", "base");
     let configs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-fill/configs");
     let (fresh, data) = (d.join("fresh"), d.join("data"));
     ok(&sdctl(&[
@@ -404,7 +386,7 @@ fn a_model_from_configs_trains_its_vae_unet_and_a_controlnet() {
         "64",
     ]));
     let vae = d.join("vae");
-    let e = ok(&sdctl(&[
+    let e = ok_stderr(&sdctl(&[
         "train",
         "vae",
         "--model",

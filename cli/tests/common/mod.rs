@@ -1,0 +1,144 @@
+//! Helpers shared by the CLI's integration tests (each test file has `mod common;` and uses
+//! a subset of them).
+//!
+//! Every sdctl run starts clean: the developer's own `SDCTL_*` variables are removed and
+//! `XDG_CONFIG_HOME` points to an empty folder, so no personal config, cache or plugin folder
+//! leaks into a test. A test's own variables are set after that and win.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+
+/// The sdctl binary as a `Command`, with the developer's environment cleaned (see above);
+/// for runs that need more than [`sdctl_with`] (spawning, `OsStr` arguments).
+pub fn sdctl_command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sdctl"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("SDCTL_") {
+            c.env_remove(k);
+        }
+    }
+    // never created: an empty config folder, so no plugin folder of the developer's own
+    c.env(
+        "XDG_CONFIG_HOME",
+        std::env::temp_dir().join(format!("sdctl-test-no-config-{}", std::process::id())),
+    );
+    c
+}
+
+/// Runs sdctl with these arguments and these environment variables.
+pub fn sdctl_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = sdctl_command();
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("sdctl runs")
+}
+
+/// Runs sdctl with these arguments.
+pub fn sdctl(args: &[&str]) -> Output {
+    sdctl_with(args, &[])
+}
+
+/// Runs sdctl with these arguments and `SDCTL_CACHE_DIR` set to `cache`.
+pub fn sdctl_cached(args: &[&str], cache: &Path) -> Output {
+    sdctl_with(args, &[("SDCTL_CACHE_DIR", s(cache))])
+}
+
+/// A fresh, empty temporary folder `sdctl-PREFIX-PID-NAME` (PREFIX: the test file's).
+pub fn scratch(prefix: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sdctl-{prefix}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Asserts success; returns stdout.
+pub fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "sdctl failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Asserts success; returns stderr (where sdctl reports progress).
+pub fn ok_stderr(o: &Output) -> String {
+    ok(o);
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Asserts a failure that is not a panic; returns stderr.
+pub fn failed(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    err
+}
+
+/// A failure that is an error message and exit code 1, not a crash; returns stderr.
+pub fn clean_failure(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected a clean error exit: {err}"
+    );
+    assert!(err.contains("error: "), "{err}");
+    err
+}
+
+/// Runs sdctl expecting failure; returns stderr. Checks: non-zero exit, no panic, and no
+/// output: `out` is the output file (it must not exist and its folder must be empty) or the
+/// output folder (it must be empty).
+pub fn fails(args: &[&str], out: &Path) -> String {
+    let err = failed(&sdctl(args));
+    let dir = if out.is_dir() {
+        out
+    } else {
+        assert!(
+            !out.exists(),
+            "an output file was left behind: {}",
+            out.display()
+        );
+        out.parent().unwrap()
+    };
+    let leftovers: Vec<_> = std::fs::read_dir(dir).unwrap().collect();
+    assert!(leftovers.is_empty(), "files left behind: {leftovers:?}");
+    err
+}
+
+/// The `latents` tensor of a `--save-latents` file.
+pub fn latents(p: &Path) -> Tensor {
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()["latents"].clone()
+}
+
+/// The `latents` tensor of a `--save-latents` file, flattened.
+pub fn latents_f32(p: &Path) -> Vec<f32> {
+    latents(p).flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Copies a folder tree (e.g. a fixture model).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let t = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_tree(&p, &t);
+        } else {
+            std::fs::copy(&p, &t).unwrap();
+        }
+    }
+}
