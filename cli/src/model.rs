@@ -230,7 +230,7 @@ pub fn run(cmd: ModelCommand) -> CliResult {
             }
         }
         ModelCommand::New(a) => {
-            sd_controlnet::train::base::new_model(&a.configs, &a.output, a.seed)?;
+            sd_train::new_model(&a.configs, &a.output, a.seed)?;
             eprintln!("new model in {}", a.output.display());
             Ok(())
         }

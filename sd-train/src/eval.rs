@@ -1,20 +1,17 @@
-//! `sdctl eval`: measure how well a model with a ControlNet follows its control.
+//! The fill task's evaluation: how well a model with a ControlNet follows its control.
 //!
-//! `eval fill` draws unseen examples of the synthetic fill task (`sdctl dataset fill`: a white
-//! circle outline on black as the control image, prompt "<colour> circle with <colour>
-//! background"), generates one image per example with the outline as control, and measures
-//! the shape (IoU of the disk painted in the circle's colour against the true disk) and the
-//! colours (mean colour of the true disk and of the true background against the prompt's).
+//! It draws unseen examples of the synthetic fill task ([`crate::fill`]: a white circle
+//! outline on black as the control image, prompt "<colour> circle with <colour> background"),
+//! generates one image per example with the outline as control, and measures the shape (IoU
+//! of the disk painted in the circle's colour against the true disk) and the colours (mean
+//! colour of the true disk and of the true background against the prompt's).
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clap::{Args, Subcommand};
+use candle_core::{DType, Device, Tensor};
 use image::{Rgb, RgbImage};
-use indicatif::{ProgressBar, ProgressStyle};
 use sd_controlnet::control_image::to_tensor;
-use sd_controlnet::train::fill::{example, COLOURS};
-use sd_controlnet::{load_controlnet, ControlNetHook, ControlUnit};
+use sd_controlnet::{ControlNetHook, ControlNetModel, ControlUnit};
 use sd_pipeline::image_io::to_rgb8;
 use sd_pipeline::noise::TorchRng;
 use sd_pipeline::samplers::{SamplerKind, Schedule};
@@ -22,70 +19,8 @@ use sd_pipeline::{GenerateRequest, StableDiffusion};
 use sd_plugins_api::HookSet;
 use serde::Serialize;
 
-use crate::CliResult;
-
-#[derive(Subcommand, Debug)]
-pub enum EvalCommand {
-    /// Control fidelity on the synthetic fill task: for each of --count unseen examples,
-    /// generate from the prompt with the circle outline as control, then measure the IoU of
-    /// the painted disk with the true disk and the colour error of disk and background.
-    Fill(FillArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct FillArgs {
-    /// Base model: a diffusers folder or a single-file checkpoint [default: the embedded
-    /// tiny-fill model]
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// The ControlNet (diffusers folder or single file) trained on the fill task [default:
-    /// the embedded model's, when --model is not given]
-    #[arg(long)]
-    pub controlnet: Option<PathBuf>,
-    /// Control weight; 0 runs without the ControlNet (the baseline)
-    #[arg(long, default_value_t = 1.0)]
-    pub weight: f64,
-    /// Number of examples
-    #[arg(long, default_value_t = 50)]
-    pub count: usize,
-    /// Example i is drawn, and generated, with seed SEED + i (far from training seeds, so
-    /// the outlines and prompts are unseen)
-    #[arg(long, default_value_t = 1_000_000)]
-    pub seed: u64,
-    /// Image size in pixels (square; a multiple of the VAE's scale factor, 16..=2048)
-    #[arg(long, default_value_t = 64)]
-    pub size: u32,
-    /// Denoising steps
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
-    /// Classifier-free guidance scale
-    #[arg(long, default_value_t = 5.0)]
-    pub cfg_scale: f64,
-    /// ddim | euler | euler_a | dpmpp_2m (A1111, ComfyUI and diffusers names work too)
-    #[arg(long, default_value = "dpmpp_2m")]
-    pub sampler: String,
-    /// normal | karras (default karras, or what the sampler name says)
-    #[arg(long)]
-    pub schedule: Option<String>,
-    /// cpu | cuda
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// f32 | f16 | bf16
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Write every example's numbers and the summary as JSON
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Write a PNG of control | generated pairs for the first examples (up to 16, 4 pairs a row)
-    #[arg(long)]
-    pub grid: Option<PathBuf>,
-}
-
-pub fn run(cmd: EvalCommand) -> CliResult {
-    match cmd {
-        EvalCommand::Fill(a) => fill(a),
-    }
-}
+use crate::error::{Result, TrainError};
+use crate::fill::{example, COLOURS};
 
 // ---------------------------------------------------------------------------------------------
 // Metrics (pure)
@@ -387,258 +322,134 @@ pub fn grid(pairs: &[(RgbImage, RgbImage)], size: u32) -> RgbImage {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The command
+// The evaluation
 
-fn check_parent(flag: &str, p: &Path) -> CliResult {
-    let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(d) = parent {
-        if !d.is_dir() {
-            return Err(format!("{flag} {}: folder {} not found", p.display(), d.display()).into());
-        }
-    }
+/// How the examples are drawn and generated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FillEvalConfig {
+    /// Control weight; 0 runs without the ControlNet (the baseline).
+    pub weight: f64,
+    /// Number of examples.
+    pub count: usize,
+    /// Example i is drawn, and generated, with seed `seed + i`.
+    pub seed: u64,
+    /// Image size in pixels (square).
+    pub size: u32,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    pub cfg_scale: f64,
+    pub sampler: SamplerKind,
+    pub schedule: Schedule,
+}
+
+/// Check that `net` fits the base model `sd` at `size` x `size`, as it must even when weight 0
+/// leaves it out.
+pub fn check_controlnet_fits(
+    sd: &StableDiffusion,
+    net: &Arc<ControlNetModel>,
+    size: usize,
+    device: &Device,
+) -> Result<()> {
+    let blank = Tensor::zeros((1, 3, size, size), DType::F32, device)?;
+    ControlUnit::new(net.clone(), blank).validate_for(
+        sd.unet.config(),
+        sd.unet.num_skips(),
+        sd.vae.config().latent_channels,
+    )?;
     Ok(())
 }
 
-/// "FLAG PATH: message", without naming the path twice when the library's message names it.
-fn flag_error(flag: &str, path: &Path, e: &dyn std::fmt::Display) -> String {
-    let (msg, shown) = (e.to_string(), path.display().to_string());
-    match msg.strip_prefix(&shown) {
-        Some(rest) if rest.starts_with(':') => format!("{flag} {shown}{rest}"),
-        _ => format!("{flag} {shown}: {msg}"),
+/// Example `i`: drawn with seed `cfg.seed + i`, generated from its prompt with its outline as
+/// control (weight `cfg.weight`), measured. Returns its numbers, the control image and the
+/// generated image.
+pub fn eval_fill_example(
+    sd: &StableDiffusion,
+    net: &Arc<ControlNetModel>,
+    cfg: &FillEvalConfig,
+    i: usize,
+    device: &Device,
+) -> Result<(FillExample, RgbImage, RgbImage)> {
+    let seed = cfg.seed.wrapping_add(i as u64);
+    let size = cfg.size as usize;
+    let (control, _, prompt, centre, radius) = example(cfg.size, &mut TorchRng::new(seed));
+    let (fg, bg) = parse_fill_prompt(&prompt).ok_or_else(|| {
+        TrainError::Invalid(format!(
+            "example {i}: cannot read the colours of {prompt:?}"
+        ))
+    })?;
+    let req = GenerateRequest {
+        prompt: prompt.clone(),
+        negative_prompt: String::new(),
+        width: size,
+        height: size,
+        steps: cfg.steps,
+        cfg_scale: cfg.cfg_scale,
+        sampler: cfg.sampler,
+        schedule: cfg.schedule,
+        batch: 1,
+        clip_skip: 1,
+        init_image: None,
+        mask: None,
+        strength: None,
+        noise: None,
+    };
+    let mut hooks = HookSet::new();
+    if cfg.weight != 0.0 {
+        let mut unit = ControlUnit::new(net.clone(), to_tensor(&control, device)?);
+        unit.weight = cfg.weight;
+        hooks.push(Box::new(ControlNetHook::new(vec![unit])));
     }
+    let latents = sd.denoise(&req, &mut hooks, &mut TorchRng::new(seed))?;
+    let images = sd.decode_latents(&latents)?;
+    let (w, h, px) = to_rgb8(&images.get(0)?)?;
+    let generated = RgbImage::from_raw(w as u32, h as u32, px).ok_or_else(|| {
+        TrainError::Invalid("generated image has the wrong number of pixels".into())
+    })?;
+    let metrics = fill_metrics(&generated, centre, radius, COLOURS[fg].1, COLOURS[bg].1);
+    let ex = FillExample {
+        index: i,
+        seed,
+        prompt,
+        centre,
+        radius,
+        circle_colour: COLOURS[fg].0,
+        background_colour: COLOURS[bg].0,
+        metrics,
+    };
+    Ok((ex, control, generated))
 }
 
-/// Write `path` with `write` via a temporary file, so that the file appears only when complete.
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> CliResult) -> CliResult {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let r = write(&tmp).and_then(|_| {
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()).into())
-    });
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// Evaluate `cfg.count` examples in order. After each, `each` gets the examples so far (the
+/// new one last) and the new one's control and generated images.
+pub fn eval_fill(
+    sd: &StableDiffusion,
+    net: &Arc<ControlNetModel>,
+    cfg: &FillEvalConfig,
+    device: &Device,
+    each: &mut dyn FnMut(&[FillExample], RgbImage, RgbImage),
+) -> Result<Vec<FillExample>> {
+    let mut examples: Vec<FillExample> = Vec::with_capacity(cfg.count);
+    for i in 0..cfg.count {
+        let (ex, control, generated) = eval_fill_example(sd, net, cfg, i, device)?;
+        examples.push(ex);
+        each(&examples, control, generated);
     }
-    r
+    Ok(examples)
 }
 
-fn fill(a: FillArgs) -> CliResult {
-    if a.count == 0 {
-        return Err("--count must be at least 1".into());
-    }
-    if !(16..=2048).contains(&a.size) {
-        return Err(format!("--size {}: need 16 <= size <= 2048", a.size).into());
-    }
-    if a.steps == 0 {
-        return Err("--steps must be at least 1".into());
-    }
-    if !a.weight.is_finite() {
-        return Err(format!("--weight {} is not a number", a.weight).into());
-    }
-    if !a.cfg_scale.is_finite() {
-        return Err(format!("--cfg-scale {} is not a number", a.cfg_scale).into());
-    }
-    let (sampler, implied) =
-        SamplerKind::parse_alias(&a.sampler).map_err(|e| format!("--sampler: {e}"))?;
-    let schedule = match &a.schedule {
-        Some(s) => s
-            .parse::<Schedule>()
-            .map_err(|e| format!("--schedule: {e}"))?,
-        None => implied.unwrap_or(Schedule::Karras),
-    };
-    let (model, controlnet) = match (&a.model, &a.controlnet) {
-        (Some(m), Some(c)) => (m.clone(), c.clone()),
-        (None, None) => (
-            crate::embedded::base_dir()?,
-            crate::embedded::controlnet_dir()?,
-        ),
-        (Some(_), None) => return Err("--model needs --controlnet too".into()),
-        (None, Some(c)) => (crate::embedded::base_dir()?, c.clone()),
-    };
-    for (flag, p) in [("--model", &model), ("--controlnet", &controlnet)] {
-        if !p.exists() {
-            return Err(format!("{flag} {}: not found", p.display()).into());
-        }
-    }
-    if let Some(p) = &a.json {
-        check_parent("--json", p)?;
-    }
-    if let Some(p) = &a.grid {
-        check_parent("--grid", p)?;
-    }
-    let device = crate::device::device(&a.device)?;
-    let dtype = crate::device::dtype(&a.dtype)?;
-    crate::device::check_dtype(&device, dtype)?;
-
-    let sd = StableDiffusion::load_with_vae(&model, &device, dtype, &[], None)
-        .map_err(|e| flag_error("--model", &model, &e))?;
-    let f = sd.vae_scale_factor();
-    let size = a.size as usize;
-    if !size.is_multiple_of(f) {
-        return Err(
-            format!("--size {size} is not a multiple of the VAE's scale factor {f}").into(),
-        );
-    }
-    let cn_err = |e: &dyn std::fmt::Display| flag_error("--controlnet", &controlnet, e);
-    let net = Arc::new(
-        load_controlnet(&controlnet, sd.unet.config(), &device, sd.dtype)
-            .map_err(|e| cn_err(&e))?,
-    );
-    // the ControlNet must fit the base model even when --weight 0 leaves it out
-    let blank = candle_core::Tensor::zeros((1, 3, size, size), candle_core::DType::F32, &device)?;
-    ControlUnit::new(net.clone(), blank)
-        .validate_for(
-            sd.unet.config(),
-            sd.unet.num_skips(),
-            sd.vae.config().latent_channels,
-        )
-        .map_err(|e| cn_err(&e))?;
-
-    let bar = ProgressBar::new(a.count as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} eval fill [{bar:30}] {pos}/{len} {msg} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    let mut examples: Vec<FillExample> = Vec::with_capacity(a.count);
-    let mut pairs: Vec<(RgbImage, RgbImage)> = Vec::new();
-    for i in 0..a.count {
-        let seed = a.seed.wrapping_add(i as u64);
-        let (control, _, prompt, centre, radius) = example(a.size, &mut TorchRng::new(seed));
-        let (fg, bg) = parse_fill_prompt(&prompt)
-            .ok_or_else(|| format!("example {i}: cannot read the colours of {prompt:?}"))?;
-        let req = GenerateRequest {
-            prompt: prompt.clone(),
-            negative_prompt: String::new(),
-            width: size,
-            height: size,
-            steps: a.steps,
-            cfg_scale: a.cfg_scale,
-            sampler,
-            schedule,
-            batch: 1,
-            clip_skip: 1,
-            init_image: None,
-            mask: None,
-            strength: None,
-            noise: None,
-        };
-        let mut hooks = HookSet::new();
-        if a.weight != 0.0 {
-            let mut unit = ControlUnit::new(net.clone(), to_tensor(&control, &device)?);
-            unit.weight = a.weight;
-            hooks.push(Box::new(ControlNetHook::new(vec![unit])));
-        }
-        let latents = sd.denoise(&req, &mut hooks, &mut TorchRng::new(seed))?;
-        let images = sd.decode_latents(&latents)?;
-        let (w, h, px) = to_rgb8(&images.get(0)?)?;
-        let generated = RgbImage::from_raw(w as u32, h as u32, px)
-            .ok_or("generated image has the wrong number of pixels")?;
-        let metrics = fill_metrics(&generated, centre, radius, COLOURS[fg].1, COLOURS[bg].1);
-        examples.push(FillExample {
-            index: i,
-            seed,
-            prompt,
-            centre,
-            radius,
-            circle_colour: COLOURS[fg].0,
-            background_colour: COLOURS[bg].0,
-            metrics,
-        });
-        if a.grid.is_some() && pairs.len() < GRID_MAX_PAIRS {
-            pairs.push((control, generated));
-        }
-        let mean = examples.iter().map(|e| e.metrics.iou).sum::<f64>() / examples.len() as f64;
-        bar.set_message(format!("mean IoU {mean:.3}"));
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-
+/// The summary of evaluated examples ([`summarise`] over their metrics).
+pub fn summarise_examples(examples: &[FillExample]) -> FillSummary {
     let metrics: Vec<FillMetrics> = examples.iter().map(|e| e.metrics.clone()).collect();
-    let summary = summarise(&metrics);
-    print_table(&a, sampler, schedule, &summary);
-
-    if let Some(p) = &a.json {
-        let doc = serde_json::json!({
-            "task": "fill",
-            "settings": {
-                "model": model.display().to_string(),
-                "controlnet": controlnet.display().to_string(),
-                "weight": a.weight,
-                "count": a.count,
-                "seed": a.seed,
-                "size": a.size,
-                "steps": a.steps,
-                "cfg_scale": a.cfg_scale,
-                "sampler": sampler.to_string(),
-                "schedule": schedule.to_string(),
-                "device": a.device,
-                "dtype": a.dtype,
-            },
-            "summary": summary,
-            "examples": examples,
-        });
-        let text = serde_json::to_string_pretty(&doc)?;
-        write_atomic(p, |tmp| {
-            std::fs::write(tmp, text + "\n").map_err(|e| format!("--json {}: {e}", p.display()))?;
-            Ok(())
-        })?;
-        eprintln!("wrote {}", p.display());
-    }
-    if let Some(p) = &a.grid {
-        let img = grid(&pairs, a.size);
-        write_atomic(p, |tmp| {
-            img.save_with_format(tmp, image::ImageFormat::Png)
-                .map_err(|e| format!("--grid {}: {e}", p.display()))?;
-            Ok(())
-        })?;
-        eprintln!("wrote {}", p.display());
-    }
-    Ok(())
+    summarise(&metrics)
 }
 
-fn print_table(a: &FillArgs, sampler: SamplerKind, schedule: Schedule, s: &FillSummary) {
-    println!(
-        "eval fill: {} example{}, weight {}, seeds {}.., {}x{}, {} steps, cfg {}, {} {}",
-        s.count,
-        if s.count == 1 { "" } else { "s" },
-        a.weight,
-        a.seed,
-        a.size,
-        a.size,
-        a.steps,
-        a.cfg_scale,
-        sampler,
-        schedule
-    );
-    println!(
-        "{:<26}{:>9}{:>9}{:>9}{:>9}",
-        "", "mean", "median", "min", "max"
-    );
-    let row = |name: &str, st: &Option<Stats>, digits: usize| match st {
-        Some(st) => println!(
-            "{name:<26}{:>9.d$}{:>9.d$}{:>9.d$}{:>9.d$}",
-            st.mean,
-            st.median,
-            st.min,
-            st.max,
-            d = digits
-        ),
-        None => println!("{name:<26}{:>9}", "-"),
-    };
-    row("IoU (prompt's colours)", &s.iou, 3);
-    row("IoU (shape, any colours)", &s.shape_iou, 3);
-    row("circle colour error", &s.circle_error, 1);
-    row("background colour error", &s.background_error, 1);
-    let frac = |f: Option<f64>| f.map_or("-".to_string(), |f| format!("{f:.2}"));
-    println!(
-        "{:<26}circle {}  background {}",
-        "colour named right",
-        frac(s.circle_named_right),
-        frac(s.background_named_right)
-    );
+/// The mean IoU (prompt's colours) of evaluated examples; 0 for none.
+pub fn mean_iou(examples: &[FillExample]) -> f64 {
+    if examples.is_empty() {
+        return 0.0;
+    }
+    examples.iter().map(|e| e.metrics.iou).sum::<f64>() / examples.len() as f64
 }
 
 #[cfg(test)]
