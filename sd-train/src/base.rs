@@ -264,6 +264,9 @@ impl BaseTrainConfig {
         if self.batch_size == 0 || self.max_train_steps == 0 {
             return bad("batch_size and max_train_steps must be at least 1".into());
         }
+        if self.checkpointing_steps == 0 {
+            return bad("checkpointing_steps must be at least 1".into());
+        }
         if self.resolution < 16 || !self.resolution.is_multiple_of(8) {
             return bad(format!(
                 "resolution {}: a multiple of 8, at least 16",

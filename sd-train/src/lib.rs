@@ -14,7 +14,7 @@
 //! - [`fill`]: the synthetic fill dataset (circle outlines and filled circles).
 //! - [`eval`]: the fill task's evaluation: generate from unseen examples and measure shape and
 //!   colour fidelity.
-//! - [`error`]: [`TrainError`].
+//! - [`error`]: the crate's error, [`TrainError`].
 //!
 //! Module dependencies run one way, and no module uses this root or its re-exports:
 //! `controlnet` and `base` use `train_loop`, `optim`, `dataset`, `files` and `error`;

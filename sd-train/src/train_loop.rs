@@ -148,7 +148,7 @@ impl LoopConfig {
         if step >= self.max_steps {
             self.checkpoint_last
         } else {
-            step % self.checkpointing_steps == 0
+            step.is_multiple_of(self.checkpointing_steps)
         }
     }
 
