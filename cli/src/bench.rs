@@ -110,7 +110,7 @@ fn train(a: TrainBenchArgs) -> CliResult {
     let mut times = Vec::new();
     for _ in 0..a.iters {
         let t = Instant::now();
-        let loss = sd_controlnet::train::training_loss(
+        let loss = sd_train::training_loss(
             &cn, &unet, &latents, &noise, &ts, &ehs, &cond, &alphas, false, false,
         )?;
         let grads = loss.backward()?;

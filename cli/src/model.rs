@@ -56,7 +56,7 @@ pub fn run(cmd: ModelCommand) -> CliResult {
             Ok(())
         }
         ModelCommand::New(a) => {
-            sd_controlnet::train::base::new_model(&a.configs, &a.output, a.seed)?;
+            sd_train::new_model(&a.configs, &a.output, a.seed)?;
             eprintln!("new model in {}", a.output.display());
             Ok(())
         }

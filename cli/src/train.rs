@@ -6,8 +6,8 @@ use clap::{Args, Subcommand};
 use figment::providers::{Format, Json, Serialized, Toml, Yaml};
 use figment::{Figment, Source};
 use indicatif::{ProgressBar, ProgressStyle};
-use sd_controlnet::train::base::{train_unet, train_vae, BaseStep, BaseTrainConfig, Part};
-use sd_controlnet::train::{fill::write_fill_dataset, TrainConfig, Trainer};
+use sd_train::fill::write_fill_dataset;
+use sd_train::{train_unet, train_vae, BaseStep, BaseTrainConfig, Part, TrainConfig, Trainer};
 use serde::Serialize;
 
 use crate::CliResult;

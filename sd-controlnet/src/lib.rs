@@ -9,7 +9,6 @@ pub mod init;
 pub mod load;
 pub mod model;
 pub mod spec;
-pub mod train;
 pub mod units;
 
 pub use error::{ControlError, Result};

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Var};
 use candle_nn::VarBuilder;
 use sd_controlnet::config::ControlNetConfig;
-use sd_controlnet::train::training_loss;
 use sd_controlnet::ControlNetModel;
 use sd_pipeline::samplers::{alphas_cumprod, SchedulerConfig};
 use sd_pipeline::StableDiffusion;
 use sd_tests::{expected, fixtures, get, max_abs, max_abs_diff, model_dir};
+use sd_train::training_loss;
 
 #[test]
 fn loss_and_controlnet_gradients_match_pytorch() {
@@ -81,7 +81,7 @@ fn loss_and_controlnet_gradients_match_pytorch() {
 
 #[test]
 fn a_few_dozen_steps_lower_the_loss_on_a_fill_dataset() {
-    use sd_controlnet::train::{fill::write_fill_dataset, TrainConfig, Trainer};
+    use sd_train::{fill::write_fill_dataset, TrainConfig, Trainer};
     let dir = std::env::temp_dir().join(format!("train-falls-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -4,19 +4,18 @@
 //! AdamW, checkpoints written atomically, and resumption that reproduces an uninterrupted run
 //! (every random draw is keyed by the step, so a resumed run draws the same).
 
-pub mod base;
-pub mod dataset;
-pub mod fill;
-pub mod optim;
-
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use sd_pipeline::loader::weight_files;
+use sd_controlnet::config::ControlNetConfig;
+use sd_controlnet::control_image::load_control_image;
+use sd_controlnet::init::{init_config_json, init_weights};
+use sd_controlnet::model::ControlNetModel;
+use sd_controlnet::units::{ControlNetHook, ControlUnit, ResizeMode};
 use sd_pipeline::models::unet::UNet2DConditionModel;
 use sd_pipeline::noise::{NoiseSource, TorchRng};
 use sd_pipeline::samplers::{alphas_cumprod, PredictionType, SamplerKind, Schedule};
@@ -25,14 +24,11 @@ use sd_plugins_api::{HookSet, Residuals};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::ControlNetConfig;
-use crate::control_image::load_control_image;
-use crate::error::{ControlError, Result};
-use crate::init::{init_config_json, init_weights};
-use crate::model::ControlNetModel;
-use crate::units::{ControlNetHook, ControlUnit, ResizeMode};
-use dataset::{read_dataset, Sample};
-use optim::{AdamW, AdamWParams};
+use crate::dataset::{read_dataset, Sample};
+use crate::error::{Result, TrainError};
+use crate::files::{io_err, load_raw, save_weights, vars_from, weights_of, write_atomic};
+use crate::optim::{AdamW, AdamWParams};
+use crate::train_loop::{LoopConfig, LrSchedule, StepDone, TrainTask};
 
 fn d_resolution() -> u32 {
     512
@@ -133,7 +129,7 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// Values that need no files.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(ControlError::Invalid(m));
+        let bad = |m: String| Err(TrainError::Invalid(m));
         if self.max_steps == 0 {
             return bad("max_steps must be at least 1".into());
         }
@@ -174,13 +170,32 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The learning rate schedule (diffusers' `constant` or `constant_with_warmup`).
+    pub fn lr_schedule(&self) -> LrSchedule {
+        LrSchedule {
+            lr: self.learning_rate,
+            warmup_steps: match self.lr_scheduler.as_str() {
+                "constant_with_warmup" => self.lr_warmup_steps,
+                _ => 0,
+            },
+        }
+    }
+
     /// The learning rate at optimizer step `step` (0-based), as diffusers' schedulers.
     pub fn lr_at(&self, step: usize) -> f64 {
-        match self.lr_scheduler.as_str() {
-            "constant_with_warmup" if step < self.lr_warmup_steps => {
-                self.learning_rate * (step as f64 / self.lr_warmup_steps.max(1) as f64)
-            }
-            _ => self.learning_rate,
+        self.lr_schedule().at(step)
+    }
+
+    /// How the shared training loop runs: every `checkpointing_steps` and after the last step
+    /// a checkpoint.
+    pub fn loop_config(&self) -> LoopConfig {
+        LoopConfig {
+            max_steps: self.max_steps,
+            lr: self.lr_schedule(),
+            gradient_accumulation: self.gradient_accumulation,
+            max_grad_norm: self.max_grad_norm,
+            checkpointing_steps: self.checkpointing_steps,
+            checkpoint_last: true,
         }
     }
 }
@@ -248,33 +263,6 @@ pub struct StepReport {
     pub lr: f64,
 }
 
-fn weights_of(dir: &Path) -> Result<HashMap<String, Tensor>> {
-    let mut out = HashMap::new();
-    for f in weight_files(dir)? {
-        let m = candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| {
-            ControlError::Weights {
-                path: f.clone(),
-                source: e,
-            }
-        })?;
-        for (k, t) in m {
-            out.insert(k, t.to_dtype(DType::F32)?);
-        }
-    }
-    Ok(out)
-}
-
-fn io_err(p: &Path) -> impl Fn(std::io::Error) -> ControlError + '_ {
-    move |e| ControlError::file(p, e.to_string())
-}
-
-/// Write `text` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
-}
-
 /// A training run.
 pub struct Trainer {
     pub cfg: TrainConfig,
@@ -292,28 +280,13 @@ pub struct Trainer {
     pub step: usize,
 }
 
-/// Named variables, and the same tensors by name for a VarBuilder.
-pub(crate) type VarsAndTensors = (Vec<(String, Var)>, HashMap<String, Tensor>);
-
-pub(crate) fn vars_from(weights: HashMap<String, Tensor>) -> Result<VarsAndTensors> {
-    let mut vars = Vec::new();
-    let mut tensors = HashMap::new();
-    for (k, t) in weights {
-        let v = Var::from_tensor(&t)?;
-        tensors.insert(k.clone(), v.as_tensor().clone());
-        vars.push((k, v));
-    }
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok((vars, tensors))
-}
-
 impl Trainer {
     /// Set up a run (or continue the latest checkpoint in `output` with `resume`).
     pub fn new(cfg: TrainConfig, resume: bool, warn: &mut dyn FnMut(String)) -> Result<Self> {
         cfg.validate()?;
         let dev = Device::Cpu;
         if !cfg.base.join("model_index.json").is_file() {
-            return Err(ControlError::file(
+            return Err(TrainError::file(
                 &cfg.base,
                 "training needs a diffusers model folder as base (convert a single file with `sdctl model convert --to diffusers`)",
             ));
@@ -330,14 +303,14 @@ impl Trainer {
                 if bad.len() > 10 { "; ..." } else { "" }
             );
             if !cfg.skip_bad_rows {
-                return Err(ControlError::Invalid(format!(
+                return Err(TrainError::Invalid(format!(
                     "{msg} (set skip_bad_rows to skip them)"
                 )));
             }
             warn(format!("{msg} (skipped)"));
         }
         if samples.is_empty() {
-            return Err(ControlError::file(&index, "no usable rows"));
+            return Err(TrainError::file(&index, "no usable rows"));
         }
         let sd = StableDiffusion::load(&cfg.base, &dev, DType::F32, &[])?;
         let unet_cfg_path = cfg.base.join("unet/config.json");
@@ -346,7 +319,7 @@ impl Trainer {
         let latest = cfg.output.join("latest");
         let (start_dir, step) = if resume {
             let name = std::fs::read_to_string(&latest).map_err(|_| {
-                ControlError::file(
+                TrainError::file(
                     &latest,
                     "nothing to resume: no checkpoint has been written yet",
                 )
@@ -355,12 +328,12 @@ impl Trainer {
             let state: Value = serde_json::from_str(
                 &std::fs::read_to_string(dir.join("state.json")).map_err(io_err(&dir))?,
             )
-            .map_err(|e| ControlError::file(dir.join("state.json"), e.to_string()))?;
+            .map_err(|e| TrainError::file(dir.join("state.json"), e.to_string()))?;
             let step = state["step"].as_u64().unwrap_or(0) as usize;
             (Some(dir.join("controlnet")), step)
         } else {
             if latest.exists() {
-                return Err(ControlError::file(
+                return Err(TrainError::file(
                     &cfg.output,
                     "holds checkpoints of an earlier run: use --resume, or another output folder",
                 ));
@@ -373,7 +346,7 @@ impl Trainer {
                 let v: Value = serde_json::from_str(
                     &std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?,
                 )
-                .map_err(|e| ControlError::file(&cfg_path, e.to_string()))?;
+                .map_err(|e| TrainError::file(&cfg_path, e.to_string()))?;
                 (weights_of(dir)?, ControlNetConfig::from_file(&cfg_path)?, v)
             }
             None => {
@@ -395,13 +368,7 @@ impl Trainer {
             if let Some(dir) = &start_dir {
                 let dec = dir.with_file_name("unet_decoder.safetensors");
                 if dec.is_file() {
-                    let m = candle_core::safetensors::load(&dec, &dev).map_err(|e| {
-                        ControlError::Weights {
-                            path: dec.clone(),
-                            source: e,
-                        }
-                    })?;
-                    w.extend(m);
+                    w.extend(load_raw(&dec)?);
                 }
             }
             let mut tensors = HashMap::new();
@@ -429,12 +396,7 @@ impl Trainer {
         let mut opt = AdamW::new(vars, params);
         if let Some(dir) = start_dir.as_ref().filter(|_| resume) {
             let f = dir.with_file_name("optimizer.safetensors");
-            let state =
-                candle_core::safetensors::load(&f, &dev).map_err(|e| ControlError::Weights {
-                    path: f.clone(),
-                    source: e,
-                })?;
-            opt.load_state(state, step as u64);
+            opt.load_state(load_raw(&f)?, step as u64);
         }
         let alphas = alphas_cumprod(&sd.scheduler_config);
         let v_prediction = sd.scheduler_config.prediction_type == PredictionType::VPrediction;
@@ -492,7 +454,7 @@ impl Trainer {
 
     /// The loss of micro-batch `micro` of optimizer step `step` (its gradients are taken by
     /// the caller).
-    fn micro_loss(&self, step: usize, micro: usize) -> Result<Tensor> {
+    fn batch_loss(&self, step: usize, micro: usize) -> Result<Tensor> {
         let cfg = &self.cfg;
         let dev = Device::Cpu;
         let r = cfg.resolution as usize;
@@ -511,12 +473,12 @@ impl Trainer {
             let s = self.example(global * cfg.batch_size + j).clone();
             let target =
                 load_control_image(&s.target, r, r, ResizeMode::Crop, &dev).map_err(|e| {
-                    ControlError::file(&s.target, format!("dataset line {}: {e}", s.line))
+                    TrainError::file(&s.target, format!("dataset line {}: {e}", s.line))
                 })?;
             targets.push(((target * 2.0)? - 1.0)?);
             conds.push(
                 load_control_image(&s.source, r, r, ResizeMode::Crop, &dev).map_err(|e| {
-                    ControlError::file(&s.source, format!("dataset line {}: {e}", s.line))
+                    TrainError::file(&s.source, format!("dataset line {}: {e}", s.line))
                 })?,
             );
             let u = rng.next_u32() as f64 / 4_294_967_296.0;
@@ -563,7 +525,7 @@ impl Trainer {
         let mut sum = 0f32;
         for i in 0..n {
             sum += self
-                .micro_loss(1_000_000_000 + i, 0)?
+                .batch_loss(1_000_000_000 + i, 0)?
                 .detach()
                 .to_scalar::<f32>()?;
         }
@@ -572,42 +534,7 @@ impl Trainer {
 
     /// One optimizer step: accumulated gradients, clipped, AdamW. Returns the mean loss.
     pub fn train_step(&mut self) -> Result<f32> {
-        let accum = self.cfg.gradient_accumulation;
-        let mut sum: HashMap<String, Tensor> = HashMap::new();
-        let mut loss_sum = 0f32;
-        for micro in 0..accum {
-            let loss = self.micro_loss(self.step, micro)?;
-            loss_sum += loss.to_scalar::<f32>()?;
-            let grads = loss.backward()?;
-            for (name, var) in self.opt.vars() {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    let g = (g / accum as f64)?;
-                    let e = match sum.remove(name) {
-                        Some(s) => (s + g)?,
-                        None => g,
-                    };
-                    sum.insert(name.clone(), e);
-                }
-            }
-        }
-        // torch.nn.utils.clip_grad_norm_
-        if self.cfg.max_grad_norm > 0.0 {
-            let mut total = 0f64;
-            for g in sum.values() {
-                total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            }
-            let norm = total.sqrt();
-            let coef = self.cfg.max_grad_norm / (norm + 1e-6);
-            if coef < 1.0 {
-                for g in sum.values_mut() {
-                    *g = (&*g * coef)?;
-                }
-            }
-        }
-        let lr = self.cfg.lr_at(self.step);
-        self.opt.step(&sum, lr)?;
-        self.step += 1;
-        Ok(loss_sum / accum as f32)
+        Ok(self.cfg.loop_config().step(self)?.loss)
     }
 
     /// The ControlNet's current weights (detached copies).
@@ -631,13 +558,7 @@ impl Trainer {
         let tmp = out.join(format!(".{name}.partial"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(tmp.join("controlnet")).map_err(io_err(&tmp))?;
-        let save = |m: &HashMap<String, Tensor>, p: &Path| {
-            candle_core::safetensors::save(m, p).map_err(|e| ControlError::Weights {
-                path: p.to_path_buf(),
-                source: e,
-            })
-        };
-        save(
+        save_weights(
             &self.controlnet_weights()?,
             &tmp.join("controlnet/diffusion_pytorch_model.safetensors"),
         )?;
@@ -646,7 +567,7 @@ impl Trainer {
             serde_json::to_string_pretty(&self.cn_config).unwrap_or_default(),
         )
         .map_err(io_err(&tmp))?;
-        save(&self.opt.state(), &tmp.join("optimizer.safetensors"))?;
+        save_weights(&self.opt.state(), &tmp.join("optimizer.safetensors"))?;
         let dec: HashMap<String, Tensor> = self
             .opt
             .vars()
@@ -656,7 +577,7 @@ impl Trainer {
             })
             .collect();
         if !dec.is_empty() {
-            save(&dec, &tmp.join("unet_decoder.safetensors"))?;
+            save_weights(&dec, &tmp.join("unet_decoder.safetensors"))?;
         }
         std::fs::write(
             tmp.join("state.json"),
@@ -720,36 +641,7 @@ impl Trainer {
     /// Train to `max_steps`, checkpointing and validating on schedule; `report` is called
     /// after every step. The final ControlNet is also written to `output/controlnet/`.
     pub fn run(&mut self, report: &mut dyn FnMut(StepReport)) -> Result<()> {
-        let log = self.cfg.output.join("log.csv");
-        while self.step < self.cfg.max_steps {
-            let lr = self.cfg.lr_at(self.step);
-            let loss = self.train_step()?;
-            if !loss.is_finite() {
-                return Err(ControlError::Invalid(format!(
-                    "step {}: the loss is {loss}; lower learning_rate",
-                    self.step
-                )));
-            }
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&log)
-                .map_err(io_err(&log))?;
-            writeln!(f, "{},{loss},{lr}", self.step).map_err(io_err(&log))?;
-            report(StepReport {
-                step: self.step,
-                max_steps: self.cfg.max_steps,
-                loss,
-                lr,
-            });
-            if self.step.is_multiple_of(self.cfg.checkpointing_steps)
-                || self.step == self.cfg.max_steps
-            {
-                self.save_checkpoint()?;
-            }
-            if self.step.is_multiple_of(self.cfg.validation_steps) {
-                self.validate_image()?;
-            }
-        }
+        self.cfg.loop_config().run(self, report)?;
         // the final ControlNet, ready for --control
         let last = self
             .cfg
@@ -768,6 +660,63 @@ impl Trainer {
         }
         let _ = std::fs::remove_dir_all(&dst);
         std::fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+        Ok(())
+    }
+}
+
+/// The ControlNet run as the shared loop drives it: a non-finite loss stops it, each step is a
+/// row of `output/log.csv`, validation images follow checkpoints.
+impl TrainTask for Trainer {
+    type Extra = ();
+    type Report = StepReport;
+
+    fn optimizer(&mut self) -> &mut AdamW {
+        &mut self.opt
+    }
+
+    fn steps_done(&mut self) -> &mut usize {
+        &mut self.step
+    }
+
+    fn micro_loss(&mut self, step: usize, micro: usize) -> Result<(Tensor, ())> {
+        Ok((self.batch_loss(step, micro)?, ()))
+    }
+
+    fn stepped(&mut self, done: StepDone<()>) -> Result<StepReport> {
+        let StepDone {
+            step,
+            max_steps,
+            loss,
+            lr,
+            ..
+        } = done;
+        if !loss.is_finite() {
+            return Err(TrainError::Invalid(format!(
+                "step {step}: the loss is {loss}; lower learning_rate"
+            )));
+        }
+        let log = self.cfg.output.join("log.csv");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .map_err(io_err(&log))?;
+        writeln!(f, "{step},{loss},{lr}").map_err(io_err(&log))?;
+        Ok(StepReport {
+            step,
+            max_steps,
+            loss,
+            lr,
+        })
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        self.save_checkpoint().map(|_| ())
+    }
+
+    fn after_step(&mut self) -> Result<()> {
+        if self.step.is_multiple_of(self.cfg.validation_steps) {
+            self.validate_image()?;
+        }
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{ControlError, Result};
+use crate::error::{Result, TrainError};
 
 /// One training example.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,13 +41,13 @@ pub fn read_dataset(dir: &Path) -> Result<(Vec<Sample>, Vec<BadRow>, PathBuf)> {
             ("image", "conditioning_image", "text"),
         )
     } else {
-        return Err(ControlError::file(
+        return Err(TrainError::file(
             dir,
             "not a dataset: expected prompt.json (fill50k layout) or metadata.jsonl (diffusers image folder)",
         ));
     };
     let text =
-        std::fs::read_to_string(&index).map_err(|e| ControlError::file(&index, e.to_string()))?;
+        std::fs::read_to_string(&index).map_err(|e| TrainError::file(&index, e.to_string()))?;
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (i, line) in text.lines().enumerate() {

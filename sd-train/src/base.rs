@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use sd_controlnet::control_image::load_control_image;
+use sd_controlnet::units::ResizeMode;
 use sd_pipeline::models::clip::ClipTextModel;
 use sd_pipeline::models::config::{ClipConfig, UNetConfig, VaeConfig};
 use sd_pipeline::models::unet::UNet2DConditionModel;
@@ -19,24 +21,14 @@ use sd_pipeline::models::vae::AutoencoderKL;
 use sd_pipeline::noise::{NoiseSource, TorchRng};
 use sd_pipeline::samplers::{alphas_cumprod, PredictionType};
 use sd_pipeline::tokenizer::ClipTokenizer;
+use sd_pipeline::StableDiffusion;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use crate::control_image::load_control_image;
-use crate::error::{ControlError, Result};
-use crate::units::ResizeMode;
-
-use super::dataset::read_dataset;
-use super::optim::{AdamW, AdamWParams};
-
-fn io_err(p: &Path) -> impl Fn(std::io::Error) -> ControlError + '_ {
-    move |e| ControlError::file(p, e.to_string())
-}
-
-fn read_json(p: &Path) -> Result<Value> {
-    serde_json::from_str(&std::fs::read_to_string(p).map_err(io_err(p))?)
-        .map_err(|e| ControlError::file(p, e.to_string()))
-}
+use crate::dataset::read_dataset;
+use crate::error::{Result, TrainError};
+use crate::files::{io_err, load_weights, read_json, save_weights, vars_from};
+use crate::optim::{AdamW, AdamWParams};
+use crate::train_loop::{LoopConfig, LrSchedule, StepDone, TrainTask};
 
 /// Fresh weights for every parameter of a module built from `build`, by PyTorch's default
 /// rules: conv/linear weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform, a = sqrt(5)),
@@ -74,24 +66,6 @@ pub fn fresh_weights(
         out.insert(name.clone(), t);
     }
     Ok(out)
-}
-
-fn save_weights(w: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    candle_core::safetensors::save(w, path).map_err(|e| ControlError::Weights {
-        path: path.to_path_buf(),
-        source: e,
-    })
-}
-
-fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let m =
-        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ControlError::Weights {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-    m.into_iter()
-        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
-        .collect()
 }
 
 /// Copy a folder tree (small model folders).
@@ -147,10 +121,7 @@ fn write_model(
 /// `scheduler/scheduler_config.json`); the tokenizer is the embedded CLIP BPE.
 pub fn new_model(configs: &Path, out: &Path, seed: u64) -> Result<()> {
     if out.exists() {
-        return Err(ControlError::file(
-            out,
-            "already exists; choose a new folder",
-        ));
+        return Err(TrainError::file(out, "already exists; choose a new folder"));
     }
     let unet_cfg = UNetConfig::from_file(&configs.join("unet/config.json"))?;
     let vae_cfg = VaeConfig::from_file(&configs.join("vae/config.json"))?;
@@ -289,9 +260,12 @@ pub struct BaseTrainConfig {
 
 impl BaseTrainConfig {
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(ControlError::Invalid(m));
+        let bad = |m: String| Err(TrainError::Invalid(m));
         if self.batch_size == 0 || self.max_train_steps == 0 {
             return bad("batch_size and max_train_steps must be at least 1".into());
+        }
+        if self.checkpointing_steps == 0 {
+            return bad("checkpointing_steps must be at least 1".into());
         }
         if self.resolution < 16 || !self.resolution.is_multiple_of(8) {
             return bad(format!(
@@ -309,7 +283,7 @@ impl BaseTrainConfig {
             return bad("proportion_empty_prompts must be in [0, 1]".into());
         }
         if !self.model.join("model_index.json").is_file() {
-            return Err(ControlError::file(
+            return Err(TrainError::file(
                 &self.model,
                 "not a diffusers model folder (make one with `sdctl model new`)",
             ));
@@ -326,25 +300,6 @@ pub struct BaseStep {
     pub loss: f32,
 }
 
-fn clip_and_step(opt: &mut AdamW, loss: &Tensor, max_norm: f64, lr: f64) -> Result<()> {
-    let grads = loss.backward()?;
-    let mut g: HashMap<String, Tensor> = HashMap::new();
-    let mut total = 0f64;
-    for (name, var) in opt.vars() {
-        if let Some(t) = grads.get(var.as_tensor()) {
-            total += t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            g.insert(name.clone(), t.clone());
-        }
-    }
-    let coef = max_norm / (total.sqrt() + 1e-6);
-    if max_norm > 0.0 && coef < 1.0 {
-        for t in g.values_mut() {
-            *t = (&*t * coef)?;
-        }
-    }
-    Ok(opt.step(&g, lr)?)
-}
-
 fn current(opt: &AdamW, prefix: &str) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for (name, var) in opt.vars() {
@@ -359,7 +314,7 @@ fn current(opt: &AdamW, prefix: &str) -> Result<HashMap<String, Tensor>> {
 fn load_images(cfg: &BaseTrainConfig) -> Result<(Vec<Tensor>, Vec<String>)> {
     let (samples, bad, index) = read_dataset(&cfg.dataset)?;
     if !bad.is_empty() {
-        return Err(ControlError::file(
+        return Err(TrainError::file(
             &index,
             format!("{} unusable rows, first: {}", bad.len(), bad[0]),
         ));
@@ -369,7 +324,7 @@ fn load_images(cfg: &BaseTrainConfig) -> Result<(Vec<Tensor>, Vec<String>)> {
     let mut prompts = Vec::new();
     for s in samples {
         let t = load_control_image(&s.target, r, r, ResizeMode::Crop, &Device::Cpu)
-            .map_err(|e| ControlError::file(&s.target, format!("dataset line {}: {e}", s.line)))?;
+            .map_err(|e| TrainError::file(&s.target, format!("dataset line {}: {e}", s.line)))?;
         imgs.push(((t * 2.0)? - 1.0)?);
         prompts.push(s.prompt);
     }
@@ -380,6 +335,114 @@ fn batch_indices(rng: &mut TorchRng, n: usize, b: usize) -> Vec<usize> {
     (0..b).map(|_| rng.next_u32() as usize % n).collect()
 }
 
+impl BaseTrainConfig {
+    /// How the shared loop runs a base part: one batch a step at a constant learning rate, a
+    /// checkpoint every `checkpointing_steps` before the last (the final model is written once
+    /// the loop is done).
+    fn loop_config(&self) -> LoopConfig {
+        LoopConfig {
+            max_steps: self.max_train_steps,
+            lr: LrSchedule {
+                lr: self.learning_rate,
+                warmup_steps: 0,
+            },
+            gradient_accumulation: 1,
+            max_grad_norm: self.max_grad_norm,
+            checkpointing_steps: self.checkpointing_steps,
+            checkpoint_last: false,
+        }
+    }
+
+    /// The random draws of optimizer step `step` (0-based).
+    fn step_rng(&self, step: usize) -> TorchRng {
+        TorchRng::new(
+            self.seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(step as u64 + 1),
+        )
+    }
+}
+
+/// A VAE run as the shared loop drives it.
+struct VaeRun<'a> {
+    cfg: &'a BaseTrainConfig,
+    vae: AutoencoderKL,
+    /// The latent scaling factor the checkpoints keep: the model's own until the end measures it.
+    scaling: f64,
+    opt: AdamW,
+    imgs: Vec<Tensor>,
+    log: String,
+    step: usize,
+}
+
+impl VaeRun<'_> {
+    /// The model with the current VAE and `scaling` as its latent scaling factor.
+    fn save(&self, scaling: f64) -> Result<()> {
+        let cfg = self.cfg;
+        let w = current(&self.opt, "")?;
+        write_model(
+            &cfg.model,
+            &cfg.output,
+            &[("vae", "diffusion_pytorch_model.safetensors", &w)],
+            &self.log,
+        )?;
+        let p = cfg.output.join("vae/config.json");
+        let mut c = read_json(&p)?;
+        c["scaling_factor"] = serde_json::json!(scaling);
+        std::fs::write(&p, serde_json::to_string_pretty(&c).unwrap()).map_err(io_err(&p))
+    }
+}
+
+impl TrainTask for VaeRun<'_> {
+    /// The reconstruction MSE and the KL term.
+    type Extra = (Tensor, Tensor);
+    type Report = BaseStep;
+
+    fn optimizer(&mut self) -> &mut AdamW {
+        &mut self.opt
+    }
+
+    fn steps_done(&mut self) -> &mut usize {
+        &mut self.step
+    }
+
+    fn micro_loss(&mut self, step: usize, _micro: usize) -> Result<(Tensor, (Tensor, Tensor))> {
+        let dev = Device::Cpu;
+        let mut rng = self.cfg.step_rng(step);
+        let idx = batch_indices(&mut rng, self.imgs.len(), self.cfg.batch_size);
+        let x = Tensor::cat(&idx.iter().map(|&i| &self.imgs[i]).collect::<Vec<_>>(), 0)?;
+        let (mean, logvar) = self.vae.encode_moments(&x)?;
+        let eps = rng.randn(mean.dims(), &dev)?;
+        let z = (&mean + (&logvar * 0.5)?.exp()? * eps)?;
+        let rec = self.vae.decode(&z)?;
+        let mse = (rec - &x)?.sqr()?.mean_all()?;
+        // KL(N(mean, var) || N(0, 1)) per element
+        let kl = ((((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?.mean_all()? * 0.5)?;
+        let loss = (&mse + (&kl * self.cfg.kl_weight)?)?;
+        Ok((loss, (mse, kl)))
+    }
+
+    fn stepped(&mut self, done: StepDone<(Tensor, Tensor)>) -> Result<BaseStep> {
+        let (mse, kl) = &done.extras[0];
+        let mse = mse.to_scalar::<f32>()?;
+        self.log.push_str(&format!(
+            "{},{},{}\n",
+            done.step,
+            mse,
+            kl.to_scalar::<f32>()?
+        ));
+        Ok(BaseStep {
+            step: done.step,
+            max_steps: done.max_steps,
+            loss: mse,
+        })
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        self.save(self.scaling)
+    }
+}
+
 /// Train the VAE; returns the scaling factor written into the output's config and the mean
 /// absolute reconstruction error (0..255) over the first 256 images.
 pub fn train_vae(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Result<(f64, f64)> {
@@ -388,12 +451,12 @@ pub fn train_vae(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Res
     let vae_cfg_path = cfg.model.join("vae/config.json");
     let vae_cfg = VaeConfig::from_file(&vae_cfg_path)?;
     let w = load_weights(&sd_pipeline::loader::weight_files(&cfg.model.join("vae"))?[0])?;
-    let (vars, tensors) = super::vars_from(w)?;
+    let (vars, tensors) = vars_from(w)?;
     let vae = AutoencoderKL::new(
         &vae_cfg,
         VarBuilder::from_tensors(tensors, DType::F32, &dev),
     )?;
-    let mut opt = AdamW::new(
+    let opt = AdamW::new(
         vars,
         AdamWParams {
             lr: cfg.learning_rate,
@@ -404,52 +467,17 @@ pub fn train_vae(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Res
         },
     );
     let (imgs, _) = load_images(cfg)?;
-    let mut log = String::from("step,mse,kl\n");
-    let save = |opt: &AdamW, scaling: f64, log: &str| -> Result<()> {
-        let w = current(opt, "")?;
-        write_model(
-            &cfg.model,
-            &cfg.output,
-            &[("vae", "diffusion_pytorch_model.safetensors", &w)],
-            log,
-        )?;
-        let p = cfg.output.join("vae/config.json");
-        let mut c = read_json(&p)?;
-        c["scaling_factor"] = serde_json::json!(scaling);
-        std::fs::write(&p, serde_json::to_string_pretty(&c).unwrap()).map_err(io_err(&p))
+    let mut run = VaeRun {
+        cfg,
+        vae,
+        scaling: vae_cfg.scaling_factor,
+        opt,
+        imgs,
+        log: String::from("step,mse,kl\n"),
+        step: 0,
     };
-    for step in 0..cfg.max_train_steps {
-        let mut rng = TorchRng::new(
-            cfg.seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add(step as u64 + 1),
-        );
-        let idx = batch_indices(&mut rng, imgs.len(), cfg.batch_size);
-        let x = Tensor::cat(&idx.iter().map(|&i| &imgs[i]).collect::<Vec<_>>(), 0)?;
-        let (mean, logvar) = vae.encode_moments(&x)?;
-        let eps = rng.randn(mean.dims(), &dev)?;
-        let z = (&mean + (&logvar * 0.5)?.exp()? * eps)?;
-        let rec = vae.decode(&z)?;
-        let mse = (rec - &x)?.sqr()?.mean_all()?;
-        // KL(N(mean, var) || N(0, 1)) per element
-        let kl = ((((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?.mean_all()? * 0.5)?;
-        let loss = (&mse + (&kl * cfg.kl_weight)?)?;
-        clip_and_step(&mut opt, &loss, cfg.max_grad_norm, cfg.learning_rate)?;
-        log.push_str(&format!(
-            "{},{},{}\n",
-            step + 1,
-            mse.to_scalar::<f32>()?,
-            kl.to_scalar::<f32>()?
-        ));
-        report(BaseStep {
-            step: step + 1,
-            max_steps: cfg.max_train_steps,
-            loss: mse.to_scalar::<f32>()?,
-        });
-        if (step + 1) % cfg.checkpointing_steps == 0 && step + 1 < cfg.max_train_steps {
-            save(&opt, vae_cfg.scaling_factor, &log)?;
-        }
-    }
+    cfg.loop_config().run(&mut run, report)?;
+    let (vae, imgs) = (&run.vae, &run.imgs);
     // the latent scaling factor: 1 / std of the latents over (up to 256 of) the images
     let mut lat = Vec::new();
     for chunk in imgs.iter().take(256).collect::<Vec<_>>().chunks(32) {
@@ -470,11 +498,117 @@ pub fn train_vae(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Res
         n += chunk.len();
     }
     let mae = err / n as f64 * 127.5;
-    log.push_str(&format!(
+    run.log.push_str(&format!(
         "# final: latent scaling factor {scaling}, reconstruction MAE {mae:.2}/255\n"
     ));
-    save(&opt, scaling, &log)?;
+    run.save(scaling)?;
     Ok((scaling, mae))
+}
+
+/// A UNet run (with `train_text_encoder` also the text encoder's) as the shared loop drives it.
+struct UnetRun<'a> {
+    cfg: &'a BaseTrainConfig,
+    sd: StableDiffusion,
+    unet: UNet2DConditionModel,
+    /// The text encoder being trained, with `train_text_encoder`; otherwise the base's is used.
+    text: Option<ClipTextModel>,
+    opt: AdamW,
+    /// The frozen VAE's latent distribution of each image: means and standard deviations.
+    means: Vec<Tensor>,
+    stds: Vec<Tensor>,
+    /// Each image's caption as token ids, and the empty caption's.
+    ids: Vec<Vec<u32>>,
+    empty: Vec<u32>,
+    alphas: Vec<f32>,
+    v_pred: bool,
+    n_images: usize,
+    log: String,
+    step: usize,
+}
+
+impl UnetRun<'_> {
+    /// The model with the current UNet (and text encoder).
+    fn save(&self) -> Result<()> {
+        let u = current(&self.opt, "unet.")?;
+        let mut parts = vec![("unet", "diffusion_pytorch_model.safetensors", &u)];
+        let t = current(&self.opt, "text_encoder.")?;
+        if self.cfg.train_text_encoder {
+            parts.push(("text_encoder", "model.safetensors", &t));
+        }
+        write_model(&self.cfg.model, &self.cfg.output, &parts, &self.log)
+    }
+}
+
+impl TrainTask for UnetRun<'_> {
+    type Extra = ();
+    type Report = BaseStep;
+
+    fn optimizer(&mut self) -> &mut AdamW {
+        &mut self.opt
+    }
+
+    fn steps_done(&mut self) -> &mut usize {
+        &mut self.step
+    }
+
+    fn micro_loss(&mut self, step: usize, _micro: usize) -> Result<(Tensor, ())> {
+        let cfg = self.cfg;
+        let dev = Device::Cpu;
+        let (alphas, empty) = (&self.alphas, &self.empty);
+        let text_model = self.text.as_ref().unwrap_or(&self.sd.text_encoder);
+        let mut rng = cfg.step_rng(step);
+        let idx = batch_indices(&mut rng, self.n_images, cfg.batch_size);
+        let b = idx.len();
+        let mut tok_ids: Vec<u32> = Vec::with_capacity(b * 77);
+        let mut ts = Vec::with_capacity(b);
+        for &i in &idx {
+            let u = rng.next_u32() as f64 / 4_294_967_296.0;
+            tok_ids.extend(if u < cfg.proportion_empty_prompts {
+                empty.iter()
+            } else {
+                self.ids[i].iter()
+            });
+            ts.push(rng.next_u32() as usize % alphas.len());
+        }
+        let len = empty.len();
+        let ehs = text_model.forward(&Tensor::from_vec(tok_ids, (b, len), &dev)?, 1)?;
+        let ehs = if cfg.train_text_encoder {
+            ehs
+        } else {
+            ehs.detach()
+        };
+        let mean = Tensor::cat(&idx.iter().map(|&i| &self.means[i]).collect::<Vec<_>>(), 0)?;
+        let std = Tensor::cat(&idx.iter().map(|&i| &self.stds[i]).collect::<Vec<_>>(), 0)?;
+        let e = rng.randn(mean.dims(), &dev)?;
+        let latents = self.sd.vae.scale_latents(&(mean + (std * e)?)?)?;
+        let noise = rng.randn(latents.dims(), &dev)?;
+        let sa: Vec<f32> = ts.iter().map(|&t| alphas[t].sqrt()).collect();
+        let so: Vec<f32> = ts.iter().map(|&t| (1.0 - alphas[t]).sqrt()).collect();
+        let sa = Tensor::from_vec(sa, (b, 1, 1, 1), &dev)?;
+        let so = Tensor::from_vec(so, (b, 1, 1, 1), &dev)?;
+        let noisy = (latents.broadcast_mul(&sa)? + noise.broadcast_mul(&so)?)?;
+        let tt = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, &dev)?;
+        let pred = self.unet.forward(&noisy, &tt, &ehs, None)?;
+        let target = if self.v_pred {
+            (noise.broadcast_mul(&sa)? - latents.broadcast_mul(&so)?)?
+        } else {
+            noise
+        };
+        Ok(((pred - target)?.sqr()?.mean_all()?, ()))
+    }
+
+    fn stepped(&mut self, done: StepDone<()>) -> Result<BaseStep> {
+        self.log.push_str(&format!("{},{}\n", done.step, done.loss));
+        Ok(BaseStep {
+            step: done.step,
+            max_steps: done.max_steps,
+            loss: done.loss,
+        })
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        self.save()
+    }
 }
 
 /// Train the UNet (and the text encoder with `train_text_encoder`) on frozen VAE latents.
@@ -486,7 +620,7 @@ pub fn train_unet(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Re
     let unet_cfg = UNetConfig::from_file(&cfg.model.join("unet/config.json"))?;
     let clip_cfg = ClipConfig::from_file(&cfg.model.join("text_encoder/config.json"))?;
     let uw = load_weights(&sd_pipeline::loader::weight_files(&cfg.model.join("unet"))?[0])?;
-    let (mut vars, ut) = super::vars_from(uw)?;
+    let (mut vars, ut) = vars_from(uw)?;
     for v in vars.iter_mut() {
         v.0 = format!("unet.{}", v.0);
     }
@@ -495,7 +629,7 @@ pub fn train_unet(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Re
     let text = if cfg.train_text_encoder {
         let tw =
             load_weights(&sd_pipeline::loader::weight_files(&cfg.model.join("text_encoder"))?[0])?;
-        let (tv, tt) = super::vars_from(tw)?;
+        let (tv, tt) = vars_from(tw)?;
         vars.extend(
             tv.into_iter()
                 .map(|(k, v)| (format!("text_encoder.{k}"), v)),
@@ -507,8 +641,7 @@ pub fn train_unet(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Re
     } else {
         None
     };
-    let text_model = text.as_ref().unwrap_or(&sd.text_encoder);
-    let mut opt = AdamW::new(
+    let opt = AdamW::new(
         vars,
         AdamWParams {
             lr: cfg.learning_rate,
@@ -536,72 +669,24 @@ pub fn train_unet(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Re
     let empty = tok.chunks("")?.remove(0);
     let alphas = alphas_cumprod(&sd.scheduler_config);
     let v_pred = sd.scheduler_config.prediction_type == PredictionType::VPrediction;
-    let mut log = String::from("step,loss\n");
-    let save = |opt: &AdamW, log: &str| -> Result<()> {
-        let u = current(opt, "unet.")?;
-        let mut parts = vec![("unet", "diffusion_pytorch_model.safetensors", &u)];
-        let t = current(opt, "text_encoder.")?;
-        if cfg.train_text_encoder {
-            parts.push(("text_encoder", "model.safetensors", &t));
-        }
-        write_model(&cfg.model, &cfg.output, &parts, log)
+    let mut run = UnetRun {
+        cfg,
+        sd,
+        unet,
+        text,
+        opt,
+        means,
+        stds,
+        ids,
+        empty,
+        alphas,
+        v_pred,
+        n_images: imgs.len(),
+        log: String::from("step,loss\n"),
+        step: 0,
     };
-    for step in 0..cfg.max_train_steps {
-        let mut rng = TorchRng::new(
-            cfg.seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add(step as u64 + 1),
-        );
-        let idx = batch_indices(&mut rng, imgs.len(), cfg.batch_size);
-        let b = idx.len();
-        let mut tok_ids: Vec<u32> = Vec::with_capacity(b * 77);
-        let mut ts = Vec::with_capacity(b);
-        for &i in &idx {
-            let u = rng.next_u32() as f64 / 4_294_967_296.0;
-            tok_ids.extend(if u < cfg.proportion_empty_prompts {
-                empty.iter()
-            } else {
-                ids[i].iter()
-            });
-            ts.push(rng.next_u32() as usize % alphas.len());
-        }
-        let len = empty.len();
-        let ehs = text_model.forward(&Tensor::from_vec(tok_ids, (b, len), &dev)?, 1)?;
-        let ehs = if cfg.train_text_encoder {
-            ehs
-        } else {
-            ehs.detach()
-        };
-        let mean = Tensor::cat(&idx.iter().map(|&i| &means[i]).collect::<Vec<_>>(), 0)?;
-        let std = Tensor::cat(&idx.iter().map(|&i| &stds[i]).collect::<Vec<_>>(), 0)?;
-        let e = rng.randn(mean.dims(), &dev)?;
-        let latents = sd.vae.scale_latents(&(mean + (std * e)?)?)?;
-        let noise = rng.randn(latents.dims(), &dev)?;
-        let sa: Vec<f32> = ts.iter().map(|&t| alphas[t].sqrt()).collect();
-        let so: Vec<f32> = ts.iter().map(|&t| (1.0 - alphas[t]).sqrt()).collect();
-        let sa = Tensor::from_vec(sa, (b, 1, 1, 1), &dev)?;
-        let so = Tensor::from_vec(so, (b, 1, 1, 1), &dev)?;
-        let noisy = (latents.broadcast_mul(&sa)? + noise.broadcast_mul(&so)?)?;
-        let tt = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, &dev)?;
-        let pred = unet.forward(&noisy, &tt, &ehs, None)?;
-        let target = if v_pred {
-            (noise.broadcast_mul(&sa)? - latents.broadcast_mul(&so)?)?
-        } else {
-            noise
-        };
-        let loss = (pred - target)?.sqr()?.mean_all()?;
-        clip_and_step(&mut opt, &loss, cfg.max_grad_norm, cfg.learning_rate)?;
-        log.push_str(&format!("{},{}\n", step + 1, loss.to_scalar::<f32>()?));
-        report(BaseStep {
-            step: step + 1,
-            max_steps: cfg.max_train_steps,
-            loss: loss.to_scalar::<f32>()?,
-        });
-        if (step + 1) % cfg.checkpointing_steps == 0 && step + 1 < cfg.max_train_steps {
-            save(&opt, &log)?;
-        }
-    }
-    save(&opt, &log)
+    cfg.loop_config().run(&mut run, report)?;
+    run.save()
 }
 
 /// The loss target chosen for a model: epsilon or v (for messages).

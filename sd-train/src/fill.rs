@@ -9,7 +9,7 @@ use std::path::Path;
 use image::{Rgb, RgbImage};
 use sd_pipeline::noise::TorchRng;
 
-use crate::error::{ControlError, Result};
+use crate::error::{Result, TrainError};
 
 /// A selection of CSS colour names with their RGB values.
 pub const COLOURS: &[(&str, [u8; 3])] = &[
@@ -104,13 +104,10 @@ pub fn example(size: u32, rng: &mut TorchRng) -> (RgbImage, RgbImage, String, (f
 /// Write `count` examples of `size` x `size` into `out` (fill50k layout), all or nothing.
 pub fn write_fill_dataset(out: &Path, count: usize, size: u32, seed: u64) -> Result<()> {
     if out.exists() {
-        return Err(ControlError::file(
-            out,
-            "already exists: choose a new folder",
-        ));
+        return Err(TrainError::file(out, "already exists: choose a new folder"));
     }
     if count == 0 || !(16..=2048).contains(&size) {
-        return Err(ControlError::Invalid(format!(
+        return Err(TrainError::Invalid(format!(
             "count {count} and size {size}: need count >= 1 and 16 <= size <= 2048"
         )));
     }
@@ -121,7 +118,7 @@ pub fn write_fill_dataset(out: &Path, count: usize, size: u32, seed: u64) -> Res
             .unwrap_or_default()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
-    let io = |e: std::io::Error| ControlError::file(&tmp, e.to_string());
+    let io = |e: std::io::Error| TrainError::file(&tmp, e.to_string());
     let result = (|| -> Result<()> {
         std::fs::create_dir_all(tmp.join("source")).map_err(io)?;
         std::fs::create_dir_all(tmp.join("target")).map_err(io)?;
@@ -130,7 +127,7 @@ pub fn write_fill_dataset(out: &Path, count: usize, size: u32, seed: u64) -> Res
         for i in 0..count {
             let (source, target, prompt, _, _) = example(size, &mut rng);
             let img = |im: &RgbImage, p: &Path| {
-                im.save(p).map_err(|e| ControlError::file(p, e.to_string()))
+                im.save(p).map_err(|e| TrainError::file(p, e.to_string()))
             };
             img(&source, &tmp.join(format!("source/{i}.png")))?;
             img(&target, &tmp.join(format!("target/{i}.png")))?;
@@ -141,7 +138,7 @@ pub fn write_fill_dataset(out: &Path, count: usize, size: u32, seed: u64) -> Res
             });
             writeln!(index, "{line}").map_err(io)?;
         }
-        std::fs::rename(&tmp, out).map_err(|e| ControlError::file(out, e.to_string()))
+        std::fs::rename(&tmp, out).map_err(|e| TrainError::file(out, e.to_string()))
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
