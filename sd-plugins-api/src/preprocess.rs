@@ -189,7 +189,7 @@ pub trait Preprocessor: Send + Sync {
     }
 }
 
-/// A built-in preprocessor, collected at link time (see [`register_preprocessor!`]).
+/// A built-in preprocessor, collected at link time (see [`register_preprocessor!`](crate::register_preprocessor)).
 pub struct BuiltinPreprocessor {
     pub create: fn() -> Box<dyn Preprocessor>,
 }

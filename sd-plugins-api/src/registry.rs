@@ -34,7 +34,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Everything registered with [`register_preprocessor!`] in the linked crates, by name.
+    /// Everything registered with [`register_preprocessor!`](crate::register_preprocessor) in the linked crates, by name.
     pub fn builtin() -> Self {
         let mut preprocessors: Vec<(Arc<dyn Preprocessor>, PluginSource)> =
             inventory::iter::<BuiltinPreprocessor>

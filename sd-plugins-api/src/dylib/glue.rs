@@ -1,6 +1,7 @@
-//! The generated side of the ABI (used by [`export_plugin!`](crate::export_plugin); not for
-//! direct use): `extern "C"` functions turning the table's calls into calls of a
-//! [`Preprocessor`](crate::preprocess::Preprocessor) or [`HookPlugin`](crate::dylib::plugin::HookPlugin).
+//! The generated side of the ABI: [`export_plugin!`](crate::export_plugin) and the
+//! `extern "C"` functions it fills the table with, turning the table's calls into calls of a
+//! [`Preprocessor`](crate::preprocess::Preprocessor) or
+//! [`HookPlugin`](crate::dylib::plugin::HookPlugin). Not for direct use.
 
 // FFI entry points: the ABI contract makes the host pass valid (or null) pointers.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
@@ -13,6 +14,68 @@ use crate::params::json::{params_from_json, spec_to_json};
 use crate::params::ParamSpec;
 use crate::preprocess::{ImageBuf, Preprocessor};
 use crate::step::StepInfo;
+
+/// Make a `cdylib` a plugin: `export_plugin!(preprocessor: T)` for a type implementing
+/// [`Preprocessor`](crate::preprocess::Preprocessor) + `Default`, `export_plugin!(hook: T)` for a
+/// [`HookPlugin`]. Generates the `sd_plugin_entry` symbol and its function table.
+#[macro_export]
+macro_rules! export_plugin {
+    (preprocessor: $t:ty) => {
+        $crate::export_plugin!(@table $t,
+            $crate::dylib::glue::preprocessor_manifest::<$t>,
+            process: Some($crate::dylib::glue::process::<$t>),
+            create: None, destroy: None, on_conditioning: None, before_step: None,
+            residuals: None, on_noise_pred: None, after_step: None, on_image: None,
+            patches: None, weight_delta: None);
+    };
+    (hook: $t:ty) => {
+        $crate::export_plugin!(@table $t,
+            $crate::dylib::glue::hook_manifest::<$t>,
+            process: None,
+            create: Some($crate::dylib::glue::create::<$t>),
+            destroy: Some($crate::dylib::glue::destroy::<$t>),
+            on_conditioning: Some($crate::dylib::glue::on_conditioning::<$t>),
+            before_step: Some($crate::dylib::glue::before_step::<$t>),
+            residuals: Some($crate::dylib::glue::residuals::<$t>),
+            on_noise_pred: Some($crate::dylib::glue::on_noise_pred::<$t>),
+            after_step: Some($crate::dylib::glue::after_step::<$t>),
+            on_image: Some($crate::dylib::glue::on_image::<$t>),
+            patches: Some($crate::dylib::glue::patches::<$t>),
+            weight_delta: Some($crate::dylib::glue::weight_delta::<$t>));
+    };
+    (@table $t:ty, $manifest:path, process: $p:expr, create: $c:expr, destroy: $d:expr,
+        on_conditioning: $oc:expr, before_step: $b:expr, residuals: $r:expr,
+        on_noise_pred: $n:expr, after_step: $a:expr, on_image: $oi:expr,
+        patches: $pa:expr, weight_delta: $wd:expr) => {
+        #[no_mangle]
+        pub extern "C" fn sd_plugin_entry() -> *const $crate::dylib::abi::SdPluginV1 {
+            extern "C" fn manifest() -> $crate::dylib::abi::SdStr {
+                static M: ::std::sync::OnceLock<String> = ::std::sync::OnceLock::new();
+                $crate::dylib::abi::SdStr::new(M.get_or_init(|| $manifest(env!("CARGO_PKG_VERSION"))))
+            }
+            static TABLE: $crate::dylib::abi::SdPluginV1 = $crate::dylib::abi::SdPluginV1 {
+                abi_version: $crate::dylib::abi::ABI_VERSION,
+                struct_size: ::std::mem::size_of::<$crate::dylib::abi::SdPluginV1>() as u32,
+                manifest,
+                process: $p,
+                free_image: $crate::dylib::glue::free_image,
+                create: $c,
+                destroy: $d,
+                on_conditioning: $oc,
+                before_step: $b,
+                residuals: $r,
+                on_noise_pred: $n,
+                after_step: $a,
+                on_image: $oi,
+                patches: $pa,
+                weight_delta: $wd,
+                free_tensor: $crate::dylib::glue::free_tensor,
+                free_tensors: $crate::dylib::glue::free_tensors,
+            };
+            &TABLE
+        }
+    };
+}
 
 fn manifest(
     kind: &str,
