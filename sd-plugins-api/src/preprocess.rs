@@ -174,17 +174,18 @@ pub trait Preprocessor: Send + Sync {
     }
     /// Read a file input (a kind with [`InputKind::is_file`]) into a control image.
     /// `size` (width, height) is the size to draw at when the file does not say (the
-    /// generation size). Only preprocessors declaring such a kind implement it.
+    /// generation size). Only preprocessors declaring such a kind implement it. Errors name
+    /// the problem, not the file (callers add its path).
     fn process_file(
         &self,
         path: &Path,
         size: (usize, usize),
         params: &Params,
     ) -> Result<ImageBuf, PluginError> {
-        let _ = (size, params);
+        let _ = (path, size, params);
         Err(PluginError::failed(
             self.name(),
-            format!("{}: takes no files, only images", path.display()),
+            "takes images only, not files",
         ))
     }
 }
@@ -204,4 +205,55 @@ macro_rules! register_preprocessor {
             $crate::BuiltinPreprocessor { create: || Box::new($value) }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Plain;
+    impl Preprocessor for Plain {
+        fn name(&self) -> &str {
+            "plain"
+        }
+        fn description(&self) -> &str {
+            ""
+        }
+        fn params(&self) -> Vec<ParamSpec> {
+            Vec::new()
+        }
+        fn process(&self, input: &ImageBuf, _: &Params) -> Result<ImageBuf, PluginError> {
+            Ok(input.clone())
+        }
+    }
+
+    #[test]
+    fn preprocessors_take_images_unless_they_say_otherwise() {
+        assert_eq!(Plain.input_kinds(), &[InputKind::Image]);
+        assert!(Plain.takes(InputKind::Image) && !Plain.takes(InputKind::PoseFile));
+        let e = Plain
+            .process_file(Path::new("p.json"), (8, 8), &Params::default())
+            .unwrap_err();
+        assert_eq!(e.to_string(), "plain: takes images only, not files");
+    }
+
+    #[test]
+    fn json_files_are_pose_files() {
+        assert_eq!(
+            InputKind::of_file(Path::new("a/p.JSON")),
+            Some(InputKind::PoseFile)
+        );
+        assert_eq!(InputKind::of_file(Path::new("a/p.png")), None);
+        assert_eq!(InputKind::of_file(Path::new("json")), None);
+        assert!(InputKind::PoseFile.is_file() && !InputKind::MaskedImage.is_file());
+    }
+
+    #[test]
+    fn marked_pixels_are_minus_one() {
+        let m = ImageBuf::new(2, 1, 4, vec![255, 0, 51, 255, 9, 9, 9, 0]).unwrap();
+        assert_eq!(
+            marked_control_values(&m),
+            vec![1.0, 0.0, 0.2, -1.0, -1.0, -1.0]
+        );
+    }
 }

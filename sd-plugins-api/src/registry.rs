@@ -157,3 +157,46 @@ impl Registry {
         self.preprocessors.iter().map(|(p, _)| p.name()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::{ParamSpec, Params};
+    use crate::preprocess::{ImageBuf, PluginError};
+
+    struct Reader(&'static str, &'static [InputKind]);
+    impl Preprocessor for Reader {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn description(&self) -> &str {
+            ""
+        }
+        fn params(&self) -> Vec<ParamSpec> {
+            Vec::new()
+        }
+        fn process(&self, input: &ImageBuf, _: &Params) -> Result<ImageBuf, PluginError> {
+            Ok(input.clone())
+        }
+        fn input_kinds(&self) -> &[InputKind] {
+            self.1
+        }
+    }
+
+    #[test]
+    fn taking_finds_preprocessors_by_input_kind() {
+        let mut reg = Registry::builtin();
+        let both = &[InputKind::Image, InputKind::PoseFile];
+        reg.add(Arc::new(Reader("a", both)), PluginSource::Builtin)
+            .unwrap();
+        reg.add(
+            Arc::new(Reader("b", &[InputKind::Image])),
+            PluginSource::Builtin,
+        )
+        .unwrap();
+        let names = |k| reg.taking(k).map(|p| p.name()).collect::<Vec<_>>();
+        assert_eq!(names(InputKind::PoseFile), vec!["a"]);
+        assert_eq!(names(InputKind::Image), vec!["a", "b"]);
+        assert!(names(InputKind::MaskedImage).is_empty());
+    }
+}
