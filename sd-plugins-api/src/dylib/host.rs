@@ -197,6 +197,8 @@ impl PluginLibrary {
     }
 }
 
+/// A plugin library's preprocessor. It takes images (the default [`Preprocessor::input_kinds`]):
+/// only images cross the ABI.
 struct DynPreprocessor(Arc<PluginLibrary>);
 
 impl Preprocessor for DynPreprocessor {
