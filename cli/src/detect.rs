@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use sd_plugins_api::{resolve_params, ImageBuf, ParamKind, ParamValue};
+use sd_plugins_api::{
+    resolve_params, ImageBuf, InputKind, ParamKind, ParamValue, Params, Preprocessor, Registry,
+};
 
 use crate::settings::{self, SettingsArgs};
 use crate::CliResult;
@@ -76,11 +78,8 @@ pub fn run(a: DetectArgs) -> CliResult {
             .collect::<Vec<_>>()
             .join("; ")
     })?;
-    if a.input
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
-    {
-        return detect_json(&a);
+    if let Some(kind) = InputKind::of_file(&a.input) {
+        return detect_file(&a, p.as_ref(), kind, &params, reg);
     }
     let img = image::open(&a.input)
         .map_err(|e| format!("{}: cannot read the image: {e}", a.input.display()))?;
@@ -101,8 +100,8 @@ pub fn run(a: DetectArgs) -> CliResult {
             rgb.into_raw(),
         )?
     };
-    // The inpaint preprocessor reads transparency as its mask: resize it along.
-    let keep_alpha = p.name() == "inpaint" && input.channels == 4;
+    // A preprocessor taking a masked image reads transparency as its mask: resize it along.
+    let keep_alpha = p.takes(InputKind::MaskedImage) && input.channels == 4;
     let alpha = keep_alpha.then(|| alpha_of(&input));
     let input = if keep_alpha {
         colours_of(&input)
@@ -212,34 +211,45 @@ fn save_atomic(
     Ok(())
 }
 
-/// `sdctl detect openpose KEYPOINTS.json`: the pose file drawn as the detector draws.
-fn detect_json(a: &DetectArgs) -> CliResult {
-    if a.name != "openpose" {
+/// `sdctl detect openpose KEYPOINTS.json`: a file input (a keypoint file, drawn as the
+/// detector draws) read by a preprocessor that takes such files.
+fn detect_file(
+    a: &DetectArgs,
+    p: &dyn Preprocessor,
+    kind: InputKind,
+    params: &Params,
+    reg: &Registry,
+) -> CliResult {
+    if !p.takes(kind) {
+        let readers: Vec<String> = reg
+            .taking(kind)
+            .map(|p| format!("`{}`", p.name()))
+            .collect();
+        let only = if readers.is_empty() {
+            "no preprocessor takes it".to_string()
+        } else {
+            format!("only {} takes it", readers.join(" or "))
+        };
+        let ext = a.input.extension().unwrap_or_default().to_string_lossy();
         return Err(format!(
-            "{}: a .json input is an OpenPose keypoint file; only `openpose` takes it",
-            a.input.display()
+            "{}: a .{ext} input is {}; {only}",
+            a.input.display(),
+            kind.describe()
         )
         .into());
     }
-    let pose = sd_preprocessors::pose::Pose::from_file(&a.input)
+    let out = p
+        .process_file(&a.input, (a.resolution, a.resolution), params)
         .map_err(|e| format!("{}: {e}", a.input.display()))?;
-    let w = pose.canvas_width.unwrap_or(a.resolution);
-    let h = pose.canvas_height.unwrap_or(a.resolution);
-    if !(1..=16384).contains(&w) || !(1..=16384).contains(&h) {
-        return Err(format!(
-            "{}: canvas {w}x{h}: sides must be 1..=16384",
-            a.input.display()
-        )
-        .into());
-    }
-    let c = sd_preprocessors::pose::render(&pose, w, h);
-    let rgb = image::RgbImage::from_raw(w as u32, h as u32, c.data).ok_or("bad canvas")?;
+    let out = sd_plugins_api::hwc3(&out);
+    let (w, h) = (out.width, out.height);
+    let rgb = image::RgbImage::from_raw(w as u32, h as u32, out.data).ok_or("bad canvas")?;
     save_atomic(&a.output, |tmp| {
         rgb.save_with_format(tmp, image::ImageFormat::Png)
     })?;
     eprintln!(
-        "openpose: {} people from {} on {w}x{h} -> {}",
-        pose.people.len(),
+        "{}: {} on {w}x{h} -> {}",
+        p.name(),
         a.input.display(),
         a.output.display()
     );

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
 use image::{DynamicImage, Rgb, RgbImage};
-use sd_plugins_api::ImageBuf;
+use sd_plugins_api::{marked_control_values, ImageBuf};
 
 use crate::error::{ControlError, Result};
 use crate::units::ResizeMode;
@@ -137,8 +137,9 @@ pub fn load_rgba_buf(path: &Path) -> Result<ImageBuf> {
     buf.map_err(ControlError::Invalid)
 }
 
-/// The control tensor of an inpaint-marked RGBA image (alpha 0 = repaint): colours / 255,
-/// -1 at the marked pixels, fitted to the generation size (the mark is resized with the
+/// The control tensor of a marked RGBA image (the result of a preprocessor taking
+/// [`sd_plugins_api::InputKind::MaskedImage`], alpha 0 = repaint): colours / 255, -1 at the
+/// marked pixels, fitted to the generation size (the mark is resized with the
 /// image and read back as mask > 0.5).
 pub fn inpaint_tensor(
     marked: &ImageBuf,
@@ -162,7 +163,7 @@ pub fn inpaint_tensor(
         data.extend([c.0[0], c.0[1], c.0[2], k.0[0]]);
     }
     let marked = ImageBuf::new(width, height, 4, data).map_err(ControlError::Invalid)?;
-    let values = sd_preprocessors::inpaint::control_values(&marked);
+    let values = marked_control_values(&marked);
     Ok(Tensor::from_vec(values, (height, width, 3), &Device::Cpu)?
         .permute((2, 0, 1))?
         .unsqueeze(0)?

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use sd_pipeline::StableDiffusion;
-use sd_plugins_api::{resolve_params, ImageBuf, ParamValue, Params, Registry};
+use sd_plugins_api::{
+    hwc3, resolve_params, ImageBuf, InputKind, ParamValue, Params, Preprocessor, Registry,
+};
 
 use crate::control_image::{
     fit, inpaint_tensor, load_rgb, load_rgba_buf, load_unit_mask, to_tensor,
@@ -129,7 +131,13 @@ impl UnitSpec {
                 let params = choice
                     .resolve(registry)
                     .map_err(|e| ControlError::Invalid(e.join("; ")))?;
-                Some((registry.preprocessor(&choice.name).cloned(), params))
+                let p = registry
+                    .preprocessor(&choice.name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ControlError::Invalid(format!("unknown preprocessor {:?}", choice.name))
+                    })?;
+                Some((p, params))
             }
             _ => None,
         };
@@ -147,36 +155,27 @@ impl UnitSpec {
                 n
             }
         };
-        let pre_name = pre
-            .as_ref()
-            .and_then(|(p, _)| p.as_ref().map(|p| p.name().to_string()));
-        let is_json = self
-            .image
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-        let image = if is_json {
-            // An OpenPose keypoint file: drawn as the openpose preprocessor draws its poses.
-            if !matches!(pre_name.as_deref(), None | Some("openpose")) {
-                return Err(ControlError::file(
-                    &self.image,
-                    "a .json control image is an OpenPose keypoint file: use it with \
-                     preprocessor openpose (or none)",
-                ));
-            }
-            let pose = sd_preprocessors::pose::Pose::from_file(&self.image)
-                .map_err(|e| ControlError::file(&self.image, e))?;
-            let (w, h) = (
-                pose.canvas_width.unwrap_or(width),
-                pose.canvas_height.unwrap_or(height),
-            );
-            let c = sd_preprocessors::pose::render(&pose, w, h);
-            let rgb = image::RgbImage::from_raw(w as u32, h as u32, c.data)
-                .ok_or_else(|| ControlError::Invalid("pose canvas".into()))?;
-            to_tensor(&fit(&rgb, width as u32, height as u32, self.resize), device)?
-        } else if let Some((Some(p), params)) = pre {
-            let inpaint = p.name() == "inpaint";
-            // The inpaint preprocessor reads transparency as its mask; the others get RGB.
-            let input = if inpaint {
+        let fitted = |out: ImageBuf, p: &dyn Preprocessor| -> Result<_> {
+            let out = hwc3(&out);
+            let rgb = image::RgbImage::from_raw(out.width as u32, out.height as u32, out.data)
+                .ok_or_else(|| {
+                    ControlError::Invalid(format!("preprocessor {}: bad output", p.name()))
+                })?;
+            to_tensor(&fit(&rgb, width as u32, height as u32, self.resize), device)
+        };
+        let image = if let Some(kind) = InputKind::of_file(&self.image) {
+            // A file that is not a picture (an OpenPose keypoint file): read by the chosen
+            // preprocessor, or without one by the first registered that takes such files.
+            let (p, params) = self.file_reader(kind, pre, registry)?;
+            let out = p
+                .process_file(&self.image, (width, height), &params)
+                .map_err(|e| ControlError::file(&self.image, e.to_string()))?;
+            fitted(out, p.as_ref())?
+        } else if let Some((p, params)) = pre {
+            // A preprocessor taking a masked image reads transparency as its mask (and
+            // returns the marked image, RGBA); the others get RGB.
+            let masked = p.takes(InputKind::MaskedImage);
+            let input = if masked {
                 load_rgba_buf(&self.image)?
             } else {
                 let rgb = load_rgb(&self.image)?;
@@ -188,15 +187,10 @@ impl UnitSpec {
             })?;
             let out = ImageBuf::new(out.width, out.height, out.channels, out.data)
                 .map_err(|e| ControlError::Invalid(format!("preprocessor {}: {e}", p.name())))?;
-            if inpaint && out.channels == 4 {
+            if masked && out.channels == 4 {
                 inpaint_tensor(&out, width, height, self.resize, device)?
             } else {
-                let out = sd_plugins_api::hwc3(&out);
-                let rgb = image::RgbImage::from_raw(out.width as u32, out.height as u32, out.data)
-                    .ok_or_else(|| {
-                        ControlError::Invalid(format!("preprocessor {}: bad output", p.name()))
-                    })?;
-                to_tensor(&fit(&rgb, width as u32, height as u32, self.resize), device)?
+                fitted(out, p.as_ref())?
             }
         } else {
             let rgb = load_rgb(&self.image)?;
@@ -224,5 +218,44 @@ impl UnitSpec {
                 e => e,
             })?;
         Ok(unit)
+    }
+
+    /// The preprocessor reading this unit's image, a file of `kind`, with its parameters:
+    /// the chosen one when it takes such files, else (none chosen) the registry's first
+    /// that does, with its defaults.
+    fn file_reader(
+        &self,
+        kind: InputKind,
+        chosen: Option<(Arc<dyn Preprocessor>, Params)>,
+        registry: &Registry,
+    ) -> Result<(Arc<dyn Preprocessor>, Params)> {
+        let refuse = || {
+            let readers: Vec<&str> = registry.taking(kind).map(|p| p.name()).collect();
+            let how = if readers.is_empty() {
+                "no registered preprocessor reads it".to_string()
+            } else {
+                format!(
+                    "use it with preprocessor {} (or none)",
+                    readers.join(" or ")
+                )
+            };
+            let ext = self.image.extension().unwrap_or_default().to_string_lossy();
+            ControlError::file(
+                &self.image,
+                format!("a .{ext} control image is {}: {how}", kind.describe()),
+            )
+        };
+        match chosen {
+            Some((p, params)) if p.takes(kind) => Ok((p, params)),
+            Some(_) => Err(refuse()),
+            None => {
+                let p = registry.taking(kind).next().ok_or_else(refuse)?.clone();
+                let params = resolve_params(&p.params(), &[]).map_err(|errs| {
+                    let errs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+                    ControlError::Invalid(format!("preprocessor {}: {}", p.name(), errs.join("; ")))
+                })?;
+                Ok((p, params))
+            }
+        }
     }
 }

@@ -94,7 +94,9 @@ impl NoiseLevels for Levels<'_> {
 }
 
 /// Mask blending for 4-channel models (diffusers' inpaint pipeline): after each step, keep
-/// the unmasked region of the source latents, re-noised to the next step's level.
+/// the unmasked region of the source latents, re-noised to the next step's level. The loop
+/// puts it in front of the caller's hooks for the generation, so it blends before any of
+/// their `after_step`s sees the latents.
 struct InpaintBlend {
     image_latents: Tensor,
     noise: Tensor,
@@ -281,9 +283,9 @@ impl StableDiffusion {
         };
 
         // Inpainting: latent-size mask, masked-image latents for 9-channel UNets, and mask
-        // blending for 4-channel ones.
+        // blending (a hook of the loop's own) for 4-channel ones.
         let mut extra_channels: Option<Tensor> = None;
-        let mut blend: Option<InpaintBlend> = None;
+        let mut own_hooks: Vec<Box<dyn Hook>> = Vec::new();
         if let (Some(mask), Some(img)) = (&req.mask, &req.init_image) {
             let (h, w) = (shape[2], shape[3]);
             let mask_lat = repeat(&mask.upsample_nearest2d(h, w)?)?;
@@ -298,13 +300,15 @@ impl StableDiffusion {
                     extra
                 });
             } else {
-                blend = Some(InpaintBlend {
+                own_hooks.push(Box::new(InpaintBlend {
                     image_latents: image_latents.clone().expect("init image encoded"),
                     noise: noise.clone(),
                     mask: mask_lat,
-                });
+                }));
             }
         }
+        // Called first at every hook point of the steps; gone again when this returns.
+        let mut hooks = hooks.with_leading(own_hooks);
 
         for index in first..total {
             let t = sampler.timesteps()[index];
@@ -360,11 +364,7 @@ impl StableDiffusion {
                 },
             )?;
             latents = sampler.step(&guided, index, &latents, rng)?;
-            let levels = Levels(sampler.as_ref());
-            if let Some(b) = blend.as_mut() {
-                b.after_step(&step, &levels, &mut latents)?;
-            }
-            hooks.after_step(&step, &levels, &mut latents)?;
+            hooks.after_step(&step, &Levels(sampler.as_ref()), &mut latents)?;
         }
         Ok(latents)
     }

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::params::json::params_to_json;
-use crate::{ImageBuf, Params, PluginError, Preprocessor};
+use crate::params::Params;
+use crate::preprocess::{ImageBuf, PluginError, Preprocessor};
 
 /// A folder of cached results (`SDCTL_CACHE_DIR/preprocessed`, by default under the user's
 /// cache folder).

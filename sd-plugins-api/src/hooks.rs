@@ -1,6 +1,9 @@
+use std::ops::{Deref, DerefMut};
+
 use candle_core::Tensor;
 
-use crate::{HookError, StepInfo};
+use crate::error::HookError;
+use crate::step::StepInfo;
 
 /// Text conditioning, `[batch, tokens, dim]`. `uncond` is `None` when CFG is off.
 #[derive(Debug, Clone)]
@@ -151,6 +154,16 @@ impl HookSet {
         self.hooks.iter().map(|h| h.name()).collect()
     }
 
+    /// This set with `hooks` in front: they are called first at every hook point, in their
+    /// order, until the returned guard is dropped, which removes them again (also when an
+    /// error ends the run early). The pipeline adds its own hooks for one generation this
+    /// way (the inpaint blend), leaving the caller's set as it was.
+    pub fn with_leading(&mut self, hooks: Vec<Box<dyn Hook>>) -> LeadingHooks<'_> {
+        let leading = hooks.len();
+        self.hooks.splice(0..0, hooks);
+        LeadingHooks { set: self, leading }
+    }
+
     pub fn on_conditioning(&mut self, cond: &mut Conditioning) -> Result<(), HookError> {
         self.hooks
             .iter_mut()
@@ -209,6 +222,33 @@ impl HookSet {
 
     pub fn on_image(&mut self, images: &mut Tensor) -> Result<(), HookError> {
         self.hooks.iter_mut().try_for_each(|h| h.on_image(images))
+    }
+}
+
+/// A [`HookSet`] with hooks in front for a while (see [`HookSet::with_leading`]); use it as
+/// the set itself.
+pub struct LeadingHooks<'a> {
+    set: &'a mut HookSet,
+    leading: usize,
+}
+
+impl Deref for LeadingHooks<'_> {
+    type Target = HookSet;
+    fn deref(&self) -> &HookSet {
+        self.set
+    }
+}
+
+impl DerefMut for LeadingHooks<'_> {
+    fn deref_mut(&mut self) -> &mut HookSet {
+        self.set
+    }
+}
+
+impl Drop for LeadingHooks<'_> {
+    fn drop(&mut self) {
+        // `push` appends, so the leading hooks are still the first ones.
+        self.set.hooks.drain(..self.leading);
     }
 }
 
@@ -296,6 +336,52 @@ mod tests {
             )
             .unwrap();
         assert_eq!(g.to_vec1::<f32>().unwrap(), vec![8.5, 16.0]);
+    }
+
+    /// Appends its name and the latents' first value to a shared log at `after_step`, then
+    /// adds 1 to the latents.
+    struct Log(&'static str, std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+    impl Hook for Log {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn after_step(
+            &mut self,
+            _step: &StepInfo,
+            _levels: &dyn NoiseLevels,
+            latents: &mut Tensor,
+        ) -> Result<(), HookError> {
+            let v = latents.to_vec1::<f32>()?[0];
+            self.1.lock().unwrap().push(format!("{}:{v}", self.0));
+            *latents = (&*latents + 1.0)?;
+            Ok(())
+        }
+    }
+
+    struct NoLevels;
+    impl NoiseLevels for NoLevels {
+        fn timesteps(&self) -> &[f64] {
+            &[]
+        }
+        fn add_noise(&self, o: &Tensor, _: &Tensor, _: usize) -> candle_core::Result<Tensor> {
+            Ok(o.clone())
+        }
+    }
+
+    #[test]
+    fn leading_hooks_run_first_and_leave_with_the_guard() {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut set = HookSet::new();
+        set.push(Box::new(Log("user", log.clone())));
+        let mut x = Tensor::new(&[0f32], &Device::Cpu).unwrap();
+        {
+            let mut with = set.with_leading(vec![Box::new(Log("builtin", log.clone()))]);
+            assert_eq!(with.names(), vec!["builtin", "user"]);
+            with.push(Box::new(Log("late", log.clone())));
+            with.after_step(&step(), &NoLevels, &mut x).unwrap();
+        }
+        assert_eq!(set.names(), vec!["user", "late"]);
+        assert_eq!(*log.lock().unwrap(), vec!["builtin:0", "user:1", "late:2"]);
     }
 
     #[test]

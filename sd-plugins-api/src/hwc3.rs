@@ -1,6 +1,6 @@
 //! ControlNet's `HWC3`: any 8-bit image to 3-channel RGB.
 
-use crate::ImageBuf;
+use crate::preprocess::ImageBuf;
 
 /// Gray is repeated to RGB; RGBA is composited over white as
 /// `(rgb * a + 255 * (1 - a)).clip(0, 255).astype(uint8)` in float32 (annotator/util.py HWC3).

@@ -1,5 +1,10 @@
 //! Contracts between the denoising loop in `sd-pipeline` and everything that extends it.
 //!
+//! The crate's top-level modules are the contracts (hook points, weight patches, step
+//! position, parameters, preprocessors and their registry); [`dylib`] holds the C ABI and
+//! the loading of third-party plugin libraries built against it. Everything users need is
+//! re-exported here at the root.
+//!
 //! The core loop knows nothing about ControlNet, LoRA or previews: they reach it only
 //! through the [`Hook`] trait (called at fixed points of every generation) and the
 //! [`WeightPatch`] trait (applied while weights are loaded). See `docs/design.md`.
@@ -39,37 +44,41 @@
 //! # assert_eq!(out.to_vec1::<f32>().unwrap(), vec![4.0, 8.0]);
 //! ```
 
-pub mod abi;
-#[cfg(feature = "host")]
-pub mod cache;
+// The contracts: what the pipeline calls and what extensions implement.
 mod error;
 #[cfg(feature = "host")]
 mod hooks;
-#[cfg(feature = "host")]
-pub mod host;
 mod hwc3;
 pub mod params;
 #[cfg(feature = "host")]
 mod patch;
-pub mod plugin;
 mod preprocess;
 mod step;
+
+// Preprocessors by name, and their result cache.
+#[cfg(feature = "host")]
+pub mod cache;
+mod registry;
+
+// Third-party plugin libraries behind the C ABI.
+pub mod dylib;
 
 #[doc(hidden)]
 pub use inventory;
 
+pub use dylib::plugin::{HookPlugin, OwnedTensor, Part, TensorView};
 pub use error::HookError;
 #[cfg(feature = "host")]
 pub use hooks::{
-    classifier_free_guidance, Conditioning, Hook, HookSet, NoiseLevels, NoisePrediction,
-    ResidualInput, Residuals,
+    classifier_free_guidance, Conditioning, Hook, HookSet, LeadingHooks, NoiseLevels,
+    NoisePrediction, ResidualInput, Residuals,
 };
 pub use hwc3::hwc3;
 pub use params::{resolve_params, ParamError, ParamKind, ParamSpec, ParamValue, Params};
 #[cfg(feature = "host")]
 pub use patch::{ModelPart, WeightPatch};
-pub use plugin::{HookPlugin, OwnedTensor, Part, TensorView};
 pub use preprocess::{
-    BuiltinPreprocessor, ImageBuf, PluginError, PluginSource, Preprocessor, Registry,
+    marked_control_values, BuiltinPreprocessor, ImageBuf, InputKind, PluginError, Preprocessor,
 };
+pub use registry::{PluginSource, Registry};
 pub use step::StepInfo;

@@ -1,6 +1,6 @@
 use candle_core::Tensor;
 
-use crate::HookError;
+use crate::error::HookError;
 
 /// Which model a weight patch applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

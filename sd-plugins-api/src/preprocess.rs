@@ -22,10 +22,10 @@
 //! assert!(reg.preprocessor("my_invert").is_some());
 //! ```
 
-use std::sync::Arc;
+use std::path::Path;
 
-use crate::params::ParamSpec;
-use crate::{HookError, Params};
+use crate::error::HookError;
+use crate::params::{ParamSpec, Params};
 
 /// The error a plugin returns.
 pub type PluginError = HookError;
@@ -85,6 +85,63 @@ impl ImageBuf {
     }
 }
 
+/// What a preprocessor takes as input. Callers ask ([`Preprocessor::input_kinds`]) instead
+/// of knowing preprocessors by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InputKind {
+    /// An RGB image (transparency composited over white), given to
+    /// [`Preprocessor::process`]. What every preprocessor takes unless it says otherwise.
+    Image,
+    /// An image whose transparency is a mask (alpha 0 = masked), given to
+    /// [`Preprocessor::process`] as RGBA when the file has an alpha channel, RGB otherwise.
+    /// The result may be RGBA too: a marked image, whose pixels with alpha below 128 a
+    /// ControlNet receives as -1 ([`marked_control_values`]); callers resizing the input or
+    /// the result resize its alpha along. The `inpaint` preprocessor takes this.
+    MaskedImage,
+    /// An OpenPose keypoint JSON file (`.json`), read and drawn by
+    /// [`Preprocessor::process_file`]. The `openpose` preprocessor takes this besides images.
+    PoseFile,
+}
+
+impl InputKind {
+    /// The kind of file `path` is when it is not a picture: a `.json` file is an OpenPose
+    /// keypoint file. `None` for anything else (read as an image).
+    pub fn of_file(path: &Path) -> Option<InputKind> {
+        path.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+            .then_some(InputKind::PoseFile)
+    }
+
+    /// Whether inputs of this kind are files read by [`Preprocessor::process_file`] rather
+    /// than decoded images given to [`Preprocessor::process`].
+    pub fn is_file(self) -> bool {
+        matches!(self, InputKind::PoseFile)
+    }
+
+    /// What it is, for messages ("a .json input is an OpenPose keypoint file").
+    pub fn describe(self) -> &'static str {
+        match self {
+            InputKind::Image => "an image",
+            InputKind::MaskedImage => "an image with a mask (its transparency)",
+            InputKind::PoseFile => "an OpenPose keypoint file",
+        }
+    }
+}
+
+/// The control values of a marked image (see [`InputKind::MaskedImage`]): RGB / 255, and -1
+/// in every channel of a pixel whose alpha is below 128 (diffusers'
+/// `make_inpaint_condition`: `image[mask > 0.5] = -1.0`). HWC, f32.
+pub fn marked_control_values(marked: &ImageBuf) -> Vec<f32> {
+    let mut out = Vec::with_capacity(marked.width * marked.height * 3);
+    for px in marked.data.chunks_exact(marked.channels) {
+        let masked = marked.channels == 4 && px[3] < 128;
+        for &c in &px[..3] {
+            out.push(if masked { -1.0 } else { c as f32 / 255.0 });
+        }
+    }
+    out
+}
+
 /// A preprocessor: turns an input image into a control image.
 pub trait Preprocessor: Send + Sync {
     /// The name used in configs and on the command line (`canny`, `openpose`, ...).
@@ -93,7 +150,8 @@ pub trait Preprocessor: Send + Sync {
     fn description(&self) -> &str;
     /// The parameters it accepts.
     fn params(&self) -> Vec<ParamSpec>;
-    /// Run on an RGB image with validated parameters (every declared one present).
+    /// Run on an image with validated parameters (every declared one present): RGB, or RGBA
+    /// for [`InputKind::MaskedImage`] when the image has transparency.
     fn process(&self, input: &ImageBuf, params: &Params) -> Result<ImageBuf, PluginError>;
     /// What the result depends on besides the image, name, version and parameters (e.g. the
     /// weight file a network found: its path, size and modification time), for the result
@@ -105,9 +163,34 @@ pub trait Preprocessor: Send + Sync {
     fn version(&self) -> &str {
         env!("CARGO_PKG_VERSION")
     }
+    /// The kinds of input it takes; an image unless it says otherwise. Plugin libraries
+    /// loaded at run time take images.
+    fn input_kinds(&self) -> &[InputKind] {
+        &[InputKind::Image]
+    }
+    /// Whether it takes inputs of `kind`.
+    fn takes(&self, kind: InputKind) -> bool {
+        self.input_kinds().contains(&kind)
+    }
+    /// Read a file input (a kind with [`InputKind::is_file`]) into a control image.
+    /// `size` (width, height) is the size to draw at when the file does not say (the
+    /// generation size). Only preprocessors declaring such a kind implement it. Errors name
+    /// the problem, not the file (callers add its path).
+    fn process_file(
+        &self,
+        path: &Path,
+        size: (usize, usize),
+        params: &Params,
+    ) -> Result<ImageBuf, PluginError> {
+        let _ = (path, size, params);
+        Err(PluginError::failed(
+            self.name(),
+            "takes images only, not files",
+        ))
+    }
 }
 
-/// A built-in preprocessor, collected at link time (see [`register_preprocessor!`]).
+/// A built-in preprocessor, collected at link time (see [`register_preprocessor!`](crate::register_preprocessor)).
 pub struct BuiltinPreprocessor {
     pub create: fn() -> Box<dyn Preprocessor>,
 }
@@ -124,144 +207,53 @@ macro_rules! register_preprocessor {
     };
 }
 
-/// Where a registered plugin came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PluginSource {
-    Builtin,
-    Loaded(std::path::PathBuf),
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl std::fmt::Display for PluginSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PluginSource::Builtin => write!(f, "built-in"),
-            PluginSource::Loaded(p) => write!(f, "{}", p.display()),
+    struct Plain;
+    impl Preprocessor for Plain {
+        fn name(&self) -> &str {
+            "plain"
         }
-    }
-}
-
-/// Preprocessors by name: the built-in ones and any loaded at run time, side by side.
-#[derive(Clone)]
-pub struct Registry {
-    preprocessors: Vec<(Arc<dyn Preprocessor>, PluginSource)>,
-    #[cfg(feature = "host")]
-    cache: Option<crate::cache::PreprocessCache>,
-    #[cfg(feature = "host")]
-    libraries: Vec<Arc<crate::host::PluginLibrary>>,
-}
-
-impl Registry {
-    /// Everything registered with [`register_preprocessor!`] in the linked crates, by name.
-    pub fn builtin() -> Self {
-        let mut preprocessors: Vec<(Arc<dyn Preprocessor>, PluginSource)> =
-            inventory::iter::<BuiltinPreprocessor>
-                .into_iter()
-                .map(|b| (Arc::from((b.create)()), PluginSource::Builtin))
-                .collect();
-        preprocessors.sort_by(|a, b| a.0.name().cmp(b.0.name()));
-        Self {
-            preprocessors,
-            #[cfg(feature = "host")]
-            cache: None,
-            #[cfg(feature = "host")]
-            libraries: Vec::new(),
+        fn description(&self) -> &str {
+            ""
+        }
+        fn params(&self) -> Vec<ParamSpec> {
+            Vec::new()
+        }
+        fn process(&self, input: &ImageBuf, _: &Params) -> Result<ImageBuf, PluginError> {
+            Ok(input.clone())
         }
     }
 
-    /// Cache preprocessor results in `cache` (see [`crate::cache`]).
-    #[cfg(feature = "host")]
-    pub fn with_cache(mut self, cache: crate::cache::PreprocessCache) -> Self {
-        self.cache = Some(cache);
-        self
+    #[test]
+    fn preprocessors_take_images_unless_they_say_otherwise() {
+        assert_eq!(Plain.input_kinds(), &[InputKind::Image]);
+        assert!(Plain.takes(InputKind::Image) && !Plain.takes(InputKind::PoseFile));
+        let e = Plain
+            .process_file(Path::new("p.json"), (8, 8), &Params::default())
+            .unwrap_err();
+        assert_eq!(e.to_string(), "plain: takes images only, not files");
     }
 
-    /// Run `p`, through the cache when one is set. The flag says whether it was a cache hit.
-    #[cfg(feature = "host")]
-    pub fn run(
-        &self,
-        p: &dyn Preprocessor,
-        input: &ImageBuf,
-        params: &crate::Params,
-    ) -> Result<(ImageBuf, bool), crate::PluginError> {
-        match &self.cache {
-            Some(c) => c.run(p, input, params),
-            None => Ok((p.process(input, params)?, false)),
-        }
+    #[test]
+    fn json_files_are_pose_files() {
+        assert_eq!(
+            InputKind::of_file(Path::new("a/p.JSON")),
+            Some(InputKind::PoseFile)
+        );
+        assert_eq!(InputKind::of_file(Path::new("a/p.png")), None);
+        assert_eq!(InputKind::of_file(Path::new("json")), None);
+        assert!(InputKind::PoseFile.is_file() && !InputKind::MaskedImage.is_file());
     }
 
-    /// Load a plugin library (see [`crate::host`]); a preprocessor becomes available by
-    /// name, a hook plugin by [`Registry::hook_plugin`]. A file already loaded is not loaded
-    /// twice; a name already taken is refused.
-    #[cfg(feature = "host")]
-    pub fn load(
-        &mut self,
-        path: &std::path::Path,
-    ) -> Result<Arc<crate::host::PluginLibrary>, String> {
-        let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-        if let Some(l) = self
-            .libraries
-            .iter()
-            .find(|l| l.path.canonicalize().ok().as_deref() == Some(canon.as_path()))
-        {
-            return Ok(l.clone());
-        }
-        let lib = crate::host::load_plugin(path)?;
-        let name = &lib.manifest.name;
-        if self.libraries.iter().any(|l| &l.manifest.name == name) {
-            return Err(format!(
-                "plugin {}: the name {name:?} is already taken by another loaded plugin",
-                path.display()
-            ));
-        }
-        if let Some(p) = lib.preprocessor() {
-            self.add(p, PluginSource::Loaded(path.to_path_buf()))?;
-        }
-        self.libraries.push(lib.clone());
-        Ok(lib)
-    }
-
-    /// Every loaded plugin library.
-    #[cfg(feature = "host")]
-    pub fn libraries(&self) -> &[Arc<crate::host::PluginLibrary>] {
-        &self.libraries
-    }
-
-    /// A loaded hook plugin by name.
-    #[cfg(feature = "host")]
-    pub fn hook_plugin(&self, name: &str) -> Option<&Arc<crate::host::PluginLibrary>> {
-        self.libraries
-            .iter()
-            .find(|l| l.manifest.name == name && l.manifest.kind == crate::host::PluginKind::Hook)
-    }
-
-    /// Add a preprocessor loaded from `source`; a name already taken is refused.
-    pub fn add(&mut self, p: Arc<dyn Preprocessor>, source: PluginSource) -> Result<(), String> {
-        if let Some((_, s)) = self
-            .preprocessors
-            .iter()
-            .find(|(q, _)| q.name() == p.name())
-        {
-            return Err(format!(
-                "preprocessor {:?} from {source} is already registered (by {s})",
-                p.name()
-            ));
-        }
-        self.preprocessors.push((p, source));
-        Ok(())
-    }
-
-    pub fn preprocessor(&self, name: &str) -> Option<&Arc<dyn Preprocessor>> {
-        self.preprocessors
-            .iter()
-            .find(|(p, _)| p.name() == name)
-            .map(|(p, _)| p)
-    }
-
-    pub fn preprocessors(&self) -> impl Iterator<Item = (&Arc<dyn Preprocessor>, &PluginSource)> {
-        self.preprocessors.iter().map(|(p, s)| (p, s))
-    }
-
-    pub fn preprocessor_names(&self) -> Vec<&str> {
-        self.preprocessors.iter().map(|(p, _)| p.name()).collect()
+    #[test]
+    fn marked_pixels_are_minus_one() {
+        let m = ImageBuf::new(2, 1, 4, vec![255, 0, 51, 255, 9, 9, 9, 0]).unwrap();
+        assert_eq!(
+            marked_control_values(&m),
+            vec![1.0, 0.0, 0.2, -1.0, -1.0, -1.0]
+        );
     }
 }

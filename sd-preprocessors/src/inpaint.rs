@@ -7,8 +7,12 @@
 use std::path::Path;
 
 use sd_plugins_api::{
-    register_preprocessor, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
+    register_preprocessor, ImageBuf, InputKind, ParamSpec, Params, PluginError, Preprocessor,
 };
+
+/// The control values of a marked image: RGB / 255, and -1 in every channel of a marked
+/// pixel. HWC, f32. (The contract's [`sd_plugins_api::marked_control_values`].)
+pub use sd_plugins_api::marked_control_values as control_values;
 
 const NAME: &str = "inpaint";
 
@@ -29,19 +33,6 @@ pub fn mark(rgb: &ImageBuf, mask: &[u8]) -> ImageBuf {
         channels: 4,
         data,
     }
-}
-
-/// The control values of a marked image: RGB / 255, and -1 in every channel of a marked
-/// pixel. HWC, f32.
-pub fn control_values(marked: &ImageBuf) -> Vec<f32> {
-    let mut out = Vec::with_capacity(marked.width * marked.height * 3);
-    for px in marked.data.chunks_exact(marked.channels) {
-        let masked = marked.channels == 4 && px[3] < 128;
-        for &c in &px[..3] {
-            out.push(if masked { -1.0 } else { c as f32 / 255.0 });
-        }
-    }
-    out
 }
 
 fn load_mask(path: &Path, w: usize, h: usize) -> Result<Vec<u8>, PluginError> {
@@ -69,6 +60,11 @@ impl Preprocessor for Inpaint {
     }
     fn description(&self) -> &str {
         "ControlNet 1.1 inpaint: the image with the masked pixels set to -1 (mask file or alpha)"
+    }
+    /// The image's transparency is its mask (when no mask file is given); the result is the
+    /// marked image, RGBA.
+    fn input_kinds(&self) -> &[InputKind] {
+        &[InputKind::MaskedImage]
     }
     fn params(&self) -> Vec<ParamSpec> {
         vec![ParamSpec::string(

@@ -13,7 +13,7 @@ use sd_pipeline::image_io::{image_size, load_image, load_mask, write_png};
 use sd_pipeline::noise::{NoiseSource, TorchRng};
 use sd_pipeline::philox::PhiloxRng;
 use sd_pipeline::{GenerateRequest, StableDiffusion};
-use sd_plugins_api::host::PluginInstance;
+use sd_plugins_api::dylib::host::PluginInstance;
 use sd_plugins_api::{Hook, HookSet, Registry, WeightPatch};
 
 use crate::error::Result;

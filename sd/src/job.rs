@@ -7,7 +7,7 @@ use std::sync::Arc;
 use sd_controlnet::UnitSpec;
 use sd_lora::LoraSpec;
 use sd_pipeline::samplers::{SamplerKind, Schedule};
-use sd_plugins_api::host::PluginLibrary;
+use sd_plugins_api::dylib::host::PluginLibrary;
 use sd_plugins_api::Params;
 
 /// Where the initial (and ancestral) noise comes from.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use figment::value::{Dict, Value};
 use figment::Figment;
-use sd_plugins_api::host::{PluginKind, PluginLibrary};
+use sd_plugins_api::dylib::host::{PluginKind, PluginLibrary};
 use sd_plugins_api::{resolve_params, ParamKind, ParamValue, Params, Registry};
 
 use crate::settings::problem::{resolve, Origin, Problem};

@@ -36,7 +36,7 @@ mod via_macro {
 /// Hand-written tables for the cases the macro would never produce.
 #[cfg(any(feature = "wrong_abi", feature = "wrong_size"))]
 mod by_hand {
-    use sd_plugins_api::abi::*;
+    use sd_plugins_api::dylib::abi::*;
 
     extern "C" fn manifest() -> SdStr {
         SdStr::new(

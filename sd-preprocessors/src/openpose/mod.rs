@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{Device, Tensor};
 use sd_plugins_api::{
-    hwc3, register_preprocessor, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
+    hwc3, register_preprocessor, ImageBuf, InputKind, ParamSpec, Params, PluginError, Preprocessor,
 };
 
 use crate::cvresize::{self, Interp};
@@ -208,6 +208,35 @@ impl Preprocessor for Openpose {
     }
     fn cache_salt(&self, params: &Params) -> Result<String, PluginError> {
         crate::weights::weights_salt(NAME, params, &WEIGHT_FILES)
+    }
+    /// Photos, and keypoint JSON files (from any pose editor) drawn as detections are.
+    fn input_kinds(&self) -> &[InputKind] {
+        &[InputKind::Image, InputKind::PoseFile]
+    }
+    /// A keypoint file drawn on its canvas (`canvas_width` / `canvas_height`, else `size`).
+    /// Needs no weights. Errors name the problem, not the file.
+    fn process_file(
+        &self,
+        path: &Path,
+        size: (usize, usize),
+        _params: &Params,
+    ) -> Result<ImageBuf, PluginError> {
+        let pose = Pose::from_file(path).map_err(|e| PluginError::failed(NAME, e))?;
+        let w = pose.canvas_width.unwrap_or(size.0);
+        let h = pose.canvas_height.unwrap_or(size.1);
+        if !(1..=16384).contains(&w) || !(1..=16384).contains(&h) {
+            return Err(PluginError::failed(
+                NAME,
+                format!("canvas {w}x{h}: sides must be 1..=16384"),
+            ));
+        }
+        let c = render(&pose, w, h);
+        Ok(ImageBuf {
+            width: c.width,
+            height: c.height,
+            channels: 3,
+            data: c.data,
+        })
     }
     fn process(&self, input: &ImageBuf, params: &Params) -> Result<ImageBuf, PluginError> {
         let path = crate::weights::find_weights(NAME, params, &WEIGHT_FILES)?;

@@ -123,7 +123,7 @@ pub struct SdTensorOut {
     pub cap: usize,
 }
 
-/// [`crate::StepInfo`] across the boundary.
+/// [`crate::step::StepInfo`] across the boundary.
 #[repr(C)]
 pub struct SdStep {
     pub index: u64,
@@ -151,7 +151,7 @@ pub struct SdTensorsOut {
     pub count: usize,
 }
 
-/// Which model a weight belongs to ([`crate::ModelPart`]): 0 UNet, 1 text encoder, 2 VAE.
+/// Which model a weight belongs to ([`crate::patch::ModelPart`]): 0 UNet, 1 text encoder, 2 VAE.
 pub type SdPart = u32;
 
 type ErrP = *mut SdErrBuf;

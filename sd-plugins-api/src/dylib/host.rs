@@ -8,12 +8,14 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 
-use crate::abi::*;
+use crate::dylib::abi::*;
+use crate::error::HookError;
+use crate::hooks::{Conditioning, Hook, NoiseLevels, NoisePrediction, ResidualInput, Residuals};
 use crate::params::json::{params_to_json, spec_from_json};
-use crate::{
-    Conditioning, Hook, HookError, ImageBuf, ModelPart, NoiseLevels, NoisePrediction, ParamSpec,
-    Params, PluginError, Preprocessor, ResidualInput, Residuals, StepInfo, WeightPatch,
-};
+use crate::params::{ParamSpec, Params};
+use crate::patch::{ModelPart, WeightPatch};
+use crate::preprocess::{ImageBuf, PluginError, Preprocessor};
+use crate::step::StepInfo;
 
 /// What a plugin provides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +197,8 @@ impl PluginLibrary {
     }
 }
 
+/// A plugin library's preprocessor. It takes images (the default [`Preprocessor::input_kinds`]):
+/// only images cross the ABI.
 struct DynPreprocessor(Arc<PluginLibrary>);
 
 impl Preprocessor for DynPreprocessor {
@@ -294,7 +298,7 @@ impl Drop for Instance {
 pub struct PluginInstance(Arc<Mutex<Instance>>);
 
 impl PluginInstance {
-    /// Its hook points, for a [`crate::HookSet`].
+    /// Its hook points, for a [`crate::hooks::HookSet`].
     pub fn hook(&self) -> Box<dyn Hook> {
         let name = self
             .0
