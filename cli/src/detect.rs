@@ -1,11 +1,10 @@
 //! `sdctl detect NAME INPUT -o OUTPUT`: run a preprocessor on an image.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
-use sd_plugins_api::{
-    resolve_params, ImageBuf, InputKind, ParamKind, ParamValue, Params, Preprocessor, Registry,
-};
+use sd_plugins_api::{hwc3, resolve_params, ParamKind, ParamValue};
+use sd_preprocessors::detect::{detect_file, Sizing, RESOLUTIONS};
 
 use crate::settings::{self, SettingsArgs};
 use crate::CliResult;
@@ -53,8 +52,14 @@ pub fn run(a: DetectArgs) -> CliResult {
             ),
         }
     })?;
-    if !(64..=8192).contains(&a.resolution) {
-        return Err(format!("--resolution {}: use 64..=8192", a.resolution).into());
+    if !RESOLUTIONS.contains(&a.resolution) {
+        return Err(format!(
+            "--resolution {}: use {}..={}",
+            a.resolution,
+            RESOLUTIONS.start(),
+            RESOLUTIONS.end()
+        )
+        .into());
     }
     let specs = p.params();
     let mut given = Vec::new();
@@ -78,74 +83,28 @@ pub fn run(a: DetectArgs) -> CliResult {
             .collect::<Vec<_>>()
             .join("; ")
     })?;
-    if let Some(kind) = InputKind::of_file(&a.input) {
-        return detect_file(&a, p.as_ref(), kind, &params, reg);
-    }
-    let img = image::open(&a.input)
-        .map_err(|e| format!("{}: cannot read the image: {e}", a.input.display()))?;
-    let input = if img.color().has_alpha() {
-        let rgba = img.to_rgba8();
-        ImageBuf::new(
-            rgba.width() as usize,
-            rgba.height() as usize,
-            4,
-            rgba.into_raw(),
-        )?
-    } else {
-        let rgb = img.to_rgb8();
-        ImageBuf::new(
-            rgb.width() as usize,
-            rgb.height() as usize,
-            3,
-            rgb.into_raw(),
-        )?
+    let sizing = Sizing {
+        resolution: a.resolution,
+        pad: a.pad,
     };
-    // A preprocessor taking a masked image reads transparency as its mask: resize it along.
-    let keep_alpha = p.takes(InputKind::MaskedImage) && input.channels == 4;
-    let alpha = keep_alpha.then(|| alpha_of(&input));
-    let input = if keep_alpha {
-        colours_of(&input)
-    } else {
-        input
-    };
-    let (out, cached) = if a.pad {
-        let (padded, size) = sd_preprocessors::resize::resize_image_with_pad(&input, a.resolution);
-        let padded = if keep_alpha {
-            let alpha = alpha.as_ref().expect("alpha kept");
-            let (alpha, _) = sd_preprocessors::resize::resize_image_with_pad(alpha, a.resolution);
-            with_alpha(&padded, &alpha)
+    let size = (a.resolution, a.resolution);
+    let out = detect_file(reg, p.as_ref(), &a.input, &params, sizing, size)?;
+    let (map, cached) = (out.map, out.cached);
+    let (w, h) = (map.width as u32, map.height as u32);
+    let write = |tmp: &Path| -> sd::Result<()> {
+        let saved = if map.channels == 4 {
+            // RGBA results (inpaint's marked pixels) keep their alpha.
+            image::RgbaImage::from_raw(w, h, map.data.clone())
+                .ok_or("preprocessor returned a malformed image")?
+                .save_with_format(tmp, image::ImageFormat::Png)
         } else {
-            padded
+            image::RgbImage::from_raw(w, h, hwc3(&map).data)
+                .ok_or("preprocessor returned a malformed image")?
+                .save_with_format(tmp, image::ImageFormat::Png)
         };
-        let (out, cached) = reg.run(p.as_ref(), &padded, &params)?;
-        (sd_preprocessors::resize::remove_pad(&out, size), cached)
-    } else {
-        let resized = sd_preprocessors::resize::resize_image(&input, a.resolution);
-        let resized = if keep_alpha {
-            let alpha = alpha.as_ref().expect("alpha kept");
-            let alpha = sd_preprocessors::resize::resize_image(alpha, a.resolution);
-            with_alpha(&resized, &alpha)
-        } else {
-            resized
-        };
-        reg.run(p.as_ref(), &resized, &params)?
+        saved.map_err(|e| format!("{}: {e}", a.output.display()).into())
     };
-    let (w, h) = (out.width as u32, out.height as u32);
-    if out.channels == 4 {
-        // RGBA results (inpaint's marked pixels) keep their alpha.
-        let rgba = image::RgbaImage::from_raw(w, h, out.data)
-            .ok_or("preprocessor returned a malformed image")?;
-        save_atomic(&a.output, |tmp| {
-            rgba.save_with_format(tmp, image::ImageFormat::Png)
-        })?;
-    } else {
-        let out = sd_plugins_api::hwc3(&out);
-        let rgb = image::RgbImage::from_raw(w, h, out.data)
-            .ok_or("preprocessor returned a malformed image")?;
-        save_atomic(&a.output, |tmp| {
-            rgb.save_with_format(tmp, image::ImageFormat::Png)
-        })?;
-    }
+    sd::output::write_atomic(&a.output, write)?;
     eprintln!(
         "{} {}x{} -> {}{}",
         a.name,
@@ -153,105 +112,6 @@ pub fn run(a: DetectArgs) -> CliResult {
         h,
         a.output.display(),
         if cached { " (cached)" } else { "" }
-    );
-    Ok(())
-}
-
-/// The alpha channel of an RGBA image as a grey image.
-fn alpha_of(img: &ImageBuf) -> ImageBuf {
-    ImageBuf {
-        width: img.width,
-        height: img.height,
-        channels: 1,
-        data: img.data.chunks_exact(4).map(|p| p[3]).collect(),
-    }
-}
-
-/// The colours of an RGBA image, not composited (transparent pixels keep their colour).
-fn colours_of(img: &ImageBuf) -> ImageBuf {
-    ImageBuf {
-        width: img.width,
-        height: img.height,
-        channels: 3,
-        data: img
-            .data
-            .chunks_exact(4)
-            .flat_map(|p| [p[0], p[1], p[2]])
-            .collect(),
-    }
-}
-
-/// RGB (3 channels) plus the first channel of `alpha` as RGBA.
-fn with_alpha(rgb: &ImageBuf, alpha: &ImageBuf) -> ImageBuf {
-    let data = rgb
-        .data
-        .chunks_exact(3)
-        .zip(alpha.data.chunks_exact(alpha.channels))
-        .flat_map(|(c, a)| [c[0], c[1], c[2], a[0]])
-        .collect();
-    ImageBuf {
-        width: rgb.width,
-        height: rgb.height,
-        channels: 4,
-        data,
-    }
-}
-
-/// Write through `OUTPUT.png.tmp` and rename, so a failure leaves no half-written file.
-fn save_atomic(
-    out: &std::path::Path,
-    write: impl FnOnce(&std::path::Path) -> image::ImageResult<()>,
-) -> CliResult {
-    let tmp = out.with_extension("png.tmp");
-    write(&tmp).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("{}: {e}", out.display())
-    })?;
-    std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display()))?;
-    Ok(())
-}
-
-/// `sdctl detect openpose KEYPOINTS.json`: a file input (a keypoint file, drawn as the
-/// detector draws) read by a preprocessor that takes such files.
-fn detect_file(
-    a: &DetectArgs,
-    p: &dyn Preprocessor,
-    kind: InputKind,
-    params: &Params,
-    reg: &Registry,
-) -> CliResult {
-    if !p.takes(kind) {
-        let readers: Vec<String> = reg
-            .taking(kind)
-            .map(|p| format!("`{}`", p.name()))
-            .collect();
-        let only = if readers.is_empty() {
-            "no preprocessor takes it".to_string()
-        } else {
-            format!("only {} takes it", readers.join(" or "))
-        };
-        let ext = a.input.extension().unwrap_or_default().to_string_lossy();
-        return Err(format!(
-            "{}: a .{ext} input is {}; {only}",
-            a.input.display(),
-            kind.describe()
-        )
-        .into());
-    }
-    let out = p
-        .process_file(&a.input, (a.resolution, a.resolution), params)
-        .map_err(|e| format!("{}: {e}", a.input.display()))?;
-    let out = sd_plugins_api::hwc3(&out);
-    let (w, h) = (out.width, out.height);
-    let rgb = image::RgbImage::from_raw(w as u32, h as u32, out.data).ok_or("bad canvas")?;
-    save_atomic(&a.output, |tmp| {
-        rgb.save_with_format(tmp, image::ImageFormat::Png)
-    })?;
-    eprintln!(
-        "{}: {} on {w}x{h} -> {}",
-        p.name(),
-        a.input.display(),
-        a.output.display()
     );
     Ok(())
 }

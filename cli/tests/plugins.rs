@@ -119,7 +119,7 @@ fn preprocessor_plugin_runs_through_the_abi_and_in_control_units() {
     assert_eq!((out.width, out.height, out.channels), (4, 1, 3));
 
     // through the CLI: a unit with the plugin's preprocessor equals a unit given the
-    // posterized image directly
+    // posterized image directly (64x64, preprocessed at its own size at resolution 64)
     let d = scratch("plugins", "posterize");
     let src = fixtures().join("inputs/init.png");
     let mut rgb = image::open(&src).unwrap().to_rgb8();
@@ -132,7 +132,7 @@ fn preprocessor_plugin_runs_through_the_abi_and_in_control_units() {
     std::fs::write(
         &cfg,
         format!(
-            "plugins = [\"{}\"]\n\n[[control]]\nmodel = \"{}\"\nimage = \"{}\"\npreprocessor = {{ name = \"posterize\", levels = 4 }}\n",
+            "plugins = [\"{}\"]\n\n[[control]]\nmodel = \"{}\"\nimage = \"{}\"\npreprocessor = {{ name = \"posterize\", levels = 4 }}\nresolution = 64\n",
             lib.display(),
             cn.display(),
             src.display()

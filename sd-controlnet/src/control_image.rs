@@ -121,22 +121,6 @@ pub fn to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
         .to_device(device)?)
 }
 
-/// An image file as an [`ImageBuf`], keeping its transparency (RGBA) when it has any.
-pub fn load_rgba_buf(path: &Path) -> Result<ImageBuf> {
-    if !path.is_file() {
-        return Err(ControlError::file(path, "control image not found"));
-    }
-    let img = image::open(path)
-        .map_err(|e| ControlError::file(path, format!("cannot read control image: {e}")))?;
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let buf = if img.color().has_alpha() {
-        ImageBuf::new(w, h, 4, img.to_rgba8().into_raw())
-    } else {
-        ImageBuf::new(w, h, 3, img.to_rgb8().into_raw())
-    };
-    buf.map_err(ControlError::Invalid)
-}
-
 /// The control tensor of a marked RGBA image (the result of a preprocessor taking
 /// [`sd_plugins_api::InputKind::MaskedImage`], alpha 0 = repaint): colours / 255, -1 at the
 /// marked pixels, fitted to the generation size (the mark is resized with the

@@ -11,9 +11,9 @@ use sd_plugins_api::{
     hwc3, resolve_params, ImageBuf, InputKind, ParamValue, Params, Preprocessor, Registry,
 };
 
-use crate::control_image::{
-    fit, inpaint_tensor, load_rgb, load_rgba_buf, load_unit_mask, to_tensor,
-};
+use crate::control_image::{fit, inpaint_tensor, load_rgb, load_unit_mask, to_tensor};
+use sd_preprocessors::detect::{detect_file, Sizing, RESOLUTIONS};
+
 use crate::error::{ControlError, Result};
 use crate::load::load_controlnet;
 use crate::model::ControlNetModel;
@@ -79,6 +79,9 @@ pub struct UnitSpec {
     pub preprocessor: Option<PreprocessorChoice>,
     pub mask: Option<PathBuf>,
     pub layer_weights: Option<Vec<f64>>,
+    /// The processor resolution a preprocessor runs at (sd-webui-controlnet's
+    /// `processor_res`), as `sdctl detect --resolution`.
+    pub resolution: usize,
 }
 
 impl UnitSpec {
@@ -94,6 +97,7 @@ impl UnitSpec {
             preprocessor: None,
             mask: None,
             layer_weights: None,
+            resolution: Sizing::default().resolution,
         }
     }
 
@@ -107,6 +111,14 @@ impl UnitSpec {
             return bad(format!(
                 "control start={} end={}: need 0 <= start <= end <= 1",
                 self.start, self.end
+            ));
+        }
+        if !RESOLUTIONS.contains(&self.resolution) {
+            return bad(format!(
+                "control resolution={}: use {}..={}",
+                self.resolution,
+                RESOLUTIONS.start(),
+                RESOLUTIONS.end()
             ));
         }
         if !self.weight.is_finite() {
@@ -172,22 +184,28 @@ impl UnitSpec {
                 .map_err(|e| ControlError::file(&self.image, e.to_string()))?;
             fitted(out, p.as_ref())?
         } else if let Some((p, params)) = pre {
-            // A preprocessor taking a masked image reads transparency as its mask (and
-            // returns the marked image, RGBA); the others get RGB.
-            let masked = p.takes(InputKind::MaskedImage);
-            let input = if masked {
-                load_rgba_buf(&self.image)?
-            } else {
-                let rgb = load_rgb(&self.image)?;
-                let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-                ImageBuf::new(w, h, 3, rgb.into_raw()).map_err(ControlError::Invalid)?
+            // the same path as `sdctl detect`: at the unit's processor resolution
+            if !self.image.is_file() {
+                return Err(ControlError::file(&self.image, "control image not found"));
+            }
+            let sizing = Sizing {
+                resolution: self.resolution,
+                pad: false,
             };
-            let (out, _) = registry.run(p.as_ref(), &input, &params).map_err(|e| {
-                ControlError::file(&self.image, format!("preprocessor {}: {e}", p.name()))
-            })?;
+            let out = detect_file(
+                registry,
+                p.as_ref(),
+                &self.image,
+                &params,
+                sizing,
+                (width, height),
+            )
+            .map_err(ControlError::Invalid)?
+            .map;
             let out = ImageBuf::new(out.width, out.height, out.channels, out.data)
                 .map_err(|e| ControlError::Invalid(format!("preprocessor {}: {e}", p.name())))?;
-            if masked && out.channels == 4 {
+            // a preprocessor taking a masked image returns the marked image, RGBA
+            if p.takes(InputKind::MaskedImage) && out.channels == 4 {
                 inpaint_tensor(&out, width, height, self.resize, device)?
             } else {
                 fitted(out, p.as_ref())?

@@ -168,6 +168,12 @@ pub trait Preprocessor: Send + Sync {
     fn input_kinds(&self) -> &[InputKind] {
         &[InputKind::Image]
     }
+    /// Whether its input is brought to the processor resolution first (sd-webui-controlnet's
+    /// `processor_res`); the inpaint preprocessors work at the image's own size (they have no
+    /// resolution slider in sd-webui-controlnet), so the mark lands where the mask says.
+    fn uses_resolution(&self) -> bool {
+        true
+    }
     /// Whether it takes inputs of `kind`.
     fn takes(&self, kind: InputKind) -> bool {
         self.input_kinds().contains(&kind)

@@ -66,6 +66,9 @@ impl Preprocessor for Inpaint {
     fn input_kinds(&self) -> &[InputKind] {
         &[InputKind::MaskedImage]
     }
+    fn uses_resolution(&self) -> bool {
+        false
+    }
     fn params(&self) -> Vec<ParamSpec> {
         vec![ParamSpec::string(
             "mask",

@@ -6,6 +6,7 @@ pub mod canny;
 pub mod cvresize;
 pub mod cvresize_f32;
 pub mod depth_anything;
+pub mod detect;
 pub mod draw;
 pub mod inpaint;
 pub mod lines;

@@ -215,6 +215,9 @@ impl Run<'_> {
                 if let Some(m) = &u.mask {
                     o.insert("mask".into(), path(m));
                 }
+                if u.resolution != sd_controlnet::UnitSpec::new("", "").resolution {
+                    o.insert("resolution".into(), u.resolution.into());
+                }
                 if let Some(p) = &u.preprocessor {
                     let mut pre = Map::new();
                     pre.insert("name".into(), p.name.clone().into());

@@ -344,6 +344,8 @@ fn a_unit_preprocessor_runs_before_the_resize() {
     let cn = fixtures().join("models/controlnet-sd1");
     let mut with_pre = UnitSpec::new(&cn, &img);
     with_pre.preprocessor = Some(sd_controlnet::spec::PreprocessorChoice::named("invert"));
+    // the 64x64 image is preprocessed at its own size at a processor resolution of 64
+    with_pre.resolution = 64;
     let a = with_pre
         .build(&base, 64, 48, &mut Vec::new(), &reg)
         .unwrap();
@@ -491,4 +493,69 @@ fn copies_of_one_latent_give_what_separate_calls_give() {
             &both.mid.narrow(0, 1, 1).unwrap()
         ) > 1e-4
     );
+}
+
+#[test]
+fn a_unit_preprocessor_and_detect_run_at_the_processor_resolution_alike() {
+    // A large photo (chelsea scaled to 1804x1200): `sdctl detect` and a unit's
+    // `preprocessor = "canny"` run the same code at the processor resolution (512 by
+    // default: 768x512 here), so with the generation at that size the unit's control image is
+    // the detected map exactly; canny at the photo's own size would give another map.
+    use sd_preprocessors::detect::{detect, detect_file, read_image, Sizing};
+    let base = sd("sd1");
+    let reg = sd_preprocessors::registry();
+    let photo = std::env::temp_dir().join(format!("big-photo-{}.png", std::process::id()));
+    image::open(fixtures().join("preprocessors/chelsea.png"))
+        .unwrap()
+        .resize_exact(1804, 1200, image::imageops::FilterType::Triangle)
+        .to_rgb8()
+        .save(&photo)
+        .unwrap();
+    let canny = reg.preprocessor("canny").unwrap().clone();
+    let params = sd_plugins_api::resolve_params(&canny.params(), &[]).unwrap();
+    let map = detect_file(
+        &reg,
+        canny.as_ref(),
+        &photo,
+        &params,
+        Sizing::default(),
+        (0, 0),
+    )
+    .unwrap()
+    .map;
+    assert_eq!((map.width, map.height), (768, 512));
+    let mut unit = UnitSpec::new(fixtures().join("models/controlnet-sd1"), &photo);
+    unit.preprocessor = Some(sd_controlnet::spec::PreprocessorChoice::named("canny"));
+    unit.resize = sd_controlnet::ResizeMode::Just;
+    let built = unit.build(&base, 768, 512, &mut Vec::new(), &reg).unwrap();
+    let rgb = sd_plugins_api::hwc3(&map);
+    let want = Tensor::from_vec(
+        rgb.data
+            .iter()
+            .map(|&v| v as f32 / 255.0)
+            .collect::<Vec<_>>(),
+        (512, 768, 3),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .permute((2, 0, 1))
+    .unwrap()
+    .unsqueeze(0)
+    .unwrap();
+    assert_eq!(max_abs_diff(&built.image, &want), 0.0);
+    // at the photo's own size (a resolution of its short side) canny finds other edges
+    let full = detect(
+        &reg,
+        canny.as_ref(),
+        &read_image(&photo).unwrap(),
+        &params,
+        Sizing {
+            resolution: 1200,
+            pad: false,
+        },
+    )
+    .unwrap()
+    .map;
+    assert_eq!((full.width, full.height), (1792, 1216));
+    let _ = std::fs::remove_file(photo);
 }

@@ -178,6 +178,9 @@ pub fn check(
             }
         }
         spec.mask = get_path(&vals, "mask");
+        if let Some(r) = get_int(&vals, "resolution") {
+            spec.resolution = r as usize;
+        }
         spec.weight = get_float(&vals, "weight").unwrap_or(1.0);
         spec.start = get_float(&vals, "start").unwrap_or(0.0);
         spec.end = get_float(&vals, "end").unwrap_or(1.0);

@@ -131,6 +131,12 @@ pub const CONTROL_FIELDS: &[Field] = &[
     // a name, or a table { name = "...", PARAM = VALUE, ... }; checked against the registry
     f("preprocessor", Ty::Str, Default::Str("none")),
     f("mask", Ty::Path(PathRole::File), Default::None),
+    // the processor resolution a preprocessor runs at (sdctl detect --resolution)
+    f(
+        "resolution",
+        Ty::Int { min: 64, max: 8192 },
+        Default::Int(512),
+    ),
 ];
 
 /// Keys of a `[[lora]]` table. `weight` sets both parts; `unet_weight` / `te_weight` one each.
