@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use clap::{Args, Subcommand, ValueEnum};
-use sd_pipeline::models::config::UNetConfig;
-use sd_pipeline::models::unet::UNet2DConditionModel;
+use sd_pipeline::model::config::UNetConfig;
+use sd_pipeline::model::unet::UNet2DConditionModel;
 use sd_plugins_api::Residuals;
 
 use crate::CliResult;
@@ -266,7 +266,7 @@ impl SimpleBackend for PatchedRandom {
     ) -> candle_core::Result<Tensor> {
         let t = RandomWeights.get(s, name, h, dtype, dev)?;
         let start = Instant::now();
-        let t = sd_pipeline::loader::apply_patches(
+        let t = sd_pipeline::loading::backend::apply_patches(
             &self.patches,
             sd_plugins_api::ModelPart::Unet,
             name,
@@ -390,7 +390,7 @@ fn load(a: LoadArgs) -> CliResult {
     let dtype = crate::device::dtype(&a.dtype)?;
     crate::device::check_dtype(&device, dtype)?;
     let (mean, min, first) = timed(a.iters, &device, &|| {
-        sd_pipeline::loader::StableDiffusion::load_with_vae(&a.model, &device, dtype, &[], None)?;
+        sd_pipeline::StableDiffusion::load_with_vae(&a.model, &device, dtype, &[], None)?;
         Ok(())
     })?;
     println!(

@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use sd_controlnet::{ControlNetHook, UnitSpec};
-use sd_pipeline::image_io::{image_size, load_image, load_mask, write_png};
-use sd_pipeline::noise::TorchRng;
-use sd_pipeline::philox::PhiloxRng;
+use sd_pipeline::generation::image_io::{image_size, load_image, load_mask, write_png};
+use sd_pipeline::rng::PhiloxRng;
+use sd_pipeline::rng::TorchRng;
 use sd_pipeline::{GenerateRequest, StableDiffusion};
 use sd_plugins_api::HookSet;
 
@@ -181,7 +181,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
         hooks.push(i.hook());
     }
     hooks.push(Box::new(progress));
-    let mut rng: Box<dyn sd_pipeline::noise::NoiseSource> = match st.rng.as_str() {
+    let mut rng: Box<dyn sd_pipeline::rng::NoiseSource> = match st.rng.as_str() {
         "philox" => Box::new(PhiloxRng::new(seed)),
         _ => Box::new(TorchRng::new(seed)),
     };

@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand, ValueEnum};
-use sd_pipeline::single_file::{self, Checkpoint, Kind, Store};
+use sd_pipeline::loading::single_file::{self, Checkpoint, Kind};
 use sd_plugins_api::ModelPart;
+use sd_weights::Store;
 
 use crate::CliResult;
 
@@ -104,7 +105,7 @@ fn inspect_folder(path: &Path) -> CliResult {
     let mut all = Vec::new();
     for part in ["unet", "vae", "text_encoder"] {
         let mut n = 0;
-        for f in sd_pipeline::loader::weight_files(&path.join(part))? {
+        for f in sd_pipeline::loading::files::weight_files(&path.join(part))? {
             let store = Store::open(&f)?;
             n += store
                 .shapes()
@@ -122,7 +123,7 @@ fn inspect_folder(path: &Path) -> CliResult {
 fn inspect_file(path: &Path) -> CliResult {
     let store = Store::open(path)?;
     let shapes = store.shapes();
-    let format = if single_file::pickle::is_pickle(path) {
+    let format = if sd_weights::pickle::is_pickle(path) {
         "PyTorch pickle (read without running code)"
     } else {
         "safetensors"

@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use sd_pipeline::loader::weight_files;
-use sd_pipeline::models::unet::UNet2DConditionModel;
-use sd_pipeline::noise::{NoiseSource, TorchRng};
+use sd_pipeline::loading::files::weight_files;
+use sd_pipeline::model::unet::UNet2DConditionModel;
+use sd_pipeline::rng::{NoiseSource, TorchRng};
 use sd_pipeline::samplers::{alphas_cumprod, PredictionType, SamplerKind, Schedule};
 use sd_pipeline::{GenerateRequest, StableDiffusion};
 use sd_plugins_api::{HookSet, Residuals};
@@ -709,7 +709,7 @@ impl Trainer {
         let dir = self.cfg.output.join("validation");
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let path = dir.join(format!("step-{}.png", self.step));
-        sd_pipeline::image_io::save_png(
+        sd_pipeline::generation::image_io::save_png(
             &path,
             &out.images.get(0)?,
             &[("parameters", prompt.as_str())],
