@@ -8,7 +8,7 @@
 //! - [`model`]: the networks on candle with diffusers parameter names: UNet, VAE, CLIP text
 //!   model, their blocks and layers (`nn`), their configs, the LDM names of UNet parameters,
 //!   and the classifier-free-guidance batch sharing.
-//! - [`samplers`]: noise schedules and the samplers (Euler, Euler a, DPM++, DDIM...), with the
+//! - [`samplers`]: noise schedules and the samplers (DDIM, Euler, Euler a, DPM++ 2M), with the
 //!   [`samplers::NoiseSource`] trait they draw noise through.
 //! - [`rng`]: seeded noise sources bit-exact with PyTorch (CPU mt19937, CUDA Philox).
 //! - [`text`]: the CLIP tokenizer, A1111 prompt emphasis syntax, and prompt encoding.
@@ -19,7 +19,8 @@
 //!   tensors are read; the files themselves are read by the `sd-weights` crate.
 //! - [`generation`]: the denoising loop ([`GenerateRequest`] -> [`GenerateOutput`]) and image
 //!   reading / writing.
-//! - [`error`]: [`Error`], which names the file, tensor or value at fault.
+//! - [`error`]: [`Error`], which names the file, tensor or value at fault (it uses only
+//!   [`samplers`], for their error).
 
 pub mod cpu;
 pub mod error;
