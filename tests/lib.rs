@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use sd_pipeline::image_io::{load_image, load_mask};
-use sd_pipeline::noise::NoiseSource;
+use sd_pipeline::generation::image_io::{load_image, load_mask};
+use sd_pipeline::rng::NoiseSource;
 use sd_pipeline::GenerateRequest;
 
 /// `tests/fixtures/` of this workspace.

@@ -10,8 +10,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use sd::bench::{
     merged_unet, once, peak_rss, peak_rss_bytes, rounds, timed, RandomVars, RandomWeights,
 };
-use sd_pipeline::models::config::UNetConfig;
-use sd_pipeline::models::unet::UNet2DConditionModel;
+use sd_pipeline::model::config::UNetConfig;
+use sd_pipeline::model::unet::UNet2DConditionModel;
 use sd_plugins_api::Residuals;
 
 use crate::CliResult;
@@ -197,7 +197,7 @@ fn load(a: LoadArgs) -> CliResult {
     let dtype = sd::device::dtype(&a.dtype)?;
     sd::device::check_dtype(&device, dtype)?;
     let (mean, min, first) = timed(a.iters, &device, &|| {
-        sd_pipeline::loader::StableDiffusion::load_with_vae(&a.model, &device, dtype, &[], None)?;
+        sd_pipeline::StableDiffusion::load_with_vae(&a.model, &device, dtype, &[], None)?;
         Ok(())
     })?;
     println!(

@@ -572,7 +572,7 @@ fn every_hook_point_and_weight_patches_cross_the_abi() {
             .unwrap();
         let mut hooks = HookSet::new();
         hooks.push(hook);
-        let mut rng = sd_pipeline::noise::TorchRng::new(11);
+        let mut rng = sd_pipeline::rng::TorchRng::new(11);
         let out = sd.generate(&req, &mut hooks, &mut rng).unwrap();
         (out.latents, out.images)
     };

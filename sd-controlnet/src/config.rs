@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use sd_pipeline::models::config::{UNetConfig, UNetConfigFile};
+use sd_pipeline::model::config::{UNetConfig, UNetConfigFile};
 use serde_json::Value;
 
 use crate::error::{ControlError, Result};
@@ -132,7 +132,7 @@ impl ControlNetConfig {
         let mut cfg = Self::from_unet(&unet);
         let vae = base.join("vae/config.json");
         if vae.is_file() {
-            let levels = sd_pipeline::models::config::VaeConfig::from_file(&vae)?
+            let levels = sd_pipeline::model::config::VaeConfig::from_file(&vae)?
                 .block_out_channels
                 .len();
             let mut ch = vec![16, 32, 96, 256];

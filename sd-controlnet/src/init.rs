@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sd_pipeline::loader::weight_files;
-use sd_pipeline::noise::TorchRng;
+use sd_pipeline::loading::files::weight_files;
+use sd_pipeline::rng::TorchRng;
 use serde_json::Value;
 
 use crate::config::ControlNetConfig;
@@ -190,7 +190,7 @@ pub fn init_config_json(unet_config: &Path, cfg: &ControlNetConfig) -> Result<Va
 pub fn write_initial_controlnet(base: &Path, out: &Path, seed: u64) -> Result<()> {
     let unet_dir = base.join("unet");
     let unet_cfg_path = unet_dir.join("config.json");
-    let unet_cfg = sd_pipeline::models::config::UNetConfig::from_file(&unet_cfg_path)?;
+    let unet_cfg = sd_pipeline::model::config::UNetConfig::from_file(&unet_cfg_path)?;
     let _ = unet_cfg;
     let cfg = ControlNetConfig::for_base(base)?;
     let weights = init_weights(&unet_dir, &cfg, seed)?;

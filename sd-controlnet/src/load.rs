@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use sd_pipeline::loader::{load_component, tensor_shapes, weight_files};
-use sd_pipeline::models::config::UNetConfig;
-use sd_pipeline::models::ldm_names::unet_ldm_name;
+use sd_pipeline::loading::diffusers::load_component;
+use sd_pipeline::loading::files::{tensor_shapes, weight_files};
+use sd_pipeline::model::config::UNetConfig;
+use sd_pipeline::model::ldm_names::unet_ldm_name;
 use sd_plugins_api::ModelPart;
 
 use crate::config::ControlNetConfig;
@@ -150,7 +151,7 @@ pub fn load_controlnet(
             // A1111's sidecar NAME.yaml (cldm config) overrides the base's architecture
             let yaml = weights_path.with_extension("yaml");
             let side = if yaml.is_file() {
-                let s = sd_pipeline::single_file::detect::read_control_sidecar(&yaml)
+                let s = sd_pipeline::loading::single_file::detect::read_control_sidecar(&yaml)
                     .map_err(|m| ControlError::file(&yaml, m))?;
                 s.apply(&mut unet);
                 Some(s)

@@ -2,14 +2,14 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use sd_pipeline::models::nn::Conv2d;
-use sd_pipeline::models::unet::UNetEncoder;
+use sd_pipeline::model::nn::Conv2d;
+use sd_pipeline::model::unet::UNetEncoder;
 use sd_plugins_api::Residuals;
 
 use crate::config::ControlNetConfig;
 
 fn conv(i: usize, o: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    sd_pipeline::models::nn::conv2d(i, o, k, stride, k / 2, vb)
+    sd_pipeline::model::nn::conv2d(i, o, k, stride, k / 2, vb)
 }
 
 /// The hint encoder: conv_in, pairs of (3x3, stride-2 3x3) convs with SiLU, conv_out.

@@ -158,7 +158,7 @@ impl ControlUnit {
     /// Check the unit against the base UNet before any denoising.
     pub fn validate_for(
         &self,
-        base: &sd_pipeline::models::config::UNetConfig,
+        base: &sd_pipeline::model::config::UNetConfig,
         base_skips: usize,
         latent_channels: usize,
     ) -> Result<(), ControlError> {

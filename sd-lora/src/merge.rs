@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use sd_pipeline::loader::weight_files;
+use sd_pipeline::loading::files::weight_files;
 use sd_plugins_api::{ModelPart, WeightPatch};
 
 use crate::error::{LoraError, Result};

@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use sd_pipeline::loader::{tensor_shapes, weight_files};
-use sd_pipeline::models::config::UNetConfig;
-use sd_pipeline::models::ldm_names::unet_ldm_name;
+use sd_pipeline::loading::files::{tensor_shapes, weight_files};
+use sd_pipeline::model::config::UNetConfig;
+use sd_pipeline::model::ldm_names::unet_ldm_name;
 use sd_plugins_api::ModelPart;
 
 use crate::error::Result;
@@ -34,7 +34,7 @@ impl Targets {
     pub fn from_model(root: &Path) -> Result<Self> {
         let mut t = Targets::default();
         if root.is_file() {
-            let ck = sd_pipeline::single_file::Checkpoint::open(root)?;
+            let ck = sd_pipeline::loading::single_file::Checkpoint::open(root)?;
             let unet_cfg = ck.unet_config()?;
             for (part, name, _, shape) in ck.inventory()?.params {
                 match part {

@@ -47,6 +47,23 @@ impl From<crate::samplers::SamplerError> for Error {
     }
 }
 
+/// A weight file that could not be read, as the loaders report it: a malformed header or
+/// pickle is a [`Error::Config`] problem of the file, a tensor candle could not read
+/// [`Error::Weights`]; the message (file, tensor, what was expected) is `sd-weights`' own.
+impl From<sd_weights::Error> for Error {
+    fn from(e: sd_weights::Error) -> Self {
+        match e {
+            sd_weights::Error::Io { path, source } => Error::Io { path, source },
+            sd_weights::Error::Safetensors { path, source } => Error::Config {
+                path,
+                message: format!("not a safetensors file: {source}"),
+            },
+            sd_weights::Error::Pickle { path, message } => Error::Config { path, message },
+            sd_weights::Error::Tensor { path, source } => Error::Weights { path, source },
+        }
+    }
+}
+
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use sd_pipeline::models::config::{UNetConfig, UNetConfigFile};
-use sd_pipeline::models::unet::UNet2DConditionModel;
+use sd_pipeline::model::config::{UNetConfig, UNetConfigFile};
+use sd_pipeline::model::unet::UNet2DConditionModel;
 
 fn tiny(linear: bool) -> UNetConfig {
     tiny_with(["CrossAttnDownBlock2D", "DownBlock2D"], linear)

@@ -36,10 +36,10 @@ use candle_nn::{
     conv2d, conv2d_no_bias, conv_transpose2d, layer_norm, linear, Conv2d, Conv2dConfig,
     ConvTranspose2d, ConvTranspose2dConfig, LayerNorm, LayerNormConfig, Linear, VarBuilder,
 };
-use sd_pipeline::single_file::Store;
 use sd_plugins_api::{
     hwc3, register_preprocessor, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
 };
+use sd_weights::Store;
 
 use crate::cvresize::cubic_coeffs;
 use crate::cvresize_f32::{resize_f32, Interp};

@@ -14,13 +14,13 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use sd_controlnet::control_image::load_control_image;
 use sd_controlnet::units::ResizeMode;
-use sd_pipeline::models::clip::ClipTextModel;
-use sd_pipeline::models::config::{ClipConfig, UNetConfig, VaeConfig};
-use sd_pipeline::models::unet::UNet2DConditionModel;
-use sd_pipeline::models::vae::AutoencoderKL;
-use sd_pipeline::noise::{NoiseSource, TorchRng};
+use sd_pipeline::model::clip::ClipTextModel;
+use sd_pipeline::model::config::{ClipConfig, UNetConfig, VaeConfig};
+use sd_pipeline::model::unet::UNet2DConditionModel;
+use sd_pipeline::model::vae::AutoencoderKL;
+use sd_pipeline::rng::{NoiseSource, TorchRng};
 use sd_pipeline::samplers::{alphas_cumprod, PredictionType};
-use sd_pipeline::tokenizer::ClipTokenizer;
+use sd_pipeline::text::tokenizer::ClipTokenizer;
 use sd_pipeline::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
@@ -165,11 +165,14 @@ pub fn new_model(configs: &Path, out: &Path, seed: u64) -> Result<()> {
     std::fs::copy(&sched, s.join("scheduler_config.json")).map_err(io_err(&s))?;
     let t = stage.join("tokenizer");
     std::fs::create_dir_all(&t).map_err(io_err(&t))?;
-    std::fs::write(t.join("vocab.json"), sd_pipeline::tokenizer::EMBEDDED_VOCAB)
-        .map_err(io_err(&t))?;
+    std::fs::write(
+        t.join("vocab.json"),
+        sd_pipeline::text::tokenizer::EMBEDDED_VOCAB,
+    )
+    .map_err(io_err(&t))?;
     std::fs::write(
         t.join("merges.txt"),
-        sd_pipeline::tokenizer::EMBEDDED_MERGES,
+        sd_pipeline::text::tokenizer::EMBEDDED_MERGES,
     )
     .map_err(io_err(&t))?;
     std::fs::write(
@@ -450,7 +453,7 @@ pub fn train_vae(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Res
     let dev = Device::Cpu;
     let vae_cfg_path = cfg.model.join("vae/config.json");
     let vae_cfg = VaeConfig::from_file(&vae_cfg_path)?;
-    let w = load_weights(&sd_pipeline::loader::weight_files(&cfg.model.join("vae"))?[0])?;
+    let w = load_weights(&sd_pipeline::loading::files::weight_files(&cfg.model.join("vae"))?[0])?;
     let (vars, tensors) = vars_from(w)?;
     let vae = AutoencoderKL::new(
         &vae_cfg,
@@ -619,7 +622,7 @@ pub fn train_unet(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Re
     let tok: &ClipTokenizer = &sd.tokenizer;
     let unet_cfg = UNetConfig::from_file(&cfg.model.join("unet/config.json"))?;
     let clip_cfg = ClipConfig::from_file(&cfg.model.join("text_encoder/config.json"))?;
-    let uw = load_weights(&sd_pipeline::loader::weight_files(&cfg.model.join("unet"))?[0])?;
+    let uw = load_weights(&sd_pipeline::loading::files::weight_files(&cfg.model.join("unet"))?[0])?;
     let (mut vars, ut) = vars_from(uw)?;
     for v in vars.iter_mut() {
         v.0 = format!("unet.{}", v.0);
@@ -627,8 +630,9 @@ pub fn train_unet(cfg: &BaseTrainConfig, report: &mut dyn FnMut(BaseStep)) -> Re
     let unet =
         UNet2DConditionModel::new(&unet_cfg, VarBuilder::from_tensors(ut, DType::F32, &dev))?;
     let text = if cfg.train_text_encoder {
-        let tw =
-            load_weights(&sd_pipeline::loader::weight_files(&cfg.model.join("text_encoder"))?[0])?;
+        let tw = load_weights(
+            &sd_pipeline::loading::files::weight_files(&cfg.model.join("text_encoder"))?[0],
+        )?;
         let (tv, tt) = vars_from(tw)?;
         vars.extend(
             tv.into_iter()

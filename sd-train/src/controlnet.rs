@@ -16,8 +16,8 @@ use sd_controlnet::control_image::load_control_image;
 use sd_controlnet::init::{init_config_json, init_weights};
 use sd_controlnet::model::ControlNetModel;
 use sd_controlnet::units::{ControlNetHook, ControlUnit, ResizeMode};
-use sd_pipeline::models::unet::UNet2DConditionModel;
-use sd_pipeline::noise::{NoiseSource, TorchRng};
+use sd_pipeline::model::unet::UNet2DConditionModel;
+use sd_pipeline::rng::{NoiseSource, TorchRng};
 use sd_pipeline::samplers::{alphas_cumprod, PredictionType, SamplerKind, Schedule};
 use sd_pipeline::{GenerateRequest, StableDiffusion};
 use sd_plugins_api::{HookSet, Residuals};
@@ -630,7 +630,7 @@ impl Trainer {
         let dir = self.cfg.output.join("validation");
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let path = dir.join(format!("step-{}.png", self.step));
-        sd_pipeline::image_io::save_png(
+        sd_pipeline::generation::image_io::save_png(
             &path,
             &out.images.get(0)?,
             &[("parameters", prompt.as_str())],

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use sd_pipeline::loader::weight_files;
+use sd_pipeline::loading::files::weight_files;
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};

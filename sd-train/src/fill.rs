@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 
 use image::{Rgb, RgbImage};
-use sd_pipeline::noise::TorchRng;
+use sd_pipeline::rng::TorchRng;
 
 use crate::error::{Result, TrainError};
 

@@ -7,8 +7,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use sd_pipeline::models::config::UNetConfig;
-use sd_pipeline::models::unet::UNet2DConditionModel;
+use sd_pipeline::model::config::UNetConfig;
+use sd_pipeline::model::unet::UNet2DConditionModel;
 
 use crate::error::Result;
 
@@ -106,7 +106,7 @@ impl SimpleBackend for PatchedRandom {
     ) -> candle_core::Result<Tensor> {
         let t = RandomWeights.get(s, name, h, dtype, dev)?;
         let start = Instant::now();
-        let t = sd_pipeline::loader::apply_patches(
+        let t = sd_pipeline::loading::backend::apply_patches(
             &self.patches,
             sd_plugins_api::ModelPart::Unet,
             name,

@@ -77,11 +77,11 @@ pub fn base_dir() -> Result<PathBuf> {
     }
     write(
         "tokenizer/vocab.json",
-        sd_pipeline::tokenizer::EMBEDDED_VOCAB.as_bytes(),
+        sd_pipeline::text::tokenizer::EMBEDDED_VOCAB.as_bytes(),
     )?;
     write(
         "tokenizer/merges.txt",
-        sd_pipeline::tokenizer::EMBEDDED_MERGES.as_bytes(),
+        sd_pipeline::text::tokenizer::EMBEDDED_MERGES.as_bytes(),
     )?;
     write("model_index.json", FILES[0].1)?;
     match std::fs::rename(&stage, &root) {

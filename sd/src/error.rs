@@ -38,6 +38,13 @@ boxed_from!(
     Tensor: candle_core::Error,
 );
 
+/// Weight-file errors read as sd-pipeline words them.
+impl From<sd_weights::Error> for Error {
+    fn from(e: sd_weights::Error) -> Self {
+        sd_pipeline::Error::from(e).into()
+    }
+}
+
 impl From<String> for Error {
     fn from(m: String) -> Self {
         Error::Message(m)

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::Path;
 
-use sd_pipeline::single_file::{self, Checkpoint, Kind, Store};
+use sd_pipeline::loading::single_file::{self, Checkpoint, Kind};
 use sd_plugins_api::ModelPart;
+use sd_weights::Store;
 
 use crate::error::Result;
 
@@ -135,7 +136,7 @@ fn describe_folder(path: &Path, out: &mut String) -> Result<()> {
     let mut all = Vec::new();
     for part in ["unet", "vae", "text_encoder"] {
         let mut n = 0;
-        for f in sd_pipeline::loader::weight_files(&path.join(part))? {
+        for f in sd_pipeline::loading::files::weight_files(&path.join(part))? {
             let store = Store::open(&f)?;
             n += store
                 .shapes()
@@ -153,7 +154,7 @@ fn describe_folder(path: &Path, out: &mut String) -> Result<()> {
 fn describe_file(path: &Path, out: &mut String) -> Result<()> {
     let store = Store::open(path)?;
     let shapes = store.shapes();
-    let format = if single_file::pickle::is_pickle(path) {
+    let format = if sd_weights::pickle::is_pickle(path) {
         "PyTorch pickle (read without running code)"
     } else {
         "safetensors"

@@ -3,11 +3,12 @@
 //! weights, so only summation order differs).
 
 use candle_core::{DType, Device, Tensor};
-use sd_pipeline::loader::{load_component, weight_files};
-use sd_pipeline::models::clip::ClipTextModel;
-use sd_pipeline::models::config::ClipConfig;
+use sd_pipeline::loading::diffusers::load_component;
+use sd_pipeline::loading::files::weight_files;
+use sd_pipeline::model::clip::ClipTextModel;
+use sd_pipeline::model::config::ClipConfig;
+use sd_pipeline::text::tokenizer::ClipTokenizer;
 use sd_pipeline::text::{encode_chunks, encode_prompts};
-use sd_pipeline::tokenizer::ClipTokenizer;
 use sd_plugins_api::ModelPart;
 use sd_tests::{assert_close, expected, fixtures, get, model_dir};
 

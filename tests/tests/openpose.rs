@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use sd_pipeline::noise::TorchRng;
+use sd_pipeline::rng::TorchRng;
 use sd_preprocessors::openpose::{assemble, net, people, to_pose, upsample, BodyNet, Maps};
 use sd_tests::fixtures;
 
@@ -194,7 +194,7 @@ fn weights_come_from_pth_without_running_pickle_code() {
     // partial_body.pth (torch.save zip) holds conv1_1/conv1_2: read by the pickle-free
     // loader they equal the regenerated weights; the missing layers are named.
     let path = fixtures().join("openpose/partial_body.pth");
-    let store = sd_pipeline::single_file::Store::open(&path).unwrap();
+    let store = sd_weights::Store::open(&path).unwrap();
     let w = random_weights();
     for n in [
         "conv1_1.weight",

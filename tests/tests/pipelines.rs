@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device};
-use sd_pipeline::noise::TorchRng;
+use sd_pipeline::rng::TorchRng;
 use sd_pipeline::StableDiffusion;
 use sd_plugins_api::HookSet;
 use sd_tests::{assert_close, case_request, expected, fixtures, get, model_dir, Replay};

@@ -1,8 +1,8 @@
 //! `--rng torch-cpu` and `--rng philox` against reference draws (expected/rng.safetensors from
 //! make_rng_fixtures.py): bit-exact, for several seeds and shapes, two draws in a row.
 
-use sd_pipeline::noise::TorchRng;
-use sd_pipeline::philox::PhiloxRng;
+use sd_pipeline::rng::PhiloxRng;
+use sd_pipeline::rng::TorchRng;
 use sd_tests::expected;
 
 const SEEDS: [u64; 5] = [0, 1, 42, 123_456_789, (1 << 32) + 5];

@@ -3,9 +3,9 @@
 //! results; pickles are read without running code; wrong kinds of file are clear errors.
 
 use candle_core::{DType, Device, Tensor};
+use sd_pipeline::loading::single_file::{Checkpoint, Family};
 use sd_pipeline::samplers::{SamplerKind, Schedule};
-use sd_pipeline::single_file::{Checkpoint, Family};
-use sd_pipeline::tokenizer::ClipTokenizer;
+use sd_pipeline::text::tokenizer::ClipTokenizer;
 use sd_pipeline::{GenerateRequest, StableDiffusion};
 use sd_plugins_api::HookSet;
 use sd_tests::{fixtures, max_abs_diff, model_dir};
@@ -40,7 +40,7 @@ fn run(sd: &StableDiffusion) -> (Tensor, Tensor) {
         .generate(
             &req,
             &mut HookSet::new(),
-            &mut sd_pipeline::noise::TorchRng::new(5),
+            &mut sd_pipeline::rng::TorchRng::new(5),
         )
         .unwrap();
     (out.latents, out.images)
@@ -180,7 +180,7 @@ fn other_kinds_of_file_are_clear_errors() {
 fn folder_tensors(dir: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
     let mut out = std::collections::HashMap::new();
     for part in ["unet", "vae", "text_encoder"] {
-        for f in sd_pipeline::loader::weight_files(&dir.join(part)).unwrap() {
+        for f in sd_pipeline::loading::files::weight_files(&dir.join(part)).unwrap() {
             for (k, v) in candle_core::safetensors::load(&f, &Device::Cpu).unwrap() {
                 let k = k.strip_prefix("text_model.").unwrap_or(&k).to_string();
                 if !k.ends_with("position_ids") {
@@ -212,7 +212,7 @@ fn assert_same_tensors(a: &std::path::Path, b: &std::path::Path) {
 
 #[test]
 fn convert_round_trips_tensor_for_tensor() {
-    use sd_pipeline::single_file::convert::{to_diffusers, to_single_file};
+    use sd_pipeline::loading::single_file::convert::{to_diffusers, to_single_file};
     let dir = std::env::temp_dir().join(format!("convert-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use super::SamplerError;
+use super::error::SamplerError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PredictionType {

@@ -3,8 +3,9 @@
 use candle_core::{Result, Tensor};
 
 use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
+use super::error::SamplerError;
+use super::sampler::{NoiseSource, Sampler};
 use super::schedule::{alphas_cumprod, np_arange_down, np_linspace, round_half_even};
-use super::{NoiseSource, Sampler, SamplerError};
 
 pub struct Ddim {
     timesteps: Vec<f64>,

@@ -5,11 +5,12 @@
 use candle_core::{Result, Tensor};
 
 use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::error::SamplerError;
+use super::sampler::{NoiseSource, Sampler};
 use super::schedule::{
     alphas_cumprod, interp, karras, log_sigmas, np_arange_down, np_linspace, round_half_even,
     sigma_to_t, train_sigmas,
 };
-use super::{NoiseSource, Sampler, SamplerError};
 
 pub struct DpmSolver {
     /// int64 timesteps, as f64.

@@ -4,11 +4,12 @@
 use candle_core::{Result, Tensor};
 
 use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
+use super::error::SamplerError;
+use super::sampler::{NoiseSource, Sampler};
 use super::schedule::{
     alphas_cumprod, interp, karras, log_sigmas, np_arange_down, np_linspace, round_half_even,
     sigma_to_t, train_sigmas,
 };
-use super::{NoiseSource, Sampler, SamplerError};
 
 pub struct Euler {
     /// float32 timesteps, as f64.

@@ -12,51 +12,18 @@
 mod config;
 mod ddim;
 mod dpm;
+mod error;
 mod euler;
+mod sampler;
 mod schedule;
 
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{Device, Tensor};
-use thiserror::Error;
-
 pub use config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+pub use error::SamplerError;
+pub use sampler::{NoiseSource, Sampler};
 pub use schedule::alphas_cumprod;
-
-/// Errors of sampler names and scheduler configs; each names the file, key and value at fault.
-#[derive(Debug, Error)]
-pub enum SamplerError {
-    #[error("unknown sampler {name:?}: expected one of ddim, euler, euler_a, dpmpp_2m")]
-    UnknownSampler { name: String },
-    #[error("unknown schedule {name:?}: expected normal or karras")]
-    UnknownSchedule { name: String },
-    #[error("cannot read scheduler config {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("invalid JSON in scheduler config {path}: {source}")]
-    Json {
-        path: String,
-        source: serde_json::Error,
-    },
-    /// A key of a scheduler config holds a value we cannot use, e.g.
-    /// `unknown beta_schedule "foo" in scheduler/scheduler_config.json (expected ...)`.
-    #[error("{problem} {key} {value} in {path}{note}")]
-    Config {
-        path: String,
-        key: String,
-        value: String,
-        /// "unknown", "unsupported" or "invalid".
-        problem: &'static str,
-        /// Empty or ` (...)` with what would be accepted.
-        note: String,
-    },
-    /// A parameter out of range (steps).
-    #[error("{0}")]
-    Invalid(String),
-}
 
 /// The samplers offered, by their user-facing names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -153,43 +120,6 @@ impl fmt::Display for Schedule {
             Self::Karras => "karras",
         })
     }
-}
-
-/// Supplies the per-step noise of ancestral samplers (and anything else random).
-/// Tests replay recorded noise through it.
-pub trait NoiseSource {
-    fn randn(&mut self, shape: &[usize], device: &Device) -> candle_core::Result<Tensor>;
-}
-
-/// One sampler run over a fixed schedule. Indices `i` count steps of the full schedule
-/// (diffusers' `step_index` with `set_begin_index`), so an img2img run starts at
-/// [`img2img_start_index`] and inpainting re-noises with `add_noise(.., i + 1)` after step `i`.
-pub trait Sampler {
-    /// Model timesteps (what the UNet receives), one per inference step, in order: exactly
-    /// diffusers' `scheduler.timesteps` (int64 for DDIM/DPM-Solver, float32 for Euler/Euler a).
-    fn timesteps(&self) -> &[f64];
-    /// Standard deviation of the initial txt2img latents (1 for DDIM/DPM-Solver).
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    /// diffusers `scale_model_input` for step `i` (index into `timesteps`).
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> candle_core::Result<Tensor> {
-        Ok(sample.clone())
-    }
-    /// One step from index `i`: `model_output` is the (guided) UNet output for `timesteps()[i]`.
-    /// Multistep samplers remember earlier outputs: call it for consecutive `i`.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        i: usize,
-        sample: &Tensor,
-        noise: &mut dyn NoiseSource,
-    ) -> candle_core::Result<Tensor>;
-    /// `original` noised to the level of step `i` (img2img start, inpaint blending): DDIM uses
-    /// `alphas_cumprod[timesteps[i]]`, the sigma samplers `sigmas[i]`. `i` must be below
-    /// `timesteps().len()` (diffusers' inpainting skips the blend after the last step).
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize)
-        -> candle_core::Result<Tensor>;
 }
 
 /// Build a sampler for `steps` steps. The mapping to diffusers classes:

@@ -166,8 +166,8 @@ impl BodyNet {
 
     /// Load `body_pose_model.pth` (read without running pickle code) or a safetensors file.
     pub fn load(path: &Path, device: &Device) -> Result<Self, String> {
-        let store = sd_pipeline::single_file::Store::open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let store =
+            sd_weights::Store::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Self::new(
             &|n| {
                 store.get(n).map_err(|_| {

@@ -10,6 +10,8 @@ use std::path::Path;
 use candle_core::pickle::{Object, PthTensors, Stack};
 use candle_core::Tensor;
 
+use crate::error::{Error, Result};
+
 /// Classes a state-dict pickle may name (A1111 `modules/safe.py` allows the same kinds).
 const ALLOWED: &[(&str, &str)] = &[
     ("collections", "OrderedDict"),
@@ -44,6 +46,7 @@ const ALLOWED: &[(&str, &str)] = &[
     ),
 ];
 
+/// Whether `path` is read as a pickle (by its extension: `.ckpt`, `.pth`, `.pt`, `.bin`).
 pub fn is_pickle(path: &Path) -> bool {
     matches!(
         path.extension()
@@ -54,7 +57,7 @@ pub fn is_pickle(path: &Path) -> bool {
     )
 }
 
-fn check(o: &Object) -> Result<(), String> {
+fn check(o: &Object) -> std::result::Result<(), String> {
     match o {
         Object::Class {
             module_name,
@@ -84,7 +87,7 @@ fn check(o: &Object) -> Result<(), String> {
 
 /// Decode every pickle in the archive and check the classes it names; returns whether the
 /// top level is a dict with a `state_dict` entry.
-fn scan(path: &Path) -> Result<bool, String> {
+fn scan(path: &Path) -> std::result::Result<bool, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| {
         format!("not a PyTorch zip archive ({e}); legacy tar/raw pickles are not read")
@@ -120,10 +123,11 @@ fn scan(path: &Path) -> Result<bool, String> {
     Ok(has_state_dict)
 }
 
-/// Names and shapes of the tensors (after the safety scan).
-pub fn shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>, String> {
-    let key = scan(path)?.then_some("state_dict");
-    let pth = PthTensors::new(path, key).map_err(|e| e.to_string())?;
+/// Names and shapes of the tensors (after the safety scan), sorted by name.
+pub fn shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    let bad = |m: String| Error::pickle(path, m);
+    let key = scan(path).map_err(bad)?.then_some("state_dict");
+    let pth = PthTensors::new(path, key).map_err(|e| bad(e.to_string()))?;
     let mut out: Vec<(String, Vec<usize>)> = pth
         .tensor_infos()
         .iter()
@@ -134,14 +138,16 @@ pub fn shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>, String> {
 }
 
 /// Every tensor of the file (after the safety scan), on the CPU.
-pub fn load(path: &Path) -> Result<HashMap<String, Tensor>, String> {
-    let key = scan(path)?.then_some("state_dict");
-    let pth = PthTensors::new(path, key).map_err(|e| e.to_string())?;
+pub fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bad = |m: String| Error::pickle(path, m);
+    let key = scan(path).map_err(bad)?.then_some("state_dict");
+    let pth = PthTensors::new(path, key).map_err(|e| bad(e.to_string()))?;
     let mut out = HashMap::new();
     for name in pth.tensor_infos().keys() {
-        if let Some(t) = pth.get(name).map_err(|e| format!("{name}: {e}"))? {
+        if let Some(t) = pth.get(name).map_err(|e| bad(format!("{name}: {e}")))? {
             out.insert(name.clone(), t);
         }
     }
+    tracing::debug!(path = %path.display(), tensors = out.len(), "read a pickle");
     Ok(out)
 }

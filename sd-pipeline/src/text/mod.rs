@@ -1,12 +1,17 @@
 //! Prompt encoding as AUTOMATIC1111 does it: emphasis `(word:1.2)` / `[word]` / `BREAK`, 75-token
-//! chunks through the CLIP text encoder, `clip_skip` on both prompts.
+//! chunks through the CLIP text encoder, `clip_skip` on both prompts. The CLIP BPE tokenizer
+//! is in [`tokenizer`], the emphasis syntax in [`prompt`], the text model in
+//! [`crate::model::clip`].
+
+pub mod prompt;
+pub mod tokenizer;
 
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::models::clip::ClipTextModel;
-use crate::prompt::parse_prompt_attention;
-use crate::tokenizer::{ClipTokenizer, WeightedChunk};
+use crate::model::clip::ClipTextModel;
+use prompt::parse_prompt_attention;
+use tokenizer::{ClipTokenizer, WeightedChunk};
 
 /// Encode token chunks `[n, 77]` and lay them end to end: `[1, 77 * n, D]`.
 pub fn encode_chunks(

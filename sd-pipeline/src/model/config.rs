@@ -38,9 +38,9 @@ fn d_true() -> bool {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfigFile {
-    #[serde(default = "unet_d::in_channels")]
+    #[serde(default = "UnetDefaults::in_channels")]
     pub in_channels: usize,
-    #[serde(default = "unet_d::in_channels")]
+    #[serde(default = "UnetDefaults::in_channels")]
     pub out_channels: usize,
     #[serde(default)]
     pub center_input_sample: bool,
@@ -48,31 +48,31 @@ pub struct UNetConfigFile {
     pub flip_sin_to_cos: bool,
     #[serde(default)]
     pub freq_shift: f64,
-    #[serde(default = "unet_d::down_block_types")]
+    #[serde(default = "UnetDefaults::down_block_types")]
     pub down_block_types: Vec<String>,
-    #[serde(default = "unet_d::mid_block_type")]
+    #[serde(default = "UnetDefaults::mid_block_type")]
     pub mid_block_type: Option<String>,
-    #[serde(default = "unet_d::up_block_types")]
+    #[serde(default = "UnetDefaults::up_block_types")]
     pub up_block_types: Vec<String>,
-    #[serde(default = "unet_d::block_out_channels")]
+    #[serde(default = "UnetDefaults::block_out_channels")]
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "unet_d::layers_per_block")]
+    #[serde(default = "UnetDefaults::layers_per_block")]
     pub layers_per_block: PerBlock,
-    #[serde(default = "unet_d::one")]
+    #[serde(default = "UnetDefaults::one")]
     pub downsample_padding: usize,
-    #[serde(default = "unet_d::one_f")]
+    #[serde(default = "UnetDefaults::one_f")]
     pub mid_block_scale_factor: f64,
-    #[serde(default = "unet_d::act_fn")]
+    #[serde(default = "UnetDefaults::act_fn")]
     pub act_fn: String,
-    #[serde(default = "unet_d::norm_num_groups")]
+    #[serde(default = "UnetDefaults::norm_num_groups")]
     pub norm_num_groups: usize,
-    #[serde(default = "unet_d::norm_eps")]
+    #[serde(default = "UnetDefaults::norm_eps")]
     pub norm_eps: f64,
-    #[serde(default = "unet_d::cross_attention_dim")]
+    #[serde(default = "UnetDefaults::cross_attention_dim")]
     pub cross_attention_dim: PerBlock,
-    #[serde(default = "unet_d::transformer_layers")]
+    #[serde(default = "UnetDefaults::transformer_layers")]
     pub transformer_layers_per_block: PerBlock,
-    #[serde(default = "unet_d::attention_head_dim")]
+    #[serde(default = "UnetDefaults::attention_head_dim")]
     pub attention_head_dim: PerBlock,
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
@@ -90,24 +90,26 @@ pub struct UNetConfigFile {
     pub addition_embed_type: Option<String>,
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
-    #[serde(default = "unet_d::resnet_time_scale_shift")]
+    #[serde(default = "UnetDefaults::resnet_time_scale_shift")]
     pub resnet_time_scale_shift: String,
-    #[serde(default = "unet_d::time_embedding_type")]
+    #[serde(default = "UnetDefaults::time_embedding_type")]
     pub time_embedding_type: String,
-    #[serde(default = "unet_d::three")]
+    #[serde(default = "UnetDefaults::three")]
     pub conv_in_kernel: usize,
-    #[serde(default = "unet_d::three")]
+    #[serde(default = "UnetDefaults::three")]
     pub conv_out_kernel: usize,
     #[serde(default)]
     pub sample_size: Option<serde_json::Value>,
 }
 
-mod unet_d {
-    use super::PerBlock;
-    pub fn in_channels() -> usize {
+/// The serde defaults of [`UNetConfigFile`] (diffusers' `UNet2DConditionModel` defaults).
+struct UnetDefaults;
+
+impl UnetDefaults {
+    fn in_channels() -> usize {
         4
     }
-    pub fn down_block_types() -> Vec<String> {
+    fn down_block_types() -> Vec<String> {
         [
             "CrossAttnDownBlock2D",
             "CrossAttnDownBlock2D",
@@ -117,7 +119,7 @@ mod unet_d {
         .map(String::from)
         .to_vec()
     }
-    pub fn up_block_types() -> Vec<String> {
+    fn up_block_types() -> Vec<String> {
         [
             "UpBlock2D",
             "CrossAttnUpBlock2D",
@@ -127,46 +129,46 @@ mod unet_d {
         .map(String::from)
         .to_vec()
     }
-    pub fn mid_block_type() -> Option<String> {
+    fn mid_block_type() -> Option<String> {
         Some("UNetMidBlock2DCrossAttn".into())
     }
-    pub fn block_out_channels() -> Vec<usize> {
+    fn block_out_channels() -> Vec<usize> {
         vec![320, 640, 1280, 1280]
     }
-    pub fn layers_per_block() -> PerBlock {
+    fn layers_per_block() -> PerBlock {
         PerBlock::One(2)
     }
-    pub fn one() -> usize {
+    fn one() -> usize {
         1
     }
-    pub fn three() -> usize {
+    fn three() -> usize {
         3
     }
-    pub fn one_f() -> f64 {
+    fn one_f() -> f64 {
         1.0
     }
-    pub fn act_fn() -> String {
+    fn act_fn() -> String {
         "silu".into()
     }
-    pub fn norm_num_groups() -> usize {
+    fn norm_num_groups() -> usize {
         32
     }
-    pub fn norm_eps() -> f64 {
+    fn norm_eps() -> f64 {
         1e-5
     }
-    pub fn cross_attention_dim() -> PerBlock {
+    fn cross_attention_dim() -> PerBlock {
         PerBlock::One(1280)
     }
-    pub fn transformer_layers() -> PerBlock {
+    fn transformer_layers() -> PerBlock {
         PerBlock::One(1)
     }
-    pub fn attention_head_dim() -> PerBlock {
+    fn attention_head_dim() -> PerBlock {
         PerBlock::One(8)
     }
-    pub fn resnet_time_scale_shift() -> String {
+    fn resnet_time_scale_shift() -> String {
         "default".into()
     }
-    pub fn time_embedding_type() -> String {
+    fn time_embedding_type() -> String {
         "positional".into()
     }
 }
@@ -374,11 +376,11 @@ pub struct VaeConfigFile {
     pub block_out_channels: Vec<usize>,
     #[serde(default = "vae_d::one")]
     pub layers_per_block: usize,
-    #[serde(default = "unet_d::act_fn")]
+    #[serde(default = "UnetDefaults::act_fn")]
     pub act_fn: String,
     #[serde(default = "vae_d::four")]
     pub latent_channels: usize,
-    #[serde(default = "unet_d::norm_num_groups")]
+    #[serde(default = "UnetDefaults::norm_num_groups")]
     pub norm_num_groups: usize,
     #[serde(default = "vae_d::scaling_factor")]
     pub scaling_factor: f64,

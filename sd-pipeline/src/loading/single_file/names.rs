@@ -1,8 +1,8 @@
 //! Where each diffusers parameter lives in an LDM / A1111 single file, the inverse of what
 //! diffusers' `scripts/convert_diffusers_to_original_stable_diffusion.py` writes.
 
-use crate::models::config::UNetConfig;
-use crate::models::ldm_names::unet_ldm_name;
+use crate::model::config::UNetConfig;
+use crate::model::ldm_names::unet_ldm_name;
 
 pub const UNET: &str = "model.diffusion_model.";
 pub const VAE: &str = "first_stage_model.";

@@ -49,8 +49,8 @@ pub fn linear_no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
     candle_nn::linear_no_bias(i, o, vb)
 }
 
-/// A 2-D convolution. On the CPU in f32: [`super::conv_op::conv2d_infer`] (im2col + one gemm
-/// into the output) for inference, [`super::conv_op::conv2d_train`] (matmul gradients) when a
+/// A 2-D convolution. On the CPU in f32: [`crate::cpu::conv_op::conv2d_infer`] (im2col + one gemm
+/// into the output) for inference, [`crate::cpu::conv_op::conv2d_train`] (matmul gradients) when a
 /// gradient is tracked; candle's elsewhere.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -77,9 +77,9 @@ impl Module for Conv2d {
         if !(x.device().is_cpu() && f32s) {
             self.inner.forward(x)
         } else if tracked {
-            super::conv_op::conv2d_train(x, w, b, self.stride, self.padding)
+            crate::cpu::conv_op::conv2d_train(x, w, b, self.stride, self.padding)
         } else {
-            super::conv_op::conv2d_infer(x, w, b, self.stride, self.padding)
+            crate::cpu::conv_op::conv2d_infer(x, w, b, self.stride, self.padding)
         }
     }
 }
@@ -104,7 +104,7 @@ pub fn conv2d(
     })
 }
 
-/// GroupNorm: one fused CPU pass for f32 ([`super::group_norm_op`], with its own backward),
+/// GroupNorm: one fused CPU pass for f32 ([`crate::cpu::group_norm_op`], with its own backward),
 /// candle-nn's op-by-op formula elsewhere. `forward_silu` fuses the SiLU that follows most
 /// norms in the UNet and the VAE.
 #[derive(Debug, Clone)]
@@ -125,7 +125,7 @@ impl GroupNorm {
             x.contiguous()?.apply_op3(
                 &self.weight,
                 &self.bias,
-                super::group_norm_op::GroupNormOp {
+                crate::cpu::group_norm_op::GroupNormOp {
                     groups: self.groups,
                     eps: self.eps,
                     silu,
@@ -171,7 +171,7 @@ const ATTENTION_CHUNK_BYTES: usize = 256 << 20;
 
 /// Scaled dot-product attention over `[B, S, H*D]` inputs with `heads` heads.
 /// `causal` masks future positions (CLIP). Inference on the CPU in f32 without a mask takes
-/// [`super::fused_attention`]; everything else the chunked formula below.
+/// [`crate::cpu::fused_attention`]; everything else the chunked formula below.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
     let (b, sq, inner) = q.dims3()?;
     let sk = k.dim(1)?;
@@ -180,7 +180,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
         .iter()
         .all(|t| t.dtype() == candle_core::DType::F32);
     if !tracked && !causal && q.device().is_cpu() && f32s {
-        return super::fused_attention::fused_attention(q, k, v, heads);
+        return crate::cpu::fused_attention::fused_attention(q, k, v, heads);
     }
     let hd = inner / heads;
     let split = |t: &Tensor, s: usize| -> Result<Tensor> {
@@ -192,7 +192,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let rows_per_chunk = (ATTENTION_CHUNK_BYTES / (4 * b * heads * sk).max(1)).clamp(1, sq);
     if tracked && !causal && q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
         // training: keep only q, k, v and the output; scores are recomputed in backward
-        let op = super::attention_op::RecomputedAttention {
+        let op = crate::cpu::attention_op::RecomputedAttention {
             rows: rows_per_chunk,
         };
         let out = q.apply_op3(&k, &v, op)?;

@@ -23,9 +23,9 @@ pub const COMMA_BACKTRACK: usize = 20;
 const CLIP_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// The standard CLIP BPE vocabulary (`vocab.json`), as SD 1.x/2.x repos ship it.
-pub const EMBEDDED_VOCAB: &str = include_str!("../assets/clip/vocab.json");
+pub const EMBEDDED_VOCAB: &str = include_str!("../../assets/clip/vocab.json");
 /// Its merges (`merges.txt`).
-pub const EMBEDDED_MERGES: &str = include_str!("../assets/clip/merges.txt");
+pub const EMBEDDED_MERGES: &str = include_str!("../../assets/clip/merges.txt");
 
 #[derive(Debug, Clone)]
 pub struct ClipTokenizer {

@@ -1,100 +1,35 @@
 //! Single-file checkpoints as A1111 and ComfyUI users have them: LDM-format `.safetensors`,
-//! and `.ckpt` / `.pth` pickles read without executing code. The architecture comes from the
-//! keys and shapes, or from a sidecar `NAME.yaml` (the original LDM config) when present.
+//! and `.ckpt` / `.pth` pickles read without executing code (both read by `sd-weights`). The
+//! architecture comes from the keys and shapes ([`detect`]), or from a sidecar `NAME.yaml`
+//! (the original LDM config) when present; [`names`] maps diffusers parameter names to the
+//! file's, and [`convert`] turns a single file into a diffusers folder and back.
 
 pub mod convert;
 pub mod detect;
 pub mod names;
-pub mod pickle;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use sd_plugins_api::{ModelPart, WeightPatch};
+use sd_weights::Store;
 
 use crate::error::{Error, Result};
-use crate::loader::{apply_patches, to_dtype_fast};
-use crate::models::clip::ClipTextModel;
-use crate::models::config::{ClipConfig, UNetConfig, UNetConfigFile, VaeConfig, VaeConfigFile};
-use crate::models::unet::UNet2DConditionModel;
-use crate::models::vae::AutoencoderKL;
+use crate::loading::backend::{apply_patches, to_dtype_fast};
+use crate::model::clip::ClipTextModel;
+use crate::model::config::{ClipConfig, UNetConfig, UNetConfigFile, VaeConfig, VaeConfigFile};
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::AutoencoderKL;
 use crate::samplers::SchedulerConfig;
-use crate::tokenizer::ClipTokenizer;
-use crate::StableDiffusion;
+use crate::stable_diffusion::StableDiffusion;
+use crate::text::tokenizer::ClipTokenizer;
 
-pub use detect::{Detected, Family, Kind, Shapes, Sidecar};
+pub use detect::{Detected, Family, Kind, Sidecar};
 use names::{Source, Transform};
-
-/// The tensors of a file: memory-mapped safetensors, or a pickle read into memory.
-pub enum Store {
-    Mmap(MmapedSafetensors),
-    Mem(HashMap<String, Tensor>),
-}
-
-impl Store {
-    /// Open a `.safetensors`, `.ckpt`, `.pth`, `.pt` or `.bin` file.
-    pub fn open(path: &Path) -> Result<Self> {
-        if pickle::is_pickle(path) {
-            return pickle::load(path)
-                .map(Store::Mem)
-                .map_err(|m| Error::config(path, m));
-        }
-        // SAFETY: read-only mapping of a file we do not modify (as every mmap loader).
-        let m = unsafe { MmapedSafetensors::new(path) }.map_err(|source| Error::Weights {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(Store::Mmap(m))
-    }
-
-    pub fn shapes(&self) -> Shapes {
-        match self {
-            Store::Mmap(m) => m
-                .tensors()
-                .into_iter()
-                .map(|(k, v)| (k, v.shape().to_vec()))
-                .collect(),
-            Store::Mem(m) => m
-                .iter()
-                .map(|(k, t)| (k.clone(), t.dims().to_vec()))
-                .collect(),
-        }
-    }
-
-    pub fn dtypes(&self) -> Vec<(String, DType)> {
-        match self {
-            Store::Mmap(m) => m
-                .tensors()
-                .into_iter()
-                .filter_map(|(k, v)| Some((k, DType::try_from(v.dtype()).ok()?)))
-                .collect(),
-            Store::Mem(m) => m.iter().map(|(k, t)| (k.clone(), t.dtype())).collect(),
-        }
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        match self {
-            Store::Mmap(m) => m.get(name).is_ok(),
-            Store::Mem(m) => m.contains_key(name),
-        }
-    }
-
-    /// A tensor on the CPU in its stored dtype.
-    pub fn get(&self, name: &str) -> candle_core::Result<Tensor> {
-        match self {
-            Store::Mmap(m) => m.load(name, &Device::Cpu),
-            Store::Mem(m) => m
-                .get(name)
-                .cloned()
-                .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.into() }),
-        }
-    }
-}
 
 type NameMap = Box<dyn Fn(&str) -> Option<Source> + Send + Sync>;
 
@@ -246,6 +181,12 @@ impl Checkpoint {
         if let Err(e) = checked {
             return Err(Error::config(path, hint(e.to_string())));
         }
+        tracing::debug!(
+            path = %path.display(),
+            family = ?ck.detected.family,
+            sidecar = ?ck.sidecar,
+            "detected a single-file checkpoint"
+        );
         Ok(ck)
     }
 
@@ -337,6 +278,7 @@ impl Checkpoint {
         let tokenizer = ClipTokenizer::embedded(self.detected.pad_token)?;
         let scheduler_config = SchedulerConfig::from_json_str(&self.detected.scheduler.to_string())
             .map_err(|e| Error::config(&self.path, e.to_string()))?;
+        tracing::debug!(path = %self.path.display(), ?dtype, "loaded a single-file checkpoint");
         Ok(StableDiffusion {
             root: self.path.clone(),
             unet,

@@ -8,9 +8,9 @@ use sd_plugins_api::{
 };
 
 use crate::error::{Error, Result};
-use crate::loader::StableDiffusion;
-use crate::noise::NoiseSource;
+use crate::rng::NoiseSource;
 use crate::samplers::{build_sampler, img2img_start_index, Sampler, SamplerKind, Schedule};
+use crate::stable_diffusion::StableDiffusion;
 use crate::text::encode_prompts;
 
 /// What to generate. Images and masks are tensors already prepared by `image_io`.

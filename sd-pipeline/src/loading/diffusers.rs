@@ -1,6 +1,7 @@
 //! Loading a diffusers-layout model folder (`model_index.json`, `unet/`, `vae/`,
 //! `text_encoder/`, `tokenizer/`, `scheduler/`): fp32/fp16/bf16 safetensors, memory-mapped,
-//! sharded or not, with weight patches applied as tensors are read.
+//! sharded or not, with weight patches applied as tensors are read. [`StableDiffusion::load`]
+//! hands a single file over to [`super::single_file`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,95 +11,17 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use sd_plugins_api::{ModelPart, WeightPatch};
 
+use super::backend::{apply_patches, to_dtype_fast};
+use super::files::weight_files;
+use super::single_file::{self, Mapped};
 use crate::error::{read_json, Error, Result};
-use crate::models::clip::ClipTextModel;
-use crate::models::config::{ClipConfig, UNetConfig, VaeConfig};
-use crate::models::unet::UNet2DConditionModel;
-use crate::models::vae::AutoencoderKL;
+use crate::model::clip::ClipTextModel;
+use crate::model::config::{ClipConfig, UNetConfig, VaeConfig};
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::AutoencoderKL;
 use crate::samplers::SchedulerConfig;
-use crate::tokenizer::ClipTokenizer;
-
-/// The weight files of one component folder, in the order diffusers looks for them.
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let stems = ["diffusion_pytorch_model", "model"];
-    for stem in stems {
-        for variant in ["", ".fp16"] {
-            let single = dir.join(format!("{stem}{variant}.safetensors"));
-            if single.is_file() {
-                return Ok(vec![single]);
-            }
-            let index = dir.join(format!("{stem}{variant}.safetensors.index.json"));
-            if index.is_file() {
-                let v: serde_json::Value = read_json(&index)?;
-                let map = v
-                    .get("weight_map")
-                    .and_then(|m| m.as_object())
-                    .ok_or_else(|| {
-                        Error::config(&index, "no `weight_map` object in the shard index")
-                    })?;
-                let mut files: Vec<PathBuf> = map
-                    .values()
-                    .filter_map(|f| f.as_str())
-                    .map(|f| dir.join(f))
-                    .collect();
-                files.sort();
-                files.dedup();
-                if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-                    return Err(Error::config(
-                        &index,
-                        format!("shard {} is missing", missing.display()),
-                    ));
-                }
-                return Ok(files);
-            }
-        }
-    }
-    Err(Error::config(
-        dir,
-        "no weights found (expected diffusion_pytorch_model[.fp16].safetensors or model[.fp16].safetensors; .bin/.ckpt pickles are not loaded)",
-    ))
-}
-
-/// Tensor names and shapes of a safetensors file, from its header alone.
-pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
-    if crate::single_file::pickle::is_pickle(path) {
-        return crate::single_file::pickle::shapes(path).map_err(|m| Error::config(path, m));
-    }
-    use std::io::Read;
-    let bad = |m: String| Error::config(path, m);
-    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 << 20 {
-        return Err(bad("not a safetensors file: header too large".into()));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("not a safetensors file".into()))?;
-    Ok(obj
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(k, t)| {
-            let shape = t["shape"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_u64())
-                        .map(|x| x as usize)
-                        .collect()
-                })
-                .unwrap_or_default();
-            (k.clone(), shape)
-        })
-        .collect())
-}
+use crate::stable_diffusion::StableDiffusion;
+use crate::text::tokenizer::ClipTokenizer;
 
 /// A safetensors backend that adds the deltas of weight patches to the tensors it reads.
 struct Patched {
@@ -107,72 +30,10 @@ struct Patched {
     patches: Vec<Arc<dyn WeightPatch>>,
 }
 
-/// Add every patch's delta for `name` to `t`.
-pub fn apply_patches(
-    patches: &[Arc<dyn WeightPatch>],
-    part: ModelPart,
-    name: &str,
-    mut t: Tensor,
-) -> candle_core::Result<Tensor> {
-    {
-        for p in patches {
-            let delta = p
-                .delta(part, name, &t)
-                .map_err(|e| candle_core::Error::Msg(format!("weight patch {}: {e}", p.name())))?;
-            if let Some(d) = delta {
-                if d.dims() != t.dims() {
-                    candle_core::bail!(
-                        "weight patch {} gives {name} a delta of shape {:?}, the weight is {:?}",
-                        p.name(),
-                        d.dims(),
-                        t.dims()
-                    );
-                }
-                let d = d.to_dtype(t.dtype())?.to_device(t.device())?;
-                t = (t + d)?;
-            }
-        }
-        Ok(t)
-    }
-}
-
 impl Patched {
     fn apply(&self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
         apply_patches(&self.patches, self.part, name, t)
     }
-}
-
-/// `t.to_dtype(dtype)`, with f16 / bf16 -> f32 on the CPU converted in parallel chunks with
-/// `half`'s vectorised slice conversion: candle converts element by element on one thread,
-/// a third of loading an f16 SD1.5 folder as f32 (measured with perf).
-pub(crate) fn to_dtype_fast(t: Tensor, dtype: DType) -> candle_core::Result<Tensor> {
-    use candle_core::{CpuStorage, Storage};
-    use half::slice::HalfFloatSliceExt;
-    use rayon::prelude::*;
-    if dtype != DType::F32 || !t.device().is_cpu() || !matches!(t.dtype(), DType::F16 | DType::BF16)
-    {
-        return t.to_dtype(dtype);
-    }
-    let t = t.contiguous()?;
-    const CHUNK: usize = 1 << 16;
-    let n = t.elem_count();
-    let mut out = vec![0f32; n];
-    {
-        let (storage, layout) = t.storage_and_layout();
-        let start = layout.start_offset();
-        match &*storage {
-            Storage::Cpu(CpuStorage::F16(v)) => out
-                .par_chunks_mut(CHUNK)
-                .zip(v[start..start + n].par_chunks(CHUNK))
-                .for_each(|(o, i)| i.convert_to_f32_slice(o)),
-            Storage::Cpu(CpuStorage::BF16(v)) => out
-                .par_chunks_mut(CHUNK)
-                .zip(v[start..start + n].par_chunks(CHUNK))
-                .for_each(|(o, i)| i.convert_to_f32_slice(o)),
-            _ => return t.to_dtype(dtype),
-        }
-    }
-    Tensor::from_vec(out, t.shape(), t.device())
 }
 
 impl SimpleBackend for Patched {
@@ -214,15 +75,15 @@ pub fn load_component<T>(
     build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<T> {
     let shown = files[0].clone();
+    tracing::debug!(file = %shown.display(), files = files.len(), ?part, "reading weights");
     let wrap = |source| Error::Weights {
         path: shown.clone(),
         source,
     };
-    if files.len() == 1 && crate::single_file::pickle::is_pickle(&files[0]) {
+    if files.len() == 1 && sd_weights::pickle::is_pickle(&files[0]) {
         // a .pth / .ckpt: read (safely) into memory, names as stored
-        let store =
-            crate::single_file::pickle::load(&files[0]).map_err(|m| Error::config(&files[0], m))?;
-        let backend = crate::single_file::Mapped::identity(store, part, patches);
+        let store = sd_weights::pickle::load(&files[0])?;
+        let backend = Mapped::identity(store, part, patches);
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         return build(vb).map_err(wrap);
     }
@@ -237,18 +98,6 @@ pub fn load_component<T>(
     };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     build(vb).map_err(wrap)
-}
-
-/// A loaded Stable Diffusion model.
-pub struct StableDiffusion {
-    pub root: PathBuf,
-    pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKL,
-    pub text_encoder: ClipTextModel,
-    pub tokenizer: ClipTokenizer,
-    pub scheduler_config: SchedulerConfig,
-    pub device: Device,
-    pub dtype: DType,
 }
 
 impl StableDiffusion {
@@ -272,7 +121,7 @@ impl StableDiffusion {
         vae: Option<&Path>,
     ) -> Result<Self> {
         if root.is_file() {
-            return crate::single_file::Checkpoint::open(root)?.load(device, dtype, patches, vae);
+            return single_file::Checkpoint::open(root)?.load(device, dtype, patches, vae);
         }
         if !root.is_dir() {
             return Err(Error::io(
@@ -341,7 +190,7 @@ impl StableDiffusion {
             |vb| UNet2DConditionModel::new(&unet_cfg, vb),
         )?;
         let vae = match vae {
-            Some(v) => crate::single_file::load_vae(v, &vae_cfg, patches, dtype, device)?,
+            Some(v) => single_file::load_vae(v, &vae_cfg, patches, dtype, device)?,
             None => load_component(
                 &weight_files(&vae_dir)?,
                 ModelPart::Vae,
@@ -359,6 +208,7 @@ impl StableDiffusion {
             device,
             |vb| ClipTextModel::new(&clip_cfg, vb),
         )?;
+        tracing::debug!(root = %root.display(), ?dtype, "loaded a diffusers model folder");
         Ok(Self {
             root: root.to_path_buf(),
             unet,
@@ -369,10 +219,5 @@ impl StableDiffusion {
             device: device.clone(),
             dtype,
         })
-    }
-
-    /// True for 9-channel inpainting UNets.
-    pub fn is_inpaint_model(&self) -> bool {
-        self.unet.config().in_channels == 2 * self.vae.config().latent_channels + 1
     }
 }

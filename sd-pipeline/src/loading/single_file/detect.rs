@@ -2,14 +2,10 @@
 //! original LDM config A1111 keeps next to a checkpoint, which overrides detection): the
 //! family, inpainting, prediction type, and diffusers-style configs for every component.
 
-use std::collections::BTreeMap;
-
+use sd_weights::Shapes;
 use serde_json::{json, Value};
 
 use super::names::{CLIP, OPENCLIP, UNET, VAE};
-
-/// Names and shapes of a file's tensors.
-pub type Shapes = BTreeMap<String, Vec<usize>>;
 
 /// What kind of file this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,8 +412,8 @@ pub fn read_control_sidecar(path: &std::path::Path) -> Result<ControlSidecar, St
 
 impl ControlSidecar {
     /// Apply to the encoder config (a copy of the base UNet's).
-    pub fn apply(&self, cfg: &mut crate::models::config::UNetConfig) {
-        use crate::models::config::BlockKind;
+    pub fn apply(&self, cfg: &mut crate::model::config::UNetConfig) {
+        use crate::model::config::BlockKind;
         if let (Some(mc), Some(mult)) = (self.model_channels, &self.channel_mult) {
             cfg.block_out_channels = mult.iter().map(|m| m * mc).collect();
         }

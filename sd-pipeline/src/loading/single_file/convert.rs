@@ -10,9 +10,9 @@ use serde_json::json;
 use super::names::{self, Transform};
 use super::Checkpoint;
 use crate::error::{read_json, Error, Result};
-use crate::loader::weight_files;
-use crate::models::config::{UNetConfig, VaeConfig};
-use crate::tokenizer::{EMBEDDED_MERGES, EMBEDDED_VOCAB};
+use crate::loading::files::weight_files;
+use crate::model::config::{UNetConfig, VaeConfig};
+use crate::text::tokenizer::{EMBEDDED_MERGES, EMBEDDED_VOCAB};
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| Error::io(path, e)

@@ -200,7 +200,7 @@ fn cephes_sincos(theta: f32) -> (f32, f32) {
     )
 }
 
-pub use crate::samplers::NoiseSource;
+use crate::samplers::NoiseSource;
 
 impl NoiseSource for TorchRng {
     fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {

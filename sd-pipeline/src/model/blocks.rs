@@ -139,7 +139,7 @@ impl BasicTransformerBlock {
         let xs = (self.attn2.forward(&self.norm2.forward(xs)?, Some(ctx))? + xs)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
         // GEGLU with exact (erf) GELU, as diffusers.
-        let h = super::geglu::geglu(&h)?;
+        let h = crate::cpu::geglu::geglu(&h)?;
         self.ff_out.forward(&h)? + xs
     }
 }

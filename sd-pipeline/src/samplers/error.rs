@@ -1,0 +1,37 @@
+//! The error of sampler names and scheduler configs.
+
+use thiserror::Error;
+
+/// Errors of sampler names and scheduler configs; each names the file, key and value at fault.
+#[derive(Debug, Error)]
+pub enum SamplerError {
+    #[error("unknown sampler {name:?}: expected one of ddim, euler, euler_a, dpmpp_2m")]
+    UnknownSampler { name: String },
+    #[error("unknown schedule {name:?}: expected normal or karras")]
+    UnknownSchedule { name: String },
+    #[error("cannot read scheduler config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid JSON in scheduler config {path}: {source}")]
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
+    /// A key of a scheduler config holds a value we cannot use, e.g.
+    /// `unknown beta_schedule "foo" in scheduler/scheduler_config.json (expected ...)`.
+    #[error("{problem} {key} {value} in {path}{note}")]
+    Config {
+        path: String,
+        key: String,
+        value: String,
+        /// "unknown", "unsupported" or "invalid".
+        problem: &'static str,
+        /// Empty or ` (...)` with what would be accepted.
+        note: String,
+    },
+    /// A parameter out of range (steps).
+    #[error("{0}")]
+    Invalid(String),
+}
