@@ -194,13 +194,36 @@ fn use_tree(s: &[u8], i: usize, prefix: Vec<String>, out: &mut Vec<Vec<String>>)
     }
 }
 
-/// Paths this file's code names: `use` trees, and `crate::` / `super::` / `self::` /
-/// `child::` paths in expressions and types.
-fn paths(code: &str, children: &BTreeSet<String>) -> Vec<Vec<String>> {
+/// Paths this file's code names (`use` trees, and `crate::` / `super::` / `self::` /
+/// `child::` paths in expressions and types), each with the inline modules (`mod tests {`)
+/// it sits in, which `super::` and `self::` count from.
+fn paths(code: &str, children: &BTreeSet<String>) -> Vec<(Vec<String>, Vec<String>)> {
     let s = code.as_bytes();
     let mut out = Vec::new();
+    // inline modules open at the brace depth recorded
+    let mut inline: Vec<(String, usize)> = Vec::new();
+    let mut depth = 0usize;
     let mut i = 0;
+    let within = |inline: &Vec<(String, usize)>| -> Vec<String> {
+        inline.iter().map(|(n, _)| n.clone()).collect()
+    };
     while i < s.len() {
+        match s[i] {
+            b'{' => {
+                depth += 1;
+                i += 1;
+                continue;
+            }
+            b'}' => {
+                depth = depth.saturating_sub(1);
+                if inline.last().is_some_and(|(_, d)| *d == depth) {
+                    inline.pop();
+                }
+                i += 1;
+                continue;
+            }
+            _ => {}
+        }
         let boundary = i == 0 || !(s[i - 1].is_ascii_alphanumeric() || s[i - 1] == b'_');
         if !boundary || !(s[i].is_ascii_alphabetic() || s[i] == b'_') {
             i += 1;
@@ -208,14 +231,26 @@ fn paths(code: &str, children: &BTreeSet<String>) -> Vec<Vec<String>> {
         }
         let (id, j) = ident_at(s, i);
         let preceded_by_colons = i >= 2 && &s[i - 2..i] == b"::";
+        if id == "mod" {
+            let (name, k) = ident_at(s, skip_ws(s, j));
+            let k = skip_ws(s, k);
+            if !name.is_empty() && s.get(k) == Some(&b'{') {
+                inline.push((name, depth));
+                depth += 1;
+                i = k + 1;
+                continue;
+            }
+        }
         if id == "use" {
             let mut found = Vec::new();
             i = use_tree(s, j, Vec::new(), &mut found);
-            out.extend(found);
+            let at = within(&inline);
+            out.extend(found.into_iter().map(|p| (p, at.clone())));
             continue;
         }
+        let children_here = inline.is_empty() && children.contains(&id);
         if !preceded_by_colons
-            && (id == "crate" || id == "super" || id == "self" || children.contains(&id))
+            && (id == "crate" || id == "super" || id == "self" || children_here)
             && s[j..].starts_with(b"::")
         {
             let mut path = vec![id];
@@ -228,7 +263,7 @@ fn paths(code: &str, children: &BTreeSet<String>) -> Vec<Vec<String>> {
                 path.push(next);
                 k = e;
             }
-            out.push(path);
+            out.push((path, within(&inline)));
             i = k;
             continue;
         }
@@ -239,11 +274,15 @@ fn paths(code: &str, children: &BTreeSet<String>) -> Vec<Vec<String>> {
 
 /// The module a path names, seen from module `from`: the longest known prefix.
 fn target(
-    from: &Module,
+    file: &Module,
+    inline: &[String],
     path: &[String],
     known: &BTreeMap<Module, PathBuf>,
     children: &BTreeSet<String>,
 ) -> Option<Module> {
+    // `super::` inside `mod tests {` of a file is the file's own module
+    let from: Module = file.iter().chain(inline).cloned().collect();
+    let from = &from;
     let mut base: Module;
     let mut rest = path;
     match path.first().map(String::as_str) {
@@ -264,7 +303,7 @@ fn target(
                 rest = &rest[1..];
             }
         }
-        Some(first) if children.contains(first) => base = from.clone(),
+        Some(first) if inline.is_empty() && children.contains(first) => base = from.clone(),
         _ => return None, // another crate, std, or a local name
     }
     let mut best = base.clone();
@@ -289,9 +328,10 @@ fn root_exports(
     };
     let code = code_only(&std::fs::read_to_string(file).unwrap());
     let mut out = BTreeMap::new();
-    for p in paths(&code, children) {
+    for (p, inline) in paths(&code, children) {
         let Some(name) = p.last() else { continue };
-        if let Some(t) = target(&Vec::new(), &p, known, children).filter(|t| !t.is_empty()) {
+        if let Some(t) = target(&Vec::new(), &inline, &p, known, children).filter(|t| !t.is_empty())
+        {
             out.insert(name.clone(), t);
         }
     }
@@ -314,8 +354,8 @@ fn graph(src: &Path) -> BTreeMap<Module, BTreeSet<Module>> {
         let code = code_only(&std::fs::read_to_string(file).unwrap());
         let children = children_of(m);
         let edges = g.entry(m.clone()).or_default();
-        for p in paths(&code, &children) {
-            let Some(mut t) = target(m, &p, &known, &children) else {
+        for (p, inline) in paths(&code, &children) {
+            let Some(mut t) = target(m, &inline, &p, &known, &children) else {
                 continue;
             };
             if t.is_empty() {
@@ -460,20 +500,29 @@ fn the_checker_finds_circles() {
     };
     write(
         "lib.rs",
-        "mod a;\nmod b;\nmod c;\nmod s;\nmod clean;\npub use c::Thing;\n",
+        "mod a;\nmod b;\nmod c;\nmod s;\nmod t;\nmod clean;\npub use c::Thing;\n",
     );
     // a <-> b through `use crate::` and an expression path
     write(
         "a.rs",
         "use crate::b::{x, y::{self, z}};\nfn t() -> crate::Thing { todo!() }\n",
     );
-    write("b.rs", "pub fn f() { crate::a::g(); }\n");
+    write(
+        "b.rs",
+        "pub fn f() { crate::a::g(); }\n#[cfg(test)]\nmod tests {\n    use super::*;\n}\n",
+    );
     // b -> c through the root's re-export; c -> b
     write("c.rs", "pub struct Thing(crate::b::B);\n");
     write("b2.rs", "");
     // a parent and its child: `pub use child::X` and `use super::Y`
     write("s/mod.rs", "mod child;\npub use child::X;\npub struct Y;\n");
     write("s/child.rs", "use super::Y; pub struct X;\n");
+    // `super::` in a file's inline `mod tests {` is that file, not its parent
+    write("t/mod.rs", "mod leaf;\npub use leaf::Z;\n");
+    write(
+        "t/leaf.rs",
+        "pub struct Z;\nmod tests { use super::Z; fn f() { super::Z; } }\n",
+    );
     // comments and strings do not count; another crate's `crate::` neither
     write(
         "clean.rs",
