@@ -48,6 +48,7 @@ pub mod job;
 pub mod model_files;
 pub mod output;
 pub mod png_text;
+pub mod schema;
 
 pub use error::{Error, Result};
 pub use generate::{generate, load, run, Generation, Loaded, Timings};

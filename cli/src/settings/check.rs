@@ -9,15 +9,15 @@ use sd_controlnet::UnitSpec;
 use sd_pipeline::samplers::{SamplerKind, Schedule};
 use sd_plugins_api::Registry;
 
-use crate::settings::fields::{
-    self, CONTROL_FIELDS, CONTROL_WEIGHT_RANGE, FIELDS, LORA_FIELDS, LORA_WEIGHT_RANGE,
-};
 use crate::settings::plugins::check_plugins;
 use crate::settings::problem::{Origin, Problem, Problems};
 use crate::settings::table::{
     get, get_bool, get_float, get_int, get_path, get_str, list_entries, Shown, Table, Typed,
 };
 use crate::settings::values::describe;
+use sd::schema::{
+    self, CONTROL_FIELDS, CONTROL_WEIGHT_RANGE, FIELDS, LORA_FIELDS, LORA_WEIGHT_RANGE,
+};
 
 #[derive(Clone)]
 pub struct Settings {
@@ -81,8 +81,8 @@ pub fn check(
         problems: &mut problems,
         shown: Vec::new(),
     };
-    let mut extra: Vec<&str> = fields::LIST_KEYS.to_vec();
-    extra.push(fields::INCLUDE_KEY);
+    let mut extra: Vec<&str> = schema::LIST_KEYS.to_vec();
+    extra.push(schema::INCLUDE_KEY);
     let vals = top.walk(&root, FIELDS, &extra);
     let allow_extreme = get_bool(&vals, "allow_extreme_weights").unwrap_or(false);
 

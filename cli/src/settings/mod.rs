@@ -4,7 +4,6 @@
 
 mod args;
 mod check;
-mod fields;
 mod plugins;
 mod problem;
 mod show;

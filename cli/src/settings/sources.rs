@@ -8,9 +8,9 @@ use figment::providers::{Env, Format, Json, Toml, Yaml};
 use figment::value::{Dict, Map, Tag, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 
-use crate::settings::fields::{self, Default, FIELDS};
 use crate::settings::problem::{Origin, Problem};
 use crate::settings::values::describe;
+use sd::schema::{self, Default, FIELDS};
 
 /// A layer we build in code (defaults, flags), named so origins can be told apart.
 struct Layer {
@@ -95,8 +95,8 @@ fn visit(
         let from = stack.last().cloned().unwrap_or_default();
         problems.push(Problem::file(
             &from,
-            find_line(&from, &[fields::INCLUDE_KEY]),
-            fields::INCLUDE_KEY,
+            find_line(&from, &[schema::INCLUDE_KEY]),
+            schema::INCLUDE_KEY,
             format!("include cycle: {}", cycle.join(" -> ")),
         ));
         return;
@@ -112,9 +112,9 @@ fn visit(
         }
     };
     stack.push(canon.clone());
-    if let Some(inc) = dict.get(fields::INCLUDE_KEY) {
+    if let Some(inc) = dict.get(schema::INCLUDE_KEY) {
         let base = canon.parent().unwrap_or(Path::new("."));
-        let line = find_line(&canon, &[fields::INCLUDE_KEY]);
+        let line = find_line(&canon, &[schema::INCLUDE_KEY]);
         match inc {
             Value::Array(_, items) => {
                 for item in items {
@@ -123,7 +123,7 @@ fn visit(
                         None => problems.push(Problem::file(
                             &canon,
                             line,
-                            fields::INCLUDE_KEY,
+                            schema::INCLUDE_KEY,
                             format!("expected a list of file names, found {}", describe(item)),
                         )),
                     }
@@ -133,7 +133,7 @@ fn visit(
             v => problems.push(Problem::file(
                 &canon,
                 line,
-                fields::INCLUDE_KEY,
+                schema::INCLUDE_KEY,
                 format!("expected a list of file names, found {}", describe(v)),
             )),
         }
@@ -192,9 +192,9 @@ pub fn origin_of(fig: &Figment, tag: Tag, key_path: &[&str], png: Option<&Path>)
             line: find_line(p, key_path),
         },
         Some(m) if m.name == DEFAULTS => Origin::Default,
-        Some(m) if m.name == FLAGS => Origin::Flag(fields::flag(key)),
+        Some(m) if m.name == FLAGS => Origin::Flag(schema::flag(key)),
         Some(m) if m.name == PNG => Origin::Png(png.unwrap_or(Path::new("")).to_path_buf()),
-        Some(_) => Origin::Env(fields::env_var(key)),
+        Some(_) => Origin::Env(schema::env_var(key)),
         None => Origin::Default,
     }
 }

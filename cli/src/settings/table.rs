@@ -8,10 +8,10 @@ use figment::Figment;
 use sd_controlnet::spec::PreprocessorChoice;
 use sd_plugins_api::ParamValue;
 
-use crate::settings::fields::{self, Field, PathRole, Ty};
 use crate::settings::problem::{resolve, Origin, Problem};
 use crate::settings::sources::origin_of;
 use crate::settings::values::{describe, num_f64, num_int};
+use sd::schema::{self, Field, PathRole, Ty};
 
 /// A checked value.
 #[derive(Debug, Clone, PartialEq)]
@@ -233,14 +233,14 @@ impl Table<'_> {
         if !self.list.is_empty() {
             for f in fields.iter().filter(|f| !dict.contains_key(f.key)) {
                 let value = match f.default {
-                    fields::Default::None => continue,
-                    fields::Default::Str(s) if f.key == "preprocessor" => {
+                    schema::Default::None => continue,
+                    schema::Default::Str(s) if f.key == "preprocessor" => {
                         Typed::Preprocessor(PreprocessorChoice::named(s))
                     }
-                    fields::Default::Str(s) => Typed::Str(s.into()),
-                    fields::Default::Int(i) => Typed::Int(i),
-                    fields::Default::Float(x) => Typed::Float(x),
-                    fields::Default::Bool(b) => Typed::Bool(b),
+                    schema::Default::Str(s) => Typed::Str(s.into()),
+                    schema::Default::Int(i) => Typed::Int(i),
+                    schema::Default::Float(x) => Typed::Float(x),
+                    schema::Default::Bool(b) => Typed::Bool(b),
                 };
                 self.shown.push(Shown {
                     key: f.key.into(),

@@ -1,5 +1,6 @@
 //! The settings schema: every generation option with its one name (config key `cfg_scale`,
-//! flag `--cfg-scale`, environment variable `SDCTL_CFG_SCALE`), type, default and range.
+//! flag `--cfg-scale`, environment variable `SDCTL_CFG_SCALE`, HTTP field), type, default and
+//! range. Every door that takes settings from people checks them against this table.
 
 /// What a path names, which decides how it is checked.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -195,10 +196,10 @@ mod tests {
         FIELDS.iter().find(|f| f.key == key).unwrap().default
     }
 
-    /// `config show`'s defaults are the library's (`sd::Job::default()`).
+    /// The schema's defaults (what `config show` prints) are the `Job`'s.
     #[test]
     fn schema_defaults_are_the_jobs() {
-        let j = sd::Job::default();
+        let j = crate::Job::default();
         assert_eq!(default_of("steps"), Default::Int(j.steps as i64));
         assert_eq!(default_of("cfg_scale"), Default::Float(j.cfg_scale));
         assert_eq!(default_of("sampler"), Default::Str(j.sampler.name()));
