@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use sd_lora::{load_lora, merge_into, Factors, LoraFile, LoraSpec, Targets};
+use sd_lora::{load_lora, merge_into, LoraFile, LoraSpec, Targets};
 
 use crate::CliResult;
 
@@ -36,62 +36,7 @@ pub struct MergeArgs {
 pub fn run(cmd: LoraCommand) -> CliResult {
     match cmd {
         LoraCommand::Inspect(a) => {
-            let f = LoraFile::load(&a.file)?;
-            let mut ranks = std::collections::BTreeSet::new();
-            let mut alphas = std::collections::BTreeSet::new();
-            let (mut unet, mut te, mut other) = (0, 0, 0);
-            let mut kinds = std::collections::BTreeMap::new();
-            for (k, m) in &f.modules {
-                if let Some(r) = m.rank() {
-                    ranks.insert(r);
-                }
-                if let Some(al) = m.alpha {
-                    alphas.insert(format!("{al}"));
-                }
-                *kinds
-                    .entry(match (&m.factors, m.factors_is_conv()) {
-                        (Factors::LoRA { .. }, true) => "LoCon (conv)",
-                        (Factors::LoRA { .. }, false) => "LoRA",
-                        (Factors::LoHa { .. }, _) => "LoHa",
-                        (Factors::LoKr { .. }, _) => "LoKr",
-                    })
-                    .or_insert(0) += 1;
-                if k.starts_with("lora_unet_") || k.starts_with("unet.") {
-                    unet += 1;
-                } else if k.starts_with("lora_te") || k.starts_with("text_encoder.") {
-                    te += 1;
-                } else {
-                    other += 1;
-                }
-            }
-            println!("file: {}", a.file.display());
-            println!("format: {}", f.format);
-            println!(
-                "modules: {} (UNet {unet}, text encoder {te}{})",
-                f.modules.len(),
-                if other > 0 {
-                    format!(", unprefixed {other}")
-                } else {
-                    String::new()
-                }
-            );
-            println!(
-                "kinds: {}",
-                kinds
-                    .iter()
-                    .map(|(k, n)| format!("{k} {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            println!("ranks: {:?}", ranks);
-            println!(
-                "alphas: {}",
-                if alphas.is_empty() {
-                    "none (alpha = rank)".to_string()
-                } else {
-                    alphas.into_iter().collect::<Vec<_>>().join(", ")
-                }
-            );
+            print!("{}", LoraFile::load(&a.file)?.describe(&a.file));
             Ok(())
         }
         LoraCommand::Merge(a) => {

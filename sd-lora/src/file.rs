@@ -237,4 +237,70 @@ impl LoraFile {
             modules,
         })
     }
+
+    /// What the file holds, one fact a line (`sdctl lora inspect`): format, modules per
+    /// part, kinds, ranks, alphas.
+    pub fn describe(&self, path: &std::path::Path) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let mut ranks = std::collections::BTreeSet::new();
+        let mut alphas = std::collections::BTreeSet::new();
+        let (mut unet, mut te, mut other) = (0, 0, 0);
+        let mut kinds = std::collections::BTreeMap::new();
+        for (k, m) in &self.modules {
+            if let Some(r) = m.rank() {
+                ranks.insert(r);
+            }
+            if let Some(al) = m.alpha {
+                alphas.insert(format!("{al}"));
+            }
+            *kinds
+                .entry(match (&m.factors, m.factors_is_conv()) {
+                    (Factors::LoRA { .. }, true) => "LoCon (conv)",
+                    (Factors::LoRA { .. }, false) => "LoRA",
+                    (Factors::LoHa { .. }, _) => "LoHa",
+                    (Factors::LoKr { .. }, _) => "LoKr",
+                })
+                .or_insert(0) += 1;
+            if k.starts_with("lora_unet_") || k.starts_with("unet.") {
+                unet += 1;
+            } else if k.starts_with("lora_te") || k.starts_with("text_encoder.") {
+                te += 1;
+            } else {
+                other += 1;
+            }
+        }
+        let _ = writeln!(out, "file: {}", path.display());
+        let _ = writeln!(out, "format: {}", self.format);
+        let _ = writeln!(
+            out,
+            "modules: {} (UNet {unet}, text encoder {te}{})",
+            self.modules.len(),
+            if other > 0 {
+                format!(", unprefixed {other}")
+            } else {
+                String::new()
+            }
+        );
+        let _ = writeln!(
+            out,
+            "kinds: {}",
+            kinds
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(out, "ranks: {:?}", ranks);
+        let _ = writeln!(
+            out,
+            "alphas: {}",
+            if alphas.is_empty() {
+                "none (alpha = rank)".to_string()
+            } else {
+                alphas.into_iter().collect::<Vec<_>>().join(", ")
+            }
+        );
+        out
+    }
 }
