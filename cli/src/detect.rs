@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use sd_plugins_api::{hwc3, resolve_params, ParamKind, ParamValue};
+use sd_plugins_api::{hwc3, resolve_params, ParamValue};
 use sd_preprocessors::detect::{detect_file, Sizing, RESOLUTIONS};
 
 use crate::settings::{self, SettingsArgs};
@@ -68,13 +68,7 @@ pub fn run(a: DetectArgs) -> CliResult {
             .split_once('=')
             .ok_or_else(|| format!("--param {kv:?}: expected KEY=VALUE"))?;
         let kind = specs.iter().find(|s| s.name == k).map(|s| &s.kind);
-        let value = match kind {
-            Some(ParamKind::Int { .. }) => v.parse().map(ParamValue::Int).ok(),
-            Some(ParamKind::Float { .. }) => v.parse().map(ParamValue::Float).ok(),
-            Some(ParamKind::Bool) => v.parse().map(ParamValue::Bool).ok(),
-            _ => None,
-        }
-        .unwrap_or_else(|| ParamValue::Str(v.to_string()));
+        let value = ParamValue::from_text(v, kind);
         given.push((k.to_string(), value));
     }
     let params = resolve_params(&specs, &given).map_err(|errs| {

@@ -14,6 +14,18 @@ pub enum ParamValue {
 }
 
 impl ParamValue {
+    /// A value given as text (a flag, an environment variable), read by the type the
+    /// parameter declares; text that does not parse stays text, for `check` to refuse.
+    pub fn from_text(text: &str, kind: Option<&ParamKind>) -> Self {
+        let parsed = match kind {
+            Some(ParamKind::Int { .. }) => text.parse().map(ParamValue::Int).ok(),
+            Some(ParamKind::Float { .. }) => text.parse().map(ParamValue::Float).ok(),
+            Some(ParamKind::Bool) => text.parse().map(ParamValue::Bool).ok(),
+            _ => None,
+        };
+        parsed.unwrap_or_else(|| ParamValue::Str(text.to_string()))
+    }
+
     /// The value as a config file would write it.
     pub fn kind_name(&self) -> &'static str {
         match self {
@@ -267,6 +279,31 @@ pub fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_is_read_by_the_declared_kind() {
+        let int = ParamSpec::int("n", 1, 0, 9, "").kind;
+        let float = ParamSpec::float("x", 1.0, 0.0, 9.0, "").kind;
+        let boolean = ParamSpec::bool("b", false, "").kind;
+        assert_eq!(ParamValue::from_text("3", Some(&int)), ParamValue::Int(3));
+        assert_eq!(
+            ParamValue::from_text("3", Some(&float)),
+            ParamValue::Float(3.0)
+        );
+        assert_eq!(
+            ParamValue::from_text("true", Some(&boolean)),
+            ParamValue::Bool(true)
+        );
+        // unparsable text stays text (the range check names it), and so does an unknown key's
+        assert_eq!(
+            ParamValue::from_text("x3", Some(&int)),
+            ParamValue::Str("x3".into())
+        );
+        assert_eq!(
+            ParamValue::from_text("3", None),
+            ParamValue::Str("3".into())
+        );
+    }
 
     fn specs() -> Vec<ParamSpec> {
         vec![

@@ -54,21 +54,9 @@ fn param_value(v: &Value, kind: Option<&ParamKind>, origin: &Origin) -> Result<P
             Some(i) => ParamValue::Int(i),
             None => ParamValue::Float(num_f64(*n)),
         },
-        Value::String(_, s) if !matches!(origin, Origin::File { .. }) => match kind {
-            Some(ParamKind::Int { .. }) => s
-                .parse()
-                .map(ParamValue::Int)
-                .unwrap_or(ParamValue::Str(s.clone())),
-            Some(ParamKind::Float { .. }) => s
-                .parse()
-                .map(ParamValue::Float)
-                .unwrap_or(ParamValue::Str(s.clone())),
-            Some(ParamKind::Bool) => s
-                .parse()
-                .map(ParamValue::Bool)
-                .unwrap_or(ParamValue::Str(s.clone())),
-            _ => ParamValue::Str(s.clone()),
-        },
+        Value::String(_, s) if !matches!(origin, Origin::File { .. }) => {
+            ParamValue::from_text(s, kind)
+        }
         Value::String(_, s) => ParamValue::Str(s.clone()),
         other => {
             return Err(format!(
