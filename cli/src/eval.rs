@@ -6,7 +6,7 @@
 //! the shape (IoU of the disk painted in the circle's colour against the true disk) and the
 //! colours (mean colour of the true disk and of the true background against the prompt's).
 //! The evaluation and its measures are `sd_train::eval`'s; this parses the flags, loads the
-//! models, shows progress and writes the report.
+//! models, shows progress and prints the table; the report is `sd_train::eval::FillReport`'s.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,8 +18,8 @@ use sd_controlnet::load_controlnet;
 use sd_pipeline::samplers::{SamplerKind, Schedule};
 use sd_pipeline::StableDiffusion;
 use sd_train::eval::{
-    check_controlnet_fits, eval_fill, grid, mean_iou, summarise_examples, FillEvalConfig,
-    FillSummary, Stats, GRID_MAX_PAIRS,
+    check_controlnet_fits, eval_fill, mean_iou, summarise_examples, write_grid, FillEvalConfig,
+    FillReport, GRID_MAX_PAIRS,
 };
 
 use crate::CliResult;
@@ -107,22 +107,6 @@ fn flag_error(flag: &str, path: &Path, e: &dyn std::fmt::Display) -> String {
         Some(rest) if rest.starts_with(':') => format!("{flag} {shown}{rest}"),
         _ => format!("{flag} {shown}: {msg}"),
     }
-}
-
-/// Write `path` with `write` via a temporary file, so that the file appears only when complete.
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> CliResult) -> CliResult {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let r = write(&tmp).and_then(|_| {
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()).into())
-    });
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
 }
 
 fn fill(a: FillArgs) -> CliResult {
@@ -213,86 +197,25 @@ fn fill(a: FillArgs) -> CliResult {
     })?;
     bar.finish_and_clear();
 
-    let summary = summarise_examples(&examples);
-    print_table(&a, sampler, schedule, &summary);
-
+    let report = FillReport {
+        model,
+        controlnet,
+        config: cfg,
+        device: a.device,
+        dtype: a.dtype,
+        summary: summarise_examples(&examples),
+        examples,
+    };
+    print!("{}", report.table());
     if let Some(p) = &a.json {
-        let doc = serde_json::json!({
-            "task": "fill",
-            "settings": {
-                "model": model.display().to_string(),
-                "controlnet": controlnet.display().to_string(),
-                "weight": a.weight,
-                "count": a.count,
-                "seed": a.seed,
-                "size": a.size,
-                "steps": a.steps,
-                "cfg_scale": a.cfg_scale,
-                "sampler": sampler.to_string(),
-                "schedule": schedule.to_string(),
-                "device": a.device,
-                "dtype": a.dtype,
-            },
-            "summary": summary,
-            "examples": examples,
-        });
-        let text = serde_json::to_string_pretty(&doc)?;
-        write_atomic(p, |tmp| {
-            std::fs::write(tmp, text + "\n").map_err(|e| format!("--json {}: {e}", p.display()))?;
-            Ok(())
-        })?;
+        report
+            .write_json(p)
+            .map_err(|e| flag_error("--json", p, &e))?;
         eprintln!("wrote {}", p.display());
     }
     if let Some(p) = &a.grid {
-        let img = grid(&pairs, a.size);
-        write_atomic(p, |tmp| {
-            img.save_with_format(tmp, image::ImageFormat::Png)
-                .map_err(|e| format!("--grid {}: {e}", p.display()))?;
-            Ok(())
-        })?;
+        write_grid(p, &pairs, a.size).map_err(|e| flag_error("--grid", p, &e))?;
         eprintln!("wrote {}", p.display());
     }
     Ok(())
-}
-
-fn print_table(a: &FillArgs, sampler: SamplerKind, schedule: Schedule, s: &FillSummary) {
-    println!(
-        "eval fill: {} example{}, weight {}, seeds {}.., {}x{}, {} steps, cfg {}, {} {}",
-        s.count,
-        if s.count == 1 { "" } else { "s" },
-        a.weight,
-        a.seed,
-        a.size,
-        a.size,
-        a.steps,
-        a.cfg_scale,
-        sampler,
-        schedule
-    );
-    println!(
-        "{:<26}{:>9}{:>9}{:>9}{:>9}",
-        "", "mean", "median", "min", "max"
-    );
-    let row = |name: &str, st: &Option<Stats>, digits: usize| match st {
-        Some(st) => println!(
-            "{name:<26}{:>9.d$}{:>9.d$}{:>9.d$}{:>9.d$}",
-            st.mean,
-            st.median,
-            st.min,
-            st.max,
-            d = digits
-        ),
-        None => println!("{name:<26}{:>9}", "-"),
-    };
-    row("IoU (prompt's colours)", &s.iou, 3);
-    row("IoU (shape, any colours)", &s.shape_iou, 3);
-    row("circle colour error", &s.circle_error, 1);
-    row("background colour error", &s.background_error, 1);
-    let frac = |f: Option<f64>| f.map_or("-".to_string(), |f| format!("{f:.2}"));
-    println!(
-        "{:<26}circle {}  background {}",
-        "colour named right",
-        frac(s.circle_named_right),
-        frac(s.background_named_right)
-    );
 }

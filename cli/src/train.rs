@@ -1,13 +1,13 @@
-//! `sdctl train controlnet` and `sdctl dataset fill`.
+//! `sdctl train controlnet|vae|unet` and `sdctl dataset fill`: flags, progress and messages;
+//! the config file handling is `sd_train::config`'s.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use figment::providers::{Format, Json, Serialized, Toml, Yaml};
-use figment::{Figment, Source};
 use indicatif::{ProgressBar, ProgressStyle};
+use sd_train::config::{base_config, controlnet_config};
 use sd_train::fill::write_fill_dataset;
-use sd_train::{train_unet, train_vae, BaseStep, BaseTrainConfig, Part, TrainConfig, Trainer};
+use sd_train::{train_unet, train_vae, BaseStep, Part, Trainer};
 use serde::Serialize;
 
 use crate::CliResult;
@@ -24,7 +24,8 @@ pub enum TrainCommand {
     Unet(Box<BaseTrainArgs>),
 }
 
-/// `sdctl train vae|unet` settings; every key of the config is also a flag.
+/// `sdctl train vae|unet` settings; every key of the config is also a flag (unset flags are
+/// `None` and leave the file's value).
 #[derive(Args, Serialize, Default)]
 pub struct BaseTrainArgs {
     /// A config file (TOML, YAML or JSON); flags override it; paths are relative to it.
@@ -33,46 +34,33 @@ pub struct BaseTrainArgs {
     pub config: Option<PathBuf>,
     /// The model folder to start from (`sdctl model new` makes a fresh one)
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<PathBuf>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dataset: Option<PathBuf>,
     /// The model folder to write (the whole model, trained part replaced)
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<PathBuf>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub resolution: Option<u32>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_train_steps: Option<usize>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub learning_rate: Option<f64>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpointing_steps: Option<usize>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_grad_norm: Option<f64>,
     /// VAE: weight of the KL term
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub kl_weight: Option<f64>,
     /// UNet: train the text encoder too
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub train_text_encoder: Option<bool>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub proportion_empty_prompts: Option<f64>,
 }
 
@@ -108,164 +96,71 @@ pub struct TrainArgs {
     #[serde(skip)]
     pub resume: bool,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub base: Option<PathBuf>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub controlnet: Option<PathBuf>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dataset: Option<PathBuf>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<PathBuf>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub resolution: Option<u32>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub gradient_accumulation: Option<usize>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub learning_rate: Option<f64>,
     /// constant | constant_with_warmup
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub lr_scheduler: Option<String>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub lr_warmup_steps: Option<usize>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub adam_beta1: Option<f64>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub adam_beta2: Option<f64>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub adam_weight_decay: Option<f64>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub adam_epsilon: Option<f64>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_grad_norm: Option<f64>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_steps: Option<usize>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpointing_steps: Option<usize>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub validation_prompt: Option<String>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub validation_image: Option<PathBuf>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub validation_steps: Option<usize>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub proportion_empty_prompts: Option<f64>,
     /// false also trains the UNet decoder
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub sd_locked: Option<bool>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub only_mid_control: Option<bool>,
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub skip_bad_rows: Option<bool>,
 }
 
-const PATH_KEYS: &[&str] = &[
-    "base",
-    "controlnet",
-    "dataset",
-    "output",
-    "validation_image",
-];
-
-/// Layer the config file and the flags; paths from the file are relative to it.
-fn layered<A: Serialize, C: serde::de::DeserializeOwned>(
-    config: Option<&Path>,
-    args: &A,
-    path_keys: &[&str],
-) -> CliResult<C> {
-    let mut fig = Figment::new();
-    if let Some(path) = config {
-        if !path.is_file() {
-            return Err(format!("--config {}: not found", path.display()).into());
-        }
-        fig = match path.extension().and_then(|e| e.to_str()) {
-            Some("toml") => fig.merge(Toml::file_exact(path)),
-            Some("yaml" | "yml") => fig.merge(Yaml::file_exact(path)),
-            Some("json") => fig.merge(Json::file_exact(path)),
-            _ => {
-                return Err(
-                    format!("--config {}: use .toml, .yaml or .json", path.display()).into(),
-                )
-            }
-        };
-    }
-    let mut fig = fig.merge(Serialized::defaults(args));
-    for key in path_keys {
-        let Some(md) = fig.find_metadata(key).cloned() else {
-            continue;
-        };
-        if let (Some(Source::File(file)), Ok(v)) = (md.source, fig.find_value(key)) {
-            if let (Some(s), Some(dir)) = (v.as_str(), file.parent()) {
-                let p = Path::new(s);
-                if p.is_relative() {
-                    fig = fig.merge(Serialized::default(key, dir.join(p)));
-                }
-            }
-        }
-    }
-    let cfg: C = fig.extract().map_err(|e| {
-        let e = e.to_string();
-        format!("training settings: {e}")
-    })?;
-    Ok(cfg)
-}
-
-fn settings(args: &TrainArgs) -> CliResult<TrainConfig> {
-    layered(args.config.as_deref(), args, PATH_KEYS)
+fn bar(len: usize) -> ProgressBar {
+    let style = "{bar:30} {pos}/{len} steps  {per_sec}  loss {msg}  eta {eta}";
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template(style).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 fn run_base(args: &BaseTrainArgs, part: Part) -> CliResult {
-    let cfg: BaseTrainConfig = layered(
-        args.config.as_deref(),
-        args,
-        &["model", "dataset", "output"],
-    )?;
-    for (name, p) in [("model", &cfg.model), ("dataset", &cfg.dataset)] {
-        if !p.exists() {
-            return Err(format!("{name} {}: not found", p.display()).into());
-        }
-    }
-    if cfg.output.exists() {
-        return Err(format!(
-            "output {}: already exists; choose a new folder",
-            cfg.output.display()
-        )
-        .into());
-    }
-    let bar = ProgressBar::new(cfg.max_train_steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps  {per_sec}  loss {msg}  eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let cfg = base_config(args.config.as_deref(), args)?;
+    let bar = bar(cfg.max_train_steps);
     let t0 = std::time::Instant::now();
     let mut report = |r: BaseStep| {
         bar.set_position(r.step as u64);
@@ -302,27 +197,9 @@ pub fn run(cmd: TrainCommand) -> CliResult {
         TrainCommand::Vae(a) => return run_base(&a, Part::Vae),
         TrainCommand::Unet(a) => return run_base(&a, Part::Unet),
     };
-    let cfg = settings(&args)?;
-    for (name, p) in [
-        ("base", Some(&cfg.base)),
-        ("dataset", Some(&cfg.dataset)),
-        ("controlnet", cfg.controlnet.as_ref()),
-        ("validation_image", cfg.validation_image.as_ref()),
-    ] {
-        if let Some(p) = p {
-            if !p.exists() {
-                return Err(format!("{name} {}: not found", p.display()).into());
-            }
-        }
-    }
+    let cfg = controlnet_config(args.config.as_deref(), &*args)?;
     let mut trainer = Trainer::new(cfg, args.resume, &mut |w| eprintln!("warning: {w}"))?;
-    let bar = ProgressBar::new(trainer.cfg.max_steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps  {per_sec}  loss {msg}  eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = bar(trainer.cfg.max_steps);
     bar.set_position(trainer.step as u64);
     let t0 = std::time::Instant::now();
     let start = trainer.step;

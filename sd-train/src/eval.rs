@@ -6,6 +6,8 @@
 //! of the disk painted in the circle's colour against the true disk) and the colours (mean
 //! colour of the true disk and of the true background against the prompt's).
 
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -452,6 +454,139 @@ pub fn mean_iou(examples: &[FillExample]) -> f64 {
     examples.iter().map(|e| e.metrics.iou).sum::<f64>() / examples.len() as f64
 }
 
+// ---------------------------------------------------------------------------------------------
+// The report
+
+/// An evaluation run as reported: its settings, summary and examples.
+#[derive(Debug, Clone)]
+pub struct FillReport {
+    /// The base model and the ControlNet, as given.
+    pub model: PathBuf,
+    pub controlnet: PathBuf,
+    pub config: FillEvalConfig,
+    /// The device and dtype names, as given.
+    pub device: String,
+    pub dtype: String,
+    pub summary: FillSummary,
+    pub examples: Vec<FillExample>,
+}
+
+impl FillReport {
+    /// The JSON report: `task`, `settings`, `summary` and `examples`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let c = &self.config;
+        serde_json::json!({
+            "task": "fill",
+            "settings": {
+                "model": self.model.display().to_string(),
+                "controlnet": self.controlnet.display().to_string(),
+                "weight": c.weight,
+                "count": c.count,
+                "seed": c.seed,
+                "size": c.size,
+                "steps": c.steps,
+                "cfg_scale": c.cfg_scale,
+                "sampler": c.sampler.to_string(),
+                "schedule": c.schedule.to_string(),
+                "device": self.device,
+                "dtype": self.dtype,
+            },
+            "summary": self.summary,
+            "examples": self.examples,
+        })
+    }
+
+    /// Write the JSON report (pretty, newline-terminated) to `path`, which appears only when
+    /// complete.
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(&self.to_json())
+            .map_err(|e| TrainError::file(path, e.to_string()))?;
+        write_whole(path, |tmp| {
+            std::fs::write(tmp, text + "\n").map_err(|e| e.to_string())
+        })
+    }
+
+    /// The summary table as printed: a line of settings, then mean, median, min and max of
+    /// each measure, then the shares of colours named right; each line ends in a newline.
+    pub fn table(&self) -> String {
+        let (c, s) = (&self.config, &self.summary);
+        let mut out = format!(
+            "eval fill: {} example{}, weight {}, seeds {}.., {}x{}, {} steps, cfg {}, {} {}\n",
+            s.count,
+            if s.count == 1 { "" } else { "s" },
+            c.weight,
+            c.seed,
+            c.size,
+            c.size,
+            c.steps,
+            c.cfg_scale,
+            c.sampler,
+            c.schedule
+        );
+        let _ = writeln!(
+            out,
+            "{:<26}{:>9}{:>9}{:>9}{:>9}",
+            "", "mean", "median", "min", "max"
+        );
+        let mut row = |name: &str, st: &Option<Stats>, digits: usize| {
+            let _ = match st {
+                Some(st) => writeln!(
+                    out,
+                    "{name:<26}{:>9.d$}{:>9.d$}{:>9.d$}{:>9.d$}",
+                    st.mean,
+                    st.median,
+                    st.min,
+                    st.max,
+                    d = digits
+                ),
+                None => writeln!(out, "{name:<26}{:>9}", "-"),
+            };
+        };
+        row("IoU (prompt's colours)", &s.iou, 3);
+        row("IoU (shape, any colours)", &s.shape_iou, 3);
+        row("circle colour error", &s.circle_error, 1);
+        row("background colour error", &s.background_error, 1);
+        let frac = |f: Option<f64>| f.map_or("-".to_string(), |f| format!("{f:.2}"));
+        let _ = writeln!(
+            out,
+            "{:<26}circle {}  background {}",
+            "colour named right",
+            frac(s.circle_named_right),
+            frac(s.background_named_right)
+        );
+        out
+    }
+}
+
+/// Write [`grid`]`(pairs, size)` as a PNG to `path`, which appears only when complete.
+pub fn write_grid(path: &Path, pairs: &[(RgbImage, RgbImage)], size: u32) -> Result<()> {
+    let img = grid(pairs, size);
+    write_whole(path, |tmp| {
+        img.save_with_format(tmp, image::ImageFormat::Png)
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Write `path` with `write` through `.NAME.tmp` beside it and a rename, so that the file
+/// appears only when complete; the temporary file is removed on failure. Errors name `path`.
+fn write_whole(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), String>,
+) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let r = write(&tmp)
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| e.to_string()))
+        .map_err(|m| TrainError::file(path, m));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -609,5 +744,48 @@ mod tests {
         let second_row = 8 + GRID_GAP;
         assert_eq!(g.get_pixel(0, second_row).0, [40, 40, 40]);
         assert_eq!(g.get_pixel(9, second_row).0, [45, 45, 45]);
+    }
+
+    #[test]
+    fn report_table_lines() {
+        let report = FillReport {
+            model: "m".into(),
+            controlnet: "c".into(),
+            config: FillEvalConfig {
+                weight: 1.0,
+                count: 1,
+                seed: 5,
+                size: 64,
+                steps: 2,
+                cfg_scale: 5.0,
+                sampler: SamplerKind::Euler,
+                schedule: Schedule::Karras,
+            },
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            summary: summarise(&[]),
+            examples: Vec::new(),
+        };
+        let table = report.table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 7, "{table}");
+        assert!(
+            lines[0]
+                .starts_with("eval fill: 0 examples, weight 1, seeds 5.., 64x64, 2 steps, cfg 5, "),
+            "{table}"
+        );
+        assert_eq!(
+            lines[2],
+            format!("{:<26}{:>9}", "IoU (prompt's colours)", "-")
+        );
+        assert_eq!(
+            lines[6],
+            format!("{:<26}circle -  background -", "colour named right")
+        );
+        assert!(table.ends_with('\n'));
+        let json = report.to_json();
+        assert_eq!(json["task"], "fill");
+        assert_eq!(json["settings"]["seed"], 5);
+        assert_eq!(json["settings"]["device"], "cpu");
     }
 }

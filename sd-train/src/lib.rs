@@ -11,17 +11,22 @@
 //!   gradient accumulation and clipping, AdamW, report and checkpoint cadence).
 //! - [`optim`]: AdamW as PyTorch computes it, with its state saved and restored.
 //! - [`dataset`]: training data folders (fill50k layout, diffusers image folder).
+//! - [`config`]: training config files (TOML, YAML or JSON) layered under flags into
+//!   [`TrainConfig`] and [`BaseTrainConfig`], paths taken against the file's folder and the
+//!   files they name checked.
 //! - [`fill`]: the synthetic fill dataset (circle outlines and filled circles).
 //! - [`eval`]: the fill task's evaluation: generate from unseen examples and measure shape and
-//!   colour fidelity.
+//!   colour fidelity; the report (JSON, grid image, summary table).
 //! - [`error`]: the crate's error, [`TrainError`].
 //!
 //! Module dependencies run one way, and no module uses this root or its re-exports:
-//! `controlnet` and `base` use `train_loop`, `optim`, `dataset`, `files` and `error`;
-//! `train_loop` uses `optim` and `error`; `eval` uses `fill` and `error`; `dataset`, `fill`
-//! and `files` use `error`; `optim` and `error` use none.
+//! `config` uses `controlnet`, `base` and `error`; `controlnet` and `base` use `train_loop`,
+//! `optim`, `dataset`, `files` and `error`; `train_loop` uses `optim` and `error`; `eval` uses
+//! `fill` and `error`; `dataset`, `fill` and `files` use `error`; `optim` and `error` use
+//! none.
 
 pub mod base;
+pub mod config;
 pub mod controlnet;
 pub mod dataset;
 pub mod error;
