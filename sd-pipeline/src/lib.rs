@@ -19,6 +19,9 @@
 //!   tensors are read; the files themselves are read by the `sd-weights` crate.
 //! - [`generation`]: the denoising loop ([`GenerateRequest`] -> [`GenerateOutput`]) and image
 //!   reading / writing.
+//! - [`output`]: all-or-nothing writing (a file through a temporary name, several files
+//!   committed together, a folder staged as `.NAME.partial` and renamed into place), which
+//!   every crate that writes files uses (it uses only [`error`]).
 //! - [`error`]: [`Error`], which names the file, tensor or value at fault (it uses only
 //!   [`samplers`], for their error).
 
@@ -27,6 +30,7 @@ pub mod error;
 pub mod generation;
 pub mod loading;
 pub mod model;
+pub mod output;
 pub mod rng;
 pub mod samplers;
 pub mod stable_diffusion;
