@@ -3,6 +3,9 @@
 //! The folders, from the bottom up (each uses only those above it in this list, and
 //! [`error`]):
 //!
+//! - [`output`]: all-or-nothing writing (a file through a temporary name, several files
+//!   committed together, a folder staged as `.NAME.partial` and renamed into place), which
+//!   every crate that writes files uses (it uses only [`error`]).
 //! - [`cpu`]: the CPU kernels the layers call in f32 (im2col + gemm convolution, fused and
 //!   recomputed attention, GEGLU, group norm, run-time SIMD dispatch), with backward passes.
 //! - [`model`]: the networks on candle with diffusers parameter names: UNet, VAE, CLIP text
@@ -19,9 +22,6 @@
 //!   tensors are read; the files themselves are read by the `sd-weights` crate.
 //! - [`generation`]: the denoising loop ([`GenerateRequest`] -> [`GenerateOutput`]) and image
 //!   reading / writing.
-//! - [`output`]: all-or-nothing writing (a file through a temporary name, several files
-//!   committed together, a folder staged as `.NAME.partial` and renamed into place), which
-//!   every crate that writes files uses (it uses only [`error`]).
 //! - [`error`]: [`Error`], which names the file, tensor or value at fault (it uses only
 //!   [`samplers`], for their error).
 
