@@ -38,10 +38,11 @@ pub fn run(cmd: PoseCommand) -> CliResult {
     }
     let c = render(&pose, w, h);
     let img = image::RgbImage::from_raw(w as u32, h as u32, c.data).ok_or("bad canvas")?;
-    let tmp = a.output.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| format!("{}: {e}", a.output.display()))?;
-    std::fs::rename(&tmp, &a.output).map_err(|e| format!("{}: {e}", a.output.display()))?;
+    sd_pipeline::output::write_atomic(&a.output, |tmp| -> CliResult {
+        img.save_with_format(tmp, image::ImageFormat::Png)
+            .map_err(|e| format!("{}: {e}", a.output.display()))?;
+        Ok(())
+    })?;
     eprintln!(
         "{} people on {w}x{h} -> {}",
         pose.people.len(),

@@ -201,21 +201,14 @@ pub fn write_initial_controlnet(base: &Path, out: &Path, seed: u64) -> Result<()
             "output already exists; choose a new folder",
         ));
     }
-    let tmp = out.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&tmp);
-    let write = || -> Result<()> {
-        std::fs::create_dir_all(&tmp).map_err(|e| ControlError::file(&tmp, e.to_string()))?;
-        std::fs::write(
-            tmp.join("config.json"),
-            serde_json::to_string_pretty(&config).expect("json"),
-        )
-        .map_err(|e| ControlError::file(&tmp, e.to_string()))?;
-        candle_core::safetensors::save(&weights, tmp.join("diffusion_pytorch_model.safetensors"))?;
-        std::fs::rename(&tmp, out).map_err(|e| ControlError::file(out, e.to_string()))
-    };
-    let r = write();
-    if r.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    r
+    let stage = sd_pipeline::output::StagedDir::new(out)?;
+    let tmp = stage.path();
+    std::fs::write(
+        tmp.join("config.json"),
+        serde_json::to_string_pretty(&config).expect("json"),
+    )
+    .map_err(|e| ControlError::file(tmp, e.to_string()))?;
+    candle_core::safetensors::save(&weights, tmp.join("diffusion_pytorch_model.safetensors"))?;
+    stage.commit()?;
+    Ok(())
 }

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use sd_pipeline::loading::files::weight_files;
+use sd_pipeline::output::StagedDir;
 use sd_plugins_api::{ModelPart, WeightPatch};
 
 use crate::error::{LoraError, Result};
@@ -33,49 +34,43 @@ pub fn merge_into(model: &Path, patches: &[LoraPatch], out: &Path) -> Result<()>
             "output already exists; choose a new folder",
         ));
     }
-    let tmp = out.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&tmp);
-    let work = || -> Result<()> {
-        copy_dir(model, &tmp).map_err(|e| LoraError::file(model, e.to_string()))?;
-        for (dir, part, file) in [
-            (
-                "unet",
-                ModelPart::Unet,
-                "diffusion_pytorch_model.safetensors",
-            ),
-            ("text_encoder", ModelPart::TextEncoder, "model.safetensors"),
-        ] {
-            let files = weight_files(&model.join(dir))?;
-            let mut tensors = std::collections::HashMap::new();
-            for f in &files {
-                for (name, t) in candle_core::safetensors::load(f, &Device::Cpu)? {
-                    let mut t = t.to_dtype(DType::F32)?;
-                    for p in patches {
-                        if let Some(d) = p
-                            .delta(part, &name, &t)
-                            .map_err(|e| LoraError::Invalid(e.to_string()))?
-                        {
-                            t = (t + d)?;
-                        }
+    let stage = StagedDir::new(out)?;
+    let tmp = stage.path();
+    copy_dir(model, tmp).map_err(|e| LoraError::file(model, e.to_string()))?;
+    for (dir, part, file) in [
+        (
+            "unet",
+            ModelPart::Unet,
+            "diffusion_pytorch_model.safetensors",
+        ),
+        ("text_encoder", ModelPart::TextEncoder, "model.safetensors"),
+    ] {
+        let files = weight_files(&model.join(dir))?;
+        let mut tensors = std::collections::HashMap::new();
+        for f in &files {
+            for (name, t) in candle_core::safetensors::load(f, &Device::Cpu)? {
+                let mut t = t.to_dtype(DType::F32)?;
+                for p in patches {
+                    if let Some(d) = p
+                        .delta(part, &name, &t)
+                        .map_err(|e| LoraError::Invalid(e.to_string()))?
+                    {
+                        t = (t + d)?;
                     }
-                    tensors.insert(name, t);
                 }
+                tensors.insert(name, t);
             }
-            for e in std::fs::read_dir(tmp.join(dir))
-                .map_err(|e| LoraError::file(&tmp, e.to_string()))?
-            {
-                let p = e.map_err(|e| LoraError::file(&tmp, e.to_string()))?.path();
-                if p.to_string_lossy().contains(".safetensors") {
-                    std::fs::remove_file(&p).map_err(|e| LoraError::file(&p, e.to_string()))?;
-                }
-            }
-            candle_core::safetensors::save(&tensors, tmp.join(dir).join(file))?;
         }
-        std::fs::rename(&tmp, out).map_err(|e| LoraError::file(out, e.to_string()))
-    };
-    let r = work();
-    if r.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        for e in
+            std::fs::read_dir(tmp.join(dir)).map_err(|e| LoraError::file(tmp, e.to_string()))?
+        {
+            let p = e.map_err(|e| LoraError::file(tmp, e.to_string()))?.path();
+            if p.to_string_lossy().contains(".safetensors") {
+                std::fs::remove_file(&p).map_err(|e| LoraError::file(&p, e.to_string()))?;
+            }
+        }
+        candle_core::safetensors::save(&tensors, tmp.join(dir).join(file))?;
     }
-    r
+    stage.commit()?;
+    Ok(())
 }

@@ -3,6 +3,9 @@
 //! The folders, from the bottom up (each uses only those above it in this list, and
 //! [`error`]):
 //!
+//! - [`output`]: all-or-nothing writing (a file through a temporary name, several files
+//!   committed together, a folder staged as `.NAME.partial` and renamed into place), which
+//!   every crate that writes files uses (it uses only [`error`]).
 //! - [`cpu`]: the CPU kernels the layers call in f32 (im2col + gemm convolution, fused and
 //!   recomputed attention, GEGLU, group norm, run-time SIMD dispatch), with backward passes.
 //! - [`model`]: the networks on candle with diffusers parameter names: UNet, VAE, CLIP text
@@ -27,6 +30,7 @@ pub mod error;
 pub mod generation;
 pub mod loading;
 pub mod model;
+pub mod output;
 pub mod rng;
 pub mod samplers;
 pub mod stable_diffusion;

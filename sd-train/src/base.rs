@@ -18,6 +18,7 @@ use sd_pipeline::model::clip::ClipTextModel;
 use sd_pipeline::model::config::{ClipConfig, UNetConfig, VaeConfig};
 use sd_pipeline::model::unet::UNet2DConditionModel;
 use sd_pipeline::model::vae::AutoencoderKL;
+use sd_pipeline::output::StagedDir;
 use sd_pipeline::rng::{NoiseSource, TorchRng};
 use sd_pipeline::samplers::{alphas_cumprod, PredictionType};
 use sd_pipeline::text::tokenizer::ClipTokenizer;
@@ -84,17 +85,19 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Write `model` with some components' weights replaced into `out`, through a staging folder
-/// and a rename (an existing `out` is replaced only once the new one is complete).
+/// and a rename (an existing `out` is replaced only once the new one is complete); `finish`
+/// makes last edits in the staging folder.
 fn write_model(
     model: &Path,
     out: &Path,
     parts: &[(&str, &str, &HashMap<String, Tensor>)],
     log: &str,
+    finish: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    let stage = out.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&stage);
-    copy_tree(model, &stage)?;
-    std::fs::write(stage.join("train_log.csv"), log).map_err(io_err(&stage))?;
+    let staged = StagedDir::new(out)?;
+    let stage = staged.path();
+    copy_tree(model, stage)?;
+    std::fs::write(stage.join("train_log.csv"), log).map_err(io_err(stage))?;
     for (dir, file, w) in parts {
         let d = stage.join(dir);
         std::fs::create_dir_all(&d).map_err(io_err(&d))?;
@@ -106,13 +109,8 @@ fn write_model(
         }
         save_weights(w, &d.join(file))?;
     }
-    let old = out.with_extension("old");
-    let _ = std::fs::remove_dir_all(&old);
-    if out.exists() {
-        std::fs::rename(out, &old).map_err(io_err(out))?;
-    }
-    std::fs::rename(&stage, out).map_err(io_err(out))?;
-    let _ = std::fs::remove_dir_all(&old);
+    finish(stage)?;
+    staged.commit_replacing()?;
     Ok(())
 }
 
@@ -138,8 +136,8 @@ pub fn new_model(configs: &Path, out: &Path, seed: u64) -> Result<()> {
         &|vb| ClipTextModel::new(&clip_cfg, vb).map(|_| ()),
         seed + 2,
     )?;
-    let stage = out.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&stage);
+    let staged = StagedDir::new(out)?;
+    let stage = staged.path();
     for (dir, cfg, file, w) in [
         (
             "unet",
@@ -192,8 +190,8 @@ pub fn new_model(configs: &Path, out: &Path, seed: u64) -> Result<()> {
         stage.join("model_index.json"),
         serde_json::to_string_pretty(&index).unwrap(),
     )
-    .map_err(io_err(&stage))?;
-    std::fs::rename(&stage, out).map_err(io_err(out))?;
+    .map_err(io_err(stage))?;
+    staged.commit()?;
     Ok(())
 }
 
@@ -388,11 +386,14 @@ impl VaeRun<'_> {
             &cfg.output,
             &[("vae", "diffusion_pytorch_model.safetensors", &w)],
             &self.log,
-        )?;
-        let p = cfg.output.join("vae/config.json");
-        let mut c = read_json(&p)?;
-        c["scaling_factor"] = serde_json::json!(scaling);
-        std::fs::write(&p, serde_json::to_string_pretty(&c).unwrap()).map_err(io_err(&p))
+            // the scaling factor goes in before the folder is renamed into place
+            |stage| {
+                let p = stage.join("vae/config.json");
+                let mut c = read_json(&p)?;
+                c["scaling_factor"] = serde_json::json!(scaling);
+                std::fs::write(&p, serde_json::to_string_pretty(&c).unwrap()).map_err(io_err(&p))
+            },
+        )
     }
 }
 
@@ -538,7 +539,9 @@ impl UnetRun<'_> {
         if self.cfg.train_text_encoder {
             parts.push(("text_encoder", "model.safetensors", &t));
         }
-        write_model(&self.cfg.model, &self.cfg.output, &parts, &self.log)
+        write_model(&self.cfg.model, &self.cfg.output, &parts, &self.log, |_| {
+            Ok(())
+        })
     }
 }
 

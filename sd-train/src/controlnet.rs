@@ -17,6 +17,7 @@ use sd_controlnet::init::{init_config_json, init_weights};
 use sd_controlnet::model::ControlNetModel;
 use sd_controlnet::units::{ControlNetHook, ControlUnit, ResizeMode};
 use sd_pipeline::model::unet::UNet2DConditionModel;
+use sd_pipeline::output::{write_file, StagedDir};
 use sd_pipeline::rng::{NoiseSource, TorchRng};
 use sd_pipeline::samplers::{alphas_cumprod, PredictionType, SamplerKind, Schedule};
 use sd_pipeline::{GenerateRequest, StableDiffusion};
@@ -26,7 +27,7 @@ use serde_json::Value;
 
 use crate::dataset::{read_dataset, Sample};
 use crate::error::{Result, TrainError};
-use crate::files::{io_err, load_raw, save_weights, vars_from, weights_of, write_atomic};
+use crate::files::{io_err, load_raw, save_weights, vars_from, weights_of};
 use crate::optim::{AdamW, AdamWParams};
 use crate::train_loop::{LoopConfig, LrSchedule, StepDone, TrainTask};
 
@@ -423,7 +424,7 @@ impl Trainer {
         if !text.starts_with("step") {
             text = format!("step,loss,lr\n{text}");
         }
-        write_atomic(&log, &text)?;
+        write_file(&log, &text)?;
         Ok(Self {
             cfg,
             sd,
@@ -555,9 +556,9 @@ impl Trainer {
         let out = &self.cfg.output;
         let name = format!("checkpoint-{}", self.step);
         let dir = out.join(&name);
-        let tmp = out.join(format!(".{name}.partial"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(tmp.join("controlnet")).map_err(io_err(&tmp))?;
+        let stage = StagedDir::new(&dir)?;
+        let tmp = stage.path();
+        std::fs::create_dir_all(tmp.join("controlnet")).map_err(io_err(tmp))?;
         save_weights(
             &self.controlnet_weights()?,
             &tmp.join("controlnet/diffusion_pytorch_model.safetensors"),
@@ -566,7 +567,7 @@ impl Trainer {
             tmp.join("controlnet/config.json"),
             serde_json::to_string_pretty(&self.cn_config).unwrap_or_default(),
         )
-        .map_err(io_err(&tmp))?;
+        .map_err(io_err(tmp))?;
         save_weights(&self.opt.state(), &tmp.join("optimizer.safetensors"))?;
         let dec: HashMap<String, Tensor> = self
             .opt
@@ -583,10 +584,9 @@ impl Trainer {
             tmp.join("state.json"),
             serde_json::json!({ "step": self.step, "config": self.cfg }).to_string(),
         )
-        .map_err(io_err(&tmp))?;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
-        write_atomic(&out.join("latest"), &name)?;
+        .map_err(io_err(tmp))?;
+        stage.commit_replacing()?;
+        write_file(&out.join("latest"), &name)?;
         Ok(dir)
     }
 
@@ -652,14 +652,12 @@ impl Trainer {
             self.save_checkpoint()?;
         }
         let dst = self.cfg.output.join("controlnet");
-        let tmp = self.cfg.output.join(".controlnet.partial");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let stage = StagedDir::new(&dst)?;
+        let tmp = stage.path();
         for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
-            std::fs::copy(last.join(f), tmp.join(f)).map_err(io_err(&tmp))?;
+            std::fs::copy(last.join(f), tmp.join(f)).map_err(io_err(tmp))?;
         }
-        let _ = std::fs::remove_dir_all(&dst);
-        std::fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+        stage.commit_replacing()?;
         Ok(())
     }
 }

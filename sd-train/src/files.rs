@@ -1,5 +1,5 @@
-//! File helpers the trainers share: I/O errors naming their path, atomic writes, JSON and
-//! weight files, and weights turned into trainable variables.
+//! File helpers the trainers share: I/O errors naming their path, JSON and weight files, and
+//! weights turned into trainable variables (atomic writes are `sd_pipeline::output`'s).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,13 +13,6 @@ use crate::error::{Result, TrainError};
 /// An I/O error as a [`TrainError::File`] naming `p`.
 pub(crate) fn io_err(p: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
     move |e| TrainError::file(p, e.to_string())
-}
-
-/// Write `text` to `path` through a temporary file and a rename.
-pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 pub(crate) fn read_json(p: &Path) -> Result<Value> {

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::Path;
 
 use image::{Rgb, RgbImage};
+use sd_pipeline::output::StagedDir;
 use sd_pipeline::rng::TorchRng;
 
 use crate::error::{Result, TrainError};
@@ -111,37 +112,27 @@ pub fn write_fill_dataset(out: &Path, count: usize, size: u32, seed: u64) -> Res
             "count {count} and size {size}: need count >= 1 and 16 <= size <= 2048"
         )));
     }
-    let tmp = out.with_file_name(format!(
-        ".{}.partial",
-        out.file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let io = |e: std::io::Error| TrainError::file(&tmp, e.to_string());
-    let result = (|| -> Result<()> {
-        std::fs::create_dir_all(tmp.join("source")).map_err(io)?;
-        std::fs::create_dir_all(tmp.join("target")).map_err(io)?;
-        let mut index = std::fs::File::create(tmp.join("prompt.json")).map_err(io)?;
-        let mut rng = TorchRng::new(seed);
-        for i in 0..count {
-            let (source, target, prompt, _, _) = example(size, &mut rng);
-            let img = |im: &RgbImage, p: &Path| {
-                im.save(p).map_err(|e| TrainError::file(p, e.to_string()))
-            };
-            img(&source, &tmp.join(format!("source/{i}.png")))?;
-            img(&target, &tmp.join(format!("target/{i}.png")))?;
-            let line = serde_json::json!({
-                "source": format!("source/{i}.png"),
-                "target": format!("target/{i}.png"),
-                "prompt": prompt,
-            });
-            writeln!(index, "{line}").map_err(io)?;
-        }
-        std::fs::rename(&tmp, out).map_err(|e| TrainError::file(out, e.to_string()))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    let stage = StagedDir::new(out)?;
+    let tmp = stage.path();
+    let io = |e: std::io::Error| TrainError::file(tmp, e.to_string());
+    std::fs::create_dir_all(tmp.join("source")).map_err(io)?;
+    std::fs::create_dir_all(tmp.join("target")).map_err(io)?;
+    let mut index = std::fs::File::create(tmp.join("prompt.json")).map_err(io)?;
+    let mut rng = TorchRng::new(seed);
+    for i in 0..count {
+        let (source, target, prompt, _, _) = example(size, &mut rng);
+        let img =
+            |im: &RgbImage, p: &Path| im.save(p).map_err(|e| TrainError::file(p, e.to_string()));
+        img(&source, &tmp.join(format!("source/{i}.png")))?;
+        img(&target, &tmp.join(format!("target/{i}.png")))?;
+        let line = serde_json::json!({
+            "source": format!("source/{i}.png"),
+            "target": format!("target/{i}.png"),
+            "prompt": prompt,
+        });
+        writeln!(index, "{line}").map_err(io)?;
     }
-    result
+    drop(index);
+    stage.commit()?;
+    Ok(())
 }

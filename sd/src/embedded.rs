@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+use sd_pipeline::output::StagedDir;
 use sha2::{Digest, Sha256};
 
 use crate::error::Result;
@@ -61,10 +62,10 @@ pub fn base_dir() -> Result<PathBuf> {
     if root.join("model_index.json").is_file() {
         return Ok(root);
     }
-    let stage = root.with_extension(format!("partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&stage);
+    // staged per process: two first uses may race, and the first rename wins
+    let stage = StagedDir::per_process(&root)?;
     let write = |rel: &str, bytes: &[u8]| -> Result<()> {
-        let p = stage.join(rel);
+        let p = stage.path().join(rel);
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
@@ -84,14 +85,11 @@ pub fn base_dir() -> Result<PathBuf> {
         sd_pipeline::text::tokenizer::EMBEDDED_MERGES.as_bytes(),
     )?;
     write("model_index.json", FILES[0].1)?;
-    match std::fs::rename(&stage, &root) {
-        Ok(()) => Ok(root),
-        // another process finished first
-        Err(_) if root.join("model_index.json").is_file() => {
-            let _ = std::fs::remove_dir_all(&stage);
-            Ok(root)
-        }
-        Err(e) => Err(format!("{}: {e}", root.display()).into()),
+    match stage.commit() {
+        Ok(root) => Ok(root),
+        // another process finished first (our staging folder is removed)
+        Err(_) if root.join("model_index.json").is_file() => Ok(root),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -20,7 +20,8 @@ use crate::error::Result;
 use crate::hashes::HashCache;
 use crate::infotext::{Run, JSON_CHUNK};
 use crate::job::{Job, Rng};
-use crate::output::{output_paths, Staged};
+use crate::output::output_paths;
+use sd_pipeline::output::Staged;
 
 /// What a generation made.
 pub struct Generation {
@@ -68,7 +69,7 @@ impl Generation {
         let paths = output_paths(output, self.images.dim(0)?);
         let mut staged = Staged::new();
         if let Some(p) = save_latents {
-            staged.write(p, |tmp| {
+            staged.write(p, |tmp| -> Result<()> {
                 candle_core::safetensors::save(
                     &[("latents", self.latents.to_dtype(DType::F32)?)]
                         .into_iter()
@@ -80,7 +81,9 @@ impl Generation {
         }
         let text = self.png_text();
         for (i, p) in paths.iter().enumerate() {
-            staged.write(p, |tmp| Ok(write_png(tmp, &self.images.get(i)?, &text)?))?;
+            staged.write(p, |tmp| -> Result<()> {
+                Ok(write_png(tmp, &self.images.get(i)?, &text)?)
+            })?;
         }
         staged.commit()?;
         Ok(paths)

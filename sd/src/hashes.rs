@@ -139,10 +139,7 @@ impl HashCache {
             let _ = std::fs::create_dir_all(d);
         }
         if let Ok(text) = serde_json::to_string_pretty(&self.entries) {
-            let tmp = f.with_extension("json.tmp");
-            if std::fs::write(&tmp, text).is_ok() {
-                let _ = std::fs::rename(&tmp, f);
-            }
+            let _ = sd_pipeline::output::write_file(f, text);
         }
     }
 }

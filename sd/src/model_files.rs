@@ -6,6 +6,7 @@ use std::fmt::Write;
 use std::path::Path;
 
 use sd_pipeline::loading::single_file::{self, Checkpoint, Kind};
+use sd_pipeline::output::StagedDir;
 use sd_plugins_api::ModelPart;
 use sd_weights::Store;
 
@@ -49,15 +50,9 @@ pub fn convert(input: &Path, output: &Path, target: Target, half: bool) -> Resul
                 if output.exists() {
                     return Err(format!("--output {}: already exists", output.display()).into());
                 }
-                let stage = output.with_extension("partial");
-                let _ = std::fs::remove_dir_all(&stage);
-                let copied = half_copy(input, &stage);
-                if copied.is_err() {
-                    let _ = std::fs::remove_dir_all(&stage);
-                }
-                copied?;
-                std::fs::rename(&stage, output)
-                    .map_err(|e| format!("{}: {e}", output.display()))?;
+                let stage = StagedDir::new(output)?;
+                half_copy(input, stage.path())?;
+                stage.commit()?;
                 return Ok(());
             }
             single_file::convert::to_diffusers(input, output, half)?;

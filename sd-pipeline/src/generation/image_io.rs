@@ -99,7 +99,8 @@ pub fn to_rgb8(image: &Tensor) -> Result<(usize, usize, Vec<u8>)> {
 }
 
 /// Write one image `[3, H, W]` in [0, 1] as PNG at `path` (no temporary file: callers that
-/// need all-or-nothing output write to temporary names and rename, see [`save_png`]).
+/// need all-or-nothing output write to temporary names and rename, see [`save_png`] and
+/// [`crate::output`]).
 pub fn write_png(path: &Path, image: &Tensor, text: &[(&str, &str)]) -> Result<()> {
     let (w, h, pixels) = to_rgb8(image)?;
     let img_err = |message: String| Error::Image {
@@ -126,13 +127,8 @@ pub fn write_png(path: &Path, image: &Tensor, text: &[(&str, &str)]) -> Result<(
     writer.finish().map_err(|e| img_err(e.to_string()))
 }
 
-/// Write one image as PNG; the file appears only when complete (temporary name, then rename).
+/// Write one image as PNG; the file appears only when complete (see
+/// [`crate::output::write_atomic`]).
 pub fn save_png(path: &Path, image: &Tensor, text: &[(&str, &str)]) -> Result<()> {
-    let tmp = path.with_extension("png.tmp");
-    let r = write_png(&tmp, image, text)
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+    crate::output::write_atomic(path, |tmp| write_png(tmp, image, text))
 }

@@ -1,7 +1,7 @@
 //! `sdctl model convert`: single file <-> diffusers folder, tensor for tensor.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use sd_plugins_api::ModelPart;
@@ -12,6 +12,7 @@ use super::Checkpoint;
 use crate::error::{read_json, Error, Result};
 use crate::loading::files::weight_files;
 use crate::model::config::{UNetConfig, VaeConfig};
+use crate::output::{Staged, StagedDir};
 use crate::text::tokenizer::{EMBEDDED_MERGES, EMBEDDED_VOCAB};
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -37,89 +38,81 @@ fn cast(t: Tensor, half: bool) -> Result<Tensor> {
     Ok(t)
 }
 
-/// A temporary sibling of `out`, renamed into place when complete.
-fn staging(out: &Path) -> Result<PathBuf> {
+/// `out` must not exist yet: conversions never overwrite.
+fn check_new(out: &Path) -> Result<()> {
     if out.exists() {
         return Err(Error::config(
             out,
             "already exists: choose a new output name",
         ));
     }
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    Ok(out.with_file_name(format!(".{name}.partial")))
+    Ok(())
 }
 
 /// A single-file checkpoint -> a diffusers folder `out`.
 pub fn to_diffusers(src: &Path, out: &Path, half: bool) -> Result<()> {
     let ck = Checkpoint::open(src)?;
     let inv = ck.inventory()?;
-    let tmp = staging(out)?;
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| -> Result<()> {
-        for d in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
-            std::fs::create_dir_all(tmp.join(d)).map_err(io(&tmp))?;
-        }
-        let mut parts: HashMap<&str, HashMap<String, Tensor>> = HashMap::new();
-        for (part, name, source, _) in &inv.params {
-            let dir = match part {
-                ModelPart::Unet => "unet",
-                ModelPart::Vae => "vae",
-                ModelPart::TextEncoder => "text_encoder",
-            };
-            let t = cast(ck.tensor(source)?, half)?;
-            parts.entry(dir).or_default().insert(name.clone(), t);
-        }
-        for (dir, file) in [
-            ("unet", "diffusion_pytorch_model.safetensors"),
-            ("vae", "diffusion_pytorch_model.safetensors"),
-            ("text_encoder", "model.safetensors"),
-        ] {
-            save(
-                &parts.remove(dir).unwrap_or_default(),
-                &tmp.join(dir).join(file),
-            )?;
-        }
-        let d = &ck.detected;
-        write_json(&tmp.join("unet/config.json"), &d.unet)?;
-        write_json(&tmp.join("vae/config.json"), &d.vae)?;
-        let mut te = d.text_encoder.clone();
-        te["architectures"] = json!(["CLIPTextModel"]);
-        te["model_type"] = json!("clip_text_model");
-        write_json(&tmp.join("text_encoder/config.json"), &te)?;
-        write_json(&tmp.join("scheduler/scheduler_config.json"), &d.scheduler)?;
-        std::fs::write(tmp.join("tokenizer/vocab.json"), EMBEDDED_VOCAB).map_err(io(&tmp))?;
-        std::fs::write(tmp.join("tokenizer/merges.txt"), EMBEDDED_MERGES).map_err(io(&tmp))?;
-        write_json(
-            &tmp.join("tokenizer/tokenizer_config.json"),
-            &json!({
-                "tokenizer_class": "CLIPTokenizer",
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": d.pad_token,
-                "model_max_length": 77,
-            }),
-        )?;
-        write_json(
-            &tmp.join("model_index.json"),
-            &json!({
-                "_class_name": "StableDiffusionPipeline",
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDIMScheduler"],
-            }),
-        )?;
-        std::fs::rename(&tmp, out).map_err(io(out))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    check_new(out)?;
+    let stage = StagedDir::new(out)?;
+    let tmp = stage.path();
+    for d in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        std::fs::create_dir_all(tmp.join(d)).map_err(io(tmp))?;
     }
-    result
+    let mut parts: HashMap<&str, HashMap<String, Tensor>> = HashMap::new();
+    for (part, name, source, _) in &inv.params {
+        let dir = match part {
+            ModelPart::Unet => "unet",
+            ModelPart::Vae => "vae",
+            ModelPart::TextEncoder => "text_encoder",
+        };
+        let t = cast(ck.tensor(source)?, half)?;
+        parts.entry(dir).or_default().insert(name.clone(), t);
+    }
+    for (dir, file) in [
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ] {
+        save(
+            &parts.remove(dir).unwrap_or_default(),
+            &tmp.join(dir).join(file),
+        )?;
+    }
+    let d = &ck.detected;
+    write_json(&tmp.join("unet/config.json"), &d.unet)?;
+    write_json(&tmp.join("vae/config.json"), &d.vae)?;
+    let mut te = d.text_encoder.clone();
+    te["architectures"] = json!(["CLIPTextModel"]);
+    te["model_type"] = json!("clip_text_model");
+    write_json(&tmp.join("text_encoder/config.json"), &te)?;
+    write_json(&tmp.join("scheduler/scheduler_config.json"), &d.scheduler)?;
+    std::fs::write(tmp.join("tokenizer/vocab.json"), EMBEDDED_VOCAB).map_err(io(tmp))?;
+    std::fs::write(tmp.join("tokenizer/merges.txt"), EMBEDDED_MERGES).map_err(io(tmp))?;
+    write_json(
+        &tmp.join("tokenizer/tokenizer_config.json"),
+        &json!({
+            "tokenizer_class": "CLIPTokenizer",
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "pad_token": d.pad_token,
+            "model_max_length": 77,
+        }),
+    )?;
+    write_json(
+        &tmp.join("model_index.json"),
+        &json!({
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+        }),
+    )?;
+    stage.commit()?;
+    Ok(())
 }
 
 fn all_tensors(dir: &Path) -> Result<Vec<(String, Tensor)>> {
@@ -284,23 +277,15 @@ pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
             .collect::<Result<_>>()?;
         state.insert(name, Tensor::cat(&parts, 0)?);
     }
-    let tmp = staging(out)?;
+    check_new(out)?;
     let yaml = out.with_extension("yaml");
-    if yaml.exists() {
-        return Err(Error::config(
-            &yaml,
-            "already exists: choose a new output name",
-        ));
-    }
-    let result = save(&state, &tmp)
-        .and_then(|_| {
-            std::fs::write(&yaml, sidecar(&unet_cfg, &vae_cfg, heads, openclip, &sched))
-                .map_err(io(&yaml))
-        })
-        .and_then(|_| std::fs::rename(&tmp, out).map_err(io(out)));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        let _ = std::fs::remove_file(&yaml);
-    }
-    result
+    check_new(&yaml)?;
+    // the weights and their sidecar appear together or not at all
+    let mut staged = Staged::new();
+    staged.write(out, |tmp| save(&state, tmp))?;
+    staged.write(&yaml, |tmp| {
+        std::fs::write(tmp, sidecar(&unet_cfg, &vae_cfg, heads, openclip, &sched))
+            .map_err(io(&yaml))
+    })?;
+    staged.commit()
 }

@@ -1,0 +1,393 @@
+//! All-or-nothing output, the one implementation every writer of the workspace uses: a file is
+//! written under a temporary name beside its target and renamed over it only when complete;
+//! several files are staged and renamed together; a folder is built under a hidden staging
+//! name beside its target and renamed into place. A failure (or a value dropped before its
+//! commit) leaves no temporary and no half-written target.
+//!
+//! Names: a file `NAME.EXT` is written as `NAME.EXT.tmp`; a folder `NAME` is staged as
+//! `.NAME.partial` (`.NAME.partial-PID` with [`StagedDir::per_process`]).
+//!
+//! The writers are generic over their error `E` (anything a [`crate::Error`] converts into), so
+//! a caller keeps its own messages; a failed rename is an [`Error::Io`] naming the target.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The temporary name `target` is written under: `NAME.EXT.tmp` (`NAME.tmp` without an
+/// extension), beside it.
+pub fn temporary_file(target: &Path) -> PathBuf {
+    let ext = target
+        .extension()
+        .map(|e| format!("{}.tmp", e.to_string_lossy()))
+        .unwrap_or_else(|| "tmp".into());
+    target.with_extension(ext)
+}
+
+/// A hidden sibling of `target` named `.NAME.SUFFIX`.
+fn hidden_sibling(target: &Path, suffix: &str) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    target.with_file_name(format!(".{name}.{suffix}"))
+}
+
+/// Remove a file or a folder tree, ignoring errors (cleanup after a failure).
+fn remove_any(p: &Path) {
+    if p.is_dir() {
+        let _ = std::fs::remove_dir_all(p);
+    } else {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Files staged under temporary names ([`temporary_file`]), renamed into place together by
+/// [`Staged::commit`]; dropped without a commit, the temporaries are removed.
+#[derive(Default)]
+pub struct Staged {
+    files: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Staged {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Write `target` through its temporary name with `write` (which gets the temporary path).
+    pub fn write<E: From<Error>>(
+        &mut self,
+        target: &Path,
+        write: impl FnOnce(&Path) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let tmp = temporary_file(target);
+        self.files.push((tmp.clone(), target.to_path_buf()));
+        write(&tmp)
+    }
+
+    /// Rename every staged file over its target. If one rename fails, the temporaries left are
+    /// removed and so are the targets already renamed: all of the set is committed or none.
+    pub fn commit(mut self) -> Result<()> {
+        let files = std::mem::take(&mut self.files);
+        for (i, (tmp, target)) in files.iter().enumerate() {
+            if let Err(e) = std::fs::rename(tmp, target) {
+                for (left, _) in &files[i..] {
+                    let _ = std::fs::remove_file(left);
+                }
+                for (_, done) in &files[..i] {
+                    let _ = std::fs::remove_file(done);
+                }
+                return Err(Error::io(target, e));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.files {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Write one file atomically: `write` writes the temporary path, which is then renamed over
+/// `target` (see [`Staged`]).
+pub fn write_atomic<E: From<Error>>(
+    target: &Path,
+    write: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut s = Staged::new();
+    s.write(target, write)?;
+    Ok(s.commit()?)
+}
+
+/// Write `contents` to `target` atomically; an error names `target`.
+pub fn write_file(target: &Path, contents: impl AsRef<[u8]>) -> Result<()> {
+    write_atomic(target, |tmp| {
+        std::fs::write(tmp, contents.as_ref()).map_err(|e| Error::io(target, e))
+    })
+}
+
+/// A folder built under a hidden staging name beside its target (`.NAME.partial`) and renamed
+/// into place by [`StagedDir::commit`] or [`StagedDir::commit_replacing`]; dropped without a
+/// commit (an error on the way), the staging folder is removed.
+pub struct StagedDir {
+    stage: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl StagedDir {
+    /// Stage `target` in `.NAME.partial` (a stale one, from a run that was killed, is removed
+    /// first); the staging folder is created empty.
+    pub fn new(target: &Path) -> Result<Self> {
+        Self::at(target, hidden_sibling(target, "partial"))
+    }
+
+    /// Stage `target` in `.NAME.partial-PID`: for writers that may race another process for
+    /// the same target (the first rename wins; see [`StagedDir::commit`]).
+    pub fn per_process(target: &Path) -> Result<Self> {
+        let suffix = format!("partial-{}", std::process::id());
+        Self::at(target, hidden_sibling(target, &suffix))
+    }
+
+    fn at(target: &Path, stage: PathBuf) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(&stage);
+        let s = Self {
+            stage,
+            target: target.to_path_buf(),
+            committed: false,
+        };
+        std::fs::create_dir_all(&s.stage).map_err(|e| Error::io(&s.stage, e))?;
+        Ok(s)
+    }
+
+    /// The staging folder to write into.
+    pub fn path(&self) -> &Path {
+        &self.stage
+    }
+
+    /// Where the folder goes on commit.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Rename the staging folder to the target, which must not exist (or be an empty folder);
+    /// on error the staging folder is removed.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        std::fs::rename(&self.stage, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        self.committed = true;
+        Ok(self.target.clone())
+    }
+
+    /// Rename the staging folder to the target, replacing an existing one: the old target is
+    /// moved aside (`.NAME.old`) first, put back if the rename fails, and removed after.
+    pub fn commit_replacing(mut self) -> Result<PathBuf> {
+        let old = hidden_sibling(&self.target, "old");
+        remove_any(&old);
+        let had = self.target.symlink_metadata().is_ok();
+        if had {
+            std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
+        }
+        if let Err(e) = std::fs::rename(&self.stage, &self.target) {
+            if had {
+                let _ = std::fs::rename(&old, &self.target);
+            }
+            return Err(Error::io(&self.target, e));
+        }
+        self.committed = true;
+        remove_any(&old);
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.stage);
+        }
+    }
+}
+
+/// Build the folder `target` atomically: `write` fills the staging folder ([`StagedDir::new`]),
+/// which is then renamed into place ([`StagedDir::commit`]); on error it is removed.
+pub fn write_dir<E: From<Error>>(
+    target: &Path,
+    write: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<(), E> {
+    let stage = StagedDir::new(target)?;
+    write(stage.path())?;
+    stage.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh empty folder for one test.
+    fn scratch(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("sd-pipeline-output-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn entries(d: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn failing(tmp: &Path) -> Result<()> {
+        std::fs::write(tmp, b"half").map_err(|e| Error::io(tmp, e))?;
+        Err(Error::Invalid("the writer failed".into()))
+    }
+
+    #[test]
+    fn temporary_names() {
+        assert_eq!(
+            temporary_file(Path::new("d/img.png")),
+            Path::new("d/img.png.tmp")
+        );
+        assert_eq!(
+            temporary_file(Path::new("d/latest")),
+            Path::new("d/latest.tmp")
+        );
+        assert_eq!(
+            hidden_sibling(Path::new("d/model.v1"), "partial"),
+            Path::new("d/.model.v1.partial")
+        );
+    }
+
+    #[test]
+    fn one_file_is_written_whole() {
+        let d = scratch("one");
+        let t = d.join("a.txt");
+        write_file(&t, "hello").unwrap();
+        assert_eq!(std::fs::read_to_string(&t).unwrap(), "hello");
+        write_file(&t, "again").unwrap();
+        assert_eq!(std::fs::read_to_string(&t).unwrap(), "again");
+        assert_eq!(entries(&d), ["a.txt"]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_failing_writer_leaves_neither_target_nor_temporary() {
+        let d = scratch("failing");
+        let t = d.join("a.png");
+        let e = write_atomic(&t, failing).unwrap_err();
+        assert_eq!(e.to_string(), "the writer failed");
+        assert!(entries(&d).is_empty(), "{:?}", entries(&d));
+        // an existing target is kept as it was
+        std::fs::write(&t, "old").unwrap();
+        write_atomic(&t, failing).unwrap_err();
+        assert_eq!(std::fs::read_to_string(&t).unwrap(), "old");
+        assert_eq!(entries(&d), ["a.png"]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_failed_rename_names_the_target_and_removes_the_temporary() {
+        let d = scratch("rename");
+        // a non-empty folder where the file should go: the rename fails
+        let t = d.join("out.bin");
+        std::fs::create_dir_all(t.join("x")).unwrap();
+        let e = write_file(&t, "data").unwrap_err();
+        assert!(e.to_string().starts_with(&t.display().to_string()), "{e}");
+        assert_eq!(entries(&d), ["out.bin"]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_staged_set_commits_all_or_none() {
+        let d = scratch("set");
+        let (a, b, c) = (d.join("a.png"), d.join("b.png"), d.join("c.safetensors"));
+        // all
+        let mut s = Staged::new();
+        for p in [&a, &b, &c] {
+            s.write(p, |tmp| {
+                std::fs::write(tmp, "x").map_err(|e| Error::io(tmp, e))
+            })
+            .unwrap();
+        }
+        assert!(!a.exists(), "nothing is in place before the commit");
+        s.commit().unwrap();
+        assert_eq!(entries(&d), ["a.png", "b.png", "c.safetensors"]);
+        for p in [&a, &b, &c] {
+            std::fs::remove_file(p).unwrap();
+        }
+        // none: the second writer fails, the set is dropped uncommitted
+        let r = (|| -> Result<()> {
+            let mut s = Staged::new();
+            s.write(&a, |tmp| {
+                std::fs::write(tmp, "x").map_err(|e| Error::io(tmp, e))
+            })?;
+            s.write(&b, failing)?;
+            s.write(&c, |tmp| {
+                std::fs::write(tmp, "x").map_err(|e| Error::io(tmp, e))
+            })?;
+            s.commit()
+        })();
+        assert!(r.is_err());
+        assert!(entries(&d).is_empty(), "{:?}", entries(&d));
+        // none: every file written, the last rename fails (a folder holds its name)
+        std::fs::create_dir_all(c.join("x")).unwrap();
+        let mut s = Staged::new();
+        for p in [&a, &b, &c] {
+            s.write(p, |tmp| {
+                std::fs::write(tmp, "x").map_err(|e| Error::io(tmp, e))
+            })
+            .unwrap();
+        }
+        let e = s.commit().unwrap_err();
+        assert!(e.to_string().contains("c.safetensors"), "{e}");
+        assert_eq!(entries(&d), ["c.safetensors"]);
+        assert!(c.is_dir());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_staged_folder_is_renamed_into_place() {
+        let d = scratch("dir");
+        let t = d.join("model");
+        write_dir(&t, |stage| -> Result<()> {
+            assert_eq!(stage, d.join(".model.partial"));
+            std::fs::create_dir_all(stage.join("unet")).map_err(|e| Error::io(stage, e))?;
+            std::fs::write(stage.join("unet/w"), "w").map_err(|e| Error::io(stage, e))
+        })
+        .unwrap();
+        assert_eq!(entries(&d), ["model"]);
+        assert_eq!(std::fs::read_to_string(t.join("unet/w")).unwrap(), "w");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_staged_folder_that_fails_is_removed() {
+        let d = scratch("dirfail");
+        let t = d.join("model");
+        // a stale staging folder from a killed run does not get in the way
+        std::fs::create_dir_all(d.join(".model.partial/stale")).unwrap();
+        let e = write_dir(&t, |stage| -> Result<()> {
+            std::fs::write(stage.join("half"), "h").map_err(|e| Error::io(stage, e))?;
+            Err(Error::Invalid("stop".into()))
+        })
+        .unwrap_err();
+        assert_eq!(e.to_string(), "stop");
+        assert!(entries(&d).is_empty(), "{:?}", entries(&d));
+        // a failed rename (the target is a non-empty folder) removes the stage too
+        std::fs::create_dir_all(t.join("keep")).unwrap();
+        let s = StagedDir::per_process(&t).unwrap();
+        std::fs::write(s.path().join("f"), "f").unwrap();
+        let e = s.commit().unwrap_err();
+        assert!(e.to_string().starts_with(&t.display().to_string()), "{e}");
+        assert_eq!(entries(&d), ["model"]);
+        assert!(t.join("keep").is_dir());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn commit_replacing_swaps_the_folder() {
+        let d = scratch("replace");
+        let t = d.join("checkpoint-3");
+        std::fs::create_dir_all(&t).unwrap();
+        std::fs::write(t.join("old"), "o").unwrap();
+        let s = StagedDir::new(&t).unwrap();
+        std::fs::write(s.path().join("new"), "n").unwrap();
+        s.commit_replacing().unwrap();
+        assert_eq!(entries(&d), ["checkpoint-3"]);
+        assert_eq!(entries(&t), ["new"]);
+        // no old one: a plain rename
+        let u = d.join("fresh");
+        let s = StagedDir::new(&u).unwrap();
+        s.commit_replacing().unwrap();
+        assert_eq!(entries(&d), ["checkpoint-3", "fresh"]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
