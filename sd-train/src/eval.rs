@@ -6,6 +6,7 @@
 //! of the disk painted in the circle's colour against the true disk) and the colours (mean
 //! colour of the true disk and of the true background against the prompt's).
 
+use sd_pipeline::output::write_atomic;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -501,8 +502,8 @@ impl FillReport {
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(&self.to_json())
             .map_err(|e| TrainError::file(path, e.to_string()))?;
-        write_whole(path, |tmp| {
-            std::fs::write(tmp, text + "\n").map_err(|e| e.to_string())
+        write_atomic(path, |tmp| {
+            std::fs::write(tmp, text + "\n").map_err(|e| TrainError::file(path, e.to_string()))
         })
     }
 
@@ -561,30 +562,10 @@ impl FillReport {
 /// Write [`grid`]`(pairs, size)` as a PNG to `path`, which appears only when complete.
 pub fn write_grid(path: &Path, pairs: &[(RgbImage, RgbImage)], size: u32) -> Result<()> {
     let img = grid(pairs, size);
-    write_whole(path, |tmp| {
+    write_atomic(path, |tmp| {
         img.save_with_format(tmp, image::ImageFormat::Png)
-            .map_err(|e| e.to_string())
+            .map_err(|e| TrainError::file(path, e.to_string()))
     })
-}
-
-/// Write `path` with `write` through `.NAME.tmp` beside it and a rename, so that the file
-/// appears only when complete; the temporary file is removed on failure. Errors name `path`.
-fn write_whole(
-    path: &Path,
-    write: impl FnOnce(&Path) -> std::result::Result<(), String>,
-) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let r = write(&tmp)
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| e.to_string()))
-        .map_err(|m| TrainError::file(path, m));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
 }
 
 #[cfg(test)]

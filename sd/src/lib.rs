@@ -25,7 +25,7 @@
 //! let made = sd::generate(&job, &sd::registry(), Vec::new())?;
 //! made.write(&out, None)?; // the PNG carries A1111's infotext
 //! println!("seed {:?}\n{}", made.seed, made.parameters);
-//! # assert!(made.parameters.contains("ControlNet 0: Module: none"));
+//! # assert!(made.parameters.contains("ControlNet 0: \"Module: none"));
 //! # std::fs::remove_file(&out).unwrap();
 //! # Ok(())
 //! # }
