@@ -1,6 +1,5 @@
-//! Measuring speed and memory (`sdctl bench`, criterion): random weights for the real
-//! architectures (no files), a random LoRA merged through the loader's patch step, timing in
-//! alternating rounds, and the process's peak memory. Benchmarks report; they never assert.
+//! Random weights for the real architectures (no files) and a random LoRA merged through the
+//! loader's patch step.
 
 use std::time::Instant;
 
@@ -9,8 +8,27 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use sd_pipeline::model::config::UNetConfig;
 use sd_pipeline::model::unet::UNet2DConditionModel;
+use serde::Serialize;
 
 use crate::error::Result;
+
+/// The architectures benchmarked: SD 1.5 and 2.1 (serialized as `sd15`, `sd21`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Sd15,
+    Sd21,
+}
+
+impl Arch {
+    /// The UNet's configuration.
+    pub fn unet_config(self) -> UNetConfig {
+        match self {
+            Arch::Sd15 => UNetConfig::sd15(),
+            Arch::Sd21 => UNetConfig::sd21(),
+        }
+    }
+}
 
 /// Random weights that are trainable variables (for the training benchmark).
 pub struct RandomVars(pub std::sync::Mutex<Vec<candle_core::Var>>);
@@ -148,62 +166,6 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
-/// Peak resident memory of this process (VmHWM), in bytes, where the OS reports it.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// This process's peak resident memory for messages ("unknown" where the OS does not say).
-pub fn peak_rss() -> String {
-    peak_rss_bytes()
-        .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// Run `f` once as a warm-up and `iters` more times: (mean, min) of the later runs and
-/// the first run's seconds.
-pub fn timed(iters: usize, device: &Device, f: &dyn Fn() -> Result<()>) -> Result<(f64, f64, f64)> {
-    let first = once(device, f)?;
-    let (mean, min) = rounds(iters, device, &[f])?[0];
-    Ok((mean, min, first))
-}
-
-/// Seconds of one call of `f`.
-pub fn once(device: &Device, f: &dyn Fn() -> Result<()>) -> Result<f64> {
-    let t = Instant::now();
-    f()?;
-    device.synchronize()?;
-    Ok(t.elapsed().as_secs_f64())
-}
-
-/// `iters` rounds, each calling every one of `fs` in turn, every other round in reverse order
-/// (A B, B A, A B, ...): (mean, min) seconds per function. A drift in the machine's speed (other
-/// load, clocks) then falls on all of them alike, and each follows each as often, so their
-/// ratios hold even when the absolute times move.
-pub fn rounds(
-    iters: usize,
-    device: &Device,
-    fs: &[&dyn Fn() -> Result<()>],
-) -> Result<Vec<(f64, f64)>> {
-    let mut times = vec![Vec::with_capacity(iters); fs.len()];
-    for round in 0..iters {
-        for i in 0..fs.len() {
-            let i = if round % 2 == 0 { i } else { fs.len() - 1 - i };
-            times[i].push(once(device, fs[i])?);
-        }
-    }
-    Ok(times
-        .iter()
-        .map(|t| {
-            let mean = t.iter().sum::<f64>() / t.len() as f64;
-            (mean, t.iter().cloned().fold(f64::INFINITY, f64::min))
-        })
-        .collect())
-}
-
 /// A UNet with a random LoRA of `rank` merged into its weights while loading.
 pub struct MergedUnet {
     pub unet: UNet2DConditionModel,
@@ -238,48 +200,4 @@ pub fn merged_unet(
         merge_s: nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9,
         patched: patch.patched.load(std::sync::atomic::Ordering::Relaxed),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::cell::RefCell;
-
-    #[test]
-    fn rounds_alternate_and_reverse() {
-        let calls = RefCell::new(String::new());
-        let a = || -> Result<()> {
-            calls.borrow_mut().push('A');
-            Ok(())
-        };
-        let b = || -> Result<()> {
-            calls.borrow_mut().push('B');
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            Ok(())
-        };
-        let c = || -> Result<()> {
-            calls.borrow_mut().push('C');
-            Ok(())
-        };
-        let stats = rounds(4, &Device::Cpu, &[&a, &b]).unwrap();
-        assert_eq!(*calls.borrow(), "ABBAABBA");
-        assert_eq!(stats.len(), 2);
-        // each function's own times: B sleeps, A does not
-        assert!(stats[1].1 >= 0.005 && stats[1].0 >= stats[1].1);
-        assert!(stats[0].0 < 0.005);
-        calls.borrow_mut().clear();
-        rounds(3, &Device::Cpu, &[&a, &b, &c]).unwrap();
-        assert_eq!(*calls.borrow(), "ABCCBAABC");
-    }
-
-    #[test]
-    fn rounds_stop_at_the_first_error() {
-        let calls = RefCell::new(0);
-        let fail = || -> Result<()> {
-            *calls.borrow_mut() += 1;
-            Err("broken".into())
-        };
-        assert!(rounds(3, &Device::Cpu, &[&fail]).is_err());
-        assert_eq!(*calls.borrow(), 1);
-    }
 }
