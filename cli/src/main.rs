@@ -1,14 +1,15 @@
 //! `sdctl`: Stable Diffusion with ControlNet, from the command line.
 
-mod alloc_tuning;
 mod bench;
 mod config;
 mod controlnet;
+mod dataset;
 mod detect;
 mod eval;
 mod generate;
 mod lora;
 mod model;
+mod plugins;
 mod png_info;
 mod pose;
 mod preprocessors;
@@ -65,13 +66,13 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
     Train(train::TrainCommand),
     /// Training datasets.
     #[command(subcommand)]
-    Dataset(train::DatasetCommand),
+    Dataset(dataset::DatasetCommand),
     /// Model files: inspect, convert between single file and diffusers folder.
     #[command(subcommand)]
     Model(model::ModelCommand),
     /// Plugins: what is built in and what is loaded.
     #[command(subcommand)]
-    Plugins(preprocessors::PluginsCommand),
+    Plugins(plugins::PluginsCommand),
     /// Print the generation settings stored in a PNG (sdctl, AUTOMATIC1111, ComfyUI).
     PngInfo(png_info::PngInfoArgs),
     /// Measure control fidelity: sdctl eval fill --model M --controlnet CN --json report.json
@@ -80,13 +81,7 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
 }
 
 fn main() -> ExitCode {
-    // candle asks for its thread count on every matmul, and without this variable that
-    // re-reads and parses /proc/cpuinfo each time (num_cpus::get_physical): ask once.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = candle_core::utils::get_num_threads();
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
-    alloc_tuning::keep_freed_memory();
+    sd::process::prepare();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SDCTL_LOG")
@@ -106,10 +101,10 @@ fn main() -> ExitCode {
         Command::Detect(a) => detect::run(*a),
         Command::Pose(cmd) => pose::run(cmd),
         Command::Eval(cmd) => eval::run(cmd),
-        Command::Plugins(cmd) => preprocessors::run_plugins(cmd),
+        Command::Plugins(cmd) => plugins::run(cmd),
         Command::Model(cmd) => model::run(cmd),
         Command::Train(cmd) => train::run(cmd),
-        Command::Dataset(cmd) => train::run_dataset(cmd),
+        Command::Dataset(cmd) => dataset::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
-//! `sdctl preprocessors list` and `sdctl plugins list`.
+//! `sdctl preprocessors list`.
 
 use clap::Subcommand;
-use sd_plugins_api::{ParamSpec, PluginSource};
+use sd_plugins_api::ParamSpec;
 
 use crate::settings::{self, SettingsArgs};
 use crate::CliResult;
@@ -13,14 +13,8 @@ pub enum PreprocessorsCommand {
     List(Box<SettingsArgs>),
 }
 
-#[derive(Subcommand)]
-pub enum PluginsCommand {
-    /// Built-in preprocessors and loaded plugins: kind, version, source, parameters.
-    /// Takes --plugin, --plugin-dir and --config like `generate`.
-    List(Box<SettingsArgs>),
-}
-
-fn params(specs: &[ParamSpec]) {
+/// A preprocessor's or plugin's parameters, one a line.
+pub fn params(specs: &[ParamSpec]) {
     for s in specs {
         println!("    {} = {}  [{}]  {}", s.name, s.default, s.kind, s.help);
     }
@@ -38,35 +32,6 @@ pub fn run(cmd: PreprocessorsCommand) -> CliResult {
             p.description()
         );
         params(&p.params());
-    }
-    Ok(())
-}
-
-pub fn run_plugins(cmd: PluginsCommand) -> CliResult {
-    let PluginsCommand::List(args) = cmd;
-    let st = settings::load(&args)?;
-    println!("{:<14} {:<13} {:<8} source", "name", "kind", "version");
-    for (p, source) in st.registry.preprocessors() {
-        if *source == PluginSource::Builtin {
-            println!(
-                "{:<14} {:<13} {:<8} built-in",
-                p.name(),
-                "preprocessor",
-                p.version()
-            );
-            params(&p.params());
-        }
-    }
-    for lib in st.registry.libraries() {
-        let m = &lib.manifest;
-        println!(
-            "{:<14} {:<13} {:<8} {}",
-            m.name,
-            m.kind.to_string(),
-            m.version,
-            lib.path.display()
-        );
-        params(&m.params);
     }
     Ok(())
 }

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_train::config::{base_config, controlnet_config};
-use sd_train::fill::write_fill_dataset;
 use sd_train::{train_unet, train_vae, BaseStep, Part, Trainer};
 use serde::Serialize;
 
@@ -62,25 +61,6 @@ pub struct BaseTrainArgs {
     pub train_text_encoder: Option<bool>,
     #[arg(long)]
     pub proportion_empty_prompts: Option<f64>,
-}
-
-#[derive(Subcommand)]
-pub enum DatasetCommand {
-    /// Write a fill50k-style synthetic dataset: circle outlines (source), filled circles in a
-    /// named colour on another (target), "<colour> circle with <colour> background".
-    Fill(FillArgs),
-}
-
-#[derive(Args)]
-pub struct FillArgs {
-    #[arg(long)]
-    pub output: PathBuf,
-    #[arg(long, default_value_t = 1000)]
-    pub count: usize,
-    #[arg(long, default_value_t = 512)]
-    pub size: u32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
 }
 
 /// Every key of the training config is also a flag (`--learning-rate` = `learning_rate`).
@@ -215,19 +195,6 @@ pub fn run(cmd: TrainCommand) -> CliResult {
         secs,
         (trainer.step - start) as f64 / secs.max(1e-9),
         trainer.cfg.output.join("controlnet").display()
-    );
-    Ok(())
-}
-
-pub fn run_dataset(cmd: DatasetCommand) -> CliResult {
-    let DatasetCommand::Fill(a) = cmd;
-    write_fill_dataset(&a.output, a.count, a.size, a.seed)?;
-    eprintln!(
-        "{} examples of {}x{} in {}",
-        a.count,
-        a.size,
-        a.size,
-        a.output.display()
     );
     Ok(())
 }

@@ -47,7 +47,9 @@ pub mod infotext;
 pub mod job;
 pub mod model_files;
 pub mod output;
+pub mod plugins;
 pub mod png_text;
+pub mod process;
 pub mod schema;
 
 pub use error::{Error, Result};

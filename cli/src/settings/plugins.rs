@@ -33,18 +33,6 @@ impl std::fmt::Debug for PluginEntry {
     }
 }
 
-/// `CONFIG_DIR/sdctl/plugins` (e.g. `~/.config/sdctl/plugins`).
-pub fn default_plugin_dir() -> Option<PathBuf> {
-    dirs::config_dir().map(|d| d.join("sdctl").join("plugins"))
-}
-
-fn is_library(p: &std::path::Path) -> bool {
-    matches!(
-        p.extension().and_then(|e| e.to_str()),
-        Some("so" | "dylib" | "dll")
-    )
-}
-
 /// A parameter value from a file keeps its type; from a flag it is text, read by the type
 /// the plugin declared.
 fn param_value(v: &Value, kind: Option<&ParamKind>, origin: &Origin) -> Result<ParamValue, String> {
@@ -85,17 +73,11 @@ pub fn check_plugins(
     registry: &mut Registry,
     problems: &mut Vec<Problem>,
 ) -> Vec<PluginEntry> {
-    let dir = plugin_dir.or_else(|| default_plugin_dir().filter(|d| d.is_dir()));
+    let dir = plugin_dir.or_else(|| sd::plugins::default_dir().filter(|d| d.is_dir()));
     if let Some(dir) = dir {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-            .unwrap_or_default();
-        files.sort();
-        for f in files.into_iter().filter(|f| is_library(f)) {
-            // a broken plugin in the folder must not stop every run: it is reported and skipped
-            if let Err(e) = registry.load(&f) {
-                eprintln!("warning: {e} (skipped)");
-            }
+        // a broken plugin in the folder must not stop every run: it is reported and skipped
+        for e in sd::plugins::load_folder(registry, &dir) {
+            eprintln!("warning: {e} (skipped)");
         }
     }
 

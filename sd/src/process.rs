@@ -1,4 +1,7 @@
-//! glibc allocator settings for running models: every UNet call or training step allocates
+//! Process settings for running models, for any program that generates (the CLI, the server):
+//! the thread count asked once, and glibc's allocator tuned.
+//!
+//! glibc allocator settings: every UNet call or training step allocates
 //! and frees many activation-sized buffers; by default glibc serves those with fresh `mmap`s
 //! (zeroed by the kernel on first touch) and gives them back at once, which costs a third of
 //! a training step in system time. Keeping them in the heap instead measured 12% faster VAE
@@ -17,4 +20,16 @@ pub fn keep_freed_memory() {
             libc::mallopt(libc::M_TOP_PAD, 256 << 20);
         }
     }
+}
+
+/// Prepare this process for model work: candle asks for its thread count on every matmul,
+/// and without `RAYON_NUM_THREADS` that re-reads /proc/cpuinfo each time, so it is set once
+/// (unless the user set it); then [`keep_freed_memory`]. Call it first thing in `main`, before
+/// any thread starts.
+pub fn prepare() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    keep_freed_memory();
 }
