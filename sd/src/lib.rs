@@ -37,6 +37,7 @@
 //! [`output`] (all-or-nothing writing), [`device`].
 
 pub mod bench;
+pub mod config;
 pub mod device;
 pub mod embedded;
 mod error;

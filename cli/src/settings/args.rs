@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use figment::value::{Dict, Value};
 
-use crate::settings::problem::{Origin, Problem};
+use sd::config::problem::{Origin, Problem};
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct SettingsArgs {

@@ -10,11 +10,11 @@ use sd_pipeline::samplers::{SamplerKind, Schedule};
 use sd_plugins_api::Registry;
 
 use crate::settings::plugins::check_plugins;
-use crate::settings::problem::{Origin, Problem, Problems};
 use crate::settings::table::{
     get, get_bool, get_float, get_int, get_path, get_str, list_entries, Shown, Table, Typed,
 };
-use crate::settings::values::describe;
+use sd::config::problem::{Origin, Problem, Problems};
+use sd::config::values::describe;
 use sd::schema::{
     self, CONTROL_FIELDS, CONTROL_WEIGHT_RANGE, FIELDS, LORA_FIELDS, LORA_WEIGHT_RANGE,
 };

@@ -5,21 +5,18 @@
 mod args;
 mod check;
 mod plugins;
-mod problem;
 mod show;
-mod sources;
 mod table;
-mod values;
 
 pub use args::SettingsArgs;
 pub use check::Settings;
-pub use problem::{Problem, Problems};
+pub use sd::config::problem::{Problem, Problems};
 pub use show::render as show;
 
 /// Layer and validate the settings given on the command line.
 pub fn load(args: &SettingsArgs) -> Result<Settings, Problems> {
     let mut problems = Vec::new();
-    let files = sources::expand_includes(&args.config, &mut problems);
+    let files = sd::config::sources::expand_includes(&args.config, &mut problems);
     let flags = args.to_dict(&mut problems);
     let png = args.from_png.as_deref().and_then(|p| {
         match sd::infotext::settings_from_png(p)
@@ -34,7 +31,7 @@ pub fn load(args: &SettingsArgs) -> Result<Settings, Problems> {
         }
     });
     // unreadable files are reported and left out; the rest is still checked
-    let fig = sources::compose(&files, png, flags);
+    let fig = sd::config::sources::compose(&files, png, flags);
     let mut registry = sd_preprocessors::registry();
     if let Some(d) = sd::hashes::cache_dir() {
         registry = registry.with_cache(sd_plugins_api::cache::PreprocessCache::new(

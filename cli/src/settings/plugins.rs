@@ -10,9 +10,9 @@ use figment::Figment;
 use sd_plugins_api::dylib::host::{PluginKind, PluginLibrary};
 use sd_plugins_api::{resolve_params, ParamKind, ParamValue, Params, Registry};
 
-use crate::settings::problem::{resolve, Origin, Problem};
 use crate::settings::table::{list_entries, Shown, Table, Typed};
-use crate::settings::values::{describe, num_f64, num_int};
+use sd::config::problem::{resolve, Origin, Problem};
+use sd::config::values::{describe, num_f64, num_int};
 
 /// A hook plugin to run, with validated parameters.
 #[derive(Clone)]

@@ -8,9 +8,9 @@ use figment::Figment;
 use sd_controlnet::spec::PreprocessorChoice;
 use sd_plugins_api::ParamValue;
 
-use crate::settings::problem::{resolve, Origin, Problem};
-use crate::settings::sources::origin_of;
-use crate::settings::values::{describe, num_f64, num_int};
+use sd::config::problem::{resolve, Origin, Problem};
+use sd::config::sources::origin_of;
+use sd::config::values::{describe, num_f64, num_int};
 use sd::schema::{self, Field, PathRole, Ty};
 
 /// A checked value.

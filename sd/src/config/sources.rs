@@ -8,9 +8,9 @@ use figment::providers::{Env, Format, Json, Toml, Yaml};
 use figment::value::{Dict, Map, Tag, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 
-use crate::settings::problem::{Origin, Problem};
-use crate::settings::values::describe;
-use sd::schema::{self, Default, FIELDS};
+use crate::config::problem::{Origin, Problem};
+use crate::config::values::describe;
+use crate::schema::{self, Default, FIELDS};
 
 /// A layer we build in code (defaults, flags), named so origins can be told apart.
 struct Layer {
