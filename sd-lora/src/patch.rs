@@ -188,3 +188,32 @@ pub fn load_lora(spec: &LoraSpec, targets: &Targets) -> Result<(LoraPatch, LoraR
     };
     Ok((patch, report))
 }
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    /// `F:notanumber` is a bad weight, not a missing file; `C:x.safetensors` stays a path.
+    #[test]
+    fn a_weight_that_is_not_a_number_is_named() {
+        let e = LoraSpec::parse("/no/such.safetensors:notanumber").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("weight \"notanumber\" is not a number"),
+            "{e}"
+        );
+        assert_eq!(
+            LoraSpec::parse("x.safetensors:0.5").unwrap().unet_weight,
+            0.5
+        );
+        let s = LoraSpec::parse("C:x.safetensors").unwrap();
+        assert_eq!(
+            (s.path, s.unet_weight),
+            (PathBuf::from("C:x.safetensors"), 1.0)
+        );
+        assert_eq!(
+            LoraSpec::parse("a:dir/b").unwrap().path,
+            PathBuf::from("a:dir/b")
+        );
+    }
+}
