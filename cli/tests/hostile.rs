@@ -309,6 +309,13 @@ fn lora_weights_are_checked_in_tags_and_flags() {
         "{e}"
     );
     assert!(!e.contains("no such file"), "{e}");
+    // --lora F:inf: refused as the tags are, with the value
+    let arg = format!("{}:inf", lora.display());
+    let e = fails(&gen_args(m, "x", &["--lora", &arg, "--output", o]), &out);
+    assert!(
+        e.contains("lora[0].weight: must be a finite number, got inf"),
+        "{e}"
+    );
 }
 
 /// `png-info` shows control characters from a PNG escaped, as `--json` does.

@@ -74,7 +74,11 @@ fn typed(v: &Value, ty: Ty, origin: &Origin) -> Result<Typed, String> {
                 _ => return Err(format!("expected a number, found {}", found())),
             };
             if !x.is_finite() {
-                return Err(format!("must be a finite number, got {x}"));
+                return Err(if min == f64::MIN && max == f64::MAX {
+                    format!("must be a finite number, got {x}")
+                } else {
+                    format!("must be a finite number in [{min}, {max}], got {x}")
+                });
             }
             if x < min || x > max {
                 return Err(format!("{x} is out of range {min}..={max}"));
