@@ -29,6 +29,7 @@ pub struct InitArgs {
 pub fn run(cmd: ControlNetCommand) -> CliResult {
     match cmd {
         ControlNetCommand::Init(a) => {
+            crate::check_output("--output", &a.output, true)?;
             if !a.base.join("unet").is_dir() {
                 return Err(format!(
                     "--base {}: not a diffusers model folder (no unet/)",

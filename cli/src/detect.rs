@@ -35,6 +35,7 @@ pub struct DetectArgs {
 }
 
 pub fn run(a: DetectArgs) -> CliResult {
+    crate::check_output("--output", &a.output, false)?;
     let st = settings::load(&SettingsArgs {
         plugin: a.plugin.clone(),
         plugin_dir: a.plugin_dir.clone(),

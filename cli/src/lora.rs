@@ -40,6 +40,7 @@ pub fn run(cmd: LoraCommand) -> CliResult {
             Ok(())
         }
         LoraCommand::Merge(a) => {
+            crate::check_output("--output", &a.output, true)?;
             let targets = Targets::from_model(&a.model)?;
             let mut patches = Vec::new();
             for l in &a.lora {

@@ -81,6 +81,15 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
 }
 
 fn main() -> ExitCode {
+    // a closed stdout (`sdctl model inspect M | head`) ends the process quietly, as Unix tools
+    // do (exit by SIGPIPE, 141 in a shell), instead of a panic from println!. A long-running
+    // server subcommand must set SIGPIPE back to SIG_IGN, so a client hanging up is an error
+    // on that connection rather than the end of the process.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called first thing in main, before any thread is started
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     sd::process::prepare();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -122,3 +131,14 @@ fn main() -> ExitCode {
 
 /// The CLI's error: a message for people, with the library error as its cause.
 pub type CliResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A tool's output flag: refused, before any work, when the path exists and is not a regular
+/// file (or, with `dir_ok`, a folder): a FIFO or device would be replaced by the output.
+pub fn check_output(flag: &str, path: &std::path::Path, dir_ok: bool) -> CliResult {
+    let r = if dir_ok {
+        sd::output::check_output_target_or_dir(path)
+    } else {
+        sd::output::check_output_target(path)
+    };
+    r.map_err(|m| format!("{flag} {m}").into())
+}

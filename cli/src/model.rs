@@ -56,11 +56,13 @@ pub fn run(cmd: ModelCommand) -> CliResult {
             Ok(())
         }
         ModelCommand::New(a) => {
+            crate::check_output("--output", &a.output, true)?;
             sd_train::new_model(&a.configs, &a.output, a.seed)?;
             eprintln!("new model in {}", a.output.display());
             Ok(())
         }
         ModelCommand::Convert(a) => {
+            crate::check_output("--output", &a.output, true)?;
             let target = match a.to {
                 Target::Diffusers => sd::model_files::Target::Diffusers,
                 Target::SingleFile => sd::model_files::Target::SingleFile,

@@ -15,6 +15,21 @@ pub struct PngInfoArgs {
     pub json: bool,
 }
 
+/// A PNG's text as it may reach a terminal: control characters (C0 but newline and tab, DEL,
+/// C1) escaped as `\u{1b}`, so an image cannot send escape sequences (OSC titles, cursor
+/// moves, hyperlinks) to the terminal that shows it.
+fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub fn run(a: PngInfoArgs) -> CliResult {
     let chunks = sd::png_text::text_chunks(&a.image)?;
     let find = |k: &str| sd::png_text::find(&chunks, k);
@@ -31,7 +46,7 @@ pub fn run(a: PngInfoArgs) -> CliResult {
         return Ok(());
     }
     if let Some(p) = find("parameters") {
-        println!("{p}");
+        println!("{}", printable(p));
     } else if let Some(prompt) = find("prompt") {
         // ComfyUI: the API-format graph; report the text of its CLIPTextEncode nodes
         let v: serde_json::Value = serde_json::from_str(prompt).map_err(|e| {
@@ -48,8 +63,10 @@ pub fn run(a: PngInfoArgs) -> CliResult {
                 let n = &nodes[id];
                 if let Some(text) = n["inputs"]["text"].as_str() {
                     println!(
-                        "node {id} ({}): {text}",
-                        n["class_type"].as_str().unwrap_or("?")
+                        "node {} ({}): {}",
+                        printable(id),
+                        printable(n["class_type"].as_str().unwrap_or("?")),
+                        printable(text)
                     );
                 }
             }
@@ -62,4 +79,15 @@ pub fn run(a: PngInfoArgs) -> CliResult {
         .into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            super::printable("a\x1b]0;pwned\x07b\n\tc\u{9b}d\r\x7f"),
+            "a\\u{1b}]0;pwned\\u{7}b\n\tc\\u{9b}d\\u{d}\\u{7f}"
+        );
+    }
 }

@@ -28,6 +28,7 @@ pub struct RenderArgs {
 
 pub fn run(cmd: PoseCommand) -> CliResult {
     let PoseCommand::Render(a) = cmd;
+    crate::check_output("--output", &a.output, false)?;
     let text = std::fs::read_to_string(&a.keypoints)
         .map_err(|e| format!("{}: {e}", a.keypoints.display()))?;
     let pose = Pose::from_json(&text).map_err(|e| format!("{}: {e}", a.keypoints.display()))?;

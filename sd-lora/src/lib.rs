@@ -14,6 +14,6 @@ mod targets;
 pub use error::{LoraError, Result};
 pub use file::{Factors, LoraFile, LoraModule};
 pub use merge::merge_into;
-pub use patch::{load_lora, resolve_in, LoraPatch, LoraReport, LoraSpec};
-pub use prompt::{extract_lora_tags, LoraTag};
+pub use patch::{load_lora, LoraPatch, LoraReport, LoraSpec};
+pub use prompt::{check_weight, extract_lora_tags, resolve_tag, LoraTag, WEIGHT_RANGE};
 pub use targets::Targets;

@@ -21,11 +21,20 @@ pub struct LoraSpec {
 
 impl LoraSpec {
     /// `PATH[:WEIGHT]` (one weight for both parts; the default is 1).
+    /// After the last `:` a weight is expected unless that part names a file (`C:x.safetensors`,
+    /// a path with separators, or an existing file): `F:notanumber` is a bad weight, not a
+    /// missing file.
     pub fn parse(s: &str) -> Result<Self> {
         let (path, weight) = match s.rsplit_once(':') {
-            Some((p, w)) if !p.is_empty() && w.parse::<f64>().is_ok() => {
-                (p, w.parse::<f64>().unwrap_or(1.0))
-            }
+            Some((p, w)) if !p.is_empty() => match w.trim().parse::<f64>() {
+                Ok(x) => (p, x),
+                Err(_) if !names_a_file(s, w) => {
+                    return Err(LoraError::Invalid(format!(
+                        "--lora {s:?}: weight {w:?} is not a number (expected PATH[:WEIGHT])"
+                    )))
+                }
+                Err(_) => (s, 1.0),
+            },
             _ => (s, 1.0),
         };
         if path.is_empty() {
@@ -39,6 +48,15 @@ impl LoraSpec {
             te_weight: weight,
         })
     }
+}
+
+/// Whether the text after a `--lora` value's last `:` is part of its file name.
+fn names_a_file(whole: &str, after: &str) -> bool {
+    after.contains(['/', '\\'])
+        || [".safetensors", ".pt", ".ckpt", ".bin", ".pth"]
+            .iter()
+            .any(|e| after.to_ascii_lowercase().ends_with(e))
+        || Path::new(whole).exists()
 }
 
 /// What binding a LoRA to a model found.
@@ -171,17 +189,31 @@ pub fn load_lora(spec: &LoraSpec, targets: &Targets) -> Result<(LoraPatch, LoraR
     Ok((patch, report))
 }
 
-/// Resolve `path` as given, or as `NAME.safetensors` in `dir`.
-pub fn resolve_in(dir: Option<&Path>, name: &str) -> PathBuf {
-    let p = PathBuf::from(name);
-    if p.is_file() {
-        return p;
-    }
-    match dir {
-        Some(d) if d.join(format!("{name}.safetensors")).is_file() => {
-            d.join(format!("{name}.safetensors"))
-        }
-        Some(d) => d.join(name),
-        None => p,
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    /// `F:notanumber` is a bad weight, not a missing file; `C:x.safetensors` stays a path.
+    #[test]
+    fn a_weight_that_is_not_a_number_is_named() {
+        let e = LoraSpec::parse("/no/such.safetensors:notanumber").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("weight \"notanumber\" is not a number"),
+            "{e}"
+        );
+        assert_eq!(
+            LoraSpec::parse("x.safetensors:0.5").unwrap().unet_weight,
+            0.5
+        );
+        let s = LoraSpec::parse("C:x.safetensors").unwrap();
+        assert_eq!(
+            (s.path, s.unet_weight),
+            (PathBuf::from("C:x.safetensors"), 1.0)
+        );
+        assert_eq!(
+            LoraSpec::parse("a:dir/b").unwrap().path,
+            PathBuf::from("a:dir/b")
+        );
     }
 }

@@ -42,6 +42,59 @@ fn remove_any(p: &Path) {
     }
 }
 
+/// What a non-regular file is, for messages.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a folder"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Outputs replace only regular files: `path` must not exist, or be a regular file (a
+/// symlink is followed and its target checked; a dangling one is replaced). A FIFO, device,
+/// socket or folder is refused, as the rename that puts an output in place would replace it.
+/// The message names the path; callers add the flag.
+pub fn check_output_target(path: &Path) -> std::result::Result<(), String> {
+    check_target(path, false)
+}
+
+/// As [`check_output_target`], for outputs that may be a file or a folder (a model written
+/// as a diffusers folder): only FIFOs, devices and sockets are refused.
+pub fn check_output_target_or_dir(path: &Path) -> std::result::Result<(), String> {
+    check_target(path, true)
+}
+
+fn check_target(path: &Path, dir_ok: bool) -> std::result::Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() || (dir_ok && m.is_dir()) => Ok(()),
+        Ok(m) => Err(format!(
+            "{}: exists and is {}; outputs are written only as new or regular files",
+            path.display(),
+            file_kind(m.file_type())
+        )),
+        // nothing there, or a dangling symlink (the rename replaces the link itself)
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
 /// Files staged under temporary names ([`temporary_file`]), renamed into place together by
 /// [`Staged::commit`]; dropped without a commit, the temporaries are removed.
 #[derive(Default)]
@@ -60,7 +113,16 @@ impl Staged {
         target: &Path,
         write: impl FnOnce(&Path) -> Result<(), E>,
     ) -> Result<(), E> {
+        check_output_target(target).map_err(Error::Invalid)?;
         let tmp = temporary_file(target);
+        // a leftover temporary that is a symlink, FIFO or device is not written through
+        if tmp.symlink_metadata().is_ok_and(|m| !m.is_file()) {
+            return Err(Error::Invalid(format!(
+                "{}: temporary name exists and is not a regular file",
+                tmp.display()
+            ))
+            .into());
+        }
         self.files.push((tmp.clone(), target.to_path_buf()));
         write(&tmp)
     }
@@ -206,6 +268,33 @@ pub fn write_dir<E: From<Error>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A FIFO (or any non-regular file) is never replaced by an output.
+    #[cfg(unix)]
+    #[test]
+    fn staged_write_refuses_a_fifo() {
+        let d = std::env::temp_dir().join(format!("sd-output-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let fifo = d.join("out.png");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            return; // no mkfifo here
+        }
+        let e = write_atomic(&fifo, |tmp| {
+            std::fs::write(tmp, b"x").map_err(|e| Error::io(tmp, e))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        assert!(!d.join("out.png.tmp").exists());
+        assert!(check_output_target(Path::new("/dev/null")).is_err());
+        assert!(check_output_target_or_dir(&d).is_ok());
+        assert!(check_output_target(&d).is_err());
+        assert!(check_output_target(&d.join("new.png")).is_ok());
+        let _ = std::fs::remove_dir_all(&d);
+    }
 
     /// A fresh empty folder for one test.
     fn scratch(name: &str) -> PathBuf {

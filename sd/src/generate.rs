@@ -118,15 +118,9 @@ pub fn resolve_loras(job: &Job) -> Result<(String, Vec<LoraSpec>)> {
         sd_lora::extract_lora_tags(&job.prompt).map_err(|e| format!("prompt: {e}"))?;
     let mut specs = job.lora.clone();
     for t in &tags {
-        let path = sd_lora::resolve_in(job.lora_dir.as_deref(), &t.name);
-        if !path.is_file() {
-            return Err(format!(
-                "<lora:{}>: no file {} (set --lora-dir to the folder holding NAME.safetensors)",
-                t.name,
-                path.display()
-            )
-            .into());
-        }
+        // a tag names a file inside lora_dir, never a path (the prompt may come from anyone)
+        t.check_weights(job.allow_extreme_weights)?;
+        let path = sd_lora::resolve_tag(job.lora_dir.as_deref(), &t.name)?;
         specs.push(LoraSpec {
             path,
             unet_weight: t.unet_weight,

@@ -384,8 +384,69 @@ pub fn parse_parameters(text: &str) -> Result<Map<String, Value>, String> {
     Ok(m)
 }
 
-/// The settings a PNG was made with: sdctl's JSON chunk, else A1111's `parameters` text.
+/// The only settings a PNG may carry (`--from-png`, the server's png-info, any upload): the
+/// generation parameters, and the model, VAE, control units and LoRAs they were made with
+/// (files that are read as weights and images, never run). Anything else in a PNG, above all
+/// paths that are loaded as code or written (`plugins`, `plugin_dir`, `output`,
+/// `save_latents`) and other files to read (`noise`, `lora_dir`, `init_image`, `mask`), is
+/// dropped: a PNG is data from anyone, those come only from the user's own flags and configs.
+pub const PNG_SETTINGS_KEYS: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "cfg_scale",
+    "sampler",
+    "schedule",
+    "seed",
+    "rng",
+    "batch",
+    "clip_skip",
+    "strength",
+    "device",
+    "dtype",
+    "model",
+    "vae",
+    "control",
+    "lora",
+];
+
+/// Settings read from a PNG: the parameters it may carry, and the keys that were dropped.
+#[derive(Debug, Clone, Default)]
+pub struct PngSettings {
+    pub settings: Map<String, Value>,
+    /// Keys outside [`PNG_SETTINGS_KEYS`], in the order the PNG has them.
+    pub dropped: Vec<String>,
+}
+
+/// Keep only the keys a PNG may carry ([`PNG_SETTINGS_KEYS`]).
+pub fn only_parameters(all: Map<String, Value>) -> PngSettings {
+    let mut out = PngSettings::default();
+    for (k, v) in all {
+        if PNG_SETTINGS_KEYS.contains(&k.as_str()) {
+            out.settings.insert(k, v);
+        } else {
+            out.dropped.push(k);
+        }
+    }
+    out
+}
+
+/// The settings a PNG was made with (sdctl's JSON chunk, else A1111's `parameters` text),
+/// limited to the keys a PNG may carry; the others are listed in `dropped`.
+pub fn png_settings(path: &Path) -> Result<PngSettings, String> {
+    raw_settings(path).map(only_parameters)
+}
+
+/// The settings a PNG was made with, limited to the keys a PNG may carry (see
+/// [`png_settings`], which also says what was dropped).
 pub fn settings_from_png(path: &Path) -> Result<Map<String, Value>, String> {
+    png_settings(path).map(|s| s.settings)
+}
+
+/// Everything in the PNG's settings, unfiltered: never layer this into a job.
+fn raw_settings(path: &Path) -> Result<Map<String, Value>, String> {
     let chunks = text_chunks(path)?;
     let find = |k: &str| find(&chunks, k);
     let shown = path.display();
@@ -437,6 +498,39 @@ mod tests {
         assert_eq!(m["cfg_scale"], 7.5);
         assert_eq!(m["rng"], "torch-cpu");
         assert!(parse_parameters("just text").is_err());
+    }
+
+    /// A PNG's settings never name plugins, outputs or other files to load or write.
+    #[test]
+    fn png_settings_keep_parameters_only() {
+        let all: Map<String, Value> = serde_json::from_value(json!({
+            "prompt": "p", "steps": 3, "model": "/m", "lora": [{"path": "/l"}],
+            "plugins": ["/evil.so"], "plugin_dir": "/evil", "output": "/o.png",
+            "save_latents": "/x", "noise": "/n", "lora_dir": "/d", "init_image": "/i",
+            "mask": "/k", "include": ["x.toml"], "whatever": 1
+        }))
+        .unwrap();
+        let s = only_parameters(all);
+        let mut kept: Vec<&str> = s.settings.keys().map(|k| k.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["lora", "model", "prompt", "steps"]);
+        let mut dropped = s.dropped.clone();
+        dropped.sort();
+        assert_eq!(
+            dropped,
+            [
+                "include",
+                "init_image",
+                "lora_dir",
+                "mask",
+                "noise",
+                "output",
+                "plugin_dir",
+                "plugins",
+                "save_latents",
+                "whatever"
+            ]
+        );
     }
 
     #[test]

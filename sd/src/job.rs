@@ -105,6 +105,8 @@ pub struct Job {
     pub lora_dir: Option<PathBuf>,
     /// Refuse LoRAs with modules that match nothing in the model.
     pub strict_lora: bool,
+    /// Allow prompt-tag LoRA weights outside [`sd_lora::WEIGHT_RANGE`] (still finite).
+    pub allow_extreme_weights: bool,
     pub control: Vec<Control>,
     pub lora: Vec<LoraSpec>,
     pub plugins: Vec<Plugin>,
@@ -137,6 +139,7 @@ impl Default for Job {
             dtype: "f32".into(),
             lora_dir: None,
             strict_lora: false,
+            allow_extreme_weights: false,
             control: Vec::new(),
             lora: Vec::new(),
             plugins: Vec::new(),

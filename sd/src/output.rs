@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-pub use sd_pipeline::output::{write_atomic, Staged};
+pub use sd_pipeline::output::{
+    check_output_target, check_output_target_or_dir, write_atomic, Staged,
+};
 
 /// Output file names: OUT.png, or OUT-0.png, OUT-1.png, ... for batches.
 pub fn output_paths(out: &Path, batch: usize) -> Vec<PathBuf> {

@@ -178,7 +178,7 @@ pub const INCLUDE_KEY: &str = "include";
 pub const CONTROL_WEIGHT_RANGE: (f64, f64) = (0.0, 2.0);
 /// LoRA weights outside this range need `allow_extreme_weights` (negative LoRA weights are a
 /// common way to subtract a concept, so the range is symmetric).
-pub const LORA_WEIGHT_RANGE: (f64, f64) = (-2.0, 2.0);
+pub const LORA_WEIGHT_RANGE: (f64, f64) = sd_lora::WEIGHT_RANGE;
 
 pub fn env_var(key: &str) -> String {
     format!("SDCTL_{}", key.to_uppercase())

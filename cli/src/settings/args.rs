@@ -196,11 +196,17 @@ impl SettingsArgs {
         if !plugins.is_empty() {
             d.insert("plugins".into(), Value::from(plugins));
         }
-        let loras: Vec<Value> = self
-            .lora
-            .iter()
-            .map(|l| Value::from(lora_table(l)))
-            .collect();
+        let mut loras: Vec<Value> = Vec::new();
+        for (i, l) in self.lora.iter().enumerate() {
+            match lora_table(l) {
+                Ok(t) => loras.push(Value::from(t)),
+                Err(m) => problems.push(Problem::at(
+                    &Origin::Flag(format!("--lora #{}", i + 1)),
+                    "",
+                    m,
+                )),
+            }
+        }
         if !loras.is_empty() {
             d.insert("lora".into(), Value::from(loras));
         }
@@ -221,16 +227,11 @@ fn control_table(s: &str) -> Result<Dict, String> {
 }
 
 /// `PATH[:WEIGHT]` as a `[[lora]]` table (parsed as `sd_lora::LoraSpec::parse` does).
-fn lora_table(s: &str) -> Dict {
+/// A weight that is not a number is an error naming it.
+fn lora_table(s: &str) -> Result<Dict, String> {
+    let spec = sd_lora::LoraSpec::parse(s).map_err(|e| e.to_string())?;
     let mut d = Dict::new();
-    match sd_lora::LoraSpec::parse(s) {
-        Ok(spec) => {
-            d.insert("path".into(), path(&spec.path));
-            d.insert("weight".into(), Value::from(spec.unet_weight));
-        }
-        Err(_) => {
-            d.insert("path".into(), Value::from(s.to_string()));
-        }
-    }
-    d
+    d.insert("path".into(), path(&spec.path));
+    d.insert("weight".into(), Value::from(spec.unet_weight));
+    Ok(d)
 }

@@ -289,6 +289,21 @@ pub fn check(
         }
     }
 
+    // a batch writes OUT-0.png, OUT-1.png, ...: each of them only over a regular file
+    if let (Some(out), Some(b)) = (get_path(&vals, "output"), get_int(&vals, "batch")) {
+        if b > 1 {
+            let o = shown
+                .iter()
+                .find(|s| s.key == "output")
+                .map_or(Origin::Default, |s| s.origin.clone());
+            for p in sd::output::output_paths(&out, b as usize) {
+                if let Err(m) = sd::output::check_output_target(&p) {
+                    problems.push(Problem::at(&o, "output", m));
+                }
+            }
+        }
+    }
+
     if !problems.is_empty() {
         return Err(Problems(problems));
     }
@@ -333,6 +348,7 @@ pub fn check(
         dtype: get_str(&vals, "dtype").unwrap_or(d.dtype),
         lora_dir: get_path(&vals, "lora_dir"),
         strict_lora: get_bool(&vals, "strict_lora").unwrap_or(d.strict_lora),
+        allow_extreme_weights: allow_extreme,
         control,
         lora,
         plugins,

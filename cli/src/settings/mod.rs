@@ -19,9 +19,17 @@ pub fn load(args: &SettingsArgs) -> Result<Settings, Problems> {
     let files = sd::config::sources::expand_includes(&args.config, &mut problems);
     let flags = args.to_dict(&mut problems);
     let png = args.from_png.as_deref().and_then(|p| {
-        match sd::infotext::settings_from_png(p)
-            .and_then(|m| figment::value::Value::serialize(m).map_err(|e| e.to_string()))
-        {
+        // a PNG carries generation parameters only: plugins, outputs and other paths are
+        // dropped (sd::infotext::PNG_SETTINGS_KEYS), each with a warning
+        match sd::infotext::png_settings(p).and_then(|s| {
+            for k in &s.dropped {
+                eprintln!(
+                    "warning: {}: ignoring `{k}` from the PNG's settings (a PNG carries generation parameters only)",
+                    p.display()
+                );
+            }
+            figment::value::Value::serialize(s.settings).map_err(|e| e.to_string())
+        }) {
             Ok(figment::value::Value::Dict(_, d)) => Some(d),
             Ok(_) => None,
             Err(e) => {

@@ -73,7 +73,14 @@ fn typed(v: &Value, ty: Ty, origin: &Origin) -> Result<Typed, String> {
                     .map_err(|_| format!("expected a number, found {}", found()))?,
                 _ => return Err(format!("expected a number, found {}", found())),
             };
-            if !x.is_finite() || x < min || x > max {
+            if !x.is_finite() {
+                return Err(if min == f64::MIN && max == f64::MAX {
+                    format!("must be a finite number, got {x}")
+                } else {
+                    format!("must be a finite number in [{min}, {max}], got {x}")
+                });
+            }
+            if x < min || x > max {
                 return Err(format!("{x} is out of range {min}..={max}"));
             }
             Ok(Typed::Float(x))
@@ -115,6 +122,8 @@ fn check_path(p: &Path, role: PathRole) -> Result<(), String> {
                     d.display()
                 ));
             }
+            // never over a FIFO, device or folder (the output is renamed over its target)
+            sd::output::check_output_target(p)?;
             true
         }
     };
