@@ -17,7 +17,7 @@ use sd_preprocessors::detect::{detect_file, Sizing, RESOLUTIONS};
 use crate::error::{ControlError, Result};
 use crate::load::load_controlnet;
 use crate::model::ControlNetModel;
-use crate::units::{ControlMode, ControlUnit, ResizeMode};
+use crate::units::{check_span, ControlMode, ControlUnit, ResizeMode};
 
 /// A preprocessor by name with its parameters as given (checked against its declaration).
 #[derive(Debug, Clone, PartialEq)]
@@ -104,15 +104,7 @@ impl UnitSpec {
     /// Check values that need no files.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ControlError::Invalid(m));
-        if !(0.0..=1.0).contains(&self.start)
-            || !(0.0..=1.0).contains(&self.end)
-            || self.start > self.end
-        {
-            return bad(format!(
-                "control start={} end={}: need 0 <= start <= end <= 1",
-                self.start, self.end
-            ));
-        }
+        check_span(self.start, self.end)?;
         if !RESOLUTIONS.contains(&self.resolution) {
             return bad(format!(
                 "control resolution={}: use {}..={}",

@@ -11,6 +11,15 @@ use sd_plugins_api::{Hook, HookError, ResidualInput, Residuals, StepInfo};
 use crate::error::ControlError;
 use crate::model::ControlNetModel;
 
+/// A unit's start and end (fractions of the schedule): 0 <= start <= end <= 1.
+pub fn check_span(start: f64, end: f64) -> Result<(), ControlError> {
+    if (0.0..=1.0).contains(&start) && (0.0..=1.0).contains(&end) && start <= end {
+        return Ok(());
+    }
+    Err(ControlError::Invalid(format!(
+        "control start={start} end={end}: need 0 <= start <= end <= 1"
+    )))
+}
 /// How a unit's residuals are scaled and where they apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ControlMode {
@@ -192,12 +201,7 @@ impl ControlUnit {
                 "the ControlNet takes {cin} latent channels but the base model's latents have {base_in_channels}"
             )));
         }
-        if !(self.start >= 0.0 && self.end <= 1.0 && self.start <= self.end) {
-            return Err(ControlError::Invalid(format!(
-                "control start {} / end {} must satisfy 0 <= start <= end <= 1",
-                self.start, self.end
-            )));
-        }
+        check_span(self.start, self.end)?;
         if let Some(lw) = &self.layer_weights {
             if lw.len() != base_skips + 1 {
                 return Err(ControlError::Invalid(format!(

@@ -406,8 +406,8 @@ mod tests {
         })();
         assert!(r.is_err());
         assert!(entries(&d).is_empty(), "{:?}", entries(&d));
-        // none: every file written, the last rename fails (a folder holds its name)
-        std::fs::create_dir_all(c.join("x")).unwrap();
+        // none: every file written, the last rename fails (a folder took its name meanwhile;
+        // one there before is refused by `write`)
         let mut s = Staged::new();
         for p in [&a, &b, &c] {
             s.write(p, |tmp| {
@@ -415,6 +415,7 @@ mod tests {
             })
             .unwrap();
         }
+        std::fs::create_dir_all(c.join("x")).unwrap();
         let e = s.commit().unwrap_err();
         assert!(e.to_string().contains("c.safetensors"), "{e}");
         assert_eq!(entries(&d), ["c.safetensors"]);
