@@ -130,9 +130,13 @@ pub fn resolve_loras(job: &Job) -> Result<(String, Vec<LoraSpec>)> {
     Ok((prompt, specs))
 }
 
-/// The model a job names, or the embedded one.
+/// The model a job names (a folder, a single file, or a Hugging Face repo id found in the
+/// local cache), or the embedded one.
 pub fn model_path(job: &Job) -> Result<PathBuf> {
     match &job.model {
+        Some(m) if !m.exists() && m.to_str().is_some_and(crate::hub::looks_like_repo_id) => {
+            Ok(crate::hub::resolve(&m.to_string_lossy())?)
+        }
         Some(m) => Ok(m.clone()),
         None => crate::embedded::base_dir(),
     }

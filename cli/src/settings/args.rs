@@ -90,7 +90,8 @@ pub struct SettingsArgs {
     #[arg(long)]
     pub dtype: Option<String>,
     /// A control unit, repeatable: model=PATH,image=PATH[,weight=F][,start=F][,end=F]
-    /// [,mode=balanced|prompt|control][,resize=just|crop|fill][,preprocessor=NAME][,mask=PATH][,id=NAME]
+    /// [,mode=balanced|prompt|control][,resize=just|crop|fill][,preprocessor=NAME][,resolution=N]
+    /// [,mask=PATH][,id=NAME]
     #[arg(long = "control", value_name = "KEY=VALUE,...")]
     pub control: Vec<String>,
     /// A LoRA, repeatable: PATH[:WEIGHT] (weight for UNet and text encoder, default 1)
