@@ -19,7 +19,7 @@ use sd_controlnet::units::{ControlNetHook, ControlUnit, ResizeMode};
 use sd_pipeline::model::unet::UNet2DConditionModel;
 use sd_pipeline::output::{write_file, StagedDir};
 use sd_pipeline::rng::{NoiseSource, TorchRng};
-use sd_pipeline::samplers::{alphas_cumprod, PredictionType, SamplerKind, Schedule};
+use sd_pipeline::samplers::{alphas_cumprod, PredictionType};
 use sd_pipeline::{GenerateRequest, StableDiffusion};
 use sd_plugins_api::{HookSet, Residuals};
 use serde::{Deserialize, Serialize};
@@ -608,21 +608,11 @@ impl Trainer {
         );
         let mut hooks = HookSet::new();
         hooks.push(Box::new(ControlNetHook::new(vec![unit])));
+        // sdctl's defaults (20 steps of DPM++ 2M Karras, CFG 7.5) at the training resolution
         let req = GenerateRequest {
-            prompt: prompt.clone(),
-            negative_prompt: String::new(),
             width: r,
             height: r,
-            steps: 20,
-            cfg_scale: 7.5,
-            sampler: SamplerKind::DpmPP2M,
-            schedule: Schedule::Karras,
-            batch: 1,
-            clip_skip: 1,
-            init_image: None,
-            mask: None,
-            strength: None,
-            noise: None,
+            ..GenerateRequest::new(prompt.clone())
         };
         let out = self
             .sd

@@ -382,20 +382,13 @@ pub fn eval_fill_example(
         ))
     })?;
     let req = GenerateRequest {
-        prompt: prompt.clone(),
-        negative_prompt: String::new(),
         width: size,
         height: size,
         steps: cfg.steps,
         cfg_scale: cfg.cfg_scale,
         sampler: cfg.sampler,
         schedule: cfg.schedule,
-        batch: 1,
-        clip_skip: 1,
-        init_image: None,
-        mask: None,
-        strength: None,
-        noise: None,
+        ..GenerateRequest::new(prompt.clone())
     };
     let mut hooks = HookSet::new();
     if cfg.weight != 0.0 {
