@@ -14,6 +14,9 @@ pub fn run(args: GenerateArgs) -> CliResult {
     let output = st.output.clone().unwrap_or_default();
     let job = &st.job;
     let loaded = sd::load(job)?;
+    for r in &loaded.lora_reports {
+        eprintln!("lora {r}");
+    }
     let t_loaded = t0.elapsed();
     let progress = Progress::new();
     let bar = progress.bar();

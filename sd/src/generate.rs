@@ -35,6 +35,8 @@ pub struct Generation {
     pub height: usize,
     /// Every LoRA applied: the job's list, then the prompt's tags.
     pub loras: Vec<LoraSpec>,
+    /// What binding each LoRA to the model found, in `loras` order.
+    pub lora_reports: Vec<String>,
     /// A1111's infotext (the PNG's `parameters` chunk).
     pub parameters: String,
     /// Every setting as JSON (the PNG's `sdctl` chunk, what `--from-png` reads back).
@@ -149,6 +151,8 @@ pub struct Loaded {
     /// The prompt without its LoRA tags.
     pub prompt: String,
     pub loras: Vec<LoraSpec>,
+    /// What binding each LoRA to the model found (`LoraReport::summary`), in `loras` order.
+    pub lora_reports: Vec<String>,
     /// One instance of each hook plugin for this generation.
     plugins: Vec<PluginInstance>,
     pub device: Device,
@@ -160,11 +164,12 @@ pub fn load(job: &Job) -> Result<Loaded> {
     let (device, dtype) = device_and_dtype(job)?;
     let (prompt, loras) = resolve_loras(job)?;
     let mut patches: Vec<Arc<dyn WeightPatch>> = Vec::new();
+    let mut lora_reports = Vec::new();
     if !loras.is_empty() {
         let targets = sd_lora::Targets::from_model(&model)?;
         for spec in &loras {
             let (patch, report) = sd_lora::load_lora(spec, &targets)?;
-            eprintln!("lora {}", report.summary());
+            lora_reports.push(report.summary());
             if job.strict_lora && !report.unmatched.is_empty() {
                 return Err(format!("--strict-lora: {}", report.summary()).into());
             }
@@ -185,6 +190,7 @@ pub fn load(job: &Job) -> Result<Loaded> {
         model,
         prompt,
         loras,
+        lora_reports,
         plugins,
         device,
     })
@@ -328,6 +334,7 @@ pub fn run(
         width,
         height,
         loras: loaded.loras.clone(),
+        lora_reports: loaded.lora_reports.clone(),
         parameters,
         settings_json,
         timings: Timings {
