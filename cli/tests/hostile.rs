@@ -386,3 +386,150 @@ fn closed_stdout_ends_quietly() {
         );
     }
 }
+
+/// A 1x1 PNG with `n` zTXt chunks (compressed Latin-1 text) holding `text`.
+fn png_with_ztxt(path: &Path, keyword: &str, text: &str, n: usize) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut enc = png::Encoder::new(f, 1, 1);
+    enc.set_color(png::ColorType::Rgb);
+    for _ in 0..n {
+        enc.add_ztxt_chunk(keyword.to_string(), text.to_string())
+            .unwrap();
+    }
+    let mut w = enc.write_header().unwrap();
+    w.write_image_data(&[0, 0, 0]).unwrap();
+    w.finish().unwrap();
+}
+
+/// A zTXt chunk that inflates to 16 MiB (from a few KiB), or chunks past 4 MiB of text in
+/// all, are refused by `png-info` and `--from-png` readers, naming the PNG and the keyword.
+#[test]
+fn png_text_bombs_are_refused() {
+    let d = scratch("hostile", "ztxt");
+    let bomb = d.join("bomb.png");
+    png_with_ztxt(&bomb, "parameters", &"0".repeat(16 << 20), 1);
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 200_000);
+    let t = std::time::Instant::now();
+    let err = clean_failure(&sdctl(&["png-info", s(&bomb)]));
+    assert!(t.elapsed().as_secs() < 10, "took {:?}", t.elapsed());
+    assert!(
+        err.contains("bomb.png") && err.contains("`parameters` holds more than 1024 KiB"),
+        "{err}"
+    );
+    // each chunk under the cap, together over it
+    let many = d.join("many.png");
+    png_with_ztxt(&many, "comment", &"0".repeat(1000 << 10), 5);
+    let err = clean_failure(&sdctl(&["png-info", s(&many)]));
+    assert!(
+        err.contains("many.png") && err.contains("`comment` hold more than 4096 KiB"),
+        "{err}"
+    );
+    // a small zTXt chunk still reads
+    let small = d.join("small.png");
+    let text = "a small cat\nSteps: 1, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64";
+    png_with_ztxt(&small, "parameters", text, 1);
+    assert!(ok(&sdctl(&["png-info", s(&small)])).contains("a small cat"));
+}
+
+/// A 5 MB prompt from a config file is refused before anything is loaded, naming the key.
+#[test]
+fn long_prompts_are_refused() {
+    let d = scratch("hostile", "prompt");
+    let model = model_dir("sd1");
+    let cfg = d.join("long.toml");
+    std::fs::write(
+        &cfg,
+        format!("prompt = \"{}\"\n", "a cat ".repeat((5 << 20) / 6)),
+    )
+    .unwrap();
+    let out = d.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let out_png = out.join("x.png");
+    let t = std::time::Instant::now();
+    let err = fails(
+        &[
+            "generate",
+            "--config",
+            s(&cfg),
+            "--model",
+            s(&model),
+            "--steps",
+            "1",
+            "--output",
+            s(&out_png),
+        ],
+        &out_png,
+    );
+    assert!(t.elapsed().as_secs() < 10, "took {:?}", t.elapsed());
+    assert!(
+        err.contains("prompt") && err.contains("more than the 64 KiB a prompt may hold"),
+        "{err}"
+    );
+}
+
+/// A valid 1x1 PNG whose IHDR is patched to declare `w` x `h` (CRC fixed): a few bytes.
+fn png_declaring(path: &Path, w: u32, h: u32) {
+    let mut bytes = Vec::new();
+    image::RgbImage::new(1, 1)
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    // signature (8), IHDR length (4), "IHDR" (4), width, height, 5 more bytes, CRC
+    bytes[16..20].copy_from_slice(&w.to_be_bytes());
+    bytes[20..24].copy_from_slice(&h.to_be_bytes());
+    let mut c = 0xffff_ffffu32;
+    for &b in &bytes[12..29] {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    bytes[29..33].copy_from_slice(&(!c).to_be_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// An image whose header declares 20000 x 20000 pixels is refused before decoding, by
+/// `detect` and as an init image, naming the file and its size.
+#[test]
+fn huge_images_are_refused_before_decoding() {
+    let d = scratch("hostile", "huge");
+    let huge = d.join("huge.png");
+    png_declaring(&huge, 20000, 20000);
+    let wide = d.join("wide.png");
+    png_declaring(&wide, 20000, 2);
+    let out = d.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    for img in [&huge, &wide] {
+        let t = std::time::Instant::now();
+        let map = out.join("map.png");
+        let err = fails(&["detect", "canny", s(img), "-o", s(&map)], &map);
+        assert!(t.elapsed().as_secs() < 10, "took {:?}", t.elapsed());
+        let name = img.file_name().unwrap().to_str().unwrap();
+        assert!(
+            err.contains(name) && err.contains("pixels, more than"),
+            "{err}"
+        );
+    }
+    let model = model_dir("sd1");
+    let out_png = out.join("x.png");
+    let t = std::time::Instant::now();
+    let err = fails(
+        &gen_args(
+            s(&model),
+            "a cat",
+            &["--init-image", s(&huge), "--output", s(&out_png)],
+        ),
+        &out_png,
+    );
+    assert!(t.elapsed().as_secs() < 10, "took {:?}", t.elapsed());
+    assert!(
+        err.contains("huge.png") && err.contains("20000x20000 pixels, more than"),
+        "{err}"
+    );
+}

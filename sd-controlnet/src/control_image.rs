@@ -17,7 +17,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     if !path.is_file() {
         return Err(ControlError::file(path, "control image not found"));
     }
-    let img = image::open(path)
+    let img = sd_plugins_api::image_input::open_image(path)
         .map_err(|e| ControlError::file(path, format!("cannot read control image: {e}")))?;
     Ok(match img {
         DynamicImage::ImageRgb8(rgb) => rgb,

@@ -49,6 +49,9 @@ mod error;
 #[cfg(feature = "host")]
 mod hooks;
 mod hwc3;
+// Reading image files from user paths with the decoder's size limits made explicit.
+#[cfg(feature = "host")]
+pub mod image_input;
 pub mod params;
 #[cfg(feature = "host")]
 mod patch;

@@ -43,8 +43,8 @@ pub struct Detected {
 
 /// An image file as an [`ImageBuf`]: RGB, or RGBA when it has transparency.
 pub fn read_image(path: &Path) -> Result<ImageBuf, String> {
-    let img =
-        image::open(path).map_err(|e| format!("{}: cannot read the image: {e}", path.display()))?;
+    let img = sd_plugins_api::image_input::open_image(path)
+        .map_err(|e| format!("{}: cannot read the image: {e}", path.display()))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if img.color().has_alpha() {
         ImageBuf::new(w, h, 4, img.to_rgba8().into_raw())

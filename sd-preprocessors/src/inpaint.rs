@@ -36,7 +36,7 @@ pub fn mark(rgb: &ImageBuf, mask: &[u8]) -> ImageBuf {
 }
 
 fn load_mask(path: &Path, w: usize, h: usize) -> Result<Vec<u8>, PluginError> {
-    let img = image::open(path).map_err(|e| {
+    let img = sd_plugins_api::image_input::open_image(path).map_err(|e| {
         PluginError::failed(
             NAME,
             format!("{}: cannot read the mask: {e}", path.display()),

@@ -100,6 +100,19 @@ pub fn device_and_dtype(job: &Job) -> Result<(Device, DType)> {
     Ok((device, dtype))
 }
 
+/// The job's prompts are no longer than [`crate::schema::MAX_PROMPT_BYTES`].
+fn check_prompt_lengths(job: &Job) -> Result<()> {
+    for (key, text) in [
+        ("prompt", &job.prompt),
+        ("negative_prompt", &job.negative_prompt),
+    ] {
+        if let Some(problem) = crate::schema::prompt_too_long(key, text.len()) {
+            return Err(problem.into());
+        }
+    }
+    Ok(())
+}
+
 fn load_noise(path: &Path) -> Result<Tensor> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| format!("--noise {}: {e}", path.display()))?;
@@ -160,6 +173,7 @@ pub struct Loaded {
 
 /// Load the job's model with its LoRAs and plugin patches.
 pub fn load(job: &Job) -> Result<Loaded> {
+    check_prompt_lengths(job)?;
     let model = model_path(job)?;
     let (device, dtype) = device_and_dtype(job)?;
     let (prompt, loras) = resolve_loras(job)?;
@@ -245,6 +259,7 @@ pub fn run(
     registry: &Registry,
     extra_hooks: Vec<Box<dyn Hook>>,
 ) -> Result<Generation> {
+    check_prompt_lengths(job)?;
     let sd = &loaded.sd;
     let device = &loaded.device;
     let noise = job.noise.as_deref().map(load_noise).transpose()?;
@@ -344,4 +359,28 @@ pub fn run(
             decode,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A library caller's megabytes of prompt are refused before anything is loaded.
+    #[test]
+    fn long_prompts_are_refused_before_loading() {
+        let job = Job {
+            negative_prompt: "x".repeat(5 << 20),
+            ..Job::default()
+        };
+        let err = load(&job).err().expect("refused").to_string();
+        assert!(
+            err.starts_with("negative_prompt: 5242880 bytes, more than the 64 KiB"),
+            "{err}"
+        );
+        let ok = Job {
+            prompt: "x".repeat(1000),
+            ..Job::default()
+        };
+        assert!(check_prompt_lengths(&ok).is_ok());
+    }
 }

@@ -180,6 +180,20 @@ pub const CONTROL_WEIGHT_RANGE: (f64, f64) = (0.0, 2.0);
 /// common way to subtract a concept, so the range is symmetric).
 pub const LORA_WEIGHT_RANGE: (f64, f64) = sd_lora::WEIGHT_RANGE;
 
+/// The longest prompt and negative prompt, in bytes (a prompt is tokenized and parsed for
+/// tags before anything else is checked; a few megabytes took gigabytes).
+pub const MAX_PROMPT_BYTES: usize = 64 << 10;
+
+/// The problem with a `key` (prompt, negative_prompt) of `len` bytes, if it is too long.
+pub fn prompt_too_long(key: &str, len: usize) -> Option<String> {
+    (len > MAX_PROMPT_BYTES).then(|| {
+        format!(
+            "{key}: {len} bytes, more than the {} KiB a prompt may hold",
+            MAX_PROMPT_BYTES >> 10
+        )
+    })
+}
+
 pub fn env_var(key: &str) -> String {
     format!("SDCTL_{}", key.to_uppercase())
 }

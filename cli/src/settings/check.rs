@@ -93,6 +93,14 @@ pub fn check(
             top.problem(&o, key, format!("{v} is not a multiple of 8"));
         }
     }
+    for key in ["prompt", "negative_prompt"] {
+        let len = get_str(&vals, key).map_or(0, |v| v.len());
+        if let Some(problem) = sd::schema::prompt_too_long(key, len) {
+            let o = top.shown_origin(key).unwrap_or(Origin::Default);
+            let detail = problem.trim_start_matches(&format!("{key}: ")).to_string();
+            top.problem(&o, key, detail);
+        }
+    }
     let strength = get_float(&vals, "strength");
     if let Some(s) = strength {
         let o = top.shown_origin("strength").unwrap_or(Origin::Default);

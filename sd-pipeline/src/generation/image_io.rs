@@ -17,9 +17,9 @@ fn open(path: &Path) -> Result<DynamicImage> {
             message: "file not found".into(),
         });
     }
-    image::open(path).map_err(|e| Error::Image {
+    sd_plugins_api::image_input::open_image(path).map_err(|message| Error::Image {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message,
     })
 }
 
