@@ -12,17 +12,20 @@ use crate::pickle;
 /// Tensor name -> shape, sorted by name.
 pub type Shapes = BTreeMap<String, Vec<usize>>;
 
-/// The tensors of a file: memory-mapped safetensors, or a pickle read into memory.
+/// The tensors of a file: memory-mapped safetensors, tensors in memory, or a pickle archive
+/// whose tensors are read (inflated) one by one when asked for.
 pub enum Store {
     Mmap(MmapedSafetensors),
     Mem(HashMap<String, Tensor>),
+    Pickle(pickle::Archive),
 }
 
 impl Store {
-    /// Open a `.safetensors`, `.ckpt`, `.pth`, `.pt` or `.bin` file.
+    /// Open a `.safetensors`, `.ckpt`, `.pth`, `.pt` or `.bin` file (a pickle's tensor data is
+    /// read by [`Store::get`], never for [`Store::shapes`]).
     pub fn open(path: &Path) -> Result<Self> {
         if pickle::is_pickle(path) {
-            return pickle::load(path).map(Store::Mem);
+            return pickle::Archive::open(path).map(Store::Pickle);
         }
         // SAFETY: read-only mapping of a file we do not modify (as every mmap loader).
         let m = unsafe { MmapedSafetensors::new(path) }.map_err(|source| Error::Tensor {
@@ -44,6 +47,7 @@ impl Store {
                 .iter()
                 .map(|(k, t)| (k.clone(), t.dims().to_vec()))
                 .collect(),
+            Store::Pickle(a) => a.shapes().into_iter().collect(),
         }
     }
 
@@ -55,6 +59,7 @@ impl Store {
                 .filter_map(|(k, v)| Some((k, DType::try_from(v.dtype()).ok()?)))
                 .collect(),
             Store::Mem(m) => m.iter().map(|(k, t)| (k.clone(), t.dtype())).collect(),
+            Store::Pickle(a) => a.dtypes(),
         }
     }
 
@@ -62,6 +67,7 @@ impl Store {
         match self {
             Store::Mmap(m) => m.get(name).is_ok(),
             Store::Mem(m) => m.contains_key(name),
+            Store::Pickle(a) => a.contains(name),
         }
     }
 
@@ -73,6 +79,14 @@ impl Store {
                 .get(name)
                 .cloned()
                 .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.into() }),
+            Store::Pickle(a) => match a.get(name) {
+                Ok(Some(t)) => Ok(t),
+                Ok(None) => Err(candle_core::Error::CannotFindTensor { path: name.into() }),
+                Err(m) => Err(candle_core::Error::Msg(format!(
+                    "{}: {m}",
+                    a.path().display()
+                ))),
+            },
         }
     }
 }
