@@ -12,6 +12,9 @@ pub const MAX_DECODED_BYTES: u64 = 1 << 30;
 /// Decode the image file at `path` with the limits above. Errors say what is wrong (when
 /// the size is the problem, the size the file declares); callers name the file.
 pub fn open_image(path: &Path) -> Result<image::DynamicImage, String> {
+    if let Some(why) = crate::input_file::problem(path) {
+        return Err(why);
+    }
     let reader = |path: &Path| {
         image::ImageReader::open(path)
             .and_then(|r| r.with_guessed_format())

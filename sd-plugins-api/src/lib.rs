@@ -49,6 +49,8 @@ mod error;
 #[cfg(feature = "host")]
 mod hooks;
 mod hwc3;
+// Checks that user-named inputs are regular files before they are opened.
+pub mod input_file;
 // Reading image files from user paths with the decoder's size limits made explicit.
 #[cfg(feature = "host")]
 pub mod image_input;
