@@ -198,6 +198,19 @@ fn training_numbers_are_range_checked() {
         assert!(e.contains(want), "{extra}: {e}");
         assert!(!d.join("out").exists(), "{extra}: an output was made");
     }
+    // a training config is checked for nesting before it is parsed
+    let deep = write(
+        &d,
+        "deep.yaml",
+        &format!("max_steps: {}\n", "[".repeat(400_000)),
+    );
+    let t = Instant::now();
+    let e = clean_failure(&sdctl(&["train", "controlnet", "--config", s(&deep)]));
+    assert!(t.elapsed() < QUICK, "{:?}", t.elapsed());
+    assert!(
+        e.contains("line 1: lists and tables nested more than 64 levels deep"),
+        "{e}"
+    );
     // flags too
     let f = write(&d, "t.toml", &base);
     let e = clean_failure(&sdctl(&[

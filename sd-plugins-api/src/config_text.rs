@@ -108,11 +108,12 @@ pub fn check_nesting(text: &str, max: usize) -> Result<(), String> {
                 i += 1;
                 continue;
             }
+            // where a value starts: brackets and quotes there are structure, elsewhere text
             let at_value = match prev {
-                None => true,
-                Some(b':' | b'=' | b',' | b'[' | b'{') => true,
+                None | Some(b':' | b'=') => true,
+                Some(b',' | b'[' | b'{') => flow > 0,
                 Some(b'-' | b'?') => prev_spaced,
-                _ => flow > 0 && prev == Some(b'}'),
+                _ => false,
             };
             let spaced_before = i == 0 || matches!(bytes[i - 1], b' ' | b'\t');
             match b {
@@ -229,6 +230,7 @@ mod tests {
         assert!(depth_ok(&format!("prompt: 'it''s {s}'\n")));
         assert!(depth_ok(&format!("# {s}\nsteps: 3 # {s}\n")));
         assert!(depth_ok(&format!("prompt: a cat {s}\n")));
+        assert!(depth_ok(&format!("prompt: a, b {s} c\n")));
         assert!(depth_ok(&format!("prompt: don't {s}\n")));
         assert!(depth_ok(&format!("prompt: |\n  {s}\n    {s}\nsteps: 3\n")));
         // a block scalar's stair-stepped text is not nesting
