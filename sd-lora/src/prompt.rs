@@ -24,12 +24,15 @@ pub fn check_weight(w: f64, allow_extreme: bool) -> Result<(), String> {
 impl LoraTag {
     /// The tag as written in a prompt, for messages.
     pub fn shown(&self) -> String {
+        use sd_plugins_api::number::show;
         if self.te_weight == self.unet_weight {
-            format!("<lora:{}:{}>", self.name, self.te_weight)
+            format!("<lora:{}:{}>", self.name, show(self.te_weight))
         } else {
             format!(
                 "<lora:{}:{}:{}>",
-                self.name, self.te_weight, self.unet_weight
+                self.name,
+                show(self.te_weight),
+                show(self.unet_weight)
             )
         }
     }
