@@ -119,11 +119,10 @@ fn fill(a: FillArgs) -> CliResult {
     if a.steps == 0 {
         return Err("--steps must be at least 1".into());
     }
-    if !a.weight.is_finite() {
-        return Err(format!("--weight {} is not a number", a.weight).into());
-    }
-    if !a.cfg_scale.is_finite() {
-        return Err(format!("--cfg-scale {} is not a number", a.cfg_scale).into());
+    for (flag, x) in [("--weight", a.weight), ("--cfg-scale", a.cfg_scale)] {
+        sd_plugins_api::number::Range::ANY
+            .check(x)
+            .map_err(|m| format!("{flag}: {m}"))?;
     }
     let (sampler, implied) =
         SamplerKind::parse_alias(&a.sampler).map_err(|e| format!("--sampler: {e}"))?;

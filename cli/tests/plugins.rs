@@ -310,7 +310,7 @@ fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
         &[("SDCTL_PLUGIN_DIR", s(&pdir))],
     ));
     assert!(
-        err.contains("p.toml:3: plugins[0].phi: plugin cfg_rescale: 2 is out of range 0..=1"),
+        err.contains("p.toml:3: plugins[0].phi: plugin cfg_rescale: must be a finite number in [0, 1], got 2"),
         "{err}"
     );
     assert!(

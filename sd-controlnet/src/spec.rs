@@ -113,8 +113,8 @@ impl UnitSpec {
                 RESOLUTIONS.end()
             ));
         }
-        if !self.weight.is_finite() {
-            return bad(format!("control weight={} is not a number", self.weight));
+        if let Err(m) = sd_plugins_api::number::Range::ANY.check(self.weight) {
+            return bad(format!("control weight: {m}"));
         }
         Ok(())
     }

@@ -11,30 +11,28 @@ pub const WEIGHT_RANGE: (f64, f64) = (-2.0, 2.0);
 /// A LoRA weight: finite, and within [`WEIGHT_RANGE`] unless `allow_extreme`. The message
 /// says what was expected and what was found (callers add the tag or flag).
 pub fn check_weight(w: f64, allow_extreme: bool) -> Result<(), String> {
+    use sd_plugins_api::number::Range;
     let (lo, hi) = WEIGHT_RANGE;
-    if allow_extreme && w.is_finite() {
-        return Ok(());
-    }
-    if allow_extreme {
-        return Err(format!("weight must be a finite number, got {w}"));
-    }
-    if !w.is_finite() || !(lo..=hi).contains(&w) {
-        return Err(format!(
-            "weight must be a finite number in [{lo}, {hi}] (allow more with --allow-extreme-weights), got {w}"
-        ));
-    }
-    Ok(())
+    let r = if allow_extreme {
+        Range::ANY.check(w)
+    } else {
+        Range::closed(lo, hi).check_noted(w, " (allow more with --allow-extreme-weights)")
+    };
+    r.map(|_| ()).map_err(|m| format!("weight {m}"))
 }
 
 impl LoraTag {
     /// The tag as written in a prompt, for messages.
     pub fn shown(&self) -> String {
+        use sd_plugins_api::number::show;
         if self.te_weight == self.unet_weight {
-            format!("<lora:{}:{}>", self.name, self.te_weight)
+            format!("<lora:{}:{}>", self.name, show(self.te_weight))
         } else {
             format!(
                 "<lora:{}:{}:{}>",
-                self.name, self.te_weight, self.unet_weight
+                self.name,
+                show(self.te_weight),
+                show(self.unet_weight)
             )
         }
     }

@@ -79,11 +79,45 @@ impl Error {
     }
 }
 
-/// Read and parse a JSON file into `T`, with the path in every error.
+/// Read and parse a JSON config file into `T`, with the path in every error: a regular file,
+/// bounded in size and nesting (`sd_plugins_api::config_text`), holding an object.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    let text = read_config_text(path)?;
+    let json = |source| Error::Json {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    // serde reads a struct from a list too (`[]`: every key absent): only an object is a config
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(json)?;
+    if !value.is_object() {
+        return Err(Error::config(
+            path,
+            format!(
+                "expected a JSON object {{\"key\": value, ...}}, found {}",
+                json_kind(&value)
+            ),
+        ));
+    }
+    serde_json::from_str(&text).map_err(json)
+}
+
+/// A config file's text (see [`read_json`]); a missing file is an I/O error as before.
+pub(crate) fn read_config_text(path: &std::path::Path) -> Result<String> {
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(Error::io(path, e));
+    }
+    sd_plugins_api::config_text::read_config(path)
+        .map_err(|m| Error::config(path, sd_plugins_api::config_text::without_path(path, &m)))
+}
+
+/// What a JSON value is, in words.
+pub(crate) fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list [...]",
+        serde_json::Value::Object(_) => "an object",
+    }
 }

@@ -50,7 +50,9 @@ mod error;
 mod hooks;
 mod hwc3;
 // Checks that user-named inputs are regular files before they are opened.
+pub mod config_text;
 pub mod input_file;
+pub mod number;
 // Reading image files from user paths with the decoder's size limits made explicit.
 #[cfg(feature = "host")]
 pub mod image_input;

@@ -156,11 +156,9 @@ impl ParamSpec {
                     ParamValue::Int(i) => *i as f64,
                     _ => unreachable!(),
                 };
-                if !x.is_finite() || x < *min || x > *max {
-                    Err(format!("{x} is out of range {min}..={max}"))
-                } else {
-                    Ok(ParamValue::Float(x))
-                }
+                crate::number::Range::closed(*min, *max)
+                    .check(x)
+                    .map(ParamValue::Float)
             }
             (ParamKind::Choice(c), ParamValue::Str(s)) => {
                 if c.iter().any(|x| x == s) {

@@ -26,6 +26,8 @@ use sd_pipeline::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::read_dataset;
+use sd_plugins_api::number::Range;
+
 use crate::error::{Result, TrainError};
 use crate::files::{io_err, load_weights, read_json, save_weights, vars_from};
 use crate::optim::{AdamW, AdamWParams};
@@ -274,15 +276,16 @@ impl BaseTrainConfig {
                 self.resolution
             ));
         }
-        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return bad(format!(
-                "learning_rate {} must be positive",
-                self.learning_rate
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
-            return bad("proportion_empty_prompts must be in [0, 1]".into());
-        }
+        crate::config::check_numbers(&[
+            ("learning_rate", self.learning_rate, Range::above(0.0)),
+            ("max_grad_norm", self.max_grad_norm, Range::at_least(0.0)),
+            ("kl_weight", self.kl_weight, Range::at_least(0.0)),
+            (
+                "proportion_empty_prompts",
+                self.proportion_empty_prompts,
+                Range::closed(0.0, 1.0),
+            ),
+        ])?;
         if !self.model.join("model_index.json").is_file() {
             return Err(TrainError::file(
                 &self.model,

@@ -48,9 +48,12 @@ pub fn layered<C: DeserializeOwned>(
 ) -> Result<C> {
     let mut fig = Figment::new();
     if let Some(path) = file {
-        if !path.is_file() {
+        if !path.exists() {
             return Err(invalid(format!("--config {}: not found", path.display())));
         }
+        // a regular file, bounded in size and nesting, before a parser sees it
+        sd_plugins_api::config_text::read_config(path)
+            .map_err(|e| invalid(format!("--config {e}")))?;
         fig = match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => fig.merge(Toml::file_exact(path)),
             Some("yaml" | "yml") => fig.merge(Yaml::file_exact(path)),
@@ -77,8 +80,24 @@ pub fn layered<C: DeserializeOwned>(
             }
         }
     }
-    fig.extract()
-        .map_err(|e| invalid(format!("training settings: {e}")))
+    fig.extract().map_err(|e| {
+        invalid(format!(
+            "training settings: {}",
+            sd_plugins_api::config_text::short_message(&e.to_string(), 8)
+        ))
+    })
+}
+
+/// Every training number finite and in its range: the first that is not, as
+/// `adam_weight_decay: must be a finite number at least 0, got -1` (the one message style of
+/// `sd_plugins_api::number`).
+pub fn check_numbers(values: &[(&str, f64, sd_plugins_api::number::Range)]) -> Result<()> {
+    for (key, x, range) in values {
+        range
+            .check(*x)
+            .map_err(|m| invalid(format!("{key}: {m}")))?;
+    }
+    Ok(())
 }
 
 /// "KEY PATH: not found" for the first named path that does not exist.
@@ -193,5 +212,31 @@ mod tests {
             "{e}"
         );
         let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+#[cfg(test)]
+mod number_tests {
+    use super::*;
+
+    #[test]
+    fn optimiser_numbers_are_range_checked() {
+        use sd_plugins_api::number::Range;
+        let e = check_numbers(&[
+            ("learning_rate", 1e-4, Range::above(0.0)),
+            ("adam_weight_decay", -1.0, Range::at_least(0.0)),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "adam_weight_decay: must be a finite number at least 0, got -1"
+        );
+        let e = check_numbers(&[("max_grad_norm", f64::NAN, Range::at_least(0.0))])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "max_grad_norm: must be a finite number at least 0, got NaN"
+        );
     }
 }

@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::dataset::{read_dataset, Sample};
+use sd_plugins_api::number::Range;
+
 use crate::error::{Result, TrainError};
 use crate::files::{io_err, load_raw, save_weights, vars_from, weights_of};
 use crate::optim::{AdamW, AdamWParams};
@@ -147,18 +149,23 @@ impl TrainConfig {
                 self.resolution
             ));
         }
-        if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
-            return bad(format!(
-                "learning_rate {} must be above 0",
-                self.learning_rate
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
-            return bad(format!(
-                "proportion_empty_prompts {} is outside [0, 1]",
-                self.proportion_empty_prompts
-            ));
-        }
+        crate::config::check_numbers(&[
+            ("learning_rate", self.learning_rate, Range::above(0.0)),
+            ("adam_beta1", self.adam_beta1, Range::half_open(0.0, 1.0)),
+            ("adam_beta2", self.adam_beta2, Range::half_open(0.0, 1.0)),
+            (
+                "adam_weight_decay",
+                self.adam_weight_decay,
+                Range::at_least(0.0),
+            ),
+            ("adam_epsilon", self.adam_epsilon, Range::above(0.0)),
+            ("max_grad_norm", self.max_grad_norm, Range::at_least(0.0)),
+            (
+                "proportion_empty_prompts",
+                self.proportion_empty_prompts,
+                Range::closed(0.0, 1.0),
+            ),
+        ])?;
         if !["constant", "constant_with_warmup"].contains(&self.lr_scheduler.as_str()) {
             return bad(format!(
                 "lr_scheduler {:?}: expected constant or constant_with_warmup",

@@ -45,16 +45,20 @@ pub fn base_dir() -> Result<PathBuf> {
     if !AVAILABLE {
         return Err("no model given, and this build has no embedded model: pass --model".into());
     }
-    let mut h = Sha256::new();
-    for (p, bytes) in FILES {
-        h.update(p.as_bytes());
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    }
-    let tag: String = h.finalize()[..6]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    // hashed once per process: megabytes, and asked for once per control unit without a model
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let tag = TAG.get_or_init(|| {
+        let mut h = Sha256::new();
+        for (p, bytes) in FILES {
+            h.update(p.as_bytes());
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        }
+        h.finalize()[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    });
     let root = crate::hashes::cache_dir()
         .ok_or("no cache folder for the embedded model: set SDCTL_CACHE_DIR")?
         .join("embedded")

@@ -46,6 +46,11 @@ const fn f(key: &'static str, ty: Ty, default: Default) -> Field {
 }
 
 const SIZE: Ty = Ty::Int { min: 8, max: 16384 };
+/// Any finite number (infinite ends: no bound; see `sd_plugins_api::number::Range`).
+const ANY_NUMBER: Ty = Ty::Float {
+    min: f64::NEG_INFINITY,
+    max: f64::INFINITY,
+};
 
 /// Top-level scalar settings, in the order `config show` prints them.
 pub const FIELDS: &[Field] = &[
@@ -105,14 +110,7 @@ pub const CONTROL_FIELDS: &[Field] = &[
     f("model", Ty::Path(PathRole::FileOrDir), Default::None),
     f("vae", Ty::Path(PathRole::File), Default::None),
     f("image", Ty::Path(PathRole::File), Default::None),
-    f(
-        "weight",
-        Ty::Float {
-            min: f64::MIN,
-            max: f64::MAX,
-        },
-        Default::Float(1.0),
-    ),
+    f("weight", ANY_NUMBER, Default::Float(1.0)),
     f(
         "start",
         Ty::Float { min: 0.0, max: 1.0 },
@@ -144,30 +142,9 @@ pub const CONTROL_FIELDS: &[Field] = &[
 pub const LORA_FIELDS: &[Field] = &[
     f("id", Ty::Str, Default::None),
     f("path", Ty::Path(PathRole::File), Default::None),
-    f(
-        "weight",
-        Ty::Float {
-            min: f64::MIN,
-            max: f64::MAX,
-        },
-        Default::Float(1.0),
-    ),
-    f(
-        "unet_weight",
-        Ty::Float {
-            min: f64::MIN,
-            max: f64::MAX,
-        },
-        Default::None,
-    ),
-    f(
-        "te_weight",
-        Ty::Float {
-            min: f64::MIN,
-            max: f64::MAX,
-        },
-        Default::None,
-    ),
+    f("weight", ANY_NUMBER, Default::Float(1.0)),
+    f("unet_weight", ANY_NUMBER, Default::None),
+    f("te_weight", ANY_NUMBER, Default::None),
 ];
 
 /// Keys that hold lists of tables (concatenated across files) or file structure.

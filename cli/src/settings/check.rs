@@ -1,13 +1,18 @@
 //! From merged values to typed, validated settings: the [`sd::Job`] and where its results
 //! go. Every problem is collected, none stops the walk, so one run reports them all.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use figment::value::{Dict, Value};
 use figment::Figment;
 use sd_controlnet::UnitSpec;
 use sd_pipeline::samplers::{SamplerKind, Schedule};
+use sd_plugins_api::number::Range;
 use sd_plugins_api::Registry;
+
+/// After the range of a weight outside it.
+const EXTREME: &str = " (allow more with --allow-extreme-weights)";
 
 use crate::settings::plugins::check_plugins;
 use crate::settings::table::{
@@ -55,6 +60,18 @@ impl Settings {
             Ok(())
         } else {
             Err(Problems(p))
+        }
+    }
+}
+
+/// The index of the earlier entry with this `id`, or `None` after noting that the entry about
+/// to be pushed at `next` has it.
+fn replace_at(ids: &mut HashMap<String, usize>, id: String, next: usize) -> Option<usize> {
+    match ids.get(&id) {
+        Some(&i) => Some(i),
+        None => {
+            ids.insert(id, next);
+            None
         }
     }
 }
@@ -146,7 +163,9 @@ pub fn check(
 
     // [[control]]: concatenated across files; an id replaces the earlier unit with that id
     let mut control: Vec<(sd::Control, Vec<Shown>)> = Vec::new();
-    for (i, (v, file_index)) in list_entries(fig, &root, "control").into_iter().enumerate() {
+    let mut control_ids: HashMap<String, usize> = HashMap::new();
+    let no_base_model = fig.find_value("model").is_err();
+    for (i, (v, file_index)) in list_entries(&root, "control").into_iter().enumerate() {
         let mut t = Table {
             fig,
             png,
@@ -169,10 +188,7 @@ pub fn check(
                 Some(p) => *slot = p,
                 None if d.contains_key(key) => {}
                 // without a base model the embedded one is used, with its own ControlNet
-                None if key == "model"
-                    && sd::embedded::AVAILABLE
-                    && fig.find_value("model").is_err() =>
-                {
+                None if key == "model" && sd::embedded::AVAILABLE && no_base_model => {
                     match sd::embedded::controlnet_dir() {
                         Ok(p) => *slot = p,
                         Err(e) => t.problem(&unit_origin, key, e.to_string()),
@@ -207,16 +223,11 @@ pub fn check(
             );
         }
         let (lo, hi) = CONTROL_WEIGHT_RANGE;
-        if !allow_extreme && !(lo..=hi).contains(&spec.weight) {
-            let o = t.shown_origin("weight").unwrap_or(unit_origin.clone());
-            t.problem(
-                &o,
-                "weight",
-                format!(
-                    "{} is outside [{lo}, {hi}] (allow it with --allow-extreme-weights)",
-                    spec.weight
-                ),
-            );
+        if !allow_extreme {
+            if let Err(m) = Range::closed(lo, hi).check_noted(spec.weight, EXTREME) {
+                let o = t.shown_origin("weight").unwrap_or(unit_origin.clone());
+                t.problem(&o, "weight", m);
+            }
         }
         if let Some(Typed::Preprocessor(p)) = get(&vals, "preprocessor") {
             if let Err(errs) = p.resolve(&registry) {
@@ -237,15 +248,16 @@ pub fn check(
             },
             std::mem::take(&mut t.shown),
         );
-        match control.iter_mut().find(|(c, _)| id.is_some() && c.id == id) {
-            Some(earlier) => *earlier = entry,
+        match id.and_then(|id| replace_at(&mut control_ids, id, control.len())) {
+            Some(earlier) => control[earlier] = entry,
             None => control.push(entry),
         }
     }
 
     // [[lora]]: the same rules
     let mut lora: Vec<(Option<String>, sd_lora::LoraSpec, Vec<Shown>)> = Vec::new();
-    for (i, (v, file_index)) in list_entries(fig, &root, "lora").into_iter().enumerate() {
+    let mut lora_ids: HashMap<String, usize> = HashMap::new();
+    for (i, (v, file_index)) in list_entries(&root, "lora").into_iter().enumerate() {
         let mut t = Table {
             fig,
             png,
@@ -278,21 +290,18 @@ pub fn check(
         };
         let (lo, hi) = LORA_WEIGHT_RANGE;
         for key in ["weight", "unet_weight", "te_weight"] {
-            if let Some(x) =
-                get_float(&vals, key).filter(|x| !allow_extreme && !(lo..=hi).contains(x))
-            {
+            let Some(x) = get_float(&vals, key).filter(|_| !allow_extreme) else {
+                continue;
+            };
+            if let Err(m) = Range::closed(lo, hi).check_noted(x, EXTREME) {
                 let o = t.shown_origin(key).unwrap_or(entry_origin.clone());
-                t.problem(
-                    &o,
-                    key,
-                    format!("{x} is outside [{lo}, {hi}] (allow it with --allow-extreme-weights)"),
-                );
+                t.problem(&o, key, m);
             }
         }
         let id = get_str(&vals, "id");
         let entry = (id.clone(), spec, std::mem::take(&mut t.shown));
-        match lora.iter_mut().find(|(i, ..)| id.is_some() && *i == id) {
-            Some(earlier) => *earlier = entry,
+        match id.and_then(|id| replace_at(&mut lora_ids, id, lora.len())) {
+            Some(earlier) => lora[earlier] = entry,
             None => lora.push(entry),
         }
     }

@@ -18,6 +18,8 @@ pub fn load(args: &SettingsArgs) -> Result<Settings, Problems> {
     let mut problems = Vec::new();
     let files = sd::config::sources::expand_includes(&args.config, &mut problems);
     let flags = args.to_dict(&mut problems);
+    // SDCTL_LORA, SDCTL_CONTROL, ...: lists come from flags and files only
+    problems.extend(sd::config::sources::env_problems());
     let png = args.from_png.as_deref().and_then(|p| {
         // a PNG carries generation parameters only: plugins, outputs and other paths are
         // dropped (sd::infotext::PNG_SETTINGS_KEYS), each with a warning

@@ -82,7 +82,7 @@ pub fn check_plugins(
     }
 
     let mut out: Vec<PluginEntry> = Vec::new();
-    for (i, (v, file_index)) in list_entries(fig, root, "plugins").into_iter().enumerate() {
+    for (i, (v, file_index)) in list_entries(root, "plugins").into_iter().enumerate() {
         let mut t = Table {
             fig,
             png,

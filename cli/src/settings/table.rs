@@ -73,16 +73,8 @@ fn typed(v: &Value, ty: Ty, origin: &Origin) -> Result<Typed, String> {
                     .map_err(|_| format!("expected a number, found {}", found()))?,
                 _ => return Err(format!("expected a number, found {}", found())),
             };
-            if !x.is_finite() {
-                return Err(if min == f64::MIN && max == f64::MAX {
-                    format!("must be a finite number, got {x}")
-                } else {
-                    format!("must be a finite number in [{min}, {max}], got {x}")
-                });
-            }
-            if x < min || x > max {
-                return Err(format!("{x} is out of range {min}..={max}"));
-            }
+            // the one message: `must be a finite number in [0, 100], got inf`
+            let x = sd_plugins_api::number::Range::closed(min, max).check(x)?;
             Ok(Typed::Float(x))
         }
         Ty::Bool => match v {
@@ -349,7 +341,7 @@ pub fn get_path(vals: &[(String, Typed)], key: &str) -> Option<PathBuf> {
 
 /// Entries of a list (`control`, `lora`) in merged order, each with its index among the
 /// entries of the same file (for line numbers).
-pub fn list_entries<'a>(fig: &Figment, root: &'a Dict, key: &str) -> Vec<(&'a Value, usize)> {
+pub fn list_entries<'a>(root: &'a Dict, key: &str) -> Vec<(&'a Value, usize)> {
     let Some(v) = root.get(key) else {
         return Vec::new();
     };
@@ -357,14 +349,15 @@ pub fn list_entries<'a>(fig: &Figment, root: &'a Dict, key: &str) -> Vec<(&'a Va
         Value::Array(_, items) => items.iter().collect(),
         other => vec![other],
     };
-    let mut seen: Vec<Option<figment::Metadata>> = Vec::new();
+    // entries of one layer share its tag: count per tag (linear in the number of entries)
+    let mut seen: std::collections::HashMap<figment::value::Tag, usize> =
+        std::collections::HashMap::new();
     items
         .into_iter()
         .map(|it| {
-            let md = fig.get_metadata(it.tag()).cloned();
-            let n = seen.iter().filter(|m| **m == md).count();
-            seen.push(md);
-            (it, n)
+            let n = seen.entry(it.tag()).or_insert(0);
+            *n += 1;
+            (it, *n - 1)
         })
         .collect()
 }

@@ -167,18 +167,17 @@ impl StableDiffusion {
         if req.batch == 0 {
             return Err(Error::Invalid("batch must be at least 1".into()));
         }
-        if !req.cfg_scale.is_finite() {
-            return Err(Error::Invalid(format!(
-                "cfg_scale {} is not a number",
-                req.cfg_scale
-            )));
-        }
+        use sd_plugins_api::number::Range;
+        Range::ANY
+            .check(req.cfg_scale)
+            .map_err(|m| Error::Invalid(format!("cfg_scale: {m}")))?;
         let strength = req.effective_strength();
-        if !(strength > 0.0 && strength <= 1.0) {
-            return Err(Error::Invalid(format!(
-                "strength {strength} is outside (0, 1]"
-            )));
-        }
+        let unit = Range {
+            min_open: true,
+            ..Range::closed(0.0, 1.0)
+        };
+        unit.check(strength)
+            .map_err(|m| Error::Invalid(format!("strength: {m}")))?;
         if req.init_image.is_some() && img2img_start_index(req.steps, strength) >= req.steps {
             return Err(Error::Invalid(format!(
                 "strength {strength} with {} steps leaves no step to run (int(steps * strength) = 0)",

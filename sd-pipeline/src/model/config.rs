@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use sd_plugins_api::number::Range;
 use serde::Deserialize;
 
 use crate::error::{read_json, Error, Result};
@@ -482,6 +483,15 @@ impl VaeConfig {
                     raw.norm_num_groups
                 ),
             ));
+        }
+        // 0 gives a black image, inf or NaN garbage: refused here, naming the file
+        for (key, x, range) in [
+            ("scaling_factor", raw.scaling_factor, Range::above(0.0)),
+            ("shift_factor", raw.shift_factor.unwrap_or(0.0), Range::ANY),
+        ] {
+            range
+                .check(x)
+                .map_err(|m| Error::config(path, format!("{key}: {m}")))?;
         }
         Ok(Self {
             in_channels: raw.in_channels,

@@ -7,6 +7,7 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+use sd_plugins_api::number::Range;
 use serde::Deserialize;
 
 use super::error::SamplerError;
@@ -133,10 +134,19 @@ impl SchedulerConfig {
     /// Read `scheduler_config.json`; errors name `path`.
     pub fn from_file(path: &Path) -> Result<Self, SamplerError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| SamplerError::Read {
-            path: name.clone(),
-            source,
-        })?;
+        if let Err(source) = std::fs::metadata(path) {
+            return Err(SamplerError::Read {
+                path: name.clone(),
+                source,
+            });
+        }
+        // a regular file, bounded in size and nesting
+        let text =
+            sd_plugins_api::config_text::read_config(path).map_err(|m| SamplerError::Value {
+                path: name.clone(),
+                key: String::new(),
+                message: sd_plugins_api::config_text::without_path(path, &m).to_string(),
+            })?;
         Self::parse(&text, &name)
     }
 
@@ -145,10 +155,42 @@ impl SchedulerConfig {
     }
 
     fn parse(text: &str, path: &str) -> Result<Self, SamplerError> {
-        let raw: Raw = serde_json::from_str(text).map_err(|source| SamplerError::Json {
+        let json = |source| SamplerError::Json {
             path: path.to_string(),
             source,
-        })?;
+        };
+        // serde reads a struct from a list too (`[]`): only an object is a config
+        let value: serde_json::Value = serde_json::from_str(text).map_err(json)?;
+        if !value.is_object() {
+            return Err(SamplerError::Value {
+                path: path.to_string(),
+                key: String::new(),
+                message: "expected a JSON object {\"key\": value, ...}".into(),
+            });
+        }
+        let raw: Raw = serde_json::from_str(text).map_err(json)?;
+        // numbers: finite and in range (a negative beta gives a black image)
+        let range = |key: &str, x: f64, r: Range| {
+            r.check(x)
+                .map(|_| ())
+                .map_err(|message| SamplerError::Value {
+                    path: path.to_string(),
+                    key: key.to_string(),
+                    message,
+                })
+        };
+        let beta = Range::open(0.0, 1.0);
+        for (key, x) in [("beta_start", raw.beta_start), ("beta_end", raw.beta_end)] {
+            if let Some(x) = x {
+                range(key, x, beta)?;
+            }
+        }
+        for (i, b) in raw.trained_betas.iter().flatten().enumerate() {
+            range(&format!("trained_betas[{i}]"), *b, beta)?;
+        }
+        if let Some(x) = raw.clip_sample_range {
+            range("clip_sample_range", x, Range::above(0.0))?;
+        }
         let unsupported =
             |key: &str, value: &str, note: &str| Err(bad(path, key, value, "unsupported", note));
         if raw.thresholding == Some(true) {
@@ -243,8 +285,8 @@ impl SchedulerConfig {
             }
         }
         for (key, v) in [("sigma_min", raw.sigma_min), ("sigma_max", raw.sigma_max)] {
-            if let Some(v) = v.filter(|v| !(*v > 0.0 && v.is_finite())) {
-                return Err(bad(path, key, &v.to_string(), "invalid", "must be > 0"));
+            if let Some(v) = v {
+                range(key, v, Range::above(0.0))?;
             }
         }
         Ok(Self {

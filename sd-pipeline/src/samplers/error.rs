@@ -21,6 +21,13 @@ pub enum SamplerError {
     },
     /// A key of a scheduler config holds a value we cannot use, e.g.
     /// `unknown beta_schedule "foo" in scheduler/scheduler_config.json (expected ...)`.
+    /// A number out of range, or a file that is no config: `PATH: KEY: must be ...`.
+    #[error("{path}: {}{message}", if key.is_empty() { String::new() } else { format!("{key}: ") })]
+    Value {
+        path: String,
+        key: String,
+        message: String,
+    },
     #[error("{problem} {key} {value} in {path}{note}")]
     Config {
         path: String,

@@ -2,6 +2,7 @@
 //! environment variables and flags, layered with figment, lowest first. Lists are
 //! concatenated (`admerge`), scalars are replaced by later layers.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Json, Toml, Yaml};
@@ -50,22 +51,58 @@ fn kind(path: &Path) -> Result<Kind, String> {
     }
 }
 
-fn provider(path: &Path) -> Result<Figment, String> {
-    Ok(match kind(path)? {
-        Kind::Toml => Figment::from(Toml::file_exact(path)),
-        Kind::Yaml => Figment::from(Yaml::file_exact(path)),
-        Kind::Json => Figment::from(Json::file_exact(path)),
+/// One config file as a layer: its text read once (a regular file, bounded in size and
+/// nesting: `sd_plugins_api::config_text`), parsed by figment's TOML, YAML or JSON provider,
+/// with the file as its source (for origins).
+struct FileLayer {
+    path: PathBuf,
+    kind: Kind,
+    text: String,
+}
+
+impl Provider for FileLayer {
+    fn metadata(&self) -> Metadata {
+        let name = match self.kind {
+            Kind::Toml => "TOML file",
+            Kind::Yaml => "YAML file",
+            Kind::Json => "JSON file",
+        };
+        Metadata::from(name, Source::File(self.path.clone()))
+    }
+    fn data(&self) -> figment::Result<Map<Profile, Dict>> {
+        match self.kind {
+            Kind::Toml => Toml::string(&self.text).data(),
+            Kind::Yaml => Yaml::string(&self.text).data(),
+            Kind::Json => Json::string(&self.text).data(),
+        }
+    }
+}
+
+fn provider(path: &Path) -> Result<FileLayer, String> {
+    let kind = kind(path)?;
+    let text = sd_plugins_api::config_text::read_config(path)
+        .map_err(|e| sd_plugins_api::config_text::without_path(path, &e).to_string())?;
+    Ok(FileLayer {
+        path: path.to_path_buf(),
+        kind,
+        text,
     })
 }
 
-/// One config file's own values (no layering), or a problem naming the file.
+/// One config file's own values (no layering), or a problem naming the file. A parser's
+/// message is kept short: a file that is no config at all (a log) is not quoted whole.
 fn read_file(path: &Path) -> Result<Dict, Problem> {
     let p = |m: String| Problem::file(path, None, "", m);
-    if !path.is_file() {
+    if !path.exists() {
         return Err(p("config file not found".into()));
     }
-    let fig = provider(path).map_err(p)?;
-    let mut data = fig.data().map_err(|e| p(e.kind.to_string()))?;
+    let layer = provider(path).map_err(p)?;
+    let mut data = layer.data().map_err(|e| {
+        p(sd_plugins_api::config_text::short_message(
+            &e.kind.to_string(),
+            8,
+        ))
+    })?;
     Ok(data.remove(&Profile::Default).unwrap_or_default())
 }
 
@@ -180,6 +217,33 @@ pub fn compose(files: &[PathBuf], png: Option<Dict>, flags: Dict) -> Figment {
         })
 }
 
+/// `SDCTL_*` variables that name a list or file structure (`SDCTL_LORA`, `SDCTL_CONTROL`,
+/// `SDCTL_PLUGINS`, `SDCTL_INCLUDE`): only scalar settings come from the environment, so
+/// each of these is a problem that says how to give it instead (rather than being ignored).
+pub fn env_problems() -> Vec<Problem> {
+    let how = |key: &str| {
+        match key {
+        "lora" => "give LoRAs with --lora PATH[:WEIGHT] or [[lora]] tables in a --config file",
+        "control" => "give control units with --control KEY=VALUE,... or [[control]] tables in a --config file",
+        "plugins" => "give plugins with --plugin or [[plugins]] tables in a --config file",
+        _ => "list the files in a --config file's `include`, or give --config more than once",
+    }
+    };
+    schema::LIST_KEYS
+        .iter()
+        .chain([&schema::INCLUDE_KEY])
+        .filter_map(|key| {
+            let var = schema::env_var(key);
+            std::env::var_os(&var)?;
+            Some(Problem::at(
+                &Origin::Env(var),
+                *key,
+                format!("lists are not read from the environment: {}", how(key)),
+            ))
+        })
+        .collect()
+}
+
 /// The origin of a value, from the metadata of the layer that set it.
 pub fn origin_of(fig: &Figment, tag: Tag, key_path: &[&str], png: Option<&Path>) -> Origin {
     let key = key_path.first().copied().unwrap_or("");
@@ -201,71 +265,139 @@ pub fn origin_of(fig: &Figment, tag: Tag, key_path: &[&str], png: Option<&Path>)
 
 /// Best-effort line of a key in a config file: `["steps"]` for a top-level key,
 /// `["control", "2", "weight"]` for a key of the third `[[control]]` table of that file
-/// (TOML and YAML; JSON top-level keys only).
+/// (TOML and YAML; JSON top-level keys only). Each file is indexed once (per thread, while its
+/// size and time stay the same), so asking for every key of thousands of tables stays linear.
 pub fn find_line(path: &Path, key_path: &[&str]) -> Option<usize> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let lines: Vec<&str> = text.lines().collect();
-    let is_key = |line: &str, key: &str| {
-        let t = line.trim_start().trim_start_matches("- ");
-        let t = t.trim_start_matches(['"', '\'']);
-        t.strip_prefix(key).is_some_and(|rest| {
-            let rest = rest.trim_start_matches(['"', '\'']).trim_start();
-            rest.starts_with('=') || rest.starts_with(':')
-        })
-    };
-    match key_path {
-        [] => None,
-        [key] => {
-            // top level: before the first table header (TOML), unindented (YAML)
-            for (i, l) in lines.iter().enumerate() {
-                if l.trim_start().starts_with('[') && !l.contains('=') {
-                    break;
-                }
-                if is_key(l, key) {
-                    return Some(i + 1);
-                }
-            }
-            None
+    thread_local! {
+        static INDEXES: std::cell::RefCell<HashMap<PathBuf, (FileStamp, LineIndex)>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    let stamp = FileStamp::of(path)?;
+    INDEXES.with(|cell| {
+        let mut map = cell.borrow_mut();
+        let fresh = map.get(path).is_some_and(|(s, _)| *s == stamp);
+        if !fresh {
+            let text = sd_plugins_api::input_file::read_to_string(path).ok()?;
+            map.insert(path.to_path_buf(), (stamp, LineIndex::new(&text)));
         }
-        [list, index, rest @ ..] => {
-            let index: usize = index.parse().ok()?;
-            let header = format!("[[{list}]]");
-            let starts: Vec<usize> = lines
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| l.trim() == header)
-                .map(|(i, _)| i)
-                .collect();
-            let (start, toml) = match starts.get(index) {
-                Some(s) => (*s, true),
-                None => {
-                    // YAML: the index-th "- " item after "list:"
-                    let at = lines.iter().position(|l| is_key(l, list))?;
-                    let items: Vec<usize> = lines
-                        .iter()
-                        .enumerate()
-                        .skip(at + 1)
-                        .filter(|(_, l)| l.trim_start().starts_with("- "))
-                        .map(|(i, _)| i)
-                        .collect();
-                    (*items.get(index)?, false)
+        map.get_mut(path)?.1.find(key_path)
+    })
+}
+
+/// A file's size and modification time: an index is rebuilt when either changes.
+#[derive(PartialEq)]
+struct FileStamp(u64, Option<std::time::SystemTime>);
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self(m.len(), m.modified().ok()))
+    }
+}
+
+/// The key a line sets (`key = ...`, `key: ...`, `- key: ...`, quoted or not), if any.
+fn line_key(line: &str) -> Option<&str> {
+    let t = line.trim_start().trim_start_matches("- ");
+    let t = t.trim_start_matches(['"', '\'']);
+    let end = t
+        .find(|c: char| c == '"' || c == '\'' || c == '=' || c == ':' || c.is_whitespace())
+        .unwrap_or(t.len());
+    let (key, rest) = t.split_at(end);
+    let rest = rest.trim_start_matches(['"', '\'']).trim_start();
+    (!key.is_empty() && (rest.starts_with('=') || rest.starts_with(':'))).then_some(key)
+}
+
+/// Where keys and list entries are in one config file.
+struct LineIndex {
+    /// Top-level keys (before the first table header) and their first line (0-based).
+    top: HashMap<String, usize>,
+    /// Every key's first line (YAML lists are found after their key's line).
+    first: HashMap<String, usize>,
+    /// `[[NAME]]` header lines, by NAME.
+    headers: HashMap<String, Vec<usize>>,
+    /// Lines starting with `- ` (YAML list items).
+    dashes: Vec<usize>,
+    /// Whether each line is a TOML table header.
+    is_header: Vec<bool>,
+    /// Keys of the table starting at a line, filled when first asked.
+    sections: HashMap<(usize, bool), HashMap<String, usize>>,
+    keys: Vec<Option<String>>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let mut ix = LineIndex {
+            top: HashMap::new(),
+            first: HashMap::new(),
+            headers: HashMap::new(),
+            dashes: Vec::new(),
+            is_header: Vec::new(),
+            sections: HashMap::new(),
+            keys: Vec::new(),
+        };
+        let mut in_top = true;
+        for (i, l) in text.lines().enumerate() {
+            let header = l.trim_start().starts_with('[') && !l.contains('=');
+            in_top &= !header;
+            let key = line_key(l).map(str::to_string);
+            if let Some(k) = &key {
+                if in_top {
+                    ix.top.entry(k.clone()).or_insert(i);
                 }
-            };
-            let Some(key) = rest.first() else {
-                return Some(start + 1);
-            };
-            for (i, l) in lines.iter().enumerate().skip(start) {
-                if i > start && toml && l.trim_start().starts_with('[') && !l.contains('=') {
-                    break;
-                }
-                if i > start && !toml && l.trim_start().starts_with("- ") {
-                    break;
-                }
-                if is_key(l, key) {
-                    return Some(i + 1);
-                }
+                ix.first.entry(k.clone()).or_insert(i);
             }
-            Some(start + 1)
+            let t = l.trim();
+            if let Some(name) = t.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+                ix.headers.entry(name.to_string()).or_default().push(i);
+            }
+            if l.trim_start().starts_with("- ") {
+                ix.dashes.push(i);
+            }
+            ix.is_header.push(header);
+            ix.keys.push(key);
+        }
+        ix
+    }
+
+    /// The 1-based line of `key_path` (see [`find_line`]).
+    fn find(&mut self, key_path: &[&str]) -> Option<usize> {
+        match key_path {
+            [] => None,
+            [key] => self.top.get(*key).map(|i| i + 1),
+            [list, index, rest @ ..] => {
+                let index: usize = index.parse().ok()?;
+                let (start, toml) = match self.headers.get(*list).and_then(|s| s.get(index)) {
+                    Some(s) => (*s, true),
+                    None => {
+                        // YAML: the index-th "- " item after "list:"
+                        let at = *self.first.get(*list)?;
+                        let after = self.dashes.partition_point(|&d| d <= at);
+                        (*self.dashes.get(after + index)?, false)
+                    }
+                };
+                let Some(key) = rest.first() else {
+                    return Some(start + 1);
+                };
+                let keys = &self.keys;
+                let is_header = &self.is_header;
+                let dashes = &self.dashes;
+                let section = self.sections.entry((start, toml)).or_insert_with(|| {
+                    let mut m = HashMap::new();
+                    for i in start..keys.len() {
+                        if i > start && toml && is_header[i] {
+                            break;
+                        }
+                        if i > start && !toml && dashes.binary_search(&i).is_ok() {
+                            break;
+                        }
+                        if let Some(k) = &keys[i] {
+                            m.entry(k.clone()).or_insert(i);
+                        }
+                    }
+                    m
+                });
+                Some(section.get(*key).map_or(start, |i| *i) + 1)
+            }
         }
     }
 }

@@ -25,7 +25,7 @@ pub fn describe(v: &Value) -> String {
         Value::Bool(_, b) => format!("boolean {b}"),
         Value::Num(_, n) => match num_int(*n) {
             Some(i) => format!("number {i}"),
-            None => format!("number {}", num_f64(*n)),
+            None => format!("number {}", sd_plugins_api::number::show(num_f64(*n))),
         },
         Value::Empty(..) => "nothing".into(),
         Value::Dict(..) => "a table".into(),

@@ -94,8 +94,11 @@ pub struct Sidecar {
 
 /// Read a sidecar yaml; errors name the file.
 pub fn read_sidecar(path: &std::path::Path) -> Result<Sidecar, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let y: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
+    // a regular file, bounded in size and nesting (libyaml is quadratic in flow nesting)
+    let text = sd_plugins_api::config_text::read_config(path)
+        .map_err(|m| sd_plugins_api::config_text::without_path(path, &m).to_string())?;
+    let y: serde_yaml::Value = serde_yaml::from_str(&text)
+        .map_err(|e| sd_plugins_api::config_text::short_message(&e.to_string(), 8))?;
     let p = &y["model"]["params"];
     if p.is_null() {
         return Err("no model.params: not an LDM config".into());
@@ -380,8 +383,11 @@ pub struct ControlSidecar {
 
 /// Read a ControlNet sidecar; errors say what is wrong with it.
 pub fn read_control_sidecar(path: &std::path::Path) -> Result<ControlSidecar, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let y: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
+    // a regular file, bounded in size and nesting (libyaml is quadratic in flow nesting)
+    let text = sd_plugins_api::config_text::read_config(path)
+        .map_err(|m| sd_plugins_api::config_text::without_path(path, &m).to_string())?;
+    let y: serde_yaml::Value = serde_yaml::from_str(&text)
+        .map_err(|e| sd_plugins_api::config_text::short_message(&e.to_string(), 8))?;
     let p = &y["model"]["params"]["control_stage_config"]["params"];
     if p.is_null() {
         return Err(
@@ -453,5 +459,34 @@ impl ControlSidecar {
         if let Some(g) = self.norm_groups {
             cfg.norm_num_groups = g;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sidecar of 400 KB of `[` took libyaml over a minute; a sidecar that is some other
+    /// text is not quoted whole.
+    #[test]
+    fn hostile_sidecars_are_refused_quickly_and_briefly() {
+        let dir = std::env::temp_dir().join(format!("sd-sidecar-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let deep = dir.join("deep.yaml");
+        std::fs::write(&deep, format!("model: {}\n", "[".repeat(400_000))).unwrap();
+        let t = std::time::Instant::now();
+        let e = read_sidecar(&deep).unwrap_err();
+        assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
+        assert!(e.contains("nested more than 64 levels"), "{e}");
+        let e = read_control_sidecar(&deep).unwrap_err();
+        assert!(e.contains("nested more than 64 levels"), "{e}");
+        let log = dir.join("log.yaml");
+        let text: String = (0..10_000)
+            .map(|i| format!("root{i}:x:0:0:root:/root:/bin/bash {}\n", "y".repeat(60)))
+            .collect();
+        std::fs::write(&log, text).unwrap();
+        let e = read_sidecar(&log).unwrap_err();
+        assert!(e.len() < 600, "{}", e.len());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
