@@ -86,7 +86,8 @@ const ALLOWED: &[(&str, &str)] = &[
 
 /// Whether `path` is read as a pickle (by its extension: `.ckpt`, `.pth`, `.pt`, `.bin`).
 pub fn is_pickle(path: &Path) -> bool {
-    matches!(
+    crate::sniff::is_zip(path)
+        || matches!(
         path.extension()
             .and_then(|e| e.to_str())
             .map(str::to_lowercase)
