@@ -44,10 +44,19 @@ mod tests {
         assert!(all_finite(&ok).unwrap());
         let nan = Tensor::new(&[1f32, f32::NAN], &d).unwrap();
         assert!(!all_finite(&nan).unwrap());
-        assert_eq!(describe(first_non_finite(&nan).unwrap().unwrap()), "NaN at element 1");
+        assert_eq!(
+            describe(first_non_finite(&nan).unwrap().unwrap()),
+            "NaN at element 1"
+        );
         let inf = Tensor::new(&[f32::NEG_INFINITY], &d).unwrap();
-        assert_eq!(describe(first_non_finite(&inf).unwrap().unwrap()), "-inf at element 0");
-        let half = Tensor::new(&[1f32, f32::INFINITY], &d).unwrap().to_dtype(DType::F16).unwrap();
+        assert_eq!(
+            describe(first_non_finite(&inf).unwrap().unwrap()),
+            "-inf at element 0"
+        );
+        let half = Tensor::new(&[1f32, f32::INFINITY], &d)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
         assert!(!all_finite(&half).unwrap());
         assert!(all_finite(&Tensor::new(&[7u8], &d).unwrap()).unwrap());
     }

@@ -88,12 +88,12 @@ const ALLOWED: &[(&str, &str)] = &[
 pub fn is_pickle(path: &Path) -> bool {
     crate::sniff::is_zip(path)
         || matches!(
-        path.extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_lowercase)
-            .as_deref(),
-        Some("ckpt" | "pth" | "pt" | "bin")
-    )
+            path.extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_lowercase)
+                .as_deref(),
+            Some("ckpt" | "pth" | "pt" | "bin")
+        )
 }
 
 fn check(o: &Object) -> std::result::Result<(), String> {

@@ -28,7 +28,10 @@ pub fn not_safetensors(start: &[u8]) -> Option<String> {
         return None;
     }
     if start.starts_with(b"PK\x03\x04") {
-        return Some("it is a zip archive (a PyTorch .ckpt / .pth checkpoint?), not a safetensors file".into());
+        return Some(
+            "it is a zip archive (a PyTorch .ckpt / .pth checkpoint?), not a safetensors file"
+                .into(),
+        );
     }
     if start[0] == 0x80 && start.len() > 1 && (2..=5).contains(&start[1]) {
         return Some(
@@ -43,11 +46,7 @@ pub fn not_safetensors(start: &[u8]) -> Option<String> {
         .filter(|c| !c.is_control() || c.is_whitespace())
         .count();
     if printable * 10 >= text.chars().count() * 9 {
-        let shown: String = text
-            .chars()
-            .take(32)
-            .flat_map(char::escape_debug)
-            .collect();
+        let shown: String = text.chars().take(32).flat_map(char::escape_debug).collect();
         return Some(format!(
             "not a safetensors file: it starts with text (\"{shown}\")"
         ));
@@ -72,8 +71,12 @@ mod tests {
     fn says_what_a_file_is() {
         let st = [8u8, 0, 0, 0, 0, 0, 0, 0, b'{', b'}'];
         assert_eq!(not_safetensors(&st), None);
-        assert!(not_safetensors(b"PK\x03\x04rest").unwrap().contains("zip archive"));
-        assert!(not_safetensors(&[0x80, 2, b'}']).unwrap().contains("raw Python pickle"));
+        assert!(not_safetensors(b"PK\x03\x04rest")
+            .unwrap()
+            .contains("zip archive"));
+        assert!(not_safetensors(&[0x80, 2, b'}'])
+            .unwrap()
+            .contains("raw Python pickle"));
         assert!(not_safetensors(b"hello world, not weights")
             .unwrap()
             .contains("starts with text (\"hello world"));

@@ -28,18 +28,19 @@ impl Store {
             return pickle::Archive::open(path).map(Store::Pickle);
         }
         // SAFETY: read-only mapping of a file we do not modify (as every mmap loader).
-        let m = unsafe { MmapedSafetensors::new(path) }.map_err(|source| {
-            match crate::sniff::describe(path) {
-                Some(message) => Error::Format {
-                    path: path.to_path_buf(),
-                    message,
+        let m =
+            unsafe { MmapedSafetensors::new(path) }.map_err(
+                |source| match crate::sniff::describe(path) {
+                    Some(message) => Error::Format {
+                        path: path.to_path_buf(),
+                        message,
+                    },
+                    None => Error::Tensor {
+                        path: path.to_path_buf(),
+                        source,
+                    },
                 },
-                None => Error::Tensor {
-                    path: path.to_path_buf(),
-                    source,
-                },
-            }
-        })?;
+            )?;
         tracing::debug!(path = %path.display(), "memory-mapped a safetensors file");
         Ok(Store::Mmap(m))
     }

@@ -40,7 +40,10 @@ pub(crate) fn explain(e: sd_pipeline::Error, loaded: &Loaded, job: &Job) -> Erro
         inputs.push(("--vae".into(), files_of(vae, &["vae"])));
     }
     for (i, c) in job.control.iter().enumerate() {
-        inputs.push((format!("control[{i}] ControlNet"), files_of(&c.spec.model, &[])));
+        inputs.push((
+            format!("control[{i}] ControlNet"),
+            files_of(&c.spec.model, &[]),
+        ));
     }
     for (what, files) in inputs {
         for f in files {

@@ -279,8 +279,9 @@ pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
     let clip_cfg = ClipConfig::from_file(&folder.join("text_encoder/config.json"))?;
     let unet_t: HashMap<String, Tensor> = all_tensors(&folder.join("unet"))?.into_iter().collect();
     let vae_t: HashMap<String, Tensor> = all_tensors(&folder.join("vae"))?.into_iter().collect();
-    let te_t: HashMap<String, Tensor> =
-        all_tensors(&folder.join("text_encoder"))?.into_iter().collect();
+    let te_t: HashMap<String, Tensor> = all_tensors(&folder.join("text_encoder"))?
+        .into_iter()
+        .collect();
     check_shapes(
         (&unet_cfg, &unet_t),
         (&vae_cfg, &vae_t),
