@@ -455,7 +455,7 @@ impl<'a> Sizer<'a> {
                 if self.stack[m - 1].kind != kind {
                     return Ok(Malformed(Some((m - 1, what))));
                 }
-                if kind == Kind::Dict && (self.stack.len() - m - 1) % 2 != 0 {
+                if kind == Kind::Dict && !(self.stack.len() - m - 1).is_multiple_of(2) {
                     return Ok(Malformed(None));
                 }
                 let items = self.stack.split_off(m + 1);
