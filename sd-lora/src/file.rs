@@ -138,25 +138,71 @@ fn split_key(name: &str) -> Option<(String, String, &'static str)> {
     Some((m.to_string(), role.to_string(), fmt))
 }
 
+/// A weight-file error's message without the leading `PATH: ` (the LoRA error names it).
+fn strip_path(e: &sd_weights::Error, path: &Path) -> String {
+    let m = e.to_string();
+    m.strip_prefix(&format!("{}: ", path.display()))
+        .map(str::to_string)
+        .unwrap_or(m)
+}
+
+/// A LoRA alpha is one number stored as a float (kohya and PEFT save a float32 or float16
+/// scalar) or an integer (`torch.tensor(4)` is int64); bytes (U8) are refused: a string
+/// stored as bytes must not become a scale.
+fn check_alpha(t: &Tensor) -> std::result::Result<(), String> {
+    if t.elem_count() != 1 {
+        return Err(format!(
+            "alpha must be a single number, found a tensor of shape {:?}",
+            t.dims()
+        ));
+    }
+    match t.dtype() {
+        d if d.is_float() => Ok(()),
+        DType::I64 | DType::I32 | DType::I16 | DType::U32 => Ok(()),
+        other => Err(format!(
+            "alpha must be a floating-point (or integer) number, found dtype {other:?}"
+        )),
+    }
+}
+
 impl LoraFile {
     pub fn load(path: &Path) -> Result<Self> {
         if !path.is_file() {
             return Err(LoraError::file(path, "LoRA file not found"));
         }
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| LoraError::file(path, format!("cannot read: {e}")))?;
+        // safetensors, or a PyTorch zip pickle (read without running code); anything else is
+        // named for what its first bytes say it is
+        let store = sd_weights::Store::open(path)
+            .map_err(|e| LoraError::file(path, format!("cannot read: {}", strip_path(&e, path))))?;
         let mut groups: BTreeMap<String, Parts> = BTreeMap::new();
         let mut formats = std::collections::BTreeSet::new();
-        for (name, t) in tensors {
+        for name in store.names() {
             let Some((key, role, fmt)) = split_key(&name) else {
                 continue;
             };
+            let t = store
+                .get(&name)
+                .map_err(|e| LoraError::file(path, format!("tensor {name}: {e}")))?;
+            if role == "alpha" {
+                check_alpha(&t).map_err(|m| LoraError::file(path, format!("{name}: {m}")))?;
+            }
+            // LoRA files are small: every value is checked when loaded, so NaN or infinity
+            // never reaches a model as a black image
+            if let Some(found) = sd_weights::finite::first_non_finite(&t)? {
+                return Err(LoraError::file(
+                    path,
+                    format!(
+                        "tensor {name} holds {}; a LoRA's values must be finite numbers",
+                        sd_weights::finite::describe(found)
+                    ),
+                ));
+            }
             formats.insert(fmt);
             groups
                 .entry(key)
                 .or_default()
                 .t
-                .insert(role, t.to_dtype(DType::F32)?);
+                .insert(role, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
         }
         if groups.is_empty() {
             return Err(LoraError::file(

@@ -50,13 +50,40 @@ pub fn merge_into(model: &Path, patches: &[LoraPatch], out: &Path) -> Result<()>
         for f in &files {
             for (name, t) in candle_core::safetensors::load(f, &Device::Cpu)? {
                 let mut t = t.to_dtype(DType::F32)?;
+                if let Some(found) = sd_weights::finite::first_non_finite(&t)? {
+                    return Err(LoraError::file(
+                        f,
+                        format!(
+                            "tensor {name} holds {}; nothing merged",
+                            sd_weights::finite::describe(found)
+                        ),
+                    ));
+                }
+                let mut applied = Vec::new();
                 for p in patches {
                     if let Some(d) = p
                         .delta(part, &name, &t)
                         .map_err(|e| LoraError::Invalid(e.to_string()))?
                     {
                         t = (t + d)?;
+                        let w = match part {
+                            ModelPart::TextEncoder => p.te_weight,
+                            _ => p.unet_weight,
+                        };
+                        applied.push(format!("LoRA {} (weight {w})", p.name()));
                     }
+                }
+                // the LoRAs' values are finite (checked when loaded); their sum with the
+                // model's weights can still overflow
+                if !applied.is_empty() && !sd_weights::finite::all_finite(&t)? {
+                    let found = sd_weights::finite::first_non_finite(&t)?.unwrap_or((0, f64::NAN));
+                    return Err(LoraError::Invalid(format!(
+                        "merging {} into {name} of {} gives {}: the result would not be a \
+                         finite number; nothing written",
+                        applied.join(" and "),
+                        f.display(),
+                        sd_weights::finite::describe(found)
+                    )));
                 }
                 tensors.insert(name, t);
             }

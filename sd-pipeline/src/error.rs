@@ -31,6 +31,10 @@ pub enum Error {
     /// A generation parameter out of range or inconsistent with the model.
     #[error("{0}")]
     Invalid(String),
+    /// NaN or infinity appeared while generating; `at` says where ("the latents after step 3
+    /// of 20"). The caller, who knows the files and settings, finds the culprit.
+    #[error("{at} hold NaN or infinity")]
+    NonFinite { at: String },
     #[error(transparent)]
     Sampler(Box<crate::samplers::SamplerError>),
     #[error(transparent)]
@@ -58,7 +62,8 @@ impl From<sd_weights::Error> for Error {
                 path,
                 message: format!("not a safetensors file: {source}"),
             },
-            sd_weights::Error::Pickle { path, message } => Error::Config { path, message },
+            sd_weights::Error::Pickle { path, message }
+            | sd_weights::Error::Format { path, message } => Error::Config { path, message },
             sd_weights::Error::Tensor { path, source } => Error::Weights { path, source },
         }
     }

@@ -22,6 +22,9 @@ pub enum Error {
     /// pickle, or names a class outside the allow-list of tensor and container types.
     #[error("{path}: {message}")]
     Pickle { path: PathBuf, message: String },
+    /// The file is not a weight file we read: what its first bytes say it is instead.
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
     /// A tensor of the file could not be read (candle's error names the tensor).
     #[error("{path}: {source}")]
     Tensor {
@@ -39,6 +42,7 @@ impl Error {
             Error::Io { path, .. }
             | Error::Safetensors { path, .. }
             | Error::Pickle { path, .. }
+            | Error::Format { path, .. }
             | Error::Tensor { path, .. } => path,
         }
     }

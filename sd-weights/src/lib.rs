@@ -6,14 +6,18 @@
 //!   tensor records without reading their data);
 //! - [`Store`]: every tensor of a `.safetensors` (memory-mapped) or `.ckpt` / `.pth` / `.pt` /
 //!   `.bin` (read into memory) file, by name;
+//! - [`finite`]: NaN / infinity in tensors, cheaply ([`Store::first_non_finite`] scans a file);
+//! - [`sniff`]: what a file that is not a weight file is, from its first bytes;
 //! - [`pickle`]: PyTorch zip archives holding a pickle, read without executing code.
 //!
 //! Nothing here knows about models: which tensors a model wants, and under which names, is
 //! the business of the crates that build models.
 
 pub mod error;
+pub mod finite;
 pub mod pickle;
 pub mod shapes;
+pub mod sniff;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -86,13 +86,14 @@ const ALLOWED: &[(&str, &str)] = &[
 
 /// Whether `path` is read as a pickle (by its extension: `.ckpt`, `.pth`, `.pt`, `.bin`).
 pub fn is_pickle(path: &Path) -> bool {
-    matches!(
-        path.extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_lowercase)
-            .as_deref(),
-        Some("ckpt" | "pth" | "pt" | "bin")
-    )
+    crate::sniff::is_zip(path)
+        || matches!(
+            path.extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_lowercase)
+                .as_deref(),
+            Some("ckpt" | "pth" | "pt" | "bin")
+        )
 }
 
 fn check(o: &Object) -> std::result::Result<(), String> {
@@ -454,7 +455,7 @@ impl<'a> Sizer<'a> {
                 if self.stack[m - 1].kind != kind {
                     return Ok(Malformed(Some((m - 1, what))));
                 }
-                if kind == Kind::Dict && (self.stack.len() - m - 1) % 2 != 0 {
+                if kind == Kind::Dict && !(self.stack.len() - m - 1).is_multiple_of(2) {
                     return Ok(Malformed(None));
                 }
                 let items = self.stack.split_off(m + 1);

@@ -18,10 +18,19 @@ pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     // SAFETY: a read-only mapping of a file we do not modify; like every mmap-based loader, we
     // rely on it not being modified while the map is alive (only for this call).
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (_, metadata) = SafeTensors::read_metadata(&mmap).map_err(|source| Error::Safetensors {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let (_, metadata) =
+        SafeTensors::read_metadata(&mmap).map_err(|source| match crate::sniff::not_safetensors(
+            &mmap[..mmap.len().min(64)],
+        ) {
+            Some(message) => Error::Format {
+                path: path.to_path_buf(),
+                message,
+            },
+            None => Error::Safetensors {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
     let mut out: Vec<(String, Vec<usize>)> = metadata
         .tensors()
         .into_iter()

@@ -28,10 +28,19 @@ impl Store {
             return pickle::Archive::open(path).map(Store::Pickle);
         }
         // SAFETY: read-only mapping of a file we do not modify (as every mmap loader).
-        let m = unsafe { MmapedSafetensors::new(path) }.map_err(|source| Error::Tensor {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let m =
+            unsafe { MmapedSafetensors::new(path) }.map_err(
+                |source| match crate::sniff::describe(path) {
+                    Some(message) => Error::Format {
+                        path: path.to_path_buf(),
+                        message,
+                    },
+                    None => Error::Tensor {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                },
+            )?;
         tracing::debug!(path = %path.display(), "memory-mapped a safetensors file");
         Ok(Store::Mmap(m))
     }
@@ -88,5 +97,24 @@ impl Store {
                 ))),
             },
         }
+    }
+
+    /// Tensor names in order.
+    pub fn names(&self) -> Vec<String> {
+        self.shapes().into_keys().collect()
+    }
+
+    /// The first tensor (by name) holding NaN or infinity, and where: `(name, "NaN at element
+    /// 3")`. Reads every tensor: for finding the culprit of a failure, not for every load.
+    pub fn first_non_finite(&self) -> candle_core::Result<Option<(String, String)>> {
+        for name in self.names() {
+            let t = self.get(&name)?;
+            if !crate::finite::all_finite(&t)? {
+                if let Some(found) = crate::finite::first_non_finite(&t)? {
+                    return Ok(Some((name, crate::finite::describe(found))));
+                }
+            }
+        }
+        Ok(None)
     }
 }

@@ -2,7 +2,8 @@
 //! architecture, scaled down) and a ControlNet trained by this project on the synthetic fill
 //! task, compiled into the binary (feature `embedded-model`) so that `sdctl generate` works
 //! with no download. On first use it is written out as a diffusers folder under the cache dir
-//! (content-addressed). Without the feature (on by default) there is no default model.
+//! (content-addressed, and checked byte for byte on each use: a damaged copy is written out
+//! again). Without the feature (on by default) there is no default model.
 
 use std::path::PathBuf;
 
@@ -63,9 +64,10 @@ pub fn base_dir() -> Result<PathBuf> {
         .ok_or("no cache folder for the embedded model: set SDCTL_CACHE_DIR")?
         .join("embedded")
         .join(format!("tiny-fill-{tag}"));
-    if root.join("model_index.json").is_file() {
+    if intact(&root) {
         return Ok(root);
     }
+    // missing, or damaged (a file truncated, edited or removed): written out afresh
     // staged per process: two first uses may race, and the first rename wins
     let stage = StagedDir::per_process(&root)?;
     let write = |rel: &str, bytes: &[u8]| -> Result<()> {
@@ -80,21 +82,45 @@ pub fn base_dir() -> Result<PathBuf> {
     for (p, bytes) in FILES.iter().filter(|(p, _)| *p != "model_index.json") {
         write(p, bytes)?;
     }
-    write(
-        "tokenizer/vocab.json",
-        sd_pipeline::text::tokenizer::EMBEDDED_VOCAB.as_bytes(),
-    )?;
-    write(
-        "tokenizer/merges.txt",
-        sd_pipeline::text::tokenizer::EMBEDDED_MERGES.as_bytes(),
-    )?;
+    for (p, bytes) in contents().skip(FILES.len()) {
+        write(p, bytes)?;
+    }
     write("model_index.json", FILES[0].1)?;
-    match stage.commit() {
+    let committed = if root.symlink_metadata().is_ok() {
+        stage.commit_replacing()
+    } else {
+        stage.commit()
+    };
+    match committed {
         Ok(root) => Ok(root),
         // another process finished first (our staging folder is removed)
-        Err(_) if root.join("model_index.json").is_file() => Ok(root),
+        Err(_) if intact(&root) => Ok(root),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Every file of the written-out model, with its content.
+fn contents() -> impl Iterator<Item = (&'static str, &'static [u8])> {
+    FILES.iter().copied().chain([
+        (
+            "tokenizer/vocab.json",
+            sd_pipeline::text::tokenizer::EMBEDDED_VOCAB.as_bytes(),
+        ),
+        (
+            "tokenizer/merges.txt",
+            sd_pipeline::text::tokenizer::EMBEDDED_MERGES.as_bytes(),
+        ),
+    ])
+}
+
+/// Whether the folder holds every file of the embedded model, byte for byte (a few MB read
+/// per use: a damaged cache is written out again instead of failing or misleading).
+fn intact(root: &std::path::Path) -> bool {
+    contents().all(|(rel, bytes)| {
+        let p = root.join(rel);
+        std::fs::metadata(&p).is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64)
+            && std::fs::read(&p).is_ok_and(|b| b == bytes)
+    })
 }
 
 /// The embedded canny-outline ControlNet (a folder inside [`base_dir`]).

@@ -322,11 +322,15 @@ pub fn run(
         Rng::TorchCpu => Box::new(TorchRng::new(seed)),
     };
     let t_sampling = Instant::now();
-    let latents = sd.denoise(&req, &mut hooks, rng.as_mut())?;
+    let latents = sd
+        .denoise(&req, &mut hooks, rng.as_mut())
+        .map_err(|e| crate::non_finite::explain(e, loaded, job))?;
     let sampling = t_sampling.elapsed();
 
     let t_dec = Instant::now();
-    let mut images = sd.decode_latents(&latents)?;
+    let mut images = sd
+        .decode_latents(&latents)
+        .map_err(|e| crate::non_finite::explain(e, loaded, job))?;
     hooks.on_image(&mut images)?;
     let decode = t_dec.elapsed();
 

@@ -47,6 +47,7 @@ pub mod hub;
 pub mod infotext;
 pub mod job;
 pub mod model_files;
+mod non_finite;
 pub mod output;
 pub mod plugins;
 pub mod png_text;

@@ -125,6 +125,16 @@ impl Hook for InpaintBlend {
     }
 }
 
+/// [`Error::NonFinite`] unless every value of `t` is finite: one reduction, so cheap enough
+/// for every step.
+fn finite(t: &Tensor, at: impl FnOnce() -> String) -> Result<()> {
+    if sd_weights::finite::all_finite(t)? {
+        Ok(())
+    } else {
+        Err(Error::NonFinite { at: at() })
+    }
+}
+
 impl StableDiffusion {
     /// Pixels per latent pixel (8 for real SD).
     pub fn vae_scale_factor(&self) -> usize {
@@ -224,6 +234,7 @@ impl StableDiffusion {
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let z = self.vae.unscale_latents(latents)?.to_dtype(self.dtype)?;
         let img = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        finite(&img, || "the images decoded by the VAE".into())?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 
@@ -248,6 +259,14 @@ impl StableDiffusion {
         )?;
         let mut conditioning = Conditioning { cond, uncond };
         hooks.on_conditioning(&mut conditioning)?;
+        finite(&conditioning.cond, || {
+            "the prompt's conditioning (the text encoder's output)".into()
+        })?;
+        if let Some(u) = &conditioning.uncond {
+            finite(u, || {
+                "the negative prompt's conditioning (the text encoder's output)".into()
+            })?;
+        }
         let repeat = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&vec![t; req.batch], 0)?) };
         let cond = repeat(&conditioning.cond)?;
         let context = match &conditioning.uncond {
@@ -364,6 +383,10 @@ impl StableDiffusion {
             )?;
             latents = sampler.step(&guided, index, &latents, rng)?;
             hooks.after_step(&step, &Levels(sampler.as_ref()), &mut latents)?;
+            // a cheap check per step: the step where NaN or infinity first appears is named
+            finite(&latents, || {
+                format!("the latents after step {} of {total}", index + 1)
+            })?;
         }
         Ok(latents)
     }

@@ -180,6 +180,7 @@ impl StableDiffusion {
         let scheduler_config =
             SchedulerConfig::from_file(&sched_dir.join("scheduler_config.json"))?;
         let tokenizer = ClipTokenizer::from_dir(&tok_dir)?;
+        tokenizer.check_fits(clip_cfg.vocab_size, &te_dir)?;
 
         let unet = load_component(
             &weight_files(&unet_dir)?,

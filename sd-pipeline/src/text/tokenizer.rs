@@ -177,6 +177,27 @@ impl ClipTokenizer {
         })
     }
 
+    /// Check that every id this tokenizer can produce has a row in a text encoder's token
+    /// embedding of `rows` rows (`encoder` names it): a larger vocabulary would fail at the
+    /// lookup with a bare "invalid index".
+    pub fn check_fits(&self, rows: usize, encoder: &Path) -> Result<()> {
+        let vocab = self.inner.get_vocab(true);
+        if let Some((token, id)) = vocab.iter().max_by_key(|(_, id)| **id) {
+            if *id as usize >= rows {
+                return Err(Error::Tokenizer {
+                    path: self.path.clone(),
+                    message: format!(
+                        "token {token:?} has id {id}, but the text encoder {} has {rows} \
+                         token embeddings (ids 0..{}): the tokenizer does not belong to it",
+                        encoder.display(),
+                        rows.saturating_sub(1)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Token ids of `text` without BOS/EOS.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self

@@ -11,7 +11,10 @@ use super::names::{self, Transform};
 use super::Checkpoint;
 use crate::error::{read_json, Error, Result};
 use crate::loading::files::weight_files;
-use crate::model::config::{UNetConfig, VaeConfig};
+use crate::model::clip::ClipTextModel;
+use crate::model::config::{ClipConfig, UNetConfig, VaeConfig};
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::AutoencoderKL;
 use crate::output::{Staged, StagedDir};
 use crate::text::tokenizer::{EMBEDDED_MERGES, EMBEDDED_VOCAB};
 
@@ -49,6 +52,38 @@ fn check_new(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Build the three networks from the tensors about to be written (no copy: the builders only
+/// look the tensors up): their constructors check every tensor against the config, so a
+/// tensor whose shape does not fit the architecture is an error naming it, the expected and
+/// the found shape, and no checkpoint is written that would not load back.
+fn check_shapes(
+    unet: (&UNetConfig, &HashMap<String, Tensor>),
+    vae: (&VaeConfig, &HashMap<String, Tensor>),
+    clip: (&ClipConfig, &HashMap<String, Tensor>),
+    src: &Path,
+) -> Result<()> {
+    fn vb(m: &HashMap<String, Tensor>) -> candle_nn::VarBuilder<'static> {
+        let dtype = m
+            .values()
+            .map(|t| t.dtype())
+            .find(|d| d.is_float())
+            .unwrap_or(DType::F32);
+        candle_nn::VarBuilder::from_tensors(m.clone(), dtype, &candle_core::Device::Cpu)
+    }
+    let wrap = |part: &'static str| {
+        move |e: candle_core::Error| {
+            Error::config(
+                src,
+                format!("{part}: {e} (the weights do not fit the model's architecture); nothing written"),
+            )
+        }
+    };
+    UNet2DConditionModel::new(unet.0, vb(unet.1)).map_err(wrap("UNet"))?;
+    AutoencoderKL::new(vae.0, vb(vae.1)).map_err(wrap("VAE"))?;
+    ClipTextModel::new(clip.0, vb(clip.1)).map_err(wrap("text encoder"))?;
+    Ok(())
+}
+
 /// A single-file checkpoint -> a diffusers folder `out`.
 pub fn to_diffusers(src: &Path, out: &Path, half: bool) -> Result<()> {
     let ck = Checkpoint::open(src)?;
@@ -69,6 +104,14 @@ pub fn to_diffusers(src: &Path, out: &Path, half: bool) -> Result<()> {
         let t = cast(ck.tensor(source)?, half)?;
         parts.entry(dir).or_default().insert(name.clone(), t);
     }
+    let empty = HashMap::new();
+    let part = |d: &str| parts.get(d).unwrap_or(&empty);
+    check_shapes(
+        (&ck.unet_config()?, part("unet")),
+        (&ck.vae_config()?, part("vae")),
+        (&ck.clip_config()?, part("text_encoder")),
+        src,
+    )?;
     for (dir, file) in [
         ("unet", "diffusion_pytorch_model.safetensors"),
         ("vae", "diffusion_pytorch_model.safetensors"),
@@ -233,6 +276,18 @@ pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
     let openclip = te_raw["hidden_act"].as_str() == Some("gelu");
     let heads = te_raw["num_attention_heads"].as_u64().unwrap_or(12) as usize;
     let levels = vae_cfg.block_out_channels.len();
+    let clip_cfg = ClipConfig::from_file(&folder.join("text_encoder/config.json"))?;
+    let unet_t: HashMap<String, Tensor> = all_tensors(&folder.join("unet"))?.into_iter().collect();
+    let vae_t: HashMap<String, Tensor> = all_tensors(&folder.join("vae"))?.into_iter().collect();
+    let te_t: HashMap<String, Tensor> = all_tensors(&folder.join("text_encoder"))?
+        .into_iter()
+        .collect();
+    check_shapes(
+        (&unet_cfg, &unet_t),
+        (&vae_cfg, &vae_t),
+        (&clip_cfg, &te_t),
+        folder,
+    )?;
     let mut state: HashMap<String, Tensor> = HashMap::new();
     let missing = |dir: &str, name: &str| {
         Error::config(
@@ -240,11 +295,11 @@ pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
             format!("{name}: no place for it in the LDM layout"),
         )
     };
-    for (name, t) in all_tensors(&folder.join("unet"))? {
+    for (name, t) in unet_t {
         let s = names::unet(&name, &unet_cfg).ok_or_else(|| missing("unet", &name))?;
         state.insert(s.name, cast(t, half)?);
     }
-    for (name, t) in all_tensors(&folder.join("vae"))? {
+    for (name, t) in vae_t {
         let s = names::vae(&name, levels).ok_or_else(|| missing("vae", &name))?;
         let t = match (s.transform, t.dims()) {
             (Transform::Squeeze1x1, [o, i]) => t.reshape((*o, *i, 1, 1))?,
@@ -253,7 +308,7 @@ pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
         state.insert(s.name, cast(t, half)?);
     }
     let mut fused: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
-    for (name, t) in all_tensors(&folder.join("text_encoder"))? {
+    for (name, t) in te_t {
         if name.ends_with("position_ids") {
             continue;
         }

@@ -276,6 +276,7 @@ impl Checkpoint {
         )
         .map_err(wrap)?;
         let tokenizer = ClipTokenizer::embedded(self.detected.pad_token)?;
+        tokenizer.check_fits(clip_cfg.vocab_size, &self.path)?;
         let scheduler_config = SchedulerConfig::from_json_str(&self.detected.scheduler.to_string())
             .map_err(|e| Error::config(&self.path, e.to_string()))?;
         tracing::debug!(path = %self.path.display(), ?dtype, "loaded a single-file checkpoint");
