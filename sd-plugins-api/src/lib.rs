@@ -51,6 +51,8 @@ mod hooks;
 mod hwc3;
 // Checks that user-named inputs are regular files before they are opened.
 pub mod input_file;
+// One memory estimate for every size a user names, checked before allocation.
+pub mod memory;
 // Reading image files from user paths with the decoder's size limits made explicit.
 #[cfg(feature = "host")]
 pub mod image_input;
