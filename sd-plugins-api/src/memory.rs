@@ -178,17 +178,24 @@ pub fn check_with(
         human(avail.bytes as f64),
         avail.source,
     );
-    match largest_fit(cost, width, height, batch, step, avail.bytes) {
-        Some((w, h)) => {
-            msg += &format!("; at most {w}x{h} fits at batch {batch}");
-            let per = cost.per_pixel * width as f64 * height as f64;
-            let room = avail.bytes as f64 - cost.fixed as f64;
-            let b = if per > 0.0 { (room / per) as usize } else { 0 };
-            if batch > 1 && b >= 1 {
-                msg += &format!(", or batch {b} at {width}x{height}");
-            }
-        }
-        None => msg += &format!("; not even {step}x{step} fits"),
+    let per = cost.per_pixel * width as f64 * height as f64;
+    let room = avail.bytes as f64 - cost.fixed as f64;
+    let fit_batch = if per > 0.0 && room > 0.0 {
+        (room / per).min(usize::MAX as f64) as usize
+    } else {
+        0
+    };
+    let mut fits = Vec::new();
+    if let Some((w, h)) = largest_fit(cost, width, height, batch, step, avail.bytes) {
+        fits.push(format!("at most {w}x{h} fits at batch {batch}"));
+    }
+    if batch > 1 && fit_batch >= 1 {
+        fits.push(format!("batch {fit_batch} fits at {width}x{height}"));
+    }
+    if fits.is_empty() {
+        msg += &format!("; not even {step}x{step} at batch 1 fits");
+    } else {
+        msg += &format!("; {}", fits.join(", or "));
     }
     Err(msg)
 }
@@ -236,12 +243,15 @@ mod tests {
         assert_eq!(fit.0, fit.1);
         // the aspect ratio is kept; batch alternatives are offered
         let e = check_with("width x height", 1024, 512, 64, 8, &c, avail(21 << 30)).unwrap_err();
-        assert!(e.contains("or batch 10 at 1024x512"), "{e}");
+        assert!(e.contains(", or batch 10 fits at 1024x512"), "{e}");
         let (w, h) = largest_fit(&c, 1024, 512, 64, 8, 21 << 30).unwrap();
         assert!((w as f64 / h as f64 - 2.0).abs() < 0.1, "{w}x{h}");
         // nothing fits
         let e = check_with("width x height", 64, 64, 1, 8, &c, avail(1 << 20)).unwrap_err();
-        assert!(e.contains("not even 8x8 fits"), "{e}");
+        assert!(e.contains("not even 8x8 at batch 1 fits"), "{e}");
+        // a batch too large for any size: the batch that fits is named
+        let e = check_with("x", 64, 64, 100000, 8, &c, avail(2 << 30)).unwrap_err();
+        assert!(e.contains("; batch 64 fits at 64x64"), "{e}");
         // absurd sizes do not overflow
         let e = check_with(
             "canvas",
