@@ -186,7 +186,7 @@ fn line(c: &mut Canvas, p1: (i64, i64), p2: (i64, i64), col: [u8; 3]) {
             (p1.0 + sx * k, p1.1 + sy * m)
         }
     };
-    for k in visible_steps(c, 0, major, &at) {
+    for k in visible_steps(c, 0, major, at) {
         let (x, y) = at(k);
         c.put(x, y, col);
     }
@@ -357,7 +357,7 @@ fn line2(c: &mut Canvas, mut p1: (i64, i64), mut p2: (i64, i64), col: [u8; 3]) {
             ((p1.0 + j * x_step) >> XY, (p1.1 >> XY) + j)
         }
     };
-    for j in visible_steps(c, 0, ecount, &at) {
+    for j in visible_steps(c, 0, ecount, at) {
         let (x, y) = at(j);
         c.put(x, y, col);
     }
