@@ -29,14 +29,11 @@ pub struct RenderArgs {
 pub fn run(cmd: PoseCommand) -> CliResult {
     let PoseCommand::Render(a) = cmd;
     crate::check_output("--output", &a.output, false)?;
-    let text = std::fs::read_to_string(&a.keypoints)
-        .map_err(|e| format!("{}: {e}", a.keypoints.display()))?;
+    let text = sd_plugins_api::input_file::read_to_string(&a.keypoints)?;
     let pose = Pose::from_json(&text).map_err(|e| format!("{}: {e}", a.keypoints.display()))?;
-    let w = a.width.or(pose.canvas_width).unwrap_or(512);
-    let h = a.height.or(pose.canvas_height).unwrap_or(512);
-    if !(1..=16384).contains(&w) || !(1..=16384).contains(&h) {
-        return Err(format!("canvas {w}x{h}: sides must be 1..=16384").into());
-    }
+    let (w, h) = pose
+        .canvas(a.width, a.height, (512, 512))
+        .map_err(|e| format!("{}: {e}", a.keypoints.display()))?;
     let c = render(&pose, w, h);
     let img = image::RgbImage::from_raw(w as u32, h as u32, c.data).ok_or("bad canvas")?;
     sd_pipeline::output::write_atomic(&a.output, |tmp| -> CliResult {

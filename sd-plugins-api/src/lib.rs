@@ -49,9 +49,13 @@ mod error;
 #[cfg(feature = "host")]
 mod hooks;
 mod hwc3;
-// Checks that user-named inputs are regular files before they are opened.
+// Config text checked for nesting before any parser sees it.
 pub mod config_text;
+// Checks that user-named inputs are regular files before they are opened.
 pub mod input_file;
+// One memory estimate for every size a user names, checked before allocation.
+pub mod memory;
+// One check and one message for every number from any source.
 pub mod number;
 // Reading image files from user paths with the decoder's size limits made explicit.
 #[cfg(feature = "host")]

@@ -25,11 +25,71 @@ impl Canvas {
         }
     }
 
+    /// A horizontal run, clipped to the canvas first (the pixels are those `put` would keep).
     fn hline(&mut self, y: i64, x1: i64, x2: i64, c: [u8; 3]) {
-        for x in x1..=x2 {
+        if y < 0 || y >= self.height as i64 {
+            return;
+        }
+        for x in x1.max(0)..=x2.min(self.width as i64 - 1) {
             self.put(x, y, c);
         }
     }
+}
+
+/// The first `k` in `lo..=hi` where the monotone `pred` (false, then true) holds; `hi + 1`
+/// if none.
+fn first_true(mut lo: i64, hi: i64, pred: impl Fn(i64) -> bool) -> i64 {
+    let mut end = hi + 1;
+    while lo < end {
+        let mid = lo + (end - lo) / 2;
+        if pred(mid) {
+            end = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    end
+}
+
+/// The steps `lo..=hi` of a line whose pixel `at(k)` is on the canvas, as a range. Both
+/// coordinates of `at` are monotone in `k`, so those steps are one run, found by bisection:
+/// drawing only them puts exactly the pixels the whole walk would, in time bounded by the
+/// canvas however far off it the line's ends are.
+fn visible_steps(
+    c: &Canvas,
+    lo: i64,
+    hi: i64,
+    at: impl Fn(i64) -> (i64, i64),
+) -> std::ops::RangeInclusive<i64> {
+    let (mut start, mut end) = (lo, hi);
+    if lo > hi {
+        return lo..=hi;
+    }
+    let xs = |k: i64| at(k).0;
+    let ys = |k: i64| at(k).1;
+    let axes: [(&dyn Fn(i64) -> i64, i64); 2] = [(&xs, c.width as i64), (&ys, c.height as i64)];
+    for (coord, dim) in axes {
+        let rising = coord(hi) >= coord(lo);
+        let before = |k: i64| {
+            let v = coord(k);
+            if rising {
+                v < 0
+            } else {
+                v >= dim
+            }
+        };
+        let after = |k: i64| {
+            let v = coord(k);
+            if rising {
+                v >= dim
+            } else {
+                v < 0
+            }
+        };
+        start = start.max(first_true(lo, hi, |k| !before(k)));
+        end = end.min(first_true(lo, hi, after) - 1);
+    }
+    start..=end
 }
 
 /// OpenCV's sine table: sin of each whole degree 0..=450, as 7-decimal float literals.
@@ -105,23 +165,30 @@ fn line(c: &mut Canvas, p1: (i64, i64), p2: (i64, i64), col: [u8; 3]) {
     // the major axis steps every time; the minor when the error says
     let swap = dy > dx;
     let (major, minor) = if swap { (dy, dx) } else { (dx, dy) };
-    let mut err = major - 2 * minor;
-    let (mut x, mut y) = p1;
-    for _ in 0..=major {
-        c.put(x, y, col);
-        let step_minor = err < 0;
-        err += -2 * minor + if step_minor { 2 * major } else { 0 };
-        if swap {
-            y += sy;
-            if step_minor {
-                x += sx;
-            }
-        } else {
-            x += sx;
-            if step_minor {
-                y += sy;
-            }
+    // The walk: `err` starts at `major - 2 minor`; each step moves along the major axis, and
+    // along the minor one when `err < 0` (then `err += 2 major`); `err -= 2 minor` always.
+    // After k >= 1 steps it has made ceil((2 minor (k - 1) - err0) / (2 major)) minor steps,
+    // so the pixels on the canvas are computed directly (the walk itself could be 1e10 long).
+    let err0 = (major - 2 * minor) as i128;
+    let minor_steps = |k: i64| -> i64 {
+        if k == 0 {
+            return 0;
         }
+        let num = 2 * minor as i128 * (k - 1) as i128 - err0;
+        let den = 2 * major as i128;
+        (-((-num).div_euclid(den))) as i64
+    };
+    let at = |k: i64| {
+        let m = minor_steps(k);
+        if swap {
+            (p1.0 + sx * m, p1.1 + sy * k)
+        } else {
+            (p1.0 + sx * k, p1.1 + sy * m)
+        }
+    };
+    for k in visible_steps(c, 0, major, at) {
+        let (x, y) = at(k);
+        c.put(x, y, col);
     }
 }
 
@@ -239,11 +306,23 @@ fn fill_convex_poly_shift(c: &mut Canvas, v: &[(i64, i64)], col: [u8; 3], shift:
         if y > ymax {
             break;
         }
+        // Rows above the canvas draw nothing: skip to the next edge event or row 0 at once
+        // (the edges' x advance as they would row by row).
+        if y < 0 {
+            let target = edge[0].ye.min(edge[1].ye).min(0);
+            if target > y {
+                let k = (target - y) as i128;
+                for e in edge.iter_mut() {
+                    e.x = (e.x as i128 + e.dx as i128 * k) as i64;
+                }
+                y = target;
+            }
+        }
     }
 }
 
 /// OpenCV's `Line2`: a line between 16.16 fixed-point points (the outline of shifted
-/// polygons). The points are assumed inside the canvas (no clipping).
+/// polygons); only the steps whose pixel is on the canvas are walked.
 fn line2(c: &mut Canvas, mut p1: (i64, i64), mut p2: (i64, i64), col: [u8; 3]) {
     const XY: i64 = 16;
     const ONE: i64 = 1 << XY;
@@ -270,23 +349,17 @@ fn line2(c: &mut Canvas, mut p1: (i64, i64), mut p2: (i64, i64), col: [u8; 3]) {
     p1.0 += ONE >> 1;
     p1.1 += ONE >> 1;
     c.put((p2.0 + (ONE >> 1)) >> XY, (p2.1 + (ONE >> 1)) >> XY, col);
-    let mut n = ecount;
-    if ax > ay {
-        p1.0 >>= XY;
-        while n >= 0 {
-            c.put(p1.0, p1.1 >> XY, col);
-            p1.0 += 1;
-            p1.1 += y_step;
-            n -= 1;
+    // step j of the walk (j = 0..=ecount) puts the pixel `at(j)`
+    let at = |j: i64| {
+        if ax > ay {
+            ((p1.0 >> XY) + j, (p1.1 + j * y_step) >> XY)
+        } else {
+            ((p1.0 + j * x_step) >> XY, (p1.1 >> XY) + j)
         }
-    } else {
-        p1.1 >>= XY;
-        while n >= 0 {
-            c.put(p1.0 >> XY, p1.1, col);
-            p1.0 += x_step;
-            p1.1 += 1;
-            n -= 1;
-        }
+    };
+    for j in visible_steps(c, 0, ecount, at) {
+        let (x, y) = at(j);
+        c.put(x, y, col);
     }
 }
 
@@ -339,5 +412,133 @@ pub fn fill_circle(c: &mut Canvas, center: (i64, i64), radius: i64, col: [u8; 3]
         err -= minus & mask;
         dx += mask;
         minus -= mask & 2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The walks as they were before clipping (every step, off-canvas pixels dropped by `put`).
+    fn line_walk(c: &mut Canvas, p1: (i64, i64), p2: (i64, i64), col: [u8; 3]) {
+        let (p1, p2) = if p1.0 > p2.0 { (p2, p1) } else { (p1, p2) };
+        let (dx, dy) = (p2.0 - p1.0, p2.1 - p1.1);
+        let sy = if dy < 0 { -1 } else { 1 };
+        let (dx, dy) = (dx.abs(), dy.abs());
+        let swap = dy > dx;
+        let (major, minor) = if swap { (dy, dx) } else { (dx, dy) };
+        let mut err = major - 2 * minor;
+        let (mut x, mut y) = p1;
+        for _ in 0..=major {
+            c.put(x, y, col);
+            let step_minor = err < 0;
+            err += -2 * minor + if step_minor { 2 * major } else { 0 };
+            if swap {
+                y += sy;
+                if step_minor {
+                    x += 1;
+                }
+            } else {
+                x += 1;
+                if step_minor {
+                    y += sy;
+                }
+            }
+        }
+    }
+
+    fn line2_walk(c: &mut Canvas, mut p1: (i64, i64), mut p2: (i64, i64), col: [u8; 3]) {
+        const XY: i64 = 16;
+        const ONE: i64 = 1 << XY;
+        let (mut dx, mut dy) = (p2.0 - p1.0, p2.1 - p1.1);
+        let (ax, ay) = (dx.abs(), dy.abs());
+        let (x_step, y_step, ecount);
+        if ax > ay {
+            if dx < 0 {
+                std::mem::swap(&mut p1, &mut p2);
+                dy = -dy;
+            }
+            x_step = ONE;
+            y_step = (dy << XY) / (ax | 1);
+            ecount = (p2.0 - p1.0) >> XY;
+        } else {
+            if dy < 0 {
+                std::mem::swap(&mut p1, &mut p2);
+                dx = -dx;
+            }
+            x_step = (dx << XY) / (ay | 1);
+            y_step = ONE;
+            ecount = (p2.1 - p1.1) >> XY;
+        }
+        p1.0 += ONE >> 1;
+        p1.1 += ONE >> 1;
+        c.put((p2.0 + (ONE >> 1)) >> XY, (p2.1 + (ONE >> 1)) >> XY, col);
+        let mut n = ecount;
+        if ax > ay {
+            p1.0 >>= XY;
+            while n >= 0 {
+                c.put(p1.0, p1.1 >> XY, col);
+                p1.0 += 1;
+                p1.1 += y_step;
+                n -= 1;
+            }
+        } else {
+            p1.1 >>= XY;
+            while n >= 0 {
+                c.put(p1.0 >> XY, p1.1, col);
+                p1.0 += x_step;
+                p1.1 += 1;
+                n -= 1;
+            }
+        }
+    }
+
+    /// A small deterministic generator (no dependency).
+    fn lcg(state: &mut u64) -> i64 {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*state >> 33) as i64
+    }
+
+    #[test]
+    fn clipped_walks_put_the_same_pixels() {
+        let mut s = 7u64;
+        for i in 0..4000 {
+            let (w, h) = (1 + lcg(&mut s) % 40, 1 + lcg(&mut s) % 40);
+            let span = if i % 2 == 0 { 60 } else { 400 };
+            let mut pt = || (lcg(&mut s) % span - span / 3, lcg(&mut s) % span - span / 3);
+            let (a, b) = (pt(), pt());
+            let mut want = Canvas::new(w as usize, h as usize);
+            let mut got = Canvas::new(w as usize, h as usize);
+            line_walk(&mut want, a, b, [255, 1, 2]);
+            line(&mut got, a, b, [255, 1, 2]);
+            assert!(want.data == got.data, "line {a:?} {b:?} on {w}x{h}");
+            let frac = |s: &mut u64| lcg(s) % 65536;
+            let (a2, b2) = (
+                ((a.0 << 16) + frac(&mut s), (a.1 << 16) + frac(&mut s)),
+                ((b.0 << 16) + frac(&mut s), (b.1 << 16) + frac(&mut s)),
+            );
+            let mut want = Canvas::new(w as usize, h as usize);
+            let mut got = Canvas::new(w as usize, h as usize);
+            line2_walk(&mut want, a2, b2, [3, 4, 5]);
+            line2(&mut got, a2, b2, [3, 4, 5]);
+            assert!(want.data == got.data, "line2 {a2:?} {b2:?} on {w}x{h}");
+        }
+    }
+
+    #[test]
+    fn far_off_shapes_take_no_time() {
+        let t = std::time::Instant::now();
+        let mut c = Canvas::new(64, 64);
+        let far = 1i64 << 26;
+        line(&mut c, (-far, -far), (far, far / 3), [255, 0, 0]);
+        fill_convex_poly(&mut c, &[(-far, -far), (far, 10), (20, far)], [0, 255, 0]);
+        thick_line(&mut c, (-far, 5), (far, 40), [0, 0, 255], 2);
+        fill_circle(&mut c, (far, far), 4, [9, 9, 9]);
+        let poly = ellipse2poly((far / 2, 30), (far, 4), 17, 0, 360, 1);
+        fill_convex_poly(&mut c, &poly, [1, 2, 3]);
+        assert!(t.elapsed().as_secs_f64() < 2.0, "{:?}", t.elapsed());
+        assert!(c.data.iter().any(|&v| v != 0));
     }
 }

@@ -91,8 +91,9 @@ fn points(v: &Value, key: &str) -> Result<Vec<Keypoint>, String> {
 
 impl Pose {
     /// [`Pose::from_json`] of a file; errors name nothing but the problem (callers add the path).
+    /// Only regular files are read (`/dev/zero`, FIFOs and folders are refused at once).
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let text = sd_plugins_api::input_file::read_to_string(path)?;
         Self::from_json(&text)
     }
 
@@ -121,11 +122,28 @@ impl Pose {
                 })
             })
             .collect::<Result<_, String>>()?;
-        let dim = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
+        // absent or null: no canvas; anything but a whole number of pixels >= 1 is an error
+        let dim = |k: &str| -> Result<Option<usize>, String> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_u64()
+                    .or_else(|| {
+                        x.as_f64()
+                            .filter(|f| f.fract() == 0.0 && *f >= 1.0)
+                            .map(|f| f as u64)
+                    })
+                    .filter(|&n| n >= 1)
+                    .map(|n| Some(usize::try_from(n).unwrap_or(usize::MAX)))
+                    .ok_or_else(|| {
+                        format!("`{k}` = {x}: expected a whole number of pixels, at least 1")
+                    }),
+            }
+        };
         Ok(Pose {
             people,
-            canvas_width: dim("canvas_width"),
-            canvas_height: dim("canvas_height"),
+            canvas_width: dim("canvas_width")?,
+            canvas_height: dim("canvas_height")?,
         })
     }
 
@@ -160,6 +178,63 @@ impl Pose {
     }
 }
 
+/// The largest side of a pose canvas.
+pub const MAX_CANVAS_SIDE: usize = 16384;
+
+/// Peak bytes per canvas pixel: the RGB canvas, and its float copy when it is a control image.
+pub fn canvas_cost() -> sd_plugins_api::memory::Cost {
+    sd_plugins_api::memory::Cost {
+        per_pixel: 16.0,
+        fixed: 0,
+        peak: "the RGB canvas and its float copy".into(),
+    }
+}
+
+/// A canvas size any pose may be drawn on: sides 1..=[`MAX_CANVAS_SIDE`], and the canvas
+/// within the memory available (`sd_plugins_api::memory`). Checked before drawing.
+pub fn check_canvas(width: usize, height: usize) -> Result<(), String> {
+    if !(1..=MAX_CANVAS_SIDE).contains(&width) || !(1..=MAX_CANVAS_SIDE).contains(&height) {
+        return Err(format!(
+            "canvas {width}x{height}: sides must be 1..={MAX_CANVAS_SIDE}"
+        ));
+    }
+    sd_plugins_api::memory::check("pose canvas", width, height, 1, 1, &canvas_cost())
+}
+
+impl Pose {
+    /// The canvas to draw on: `width` / `height` if given, else the file's, else `default`;
+    /// checked by [`check_canvas`].
+    pub fn canvas(
+        &self,
+        width: Option<usize>,
+        height: Option<usize>,
+        default: (usize, usize),
+    ) -> Result<(usize, usize), String> {
+        let w = width.or(self.canvas_width).unwrap_or(default.0);
+        let h = height.or(self.canvas_height).unwrap_or(default.1);
+        check_canvas(w, h)?;
+        Ok((w, h))
+    }
+}
+
+/// Keypoints beyond this many pixels are drawn at it: far outside any canvas, so a point
+/// at 1e10 or 1e308 costs no more than one just off the canvas (the drawing clips exactly).
+const FAR: f64 = (1u64 << 24) as f64;
+
+/// A keypoint's pixel coordinate, clamped to [`FAR`].
+fn px(v: f64) -> f64 {
+    v.clamp(-FAR, FAR)
+}
+
+/// Non-finite coordinates count as missing points: controlnet_aux skips missing keypoints,
+/// and a NaN or infinite one has no place to be drawn.
+fn finite(points: &[Keypoint]) -> Vec<Keypoint> {
+    points
+        .iter()
+        .map(|k| k.filter(|(x, y)| x.is_finite() && y.is_finite()))
+        .collect()
+}
+
 /// controlnet_aux `is_normalized`: every present point within [0, 1] (then they scale by the
 /// canvas; otherwise they are pixels).
 fn scale(points: &[Keypoint], w: usize, h: usize) -> (f64, f64) {
@@ -177,14 +252,15 @@ fn scale(points: &[Keypoint], w: usize, h: usize) -> (f64, f64) {
 
 /// controlnet_aux `draw_bodypose`: limbs as filled ellipses in 60% colour, then joints.
 pub fn draw_body(c: &mut Canvas, body: &[Keypoint]) {
+    let body = &finite(body)[..];
     let (w, h) = scale(body, c.width, c.height);
     let get = |i: usize| body.get(i).copied().flatten();
     for (i, &(a, b)) in LIMBS.iter().enumerate() {
         let (Some(k1), Some(k2)) = (get(a - 1), get(b - 1)) else {
             continue;
         };
-        let (y0, y1) = (k1.0 * w, k2.0 * w);
-        let (x0, x1) = (k1.1 * h, k2.1 * h);
+        let (y0, y1) = (px(k1.0 * w), px(k2.0 * w));
+        let (x0, x1) = (px(k1.1 * h), px(k2.1 * h));
         let (mx, my) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0);
         let length = ((x0 - x1).powi(2) + (y0 - y1).powi(2)).sqrt();
         let angle = (x0 - x1).atan2(y0 - y1).to_degrees();
@@ -201,16 +277,17 @@ pub fn draw_body(c: &mut Canvas, body: &[Keypoint]) {
     }
     for (i, p) in body.iter().take(18).enumerate() {
         if let Some((x, y)) = p {
-            fill_circle(c, ((x * w) as i64, (y * h) as i64), 4, COLORS[i]);
+            fill_circle(c, (px(x * w) as i64, px(y * h) as i64), 4, COLORS[i]);
         }
     }
 }
 
 /// controlnet_aux `draw_facepose`: white dots of radius 3 (points at the origin skipped).
 pub fn draw_face(c: &mut Canvas, face: &[Keypoint]) {
+    let face = &finite(face)[..];
     let (w, h) = scale(face, c.width, c.height);
     for (x, y) in face.iter().flatten() {
-        let (x, y) = ((x * w) as i64, (y * h) as i64);
+        let (x, y) = (px(x * w) as i64, px(y * h) as i64);
         if x as f64 > 0.01 && y as f64 > 0.01 {
             fill_circle(c, (x, y), 3, [255, 255, 255]);
         }
@@ -259,12 +336,13 @@ const HAND_EDGES: [(usize, usize); 20] = [
 /// controlnet_aux `draw_handpose`: bones as 2-pixel lines in rainbow colours, joints as blue
 /// dots (points at the origin skipped).
 pub fn draw_hand(c: &mut Canvas, hand: &[Keypoint]) {
+    let hand = &finite(hand)[..];
     let (w, h) = scale(hand, c.width, c.height);
-    let px = |k: Keypoint| k.map(|(x, y)| ((x * w) as i64, (y * h) as i64));
+    let pos = |k: Keypoint| k.map(|(x, y)| (px(x * w) as i64, px(y * h) as i64));
     for (ie, &(a, b)) in HAND_EDGES.iter().enumerate() {
         let (Some(p1), Some(p2)) = (
-            px(hand.get(a).copied().flatten()),
-            px(hand.get(b).copied().flatten()),
+            pos(hand.get(a).copied().flatten()),
+            pos(hand.get(b).copied().flatten()),
         ) else {
             continue;
         };
@@ -272,7 +350,7 @@ pub fn draw_hand(c: &mut Canvas, hand: &[Keypoint]) {
             thick_line(c, p1, p2, hue(ie as f64 / HAND_EDGES.len() as f64), 2);
         }
     }
-    for p in hand.iter().filter_map(|k| px(*k)) {
+    for p in hand.iter().filter_map(|k| pos(*k)) {
         if p.0 > 0 && p.1 > 0 {
             fill_circle(c, p, 4, [0, 0, 255]);
         }

@@ -292,7 +292,7 @@ impl BaseTrainConfig {
                 "not a diffusers model folder (make one with `sdctl model new`)",
             ));
         }
-        Ok(())
+        crate::train_loop::check_memory(&self.model, self.resolution, self.batch_size, 1.0)
     }
 }
 

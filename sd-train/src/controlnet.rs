@@ -130,7 +130,7 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// Values that need no files.
+    /// Values that need no files (the memory estimate reads the base's configs if it can).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Invalid(m));
         if self.max_steps == 0 {
@@ -175,7 +175,8 @@ impl TrainConfig {
         if self.validation_prompt.is_some() != self.validation_image.is_some() {
             return bad("validation needs both validation_prompt and validation_image".into());
         }
-        Ok(())
+        // the base's configs if readable (this needs no other file)
+        crate::train_loop::check_memory(&self.base, self.resolution, self.batch_size, 2.0)
     }
 
     /// The learning rate schedule (diffusers' `constant` or `constant_with_warmup`).

@@ -169,6 +169,47 @@ impl LoopConfig {
     }
 }
 
+/// Refuse a training run whose step at `resolution` x `resolution`, `batch` images at a
+/// time, would not fit in the memory available (`sd_plugins_api::memory`), before anything
+/// is loaded. The estimate is the larger of the UNet's kept activations (at latent size,
+/// times `networks`: 2 where a ControlNet trains beside the frozen UNet) and the VAE's (at
+/// full size, activations kept through encoder and decoder); the configs are the model
+/// folder's, SD 1.5's where they cannot be read (a bad config is reported when loading).
+pub fn check_memory(
+    model: &std::path::Path,
+    resolution: u32,
+    batch: usize,
+    networks: f64,
+) -> Result<()> {
+    use sd_pipeline::model::config::{UNetConfig, VaeConfig};
+    let unet = UNetConfig::from_file(&model.join("unet/config.json"))
+        .unwrap_or_else(|_| UNetConfig::sd15());
+    let vae = VaeConfig::from_file(&model.join("vae/config.json")).ok();
+    let f = vae.as_ref().map_or(8, |v| v.downscale_factor()) as f64;
+    let vae_values = vae.as_ref().map_or(4.0 * 256.0, |v| v.values_per_pixel());
+    let unet_bytes = 4.0 * networks * unet.values_per_latent_pixel(true) / (f * f);
+    // encoder and decoder, each keeping about four times its working maps for the backward
+    let vae_bytes = 4.0 * 8.0 * vae_values;
+    let cost = sd_plugins_api::memory::Cost {
+        per_pixel: unet_bytes.max(vae_bytes),
+        fixed: 0,
+        peak: if unet_bytes > vae_bytes {
+            "the UNet's activations kept for the backward pass".into()
+        } else {
+            "the VAE's activations kept for the backward pass".into()
+        },
+    };
+    sd_plugins_api::memory::check(
+        "training resolution",
+        resolution as usize,
+        resolution as usize,
+        batch,
+        8,
+        &cost,
+    )
+    .map_err(|e| crate::error::TrainError::Invalid(format!("{e} (resolution, batch_size)")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

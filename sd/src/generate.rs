@@ -264,6 +264,15 @@ pub fn run(
     let device = &loaded.device;
     let noise = job.noise.as_deref().map(load_noise).transpose()?;
     let (width, height) = size(job, sd)?;
+    // every size source (flags, config files, the init image, the UNet's sample_size) against
+    // the memory estimate, before any image or tensor of that size exists
+    sd.check_memory(
+        width,
+        height,
+        job.batch,
+        job.cfg_scale > 1.0,
+        job.control.len(),
+    )?;
     let init_image = job
         .init_image
         .as_deref()

@@ -151,6 +151,66 @@ impl StableDiffusion {
         }
     }
 
+    /// How this model's generation memory grows with the image (see
+    /// `sd_plugins_api::memory`): per image pixel, the larger of the UNet's peak (at latent
+    /// size, its batch doubled by classifier-free guidance, plus one more UNet's worth per
+    /// ControlNet) and the VAE decoder's (at full size, the whole batch at once), in f32.
+    pub fn memory_cost(&self, cfg: bool, controlnets: usize) -> sd_plugins_api::memory::Cost {
+        let f = self.vae_scale_factor() as f64;
+        let rows = if cfg { 2.0 } else { 1.0 };
+        let unet = 4.0
+            * rows
+            * (1.0 + controlnets as f64)
+            * self.unet.config().values_per_latent_pixel(false)
+            / (f * f);
+        let vae = 4.0 * self.vae.config().values_per_pixel();
+        let peak = if unet > vae {
+            format!(
+                "the UNet's feature maps at {}x latent resolution{}",
+                self.vae_scale_factor(),
+                if cfg { ", twice for guidance" } else { "" }
+            )
+        } else {
+            format!(
+                "the VAE decoder's {}-channel maps at full size",
+                self.vae
+                    .config()
+                    .block_out_channels
+                    .iter()
+                    .take(2)
+                    .max()
+                    .unwrap_or(&0)
+            )
+        };
+        sd_plugins_api::memory::Cost {
+            per_pixel: unet.max(vae),
+            fixed: 0,
+            peak,
+        }
+    }
+
+    /// Refuse `width` x `height` x `batch` before anything is allocated if it would not fit
+    /// in the memory available (`sd_plugins_api::memory`); the message says what would.
+    pub fn check_memory(
+        &self,
+        width: usize,
+        height: usize,
+        batch: usize,
+        cfg: bool,
+        controlnets: usize,
+    ) -> Result<()> {
+        let cost = self.memory_cost(cfg, controlnets);
+        sd_plugins_api::memory::check(
+            "width x height",
+            width,
+            height,
+            batch,
+            self.vae_scale_factor(),
+            &cost,
+        )
+        .map_err(Error::Invalid)
+    }
+
     fn latent_shape(&self, req: &GenerateRequest) -> [usize; 4] {
         let f = self.vae_scale_factor();
         [
@@ -181,6 +241,7 @@ impl StableDiffusion {
         Range::ANY
             .check(req.cfg_scale)
             .map_err(|m| Error::Invalid(format!("cfg_scale: {m}")))?;
+        self.check_memory(req.width, req.height, req.batch, req.cfg_scale > 1.0, 0)?;
         let strength = req.effective_strength();
         let unit = Range {
             min_open: true,

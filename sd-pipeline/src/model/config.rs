@@ -207,9 +207,18 @@ pub struct UNetConfig {
     pub sample_size: Option<(usize, usize)>,
 }
 
-/// `sample_size`: one positive integer, or `[height, width]`.
+/// The largest `sample_size` (latent pixels a side) a config may give: 16384 image pixels at
+/// the usual 8x VAE. Real models say 32 to 128; larger values are typos or hostile, and set
+/// the default generation size.
+pub const MAX_SAMPLE_SIZE: u64 = 2048;
+
+/// `sample_size`: one integer in 1..=[`MAX_SAMPLE_SIZE`], or `[height, width]`.
 fn sample_size(v: &serde_json::Value) -> Option<(usize, usize)> {
-    let n = |v: &serde_json::Value| v.as_u64().filter(|&n| n > 0).map(|n| n as usize);
+    let n = |v: &serde_json::Value| {
+        v.as_u64()
+            .filter(|&n| (1..=MAX_SAMPLE_SIZE).contains(&n))
+            .map(|n| n as usize)
+    };
     match v {
         serde_json::Value::Array(a) if a.len() == 2 => Some((n(&a[0])?, n(&a[1])?)),
         v => n(v).map(|s| (s, s)),
@@ -338,9 +347,50 @@ impl UNetConfig {
             upcast_attention: raw.upcast_attention,
             sample_size: match &raw.sample_size {
                 None | Some(serde_json::Value::Null) => None,
-                Some(v) => Some(sample_size(v).ok_or_else(|| bad("sample_size", v))?),
+                Some(v) => Some(sample_size(v).ok_or_else(|| {
+                    Error::config(
+                        path,
+                        format!(
+                            "`sample_size` = {v}: expected a latent size in 1..={MAX_SAMPLE_SIZE}, or [height, width] of them"
+                        ),
+                    )
+                })?),
             },
         })
+    }
+
+    /// Peak f32 values per latent pixel of one batch item (one UNet row of the batch).
+    /// Inference: attention runs in row blocks (never the whole `(hw)^2` scores) and 3x3
+    /// convolutions in bounded tiles, so what grows with the image is the skip connections
+    /// kept for the up path plus the working maps of the first level (the feed-forward's 8C
+    /// GEGLU projection, its 4C product, the attention's q, k, v, output and residuals:
+    /// about 16C). Training keeps every block's intermediates for the backward pass: about
+    /// 40C per transformer block and 10C per resnet, at every block of every level.
+    pub fn values_per_latent_pixel(&self, training: bool) -> f64 {
+        let mut area = 1.0;
+        let mut skips = 0.0;
+        let mut kept = 0.0;
+        for (l, &c) in self.block_out_channels.iter().enumerate() {
+            let c = c as f64;
+            let layers = self.layers_per_block.get(l).copied().unwrap_or(1) as f64;
+            let attn = self.down_blocks.get(l) == Some(&BlockKind::CrossAttn);
+            let t = self
+                .transformer_layers_per_block
+                .get(l)
+                .copied()
+                .unwrap_or(1) as f64;
+            skips += (layers + 1.0) * c * area;
+            // the down blocks, then the up blocks (one more layer), per level
+            let per_block = 10.0 * c + if attn { 40.0 * c * t } else { 0.0 };
+            kept += (2.0 * layers + 1.0) * per_block * area;
+            area /= 4.0;
+        }
+        let first = self.block_out_channels.first().copied().unwrap_or(0) as f64;
+        if training {
+            kept + skips
+        } else {
+            16.0 * first + skips
+        }
     }
 
     /// The real SD 1.5 UNet (for benchmarks; loading always uses the model's own config).
@@ -511,6 +561,17 @@ impl VaeConfig {
     /// Pixels per latent pixel: 2^(number of blocks - 1), as diffusers' `vae_scale_factor`.
     pub fn downscale_factor(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
+    }
+
+    /// Peak f32 values per image pixel of one decode (or encode): the convolutions run in
+    /// bounded tiles and the mid-block attention in row blocks, so the peak is the few whole
+    /// feature maps a resnet holds at full size (input, normed, conv out, shortcut), with the
+    /// widest of the two levels that reach it (the upsampled map enters the last level with
+    /// the previous level's channels).
+    pub fn values_per_pixel(&self) -> f64 {
+        let c = &self.block_out_channels;
+        let widest = c.iter().take(2).copied().max().unwrap_or(0);
+        4.0 * widest as f64
     }
 }
 

@@ -222,14 +222,9 @@ impl Preprocessor for Openpose {
         _params: &Params,
     ) -> Result<ImageBuf, PluginError> {
         let pose = Pose::from_file(path).map_err(|e| PluginError::failed(NAME, e))?;
-        let w = pose.canvas_width.unwrap_or(size.0);
-        let h = pose.canvas_height.unwrap_or(size.1);
-        if !(1..=16384).contains(&w) || !(1..=16384).contains(&h) {
-            return Err(PluginError::failed(
-                NAME,
-                format!("canvas {w}x{h}: sides must be 1..=16384"),
-            ));
-        }
+        let (w, h) = pose
+            .canvas(None, None, size)
+            .map_err(|e| PluginError::failed(NAME, e))?;
         let c = render(&pose, w, h);
         Ok(ImageBuf {
             width: c.width,
