@@ -29,8 +29,7 @@ pub struct RenderArgs {
 pub fn run(cmd: PoseCommand) -> CliResult {
     let PoseCommand::Render(a) = cmd;
     crate::check_output("--output", &a.output, false)?;
-    let text = std::fs::read_to_string(&a.keypoints)
-        .map_err(|e| format!("{}: {e}", a.keypoints.display()))?;
+    let text = sd_plugins_api::input_file::read_to_string(&a.keypoints)?;
     let pose = Pose::from_json(&text).map_err(|e| format!("{}: {e}", a.keypoints.display()))?;
     let w = a.width.or(pose.canvas_width).unwrap_or(512);
     let h = a.height.or(pose.canvas_height).unwrap_or(512);
