@@ -791,7 +791,7 @@ mod tests {
         static DATA: [u8; 8] = [0; 8];
         if cfg!(target_os = "linux") {
             assert_eq!(
-                super::not_code(code_addresses_from_the_maps_text as usize),
+                super::not_code(code_addresses_from_the_maps_text as fn() as usize),
                 None
             );
             assert!(super::not_code(DATA.as_ptr() as usize).is_some());
