@@ -36,6 +36,7 @@ pub struct DetectArgs {
 
 pub fn run(a: DetectArgs) -> CliResult {
     crate::check_output("--output", &a.output, false)?;
+    sd_plugins_api::input_file::check(&a.input)?;
     let st = settings::load(&SettingsArgs {
         plugin: a.plugin.clone(),
         plugin_dir: a.plugin_dir.clone(),

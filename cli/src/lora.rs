@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use sd_lora::{load_lora, merge_into, LoraFile, LoraSpec, Targets};
+use sd_plugins_api::input_file;
 
 use crate::CliResult;
 
@@ -36,15 +37,23 @@ pub struct MergeArgs {
 pub fn run(cmd: LoraCommand) -> CliResult {
     match cmd {
         LoraCommand::Inspect(a) => {
+            input_file::check(&a.file)?;
             print!("{}", LoraFile::load(&a.file)?.describe(&a.file));
             Ok(())
         }
         LoraCommand::Merge(a) => {
             crate::check_output("--output", &a.output, true)?;
+            input_file::check_file_or_folder(&a.model).map_err(|e| format!("--model {e}"))?;
+            let specs = (a.lora.iter())
+                .map(|l| {
+                    let spec = LoraSpec::parse(l)?;
+                    input_file::check(&spec.path).map_err(|e| format!("--lora {e}"))?;
+                    Ok(spec)
+                })
+                .collect::<CliResult<Vec<_>>>()?;
             let targets = Targets::from_model(&a.model)?;
             let mut patches = Vec::new();
-            for l in &a.lora {
-                let spec = LoraSpec::parse(l)?;
+            for spec in specs {
                 let (p, report) = load_lora(&spec, &targets)?;
                 eprintln!("lora {}", report.summary());
                 if a.strict_lora && !report.unmatched.is_empty() {

@@ -90,7 +90,16 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // a file-size limit (`ulimit -f`) makes a write fail with an error, cleaned up like any
+    // other, instead of ending the process with temporaries left behind
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: as above
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     sd::process::prepare();
+    // after prepare (which sets variables, before any thread starts)
+    clean_up_on_signals();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SDCTL_LOG")
@@ -126,6 +135,44 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP end sdctl after removing the temporaries and staging folders
+/// it has open (`sd_pipeline::output` keeps the list), with the shell's exit code for the
+/// signal (130 for SIGINT, 143 for SIGTERM). A thread waits for them; nothing else changes.
+fn clean_up_on_signals() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("warning: no cleanup on signals: {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                let removed = sd_pipeline::output::remove_temporaries();
+                let name = signal_hook::low_level::signal_name(signal).unwrap_or("a signal");
+                eprintln!(
+                    "\ninterrupted by {name}{}",
+                    if removed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; removed {} unfinished output{}",
+                            removed.len(),
+                            if removed.len() == 1 { "" } else { "s" }
+                        )
+                    }
+                );
+                std::process::exit(128 + signal);
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("warning: no cleanup on signals: {e}");
     }
 }
 

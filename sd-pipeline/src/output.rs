@@ -14,6 +14,53 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// The temporaries and staging folders of this process that exist now (registered when
+/// created, removed from the set when committed or cleaned up): what [`remove_temporaries`]
+/// removes when the process is interrupted, as `Drop` does not run then.
+static LIVE: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn register(p: &Path) {
+    live().push(p.to_path_buf());
+}
+
+fn unregister(p: &Path) {
+    let mut l = live();
+    if let Some(i) = l.iter().rposition(|q| q == p) {
+        l.swap_remove(i);
+    }
+}
+
+/// Remove every temporary file and staging folder this process has open now: for a signal
+/// handler that ends the process (SIGINT, SIGTERM), where no `Drop` runs. Other threads may
+/// still be writing into a staging folder, so each removal is retried a few times; the set
+/// stays locked afterwards until the process exits, so no new temporary is registered.
+/// Returns the paths removed.
+pub fn remove_temporaries() -> Vec<PathBuf> {
+    let l = live();
+    let paths = l.clone();
+    remove_all(&paths);
+    // keep the lock: a writer about to register a new temporary waits until the exit
+    std::mem::forget(l);
+    paths
+}
+
+/// Remove these files and folders, a few times over while a writer may still add to them.
+fn remove_all(paths: &[PathBuf]) {
+    for _ in 0..5 {
+        for p in paths {
+            remove_any(p);
+        }
+        if paths.iter().all(|p| p.symlink_metadata().is_err()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// The temporary name `target` is written under: `NAME.EXT.tmp` (`NAME.tmp` without an
 /// extension), beside it.
 pub fn temporary_file(target: &Path) -> PathBuf {
@@ -123,6 +170,7 @@ impl Staged {
             ))
             .into());
         }
+        register(&tmp);
         self.files.push((tmp.clone(), target.to_path_buf()));
         write(&tmp)
     }
@@ -139,9 +187,11 @@ impl Staged {
                 for (_, done) in &files[..i] {
                     let _ = std::fs::remove_file(done);
                 }
+                files.iter().for_each(|(tmp, _)| unregister(tmp));
                 return Err(Error::io(target, e));
             }
         }
+        files.iter().for_each(|(tmp, _)| unregister(tmp));
         Ok(())
     }
 }
@@ -150,6 +200,7 @@ impl Drop for Staged {
     fn drop(&mut self) {
         for (tmp, _) in &self.files {
             let _ = std::fs::remove_file(tmp);
+            unregister(tmp);
         }
     }
 }
@@ -197,6 +248,7 @@ impl StagedDir {
 
     fn at(target: &Path, stage: PathBuf) -> Result<Self> {
         let _ = std::fs::remove_dir_all(&stage);
+        register(&stage);
         let s = Self {
             stage,
             target: target.to_path_buf(),
@@ -221,6 +273,7 @@ impl StagedDir {
     pub fn commit(mut self) -> Result<PathBuf> {
         std::fs::rename(&self.stage, &self.target).map_err(|e| Error::io(&self.target, e))?;
         self.committed = true;
+        unregister(&self.stage);
         Ok(self.target.clone())
     }
 
@@ -240,6 +293,7 @@ impl StagedDir {
             return Err(Error::io(&self.target, e));
         }
         self.committed = true;
+        unregister(&self.stage);
         remove_any(&old);
         Ok(self.target.clone())
     }
@@ -249,6 +303,7 @@ impl Drop for StagedDir {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.stage);
+            unregister(&self.stage);
         }
     }
 }
@@ -317,6 +372,39 @@ mod tests {
     fn failing(tmp: &Path) -> Result<()> {
         std::fs::write(tmp, b"half").map_err(|e| Error::io(tmp, e))?;
         Err(Error::Invalid("the writer failed".into()))
+    }
+
+    /// Temporaries and staging folders are listed while they exist (what a signal handler
+    /// removes), and leave the list when committed or dropped.
+    #[test]
+    fn live_temporaries_are_listed_until_done() {
+        let d = scratch("live");
+        let target = d.join("a.png");
+        let tmp = temporary_file(&target);
+        let mut s = Staged::new();
+        s.write(&target, |t| -> Result<()> {
+            std::fs::write(t, b"x").map_err(|e| Error::io(t, e))
+        })
+        .unwrap();
+        let stage = StagedDir::new(&d.join("folder")).unwrap();
+        std::fs::write(stage.path().join("f"), b"x").unwrap();
+        let staged = stage.path().to_path_buf();
+        let listed = live().clone();
+        assert!(listed.contains(&tmp) && listed.contains(&staged));
+        // what the handler does, without keeping the lock (other tests run in this process)
+        remove_all(&[tmp.clone(), staged.clone()]);
+        assert_eq!(entries(&d), Vec::<String>::new());
+        drop(stage);
+        drop(s);
+        let listed = live().clone();
+        assert!(!listed.contains(&tmp) && !listed.contains(&staged));
+        // committed: off the list too
+        write_file(&target, b"y").unwrap();
+        let stage = StagedDir::new(&d.join("folder")).unwrap();
+        stage.commit().unwrap();
+        let listed = live().clone();
+        assert!(!listed.contains(&tmp) && !listed.contains(&staged));
+        assert_eq!(entries(&d), ["a.png", "folder"]);
     }
 
     #[test]

@@ -30,6 +30,24 @@ pub fn check(path: &Path) -> Result<Metadata, String> {
     }
 }
 
+/// As [`check`], for inputs that may be a regular file or a folder (a model: a single file or
+/// a diffusers folder): FIFOs, devices, sockets and symlink loops are refused.
+pub fn check_file_or_folder(path: &Path) -> Result<Metadata, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("{}: {}", path.display(), io_words(&e)))?;
+    if meta.is_dir() {
+        return Ok(meta);
+    }
+    match not_regular(&meta) {
+        Some(why) => Err(format!(
+            "{}: {}",
+            path.display(),
+            why.replace("regular file", "regular file or folder")
+        )),
+        None => Ok(meta),
+    }
+}
+
 /// Open a regular file for reading, after [`check`].
 pub fn open(path: &Path) -> Result<File, String> {
     check(path)?;

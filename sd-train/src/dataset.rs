@@ -68,9 +68,10 @@ pub fn read_dataset(dir: &Path) -> Result<(Vec<Sample>, Vec<BadRow>, PathBuf)> {
             let source = dir.join(get(keys.1)?);
             let prompt = get(keys.2)?;
             for p in [&target, &source] {
-                if !p.is_file() {
+                if p.symlink_metadata().is_err() {
                     return Err(format!("no such file: {}", p.display()));
                 }
+                readable_image(p)?;
             }
             Ok(Sample {
                 target,
@@ -90,6 +91,18 @@ pub fn read_dataset(dir: &Path) -> Result<(Vec<Sample>, Vec<BadRow>, PathBuf)> {
     Ok((good, bad, index))
 }
 
+/// A row's image is a regular file whose header reads as an image (its pixels are decoded
+/// when a batch needs them): an unreadable image is a bad row, not a failure mid-run.
+fn readable_image(p: &Path) -> std::result::Result<(), String> {
+    sd_plugins_api::input_file::check(p)?;
+    image::ImageReader::open(p)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| format!("{}: {e}", p.display()))?
+        .into_dimensions()
+        .map_err(|e| format!("{}: not a readable image ({e})", p.display()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,11 +113,15 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(d.join("img")).unwrap();
         for f in ["a.png", "a_c.png"] {
-            std::fs::write(d.join("img").join(f), b"x").unwrap();
+            image::RgbImage::new(2, 2)
+                .save(d.join("img").join(f))
+                .unwrap();
         }
+        // not an image: a bad row naming the file
+        std::fs::write(d.join("img/bad.png"), b"x").unwrap();
         std::fs::write(
             d.join("metadata.jsonl"),
-            "{\"image\": \"img/a.png\", \"conditioning_image\": \"img/a_c.png\", \"text\": \"a cat\"}\n\n{\"image\": \"img/b.png\", \"conditioning_image\": \"img/a_c.png\", \"text\": \"b\"}\n{\"image\": \"img/a.png\", \"text\": \"c\"}\n",
+            "{\"image\": \"img/a.png\", \"conditioning_image\": \"img/a_c.png\", \"text\": \"a cat\"}\n\n{\"image\": \"img/b.png\", \"conditioning_image\": \"img/a_c.png\", \"text\": \"b\"}\n{\"image\": \"img/a.png\", \"text\": \"c\"}\n{\"image\": \"img/bad.png\", \"conditioning_image\": \"img/a_c.png\", \"text\": \"d\"}\n",
         )
         .unwrap();
         let (good, bad, index) = read_dataset(&d).unwrap();
@@ -112,7 +129,12 @@ mod tests {
         assert_eq!(good.len(), 1);
         assert_eq!((good[0].prompt.as_str(), good[0].line), ("a cat", 1));
         assert_eq!(good[0].source, d.join("img/a_c.png"));
-        assert_eq!(bad.len(), 2);
+        assert_eq!(bad.len(), 3);
+        assert!(
+            bad[2].to_string().starts_with("line 5: ") && bad[2].message.contains("bad.png"),
+            "{}",
+            bad[2]
+        );
         assert_eq!(bad[0].line, 3);
         assert!(bad[0].message.contains("b.png"));
         assert!(bad[1]

@@ -174,9 +174,14 @@ pub struct Loaded {
 /// Load the job's model with its LoRAs and plugin patches.
 pub fn load(job: &Job) -> Result<Loaded> {
     check_prompt_lengths(job)?;
+    job.check_inputs()?;
     let model = model_path(job)?;
     let (device, dtype) = device_and_dtype(job)?;
     let (prompt, loras) = resolve_loras(job)?;
+    // the LoRAs the prompt's tags name (those of `job.lora` are checked above)
+    for l in &loras[job.lora.len()..] {
+        sd_plugins_api::input_file::check(&l.path).map_err(|e| format!("prompt LoRA tag {e}"))?;
+    }
     let mut patches: Vec<Arc<dyn WeightPatch>> = Vec::new();
     let mut lora_reports = Vec::new();
     if !loras.is_empty() {
@@ -212,11 +217,33 @@ pub fn load(job: &Job) -> Result<Loaded> {
 
 /// The generation size: the job's, else the init image's, else the model's own.
 fn size(job: &Job, sd: &StableDiffusion) -> Result<(usize, usize)> {
+    let f = sd.vae_scale_factor();
+    // a size that was given is blamed as such
+    for (name, v) in [("--width", job.width), ("--height", job.height)] {
+        if let Some(v) = v.filter(|&v| v == 0 || v % f != 0) {
+            return Err(format!("{name} {v} is not a positive multiple of {f}").into());
+        }
+    }
     let (width, height) = match (&job.init_image, job.width, job.height) {
         (_, Some(w), Some(h)) => (w, h),
         (Some(img), w, h) => {
             let (iw, ih) = image_size(img)?;
-            (w.unwrap_or(iw), h.unwrap_or(ih))
+            let (width, height) = (w.unwrap_or(iw), h.unwrap_or(ih));
+            if width % f != 0 || height % f != 0 {
+                let missing = match (w, h) {
+                    (None, None) => "--width and --height",
+                    (None, _) => "--width",
+                    _ => "--height",
+                };
+                return Err(format!(
+                    "--init-image {}: the image is {iw}x{ih} pixels and its size is used for \
+                     the output, which must be a multiple of {f} on each side; resize the \
+                     image or give {missing} (a multiple of {f})",
+                    img.display()
+                )
+                .into());
+            }
+            (width, height)
         }
         // the size the model was trained at (diffusers' default)
         (None, w, h) => {
@@ -224,12 +251,6 @@ fn size(job: &Job, sd: &StableDiffusion) -> Result<(usize, usize)> {
             (w.unwrap_or(dw), h.unwrap_or(dh))
         }
     };
-    let f = sd.vae_scale_factor();
-    for (name, v) in [("--width", width), ("--height", height)] {
-        if v == 0 || v % f != 0 {
-            return Err(format!("{name} {v} is not a positive multiple of {f}").into());
-        }
-    }
     Ok((width, height))
 }
 

@@ -155,6 +155,51 @@ impl Job {
             ..Self::default()
         }
     }
+
+    /// Every input file the job names is there and is what it should be, before anything is
+    /// opened: images, noise and LoRA files regular files, models a file or a folder. A FIFO
+    /// would block the first read forever, a device never end; a folder or a symlink loop is
+    /// named as such. Errors name the flag and the path. A model that is not there at all may
+    /// still be a Hugging Face id (see `model_path`), so only what exists is checked.
+    pub fn check_inputs(&self) -> Result<(), String> {
+        use sd_plugins_api::input_file::{check, check_file_or_folder};
+        fn flag(f: &'static str) -> impl Fn(String) -> String {
+            move |e| format!("{f} {e}")
+        }
+        let model = |f: &'static str, p: &std::path::Path| {
+            if p.symlink_metadata().is_ok() {
+                check_file_or_folder(p).map(drop).map_err(flag(f))
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(m) = &self.model {
+            model("--model", m)?;
+        }
+        if let Some(v) = &self.vae {
+            model("--vae", v)?;
+        }
+        for (f, p) in [
+            ("--init-image", &self.init_image),
+            ("--mask", &self.mask),
+            ("--noise", &self.noise),
+        ] {
+            if let Some(p) = p {
+                check(p).map_err(flag(f))?;
+            }
+        }
+        for l in &self.lora {
+            check(&l.path).map_err(flag("--lora"))?;
+        }
+        for c in &self.control {
+            model("--control model", &c.spec.model)?;
+            check(&c.spec.image).map_err(flag("--control image"))?;
+            if let Some(m) = &c.spec.mask {
+                check(m).map_err(flag("--control mask"))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

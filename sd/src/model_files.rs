@@ -17,6 +17,7 @@ use crate::error::Result;
 /// ignored or not understood.
 pub fn describe(path: &Path) -> Result<String> {
     let mut out = String::new();
+    sd_plugins_api::input_file::check_file_or_folder(path)?;
     if path.is_dir() {
         describe_folder(path, &mut out)?;
     } else if path.is_file() {
@@ -37,6 +38,7 @@ pub enum Target {
 /// Convert `input` (a single file or a diffusers folder) to `target` at `output`; `half`
 /// writes float16. A diffusers folder to a diffusers folder is a float16 copy.
 pub fn convert(input: &Path, output: &Path, target: Target, half: bool) -> Result<()> {
+    sd_plugins_api::input_file::check_file_or_folder(input)?;
     match target {
         Target::Diffusers => {
             if input.is_dir() {

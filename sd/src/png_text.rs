@@ -14,7 +14,7 @@ pub const MAX_TOTAL_TEXT: usize = 4 << 20;
 /// inflates past [`MAX_CHUNK_TEXT`], or text past [`MAX_TOTAL_TEXT`] in all, is refused with
 /// an error naming the PNG and the chunk's keyword.
 pub fn text_chunks(path: &Path) -> Result<Vec<(String, String)>, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = sd_plugins_api::input_file::open(path)?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
     let reader = decoder
         .read_info()

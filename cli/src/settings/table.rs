@@ -101,6 +101,16 @@ fn typed(v: &Value, ty: Ty, origin: &Origin) -> Result<Typed, String> {
 }
 
 fn check_path(p: &Path, role: PathRole) -> Result<(), String> {
+    // something is there: a FIFO, device, folder or symlink loop is named for what it is
+    // (a FIFO would block the first read forever)
+    if p.symlink_metadata().is_ok() {
+        use sd_plugins_api::input_file;
+        match role {
+            PathRole::File => return input_file::check(p).map(drop),
+            PathRole::FileOrDir => return input_file::check_file_or_folder(p).map(drop),
+            _ => {}
+        }
+    }
     let ok = match role {
         PathRole::File => p.is_file(),
         PathRole::Dir => p.is_dir(),

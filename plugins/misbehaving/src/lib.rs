@@ -1,7 +1,12 @@
 //! Plugins that break the rules on purpose, one per cargo feature, for the host's boundary
 //! tests (see `cli/tests/plugins.rs`).
 
-#[cfg(not(any(feature = "wrong_abi", feature = "wrong_size", feature = "no_entry")))]
+#[cfg(not(any(
+    feature = "wrong_abi",
+    feature = "wrong_size",
+    feature = "no_entry",
+    feature = "entry_is_data"
+)))]
 mod via_macro {
     use sd_plugins_api::{
         export_plugin, hwc3, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
@@ -110,3 +115,9 @@ mod by_hand {
 pub extern "C" fn not_a_plugin() -> i32 {
     42
 }
+
+/// The entry symbol as data: calling it would jump into a non-executable page.
+#[cfg(feature = "entry_is_data")]
+#[no_mangle]
+#[allow(non_upper_case_globals)]
+pub static sd_plugin_entry: [u64; 4] = [0; 4];

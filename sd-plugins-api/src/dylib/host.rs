@@ -81,16 +81,27 @@ fn err_text(storage: &[u8], e: &SdErrBuf) -> String {
 /// Load `path` as a plugin.
 pub fn load_plugin(path: &Path) -> Result<Arc<PluginLibrary>, String> {
     let shown = path.display();
-    if !path.is_file() {
-        return Err(format!("plugin {shown}: no such file"));
+    if let Some(why) = crate::input_file::problem(path) {
+        return Err(format!("plugin {shown}: {why}"));
     }
     let lib = unsafe { libloading::Library::new(path) }
         .map_err(|e| format!("plugin {shown}: not a loadable library ({e})"))?;
-    let entry: EntryFn = unsafe {
-        *lib.get::<EntryFn>(ENTRY_SYMBOL.as_bytes()).map_err(|_| {
-            format!("plugin {shown}: not an sdctl plugin (no `{ENTRY_SYMBOL}` symbol)")
-        })?
+    // the symbol's address, before it is taken for a function
+    let address: *const std::ffi::c_void = unsafe {
+        *lib.get::<*const std::ffi::c_void>(ENTRY_SYMBOL.as_bytes())
+            .map_err(|_| {
+                format!("plugin {shown}: not an sdctl plugin (no `{ENTRY_SYMBOL}` symbol)")
+            })?
     };
+    if let Some(why) = not_code(address as usize) {
+        return Err(format!(
+            "plugin {shown}: `{ENTRY_SYMBOL}` is not a function ({why}); not an sdctl plugin"
+        ));
+    }
+    // SAFETY: the symbol is in executable code (checked above where the platform allows);
+    // its signature is the ABI's
+    let entry: EntryFn =
+        unsafe { std::mem::transmute::<*const std::ffi::c_void, EntryFn>(address) };
     let table = unsafe { entry() };
     if table.is_null() {
         return Err(format!("plugin {shown}: `{ENTRY_SYMBOL}` returned null"));
@@ -112,6 +123,11 @@ pub fn load_plugin(path: &Path) -> Result<Arc<PluginLibrary>, String> {
         ));
     }
     let t = unsafe { &*table };
+    if let Some(why) = not_code(t.manifest as usize) {
+        return Err(format!(
+            "plugin {shown}: the table's `manifest` is not a function ({why})"
+        ));
+    }
     let text = unsafe { (t.manifest)().as_str() }
         .map_err(|e| format!("plugin {shown}: manifest: {e}"))?
         .to_string();
@@ -132,6 +148,50 @@ pub fn load_plugin(path: &Path) -> Result<Arc<PluginLibrary>, String> {
         path: path.to_path_buf(),
         _lib: lib,
     }))
+}
+
+/// Why `address` cannot be the start of a function, where that can be checked: on Linux, the
+/// mapping holding it (from `/proc/self/maps`) must be executable. `None` when it is, or when
+/// the platform gives no way to tell.
+fn not_code(address: usize) -> Option<String> {
+    if address == 0 {
+        return Some("a null address".into());
+    }
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    executable_at(&maps, address).err()
+}
+
+/// In the text of a `/proc/PID/maps`, whether the mapping holding `address` is executable:
+/// `Err` (in words) when it is not, or when no mapping holds it.
+fn executable_at(maps: &str, address: usize) -> Result<(), String> {
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some((lo, hi)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        else {
+            continue;
+        };
+        if (lo..hi).contains(&address) {
+            return if perms.as_bytes().get(2) == Some(&b'x') {
+                Ok(())
+            } else {
+                Err(format!(
+                    "its address {address:#x} is in data: a mapping without execute permission ({perms})"
+                ))
+            };
+        }
+    }
+    Err(format!(
+        "its address {address:#x} is in no mapping of the process"
+    ))
 }
 
 fn parse_manifest(text: &str) -> Result<Manifest, String> {
@@ -703,5 +763,38 @@ impl WeightPatch for DynPatch {
             );
             i.take(code, out, &err, base, &format!("weight_delta {name}"))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::executable_at;
+
+    #[test]
+    fn code_addresses_from_the_maps_text() {
+        let maps = "\
+00400000-00452000 r-xp 00000000 08:02 173521      /usr/bin/dbus-daemon
+00651000-00652000 rw-p 00051000 08:02 173521      /usr/bin/dbus-daemon
+7fff0000-7fff1000 ---p 00000000 00:00 0
+";
+        assert!(executable_at(maps, 0x400000).is_ok());
+        assert!(executable_at(maps, 0x451fff).is_ok());
+        let e = executable_at(maps, 0x651010).unwrap_err();
+        assert!(
+            e.contains("0x651010") && e.contains("without execute"),
+            "{e}"
+        );
+        let e = executable_at(maps, 0x452000).unwrap_err();
+        assert!(e.contains("in no mapping"), "{e}");
+        assert!(executable_at(maps, 0x7fff0000).is_err());
+        // this very function is code, a static is not
+        static DATA: [u8; 8] = [0; 8];
+        if cfg!(target_os = "linux") {
+            assert_eq!(
+                super::not_code(code_addresses_from_the_maps_text as fn() as usize),
+                None
+            );
+            assert!(super::not_code(DATA.as_ptr() as usize).is_some());
+        }
     }
 }
