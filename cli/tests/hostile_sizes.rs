@@ -325,3 +325,29 @@ fn training_resolution_and_batch_are_estimated_before_loading() {
     }
     assert!(!d.join("cn").exists() && !d.join("unet").exists());
 }
+
+/// A 2x16000 strip is a small image, but at the processor resolution (short side to 512) it
+/// would become 512x4096000: refused from the arithmetic, before anything is resized.
+#[test]
+fn detect_checks_the_size_after_its_resize_arithmetic() {
+    let d = scratch("hostile-sizes", "strip");
+    let strip = d.join("strip.png");
+    image::RgbImage::from_pixel(2, 16000, image::Rgb([200, 100, 50]))
+        .save(&strip)
+        .unwrap();
+    let out = d.join("map.png");
+    let o = quick(&["detect", "canny", s(&strip), "-o", s(&out)], &[]);
+    let err = clean_failure(&o);
+    assert!(
+        err.contains("2x16000") && err.contains("more than 16384 pixels a side"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // within the limits it runs (a strip whose resized size fits)
+    let small = d.join("small.png");
+    image::RgbImage::from_pixel(64, 256, image::Rgb([200, 100, 50]))
+        .save(&small)
+        .unwrap();
+    ok(&quick(&["detect", "canny", s(&small), "-o", s(&out)], &[]));
+    assert!(out.exists());
+}

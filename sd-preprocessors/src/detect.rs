@@ -11,7 +11,7 @@ use std::path::Path;
 
 use sd_plugins_api::{hwc3, ImageBuf, InputKind, Params, PluginError, Preprocessor, Registry};
 
-use crate::resize::{remove_pad, resize_image, resize_image_with_pad};
+use crate::resize::{detect_size, remove_pad, resize_image, resize_image_with_pad};
 
 /// The processor resolutions accepted (`--resolution`, a unit's `resolution`).
 pub const RESOLUTIONS: RangeInclusive<usize> = 64..=8192;
@@ -110,6 +110,9 @@ pub fn detect(
         Some(a) => with_alpha(&rgb, &a),
         None => rgb,
     };
+    if p.uses_resolution() {
+        check_processor_size(p.name(), input, sizing)?;
+    }
     let (map, cached) = if !p.uses_resolution() {
         registry.run(p, &joined(colours, alpha), params)?
     } else if sizing.pad {
@@ -154,4 +157,28 @@ fn with_alpha(rgb: &ImageBuf, alpha: &ImageBuf) -> ImageBuf {
         channels: 4,
         data,
     }
+}
+
+/// The size an image is brought to at the processor resolution, checked before it is
+/// made: a 2x16000 strip at resolution 512 would become 512 x 4096000 (issue 30). Sides up
+/// to the image reader's limit, and the resized image and the annotator's maps within the
+/// memory available (`sd_plugins_api::memory`).
+fn check_processor_size(name: &str, input: &ImageBuf, sizing: Sizing) -> Result<(), PluginError> {
+    use sd_plugins_api::image_input::MAX_SIDE;
+    let (w, h) = detect_size(input.width, input.height, sizing.resolution);
+    let fail = |m: String| PluginError::failed(name, m);
+    if w > MAX_SIDE as usize || h > MAX_SIDE as usize {
+        return Err(fail(format!(
+            "the {}x{} image at processor resolution {} (its short side to {}) would be {w}x{h}, \
+             more than {MAX_SIDE} pixels a side; crop the image or lower the resolution",
+            input.width, input.height, sizing.resolution, sizing.resolution
+        )));
+    }
+    let cost = sd_plugins_api::memory::Cost {
+        // the resized image, its float copies and the annotator's maps
+        per_pixel: 64.0,
+        fixed: 0,
+        peak: "the resized image and the annotator's maps".into(),
+    };
+    sd_plugins_api::memory::check("processor size", w, h, 1, 64, &cost).map_err(fail)
 }

@@ -276,7 +276,7 @@ impl BaseTrainConfig {
                 self.resolution
             ));
         }
-        crate::config::check_numbers(&[
+        crate::train_loop::check_numbers(&[
             ("learning_rate", self.learning_rate, Range::above(0.0)),
             ("max_grad_norm", self.max_grad_norm, Range::at_least(0.0)),
             ("kl_weight", self.kl_weight, Range::at_least(0.0)),

@@ -88,18 +88,6 @@ pub fn layered<C: DeserializeOwned>(
     })
 }
 
-/// Every training number finite and in its range: the first that is not, as
-/// `adam_weight_decay: must be a finite number at least 0, got -1` (the one message style of
-/// `sd_plugins_api::number`).
-pub fn check_numbers(values: &[(&str, f64, sd_plugins_api::number::Range)]) -> Result<()> {
-    for (key, x, range) in values {
-        range
-            .check(*x)
-            .map_err(|m| invalid(format!("{key}: {m}")))?;
-    }
-    Ok(())
-}
-
 /// "KEY PATH: not found" for the first named path that does not exist.
 fn check_exist<'a>(paths: impl IntoIterator<Item = (&'a str, Option<&'a Path>)>) -> Result<()> {
     for (key, p) in paths {
@@ -222,7 +210,7 @@ mod number_tests {
     #[test]
     fn optimiser_numbers_are_range_checked() {
         use sd_plugins_api::number::Range;
-        let e = check_numbers(&[
+        let e = crate::train_loop::check_numbers(&[
             ("learning_rate", 1e-4, Range::above(0.0)),
             ("adam_weight_decay", -1.0, Range::at_least(0.0)),
         ])
@@ -231,9 +219,10 @@ mod number_tests {
             e.to_string(),
             "adam_weight_decay: must be a finite number at least 0, got -1"
         );
-        let e = check_numbers(&[("max_grad_norm", f64::NAN, Range::at_least(0.0))])
-            .unwrap_err()
-            .to_string();
+        let e =
+            crate::train_loop::check_numbers(&[("max_grad_norm", f64::NAN, Range::at_least(0.0))])
+                .unwrap_err()
+                .to_string();
         assert_eq!(
             e,
             "max_grad_norm: must be a finite number at least 0, got NaN"

@@ -149,7 +149,7 @@ impl TrainConfig {
                 self.resolution
             ));
         }
-        crate::config::check_numbers(&[
+        crate::train_loop::check_numbers(&[
             ("learning_rate", self.learning_rate, Range::above(0.0)),
             ("adam_beta1", self.adam_beta1, Range::half_open(0.0, 1.0)),
             ("adam_beta2", self.adam_beta2, Range::half_open(0.0, 1.0)),

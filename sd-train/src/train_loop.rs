@@ -251,3 +251,15 @@ mod tests {
         assert_eq!(due(&c)[..], [2]);
     }
 }
+
+/// Every training number finite and in its range: the first that is not, as
+/// `adam_weight_decay: must be a finite number at least 0, got -1` (the one message style of
+/// `sd_plugins_api::number`).
+pub fn check_numbers(values: &[(&str, f64, sd_plugins_api::number::Range)]) -> Result<()> {
+    for (key, x, range) in values {
+        range
+            .check(*x)
+            .map_err(|m| crate::error::TrainError::Invalid(format!("{key}: {m}")))?;
+    }
+    Ok(())
+}

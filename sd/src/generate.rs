@@ -354,13 +354,13 @@ pub fn run(
     let t_sampling = Instant::now();
     let latents = sd
         .denoise(&req, &mut hooks, rng.as_mut())
-        .map_err(|e| crate::non_finite::explain(e, loaded, job))?;
+        .map_err(|e| crate::non_finite::explain(e, &loaded.model, &loaded.loras, job))?;
     let sampling = t_sampling.elapsed();
 
     let t_dec = Instant::now();
     let mut images = sd
         .decode_latents(&latents)
-        .map_err(|e| crate::non_finite::explain(e, loaded, job))?;
+        .map_err(|e| crate::non_finite::explain(e, &loaded.model, &loaded.loras, job))?;
     hooks.on_image(&mut images)?;
     let decode = t_dec.elapsed();
 

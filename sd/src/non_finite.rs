@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use sd_pipeline::loading::files::weight_files;
 
 use crate::error::Error;
-use crate::generate::Loaded;
 use crate::job::Job;
 
 /// The weight files of a model, VAE or ControlNet given as a file or a folder (a diffusers
@@ -28,13 +27,18 @@ fn files_of(path: &Path, components: &[&str]) -> Vec<PathBuf> {
 /// The error for a generation that failed with `e`: a non-finite result names the weight
 /// file and tensor that hold NaN or infinity, else the step and the settings; any other
 /// error passes through.
-pub(crate) fn explain(e: sd_pipeline::Error, loaded: &Loaded, job: &Job) -> Error {
+pub(crate) fn explain(
+    e: sd_pipeline::Error,
+    model: &Path,
+    loras: &[sd_lora::LoraSpec],
+    job: &Job,
+) -> Error {
     let sd_pipeline::Error::NonFinite { at } = &e else {
         return e.into();
     };
     let mut inputs: Vec<(String, Vec<PathBuf>)> = vec![(
         "model".into(),
-        files_of(&loaded.model, &["unet", "text_encoder", "vae"]),
+        files_of(model, &["unet", "text_encoder", "vae"]),
     )];
     if let Some(vae) = &job.vae {
         inputs.push(("--vae".into(), files_of(vae, &["vae"])));
@@ -60,9 +64,8 @@ pub(crate) fn explain(e: sd_pipeline::Error, loaded: &Loaded, job: &Job) -> Erro
         }
     }
     let mut settings = vec![format!("cfg_scale {}", job.cfg_scale)];
-    if !loaded.loras.is_empty() {
-        let l: Vec<String> = loaded
-            .loras
+    if !loras.is_empty() {
+        let l: Vec<String> = loras
             .iter()
             .map(|l| format!("{} at {}/{}", l.path.display(), l.te_weight, l.unet_weight))
             .collect();
