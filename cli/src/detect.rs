@@ -36,7 +36,6 @@ pub struct DetectArgs {
 
 pub fn run(a: DetectArgs) -> CliResult {
     crate::check_output("--output", &a.output, false)?;
-    sd_plugins_api::input_file::check(&a.input)?;
     let st = settings::load(&SettingsArgs {
         plugin: a.plugin.clone(),
         plugin_dir: a.plugin_dir.clone(),
@@ -84,6 +83,7 @@ pub fn run(a: DetectArgs) -> CliResult {
         pad: a.pad,
     };
     let size = (a.resolution, a.resolution);
+    sd_plugins_api::input_file::check(&a.input)?;
     let out = detect_file(reg, p.as_ref(), &a.input, &params, sizing, size)?;
     let (map, cached) = (out.map, out.cached);
     let (w, h) = (map.width as u32, map.height as u32);

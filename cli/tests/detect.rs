@@ -104,7 +104,7 @@ fn detect_canny_equals_opencv_and_is_cached() {
         ),
         (
             vec!["detect", "canny", "/no/such.png", "-o", "b.png"],
-            "cannot read the image",
+            "/no/such.png: no such file",
         ),
     ] {
         let o = sdctl_cached(&args, &cache);

@@ -46,7 +46,18 @@ pub fn base_dir() -> Result<PathBuf> {
     if !AVAILABLE {
         return Err("no model given, and this build has no embedded model: pass --model".into());
     }
-    // hashed once per process: megabytes, and asked for once per control unit without a model
+    // checked (and written out) once per process: asked for once per control unit without a
+    // model, and both the hash and the byte-for-byte check read megabytes
+    static READY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(root) = READY.get() {
+        return Ok(root.clone());
+    }
+    let root = write_out()?;
+    Ok(READY.get_or_init(|| root).clone())
+}
+
+/// Verify the cached folder, writing it out afresh when missing or damaged.
+fn write_out() -> Result<PathBuf> {
     static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let tag = TAG.get_or_init(|| {
         let mut h = Sha256::new();
