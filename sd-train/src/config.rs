@@ -202,30 +202,3 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 }
-
-#[cfg(test)]
-mod number_tests {
-    use super::*;
-
-    #[test]
-    fn optimiser_numbers_are_range_checked() {
-        use sd_plugins_api::number::Range;
-        let e = crate::train_loop::check_numbers(&[
-            ("learning_rate", 1e-4, Range::above(0.0)),
-            ("adam_weight_decay", -1.0, Range::at_least(0.0)),
-        ])
-        .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "adam_weight_decay: must be a finite number at least 0, got -1"
-        );
-        let e =
-            crate::train_loop::check_numbers(&[("max_grad_norm", f64::NAN, Range::at_least(0.0))])
-                .unwrap_err()
-                .to_string();
-        assert_eq!(
-            e,
-            "max_grad_norm: must be a finite number at least 0, got NaN"
-        );
-    }
-}

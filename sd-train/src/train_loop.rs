@@ -210,6 +210,18 @@ pub fn check_memory(
     .map_err(|e| crate::error::TrainError::Invalid(format!("{e} (resolution, batch_size)")))
 }
 
+/// Every training number finite and in its range: the first that is not, as
+/// `adam_weight_decay: must be a finite number at least 0, got -1` (the one message style of
+/// `sd_plugins_api::number`).
+pub fn check_numbers(values: &[(&str, f64, sd_plugins_api::number::Range)]) -> Result<()> {
+    for (key, x, range) in values {
+        range
+            .check(*x)
+            .map_err(|m| crate::error::TrainError::Invalid(format!("{key}: {m}")))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,14 +264,26 @@ mod tests {
     }
 }
 
-/// Every training number finite and in its range: the first that is not, as
-/// `adam_weight_decay: must be a finite number at least 0, got -1` (the one message style of
-/// `sd_plugins_api::number`).
-pub fn check_numbers(values: &[(&str, f64, sd_plugins_api::number::Range)]) -> Result<()> {
-    for (key, x, range) in values {
-        range
-            .check(*x)
-            .map_err(|m| crate::error::TrainError::Invalid(format!("{key}: {m}")))?;
+#[cfg(test)]
+mod number_tests {
+    #[test]
+    fn optimiser_numbers_are_range_checked() {
+        use sd_plugins_api::number::Range;
+        let e = super::check_numbers(&[
+            ("learning_rate", 1e-4, Range::above(0.0)),
+            ("adam_weight_decay", -1.0, Range::at_least(0.0)),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "adam_weight_decay: must be a finite number at least 0, got -1"
+        );
+        let e = super::check_numbers(&[("max_grad_norm", f64::NAN, Range::at_least(0.0))])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "max_grad_norm: must be a finite number at least 0, got NaN"
+        );
     }
-    Ok(())
 }
