@@ -728,3 +728,39 @@ fn a_damaged_embedded_model_cache_is_written_out_again() {
     assert_eq!(run("c.png"), first);
     assert_eq!(std::fs::read(&unet).unwrap(), good);
 }
+
+/// Finite LoRA values whose products overflow float32 in the patched weights: no weight file
+/// holds NaN, so the error names the settings that drove the numbers out of range (the
+/// LoRA), and no image is written. (Before the fused attention propagated NaN scores, this
+/// gave finite garbage and exit 0.)
+#[test]
+fn non_finite_latents_from_finite_files_name_the_settings() {
+    let d = scratch("hostile-weights", "settings");
+    let lora = d.join("huge.safetensors");
+    edit_safetensors(
+        &fixtures().join("loras/kohya_alpha.safetensors"),
+        &lora,
+        |m| {
+            for (k, t) in m.iter_mut() {
+                if !k.ends_with(".alpha") {
+                    *t = (t.ones_like().unwrap() * 1e30).unwrap();
+                }
+            }
+        },
+    );
+    let out = d.join("out.png");
+    let lora_arg = format!("{}:1", s(&lora));
+    let model = model_dir("sd1");
+    let err = failed(&sdctl(&gen_args(
+        s(&model),
+        s(&out),
+        &["--lora", &lora_arg],
+    )));
+    assert!(
+        err.contains("NaN or infinity")
+            && err.contains("the settings")
+            && err.contains("huge.safetensors"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

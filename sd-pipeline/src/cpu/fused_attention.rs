@@ -208,7 +208,9 @@ fn exp_approx(x: f32) -> f32 {
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
+    // not `x.max(-87.0)`: f32::max drops a NaN, which would turn a NaN score into a weight
+    // of ~0 and hide it (torch's softmax propagates it; so must we, for the NaN check)
+    let x = if x < -87.0 { -87.0 } else { x };
     let t = x.mul_add(LOG2E, MAGIC);
     let n = t - MAGIC;
     let r = n.mul_add(-C2, n.mul_add(-C1, x));
@@ -292,5 +294,35 @@ mod tests {
         let q = Tensor::zeros((1, 4, 6), candle_core::DType::F32, &dev).unwrap();
         let k = Tensor::zeros((1, 3, 8), candle_core::DType::F32, &dev).unwrap();
         assert!(fused_attention(&q, &k, &k, 2).is_err());
+    }
+
+    /// An infinite query makes NaN scores (inf - inf): they must reach the output, as with
+    /// torch's softmax, not be weighted ~0 and hidden (issue 30: NaN detection).
+    #[test]
+    fn non_finite_scores_propagate() {
+        let dev = Device::Cpu;
+        let k = Tensor::randn(0f32, 1., (1, 5, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, 5, 8), &dev).unwrap();
+        for bad in [f32::INFINITY, f32::NAN] {
+            let mut q = vec![0.5f32; 3 * 8];
+            q[8] = bad; // row 1
+            let q = Tensor::from_vec(q, (1, 3, 8), &dev).unwrap();
+            let ours = fused_attention(&q, &k, &v, 1).unwrap();
+            let theirs = plain(&q, &k, &v, 1);
+            let finite = |t: &Tensor| -> Vec<bool> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.is_finite())
+                    .collect()
+            };
+            assert!(
+                finite(&theirs).contains(&false),
+                "the reference propagates {bad}"
+            );
+            assert_eq!(finite(&ours), finite(&theirs), "query {bad}");
+        }
     }
 }
