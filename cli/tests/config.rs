@@ -526,3 +526,21 @@ fn a_config_file_and_the_same_flags_give_identical_latents() {
             .unwrap()
     );
 }
+
+/// A `[[control]]` table takes only the keys a unit uses: a `vae` there (once accepted and
+/// silently ignored) is an unknown key, named with its file and line.
+#[test]
+fn control_tables_refuse_keys_no_unit_reads() {
+    let d = scratch("config", "control-vae");
+    let f = d.join("c.toml");
+    std::fs::write(
+        &f,
+        "[[control]]\nimage = \"a.png\"\nvae = \"v.safetensors\"\n",
+    )
+    .unwrap();
+    let err = failed(&sdctl(&["config", "show", "--config", s(&f)]));
+    assert!(
+        err.contains(&format!("{}:3: control[0].vae: unknown key", f.display())),
+        "{err}"
+    );
+}

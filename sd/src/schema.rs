@@ -108,7 +108,6 @@ pub const FIELDS: &[Field] = &[
 pub const CONTROL_FIELDS: &[Field] = &[
     f("id", Ty::Str, Default::None),
     f("model", Ty::Path(PathRole::FileOrDir), Default::None),
-    f("vae", Ty::Path(PathRole::File), Default::None),
     f("image", Ty::Path(PathRole::File), Default::None),
     f("weight", ANY_NUMBER, Default::Float(1.0)),
     f(

@@ -555,7 +555,7 @@ fn output_channels(x: &Tensor, weight: &Tensor, op: &str) -> Result<usize> {
 }
 
 /// `conv2d(x, weight) + bias` for inference on the CPU in f32 (square kernel, no dilation or
-/// groups); see [`conv2d_f32`].
+/// groups); see `conv2d_f32`.
 pub fn conv2d_infer(
     x: &Tensor,
     weight: &Tensor,
