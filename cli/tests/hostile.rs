@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 use sd_tests::{fixtures, model_dir};
 
-use common::{clean_failure, fails, ok, ok_stderr, s, scratch, sdctl, sdctl_command};
+use common::{clean_failure, fails, mkfifo, ok, ok_stderr, s, scratch, sdctl, sdctl_command};
 
 /// A 1x1 PNG with these text chunks (iTXt, so any UTF-8 and control characters fit).
 fn png_with_text(path: &Path, chunks: &[(&str, &str)]) {
@@ -23,14 +23,6 @@ fn png_with_text(path: &Path, chunks: &[(&str, &str)]) {
     let mut w = enc.write_header().unwrap();
     w.write_image_data(&[0, 0, 0]).unwrap();
     w.finish().unwrap();
-}
-
-fn mkfifo(p: &Path) {
-    let st = std::process::Command::new("mkfifo")
-        .arg(p)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mkfifo {}", p.display());
 }
 
 fn is_fifo(p: &Path) -> bool {

@@ -12,15 +12,10 @@ use std::time::{Duration, Instant};
 
 use sd_tests::{fixtures, model_dir};
 
-use common::{clean_failure, ok, ok_stderr, s, scratch, sdctl, sdctl_command};
+use common::{clean_failure, mkfifo, ok, ok_stderr, s, scratch, sdctl, sdctl_command};
 
 /// The longest a refused input may take before the run counts as blocked.
 const LIMIT: Duration = Duration::from_secs(10);
-
-fn mkfifo(p: &Path) {
-    let st = Command::new("mkfifo").arg(p).status().unwrap();
-    assert!(st.success(), "mkfifo {}", p.display());
-}
 
 /// Waits for `child` at most `limit`; a child still running then is killed and the test fails.
 fn wait_bounded(mut child: std::process::Child, what: &str, limit: Duration) -> Output {

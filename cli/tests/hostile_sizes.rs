@@ -276,52 +276,35 @@ fn training_resolution_and_batch_are_estimated_before_loading() {
     ));
     let model = model_dir("sd1");
     for (res, batch) in [("100000", "1"), ("64", "100000")] {
-        let e = clean_failure(&quick(
-            &[
-                "train",
-                "controlnet",
-                "--base",
-                s(&model),
-                "--dataset",
-                s(&d.join("data")),
-                "--output",
-                s(&d.join("cn")),
-                "--resolution",
-                res,
-                "--batch-size",
-                batch,
-                "--max-steps",
-                "1",
-            ],
-            &[],
-        ));
-        assert!(
-            e.contains("training resolution") && e.contains("would need about"),
-            "{e}"
-        );
-        let e = clean_failure(&quick(
-            &[
-                "train",
-                "unet",
-                "--model",
-                s(&model),
-                "--dataset",
-                s(&d.join("data")),
-                "--output",
-                s(&d.join("unet")),
-                "--resolution",
-                res,
-                "--batch-size",
-                batch,
-                "--max-train-steps",
-                "1",
-            ],
-            &[],
-        ));
-        assert!(
-            e.contains("training resolution") && e.contains("would need about"),
-            "{e}"
-        );
+        // the two trainers name their model and their step limit differently
+        for (trainer, model_flag, out, steps_flag) in [
+            ("controlnet", "--base", "cn", "--max-steps"),
+            ("unet", "--model", "unet", "--max-train-steps"),
+        ] {
+            let e = clean_failure(&quick(
+                &[
+                    "train",
+                    trainer,
+                    model_flag,
+                    s(&model),
+                    "--dataset",
+                    s(&d.join("data")),
+                    "--output",
+                    s(&d.join(out)),
+                    "--resolution",
+                    res,
+                    "--batch-size",
+                    batch,
+                    steps_flag,
+                    "1",
+                ],
+                &[],
+            ));
+            assert!(
+                e.contains("training resolution") && e.contains("would need about"),
+                "{e}"
+            );
+        }
     }
     assert!(!d.join("cn").exists() && !d.join("unet").exists());
 }

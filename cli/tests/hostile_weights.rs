@@ -479,22 +479,24 @@ fn nan_or_infinity_in_a_lora_is_named_when_it_loads() {
     }
 }
 
+/// The fixture kohya LoRA with every factor set to 1e30: finite values whose products
+/// overflow float32, so the patched weight is infinite.
+fn overflowing_lora(to: &Path) {
+    edit_safetensors(&fixtures().join("loras/kohya_alpha.safetensors"), to, |m| {
+        for (k, t) in m.iter_mut() {
+            if !k.ends_with(".alpha") {
+                *t = (t.ones_like().unwrap() * 1e30).unwrap();
+            }
+        }
+    });
+}
+
 #[test]
 fn lora_merge_refuses_a_result_that_overflows() {
     let d = scratch("hostile-weights", "overflow");
     // finite values whose product overflows float32: the merged weight would be infinite
     let lora = d.join("huge.safetensors");
-    edit_safetensors(
-        &fixtures().join("loras/kohya_alpha.safetensors"),
-        &lora,
-        |m| {
-            for (k, t) in m.iter_mut() {
-                if !k.ends_with(".alpha") {
-                    *t = (t.ones_like().unwrap() * 1e30).unwrap();
-                }
-            }
-        },
-    );
+    overflowing_lora(&lora);
     let merged = d.join("merged");
     let err = failed(&sdctl(&[
         "lora",
@@ -737,17 +739,7 @@ fn a_damaged_embedded_model_cache_is_written_out_again() {
 fn non_finite_latents_from_finite_files_name_the_settings() {
     let d = scratch("hostile-weights", "settings");
     let lora = d.join("huge.safetensors");
-    edit_safetensors(
-        &fixtures().join("loras/kohya_alpha.safetensors"),
-        &lora,
-        |m| {
-            for (k, t) in m.iter_mut() {
-                if !k.ends_with(".alpha") {
-                    *t = (t.ones_like().unwrap() * 1e30).unwrap();
-                }
-            }
-        },
-    );
+    overflowing_lora(&lora);
     let out = d.join("out.png");
     let lora_arg = format!("{}:1", s(&lora));
     let model = model_dir("sd1");

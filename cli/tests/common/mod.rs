@@ -142,3 +142,9 @@ pub fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Make a FIFO (named pipe) at `p`, for tests of inputs and outputs that must refuse one.
+pub fn mkfifo(p: &Path) {
+    let st = Command::new("mkfifo").arg(p).status().unwrap();
+    assert!(st.success(), "mkfifo {}", p.display());
+}
