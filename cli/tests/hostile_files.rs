@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sd_tests::{fixtures, model_dir};
 
-use common::{clean_failure, mkfifo, ok, ok_stderr, s, scratch, sdctl, sdctl_command};
+use common::{clean_failure, copy_tree, mkfifo, ok, ok_stderr, s, scratch, sdctl, sdctl_command};
 
 /// The longest a refused input may take before the run counts as blocked.
 const LIMIT: Duration = Duration::from_secs(10);
@@ -515,4 +515,71 @@ fn skip_bad_rows_skips_unreadable_images() {
         err.contains("warning:") && err.contains("source/1.png") && err.contains("(skipped)"),
         "{err}"
     );
+}
+
+/// Files read from inside user-named folders are inputs too: a FIFO as a dataset's
+/// `metadata.jsonl` or as a ControlNet's `config.json` is refused at once, by name.
+#[test]
+fn special_files_inside_input_folders_are_refused_at_once() {
+    let d = scratch("hostile-files", "inside");
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    mkfifo(&data.join("metadata.jsonl"));
+    let o = sdctl_bounded(
+        &d,
+        &[
+            "train",
+            "controlnet",
+            "--base",
+            s(&model_dir("sd1")),
+            "--dataset",
+            s(&data),
+            "--output",
+            s(&d.join("cn")),
+            "--max-steps",
+            "1",
+        ],
+    );
+    let e = clean_failure(&o);
+    assert!(
+        e.contains("metadata.jsonl") && e.contains("named pipe (FIFO)"),
+        "{e}"
+    );
+
+    let cn = d.join("cn-model");
+    copy_tree(&fixtures().join("models/controlnet-sd1"), &cn);
+    std::fs::remove_file(cn.join("config.json")).unwrap();
+    mkfifo(&cn.join("config.json"));
+    let control = format!(
+        "model={},image={}",
+        s(&cn),
+        s(&fixtures().join("inputs/control_a.png"))
+    );
+    let out = d.join("out.png");
+    let o = sdctl_bounded(
+        &d,
+        &[
+            "generate",
+            "--model",
+            s(&model_dir("sd1")),
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--control",
+            &control,
+            "--output",
+            s(&out),
+        ],
+    );
+    let e = clean_failure(&o);
+    assert!(
+        e.contains("config.json") && e.contains("named pipe (FIFO)"),
+        "{e}"
+    );
+    assert!(!out.exists());
 }

@@ -56,7 +56,7 @@ fn with_up_blocks(mut v: Value) -> Value {
 impl ControlNetConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text =
-            std::fs::read_to_string(path).map_err(|e| ControlError::file(path, e.to_string()))?;
+            sd_plugins_api::input_file::read_text(path).map_err(|e| ControlError::file(path, e))?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| ControlError::file(path, format!("invalid JSON: {e}")))?;
         Self::from_value(v, path)

@@ -137,8 +137,8 @@ pub fn init_weights(
 
 /// The diffusers config.json of a ControlNet made from the UNet config at `unet_config`.
 pub fn init_config_json(unet_config: &Path, cfg: &ControlNetConfig) -> Result<Value> {
-    let text = std::fs::read_to_string(unet_config)
-        .map_err(|e| ControlError::file(unet_config, e.to_string()))?;
+    let text = sd_plugins_api::input_file::read_text(unet_config)
+        .map_err(|e| ControlError::file(unet_config, e))?;
     let mut v: Value =
         serde_json::from_str(&text).map_err(|e| ControlError::file(unet_config, e.to_string()))?;
     let obj = v

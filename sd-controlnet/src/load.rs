@@ -76,7 +76,7 @@ pub fn ldm_name(name: &str, unet: &UNetConfig, hint_blocks: usize) -> String {
 fn diffusers_files(path: &Path) -> Result<(Vec<PathBuf>, PathBuf)> {
     if path.is_dir() {
         let cfg = path.join("config.json");
-        if !cfg.is_file() {
+        if !cfg.exists() {
             return Err(ControlError::file(
                 path,
                 "ControlNet folder without config.json",

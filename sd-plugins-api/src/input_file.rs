@@ -90,6 +90,15 @@ pub fn read_to_string(path: &Path) -> Result<String, String> {
     })
 }
 
+/// [`read_to_string`] for callers whose own errors name the file: the error is the words
+/// alone ("is a named pipe (FIFO), not a regular file").
+pub fn read_text(path: &Path) -> Result<String, String> {
+    read_to_string(path).map_err(|e| {
+        let named = format!("{}: ", path.display());
+        e.strip_prefix(&named).map(str::to_string).unwrap_or(e)
+    })
+}
+
 fn not_regular(meta: &Metadata) -> Option<String> {
     use std::os::unix::fs::FileTypeExt;
     let t = meta.file_type();
@@ -153,6 +162,10 @@ mod tests {
         assert!(e.contains("loop of symbolic links"), "{e}");
         let e = read_to_string(&dir.join("missing")).unwrap_err();
         assert!(e.contains("no such file"), "{e}");
+        assert_eq!(
+            read_text(&fifo).unwrap_err(),
+            "is a named pipe (FIFO), not a regular file"
+        );
         let big = dir.join("big");
         std::fs::write(&big, vec![b'x'; 100]).unwrap();
         let e = read_limited(&big, 10).unwrap_err();

@@ -33,9 +33,10 @@ impl std::fmt::Display for BadRow {
 /// Read a dataset folder. Rows that cannot be used (bad JSON, missing keys or files) are
 /// returned separately; the caller decides whether they are fatal.
 pub fn read_dataset(dir: &Path) -> Result<(Vec<Sample>, Vec<BadRow>, PathBuf)> {
-    let (index, keys) = if dir.join("prompt.json").is_file() {
+    // `exists`, not `is_file`: an index that is a FIFO or a folder is named as such when read
+    let (index, keys) = if dir.join("prompt.json").exists() {
         (dir.join("prompt.json"), ("target", "source", "prompt"))
-    } else if dir.join("metadata.jsonl").is_file() {
+    } else if dir.join("metadata.jsonl").exists() {
         (
             dir.join("metadata.jsonl"),
             ("image", "conditioning_image", "text"),
@@ -47,7 +48,7 @@ pub fn read_dataset(dir: &Path) -> Result<(Vec<Sample>, Vec<BadRow>, PathBuf)> {
         ));
     };
     let text =
-        std::fs::read_to_string(&index).map_err(|e| TrainError::file(&index, e.to_string()))?;
+        sd_plugins_api::input_file::read_text(&index).map_err(|e| TrainError::file(&index, e))?;
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (i, line) in text.lines().enumerate() {

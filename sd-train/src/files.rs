@@ -16,8 +16,10 @@ pub(crate) fn io_err(p: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
 }
 
 pub(crate) fn read_json(p: &Path) -> Result<Value> {
-    serde_json::from_str(&std::fs::read_to_string(p).map_err(io_err(p))?)
-        .map_err(|e| TrainError::file(p, e.to_string()))
+    serde_json::from_str(
+        &sd_plugins_api::input_file::read_text(p).map_err(|e| TrainError::file(p, e))?,
+    )
+    .map_err(|e| TrainError::file(p, e.to_string()))
 }
 
 pub(crate) fn save_weights(w: &HashMap<String, Tensor>, path: &Path) -> Result<()> {

@@ -97,7 +97,7 @@ fn dtypes(list: &[(String, candle_core::DType)]) -> String {
 fn describe_folder(path: &Path, out: &mut String) -> Result<()> {
     let read = |p: &str| -> Result<serde_json::Value> {
         let f = path.join(p);
-        let t = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+        let t = sd_plugins_api::input_file::read_to_string(&f)?;
         Ok(serde_json::from_str(&t).map_err(|e| format!("{}: {e}", f.display()))?)
     };
     let unet = read("unet/config.json")?;
