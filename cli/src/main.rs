@@ -14,6 +14,7 @@ mod png_info;
 mod pose;
 mod preprocessors;
 mod progress;
+mod serve;
 mod settings;
 mod train;
 
@@ -75,6 +76,9 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
     Plugins(plugins::PluginsCommand),
     /// Print the generation settings stored in a PNG (sdctl, AUTOMATIC1111, ComfyUI).
     PngInfo(png_info::PngInfoArgs),
+    /// Serve the AUTOMATIC1111-compatible HTTP API (with sd-webui-controlnet's routes) and the
+    /// web UI: sdctl serve --models-dir models --controlnet-dir controlnet
+    Serve(Box<serve::ServeArgs>),
     /// Measure control fidelity: sdctl eval fill --model M --controlnet CN --json report.json
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -98,8 +102,12 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     sd::process::prepare();
-    // after prepare (which sets variables, before any thread starts)
-    clean_up_on_signals();
+    let cli = Cli::parse();
+    // after prepare (which sets variables, before any thread starts); the server handles
+    // its own signals (it finishes or interrupts the running job, then exits cleanly)
+    if !matches!(cli.command, Command::Serve(_)) {
+        clean_up_on_signals();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SDCTL_LOG")
@@ -107,7 +115,6 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(cmd) => bench::run(cmd),
@@ -119,6 +126,7 @@ fn main() -> ExitCode {
         Command::Detect(a) => detect::run(*a),
         Command::Pose(cmd) => pose::run(cmd),
         Command::Eval(cmd) => eval::run(cmd),
+        Command::Serve(a) => serve::run(*a),
         Command::Plugins(cmd) => plugins::run(cmd),
         Command::Model(cmd) => model::run(cmd),
         Command::Train(cmd) => train::run(cmd),

@@ -8,6 +8,10 @@ pub enum HookError {
     Tensor(#[from] candle_core::Error),
     #[error("{hook}: {message}")]
     Failed { hook: String, message: String },
+    /// Stop sampling here and keep the latents as they are (an interrupt: A1111's "Interrupt"
+    /// still decodes and returns the image so far). Only `before_step` may return it.
+    #[error("sampling stopped by {hook}")]
+    Stop { hook: String },
 }
 
 impl HookError {

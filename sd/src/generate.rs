@@ -255,7 +255,7 @@ fn size(job: &Job, sd: &StableDiffusion) -> Result<(usize, usize)> {
 }
 
 /// A seed from the clock, for jobs that give none.
-fn draw_seed() -> u64 {
+pub fn draw_seed() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64 & 0xffff_ffff)
@@ -305,8 +305,13 @@ pub fn run(
         .map(|p| load_mask(p, width, height, device))
         .transpose()?;
     let seed = job.seed.unwrap_or_else(draw_seed);
+    // the prompt without its LoRA tags; those tags' LoRAs are the ones `loaded` holds
+    let (prompt, loras) = resolve_loras(job)?;
+    if loras != loaded.loras {
+        return Err("the job's LoRAs differ from those the model was loaded with".into());
+    }
     let req = GenerateRequest {
-        prompt: loaded.prompt.clone(),
+        prompt,
         negative_prompt: job.negative_prompt.clone(),
         width,
         height,

@@ -399,7 +399,10 @@ impl StableDiffusion {
                 batch: req.batch,
                 cfg,
             };
-            hooks.before_step(&step, &mut latents)?;
+            match hooks.before_step(&step, &mut latents) {
+                Err(sd_plugins_api::HookError::Stop { .. }) => break,
+                r => r?,
+            }
             let doubled = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
