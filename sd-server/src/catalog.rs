@@ -242,7 +242,8 @@ mod tests {
         let single = models
             .iter()
             .find(|e| e.name == "single/sd1.safetensors")
-            .unwrap();
+            .unwrap()
+            .clone();
         let h = single.sha256.clone().unwrap();
         assert_eq!(single.title, format!("single/sd1.safetensors [{}]", &h[..10]));
         assert_eq!(single.stem, "single/sd1");

@@ -275,7 +275,31 @@ pub fn detected_map(
     let params = choice
         .resolve(registry)
         .map_err(|e| ApiError::bad(e.join("; ")))?;
-    map_png(registry, p.as_ref(), &spec.image, &params, spec.resolution, size).map(Some)
+    let map = detect_map(registry, p.as_ref(), &spec.image, &params, spec.resolution, size)?;
+    // the extension appends the map as the unit used it: fitted to the generation size
+    let map = sd_plugins_api::hwc3(&map);
+    let rgb = image::RgbImage::from_raw(map.width as u32, map.height as u32, map.data)
+        .ok_or_else(|| ApiError::internal("a detected map of the wrong size"))?;
+    let fitted = sd_controlnet::control_image::fit(&rgb, size.0 as u32, size.1 as u32, spec.resize);
+    let (w, h) = fitted.dimensions();
+    images::png_bytes(w, h, 3, fitted.into_raw()).map(Some)
+}
+
+fn detect_map(
+    registry: &Registry,
+    p: &dyn Preprocessor,
+    path: &Path,
+    params: &sd_plugins_api::Params,
+    resolution: usize,
+    size: (usize, usize),
+) -> ApiResult<sd_plugins_api::ImageBuf> {
+    let sizing = Sizing {
+        resolution,
+        pad: false,
+    };
+    Ok(detect_file(registry, p, path, params, sizing, size)
+        .map_err(ApiError::bad)?
+        .map)
 }
 
 fn map_png(
@@ -286,13 +310,7 @@ fn map_png(
     resolution: usize,
     size: (usize, usize),
 ) -> ApiResult<Vec<u8>> {
-    let sizing = Sizing {
-        resolution,
-        pad: false,
-    };
-    let map = detect_file(registry, p, path, params, sizing, size)
-        .map_err(ApiError::bad)?
-        .map;
+    let map = detect_map(registry, p, path, params, resolution, size)?;
     images::png_bytes(map.width as u32, map.height as u32, map.channels, map.data)
 }
 

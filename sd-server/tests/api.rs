@@ -1,0 +1,277 @@
+//! The server's routes in process (no sockets, no Python): what a client sends, what it gets,
+//! and the image of a txt2img request against `sd::generate` with the same settings. The real
+//! clients (webuiapi, a browser) are driven by tests/server/*.py, which `.ci/run` runs.
+
+use std::path::{Path, PathBuf};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use base64::Engine;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// A models folder with the sd1 fixture, a ControlNet folder, the fixture LoRAs.
+fn config(tag: &str) -> (sd_server::Config, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("sd-server-test-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("models")).unwrap();
+    std::fs::create_dir_all(dir.join("cn")).unwrap();
+    let fx = fixtures();
+    std::os::unix::fs::symlink(fx.join("models/sd1"), dir.join("models/sd1")).unwrap();
+    std::os::unix::fs::symlink(
+        fx.join("models/controlnet-sd1"),
+        dir.join("cn/controlnet-sd1"),
+    )
+    .unwrap();
+    std::env::set_var("SDCTL_CACHE_DIR", dir.join("cache"));
+    let mut c = sd_server::Config::new("127.0.0.1:0".parse().unwrap(), dir.join("models"));
+    c.folders.controlnets = Some(dir.join("cn"));
+    c.folders.loras = Some(fx.join("loras"));
+    (c, dir)
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    auth: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(a) = auth {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(a);
+        req = req.header("authorization", format!("Basic {b64}"));
+    }
+    let body = match body {
+        Some(v) => Body::from(v.to_string()),
+        None => Body::empty(),
+    };
+    let res = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, v)
+}
+
+fn b64_file(p: &Path) -> String {
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txt2img_with_a_controlnet_unit_is_the_front_doors_image() {
+    let (config, dir) = config("parity");
+    let (app, _) = sd_server::app(config);
+    let control = fixtures().join("inputs/control_a.png");
+    let req = json!({
+        "prompt": "a cat <lora:lora_b_kohya:0.7>", "negative_prompt": "ugly",
+        "width": 64, "height": 64, "steps": 5, "seed": 11, "cfg_scale": 6,
+        "sampler_name": "Euler a", "scheduler": "automatic",
+        "alwayson_scripts": {"ControlNet": {"args": [
+            {"enabled": true, "module": "invert", "model": "controlnet-sd1",
+             "weight": 0.8, "image": b64_file(&control), "resize_mode": "Just Resize",
+             "control_mode": 2, "guidance_start": 0.1, "guidance_end": 0.9,
+             "processor_res": 64}
+        ]}}
+    });
+    let (status, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(req), None).await;
+    assert_eq!(status, 200, "{res}");
+    let images = res["images"].as_array().unwrap();
+    // the generated image, then the unit's detected map
+    assert_eq!(images.len(), 2);
+    let info: Value = serde_json::from_str(res["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["seed"], 11);
+    assert_eq!(info["all_seeds"], json!([11]));
+    assert!(info["infotexts"][0]
+        .as_str()
+        .unwrap()
+        .contains("ControlNet 0: \"Module: invert, Model: controlnet-sd1 ["));
+    let api_png = base64::engine::general_purpose::STANDARD
+        .decode(images[0].as_str().unwrap())
+        .unwrap();
+
+    // the same settings through the library's front door
+    let mut job = sd::Job::new("a cat <lora:lora_b_kohya:0.7>");
+    job.model = Some(dir.join("models/sd1"));
+    job.negative_prompt = "ugly".into();
+    job.width = Some(64);
+    job.height = Some(64);
+    job.steps = 5;
+    job.seed = Some(11);
+    job.cfg_scale = 6.0;
+    job.sampler = sd_pipeline::samplers::SamplerKind::EulerA;
+    job.schedule = sd_pipeline::samplers::Schedule::Normal;
+    job.rng = sd::Rng::Philox; // A1111's default randn_source "GPU"
+    job.lora_dir = Some(fixtures().join("loras"));
+    let mut unit = sd::UnitSpec::new(dir.join("cn/controlnet-sd1"), &control);
+    unit.weight = 0.8;
+    unit.start = 0.1;
+    unit.end = 0.9;
+    unit.mode = sd_controlnet::ControlMode::Control;
+    unit.resize = sd_controlnet::ResizeMode::Just;
+    unit.preprocessor = Some(sd_controlnet::spec::PreprocessorChoice::named("invert"));
+    unit.resolution = 64;
+    job.control.push(unit.into());
+    let g = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
+    let out = dir.join("lib.png");
+    g.write(&out, None).unwrap();
+    let lib = image::open(&out).unwrap().to_rgb8();
+    let api = image::load_from_memory(&api_png).unwrap().to_rgb8();
+    assert_eq!(api.dimensions(), (64, 64));
+    assert!(api == lib, "the API's pixels differ from the front door's");
+    assert_eq!(info["infotexts"][0].as_str().unwrap(), g.parameters);
+    // the detected map is the inverted control image, at the generation size
+    let map_png = base64::engine::general_purpose::STANDARD
+        .decode(images[1].as_str().unwrap())
+        .unwrap();
+    let map = image::load_from_memory(&map_png).unwrap().to_rgb8();
+    let src = image::open(&control).unwrap().to_rgb8();
+    assert_eq!(map.dimensions(), src.dimensions());
+    assert_eq!(map.get_pixel(5, 7).0[0], 255 - src.get_pixel(5, 7).0[0]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_4xx_naming_the_field_and_the_server_goes_on() {
+    let (mut config, dir) = config("bad");
+    config.body_limit = 1 << 20;
+    let (app, _) = sd_server::app(config);
+    let ok = json!({"width": 64, "height": 64, "steps": 1, "seed": 1});
+    let with = |k: &str, v: Value| {
+        let mut r = ok.clone();
+        r[k] = v;
+        r
+    };
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (with("sampler_name", json!("Heun")), 400, "Sampler not found"),
+        (with("width", json!(100000)), 400, "width: must be an integer in [64, 2048], got 100000"),
+        (with("steps", json!(0)), 400, "steps: must be an integer in [1, 150], got 0"),
+        (with("batch_size", json!(-1)), 400, "batch_size: must be an integer in [1, 8]"),
+        (with("cfg_scale", json!("lots")), 422, "cfg_scale: expected a finite number, got \"lots\""),
+        (with("override_settings", json!({"sd_model_checkpoint": "../sd1"})), 400,
+         "override_settings.sd_model_checkpoint: no model \"../sd1\""),
+        (with("override_settings", json!({"sd_model_checkpoint": "/etc/passwd"})), 400,
+         "no model \"/etc/passwd\""),
+        (with("enable_hr", json!(true)), 501, "enable_hr: hires fix is not implemented"),
+        (with("alwayson_scripts", json!({"controlnet": {"args": [{"model": "nope", "image": "x"}]}})),
+         400, "controlnet unit 0: model: no ControlNet \"nope\""),
+        (with("alwayson_scripts", json!({"controlnet": {"args": [
+            {"model": "controlnet-sd1", "module": "nope", "image": b64_file(&fixtures().join("inputs/control_a.png"))}]}})),
+         400, "controlnet unit 0: module: no preprocessor \"nope\""),
+        (with("alwayson_scripts", json!({"adetailer": {"args": []}})), 422, "always on script adetailer not found"),
+        (with("prompt", json!("x".repeat(70_000))), 400, "prompt: 70000 bytes"),
+    ];
+    for (body, status, detail) in cases {
+        let (s, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(body.clone()), None).await;
+        assert_eq!(s.as_u16(), status, "{body}: {res}");
+        let d = res["detail"].as_str().unwrap_or_default();
+        assert!(d.contains(detail), "{detail:?} not in {d:?}");
+    }
+    let img2img: Vec<(Value, u16, &str)> = vec![
+        (json!({"init_images": ["not base64!"]}), 400, "init_images[0]: not base64"),
+        (json!({"init_images": [base64::engine::general_purpose::STANDARD.encode(b"garbage")]}),
+         400, "init_images[0]: not an image"),
+        (json!({"init_images": []}), 400, "init_images: img2img needs an image"),
+    ];
+    for (body, status, detail) in img2img {
+        let (s, res) = call(&app, "POST", "/sdapi/v1/img2img", Some(body.clone()), None).await;
+        assert_eq!(s.as_u16(), status, "{body}: {res}");
+        assert!(res["detail"].as_str().unwrap().contains(detail), "{res}");
+    }
+    // not JSON, too big, no such route: JSON answers too
+    let req = Request::post("/sdapi/v1/txt2img").body(Body::from("{not json")).unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 422);
+    let big = json!({"prompt": "x".repeat(2 << 20)});
+    let (s, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(big), None).await;
+    assert_eq!(s, 413, "{res}");
+    assert!(res["detail"].is_string(), "{res}");
+    let (s, res) = call(&app, "GET", "/sdapi/v1/nothing-here", None, None).await;
+    assert_eq!(s, 404);
+    assert!(res["detail"].as_str().unwrap().contains("/sdapi/v1/nothing-here"));
+    let (s, res) = call(&app, "POST", "/sdapi/v1/interrogate", Some(json!({})), None).await;
+    assert_eq!(s, 501, "{res}");
+    // and it still works
+    let (s, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(ok), None).await;
+    assert_eq!(s, 200, "{res}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_lists_and_auth() {
+    let (mut config, dir) = config("options");
+    config.auth = sd_server::auth_pairs("user:pass,other:word").unwrap();
+    let (app, _) = sd_server::app(config);
+    let (s, _) = call(&app, "GET", "/sdapi/v1/options", None, None).await;
+    assert_eq!(s, 401);
+    let (s, _) = call(&app, "GET", "/sdapi/v1/options", None, Some("user:wrong")).await;
+    assert_eq!(s, 401);
+    let (s, _) = call(&app, "GET", "/", None, None).await;
+    assert_eq!(s, 401, "the web UI is behind the password too");
+    let auth = Some("other:word");
+    let (s, opts) = call(&app, "GET", "/sdapi/v1/options", None, auth).await;
+    assert_eq!(s, 200);
+    assert!(opts["sd_model_checkpoint"].as_str().unwrap().starts_with("sd1 ["));
+    assert_eq!(opts["randn_source"], "GPU");
+    // the whole dict back, with a key sdctl does not know: kept
+    let mut back = opts.clone();
+    back["some_extension_option"] = json!(42);
+    back["sd_model_checkpoint"] = json!("sd1");
+    let (s, res) = call(&app, "POST", "/sdapi/v1/options", Some(back), auth).await;
+    assert_eq!(s, 200, "{res}");
+    let (_, opts2) = call(&app, "GET", "/sdapi/v1/options", None, auth).await;
+    assert_eq!(opts2["some_extension_option"], 42);
+    assert_eq!(opts2["sd_model_checkpoint"], opts["sd_model_checkpoint"], "canonical title");
+    let (s, res) = call(&app, "POST", "/sdapi/v1/options",
+        Some(json!({"sd_model_checkpoint": "missing"})), auth).await;
+    assert_eq!(s, 400);
+    assert!(res["detail"].as_str().unwrap().contains("sd_model_checkpoint: no model \"missing\""));
+    let (_, samplers) = call(&app, "GET", "/sdapi/v1/samplers", None, auth).await;
+    let names: Vec<&str> = samplers.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["DPM++ 2M", "Euler a", "Euler", "DDIM"]);
+    let (_, loras) = call(&app, "GET", "/sdapi/v1/loras", None, auth).await;
+    assert!(loras.as_array().unwrap().iter().any(|l| l["name"] == "lora_b_kohya"));
+    let (_, cn) = call(&app, "GET", "/controlnet/model_list", None, auth).await;
+    assert!(cn["model_list"][0].as_str().unwrap().starts_with("controlnet-sd1 ["));
+    let (_, modules) = call(&app, "GET", "/controlnet/module_list", None, auth).await;
+    assert_eq!(modules["module_list"][0], "none");
+    let canny = &modules["module_detail"]["canny"]["sliders"];
+    assert_eq!(canny[1]["name"], "low");
+    assert_eq!(canny[2]["value"], 200.0);
+    let (_, v) = call(&app, "GET", "/controlnet/version", None, auth).await;
+    assert_eq!(v["version"], 2);
+    let (_, p) = call(&app, "GET", "/sdapi/v1/progress", None, auth).await;
+    assert_eq!(p["progress"], 0.0);
+    assert_eq!(p["state"]["job_count"], 0);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detect_runs_a_module_at_the_processor_resolution() {
+    let (config, dir) = config("detect");
+    let (app, _) = sd_server::app(config);
+    let control = fixtures().join("inputs/control_a.png");
+    let (s, res) = call(&app, "POST", "/controlnet/detect", Some(json!({
+        "controlnet_module": "canny", "controlnet_input_images": [b64_file(&control)],
+        "controlnet_processor_res": 128, "controlnet_threshold_a": 50, "controlnet_threshold_b": 150,
+    })), None).await;
+    assert_eq!(s, 200, "{res}");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(res["images"][0].as_str().unwrap())
+        .unwrap();
+    let map = image::load_from_memory(&png).unwrap();
+    // 64x64 brought to the processor resolution's short side
+    assert_eq!((map.width(), map.height()), (128, 128));
+    let (s, res) = call(&app, "POST", "/controlnet/detect", Some(json!({
+        "controlnet_module": "canny", "controlnet_input_images": [b64_file(&control)],
+        "controlnet_threshold_a": 999,
+    })), None).await;
+    assert_eq!(s, 400, "{res}");
+    assert!(res["detail"].as_str().unwrap().contains("low"), "{res}");
+    let _ = std::fs::remove_dir_all(dir);
+}
