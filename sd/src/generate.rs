@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use sd_controlnet::ControlNetHook;
 use sd_lora::LoraSpec;
-use sd_pipeline::generation::image_io::{image_size, load_image, load_mask, write_png};
+use image::DynamicImage;
+use sd_pipeline::generation::image_io::{
+    image_size, image_tensor, load_image, load_mask, mask_tensor, open as open_image, to_rgb8,
+    write_png,
+};
 use sd_pipeline::rng::PhiloxRng;
 use sd_pipeline::rng::{NoiseSource, TorchRng};
 use sd_pipeline::{GenerateRequest, StableDiffusion};
@@ -273,6 +277,26 @@ pub fn generate(job: &Job, registry: &Registry, hooks: Vec<Box<dyn Hook>>) -> Re
     Ok(g)
 }
 
+/// The decoded images `[batch, 3, H, W]` through the inpainting steps' last part (the crop
+/// pasted back, the original over the unmasked part).
+fn finish_inpainting(p: &crate::inpaint::Prepared, images: &Tensor) -> Result<Tensor> {
+    let mut out = Vec::new();
+    for i in 0..images.dim(0)? {
+        let (w, h, px) = to_rgb8(&images.get(i)?)?;
+        let rgb = image::RgbImage::from_raw(w as u32, h as u32, px)
+            .ok_or("a decoded image of the wrong size")?;
+        let done = p.finish(rgb);
+        let (w, h) = done.dimensions();
+        let data: Vec<f32> = done.into_raw().into_iter().map(|v| v as f32 / 255.0).collect();
+        out.push(
+            Tensor::from_vec(data, (h as usize, w as usize, 3), &Device::Cpu)?
+                .permute((2, 0, 1))?
+                .to_device(images.device())?,
+        );
+    }
+    Ok(Tensor::stack(&out, 0)?)
+}
+
 /// Run the job on a model loaded for it by [`load`].
 pub fn run(
     loaded: &Loaded,
@@ -294,16 +318,41 @@ pub fn run(
         job.cfg_scale > 1.0,
         job.control.len(),
     )?;
-    let init_image = job
-        .init_image
-        .as_deref()
-        .map(|p| load_image(p, width, height, device))
-        .transpose()?;
-    let mask = job
-        .mask
-        .as_deref()
-        .map(|p| load_mask(p, width, height, device))
-        .transpose()?;
+    // A1111's image steps around inpainting, when asked for
+    let inpaint = match (&job.init_image, &job.mask) {
+        (Some(i), Some(m)) if !job.inpaint.is_plain() => Some(crate::inpaint::prepare(
+            &open_image(i)?,
+            &open_image(m)?,
+            width,
+            height,
+            &job.inpaint,
+        )),
+        _ => None,
+    };
+    let (init_image, mask) = match &inpaint {
+        Some(p) => (
+            Some(image_tensor(
+                DynamicImage::ImageRgb8(p.init.clone()),
+                width,
+                height,
+                device,
+            )?),
+            p.mask
+                .clone()
+                .map(|m| mask_tensor(DynamicImage::ImageLuma8(m), width, height, device))
+                .transpose()?,
+        ),
+        None => (
+            job.init_image
+                .as_deref()
+                .map(|p| load_image(p, width, height, device))
+                .transpose()?,
+            job.mask
+                .as_deref()
+                .map(|p| load_mask(p, width, height, device))
+                .transpose()?,
+        ),
+    };
     let seed = job.seed.unwrap_or_else(draw_seed);
     // the prompt without its LoRA tags; those tags' LoRAs are the ones `loaded` holds
     let (prompt, loras) = resolve_loras(job)?;
@@ -367,6 +416,9 @@ pub fn run(
         .decode_latents(&latents)
         .map_err(|e| crate::non_finite::explain(e, &loaded.model, &loaded.loras, job))?;
     hooks.on_image(&mut images)?;
+    if let Some(p) = &inpaint {
+        images = finish_inpainting(p, &images)?;
+    }
     let decode = t_dec.elapsed();
 
     let seed = job.noise.is_none().then_some(seed);

@@ -102,6 +102,9 @@ impl Run<'_> {
                 req.effective_strength().to_string(),
             ));
         }
+        if st.mask.is_some() {
+            f.extend(st.inpaint.infotext());
+        }
         f.push((
             "RNG".into(),
             if st.rng == Rng::Philox { "NV" } else { "CPU" }.into(),
@@ -191,6 +194,20 @@ impl Run<'_> {
         }
         if let Some(s) = st.strength {
             m.insert("strength".into(), s.into());
+        }
+        let ip = &st.inpaint;
+        if ip.mask_blur > 0 {
+            m.insert("mask_blur".into(), ip.mask_blur.into());
+        }
+        if ip.invert_mask {
+            m.insert("invert_mask".into(), true.into());
+        }
+        if let Some(p) = ip.only_masked_padding {
+            m.insert("inpaint_area".into(), "masked".into());
+            m.insert("inpaint_padding".into(), p.into());
+        }
+        if ip.overlay {
+            m.insert("mask_overlay".into(), true.into());
         }
         m.insert("device".into(), st.device.clone().into());
         m.insert("dtype".into(), st.dtype.clone().into());
@@ -404,6 +421,11 @@ pub const PNG_SETTINGS_KEYS: &[&str] = &[
     "batch",
     "clip_skip",
     "strength",
+    "mask_blur",
+    "invert_mask",
+    "inpaint_area",
+    "inpaint_padding",
+    "mask_overlay",
     "device",
     "dtype",
     "model",

@@ -95,6 +95,9 @@ pub struct Job {
     /// img2img / inpaint strength; `None`: 0.8 for img2img, 1.0 with a mask.
     pub strength: Option<f64>,
     pub mask: Option<PathBuf>,
+    /// A1111's image steps around inpainting (mask blur, invert, only masked, overlay); none
+    /// by default.
+    pub inpaint: crate::inpaint::Inpaint,
     /// A safetensors file whose `noise` tensor replaces every initial-noise draw.
     pub noise: Option<PathBuf>,
     /// `cpu` or `cuda`.
@@ -134,6 +137,7 @@ impl Default for Job {
             init_image: None,
             strength: None,
             mask: None,
+            inpaint: Default::default(),
             noise: None,
             device: "cpu".into(),
             dtype: "f32".into(),

@@ -45,6 +45,7 @@ pub mod generate;
 pub mod hashes;
 pub mod hub;
 pub mod infotext;
+pub mod inpaint;
 pub mod job;
 pub mod model_files;
 mod non_finite;

@@ -89,6 +89,16 @@ pub const FIELDS: &[Field] = &[
     f("init_image", Ty::Path(PathRole::File), Default::None),
     f("strength", Ty::Float { min: 0.0, max: 1.0 }, Default::None),
     f("mask", Ty::Path(PathRole::File), Default::None),
+    // A1111's image steps around inpainting (sd::inpaint)
+    f("mask_blur", Ty::Int { min: 0, max: 64 }, Default::Int(0)),
+    f("invert_mask", Ty::Bool, Default::Bool(false)),
+    f(
+        "inpaint_area",
+        Ty::Choice(&["whole", "masked"]),
+        Default::Str("whole"),
+    ),
+    f("inpaint_padding", Ty::Int { min: 0, max: 4096 }, Default::Int(0)),
+    f("mask_overlay", Ty::Bool, Default::Bool(false)),
     f("noise", Ty::Path(PathRole::File), Default::None),
     f("save_latents", Ty::Path(PathRole::Output), Default::None),
     f("output", Ty::Path(PathRole::Output), Default::None),

@@ -74,6 +74,22 @@ pub struct SettingsArgs {
     /// Inpainting mask (white = repaint)
     #[arg(long)]
     pub mask: Option<PathBuf>,
+    /// Blur the inpainting mask by this sigma in pixels (A1111's "Mask blur") [default: 0]
+    #[arg(long)]
+    pub mask_blur: Option<i64>,
+    /// Repaint where the mask is black (A1111's "Inpaint not masked")
+    #[arg(long)]
+    pub invert_mask: bool,
+    /// Inpaint the whole picture, or only the masked region at the generation size, pasted
+    /// back (A1111's "Only masked") [default: whole]
+    #[arg(long, value_name = "whole|masked")]
+    pub inpaint_area: Option<String>,
+    /// Pixels around the masked region with --inpaint-area masked [default: 0]
+    #[arg(long)]
+    pub inpaint_padding: Option<i64>,
+    /// Paste the original over the result where the mask is black (A1111 does)
+    #[arg(long)]
+    pub mask_overlay: bool,
     /// safetensors file with one f32 tensor `noise` [batch, 4, H/8, W/8] replacing the initial noise
     #[arg(long)]
     pub noise: Option<PathBuf>,
@@ -148,6 +164,11 @@ impl SettingsArgs {
         put("init_image", self.init_image.as_deref().map(path));
         put("strength", self.strength.map(Value::from));
         put("mask", self.mask.as_deref().map(path));
+        put("mask_blur", self.mask_blur.map(Value::from));
+        put("invert_mask", self.invert_mask.then_some(Value::from(true)));
+        put("inpaint_area", self.inpaint_area.clone().map(Value::from));
+        put("inpaint_padding", self.inpaint_padding.map(Value::from));
+        put("mask_overlay", self.mask_overlay.then_some(Value::from(true)));
         put("noise", self.noise.as_deref().map(path));
         put("save_latents", self.save_latents.as_deref().map(path));
         put("output", self.output.as_deref().map(path));

@@ -132,6 +132,13 @@ pub fn check(
             );
         }
     }
+    for key in ["mask_blur", "invert_mask", "inpaint_area", "inpaint_padding", "mask_overlay"] {
+        if let Some(o) = top.shown_origin(key).filter(|o| *o != Origin::Default) {
+            if get(&vals, "mask").is_none() {
+                top.problem(&o, key, "needs mask (it is a step of inpainting)");
+            }
+        }
+    }
     if get(&vals, "mask").is_some() && get(&vals, "init_image").is_none() {
         let o = top.shown_origin("mask").unwrap_or(Origin::Default);
         top.problem(&o, "mask", "needs init_image (the image to inpaint)");
@@ -360,6 +367,13 @@ pub fn check(
         init_image: get_path(&vals, "init_image"),
         strength,
         mask: get_path(&vals, "mask"),
+        inpaint: sd::inpaint::Inpaint {
+            mask_blur: get_int(&vals, "mask_blur").unwrap_or(0) as u32,
+            invert_mask: get_bool(&vals, "invert_mask").unwrap_or(false),
+            only_masked_padding: (get_str(&vals, "inpaint_area").as_deref() == Some("masked"))
+                .then(|| get_int(&vals, "inpaint_padding").unwrap_or(0) as u32),
+            overlay: get_bool(&vals, "mask_overlay").unwrap_or(false),
+        },
         noise: get_path(&vals, "noise"),
         device: get_str(&vals, "device").unwrap_or(d.device),
         dtype: get_str(&vals, "dtype").unwrap_or(d.dtype),

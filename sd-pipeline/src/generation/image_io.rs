@@ -10,7 +10,8 @@ use image::{DynamicImage, GenericImageView};
 
 use crate::error::{Error, Result};
 
-fn open(path: &Path) -> Result<DynamicImage> {
+/// An image file, checked against the input limits; errors name the file.
+pub fn open(path: &Path) -> Result<DynamicImage> {
     if !path.is_file() {
         return Err(Error::Image {
             path: path.to_path_buf(),
@@ -40,7 +41,12 @@ fn resized(img: DynamicImage, width: usize, height: usize) -> DynamicImage {
 
 /// An RGB image as `[1, 3, height, width]` in [-1, 1] (`2 * x / 255 - 1`).
 pub fn load_image(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
-    let img = resized(open(path)?, width, height).to_rgb8();
+    image_tensor(open(path)?, width, height, device)
+}
+
+/// [`load_image`] of an image already read.
+pub fn image_tensor(img: DynamicImage, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    let img = resized(img, width, height).to_rgb8();
     let data: Vec<f32> = img
         .into_raw()
         .into_iter()
@@ -55,7 +61,12 @@ pub fn load_image(path: &Path, width: usize, height: usize, device: &Device) -> 
 /// A mask as `[1, 1, height, width]` of 0 and 1: grayscale (PIL's "L" conversion), scaled to
 /// [0, 1] and binarised at 0.5, as diffusers' mask processor. White = repaint.
 pub fn load_mask(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
-    let img = resized(open(path)?, width, height);
+    mask_tensor(open(path)?, width, height, device)
+}
+
+/// [`load_mask`] of an image already read.
+pub fn mask_tensor(img: DynamicImage, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    let img = resized(img, width, height);
     let gray: Vec<f32> = match img {
         DynamicImage::ImageLuma8(g) => g.into_raw().into_iter().map(|v| v as f32).collect(),
         other => other

@@ -2,7 +2,7 @@
 //! defaults) as `sd::Job`s, run on the engine thread through the front door, answered as A1111
 //! answers (`images`, `parameters`, `info`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -35,7 +35,12 @@ impl Mode {
 
 /// A body over the limit, or unreadable, as a JSON error.
 pub fn body_error(e: BytesRejection) -> ApiError {
-    ApiError::new(e.status(), "RequestBodyError", e.body_text())
+    let detail = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        "the request body is larger than the server takes (sdctl serve --body-limit-mb)".into()
+    } else {
+        e.body_text()
+    };
+    ApiError::new(e.status(), "RequestBodyError", detail)
 }
 
 pub async fn txt2img(
@@ -150,6 +155,7 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
     let mut init_image: Option<PathBuf> = None;
     let mut mask: Option<PathBuf> = None;
     let mut strength = None;
+    let mut inpaint = sd::inpaint::Inpaint::default();
     if mode == Mode::Img2Img {
         let inits = f.list("init_images")?;
         let first = match inits {
@@ -177,20 +183,21 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
         strength = Some(f.float_in("denoising_strength", 0.75, 0.0, 1.0)?);
         if let Some(m) = f.opt_string("mask")?.filter(|s| !s.is_empty()) {
             let path = images::save(scratch.path(), "mask.png", "mask", &m)?;
-            if f.int_in("inpainting_mask_invert", 0, 0, 1)? == 1 {
-                invert(&path)?;
-            }
-            // A1111's inpainting steps beyond diffusers' are reported, not silently dropped
-            let blur = f.int("mask_blur", 0)?;
-            if blur > 0 {
-                warnings.push(format!("mask_blur {blur} is not applied yet (the mask is used as given)"));
-            }
-            let fill = f.int("inpainting_fill", 1)?;
+            // A1111's steps around inpainting, with its API's defaults (processing.py)
+            inpaint = sd::inpaint::Inpaint {
+                mask_blur: f.int_in("mask_blur", 4, 0, 64)? as u32,
+                invert_mask: f.int_in("inpainting_mask_invert", 0, 0, 1)? == 1,
+                only_masked_padding: match f.bool("inpaint_full_res", true)? {
+                    true => Some(f.int_in("inpaint_full_res_padding", 0, 0, 4096)? as u32),
+                    false => None,
+                },
+                overlay: true,
+            };
+            let fill = f.int_in("inpainting_fill", 0, 0, 3)?;
             if fill != 1 {
-                warnings.push(format!("inpainting_fill {fill} is not applied yet (sdctl starts from the original content, 1)"));
-            }
-            if f.bool("inpaint_full_res", false)? {
-                warnings.push("inpaint_full_res (only masked) is not applied yet (sdctl inpaints the whole picture)".into());
+                warnings.push(format!(
+                    "inpainting_fill {fill} is not applied yet: sdctl starts from the original content (1)"
+                ));
             }
             mask = Some(path);
         }
@@ -227,6 +234,7 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
         job.init_image = init_image.clone();
         job.strength = strength;
         job.mask = mask.clone();
+        job.inpaint = inpaint;
         job.lora_dir = st.config.folders.loras.clone();
         job.control = units.iter().map(|u| u.spec.clone().into()).collect();
         jobs.push(job);
@@ -258,16 +266,6 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
         },
         info,
     ))
-}
-
-/// `inpainting_mask_invert`: the mask's grey values turned around, in place.
-fn invert(path: &Path) -> ApiResult<()> {
-    let img = sd_plugins_api::image_input::open_image(path)
-        .map_err(|e| ApiError::bad(format!("mask: {e}")))?;
-    let mut grey = img.to_luma8();
-    image::imageops::colorops::invert(&mut grey);
-    grey.save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| ApiError::internal(format!("mask: {e}")))
 }
 
 /// What `info` reports besides what the engine returns.
