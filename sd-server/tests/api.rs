@@ -24,6 +24,11 @@ fn config(tag: &str) -> (sd_server::Config, PathBuf) {
     let fx = fixtures();
     std::os::unix::fs::symlink(fx.join("models/sd1"), dir.join("models/sd1")).unwrap();
     std::os::unix::fs::symlink(
+        fx.join("models/sd1-inpaint"),
+        dir.join("models/sd1-inpaint"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
         fx.join("models/controlnet-sd1"),
         dir.join("cn/controlnet-sd1"),
     )
@@ -273,5 +278,68 @@ async fn detect_runs_a_module_at_the_processor_resolution() {
     })), None).await;
     assert_eq!(s, 400, "{res}");
     assert!(res["detail"].as_str().unwrap().contains("low"), "{res}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inpainting_takes_a1111s_steps_with_its_api_defaults() {
+    let (config, dir) = config("inpaint");
+    let (app, _) = sd_server::app(config);
+    let (init, mask) = (fixtures().join("inputs/init.png"), fixtures().join("inputs/mask.png"));
+    let req = json!({
+        "prompt": "a hat", "width": 64, "height": 64, "steps": 4, "seed": 9,
+        "sampler_name": "Euler", "denoising_strength": 0.9, "inpainting_fill": 1,
+        "init_images": [format!("data:image/png;base64,{}", b64_file(&init))],
+        "mask": b64_file(&mask),
+        "override_settings": {"sd_model_checkpoint": "sd1-inpaint"},
+    });
+    let (status, res) = call(&app, "POST", "/sdapi/v1/img2img", Some(req), None).await;
+    assert_eq!(status, 200, "{res}");
+    let info: Value = serde_json::from_str(res["info"].as_str().unwrap()).unwrap();
+    let text = info["infotexts"][0].as_str().unwrap();
+    assert!(text.contains("Mask blur: 4, Inpaint area: Only masked, Masked area padding: 0"), "{text}");
+    assert_eq!(res["parameters"]["init_images"], Value::Null, "images are not echoed");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(res["images"][0].as_str().unwrap())
+        .unwrap();
+    let api = image::load_from_memory(&png).unwrap().to_rgb8();
+
+    // A1111's API defaults: blur 4, only masked without padding, the original pasted over
+    let mut job = sd::Job::new("a hat");
+    job.model = Some(dir.join("models/sd1-inpaint"));
+    job.width = Some(64);
+    job.height = Some(64);
+    job.steps = 4;
+    job.seed = Some(9);
+    job.cfg_scale = 7.0;
+    job.sampler = sd_pipeline::samplers::SamplerKind::Euler;
+    job.schedule = sd_pipeline::samplers::Schedule::Normal;
+    job.rng = sd::Rng::Philox;
+    job.init_image = Some(init.clone());
+    job.mask = Some(mask.clone());
+    job.strength = Some(0.9);
+    job.inpaint = sd::inpaint::Inpaint {
+        mask_blur: 4,
+        invert_mask: false,
+        only_masked_padding: Some(0),
+        overlay: true,
+    };
+    let g = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
+    let out = dir.join("lib.png");
+    g.write(&out, None).unwrap();
+    let lib = image::open(&out).unwrap().to_rgb8();
+    assert!(api == lib, "the API's inpainting differs from the front door's");
+    // far from the mask (more than the blur reaches) the original is untouched
+    let (orig, m) = (image::open(&init).unwrap().to_rgb8(), image::open(&mask).unwrap().to_luma8());
+    let mut far = 0;
+    for (x, y, p) in m.enumerate_pixels() {
+        let near = (x.saturating_sub(12)..(x + 13).min(64))
+            .any(|xx| (y.saturating_sub(12)..(y + 13).min(64)).any(|yy| m.get_pixel(xx, yy).0[0] > 128));
+        if p.0[0] == 0 && !near {
+            far += 1;
+            assert_eq!(api.get_pixel(x, y), orig.get_pixel(x, y), "({x}, {y})");
+        }
+    }
+    assert!(far > 0, "the fixture mask leaves pixels far from it");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -6,8 +6,9 @@ Usage (from the repository root):
         --sdctl target/debug/sdctl --out docs/img/webui.png
 
 Starts `sdctl serve` on a free loopback port with the tiny fixture models, drives the page in
-headless Chromium through Selenium (prompt, 64x64, 8 steps, one ControlNet unit with
-tests/fixtures/inputs/control_a.png and the controlnet-sd1 model), clicks Generate, waits for the
+headless Chromium through Selenium on the project's trained tiny-fill model (models/tiny-fill:
+prompt "red circle with sky blue background", 64x64, 20 steps, one ControlNet unit with its
+outline.png and its ControlNet), clicks Generate, waits for the
 gallery, checks that no error is shown, saves a screenshot and checks that the result is a 64x64
 PNG. The server is always stopped. Exit status 0 on success, 1 with a message on any failure.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
+TINY_FILL = REPO / "models" / "tiny-fill"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 LISTEN_TIMEOUT_S = 60
@@ -115,6 +117,20 @@ class Server:
             self.proc.wait(timeout=15)
 
 
+def check_circle(png):
+    """The image is what tiny-fill draws for the prompt: red inside the outline, sky blue
+    outside (PIL, from the client venv)."""
+    import io
+    from PIL import Image
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    r, g, b = img.getpixel((32, 32))
+    if not (r > 150 and g < 110 and b < 110):
+        raise TestFailure(f"the centre is not red: {(r, g, b)}")
+    r, g, b = img.getpixel((2, 2))
+    if not (b > 150 and r < 170):
+        raise TestFailure(f"the corner is not sky blue: {(r, g, b)}")
+
+
 def make_driver(profile_dir):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -123,7 +139,7 @@ def make_driver(profile_dir):
     opts.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--window-size=1400,1000", f"--user-data-dir={profile_dir}"):
+              "--window-size=1400,1500", f"--user-data-dir={profile_dir}"):
         opts.add_argument(a)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
@@ -184,7 +200,7 @@ def run_browser(url, out_path):
                  lambda: len(option_texts(sampler)) > 1 or error_text(driver))
         model = driver.find_element("id", "model")
         wait_for("the model list", PAGE_TIMEOUT_S,
-                 lambda: (model.is_enabled() and any(v.split(" [")[0] == "sd1" for v in option_texts(model)))
+                 lambda: (model.is_enabled() and any(v.split(" [")[0] == "tiny-fill" for v in option_texts(model)))
                  or error_text(driver))
         if error_text(driver):
             raise TestFailure(f"error shown after loading the page: {error_text(driver)}")
@@ -199,26 +215,25 @@ def run_browser(url, out_path):
         # Settings.
         prompt = driver.find_element("id", "prompt")
         prompt.clear()
-        prompt.send_keys("a lighthouse on a cliff at sunset, oil painting")
-        driver.find_element("id", "negative_prompt").send_keys("blurry, lowres")
+        prompt.send_keys("red circle with sky blue background")
         set_number(driver, "width", 64)
         set_number(driver, "height", 64)
-        set_number(driver, "steps", 8)
+        set_number(driver, "seed", 1)
 
-        # One ControlNet unit with control_a.png and the controlnet-sd1 model.
+        # One ControlNet unit: the outline and tiny-fill's ControlNet.
         driver.find_element("id", "add_unit").click()
         units = driver.find_elements("css selector", ".cn-unit")
         if len(units) != 1:
             raise TestFailure(f"expected 1 ControlNet unit after #add_unit, found {len(units)}")
         unit = units[0]
-        control = FIXTURES / "inputs" / "control_a.png"
+        control = TINY_FILL / "outline.png"
         unit.find_element("css selector", ".cn-image").send_keys(str(control))
         wait_for("the control image thumbnail", PAGE_TIMEOUT_S,
                  lambda: unit.find_element("css selector", ".cn-thumb").is_displayed())
         cn_model = unit.find_element("css selector", ".cn-model")
-        wanted = wait_for("controlnet-sd1 in the ControlNet model list", PAGE_TIMEOUT_S,
+        wanted = wait_for("tiny-fill-controlnet in the ControlNet model list", PAGE_TIMEOUT_S,
                           lambda: next((v for v in option_texts(cn_model)
-                                        if v.split(" [")[0] == "controlnet-sd1"), None))
+                                        if v.split(" [")[0] == "tiny-fill-controlnet"), None))
         Select(cn_model).select_by_value(wanted)
         if not unit.find_element("css selector", ".cn-enabled").is_selected():
             unit.find_element("css selector", ".cn-enabled").click()
@@ -255,8 +270,9 @@ def run_browser(url, out_path):
         if size != (64, 64):
             raise TestFailure(f"gallery image is {size[0]}x{size[1]}, want 64x64")
         info = driver.find_element("id", "infotext").text
-        if "Steps: 8" not in info:
-            raise TestFailure(f"infotext under the image does not say 'Steps: 8': {info!r}")
+        if "Steps: 20" not in info or "ControlNet 0" not in info:
+            raise TestFailure(f"infotext under the image lacks 'Steps: 20' or the unit: {info!r}")
+        check_circle(base64.b64decode(src[len(prefix):]))
 
         severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
         for e in severe:
@@ -294,8 +310,8 @@ def main():
         models, cn = tmp / "models", tmp / "controlnet"
         models.mkdir()
         cn.mkdir()
-        (models / "sd1").symlink_to(FIXTURES / "models" / "sd1", target_is_directory=True)
-        (cn / "controlnet-sd1").symlink_to(FIXTURES / "models" / "controlnet-sd1", target_is_directory=True)
+        (models / "tiny-fill").symlink_to(TINY_FILL, target_is_directory=True)
+        (cn / "tiny-fill-controlnet").symlink_to(TINY_FILL / "controlnet", target_is_directory=True)
         server = Server(sdctl, models, cn, FIXTURES / "loras")
         server.start()
         url = server.wait_url(LISTEN_TIMEOUT_S)
