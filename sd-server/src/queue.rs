@@ -28,18 +28,22 @@ impl Engine {
     pub fn generate(&mut self, job: &sd::Job) -> sd::Result<sd::Generation> {
         let (_, loras) = sd::generate::resolve_loras(job)?;
         let key = (sd::generate::model_path(job)?, job.vae.clone(), loras);
+        let t0 = std::time::Instant::now();
         if self.loaded.as_ref().map(|(k, _)| k) != Some(&key) {
             // the old model goes before the new one loads
             self.loaded = None;
             self.loaded = Some((key, sd::load(job)?));
         }
+        let load = t0.elapsed();
         let (_, loaded) = self.loaded.as_ref().expect("loaded above");
-        sd::run(
+        let mut g = sd::run(
             loaded,
             job,
             &self.registry,
             vec![Box::new(ProgressHook(self.shared.clone()))],
-        )
+        )?;
+        g.timings.load = load;
+        Ok(g)
     }
 
     /// Forget the loaded model (`/sdapi/v1/unload-checkpoint`, and after a panic).
