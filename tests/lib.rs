@@ -122,5 +122,6 @@ pub fn case_request(case: &serde_json::Value, exp: &HashMap<String, Tensor>) -> 
         mask: path("mask").map(|p| load_mask(&p, width, height, &Device::Cpu).unwrap()),
         strength: case["strength"].as_f64(),
         noise: exp.get("noise").cloned(),
+        latent_fill: Default::default(),
     }
 }

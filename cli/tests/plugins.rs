@@ -566,6 +566,7 @@ fn every_hook_point_and_weight_patches_cross_the_abi() {
         mask: None,
         strength: None,
         noise: None,
+        latent_fill: Default::default(),
     };
     let run = |patch: Arc<dyn WeightPatch>, hook: Box<dyn sd_plugins_api::Hook>| {
         let sd = StableDiffusion::load(&model_dir("sd1"), &dev, candle_core::DType::F32, &[patch])

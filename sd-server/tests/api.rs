@@ -323,6 +323,7 @@ async fn inpainting_takes_a1111s_steps_with_its_api_defaults() {
         invert_mask: false,
         only_masked_padding: Some(0),
         overlay: true,
+        fill: sd::inpaint::Fill::Original,
     };
     let g = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
     let out = dir.join("lib.png");

@@ -374,6 +374,10 @@ pub fn run(
         mask,
         strength: job.strength,
         noise,
+        latent_fill: match job.mask {
+            Some(_) => job.inpaint.fill.latent(),
+            None => Default::default(),
+        },
     };
     sd.validate(&req)?;
     // Every ControlNet, control image and mask is loaded and checked before denoising starts.

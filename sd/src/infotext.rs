@@ -209,6 +209,9 @@ impl Run<'_> {
         if ip.overlay {
             m.insert("mask_overlay".into(), true.into());
         }
+        if ip.fill != crate::inpaint::Fill::Original {
+            m.insert("inpaint_fill".into(), ip.fill.name().into());
+        }
         m.insert("device".into(), st.device.clone().into());
         m.insert("dtype".into(), st.dtype.clone().into());
         let control: Vec<Value> = st
@@ -426,6 +429,7 @@ pub const PNG_SETTINGS_KEYS: &[&str] = &[
     "inpaint_area",
     "inpaint_padding",
     "mask_overlay",
+    "inpaint_fill",
     "device",
     "dtype",
     "model",

@@ -20,6 +20,62 @@ pub struct Inpaint {
     pub only_masked_padding: Option<u32>,
     /// Paste the original over the result where the mask is black (A1111 always does).
     pub overlay: bool,
+    /// What the masked part starts from (A1111's `inpainting_fill`).
+    pub fill: Fill,
+}
+
+/// A1111's `inpainting_fill`: what the masked part of the init image starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fill {
+    /// Colours of the surroundings, blurred in (`masking.fill`; A1111's 0, "fill").
+    Fill,
+    /// The init image as it is (1, "original"; diffusers).
+    #[default]
+    Original,
+    /// The initial noise in the latents (2, "latent noise").
+    LatentNoise,
+    /// Zero latents (3, "latent nothing").
+    LatentNothing,
+}
+
+impl Fill {
+    pub const NAMES: [&'static str; 4] = ["fill", "original", "latent-noise", "latent-nothing"];
+
+    /// A1111's number for it (`inpainting_fill`).
+    pub fn from_a1111(n: i64) -> Option<Self> {
+        [Fill::Fill, Fill::Original, Fill::LatentNoise, Fill::LatentNothing]
+            .get(usize::try_from(n).ok()?)
+            .copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// A1111's infotext name ("Masked content").
+    fn a1111_name(self) -> &'static str {
+        ["fill", "original", "latent noise", "latent nothing"][self as usize]
+    }
+
+    /// What the denoising loop does to the init latents under the mask.
+    pub fn latent(self) -> sd_pipeline::LatentFill {
+        match self {
+            Fill::LatentNoise => sd_pipeline::LatentFill::Noise,
+            Fill::LatentNothing => sd_pipeline::LatentFill::Nothing,
+            _ => sd_pipeline::LatentFill::Original,
+        }
+    }
+}
+
+impl std::str::FromStr for Fill {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::NAMES
+            .iter()
+            .position(|n| *n == s)
+            .and_then(|i| Self::from_a1111(i as i64))
+            .ok_or_else(|| format!("{s:?} is not one of {}", Self::NAMES.join(", ")))
+    }
 }
 
 impl Inpaint {
@@ -36,6 +92,9 @@ impl Inpaint {
         }
         if self.invert_mask {
             f.push(("Mask mode".into(), "Inpaint not masked".into()));
+        }
+        if self.fill != Fill::Original {
+            f.push(("Masked content".into(), self.fill.a1111_name().into()));
         }
         if let Some(p) = self.only_masked_padding {
             f.push(("Inpaint area".into(), "Only masked".into()));
@@ -259,6 +318,94 @@ fn crop_and_resize(img: &RgbImage, w: u32, h: u32) -> RgbImage {
     imageops::crop_imm(&r, ox, oy, w.min(src_w), h.min(src_h)).to_image()
 }
 
+/// PIL's `GaussianBlur(radius)`: three box blurs of the extended-box radius
+/// (`_gaussian_blur_radius`, Gwosdek et al.), edges repeated, each pass rounded to 8 bits.
+fn pil_gaussian_blur(px: &mut [[u8; 4]], w: usize, h: usize, radius: f64) {
+    if radius <= 0.0 {
+        return;
+    }
+    let passes = 3.0;
+    let sigma2 = radius * radius / passes;
+    let big_l = (12.0 * sigma2 + 1.0).sqrt();
+    let l = ((big_l - 1.0) / 2.0).floor();
+    let a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
+    let (li, frac) = (l as isize, a);
+    let norm = 2.0 * (l + a) + 1.0;
+    let line = |get: &dyn Fn(usize) -> [u8; 4], n: usize| -> Vec<[u8; 4]> {
+        let at = |i: isize| get(i.clamp(0, n as isize - 1) as usize);
+        (0..n as isize)
+            .map(|i| {
+                let mut acc = [0f64; 4];
+                for d in -li..=li {
+                    let p = at(i + d);
+                    for c in 0..4 {
+                        acc[c] += p[c] as f64;
+                    }
+                }
+                let (p0, p1) = (at(i - li - 1), at(i + li + 1));
+                std::array::from_fn(|c| {
+                    let v = (acc[c] + frac * (p0[c] as f64 + p1[c] as f64)) / norm;
+                    v.round().clamp(0.0, 255.0) as u8
+                })
+            })
+            .collect()
+    };
+    for _ in 0..3 {
+        for y in 0..h {
+            let row = line(&|x| px[y * w + x], w);
+            px[y * w..(y + 1) * w].copy_from_slice(&row);
+        }
+        for x in 0..w {
+            let col = line(&|y| px[y * w + x], h);
+            for (y, p) in col.into_iter().enumerate() {
+                px[y * w + x] = p;
+            }
+        }
+    }
+}
+
+/// `masking.fill`: the masked part of `image` replaced by its surroundings' colours, blurred
+/// in at decreasing radii (A1111's "fill").
+pub fn fill(image: &RgbImage, mask: &GrayImage) -> RgbImage {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    // premultiplied RGBa of the unmasked pixels (alpha 255 - mask)
+    let masked: Vec<[u8; 4]> = image
+        .pixels()
+        .zip(mask.pixels())
+        .map(|(p, m)| {
+            let a = 255 - m.0[0] as u32;
+            let pre = |v: u8| ((v as u32 * a + 127) / 255) as u8;
+            [pre(p.0[0]), pre(p.0[1]), pre(p.0[2]), a as u8]
+        })
+        .collect();
+    let mut out = vec![[0u8; 4]; w * h];
+    for (radius, repeats) in [(256.0, 1), (64.0, 1), (16.0, 2), (4.0, 4), (2.0, 2), (0.0, 1)] {
+        let mut blurred = masked.clone();
+        pil_gaussian_blur(&mut blurred, w, h, radius);
+        for _ in 0..repeats {
+            for (o, b) in out.iter_mut().zip(&blurred) {
+                // un-premultiply (RGBa -> RGBA), then alpha-composite over
+                let sa = b[3] as u32;
+                if sa == 0 {
+                    continue;
+                }
+                let src: [u32; 3] = std::array::from_fn(|c| (b[c] as u32 * 255 + sa / 2) / sa);
+                let da = o[3] as u32;
+                let out_a = sa * 255 + da * (255 - sa);
+                for c in 0..3 {
+                    let num = src[c].min(255) * sa * 255 + o[c] as u32 * da * (255 - sa);
+                    o[c] = ((num + out_a / 2) / out_a) as u8;
+                }
+                o[3] = ((out_a + 127) / 255) as u8;
+            }
+        }
+    }
+    RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let p = out[y as usize * w + x as usize];
+        Rgb([p[0], p[1], p[2]])
+    })
+}
+
 /// The init image and mask (both as read from their files) prepared for a generation of
 /// `width` x `height`.
 pub fn prepare(
@@ -291,9 +438,13 @@ pub fn prepare(
         let (cw, ch) = (x2 - x1, y2 - y1);
         let crop_mask = imageops::crop_imm(&m, x1, y1, cw, ch).to_image();
         let crop_init = imageops::crop_imm(&init, x1, y1, cw, ch).to_image();
+        let (crop_init, crop_mask) = (resize_and_fill(&crop_init, w, h), resize_and_fill(&crop_mask, w, h));
         return Prepared {
-            init: resize_and_fill(&crop_init, w, h),
-            mask: Some(resize_and_fill(&crop_mask, w, h)),
+            init: match steps.fill {
+                Fill::Fill => fill(&crop_init, &crop_mask),
+                _ => crop_init,
+            },
+            mask: Some(crop_mask),
             overlay_mask: steps.overlay.then_some(m),
             original: Some(init),
             paste: Some((x1, y1, cw, ch)),
@@ -308,7 +459,10 @@ pub fn prepare(
     Prepared {
         original: steps.overlay.then(|| init.clone()),
         overlay_mask: steps.overlay.then_some(overlay_mask),
-        init,
+        init: match steps.fill {
+            Fill::Fill => fill(&init, &m),
+            _ => init,
+        },
         mask: Some(m),
         paste: None,
     }
@@ -350,6 +504,28 @@ impl Prepared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fill_takes_the_surroundings_colour_and_keeps_the_unmasked_pixels() {
+        let mut img = RgbImage::from_pixel(40, 20, Rgb([200, 40, 10]));
+        let mut m = GrayImage::new(40, 20);
+        for y in 5..15 {
+            for x in 15..25 {
+                img.put_pixel(x, y, Rgb([0, 255, 0]));
+                m.put_pixel(x, y, image::Luma([255]));
+            }
+        }
+        let f = fill(&img, &m);
+        // the unmasked pixels keep their colour (radius 0 composites them last), the green
+        // hole takes the surroundings' red
+        assert_eq!(f.get_pixel(2, 2).0, [200, 40, 10]);
+        let c = f.get_pixel(20, 10).0;
+        assert!((c[0] as i32 - 200).abs() <= 2 && c[1] < 45 && (c[2] as i32 - 10).abs() <= 2, "{c:?}");
+        // one box pass of radius 0 blur changes nothing
+        let mut px = vec![[1, 2, 3, 4], [5, 6, 7, 8]];
+        pil_gaussian_blur(&mut px, 2, 1, 0.0);
+        assert_eq!(px, vec![[1, 2, 3, 4], [5, 6, 7, 8]]);
+    }
 
     #[test]
     fn a1111_crop_region_and_its_expansion() {

@@ -99,6 +99,11 @@ pub const FIELDS: &[Field] = &[
     ),
     f("inpaint_padding", Ty::Int { min: 0, max: 4096 }, Default::Int(0)),
     f("mask_overlay", Ty::Bool, Default::Bool(false)),
+    f(
+        "inpaint_fill",
+        Ty::Choice(&crate::inpaint::Fill::NAMES),
+        Default::Str("original"),
+    ),
     f("noise", Ty::Path(PathRole::File), Default::None),
     f("save_latents", Ty::Path(PathRole::Output), Default::None),
     f("output", Ty::Path(PathRole::Output), Default::None),

@@ -649,11 +649,24 @@ def test_inpaint():
         if fields.get("mask_blur", 4):
             check(f"Mask blur: {fields.get('mask_blur', 4)}" in r.info["infotexts"][0],
                   f"infotext without the mask blur: {r.info['infotexts'][0]!r}")
-    # A1111's default fill (0) is not applied yet: reported in the info, not dropped silently
-    r = img2img(api, images=[init], mask_image=mask, denoising_strength=0.9, sampler_name="Euler",
-                seed=555, override_settings={"sd_model_checkpoint": "sd1-inpaint"})
-    check(any("inpainting_fill" in w for w in r.info.get("sdctl_warnings", [])),
-          f"no warning for inpainting_fill 0: {r.info.get('sdctl_warnings')}")
+    # A1111's masked-content modes: its default "fill" (0) and the latent ones, on the
+    # 4-channel model at denoising 0.75 (where the start matters)
+    made = {}
+    for fill, name in [(0, "fill"), (1, "original"), (2, "latent-noise"), (3, "latent-nothing")]:
+        kw = {} if fill == 0 else {"inpainting_fill": fill}
+        r = img2img(api, images=[init], mask_image=mask, sampler_name="Euler", seed=556, **kw)
+        cli = CTX.cli_generate(cli_args(sampler="Euler", seed=556, init=init_path, strength=0.75,
+                                        mask=mask_path,
+                                        extra=["--mask-blur", "4", "--inpaint-area", "masked",
+                                               "--inpaint-padding", "0", "--mask-overlay",
+                                               "--inpaint-fill", name]))[0]
+        same_pixels(r.images[0], cli, f"inpaint sd1 inpainting_fill {fill}")
+        made[fill] = rgb_bytes(r.images[0])
+        if fill != 1:
+            want = {0: "fill", 2: "latent noise", 3: "latent nothing"}[fill]
+            check(f"Masked content: {want}" in r.info["infotexts"][0],
+                  f"infotext without the masked content: {r.info['infotexts'][0]!r}")
+    check(len(set(made.values())) == 4, "the four masked-content modes do not all differ")
     cur = api.get_options()["sd_model_checkpoint"]
     check(cur.startswith("sd1 ") or cur == "sd1", f"override model not restored: {cur!r}")
 

@@ -35,6 +35,7 @@ fn run(sd: &StableDiffusion) -> (Tensor, Tensor) {
         mask: None,
         strength: None,
         noise: None,
+        latent_fill: Default::default(),
     };
     let out = sd
         .generate(

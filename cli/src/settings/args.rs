@@ -90,6 +90,10 @@ pub struct SettingsArgs {
     /// Paste the original over the result where the mask is black (A1111 does)
     #[arg(long)]
     pub mask_overlay: bool,
+    /// What the masked part starts from: the original image, its surroundings' colours blurred
+    /// in, the initial noise or zeros in the latents (A1111's "Masked content") [default: original]
+    #[arg(long, value_name = "original|fill|latent-noise|latent-nothing")]
+    pub inpaint_fill: Option<String>,
     /// safetensors file with one f32 tensor `noise` [batch, 4, H/8, W/8] replacing the initial noise
     #[arg(long)]
     pub noise: Option<PathBuf>,
@@ -169,6 +173,7 @@ impl SettingsArgs {
         put("inpaint_area", self.inpaint_area.clone().map(Value::from));
         put("inpaint_padding", self.inpaint_padding.map(Value::from));
         put("mask_overlay", self.mask_overlay.then_some(Value::from(true)));
+        put("inpaint_fill", self.inpaint_fill.clone().map(Value::from));
         put("noise", self.noise.as_deref().map(path));
         put("save_latents", self.save_latents.as_deref().map(path));
         put("output", self.output.as_deref().map(path));

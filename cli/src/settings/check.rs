@@ -132,7 +132,14 @@ pub fn check(
             );
         }
     }
-    for key in ["mask_blur", "invert_mask", "inpaint_area", "inpaint_padding", "mask_overlay"] {
+    for key in [
+        "mask_blur",
+        "invert_mask",
+        "inpaint_area",
+        "inpaint_padding",
+        "mask_overlay",
+        "inpaint_fill",
+    ] {
         if let Some(o) = top.shown_origin(key).filter(|o| *o != Origin::Default) {
             if get(&vals, "mask").is_none() {
                 top.problem(&o, key, "needs mask (it is a step of inpainting)");
@@ -373,6 +380,9 @@ pub fn check(
             only_masked_padding: (get_str(&vals, "inpaint_area").as_deref() == Some("masked"))
                 .then(|| get_int(&vals, "inpaint_padding").unwrap_or(0) as u32),
             overlay: get_bool(&vals, "mask_overlay").unwrap_or(false),
+            fill: get_str(&vals, "inpaint_fill")
+                .and_then(|f| f.parse().ok())
+                .unwrap_or_default(),
         },
         noise: get_path(&vals, "noise"),
         device: get_str(&vals, "device").unwrap_or(d.device),

@@ -34,6 +34,21 @@ pub struct GenerateRequest {
     pub strength: Option<f64>,
     /// Replaces the initial noise draw, `[batch, C, height/f, width/f]`.
     pub noise: Option<Tensor>,
+    /// What the init image's latents hold under the mask before noise is added (A1111's
+    /// `inpainting_fill` 2 and 3); the init image's own by default.
+    pub latent_fill: LatentFill,
+}
+
+/// The init latents under an inpainting mask (`processing.py`, `inpainting_fill`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LatentFill {
+    /// The encoded init image (diffusers; A1111's "original").
+    #[default]
+    Original,
+    /// The initial noise draw (A1111's "latent noise").
+    Noise,
+    /// Zeros (A1111's "latent nothing").
+    Nothing,
 }
 
 impl GenerateRequest {
@@ -55,6 +70,7 @@ impl GenerateRequest {
             mask: None,
             strength: None,
             noise: None,
+            latent_fill: LatentFill::Original,
         }
     }
 
@@ -352,10 +368,22 @@ impl StableDiffusion {
             0
         };
         // Source latents, for img2img, inpaint blending and strength < 1 inpainting.
-        let image_latents = match &req.init_image {
+        let mut image_latents = match &req.init_image {
             Some(img) => Some(repeat(&self.encode_image(img)?)?),
             None => None,
         };
+        // A1111's latent fills: the masked part of the init latents replaced before the
+        // noise is added (`processing.py`, inpainting_fill 2 and 3)
+        if let (Some(src), Some(mask), fill) = (&image_latents, &req.mask, req.latent_fill) {
+            if fill != LatentFill::Original {
+                let m = repeat(&mask.upsample_nearest2d(shape[2], shape[3])?)?;
+                let keep = src.broadcast_mul(&m.affine(-1.0, 1.0)?)?;
+                image_latents = Some(match fill {
+                    LatentFill::Noise => (keep + noise.broadcast_mul(&m)?)?,
+                    _ => keep,
+                });
+            }
+        }
         let mut latents = match (&image_latents, req.mask.is_some() && strength >= 1.0) {
             (Some(src), false) => sampler.add_noise(src, &noise, first)?,
             _ => (&noise * sampler.init_noise_sigma())?,

@@ -66,7 +66,6 @@ struct Plan {
     batch: usize,
     /// Holds the request's images while the jobs run.
     scratch: tempfile::TempDir,
-    warnings: Vec<String>,
 }
 
 /// A feature A1111 has and sdctl does not yet: 501, naming the field.
@@ -151,7 +150,6 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
         .prefix("sdctl-serve-")
         .tempdir()
         .map_err(|e| ApiError::internal(format!("scratch folder: {e}")))?;
-    let mut warnings = Vec::new();
     let mut init_image: Option<PathBuf> = None;
     let mut mask: Option<PathBuf> = None;
     let mut strength = None;
@@ -192,13 +190,9 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
                     false => None,
                 },
                 overlay: true,
+                fill: sd::inpaint::Fill::from_a1111(f.int_in("inpainting_fill", 0, 0, 3)?)
+                    .expect("0..=3"),
             };
-            let fill = f.int_in("inpainting_fill", 0, 0, 3)?;
-            if fill != 1 {
-                warnings.push(format!(
-                    "inpainting_fill {fill} is not applied yet: sdctl starts from the original content (1)"
-                ));
-            }
             mask = Some(path);
         }
     }
@@ -262,7 +256,6 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
             size: (width, height),
             batch,
             scratch,
-            warnings,
         },
         info,
     ))
@@ -343,7 +336,6 @@ fn execute(engine: &mut Engine, plan: Plan) -> ApiResult<Made> {
 async fn generate(st: Arc<AppState>, body: Bytes, mode: Mode) -> ApiResult<Json<Value>> {
     let req = fields::object(&body)?;
     let (plan, info) = plan(&st, &req, mode)?;
-    let warnings = plan.warnings.clone();
     let batch = plan.batch;
     let made = st.queue.run(move |engine| execute(engine, plan)).await?;
 
@@ -393,7 +385,6 @@ async fn generate(st: Arc<AppState>, body: Bytes, mode: Mode) -> ApiResult<Json<
         "is_using_inpainting_conditioning": info.inpainting,
         "version": format!("sdctl {}", env!("CARGO_PKG_VERSION")),
         "sdctl_timings": timings,
-        "sdctl_warnings": warnings,
     });
     // A1111 echoes the request without its images
     let mut parameters = req;
