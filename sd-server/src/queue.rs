@@ -164,3 +164,59 @@ fn shutting_down() -> ApiError {
         "the server is shutting down",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_panicking_job_is_a_500_and_the_engine_goes_on() {
+        let q = Queue::start(Registry::builtin(), 4);
+        runtime().block_on(async {
+            let e = q
+                .run(|_| -> ApiResult<()> { panic!("boom in a job") })
+                .await
+                .unwrap_err();
+            assert_eq!(e.status, 500);
+            assert!(e.detail.contains("boom in a job"), "{}", e.detail);
+            assert_eq!(q.run(|_| Ok(7)).await.unwrap(), 7);
+            assert_eq!(q.pending(), 0);
+        });
+    }
+
+    #[test]
+    fn a_full_queue_is_a_503_and_closing_refuses_new_work() {
+        let q = Arc::new(Queue::start(Registry::builtin(), 1));
+        let (release, wait) = mpsc::channel::<()>();
+        let rt = runtime();
+        let busy = {
+            let q = q.clone();
+            rt.spawn(async move {
+                q.run(move |_| {
+                    wait.recv().ok();
+                    Ok(())
+                })
+                .await
+            })
+        };
+        rt.block_on(async {
+            while q.pending() == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let e = q.run(|_| Ok(())).await.unwrap_err();
+            assert_eq!(e.status, 503);
+            assert!(e.detail.contains("--queue-size 1"), "{}", e.detail);
+            release.send(()).unwrap();
+            busy.await.unwrap().unwrap();
+            q.closing.store(true, Ordering::SeqCst);
+            assert_eq!(q.run(|_| Ok(())).await.unwrap_err().status, 503);
+        });
+    }
+}

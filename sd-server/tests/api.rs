@@ -344,3 +344,53 @@ async fn inpainting_takes_a1111s_steps_with_its_api_defaults() {
     assert!(far > 0, "the fixture mask leaves pixels far from it");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_for_the_configured_origin_and_openpose_json_drawn() {
+    let (mut config, dir) = config("cors");
+    config.cors_origin = Some("http://localhost:3000".into());
+    let (app, _) = sd_server::app(config);
+    let req = Request::builder()
+        .method("OPTIONS")
+        .uri("/sdapi/v1/txt2img")
+        .header("origin", "http://localhost:3000")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .body(Body::empty())
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+    let req = Request::get("/sdapi/v1/samplers")
+        .header("origin", "http://elsewhere.example")
+        .body(Body::empty())
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    // the browser of another origin is told which one is allowed, never its own
+    assert_ne!(
+        res.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap()),
+        Some("http://elsewhere.example")
+    );
+
+    // one person: a neck and two shoulders, on a 64x48 canvas
+    let pose = json!([{
+        "canvas_width": 64, "canvas_height": 48,
+        "people": [{"pose_keypoints_2d": [
+            32, 10, 1,  32, 20, 1,  22, 20, 1,  0, 0, 0,  0, 0, 0,
+            42, 20, 1,  0, 0, 0,  0, 0, 0
+        ]}]
+    }]);
+    let (s, res) = call(&app, "POST", "/controlnet/render_openpose_json", Some(pose), None).await;
+    assert_eq!(s, 200, "{res}");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(res["images"][0].as_str().unwrap())
+        .unwrap();
+    let img = image::load_from_memory(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (64, 48));
+    assert!(img.pixels().any(|p| p.0 != [0, 0, 0]), "the skeleton is drawn");
+    let (s, res) = call(&app, "POST", "/controlnet/render_openpose_json", Some(json!("x")), None).await;
+    assert_eq!(s, 422, "{res}");
+    let _ = std::fs::remove_dir_all(dir);
+}
