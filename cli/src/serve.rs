@@ -113,11 +113,9 @@ fn settings(args: &ServeArgs) -> CliResult<Settings> {
             Some("yaml" | "yml") => fig.merge(Yaml::file_exact(f)),
             Some("json") => fig.merge(Json::file_exact(f)),
             _ => {
-                return Err(format!(
-                    "--config {}: use a .toml, .yaml or .json file",
-                    f.display()
+                return Err(
+                    format!("--config {}: use a .toml, .yaml or .json file", f.display()).into(),
                 )
-                .into())
             }
         };
     }
@@ -130,19 +128,19 @@ fn settings(args: &ServeArgs) -> CliResult<Settings> {
 
 fn existing_dir(flag: &str, p: &Option<PathBuf>) -> CliResult<Option<PathBuf>> {
     match p {
-        Some(d) if !d.is_dir() => {
-            Err(format!("{flag} {}: not a folder", d.display()).into())
-        }
+        Some(d) if !d.is_dir() => Err(format!("{flag} {}: not a folder", d.display()).into()),
         other => Ok(other.clone()),
     }
 }
 
 pub fn run(args: ServeArgs) -> CliResult {
     let s = settings(&args)?;
-    let listen: SocketAddr = s
-        .listen
-        .parse()
-        .map_err(|e| format!("--listen {:?}: {e} (give ADDRESS:PORT, e.g. 127.0.0.1:7860)", s.listen))?;
+    let listen: SocketAddr = s.listen.parse().map_err(|e| {
+        format!(
+            "--listen {:?}: {e} (give ADDRESS:PORT, e.g. 127.0.0.1:7860)",
+            s.listen
+        )
+    })?;
     let models = existing_dir("--models-dir", &s.models_dir)?
         .ok_or("--models-dir is required: the folder of models to serve")?;
     let mut config = sd_server::Config::new(listen, models);

@@ -245,7 +245,10 @@ mod tests {
             .unwrap()
             .clone();
         let h = single.sha256.clone().unwrap();
-        assert_eq!(single.title, format!("single/sd1.safetensors [{}]", &h[..10]));
+        assert_eq!(
+            single.title,
+            format!("single/sd1.safetensors [{}]", &h[..10])
+        );
         assert_eq!(single.stem, "single/sd1");
         let cat = Catalog {
             models,

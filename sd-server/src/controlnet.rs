@@ -8,8 +8,8 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::Json;
 use sd_controlnet::spec::PreprocessorChoice;
-use sd_controlnet::{ControlMode, ResizeMode};
 use sd_controlnet::UnitSpec;
+use sd_controlnet::{ControlMode, ResizeMode};
 use sd_plugins_api::{ParamKind, ParamValue, Preprocessor, Registry};
 use sd_preprocessors::detect::{detect_file, Sizing};
 use serde_json::{json, Map, Value};
@@ -39,7 +39,12 @@ fn resize_mode(f: &Fields, key: &str) -> ApiResult<ResizeMode> {
             0 => "Just Resize",
             1 => "Crop and Resize",
             2 => "Resize and Fill",
-            n => return Err(ApiError::bad(format!("{}: {n} is not 0, 1 or 2", f.name(key)))),
+            n => {
+                return Err(ApiError::bad(format!(
+                    "{}: {n} is not 0, 1 or 2",
+                    f.name(key)
+                )))
+            }
         }
         .to_string(),
         Some(_) => f.string(key, "")?,
@@ -65,7 +70,12 @@ fn control_mode(f: &Fields) -> ApiResult<ControlMode> {
             0 => "Balanced",
             1 => "My prompt is more important",
             2 => "ControlNet is more important",
-            n => return Err(ApiError::bad(format!("{}: {n} is not 0, 1 or 2", f.name(key)))),
+            n => {
+                return Err(ApiError::bad(format!(
+                    "{}: {n} is not 0, 1 or 2",
+                    f.name(key)
+                )))
+            }
         }
         .to_string(),
         Some(_) => f.string(key, "")?,
@@ -145,7 +155,10 @@ fn unit_image<'a>(f: &Fields<'a>) -> ApiResult<(Option<&'a str>, Option<&'a str>
             Some(Value::String(s)) => return Ok((Some(s), None)),
             Some(Value::Object(m)) => {
                 let img = m.get("image").and_then(Value::as_str);
-                let mask = m.get("mask").and_then(Value::as_str).filter(|s| !s.is_empty());
+                let mask = m
+                    .get("mask")
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty());
                 return Ok((img, mask));
             }
             Some(v) => {
@@ -200,7 +213,12 @@ pub fn units(
         })?;
         let (img, dict_mask) = unit_image(&f)?;
         let image: PathBuf = match (img, init_image) {
-            (Some(b64), _) => images::save(scratch, &format!("unit{i}.png"), &format!("{prefix}image"), b64)?,
+            (Some(b64), _) => images::save(
+                scratch,
+                &format!("unit{i}.png"),
+                &format!("{prefix}image"),
+                b64,
+            )?,
             (None, Some(init)) => init.to_path_buf(),
             (None, None) => {
                 return Err(ApiError::bad(format!(
@@ -275,7 +293,14 @@ pub fn detected_map(
     let params = choice
         .resolve(registry)
         .map_err(|e| ApiError::bad(e.join("; ")))?;
-    let map = detect_map(registry, p.as_ref(), &spec.image, &params, spec.resolution, size)?;
+    let map = detect_map(
+        registry,
+        p.as_ref(),
+        &spec.image,
+        &params,
+        spec.resolution,
+        size,
+    )?;
     // the extension appends the map as the unit used it: fitted to the generation size
     let map = sd_plugins_api::hwc3(&map);
     let rgb = image::RgbImage::from_raw(map.width as u32, map.height as u32, map.data)
@@ -321,13 +346,20 @@ pub async fn version() -> Json<Value> {
 
 /// `GET /controlnet/model_list`
 pub async fn model_list(State(st): State<Arc<AppState>>) -> Json<Value> {
-    let titles: Vec<String> = st.catalog().controlnets.iter().map(|e| e.title.clone()).collect();
+    let titles: Vec<String> = st
+        .catalog()
+        .controlnets
+        .iter()
+        .map(|e| e.title.clone())
+        .collect();
     Json(json!({ "model_list": titles }))
 }
 
 /// sd-webui-controlnet's slider descriptions for a module: its first two numeric parameters.
 fn sliders(p: &dyn Preprocessor) -> Vec<Value> {
-    let mut out = vec![json!({"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8})];
+    let mut out = vec![
+        json!({"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}),
+    ];
     let numeric = p
         .params()
         .into_iter()
@@ -357,10 +389,7 @@ pub async fn module_list(State(st): State<Arc<AppState>>) -> Json<Value> {
     let registry = &st.registry;
     let mut names = vec!["none".to_string()];
     let mut detail = Map::new();
-    detail.insert(
-        "none".into(),
-        json!({"model_free": false, "sliders": []}),
-    );
+    detail.insert("none".into(), json!({"model_free": false, "sliders": []}));
     for (p, _) in registry.preprocessors() {
         names.push(p.name().to_string());
         detail.insert(
@@ -375,7 +404,12 @@ pub async fn module_list(State(st): State<Arc<AppState>>) -> Json<Value> {
 /// ControlNets whose names mention it.
 pub async fn control_types(State(st): State<Arc<AppState>>) -> Json<Value> {
     let registry = &st.registry;
-    let models: Vec<String> = st.catalog().controlnets.iter().map(|e| e.title.clone()).collect();
+    let models: Vec<String> = st
+        .catalog()
+        .controlnets
+        .iter()
+        .map(|e| e.title.clone())
+        .collect();
     let modules: Vec<String> = std::iter::once("none".to_string())
         .chain(registry.preprocessors().map(|(p, _)| p.name().to_string()))
         .collect();
@@ -400,7 +434,12 @@ pub async fn control_types(State(st): State<Arc<AppState>>) -> Json<Value> {
     ] {
         let ms: Vec<&String> = modules.iter().filter(|m| m.contains(key)).collect();
         let mut cns = vec!["None".to_string()];
-        cns.extend(models.iter().filter(|m| m.to_lowercase().contains(key)).cloned());
+        cns.extend(
+            models
+                .iter()
+                .filter(|m| m.to_lowercase().contains(key))
+                .cloned(),
+        );
         types.insert(
             label.into(),
             json!({"module_list": ms, "model_list": cns,
@@ -442,15 +481,20 @@ pub async fn detect(
     );
     let registry = &st.registry;
     let choice = module_choice(registry, &module, a, b, "controlnet_")?;
-    let scratch = tempfile::tempdir()
-        .map_err(|e| ApiError::internal(format!("scratch folder: {e}")))?;
+    let scratch =
+        tempfile::tempdir().map_err(|e| ApiError::internal(format!("scratch folder: {e}")))?;
     let mut inputs = Vec::new();
     for (i, v) in list.iter().enumerate() {
         let field = format!("controlnet_input_images[{i}]");
         let text = v
             .as_str()
             .ok_or_else(|| ApiError::invalid(format!("{field}: expected a base64 image")))?;
-        inputs.push(images::save(scratch.path(), &format!("in{i}.png"), &field, text)?);
+        inputs.push(images::save(
+            scratch.path(),
+            &format!("in{i}.png"),
+            &field,
+            text,
+        )?);
     }
     let resolution = usize::try_from(res)
         .ok()
@@ -521,8 +565,8 @@ pub async fn render_openpose_json(
         .preprocessor("openpose")
         .cloned()
         .ok_or_else(|| ApiError::not_implemented("no openpose renderer is registered"))?;
-    let scratch = tempfile::tempdir()
-        .map_err(|e| ApiError::internal(format!("scratch folder: {e}")))?;
+    let scratch =
+        tempfile::tempdir().map_err(|e| ApiError::internal(format!("scratch folder: {e}")))?;
     let mut out = Vec::new();
     for (i, pose) in poses.iter().enumerate() {
         let path = scratch.path().join(format!("pose{i}.json"));

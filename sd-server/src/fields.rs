@@ -204,11 +204,21 @@ mod tests {
         assert_eq!(e.detail, "unit 0: bad: expected an integer, got \"x\"");
         assert!(f.float("inf", 1.0).is_err());
         let e = f.int_in("big", 1, 1, 150).unwrap_err();
-        assert!(e.detail.starts_with("unit 0: big: expected an integer"), "{}", e.detail);
+        assert!(
+            e.detail.starts_with("unit 0: big: expected an integer"),
+            "{}",
+            e.detail
+        );
         let e = f.int_in("steps", 1, 1, 10).unwrap_err();
-        assert_eq!(e.detail, "unit 0: steps: must be an integer in [1, 10], got 20");
+        assert_eq!(
+            e.detail,
+            "unit 0: steps: must be an integer in [1, 10], got 20"
+        );
         assert!(object(b"[1]").unwrap_err().detail.contains("a list"));
-        assert!(object(b"{").unwrap_err().detail.starts_with("the request body is not JSON"));
+        assert!(object(b"{")
+            .unwrap_err()
+            .detail
+            .starts_with("the request body is not JSON"));
         assert!(object(b"  ").unwrap().is_empty());
     }
 }

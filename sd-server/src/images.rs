@@ -74,7 +74,11 @@ mod tests {
         let url = format!("data:image/png;base64,{raw}");
         assert_eq!(decode_b64("f", &url).unwrap(), b"\x89PNG");
         let e = decode_b64("init_images[0]", "not base64!").unwrap_err();
-        assert!(e.detail.starts_with("init_images[0]: not base64"), "{}", e.detail);
+        assert!(
+            e.detail.starts_with("init_images[0]: not base64"),
+            "{}",
+            e.detail
+        );
         let dir = tempfile::tempdir().unwrap();
         let e = save(dir.path(), "x.png", "mask", &encode_b64(b"garbage bytes")).unwrap_err();
         assert!(e.detail.starts_with("mask: not an image"), "{}", e.detail);

@@ -52,7 +52,10 @@ pub fn app(config: Config) -> (Router, Arc<AppState>) {
         .merge(controlnet_routes())
         .merge(webui::routes())
         .fallback(|uri: axum::http::Uri| async move {
-            ApiError::not_found(format!("Not Found: {} is not a route of sdctl serve", uri.path()))
+            ApiError::not_found(format!(
+                "Not Found: {} is not a route of sdctl serve",
+                uri.path()
+            ))
         })
         .layer(DefaultBodyLimit::max(state.config.body_limit));
     if !state.config.auth.is_empty() {
@@ -65,13 +68,18 @@ pub fn app(config: Config) -> (Router, Arc<AppState>) {
         let allow = if origin == "*" {
             AllowOrigin::any()
         } else {
-            AllowOrigin::exact(HeaderValue::from_str(origin).unwrap_or(HeaderValue::from_static("null")))
+            AllowOrigin::exact(
+                HeaderValue::from_str(origin).unwrap_or(HeaderValue::from_static("null")),
+            )
         };
         router = router.layer(
             CorsLayer::new()
                 .allow_origin(allow)
                 .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-                .allow_headers([axum::http::header::CONTENT_TYPE, axum::http::header::AUTHORIZATION]),
+                .allow_headers([
+                    axum::http::header::CONTENT_TYPE,
+                    axum::http::header::AUTHORIZATION,
+                ]),
         );
     }
     (router.with_state(state.clone()), state)

@@ -87,8 +87,7 @@ impl Shared {
         }
         let mut progress = 0.01 + s.job_no as f64 / s.job_count as f64;
         if s.sampling_steps > 0 {
-            progress +=
-                1.0 / s.job_count as f64 * s.sampling_step as f64 / s.sampling_steps as f64;
+            progress += 1.0 / s.job_count as f64 * s.sampling_step as f64 / s.sampling_steps as f64;
         }
         let since = s.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let eta_relative = since / progress - since;
@@ -235,7 +234,10 @@ mod tests {
         }
         let p = shared.progress_json(true);
         // 0.01 + 1/2 + 1/2 * 5/10
-        assert!((p["progress"].as_f64().unwrap() - 0.76).abs() < 1e-12, "{p}");
+        assert!(
+            (p["progress"].as_f64().unwrap() - 0.76).abs() < 1e-12,
+            "{p}"
+        );
         assert_eq!(p["state"]["job"], "txt2img");
         assert!(p["current_image"].is_null());
         assert_eq!(p["state"]["job_timestamp"].as_str().unwrap().len(), 14);

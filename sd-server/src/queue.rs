@@ -143,11 +143,7 @@ impl Queue {
             });
             let _ = tx.send(r);
         });
-        let sent = self
-            .tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(task);
+        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(task);
         if sent.is_err() {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             return Err(ApiError::internal("the engine thread has stopped"));

@@ -131,7 +131,7 @@ pub fn check_options(
     field: &str,
 ) -> ApiResult<Map<String, Value>> {
     let mut out = given.clone();
-    let f = crate::fields::Fields::named(given, format!("{field}"));
+    let f = crate::fields::Fields::named(given, field);
     if let Some(name) = f.opt_string("sd_model_checkpoint")? {
         let e = catalog.model(&name).ok_or_else(|| {
             ApiError::bad(format!(

@@ -153,23 +153,79 @@ async fn bad_requests_are_4xx_naming_the_field_and_the_server_goes_on() {
         r
     };
     let cases: Vec<(Value, u16, &str)> = vec![
-        (with("sampler_name", json!("Heun")), 400, "Sampler not found"),
-        (with("width", json!(100000)), 400, "width: must be an integer in [64, 2048], got 100000"),
-        (with("steps", json!(0)), 400, "steps: must be an integer in [1, 150], got 0"),
-        (with("batch_size", json!(-1)), 400, "batch_size: must be an integer in [1, 8]"),
-        (with("cfg_scale", json!("lots")), 422, "cfg_scale: expected a finite number, got \"lots\""),
-        (with("override_settings", json!({"sd_model_checkpoint": "../sd1"})), 400,
-         "override_settings.sd_model_checkpoint: no model \"../sd1\""),
-        (with("override_settings", json!({"sd_model_checkpoint": "/etc/passwd"})), 400,
-         "no model \"/etc/passwd\""),
-        (with("enable_hr", json!(true)), 501, "enable_hr: hires fix is not implemented"),
-        (with("alwayson_scripts", json!({"controlnet": {"args": [{"model": "nope", "image": "x"}]}})),
-         400, "controlnet unit 0: model: no ControlNet \"nope\""),
-        (with("alwayson_scripts", json!({"controlnet": {"args": [
-            {"model": "controlnet-sd1", "module": "nope", "image": b64_file(&fixtures().join("inputs/control_a.png"))}]}})),
-         400, "controlnet unit 0: module: no preprocessor \"nope\""),
-        (with("alwayson_scripts", json!({"adetailer": {"args": []}})), 422, "always on script adetailer not found"),
-        (with("prompt", json!("x".repeat(70_000))), 400, "prompt: 70000 bytes"),
+        (
+            with("sampler_name", json!("Heun")),
+            400,
+            "Sampler not found",
+        ),
+        (
+            with("width", json!(100000)),
+            400,
+            "width: must be an integer in [64, 2048], got 100000",
+        ),
+        (
+            with("steps", json!(0)),
+            400,
+            "steps: must be an integer in [1, 150], got 0",
+        ),
+        (
+            with("batch_size", json!(-1)),
+            400,
+            "batch_size: must be an integer in [1, 8]",
+        ),
+        (
+            with("cfg_scale", json!("lots")),
+            422,
+            "cfg_scale: expected a finite number, got \"lots\"",
+        ),
+        (
+            with(
+                "override_settings",
+                json!({"sd_model_checkpoint": "../sd1"}),
+            ),
+            400,
+            "override_settings.sd_model_checkpoint: no model \"../sd1\"",
+        ),
+        (
+            with(
+                "override_settings",
+                json!({"sd_model_checkpoint": "/etc/passwd"}),
+            ),
+            400,
+            "no model \"/etc/passwd\"",
+        ),
+        (
+            with("enable_hr", json!(true)),
+            501,
+            "enable_hr: hires fix is not implemented",
+        ),
+        (
+            with(
+                "alwayson_scripts",
+                json!({"controlnet": {"args": [{"model": "nope", "image": "x"}]}}),
+            ),
+            400,
+            "controlnet unit 0: model: no ControlNet \"nope\"",
+        ),
+        (
+            with(
+                "alwayson_scripts",
+                json!({"controlnet": {"args": [
+            {"model": "controlnet-sd1", "module": "nope", "image": b64_file(&fixtures().join("inputs/control_a.png"))}]}}),
+            ),
+            400,
+            "controlnet unit 0: module: no preprocessor \"nope\"",
+        ),
+        (
+            with("alwayson_scripts", json!({"adetailer": {"args": []}})),
+            422,
+            "always on script adetailer not found",
+        ),
+        (
+            with("prompt", json!("x".repeat(70_000))),
+            400,
+            "prompt: 70000 bytes",
+        ),
     ];
     for (body, status, detail) in cases {
         let (s, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(body.clone()), None).await;
@@ -178,10 +234,21 @@ async fn bad_requests_are_4xx_naming_the_field_and_the_server_goes_on() {
         assert!(d.contains(detail), "{detail:?} not in {d:?}");
     }
     let img2img: Vec<(Value, u16, &str)> = vec![
-        (json!({"init_images": ["not base64!"]}), 400, "init_images[0]: not base64"),
-        (json!({"init_images": [base64::engine::general_purpose::STANDARD.encode(b"garbage")]}),
-         400, "init_images[0]: not an image"),
-        (json!({"init_images": []}), 400, "init_images: img2img needs an image"),
+        (
+            json!({"init_images": ["not base64!"]}),
+            400,
+            "init_images[0]: not base64",
+        ),
+        (
+            json!({"init_images": [base64::engine::general_purpose::STANDARD.encode(b"garbage")]}),
+            400,
+            "init_images[0]: not an image",
+        ),
+        (
+            json!({"init_images": []}),
+            400,
+            "init_images: img2img needs an image",
+        ),
     ];
     for (body, status, detail) in img2img {
         let (s, res) = call(&app, "POST", "/sdapi/v1/img2img", Some(body.clone()), None).await;
@@ -189,7 +256,9 @@ async fn bad_requests_are_4xx_naming_the_field_and_the_server_goes_on() {
         assert!(res["detail"].as_str().unwrap().contains(detail), "{res}");
     }
     // not JSON, too big, no such route: JSON answers too
-    let req = Request::post("/sdapi/v1/txt2img").body(Body::from("{not json")).unwrap();
+    let req = Request::post("/sdapi/v1/txt2img")
+        .body(Body::from("{not json"))
+        .unwrap();
     let res = app.clone().oneshot(req).await.unwrap();
     assert_eq!(res.status(), 422);
     let big = json!({"prompt": "x".repeat(2 << 20)});
@@ -198,7 +267,10 @@ async fn bad_requests_are_4xx_naming_the_field_and_the_server_goes_on() {
     assert!(res["detail"].is_string(), "{res}");
     let (s, res) = call(&app, "GET", "/sdapi/v1/nothing-here", None, None).await;
     assert_eq!(s, 404);
-    assert!(res["detail"].as_str().unwrap().contains("/sdapi/v1/nothing-here"));
+    assert!(res["detail"]
+        .as_str()
+        .unwrap()
+        .contains("/sdapi/v1/nothing-here"));
     let (s, res) = call(&app, "POST", "/sdapi/v1/interrogate", Some(json!({})), None).await;
     assert_eq!(s, 501, "{res}");
     // and it still works
@@ -221,7 +293,10 @@ async fn options_lists_and_auth() {
     let auth = Some("other:word");
     let (s, opts) = call(&app, "GET", "/sdapi/v1/options", None, auth).await;
     assert_eq!(s, 200);
-    assert!(opts["sd_model_checkpoint"].as_str().unwrap().starts_with("sd1 ["));
+    assert!(opts["sd_model_checkpoint"]
+        .as_str()
+        .unwrap()
+        .starts_with("sd1 ["));
     assert_eq!(opts["randn_source"], "GPU");
     // the whole dict back, with a key sdctl does not know: kept
     let mut back = opts.clone();
@@ -231,18 +306,42 @@ async fn options_lists_and_auth() {
     assert_eq!(s, 200, "{res}");
     let (_, opts2) = call(&app, "GET", "/sdapi/v1/options", None, auth).await;
     assert_eq!(opts2["some_extension_option"], 42);
-    assert_eq!(opts2["sd_model_checkpoint"], opts["sd_model_checkpoint"], "canonical title");
-    let (s, res) = call(&app, "POST", "/sdapi/v1/options",
-        Some(json!({"sd_model_checkpoint": "missing"})), auth).await;
+    assert_eq!(
+        opts2["sd_model_checkpoint"], opts["sd_model_checkpoint"],
+        "canonical title"
+    );
+    let (s, res) = call(
+        &app,
+        "POST",
+        "/sdapi/v1/options",
+        Some(json!({"sd_model_checkpoint": "missing"})),
+        auth,
+    )
+    .await;
     assert_eq!(s, 400);
-    assert!(res["detail"].as_str().unwrap().contains("sd_model_checkpoint: no model \"missing\""));
+    assert!(res["detail"]
+        .as_str()
+        .unwrap()
+        .contains("sd_model_checkpoint: no model \"missing\""));
     let (_, samplers) = call(&app, "GET", "/sdapi/v1/samplers", None, auth).await;
-    let names: Vec<&str> = samplers.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = samplers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["DPM++ 2M", "Euler a", "Euler", "DDIM"]);
     let (_, loras) = call(&app, "GET", "/sdapi/v1/loras", None, auth).await;
-    assert!(loras.as_array().unwrap().iter().any(|l| l["name"] == "lora_b_kohya"));
+    assert!(loras
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["name"] == "lora_b_kohya"));
     let (_, cn) = call(&app, "GET", "/controlnet/model_list", None, auth).await;
-    assert!(cn["model_list"][0].as_str().unwrap().starts_with("controlnet-sd1 ["));
+    assert!(cn["model_list"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("controlnet-sd1 ["));
     let (_, modules) = call(&app, "GET", "/controlnet/module_list", None, auth).await;
     assert_eq!(modules["module_list"][0], "none");
     let canny = &modules["module_detail"]["canny"]["sliders"];
@@ -272,10 +371,17 @@ async fn detect_runs_a_module_at_the_processor_resolution() {
     let map = image::load_from_memory(&png).unwrap();
     // 64x64 brought to the processor resolution's short side
     assert_eq!((map.width(), map.height()), (128, 128));
-    let (s, res) = call(&app, "POST", "/controlnet/detect", Some(json!({
-        "controlnet_module": "canny", "controlnet_input_images": [b64_file(&control)],
-        "controlnet_threshold_a": 999,
-    })), None).await;
+    let (s, res) = call(
+        &app,
+        "POST",
+        "/controlnet/detect",
+        Some(json!({
+            "controlnet_module": "canny", "controlnet_input_images": [b64_file(&control)],
+            "controlnet_threshold_a": 999,
+        })),
+        None,
+    )
+    .await;
     assert_eq!(s, 400, "{res}");
     assert!(res["detail"].as_str().unwrap().contains("low"), "{res}");
     let _ = std::fs::remove_dir_all(dir);
@@ -285,7 +391,10 @@ async fn detect_runs_a_module_at_the_processor_resolution() {
 async fn inpainting_takes_a1111s_steps_with_its_api_defaults() {
     let (config, dir) = config("inpaint");
     let (app, _) = sd_server::app(config);
-    let (init, mask) = (fixtures().join("inputs/init.png"), fixtures().join("inputs/mask.png"));
+    let (init, mask) = (
+        fixtures().join("inputs/init.png"),
+        fixtures().join("inputs/mask.png"),
+    );
     let req = json!({
         "prompt": "a hat", "width": 64, "height": 64, "steps": 4, "seed": 9,
         "sampler_name": "Euler", "denoising_strength": 0.9, "inpainting_fill": 1,
@@ -297,8 +406,15 @@ async fn inpainting_takes_a1111s_steps_with_its_api_defaults() {
     assert_eq!(status, 200, "{res}");
     let info: Value = serde_json::from_str(res["info"].as_str().unwrap()).unwrap();
     let text = info["infotexts"][0].as_str().unwrap();
-    assert!(text.contains("Mask blur: 4, Inpaint area: Only masked, Masked area padding: 0"), "{text}");
-    assert_eq!(res["parameters"]["init_images"], Value::Null, "images are not echoed");
+    assert!(
+        text.contains("Mask blur: 4, Inpaint area: Only masked, Masked area padding: 0"),
+        "{text}"
+    );
+    assert_eq!(
+        res["parameters"]["init_images"],
+        Value::Null,
+        "images are not echoed"
+    );
     let png = base64::engine::general_purpose::STANDARD
         .decode(res["images"][0].as_str().unwrap())
         .unwrap();
@@ -329,13 +445,20 @@ async fn inpainting_takes_a1111s_steps_with_its_api_defaults() {
     let out = dir.join("lib.png");
     g.write(&out, None).unwrap();
     let lib = image::open(&out).unwrap().to_rgb8();
-    assert!(api == lib, "the API's inpainting differs from the front door's");
+    assert!(
+        api == lib,
+        "the API's inpainting differs from the front door's"
+    );
     // far from the mask (more than the blur reaches) the original is untouched
-    let (orig, m) = (image::open(&init).unwrap().to_rgb8(), image::open(&mask).unwrap().to_luma8());
+    let (orig, m) = (
+        image::open(&init).unwrap().to_rgb8(),
+        image::open(&mask).unwrap().to_luma8(),
+    );
     let mut far = 0;
     for (x, y, p) in m.enumerate_pixels() {
-        let near = (x.saturating_sub(12)..(x + 13).min(64))
-            .any(|xx| (y.saturating_sub(12)..(y + 13).min(64)).any(|yy| m.get_pixel(xx, yy).0[0] > 128));
+        let near = (x.saturating_sub(12)..(x + 13).min(64)).any(|xx| {
+            (y.saturating_sub(12)..(y + 13).min(64)).any(|yy| m.get_pixel(xx, yy).0[0] > 128)
+        });
         if p.0[0] == 0 && !near {
             far += 1;
             assert_eq!(api.get_pixel(x, y), orig.get_pixel(x, y), "({x}, {y})");
@@ -370,7 +493,9 @@ async fn cors_for_the_configured_origin_and_openpose_json_drawn() {
     let res = app.clone().oneshot(req).await.unwrap();
     // the browser of another origin is told which one is allowed, never its own
     assert_ne!(
-        res.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap()),
+        res.headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap()),
         Some("http://elsewhere.example")
     );
 
@@ -382,15 +507,32 @@ async fn cors_for_the_configured_origin_and_openpose_json_drawn() {
             42, 20, 1,  0, 0, 0,  0, 0, 0
         ]}]
     }]);
-    let (s, res) = call(&app, "POST", "/controlnet/render_openpose_json", Some(pose), None).await;
+    let (s, res) = call(
+        &app,
+        "POST",
+        "/controlnet/render_openpose_json",
+        Some(pose),
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "{res}");
     let png = base64::engine::general_purpose::STANDARD
         .decode(res["images"][0].as_str().unwrap())
         .unwrap();
     let img = image::load_from_memory(&png).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (64, 48));
-    assert!(img.pixels().any(|p| p.0 != [0, 0, 0]), "the skeleton is drawn");
-    let (s, res) = call(&app, "POST", "/controlnet/render_openpose_json", Some(json!("x")), None).await;
+    assert!(
+        img.pixels().any(|p| p.0 != [0, 0, 0]),
+        "the skeleton is drawn"
+    );
+    let (s, res) = call(
+        &app,
+        "POST",
+        "/controlnet/render_openpose_json",
+        Some(json!("x")),
+        None,
+    )
+    .await;
     assert_eq!(s, 422, "{res}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use image::DynamicImage;
 use sd_controlnet::ControlNetHook;
 use sd_lora::LoraSpec;
-use image::DynamicImage;
 use sd_pipeline::generation::image_io::{
     image_size, image_tensor, load_image, load_mask, mask_tensor, open as open_image, to_rgb8,
     write_png,
@@ -287,7 +287,11 @@ fn finish_inpainting(p: &crate::inpaint::Prepared, images: &Tensor) -> Result<Te
             .ok_or("a decoded image of the wrong size")?;
         let done = p.finish(rgb);
         let (w, h) = done.dimensions();
-        let data: Vec<f32> = done.into_raw().into_iter().map(|v| v as f32 / 255.0).collect();
+        let data: Vec<f32> = done
+            .into_raw()
+            .into_iter()
+            .map(|v| v as f32 / 255.0)
+            .collect();
         out.push(
             Tensor::from_vec(data, (h as usize, w as usize, 3), &Device::Cpu)?
                 .permute((2, 0, 1))?

@@ -43,9 +43,14 @@ impl Fill {
 
     /// A1111's number for it (`inpainting_fill`).
     pub fn from_a1111(n: i64) -> Option<Self> {
-        [Fill::Fill, Fill::Original, Fill::LatentNoise, Fill::LatentNothing]
-            .get(usize::try_from(n).ok()?)
-            .copied()
+        [
+            Fill::Fill,
+            Fill::Original,
+            Fill::LatentNoise,
+            Fill::LatentNothing,
+        ]
+        .get(usize::try_from(n).ok()?)
+        .copied()
     }
 
     pub fn name(self) -> &'static str {
@@ -143,7 +148,11 @@ pub fn binary_mask(img: &image::DynamicImage) -> GrayImage {
         }
     };
     GrayImage::from_fn(grey.width(), grey.height(), |x, y| {
-        image::Luma([if grey.get_pixel(x, y).0[0] > 128 { 255 } else { 0 }])
+        image::Luma([if grey.get_pixel(x, y).0[0] > 128 {
+            255
+        } else {
+            0
+        }])
     })
 }
 
@@ -298,7 +307,10 @@ fn resize_and_fill<P: image::Pixel<Subpixel = u8> + 'static>(
     let src_w = if ratio < src_ratio { w } else { iw * h / ih };
     let src_h = if ratio >= src_ratio { h } else { ih * w / iw };
     let r = resize(img, src_w.max(1), src_h.max(1));
-    let (ox, oy) = ((w / 2).saturating_sub(src_w / 2), (h / 2).saturating_sub(src_h / 2));
+    let (ox, oy) = (
+        (w / 2).saturating_sub(src_w / 2),
+        (h / 2).saturating_sub(src_h / 2),
+    );
     image::ImageBuffer::from_fn(w, h, |x, y| {
         let sx = x.saturating_sub(ox).min(r.width() - 1);
         let sy = y.saturating_sub(oy).min(r.height() - 1);
@@ -314,7 +326,10 @@ fn crop_and_resize(img: &RgbImage, w: u32, h: u32) -> RgbImage {
     let src_w = if ratio > src_ratio { w } else { iw * h / ih };
     let src_h = if ratio <= src_ratio { h } else { ih * w / iw };
     let r = resize(img, src_w.max(1), src_h.max(1));
-    let (ox, oy) = ((src_w / 2).saturating_sub(w / 2), (src_h / 2).saturating_sub(h / 2));
+    let (ox, oy) = (
+        (src_w / 2).saturating_sub(w / 2),
+        (src_h / 2).saturating_sub(h / 2),
+    );
     imageops::crop_imm(&r, ox, oy, w.min(src_w), h.min(src_h)).to_image()
 }
 
@@ -328,7 +343,8 @@ fn pil_gaussian_blur(px: &mut [[u8; 4]], w: usize, h: usize, radius: f64) {
     let sigma2 = radius * radius / passes;
     let big_l = (12.0 * sigma2 + 1.0).sqrt();
     let l = ((big_l - 1.0) / 2.0).floor();
-    let a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
+    let a =
+        (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
     let (li, frac) = (l as isize, a);
     let norm = 2.0 * (l + a) + 1.0;
     let line = |get: &dyn Fn(usize) -> [u8; 4], n: usize| -> Vec<[u8; 4]> {
@@ -379,7 +395,14 @@ pub fn fill(image: &RgbImage, mask: &GrayImage) -> RgbImage {
         })
         .collect();
     let mut out = vec![[0u8; 4]; w * h];
-    for (radius, repeats) in [(256.0, 1), (64.0, 1), (16.0, 2), (4.0, 4), (2.0, 2), (0.0, 1)] {
+    for (radius, repeats) in [
+        (256.0, 1),
+        (64.0, 1),
+        (16.0, 2),
+        (4.0, 4),
+        (2.0, 2),
+        (0.0, 1),
+    ] {
         let mut blurred = masked.clone();
         pil_gaussian_blur(&mut blurred, w, h, radius);
         for _ in 0..repeats {
@@ -438,7 +461,10 @@ pub fn prepare(
         let (cw, ch) = (x2 - x1, y2 - y1);
         let crop_mask = imageops::crop_imm(&m, x1, y1, cw, ch).to_image();
         let crop_init = imageops::crop_imm(&init, x1, y1, cw, ch).to_image();
-        let (crop_init, crop_mask) = (resize_and_fill(&crop_init, w, h), resize_and_fill(&crop_mask, w, h));
+        let (crop_init, crop_mask) = (
+            resize_and_fill(&crop_init, w, h),
+            resize_and_fill(&crop_mask, w, h),
+        );
         return Prepared {
             init: match steps.fill {
                 Fill::Fill => fill(&crop_init, &crop_mask),
@@ -475,7 +501,12 @@ impl Prepared {
         let base = match (self.paste, &self.original) {
             (Some((x, y, w, h)), Some(original)) => {
                 let mut base = original.clone();
-                imageops::replace(&mut base, &crop_and_resize(&generated, w, h), x as i64, y as i64);
+                imageops::replace(
+                    &mut base,
+                    &crop_and_resize(&generated, w, h),
+                    x as i64,
+                    y as i64,
+                );
                 base
             }
             _ => generated,
@@ -520,7 +551,10 @@ mod tests {
         // hole takes the surroundings' red
         assert_eq!(f.get_pixel(2, 2).0, [200, 40, 10]);
         let c = f.get_pixel(20, 10).0;
-        assert!((c[0] as i32 - 200).abs() <= 2 && c[1] < 45 && (c[2] as i32 - 10).abs() <= 2, "{c:?}");
+        assert!(
+            (c[0] as i32 - 200).abs() <= 2 && c[1] < 45 && (c[2] as i32 - 10).abs() <= 2,
+            "{c:?}"
+        );
         // one box pass of radius 0 blur changes nothing
         let mut px = vec![[1, 2, 3, 4], [5, 6, 7, 8]];
         pil_gaussian_blur(&mut px, 2, 1, 0.0);
@@ -539,11 +573,20 @@ mod tests {
         assert_eq!(crop_region(&m, 8), Some((12, 22, 68, 48)));
         assert_eq!(crop_region(&GrayImage::new(4, 4), 3), None);
         // 40x10 to a square: grown by 30 rows, 15 above and 15 below
-        assert_eq!(expand_crop_region((20, 30, 60, 40), 64, 64, 100, 80), (20, 15, 60, 55));
+        assert_eq!(
+            expand_crop_region((20, 30, 60, 40), 64, 64, 100, 80),
+            (20, 15, 60, 55)
+        );
         // against the bottom edge: shifted up
-        assert_eq!(expand_crop_region((20, 70, 60, 80), 64, 64, 100, 80), (20, 40, 60, 80));
+        assert_eq!(
+            expand_crop_region((20, 70, 60, 80), 64, 64, 100, 80),
+            (20, 40, 60, 80)
+        );
         // 10 wide, 40 high to 2:1 width: 70 more columns, from x = -30 shifted to 0
-        assert_eq!(expand_crop_region((5, 0, 15, 40), 128, 64, 100, 80), (0, 0, 80, 40));
+        assert_eq!(
+            expand_crop_region((5, 0, 15, 40), 128, 64, 100, 80),
+            (0, 0, 80, 40)
+        );
     }
 
     #[test]
@@ -552,11 +595,16 @@ mod tests {
         let mut m = GrayImage::new(9, 1);
         m.put_pixel(4, 0, image::Luma([255]));
         let b = blur(&m, 1);
-        let w: Vec<f64> = (-3..=3).map(|d: i32| (-(d * d) as f64 / 2.0).exp()).collect();
+        let w: Vec<f64> = (-3..=3)
+            .map(|d: i32| (-(d * d) as f64 / 2.0).exp())
+            .collect();
         let s: f64 = w.iter().sum();
         for (i, wi) in w.iter().enumerate() {
             // one row: the vertical pass sees the same row reflected, the weights sum to 1
-            assert_eq!(b.get_pixel(1 + i as u32, 0).0[0], (255.0 * wi / s).round() as u8);
+            assert_eq!(
+                b.get_pixel(1 + i as u32, 0).0[0],
+                (255.0 * wi / s).round() as u8
+            );
         }
         assert_eq!(b.get_pixel(0, 0).0[0], 0);
     }
@@ -580,7 +628,11 @@ mod tests {
         let p = prepare(&init, &image::DynamicImage::ImageRgb8(rgb), 4, 1, &steps);
         let out = p.finish(RgbImage::from_pixel(4, 1, Rgb([200, 200, 200])));
         assert_eq!(out.get_pixel(0, 0).0, [200, 200, 200], "masked: generated");
-        assert_eq!(out.get_pixel(1, 0).0, [10, 20, 30], "unmasked: the original");
+        assert_eq!(
+            out.get_pixel(1, 0).0,
+            [10, 20, 30],
+            "unmasked: the original"
+        );
     }
 
     #[test]
@@ -611,6 +663,10 @@ mod tests {
         assert_eq!(out.dimensions(), (32, 32));
         assert_eq!(out.get_pixel(12, 12).0, [250, 250, 250]);
         assert_eq!(out.get_pixel(2, 2).0, [10, 20, 30]);
-        assert_eq!(out.get_pixel(5, 5).0, [10, 20, 30], "inside the crop, outside the mask");
+        assert_eq!(
+            out.get_pixel(5, 5).0,
+            [10, 20, 30],
+            "inside the crop, outside the mask"
+        );
     }
 }

@@ -97,7 +97,11 @@ pub const FIELDS: &[Field] = &[
         Ty::Choice(&["whole", "masked"]),
         Default::Str("whole"),
     ),
-    f("inpaint_padding", Ty::Int { min: 0, max: 4096 }, Default::Int(0)),
+    f(
+        "inpaint_padding",
+        Ty::Int { min: 0, max: 4096 },
+        Default::Int(0),
+    ),
     f("mask_overlay", Ty::Bool, Default::Bool(false)),
     f(
         "inpaint_fill",

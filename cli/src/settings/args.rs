@@ -172,7 +172,10 @@ impl SettingsArgs {
         put("invert_mask", self.invert_mask.then_some(Value::from(true)));
         put("inpaint_area", self.inpaint_area.clone().map(Value::from));
         put("inpaint_padding", self.inpaint_padding.map(Value::from));
-        put("mask_overlay", self.mask_overlay.then_some(Value::from(true)));
+        put(
+            "mask_overlay",
+            self.mask_overlay.then_some(Value::from(true)),
+        );
         put("inpaint_fill", self.inpaint_fill.clone().map(Value::from));
         put("noise", self.noise.as_deref().map(path));
         put("save_latents", self.save_latents.as_deref().map(path));

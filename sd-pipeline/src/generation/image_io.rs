@@ -45,7 +45,12 @@ pub fn load_image(path: &Path, width: usize, height: usize, device: &Device) -> 
 }
 
 /// [`load_image`] of an image already read.
-pub fn image_tensor(img: DynamicImage, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+pub fn image_tensor(
+    img: DynamicImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let img = resized(img, width, height).to_rgb8();
     let data: Vec<f32> = img
         .into_raw()
@@ -65,7 +70,12 @@ pub fn load_mask(path: &Path, width: usize, height: usize, device: &Device) -> R
 }
 
 /// [`load_mask`] of an image already read.
-pub fn mask_tensor(img: DynamicImage, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+pub fn mask_tensor(
+    img: DynamicImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let img = resized(img, width, height);
     let gray: Vec<f32> = match img {
         DynamicImage::ImageLuma8(g) => g.into_raw().into_iter().map(|v| v as f32).collect(),

@@ -308,9 +308,7 @@ fn execute(engine: &mut Engine, plan: Plan) -> ApiResult<Made> {
                 break;
             }
             shared.next(k);
-            let g = engine
-                .generate(job)
-                .map_err(|e| ApiError::engine(&e))?;
+            let g = engine.generate(job).map_err(|e| ApiError::engine(&e))?;
             let out = plan.scratch.path().join(format!("out-{k}.png"));
             let paths = g.write(&out, None).map_err(|e| ApiError::engine(&e))?;
             for p in paths {

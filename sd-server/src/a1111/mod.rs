@@ -28,10 +28,19 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/sdapi/v1/options", get(get_options).post(set_options))
         .route("/sdapi/v1/sd-models", get(sd_models))
         .route("/sdapi/v1/sd-vae", get(sd_vae))
-        .route("/sdapi/v1/samplers", get(|| async { Json(samplers::list()) }))
-        .route("/sdapi/v1/schedulers", get(|| async { Json(samplers::schedulers()) }))
+        .route(
+            "/sdapi/v1/samplers",
+            get(|| async { Json(samplers::list()) }),
+        )
+        .route(
+            "/sdapi/v1/schedulers",
+            get(|| async { Json(samplers::schedulers()) }),
+        )
         .route("/sdapi/v1/upscalers", get(upscalers))
-        .route("/sdapi/v1/latent-upscale-modes", get(|| async { Json(json!([])) }))
+        .route(
+            "/sdapi/v1/latent-upscale-modes",
+            get(|| async { Json(json!([])) }),
+        )
         .route("/sdapi/v1/loras", get(loras))
         .route("/sdapi/v1/refresh-loras", post(refresh))
         .route("/sdapi/v1/refresh-checkpoints", post(refresh))
@@ -47,7 +56,10 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/sdapi/v1/memory", get(memory))
         .route("/sdapi/v1/cmd-flags", get(cmd_flags))
         .route("/sdapi/v1/unload-checkpoint", post(unload))
-        .route("/sdapi/v1/reload-checkpoint", post(|| async { Json(json!({})) }));
+        .route(
+            "/sdapi/v1/reload-checkpoint",
+            post(|| async { Json(json!({})) }),
+        );
     // lists of things sdctl has none of: empty, as A1111 answers with nothing installed
     for path in [
         "/sdapi/v1/hypernetworks",
@@ -90,10 +102,7 @@ async fn get_options(State(st): St) -> Json<Value> {
 
 /// Every key is kept (a client may POST the whole GET dict back); the ones sdctl reads are
 /// checked first, and a model switch takes effect for the next request.
-async fn set_options(
-    State(st): St,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+async fn set_options(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {
     let body = body.map_err(generate::body_error)?;
     let given = fields::object(&body)?;
     let checked = check_options(&st.catalog(), &given, "")?;
@@ -125,7 +134,9 @@ async fn sd_vae(State(st): St) -> Json<Value> {
 }
 
 async fn upscalers() -> Json<Value> {
-    Json(json!([{"name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4}]))
+    Json(
+        json!([{"name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4}]),
+    )
 }
 
 async fn loras(State(st): St) -> Json<Value> {
@@ -238,7 +249,9 @@ async fn png_info(body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>>
         .filter(|(k, _)| k != "parameters")
         .map(|(k, v)| (k, Value::String(v)))
         .collect();
-    Ok(Json(json!({"info": info, "items": items, "parameters": parameters})))
+    Ok(Json(
+        json!({"info": info, "items": items, "parameters": parameters}),
+    ))
 }
 
 async fn memory() -> Json<Value> {
@@ -256,7 +269,9 @@ async fn memory() -> Json<Value> {
         (Some(t), Some(f)) => json!({"free": f, "used": t.saturating_sub(f), "total": t}),
         _ => json!({"error": "unknown"}),
     };
-    Json(json!({"ram": ram, "cuda": {"error": "sdctl serve reports CUDA memory only on CUDA builds"}}))
+    Json(
+        json!({"ram": ram, "cuda": {"error": "sdctl serve reports CUDA memory only on CUDA builds"}}),
+    )
 }
 
 async fn cmd_flags(State(st): St) -> Json<Value> {

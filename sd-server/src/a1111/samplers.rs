@@ -61,7 +61,11 @@ pub fn resolve(sampler: &str, scheduler: &str) -> ApiResult<(SamplerKind, Schedu
         .ok_or_else(|| {
             ApiError::bad(format!(
                 "Sampler not found: sampler_name {sampler:?} (sdctl has {})",
-                SAMPLERS.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                SAMPLERS
+                    .iter()
+                    .map(|s| s.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })?;
     let want_sched = scheduler.trim().to_lowercase();
@@ -125,13 +129,34 @@ mod tests {
     #[test]
     fn names_aliases_and_automatic_schedules() {
         use SamplerKind::*;
-        assert_eq!(resolve("Euler a", "automatic").unwrap(), (EulerA, Schedule::Normal));
-        assert_eq!(resolve("k_euler_a", "").unwrap(), (EulerA, Schedule::Normal));
-        assert_eq!(resolve("DPM++ 2M", "automatic").unwrap(), (DpmPP2M, Schedule::Karras));
-        assert_eq!(resolve("DPM++ 2M", "normal").unwrap(), (DpmPP2M, Schedule::Normal));
-        assert_eq!(resolve("DPM++ 2M Karras", "").unwrap(), (DpmPP2M, Schedule::Karras));
-        assert_eq!(resolve("euler", "Karras").unwrap(), (Euler, Schedule::Karras));
-        assert_eq!(resolve("DDIM", "automatic").unwrap(), (Ddim, Schedule::Normal));
+        assert_eq!(
+            resolve("Euler a", "automatic").unwrap(),
+            (EulerA, Schedule::Normal)
+        );
+        assert_eq!(
+            resolve("k_euler_a", "").unwrap(),
+            (EulerA, Schedule::Normal)
+        );
+        assert_eq!(
+            resolve("DPM++ 2M", "automatic").unwrap(),
+            (DpmPP2M, Schedule::Karras)
+        );
+        assert_eq!(
+            resolve("DPM++ 2M", "normal").unwrap(),
+            (DpmPP2M, Schedule::Normal)
+        );
+        assert_eq!(
+            resolve("DPM++ 2M Karras", "").unwrap(),
+            (DpmPP2M, Schedule::Karras)
+        );
+        assert_eq!(
+            resolve("euler", "Karras").unwrap(),
+            (Euler, Schedule::Karras)
+        );
+        assert_eq!(
+            resolve("DDIM", "automatic").unwrap(),
+            (Ddim, Schedule::Normal)
+        );
         let e = resolve("Heun", "automatic").unwrap_err();
         assert!(e.detail.starts_with("Sampler not found"), "{}", e.detail);
         assert_eq!(e.status, 400);
