@@ -70,6 +70,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MB")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_limit_mb: Option<usize>,
+    /// Where the jobs run: cpu or cuda (default cpu).
+    #[arg(long, value_name = "cpu|cuda")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Precision: f32, f16 or bf16 (default f32).
+    #[arg(long, value_name = "f32|f16|bf16")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
 }
 
 /// The settings after layering: what the server runs with.
@@ -92,6 +100,8 @@ struct Settings {
     max_batch: Option<usize>,
     #[serde(default = "default_body")]
     body_limit_mb: usize,
+    device: Option<String>,
+    dtype: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -173,6 +183,19 @@ pub fn run(args: ServeArgs) -> CliResult {
             *slot = v;
         }
     }
+    // checked now, as generate checks them, not at the first request
+    if let Some(d) = s.device {
+        config.device = d;
+    }
+    if let Some(d) = s.dtype {
+        config.dtype = d;
+    }
+    let probe = sd::Job {
+        device: config.device.clone(),
+        dtype: config.dtype.clone(),
+        ..sd::Job::default()
+    };
+    sd::generate::device_and_dtype(&probe)?;
     if !listen.ip().is_loopback() {
         eprintln!(
             "sdctl serve: listening on {} (not loopback): {}",

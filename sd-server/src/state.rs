@@ -41,6 +41,10 @@ pub struct Config {
     pub cors_origin: Option<String>,
     pub body_limit: usize,
     pub limits: Limits,
+    /// Where jobs run (`cpu`, `cuda`) and in what precision (`f32`, `f16`, `bf16`), as
+    /// `sdctl generate --device --dtype`.
+    pub device: String,
+    pub dtype: String,
 }
 
 impl Config {
@@ -56,6 +60,8 @@ impl Config {
             cors_origin: None,
             body_limit: 50 << 20,
             limits: Limits::default(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
         }
     }
 }
