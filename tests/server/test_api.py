@@ -873,6 +873,35 @@ def test_progress_and_interrupt():
     check(p["state"].get("job_count", 0) == 0, f"job_count {p['state'].get('job_count')} when idle")
 
 
+def test_skip():
+    """skip ends the current generation of a request early and goes on with the next
+    (A1111's n_iter): two iterations, the first skipped, still two images; the second is the
+    image the same request gives alone for its seed (seed + batch_size)."""
+    s = CTX.main()
+    api = s.api()
+    long = dict(steps=150, batch_size=1, seed=40, sampler_name="Euler a")
+    job = Bg(lambda: txt2img(s.api(), n_iter=2, **long))
+    job.start()
+    try:
+        p, seen = wait_progress(api, lambda x: is_sampling(x) and x["state"]["job_no"] == 0, 60)
+        check(p is not None, f"the first iteration never sampled: {str(seen[-1:])[:300]}")
+        api.skip()
+        job.join(120)
+        check(not job.is_alive(), "txt2img still running 120 s after skip")
+        check(job.error is None, f"skipped txt2img: {job.error!r}"[:500])
+        check(len(job.result.images) == 2, f"{len(job.result.images)} images, want 2")
+        check(job.result.info["all_seeds"] == [40, 41], f"all_seeds {job.result.info['all_seeds']}")
+    finally:
+        if job.is_alive():
+            api.interrupt()
+            job.join(60)
+    alone = txt2img(api, **dict(long, seed=41))
+    check(rgb_bytes(alone.images[0]) == rgb_bytes(job.result.images[1]),
+          "the iteration after the skipped one differs from the same seed alone")
+    check(rgb_bytes(alone.images[0]) != rgb_bytes(job.result.images[0]),
+          "the skipped iteration looks finished")
+
+
 def test_parallel_requests():
     api = CTX.main().api()
     seeds = [201, 202, 203]
@@ -1149,6 +1178,7 @@ TESTS = [
     test_img2img_controlnet,
     test_png_info,
     test_progress_and_interrupt,
+    test_skip,
     test_parallel_requests,
     test_auth,
     test_bad_inputs,
