@@ -30,65 +30,55 @@ pub struct Unit {
     pub save_detected_map: bool,
 }
 
-/// `resize_mode` as a name or 0/1/2 (sd-webui-controlnet's `ResizeMode`).
-fn resize_mode(f: &Fields, key: &str) -> ApiResult<ResizeMode> {
-    let v = f.get(key);
-    let name = match v {
-        None => return Ok(ResizeMode::Fill),
-        Some(Value::Number(_)) => match f.int(key, 2)? {
-            0 => "Just Resize",
-            1 => "Crop and Resize",
-            2 => "Resize and Fill",
-            n => {
-                return Err(ApiError::bad(format!(
-                    "{}: {n} is not 0, 1 or 2",
-                    f.name(key)
-                )))
-            }
+/// One of three names, given as the name (or an old alias) or as its number 0/1/2.
+fn choice(
+    f: &Fields,
+    key: &str,
+    names: [&str; 3],
+    aliases: &[(&str, usize)],
+) -> ApiResult<Option<usize>> {
+    let i = match f.get(key) {
+        None => return Ok(None),
+        Some(Value::Number(_)) => usize::try_from(f.int(key, 0)?).ok().filter(|&i| i < 3),
+        Some(_) => {
+            let name = f.string(key, "")?;
+            names
+                .iter()
+                .position(|n| *n == name)
+                .or_else(|| aliases.iter().find(|(a, _)| *a == name).map(|(_, i)| *i))
         }
-        .to_string(),
-        Some(_) => f.string(key, "")?,
     };
-    match name.as_str() {
-        "Just Resize" => Ok(ResizeMode::Just),
-        "Crop and Resize" | "Scale to Fit (Inner Fit)" => Ok(ResizeMode::Crop),
-        "Resize and Fill" | "Envelope (Outer Fit)" => Ok(ResizeMode::Fill),
-        o => Err(ApiError::bad(format!(
-            "{}: {o:?} is not one of \"Just Resize\", \"Crop and Resize\", \"Resize and Fill\"",
-            f.name(key)
-        ))),
-    }
+    i.map(Some).ok_or_else(|| {
+        ApiError::bad(format!(
+            "{}: {} is not one of {:?} (or 0, 1, 2)",
+            f.name(key),
+            fields::shown(&f.map[key]),
+            names
+        ))
+    })
 }
 
-/// `control_mode` as a name or 0/1/2 (also the old `guessmode` flag).
+/// `resize_mode` (sd-webui-controlnet's `ResizeMode`); "Resize and Fill" by default.
+fn resize_mode(f: &Fields) -> ApiResult<ResizeMode> {
+    let names = ["Just Resize", "Crop and Resize", "Resize and Fill"];
+    let old = [("Scale to Fit (Inner Fit)", 1), ("Envelope (Outer Fit)", 2)];
+    Ok([ResizeMode::Just, ResizeMode::Crop, ResizeMode::Fill]
+        [choice(f, "resize_mode", names, &old)?.unwrap_or(2)])
+}
+
+/// `control_mode` (also the old `guessmode` flag); "Balanced" by default.
 fn control_mode(f: &Fields) -> ApiResult<ControlMode> {
-    let key = "control_mode";
-    let name = match f.get(key) {
-        None if f.bool("guessmode", false)? => return Ok(ControlMode::Control),
-        None => return Ok(ControlMode::Balanced),
-        Some(Value::Number(_)) => match f.int(key, 0)? {
-            0 => "Balanced",
-            1 => "My prompt is more important",
-            2 => "ControlNet is more important",
-            n => {
-                return Err(ApiError::bad(format!(
-                    "{}: {n} is not 0, 1 or 2",
-                    f.name(key)
-                )))
-            }
-        }
-        .to_string(),
-        Some(_) => f.string(key, "")?,
-    };
-    match name.as_str() {
-        "Balanced" => Ok(ControlMode::Balanced),
-        "My prompt is more important" => Ok(ControlMode::Prompt),
-        "ControlNet is more important" => Ok(ControlMode::Control),
-        o => Err(ApiError::bad(format!(
-            "{}: {o:?} is not one of \"Balanced\", \"My prompt is more important\", \"ControlNet is more important\"",
-            f.name(key)
-        ))),
-    }
+    let names = [
+        "Balanced",
+        "My prompt is more important",
+        "ControlNet is more important",
+    ];
+    let guess = if f.bool("guessmode", false)? { 2 } else { 0 };
+    Ok([
+        ControlMode::Balanced,
+        ControlMode::Prompt,
+        ControlMode::Control,
+    ][choice(f, "control_mode", names, &[])?.unwrap_or(guess)])
 }
 
 /// A preprocessor by sd-webui-controlnet's module name, with `threshold_a` / `threshold_b` as its
@@ -240,7 +230,7 @@ pub fn units(
             )?),
             None => None,
         };
-        let resize = resize_mode(&f, "resize_mode")?;
+        let resize = resize_mode(&f)?;
         let module = f.string("module", "none")?;
         let pre = module_choice(
             registry,
@@ -587,3 +577,51 @@ pub async fn render_openpose_json(
 
 /// Query of `/controlnet/module_list` and `/model_list` (`alias_names`, `update`): accepted.
 pub type ListQuery = Query<std::collections::HashMap<String, String>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_by_name_number_or_old_name_and_pixel_perfect() {
+        let read = |v: Value| {
+            let m = json!({ "resize_mode": v.clone(), "control_mode": v });
+            let m = m.as_object().unwrap().clone();
+            let f = Fields::named(&m, "unit 0: ");
+            (resize_mode(&f).ok(), control_mode(&f).ok())
+        };
+        assert_eq!(
+            read(json!(0)),
+            (Some(ResizeMode::Just), Some(ControlMode::Balanced))
+        );
+        assert_eq!(read(json!("Crop and Resize")).0, Some(ResizeMode::Crop));
+        assert_eq!(
+            read(json!("Envelope (Outer Fit)")).0,
+            Some(ResizeMode::Fill)
+        );
+        assert_eq!(
+            read(json!("ControlNet is more important")).1,
+            Some(ControlMode::Control)
+        );
+        assert_eq!(read(json!(3)), (None, None));
+        let m = json!({"resize_mode": "Stretch"});
+        let m = m.as_object().unwrap();
+        let e = resize_mode(&Fields::named(m, "unit 1: ")).unwrap_err();
+        assert!(
+            e.detail
+                .starts_with("unit 1: resize_mode: \"Stretch\" is not one of"),
+            "{}",
+            e.detail
+        );
+        let none = Map::new();
+        assert_eq!(resize_mode(&Fields::new(&none)).unwrap(), ResizeMode::Fill);
+        let guess = json!({"guessmode": true});
+        assert_eq!(
+            control_mode(&Fields::new(guess.as_object().unwrap())).unwrap(),
+            ControlMode::Control
+        );
+        // sd-webui-controlnet: a 64x32 image for 512x512, inner fit: the short side to 512
+        assert_eq!(pixel_perfect((64, 32), (512, 512), ResizeMode::Crop), 512);
+        assert_eq!(pixel_perfect((64, 32), (512, 512), ResizeMode::Fill), 256);
+    }
+}

@@ -232,53 +232,39 @@ pub fn expand_crop_region(
     image_width: u32,
     image_height: u32,
 ) -> (u32, u32, u32, u32) {
-    let (mut x1, mut y1, mut x2, mut y2) = (
+    let (x1, y1, x2, y2) = (
         region.0 as i64,
         region.1 as i64,
         region.2 as i64,
         region.3 as i64,
     );
-    let (iw, ih) = (image_width as i64, image_height as i64);
     let ratio_crop = (x2 - x1) as f64 / (y2 - y1) as f64;
     let ratio = width as f64 / height as f64;
-    // Python's // floors
-    let floor_half = |d: i64| d.div_euclid(2);
     if ratio_crop > ratio {
-        let desired = (x2 - x1) as f64 / ratio;
-        let diff = (desired - (y2 - y1) as f64) as i64;
-        y1 -= floor_half(diff);
-        y2 += diff - floor_half(diff);
-        if y2 >= ih {
-            let d = y2 - ih;
-            y2 -= d;
-            y1 -= d;
-        }
-        if y1 < 0 {
-            y2 -= y1;
-            y1 = 0;
-        }
-        if y2 >= ih {
-            y2 = ih;
-        }
+        let diff = ((x2 - x1) as f64 / ratio - (y2 - y1) as f64) as i64;
+        let (y1, y2) = grow(y1, y2, diff, image_height as i64);
+        (x1 as u32, y1 as u32, x2 as u32, y2 as u32)
     } else {
-        let desired = (y2 - y1) as f64 * ratio;
-        let diff = (desired - (x2 - x1) as f64) as i64;
-        x1 -= floor_half(diff);
-        x2 += diff - floor_half(diff);
-        if x2 >= iw {
-            let d = x2 - iw;
-            x2 -= d;
-            x1 -= d;
-        }
-        if x1 < 0 {
-            x2 -= x1;
-            x1 = 0;
-        }
-        if x2 >= iw {
-            x2 = iw;
-        }
+        let diff = ((y2 - y1) as f64 * ratio - (x2 - x1) as f64) as i64;
+        let (x1, x2) = grow(x1, x2, diff, image_width as i64);
+        (x1 as u32, y1 as u32, x2 as u32, y2 as u32)
     }
-    (x1 as u32, y1 as u32, x2 as u32, y2 as u32)
+}
+
+/// One axis of `expand_crop_region`: `[lo, hi)` grown by `diff` (half before, Python's `//`),
+/// shifted back inside `[0, limit]`.
+fn grow(lo: i64, hi: i64, diff: i64, limit: i64) -> (i64, i64) {
+    let (mut lo, mut hi) = (lo - diff.div_euclid(2), hi + diff - diff.div_euclid(2));
+    if hi >= limit {
+        let d = hi - limit;
+        hi -= d;
+        lo -= d;
+    }
+    if lo < 0 {
+        hi -= lo;
+        lo = 0;
+    }
+    (lo, hi.min(limit))
 }
 
 fn resize<P: image::Pixel<Subpixel = u8> + 'static>(

@@ -89,24 +89,25 @@ pub const FIELDS: &[Field] = &[
     f("init_image", Ty::Path(PathRole::File), Default::None),
     f("strength", Ty::Float { min: 0.0, max: 1.0 }, Default::None),
     f("mask", Ty::Path(PathRole::File), Default::None),
-    // A1111's image steps around inpainting (sd::inpaint)
-    f("mask_blur", Ty::Int { min: 0, max: 64 }, Default::Int(0)),
-    f("invert_mask", Ty::Bool, Default::Bool(false)),
+    // A1111's image steps around inpainting (sd::inpaint); absent: not taken (0, false,
+    // "whole", "original")
+    f("mask_blur", Ty::Int { min: 0, max: 64 }, Default::None),
+    f("invert_mask", Ty::Bool, Default::None),
     f(
         "inpaint_area",
         Ty::Choice(&["whole", "masked"]),
-        Default::Str("whole"),
+        Default::None,
     ),
     f(
         "inpaint_padding",
         Ty::Int { min: 0, max: 4096 },
-        Default::Int(0),
+        Default::None,
     ),
-    f("mask_overlay", Ty::Bool, Default::Bool(false)),
+    f("mask_overlay", Ty::Bool, Default::None),
     f(
         "inpaint_fill",
         Ty::Choice(&crate::inpaint::Fill::NAMES),
-        Default::Str("original"),
+        Default::None,
     ),
     f("noise", Ty::Path(PathRole::File), Default::None),
     f("save_latents", Ty::Path(PathRole::Output), Default::None),

@@ -132,6 +132,7 @@ pub fn check(
             );
         }
     }
+    // the inpainting steps need a mask; their defaults (as `config show` writes them) do not
     for key in [
         "mask_blur",
         "invert_mask",
@@ -140,10 +141,15 @@ pub fn check(
         "mask_overlay",
         "inpaint_fill",
     ] {
-        if let Some(o) = top.shown_origin(key).filter(|o| *o != Origin::Default) {
-            if get(&vals, "mask").is_none() {
-                top.problem(&o, key, "needs mask (it is a step of inpainting)");
-            }
+        let set = match get(&vals, key) {
+            Some(Typed::Int(n)) => *n != 0,
+            Some(Typed::Bool(b)) => *b,
+            Some(Typed::Str(v)) => v != "whole" && v != "original",
+            _ => false,
+        };
+        if set && get(&vals, "mask").is_none() {
+            let o = top.shown_origin(key).unwrap_or(Origin::Default);
+            top.problem(&o, key, "needs mask (it is a step of inpainting)");
         }
     }
     if get(&vals, "mask").is_some() && get(&vals, "init_image").is_none() {
