@@ -1,6 +1,6 @@
 //! The front door: everything `sdctl generate` does, as a library. One [`Job`] (the settings a
 //! user gives, with sdctl's defaults) names the model, its LoRAs, control units and plugins;
-//! [`generate`] loads the model with them and returns the images, the latents and the
+//! [`generate`](fn@generate) loads the model with them and returns the images, the latents and the
 //! infotext that the PNGs carry. The CLI and the server are thin shells over this crate, so the
 //! same settings give the same image through every door.
 //!
