@@ -249,6 +249,12 @@ async fn bad_requests_are_4xx_naming_the_field_and_the_server_goes_on() {
             400,
             "init_images: img2img needs an image",
         ),
+        (
+            json!({"init_images": [b64_file(&fixtures().join("inputs/init.png"))],
+                   "denoising_strength": 0}),
+            400,
+            "denoising_strength: must be above 0",
+        ),
     ];
     for (body, status, detail) in img2img {
         let (s, res) = call(&app, "POST", "/sdapi/v1/img2img", Some(body.clone()), None).await;

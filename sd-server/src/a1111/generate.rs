@@ -178,7 +178,13 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
             ));
         }
         init_image = Some(path);
-        strength = Some(f.float_in("denoising_strength", 0.75, 0.0, 1.0)?);
+        let d = f.float_in("denoising_strength", 0.75, 0.0, 1.0)?;
+        if d == 0.0 {
+            return Err(ApiError::bad(
+                "denoising_strength: must be above 0 (0 would change nothing)",
+            ));
+        }
+        strength = Some(d);
         if let Some(m) = f.opt_string("mask")?.filter(|s| !s.is_empty()) {
             let path = images::save(scratch.path(), "mask.png", "mask", &m)?;
             // A1111's steps around inpainting, with its API's defaults (processing.py)
