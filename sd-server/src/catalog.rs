@@ -31,9 +31,15 @@ impl Entry {
     /// the short hash (A1111's `get_closet_checkpoint_match` order, exact matches only).
     fn answers_to(&self, q: &str) -> bool {
         let q = q.trim();
+        // a title from another tool ("name [hash]", its hash from another convention) names
+        // the entry by its name, as sd-webui-controlnet matches model names
+        let named = |q: &str| q == self.name || q == self.stem;
         q == self.title
-            || q == self.name
-            || q == self.stem
+            || named(q)
+            || q
+                .strip_suffix(']')
+                .and_then(|t| t.rsplit_once(" ["))
+                .is_some_and(|(name, _)| named(name))
             || self.short_hash(q.len().max(8)).is_some_and(|h| h == q)
     }
 }
@@ -262,6 +268,13 @@ mod tests {
         ] {
             assert_eq!(cat.model(q).unwrap().name, "single/sd1.safetensors", "{q}");
         }
+        // A1111's title with another hash convention still names it
+        assert_eq!(
+            cat.model("single/sd1.safetensors [0123456789]").unwrap().name,
+            "single/sd1.safetensors"
+        );
+        assert_eq!(cat.model("single/sd1 [abcd]").unwrap().name, "single/sd1.safetensors");
+        assert!(cat.model("single/sd9 [abcd]").is_none());
         assert!(cat.model("../sd1").is_none());
         assert!(cat.model("/etc/passwd").is_none());
 
