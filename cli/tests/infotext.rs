@@ -91,8 +91,19 @@ fn infotext_golden_and_from_png_round_trip() {
     ));
     let text = ok(&sdctl_cached(&["png-info", s(&a)], &cache));
     let model_hash = &sha256_hex(&folder_files(&model))[..10];
-    let cn_hash = &sha256_hex(std::slice::from_ref(&cn))[..8];
-    let lora_hash = &sha256_hex(std::slice::from_ref(&lora))[..12];
+    // A1111's conventions, computed with hashlib after A1111's code (make_hash_fixtures.py):
+    // sd-webui-controlnet's legacy hash, the LoRA's hash of its tensor data
+    let a1111: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fx.join("expected/a1111_hashes.json")).unwrap(),
+    )
+    .unwrap();
+    let cn_hash = a1111["models/controlnet-sd1-ldm.safetensors"]["legacy"]
+        .as_str()
+        .unwrap();
+    let lora_hash = a1111["loras/lora_a_peft.safetensors"]["lora"]
+        .as_str()
+        .unwrap();
+    assert_ne!(lora_hash, &sha256_hex(std::slice::from_ref(&lora))[..12]);
     let want = format!(
         "a red (circle:1.2), test <lora:lora_a_peft:0.7>\nNegative prompt: blue\nSteps: 3, Sampler: Euler a, Schedule type: Normal, CFG scale: 7.5, Seed: 99, Size: 64x48, Model hash: {model_hash}, Model: sd1, Clip skip: 2, RNG: NV, ControlNet 0: \"Module: none, Model: controlnet-sd1-ldm [{cn_hash}], Weight: 0.6, Resize Mode: Crop and Resize, Guidance Start: 0, Guidance End: 0.8, Control Mode: My prompt is more important\", Lora hashes: \"lora_a_peft: {lora_hash}\", Version: sdctl {}\n",
         env!("CARGO_PKG_VERSION")

@@ -36,8 +36,7 @@ impl Entry {
         let named = |q: &str| q == self.name || q == self.stem;
         q == self.title
             || named(q)
-            || q
-                .strip_suffix(']')
+            || q.strip_suffix(']')
                 .and_then(|t| t.rsplit_once(" ["))
                 .is_some_and(|(name, _)| named(name))
             || self.short_hash(q.len().max(8)).is_some_and(|h| h == q)
@@ -67,14 +66,24 @@ fn is_diffusers(dir: &Path, class: &str) -> bool {
         .is_some_and(|v| v["_class_name"].as_str() == Some(class))
 }
 
+/// The hash a title shows, as A1111 and its extensions show it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TitleHash {
+    None,
+    /// The first digits of the SHA-256 (A1111's checkpoints: 10).
+    Sha256(usize),
+    /// sd-webui-controlnet's: the legacy model hash of a file (`sd::hashes::controlnet_short`).
+    ControlNet,
+}
+
 /// What a scan looks for.
 #[derive(Debug, Clone, Copy)]
 pub struct Kind {
     /// A folder with this diffusers class is one entry (`pipeline`: a `model_index.json`).
     pub folder_class: Option<&'static str>,
     pub extensions: &'static [&'static str],
-    /// Hash digits in the title (0: no hash in the title).
-    pub title_hash: usize,
+    /// The hash in the title.
+    pub title_hash: TitleHash,
     /// Whether the title keeps the file extension (A1111 checkpoints do, ControlNets do not).
     pub title_ext: bool,
 }
@@ -82,31 +91,31 @@ pub struct Kind {
 pub const MODELS: Kind = Kind {
     folder_class: Some("pipeline"),
     extensions: &["safetensors", "ckpt"],
-    title_hash: 10,
+    title_hash: TitleHash::Sha256(10),
     title_ext: true,
 };
 pub const CONTROLNETS: Kind = Kind {
     folder_class: Some("ControlNetModel"),
     extensions: &["safetensors", "pth", "ckpt", "bin"],
-    title_hash: 8,
+    title_hash: TitleHash::ControlNet,
     title_ext: false,
 };
 pub const LORAS: Kind = Kind {
     folder_class: None,
     extensions: &["safetensors", "pt", "ckpt"],
-    title_hash: 0,
+    title_hash: TitleHash::None,
     title_ext: false,
 };
 pub const VAES: Kind = Kind {
     folder_class: None,
     extensions: &["safetensors", "pt", "ckpt"],
-    title_hash: 0,
+    title_hash: TitleHash::None,
     title_ext: true,
 };
 pub const EMBEDDINGS: Kind = Kind {
     folder_class: None,
     extensions: &["safetensors", "pt", "bin"],
-    title_hash: 0,
+    title_hash: TitleHash::None,
     title_ext: false,
 };
 
@@ -134,13 +143,16 @@ pub fn scan(root: Option<&Path>, kind: Kind, hashes: &mut HashCache) -> Vec<Entr
                     .map_or(name.clone(), |(s, _)| s.to_string()),
                 false => name.clone(),
             };
-            let sha256 = (kind.title_hash > 0)
+            let sha256 = (kind.title_hash != TitleHash::None)
                 .then(|| hashes.sha256(&path))
                 .flatten();
             let shown = if kind.title_ext { &name } else { &stem };
-            let title = match &sha256 {
-                Some(h) => format!("{shown} [{}]", &h[..kind.title_hash]),
-                None => shown.clone(),
+            let title = match (kind.title_hash, &sha256) {
+                (TitleHash::Sha256(n), Some(h)) => format!("{shown} [{}]", &h[..n]),
+                (TitleHash::ControlNet, Some(_)) => {
+                    format!("{shown} [{}]", hashes.controlnet_short(&path))
+                }
+                _ => shown.clone(),
             };
             Entry {
                 name,
@@ -270,10 +282,15 @@ mod tests {
         }
         // A1111's title with another hash convention still names it
         assert_eq!(
-            cat.model("single/sd1.safetensors [0123456789]").unwrap().name,
+            cat.model("single/sd1.safetensors [0123456789]")
+                .unwrap()
+                .name,
             "single/sd1.safetensors"
         );
-        assert_eq!(cat.model("single/sd1 [abcd]").unwrap().name, "single/sd1.safetensors");
+        assert_eq!(
+            cat.model("single/sd1 [abcd]").unwrap().name,
+            "single/sd1.safetensors"
+        );
         assert!(cat.model("single/sd9 [abcd]").is_none());
         assert!(cat.model("../sd1").is_none());
         assert!(cat.model("/etc/passwd").is_none());
@@ -283,5 +300,14 @@ mod tests {
         assert!(cn.title.starts_with("controlnet-sd1 ["), "{}", cn.title);
         assert_eq!(cn.title.len(), "controlnet-sd1 [12345678]".len());
         assert!(!cns.iter().any(|e| e.name == "sd1"));
+        // a ControlNet file is titled with sd-webui-controlnet's (legacy) hash, as hashlib
+        // computes it after A1111's code (tests/fixtures/make_hash_fixtures.py)
+        let big = scan(
+            Some(&fixtures().join("../hashes")),
+            CONTROLNETS,
+            &mut hashes,
+        );
+        let titles: Vec<&str> = big.iter().map(|e| e.title.as_str()).collect();
+        assert!(titles.contains(&"controlnet_big [9df683a1]"), "{titles:?}");
     }
 }

@@ -21,5 +21,5 @@ pub mod sniff;
 pub mod store;
 
 pub use error::{Error, Result};
-pub use shapes::tensor_shapes;
+pub use shapes::{safetensors_metadata, tensor_shapes};
 pub use store::{Shapes, Store};

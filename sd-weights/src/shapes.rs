@@ -40,3 +40,18 @@ pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     tracing::debug!(path = %path.display(), tensors = out.len(), "read a safetensors header");
     Ok(out)
 }
+
+/// Where a safetensors file's tensor data starts (8 + the header's length) and its
+/// `__metadata__` strings, from the header alone.
+pub fn safetensors_metadata(
+    path: &Path,
+) -> Result<(usize, std::collections::HashMap<String, String>)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: as in `tensor_shapes`: a read-only map, alive only for this call
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (n, metadata) = SafeTensors::read_metadata(&mmap).map_err(|source| Error::Safetensors {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((8 + n, metadata.metadata().clone().unwrap_or_default()))
+}

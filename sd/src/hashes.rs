@@ -1,6 +1,11 @@
-//! SHA-256 of model files for infotext (A1111's "Model hash" is its first 10 hex digits,
-//! LoRA hashes 12, sd-webui-controlnet's model hash 8), cached by path, size and mtime as A1111
-//! caches them, so multi-GB checkpoints are read once.
+//! Model hashes as A1111 writes them into infotext (`modules/hashes.py`, `sd_models.py`, the
+//! Lora extension's `network.py`): "Model hash" the first 10 hex digits of the file's SHA-256
+//! (AutoV2); a ControlNet the legacy hash (SHA-256 of the 64 KiB at 1 MiB, 8 digits, as
+//! sd-webui-controlnet names models); a LoRA the first 12 digits of its metadata's
+//! `sshs_model_hash`, else of the SHA-256 of a safetensors file's tensor data (kohya's "addnet"
+//! hash), else of the file. Folders (diffusers layouts, which A1111 does not load) hash their
+//! weight files in path order. Full hashes are cached by path, size and mtime as A1111 caches
+//! them, so multi-GB checkpoints are read once.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -20,6 +25,21 @@ pub fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("SDCTL_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| dirs::cache_dir().map(|d| d.join("sdctl")))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A1111's legacy model hash (`sd_models.model_hash`): the SHA-256 of the 64 KiB at offset
+/// 1 MiB, 8 hex digits (a smaller file hashes what is there: nothing, for one under 1 MiB).
+pub fn legacy_model_hash(path: &Path) -> Option<String> {
+    use std::io::Seek;
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(std::io::SeekFrom::Start(0x100000)).ok()?;
+    let mut buf = Vec::with_capacity(0x10000);
+    f.take(0x10000).read_to_end(&mut buf).ok()?;
+    Some(hex(&Sha256::digest(&buf))[..8].to_string())
 }
 
 pub struct HashCache {
@@ -71,7 +91,11 @@ fn stamp(files: &[PathBuf]) -> Option<(u64, u128)> {
 impl HashCache {
     /// The cache in `SDCTL_CACHE_DIR` or the user's cache folder (`~/.cache/sdctl`).
     pub fn open() -> Self {
-        let file = cache_dir().map(|d| d.join("hashes.json"));
+        Self::open_at(cache_dir().map(|d| d.join("hashes.json")))
+    }
+
+    /// The cache in `file` (`None`: in memory only).
+    fn open_at(file: Option<PathBuf>) -> Self {
         let entries = file
             .as_ref()
             .and_then(|f| std::fs::read_to_string(f).ok())
@@ -87,6 +111,35 @@ impl HashCache {
     /// Full hex SHA-256 of a model file or folder (`None` if unreadable).
     pub fn sha256(&mut self, path: &Path) -> Option<String> {
         let key = path.canonicalize().ok()?.display().to_string();
+        self.cached(key, path, 0)
+    }
+
+    /// A1111's LoRA hash in full: the metadata's `sshs_model_hash`, else the SHA-256 of a
+    /// safetensors file's tensor data (after its header), else of the file.
+    pub fn lora_sha256(&mut self, path: &Path) -> Option<String> {
+        // network.py decides by the extension, as here
+        let safetensors = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        if safetensors && path.is_file() {
+            if let Ok((offset, meta)) = sd_weights::safetensors_metadata(path) {
+                // a hash, or nothing: the metadata is the file's to say, and goes into infotext
+                let given = meta.get("sshs_model_hash").filter(|h| {
+                    !h.is_empty() && h.len() <= 64 && h.bytes().all(|b| b.is_ascii_hexdigit())
+                });
+                if let Some(h) = given {
+                    return Some(h.clone());
+                }
+                let key = format!("addnet:{}", path.canonicalize().ok()?.display());
+                return self.cached(key, path, offset as u64);
+            }
+        }
+        self.sha256(path)
+    }
+
+    /// The SHA-256 of `path`'s bytes from `skip` on (of a folder's weight files), cached
+    /// under `key`.
+    fn cached(&mut self, key: String, path: &Path, skip: u64) -> Option<String> {
         let files = parts(path);
         if files.is_empty() {
             return None;
@@ -101,6 +154,9 @@ impl HashCache {
         let mut buf = vec![0u8; 1 << 20];
         for f in &files {
             let mut r = std::fs::File::open(f).ok()?;
+            if skip > 0 {
+                std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(skip)).ok()?;
+            }
             loop {
                 let n = r.read(&mut buf).ok()?;
                 if n == 0 {
@@ -109,7 +165,7 @@ impl HashCache {
                 h.update(&buf[..n]);
             }
         }
-        let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let hex = hex(&h.finalize());
         self.entries.insert(
             key,
             Entry {
@@ -129,6 +185,23 @@ impl HashCache {
             .unwrap_or_else(|| "unknown".into())
     }
 
+    /// A1111's "Lora hashes" value for a LoRA file: 12 hex digits, or "unknown".
+    pub fn lora_short(&mut self, path: &Path) -> String {
+        self.lora_sha256(path)
+            .map(|h| h[..h.len().min(12)].to_string())
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    /// sd-webui-controlnet's hash of a ControlNet: for a file the legacy model hash, for a
+    /// folder the first 8 digits of its SHA-256.
+    pub fn controlnet_short(&mut self, path: &Path) -> String {
+        if path.is_file() {
+            legacy_model_hash(path).unwrap_or_else(|| "unknown".into())
+        } else {
+            self.short(path, 8)
+        }
+    }
+
     /// Write the cache back (best effort: a read-only cache folder only costs time).
     pub fn save(&self) {
         let Some(f) = &self.file else { return };
@@ -141,5 +214,57 @@ impl HashCache {
         if let Ok(text) = serde_json::to_string_pretty(&self.entries) {
             let _ = sd_pipeline::output::write_file(f, text);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Expected values from hashlib following A1111's code (tests/fixtures/make_hash_fixtures.py).
+    #[test]
+    fn a1111_hashes_match_hashlib_after_a1111s_code() {
+        let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let text = std::fs::read_to_string(fx.join("expected/a1111_hashes.json")).unwrap();
+        let expected: BTreeMap<String, BTreeMap<String, serde_json::Value>> =
+            serde_json::from_str(&text).unwrap();
+        let dir = std::env::temp_dir().join(format!("sd-hash-test-{}", std::process::id()));
+        let file = Some(dir.join("hashes.json"));
+        let mut cache = HashCache::open_at(file.clone());
+        let mut checked = 0;
+        for (rel, want) in &expected {
+            let p = fx.join(rel);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().len(),
+                want["size"].as_u64().unwrap(),
+                "{rel}: not the file the hashes were made from"
+            );
+            for (kind, v) in want {
+                let got = match kind.as_str() {
+                    "sha256" => cache.sha256(&p).unwrap(),
+                    "legacy" => cache.controlnet_short(&p),
+                    "lora" => cache.lora_short(&p),
+                    _ => continue,
+                };
+                assert_eq!(got, v.as_str().unwrap(), "{rel}: {kind}");
+                checked += 1;
+            }
+        }
+        // the legacy hash of a file over 1 MiB reads real bytes; a LoRA's metadata hash wins
+        assert!(checked >= 12, "{checked}");
+        assert_ne!(
+            expected["hashes/controlnet_big.safetensors"]["legacy"],
+            "e3b0c442"
+        );
+        // cached hashes give the same answers
+        cache.save();
+        let mut again = HashCache::open_at(file);
+        assert!(!again.entries.is_empty(), "the cache was written");
+        let big = fx.join("hashes/controlnet_big.safetensors");
+        assert_eq!(
+            again.lora_short(&big),
+            expected["hashes/controlnet_big.safetensors"]["lora"]
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -120,7 +120,7 @@ impl Run<'_> {
                 format!(
                     "Module: {module}, Model: {} [{}], Weight: {}, Resize Mode: {}, Guidance Start: {}, Guidance End: {}, Control Mode: {}",
                     stem(&u.model),
-                    hashes.short(&u.model, 8),
+                    hashes.controlnet_short(&u.model),
                     u.weight,
                     u.resize.a1111_name(),
                     u.start,
@@ -133,7 +133,7 @@ impl Run<'_> {
             let list: Vec<String> = self
                 .loras
                 .iter()
-                .map(|l| format!("{}: {}", stem(&l.path), hashes.short(&l.path, 12)))
+                .map(|l| format!("{}: {}", stem(&l.path), hashes.lora_short(&l.path)))
                 .collect();
             f.push(("Lora hashes".into(), list.join(", ")));
         }
