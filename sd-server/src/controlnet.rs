@@ -23,6 +23,9 @@ use crate::state::AppState;
 /// The extension's API version (`/controlnet/version`).
 pub const API_VERSION: u32 = 2;
 
+/// Units in one request at most (the extension's `control_net_max_models_num` goes to 10).
+pub const MAX_UNITS: usize = 16;
+
 /// A unit ready for the job, and what to append to the response.
 pub struct Unit {
     pub spec: UnitSpec,
@@ -174,6 +177,15 @@ pub fn units(
     size: (usize, usize),
     init_image: Option<&Path>,
 ) -> ApiResult<Vec<Unit>> {
+    // every unit's image is decoded and every ControlNet run at each step: a bounded number
+    let too_many = |n: usize| {
+        ApiError::bad(format!(
+            "alwayson_scripts.controlnet.args: {n} units, at most {MAX_UNITS} in one request"
+        ))
+    };
+    if args.len() > 4 * MAX_UNITS {
+        return Err(too_many(args.len()));
+    }
     let mut out = Vec::new();
     for (i, arg) in args.iter().enumerate() {
         let prefix = format!("controlnet unit {i}: ");
@@ -263,6 +275,9 @@ pub fn units(
             save_detected_map: f.bool("save_detected_map", true)?,
             spec,
         });
+        if out.len() > MAX_UNITS {
+            return Err(too_many(out.len()));
+        }
     }
     Ok(out)
 }

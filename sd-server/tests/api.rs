@@ -217,6 +217,22 @@ async fn bad_requests_are_4xx_naming_the_field_and_the_server_goes_on() {
             "controlnet unit 0: module: no preprocessor \"nope\"",
         ),
         (
+            with(
+                "alwayson_scripts",
+                json!({"controlnet": {"args": vec![json!({"model": "controlnet-sd1", "image": b64_file(&fixtures().join("inputs/control_a.png"))}); 17]}}),
+            ),
+            400,
+            "alwayson_scripts.controlnet.args: 17 units, at most 16",
+        ),
+        (
+            with(
+                "alwayson_scripts",
+                json!({"controlnet": {"args": vec![json!({"model": "nope"}); 2000]}}),
+            ),
+            400,
+            "2000 units, at most 16",
+        ),
+        (
             with("alwayson_scripts", json!({"adetailer": {"args": []}})),
             422,
             "always on script adetailer not found",
