@@ -39,7 +39,8 @@ pub fn parse_prompt_attention(text: &str) -> Vec<Fragment> {
     for cap in attention_re().captures_iter(text) {
         let tok = cap.get(0).expect("match").as_str();
         let weight = cap.get(1).map(|m| m.as_str());
-        if let Some(stripped) = tok.strip_prefix('\\').filter(|_| tok.len() > 1) {
+        // an escape keeps the character after it; a lone `\` keeps nothing (A1111 drops it)
+        if let Some(stripped) = tok.strip_prefix('\\') {
             res.push((stripped.to_string(), 1.0));
         } else if tok == "(" {
             round.push(res.len());
@@ -96,6 +97,38 @@ mod tests {
 
     fn f(t: &str, w: f32) -> (String, f32) {
         (t.to_string(), w)
+    }
+
+    /// Every case of tests/fixtures/make_prompt_fixtures.py, which runs A1111's own
+    /// `parse_prompt_attention` (taken from its `prompt_parser.py`) on them: the texts exactly,
+    /// the weights to f32 precision (A1111 multiplies in f64).
+    #[test]
+    fn a1111s_parser_on_the_fixture_prompts() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/expected/prompt_attention.json"
+        );
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert!(cases.len() >= 30, "{}", cases.len());
+        for c in &cases {
+            let prompt = c["prompt"].as_str().unwrap();
+            let want: Vec<(String, f64)> = c["fragments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| (f[0].as_str().unwrap().to_string(), f[1].as_f64().unwrap()))
+                .collect();
+            let got = parse_prompt_attention(prompt);
+            assert_eq!(got.len(), want.len(), "{prompt:?}: {got:?} vs {want:?}");
+            for ((gt, gw), (wt, ww)) in got.iter().zip(&want) {
+                assert_eq!(gt, wt, "{prompt:?}: {got:?} vs {want:?}");
+                assert!(
+                    (*gw as f64 - ww).abs() <= 1e-6 * ww.abs().max(1.0),
+                    "{prompt:?}: weight {gw} vs {ww}"
+                );
+            }
+        }
     }
 
     #[test]
