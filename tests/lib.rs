@@ -30,6 +30,24 @@ pub fn get<'a>(map: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
 }
 
 /// Largest absolute value of a tensor.
+/// The pairs of `a` and `b` after checking that both hold the same, non-zero number of items
+/// (a bare `zip` stops at the shorter side, and passes on an empty one).
+pub fn paired<'a, A, B>(
+    what: &str,
+    a: &'a [A],
+    b: &'a [B],
+) -> std::iter::Zip<std::slice::Iter<'a, A>, std::slice::Iter<'a, B>> {
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "{what}: {} items against {}",
+        a.len(),
+        b.len()
+    );
+    assert!(!a.is_empty(), "{what}: nothing to compare");
+    a.iter().zip(b)
+}
+
 pub fn max_abs(t: &Tensor) -> f32 {
     t.to_dtype(candle_core::DType::F32)
         .unwrap()
@@ -123,5 +141,22 @@ pub fn case_request(case: &serde_json::Value, exp: &HashMap<String, Tensor>) -> 
         strength: case["strength"].as_f64(),
         noise: exp.get("noise").cloned(),
         latent_fill: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[should_panic(expected = "draw: 3 items against 2")]
+    fn paired_refuses_sides_of_different_lengths() {
+        let _ = super::paired("draw", &[1, 2, 3], &[1, 2]).count();
+    }
+
+    #[test]
+    #[should_panic(expected = "draw: nothing to compare")]
+    fn paired_refuses_to_compare_nothing() {
+        // what an RNG returning no values would give: a bare zip calls it equal
+        let (got, want): (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
+        let _ = super::paired("draw", &got, &want).all(|(a, b)| a == b);
     }
 }

@@ -66,7 +66,7 @@ fn both_checkpoint_formats_give_identical_residuals() {
     let base = sd("sd1");
     let a = forward(&net("models/controlnet-sd1", &base));
     let b = forward(&net("models/controlnet-sd1-ldm.safetensors", &base));
-    for (x, y) in a.down.iter().zip(&b.down) {
+    for (x, y) in sd_tests::paired("down residuals", &a.down, &b.down) {
         assert_eq!(max_abs_diff(x, y), 0.0);
     }
     assert_eq!(max_abs_diff(&a.mid, &b.mid), 0.0);
@@ -309,7 +309,7 @@ fn single_files_load_in_every_layout() {
         let cn =
             load_controlnet(&dir.join(f), base.unet.config(), &Device::Cpu, DType::F32).unwrap();
         let got = forward(&cn);
-        for (x, y) in got.down.iter().zip(&want.down) {
+        for (x, y) in sd_tests::paired(f, &got.down, &want.down) {
             assert_eq!(max_abs_diff(x, y), 0.0, "{f}");
         }
     }

@@ -55,9 +55,7 @@ fn resize_f32_matches_cv2() {
         let got = resize_f32(&data, w, h, c, dw, dh, interp);
         let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(got.len(), want.len(), "{name}");
-        let d = got
-            .iter()
-            .zip(&want)
+        let d = sd_tests::paired("got", &got, &want)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(
@@ -150,13 +148,13 @@ fn preprocessor_matches_official_infer_image() {
             .into_raw();
         let got: Vec<u8> = out.data.chunks(3).map(|c| c[0]).collect();
         assert!(out.data.chunks(3).all(|c| c[0] == c[1] && c[1] == c[2]));
-        let worst = got
-            .iter()
-            .zip(&want)
+        let worst = sd_tests::paired("got", &got, &want)
             .map(|(a, b)| (*a as i32 - *b as i32).abs())
             .max()
             .unwrap();
-        let off = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        let off = sd_tests::paired("got", &got, &want)
+            .filter(|(a, b)| a != b)
+            .count();
         println!(
             "input_size {size}: {off} of {} pixels one level off, worst {worst}",
             want.len()
@@ -197,7 +195,9 @@ fn real_checkpoint_matches_official_output() {
     // nothing when its reference is missing
     let dir = std::env::var_os("DA2_REFERENCE_DIR")
         .map(PathBuf::from)
-        .expect("set DA2_REFERENCE_DIR: an official checkpoint, photo.png and the official depth.png");
+        .expect(
+            "set DA2_REFERENCE_DIR: an official checkpoint, photo.png and the official depth.png",
+        );
     let weights = sd_preprocessors::depth_anything::WEIGHT_FILES
         .iter()
         .map(|n| dir.join(n))
@@ -221,13 +221,13 @@ fn real_checkpoint_matches_official_output() {
         .to_luma8()
         .into_raw();
     let got: Vec<u8> = out.data.chunks(3).map(|c| c[0]).collect();
-    let worst = got
-        .iter()
-        .zip(&want)
+    let worst = sd_tests::paired("got", &got, &want)
         .map(|(a, b)| (*a as i32 - *b as i32).abs())
         .max()
         .unwrap();
-    let off = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+    let off = sd_tests::paired("got", &got, &want)
+        .filter(|(a, b)| a != b)
+        .count();
     println!(
         "{}: {took:?}, {off} of {} pixels off, worst {worst}",
         weights.display(),

@@ -119,7 +119,7 @@ fn keypoint_pipeline_matches_controlnet_aux_on_canned_maps() {
 
     let want_c = f["candidate"].to_vec2::<f64>().unwrap();
     assert_eq!(cands.len(), want_c.len(), "number of peaks");
-    for (c, want) in cands.iter().zip(&want_c) {
+    for (c, want) in sd_tests::paired("cands", &cands, &want_c) {
         assert_eq!(
             (c.x, c.y, c.id),
             (want[0] as i64, want[1] as i64, want[3] as usize)
@@ -129,7 +129,7 @@ fn keypoint_pipeline_matches_controlnet_aux_on_canned_maps() {
     }
     let want_s = f["subset"].to_vec2::<f64>().unwrap();
     assert_eq!(rows.len(), want_s.len(), "number of people");
-    for (r, want) in rows.iter().zip(&want_s) {
+    for (r, want) in sd_tests::paired("rows", &rows, &want_s) {
         assert_eq!(&r[..18], &want[..18], "part assignment");
         assert!(
             (r[18] - want[18]).abs() < 1e-4,
@@ -146,10 +146,11 @@ fn keypoint_pipeline_matches_controlnet_aux_on_canned_maps() {
     let png = image::open(fixtures().join("openpose/pipeline_pose.png"))
         .unwrap()
         .to_rgb8();
-    let differ = canvas
-        .data
-        .chunks(3)
-        .zip(png.as_raw().chunks(3))
+    let (got, want): (Vec<&[u8]>, Vec<&[u8]>) = (
+        canvas.data.chunks(3).collect(),
+        png.as_raw().chunks(3).collect(),
+    );
+    let differ = sd_tests::paired("pose drawing", &got, &want)
         .filter(|(a, b)| a != b)
         .count();
     assert_eq!(

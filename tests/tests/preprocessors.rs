@@ -41,7 +41,9 @@ fn canny_equals_opencv_pixel_for_pixel() {
             let out = p.process(&input, &params).unwrap();
             assert_eq!(out.channels, 3);
             let got: Vec<u8> = out.data.chunks(3).map(|c| c[0]).collect();
-            let mismatched = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            let mismatched = sd_tests::paired("canny", &got, &want)
+                .filter(|(a, b)| a != b)
+                .count();
             let edges = want.iter().filter(|&&v| v > 0).count();
             assert_eq!(
                 mismatched,
@@ -98,7 +100,9 @@ fn float_blur_annotators_match_opencv() {
     for name in ["astronaut", "coffee", "chelsea"] {
         let xdog = grey_out(name, "scribble_xdog", &[]);
         let want = expected_grey(&format!("{name}_scribble_xdog.png"));
-        let flips = xdog.iter().zip(&want).filter(|(a, b)| a != b).count();
+        let flips = sd_tests::paired("xdog", &xdog, &want)
+            .filter(|(a, b)| a != b)
+            .count();
         assert!(
             flips * 10_000 <= want.len(),
             "{name} xdog: {flips} of {} differ",
@@ -106,13 +110,13 @@ fn float_blur_annotators_match_opencv() {
         );
         let line = grey_out(name, "lineart_standard", &[]);
         let want = expected_grey(&format!("{name}_lineart_standard.png"));
-        let worst = line
-            .iter()
-            .zip(&want)
+        let worst = sd_tests::paired("line", &line, &want)
             .map(|(a, b)| (*a as i32 - *b as i32).abs())
             .max()
             .unwrap();
-        let off = line.iter().zip(&want).filter(|(a, b)| a != b).count();
+        let off = sd_tests::paired("line", &line, &want)
+            .filter(|(a, b)| a != b)
+            .count();
         assert!(worst <= 1, "{name} lineart: {worst} levels apart");
         eprintln!("{name}: xdog {flips} flips, lineart {off} pixels one level off");
     }
@@ -134,17 +138,11 @@ fn cv2_resize_is_reproduced() {
             let want = rgb(&format!("resize_{name}_{w}x{h}.png"));
             let got = resize(&src, w, h, interp);
             assert_eq!((got.width, got.height), (w, h));
-            let worst = got
-                .data
-                .iter()
-                .zip(&want.data)
+            let worst = sd_tests::paired("data", &got.data, &want.data)
                 .map(|(a, b)| (*a as i32 - *b as i32).abs())
                 .max()
                 .unwrap();
-            let off = got
-                .data
-                .iter()
-                .zip(&want.data)
+            let off = sd_tests::paired("data", &got.data, &want.data)
                 .filter(|(a, b)| a != b)
                 .count();
             report.push(format!("{name} {w}x{h}: {off} values off, worst {worst}"));
@@ -166,17 +164,11 @@ fn resize_image_equals_controlnets() {
         let want = rgb(&format!("resize_image_{res}.png"));
         let got = sd_preprocessors::resize::resize_image(&src, res);
         assert_eq!((got.width, got.height), (want.width, want.height), "{res}");
-        let worst = got
-            .data
-            .iter()
-            .zip(&want.data)
+        let worst = sd_tests::paired("data", &got.data, &want.data)
             .map(|(a, b)| (*a as i32 - *b as i32).abs())
             .max()
             .unwrap();
-        let off = got
-            .data
-            .iter()
-            .zip(&want.data)
+        let off = sd_tests::paired("data", &got.data, &want.data)
             .filter(|(a, b)| a != b)
             .count();
         // enlarging (LANCZOS4) is exact; shrinking by a fractional factor accumulates OpenCV's
@@ -207,16 +199,15 @@ fn run_on_src(pre: &str, given: &[(&str, ParamValue)]) -> ImageBuf {
 
 fn worst_and_off(a: &ImageBuf, b: &ImageBuf) -> (i32, usize) {
     assert_eq!((a.width, a.height), (b.width, b.height));
-    let worst = a
-        .data
-        .iter()
-        .zip(&b.data)
+    let worst = sd_tests::paired("data", &a.data, &b.data)
         .map(|(x, y)| (*x as i32 - *y as i32).abs())
         .max()
         .unwrap();
     (
         worst,
-        a.data.iter().zip(&b.data).filter(|(x, y)| x != y).count(),
+        sd_tests::paired("a.data", &a.data, &b.data)
+            .filter(|(x, y)| x != y)
+            .count(),
     )
 }
 
@@ -382,17 +373,11 @@ fn normal_from_depth_within_a_level_of_controlnet_aux() {
             ],
         );
         let want = rgb(file);
-        let worst = out
-            .data
-            .iter()
-            .zip(&want.data)
+        let worst = sd_tests::paired("data", &out.data, &want.data)
             .map(|(a, b)| (*a as i32 - *b as i32).abs())
             .max()
             .unwrap();
-        let off = out
-            .data
-            .iter()
-            .zip(&want.data)
+        let off = sd_tests::paired("data", &out.data, &want.data)
             .filter(|(a, b)| a != b)
             .count();
         eprintln!("normal a={a} bg={th}: worst {worst}, {off} values off");

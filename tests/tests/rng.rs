@@ -37,9 +37,7 @@ fn check(kind: &str, mut draw: impl FnMut(u64) -> Box<dyn FnMut(usize) -> Vec<f3
                     .to_vec1::<f32>()
                     .unwrap();
                 let got = g(n);
-                let same = got
-                    .iter()
-                    .zip(&want)
+                let same = sd_tests::paired(&format!("{kind} seed {seed} draw {k}"), &got, &want)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(
                     same,

@@ -130,7 +130,7 @@ fn pickled_controlnets_load_and_malicious_pickles_are_refused() {
     let ra = a.forward(&sample, &t, &ctx, &cond).unwrap();
     let rb = b.forward(&sample, &t, &ctx, &cond).unwrap();
     assert_eq!(max_abs_diff(&ra.mid, &rb.mid), 0.0);
-    for (x, y) in ra.down.iter().zip(&rb.down) {
+    for (x, y) in sd_tests::paired("down residuals", &ra.down, &rb.down) {
         assert_eq!(max_abs_diff(x, y), 0.0);
     }
 
