@@ -95,6 +95,8 @@ fn every_sampler_replays_diffusers() {
     let cases = meta["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 72);
     let mut worst: HashMap<String, Worst> = HashMap::new();
+    // cases whose diffusers samples hold NaN, and how many of their values are finite
+    let mut nan_cases: Vec<(String, usize, usize)> = Vec::new();
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let cname = case["config"].as_str().unwrap();
@@ -172,6 +174,11 @@ fn every_sampler_replays_diffusers() {
         };
         let samples = get(&exp, &format!("{name}.samples"));
         assert_eq!(samples.dim(0).unwrap(), steps - start, "{name}: step count");
+        let all: Vec<f32> = samples.flatten_all().unwrap().to_vec1().unwrap();
+        let nans = all.iter().filter(|v| v.is_nan()).count();
+        if nans > 0 {
+            nan_cases.push((name.to_string(), nans, all.len() - nans));
+        }
         for (k, i) in (start..steps).enumerate() {
             let t = s.timesteps()[i];
             let inp = s.scale_model_input(&x, i).unwrap();
@@ -192,6 +199,25 @@ fn every_sampler_replays_diffusers() {
             "{name}: ancestral noise draws"
         );
     }
+    // NaN is compared as "NaN at the same places" (max_abs_diff): it must stay the exception
+    // diffusers really produces (Euler a on the cosine config, `sigma_to**2 - sigma_up**2`
+    // rounding below 0 at its largest sigma), with finite cases of the same sampler beside it
+    let nan_names: Vec<&str> = nan_cases.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert!(
+        nan_names.iter().all(|n| n.starts_with("cosine.euler_a.")),
+        "unexpected NaN in diffusers' samples: {nan_cases:?}"
+    );
+    assert!(nan_cases.len() <= 2, "{nan_cases:?}");
+    let finite_cosine_euler_a = cases
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .filter(|n| n.starts_with("cosine.euler_a.") && !nan_names.contains(n))
+        .count();
+    assert!(
+        finite_cosine_euler_a >= 1,
+        "no finite Euler a case on the cosine config beside the NaN ones: {nan_cases:?}"
+    );
+    eprintln!("cases with NaN (compared by position): {nan_cases:?}");
     let mut keys: Vec<_> = worst.keys().cloned().collect();
     keys.sort();
     for k in keys {
@@ -336,4 +362,17 @@ fn img2img_start_index_matches_diffusers() {
     assert_eq!(img2img_start_index(20, 1.5), 0);
     assert_eq!(img2img_start_index(10, 0.0), 10);
     assert_eq!(img2img_start_index(3, 0.3), 3); // int(0.9) == 0
+}
+
+/// NaN agrees only with NaN at the same place; the finite rest is still compared.
+#[test]
+fn nan_compares_by_position() {
+    let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+    assert_eq!(
+        max_abs_diff(&t(&[f32::NAN, 1.0]), &t(&[f32::NAN, 3.0])),
+        2.0
+    );
+    assert!(max_abs_diff(&t(&[f32::NAN, 1.0]), &t(&[1.0, 1.0])).is_nan());
+    assert!(max_abs_diff(&t(&[1.0, 1.0]), &t(&[1.0, f32::NAN])).is_nan());
+    assert!(!(max_abs_diff(&t(&[0.0, f32::NAN]), &t(&[0.0, 5.0])) <= 1e-4));
 }
