@@ -118,10 +118,23 @@ fn fill_dataset_train_checkpoint_generate_and_resume_after_a_kill() {
     }
     // a few more milliseconds, then kill -9 mid-step (or mid-checkpoint)
     std::thread::sleep(Duration::from_millis(
-        (t0.elapsed().as_millis() % 200) as u64,
+        (t0.elapsed().as_millis() % 50) as u64,
     ));
+    // the kill must land on a running, unfinished run, or the resume below proves nothing
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended before it was killed"
+    );
     let _ = child.kill();
     let _ = child.wait();
+    let rows_at_kill = std::fs::read_to_string(d.join("part/log.csv"))
+        .unwrap()
+        .lines()
+        .count();
+    assert!(
+        !d.join("part/controlnet").exists() && rows_at_kill < log.lines().count(),
+        "killed after the run finished ({rows_at_kill} log rows)"
+    );
     let latest = std::fs::read_to_string(d.join("part/latest")).unwrap();
     let ck = d.join("part").join(latest.trim());
     for f in [
@@ -342,6 +355,44 @@ fn unlocked_training_changes_the_unet_decoder_and_mid_only_control_works() {
         .unwrap();
     assert_ne!(a, b, "the decoder did not train");
     assert!(!dec.keys().any(|k| k.starts_with("down_blocks.")));
+    // only_mid_control: the UNet took the mid residual alone, so the down blocks' zero
+    // convolutions got no gradient and are still zero, while the mid block's trained
+    let cn = candle_core::safetensors::load(
+        d.join("out/checkpoint-2/controlnet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let largest = |prefix: &str| -> f32 {
+        let mut found = false;
+        let m = cn
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, t)| {
+                found = true;
+                t.to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .fold(0f32, f32::max);
+        assert!(found, "no {prefix} tensors");
+        m
+    };
+    assert_eq!(
+        largest("controlnet_down_blocks."),
+        0.0,
+        "down residuals trained"
+    );
+    assert!(
+        largest("controlnet_mid_block.") > 0.0,
+        "the mid residual did not train"
+    );
 }
 
 fn component(dir: &Path, file: &str) -> Vec<(String, Vec<f32>)> {

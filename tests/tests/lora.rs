@@ -75,6 +75,21 @@ fn check(sd: &StableDiffusion, tag: &str) {
         get(&exp, &format!("{tag}_te_hidden")),
         1e-4,
     );
+    // and the text encoder's part of the LoRA really changed the text encoder
+    let base = patched(&[]);
+    let (h0, _) = encode_prompts(
+        &base.tokenizer,
+        &base.text_encoder,
+        "a photo of a cat",
+        None,
+        1,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(
+        max_abs_diff(&h, &h0) > 1e-3,
+        "{tag}: no text encoder effect"
+    );
 }
 
 #[test]
