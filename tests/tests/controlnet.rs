@@ -169,6 +169,53 @@ fn a_freshly_initialised_controlnet_changes_nothing() {
     let dir = std::env::temp_dir().join(format!("cn-init-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     write_initial_controlnet(&model_dir("sd1"), &dir, 0).unwrap();
+    // weight by weight: the encoder is a copy of the base UNet's (diffusers' `from_unet`), the
+    // zero convolutions are zero; only the control-image embedding is new
+    let cn_w = candle_core::safetensors::load(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let unet_w = candle_core::safetensors::load(
+        model_dir("sd1").join("unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut copied = 0;
+    for (k, t) in &cn_w {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        match unet_w.get(k) {
+            Some(u) => {
+                assert_eq!(max_abs_diff(&f32(t), &f32(u)), 0.0, "{k}: not the base's");
+                copied += 1;
+            }
+            None if k.starts_with("controlnet_down_blocks.")
+                || k.starts_with("controlnet_mid_block.") =>
+            {
+                assert_eq!(
+                    sd_tests::max_abs(&f32(t)),
+                    0.0,
+                    "{k}: not a zero convolution"
+                );
+            }
+            None => assert!(
+                k.starts_with("controlnet_cond_embedding."),
+                "{k}: neither the base's nor the ControlNet's own"
+            ),
+        }
+    }
+    let encoder = unet_w
+        .keys()
+        .filter(|k| {
+            !k.starts_with("up_blocks.")
+                && !k.starts_with("conv_norm_out.")
+                && !k.starts_with("conv_out.")
+        })
+        .count();
+    assert_eq!(
+        copied, encoder,
+        "every encoder weight of the base is copied"
+    );
     let cn = Arc::new(load_controlnet(&dir, base.unet.config(), &Device::Cpu, DType::F32).unwrap());
     // the encoder is the base UNet's, the zero convolutions are zero
     let r = forward(&cn);
