@@ -146,6 +146,80 @@ pub fn case_request(case: &serde_json::Value, exp: &HashMap<String, Tensor>) -> 
 
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest, Sha256};
+
+    /// Every file under tests/fixtures is in MANIFEST.json (make_manifest.py) with the script
+    /// that makes it, and has the bytes recorded there: a fixture edited by hand, or left over
+    /// by a script that no longer writes it, fails here.
+    #[test]
+    fn every_fixture_file_is_in_the_manifest_as_made() {
+        let root = super::fixtures();
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("MANIFEST.json")).unwrap())
+                .unwrap();
+        let files = m["files"].as_object().unwrap();
+        let scripts = m["scripts"].as_object().unwrap();
+        let mut found = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with('.') || name.starts_with('_') {
+                    continue;
+                }
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let rel = p
+                    .strip_prefix(&root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                let top_script = !rel.contains('/') && name.ends_with(".py");
+                if top_script
+                    || name == "README.md"
+                    || name == "MANIFEST.json"
+                    || name.ends_with(".pyc")
+                {
+                    continue;
+                }
+                found.push(rel);
+            }
+        }
+        found.sort();
+        let listed: Vec<&String> = files.keys().collect();
+        assert_eq!(
+            found.iter().collect::<Vec<_>>(),
+            listed,
+            "files under tests/fixtures and MANIFEST.json differ (run make_manifest.py after a make_*.py)"
+        );
+        for (rel, e) in files {
+            let bytes = std::fs::read(root.join(rel)).unwrap();
+            assert_eq!(
+                bytes.len() as u64,
+                e["size"].as_u64().unwrap(),
+                "{rel}: size"
+            );
+            let hex: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(
+                hex,
+                e["sha256"].as_str().unwrap(),
+                "{rel}: not the bytes its script made"
+            );
+            let by = e["made_by"].as_str().unwrap();
+            assert!(
+                scripts.contains_key(by) && root.join(by).is_file(),
+                "{rel}: made by {by}?"
+            );
+        }
+        assert!(files.len() > 150, "{}", files.len());
+    }
+
     #[test]
     #[should_panic(expected = "draw: 3 items against 2")]
     fn paired_refuses_sides_of_different_lengths() {
