@@ -75,6 +75,11 @@ fn border_median(img: &RgbImage) -> Rgb<u8> {
     Rgb(out)
 }
 
+/// The extension's `safeint`: `int(np.round(x))`, ties to even.
+fn safeint(x: f64) -> u32 {
+    x.round_ties_even() as u32
+}
+
 /// Fit `img` to `width` x `height`: `just` stretches; `crop` scales to cover and centre-crops;
 /// `fill` scales to fit and pads with the border's median colour.
 pub fn fit(img: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImage {
@@ -84,10 +89,7 @@ pub fn fit(img: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImag
         ResizeMode::Just => scaled(img, width, height),
         ResizeMode::Crop => {
             let k = kw.max(kh);
-            let (nw, nh) = (
-                ((w * k).round() as u32).max(width),
-                ((h * k).round() as u32).max(height),
-            );
+            let (nw, nh) = (safeint(w * k).max(width), safeint(h * k).max(height));
             let s = scaled(img, nw, nh);
             let (x0, y0) = ((nw - width) / 2, (nh - height) / 2);
             image::imageops::crop_imm(&s, x0, y0, width, height).to_image()
@@ -95,11 +97,14 @@ pub fn fit(img: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImag
         ResizeMode::Fill => {
             let k = kw.min(kh);
             let (nw, nh) = (
-                ((w * k).round() as u32).clamp(1, width),
-                ((h * k).round() as u32).clamp(1, height),
+                safeint(w * k).clamp(1, width),
+                safeint(h * k).clamp(1, height),
             );
+            // the background is the median of the map's own border, before it is resized
+            // (`detectmap_proc`'s OUTER_FIT)
+            let background = border_median(img);
             let s = scaled(img, nw, nh);
-            let mut out = RgbImage::from_pixel(width, height, border_median(&s));
+            let mut out = RgbImage::from_pixel(width, height, background);
             image::imageops::replace(
                 &mut out,
                 &s,
@@ -208,6 +213,26 @@ mod tests {
         assert_eq!(out.get_pixel(0, 0).0, [10, 200, 30]); // padding
         assert_eq!(out.get_pixel(0, 19).0, [10, 200, 30]);
         assert_eq!(out.get_pixel(10, 10).0, [255, 255, 255]); // content is centred, not scaled
+    }
+
+    /// sd-webui-controlnet's OUTER_FIT takes the median of the original map's border (a thin
+    /// frame that shrinking blurs away still sets the background) and rounds sizes with
+    /// `np.round` (ties to even).
+    #[test]
+    fn fill_background_comes_from_the_original_border_and_sizes_round_to_even() {
+        // 40x20, a one-pixel white frame around black: to 10x10 the map shrinks 4x to 10x5,
+        // whose own border is grey; the background is the original border's white
+        let mut img = RgbImage::new(40, 20);
+        for (x, y, p) in img.enumerate_pixels_mut() {
+            if x == 0 || y == 0 || x == 39 || y == 19 {
+                *p = Rgb([255, 255, 255]);
+            }
+        }
+        let out = fit(&img, 10, 10, ResizeMode::Fill);
+        assert_eq!(out.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(out.get_pixel(5, 9).0, [255, 255, 255]);
+        // np.round: ties to even
+        assert_eq!([6.5, 7.5, 2.5, 3.49].map(safeint), [6, 8, 2, 3]);
     }
 
     #[test]
