@@ -76,13 +76,12 @@ impl Queue {
             registry,
             shared: shared.clone(),
         };
-        let left = pending.clone();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
+                // each task counts itself out of `pending` before it answers
                 while let Ok(task) = rx.recv() {
                     task(&mut engine);
-                    left.fetch_sub(1, Ordering::SeqCst);
                 }
             })
             .expect("starting the engine thread");
@@ -122,8 +121,10 @@ impl Queue {
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let closing = self.closing.clone();
+        let pending = self.pending.clone();
         let task: Task = Box::new(move |engine: &mut Engine| {
             if closing.load(Ordering::SeqCst) {
+                pending.fetch_sub(1, Ordering::SeqCst);
                 let _ = tx.send(Err(shutting_down()));
                 return;
             }
@@ -141,6 +142,8 @@ impl Queue {
                     "the job failed with an internal error ({what}); the server goes on"
                 )))
             });
+            // out of the count before the answer, so a caller that has it sees the queue as it is
+            pending.fetch_sub(1, Ordering::SeqCst);
             let _ = tx.send(r);
         });
         let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(task);
