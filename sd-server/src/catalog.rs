@@ -119,8 +119,13 @@ pub const EMBEDDINGS: Kind = Kind {
     title_ext: false,
 };
 
-/// Every entry of `kind` under `root`, sorted by name. A missing folder is an empty list.
+/// Every entry of `kind` under `root`, sorted by name, with its hash (read now when the cache
+/// lacks it). A missing folder is an empty list.
 pub fn scan(root: Option<&Path>, kind: Kind, hashes: &mut HashCache) -> Vec<Entry> {
+    scan_with(root, kind, hashes, true)
+}
+
+fn scan_with(root: Option<&Path>, kind: Kind, hashes: &mut HashCache, read: bool) -> Vec<Entry> {
     let Some(root) = root else {
         return Vec::new();
     };
@@ -143,9 +148,13 @@ pub fn scan(root: Option<&Path>, kind: Kind, hashes: &mut HashCache) -> Vec<Entr
                     .map_or(name.clone(), |(s, _)| s.to_string()),
                 false => name.clone(),
             };
-            let sha256 = (kind.title_hash != TitleHash::None)
-                .then(|| hashes.sha256(&path))
-                .flatten();
+            // without `read`, only what the cache knows: A1111 too titles a checkpoint
+            // without its hash until the hash is known
+            let sha256 = match (kind.title_hash != TitleHash::None, read) {
+                (false, _) => None,
+                (true, true) => hashes.sha256(&path),
+                (true, false) => hashes.sha256_if_cached(&path),
+            };
             let shown = if kind.title_ext { &name } else { &stem };
             let title = match (kind.title_hash, &sha256) {
                 (TitleHash::Sha256(n), Some(h)) => format!("{shown} [{}]", &h[..n]),
@@ -214,16 +223,38 @@ pub struct Folders {
 }
 
 impl Catalog {
+    /// The folders' entries, every hash read (files the hash cache does not know are read
+    /// whole: minutes for a folder of large new checkpoints).
     pub fn scan(f: &Folders) -> Self {
+        Self::scan_reading(f, true)
+    }
+
+    /// The folders' entries at once: hashes only from the cache, the rest titled by name
+    /// until [`Catalog::scan`] (run in the background at start-up) has read them.
+    pub fn scan_cached(f: &Folders) -> Self {
+        Self::scan_reading(f, false)
+    }
+
+    /// Whether every entry that shows a hash has one.
+    pub fn complete(&self) -> bool {
+        self.models
+            .iter()
+            .chain(&self.controlnets)
+            .all(|e| e.sha256.is_some())
+    }
+
+    fn scan_reading(f: &Folders, read: bool) -> Self {
         let mut hashes = HashCache::open();
         let c = Self {
-            models: scan(Some(&f.models), MODELS, &mut hashes),
-            controlnets: scan(f.controlnets.as_deref(), CONTROLNETS, &mut hashes),
-            loras: scan(f.loras.as_deref(), LORAS, &mut hashes),
-            vaes: scan(f.vaes.as_deref(), VAES, &mut hashes),
-            embeddings: scan(f.embeddings.as_deref(), EMBEDDINGS, &mut hashes),
+            models: scan_with(Some(&f.models), MODELS, &mut hashes, read),
+            controlnets: scan_with(f.controlnets.as_deref(), CONTROLNETS, &mut hashes, read),
+            loras: scan_with(f.loras.as_deref(), LORAS, &mut hashes, read),
+            vaes: scan_with(f.vaes.as_deref(), VAES, &mut hashes, read),
+            embeddings: scan_with(f.embeddings.as_deref(), EMBEDDINGS, &mut hashes, read),
         };
-        hashes.save();
+        if read {
+            hashes.save();
+        }
         c
     }
 

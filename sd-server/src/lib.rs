@@ -38,7 +38,10 @@ use queue::Queue;
 
 /// The app: routes, authentication, body limit, CORS.
 pub fn app(config: Config) -> (Router, Arc<AppState>) {
-    let catalog = Catalog::scan(&config.folders);
+    // the folders at once, hashes from the cache; new files are hashed in the background (a
+    // few seconds are waited for, so small folders start complete)
+    let catalog = Catalog::scan_cached(&config.folders);
+    let complete = catalog.complete();
     let options = state::default_options(&catalog);
     let registry = sd::registry();
     let state = Arc::new(AppState {
@@ -48,6 +51,18 @@ pub fn app(config: Config) -> (Router, Arc<AppState>) {
         options: Mutex::new(options),
         config,
     });
+    if !complete {
+        let (st, (done, wait)) = (state.clone(), std::sync::mpsc::channel());
+        let spawned = std::thread::Builder::new()
+            .name("hashes".into())
+            .spawn(move || {
+                st.rescan();
+                let _ = done.send(());
+            });
+        if spawned.is_ok() {
+            let _ = wait.recv_timeout(state.config.hash_wait);
+        }
+    }
     let mut router = a1111::routes()
         .merge(controlnet_routes())
         .merge(webui::routes())

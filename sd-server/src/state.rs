@@ -41,6 +41,9 @@ pub struct Config {
     pub cors_origin: Option<String>,
     pub body_limit: usize,
     pub limits: Limits,
+    /// How long start-up waits for hashes the cache lacks before serving (titles show the
+    /// hash once it is read, in the background).
+    pub hash_wait: std::time::Duration,
     /// Where jobs run (`cpu`, `cuda`) and in what precision (`f32`, `f16`, `bf16`), as
     /// `sdctl generate --device --dtype`.
     pub device: String,
@@ -60,6 +63,7 @@ impl Config {
             cors_origin: None,
             body_limit: 50 << 20,
             limits: Limits::default(),
+            hash_wait: std::time::Duration::from_secs(5),
             device: "cpu".into(),
             dtype: "f32".into(),
         }
@@ -84,8 +88,20 @@ impl AppState {
         self.options.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Read the folders again, every hash included, and bring the current model's title in
+    /// the options up to date (it may have been known by name only).
     pub fn rescan(&self) {
         let fresh = Catalog::scan(&self.config.folders);
+        let mut options = self.options();
+        let current = options
+            .get("sd_model_checkpoint")
+            .and_then(Value::as_str)
+            .and_then(|t| fresh.model(t))
+            .cloned();
+        if let Some(e) = current {
+            options.insert("sd_model_checkpoint".into(), e.title.clone().into());
+            options.insert("sd_checkpoint_hash".into(), json!(e.sha256));
+        }
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = fresh;
     }
 }

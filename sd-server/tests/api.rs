@@ -558,3 +558,49 @@ async fn cors_for_the_configured_origin_and_openpose_json_drawn() {
     assert_eq!(s, 422, "{res}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashes_the_cache_lacks_are_read_in_the_background() {
+    let (mut config, dir) = config("background");
+    // a fresh hash cache, and no wait: the server starts before the hashes are read
+    let cache = dir.join("fresh-cache");
+    std::env::set_var("SDCTL_CACHE_DIR", &cache);
+    config.hash_wait = std::time::Duration::ZERO;
+    let (app, _) = sd_server::app(config);
+    // the model answers to its name at once
+    let (s, res) = call(
+        &app,
+        "POST",
+        "/sdapi/v1/options",
+        Some(json!({"sd_model_checkpoint": "sd1"})),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{res}");
+    // and its title gains the hash, in the list and in the options
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, models) = call(&app, "GET", "/sdapi/v1/sd-models", None, None).await;
+        let (_, opts) = call(&app, "GET", "/sdapi/v1/options", None, None).await;
+        let titled = models
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["title"].as_str().unwrap().starts_with("sd1 ["));
+        if titled
+            && opts["sd_model_checkpoint"]
+                .as_str()
+                .unwrap()
+                .starts_with("sd1 [")
+        {
+            assert!(opts["sd_checkpoint_hash"].as_str().unwrap().len() == 64);
+            break;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "no hash after 60 s: {models} {opts}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -114,6 +114,17 @@ impl HashCache {
         self.cached(key, path, 0)
     }
 
+    /// The SHA-256 of a model file or folder if the cache already holds it for the file as it
+    /// is now (same size and mtime); nothing is read but the cache.
+    pub fn sha256_if_cached(&self, path: &Path) -> Option<String> {
+        let key = path.canonicalize().ok()?.display().to_string();
+        let (size, mtime_ns) = stamp(&parts(path))?;
+        self.entries
+            .get(&key)
+            .filter(|e| e.size == size && e.mtime_ns == mtime_ns)
+            .map(|e| e.sha256.clone())
+    }
+
     /// A1111's LoRA hash in full: the metadata's `sshs_model_hash`, else the SHA-256 of a
     /// safetensors file's tensor data (after its header), else of the file.
     pub fn lora_sha256(&mut self, path: &Path) -> Option<String> {
