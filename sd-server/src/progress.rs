@@ -141,7 +141,7 @@ impl Hook for ProgressHook {
 }
 
 /// A1111's "Approx cheap" live preview (`sd_samplers_common.py`, the linear map from the four
-/// SD latent channels to RGB), of the first image, 8x nearest-upscaled, as base64 PNG.
+/// SD latent channels to RGB), of the first image at the latents' size, as base64 PNG.
 fn preview_png(latents: &Tensor) -> Option<String> {
     const COEFS: [[f32; 3]; 4] = [
         [0.298, 0.207, 0.208],
@@ -162,19 +162,15 @@ fn preview_png(latents: &Tensor) -> Option<String> {
         .ok()?
         .to_vec1()
         .ok()?;
-    const UP: usize = 8;
-    let (ow, oh) = (w * UP, h * UP);
-    let mut rgb = vec![0u8; ow * oh * 3];
-    for y in 0..oh {
-        for xx in 0..ow {
-            let i = (y / UP) * w + xx / UP;
-            for (r, out) in rgb[(y * ow + xx) * 3..][..3].iter_mut().enumerate() {
-                let v: f32 = (0..4).map(|l| x[l * h * w + i] * COEFS[l][r]).sum();
-                *out = (((v + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0) as u8;
-            }
+    // at the latents' size, as A1111 sends it (the page scales it up)
+    let mut rgb = vec![0u8; w * h * 3];
+    for i in 0..w * h {
+        for (r, out) in rgb[i * 3..][..3].iter_mut().enumerate() {
+            let v: f32 = (0..4).map(|l| x[l * h * w + i] * COEFS[l][r]).sum();
+            *out = (((v + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0) as u8;
         }
     }
-    crate::images::png_bytes(ow as u32, oh as u32, 3, rgb)
+    crate::images::png_bytes(w as u32, h as u32, 3, rgb)
         .ok()
         .map(|b| crate::images::encode_b64(&b))
 }
@@ -250,7 +246,7 @@ mod tests {
         let b64 = preview_png(&t).unwrap();
         let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
         let img = image::load_from_memory(&png).unwrap().to_rgb8();
-        assert_eq!(img.dimensions(), (8, 8));
-        assert_eq!(img.get_pixel(3, 3).0[0], (1.143f32 / 2.0 * 255.0) as u8);
+        assert_eq!(img.dimensions(), (1, 1));
+        assert_eq!(img.get_pixel(0, 0).0[0], (1.143f32 / 2.0 * 255.0) as u8);
     }
 }
