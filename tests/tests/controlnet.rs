@@ -272,6 +272,76 @@ fn unit_masks_limit_where_control_applies() {
     assert_eq!(max_abs_diff(&run(&base, &req, vec![one]), &full), 0.0);
 }
 
+/// A mask covering part of the image keeps each residual where the mask is 1 and zeroes it
+/// where it is 0, at every residual's own resolution (nearest resampling of the mask), on a
+/// non-square generation: the left 24 of 48 columns, the top 32 of 64 rows.
+#[test]
+fn a_partial_unit_mask_keeps_the_residuals_only_under_it() {
+    use sd_plugins_api::{Hook, ResidualInput, StepInfo};
+    let base = sd("sd1");
+    let cn = Arc::new(net("models/controlnet-sd1", &base));
+    let dev = Device::Cpu;
+    let (h, w) = (64usize, 48usize);
+    let image = Tensor::rand(0f32, 1.0, (1, 3, h, w), &dev).unwrap();
+    let f = base.vae_scale_factor();
+    let latents = Tensor::randn(0f32, 1.0, (1, 4, h / f, w / f), &dev).unwrap();
+    let ctx = Tensor::randn(0f32, 1.0, (1, 77, 8), &dev).unwrap();
+    let mut mask = vec![0f32; h * w];
+    for y in 0..h / 2 {
+        for x in 0..w / 2 {
+            mask[y * w + x] = 1.0;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (1, 1, h, w), &dev).unwrap();
+    let residuals = |m: Option<Tensor>| {
+        let mut unit = ControlUnit::new(cn.clone(), image.clone());
+        unit.mask = m;
+        let mut hook = ControlNetHook::new(vec![unit]);
+        let step = StepInfo {
+            index: 0,
+            first_index: 0,
+            total: 1,
+            timestep: 500.0,
+            batch: 1,
+            cfg: false,
+        };
+        let input = ResidualInput {
+            sample: &latents,
+            latents: &latents,
+            encoder_hidden_states: &ctx,
+        };
+        hook.residuals(&step, &input).unwrap().unwrap()
+    };
+    let (plain, masked) = (residuals(None), residuals(Some(mask)));
+    let all: Vec<(&Tensor, &Tensor)> = sd_tests::paired("down", &plain.down, &masked.down)
+        .chain([(&plain.mid, &masked.mid)])
+        .collect();
+    for (k, (p, m)) in all.into_iter().enumerate() {
+        let (_, c, rh, rw) = p.dims4().unwrap();
+        let (p, m): (Vec<f32>, Vec<f32>) = (
+            p.flatten_all().unwrap().to_vec1().unwrap(),
+            m.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        let mut kept = 0;
+        for ch in 0..c {
+            for y in 0..rh {
+                for x in 0..rw {
+                    let i = (ch * rh + y) * rw + x;
+                    // nearest: the mask pixel (y * h / rh, x * w / rw)
+                    let under = y * h / rh < h / 2 && x * w / rw < w / 2;
+                    if under {
+                        assert_eq!(m[i], p[i], "residual {k} ({y}, {x}) under the mask");
+                        kept += usize::from(p[i] != 0.0);
+                    } else {
+                        assert_eq!(m[i], 0.0, "residual {k} ({y}, {x}) outside the mask");
+                    }
+                }
+            }
+        }
+        assert!(kept > 0, "residual {k}: nothing under the mask to compare");
+    }
+}
+
 #[test]
 fn mismatched_or_missing_inputs_are_clear_errors() {
     let base = sd("sd1");
