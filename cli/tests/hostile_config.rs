@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use sd_tests::model_dir;
 
-use common::{clean_failure, copy_tree, failed, ok, s, scratch, sdctl, sdctl_with};
+use common::{clean_failure, copy_tree, failed, ok, one_step, s, scratch, sdctl, sdctl_with};
 
 /// How long a refusal may take (the parsers took minutes on these payloads).
 const QUICK: Duration = Duration::from_secs(10);
@@ -271,23 +271,7 @@ fn model_config_values_are_checked_at_load() {
     ];
     for (model, want) in cases {
         let out = d.join("o.png");
-        let e = failed(&sdctl(&[
-            "generate",
-            "--model",
-            s(&model),
-            "--prompt",
-            "x",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "1",
-            "--seed",
-            "1",
-            "--output",
-            s(&out),
-        ]));
+        let e = failed(&sdctl(&one_step(&model, &out, &[])));
         assert!(e.contains(&want), "{want}: {e}");
         assert!(!out.exists());
     }

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use sd_tests::{fixtures, model_dir};
 
-use common::{clean_failure, copy_tree, mkfifo, ok, ok_stderr, s, scratch, sdctl, sdctl_command};
+use common::{
+    clean_failure, copy_tree, mkfifo, ok, ok_stderr, one_step, s, scratch, sdctl, sdctl_command,
+};
 
 /// The longest a refused input may take before the run counts as blocked.
 const LIMIT: Duration = Duration::from_secs(10);
@@ -209,23 +211,7 @@ fn write_errors_leave_no_temporary() {
     std::fs::create_dir_all(&out).unwrap();
     let model = model_dir("sd1");
     let o_png = out.join("img.png");
-    let args = [
-        "generate",
-        "--model",
-        s(&model),
-        "--prompt",
-        "a red circle",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "1",
-        "--seed",
-        "1",
-        "--output",
-        s(&o_png),
-    ];
+    let args = one_step(&model, &o_png, &[]);
     // ulimit -f in 512-byte blocks (POSIX sh); the PNG is larger than one block
     let c = sdctl_command();
     let program = c.get_program().to_owned();

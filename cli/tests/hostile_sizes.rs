@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sd_tests::model_dir;
 
-use common::{clean_failure, copy_tree, ok, s, scratch, sdctl_with};
+use common::{clean_failure, copy_tree, ok, one_step, s, scratch, sdctl_with};
 
 const LIMIT: (&str, &str) = ("SDCTL_MEMORY_LIMIT", "8G");
 
@@ -104,26 +104,7 @@ fn generation_sizes_beyond_memory_are_refused_with_what_fits() {
     assert!(e.contains(" fits at 2048x2048"), "{e}");
     assert!(!out.exists());
     // normal sizes still run under the same limit
-    ok(&quick(
-        &[
-            "generate",
-            "--model",
-            s(&model),
-            "--prompt",
-            "x",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "1",
-            "--seed",
-            "1",
-            "--output",
-            s(&out),
-        ],
-        &[],
-    ));
+    ok(&quick(&one_step(&model, &out, &[]), &[]));
     assert!(out.is_file());
 }
 
@@ -230,25 +211,7 @@ fn pose_canvases_of_control_units_are_checked() {
         pose_file(&p, &body(), Some((canvas.into(), canvas.into())));
         let unit = format!("model={},image={},preprocessor=openpose", s(&cn), s(&p));
         let e = clean_failure(&quick(
-            &[
-                "generate",
-                "--model",
-                s(&model),
-                "--prompt",
-                "x",
-                "--width",
-                "64",
-                "--height",
-                "64",
-                "--steps",
-                "1",
-                "--seed",
-                "1",
-                "--control",
-                &unit,
-                "--output",
-                s(&out),
-            ],
+            &one_step(&model, &out, &["--control", &unit]),
             &[("SDCTL_MEMORY_LIMIT", env)],
         ));
         assert!(e.contains(want), "{e}");

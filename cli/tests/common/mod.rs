@@ -60,6 +60,30 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The arguments of a one-step 64x64 `sdctl generate` at seed 1 with `model`, writing `out`,
+/// then `extra`: the smallest run that goes through every stage.
+pub fn one_step<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "generate",
+        "--model",
+        s(model),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "--output",
+        s(out),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
 /// Asserts success; returns stdout.
 pub fn ok(o: &Output) -> String {
     assert!(
