@@ -62,7 +62,14 @@ pub use sd_controlnet::UnitSpec;
 pub use sd_lora::LoraSpec;
 
 /// The built-in preprocessors (and those of any other linked crate), for control units'
-/// `preprocessor`.
+/// `preprocessor`, their results cached in sdctl's cache folder (`preprocessed/`), so a map
+/// made once (by `sdctl detect`, a unit, the server's detected maps) is not made again.
 pub fn registry() -> sd_plugins_api::Registry {
-    sd_preprocessors::registry()
+    let r = sd_preprocessors::registry();
+    match hashes::cache_dir() {
+        Some(d) => r.with_cache(sd_plugins_api::cache::PreprocessCache::new(
+            d.join("preprocessed"),
+        )),
+        None => r,
+    }
 }

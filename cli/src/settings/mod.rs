@@ -42,13 +42,7 @@ pub fn load(args: &SettingsArgs) -> Result<Settings, Problems> {
     });
     // unreadable files are reported and left out; the rest is still checked
     let fig = sd::config::sources::compose(&files, png, flags);
-    let mut registry = sd_preprocessors::registry();
-    if let Some(d) = sd::hashes::cache_dir() {
-        registry = registry.with_cache(sd_plugins_api::cache::PreprocessCache::new(
-            d.join("preprocessed"),
-        ));
-    }
-    match check::check(&fig, args.from_png.as_deref(), registry) {
+    match check::check(&fig, args.from_png.as_deref(), sd::registry()) {
         Ok(s) if problems.is_empty() => Ok(s),
         Ok(_) => Err(Problems(problems)),
         Err(Problems(more)) => {
