@@ -84,6 +84,13 @@ fn control_mode(f: &Fields) -> ApiResult<ControlMode> {
     ][choice(f, "control_mode", names, &[])?.unwrap_or(guess)])
 }
 
+/// A module as a request names it: the preprocessor, and its parameters as given and checked.
+pub struct Module {
+    pub choice: PreprocessorChoice,
+    pub preprocessor: Arc<dyn Preprocessor>,
+    pub params: sd_plugins_api::Params,
+}
+
 /// A preprocessor by sd-webui-controlnet's module name, with `threshold_a` / `threshold_b` as its
 /// first two numeric parameters (the extension's two sliders; -1 or absent: the default).
 pub fn module_choice(
@@ -92,7 +99,7 @@ pub fn module_choice(
     threshold_a: f64,
     threshold_b: f64,
     field: &str,
-) -> ApiResult<Option<(PreprocessorChoice, Arc<dyn Preprocessor>)>> {
+) -> ApiResult<Option<Module>> {
     if module.is_empty() || module == "none" || module == "None" {
         return Ok(None);
     }
@@ -116,13 +123,17 @@ pub fn module_choice(
         };
         choice.params.push((spec.name.clone(), value));
     }
-    choice.resolve(registry).map_err(|errs| {
+    let params = choice.resolve(registry).map_err(|errs| {
         ApiError::bad(format!(
             "{field}threshold_a/threshold_b: {}",
             errs.join("; ")
         ))
     })?;
-    Ok(Some((choice, p.clone())))
+    Ok(Some(Module {
+        choice,
+        preprocessor: p.clone(),
+        params,
+    }))
 }
 
 /// sd-webui-controlnet's pixel-perfect processor resolution for an image of `raw` size and a
@@ -266,7 +277,7 @@ pub fn units(
         spec.end = f.float("guidance_end", 1.0)?;
         spec.mode = control_mode(&f)?;
         spec.resize = resize;
-        spec.preprocessor = pre.map(|(c, _)| c);
+        spec.preprocessor = pre.map(|m| m.choice);
         spec.mask = mask;
         spec.resolution = usize::try_from(resolution).unwrap_or(0);
         spec.validate()
@@ -351,13 +362,23 @@ pub async fn version() -> Json<Value> {
 
 /// `GET /controlnet/model_list`
 pub async fn model_list(State(st): State<Arc<AppState>>) -> Json<Value> {
-    let titles: Vec<String> = st
-        .catalog()
+    Json(json!({ "model_list": controlnet_titles(&st) }))
+}
+
+/// The ControlNets' titles, as the extension lists them.
+fn controlnet_titles(st: &AppState) -> Vec<String> {
+    st.catalog()
         .controlnets
         .iter()
         .map(|e| e.title.clone())
-        .collect();
-    Json(json!({ "model_list": titles }))
+        .collect()
+}
+
+/// The module names: `none`, then every preprocessor.
+fn module_names(registry: &Registry) -> Vec<String> {
+    std::iter::once("none".to_string())
+        .chain(registry.preprocessors().map(|(p, _)| p.name().to_string()))
+        .collect()
 }
 
 /// sd-webui-controlnet's slider descriptions for a module: its first two numeric parameters.
@@ -391,33 +412,22 @@ fn sliders(p: &dyn Preprocessor) -> Vec<Value> {
 
 /// `GET /controlnet/module_list`: `module_list` and `module_detail`.
 pub async fn module_list(State(st): State<Arc<AppState>>) -> Json<Value> {
-    let registry = &st.registry;
-    let mut names = vec!["none".to_string()];
     let mut detail = Map::new();
     detail.insert("none".into(), json!({"model_free": false, "sliders": []}));
-    for (p, _) in registry.preprocessors() {
-        names.push(p.name().to_string());
+    for (p, _) in st.registry.preprocessors() {
         detail.insert(
             p.name().to_string(),
             json!({"model_free": false, "sliders": sliders(p.as_ref()), "description": p.description()}),
         );
     }
-    Json(json!({ "module_list": names, "module_detail": detail }))
+    Json(json!({ "module_list": module_names(&st.registry), "module_detail": detail }))
 }
 
 /// `GET /controlnet/control_types`: "All", then a type per preprocessor family with the
 /// ControlNets whose names mention it.
 pub async fn control_types(State(st): State<Arc<AppState>>) -> Json<Value> {
-    let registry = &st.registry;
-    let models: Vec<String> = st
-        .catalog()
-        .controlnets
-        .iter()
-        .map(|e| e.title.clone())
-        .collect();
-    let modules: Vec<String> = std::iter::once("none".to_string())
-        .chain(registry.preprocessors().map(|(p, _)| p.name().to_string()))
-        .collect();
+    let models = controlnet_titles(&st);
+    let modules = module_names(&st.registry);
     let mut types = Map::new();
     let mut all_models = vec!["None".to_string()];
     all_models.extend(models.iter().cloned());
@@ -520,17 +530,14 @@ pub async fn detect(
                 let bytes = match &choice {
                     None => std::fs::read(path)
                         .map_err(|e| ApiError::internal(format!("reading scratch: {e}")))?,
-                    Some((c, p)) => {
-                        let params = c
-                            .resolve(&engine.registry)
-                            .map_err(|e| ApiError::bad(e.join("; ")))?;
+                    Some(m) => {
                         let (w, h) = image::image_dimensions(path)
                             .map_err(|e| ApiError::bad(e.to_string()))?;
                         map_png(
                             &engine.registry,
-                            p.as_ref(),
+                            m.preprocessor.as_ref(),
                             path,
-                            &params,
+                            &m.params,
                             resolution,
                             (w as usize, h as usize),
                         )?

@@ -183,15 +183,15 @@ pub fn check_options(
     Ok(out)
 }
 
-/// The settings sdctl reads from the options with a request's overrides on top.
+/// The settings sdctl reads from the options with a request's overrides (checked by
+/// [`check_options`]) on top.
 pub fn run_options(
     catalog: &Catalog,
     options: &Map<String, Value>,
     overrides: &Map<String, Value>,
 ) -> ApiResult<RunOptions> {
-    let overrides = check_options(catalog, overrides, "override_settings.")?;
     let mut all = options.clone();
-    all.extend(overrides);
+    all.extend(overrides.clone());
     let f = crate::fields::Fields::new(&all);
     let model = match f.opt_string("sd_model_checkpoint")? {
         Some(name) => catalog.model(&name).cloned().ok_or_else(|| {

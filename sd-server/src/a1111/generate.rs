@@ -16,7 +16,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::fields::{self, Fields};
 use crate::images;
 use crate::queue::Engine;
-use crate::state::{run_options, AppState};
+use crate::state::{check_options, run_options, AppState};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
@@ -134,17 +134,17 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
     };
     let scheduler = f.string("scheduler", "automatic")?;
     let (sampler, schedule) = super::samplers::resolve(&sampler_name, &scheduler)?;
-    let overrides = f.object("override_settings")?.cloned().unwrap_or_default();
+    let given = f.object("override_settings")?.cloned().unwrap_or_default();
     let restore = f.bool("override_settings_restore_afterwards", true)?;
     let opts = {
         let catalog = st.catalog();
-        let options = st.options();
-        run_options(&catalog, &options, &overrides)?
+        let overrides = check_options(&catalog, &given, "override_settings.")?;
+        let opts = run_options(&catalog, &st.options(), &overrides)?;
+        if !restore {
+            st.options().extend(overrides);
+        }
+        opts
     };
-    if !restore && !overrides.is_empty() {
-        let checked = crate::state::check_options(&st.catalog(), &overrides, "override_settings.")?;
-        st.options().extend(checked);
-    }
 
     let scratch = tempfile::Builder::new()
         .prefix("sdctl-serve-")
