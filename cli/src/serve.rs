@@ -117,11 +117,13 @@ fn default_body() -> usize {
 fn settings(args: &ServeArgs) -> CliResult<Settings> {
     let mut fig = Figment::new();
     for f in &args.config {
-        sd_plugins_api::input_file::check(f).map_err(|e| format!("--config {e}"))?;
+        // a regular file, bounded in size and nesting, as every config file sdctl reads
+        let text =
+            sd_plugins_api::config_text::read_config(f).map_err(|e| format!("--config {e}"))?;
         fig = match f.extension().and_then(|e| e.to_str()) {
-            Some("toml") => fig.merge(Toml::file_exact(f)),
-            Some("yaml" | "yml") => fig.merge(Yaml::file_exact(f)),
-            Some("json") => fig.merge(Json::file_exact(f)),
+            Some("toml") => fig.merge(Toml::string(&text)),
+            Some("yaml" | "yml") => fig.merge(Yaml::string(&text)),
+            Some("json") => fig.merge(Json::string(&text)),
             _ => {
                 return Err(
                     format!("--config {}: use a .toml, .yaml or .json file", f.display()).into(),

@@ -120,6 +120,12 @@ fn serve_settings_errors_name_the_key_or_flag() {
     std::fs::create_dir_all(&dir).unwrap();
     let bad_key = dir.join("bad.toml");
     std::fs::write(&bad_key, "models_dri = \"x\"\n").unwrap();
+    let deep = dir.join("deep.json");
+    std::fs::write(
+        &deep,
+        format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)),
+    )
+    .unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec![], "--models-dir is required"),
         (
@@ -129,6 +135,10 @@ fn serve_settings_errors_name_the_key_or_flag() {
         (
             vec!["--config".into(), bad_key.display().to_string()],
             "models_dri",
+        ),
+        (
+            vec!["--config".into(), deep.display().to_string()],
+            "nested more than 64 levels deep",
         ),
         (
             vec![

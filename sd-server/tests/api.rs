@@ -283,6 +283,13 @@ async fn bad_requests_are_4xx_naming_the_field_and_the_server_goes_on() {
         .unwrap();
     let res = app.clone().oneshot(req).await.unwrap();
     assert_eq!(res.status(), 422);
+    // 100k nested lists: refused by the JSON reader's depth limit, not a stack overflow
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let req = Request::post("/sdapi/v1/txt2img")
+        .body(Body::from(deep))
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 422);
     let big = json!({"prompt": "x".repeat(2 << 20)});
     let (s, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(big), None).await;
     assert_eq!(s, 413, "{res}");

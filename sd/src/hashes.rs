@@ -232,6 +232,49 @@ impl HashCache {
 mod tests {
     use super::*;
 
+    /// A LoRA's metadata is the file's to say and goes into infotext: a `sshs_model_hash` that is
+    /// not a hex hash (a line break and a forged field, a long text) is ignored for kohya's
+    /// addnet hash of the tensor data.
+    #[test]
+    fn a_forged_metadata_hash_is_not_taken() {
+        let dir = std::env::temp_dir().join(format!("sd-hash-forged-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = [0u8, 0, 128, 63]; // one f32 1.0
+        let write = |name: &str, meta: &str| {
+            let header = format!(
+                r#"{{"__metadata__":{{"sshs_model_hash":{meta}}},"a":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}}}"#
+            );
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend(header.as_bytes());
+            bytes.extend(data);
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let mut cache = HashCache::open_at(None);
+        let addnet = hex(&Sha256::digest(data));
+        for (name, meta) in [
+            (
+                "newline.safetensors",
+                serde_json::json!("abc\nSteps: 99").to_string(),
+            ),
+            (
+                "long.safetensors",
+                serde_json::json!("a".repeat(100)).to_string(),
+            ),
+            (
+                "words.safetensors",
+                serde_json::json!("not a hash").to_string(),
+            ),
+        ] {
+            let p = write(name, &meta);
+            assert_eq!(cache.lora_sha256(&p).unwrap(), addnet, "{name}");
+        }
+        let p = write("good.safetensors", r#""ABCDEF0123""#);
+        assert_eq!(cache.lora_short(&p), "ABCDEF0123");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// Expected values from hashlib following A1111's code (tests/fixtures/make_hash_fixtures.py).
     #[test]
     fn a1111_hashes_match_hashlib_after_a1111s_code() {

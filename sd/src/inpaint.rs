@@ -8,6 +8,16 @@
 
 use image::{imageops, GrayImage, Rgb, RgbImage};
 
+/// The settings keys of these steps (config keys, `sdctl generate` flags).
+pub const KEYS: [&str; 6] = [
+    "mask_blur",
+    "invert_mask",
+    "inpaint_area",
+    "inpaint_padding",
+    "mask_overlay",
+    "inpaint_fill",
+];
+
 /// The steps to take; the default takes none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Inpaint {

@@ -133,14 +133,7 @@ pub fn check(
         }
     }
     // the inpainting steps need a mask; their defaults (as `config show` writes them) do not
-    for key in [
-        "mask_blur",
-        "invert_mask",
-        "inpaint_area",
-        "inpaint_padding",
-        "mask_overlay",
-        "inpaint_fill",
-    ] {
+    for key in sd::inpaint::KEYS {
         let set = match get(&vals, key) {
             Some(Typed::Int(n)) => *n != 0,
             Some(Typed::Bool(b)) => *b,
