@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
 use image::{DynamicImage, Rgb, RgbImage};
 use sd_plugins_api::{marked_control_values, ImageBuf};
+use sd_preprocessors::map_resize::high_quality_resize;
 
 use crate::error::{ControlError, Result};
 use crate::units::ResizeMode;
@@ -36,11 +37,11 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     })
 }
 
+/// A plain resize, for unit masks (not control maps): cubic enlarging, triangle shrinking.
 fn scaled(img: &RgbImage, w: u32, h: u32) -> RgbImage {
     if img.width() == w && img.height() == h {
         return img.clone();
     }
-    // Enlarging: cubic; shrinking: triangle (area-like), as the webui picks INTER_CUBIC / INTER_AREA.
     let filter = if w > img.width() || h > img.height() {
         FilterType::CatmullRom
     } else {
@@ -49,30 +50,32 @@ fn scaled(img: &RgbImage, w: u32, h: u32) -> RgbImage {
     image::imageops::resize(img, w.max(1), h.max(1), filter)
 }
 
-/// Median colour of the border pixels (sd-webui-controlnet's fill background).
-fn border_median(img: &RgbImage) -> Rgb<u8> {
-    let (w, h) = img.dimensions();
+/// Median colour of the border pixels, per channel (sd-webui-controlnet's fill background:
+/// `np.median(...).astype(uint8)`, the mean of the two middle values truncated).
+fn border_median(img: &ImageBuf) -> Vec<u8> {
+    let (w, h, ch) = (img.width, img.height, img.channels);
+    let px = |x: usize, y: usize| &img.data[(y * w + x) * ch..(y * w + x + 1) * ch];
     let mut border = Vec::new();
     for x in 0..w {
-        border.push(*img.get_pixel(x, 0));
-        border.push(*img.get_pixel(x, h - 1));
+        border.push(px(x, 0));
+        border.push(px(x, h - 1));
     }
     for y in 0..h {
-        border.push(*img.get_pixel(0, y));
-        border.push(*img.get_pixel(w - 1, y));
+        border.push(px(0, y));
+        border.push(px(w - 1, y));
     }
-    let mut out = [0u8; 3];
-    for (c, o) in out.iter_mut().enumerate() {
-        let mut v: Vec<u8> = border.iter().map(|p| p.0[c]).collect();
-        v.sort_unstable();
-        let n = v.len();
-        *o = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            ((v[n / 2 - 1] as u16 + v[n / 2] as u16) / 2) as u8
-        };
-    }
-    Rgb(out)
+    (0..ch)
+        .map(|c| {
+            let mut v: Vec<u8> = border.iter().map(|p| p[c]).collect();
+            v.sort_unstable();
+            let n = v.len();
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                ((v[n / 2 - 1] as u16 + v[n / 2] as u16) / 2) as u8
+            }
+        })
+        .collect()
 }
 
 /// The extension's `safeint`: `int(np.round(x))`, ties to even.
@@ -80,38 +83,78 @@ fn safeint(x: f64) -> u32 {
     x.round_ties_even() as u32
 }
 
-/// Fit `img` to `width` x `height`: `just` stretches; `crop` scales to cover and centre-crops;
-/// `fill` scales to fit and pads with the border's median colour.
+/// Fit an RGB image to `width` x `height` ([`fit_map`]).
 pub fn fit(img: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImage {
-    let (w, h) = (img.width() as f64, img.height() as f64);
+    let buf = ImageBuf {
+        width: img.width() as usize,
+        height: img.height() as usize,
+        channels: 3,
+        data: img.as_raw().clone(),
+    };
+    let out = fit_map(&buf, width as usize, height as usize, mode);
+    RgbImage::from_raw(width, height, out.data).expect("fit_map returns the size asked for")
+}
+
+/// Fit a control map (RGB, or RGBA whose alpha marks the pixels to repaint with 0) to
+/// `width` x `height` as sd-webui-controlnet's `detectmap_proc` does, every resize its
+/// `high_quality_resize`: `just` stretches; `crop` scales to cover and centre-crops; `fill`
+/// scales to fit and pads with the original map's border median (the padding marked for
+/// repainting, the extension's "inpaint hijack").
+pub fn fit_map(img: &ImageBuf, width: usize, height: usize, mode: ResizeMode) -> ImageBuf {
+    let (w, h) = (img.width as f64, img.height as f64);
     let (kw, kh) = (width as f64 / w, height as f64 / h);
+    let ch = img.channels;
     match mode {
-        ResizeMode::Just => scaled(img, width, height),
+        ResizeMode::Just => high_quality_resize(img, width, height),
         ResizeMode::Crop => {
             let k = kw.max(kh);
-            let (nw, nh) = (safeint(w * k).max(width), safeint(h * k).max(height));
-            let s = scaled(img, nw, nh);
+            let (nw, nh) = (
+                (safeint(w * k) as usize).max(width),
+                (safeint(h * k) as usize).max(height),
+            );
+            let s = high_quality_resize(img, nw, nh);
             let (x0, y0) = ((nw - width) / 2, (nh - height) / 2);
-            image::imageops::crop_imm(&s, x0, y0, width, height).to_image()
+            let mut data = Vec::with_capacity(width * height * ch);
+            for y in y0..y0 + height {
+                data.extend_from_slice(&s.data[(y * nw + x0) * ch..(y * nw + x0 + width) * ch]);
+            }
+            ImageBuf {
+                width,
+                height,
+                channels: ch,
+                data,
+            }
         }
         ResizeMode::Fill => {
             let k = kw.min(kh);
             let (nw, nh) = (
-                safeint(w * k).clamp(1, width),
-                safeint(h * k).clamp(1, height),
+                (safeint(w * k) as usize).clamp(1, width),
+                (safeint(h * k) as usize).clamp(1, height),
             );
             // the background is the median of the map's own border, before it is resized
-            // (`detectmap_proc`'s OUTER_FIT)
-            let background = border_median(img);
-            let s = scaled(img, nw, nh);
-            let mut out = RgbImage::from_pixel(width, height, background);
-            image::imageops::replace(
-                &mut out,
-                &s,
-                ((width - nw) / 2) as i64,
-                ((height - nh) / 2) as i64,
-            );
-            out
+            let mut background = border_median(img);
+            if ch == 4 {
+                background[3] = 0;
+            }
+            let s = high_quality_resize(img, nw, nh);
+            let mut data: Vec<u8> = background
+                .iter()
+                .copied()
+                .cycle()
+                .take(width * height * ch)
+                .collect();
+            let (x0, y0) = ((width - nw) / 2, (height - nh) / 2);
+            for y in 0..nh {
+                let row = &s.data[y * nw * ch..(y + 1) * nw * ch];
+                let at = ((y0 + y) * width + x0) * ch;
+                data[at..at + nw * ch].copy_from_slice(row);
+            }
+            ImageBuf {
+                width,
+                height,
+                channels: ch,
+                data,
+            }
         }
     }
 }
@@ -137,21 +180,7 @@ pub fn inpaint_tensor(
     mode: ResizeMode,
     device: &Device,
 ) -> Result<Tensor> {
-    let (w, h) = (marked.width as u32, marked.height as u32);
-    let mut rgb = RgbImage::new(w, h);
-    let mut keep = RgbImage::new(w, h);
-    for (i, px) in marked.data.chunks_exact(4).enumerate() {
-        let (x, y) = (i as u32 % w, i as u32 / w);
-        rgb.put_pixel(x, y, Rgb([px[0], px[1], px[2]]));
-        keep.put_pixel(x, y, Rgb([px[3]; 3]));
-    }
-    let rgb = fit(&rgb, width as u32, height as u32, mode);
-    let keep = fit(&keep, width as u32, height as u32, mode);
-    let mut data = Vec::with_capacity(width * height * 4);
-    for (c, k) in rgb.pixels().zip(keep.pixels()) {
-        data.extend([c.0[0], c.0[1], c.0[2], k.0[0]]);
-    }
-    let marked = ImageBuf::new(width, height, 4, data).map_err(ControlError::Invalid)?;
+    let marked = fit_map(marked, width, height, mode);
     let values = marked_control_values(&marked);
     Ok(Tensor::from_vec(values, (height, width, 3), &Device::Cpu)?
         .permute((2, 0, 1))?
@@ -173,12 +202,7 @@ pub fn load_control_image(
 
 /// A unit's spatial mask `[1, 1, H, W]` in [0, 1] (grayscale; white = full effect).
 pub fn load_unit_mask(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
-    let img = fit(
-        &load_rgb(path)?,
-        width as u32,
-        height as u32,
-        ResizeMode::Just,
-    );
+    let img = scaled(&load_rgb(path)?, width as u32, height as u32);
     let t = to_tensor(&img, device)?;
     Ok(t.mean_keepdim(1)?)
 }

@@ -10,6 +10,7 @@ pub mod detect;
 pub mod draw;
 pub mod inpaint;
 pub mod lines;
+pub mod map_resize;
 pub mod normal;
 pub mod openpose;
 pub mod pose;

@@ -676,3 +676,66 @@ fn a_unit_preprocessor_and_detect_run_at_the_processor_resolution_alike() {
     assert_eq!((full.width, full.height), (1792, 1216));
     let _ = std::fs::remove_file(photo);
 }
+
+/// sd-webui-controlnet's `detectmap_proc` + `high_quality_resize`, run by
+/// `make_map_resize_fixtures.py` on six non-square maps, two sizes, three modes. Exact for
+/// nearest (segmentation), area (every shrink) and the binary paths (Otsu; nms + thinning of
+/// one-pixel edges); bicubic enlarging within one level (OpenCV's SIMD rounding, as
+/// `cvresize` documents) and the inpaint map's colours within one level of the extension's
+/// float32 path clamped to [0, 255] (we resize 8-bit); its repaint mark exact.
+#[test]
+fn control_maps_resize_as_the_extension_does() {
+    use sd_controlnet::control_image::fit_map;
+    use sd_controlnet::ResizeMode;
+    let f = candle_core::safetensors::load(
+        fixtures().join("map_resize/map_resize.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut cases = 0;
+    for name in ["photo", "seg", "shapes", "edges", "greys", "inpaint"] {
+        let input = &f[&format!("{name}.input")];
+        let (h, w, c) = input.dims3().unwrap();
+        let mut data = input.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        if c == 4 {
+            // the extension's alpha is 255 = repaint; ours 0 = repaint
+            data.iter_mut()
+                .skip(3)
+                .step_by(4)
+                .for_each(|a| *a = 255 - *a);
+        }
+        let img = sd_plugins_api::ImageBuf::new(w, h, c, data).unwrap();
+        for (tw, th) in [(96usize, 64usize), (40, 24)] {
+            for (mode, ext) in [
+                (ResizeMode::Just, "resize"),
+                (ResizeMode::Crop, "inner_fit"),
+                (ResizeMode::Fill, "outer_fit"),
+            ] {
+                let key = format!("{name}.{ext}.{tw}x{th}");
+                let want = f[&key]
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let got = fit_map(&img, tw, th, mode);
+                assert_eq!((got.width, got.height, got.channels), (tw, th, c), "{key}");
+                let (mut max, mut mark_differ) = (0f32, 0usize);
+                for (i, (&g, &e)) in sd_tests::paired(&key, &got.data, &want).enumerate() {
+                    if c == 4 && i % 4 == 3 {
+                        mark_differ += ((255 - g) as f32 != e) as usize;
+                    } else {
+                        max = max.max((g as f32 - e.clamp(0.0, 255.0)).abs());
+                    }
+                }
+                assert_eq!(mark_differ, 0, "{key}: inpaint mark");
+                let cubic = tw == 96 && matches!(name, "photo" | "greys");
+                let tol = if cubic || c == 4 { 1.0 } else { 0.0 };
+                assert!(max <= tol, "{key}: {max} levels from the extension");
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 36);
+}

@@ -1,13 +1,14 @@
 //! OpenPose against controlnet_aux 0.0.10 (fixtures/make_openpose_fixtures.py): the body
 //! network on random weights (redrawn here with the torch CPU generator port), and the whole
 //! keypoint pipeline (x8 upsampling, smoothing, peaks, PAF matching, assembly, drawing) on
-//! canned network outputs.
+//! canned network outputs, through the preprocessor's own path from image to drawn map.
 
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use sd_pipeline::rng::TorchRng;
-use sd_preprocessors::openpose::{assemble, net, people, to_pose, upsample, BodyNet, Maps};
+use sd_plugins_api::ImageBuf;
+use sd_preprocessors::openpose::{assemble, maps, net, people, pose_map, BodyNet, PoseNetwork};
 use sd_tests::fixtures;
 
 fn fixture() -> HashMap<String, Tensor> {
@@ -88,16 +89,21 @@ fn body_network_matches_pytorch() {
     }
 }
 
-fn hwc(t: &Tensor) -> (Vec<f32>, (usize, usize, usize)) {
-    let (c, h, w) = t.dims3().unwrap();
-    let v = t
-        .permute((1, 2, 0))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    (v, (c, h, w))
+/// controlnet_aux's `Body.model` replaced by canned stride-8 outputs (two people), as
+/// `make_openpose_fixtures.py` replaces it; the input's shape is checked as the fixture's
+/// stand-in checks it.
+struct Canned {
+    paf: Tensor,
+    heat: Tensor,
+}
+
+impl PoseNetwork for Canned {
+    fn part_maps(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (_, _, h, w) = x.dims4()?;
+        let (_, _, gh, gw) = self.heat.dims4()?;
+        assert_eq!((h / 8, w / 8), (gh, gw), "network input {:?}", x.dims());
+        Ok((self.paf.clone(), self.heat.clone()))
+    }
 }
 
 #[test]
@@ -105,17 +111,18 @@ fn keypoint_pipeline_matches_controlnet_aux_on_canned_maps() {
     let f = fixture();
     let size = f["image_size"].to_vec1::<i64>().unwrap();
     let (w, h) = (size[0] as usize, size[1] as usize);
-    let scale = 0.5 * 368.0 / h as f64;
-    let unpadded = ((w as f64 * scale) as usize, (h as f64 * scale) as usize);
-    let (heat, hs) = hwc(&f["canned_heat"]);
-    let (paf, ps) = hwc(&f["canned_paf"]);
-    let maps = Maps {
-        width: w,
-        height: h,
-        heat: upsample(&heat, hs, unpadded, (w, h)),
-        paf: upsample(&paf, ps, unpadded, (w, h)),
+    let canned = Canned {
+        paf: f["canned_paf"].unsqueeze(0).unwrap(),
+        heat: f["canned_heat"].unsqueeze(0).unwrap(),
     };
-    let (cands, rows) = people(&maps);
+    // Any photo: the canned outputs ignore it (the fixture ran on a black one).
+    let img = image::open(fixtures().join("preprocessors/chelsea.png"))
+        .unwrap()
+        .resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle)
+        .to_rgb8();
+    let input = ImageBuf::new(w, h, 3, img.into_raw()).unwrap();
+    let m = maps(&canned, &input, &candle_core::Device::Cpu).unwrap();
+    let (cands, rows) = people(&m);
 
     let want_c = f["candidate"].to_vec2::<f64>().unwrap();
     assert_eq!(cands.len(), want_c.len(), "number of peaks");
@@ -129,6 +136,7 @@ fn keypoint_pipeline_matches_controlnet_aux_on_canned_maps() {
     }
     let want_s = f["subset"].to_vec2::<f64>().unwrap();
     assert_eq!(rows.len(), want_s.len(), "number of people");
+    assert_eq!(rows.len(), 2, "the fixture has two people");
     for (r, want) in sd_tests::paired("rows", &rows, &want_s) {
         assert_eq!(&r[..18], &want[..18], "part assignment");
         assert!(
@@ -140,9 +148,10 @@ fn keypoint_pipeline_matches_controlnet_aux_on_canned_maps() {
         assert_eq!(r[19], want[19], "part count");
     }
 
-    // Drawn as controlnet_aux draws it: every pixel.
-    let pose = to_pose(&cands, &rows, w, h);
-    let canvas = sd_preprocessors::pose::render(&pose, w, h);
+    // The preprocessor's whole path (image in, drawn map out) with the canned network, drawn
+    // as controlnet_aux draws it: every pixel.
+    let canvas = pose_map(&canned, &input).unwrap();
+    assert_eq!((canvas.width, canvas.height, canvas.channels), (w, h, 3));
     let png = image::open(fixtures().join("openpose/pipeline_pose.png"))
         .unwrap()
         .to_rgb8();
@@ -150,6 +159,8 @@ fn keypoint_pipeline_matches_controlnet_aux_on_canned_maps() {
         canvas.data.chunks(3).collect(),
         png.as_raw().chunks(3).collect(),
     );
+    let lit = got.iter().filter(|p| p.iter().any(|&v| v > 0)).count();
+    assert!(lit > 200, "the two skeletons are drawn ({lit} pixels)");
     let differ = sd_tests::paired("pose drawing", &got, &want)
         .filter(|(a, b)| a != b)
         .count();

@@ -88,8 +88,21 @@ pub fn upsample(
         .collect()
 }
 
+/// What gives the part maps for a `[1, 3, H, W]` input (BGR, `/256 - 0.5`, sides multiples of
+/// 8): (PAFs `[1, 38, H/8, W/8]`, heatmaps `[1, 19, H/8, W/8]`). [`BodyNet`], or canned
+/// outputs where a test replaces the network as controlnet_aux's `Body.model` can be replaced.
+pub trait PoseNetwork {
+    fn part_maps(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)>;
+}
+
+impl PoseNetwork for BodyNet {
+    fn part_maps(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        self.forward(x)
+    }
+}
+
 /// The network on an RGB image, its outputs brought to the image size.
-pub fn maps(net: &BodyNet, rgb: &ImageBuf, device: &Device) -> Result<Maps, String> {
+pub fn maps(net: &dyn PoseNetwork, rgb: &ImageBuf, device: &Device) -> Result<Maps, String> {
     let (w, h) = (rgb.width, rgb.height);
     // The detector works on BGR (detect_poses flips the channels).
     let bgr: Vec<u8> = rgb
@@ -120,7 +133,7 @@ pub fn maps(net: &BodyNet, rgb: &ImageBuf, device: &Device) -> Result<Maps, Stri
     }
     let run = || -> candle_core::Result<_> {
         let x = Tensor::from_vec(x, (1, 3, ph, pw), &Device::Cpu)?.to_device(device)?;
-        let (paf, heat) = net.forward(&x)?;
+        let (paf, heat) = net.part_maps(&x)?;
         Ok((
             to_hwc(&paf.to_device(&Device::Cpu)?)?,
             to_hwc(&heat.to_device(&Device::Cpu)?)?,
@@ -182,10 +195,24 @@ pub fn load_cached(path: &Path) -> Result<Arc<BodyNet>, String> {
 }
 
 /// Detect the people in an RGB image.
-pub fn detect(net: &BodyNet, rgb: &ImageBuf) -> Result<Pose, String> {
+pub fn detect(net: &dyn PoseNetwork, rgb: &ImageBuf) -> Result<Pose, String> {
     let m = maps(net, rgb, &Device::Cpu)?;
     let (cands, rows) = people(&m);
     Ok(to_pose(&cands, &rows, rgb.width, rgb.height))
+}
+
+/// What the `openpose` preprocessor makes of an image (any channel count): the people found
+/// by `net`, drawn on black at the image's size.
+pub fn pose_map(net: &dyn PoseNetwork, input: &ImageBuf) -> Result<ImageBuf, String> {
+    let rgb = hwc3(input);
+    let pose = detect(net, &rgb)?;
+    let c = render(&pose, rgb.width, rgb.height);
+    Ok(ImageBuf {
+        width: c.width,
+        height: c.height,
+        channels: 3,
+        data: c.data,
+    })
 }
 
 /// `openpose`: the CMU body network and controlnet_aux's drawing.
@@ -236,15 +263,7 @@ impl Preprocessor for Openpose {
     fn process(&self, input: &ImageBuf, params: &Params) -> Result<ImageBuf, PluginError> {
         let path = crate::weights::find_weights(NAME, params, &WEIGHT_FILES)?;
         let net = load_cached(&path).map_err(|e| PluginError::failed(NAME, e))?;
-        let rgb = hwc3(input);
-        let pose = detect(&net, &rgb).map_err(|e| PluginError::failed(NAME, e))?;
-        let c = render(&pose, rgb.width, rgb.height);
-        Ok(ImageBuf {
-            width: c.width,
-            height: c.height,
-            channels: 3,
-            data: c.data,
-        })
+        pose_map(net.as_ref(), input).map_err(|e| PluginError::failed(NAME, e))
     }
 }
 
