@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use sd_plugins_api::{resolve_params, ImageBuf, NoisePrediction, ParamValue, Registry, StepInfo};
 use sd_tests::{fixtures, max_abs_diff, model_dir};
 
@@ -170,31 +170,6 @@ fn preprocessor_plugin_runs_through_the_abi_and_in_control_units() {
     assert!(err.contains("c.toml:6: control[0].preprocessor: preprocessor posterize parameter levls: unknown parameter (did you mean `levels`?)"), "{err}");
 }
 
-/// diffusers' `rescale_noise_cfg` after plain CFG, in candle: the oracle for the hook.
-fn rescale_reference(u: &Tensor, c: &Tensor, g: f64, phi: f64) -> Tensor {
-    let cfg = (u + ((c - u).unwrap() * g).unwrap()).unwrap();
-    let std = |t: &Tensor| {
-        let b = t.dim(0).unwrap();
-        let flat = t.reshape((b, ())).unwrap();
-        let n = flat.dim(1).unwrap() as f64;
-        let mean = flat.mean_keepdim(D::Minus1).unwrap();
-        let var = (flat
-            .broadcast_sub(&mean)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_keepdim(D::Minus1)
-            .unwrap()
-            / (n - 1.0))
-            .unwrap();
-        var.sqrt().unwrap().reshape((b, 1, 1, 1)).unwrap()
-    };
-    let rescaled = cfg
-        .broadcast_mul(&std(c).broadcast_div(&std(&cfg)).unwrap())
-        .unwrap();
-    ((rescaled * phi).unwrap() + (cfg * (1.0 - phi)).unwrap()).unwrap()
-}
-
 #[test]
 fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
     let lib = build_plugin("sdctl-plugin-cfg-rescale", "");
@@ -207,9 +182,9 @@ fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
     )
     .unwrap();
     let mut hook = loaded.hook(&params).unwrap();
-    let dev = Device::Cpu;
-    let u = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
-    let c = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+    // diffusers' own `rescale_noise_cfg` after CFG 7.5, phi 0.7 (make_reference_fixtures.py)
+    let exp = sd_tests::expected("cfg_rescale.safetensors");
+    let (u, c) = (sd_tests::get(&exp, "uncond"), sd_tests::get(&exp, "cond"));
     let step = StepInfo {
         index: 0,
         first_index: 0,
@@ -219,19 +194,19 @@ fn hook_plugin_changes_generation_and_its_neutral_parameter_does_not() {
         cfg: true,
     };
     let pred = NoisePrediction {
-        uncond: Some(&u),
-        cond: &c,
+        uncond: Some(u),
+        cond: c,
         guidance_scale: 7.5,
     };
     let got = hook
         .on_noise_pred(&step, &pred)
         .unwrap()
         .expect("the hook answers");
-    let want = rescale_reference(&u, &c, 7.5, 0.7);
+    let want = sd_tests::get(&exp, "out");
     assert!(
-        max_abs_diff(&got, &want) < 1e-5,
+        max_abs_diff(&got, want) < 1e-5,
         "{}",
-        max_abs_diff(&got, &want)
+        max_abs_diff(&got, want)
     );
     drop(hook);
 

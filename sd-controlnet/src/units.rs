@@ -25,9 +25,12 @@ pub fn check_span(start: f64, end: f64) -> Result<(), ControlError> {
 pub enum ControlMode {
     /// Plain: `weight` on every residual, both CFG halves.
     Balanced,
-    /// Soft injection: `weight` x diffusers' guess-mode ramp `logspace(-1, 0, N)`, both halves.
+    /// sd-webui-controlnet's "My prompt is more important" (soft injection): `weight` x
+    /// `0.825^(12 - i)` on residual i, both halves (scripts/hook.py; a net with fewer than 13
+    /// residuals takes the first ones, as its `zip` and SDXL's `[:10]` do).
     Prompt,
-    /// diffusers guess mode: the same ramp, on the conditional half only.
+    /// diffusers guess mode: `weight` x `logspace(-1, 0, N)` (within 0.5% of 0.825^(12 - i)
+    /// for N = 13), on the conditional half only.
     Control,
 }
 
@@ -143,8 +146,11 @@ impl ControlUnit {
         }
         match self.mode {
             ControlMode::Balanced => vec![self.weight; n],
-            // torch.logspace(-1, 0, n): 10^(-1 + i/(n-1)) (= 0.825^(12-i) for n = 13)
-            _ => (0..n)
+            ControlMode::Prompt => (0..n)
+                .map(|i| self.weight * 0.825f64.powf(12.0 - i as f64))
+                .collect(),
+            // torch.logspace(-1, 0, n): 10^(-1 + i/(n-1))
+            ControlMode::Control => (0..n)
                 .map(|i| {
                     let e = if n == 1 {
                         0.0

@@ -43,22 +43,35 @@ fn forward(cn: &ControlNetModel) -> sd_plugins_api::Residuals {
     .unwrap()
 }
 
+/// Residuals against what diffusers computes: the folder by `from_pretrained`
+/// (controlnet_sd1), and the lllyasviel-format single file read by diffusers' own
+/// `ControlNetModel.from_single_file` key conversion (make_reference_fixtures.py).
 #[test]
 fn controlnet_forward_matches_diffusers() {
     let base = sd("sd1");
-    let cn = net("models/controlnet-sd1", &base);
-    let exp = expected("controlnet_sd1.safetensors");
-    let r = forward(&cn);
-    assert_eq!(r.down.len(), base.unet.num_skips());
+    for (model, exp) in [
+        ("models/controlnet-sd1", "controlnet_sd1.safetensors"),
+        (
+            "models/controlnet-sd1-ldm.safetensors",
+            "controlnet_single_file_diffusers.safetensors",
+        ),
+    ] {
+        residuals_match(&net(model, &base), &expected(exp), base.unet.num_skips());
+    }
+}
+
+fn residuals_match(cn: &ControlNetModel, exp: &HashMap<String, Tensor>, skips: usize) {
+    let r = forward(cn);
+    assert_eq!(r.down.len(), skips);
     for (i, d) in r.down.iter().enumerate() {
         assert_close(
             &format!("down {i}"),
             d,
-            get(&exp, &format!("down_{i}")),
+            get(exp, &format!("down_{i}")),
             1e-4,
         );
     }
-    assert_close("mid", &r.mid, get(&exp, "mid"), 1e-4);
+    assert_close("mid", &r.mid, get(exp, "mid"), 1e-4);
 }
 
 #[test]
@@ -234,25 +247,40 @@ fn a_freshly_initialised_controlnet_changes_nothing() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `mode=prompt` is sd-webui-controlnet's "My prompt is more important": its soft-injection
+/// scales (evaluated from the extension's hook.py by make_reference_fixtures.py) on both halves,
+/// the first as many as the net has residuals.
 #[test]
-fn prompt_mode_is_the_guess_mode_ramp_on_both_halves() {
+fn prompt_mode_uses_the_extension_soft_injection_scales_on_both_halves() {
+    let f: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("expected/a1111_control_scales.json")).unwrap(),
+    )
+    .unwrap();
+    let weight = f["weight"].as_f64().unwrap();
+    let ext: Vec<f64> = f["scales"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(ext.len(), 13);
     let base = sd("sd1");
     let cn = Arc::new(net("models/controlnet-sd1", &base));
-    let req = simple_request();
+    let n = cn.num_down() + 1;
     let mut prompt = ControlUnit::new(cn.clone(), image_a());
     prompt.mode = ControlMode::Prompt;
-    prompt.weight = 0.9;
-    let n = cn.num_down() + 1;
+    prompt.weight = weight;
+    for (i, (got, want)) in sd_tests::paired("scales", &prompt.scales(), &ext[..n]).enumerate() {
+        assert!((got - want).abs() < 1e-12, "residual {i}: {got} vs {want}");
+    }
+    // the same as a plain unit whose layer weights are the extension's scales
     let mut manual = ControlUnit::new(cn.clone(), image_a());
-    manual.weight = 0.9;
-    manual.layer_weights = Some(
-        (0..n)
-            .map(|i| 10f64.powf(-1.0 + i as f64 / (n - 1) as f64))
-            .collect(),
-    );
+    manual.layer_weights = Some(ext[..n].iter().map(|s| s / weight).collect());
+    manual.weight = weight;
+    let req = simple_request();
     let a = run(&base, &req, vec![prompt]);
     let b = run(&base, &req, vec![manual]);
-    assert!(max_abs_diff(&a, &b) < 1e-4, "{}", max_abs_diff(&a, &b));
+    assert!(max_abs_diff(&a, &b) < 1e-5, "{}", max_abs_diff(&a, &b));
     let plain = run(&base, &req, vec![ControlUnit::new(cn, image_a())]);
     assert!(max_abs_diff(&a, &plain) > 1e-3);
 }
