@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use image::imageops::FilterType;
 use image::{DynamicImage, Rgb, RgbImage};
 use sd_plugins_api::{marked_control_values, ImageBuf};
 use sd_preprocessors::map_resize::high_quality_resize;
@@ -35,19 +34,6 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
         }
         other => other.to_rgb8(),
     })
-}
-
-/// A plain resize, for unit masks (not control maps): cubic enlarging, triangle shrinking.
-fn scaled(img: &RgbImage, w: u32, h: u32) -> RgbImage {
-    if img.width() == w && img.height() == h {
-        return img.clone();
-    }
-    let filter = if w > img.width() || h > img.height() {
-        FilterType::CatmullRom
-    } else {
-        FilterType::Triangle
-    };
-    image::imageops::resize(img, w.max(1), h.max(1), filter)
 }
 
 /// Median colour of the border pixels, per channel (sd-webui-controlnet's fill background:
@@ -200,11 +186,12 @@ pub fn load_control_image(
     to_tensor(&img, device)
 }
 
-/// A unit's spatial mask `[1, 1, H, W]` in [0, 1] (grayscale; white = full effect).
-pub fn load_unit_mask(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
-    let img = scaled(&load_rgb(path)?, width as u32, height as u32);
-    let t = to_tensor(&img, device)?;
-    Ok(t.mean_keepdim(1)?)
+/// A unit's spatial mask `[1, 1, H, W]` in [0, 1] at the file's own size (white = full
+/// effect): its first channel / 255, as sd-webui-controlnet takes `effective_region_mask`
+/// (`get_pytorch_control(mask)[:, 0:1]`); each residual resizes it ([`crate::ControlUnit`]).
+pub fn load_unit_mask(path: &Path, device: &Device) -> Result<Tensor> {
+    let t = to_tensor(&load_rgb(path)?, device)?;
+    Ok(t.narrow(1, 0, 1)?)
 }
 
 #[cfg(test)]

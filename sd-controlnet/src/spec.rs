@@ -209,7 +209,7 @@ impl UnitSpec {
         let mask = self
             .mask
             .as_deref()
-            .map(|m| load_unit_mask(m, width, height, device))
+            .map(|m| load_unit_mask(m, device))
             .transpose()?;
         let unit = ControlUnit {
             net,

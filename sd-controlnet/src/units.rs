@@ -5,7 +5,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use sd_plugins_api::{Hook, HookError, ResidualInput, Residuals, StepInfo};
 
 use crate::error::ControlError;
@@ -120,7 +120,9 @@ pub struct ControlUnit {
     pub mode: ControlMode,
     /// One scale per residual (down residuals then mid), replacing the mode's ramp.
     pub layer_weights: Option<Vec<f64>>,
-    /// `[1, 1, H, W]` in [0, 1]: where the unit applies.
+    /// `[1, 1, H, W]` in [0, 1], any size: where the unit applies. Each residual is multiplied
+    /// by it resized bilinearly to the residual's size (sd-webui-controlnet's
+    /// `apply_effective_region_mask`: `F.interpolate(mask, size, mode="bilinear")`).
     pub mask: Option<Tensor>,
 }
 
@@ -255,7 +257,8 @@ impl ControlUnit {
             let mut t = (t * s)?;
             if let Some(m) = &self.mask {
                 let (_, _, h, w) = t.dims4()?;
-                t = t.broadcast_mul(&m.to_dtype(dtype)?.upsample_nearest2d(h, w)?)?;
+                let m = m.to_dtype(DType::F32)?.upsample_bilinear2d(h, w, false)?;
+                t = t.broadcast_mul(&m.to_dtype(dtype)?)?;
             }
             if cond_only {
                 t = Tensor::cat(&[&t.zeros_like()?, &t], 0)?;

@@ -179,12 +179,7 @@ fn lycoris_and_per_module_alpha_match_lycoris_itself() {
         )
         .unwrap()
         .unwrap();
-    assert_close(
-        "LoKr x 0.5",
-        &d,
-        get(&exp, "lokr_delta_half"),
-        1e-5,
-    );
+    assert_close("LoKr x 0.5", &d, get(&exp, "lokr_delta_half"), 1e-5);
 }
 
 #[test]
