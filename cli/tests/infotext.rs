@@ -320,6 +320,65 @@ fn a1111_pngs_give_their_settings_and_comfyui_ones_a_clear_error() {
     );
 }
 
+/// A PNG written by A1111 itself (make_a1111_png_fixtures.py: its create_infotext with the
+/// ControlNet extension's unit serialisation and the Lora extension's hashes, saved by its
+/// save_image_with_geninfo): png-info prints the text as it is, and the image generated
+/// `--from-png` carries every field A1111 wrote with the same value, in the same order, but
+/// the ControlNet unit (its control image is not in the PNG), the version, and the RNG it adds.
+#[test]
+fn a_png_written_by_a1111_round_trips() {
+    let d = scratch("infotext", "a1111-written");
+    let cache = d.join("cache");
+    let png = fixtures().join("a1111/txt2img.png");
+    let want = std::fs::read_to_string(fixtures().join("a1111/txt2img.txt")).unwrap();
+    let text = ok(&sdctl_cached(&["png-info", s(&png)], &cache));
+    assert_eq!(text.trim_end(), want);
+
+    let out = d.join("ours.png");
+    ok(&sdctl_cached(
+        &[
+            "generate",
+            "--from-png",
+            s(&png),
+            "--model",
+            s(&fixtures().join("models/single/sd1.safetensors")),
+            "--lora-dir",
+            s(&fixtures().join("loras")),
+            "--output",
+            s(&out),
+        ],
+        &cache,
+    ));
+    let ours = ok(&sdctl_cached(&["png-info", s(&out)], &cache));
+    let split = |t: &str| {
+        let (head, last) = t.trim_end().rsplit_once('\n').unwrap();
+        (head.to_string(), sd::infotext::fields(last))
+    };
+    let ((a_head, a), (o_head, o)) = (split(&want), split(&ours));
+    assert_eq!(o_head, a_head, "prompt and negative prompt");
+    let kept: Vec<&(String, String)> = a
+        .iter()
+        .filter(|(k, _)| k != "Version" && k != "ControlNet 0")
+        .collect();
+    assert!(kept.len() >= 10, "{a:?}");
+    let mut at = 0;
+    for (k, v) in kept {
+        let i = o[at..]
+            .iter()
+            .position(|(ok, _)| ok == k)
+            .unwrap_or_else(|| panic!("{k} missing or out of A1111's order in {ours}"));
+        assert_eq!(&o[at + i].1, v, "{k}");
+        at += i + 1;
+    }
+    let extra: Vec<&str> = o
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| !a.iter().any(|(ak, _)| ak == k))
+        .collect();
+    assert_eq!(extra, ["RNG"], "fields A1111 did not write");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 #[test]
 fn rng_choice_changes_the_noise_and_is_validated() {
     let d = scratch("infotext", "rng");

@@ -301,8 +301,8 @@ impl Run<'_> {
     }
 }
 
-/// Split A1111's `Key: value, Key: "quoted, value"` list.
-fn fields(line: &str) -> Vec<(String, String)> {
+/// Split A1111's `Key: value, Key: "quoted, value"` list (a parameters text's last line).
+pub fn fields(line: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = line.trim();
     while !rest.is_empty() {
