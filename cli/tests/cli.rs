@@ -1,14 +1,12 @@
 //! `sdctl generate` end to end on the tiny fixture models: the CLI contract, and clear errors
 //! (non-zero exit, no panic, no output file) on bad input.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use sd_tests::{assert_close, expected, fixtures, get, model_dir};
 
-use common::{copy_tree, fails, latents, s, scratch, sdctl};
+use crate::common::{copy_tree, fails, latents, s, scratch, sdctl};
 
 const CASE: &str = "sd1_txt2img_euler_normal";
 

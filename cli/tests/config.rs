@@ -2,14 +2,12 @@
 //! includes, validation errors, `config show`, and the examples/ library run on the fixture
 //! models.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use sd_tests::{fixtures, model_dir};
 
-use common::{failed, ok, s, scratch, sdctl, sdctl_with};
+use crate::common::{failed, ok, s, scratch, sdctl, sdctl_with};
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);

@@ -1,11 +1,9 @@
 //! `sdctl detect`: a preprocessor on an image file, with the detect-resolution rule, the
 //! result cache and clear errors.
 
-mod common;
-
 use sd_tests::fixtures;
 
-use common::{scratch, sdctl_cached, sdctl_command};
+use crate::common::{scratch, sdctl_cached, sdctl_command};
 
 #[test]
 fn detect_canny_equals_opencv_and_is_cached() {

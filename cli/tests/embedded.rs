@@ -3,11 +3,9 @@
 //! model given, and the ControlNet places the circle where the outline says (a behaviour test
 //! with a loose bound; the model card has the full evaluation).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{scratch, sdctl_cached};
+use crate::common::{scratch, sdctl_cached};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

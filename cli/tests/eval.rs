@@ -2,11 +2,9 @@
 //! clear errors (non-zero exit, no panic, no report) on bad input. The fixture models are
 //! random, so the numbers are checked for range only.
 
-mod common;
-
 use sd_tests::model_dir;
 
-use common::{fails, s, scratch, sdctl};
+use crate::common::{fails, s, scratch, sdctl};
 
 #[test]
 fn eval_fill_writes_report_and_grid() {

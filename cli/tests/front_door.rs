@@ -6,11 +6,9 @@
 #[path = "../../examples/controlnet_lora.rs"]
 mod example;
 
-mod common;
-
 use std::path::Path;
 
-use common::{scratch, sdctl_command};
+use crate::common::{scratch, sdctl_command};
 
 #[test]
 fn the_example_program_and_sdctl_make_the_same_png() {

@@ -3,14 +3,14 @@
 //! folder and their weights in range, a PNG's text cannot drive the terminal, and a closed
 //! stdout ends a command quietly. Every payload is made here by the tests themselves.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 
 use sd_tests::{fixtures, model_dir};
 
-use common::{clean_failure, fails, mkfifo, ok, ok_stderr, s, scratch, sdctl, sdctl_command};
+use crate::common::{
+    clean_failure, fails, mkfifo, ok, ok_stderr, s, scratch, sdctl, sdctl_command,
+};
 
 /// A 1x1 PNG with these text chunks (iTXt, so any UTF-8 and control characters fit).
 fn png_with_text(path: &Path, chunks: &[(&str, &str)]) {

@@ -3,14 +3,14 @@
 //! model config values that gave a black image, list variables in the environment, and text
 //! files that are no config at all. Every payload is made here; every run is bounded in time.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sd_tests::model_dir;
 
-use common::{clean_failure, copy_tree, failed, ok, one_step, s, scratch, sdctl, sdctl_with};
+use crate::common::{
+    clean_failure, copy_tree, failed, ok, one_step, s, scratch, sdctl, sdctl_with,
+};
 
 /// How long a refusal may take (the parsers took minutes on these payloads).
 const QUICK: Duration = Duration::from_secs(10);

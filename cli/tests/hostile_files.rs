@@ -4,15 +4,13 @@
 //! is called; errors about an input's size name the input; unreadable dataset images are
 //! skipped rows. Every payload is made here by the tests themselves, every run is bounded.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sd_tests::{fixtures, model_dir};
 
-use common::{
+use crate::common::{
     clean_failure, copy_tree, mkfifo, ok, ok_stderr, one_step, s, scratch, sdctl, sdctl_command,
 };
 
@@ -341,37 +339,9 @@ fn signals_leave_no_staging_folder() {
     }
 }
 
-/// Build the misbehaving test plugin with `feature` (into its own target folder) and return a
-/// copy of the library under a name unique to the feature.
+/// The misbehaving test plugin built with `feature` (once per run).
 fn build_plugin(feature: &str) -> PathBuf {
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = ws.join("target/plugin-tests");
-    let package = "sdctl-plugin-misbehaving";
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let o = Command::new(cargo)
-        .current_dir(&ws)
-        .args(["build", "--offline", "-p", package, "--features", feature])
-        .arg("--target-dir")
-        .arg(&target)
-        .output()
-        .expect("cargo runs");
-    assert!(
-        o.status.success(),
-        "building {package} {feature}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let file = format!(
-        "{}{}{}",
-        std::env::consts::DLL_PREFIX,
-        package.replace('-', "_"),
-        std::env::consts::DLL_SUFFIX
-    );
-    let copy = target.join(format!(
-        "{package}-{feature}{}",
-        std::env::consts::DLL_SUFFIX
-    ));
-    std::fs::copy(target.join("debug").join(file), &copy).unwrap();
-    copy
+    crate::common::build_plugin("sdctl-plugin-misbehaving", feature)
 }
 
 /// A library whose `sd_plugin_entry` is a static (data), not a function: calling it would

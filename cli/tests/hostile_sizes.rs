@@ -5,14 +5,12 @@
 //! not a pose file. The memory available is set with `SDCTL_MEMORY_LIMIT`, so the results do
 //! not depend on the machine. Every payload is made here by the tests themselves.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sd_tests::model_dir;
 
-use common::{clean_failure, copy_tree, ok, one_step, s, scratch, sdctl_with};
+use crate::common::{clean_failure, copy_tree, ok, one_step, s, scratch, sdctl_with};
 
 const LIMIT: (&str, &str) = ("SDCTL_MEMORY_LIMIT", "8G");
 

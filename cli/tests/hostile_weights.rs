@@ -4,8 +4,6 @@
 //! tokenizer larger than its text encoder, conversions that would write wrong shapes, and a
 //! damaged embedded-model cache. Every payload is made here by the tests themselves.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Output;
@@ -14,7 +12,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use sd_tests::{fixtures, model_dir};
 
-use common::{copy_tree, failed, fails, ok, s, scratch, sdctl, sdctl_command};
+use crate::common::{copy_tree, failed, fails, ok, s, scratch, sdctl, sdctl_command};
 
 // ---------------------------------------------------------------------------------------
 // Pickles and zip archives, byte by byte
@@ -694,7 +692,7 @@ fn a_damaged_embedded_model_cache_is_written_out_again() {
     let cache = d.join("cache");
     let run = |name: &str| {
         let out = d.join(name);
-        ok(&common::sdctl_cached(
+        ok(&crate::common::sdctl_cached(
             &[
                 "generate",
                 "--prompt",

@@ -1,15 +1,13 @@
 //! PNG metadata: the A1111-style infotext (golden string, hashes), the JSON settings chunk,
 //! `--from-png` round trips (ours and A1111's PNGs), and `--rng`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use sd_tests::{fixtures, max_abs_diff, model_dir};
 use sha2::{Digest, Sha256};
 
-use common::{copy_tree, latents_f32, ok, s, scratch, sdctl_cached, sdctl_command};
+use crate::common::{copy_tree, latents_f32, ok, s, scratch, sdctl_cached, sdctl_command};
 
 fn sha256_hex(files: &[PathBuf]) -> String {
     let mut h = Sha256::new();

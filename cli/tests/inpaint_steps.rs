@@ -3,11 +3,9 @@
 //! infotext. The geometry is unit-tested in `sd::inpaint`; the server's use of the same steps is
 //! compared with these flags in sd-server/tests/api.rs and tests/server/test_api.py.
 
-mod common;
-
 use std::path::Path;
 
-use common::{failed, ok_stderr, s, scratch, sdctl, sdctl_cached};
+use crate::common::{failed, ok_stderr, s, scratch, sdctl, sdctl_cached};
 
 fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")

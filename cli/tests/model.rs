@@ -1,8 +1,6 @@
 //! Single-file checkpoints through the CLI: `model inspect`, `model convert`, generating from a
 //! single file (with LoRAs, a pickled ControlNet, a swapped VAE), and clear refusals.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -10,11 +8,14 @@ use std::process::Output;
 use candle_core::{Device, Tensor};
 use sd_tests::{fixtures, model_dir};
 
-use common::{latents_f32, ok, s, scratch, sdctl_cached};
+use crate::common::{latents_f32, ok, s, scratch, sdctl_cached};
 
 /// sdctl with this file's cache folder (shared by its tests).
 fn sdctl(args: &[&str]) -> Output {
-    sdctl_cached(args, &std::env::temp_dir().join("sdctl-model-test-cache"))
+    sdctl_cached(
+        args,
+        &std::env::temp_dir().join(format!("sdctl-model-test-cache-{}", std::process::id())),
+    )
 }
 
 fn single(name: &str) -> PathBuf {

@@ -1,63 +1,13 @@
 //! Plugins loaded at run time: the example plugins built as cdylibs and used through the CLI,
 //! and purpose-built bad plugins refused or contained at the boundary.
 
-mod common;
-
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use sd_plugins_api::{resolve_params, ImageBuf, NoisePrediction, ParamValue, Registry, StepInfo};
 use sd_tests::{fixtures, max_abs_diff, model_dir};
 
-use common::{clean_failure, latents, ok, s, scratch, sdctl, sdctl_with};
-
-static BUILD: Mutex<()> = Mutex::new(());
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Build a plugin crate of this workspace (into its own target folder, so the outer cargo's
-/// lock is not needed) and copy the library to a name unique to these features.
-fn build_plugin(package: &str, features: &str) -> PathBuf {
-    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let target = workspace().join("target/plugin-tests");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace())
-        .args(["build", "--offline", "-p", package, "--target-dir"])
-        .arg(&target);
-    if !features.is_empty() {
-        cmd.args(["--features", features]);
-    }
-    let o = cmd.output().expect("cargo runs");
-    assert!(
-        o.status.success(),
-        "building {package} {features}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let file = format!(
-        "{}{}{}",
-        std::env::consts::DLL_PREFIX,
-        package.replace('-', "_"),
-        std::env::consts::DLL_SUFFIX
-    );
-    let built = target.join("debug").join(&file);
-    let copy = target.join(format!(
-        "{}-{}{}",
-        package,
-        if features.is_empty() {
-            "default"
-        } else {
-            features
-        },
-        std::env::consts::DLL_SUFFIX
-    ));
-    std::fs::copy(&built, &copy).unwrap();
-    copy
-}
+use crate::common::{build_plugin, clean_failure, latents, ok, s, scratch, sdctl, sdctl_with};
 
 /// A 4-step generation on the fixture model; extra arguments appended.
 fn generate(dir: &Path, name: &str, extra: &[&str]) -> Tensor {

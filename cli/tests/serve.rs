@@ -2,15 +2,13 @@
 //! ready line, an answer over a real socket, and a clean exit on SIGTERM. The routes themselves
 //! are tested in sd-server/tests/api.rs and, with real clients, tests/server/.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{scratch, sdctl_command};
+use crate::common::{scratch, sdctl_command};
 
 fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")

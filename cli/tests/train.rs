@@ -2,8 +2,6 @@
 //! file with relative paths, checkpoints that load into `generate --control`, a run killed at
 //! a random moment resuming to the same weights as an uninterrupted run, bad dataset rows.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
@@ -11,11 +9,14 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use sd_tests::{fixtures, model_dir};
 
-use common::{ok, ok_stderr, s, scratch, sdctl_cached, sdctl_command};
+use crate::common::{ok, ok_stderr, s, scratch, sdctl_cached, sdctl_command};
 
 /// sdctl with this file's cache folder (shared by its tests).
 fn sdctl(args: &[&str]) -> Output {
-    sdctl_cached(args, &std::env::temp_dir().join("sdctl-train-test-cache"))
+    sdctl_cached(
+        args,
+        &std::env::temp_dir().join(format!("sdctl-train-test-cache-{}", std::process::id())),
+    )
 }
 
 fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {

@@ -1,13 +1,14 @@
-//! Helpers shared by the CLI's integration tests (each test file has `mod common;` and uses
-//! a subset of them).
+//! Helpers shared by the CLI's integration tests (the modules of tests/main.rs).
 //!
 //! Every sdctl run starts clean: the developer's own `SDCTL_*` variables are removed and
 //! `XDG_CONFIG_HOME` points to an empty folder, so no personal config, cache or plugin folder
 //! leaks into a test. A test's own variables are set after that and win.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::{Device, Tensor};
 
@@ -171,4 +172,54 @@ pub fn copy_tree(from: &Path, to: &Path) {
 pub fn mkfifo(p: &Path) {
     let st = Command::new("mkfifo").arg(p).status().unwrap();
     assert!(st.success(), "mkfifo {}", p.display());
+}
+
+/// A plugin crate of this workspace built with `features` (into its own target folder, so the
+/// outer cargo's lock is not needed), once per test run, and copied to a name unique to the
+/// features; later calls return that copy.
+pub fn build_plugin(package: &str, features: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<(String, String), PathBuf>>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let key = (package.to_string(), features.to_string());
+    if let Some(p) = built.get(&key) {
+        return p.clone();
+    }
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = ws.join("target/plugin-tests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&ws)
+        .args(["build", "--offline", "-p", package, "--target-dir"])
+        .arg(&target);
+    if !features.is_empty() {
+        cmd.args(["--features", features]);
+    }
+    let o = cmd.output().expect("cargo runs");
+    assert!(
+        o.status.success(),
+        "building {package} {features}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let file = format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        package.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    );
+    let name = if features.is_empty() {
+        "default"
+    } else {
+        features
+    };
+    let copy = target.join(format!(
+        "{package}-{name}-{}{}",
+        std::process::id(),
+        std::env::consts::DLL_SUFFIX
+    ));
+    std::fs::copy(target.join("debug").join(file), &copy).unwrap();
+    built.insert(key, copy.clone());
+    copy
 }

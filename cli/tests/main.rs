@@ -1,0 +1,21 @@
+//! The CLI's integration tests, one binary: each module is one area (its own file), `common`
+//! holds what they share. One binary links once, where one per file linked 17 times.
+
+mod cli;
+mod common;
+mod config;
+mod detect;
+mod embedded;
+mod eval;
+mod front_door;
+mod hostile;
+mod hostile_config;
+mod hostile_files;
+mod hostile_sizes;
+mod hostile_weights;
+mod infotext;
+mod inpaint_steps;
+mod model;
+mod plugins;
+mod serve;
+mod train;

@@ -1,0 +1,4 @@
+//! sd-pipeline's integration tests, one binary: each module is one area (its own file).
+
+mod samplers;
+mod unet_training;

@@ -1,0 +1,16 @@
+//! The workspace's parity tests against the reference fixtures, one binary: each module is
+//! one area (its own file).
+
+mod clip;
+mod controlnet;
+mod depth_anything;
+mod lora;
+mod module_graph;
+mod openpose;
+mod pipelines;
+mod preprocessors;
+mod rng;
+mod samplers;
+mod single_file;
+mod train;
+mod unet_vae;
