@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use sd_tests::{assert_close, expected, fixtures, get, model_dir};
 
-use crate::common::{copy_tree, fails, latents, s, scratch, sdctl};
+use crate::common::{copy_tree, fails, latents, one_step, s, scratch, sdctl};
 
 const CASE: &str = "sd1_txt2img_euler_normal";
 
@@ -407,23 +407,10 @@ fn lora_errors_and_strict_mode() {
     let out = dir.join("out/o.png");
     let model = model_dir("sd1");
     let common = |extra: &[&str]| {
-        let mut v = vec![
-            "generate",
-            "--model",
-            s(&model),
-            "--prompt",
-            "x",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "1",
-            "--output",
-            s(&out),
-        ];
-        v.extend_from_slice(extra);
-        v.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+        one_step(&model, &out, extra)
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
     };
     let run = |extra: &[&str]| {
         let args = common(extra);

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use sd_tests::{fixtures, model_dir};
 
 use crate::common::{
-    clean_failure, fails, mkfifo, ok, ok_stderr, s, scratch, sdctl, sdctl_command,
+    clean_failure, fails, mkfifo, ok, ok_stderr, one_step, s, scratch, sdctl, sdctl_command,
 };
 
 /// A 1x1 PNG with these text chunks (iTXt, so any UTF-8 and control characters fit).
@@ -487,7 +487,7 @@ fn png_declaring(path: &Path, w: u32, h: u32) {
 }
 
 /// An image whose header declares 20000 x 20000 pixels is refused before decoding, by
-/// `detect` and as an init image, naming the file and its size.
+/// `detect`, as an init image and as a ControlNet unit's mask, naming the file and its size.
 #[test]
 fn huge_images_are_refused_before_decoding() {
     let d = scratch("hostile", "huge");
@@ -520,6 +520,18 @@ fn huge_images_are_refused_before_decoding() {
         &out_png,
     );
     assert!(t.elapsed().as_secs() < 10, "took {:?}", t.elapsed());
+    assert!(
+        err.contains("huge.png") && err.contains("20000x20000 pixels, more than"),
+        "{err}"
+    );
+    // a unit mask is kept at its own size (each residual resizes it): the same limit
+    let unit = format!(
+        "model={},image={},mask={}",
+        s(&fixtures().join("models/controlnet-sd1")),
+        s(&fixtures().join("inputs/control_a.png")),
+        s(&huge)
+    );
+    let err = fails(&one_step(&model, &out_png, &["--control", &unit]), &out_png);
     assert!(
         err.contains("huge.png") && err.contains("20000x20000 pixels, more than"),
         "{err}"

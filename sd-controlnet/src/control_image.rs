@@ -69,16 +69,14 @@ fn safeint(x: f64) -> u32 {
     x.round_ties_even() as u32
 }
 
-/// Fit an RGB image to `width` x `height` ([`fit_map`]).
-pub fn fit(img: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImage {
-    let buf = ImageBuf {
+/// An RGB image as a 3-channel buffer (no copy).
+pub fn rgb_buf(img: RgbImage) -> ImageBuf {
+    ImageBuf {
         width: img.width() as usize,
         height: img.height() as usize,
         channels: 3,
-        data: img.as_raw().clone(),
-    };
-    let out = fit_map(&buf, width as usize, height as usize, mode);
-    RgbImage::from_raw(width, height, out.data).expect("fit_map returns the size asked for")
+        data: img.into_raw(),
+    }
 }
 
 /// Fit a control map (RGB, or RGBA whose alpha marks the pixels to repaint with 0) to
@@ -145,14 +143,16 @@ pub fn fit_map(img: &ImageBuf, width: usize, height: usize, mode: ResizeMode) ->
     }
 }
 
-/// `[1, 3, H, W]` in [0, 1].
-pub fn to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
-    Ok(Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?
-        .permute((2, 0, 1))?
-        .unsqueeze(0)?
-        .to_device(device)?)
+/// `[1, 3, H, W]` in [0, 1] from an RGB buffer.
+pub fn to_tensor(img: &ImageBuf, device: &Device) -> Result<Tensor> {
+    debug_assert_eq!(img.channels, 3);
+    let data: Vec<f32> = img.data.iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(
+        Tensor::from_vec(data, (img.height, img.width, 3), &Device::Cpu)?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .to_device(device)?,
+    )
 }
 
 /// The control tensor of a marked RGBA image (the result of a preprocessor taking
@@ -182,21 +182,36 @@ pub fn load_control_image(
     mode: ResizeMode,
     device: &Device,
 ) -> Result<Tensor> {
-    let img = fit(&load_rgb(path)?, width as u32, height as u32, mode);
-    to_tensor(&img, device)
+    to_tensor(
+        &fit_map(&rgb_buf(load_rgb(path)?), width, height, mode),
+        device,
+    )
 }
 
 /// A unit's spatial mask `[1, 1, H, W]` in [0, 1] at the file's own size (white = full
 /// effect): its first channel / 255, as sd-webui-controlnet takes `effective_region_mask`
 /// (`get_pytorch_control(mask)[:, 0:1]`); each residual resizes it ([`crate::ControlUnit`]).
+/// Only that channel becomes floats (a mask at the decoder's largest size stays near 1 GiB).
 pub fn load_unit_mask(path: &Path, device: &Device) -> Result<Tensor> {
-    let t = to_tensor(&load_rgb(path)?, device)?;
-    Ok(t.narrow(1, 0, 1)?)
+    let rgb = load_rgb(path)?;
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let first: Vec<f32> = rgb
+        .as_raw()
+        .iter()
+        .step_by(3)
+        .map(|&v| v as f32 / 255.0)
+        .collect();
+    Ok(Tensor::from_vec(first, (1, 1, h, w), &Device::Cpu)?.to_device(device)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fit(img: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImage {
+        let out = fit_map(&rgb_buf(img.clone()), width as usize, height as usize, mode);
+        RgbImage::from_raw(width, height, out.data).unwrap()
+    }
 
     #[test]
     fn crop_covers_and_centres() {

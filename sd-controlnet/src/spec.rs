@@ -11,7 +11,9 @@ use sd_plugins_api::{
     hwc3, resolve_params, ImageBuf, InputKind, ParamValue, Params, Preprocessor, Registry,
 };
 
-use crate::control_image::{fit, inpaint_tensor, load_rgb, load_unit_mask, to_tensor};
+use crate::control_image::{
+    fit_map, inpaint_tensor, load_control_image, load_unit_mask, to_tensor,
+};
 use sd_preprocessors::detect::{detect_file, Sizing, RESOLUTIONS};
 
 use crate::error::{ControlError, Result};
@@ -159,14 +161,8 @@ impl UnitSpec {
                 n
             }
         };
-        let fitted = |out: ImageBuf, p: &dyn Preprocessor| -> Result<_> {
-            let out = hwc3(&out);
-            let rgb = image::RgbImage::from_raw(out.width as u32, out.height as u32, out.data)
-                .ok_or_else(|| {
-                    ControlError::Invalid(format!("preprocessor {}: bad output", p.name()))
-                })?;
-            to_tensor(&fit(&rgb, width as u32, height as u32, self.resize), device)
-        };
+        let fitted =
+            |out: ImageBuf| to_tensor(&fit_map(&hwc3(&out), width, height, self.resize), device);
         let image = if let Some(kind) = InputKind::of_file(&self.image) {
             // A file that is not a picture (an OpenPose keypoint file): read by the chosen
             // preprocessor, or without one by the first registered that takes such files.
@@ -174,7 +170,7 @@ impl UnitSpec {
             let out = p
                 .process_file(&self.image, (width, height), &params)
                 .map_err(|e| ControlError::file(&self.image, e.to_string()))?;
-            fitted(out, p.as_ref())?
+            fitted(out)?
         } else if let Some((p, params)) = pre {
             // the same path as `sdctl detect`: at the unit's processor resolution
             if !self.image.is_file() {
@@ -200,11 +196,10 @@ impl UnitSpec {
             if p.takes(InputKind::MaskedImage) && out.channels == 4 {
                 inpaint_tensor(&out, width, height, self.resize, device)?
             } else {
-                fitted(out, p.as_ref())?
+                fitted(out)?
             }
         } else {
-            let rgb = load_rgb(&self.image)?;
-            to_tensor(&fit(&rgb, width as u32, height as u32, self.resize), device)?
+            load_control_image(&self.image, width, height, self.resize, device)?
         };
         let mask = self
             .mask

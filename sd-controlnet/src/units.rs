@@ -222,14 +222,15 @@ impl ControlUnit {
         Ok(())
     }
 
-    /// This unit's residuals for one step; `hint` keeps the control image's embedding (batch 1)
-    /// from the first step for the later ones.
+    /// This unit's residuals for one step; `cache` keeps the control image's embedding (batch
+    /// 1) and the mask at each residual size from the first step for the later ones.
     fn residuals(
         &self,
         step: &StepInfo,
         input: &ResidualInput<'_>,
-        hint: &mut Option<Tensor>,
+        cache: &mut UnitCache,
     ) -> candle_core::Result<Residuals> {
+        let hint = &mut cache.hint;
         let b = step.batch;
         let cond_only = self.mode == ControlMode::Control && step.cfg;
         let (sample, ctx) = if cond_only {
@@ -253,11 +254,19 @@ impl ControlUnit {
         let ts = Tensor::full(step.timestep as f32, n, sample.device())?;
         let r = self.net.forward_with_hint(&sample, &ts, &ctx, &embedded)?;
         let scales = self.scales();
-        let apply = |t: &Tensor, s: f64| -> candle_core::Result<Tensor> {
+        let masks = &mut cache.masks;
+        let mut apply = |t: &Tensor, s: f64| -> candle_core::Result<Tensor> {
             let mut t = (t * s)?;
             if let Some(m) = &self.mask {
                 let (_, _, h, w) = t.dims4()?;
-                let m = m.to_dtype(DType::F32)?.upsample_bilinear2d(h, w, false)?;
+                let m = match masks.iter().find(|(size, _)| *size == (h, w)) {
+                    Some((_, m)) => m.clone(),
+                    None => {
+                        let r = m.to_dtype(DType::F32)?.upsample_bilinear2d(h, w, false)?;
+                        masks.push(((h, w), r.clone()));
+                        r
+                    }
+                };
                 t = t.broadcast_mul(&m.to_dtype(dtype)?)?;
             }
             if cond_only {
@@ -279,14 +288,22 @@ impl ControlUnit {
 /// The residual provider that runs every active unit and sums their residuals.
 pub struct ControlNetHook {
     units: Vec<ControlUnit>,
-    /// Each unit's control image embedding, computed at its first active step.
-    hints: Vec<Option<Tensor>>,
+    /// What each unit computes at its first active step and keeps.
+    caches: Vec<UnitCache>,
+}
+
+/// A unit's control image embedding, and its mask resized to each residual's size (the
+/// extension's bilinear `apply_effective_region_mask`).
+#[derive(Default)]
+struct UnitCache {
+    hint: Option<Tensor>,
+    masks: Vec<((usize, usize), Tensor)>,
 }
 
 impl ControlNetHook {
     pub fn new(units: Vec<ControlUnit>) -> Self {
-        let hints = vec![None; units.len()];
-        Self { units, hints }
+        let caches = units.iter().map(|_| UnitCache::default()).collect();
+        Self { units, caches }
     }
 }
 
@@ -301,11 +318,11 @@ impl Hook for ControlNetHook {
         input: &ResidualInput<'_>,
     ) -> Result<Option<Residuals>, HookError> {
         let mut total: Option<Residuals> = None;
-        for (unit, hint) in self.units.iter().zip(self.hints.iter_mut()) {
+        for (unit, cache) in self.units.iter().zip(self.caches.iter_mut()) {
             if !unit.active(step) {
                 continue;
             }
-            let r = unit.residuals(step, input, hint)?;
+            let r = unit.residuals(step, input, cache)?;
             total = Some(match total {
                 None => r,
                 Some(t) => t.add(&r)?,

@@ -5,6 +5,7 @@
 //! black and white with Otsu's threshold, and a map of one-pixel edges first goes through
 //! `nake_nms` and afterwards `lvmin_thin` (scripts/lvminthin.py), so edges stay one pixel wide.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use sd_plugins_api::ImageBuf;
@@ -196,17 +197,18 @@ pub fn high_quality_resize(img: &ImageBuf, w: usize, h: usize) -> ImageBuf {
         return img.clone();
     }
     let rgb = if img.channels == 3 {
-        img.clone()
+        Cow::Borrowed(img)
     } else {
-        ImageBuf {
+        Cow::Owned(ImageBuf {
+            width: img.width,
+            height: img.height,
             channels: 3,
             data: img
                 .data
                 .chunks_exact(4)
                 .flat_map(|p| [p[0], p[1], p[2]])
                 .collect(),
-            ..img.clone()
-        }
+        })
     };
     let (old, new) = (img.width * img.height, w * h);
     let colours = colour_count(&rgb.data);

@@ -319,11 +319,8 @@ pub fn detected_map(
     )?;
     // the extension appends the map as the unit used it: fitted to the generation size
     let map = sd_plugins_api::hwc3(&map);
-    let rgb = image::RgbImage::from_raw(map.width as u32, map.height as u32, map.data)
-        .ok_or_else(|| ApiError::internal("a detected map of the wrong size"))?;
-    let fitted = sd_controlnet::control_image::fit(&rgb, size.0 as u32, size.1 as u32, spec.resize);
-    let (w, h) = fitted.dimensions();
-    images::png_bytes(w, h, 3, fitted.into_raw()).map(Some)
+    let fitted = sd_controlnet::control_image::fit_map(&map, size.0, size.1, spec.resize);
+    images::png_bytes(fitted.width as u32, fitted.height as u32, 3, fitted.data).map(Some)
 }
 
 fn detect_map(

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use image::{Rgb, RgbImage};
-use sd_controlnet::control_image::to_tensor;
+use sd_controlnet::control_image::{rgb_buf, to_tensor};
 use sd_controlnet::{ControlNetHook, ControlNetModel, ControlUnit};
 use sd_pipeline::generation::image_io::to_rgb8;
 use sd_pipeline::rng::TorchRng;
@@ -392,7 +392,7 @@ pub fn eval_fill_example(
     };
     let mut hooks = HookSet::new();
     if cfg.weight != 0.0 {
-        let mut unit = ControlUnit::new(net.clone(), to_tensor(&control, device)?);
+        let mut unit = ControlUnit::new(net.clone(), to_tensor(&rgb_buf(control.clone()), device)?);
         unit.weight = cfg.weight;
         hooks.push(Box::new(ControlNetHook::new(vec![unit])));
     }

@@ -410,6 +410,7 @@ pub fn parse_parameters(text: &str) -> Result<Map<String, Value>, String> {
 /// paths that are loaded as code or written (`plugins`, `plugin_dir`, `output`,
 /// `save_latents`) and other files to read (`noise`, `lora_dir`, `init_image`, `mask`), is
 /// dropped: a PNG is data from anyone, those come only from the user's own flags and configs.
+/// The inpainting steps' keys ([`crate::inpaint::KEYS`]) are carried too ([`png_may_carry`]).
 pub const PNG_SETTINGS_KEYS: &[&str] = &[
     "prompt",
     "negative_prompt",
@@ -424,12 +425,6 @@ pub const PNG_SETTINGS_KEYS: &[&str] = &[
     "batch",
     "clip_skip",
     "strength",
-    "mask_blur",
-    "invert_mask",
-    "inpaint_area",
-    "inpaint_padding",
-    "mask_overlay",
-    "inpaint_fill",
     "device",
     "dtype",
     "model",
@@ -442,15 +437,21 @@ pub const PNG_SETTINGS_KEYS: &[&str] = &[
 #[derive(Debug, Clone, Default)]
 pub struct PngSettings {
     pub settings: Map<String, Value>,
-    /// Keys outside [`PNG_SETTINGS_KEYS`], in the order the PNG has them.
+    /// Keys a PNG may not carry ([`png_may_carry`]), in the order the PNG has them.
     pub dropped: Vec<String>,
 }
 
-/// Keep only the keys a PNG may carry ([`PNG_SETTINGS_KEYS`]).
+/// Whether a PNG may carry this settings key: [`PNG_SETTINGS_KEYS`] and the inpainting steps'
+/// [`crate::inpaint::KEYS`].
+pub fn png_may_carry(key: &str) -> bool {
+    PNG_SETTINGS_KEYS.contains(&key) || crate::inpaint::KEYS.contains(&key)
+}
+
+/// Keep only the keys a PNG may carry ([`png_may_carry`]).
 pub fn only_parameters(all: Map<String, Value>) -> PngSettings {
     let mut out = PngSettings::default();
     for (k, v) in all {
-        if PNG_SETTINGS_KEYS.contains(&k.as_str()) {
+        if png_may_carry(&k) {
             out.settings.insert(k, v);
         } else {
             out.dropped.push(k);

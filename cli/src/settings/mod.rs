@@ -22,7 +22,7 @@ pub fn load(args: &SettingsArgs) -> Result<Settings, Problems> {
     problems.extend(sd::config::sources::env_problems());
     let png = args.from_png.as_deref().and_then(|p| {
         // a PNG carries generation parameters only: plugins, outputs and other paths are
-        // dropped (sd::infotext::PNG_SETTINGS_KEYS), each with a warning
+        // dropped (sd::infotext::png_may_carry), each with a warning
         match sd::infotext::png_settings(p).and_then(|s| {
             for k in &s.dropped {
                 eprintln!(
