@@ -16,7 +16,7 @@ pub fn generate(
 ) -> sd::Result<sd::Generation> {
     let mut job = sd::Job::new("a dancer on a stage, best quality");
     job.model = Some(model.into());
-    job.negative_prompt = "lowres, blurry".into();
+    job.negative_prompt = Some("lowres, blurry".into());
     job.seed = Some(42);
     let mut unit = sd::UnitSpec::new(controlnet, control_image);
     unit.weight = 0.8;

@@ -126,7 +126,7 @@ pub fn case_request(case: &serde_json::Value, exp: &HashMap<String, Tensor>) -> 
     let path = |k: &str| case[k].as_str().map(|p| fixtures().join(p));
     GenerateRequest {
         prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
+        negative_prompt: case["negative_prompt"].as_str().map(Into::into),
         width,
         height,
         steps: u("steps"),
@@ -141,6 +141,23 @@ pub fn case_request(case: &serde_json::Value, exp: &HashMap<String, Tensor>) -> 
         strength: case["strength"].as_f64(),
         noise: exp.get("noise").cloned(),
         latent_fill: Default::default(),
+        micro: micro_conditioning(case),
+    }
+}
+
+/// A case's SDXL micro-conditioning, given in diffusers' order: sizes `[height, width]`, the
+/// crop `[top, left]`.
+fn micro_conditioning(case: &serde_json::Value) -> sd_pipeline::MicroConditioning {
+    let pair = |k: &str| {
+        case[k].as_array().map(|a| {
+            let v = |i: usize| a[i].as_u64().unwrap() as usize;
+            (v(1), v(0))
+        })
+    };
+    sd_pipeline::MicroConditioning {
+        original_size: pair("original_size"),
+        target_size: pair("target_size"),
+        crop_top_left: pair("crop_top_left").unwrap_or((0, 0)),
     }
 }
 

@@ -478,7 +478,7 @@ fn every_hook_point_and_weight_patches_cross_the_abi() {
     let dev = Device::Cpu;
     let req = GenerateRequest {
         prompt: "a red circle".into(),
-        negative_prompt: "blue".into(),
+        negative_prompt: Some("blue".into()),
         width: 64,
         height: 48,
         steps: 3,
@@ -492,6 +492,7 @@ fn every_hook_point_and_weight_patches_cross_the_abi() {
         strength: None,
         noise: None,
         latent_fill: Default::default(),
+        micro: Default::default(),
     };
     let run = |patch: Arc<dyn WeightPatch>, hook: Box<dyn sd_plugins_api::Hook>| {
         let sd = StableDiffusion::load(&model_dir("sd1"), &dev, candle_core::DType::F32, &[patch])

@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use sd_pipeline::model::nn::Conv2d;
 use sd_pipeline::model::unet::UNetEncoder;
-use sd_plugins_api::Residuals;
+use sd_plugins_api::{AddedCond, Residuals};
 
 use crate::config::ControlNetConfig;
 
@@ -115,7 +115,7 @@ impl ControlNetModel {
         cond: &Tensor,
     ) -> Result<Residuals> {
         let hint = self.embed_condition(cond, sample.dtype())?;
-        self.forward_with_hint(sample, timesteps, ctx, &hint)
+        self.forward_with_hint(sample, timesteps, ctx, None, &hint)
     }
 
     /// The control image's embedding (`controlnet_cond_embedding`) in `dtype`: it depends on
@@ -131,15 +131,18 @@ impl ControlNetModel {
     }
 
     /// [`Self::forward`] with the control image already embedded ([`Self::embed_condition`],
-    /// batch 1 or the sample's batch).
+    /// batch 1 or the sample's batch), and SDXL's added conditioning for SDXL ControlNets.
     pub fn forward_with_hint(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         ctx: &Tensor,
+        added: Option<&AddedCond>,
         hint: &Tensor,
     ) -> Result<Residuals> {
-        let emb = self.encoder.time_embedding(timesteps, sample.dtype())?;
+        let emb = self
+            .encoder
+            .time_embedding(timesteps, added, sample.dtype())?;
         let (skips, mid) = self.encoder.forward(sample, &emb, ctx, Some(hint))?;
         let mut down = skips
             .iter()

@@ -180,6 +180,20 @@ impl ControlUnit {
         latent_channels: usize,
     ) -> Result<(), ControlError> {
         let cn = &self.net.config().unet;
+        let family = |c: &sd_pipeline::model::config::UNetConfig| {
+            if c.text_time.is_some() {
+                "SDXL"
+            } else {
+                "SD 1.x/2.x"
+            }
+        };
+        if family(cn) != family(base) {
+            return Err(ControlError::Invalid(format!(
+                "an {} ControlNet cannot guide an {} model",
+                family(cn),
+                family(base)
+            )));
+        }
         if cn.block_out_channels != base.block_out_channels {
             return Err(ControlError::Invalid(format!(
                 "the ControlNet's block channels {:?} do not match the base UNet's {:?} (a ControlNet for another model family?)",
@@ -233,13 +247,18 @@ impl ControlUnit {
         let hint = &mut cache.hint;
         let b = step.batch;
         let cond_only = self.mode == ControlMode::Control && step.cfg;
-        let (sample, ctx) = if cond_only {
+        let (sample, ctx, added) = if cond_only {
             (
                 input.latents.narrow(0, b, b)?,
                 input.encoder_hidden_states.narrow(0, b, b)?,
+                input.added.map(|a| a.narrow(b, b)).transpose()?,
             )
         } else {
-            (input.latents.clone(), input.encoder_hidden_states.clone())
+            (
+                input.latents.clone(),
+                input.encoder_hidden_states.clone(),
+                input.added.cloned(),
+            )
         };
         let n = sample.dim(0)?;
         let dtype = sample.dtype();
@@ -252,7 +271,9 @@ impl ControlUnit {
             }
         };
         let ts = Tensor::full(step.timestep as f32, n, sample.device())?;
-        let r = self.net.forward_with_hint(&sample, &ts, &ctx, &embedded)?;
+        let r = self
+            .net
+            .forward_with_hint(&sample, &ts, &ctx, added.as_ref(), &embedded)?;
         let scales = self.scales();
         let masks = &mut cache.masks;
         let mut apply = |t: &Tensor, s: f64| -> candle_core::Result<Tensor> {

@@ -47,7 +47,8 @@ impl Targets {
                             .to_string();
                         t.add_te(&bare, shape)
                     }
-                    ModelPart::Vae => {}
+                    // SDXL LoRAs are not mapped yet (issue 21)
+                    ModelPart::Vae | ModelPart::TextEncoder2 => {}
                 }
             }
             return Ok(t);

@@ -37,5 +37,5 @@ pub mod stable_diffusion;
 pub mod text;
 
 pub use error::{Error, Result};
-pub use generation::pipeline::{GenerateOutput, GenerateRequest, LatentFill};
+pub use generation::pipeline::{GenerateOutput, GenerateRequest, LatentFill, MicroConditioning};
 pub use stable_diffusion::StableDiffusion;

@@ -18,6 +18,11 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     pub text_encoder: ClipTextModel,
     pub tokenizer: ClipTokenizer,
+    /// SDXL's second text encoder and its tokenizer (pads with `!`); `None` for SD 1.x/2.x.
+    pub text_encoder_2: Option<(ClipTextModel, ClipTokenizer)>,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (SDXL base: true): with no
+    /// negative prompt given, the unconditional embeddings are zeros (diffusers).
+    pub force_zeros_for_empty_prompt: bool,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
@@ -27,5 +32,19 @@ impl StableDiffusion {
     /// True for 9-channel inpainting UNets.
     pub fn is_inpaint_model(&self) -> bool {
         self.unet.config().in_channels == 2 * self.vae.config().latent_channels + 1
+    }
+
+    /// True for SDXL-class models (a UNet with the `text_time` added embedding).
+    pub fn is_sdxl(&self) -> bool {
+        self.unet.config().text_time.is_some()
+    }
+
+    /// The model family, as messages and `model inspect` name it.
+    pub fn family(&self) -> &'static str {
+        if self.is_sdxl() {
+            "SDXL"
+        } else {
+            "SD 1.x/2.x"
+        }
     }
 }

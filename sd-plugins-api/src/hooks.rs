@@ -5,11 +5,34 @@ use candle_core::Tensor;
 use crate::error::HookError;
 use crate::step::StepInfo;
 
-/// Text conditioning, `[batch, tokens, dim]`. `uncond` is `None` when CFG is off.
+/// Text conditioning, `[batch, tokens, dim]`. `uncond` is `None` when CFG is off. SDXL-class
+/// models also take a pooled text vector per prompt (`[batch, dim]`, the second text
+/// encoder's projected output); `None` for SD 1.x/2.x.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
     pub cond: Tensor,
     pub uncond: Option<Tensor>,
+    pub pooled: Option<Tensor>,
+    pub uncond_pooled: Option<Tensor>,
+}
+
+/// SDXL's added conditioning (diffusers' `added_cond_kwargs`) for every row of a UNet batch:
+/// the pooled text vector `text_embeds` `[n, P]` and the micro-conditioning `time_ids`
+/// `[n, k]` (original size, crop top-left, target size; or the refiner's aesthetic score).
+#[derive(Debug, Clone)]
+pub struct AddedCond {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
+}
+
+impl AddedCond {
+    /// Rows `start..start + len` (the conditional half of a CFG batch, say).
+    pub fn narrow(&self, start: usize, len: usize) -> candle_core::Result<AddedCond> {
+        Ok(AddedCond {
+            text_embeds: self.text_embeds.narrow(0, start, len)?,
+            time_ids: self.time_ids.narrow(0, start, len)?,
+        })
+    }
 }
 
 /// What a residual provider (a ControlNet, an adapter) sees at one step.
@@ -22,6 +45,8 @@ pub struct ResidualInput<'a> {
     /// UNets concatenate mask and masked image); the same tensor as `sample` otherwise.
     pub latents: &'a Tensor,
     pub encoder_hidden_states: &'a Tensor,
+    /// SDXL's added conditioning for the rows of `sample`; `None` for SD 1.x/2.x.
+    pub added: Option<&'a AddedCond>,
 }
 
 /// Additive UNet residuals: one per skip connection of the down path, plus the mid block.
@@ -305,6 +330,7 @@ mod tests {
             sample: &x,
             latents: &x,
             encoder_hidden_states: &x,
+            added: None,
         };
         let r = set.residuals(&step(), &input).unwrap().unwrap();
         let v: Vec<f32> = r.mid.flatten_all().unwrap().to_vec1().unwrap();
@@ -321,6 +347,7 @@ mod tests {
             sample: &x,
             latents: &x,
             encoder_hidden_states: &x,
+            added: None,
         };
         assert!(set.residuals(&step(), &input).unwrap().is_none());
         let u = Tensor::new(&[1f32, 1.0], &dev).unwrap();

@@ -81,7 +81,7 @@ pub use dylib::plugin::{HookPlugin, OwnedTensor, Part, TensorView};
 pub use error::HookError;
 #[cfg(feature = "host")]
 pub use hooks::{
-    classifier_free_guidance, Conditioning, Hook, HookSet, LeadingHooks, NoiseLevels,
+    classifier_free_guidance, AddedCond, Conditioning, Hook, HookSet, LeadingHooks, NoiseLevels,
     NoisePrediction, ResidualInput, Residuals,
 };
 pub use hwc3::hwc3;

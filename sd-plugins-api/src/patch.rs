@@ -7,6 +7,8 @@ use crate::error::HookError;
 pub enum ModelPart {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP bigG, `text_encoder_2/`).
+    TextEncoder2,
     Vae,
 }
 

@@ -103,7 +103,7 @@ async fn txt2img_with_a_controlnet_unit_is_the_front_doors_image() {
     // the same settings through the library's front door
     let mut job = sd::Job::new("a cat <lora:lora_b_kohya:0.7>");
     job.model = Some(dir.join("models/sd1"));
-    job.negative_prompt = "ugly".into();
+    job.negative_prompt = Some("ugly".into());
     job.width = Some(64);
     job.height = Some(64);
     job.steps = 5;

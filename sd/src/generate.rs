@@ -107,8 +107,11 @@ pub fn device_and_dtype(job: &Job) -> Result<(Device, DType)> {
 /// The job's prompts are no longer than [`crate::schema::MAX_PROMPT_BYTES`].
 fn check_prompt_lengths(job: &Job) -> Result<()> {
     for (key, text) in [
-        ("prompt", &job.prompt),
-        ("negative_prompt", &job.negative_prompt),
+        ("prompt", job.prompt.as_str()),
+        (
+            "negative_prompt",
+            job.negative_prompt.as_deref().unwrap_or(""),
+        ),
     ] {
         if let Some(problem) = crate::schema::prompt_too_long(key, text.len()) {
             return Err(problem.into());
@@ -382,6 +385,7 @@ pub fn run(
             Some(_) => job.inpaint.fill.latent(),
             None => Default::default(),
         },
+        micro: job.micro,
     };
     sd.validate(&req)?;
     // Every ControlNet, control image and mask is loaded and checked before denoising starts.
@@ -468,7 +472,7 @@ mod tests {
     #[test]
     fn long_prompts_are_refused_before_loading() {
         let job = Job {
-            negative_prompt: "x".repeat(5 << 20),
+            negative_prompt: Some("x".repeat(5 << 20)),
             ..Job::default()
         };
         let err = load(&job).err().expect("refused").to_string();

@@ -77,8 +77,8 @@ impl Run<'_> {
             };
             s.push_str(&format!(" <lora:{}:{w}>", stem(&l.path)));
         }
-        if !req.negative_prompt.is_empty() {
-            s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
+        if let Some(n) = req.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
+            s.push_str(&format!("\nNegative prompt: {n}"));
         }
         let mut f: Vec<(String, String)> = vec![
             ("Steps".into(), req.steps.to_string()),
@@ -168,7 +168,9 @@ impl Run<'_> {
         let mut m = Map::new();
         m.insert("model".into(), path(self.model));
         m.insert("prompt".into(), st.prompt.clone().into());
-        m.insert("negative_prompt".into(), st.negative_prompt.clone().into());
+        if let Some(n) = &st.negative_prompt {
+            m.insert("negative_prompt".into(), n.clone().into());
+        }
         m.insert("width".into(), req.width.into());
         m.insert("height".into(), req.height.into());
         m.insert("steps".into(), req.steps.into());
@@ -353,7 +355,10 @@ pub fn parse_parameters(text: &str) -> Result<Map<String, Value>, String> {
     }
     let mut m = Map::new();
     m.insert("prompt".into(), prompt.join("\n").into());
-    m.insert("negative_prompt".into(), negative.join("\n").into());
+    // no "Negative prompt:" line: none given (an SDXL base model's zeros, as when it was made)
+    if !negative.is_empty() {
+        m.insert("negative_prompt".into(), negative.join("\n").into());
+    }
     let num = |v: &str, k: &str| -> Result<Value, String> {
         if let Ok(i) = v.parse::<i64>() {
             return Ok(i.into());

@@ -77,7 +77,11 @@ pub struct Job {
     pub vae: Option<PathBuf>,
     /// The prompt; `<lora:NAME:WEIGHT>` tags in it are taken out and loaded from `lora_dir`.
     pub prompt: String,
-    pub negative_prompt: String,
+    /// `None`: no negative prompt (SDXL base models then use zeros; see
+    /// `GenerateRequest::negative_prompt`).
+    pub negative_prompt: Option<String>,
+    /// SDXL's size and crop conditioning (`original_size`, `target_size`, `crop_top_left`).
+    pub micro: sd_pipeline::MicroConditioning,
     /// `None`: the init image's size, else the size the model was trained at.
     pub width: Option<usize>,
     pub height: Option<usize>,
@@ -123,7 +127,8 @@ impl Default for Job {
             model: None,
             vae: None,
             prompt: String::new(),
-            negative_prompt: String::new(),
+            negative_prompt: None,
+            micro: Default::default(),
             width: None,
             height: None,
             steps: 20,

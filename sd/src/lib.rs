@@ -18,7 +18,7 @@
 //! # let out = std::env::temp_dir().join(format!("sd-doc-{}.png", std::process::id()));
 //! let mut job = Job::new("a dancer on a stage, best quality");
 //! job.model = Some(model.into()); // a diffusers folder, a single file or a HF cache id
-//! job.negative_prompt = "lowres, blurry".into();
+//! job.negative_prompt = Some("lowres, blurry".into());
 //! job.seed = Some(42);
 //! job.control.push(UnitSpec::new(controlnet, pose).into());
 //! job.lora.push(LoraSpec { path: lora.into(), unet_weight: 0.8, te_weight: 0.8 });

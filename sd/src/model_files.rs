@@ -220,6 +220,7 @@ fn describe_file(path: &Path, out: &mut String) -> Result<()> {
             ModelPart::Unet => "unet",
             ModelPart::Vae => "vae",
             ModelPart::TextEncoder => "text_encoder",
+            ModelPart::TextEncoder2 => "text_encoder_2",
         };
         *per.entry(name).or_default() += shape.iter().product::<usize>();
     }

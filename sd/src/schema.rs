@@ -57,7 +57,11 @@ pub const FIELDS: &[Field] = &[
     f("model", Ty::Path(PathRole::FileOrDir), Default::None),
     f("vae", Ty::Path(PathRole::File), Default::None),
     f("prompt", Ty::Str, Default::Str("")),
-    f("negative_prompt", Ty::Str, Default::Str("")),
+    f("negative_prompt", Ty::Str, Default::None),
+    // SDXL micro-conditioning: "WxH", "WxH", "X,Y"; absent: the generation size, 0,0
+    f("original_size", Ty::Str, Default::None),
+    f("target_size", Ty::Str, Default::None),
+    f("crop_top_left", Ty::Str, Default::None),
     f("width", SIZE, Default::None),
     f("height", SIZE, Default::None),
     f("steps", Ty::Int { min: 1, max: 10000 }, Default::Int(20)),

@@ -85,7 +85,7 @@ fn both_checkpoint_formats_give_identical_residuals() {
     assert_eq!(max_abs_diff(&a.mid, &b.mid), 0.0);
 }
 
-fn units(case: &Value, base: &StableDiffusion) -> Vec<ControlUnit> {
+pub(crate) fn units(case: &Value, base: &StableDiffusion) -> Vec<ControlUnit> {
     let mut cache = Vec::new();
     case["control"]
         .as_array()
@@ -148,7 +148,7 @@ fn controlnet_pipelines_match_diffusers() {
 
 fn simple_request() -> GenerateRequest {
     let mut r = GenerateRequest::new("a red circle");
-    r.negative_prompt = "blurry".into();
+    r.negative_prompt = Some("blurry".into());
     r.width = 64;
     r.height = 64;
     r.steps = 3;
@@ -350,6 +350,7 @@ fn a_partial_unit_mask_scales_the_residuals_as_the_extension_does() {
             sample: &latents,
             latents: &latents,
             encoder_hidden_states: &ctx,
+            added: None,
         };
         hook.residuals(&step, &input).unwrap().unwrap()
     };
@@ -615,12 +616,13 @@ fn copies_of_one_latent_give_what_separate_calls_give() {
             &Tensor::cat(&[&x, &x], 0).unwrap(),
             &Tensor::cat(&[&t1, &t1], 0).unwrap(),
             &ctx2,
+            None,
             &hint,
         )
         .unwrap();
     for i in 0..2 {
         let one = cn
-            .forward_with_hint(&x, &t1, &ctx2.narrow(0, i, 1).unwrap(), &hint)
+            .forward_with_hint(&x, &t1, &ctx2.narrow(0, i, 1).unwrap(), None, &hint)
             .unwrap();
         for (k, (a, b)) in both.down.iter().zip(&one.down).enumerate() {
             assert_close(

@@ -119,7 +119,7 @@ fn two_loras_in_a_pipeline_match_diffusers() {
     check(&sd, "ab");
     let exp = expected("lora_sd1.safetensors");
     let mut req = GenerateRequest::new("a red circle on a blue background");
-    req.negative_prompt = "blurry, lowres".into();
+    req.negative_prompt = Some("blurry, lowres".into());
     (req.width, req.height, req.steps, req.cfg_scale) = (64, 64, 4, 7.5);
     req.sampler = "euler".parse().unwrap();
     req.schedule = "normal".parse().unwrap();

@@ -11,6 +11,7 @@ mod pipelines;
 mod preprocessors;
 mod rng;
 mod samplers;
+mod sdxl;
 mod single_file;
 mod train;
 mod unet_vae;

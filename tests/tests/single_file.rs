@@ -22,7 +22,7 @@ fn load(p: &std::path::Path) -> StableDiffusion {
 fn run(sd: &StableDiffusion) -> (Tensor, Tensor) {
     let req = GenerateRequest {
         prompt: "a red circle, (blue:1.2) background".into(),
-        negative_prompt: "blurry".into(),
+        negative_prompt: Some("blurry".into()),
         width: 64,
         height: 48,
         steps: 3,
@@ -36,6 +36,7 @@ fn run(sd: &StableDiffusion) -> (Tensor, Tensor) {
         strength: None,
         noise: None,
         latent_fill: Default::default(),
+        micro: Default::default(),
     };
     let out = sd
         .generate(

@@ -30,8 +30,19 @@ pub struct SettingsArgs {
     /// The prompt; A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:WEIGHT>
     #[arg(long)]
     pub prompt: Option<String>,
+    /// The negative prompt. Absent, SDXL base models use zeros (diffusers'
+    /// force_zeros_for_empty_prompt); given, even "", it is encoded
     #[arg(long)]
     pub negative_prompt: Option<String>,
+    /// SDXL: the original_size conditioning, WxH [default: the image size]
+    #[arg(long)]
+    pub original_size: Option<String>,
+    /// SDXL: the target_size conditioning, WxH [default: the image size]
+    #[arg(long)]
+    pub target_size: Option<String>,
+    /// SDXL: the crop conditioning's top-left corner, X,Y [default: 0,0]
+    #[arg(long)]
+    pub crop_top_left: Option<String>,
     /// Image width (multiple of 8); default the init image's width, else the model's own
     /// (diffusers: UNet sample_size x VAE scale: 512 for SD1, 768 for SD2-768)
     #[arg(long)]
@@ -155,6 +166,9 @@ impl SettingsArgs {
             "negative_prompt",
             self.negative_prompt.clone().map(Value::from),
         );
+        put("original_size", self.original_size.clone().map(Value::from));
+        put("target_size", self.target_size.clone().map(Value::from));
+        put("crop_top_left", self.crop_top_left.clone().map(Value::from));
         put("width", self.width.map(Value::from));
         put("height", self.height.map(Value::from));
         put("steps", self.steps.map(Value::from));

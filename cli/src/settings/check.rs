@@ -118,6 +118,24 @@ pub fn check(
             top.problem(&o, key, detail);
         }
     }
+    let mut micro = sd_pipeline::MicroConditioning::default();
+    for key in ["original_size", "target_size", "crop_top_left"] {
+        let Some(v) = get_str(&vals, key) else {
+            continue;
+        };
+        let parsed = match key {
+            "original_size" => sd_pipeline::MicroConditioning::parse_size(&v)
+                .map(|s| micro.original_size = Some(s)),
+            "target_size" => {
+                sd_pipeline::MicroConditioning::parse_size(&v).map(|s| micro.target_size = Some(s))
+            }
+            _ => sd_pipeline::MicroConditioning::parse_point(&v).map(|p| micro.crop_top_left = p),
+        };
+        if let Err(m) = parsed {
+            let o = top.shown_origin(key).unwrap_or(Origin::Default);
+            top.problem(&o, key, m);
+        }
+    }
     let strength = get_float(&vals, "strength");
     if let Some(s) = strength {
         let o = top.shown_origin("strength").unwrap_or(Origin::Default);
@@ -357,7 +375,8 @@ pub fn check(
         model: get_path(&vals, "model"),
         vae: get_path(&vals, "vae"),
         prompt: get_str(&vals, "prompt").unwrap_or_default(),
-        negative_prompt: get_str(&vals, "negative_prompt").unwrap_or_default(),
+        negative_prompt: get_str(&vals, "negative_prompt"),
+        micro,
         width: usize_of("width"),
         height: usize_of("height"),
         steps: usize_of("steps").unwrap_or(d.steps),

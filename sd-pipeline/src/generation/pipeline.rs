@@ -4,20 +4,24 @@
 
 use candle_core::{DType, Tensor};
 use sd_plugins_api::{
-    Conditioning, Hook, HookError, HookSet, NoiseLevels, NoisePrediction, ResidualInput, StepInfo,
+    AddedCond, Conditioning, Hook, HookError, HookSet, NoiseLevels, NoisePrediction, ResidualInput,
+    StepInfo,
 };
 
 use crate::error::{Error, Result};
 use crate::rng::NoiseSource;
 use crate::samplers::{build_sampler, img2img_start_index, Sampler, SamplerKind, Schedule};
 use crate::stable_diffusion::StableDiffusion;
-use crate::text::encode_prompts;
+use crate::text::{encode_prompts, encode_prompts_dual};
 
 /// What to generate. Images and masks are tensors already prepared by `image_io`.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub prompt: String,
-    pub negative_prompt: String,
+    /// `None`: no negative prompt given. SD 1.x/2.x encode the empty prompt then; SDXL
+    /// models whose `model_index.json` sets `force_zeros_for_empty_prompt` use zeros
+    /// (diffusers). A given negative prompt, even `""`, is encoded.
+    pub negative_prompt: Option<String>,
     pub width: usize,
     pub height: usize,
     pub steps: usize,
@@ -37,6 +41,51 @@ pub struct GenerateRequest {
     /// What the init image's latents hold under the mask before noise is added (A1111's
     /// `inpainting_fill` 2 and 3); the init image's own by default.
     pub latent_fill: LatentFill,
+    /// SDXL's size and crop conditioning (ignored by SD 1.x/2.x).
+    pub micro: MicroConditioning,
+}
+
+/// SDXL's micro-conditioning (diffusers' `original_size`, `crops_coords_top_left`,
+/// `target_size`; A1111's sgm conditioner): sizes as (width, height), the crop as (x, y) =
+/// (left, top). The UNet sees them as `[orig_h, orig_w, top, left, target_h, target_w]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MicroConditioning {
+    /// `None`: the generation size.
+    pub original_size: Option<(usize, usize)>,
+    /// `None`: the generation size.
+    pub target_size: Option<(usize, usize)>,
+    pub crop_top_left: (usize, usize),
+}
+
+impl MicroConditioning {
+    /// A size as `WxH` (config keys and flags `original_size`, `target_size`).
+    pub fn parse_size(s: &str) -> std::result::Result<(usize, usize), String> {
+        let bad = || format!("{s:?} is not a size WxH such as 1024x1024 (each side 1..=16384)");
+        let (w, h) = s.trim().split_once(['x', 'X']).ok_or_else(bad)?;
+        let n = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|v| (1..=16384).contains(v))
+        };
+        Ok((n(w).ok_or_else(bad)?, n(h).ok_or_else(bad)?))
+    }
+
+    /// A crop corner as `X,Y` (left, top; config key and flag `crop_top_left`).
+    pub fn parse_point(s: &str) -> std::result::Result<(usize, usize), String> {
+        let bad = || format!("{s:?} is not a point X,Y such as 0,0 (each 0..=16384)");
+        let (x, y) = s.trim().split_once(',').ok_or_else(bad)?;
+        let n = |v: &str| v.trim().parse::<usize>().ok().filter(|v| *v <= 16384);
+        Ok((n(x).ok_or_else(bad)?, n(y).ok_or_else(bad)?))
+    }
+
+    /// The six time ids for a `width` x `height` generation (diffusers `_get_add_time_ids`).
+    pub fn time_ids(&self, width: usize, height: usize) -> [f32; 6] {
+        let (ow, oh) = self.original_size.unwrap_or((width, height));
+        let (tw, th) = self.target_size.unwrap_or((width, height));
+        let (x, y) = self.crop_top_left;
+        [oh, ow, y, x, th, tw].map(|v| v as f32)
+    }
 }
 
 /// The init latents under an inpainting mask (`processing.py`, `inpainting_fill`).
@@ -57,7 +106,7 @@ impl GenerateRequest {
     pub fn new(prompt: impl Into<String>) -> Self {
         Self {
             prompt: prompt.into(),
-            negative_prompt: String::new(),
+            negative_prompt: None,
             width: 512,
             height: 512,
             steps: 20,
@@ -71,6 +120,7 @@ impl GenerateRequest {
             strength: None,
             noise: None,
             latent_fill: LatentFill::Original,
+            micro: MicroConditioning::default(),
         }
     }
 
@@ -315,6 +365,79 @@ impl StableDiffusion {
         Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 
+    /// The text conditioning of a request: one encoder for SD 1.x/2.x, both (and the pooled
+    /// vectors) for SDXL; `uncond` only with classifier-free guidance.
+    fn encode_text(&self, req: &GenerateRequest, cfg: bool) -> Result<Conditioning> {
+        let dev = &self.device;
+        let Some((te2, tok2)) = &self.text_encoder_2 else {
+            let (cond, uncond) = encode_prompts(
+                &self.tokenizer,
+                &self.text_encoder,
+                &req.prompt,
+                cfg.then_some(req.negative_prompt.as_deref().unwrap_or("")),
+                req.clip_skip,
+                dev,
+            )?;
+            return Ok(Conditioning {
+                cond,
+                uncond,
+                pooled: None,
+                uncond_pooled: None,
+            });
+        };
+        let negative = cfg.then_some(match req.negative_prompt.as_deref() {
+            None if self.force_zeros_for_empty_prompt => None,
+            n => Some(n.unwrap_or("")),
+        });
+        let d = encode_prompts_dual(
+            (&self.tokenizer, &self.text_encoder),
+            (tok2, te2),
+            &req.prompt,
+            negative,
+            req.clip_skip,
+            dev,
+        )?;
+        let (uncond, uncond_pooled) = d.uncond.unzip();
+        Ok(Conditioning {
+            cond: d.cond,
+            uncond,
+            pooled: Some(d.pooled),
+            uncond_pooled,
+        })
+    }
+
+    /// SDXL's added conditioning for every UNet row (negative rows first, as the context),
+    /// `None` for models without the `text_time` embedding.
+    fn added_conditioning(
+        &self,
+        req: &GenerateRequest,
+        c: &Conditioning,
+    ) -> Result<Option<AddedCond>> {
+        if !self.is_sdxl() {
+            return Ok(None);
+        }
+        let missing = || {
+            Error::Invalid(
+                "an SDXL model needs the pooled text vectors (a hook dropped them?)".into(),
+            )
+        };
+        let pooled = c.pooled.as_ref().ok_or_else(missing)?;
+        let mut rows = vec![pooled; req.batch];
+        if c.uncond.is_some() {
+            let u = c.uncond_pooled.as_ref().ok_or_else(missing)?;
+            rows = [vec![u; req.batch], rows].concat();
+        }
+        let text_embeds = Tensor::cat(&rows, 0)?.to_dtype(self.dtype)?;
+        let ids = req.micro.time_ids(req.width, req.height);
+        let time_ids = Tensor::new(&ids, &self.device)?
+            .unsqueeze(0)?
+            .repeat((rows.len(), 1))?;
+        Ok(Some(AddedCond {
+            text_embeds,
+            time_ids,
+        }))
+    }
+
     /// Run the denoising loop and return the final latents (what diffusers returns with
     /// `output_type="latent"`).
     pub fn denoise(
@@ -326,15 +449,7 @@ impl StableDiffusion {
         self.validate(req)?;
         let dev = &self.device;
         let cfg = req.cfg_scale > 1.0; // diffusers: do_classifier_free_guidance
-        let (cond, uncond) = encode_prompts(
-            &self.tokenizer,
-            &self.text_encoder,
-            &req.prompt,
-            cfg.then_some(req.negative_prompt.as_str()),
-            req.clip_skip,
-            dev,
-        )?;
-        let mut conditioning = Conditioning { cond, uncond };
+        let mut conditioning = self.encode_text(req, cfg)?;
         hooks.on_conditioning(&mut conditioning)?;
         finite(&conditioning.cond, || {
             "the prompt's conditioning (the text encoder's output)".into()
@@ -351,6 +466,7 @@ impl StableDiffusion {
             None => cond,
         };
         let context = context.to_dtype(self.dtype)?;
+        let added = self.added_conditioning(req, &conditioning)?;
 
         let mut sampler =
             build_sampler(req.sampler, req.schedule, &self.scheduler_config, req.steps)?;
@@ -449,13 +565,20 @@ impl StableDiffusion {
                     sample: &model_input,
                     latents: &scaled_in,
                     encoder_hidden_states: &context,
+                    added: added.as_ref(),
                 },
             )?;
             let n = model_input.dim(0)?;
             let ts = Tensor::full(t as f32, n, &self.device)?;
             let out = self
                 .unet
-                .forward(&model_input, &ts, &context, residuals.as_ref())?
+                .forward_with(
+                    &model_input,
+                    &ts,
+                    &context,
+                    added.as_ref(),
+                    residuals.as_ref(),
+                )?
                 .to_dtype(DType::F32)?;
             let (uncond_pred, cond_pred) = if cfg {
                 (

@@ -136,7 +136,7 @@ impl StableDiffusion {
                 "not a diffusers model folder: model_index.json not found",
             ));
         }
-        let _: serde_json::Value = read_json(&index)?;
+        let index: serde_json::Value = read_json(&index)?;
         let sub = |name: &str| -> Result<PathBuf> {
             let d = root.join(name);
             if d.is_dir() {
@@ -157,12 +157,25 @@ impl StableDiffusion {
         let unet_cfg = UNetConfig::from_file(&unet_dir.join("config.json"))?;
         let vae_cfg = VaeConfig::from_file(&vae_dir.join("config.json"))?;
         let clip_cfg = ClipConfig::from_file(&te_dir.join("config.json"))?;
-        if clip_cfg.hidden_size != unet_cfg.cross_attention_dim {
+        // SDXL: a second encoder (and tokenizer) whose features are concatenated after the
+        // first's; its projected pooled output feeds the UNet's added embedding
+        let second = if unet_cfg.text_time.is_some() {
+            let dir = sub("text_encoder_2")?;
+            let cfg = ClipConfig::from_file(&dir.join("config.json"))?;
+            let tok = ClipTokenizer::from_dir(&sub("tokenizer_2")?)?;
+            tok.check_fits(cfg.vocab_size, &dir)?;
+            Some((dir, cfg, tok))
+        } else {
+            None
+        };
+        let text_width = clip_cfg.hidden_size + second.as_ref().map_or(0, |s| s.1.hidden_size);
+        if text_width != unet_cfg.cross_attention_dim {
             return Err(Error::config(
                 &te_dir,
                 format!(
-                    "text encoder width {} does not match the UNet's cross_attention_dim {}",
-                    clip_cfg.hidden_size, unet_cfg.cross_attention_dim
+                    "text encoder width {text_width}{} does not match the UNet's cross_attention_dim {}",
+                    if second.is_some() { " (both encoders)" } else { "" },
+                    unet_cfg.cross_attention_dim
                 ),
             ));
         }
@@ -209,6 +222,30 @@ impl StableDiffusion {
             device,
             |vb| ClipTextModel::new(&clip_cfg, vb),
         )?;
+        let text_encoder_2 = match second {
+            Some((dir, cfg, tok)) => {
+                let te = load_component(
+                    &weight_files(&dir)?,
+                    ModelPart::TextEncoder2,
+                    patches,
+                    dtype,
+                    device,
+                    |vb| ClipTextModel::new(&cfg, vb),
+                )?;
+                if !te.has_projection() {
+                    return Err(Error::config(
+                        &dir,
+                        "SDXL's second text encoder needs `text_projection.weight` (a CLIPTextModelWithProjection)",
+                    ));
+                }
+                Some((te, tok))
+            }
+            None => None,
+        };
+        let force_zeros_for_empty_prompt = index
+            .get("force_zeros_for_empty_prompt")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
         tracing::debug!(root = %root.display(), ?dtype, "loaded a diffusers model folder");
         Ok(Self {
             root: root.to_path_buf(),
@@ -216,6 +253,8 @@ impl StableDiffusion {
             vae,
             text_encoder,
             tokenizer,
+            text_encoder_2,
+            force_zeros_for_empty_prompt,
             scheduler_config,
             device: device.clone(),
             dtype,

@@ -1,4 +1,5 @@
-//! CLIP text encoder (transformers' `CLIPTextModel`, keys under `text_model.`).
+//! CLIP text encoder (transformers' `CLIPTextModel`, keys under `text_model.`; with
+//! `text_projection` at the root, `CLIPTextModelWithProjection`, SDXL's second encoder).
 
 use candle_core::{DType, IndexOp, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
@@ -64,6 +65,8 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s `text_projection` (no bias), when the weights have it.
+    text_projection: Option<Linear>,
     config: ClipConfig,
 }
 
@@ -71,6 +74,16 @@ impl ClipTextModel {
     /// Keys are read under `text_model.` (files saved by transformers 4, as SD repos ship) or
     /// at the root (transformers 5 drops the prefix).
     pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let text_projection = if vb.contains_tensor("text_projection.weight") {
+            let out = cfg.projection_dim.unwrap_or(512); // transformers CLIPTextConfig default
+            Some(super::nn::linear_no_bias(
+                cfg.hidden_size,
+                out,
+                vb.pp("text_projection"),
+            )?)
+        } else {
+            None
+        };
         let vb = if vb.contains_tensor("embeddings.token_embedding.weight") {
             vb
         } else {
@@ -96,8 +109,14 @@ impl ClipTextModel {
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             config: cfg.clone(),
         })
+    }
+
+    /// True for `CLIPTextModelWithProjection` weights (SDXL's second encoder).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
     }
 
     pub fn config(&self) -> &ClipConfig {
@@ -113,6 +132,58 @@ impl ClipTextModel {
                 "clip_skip {clip_skip} is out of range for a text encoder of {n_layers} layers (1..={n_layers})"
             );
         }
+        let xs = self.run_layers(ids, n_layers + 1 - clip_skip, |_, _| Ok(()))?;
+        self.final_layer_norm.forward(&xs)
+    }
+
+    /// SDXL's use (diffusers `encode_prompt`): `hidden_states[-(clip_skip + 1)]`, the output
+    /// of layer `L - clip_skip` without the final layer norm (`clip_skip` in A1111 numbering,
+    /// so 1 is the penultimate layer), and, for `CLIPTextModelWithProjection`, the pooled
+    /// output: the final-normed last layer at each row's first end-of-text token (the
+    /// largest id, as transformers' argmax finds it), through `text_projection`.
+    pub fn forward_penultimate(
+        &self,
+        ids: &Tensor,
+        clip_skip: usize,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let n_layers = self.layers.len();
+        if clip_skip == 0 || clip_skip >= n_layers {
+            candle_core::bail!(
+                "clip_skip {clip_skip} is out of range for an SDXL text encoder of {n_layers} layers (1..={})",
+                n_layers - 1
+            );
+        }
+        let keep = n_layers - clip_skip;
+        let Some(proj) = &self.text_projection else {
+            return Ok((self.run_layers(ids, keep, |_, _| Ok(()))?, None));
+        };
+        let mut hidden = None;
+        let last = self.run_layers(ids, n_layers, |i, xs| {
+            if i == keep {
+                hidden = Some(xs.clone());
+            }
+            Ok(())
+        })?;
+        let normed = self.final_layer_norm.forward(&last)?;
+        let eos = ids.to_dtype(DType::U32)?.argmax_keepdim(1)?; // [B, 1], first maximum
+        let rows = (0..normed.dim(0)?)
+            .map(|b| {
+                let at = eos.get(b)?.get(0)?.to_scalar::<u32>()? as usize;
+                normed.get(b)?.narrow(0, at, 1)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = proj.forward(&Tensor::cat(&rows, 0)?)?;
+        Ok((hidden.expect("keep < n_layers"), Some(pooled)))
+    }
+
+    /// Embed `ids` `[B, S]` and run the first `n` layers, calling `each(i, xs)` with the
+    /// output after `i` layers (`i` from 1).
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        n: usize,
+        mut each: impl FnMut(usize, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
         let (_b, s) = ids.dims2()?;
         if s > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -123,9 +194,10 @@ impl ClipTextModel {
         let ids = ids.to_dtype(DType::U32)?;
         let pos = self.position_embedding.i(..s)?;
         let mut xs = self.token_embedding.forward(&ids)?.broadcast_add(&pos)?;
-        for layer in &self.layers[..n_layers + 1 - clip_skip] {
+        for (i, layer) in self.layers[..n].iter().enumerate() {
             xs = layer.forward(&xs)?;
+            each(i + 1, &xs)?;
         }
-        self.final_layer_norm.forward(&xs)
+        Ok(xs)
     }
 }

@@ -90,6 +90,10 @@ pub struct UNetConfigFile {
     #[serde(default)]
     pub addition_embed_type: Option<String>,
     #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
     pub num_class_embeds: Option<usize>,
     #[serde(default = "UnetDefaults::resnet_time_scale_shift")]
     pub resnet_time_scale_shift: String,
@@ -205,6 +209,17 @@ pub struct UNetConfig {
     pub upcast_attention: bool,
     /// The latent size (height, width) the model was trained at (`sample_size`), if given.
     pub sample_size: Option<(usize, usize)>,
+    /// SDXL's `addition_embed_type = "text_time"`; `None` for SD 1.x/2.x.
+    pub text_time: Option<TextTime>,
+}
+
+/// SDXL's added embedding: each micro-conditioning number embedded sinusoidally to
+/// `time_embed_dim`, concatenated after the pooled text vector, through `add_embedding`
+/// (`input_dim` = pooled width + count of numbers x `time_embed_dim`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTime {
+    pub time_embed_dim: usize,
+    pub input_dim: usize,
 }
 
 /// The largest `sample_size` (latent pixels a side) a config may give: 16384 image pixels at
@@ -270,9 +285,27 @@ impl UNetConfig {
         if raw.class_embed_type.is_some() || raw.num_class_embeds.is_some() {
             return Err(bad("class_embed_type", &raw.class_embed_type));
         }
-        if raw.addition_embed_type.is_some() {
-            return Err(bad("addition_embed_type", &raw.addition_embed_type));
-        }
+        let text_time = match raw.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => match (
+                raw.addition_time_embed_dim,
+                raw.projection_class_embeddings_input_dim,
+            ) {
+                (Some(t), Some(i)) if t > 0 && i > t => Some(TextTime {
+                    time_embed_dim: t,
+                    input_dim: i,
+                }),
+                (t, i) => {
+                    return Err(Error::config(
+                        path,
+                        format!(
+                            "`addition_embed_type` \"text_time\" needs positive `addition_time_embed_dim` and a larger `projection_class_embeddings_input_dim`; found {t:?} and {i:?}"
+                        ),
+                    ))
+                }
+            },
+            Some(_) => return Err(bad("addition_embed_type", &raw.addition_embed_type)),
+        };
         if raw.dual_cross_attention {
             return Err(bad("dual_cross_attention", &true));
         }
@@ -345,6 +378,7 @@ impl UNetConfig {
             num_attention_heads: heads,
             use_linear_projection: raw.use_linear_projection,
             upcast_attention: raw.upcast_attention,
+            text_time,
             sample_size: match &raw.sample_size {
                 None | Some(serde_json::Value::Null) => None,
                 Some(v) => Some(sample_size(v).ok_or_else(|| {
@@ -599,6 +633,8 @@ pub struct ClipConfigFile {
     pub hidden_act: String,
     #[serde(default = "clip_d::layer_norm_eps")]
     pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
 }
 
 mod clip_d {
@@ -639,6 +675,8 @@ pub struct ClipConfig {
     pub max_position_embeddings: usize,
     pub activation: ClipActivation,
     pub layer_norm_eps: f64,
+    /// `text_projection`'s width (CLIPTextModelWithProjection); transformers' default 512.
+    pub projection_dim: Option<usize>,
 }
 
 impl ClipConfig {
@@ -684,6 +722,7 @@ impl ClipConfig {
             max_position_embeddings: raw.max_position_embeddings,
             activation,
             layer_norm_eps: raw.layer_norm_eps,
+            projection_dim: raw.projection_dim,
         })
     }
 }

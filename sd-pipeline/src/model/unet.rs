@@ -1,16 +1,17 @@
-//! diffusers `UNet2DConditionModel` (SD 1.x / 2.x), with per-sample timesteps and additive
-//! residuals (ControlNet) on the skip connections and the mid block.
+//! diffusers `UNet2DConditionModel` (SD 1.x / 2.x, and SDXL's `text_time` added embedding),
+//! with per-sample timesteps and additive residuals (ControlNet) on the skip connections and
+//! the mid block.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::nn::{Conv2d, GroupNorm};
-use sd_plugins_api::Residuals;
+use sd_plugins_api::{AddedCond, Residuals};
 
 use super::blocks::{
     Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, TransformerConfig, Upsample2D,
 };
-use super::config::{BlockKind, UNetConfig};
+use super::config::{BlockKind, TextTime, UNetConfig};
 use super::nn::{conv2d, group_norm, linear};
 use super::shared_batch::SharedBatch;
 
@@ -64,6 +65,8 @@ pub struct UNetEncoder {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// SDXL's `add_embedding` (linear_1, linear_2) with its config.
+    add_embedding: Option<(TextTime, Linear, Linear)>,
     down: Vec<DownBlock>,
     mid_resnets: Vec<ResnetBlock2D>,
     mid_attentions: Vec<Transformer2D>,
@@ -154,6 +157,14 @@ impl UNetEncoder {
             conv_in: conv2d(cfg.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?,
             time_linear_1: linear(ch[0], temb_dim, vb.pp("time_embedding.linear_1"))?,
             time_linear_2: linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?,
+            add_embedding: match cfg.text_time {
+                Some(tt) => Some((
+                    tt,
+                    linear(tt.input_dim, temb_dim, vb.pp("add_embedding.linear_1"))?,
+                    linear(temb_dim, temb_dim, vb.pp("add_embedding.linear_2"))?,
+                )),
+                None => None,
+            },
             down,
             mid_resnets,
             mid_attentions,
@@ -187,8 +198,14 @@ impl UNetEncoder {
         out
     }
 
-    /// The time embedding `[B, 4*C0]` for per-sample timesteps `[B]`.
-    pub fn time_embedding(&self, timesteps: &Tensor, dtype: DType) -> Result<Tensor> {
+    /// The time embedding `[B, 4*C0]` for per-sample timesteps `[B]`, plus SDXL's added
+    /// embedding of `added` (required exactly when the model has one).
+    pub fn time_embedding(
+        &self,
+        timesteps: &Tensor,
+        added: Option<&AddedCond>,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let t = timestep_embedding(
             timesteps,
             self.config.block_out_channels[0],
@@ -196,8 +213,41 @@ impl UNetEncoder {
             self.config.freq_shift,
         )?
         .to_dtype(dtype)?;
-        self.time_linear_2
-            .forward(&self.time_linear_1.forward(&t)?.silu()?)
+        let emb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&t)?.silu()?)?;
+        match (&self.add_embedding, added) {
+            (None, None) => Ok(emb),
+            (Some((tt, l1, l2)), Some(a)) => {
+                // diffusers UNet2DConditionModel.get_aug_embed, "text_time"
+                let b = emb.dim(0)?;
+                let (tb, k) = a.time_ids.dims2()?;
+                let (pb, p) = a.text_embeds.dims2()?;
+                if tb != b || pb != b || p + k * tt.time_embed_dim != tt.input_dim {
+                    candle_core::bail!(
+                        "added conditioning of {pb}x{p} pooled and {tb}x{k} time ids does not fit a batch of {b} and add_embedding's {} inputs",
+                        tt.input_dim
+                    );
+                }
+                let ids = a.time_ids.to_dtype(DType::F32)?.flatten_all()?;
+                let te = timestep_embedding(
+                    &ids,
+                    tt.time_embed_dim,
+                    self.config.flip_sin_to_cos,
+                    self.config.freq_shift,
+                )?
+                .reshape((b, k * tt.time_embed_dim))?;
+                let x = Tensor::cat(&[&a.text_embeds.to_dtype(DType::F32)?, &te], 1)?
+                    .to_dtype(emb.dtype())?;
+                emb + l2.forward(&l1.forward(&x)?.silu()?)?
+            }
+            (Some(_), None) => candle_core::bail!(
+                "this UNet has SDXL's text_time embedding: it needs the pooled text vector and time ids"
+            ),
+            (None, Some(_)) => candle_core::bail!(
+                "added conditioning (pooled text, time ids) given to a UNet without an added embedding"
+            ),
+        }
     }
 
     /// Run conv_in (plus `hint`, a ControlNet's conditioning embedding, when given), the down
@@ -358,6 +408,18 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         residuals: Option<&Residuals>,
     ) -> Result<Tensor> {
+        self.forward_with(sample, timesteps, encoder_hidden_states, None, residuals)
+    }
+
+    /// [`Self::forward`] with SDXL's added conditioning (pooled text and time ids).
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCond>,
+        residuals: Option<&Residuals>,
+    ) -> Result<Tensor> {
         let b = sample.dim(0)?;
         let timesteps = match timesteps.rank() {
             0 => timesteps.broadcast_as(b)?.contiguous()?,
@@ -375,7 +437,9 @@ impl UNet2DConditionModel {
                 );
             }
         }
-        let emb = self.encoder.time_embedding(&timesteps, sample.dtype())?;
+        let emb = self
+            .encoder
+            .time_embedding(&timesteps, added, sample.dtype())?;
         let ctx = encoder_hidden_states;
         let (mut skips, mut xs) = self.encoder.forward(sample, &emb, ctx, None)?;
         if let Some(r) = residuals {

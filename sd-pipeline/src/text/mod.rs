@@ -38,8 +38,21 @@ pub fn encode_weighted(
     clip_skip: usize,
     device: &Device,
 ) -> Result<Tensor> {
+    encode_weighted_with(chunks, device, |ids| clip.forward(ids, clip_skip))
+}
+
+/// [`encode_weighted`] through any encoder: `encode` maps token ids `[n, 77]` to hidden
+/// states `[n, 77, D]`.
+pub fn encode_weighted_with(
+    chunks: &[WeightedChunk],
+    device: &Device,
+    encode: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
     let ids: Vec<Vec<u32>> = chunks.iter().map(|c| c.ids.clone()).collect();
-    let z = encode_chunks(clip, &ids, clip_skip, device)?;
+    let flat: Vec<u32> = ids.concat();
+    let h = encode(&Tensor::from_vec(flat, (ids.len(), ids[0].len()), device)?)?;
+    let (n, len, d) = h.dims3()?;
+    let z = h.reshape((1, n * len, d))?;
     if chunks.iter().all(|c| c.weights.iter().all(|&w| w == 1.0)) {
         return Ok(z);
     }
@@ -100,4 +113,89 @@ pub fn encode_prompts(
     let uncond = encode_weighted(clip, &neg, clip_skip, device)?;
     let cond = encode_weighted(clip, &pos, clip_skip, device)?;
     Ok((cond, Some(uncond)))
+}
+
+/// What an SDXL-class UNet is conditioned on: the hidden states of both encoders laid side by
+/// side (`[1, 77 * chunks, D1 + D2]`) and the pooled vector (`[1, P]`) of each prompt.
+#[derive(Debug, Clone)]
+pub struct DualEncoded {
+    pub cond: Tensor,
+    pub pooled: Tensor,
+    pub uncond: Option<(Tensor, Tensor)>,
+}
+
+/// SDXL prompt encoding (diffusers `StableDiffusionXLPipeline.encode_prompt`, with A1111's
+/// chunks and emphasis applied per encoder as its SDXL embedders do): each encoder's
+/// penultimate hidden states (moved `clip_skip - 1` further back, no final layer norm),
+/// CLIP-L first; pooled = the second encoder's projected output for the first chunk (A1111's
+/// `zs[0].pooled`). `negative`: `None` without CFG; `Some(None)` for CFG with zeros as the
+/// unconditional embeddings (no negative given and `force_zeros_for_empty_prompt`).
+pub fn encode_prompts_dual(
+    first: (&ClipTokenizer, &ClipTextModel),
+    second: (&ClipTokenizer, &ClipTextModel),
+    prompt: &str,
+    negative: Option<Option<&str>>,
+    clip_skip: usize,
+    device: &Device,
+) -> Result<DualEncoded> {
+    let layers = first
+        .1
+        .config()
+        .num_hidden_layers
+        .min(second.1.config().num_hidden_layers);
+    if clip_skip == 0 || clip_skip >= layers {
+        return Err(Error::Invalid(format!(
+            "clip_skip {clip_skip} is out of range: SDXL's text encoders take 1..={}",
+            layers.saturating_sub(1)
+        )));
+    }
+    let chunks = |tok: &ClipTokenizer, text: &str| prompt_chunks(tok, text);
+    let mut pos = [chunks(first.0, prompt)?, chunks(second.0, prompt)?];
+    let mut neg = match negative {
+        Some(Some(n)) => Some([chunks(first.0, n)?, chunks(second.0, n)?]),
+        _ => None,
+    };
+    // one chunk count for all (A1111 pads the shorter prompt with the empty prompt's chunk)
+    let count = pos
+        .iter()
+        .chain(neg.iter().flatten())
+        .map(Vec::len)
+        .max()
+        .unwrap_or(1);
+    let empty = [
+        chunks(first.0, "")?.remove(0),
+        chunks(second.0, "")?.remove(0),
+    ];
+    for (i, e) in empty.iter().enumerate() {
+        pos[i].resize(count, e.clone());
+        if let Some(n) = neg.as_mut() {
+            n[i].resize(count, e.clone());
+        }
+    }
+    let encode = |[c1, c2]: &[Vec<WeightedChunk>; 2]| -> Result<(Tensor, Tensor)> {
+        let h1 = encode_weighted_with(c1, device, |ids| {
+            Ok(first.1.forward_penultimate(ids, clip_skip)?.0)
+        })?;
+        let mut pooled = None;
+        let h2 = encode_weighted_with(c2, device, |ids| {
+            let (h, p) = second.1.forward_penultimate(ids, clip_skip)?;
+            pooled = p.map(|p| p.narrow(0, 0, 1)).transpose()?;
+            Ok(h)
+        })?;
+        let pooled = pooled.ok_or_else(|| {
+            Error::Invalid("SDXL's second text encoder has no text_projection".into())
+        })?;
+        Ok((Tensor::cat(&[&h1, &h2], 2)?, pooled))
+    };
+    let (cond, pooled) = encode(&pos)?;
+    let uncond = match (negative, neg) {
+        (None, _) => None,
+        (Some(_), Some(n)) => Some(encode(&n)?),
+        (Some(_), None) => Some((cond.zeros_like()?, pooled.zeros_like()?)),
+    };
+    Ok(DualEncoded {
+        cond,
+        pooled,
+        uncond,
+    })
 }

@@ -151,7 +151,8 @@ pub struct SdTensorsOut {
     pub count: usize,
 }
 
-/// Which model a weight belongs to ([`crate::patch::ModelPart`]): 0 UNet, 1 text encoder, 2 VAE.
+/// Which model a weight belongs to ([`crate::patch::ModelPart`]): 0 UNet, 1 text encoder, 2 VAE,
+/// 3 SDXL's second text encoder.
 pub type SdPart = u32;
 
 type ErrP = *mut SdErrBuf;

@@ -201,6 +201,7 @@ fn part(p: SdPart) -> Result<Part, String> {
         0 => Ok(Part::Unet),
         1 => Ok(Part::TextEncoder),
         2 => Ok(Part::Vae),
+        3 => Ok(Part::TextEncoder2),
         o => Err(format!("unknown model part {o}")),
     }
 }

@@ -746,6 +746,7 @@ impl WeightPatch for DynPatch {
                 ModelPart::Unet => 0,
                 ModelPart::TextEncoder => 1,
                 ModelPart::Vae => 2,
+                ModelPart::TextEncoder2 => 3,
             };
             if wants(i.ptr, p, SdStr::new(name)) != 1 {
                 return Ok(None);

@@ -35,6 +35,8 @@ pub enum Part {
     Unet,
     TextEncoder,
     Vae,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 /// A hook living in a plugin, at the design's hook points, and optionally a weight patch.

@@ -219,7 +219,7 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
         let mut job = sd::Job::new(prompt.clone());
         job.model = Some(opts.model.path.clone());
         job.vae = opts.vae.clone();
-        job.negative_prompt = negative_prompt.clone();
+        job.negative_prompt = Some(negative_prompt.clone());
         job.width = Some(width);
         job.height = Some(height);
         job.steps = steps;

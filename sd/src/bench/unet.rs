@@ -159,7 +159,7 @@ impl UnetBench {
         let step = (!nets.is_empty()).then_some(|| -> Result<()> {
             let mut total: Option<Residuals> = None;
             for (n, hint) in nets.iter().zip(&hints) {
-                let r = n.forward_with_hint(&x, &ts, &ctx, hint)?;
+                let r = n.forward_with_hint(&x, &ts, &ctx, None, hint)?;
                 total = Some(match total {
                     None => r,
                     Some(t) => t.add(&r)?,

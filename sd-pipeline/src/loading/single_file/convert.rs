@@ -100,6 +100,7 @@ pub fn to_diffusers(src: &Path, out: &Path, half: bool) -> Result<()> {
             ModelPart::Unet => "unet",
             ModelPart::Vae => "vae",
             ModelPart::TextEncoder => "text_encoder",
+            ModelPart::TextEncoder2 => "text_encoder_2",
         };
         let t = cast(ck.tensor(source)?, half)?;
         parts.entry(dir).or_default().insert(name.clone(), t);

@@ -224,6 +224,12 @@ impl Checkpoint {
                     Box::new(move |n: &str| names::clip(n, tm))
                 }
             },
+            ModelPart::TextEncoder2 => {
+                return Err(Error::config(
+                    &self.path,
+                    "this single file has no second (SDXL) text encoder",
+                ))
+            }
         })
     }
 
@@ -286,6 +292,8 @@ impl Checkpoint {
             vae,
             text_encoder,
             tokenizer,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
             scheduler_config,
             device: device.clone(),
             dtype,
