@@ -342,6 +342,11 @@ fn example_sandbox() -> PathBuf {
     let fx = fixtures();
     let links = [
         ("models/sd15", fx.join("models/sd1")),
+        ("models/sdxl-base", fx.join("models/sdxl")),
+        (
+            "models/controlnet-union-sdxl",
+            fx.join("models/controlnet-sdxl-union"),
+        ),
         ("models/sd15-inpainting", fx.join("models/sd1-inpaint")),
         (
             "models/control_v11p_sd15_openpose",
@@ -381,12 +386,13 @@ fn example_sandbox() -> PathBuf {
 #[test]
 fn every_example_runs_on_the_fixture_models() {
     let d = example_sandbox();
-    let runs: [&[&str]; 5] = [
+    let runs: [&[&str]; 6] = [
         &["pose-portrait.toml"],
         &["canny-depth.toml"],
         &["pose-portrait.toml", "style-watercolor.toml"],
         &["img2img-control.yaml"],
         &["inpaint-control.json"],
+        &["sdxl-union-pose-depth.toml"],
     ];
     for (i, files) in runs.iter().enumerate() {
         let out = d.join(format!("out{i}.png"));

@@ -17,6 +17,8 @@ pub struct ControlNetConfig {
     pub bgr: bool,
     /// `global_pool_conditions` (shuffle): residuals are averaged over space.
     pub global_pool: bool,
+    /// Set for union ControlNets (`ControlNetUnionModel`).
+    pub union: Option<crate::union::UnionConfig>,
 }
 
 /// A ControlNet config.json has no up path; give the UNet parser a mirrored one.
@@ -100,6 +102,37 @@ impl ControlNetConfig {
             .get("global_pool_conditions")
             .and_then(|x| x.as_bool())
             .unwrap_or(false);
+        let is_union = v.get("_class_name").and_then(|x| x.as_str())
+            == Some("ControlNetUnionModel")
+            || v.get("num_control_type").is_some();
+        let union = if is_union {
+            let time_embed_dim = v
+                .get("addition_time_embed_dim")
+                .and_then(|x| x.as_u64())
+                .ok_or_else(|| {
+                    ControlError::file(path, "a union ControlNet needs `addition_time_embed_dim`")
+                })? as usize;
+            let u = crate::union::UnionConfig {
+                num_control_type: get_usize("num_control_type", 6),
+                num_trans_channel: get_usize("num_trans_channel", 320),
+                num_trans_head: get_usize("num_trans_head", 8),
+                num_trans_layer: get_usize("num_trans_layer", 1),
+                num_proj_channel: get_usize("num_proj_channel", 320),
+                time_embed_dim,
+            };
+            if u.num_control_type == 0
+                || u.num_trans_head == 0
+                || !u.num_trans_channel.is_multiple_of(u.num_trans_head)
+            {
+                return Err(ControlError::file(
+                    path,
+                    format!("invalid union ControlNet settings {u:?}"),
+                ));
+            }
+            Some(u)
+        } else {
+            None
+        };
         let raw: UNetConfigFile = serde_json::from_value(with_up_blocks(v))
             .map_err(|e| ControlError::file(path, format!("invalid ControlNet config: {e}")))?;
         let unet = UNetConfig::from_raw(&raw, path)?;
@@ -109,6 +142,7 @@ impl ControlNetConfig {
             conditioning_embedding_out_channels: emb,
             bgr,
             global_pool,
+            union,
         })
     }
 
@@ -121,6 +155,7 @@ impl ControlNetConfig {
             conditioning_embedding_out_channels: vec![16, 32, 96, 256],
             bgr: false,
             global_pool: false,
+            union: None,
         }
     }
 

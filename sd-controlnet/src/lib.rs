@@ -9,6 +9,7 @@ pub mod init;
 pub mod load;
 pub mod model;
 pub mod spec;
+pub mod union;
 pub mod units;
 
 pub use error::{ControlError, Result};

@@ -164,6 +164,7 @@ pub fn load_controlnet(
                 conditioning_embedding_out_channels: emb,
                 bgr: false,
                 global_pool: false,
+                union: None,
             };
             (vec![weights_path.clone()], cfg)
         }

@@ -7,6 +7,7 @@ use sd_pipeline::model::unet::UNetEncoder;
 use sd_plugins_api::{AddedCond, Residuals};
 
 use crate::config::ControlNetConfig;
+use crate::union::{UnionCondition, UnionParts};
 
 fn conv(i: usize, o: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
     sd_pipeline::model::nn::conv2d(i, o, k, stride, k / 2, vb)
@@ -68,6 +69,8 @@ pub struct ControlNetModel {
     cond_embedding: ConditioningEmbedding,
     down_zero: Vec<Conv2d>,
     mid_zero: Conv2d,
+    /// A union ControlNet's extra parts.
+    union: Option<UnionParts>,
     config: ControlNetConfig,
 }
 
@@ -91,6 +94,15 @@ impl ControlNetModel {
             cond_embedding: ConditioningEmbedding::new(cfg, vb.pp("controlnet_cond_embedding"))?,
             down_zero,
             mid_zero: conv(c_mid, c_mid, 1, 1, vb.pp("controlnet_mid_block"))?,
+            union: match cfg.union {
+                Some(u) => Some(UnionParts::new(
+                    u,
+                    cfg.unet.block_out_channels[0],
+                    cfg.unet.block_out_channels[0] * 4,
+                    vb.clone(),
+                )?),
+                None => None,
+            },
             encoder,
             config: cfg.clone(),
         })
@@ -98,6 +110,51 @@ impl ControlNetModel {
 
     pub fn config(&self) -> &ControlNetConfig {
         &self.config
+    }
+
+    /// True for union ControlNets (one model, many control types).
+    pub fn is_union(&self) -> bool {
+        self.union.is_some()
+    }
+
+    /// A union ControlNet's residuals for `conds` (each an embedded control image, its type
+    /// and scale; see [`UnionParts::fuse`] for how scales apply), diffusers
+    /// `ControlNetUnionModel.forward`. One condition's residuals are unscaled.
+    pub fn forward_union(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        ctx: &Tensor,
+        added: Option<&AddedCond>,
+        conds: &[UnionCondition<'_>],
+    ) -> Result<Residuals> {
+        let Some(u) = &self.union else {
+            candle_core::bail!("not a union ControlNet");
+        };
+        let dtype = sample.dtype();
+        let types: Vec<usize> = conds.iter().map(|c| c.type_index).collect();
+        let cu = &self.config.unet;
+        let emb = self
+            .encoder
+            .time_embedding(timesteps, added, dtype)?
+            .broadcast_add(&u.type_embedding(
+                &types,
+                sample.dim(0)?,
+                cu.flip_sin_to_cos,
+                cu.freq_shift,
+                dtype,
+            )?)?;
+        let fused = u.fuse(&self.encoder.conv_in(sample)?, conds)?;
+        let (skips, mid) = self.encoder.forward(sample, &emb, ctx, Some(&fused))?;
+        let down = skips
+            .iter()
+            .zip(&self.down_zero)
+            .map(|(s, c)| c.forward(s))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Residuals {
+            down,
+            mid: self.mid_zero.forward(&mid)?,
+        })
     }
 
     /// Number of down residuals (= the base UNet's skip connections).

@@ -84,6 +84,8 @@ pub struct UnitSpec {
     /// The processor resolution a preprocessor runs at (sd-webui-controlnet's
     /// `processor_res`), as `sdctl detect --resolution`.
     pub resolution: usize,
+    /// A union ControlNet's control type by name (`type=openpose|depth|...`).
+    pub control_type: Option<String>,
 }
 
 impl UnitSpec {
@@ -100,6 +102,7 @@ impl UnitSpec {
             mask: None,
             layer_weights: None,
             resolution: Sizing::default().resolution,
+            control_type: None,
         }
     }
 
@@ -117,6 +120,9 @@ impl UnitSpec {
         }
         if let Err(m) = sd_plugins_api::number::Range::ANY.check(self.weight) {
             return bad(format!("control weight: {m}"));
+        }
+        if let Some(t) = &self.control_type {
+            crate::union::type_index(t)?;
         }
         Ok(())
     }
@@ -215,6 +221,11 @@ impl UnitSpec {
             mode: self.mode,
             layer_weights: self.layer_weights.clone(),
             mask,
+            union_type: self
+                .control_type
+                .as_deref()
+                .map(crate::union::type_index)
+                .transpose()?,
         };
         let latent_channels = sd.vae.config().latent_channels;
         unit.validate_for(sd.unet.config(), sd.unet.num_skips(), latent_channels)

@@ -10,6 +10,7 @@ use sd_plugins_api::{Hook, HookError, ResidualInput, Residuals, StepInfo};
 
 use crate::error::ControlError;
 use crate::model::ControlNetModel;
+use crate::union::UnionCondition;
 
 /// A unit's start and end (fractions of the schedule): 0 <= start <= end <= 1.
 pub fn check_span(start: f64, end: f64) -> Result<(), ControlError> {
@@ -124,6 +125,8 @@ pub struct ControlUnit {
     /// by it resized bilinearly to the residual's size (sd-webui-controlnet's
     /// `apply_effective_region_mask`: `F.interpolate(mask, size, mode="bilinear")`).
     pub mask: Option<Tensor>,
+    /// A union ControlNet's control type (`crate::union::TYPES`); `None` for other models.
+    pub union_type: Option<usize>,
 }
 
 impl ControlUnit {
@@ -137,6 +140,7 @@ impl ControlUnit {
             mode: ControlMode::Balanced,
             layer_weights: None,
             mask: None,
+            union_type: None,
         }
     }
 
@@ -224,6 +228,30 @@ impl ControlUnit {
             )));
         }
         check_span(self.start, self.end)?;
+        match (&self.net.config().union, self.union_type) {
+            (Some(_), None) => {
+                return Err(ControlError::Invalid(format!(
+                    "a union ControlNet needs the unit's control type: type={}",
+                    crate::union::TYPES
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join("|")
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(ControlError::Invalid(
+                    "type= is for union ControlNets; this ControlNet has one control type".into(),
+                ))
+            }
+            (Some(u), Some(t)) if t >= u.num_control_type => {
+                return Err(ControlError::Invalid(format!(
+                    "control type {t} is beyond this union ControlNet's {} types (repaint needs an 8-type \"promax\" file)",
+                    u.num_control_type
+                )))
+            }
+            _ => {}
+        }
         if let Some(lw) = &self.layer_weights {
             if lw.len() != base_skips + 1 {
                 return Err(ControlError::Invalid(format!(
@@ -234,6 +262,18 @@ impl ControlUnit {
             }
         }
         Ok(())
+    }
+
+    /// The control image's embedding in `dtype`, made once and kept in `hint`.
+    fn embedded(&self, hint: &mut Option<Tensor>, dtype: DType) -> candle_core::Result<Tensor> {
+        Ok(match hint {
+            Some(h) if h.dtype() == dtype => h.clone(),
+            _ => {
+                let h = self.net.embed_condition(&self.image, dtype)?;
+                *hint = Some(h.clone());
+                h
+            }
+        })
     }
 
     /// This unit's residuals for one step; `cache` keeps the control image's embedding (batch
@@ -262,18 +302,24 @@ impl ControlUnit {
         };
         let n = sample.dim(0)?;
         let dtype = sample.dtype();
-        let embedded = match hint {
-            Some(h) if h.dtype() == dtype => h.clone(),
-            _ => {
-                let h = self.net.embed_condition(&self.image, dtype)?;
-                *hint = Some(h.clone());
-                h
-            }
-        };
+        let embedded = self.embedded(hint, dtype)?;
         let ts = Tensor::full(step.timestep as f32, n, sample.device())?;
-        let r = self
-            .net
-            .forward_with_hint(&sample, &ts, &ctx, added.as_ref(), &embedded)?;
+        let r = match self.union_type {
+            Some(t) => self.net.forward_union(
+                &sample,
+                &ts,
+                &ctx,
+                added.as_ref(),
+                &[UnionCondition {
+                    embedded: &embedded,
+                    type_index: t,
+                    scale: 1.0,
+                }],
+            )?,
+            None => self
+                .net
+                .forward_with_hint(&sample, &ts, &ctx, added.as_ref(), &embedded)?,
+        };
         let scales = self.scales();
         let masks = &mut cache.masks;
         let mut apply = |t: &Tensor, s: f64| -> candle_core::Result<Tensor> {
@@ -328,6 +374,56 @@ impl ControlNetHook {
     }
 }
 
+impl ControlNetHook {
+    /// Several units of one union model at one step: one forward with each unit's image, type
+    /// and weight; the residuals are not scaled again (diffusers). Per-unit modes, layer
+    /// weights and masks cannot apply inside one forward, so they are refused.
+    fn union_group(
+        &mut self,
+        group: &[usize],
+        step: &StepInfo,
+        input: &ResidualInput<'_>,
+    ) -> Result<Residuals, HookError> {
+        for &j in group {
+            let u = &self.units[j];
+            if u.mode != ControlMode::Balanced || u.layer_weights.is_some() || u.mask.is_some() {
+                return Err(HookError::failed(
+                    "controlnet",
+                    format!(
+                        "units {} share one union ControlNet and run as one forward: they take no mode, layer_weights or mask (unit {} has one)",
+                        group.iter().map(|g| (g + 1).to_string()).collect::<Vec<_>>().join(", "),
+                        j + 1
+                    ),
+                ));
+            }
+        }
+        let dtype = input.latents.dtype();
+        let mut embedded = Vec::with_capacity(group.len());
+        for &j in group {
+            let unit = &self.units[j];
+            embedded.push(unit.embedded(&mut self.caches[j].hint, dtype)?);
+        }
+        let conds: Vec<UnionCondition<'_>> = group
+            .iter()
+            .zip(&embedded)
+            .map(|(&j, e)| UnionCondition {
+                embedded: e,
+                type_index: self.units[j].union_type.expect("a union unit"),
+                scale: self.units[j].weight,
+            })
+            .collect();
+        let n = input.latents.dim(0)?;
+        let ts = Tensor::full(step.timestep as f32, n, input.latents.device())?;
+        Ok(self.units[group[0]].net.forward_union(
+            input.latents,
+            &ts,
+            input.encoder_hidden_states,
+            input.added,
+            &conds,
+        )?)
+    }
+}
+
 impl Hook for ControlNetHook {
     fn name(&self) -> &str {
         "controlnet"
@@ -339,11 +435,33 @@ impl Hook for ControlNetHook {
         input: &ResidualInput<'_>,
     ) -> Result<Option<Residuals>, HookError> {
         let mut total: Option<Residuals> = None;
-        for (unit, cache) in self.units.iter().zip(self.caches.iter_mut()) {
-            if !unit.active(step) {
+        let active: Vec<usize> = (0..self.units.len())
+            .filter(|&i| self.units[i].active(step))
+            .collect();
+        let mut done = vec![false; self.units.len()];
+        for &i in &active {
+            if done[i] {
                 continue;
             }
-            let r = unit.residuals(step, input, cache)?;
+            let unit = &self.units[i];
+            // the active units of one union model run as one forward (diffusers' several
+            // conditions of a ControlNetUnionModel)
+            let group: Vec<usize> = match unit.union_type {
+                Some(_) => active
+                    .iter()
+                    .copied()
+                    .filter(|&j| Arc::ptr_eq(&self.units[j].net, &unit.net))
+                    .collect(),
+                None => vec![i],
+            };
+            for &j in &group {
+                done[j] = true;
+            }
+            let r = if group.len() == 1 {
+                unit.residuals(step, input, &mut self.caches[i])?
+            } else {
+                self.union_group(&group, step, input)?
+            };
             total = Some(match total {
                 None => r,
                 Some(t) => t.add(&r)?,

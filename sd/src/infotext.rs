@@ -237,6 +237,9 @@ impl Run<'_> {
                 if let Some(m) = &u.mask {
                     o.insert("mask".into(), path(m));
                 }
+                if let Some(ty) = &u.control_type {
+                    o.insert("type".into(), ty.clone().into());
+                }
                 if u.resolution != sd_controlnet::UnitSpec::new("", "").resolution {
                     o.insert("resolution".into(), u.resolution.into());
                 }

@@ -153,6 +153,12 @@ pub const CONTROL_FIELDS: &[Field] = &[
     // a name, or a table { name = "...", PARAM = VALUE, ... }; checked against the registry
     f("preprocessor", Ty::Str, Default::Str("none")),
     f("mask", Ty::Path(PathRole::File), Default::None),
+    // a union ControlNet's control type (ComfyUI's names and numbering)
+    f(
+        "type",
+        Ty::Choice(&sd_controlnet::union::TYPE_NAMES),
+        Default::None,
+    ),
     // the processor resolution a preprocessor runs at (sdctl detect --resolution)
     f(
         "resolution",

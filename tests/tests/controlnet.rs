@@ -102,6 +102,7 @@ pub(crate) fn units(case: &Value, base: &StableDiffusion) -> Vec<ControlUnit> {
             if let Some(m) = c["mode"].as_str() {
                 s.mode = m.parse().unwrap();
             }
+            s.control_type = c["type"].as_str().map(Into::into);
             s.build(
                 base,
                 case["width"].as_u64().unwrap() as usize,

@@ -71,3 +71,11 @@ fn sdxl_txt2img_img2img_inpaint_match_diffusers() {
 fn sdxl_controlnet_with_a_window_matches_diffusers() {
     run_matching(|c| has_control(c) && !union(c));
 }
+
+/// One type (canny; the fixture's `latents_without` is the same image as depth, far away) and
+/// two units of one union model (openpose + depth) run as diffusers' one forward with both
+/// conditions.
+#[test]
+fn sdxl_union_controlnet_types_match_diffusers() {
+    run_matching(union);
+}

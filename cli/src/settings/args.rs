@@ -122,7 +122,8 @@ pub struct SettingsArgs {
     pub dtype: Option<String>,
     /// A control unit, repeatable: model=PATH,image=PATH[,weight=F][,start=F][,end=F]
     /// [,mode=balanced|prompt|control][,resize=just|crop|fill][,preprocessor=NAME][,resolution=N]
-    /// [,mask=PATH][,id=NAME]
+    /// [,mask=PATH][,id=NAME][,type=openpose|depth|hed|canny|normal|segment|tile|repaint
+    /// (union ControlNets)]
     #[arg(long = "control", value_name = "KEY=VALUE,...")]
     pub control: Vec<String>,
     /// A LoRA, repeatable: PATH[:WEIGHT] (weight for UNet and text encoder, default 1)

@@ -233,6 +233,7 @@ pub fn check(
             }
         }
         spec.mask = get_path(&vals, "mask");
+        spec.control_type = get_str(&vals, "type");
         if let Some(r) = get_int(&vals, "resolution") {
             spec.resolution = r as usize;
         }

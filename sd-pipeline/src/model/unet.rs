@@ -250,6 +250,16 @@ impl UNetEncoder {
         }
     }
 
+    /// `conv_in` of `sample` (after `center_input_sample`): where [`Self::forward`] adds a
+    /// hint (a union ControlNet summarises it to build its hint).
+    pub fn conv_in(&self, sample: &Tensor) -> Result<Tensor> {
+        if self.config.center_input_sample {
+            self.conv_in.forward(&((sample * 2.0)? - 1.0)?)
+        } else {
+            self.conv_in.forward(sample)
+        }
+    }
+
     /// Run conv_in (plus `hint`, a ControlNet's conditioning embedding, when given), the down
     /// blocks and the mid block. Returns the skip tensors and the mid block's output.
     pub fn forward(
