@@ -284,6 +284,30 @@ impl LoraFile {
         })
     }
 
+    /// The model family the file was trained for, when its keys or shapes tell: a second
+    /// text encoder's modules (`lora_te2_`, `text_encoder_2.`) mean SDXL; else the text width
+    /// its cross-attention key projections (`attn2.to_k`) take.
+    pub fn family(&self) -> Option<&'static str> {
+        if self
+            .modules
+            .keys()
+            .any(|k| k.starts_with("lora_te2_") || k.starts_with("text_encoder_2."))
+        {
+            return Some("SDXL");
+        }
+        self.modules.iter().find_map(|(k, m)| {
+            if !(k.ends_with("attn2_to_k") || k.ends_with("attn2.to_k")) {
+                return None;
+            }
+            let width = match &m.factors {
+                Factors::LoRA { down, .. } => down.dims().get(1).copied(),
+                Factors::LoHa { w1b, .. } => w1b.dims().get(1).copied(),
+                Factors::LoKr { .. } => None,
+            }?;
+            Some(crate::targets::family_of_width(width)).filter(|f| *f != "unknown")
+        })
+    }
+
     /// What the file holds, one fact a line (`sdctl lora inspect`): format, modules per
     /// part, kinds, ranks, alphas.
     pub fn describe(&self, path: &std::path::Path) -> String {
@@ -310,7 +334,7 @@ impl LoraFile {
                 .or_insert(0) += 1;
             if k.starts_with("lora_unet_") || k.starts_with("unet.") {
                 unet += 1;
-            } else if k.starts_with("lora_te") || k.starts_with("text_encoder.") {
+            } else if k.starts_with("lora_te") || k.starts_with("text_encoder") {
                 te += 1;
             } else {
                 other += 1;
@@ -318,6 +342,12 @@ impl LoraFile {
         }
         let _ = writeln!(out, "file: {}", path.display());
         let _ = writeln!(out, "format: {}", self.format);
+        let _ = writeln!(
+            out,
+            "family: {}",
+            self.family()
+                .unwrap_or("unknown (no text encoder 2 or attn2.to_k module)")
+        );
         let _ = writeln!(
             out,
             "modules: {} (UNet {unet}, text encoder {te}{})",

@@ -44,7 +44,15 @@ pub fn merge_into(model: &Path, patches: &[LoraPatch], out: &Path) -> Result<()>
             "diffusion_pytorch_model.safetensors",
         ),
         ("text_encoder", ModelPart::TextEncoder, "model.safetensors"),
+        (
+            "text_encoder_2",
+            ModelPart::TextEncoder2,
+            "model.safetensors",
+        ),
     ] {
+        if part == ModelPart::TextEncoder2 && !model.join(dir).is_dir() {
+            continue; // SDXL only
+        }
         let files = weight_files(&model.join(dir))?;
         let mut tensors = std::collections::HashMap::new();
         for f in &files {
@@ -67,7 +75,7 @@ pub fn merge_into(model: &Path, patches: &[LoraPatch], out: &Path) -> Result<()>
                     {
                         t = (t + d)?;
                         let w = match part {
-                            ModelPart::TextEncoder => p.te_weight,
+                            ModelPart::TextEncoder | ModelPart::TextEncoder2 => p.te_weight,
                             _ => p.unet_weight,
                         };
                         applied.push(format!("LoRA {} (weight {w})", p.name()));

@@ -130,7 +130,7 @@ impl WeightPatch for LoraPatch {
             return Ok(None);
         };
         let w = match part {
-            ModelPart::TextEncoder => self.te_weight,
+            ModelPart::TextEncoder | ModelPart::TextEncoder2 => self.te_weight,
             _ => self.unet_weight,
         };
         if w == 0.0 {
@@ -144,6 +144,15 @@ impl WeightPatch for LoraPatch {
 /// checked here, so a LoRA for another model is an error before anything runs.
 pub fn load_lora(spec: &LoraSpec, targets: &Targets) -> Result<(LoraPatch, LoraReport)> {
     let file = LoraFile::load(&spec.path)?;
+    if let (Some(lora), Some(model)) = (file.family(), targets.family) {
+        // SD 1.x and 2.x share block names; SDXL shares them too at other shapes
+        if crate::targets::families_differ(lora, model) {
+            return Err(LoraError::file(
+                &spec.path,
+                format!("an {lora} LoRA cannot patch an {model} model"),
+            ));
+        }
+    }
     let mut modules = HashMap::new();
     let mut unmatched = Vec::new();
     let (mut unet, mut te) = (0, 0);
@@ -163,7 +172,7 @@ pub fn load_lora(spec: &LoraSpec, targets: &Targets) -> Result<(LoraPatch, LoraR
             )
         })?;
         match t.part {
-            ModelPart::TextEncoder => te += 1,
+            ModelPart::TextEncoder | ModelPart::TextEncoder2 => te += 1,
             _ => unet += 1,
         }
         modules.insert((t.part, t.param.clone()), Arc::new(module.clone()));

@@ -22,6 +22,39 @@ pub struct Target {
 #[derive(Debug, Default)]
 pub struct Targets {
     by_key: HashMap<String, Target>,
+    /// The model's family ([`family_of`]); `None` when not read yet.
+    pub family: Option<&'static str>,
+}
+
+/// A model family from its UNet: SDXL-class with the `text_time` embedding, else by the text
+/// width the cross-attention takes (768 SD 1.x, 1024 SD 2.x; other widths SD 1.x/2.x).
+pub fn family_of(unet: &UNetConfig) -> &'static str {
+    match (
+        unet.text_time.is_some(),
+        family_of_width(unet.cross_attention_dim),
+    ) {
+        (true, _) => "SDXL",
+        (false, "unknown" | "SDXL") => "SD 1.x/2.x",
+        (false, f) => f,
+    }
+}
+
+/// Whether a LoRA of family `a` cannot patch a model of family `b`: SDXL against the others,
+/// or SD 1.x against SD 2.x (a family from shapes alone, "SD 1.x/2.x", fits either).
+pub fn families_differ(a: &str, b: &str) -> bool {
+    let xl = |f: &str| f == "SDXL";
+    let specific = |f: &str| f == "SD 1.x" || f == "SD 2.x";
+    xl(a) != xl(b) || (specific(a) && specific(b) && a != b)
+}
+
+/// The family whose cross-attention takes text of `width` (a LoRA's `attn2.to_k` input).
+pub fn family_of_width(width: usize) -> &'static str {
+    match width {
+        768 => "SD 1.x",
+        1024 => "SD 2.x",
+        1280 | 2048 => "SDXL",
+        _ => "unknown",
+    }
 }
 
 fn kohya(s: &str) -> String {
@@ -36,6 +69,7 @@ impl Targets {
         if root.is_file() {
             let ck = sd_pipeline::loading::single_file::Checkpoint::open(root)?;
             let unet_cfg = ck.unet_config()?;
+            t.family = Some(family_of(&unet_cfg));
             for (part, name, _, shape) in ck.inventory()?.params {
                 match part {
                     ModelPart::Unet => t.add_unet(&name, shape, &unet_cfg),
@@ -45,7 +79,7 @@ impl Targets {
                             .strip_prefix("text_model.")
                             .unwrap_or(&name)
                             .to_string();
-                        t.add_te(&bare, shape)
+                        t.add_te(&bare, shape, ModelPart::TextEncoder)
                     }
                     // SDXL LoRAs are not mapped yet (issue 21)
                     ModelPart::Vae | ModelPart::TextEncoder2 => {}
@@ -54,6 +88,7 @@ impl Targets {
             return Ok(t);
         }
         let unet_cfg = UNetConfig::from_file(&root.join("unet/config.json"))?;
+        t.family = Some(family_of(&unet_cfg));
         for f in weight_files(&root.join("unet"))? {
             for (name, shape) in tensor_shapes(&f)? {
                 t.add_unet(&name, shape, &unet_cfg);
@@ -61,7 +96,16 @@ impl Targets {
         }
         for f in weight_files(&root.join("text_encoder"))? {
             for (name, shape) in tensor_shapes(&f)? {
-                t.add_te(&name, shape);
+                t.add_te(&name, shape, ModelPart::TextEncoder);
+            }
+        }
+        // SDXL's second text encoder (kohya `lora_te2_`, PEFT `text_encoder_2.`)
+        let te2 = root.join("text_encoder_2");
+        if te2.is_dir() {
+            for f in weight_files(&te2)? {
+                for (name, shape) in tensor_shapes(&f)? {
+                    t.add_te(&name, shape, ModelPart::TextEncoder2);
+                }
             }
         }
         Ok(t)
@@ -89,23 +133,30 @@ impl Targets {
         }
     }
 
-    fn add_te(&mut self, name: &str, shape: Vec<usize>) {
+    fn add_te(&mut self, name: &str, shape: Vec<usize>, part: ModelPart) {
         let Some(module) = name.strip_suffix(".weight") else {
             return;
         };
         let short = module.strip_prefix("text_model.").unwrap_or(module);
         let full = format!("text_model.{short}");
         let target = Target {
-            part: ModelPart::TextEncoder,
+            part,
             param: name.to_string(),
             shape,
         };
         for m in [short, full.as_str()] {
-            for k in [
-                format!("lora_te_{}", kohya(m)),
-                format!("lora_te1_{}", kohya(m)),
-                format!("text_encoder.{m}"),
-            ] {
+            let keys = match part {
+                ModelPart::TextEncoder2 => vec![
+                    format!("lora_te2_{}", kohya(m)),
+                    format!("text_encoder_2.{m}"),
+                ],
+                _ => vec![
+                    format!("lora_te_{}", kohya(m)),
+                    format!("lora_te1_{}", kohya(m)),
+                    format!("text_encoder.{m}"),
+                ],
+            };
+            for k in keys {
                 self.by_key.insert(k, target.clone());
             }
         }

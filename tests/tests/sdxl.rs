@@ -79,3 +79,112 @@ fn sdxl_controlnet_with_a_window_matches_diffusers() {
 fn sdxl_union_controlnet_types_match_diffusers() {
     run_matching(union);
 }
+
+fn spec(model: &str, ty: Option<&str>) -> sd_controlnet::UnitSpec {
+    let mut s = sd_controlnet::UnitSpec::new(
+        fixtures().join(model),
+        fixtures().join("inputs/control_a.png"),
+    );
+    s.control_type = ty.map(Into::into);
+    s
+}
+
+fn build_error(base: &StableDiffusion, s: &sd_controlnet::UnitSpec) -> String {
+    match s.build(base, 64, 64, &mut Vec::new(), &sd_preprocessors::registry()) {
+        Ok(_) => panic!("{s:?} was accepted on a {} model", base.family()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A ControlNet of the other family, a union model without a type, a type it lacks or a type
+/// on an ordinary ControlNet: refused before any step, naming the file and what is wrong.
+#[test]
+fn controlnets_that_do_not_fit_are_refused_with_both_families_named() {
+    let load =
+        |m: &str| StableDiffusion::load(&model_dir(m), &Device::Cpu, DType::F32, &[]).unwrap();
+    let (sdxl, sd1) = (load("sdxl"), load("sd1"));
+    let e = build_error(&sdxl, &spec("models/controlnet-sd1", None));
+    assert!(
+        e.contains("SD 1.x/2.x ControlNet") && e.contains("SDXL model"),
+        "{e}"
+    );
+    assert!(e.contains("controlnet-sd1"), "{e}");
+    let e = build_error(&sd1, &spec("models/controlnet-sdxl", None));
+    assert!(
+        e.contains("SDXL ControlNet") && e.contains("SD 1.x/2.x model"),
+        "{e}"
+    );
+    let e = build_error(&sdxl, &spec("models/controlnet-sdxl-union", None));
+    assert!(e.contains("type=openpose|depth"), "{e}");
+    let e = build_error(&sdxl, &spec("models/controlnet-sdxl", Some("depth")));
+    assert!(e.contains("type= is for union ControlNets"), "{e}");
+    let e = build_error(
+        &sdxl,
+        &spec("models/controlnet-sdxl-union", Some("sketchy")),
+    );
+    assert!(e.contains("unknown union control type \"sketchy\""), "{e}");
+}
+
+/// An SDXL LoRA on the UNet and both text encoders, as a PEFT/diffusers file and as kohya's
+/// SDXL names (LDM blocks, `lora_te1_` / `lora_te2_`): every module binds, and both give
+/// diffusers' latents (1e-3); the run without the LoRA is far.
+#[test]
+fn sdxl_loras_in_both_formats_match_diffusers() {
+    use sd_lora::{load_lora, LoraSpec, Targets};
+    use sd_plugins_api::WeightPatch;
+    use std::sync::Arc;
+    let exp = expected("sdxl_lora.safetensors");
+    let weight = get(&exp, "weight").to_scalar::<f32>().unwrap() as f64;
+    let targets = Targets::from_model(&model_dir("sdxl")).unwrap();
+    for file in ["sdxl_peft.safetensors", "sdxl_kohya.safetensors"] {
+        let spec = LoraSpec {
+            path: fixtures().join("loras-sdxl").join(file),
+            unet_weight: weight,
+            te_weight: weight,
+        };
+        let (patch, report) = load_lora(&spec, &targets).unwrap();
+        assert!(report.unmatched.is_empty(), "{file}: {}", report.summary());
+        assert!(report.te_targets > 0 && report.unet_targets > 0, "{file}");
+        let patches = vec![Arc::new(patch) as Arc<dyn WeightPatch>];
+        let sd =
+            StableDiffusion::load(&model_dir("sdxl"), &Device::Cpu, DType::F32, &patches).unwrap();
+        let mut req = sd_pipeline::GenerateRequest::new("a red circle on a blue background");
+        req.negative_prompt = Some("blurry, lowres".into());
+        (req.width, req.height, req.steps, req.cfg_scale) = (64, 48, 4, 5.0);
+        req.sampler = "euler".parse().unwrap();
+        req.schedule = "normal".parse().unwrap();
+        req.noise = Some(get(&exp, "noise").clone());
+        let latents = sd
+            .denoise(&req, &mut HookSet::new(), &mut sd_tests::Replay::new(None))
+            .unwrap();
+        assert_close(file, &latents, get(&exp, "latents"), 1e-3);
+    }
+    assert!(max_abs_diff(get(&exp, "latents_without"), get(&exp, "latents")) > 1e-2);
+}
+
+/// An SDXL LoRA on an SD1 model is refused naming both families (a tiny SD1 LoRA's text width
+/// names no family, so the reverse is the same rule, `families_differ`);
+/// `lora inspect` says the family.
+#[test]
+fn loras_of_the_other_family_are_refused() {
+    use sd_lora::{load_lora, LoraFile, LoraSpec, Targets};
+    let spec = |f: &str| LoraSpec {
+        path: fixtures().join("loras-sdxl").join(f),
+        unet_weight: 1.0,
+        te_weight: 1.0,
+    };
+    let sd1 = Targets::from_model(&model_dir("sd1")).unwrap();
+    let e = load_lora(&spec("sdxl_kohya.safetensors"), &sd1)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("an SDXL LoRA cannot patch an SD 1.x/2.x model"),
+        "{e}"
+    );
+    assert!(e.contains("sdxl_kohya.safetensors"), "{e}");
+    let d = LoraFile::load(&fixtures().join("loras-sdxl/sdxl_peft.safetensors"))
+        .unwrap()
+        .describe(std::path::Path::new("x"));
+    assert!(d.contains("family: SDXL"), "{d}");
+}

@@ -33,6 +33,9 @@ pub fn unet_ldm_name(name: &str, cfg: &UNetConfig) -> Option<String> {
         ["conv_in", ..] => join("input_blocks.0.0".into(), rest(1)),
         ["time_embedding", "linear_1", ..] => join("time_embed.0".into(), rest(2)),
         ["time_embedding", "linear_2", ..] => join("time_embed.2".into(), rest(2)),
+        // SDXL's added embedding (sgm's `label_emb`)
+        ["add_embedding", "linear_1", ..] => join("label_emb.0.0".into(), rest(2)),
+        ["add_embedding", "linear_2", ..] => join("label_emb.0.2".into(), rest(2)),
         ["down_blocks", i, "resnets", j, ..] => {
             let n = 1 + i.parse::<usize>().ok()? * (l + 1) + j.parse::<usize>().ok()?;
             join(format!("input_blocks.{n}.0"), resnet(&rest(4)))
