@@ -158,6 +158,7 @@ fn micro_conditioning(case: &serde_json::Value) -> sd_pipeline::MicroConditionin
         original_size: pair("original_size"),
         target_size: pair("target_size"),
         crop_top_left: pair("crop_top_left").unwrap_or((0, 0)),
+        ..Default::default()
     }
 }
 

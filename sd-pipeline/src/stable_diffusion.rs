@@ -23,6 +23,9 @@ pub struct StableDiffusion {
     /// `model_index.json`'s `force_zeros_for_empty_prompt` (SDXL base: true): with no
     /// negative prompt given, the unconditional embeddings are zeros (diffusers).
     pub force_zeros_for_empty_prompt: bool,
+    /// `model_index.json`'s `requires_aesthetics_score` (the SDXL refiner): the time ids end
+    /// with an aesthetic score instead of the target size.
+    pub requires_aesthetics_score: bool,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,

@@ -188,3 +188,43 @@ fn loras_of_the_other_family_are_refused() {
         .describe(std::path::Path::new("x"));
     assert!(d.contains("family: SDXL"), "{d}");
 }
+
+/// The base hands the steps after the switch to the refiner (bigG alone, aesthetic-score time
+/// ids): diffusers' `denoising_end` / `denoising_start` hand-off with Euler (1e-3); the base
+/// alone is far.
+#[test]
+fn sdxl_refiner_switch_matches_diffusers() {
+    let exp = expected("sdxl_refiner.safetensors");
+    let load =
+        |m: &str| StableDiffusion::load(&model_dir(m), &Device::Cpu, DType::F32, &[]).unwrap();
+    let (base, refiner) = (load("sdxl"), load("sdxl-refiner"));
+    assert!(refiner.is_sdxl() && refiner.requires_aesthetics_score);
+    let mut req = sd_pipeline::GenerateRequest::new("a red circle on a blue background");
+    req.negative_prompt = Some("blurry, lowres".into());
+    (req.width, req.height, req.steps, req.cfg_scale) = (64, 64, 6, 5.0);
+    req.sampler = "euler".parse().unwrap();
+    req.schedule = "normal".parse().unwrap();
+    req.noise = Some(get(&exp, "noise").clone());
+    let switch = get(&exp, "switch").to_scalar::<f32>().unwrap() as f64;
+    let latents = base
+        .denoise_refined(
+            &req,
+            Some((&refiner, switch)),
+            &mut HookSet::new(),
+            &mut sd_tests::Replay::new(None),
+        )
+        .unwrap();
+    assert_close("refiner", &latents, get(&exp, "latents"), 1e-3);
+    assert!(max_abs_diff(get(&exp, "latents_without"), get(&exp, "latents")) > 1e-2);
+    // an SD1 model is no refiner
+    let e = base
+        .denoise_refined(
+            &req,
+            Some((&load("sd1"), 0.8)),
+            &mut HookSet::new(),
+            &mut sd_tests::Replay::new(None),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no SDXL refiner"), "{e}");
+}

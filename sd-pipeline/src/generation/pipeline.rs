@@ -47,14 +47,30 @@ pub struct GenerateRequest {
 
 /// SDXL's micro-conditioning (diffusers' `original_size`, `crops_coords_top_left`,
 /// `target_size`; A1111's sgm conditioner): sizes as (width, height), the crop as (x, y) =
-/// (left, top). The UNet sees them as `[orig_h, orig_w, top, left, target_h, target_w]`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// (left, top). The UNet sees them as `[orig_h, orig_w, top, left, target_h, target_w]`, or
+/// the refiner as `[orig_h, orig_w, top, left, aesthetic_score]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MicroConditioning {
     /// `None`: the generation size.
     pub original_size: Option<(usize, usize)>,
     /// `None`: the generation size.
     pub target_size: Option<(usize, usize)>,
     pub crop_top_left: (usize, usize),
+    /// The refiner's aesthetic score for the prompt and the negative (diffusers: 6.0, 2.5).
+    pub aesthetic_score: f64,
+    pub negative_aesthetic_score: f64,
+}
+
+impl Default for MicroConditioning {
+    fn default() -> Self {
+        Self {
+            original_size: None,
+            target_size: None,
+            crop_top_left: (0, 0),
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+        }
+    }
 }
 
 impl MicroConditioning {
@@ -85,6 +101,18 @@ impl MicroConditioning {
         let (tw, th) = self.target_size.unwrap_or((width, height));
         let (x, y) = self.crop_top_left;
         [oh, ow, y, x, th, tw].map(|v| v as f32)
+    }
+
+    /// The refiner's five time ids (the img2img pipeline with `requires_aesthetics_score`),
+    /// for the prompt or (`negative`) the negative prompt.
+    pub fn aesthetic_time_ids(&self, width: usize, height: usize, negative: bool) -> [f32; 5] {
+        let [oh, ow, y, x, ..] = self.time_ids(width, height);
+        let score = if negative {
+            self.negative_aesthetic_score
+        } else {
+            self.aesthetic_score
+        };
+        [oh, ow, y, x, score as f32]
     }
 }
 
@@ -369,6 +397,27 @@ impl StableDiffusion {
     /// vectors) for SDXL; `uncond` only with classifier-free guidance.
     fn encode_text(&self, req: &GenerateRequest, cfg: bool) -> Result<Conditioning> {
         let dev = &self.device;
+        let negative = cfg.then_some(match req.negative_prompt.as_deref() {
+            None if self.force_zeros_for_empty_prompt => None,
+            n => Some(n.unwrap_or("")),
+        });
+        if self.is_sdxl() && self.text_encoder_2.is_none() {
+            // the refiner: bigG alone
+            let d = encode_prompts_dual(
+                &[(&self.tokenizer, &self.text_encoder)],
+                &req.prompt,
+                negative,
+                req.clip_skip,
+                dev,
+            )?;
+            let (uncond, uncond_pooled) = d.uncond.unzip();
+            return Ok(Conditioning {
+                cond: d.cond,
+                uncond,
+                pooled: Some(d.pooled),
+                uncond_pooled,
+            });
+        }
         let Some((te2, tok2)) = &self.text_encoder_2 else {
             let (cond, uncond) = encode_prompts(
                 &self.tokenizer,
@@ -385,13 +434,8 @@ impl StableDiffusion {
                 uncond_pooled: None,
             });
         };
-        let negative = cfg.then_some(match req.negative_prompt.as_deref() {
-            None if self.force_zeros_for_empty_prompt => None,
-            n => Some(n.unwrap_or("")),
-        });
         let d = encode_prompts_dual(
-            (&self.tokenizer, &self.text_encoder),
-            (tok2, te2),
+            &[(&self.tokenizer, &self.text_encoder), (tok2, te2)],
             &req.prompt,
             negative,
             req.clip_skip,
@@ -422,16 +466,23 @@ impl StableDiffusion {
             )
         };
         let pooled = c.pooled.as_ref().ok_or_else(missing)?;
+        let (w, h, m) = (req.width, req.height, &req.micro);
+        let ids = |negative: bool| -> Result<Tensor> {
+            let t = if self.requires_aesthetics_score {
+                Tensor::new(&m.aesthetic_time_ids(w, h, negative), &self.device)?
+            } else {
+                Tensor::new(&m.time_ids(w, h), &self.device)?
+            };
+            Ok(t.unsqueeze(0)?.repeat((req.batch, 1))?)
+        };
         let mut rows = vec![pooled; req.batch];
+        let mut time_ids = ids(false)?;
         if c.uncond.is_some() {
             let u = c.uncond_pooled.as_ref().ok_or_else(missing)?;
             rows = [vec![u; req.batch], rows].concat();
+            time_ids = Tensor::cat(&[&ids(true)?, &time_ids], 0)?;
         }
         let text_embeds = Tensor::cat(&rows, 0)?.to_dtype(self.dtype)?;
-        let ids = req.micro.time_ids(req.width, req.height);
-        let time_ids = Tensor::new(&ids, &self.device)?
-            .unsqueeze(0)?
-            .repeat((rows.len(), 1))?;
         Ok(Some(AddedCond {
             text_embeds,
             time_ids,
@@ -446,9 +497,17 @@ impl StableDiffusion {
         hooks: &mut HookSet,
         rng: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        self.validate(req)?;
-        let dev = &self.device;
-        let cfg = req.cfg_scale > 1.0; // diffusers: do_classifier_free_guidance
+        self.denoise_refined(req, None, hooks, rng)
+    }
+
+    /// The UNet batch's text context (negative rows first) and SDXL's added conditioning,
+    /// after the `on_conditioning` hooks.
+    fn unet_conditioning(
+        &self,
+        req: &GenerateRequest,
+        cfg: bool,
+        hooks: &mut HookSet,
+    ) -> Result<(Tensor, Option<AddedCond>)> {
         let mut conditioning = self.encode_text(req, cfg)?;
         hooks.on_conditioning(&mut conditioning)?;
         finite(&conditioning.cond, || {
@@ -467,6 +526,43 @@ impl StableDiffusion {
         };
         let context = context.to_dtype(self.dtype)?;
         let added = self.added_conditioning(req, &conditioning)?;
+        Ok((context, added))
+    }
+
+    /// [`Self::denoise`] handing the steps whose timestep is below `(1 - switch) x
+    /// num_train_timesteps` to `refiner` (A1111's "Refiner ... Switch at" by timestep, which
+    /// is diffusers' `denoising_end` / `denoising_start` cut): its own UNet and text
+    /// conditioning continue the same sampler. Residual providers (ControlNets) guide the
+    /// base's steps only.
+    pub fn denoise_refined(
+        &self,
+        req: &GenerateRequest,
+        refiner: Option<(&StableDiffusion, f64)>,
+        hooks: &mut HookSet,
+        rng: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        self.validate(req)?;
+        let dev = &self.device;
+        let cfg = req.cfg_scale > 1.0; // diffusers: do_classifier_free_guidance
+        let (mut context, mut added) = self.unet_conditioning(req, cfg, hooks)?;
+        let mut unet = &self.unet;
+        let mut dtype = self.dtype;
+        let mut refine = match refiner {
+            Some((r, switch)) => {
+                if !(0.0..=1.0).contains(&switch) {
+                    return Err(Error::Invalid(format!(
+                        "refiner switch {switch}: use a fraction in 0..=1"
+                    )));
+                }
+                self.check_refiner(r)?;
+                let cutoff =
+                    ((1.0 - switch) * self.scheduler_config.num_train_timesteps as f64).round();
+                let (c, a) = r.unet_conditioning(req, cfg, hooks)?;
+                Some((r, cutoff, c, a))
+            }
+            None => None,
+        };
+        let repeat = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&vec![t; req.batch], 0)?) };
 
         let mut sampler =
             build_sampler(req.sampler, req.schedule, &self.scheduler_config, req.steps)?;
@@ -557,21 +653,30 @@ impl StableDiffusion {
                 Some(e) => Tensor::cat(&[&scaled, e], 1)?,
                 None => scaled.clone(),
             };
-            let model_input = model_input.to_dtype(self.dtype)?;
-            let scaled_in = scaled.to_dtype(self.dtype)?;
-            let residuals = hooks.residuals(
-                &step,
-                &ResidualInput {
-                    sample: &model_input,
-                    latents: &scaled_in,
-                    encoder_hidden_states: &context,
-                    added: added.as_ref(),
-                },
-            )?;
+            if refine.as_ref().is_some_and(|r| t < r.1) {
+                let (r, _, c, a) = refine.take().expect("checked");
+                tracing::debug!(step = index, timestep = t, "switching to the refiner");
+                (unet, dtype, context, added) = (&r.unet, r.dtype, c, a);
+            }
+            let refining = !std::ptr::eq(unet, &self.unet);
+            let model_input = model_input.to_dtype(dtype)?;
+            let scaled_in = scaled.to_dtype(dtype)?;
+            let residuals = if refining {
+                None
+            } else {
+                hooks.residuals(
+                    &step,
+                    &ResidualInput {
+                        sample: &model_input,
+                        latents: &scaled_in,
+                        encoder_hidden_states: &context,
+                        added: added.as_ref(),
+                    },
+                )?
+            };
             let n = model_input.dim(0)?;
             let ts = Tensor::full(t as f32, n, &self.device)?;
-            let out = self
-                .unet
+            let out = unet
                 .forward_with(
                     &model_input,
                     &ts,
@@ -604,6 +709,33 @@ impl StableDiffusion {
             })?;
         }
         Ok(latents)
+    }
+
+    /// A refiner must be an SDXL-class model with this model's latents, on the same device,
+    /// and 4-channel unless this one takes inpainting channels too.
+    fn check_refiner(&self, r: &StableDiffusion) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(format!("refiner {}: {m}", r.root.display())));
+        if !r.is_sdxl() {
+            return bad(format!("a {} model is no SDXL refiner", r.family()));
+        }
+        let (a, b) = (
+            self.vae.config().latent_channels,
+            r.vae.config().latent_channels,
+        );
+        if a != b || self.vae_scale_factor() != r.vae_scale_factor() {
+            return bad("its latents differ from the base model's".into());
+        }
+        if r.unet.config().in_channels != self.unet.config().in_channels {
+            return bad(format!(
+                "its UNet takes {} channels, the base's {}",
+                r.unet.config().in_channels,
+                self.unet.config().in_channels
+            ));
+        }
+        if !self.device.same_device(&r.device) {
+            return bad("it is on another device".into());
+        }
+        Ok(())
     }
 
     /// Denoise, decode, and run the `on_image` hooks.

@@ -150,8 +150,23 @@ impl StableDiffusion {
         };
         let unet_dir = sub("unet")?;
         let vae_dir = sub("vae")?;
-        let te_dir = sub("text_encoder")?;
-        let tok_dir = sub("tokenizer")?;
+        let flag = |k: &str| index.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+        // the SDXL refiner has only the second text encoder: it is then the one encoder
+        let only_second =
+            !root.join("text_encoder").is_dir() && root.join("text_encoder_2").is_dir();
+        let (te_dir, tok_dir, te_part) = if only_second {
+            (
+                sub("text_encoder_2")?,
+                sub("tokenizer_2")?,
+                ModelPart::TextEncoder2,
+            )
+        } else {
+            (
+                sub("text_encoder")?,
+                sub("tokenizer")?,
+                ModelPart::TextEncoder,
+            )
+        };
         let sched_dir = sub("scheduler")?;
 
         let unet_cfg = UNetConfig::from_file(&unet_dir.join("config.json"))?;
@@ -159,7 +174,7 @@ impl StableDiffusion {
         let clip_cfg = ClipConfig::from_file(&te_dir.join("config.json"))?;
         // SDXL: a second encoder (and tokenizer) whose features are concatenated after the
         // first's; its projected pooled output feeds the UNet's added embedding
-        let second = if unet_cfg.text_time.is_some() {
+        let second = if unet_cfg.text_time.is_some() && !only_second {
             let dir = sub("text_encoder_2")?;
             let cfg = ClipConfig::from_file(&dir.join("config.json"))?;
             let tok = ClipTokenizer::from_dir(&sub("tokenizer_2")?)?;
@@ -216,7 +231,7 @@ impl StableDiffusion {
         };
         let text_encoder = load_component(
             &weight_files(&te_dir)?,
-            ModelPart::TextEncoder,
+            te_part,
             patches,
             dtype,
             device,
@@ -242,10 +257,14 @@ impl StableDiffusion {
             }
             None => None,
         };
-        let force_zeros_for_empty_prompt = index
-            .get("force_zeros_for_empty_prompt")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
+        if only_second && !text_encoder.has_projection() {
+            return Err(Error::config(
+                &te_dir,
+                "an SDXL refiner's text encoder needs `text_projection.weight` (a CLIPTextModelWithProjection)",
+            ));
+        }
+        let force_zeros_for_empty_prompt = flag("force_zeros_for_empty_prompt");
+        let requires_aesthetics_score = flag("requires_aesthetics_score");
         tracing::debug!(root = %root.display(), ?dtype, "loaded a diffusers model folder");
         Ok(Self {
             root: root.to_path_buf(),
@@ -255,6 +274,7 @@ impl StableDiffusion {
             tokenizer,
             text_encoder_2,
             force_zeros_for_empty_prompt,
+            requires_aesthetics_score,
             scheduler_config,
             device: device.clone(),
             dtype,

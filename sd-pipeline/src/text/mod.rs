@@ -127,32 +127,40 @@ pub struct DualEncoded {
 /// SDXL prompt encoding (diffusers `StableDiffusionXLPipeline.encode_prompt`, with A1111's
 /// chunks and emphasis applied per encoder as its SDXL embedders do): each encoder's
 /// penultimate hidden states (moved `clip_skip - 1` further back, no final layer norm),
-/// CLIP-L first; pooled = the second encoder's projected output for the first chunk (A1111's
-/// `zs[0].pooled`). `negative`: `None` without CFG; `Some(None)` for CFG with zeros as the
-/// unconditional embeddings (no negative given and `force_zeros_for_empty_prompt`).
+/// CLIP-L first; pooled = the last encoder's projected output for the first chunk (A1111's
+/// `zs[0].pooled`). `encoders`: CLIP-L and bigG for the base, bigG alone for the refiner.
+/// `negative`: `None` without CFG; `Some(None)` for CFG with zeros as the unconditional
+/// embeddings (no negative given and `force_zeros_for_empty_prompt`).
 pub fn encode_prompts_dual(
-    first: (&ClipTokenizer, &ClipTextModel),
-    second: (&ClipTokenizer, &ClipTextModel),
+    encoders: &[(&ClipTokenizer, &ClipTextModel)],
     prompt: &str,
     negative: Option<Option<&str>>,
     clip_skip: usize,
     device: &Device,
 ) -> Result<DualEncoded> {
-    let layers = first
-        .1
-        .config()
-        .num_hidden_layers
-        .min(second.1.config().num_hidden_layers);
+    let Some(&(_, last)) = encoders.last() else {
+        return Err(Error::Invalid("no text encoder".into()));
+    };
+    let layers = encoders
+        .iter()
+        .map(|(_, m)| m.config().num_hidden_layers)
+        .min()
+        .unwrap_or(0);
     if clip_skip == 0 || clip_skip >= layers {
         return Err(Error::Invalid(format!(
             "clip_skip {clip_skip} is out of range: SDXL's text encoders take 1..={}",
             layers.saturating_sub(1)
         )));
     }
-    let chunks = |tok: &ClipTokenizer, text: &str| prompt_chunks(tok, text);
-    let mut pos = [chunks(first.0, prompt)?, chunks(second.0, prompt)?];
+    let chunks = |text: &str| -> Result<Vec<Vec<WeightedChunk>>> {
+        encoders
+            .iter()
+            .map(|(tok, _)| prompt_chunks(tok, text))
+            .collect()
+    };
+    let mut pos = chunks(prompt)?;
     let mut neg = match negative {
-        Some(Some(n)) => Some([chunks(first.0, n)?, chunks(second.0, n)?]),
+        Some(Some(n)) => Some(chunks(n)?),
         _ => None,
     };
     // one chunk count for all (A1111 pads the shorter prompt with the empty prompt's chunk)
@@ -162,30 +170,29 @@ pub fn encode_prompts_dual(
         .map(Vec::len)
         .max()
         .unwrap_or(1);
-    let empty = [
-        chunks(first.0, "")?.remove(0),
-        chunks(second.0, "")?.remove(0),
-    ];
+    let empty: Vec<WeightedChunk> = chunks("")?.into_iter().map(|mut c| c.remove(0)).collect();
     for (i, e) in empty.iter().enumerate() {
         pos[i].resize(count, e.clone());
         if let Some(n) = neg.as_mut() {
             n[i].resize(count, e.clone());
         }
     }
-    let encode = |[c1, c2]: &[Vec<WeightedChunk>; 2]| -> Result<(Tensor, Tensor)> {
-        let h1 = encode_weighted_with(c1, device, |ids| {
-            Ok(first.1.forward_penultimate(ids, clip_skip)?.0)
-        })?;
+    let encode = |lists: &[Vec<WeightedChunk>]| -> Result<(Tensor, Tensor)> {
+        let mut hidden = Vec::with_capacity(encoders.len());
         let mut pooled = None;
-        let h2 = encode_weighted_with(c2, device, |ids| {
-            let (h, p) = second.1.forward_penultimate(ids, clip_skip)?;
-            pooled = p.map(|p| p.narrow(0, 0, 1)).transpose()?;
-            Ok(h)
-        })?;
+        for (c, (_, model)) in lists.iter().zip(encoders) {
+            hidden.push(encode_weighted_with(c, device, |ids| {
+                let (h, p) = model.forward_penultimate(ids, clip_skip)?;
+                if std::ptr::eq(*model, last) {
+                    pooled = p.map(|p| p.narrow(0, 0, 1)).transpose()?;
+                }
+                Ok(h)
+            })?);
+        }
         let pooled = pooled.ok_or_else(|| {
-            Error::Invalid("SDXL's second text encoder has no text_projection".into())
+            Error::Invalid("SDXL's last text encoder has no text_projection".into())
         })?;
-        Ok((Tensor::cat(&[&h1, &h2], 2)?, pooled))
+        Ok((Tensor::cat(&hidden, 2)?, pooled))
     };
     let (cond, pooled) = encode(&pos)?;
     let uncond = match (negative, neg) {

@@ -294,6 +294,7 @@ impl Checkpoint {
             tokenizer,
             text_encoder_2: None,
             force_zeros_for_empty_prompt: false,
+            requires_aesthetics_score: false,
             scheduler_config,
             device: device.clone(),
             dtype,
