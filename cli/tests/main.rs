@@ -17,5 +17,6 @@ mod infotext;
 mod inpaint_steps;
 mod model;
 mod plugins;
+mod sdxl;
 mod serve;
 mod train;

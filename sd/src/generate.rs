@@ -176,6 +176,8 @@ pub struct Loaded {
     /// One instance of each hook plugin for this generation.
     plugins: Vec<PluginInstance>,
     pub device: Device,
+    /// The SDXL refiner, when the job names one (no LoRAs or patches: those are the base's).
+    pub refiner: Option<StableDiffusion>,
 }
 
 /// Load the job's model with its LoRAs and plugin patches.
@@ -211,7 +213,24 @@ pub fn load(job: &Job) -> Result<Loaded> {
         .collect::<Result<Vec<_>, _>>()?;
     patches.extend(plugins.iter().map(|i| i.patch()));
     let sd = StableDiffusion::load_with_vae(&model, &device, dtype, &patches, job.vae.as_deref())?;
+    let refiner = match &job.refiner {
+        Some(r) => {
+            let r = StableDiffusion::load(r, &device, dtype, &[])
+                .map_err(|e| format!("refiner: {e}"))?;
+            if !sd.is_sdxl() || !r.is_sdxl() {
+                return Err(format!(
+                    "a refiner works with SDXL models: the model is {}, the refiner {}",
+                    sd.family(),
+                    r.family()
+                )
+                .into());
+            }
+            Some(r)
+        }
+        None => None,
+    };
     Ok(Loaded {
+        refiner,
         sd,
         model,
         prompt,
@@ -418,8 +437,9 @@ pub fn run(
         Rng::TorchCpu => Box::new(TorchRng::new(seed)),
     };
     let t_sampling = Instant::now();
+    let refiner = loaded.refiner.as_ref().map(|r| (r, job.refiner_switch));
     let latents = sd
-        .denoise(&req, &mut hooks, rng.as_mut())
+        .denoise_refined(&req, refiner, &mut hooks, rng.as_mut())
         .map_err(|e| crate::non_finite::explain(e, &loaded.model, &loaded.loras, job))?;
     let sampling = t_sampling.elapsed();
 

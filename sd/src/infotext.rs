@@ -96,6 +96,14 @@ impl Run<'_> {
         if req.clip_skip > 1 {
             f.push(("Clip skip".into(), req.clip_skip.to_string()));
         }
+        if let Some(r) = &st.refiner {
+            // A1111: "Refiner: NAME [HASH], Refiner switch at: F"
+            f.push((
+                "Refiner".into(),
+                format!("{} [{}]", stem(r), hashes.short(r, 10)),
+            ));
+            f.push(("Refiner switch at".into(), st.refiner_switch.to_string()));
+        }
         if st.init_image.is_some() {
             f.push((
                 "Denoising strength".into(),
@@ -183,8 +191,12 @@ impl Run<'_> {
         m.insert("rng".into(), st.rng.name().into());
         m.insert("batch".into(), req.batch.into());
         m.insert("clip_skip".into(), req.clip_skip.into());
+        if st.refiner.is_some() {
+            m.insert("refiner_switch".into(), st.refiner_switch.into());
+        }
         for (k, v) in [
             ("vae", &st.vae),
+            ("refiner", &st.refiner),
             ("init_image", &st.init_image),
             ("mask", &st.mask),
             ("noise", &st.noise),

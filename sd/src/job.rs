@@ -75,6 +75,11 @@ pub struct Job {
     pub model: Option<PathBuf>,
     /// A VAE file replacing the model's.
     pub vae: Option<PathBuf>,
+    /// An SDXL refiner (a diffusers folder) taking over the last steps.
+    pub refiner: Option<PathBuf>,
+    /// The fraction of the schedule after which the refiner takes over (A1111's "Switch
+    /// at", by timestep; default 0.8).
+    pub refiner_switch: f64,
     /// The prompt; `<lora:NAME:WEIGHT>` tags in it are taken out and loaded from `lora_dir`.
     pub prompt: String,
     /// `None`: no negative prompt (SDXL base models then use zeros; see
@@ -126,6 +131,8 @@ impl Default for Job {
         Self {
             model: None,
             vae: None,
+            refiner: None,
+            refiner_switch: 0.8,
             prompt: String::new(),
             negative_prompt: None,
             micro: Default::default(),

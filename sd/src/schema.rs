@@ -56,6 +56,13 @@ const ANY_NUMBER: Ty = Ty::Float {
 pub const FIELDS: &[Field] = &[
     f("model", Ty::Path(PathRole::FileOrDir), Default::None),
     f("vae", Ty::Path(PathRole::File), Default::None),
+    // an SDXL refiner and A1111's "Switch at" (0.8 when absent)
+    f("refiner", Ty::Path(PathRole::FileOrDir), Default::None),
+    f(
+        "refiner_switch",
+        Ty::Float { min: 0.0, max: 1.0 },
+        Default::None,
+    ),
     f("prompt", Ty::Str, Default::Str("")),
     f("negative_prompt", Ty::Str, Default::None),
     // SDXL micro-conditioning: "WxH", "WxH", "X,Y"; absent: the generation size, 0,0

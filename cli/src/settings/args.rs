@@ -27,6 +27,14 @@ pub struct SettingsArgs {
     /// vae-ft-mse-840000-ema-pruned.safetensors, LDM or diffusers names)
     #[arg(long)]
     pub vae: Option<PathBuf>,
+    /// An SDXL refiner (diffusers folder, e.g. stable-diffusion-xl-refiner-1.0) for the last
+    /// steps
+    #[arg(long)]
+    pub refiner: Option<PathBuf>,
+    /// When the refiner takes over, as a fraction of the schedule (A1111's "Switch at")
+    /// [default: 0.8]
+    #[arg(long)]
+    pub refiner_switch: Option<f64>,
     /// The prompt; A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:WEIGHT>
     #[arg(long)]
     pub prompt: Option<String>,
@@ -162,6 +170,8 @@ impl SettingsArgs {
         };
         put("model", self.model.as_deref().map(path));
         put("vae", self.vae.as_deref().map(path));
+        put("refiner", self.refiner.as_deref().map(path));
+        put("refiner_switch", self.refiner_switch.map(Value::from));
         put("prompt", self.prompt.clone().map(Value::from));
         put(
             "negative_prompt",

@@ -375,6 +375,8 @@ pub fn check(
     let job = sd::Job {
         model: get_path(&vals, "model"),
         vae: get_path(&vals, "vae"),
+        refiner: get_path(&vals, "refiner"),
+        refiner_switch: get_float(&vals, "refiner_switch").unwrap_or(d.refiner_switch),
         prompt: get_str(&vals, "prompt").unwrap_or_default(),
         negative_prompt: get_str(&vals, "negative_prompt"),
         micro,

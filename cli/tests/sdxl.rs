@@ -1,0 +1,166 @@
+//! `sdctl generate` on the tiny SDXL fixtures: the flags reach the engine as the parity
+//! fixtures (make_sdxl_fixtures.py) expect, so the CLI's latents are diffusers' within 1e-3
+//! (micro-conditioning flags, batch, the refiner), and the PNG says what ran.
+
+use candle_core::Device;
+use sd_tests::{assert_close, expected, fixtures, get, model_dir};
+
+use crate::common::{fails, s, scratch, sdctl};
+
+fn run(name: &str, extra: &[&str]) -> (String, candle_core::Tensor) {
+    let dir = scratch("sdxl", name);
+    let (out, lat) = (dir.join("out.png"), dir.join("latents.safetensors"));
+    let noise = fixtures().join(format!("expected/{name}.safetensors"));
+    let model = model_dir("sdxl");
+    let mut args = vec![
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a red circle on a blue background",
+        "--negative-prompt",
+        "blurry, lowres",
+        "--cfg-scale",
+        "5",
+        "--noise",
+        s(&noise),
+        "--output",
+        s(&out),
+        "--save-latents",
+        s(&lat),
+    ];
+    args.extend_from_slice(extra);
+    let o = sdctl(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // a batch writes out-1.png, out-2.png...
+    let png = std::fs::read(&out).or_else(|_| std::fs::read(dir.join("out-1.png")));
+    let text = String::from_utf8_lossy(&png.unwrap()).to_string();
+    let got = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
+    (text, get(&got, "latents").clone())
+}
+
+/// Sizes are WxH and the crop X,Y (left, top); diffusers' fixture took (h, w) and (top, left).
+#[test]
+fn micro_conditioning_flags_and_batch_match_diffusers() {
+    let name = "sdxl_txt2img_micro";
+    let (_, got) = run(
+        name,
+        &[
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "4",
+            "--sampler",
+            "dpmpp_2m",
+            "--schedule",
+            "karras",
+            "--batch",
+            "2",
+            "--original-size",
+            "128x96",
+            "--target-size",
+            "56x40",
+            "--crop-top-left",
+            "16,8",
+        ],
+    );
+    assert_close(
+        name,
+        &got,
+        get(&expected(&format!("{name}.safetensors")), "latents"),
+        1e-3,
+    );
+}
+
+#[test]
+fn the_refiner_takes_over_at_the_switch_and_the_png_says_so() {
+    let name = "sdxl_refiner";
+    let refiner = model_dir("sdxl-refiner");
+    let (text, got) = run(
+        name,
+        &[
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "6",
+            "--sampler",
+            "euler",
+            "--schedule",
+            "normal",
+            "--refiner",
+            s(&refiner),
+            "--refiner-switch",
+            "0.6",
+        ],
+    );
+    assert_close(
+        name,
+        &got,
+        get(&expected(&format!("{name}.safetensors")), "latents"),
+        1e-3,
+    );
+    assert!(text.contains("Refiner: sdxl-refiner ["), "{text}");
+    assert!(text.contains("Refiner switch at: 0.6"), "{text}");
+}
+
+#[test]
+fn a_refiner_needs_sdxl_and_a_fraction() {
+    let dir = scratch("sdxl", "bad-refiner");
+    let out = dir.join("out.png");
+    let (sd1, sdxl, refiner) = (
+        model_dir("sd1"),
+        model_dir("sdxl"),
+        model_dir("sdxl-refiner"),
+    );
+    let e = fails(
+        &[
+            "generate",
+            "--model",
+            s(&sd1),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--refiner",
+            s(&refiner),
+            "--output",
+            s(&out),
+        ],
+        &out,
+    );
+    assert!(
+        e.contains("a refiner works with SDXL models: the model is SD 1.x/2.x"),
+        "{e}"
+    );
+    let e = fails(
+        &[
+            "generate",
+            "--model",
+            s(&sdxl),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--refiner",
+            s(&refiner),
+            "--refiner-switch",
+            "1.5",
+            "--output",
+            s(&out),
+        ],
+        &out,
+    );
+    assert!(e.contains("refiner_switch") && e.contains("1.5"), "{e}");
+}
