@@ -164,3 +164,29 @@ fn a_refiner_needs_sdxl_and_a_fraction() {
     );
     assert!(e.contains("refiner_switch") && e.contains("1.5"), "{e}");
 }
+
+#[test]
+fn model_inspect_names_the_sdxl_family() {
+    use crate::common::ok;
+    for (p, want) in [
+        (
+            model_dir("sdxl"),
+            "family: SDXL (CLIP-L text_encoder, OpenCLIP bigG text_encoder_2)",
+        ),
+        (model_dir("sdxl-refiner"), "family: SDXL refiner"),
+        (
+            fixtures().join("models/single/sdxl.safetensors"),
+            "family: SDXL (CLIP-L conditioner.embedders.0.transformer.*",
+        ),
+    ] {
+        let out = ok(&sdctl(&["model", "inspect", s(&p)]));
+        assert!(out.contains(want), "{out}");
+        assert!(!out.contains("not understood: 1"), "{out}");
+    }
+    let out = ok(&sdctl(&[
+        "lora",
+        "inspect",
+        s(&fixtures().join("loras-sdxl/sdxl_kohya.safetensors")),
+    ]));
+    assert!(out.contains("family: SDXL"), "{out}");
+}

@@ -81,8 +81,14 @@ impl Targets {
                             .to_string();
                         t.add_te(&bare, shape, ModelPart::TextEncoder)
                     }
-                    // SDXL LoRAs are not mapped yet (issue 21)
-                    ModelPart::Vae | ModelPart::TextEncoder2 => {}
+                    ModelPart::TextEncoder2 => {
+                        let bare = name
+                            .strip_prefix("text_model.")
+                            .unwrap_or(&name)
+                            .to_string();
+                        t.add_te(&bare, shape, ModelPart::TextEncoder2)
+                    }
+                    ModelPart::Vae => {}
                 }
             }
             return Ok(t);

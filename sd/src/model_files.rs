@@ -101,20 +101,22 @@ fn describe_folder(path: &Path, out: &mut String) -> Result<()> {
         Ok(serde_json::from_str(&t).map_err(|e| format!("{}: {e}", f.display()))?)
     };
     let unet = read("unet/config.json")?;
-    let te = read("text_encoder/config.json")?;
     let sched = read("scheduler/scheduler_config.json")?;
     let _ = writeln!(out, "path: {}", path.display());
     let _ = writeln!(out, "format: diffusers folder");
-    let sd2 = te["hidden_act"].as_str() == Some("gelu");
-    let _ = writeln!(
-        out,
-        "family: {}",
-        if sd2 {
-            "SD 2.x (OpenCLIP text encoder)"
+    let has = |d: &str| path.join(d).is_dir();
+    let family = if unet["addition_embed_type"].as_str() == Some("text_time") {
+        if has("text_encoder") {
+            "SDXL (CLIP-L text_encoder, OpenCLIP bigG text_encoder_2)"
         } else {
-            "SD 1.x (CLIP text encoder)"
+            "SDXL refiner (OpenCLIP bigG text_encoder_2)"
         }
-    );
+    } else if read("text_encoder/config.json")?["hidden_act"].as_str() == Some("gelu") {
+        "SD 2.x (OpenCLIP text encoder)"
+    } else {
+        "SD 1.x (CLIP text encoder)"
+    };
+    let _ = writeln!(out, "family: {family}");
     let _ = writeln!(
         out,
         "prediction: {}",
@@ -131,7 +133,10 @@ fn describe_folder(path: &Path, out: &mut String) -> Result<()> {
         }
     );
     let mut all = Vec::new();
-    for part in ["unet", "vae", "text_encoder"] {
+    for part in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        if !has(part) {
+            continue;
+        }
         let mut n = 0;
         for f in sd_pipeline::loading::files::weight_files(&path.join(part))? {
             let store = Store::open(&f)?;
@@ -185,6 +190,9 @@ fn describe_file(path: &Path, out: &mut String) -> Result<()> {
         match d.family {
             single_file::Family::Sd1 => "CLIP text encoder: cond_stage_model.transformer.*",
             single_file::Family::Sd2 => "OpenCLIP text encoder: cond_stage_model.model.*",
+            single_file::Family::Sdxl =>
+                "CLIP-L conditioner.embedders.0.transformer.*, OpenCLIP bigG conditioner.embedders.1.model.*",
+            single_file::Family::SdxlRefiner => "OpenCLIP bigG conditioner.embedders.0.model.*",
         }
     );
     let _ = writeln!(

@@ -228,3 +228,49 @@ fn sdxl_refiner_switch_matches_diffusers() {
         .to_string();
     assert!(e.contains("no SDXL refiner"), "{e}");
 }
+
+/// The tiny SDXL as an A1111/ComfyUI single file (diffusers' own conversion script, sgm's
+/// yaml beside it) loads as SDXL and gives the folder's latents and images bit for bit (every
+/// weight is fp16-exact), and `model convert` to a folder gives them too; a LoRA binds to it.
+#[test]
+fn an_sdxl_single_file_equals_its_folder() {
+    let exp = expected("sdxl_txt2img_euler.safetensors");
+    let case = cases()
+        .into_iter()
+        .find(|c| c["name"] == "sdxl_txt2img_euler")
+        .unwrap();
+    let req = case_request(&case, &exp);
+    let run = |sd: &StableDiffusion| {
+        let out = sd
+            .generate(&req, &mut HookSet::new(), &mut sd_tests::Replay::new(None))
+            .unwrap();
+        (out.latents, out.images)
+    };
+    let load =
+        |p: &std::path::Path| StableDiffusion::load(p, &Device::Cpu, DType::F32, &[]).unwrap();
+    let file = fixtures().join("models/single/sdxl.safetensors");
+    let single = load(&file);
+    assert!(single.is_sdxl() && single.force_zeros_for_empty_prompt);
+    let (la, ia) = run(&load(&model_dir("sdxl")));
+    let (lb, ib) = run(&single);
+    assert_eq!(max_abs_diff(&la, &lb), 0.0, "latents");
+    assert_eq!(max_abs_diff(&ia, &ib), 0.0, "images");
+    assert_close("single file", &lb, get(&exp, "latents"), 1e-3);
+    // single file -> diffusers folder
+    let dir = std::env::temp_dir().join(format!("sdxl-convert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    sd_pipeline::loading::single_file::convert::to_diffusers(&file, &dir, false).unwrap();
+    let (lc, ic) = run(&load(&dir));
+    assert_eq!(max_abs_diff(&la, &lc), 0.0, "converted latents");
+    assert_eq!(max_abs_diff(&ia, &ic), 0.0, "converted images");
+    let _ = std::fs::remove_dir_all(&dir);
+    // a kohya SDXL LoRA binds to every module of the single file too
+    let targets = sd_lora::Targets::from_model(&file).unwrap();
+    let spec = sd_lora::LoraSpec {
+        path: fixtures().join("loras-sdxl/sdxl_kohya.safetensors"),
+        unet_weight: 1.0,
+        te_weight: 1.0,
+    };
+    let (_, report) = sd_lora::load_lora(&spec, &targets).unwrap();
+    assert!(report.unmatched.is_empty(), "{}", report.summary());
+}

@@ -59,7 +59,7 @@ fn check_new(out: &Path) -> Result<()> {
 fn check_shapes(
     unet: (&UNetConfig, &HashMap<String, Tensor>),
     vae: (&VaeConfig, &HashMap<String, Tensor>),
-    clip: (&ClipConfig, &HashMap<String, Tensor>),
+    clips: &[(&ClipConfig, &HashMap<String, Tensor>)],
     src: &Path,
 ) -> Result<()> {
     fn vb(m: &HashMap<String, Tensor>) -> candle_nn::VarBuilder<'static> {
@@ -80,7 +80,9 @@ fn check_shapes(
     };
     UNet2DConditionModel::new(unet.0, vb(unet.1)).map_err(wrap("UNet"))?;
     AutoencoderKL::new(vae.0, vb(vae.1)).map_err(wrap("VAE"))?;
-    ClipTextModel::new(clip.0, vb(clip.1)).map_err(wrap("text encoder"))?;
+    for clip in clips {
+        ClipTextModel::new(clip.0, vb(clip.1)).map_err(wrap("text encoder"))?;
+    }
     Ok(())
 }
 
@@ -91,7 +93,20 @@ pub fn to_diffusers(src: &Path, out: &Path, half: bool) -> Result<()> {
     check_new(out)?;
     let stage = StagedDir::new(out)?;
     let tmp = stage.path();
-    for d in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+    let d = &ck.detected;
+    // (text encoder folder, tokenizer folder) of each encoder: the refiner's bigG alone is
+    // `text_encoder_2/`, as in its diffusers repository
+    let text_dirs: Vec<(&str, &str)> = d
+        .text_encoders
+        .iter()
+        .map(|t| match t.part {
+            ModelPart::TextEncoder2 => ("text_encoder_2", "tokenizer_2"),
+            _ => ("text_encoder", "tokenizer"),
+        })
+        .collect();
+    let mut dirs = vec!["unet", "vae", "scheduler"];
+    dirs.extend(text_dirs.iter().flat_map(|(a, b)| [*a, *b]));
+    for d in &dirs {
         std::fs::create_dir_all(tmp.join(d)).map_err(io(tmp))?;
     }
     let mut parts: HashMap<&str, HashMap<String, Tensor>> = HashMap::new();
@@ -107,54 +122,83 @@ pub fn to_diffusers(src: &Path, out: &Path, half: bool) -> Result<()> {
     }
     let empty = HashMap::new();
     let part = |d: &str| parts.get(d).unwrap_or(&empty);
+    let text_cfgs = (0..d.text_encoders.len())
+        .map(|i| ck.text_config(i))
+        .collect::<Result<Vec<_>>>()?;
+    let clips: Vec<_> = text_cfgs
+        .iter()
+        .zip(&text_dirs)
+        .map(|(c, (dir, _))| (c, part(dir)))
+        .collect();
     check_shapes(
         (&ck.unet_config()?, part("unet")),
         (&ck.vae_config()?, part("vae")),
-        (&ck.clip_config()?, part("text_encoder")),
+        &clips,
         src,
     )?;
-    for (dir, file) in [
+    let mut files = vec![
         ("unet", "diffusion_pytorch_model.safetensors"),
         ("vae", "diffusion_pytorch_model.safetensors"),
-        ("text_encoder", "model.safetensors"),
-    ] {
+    ];
+    files.extend(text_dirs.iter().map(|(dir, _)| (*dir, "model.safetensors")));
+    for (dir, file) in files {
         save(
             &parts.remove(dir).unwrap_or_default(),
             &tmp.join(dir).join(file),
         )?;
     }
-    let d = &ck.detected;
     write_json(&tmp.join("unet/config.json"), &d.unet)?;
     write_json(&tmp.join("vae/config.json"), &d.vae)?;
-    let mut te = d.text_encoder.clone();
-    te["architectures"] = json!(["CLIPTextModel"]);
-    te["model_type"] = json!("clip_text_model");
-    write_json(&tmp.join("text_encoder/config.json"), &te)?;
     write_json(&tmp.join("scheduler/scheduler_config.json"), &d.scheduler)?;
-    std::fs::write(tmp.join("tokenizer/vocab.json"), EMBEDDED_VOCAB).map_err(io(tmp))?;
-    std::fs::write(tmp.join("tokenizer/merges.txt"), EMBEDDED_MERGES).map_err(io(tmp))?;
-    write_json(
-        &tmp.join("tokenizer/tokenizer_config.json"),
-        &json!({
-            "tokenizer_class": "CLIPTokenizer",
-            "bos_token": "<|startoftext|>",
-            "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>",
-            "pad_token": d.pad_token,
-            "model_max_length": 77,
-        }),
-    )?;
-    write_json(
-        &tmp.join("model_index.json"),
-        &json!({
-            "_class_name": "StableDiffusionPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDIMScheduler"],
-        }),
-    )?;
+    let mut index = json!({
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", d.scheduler["_class_name"].as_str().unwrap_or("DDIMScheduler")],
+    });
+    for (te, (te_dir, tok_dir)) in d.text_encoders.iter().zip(&text_dirs) {
+        let projected = te.config.get("projection_dim").is_some();
+        let class = if projected {
+            "CLIPTextModelWithProjection"
+        } else {
+            "CLIPTextModel"
+        };
+        let mut cfg = te.config.clone();
+        cfg["architectures"] = json!([class]);
+        cfg["model_type"] = json!("clip_text_model");
+        write_json(&tmp.join(te_dir).join("config.json"), &cfg)?;
+        let tok = tmp.join(tok_dir);
+        std::fs::write(tok.join("vocab.json"), EMBEDDED_VOCAB).map_err(io(&tok))?;
+        std::fs::write(tok.join("merges.txt"), EMBEDDED_MERGES).map_err(io(&tok))?;
+        write_json(
+            &tok.join("tokenizer_config.json"),
+            &json!({
+                "tokenizer_class": "CLIPTokenizer",
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": te.pad_token,
+                "model_max_length": 77,
+            }),
+        )?;
+        index[*te_dir] = json!(["transformers", class]);
+        index[*tok_dir] = json!(["transformers", "CLIPTokenizer"]);
+    }
+    match d.family {
+        super::Family::Sdxl => {
+            index["_class_name"] = json!("StableDiffusionXLPipeline");
+            index["force_zeros_for_empty_prompt"] = json!(d.force_zeros_for_empty_prompt);
+        }
+        super::Family::SdxlRefiner => {
+            index["_class_name"] = json!("StableDiffusionXLImg2ImgPipeline");
+            index["requires_aesthetics_score"] = json!(d.requires_aesthetics_score);
+            index["force_zeros_for_empty_prompt"] = json!(false);
+            index["text_encoder"] = json!([null, null]);
+            index["tokenizer"] = json!([null, null]);
+        }
+        _ => {}
+    }
+    write_json(&tmp.join("model_index.json"), &index)?;
     stage.commit()?;
     Ok(())
 }
@@ -271,6 +315,12 @@ model:
 /// (`out` with the `.yaml` extension).
 pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
     let unet_cfg = UNetConfig::from_file(&folder.join("unet/config.json"))?;
+    if unet_cfg.text_time.is_some() {
+        return Err(Error::config(
+            folder,
+            "converting an SDXL folder to a single file is not supported yet (single SDXL files load and convert to folders)",
+        ));
+    }
     let vae_cfg = VaeConfig::from_file(&folder.join("vae/config.json"))?;
     let te_raw: serde_json::Value = read_json(&folder.join("text_encoder/config.json"))?;
     let sched: serde_json::Value = read_json(&folder.join("scheduler/scheduler_config.json"))?;
@@ -286,7 +336,7 @@ pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
     check_shapes(
         (&unet_cfg, &unet_t),
         (&vae_cfg, &vae_t),
-        (&clip_cfg, &te_t),
+        &[(&clip_cfg, &te_t)],
         folder,
     )?;
     let mut state: HashMap<String, Tensor> = HashMap::new();
@@ -314,9 +364,9 @@ pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
             continue;
         }
         let s = if openclip {
-            names::openclip(&name)
+            names::openclip(&name, names::OPENCLIP)
         } else {
-            names::clip(&name, true)
+            names::clip(&name, names::CLIP, true)
         }
         .ok_or_else(|| missing("text_encoder", &name))?;
         match s.transform {

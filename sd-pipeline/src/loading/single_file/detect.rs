@@ -2,10 +2,11 @@
 //! original LDM config A1111 keeps next to a checkpoint, which overrides detection): the
 //! family, inpainting, prediction type, and diffusers-style configs for every component.
 
+use sd_plugins_api::ModelPart;
 use sd_weights::Shapes;
 use serde_json::{json, Value};
 
-use super::names::{CLIP, OPENCLIP, UNET, VAE};
+use super::names::{CLIP, OPENCLIP, SDXL_BIGG, SDXL_CLIP, SDXL_REFINER_BIGG, UNET, VAE};
 
 /// What kind of file this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,11 @@ pub enum Family {
     Sd1,
     /// OpenCLIP under `cond_stage_model.model.` (SD 2.x).
     Sd2,
+    /// sgm's conditioner: CLIP-L under `conditioner.embedders.0.transformer.`, OpenCLIP bigG
+    /// under `conditioner.embedders.1.model.` (SDXL base and its fine-tunes).
+    Sdxl,
+    /// bigG alone under `conditioner.embedders.0.model.` (the SDXL refiner).
+    SdxlRefiner,
 }
 
 impl Family {
@@ -69,6 +75,39 @@ impl Family {
         match self {
             Family::Sd1 => "SD 1.x",
             Family::Sd2 => "SD 2.x",
+            Family::Sdxl => "SDXL",
+            Family::SdxlRefiner => "SDXL refiner",
+        }
+    }
+}
+
+/// Where a text encoder's weights are in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextLayout {
+    /// transformers' CLIP names under `prefix`, with or without the `text_model.` level.
+    Clip {
+        prefix: &'static str,
+        text_model: bool,
+    },
+    /// OpenCLIP names under `prefix` (fused `in_proj`); resblocks from `layers` on are unused.
+    OpenClip { prefix: &'static str, layers: usize },
+}
+
+/// One text encoder of a checkpoint: the model part it loads as, where it is, its
+/// transformers config and its tokenizer's pad token.
+#[derive(Debug, Clone)]
+pub struct TextEncoderFile {
+    pub part: sd_plugins_api::ModelPart,
+    pub layout: TextLayout,
+    pub config: Value,
+    pub pad_token: &'static str,
+}
+
+impl TextEncoderFile {
+    /// The key prefix of its weights in the file.
+    pub fn prefix(&self) -> &'static str {
+        match self.layout {
+            TextLayout::Clip { prefix, .. } | TextLayout::OpenClip { prefix, .. } => prefix,
         }
     }
 }
@@ -90,6 +129,9 @@ pub struct Sidecar {
     pub openclip: Option<bool>,
     /// OpenCLIP `layer`: "penultimate" (SD2) or "last".
     pub penultimate: Option<bool>,
+    /// sgm's `conditioner_config` text embedders' `heads` (an sdctl extension for tiny
+    /// models), in order.
+    pub embedder_heads: Vec<Option<usize>>,
 }
 
 /// Read a sidecar yaml; errors name the file.
@@ -105,7 +147,21 @@ pub fn read_sidecar(path: &std::path::Path) -> Result<Sidecar, String> {
     }
     let f = |v: &serde_yaml::Value| v.as_f64();
     let u = |v: &serde_yaml::Value| v.as_u64().map(|x| x as usize);
-    let unet = &p["unet_config"]["params"];
+    // LDM's unet_config, or sgm's network_config (SDXL)
+    let unet = if p["unet_config"].is_null() {
+        &p["network_config"]["params"]
+    } else {
+        &p["unet_config"]["params"]
+    };
+    let embedders = p["conditioner_config"]["params"]["emb_models"]
+        .as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter(|m| m["target"].as_str().is_some_and(|t| t.contains("CLIP")))
+                .map(|m| u(&m["params"]["heads"]))
+                .collect()
+        })
+        .unwrap_or_default();
     let dd = &p["first_stage_config"]["params"]["ddconfig"];
     let cond = &p["cond_stage_config"];
     let target = cond["target"].as_str().unwrap_or("");
@@ -122,6 +178,7 @@ pub fn read_sidecar(path: &std::path::Path) -> Result<Sidecar, String> {
         text_heads: u(&cond["params"]["heads"]),
         openclip: (!target.is_empty()).then(|| target.contains("OpenCLIP")),
         penultimate: cond["params"]["layer"].as_str().map(|l| l == "penultimate"),
+        embedder_heads: embedders,
     })
 }
 
@@ -134,12 +191,85 @@ pub struct Detected {
     /// diffusers-style `config.json` contents.
     pub unet: Value,
     pub vae: Value,
-    pub text_encoder: Value,
     pub scheduler: Value,
-    /// SD1 files keep transformers' `text_model.` level (most do).
-    pub clip_text_model: bool,
-    /// The pad token of the family's tokenizer.
-    pub pad_token: &'static str,
+    /// The text encoders, the first loading as `text_encoder` (SDXL: CLIP-L, then bigG).
+    pub text_encoders: Vec<TextEncoderFile>,
+    /// `model_index.json` flags diffusers gives the family's pipeline (SDXL base:
+    /// `force_zeros_for_empty_prompt`; the refiner: `requires_aesthetics_score`).
+    pub force_zeros_for_empty_prompt: bool,
+    pub requires_aesthetics_score: bool,
+}
+
+/// The SDXL base scheduler config (stabilityai/stable-diffusion-xl-base-1.0), which diffusers'
+/// `from_single_file` takes for SDXL files.
+fn sdxl_scheduler() -> Value {
+    json!({
+        "_class_name": "EulerDiscreteScheduler",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": false,
+        "interpolation_type": "linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": false,
+        "skip_prk_steps": true,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "use_karras_sigmas": false,
+    })
+}
+
+/// An OpenCLIP tower's transformers config; `layers` of its resblocks are used.
+fn openclip_config(
+    s: &Shapes,
+    prefix: &str,
+    layers: usize,
+    heads: Option<usize>,
+) -> Result<Value, String> {
+    let tok = shape(s, &format!("{prefix}token_embedding.weight"))?;
+    let hidden = tok[1];
+    let mut v = json!({
+        "vocab_size": tok[0],
+        "hidden_size": hidden,
+        "intermediate_size": shape(s, &format!("{prefix}transformer.resblocks.0.mlp.c_fc.weight"))?[0],
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads.unwrap_or(hidden / 64),
+        "max_position_embeddings": shape(s, &format!("{prefix}positional_embedding"))?[0],
+        "hidden_act": "gelu",
+    });
+    // stored as x @ P: [hidden, projection]
+    if let Some(p) = s.get(&format!("{prefix}text_projection")) {
+        v["projection_dim"] = json!(p.get(1).copied().unwrap_or(hidden));
+    }
+    Ok(v)
+}
+
+/// A CLIP (transformers names) tower's config and whether it keeps the `text_model.` level.
+fn clip_config(s: &Shapes, prefix: &str, heads: Option<usize>) -> Result<(Value, bool), String> {
+    let tm = s
+        .keys()
+        .any(|k| k.starts_with(&format!("{prefix}text_model.")));
+    let p = if tm {
+        format!("{prefix}text_model.")
+    } else {
+        prefix.to_string()
+    };
+    let tok = shape(s, &format!("{p}embeddings.token_embedding.weight"))?;
+    let hidden = tok[1];
+    Ok((
+        json!({
+            "vocab_size": tok[0],
+            "hidden_size": hidden,
+            "intermediate_size": shape(s, &format!("{p}encoder.layers.0.mlp.fc1.weight"))?[0],
+            "num_hidden_layers": count(s, &format!("{p}encoder.layers.")),
+            "num_attention_heads": heads.unwrap_or(hidden / 64),
+            "max_position_embeddings": shape(s, &format!("{p}embeddings.position_embedding.weight"))?[0],
+            "hidden_act": "quick_gelu",
+        }),
+        tm,
+    ))
 }
 
 fn shape<'a>(s: &'a Shapes, k: &str) -> Result<&'a Vec<usize>, String> {
@@ -189,25 +319,42 @@ pub fn detect(s: &Shapes, side: &Sidecar) -> Result<Detected, String> {
         .map(|(_, v)| v.len())
         .unwrap_or(4);
     let linear = proj_in == 2;
-    let openclip = side
+    let has = |p: &str| s.keys().any(|k| k.starts_with(p));
+    let family = if has(SDXL_BIGG) {
+        Family::Sdxl
+    } else if has(SDXL_REFINER_BIGG) {
+        Family::SdxlRefiner
+    } else if side
         .openclip
-        .unwrap_or_else(|| s.keys().any(|k| k.starts_with(OPENCLIP)));
-    let family = if openclip { Family::Sd2 } else { Family::Sd1 };
+        .unwrap_or_else(|| s.keys().any(|k| k.starts_with(OPENCLIP)))
+    {
+        Family::Sd2
+    } else {
+        Family::Sd1
+    };
+    let xl = matches!(family, Family::Sdxl | Family::SdxlRefiner);
     let chans: Vec<usize> = levels.iter().map(|l| l.0).collect();
     let heads: Vec<usize> = match (side.unet_num_heads, side.unet_head_channels) {
         (Some(h), _) if h > 0 => vec![h as usize; chans.len()],
-        (_, Some(c)) if c > 0 => chans.iter().map(|ch| ch / c as usize).collect(),
-        // SD1: 8 heads; SD2: 64 channels per head
-        _ if family == Family::Sd2 => chans.iter().map(|c| (c / 64).max(1)).collect(),
+        (_, Some(c)) if c > 0 => chans.iter().map(|ch| (ch / c as usize).max(1)).collect(),
+        // SD1: 8 heads; SD2 and SDXL: 64 channels per head
+        _ if family != Family::Sd1 => chans.iter().map(|c| (c / 64).max(1)).collect(),
         _ => vec![8; chans.len()],
     };
-    let depth = (0..)
-        .take_while(|i| {
-            s.keys()
-                .any(|k| k.starts_with(UNET) && k.contains(&format!(".1.transformer_blocks.{i}.")))
-        })
-        .count()
-        .max(1);
+    // transformer blocks per level (SDXL: 1, 2, 10), counted at each level's first block
+    let mut depth = Vec::with_capacity(levels.len());
+    let mut block = 1;
+    for _ in &levels {
+        let n = (0..)
+            .take_while(|i| {
+                s.contains_key(&format!(
+                    "{UNET}input_blocks.{block}.1.transformer_blocks.{i}.norm1.weight"
+                ))
+            })
+            .count();
+        depth.push(n.max(1));
+        block += per_level + 1;
+    }
     let down: Vec<&str> = levels
         .iter()
         .map(|l| {
@@ -245,6 +392,27 @@ pub fn detect(s: &Shapes, side: &Sidecar) -> Result<Detected, String> {
         "norm_num_groups": side.unet_norm_groups.unwrap_or(32),
         "upcast_attention": family == Family::Sd2,
     });
+    // SDXL's added embedding (sgm's `label_emb`): pooled text + sinusoidal time ids
+    if let Some(l) = s.get(&format!("{UNET}label_emb.0.0.weight")) {
+        let (n_ids, bigg) = if family == Family::SdxlRefiner {
+            (5, SDXL_REFINER_BIGG)
+        } else {
+            (6, SDXL_BIGG)
+        };
+        let pooled = s
+            .get(&format!("{bigg}text_projection"))
+            .and_then(|p| p.get(1).copied())
+            .ok_or("label_emb without a bigG text_projection to size it")?;
+        let input = l[1];
+        if input <= pooled || !(input - pooled).is_multiple_of(n_ids) {
+            return Err(format!(
+                "label_emb takes {input} inputs, which is no {pooled}-wide pooled vector plus {n_ids} time embeddings"
+            ));
+        }
+        unet["addition_embed_type"] = json!("text_time");
+        unet["addition_time_embed_dim"] = json!((input - pooled) / n_ids);
+        unet["projection_class_embeddings_input_dim"] = json!(input);
+    }
 
     // --- VAE
     let vae_levels = count(s, &format!("{VAE}encoder.down."));
@@ -276,63 +444,86 @@ pub fn detect(s: &Shapes, side: &Sidecar) -> Result<Detected, String> {
         "layers_per_block": vlayers,
         "latent_channels": latent,
         "norm_num_groups": side.vae_norm_groups.unwrap_or(32),
-        "scaling_factor": side.scale_factor.unwrap_or(0.18215),
+        "scaling_factor": side.scale_factor.unwrap_or(if xl { 0.13025 } else { 0.18215 }),
     });
 
-    // --- text encoder
-    let (te, clip_text_model, pad) = if openclip {
-        let tok = shape(s, &format!("{OPENCLIP}token_embedding.weight"))?;
-        let blocks = count(s, &format!("{OPENCLIP}transformer.resblocks."));
-        // LDM's FrozenOpenCLIPEmbedder(layer="penultimate") stops one resblock early, then
-        // applies ln_final: diffusers' SD2 text encoder has one layer fewer than the tower
-        let layers = if side.penultimate.unwrap_or(true) {
-            blocks - 1
-        } else {
-            blocks
-        };
-        let hidden = tok[1];
-        (
-            json!({
-                "vocab_size": tok[0],
-                "hidden_size": hidden,
-                "intermediate_size": shape(s, &format!("{OPENCLIP}transformer.resblocks.0.mlp.c_fc.weight"))?[0],
-                "num_hidden_layers": layers,
-                "num_attention_heads": side.text_heads.unwrap_or(hidden / 64),
-                "max_position_embeddings": shape(s, &format!("{OPENCLIP}positional_embedding"))?[0],
-                "hidden_act": "gelu",
-            }),
-            false,
-            "!",
-        )
-    } else {
-        let tm = s
-            .keys()
-            .any(|k| k.starts_with(&format!("{CLIP}text_model.")));
-        let p = if tm {
-            format!("{CLIP}text_model.")
-        } else {
-            CLIP.to_string()
-        };
-        let tok = shape(s, &format!("{p}embeddings.token_embedding.weight"))?;
-        let hidden = tok[1];
-        (
-            json!({
-                "vocab_size": tok[0],
-                "hidden_size": hidden,
-                "intermediate_size": shape(s, &format!("{p}encoder.layers.0.mlp.fc1.weight"))?[0],
-                "num_hidden_layers": count(s, &format!("{p}encoder.layers.")),
-                "num_attention_heads": side.text_heads.unwrap_or(hidden / 64),
-                "max_position_embeddings": shape(s, &format!("{p}embeddings.position_embedding.weight"))?[0],
-                "hidden_act": "quick_gelu",
-            }),
-            tm,
-            "<|endoftext|>",
-        )
+    // --- text encoders
+    let heads = |i: usize| {
+        side.embedder_heads
+            .get(i)
+            .copied()
+            .flatten()
+            .or(side.text_heads)
     };
+    let mut text_encoders = Vec::new();
+    match family {
+        Family::Sd1 => {
+            let (config, tm) = clip_config(s, CLIP, heads(0))?;
+            text_encoders.push(TextEncoderFile {
+                part: ModelPart::TextEncoder,
+                layout: TextLayout::Clip {
+                    prefix: CLIP,
+                    text_model: tm,
+                },
+                config,
+                pad_token: "<|endoftext|>",
+            });
+        }
+        Family::Sd2 => {
+            let blocks = count(s, &format!("{OPENCLIP}transformer.resblocks."));
+            // LDM's FrozenOpenCLIPEmbedder(layer="penultimate") stops one resblock early, then
+            // applies ln_final: diffusers' SD2 text encoder has one layer fewer than the tower
+            let layers = if side.penultimate.unwrap_or(true) {
+                blocks - 1
+            } else {
+                blocks
+            };
+            let mut config = openclip_config(s, OPENCLIP, layers, heads(0))?;
+            config.as_object_mut().map(|o| o.remove("projection_dim"));
+            text_encoders.push(TextEncoderFile {
+                part: ModelPart::TextEncoder,
+                layout: TextLayout::OpenClip {
+                    prefix: OPENCLIP,
+                    layers,
+                },
+                config,
+                pad_token: "!",
+            });
+        }
+        Family::Sdxl | Family::SdxlRefiner => {
+            let bigg = if family == Family::Sdxl {
+                let (config, tm) = clip_config(s, SDXL_CLIP, heads(0))?;
+                text_encoders.push(TextEncoderFile {
+                    part: ModelPart::TextEncoder,
+                    layout: TextLayout::Clip {
+                        prefix: SDXL_CLIP,
+                        text_model: tm,
+                    },
+                    config,
+                    pad_token: "<|endoftext|>",
+                });
+                SDXL_BIGG
+            } else {
+                SDXL_REFINER_BIGG
+            };
+            // SDXL uses bigG's hidden states by index: every resblock is loaded
+            let layers = count(s, &format!("{bigg}transformer.resblocks."));
+            let i = text_encoders.len();
+            text_encoders.push(TextEncoderFile {
+                part: ModelPart::TextEncoder2,
+                layout: TextLayout::OpenClip {
+                    prefix: bigg,
+                    layers,
+                },
+                config: openclip_config(s, bigg, layers, heads(i))?,
+                pad_token: "!",
+            });
+        }
+    }
 
     // --- scheduler: LDM's training schedule; v-prediction for SD2 unless the yaml says
     let v = side.parameterization_v.unwrap_or(family == Family::Sd2);
-    let scheduler = json!({
+    let ldm_scheduler = json!({
         "_class_name": "DDIMScheduler",
         "beta_start": side.linear_start.unwrap_or(0.00085),
         "beta_end": side.linear_end.unwrap_or(0.012),
@@ -343,10 +534,13 @@ pub fn detect(s: &Shapes, side: &Sidecar) -> Result<Detected, String> {
         "set_alpha_to_one": false,
         "clip_sample": false,
     });
+    let scheduler = if xl { sdxl_scheduler() } else { ldm_scheduler };
     let inpaint = in_channels == 2 * latent + 1;
     // diffusers' from_single_file: DIFFUSERS_TO_LDM_DEFAULT_IMAGE_SIZE_MAP (v2 768, others
     // 512), except that a yaml declaring epsilon prediction (2.x 512-base) keeps 512
-    let image_size = if family == Family::Sd2 && v && !inpaint {
+    let image_size = if xl {
+        1024
+    } else if family == Family::Sd2 && v && !inpaint {
         768
     } else {
         512
@@ -358,10 +552,10 @@ pub fn detect(s: &Shapes, side: &Sidecar) -> Result<Detected, String> {
         v_prediction: v,
         unet,
         vae,
-        text_encoder: te,
         scheduler,
-        clip_text_model,
-        pad_token: pad,
+        text_encoders,
+        force_zeros_for_empty_prompt: family == Family::Sdxl,
+        requires_aesthetics_score: family == Family::SdxlRefiner,
     })
 }
 

@@ -28,7 +28,7 @@ use crate::samplers::SchedulerConfig;
 use crate::stable_diffusion::StableDiffusion;
 use crate::text::tokenizer::ClipTokenizer;
 
-pub use detect::{Detected, Family, Kind, Sidecar};
+pub use detect::{Detected, Family, Kind, Sidecar, TextEncoderFile, TextLayout};
 use names::{Source, Transform};
 
 type NameMap = Box<dyn Fn(&str) -> Option<Source> + Send + Sync>;
@@ -77,6 +77,7 @@ impl Mapped {
                 let n = t.dim(0)? / 3;
                 t.narrow(0, k * n, n)?.contiguous()
             }
+            Transform::Transpose => t.t()?.contiguous(),
         }
     }
 }
@@ -202,8 +203,25 @@ impl Checkpoint {
         VaeConfig::from_raw(&raw, &self.path)
     }
 
+    /// The first text encoder's config (SDXL: CLIP-L; the refiner: bigG).
     pub fn clip_config(&self) -> Result<ClipConfig> {
-        ClipConfig::from_value(&self.detected.text_encoder, &self.path)
+        self.text_config(0)
+    }
+
+    /// The config of text encoder `i` of [`Detected::text_encoders`].
+    pub fn text_config(&self, i: usize) -> Result<ClipConfig> {
+        let te = self.detected.text_encoders.get(i).ok_or_else(|| {
+            Error::config(
+                &self.path,
+                format!("this checkpoint has no text encoder {}", i + 1),
+            )
+        })?;
+        ClipConfig::from_value(&te.config, &self.path)
+    }
+
+    /// The text encoder loaded as `part`.
+    fn text_encoder_file(&self, part: ModelPart) -> Option<&TextEncoderFile> {
+        self.detected.text_encoders.iter().find(|t| t.part == part)
     }
 
     /// The name map of one component (diffusers name -> the file's tensor).
@@ -217,18 +235,36 @@ impl Checkpoint {
                 let levels = self.vae_config()?.block_out_channels.len();
                 Box::new(move |n: &str| names::vae(n, levels))
             }
-            ModelPart::TextEncoder => match self.detected.family {
-                Family::Sd2 => Box::new(|n: &str| names::openclip(n)),
-                Family::Sd1 => {
-                    let tm = self.detected.clip_text_model;
-                    Box::new(move |n: &str| names::clip(n, tm))
+            ModelPart::TextEncoder | ModelPart::TextEncoder2 => {
+                let te = self.text_encoder_file(part).ok_or_else(|| {
+                    Error::config(
+                        &self.path,
+                        format!(
+                            "this {} checkpoint has no {}",
+                            self.detected.family.name(),
+                            if part == ModelPart::TextEncoder2 {
+                                "second (SDXL) text encoder"
+                            } else {
+                                "text encoder"
+                            }
+                        ),
+                    )
+                })?;
+                match te.layout {
+                    TextLayout::Clip { prefix, text_model } => {
+                        Box::new(move |n: &str| names::clip(n, prefix, text_model))
+                    }
+                    TextLayout::OpenClip { prefix, .. } => {
+                        // SD2 files carry an unused text_projection: only SDXL's bigG has one
+                        let projected = te.config.get("projection_dim").is_some();
+                        Box::new(move |n: &str| {
+                            if n == "text_projection.weight" && !projected {
+                                return None;
+                            }
+                            names::openclip(n, prefix)
+                        })
+                    }
                 }
-            },
-            ModelPart::TextEncoder2 => {
-                return Err(Error::config(
-                    &self.path,
-                    "this single file has no second (SDXL) text encoder",
-                ))
             }
         })
     }
@@ -267,7 +303,6 @@ impl Checkpoint {
         };
         let unet_cfg = self.unet_config()?;
         let vae_cfg = self.vae_config()?;
-        let clip_cfg = self.clip_config()?;
         let unet =
             UNet2DConditionModel::new(&unet_cfg, self.vb(ModelPart::Unet, patches, dtype, device)?)
                 .map_err(wrap)?;
@@ -276,13 +311,22 @@ impl Checkpoint {
             None => AutoencoderKL::new(&vae_cfg, self.vb(ModelPart::Vae, patches, dtype, device)?)
                 .map_err(wrap)?,
         };
-        let text_encoder = ClipTextModel::new(
-            &clip_cfg,
-            self.vb(ModelPart::TextEncoder, patches, dtype, device)?,
-        )
-        .map_err(wrap)?;
-        let tokenizer = ClipTokenizer::embedded(self.detected.pad_token)?;
-        tokenizer.check_fits(clip_cfg.vocab_size, &self.path)?;
+        // SD 1.x/2.x and SDXL base: the first encoder is `text_encoder`; SDXL's bigG is
+        // `text_encoder_2`, or the refiner's only encoder
+        let mut encoders = Vec::new();
+        for (i, te) in self.detected.text_encoders.iter().enumerate() {
+            let cfg = self.text_config(i)?;
+            let model = ClipTextModel::new(&cfg, self.vb(te.part, patches, dtype, device)?)
+                .map_err(wrap)?;
+            let tok = ClipTokenizer::embedded(te.pad_token)?;
+            tok.check_fits(cfg.vocab_size, &self.path)?;
+            encoders.push((model, tok));
+        }
+        let mut encoders = encoders.into_iter();
+        let (text_encoder, tokenizer) = encoders
+            .next()
+            .ok_or_else(|| Error::config(&self.path, "no text encoder in the checkpoint"))?;
+        let text_encoder_2 = encoders.next();
         let scheduler_config = SchedulerConfig::from_json_str(&self.detected.scheduler.to_string())
             .map_err(|e| Error::config(&self.path, e.to_string()))?;
         tracing::debug!(path = %self.path.display(), ?dtype, "loaded a single-file checkpoint");
@@ -292,9 +336,9 @@ impl Checkpoint {
             vae,
             text_encoder,
             tokenizer,
-            text_encoder_2: None,
-            force_zeros_for_empty_prompt: false,
-            requires_aesthetics_score: false,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: self.detected.force_zeros_for_empty_prompt,
+            requires_aesthetics_score: self.detected.requires_aesthetics_score,
             scheduler_config,
             device: device.clone(),
             dtype,
@@ -336,7 +380,6 @@ impl Checkpoint {
     pub fn inventory(&self) -> Result<Inventory> {
         let unet = self.unet_config()?;
         let levels = self.vae_config()?.block_out_channels.len();
-        let layers = self.clip_config()?.num_hidden_layers;
         let mut inv = Inventory::default();
         let shapes = self.store.shapes();
         let plain = |n: &str| Source {
@@ -364,48 +407,62 @@ impl Checkpoint {
                     }
                     None => inv.unknown.push(key.clone()),
                 }
-            } else if let Some(r) = key.strip_prefix(names::OPENCLIP) {
-                let block = r
-                    .strip_prefix("transformer.resblocks.")
-                    .and_then(|b| b.split('.').next())
-                    .and_then(|b| b.parse::<usize>().ok());
-                let names = names::openclip_inverse(r);
-                if block.is_some_and(|b| b >= layers)
-                    || r == "text_projection"
-                    || r == "logit_scale"
-                {
-                    inv.ignored.push(key.clone());
-                } else if names.is_empty() {
-                    inv.unknown.push(key.clone());
-                } else if names.len() == 3 {
-                    let mut sh = shape.clone();
-                    sh[0] /= 3;
-                    for (k, n) in names.into_iter().enumerate() {
-                        let src = Source {
-                            name: key.clone(),
-                            transform: Transform::Third(k),
-                        };
-                        push(ModelPart::TextEncoder, n, src, sh.clone());
+            } else if let Some((te, r)) = self
+                .detected
+                .text_encoders
+                .iter()
+                .find_map(|te| key.strip_prefix(te.prefix()).map(|r| (te, r)))
+            {
+                match te.layout {
+                    TextLayout::OpenClip { layers, .. } => {
+                        let block = r
+                            .strip_prefix("transformer.resblocks.")
+                            .and_then(|b| b.split('.').next())
+                            .and_then(|b| b.parse::<usize>().ok());
+                        let names = names::openclip_inverse(r);
+                        let projected = te.config.get("projection_dim").is_some();
+                        if r == "text_projection" && projected {
+                            // stored for x @ P: the linear weight is its transpose
+                            let src = Source {
+                                name: key.clone(),
+                                transform: Transform::Transpose,
+                            };
+                            let sh = shape.iter().rev().copied().collect();
+                            push(te.part, "text_projection.weight".into(), src, sh);
+                        } else if block.is_some_and(|b| b >= layers)
+                            || r == "text_projection"
+                            || r == "logit_scale"
+                        {
+                            inv.ignored.push(key.clone());
+                        } else if names.is_empty() {
+                            inv.unknown.push(key.clone());
+                        } else if names.len() == 3 {
+                            let mut sh = shape.clone();
+                            sh[0] /= 3;
+                            for (k, n) in names.into_iter().enumerate() {
+                                let src = Source {
+                                    name: key.clone(),
+                                    transform: Transform::Third(k),
+                                };
+                                push(te.part, n, src, sh.clone());
+                            }
+                        } else {
+                            push(te.part, names[0].clone(), plain(key), shape.clone());
+                        }
                     }
-                } else {
-                    push(
-                        ModelPart::TextEncoder,
-                        names[0].clone(),
-                        plain(key),
-                        shape.clone(),
-                    );
-                }
-            } else if let Some(r) = key.strip_prefix(names::CLIP) {
-                let bare = r.strip_prefix("text_model.").unwrap_or(r);
-                if bare.ends_with("position_ids") {
-                    inv.ignored.push(key.clone());
-                } else {
-                    push(
-                        ModelPart::TextEncoder,
-                        format!("text_model.{bare}"),
-                        plain(key),
-                        shape.clone(),
-                    );
+                    TextLayout::Clip { .. } => {
+                        let bare = r.strip_prefix("text_model.").unwrap_or(r);
+                        if bare.ends_with("position_ids") {
+                            inv.ignored.push(key.clone());
+                        } else {
+                            push(
+                                te.part,
+                                format!("text_model.{bare}"),
+                                plain(key),
+                                shape.clone(),
+                            );
+                        }
+                    }
                 }
             } else if key.starts_with("model_ema.") || LDM_BUFFERS.contains(&key.as_str()) {
                 inv.ignored.push(key.clone());

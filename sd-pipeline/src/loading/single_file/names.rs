@@ -8,6 +8,10 @@ pub const UNET: &str = "model.diffusion_model.";
 pub const VAE: &str = "first_stage_model.";
 pub const CLIP: &str = "cond_stage_model.transformer.";
 pub const OPENCLIP: &str = "cond_stage_model.model.";
+/// sgm's conditioner (SDXL): CLIP-L, bigG, and the refiner's bigG.
+pub const SDXL_CLIP: &str = "conditioner.embedders.0.transformer.";
+pub const SDXL_BIGG: &str = "conditioner.embedders.1.model.";
+pub const SDXL_REFINER_BIGG: &str = "conditioner.embedders.0.model.";
 
 /// How a stored tensor becomes the diffusers parameter.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -17,6 +21,9 @@ pub enum Transform {
     Squeeze1x1,
     /// Rows `[k * n / 3, (k + 1) * n / 3)` of a fused q/k/v projection.
     Third(usize),
+    /// A matrix stored for `x @ P` read as a linear weight `P^T` (OpenCLIP's
+    /// `text_projection`).
+    Transpose,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,22 +107,30 @@ pub fn vae(name: &str, levels: usize) -> Option<Source> {
     }
 }
 
-/// SD1 CLIP parameter (with or without `text_model.`) -> LDM name. `text_model` tells whether
-/// the file keeps transformers' `text_model.` level (most do).
-pub fn clip(name: &str, text_model: bool) -> Option<Source> {
+/// CLIP parameter (with or without `text_model.`) -> its name under `prefix` (SD1's
+/// `cond_stage_model.transformer.`, SDXL's `conditioner.embedders.0.transformer.`).
+/// `text_model` tells whether the file keeps transformers' `text_model.` level (most do).
+pub fn clip(name: &str, prefix: &str, text_model: bool) -> Option<Source> {
     let bare = name.strip_prefix("text_model.").unwrap_or(name);
     if text_model {
-        src(format!("{CLIP}text_model.{bare}"))
+        src(format!("{prefix}text_model.{bare}"))
     } else {
-        src(format!("{CLIP}{bare}"))
+        src(format!("{prefix}{bare}"))
     }
 }
 
-/// SD2 CLIP parameter -> OpenCLIP name (the fused `in_proj` split into q, k, v).
-pub fn openclip(name: &str) -> Option<Source> {
+/// CLIP text-encoder parameter -> OpenCLIP name under `prefix` (the fused `in_proj` split into
+/// q, k, v; `text_projection` transposed).
+pub fn openclip(name: &str, prefix: &str) -> Option<Source> {
+    if name == "text_projection.weight" {
+        return Some(Source {
+            name: format!("{prefix}text_projection"),
+            transform: Transform::Transpose,
+        });
+    }
     let bare = name.strip_prefix("text_model.").unwrap_or(name);
     let p: Vec<&str> = bare.split('.').collect();
-    let s = |n: String| src(format!("{OPENCLIP}{n}"));
+    let s = |n: String| src(format!("{prefix}{n}"));
     match p.as_slice() {
         ["embeddings", "token_embedding", "weight"] => s("token_embedding.weight".into()),
         ["embeddings", "position_embedding", "weight"] => s("positional_embedding".into()),
@@ -129,7 +144,7 @@ pub fn openclip(name: &str) -> Option<Source> {
                 _ => return None,
             };
             Some(Source {
-                name: format!("{OPENCLIP}transformer.resblocks.{i}.attn.in_proj_{t}"),
+                name: format!("{prefix}transformer.resblocks.{i}.attn.in_proj_{t}"),
                 transform: Transform::Third(k),
             })
         }
@@ -188,7 +203,7 @@ mod tests {
 
     #[test]
     fn openclip_names_split_the_fused_projection() {
-        let o = |n: &str| openclip(n).unwrap();
+        let o = |n: &str| openclip(n, OPENCLIP).unwrap();
         let k = o("text_model.encoder.layers.3.self_attn.k_proj.weight");
         assert_eq!(
             (k.name.as_str(), k.transform),
@@ -244,6 +259,8 @@ pub fn unet_inverse(ldm: &str, cfg: &UNetConfig) -> Option<String> {
         ["input_blocks", "0", "0", ..] => format!("conv_in.{}", rest(3)),
         ["time_embed", "0", ..] => format!("time_embedding.linear_1.{}", rest(2)),
         ["time_embed", "2", ..] => format!("time_embedding.linear_2.{}", rest(2)),
+        ["label_emb", "0", "0", ..] => format!("add_embedding.linear_1.{}", rest(3)),
+        ["label_emb", "0", "2", ..] => format!("add_embedding.linear_2.{}", rest(3)),
         ["input_blocks", n, "0", "op", ..] => {
             format!(
                 "down_blocks.{}.downsamplers.0.conv.{}",
