@@ -4,9 +4,12 @@ two can be compared side by side in one run on one machine. CI does not run this
 
     python benches/compare.py --width 512 --height 512 --batch 2 --iters 2 [--controlnet 1]
     sdctl bench unet --arch sd15 --width 512 --height 512 --batch 2 --iters 2 [--controlnet 1]
+    python benches/compare.py --arch sdxl --width 1024 --height 1024 --iters 2 --controlnet 1
+    sdctl bench unet --arch sdxl --iters 2 --controlnet 1
 
 Needs torch and diffusers (see tests/fixtures/make_fixtures.py for the pinned versions). Random
-weights with the real SD1.5 architecture, f32, CPU, torch.inference_mode, default thread count.
+weights with the real SD1.5 (or SDXL base) architecture, f32, CPU, torch.inference_mode, default
+thread count.
 """
 
 import argparse
@@ -24,9 +27,21 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--controlnet", type=int, default=0)
+    ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     a = ap.parse_args()
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64).eval()
+    if a.arch == "sdxl":  # stabilityai/stable-diffusion-xl-base-1.0's UNet config
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, sample_size=128).eval()
+        ctx_dim = 2048
+    else:
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64).eval()
+        ctx_dim = 768
     nets = [ControlNetModel.from_unet(unet).eval() for _ in range(a.controlnet)]
     # an even batch is one CFG step, as sdctl bench sends it: each latent once per prompt
     shape = (4, a.height // 8, a.width // 8)
@@ -35,19 +50,24 @@ def main():
         x = torch.cat([x, x])
     else:
         x = torch.randn(a.batch, *shape)
-    ctx = torch.randn(a.batch, 77, 768)
+    ctx = torch.randn(a.batch, 77, ctx_dim)
     t = torch.full((a.batch,), 500.0)
     hint = torch.rand(a.batch, 3, a.height, a.width)
+    added = None
+    if a.arch == "sdxl":
+        ids = torch.tensor([[a.height, a.width, 0, 0, a.height, a.width]], dtype=torch.float32)
+        added = dict(text_embeds=torch.randn(a.batch, 1280), time_ids=ids.repeat(a.batch, 1))
 
     def run(with_control):
         with torch.inference_mode():
             down, mid = None, None
             if with_control:
                 for n in nets:
-                    d, m = n(x, t, ctx, hint, return_dict=False)
+                    d, m = n(x, t, ctx, hint, added_cond_kwargs=added, return_dict=False)
                     down = d if down is None else [p + q for p, q in zip(down, d)]
                     mid = m if mid is None else mid + m
-            unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            unet(x, t, ctx, added_cond_kwargs=added, down_block_additional_residuals=down,
+                 mid_block_additional_residual=mid)
 
     def once(with_control):
         s = time.perf_counter()
@@ -69,7 +89,7 @@ def main():
             elif not with_control:
                 plain.append(once(False))
     mean, mn = sum(plain) / a.iters, min(plain)
-    print(f"diffusers unet sd15 {a.width}x{a.height} batch {a.batch} f32 cpu (torch {torch.__version__}, "
+    print(f"diffusers unet {a.arch} {a.width}x{a.height} batch {a.batch} f32 cpu (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads): {mean:.3f} s/call (mean of {a.iters}, min {mn:.3f}, first {first:.3f}); "
           f"peak RSS {plain_rss:.2f} GiB")
     if nets:

@@ -26,6 +26,8 @@ pub struct StableDiffusion {
     /// `model_index.json`'s `requires_aesthetics_score` (the SDXL refiner): the time ids end
     /// with an aesthetic score instead of the target size.
     pub requires_aesthetics_score: bool,
+    /// The VAE's dtype: `dtype`, or f32 for an SDXL VAE with `force_upcast` in an f16 model.
+    pub vae_dtype: DType,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,

@@ -84,6 +84,30 @@ fn control_mode(f: &Fields) -> ApiResult<ControlMode> {
     ][choice(f, "control_mode", names, &[])?.unwrap_or(guess)])
 }
 
+/// `union_control_type` (sd-webui-controlnet's `ControlNetUnionControlType`, its value or
+/// one of its tags): the unit's `type=` for a union ControlNet; "Unknown" or absent: none.
+fn union_type(f: &Fields) -> ApiResult<Option<String>> {
+    let given = f.string("union_control_type", "Unknown")?;
+    let ty = match given.to_lowercase().as_str() {
+        "unknown" | "" => return Ok(None),
+        "openpose" => "openpose",
+        "depth" => "depth",
+        "soft edge" | "softedge" | "scribble" => "hed",
+        "hard edge" | "canny" | "lineart" | "mlsd" => "canny",
+        "normal map" | "normalmap" => "normal",
+        "segmentation" => "segment",
+        "tile" | "blur" => "tile",
+        "inpaint" => "repaint",
+        _ => {
+            return Err(ApiError::bad(format!(
+                "{}: {given:?} is not one of \"OpenPose\", \"Depth\", \"Soft Edge\", \"Hard Edge\", \"Normal Map\", \"Segmentation\", \"Tile\", \"Inpaint\", \"Unknown\"",
+                f.name("union_control_type")
+            )))
+        }
+    };
+    Ok(Some(ty.into()))
+}
+
 /// A module as a request names it: the preprocessor, and its parameters as given and checked.
 pub struct Module {
     pub choice: PreprocessorChoice,
@@ -276,6 +300,7 @@ pub fn units(
         spec.start = f.float("guidance_start", 0.0)?;
         spec.end = f.float("guidance_end", 1.0)?;
         spec.mode = control_mode(&f)?;
+        spec.control_type = union_type(&f)?;
         spec.resize = resize;
         spec.preprocessor = pre.map(|m| m.choice);
         spec.mask = mask;

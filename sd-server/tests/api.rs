@@ -33,6 +33,12 @@ fn config(tag: &str) -> (sd_server::Config, PathBuf) {
         dir.join("cn/controlnet-sd1"),
     )
     .unwrap();
+    std::os::unix::fs::symlink(fx.join("models/sdxl"), dir.join("models/sdxl")).unwrap();
+    std::os::unix::fs::symlink(
+        fx.join("models/controlnet-sdxl-union"),
+        dir.join("cn/controlnet-sdxl-union"),
+    )
+    .unwrap();
     std::env::set_var("SDCTL_CACHE_DIR", dir.join("cache"));
     let mut c = sd_server::Config::new("127.0.0.1:0".parse().unwrap(), dir.join("models"));
     c.folders.controlnets = Some(dir.join("cn"));
@@ -138,6 +144,78 @@ async fn txt2img_with_a_controlnet_unit_is_the_front_doors_image() {
     let src = image::open(&control).unwrap().to_rgb8();
     assert_eq!(map.dimensions(), src.dimensions());
     assert_eq!(map.get_pixel(5, 7).0[0], 255 - src.get_pixel(5, 7).0[0]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// SDXL with a union ControlNet unit through the API: sd-webui-controlnet's
+/// `union_control_type` names the type; the image is the front door's with `type=depth`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdxl_with_a_union_unit_is_the_front_doors_image() {
+    let (config, dir) = config("sdxl");
+    let (app, _) = sd_server::app(config);
+    let control = fixtures().join("inputs/control_a.png");
+    let unit = |ty: &str| {
+        json!({"enabled": true, "module": "none", "model": "controlnet-sdxl-union",
+               "weight": 0.9, "image": b64_file(&control), "resize_mode": "Just Resize",
+               "union_control_type": ty})
+    };
+    let req = |ty: &str| {
+        json!({
+            "prompt": "a cat", "negative_prompt": "", "width": 64, "height": 64, "steps": 3,
+            "seed": 5, "cfg_scale": 5, "sampler_name": "Euler", "scheduler": "normal",
+            "override_settings": {"sd_model_checkpoint": "sdxl"},
+            "alwayson_scripts": {"ControlNet": {"args": [unit(ty)]}}
+        })
+    };
+    let (status, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(req("Depth")), None).await;
+    assert_eq!(status, 200, "{res}");
+    let png = |res: &Value| {
+        let b = base64::engine::general_purpose::STANDARD
+            .decode(res["images"][0].as_str().unwrap())
+            .unwrap();
+        image::load_from_memory(&b).unwrap().to_rgb8()
+    };
+    let api = png(&res);
+    let mut job = sd::Job::new("a cat");
+    job.model = Some(dir.join("models/sdxl"));
+    job.negative_prompt = Some(String::new());
+    (job.width, job.height, job.steps, job.seed, job.cfg_scale) =
+        (Some(64), Some(64), 3, Some(5), 5.0);
+    job.sampler = sd_pipeline::samplers::SamplerKind::Euler;
+    job.schedule = sd_pipeline::samplers::Schedule::Normal;
+    job.rng = sd::Rng::Philox;
+    let mut spec = sd::UnitSpec::new(dir.join("cn/controlnet-sdxl-union"), &control);
+    spec.weight = 0.9;
+    spec.resize = sd_controlnet::ResizeMode::Just;
+    spec.control_type = Some("depth".into());
+    job.control.push(spec.into());
+    let g = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
+    let out = dir.join("lib.png");
+    g.write(&out, None).unwrap();
+    assert!(
+        api == image::open(&out).unwrap().to_rgb8(),
+        "the API's pixels differ"
+    );
+    // another type is another image; an unknown one is a 400 naming the field
+    let (_, other) = call(
+        &app,
+        "POST",
+        "/sdapi/v1/txt2img",
+        Some(req("Hard Edge")),
+        None,
+    )
+    .await;
+    assert!(png(&other) != api, "the union type had no effect");
+    let (status, res) = call(
+        &app,
+        "POST",
+        "/sdapi/v1/txt2img",
+        Some(req("Sketchy")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{res}");
+    assert!(res.to_string().contains("union_control_type"), "{res}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

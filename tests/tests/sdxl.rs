@@ -276,3 +276,52 @@ fn an_sdxl_single_file_equals_its_folder() {
     let (_, report) = sd_lora::load_lora(&spec, &targets).unwrap();
     assert!(report.unmatched.is_empty(), "{}", report.summary());
 }
+
+/// A1111's emphasis, BREAK and 75-token chunks on both SDXL encoders (each encoder's chunks
+/// weighted and mean-restored on its own, side by side; pooled from bigG's first chunk) against
+/// the same rules in PyTorch on the fixture's encoders (5e-4 absolute: the mean restoration
+/// takes values to about 30, where f32 rounding of the chunk means is ~1e-5 relative).
+#[test]
+fn sdxl_prompt_weighting_applies_to_both_encoders() {
+    let exp = expected("sdxl_emphasis.safetensors");
+    let prompts: Vec<String> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("expected/sdxl_emphasis_prompts.json")).unwrap(),
+    )
+    .unwrap();
+    let sd = StableDiffusion::load(&model_dir("sdxl"), &Device::Cpu, DType::F32, &[]).unwrap();
+    let (te2, tok2) = sd.text_encoder_2.as_ref().unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let d = sd_pipeline::text::encode_prompts_dual(
+            &[(&sd.tokenizer, &sd.text_encoder), (tok2, te2)],
+            p,
+            None,
+            1,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_close(p, &d.cond, get(&exp, &format!("hidden_{i}")), 5e-4);
+        assert_close(p, &d.pooled, get(&exp, &format!("pooled_{i}")), 1e-4);
+    }
+}
+
+/// In f16 an SDXL model's VAE runs in f32 when its config says `force_upcast` (diffusers'
+/// `needs_upcasting`: the original SDXL VAE overflows f16); SD 1.x keeps f16 throughout, and
+/// a VAE whose config says `force_upcast: false` (the fp16-fix VAE) stays f16.
+#[test]
+fn an_sdxl_vae_is_upcast_in_f16_as_diffusers_does() {
+    let load =
+        |m: &str| StableDiffusion::load(&model_dir(m), &Device::Cpu, DType::F16, &[]).unwrap();
+    let sdxl = load("sdxl");
+    assert_eq!((sdxl.dtype, sdxl.vae_dtype), (DType::F16, DType::F32));
+    let sd1 = load("sd1");
+    assert_eq!((sd1.dtype, sd1.vae_dtype), (DType::F16, DType::F16));
+    let cfg: sd_pipeline::model::config::VaeConfigFile =
+        serde_json::from_str(r#"{"force_upcast": false}"#).unwrap();
+    let cfg =
+        sd_pipeline::model::config::VaeConfig::from_raw(&cfg, std::path::Path::new("x")).unwrap();
+    assert_eq!(cfg.run_dtype(DType::F16, true), DType::F16);
+    // the decode takes f32 latents through the f32 VAE
+    let lat = candle_core::Tensor::zeros((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let img = sdxl.decode_latents(&lat).unwrap();
+    assert_eq!(img.dims(), &[1, 3, 32, 32]);
+}

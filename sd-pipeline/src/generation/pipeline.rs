@@ -381,13 +381,16 @@ impl StableDiffusion {
 
     /// Encode images `[B, 3, H, W]` in [-1, 1] to scaled latents (the distribution's mean).
     pub fn encode_image(&self, image: &Tensor) -> Result<Tensor> {
-        let z = self.vae.encode_mean(&image.to_dtype(self.dtype)?)?;
+        let z = self.vae.encode_mean(&image.to_dtype(self.vae_dtype)?)?;
         Ok(self.vae.scale_latents(&z.to_dtype(DType::F32)?)?)
     }
 
     /// Decode scaled latents to images in [0, 1].
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = self.vae.unscale_latents(latents)?.to_dtype(self.dtype)?;
+        let z = self
+            .vae
+            .unscale_latents(latents)?
+            .to_dtype(self.vae_dtype)?;
         let img = self.vae.decode(&z)?.to_dtype(DType::F32)?;
         finite(&img, || "the images decoded by the VAE".into())?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)

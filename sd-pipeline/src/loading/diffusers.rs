@@ -218,13 +218,14 @@ impl StableDiffusion {
             device,
             |vb| UNet2DConditionModel::new(&unet_cfg, vb),
         )?;
+        let vae_dtype = vae_cfg.run_dtype(dtype, unet_cfg.text_time.is_some());
         let vae = match vae {
-            Some(v) => single_file::load_vae(v, &vae_cfg, patches, dtype, device)?,
+            Some(v) => single_file::load_vae(v, &vae_cfg, patches, vae_dtype, device)?,
             None => load_component(
                 &weight_files(&vae_dir)?,
                 ModelPart::Vae,
                 patches,
-                dtype,
+                vae_dtype,
                 device,
                 |vb| AutoencoderKL::new(&vae_cfg, vb),
             )?,
@@ -275,6 +276,7 @@ impl StableDiffusion {
             text_encoder_2,
             force_zeros_for_empty_prompt,
             requires_aesthetics_score,
+            vae_dtype,
             scheduler_config,
             device: device.clone(),
             dtype,

@@ -436,6 +436,21 @@ impl UNetConfig {
         Self::from_raw(&raw, Path::new("<built-in sd15>")).expect("valid built-in config")
     }
 
+    /// The real SDXL base UNet (stabilityai/stable-diffusion-xl-base-1.0's config).
+    pub fn sdxl() -> Self {
+        let raw: UNetConfigFile = serde_json::from_str(
+            r#"{"block_out_channels": [320, 640, 1280],
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "attention_head_dim": [5, 10, 20], "transformer_layers_per_block": [1, 2, 10],
+                "cross_attention_dim": 2048, "use_linear_projection": true,
+                "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                "projection_class_embeddings_input_dim": 2816, "sample_size": 128}"#,
+        )
+        .expect("valid built-in config");
+        Self::from_raw(&raw, Path::new("<built-in sdxl>")).expect("valid built-in config")
+    }
+
     /// The real SD 2.1 UNet.
     pub fn sd21() -> Self {
         let raw: UNetConfigFile = serde_json::from_str(
@@ -477,6 +492,8 @@ pub struct VaeConfigFile {
     pub use_post_quant_conv: bool,
     #[serde(default = "d_true")]
     pub mid_block_add_attention: bool,
+    #[serde(default = "d_true")]
+    pub force_upcast: bool,
 }
 
 mod vae_d {
@@ -517,6 +534,9 @@ pub struct VaeConfig {
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
+    /// diffusers' `force_upcast` (default true): SDXL pipelines run such a VAE in f32 when the
+    /// model runs in f16 (the original SDXL VAE overflows f16).
+    pub force_upcast: bool,
 }
 
 impl VaeConfig {
@@ -589,7 +609,18 @@ impl VaeConfig {
             use_quant_conv: raw.use_quant_conv,
             use_post_quant_conv: raw.use_post_quant_conv,
             mid_block_add_attention: raw.mid_block_add_attention,
+            force_upcast: raw.force_upcast,
         })
+    }
+
+    /// The dtype the VAE runs in for a model running in `dtype`: f32 instead of f16 for an
+    /// SDXL-class model whose VAE says `force_upcast` (diffusers' `needs_upcasting`).
+    pub fn run_dtype(&self, dtype: candle_core::DType, sdxl: bool) -> candle_core::DType {
+        if sdxl && self.force_upcast && dtype == candle_core::DType::F16 {
+            candle_core::DType::F32
+        } else {
+            dtype
+        }
     }
 
     /// Pixels per latent pixel: 2^(number of blocks - 1), as diffusers' `vae_scale_factor`.

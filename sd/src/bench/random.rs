@@ -12,12 +12,14 @@ use serde::Serialize;
 
 use crate::error::Result;
 
-/// The architectures benchmarked: SD 1.5 and 2.1 (serialized as `sd15`, `sd21`).
+/// The architectures benchmarked: SD 1.5, 2.1 and SDXL base (serialized as `sd15`, `sd21`,
+/// `sdxl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     Sd15,
     Sd21,
+    Sdxl,
 }
 
 impl Arch {
@@ -26,7 +28,14 @@ impl Arch {
         match self {
             Arch::Sd15 => UNetConfig::sd15(),
             Arch::Sd21 => UNetConfig::sd21(),
+            Arch::Sdxl => UNetConfig::sdxl(),
         }
+    }
+
+    /// The image size the model was trained at (512, 768, 1024).
+    pub fn native_size(self) -> usize {
+        let (h, _) = self.unet_config().sample_size.unwrap_or((64, 64));
+        h * 8
     }
 }
 

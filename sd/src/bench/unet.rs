@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use sd_pipeline::model::unet::UNet2DConditionModel;
-use sd_plugins_api::Residuals;
+use sd_plugins_api::{AddedCond, Residuals};
 use serde::Serialize;
 
 use super::measure::{dtype_name, once, peak_rss_bytes, rounds};
@@ -130,8 +130,22 @@ impl UnetBench {
         let ctx =
             Tensor::randn(0f32, 1.0, (b, 77, cfg.cross_attention_dim), &device)?.to_dtype(dtype)?;
         let ts = Tensor::full(500f32, b, &device)?;
+        // SDXL: a pooled text vector and the six micro-conditioning numbers per row
+        let added = match cfg.text_time {
+            Some(tt) => {
+                let k = 6;
+                let pooled = tt.input_dim - k * tt.time_embed_dim;
+                let ids =
+                    [self.height, self.width, 0, 0, self.height, self.width].map(|v| v as f32);
+                Some(AddedCond {
+                    text_embeds: Tensor::randn(0f32, 1.0, (b, pooled), &device)?.to_dtype(dtype)?,
+                    time_ids: Tensor::new(&ids, &device)?.unsqueeze(0)?.repeat((b, 1))?,
+                })
+            }
+            None => None,
+        };
         let call = |u: &UNet2DConditionModel, r: Option<&Residuals>| -> Result<()> {
-            Ok(u.forward(&x, &ts, &ctx, r).map(drop)?)
+            Ok(u.forward_with(&x, &ts, &ctx, added.as_ref(), r).map(drop)?)
         };
         let plain = || call(&unet, None);
         // the plain call's warm-up, before any ControlNet exists, gives its peak memory
@@ -159,7 +173,7 @@ impl UnetBench {
         let step = (!nets.is_empty()).then_some(|| -> Result<()> {
             let mut total: Option<Residuals> = None;
             for (n, hint) in nets.iter().zip(&hints) {
-                let r = n.forward_with_hint(&x, &ts, &ctx, None, hint)?;
+                let r = n.forward_with_hint(&x, &ts, &ctx, added.as_ref(), hint)?;
                 total = Some(match total {
                     None => r,
                     Some(t) => t.add(&r)?,

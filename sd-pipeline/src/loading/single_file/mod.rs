@@ -306,10 +306,14 @@ impl Checkpoint {
         let unet =
             UNet2DConditionModel::new(&unet_cfg, self.vb(ModelPart::Unet, patches, dtype, device)?)
                 .map_err(wrap)?;
+        let vae_dtype = vae_cfg.run_dtype(dtype, unet_cfg.text_time.is_some());
         let vae = match vae_override {
-            Some(v) => load_vae(v, &vae_cfg, patches, dtype, device)?,
-            None => AutoencoderKL::new(&vae_cfg, self.vb(ModelPart::Vae, patches, dtype, device)?)
-                .map_err(wrap)?,
+            Some(v) => load_vae(v, &vae_cfg, patches, vae_dtype, device)?,
+            None => AutoencoderKL::new(
+                &vae_cfg,
+                self.vb(ModelPart::Vae, patches, vae_dtype, device)?,
+            )
+            .map_err(wrap)?,
         };
         // SD 1.x/2.x and SDXL base: the first encoder is `text_encoder`; SDXL's bigG is
         // `text_encoder_2`, or the refiner's only encoder
@@ -339,6 +343,7 @@ impl Checkpoint {
             text_encoder_2,
             force_zeros_for_empty_prompt: self.detected.force_zeros_for_empty_prompt,
             requires_aesthetics_score: self.detected.requires_aesthetics_score,
+            vae_dtype,
             scheduler_config,
             device: device.clone(),
             dtype,
