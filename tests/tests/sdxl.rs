@@ -229,6 +229,33 @@ fn sdxl_refiner_switch_matches_diffusers() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no SDXL refiner"), "{e}");
+    // the refiner as a single file (bigG under conditioner.embedders.0.model.) hands over alike
+    let file = std::env::temp_dir().join(format!("refiner-{}.safetensors", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(file.with_extension("yaml"));
+    sd_pipeline::loading::single_file::convert::to_single_file(
+        &model_dir("sdxl-refiner"),
+        &file,
+        true,
+    )
+    .unwrap();
+    let single = StableDiffusion::load(&file, &Device::Cpu, DType::F32, &[]).unwrap();
+    assert!(single.requires_aesthetics_score && single.text_encoder_2.is_none());
+    let again = base
+        .denoise_refined(
+            &req,
+            Some((&single, switch)),
+            &mut HookSet::new(),
+            &mut sd_tests::Replay::new(None),
+        )
+        .unwrap();
+    assert_eq!(
+        max_abs_diff(&again, &latents),
+        0.0,
+        "the refiner's single file"
+    );
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(file.with_extension("yaml"));
 }
 
 /// The tiny SDXL as an A1111/ComfyUI single file (diffusers' own conversion script, sgm's
@@ -266,6 +293,28 @@ fn an_sdxl_single_file_equals_its_folder() {
     assert_eq!(max_abs_diff(&la, &lc), 0.0, "converted latents");
     assert_eq!(max_abs_diff(&ia, &ic), 0.0, "converted images");
     let _ = std::fs::remove_dir_all(&dir);
+    // diffusers folder -> single file (with its sgm-style sidecar) -> the same again
+    let back = std::env::temp_dir().join(format!("sdxl-single-{}.safetensors", std::process::id()));
+    let _ = std::fs::remove_file(&back);
+    let _ = std::fs::remove_file(back.with_extension("yaml"));
+    sd_pipeline::loading::single_file::convert::to_single_file(&model_dir("sdxl"), &back, true)
+        .unwrap();
+    let (ld, id) = run(&load(&back));
+    assert_eq!(max_abs_diff(&la, &ld), 0.0, "folder -> single latents");
+    assert_eq!(max_abs_diff(&ia, &id), 0.0, "folder -> single images");
+    // the same keys as diffusers' own conversion script wrote, tensor for tensor
+    let ours = candle_core::safetensors::load(&back, &Device::Cpu).unwrap();
+    let theirs = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let mut keys: Vec<_> = ours.keys().collect();
+    keys.sort();
+    let mut want: Vec<_> = theirs.keys().collect();
+    want.sort();
+    assert_eq!(keys, want);
+    for (k, t) in &ours {
+        assert_eq!(max_abs_diff(t, &theirs[k]), 0.0, "{k}");
+    }
+    let _ = std::fs::remove_file(&back);
+    let _ = std::fs::remove_file(back.with_extension("yaml"));
     // a kohya SDXL LoRA binds to every module of the single file too
     let targets = sd_lora::Targets::from_model(&file).unwrap();
     let spec = sd_lora::LoraSpec {

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::names::{self, Transform};
 use super::Checkpoint;
+use super::TextLayout;
 use crate::error::{read_json, Error, Result};
 use crate::loading::files::weight_files;
 use crate::model::clip::ClipTextModel;
@@ -315,30 +316,54 @@ model:
 /// (`out` with the `.yaml` extension).
 pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
     let unet_cfg = UNetConfig::from_file(&folder.join("unet/config.json"))?;
-    if unet_cfg.text_time.is_some() {
-        return Err(Error::config(
-            folder,
-            "converting an SDXL folder to a single file is not supported yet (single SDXL files load and convert to folders)",
-        ));
-    }
     let vae_cfg = VaeConfig::from_file(&folder.join("vae/config.json"))?;
-    let te_raw: serde_json::Value = read_json(&folder.join("text_encoder/config.json"))?;
     let sched: serde_json::Value = read_json(&folder.join("scheduler/scheduler_config.json"))?;
-    let openclip = te_raw["hidden_act"].as_str() == Some("gelu");
-    let heads = te_raw["num_attention_heads"].as_u64().unwrap_or(12) as usize;
+    let xl = unet_cfg.text_time.is_some();
+    // each text encoder: its folder and where its weights go in the file
+    let encoders: Vec<(&str, TextLayout)> = if !xl {
+        let te: serde_json::Value = read_json(&folder.join("text_encoder/config.json"))?;
+        let layout = if te["hidden_act"].as_str() == Some("gelu") {
+            TextLayout::OpenClip {
+                prefix: names::OPENCLIP,
+                layers: 0,
+            }
+        } else {
+            TextLayout::Clip {
+                prefix: names::CLIP,
+                text_model: true,
+            }
+        };
+        vec![("text_encoder", layout)]
+    } else {
+        let bigg = |prefix| TextLayout::OpenClip { prefix, layers: 0 };
+        if folder.join("text_encoder").is_dir() {
+            vec![
+                (
+                    "text_encoder",
+                    TextLayout::Clip {
+                        prefix: names::SDXL_CLIP,
+                        text_model: true,
+                    },
+                ),
+                ("text_encoder_2", bigg(names::SDXL_BIGG)),
+            ]
+        } else {
+            vec![("text_encoder_2", bigg(names::SDXL_REFINER_BIGG))]
+        }
+    };
     let levels = vae_cfg.block_out_channels.len();
-    let clip_cfg = ClipConfig::from_file(&folder.join("text_encoder/config.json"))?;
     let unet_t: HashMap<String, Tensor> = all_tensors(&folder.join("unet"))?.into_iter().collect();
     let vae_t: HashMap<String, Tensor> = all_tensors(&folder.join("vae"))?.into_iter().collect();
-    let te_t: HashMap<String, Tensor> = all_tensors(&folder.join("text_encoder"))?
-        .into_iter()
-        .collect();
-    check_shapes(
-        (&unet_cfg, &unet_t),
-        (&vae_cfg, &vae_t),
-        &[(&clip_cfg, &te_t)],
-        folder,
-    )?;
+    let mut texts = Vec::new();
+    for (dir, _) in &encoders {
+        let cfg = ClipConfig::from_file(&folder.join(dir).join("config.json"))?;
+        let t: HashMap<String, Tensor> = all_tensors(&folder.join(dir))?.into_iter().collect();
+        texts.push((cfg, t));
+    }
+    let clips: Vec<_> = texts.iter().map(|(c, t)| (c, t)).collect();
+    check_shapes((&unet_cfg, &unet_t), (&vae_cfg, &vae_t), &clips, folder)?;
+    let heads: Vec<usize> = clips.iter().map(|(c, _)| c.num_attention_heads).collect();
+    drop(clips);
     let mut state: HashMap<String, Tensor> = HashMap::new();
     let missing = |dir: &str, name: &str| {
         Error::config(
@@ -358,31 +383,42 @@ pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
         };
         state.insert(s.name, cast(t, half)?);
     }
-    let mut fused: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
-    for (name, t) in te_t {
-        if name.ends_with("position_ids") {
-            continue;
-        }
-        let s = if openclip {
-            names::openclip(&name, names::OPENCLIP)
-        } else {
-            names::clip(&name, names::CLIP, true)
-        }
-        .ok_or_else(|| missing("text_encoder", &name))?;
-        match s.transform {
-            Transform::Third(k) => fused.entry(s.name).or_default()[k] = Some(cast(t, half)?),
-            _ => {
-                state.insert(s.name, cast(t, half)?);
+    for ((dir, layout), (_, te_t)) in encoders.iter().zip(texts) {
+        let mut fused: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
+        for (name, t) in te_t {
+            if name.ends_with("position_ids") {
+                continue;
+            }
+            let s = match *layout {
+                TextLayout::OpenClip { prefix, .. } => names::openclip(&name, prefix),
+                TextLayout::Clip { prefix, text_model } => names::clip(&name, prefix, text_model),
+            }
+            .ok_or_else(|| missing(dir, &name))?;
+            match s.transform {
+                Transform::Third(k) => fused.entry(s.name).or_default()[k] = Some(cast(t, half)?),
+                // OpenCLIP keeps the projection for x @ P
+                Transform::Transpose => {
+                    state.insert(s.name, cast(t.t()?.contiguous()?, half)?);
+                }
+                _ => {
+                    state.insert(s.name, cast(t, half)?);
+                }
             }
         }
+        for (name, parts) in fused {
+            let parts: Vec<Tensor> = parts
+                .into_iter()
+                .map(|p| p.ok_or_else(|| missing(dir, &format!("{name} (q, k and v)"))))
+                .collect::<Result<_>>()?;
+            state.insert(name, Tensor::cat(&parts, 0)?);
+        }
     }
-    for (name, parts) in fused {
-        let parts: Vec<Tensor> = parts
-            .into_iter()
-            .map(|p| p.ok_or_else(|| missing("text_encoder", &format!("{name} (q, k and v)"))))
-            .collect::<Result<_>>()?;
-        state.insert(name, Tensor::cat(&parts, 0)?);
-    }
+    let yaml_text = if xl {
+        sdxl_sidecar(&unet_cfg, &vae_cfg, &heads)
+    } else {
+        let openclip = matches!(encoders[0].1, TextLayout::OpenClip { .. });
+        sidecar(&unet_cfg, &vae_cfg, heads[0], openclip, &sched)
+    };
     check_new(out)?;
     let yaml = out.with_extension("yaml");
     check_new(&yaml)?;
@@ -390,8 +426,83 @@ pub fn to_single_file(folder: &Path, out: &Path, half: bool) -> Result<()> {
     let mut staged = Staged::new();
     staged.write(out, |tmp| save(&state, tmp))?;
     staged.write(&yaml, |tmp| {
-        std::fs::write(tmp, sidecar(&unet_cfg, &vae_cfg, heads, openclip, &sched))
-            .map_err(io(&yaml))
+        std::fs::write(tmp, &yaml_text).map_err(io(&yaml))
     })?;
     staged.commit()
+}
+
+/// The sgm-style sidecar (`sd_xl_base.yaml` / `sd_xl_refiner.yaml` keys) an SDXL file needs to
+/// load back as it was: head sizes, group norms and text-encoder heads, which the shapes of a
+/// non-standard model do not tell.
+fn sdxl_sidecar(unet: &UNetConfig, vae: &VaeConfig, text_heads: &[usize]) -> String {
+    let depth: Vec<String> = unet
+        .transformer_layers_per_block
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    let head_channels = unet.block_out_channels[0] / unet.num_attention_heads[0].max(1);
+    let mult = |c: &[usize]| -> String {
+        c.iter()
+            .map(|x| (x / c[0]).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let embedders: String = text_heads
+        .iter()
+        .map(|h| {
+            format!(
+                "          - target: sgm.modules.encoders.modules.FrozenCLIPEmbedder\n            params:\n              heads: {h}\n"
+            )
+        })
+        .collect();
+    format!(
+        r#"# written by sdctl model convert: the sgm-style config of this checkpoint
+model:
+  target: sgm.models.diffusion.DiffusionEngine
+  params:
+    scale_factor: {sf}
+    network_config:
+      target: sgm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        in_channels: {inc}
+        out_channels: {outc}
+        model_channels: {mc}
+        num_res_blocks: {nrb}
+        channel_mult: [{mult}]
+        num_head_channels: {head_channels}
+        transformer_depth: [{depth}]
+        context_dim: {ctx}
+        use_linear_in_transformer: {lin}
+        norm_num_groups: {ug}
+    conditioner_config:
+      target: sgm.modules.GeneralConditioner
+      params:
+        emb_models:
+{embedders}    first_stage_config:
+      target: sgm.models.autoencoder.AutoencoderKLInferenceWrapper
+      params:
+        embed_dim: {lat}
+        ddconfig:
+          z_channels: {lat}
+          ch: {vch}
+          ch_mult: [{vmult}]
+          num_res_blocks: {vnrb}
+          norm_num_groups: {vg}
+"#,
+        sf = vae.scaling_factor,
+        inc = unet.in_channels,
+        outc = unet.out_channels,
+        mc = unet.block_out_channels[0],
+        nrb = unet.layers_per_block[0],
+        mult = mult(&unet.block_out_channels),
+        depth = depth.join(", "),
+        ctx = unet.cross_attention_dim,
+        lin = unet.use_linear_projection,
+        ug = unet.norm_num_groups,
+        lat = vae.latent_channels,
+        vch = vae.block_out_channels[0],
+        vmult = mult(&vae.block_out_channels),
+        vnrb = vae.layers_per_block,
+        vg = vae.norm_num_groups,
+    )
 }
