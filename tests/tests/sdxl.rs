@@ -1,6 +1,6 @@
 //! SDXL against diffusers 0.42.1 (make_sdxl_fixtures.py): a tiny random SDXL model in the real
 //! architecture, 4-step pipelines for txt2img (non-square, micro-conditioning, the zeroed
-//! empty negative), img2img, inpainting, an SDXL ControlNet with a step window and a union
+//! empty negative, Euler a), img2img, inpainting (mask blending and a 9-channel UNet), an SDXL ControlNet with a step window and a union
 //! ControlNet. Tolerance 1e-3 max abs on the final latents, as the SD1/2 pipelines
 //! (pipelines.rs). Each fixture also holds what diffusers makes with the feature taken away
 //! (`latents_without`), which must be more than 10x the tolerance from the expected latents:
@@ -39,9 +39,12 @@ fn run_matching(filter: impl Fn(&Value) -> bool) {
         if case.get("control").is_some() {
             hooks.push(Box::new(ControlNetHook::new(units(case, sd))));
         }
-        let latents = sd
-            .denoise(&req, &mut hooks, &mut sd_tests::Replay::new(None))
-            .unwrap();
+        // Euler a's step noise is what diffusers drew
+        let mut replay = sd_tests::Replay::new(exp.get("step_noise"));
+        let latents = sd.denoise(&req, &mut hooks, &mut replay).unwrap();
+        if let Some(sn) = exp.get("step_noise") {
+            assert_eq!(replay.used(), sn.dim(0).unwrap(), "{name}: every step noise drawn");
+        }
         let want = get(&exp, "latents");
         assert_close(name, &latents, want, 1e-3);
         let far = max_abs_diff(get(&exp, "latents_without"), want);
