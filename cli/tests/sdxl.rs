@@ -168,6 +168,18 @@ fn a_refiner_needs_sdxl_and_a_fraction() {
 #[test]
 fn model_inspect_names_the_sdxl_family() {
     use crate::common::ok;
+    let dir = scratch("sdxl", "inspect");
+    let file = dir.join("sdxl.safetensors");
+    ok(&sdctl(&[
+        "model",
+        "convert",
+        s(&model_dir("sdxl")),
+        "--to",
+        "single-file",
+        "--half",
+        "--output",
+        s(&file),
+    ]));
     for (p, want) in [
         (
             model_dir("sdxl"),
@@ -175,7 +187,7 @@ fn model_inspect_names_the_sdxl_family() {
         ),
         (model_dir("sdxl-refiner"), "family: SDXL refiner"),
         (
-            fixtures().join("models/single/sdxl.safetensors"),
+            file.clone(),
             "family: SDXL (CLIP-L conditioner.embedders.0.transformer.*",
         ),
     ] {

@@ -43,7 +43,11 @@ fn run_matching(filter: impl Fn(&Value) -> bool) {
         let mut replay = sd_tests::Replay::new(exp.get("step_noise"));
         let latents = sd.denoise(&req, &mut hooks, &mut replay).unwrap();
         if let Some(sn) = exp.get("step_noise") {
-            assert_eq!(replay.used(), sn.dim(0).unwrap(), "{name}: every step noise drawn");
+            assert_eq!(
+                replay.used(),
+                sn.dim(0).unwrap(),
+                "{name}: every step noise drawn"
+            );
         }
         let want = get(&exp, "latents");
         assert_close(name, &latents, want, 1e-3);
@@ -261,9 +265,20 @@ fn sdxl_refiner_switch_matches_diffusers() {
     let _ = std::fs::remove_file(file.with_extension("yaml"));
 }
 
-/// The tiny SDXL as an A1111/ComfyUI single file (diffusers' own conversion script, sgm's
-/// yaml beside it) loads as SDXL and gives the folder's latents and images bit for bit (every
-/// weight is fp16-exact), and `model convert` to a folder gives them too; a LoRA binds to it.
+/// The sha256 of bytes, hex, as make_single_file_fixtures.py hashes a tensor's f16 bytes.
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The tiny SDXL as an A1111/ComfyUI single file: `model convert` writes the keys, shapes and
+/// tensors diffusers' own `convert_diffusers_to_original_sdxl.py` wrote (recorded by hash in
+/// single/sdxl_keys.json); with that script's sgm yaml beside it, or with the one `convert`
+/// writes, it loads as SDXL and gives the folder's latents and images bit for bit (every
+/// weight is fp16-exact); converted back to a folder it does too; a LoRA binds to it.
 #[test]
 fn an_sdxl_single_file_equals_its_folder() {
     let exp = expected("sdxl_txt2img_euler.safetensors");
@@ -280,44 +295,52 @@ fn an_sdxl_single_file_equals_its_folder() {
     };
     let load =
         |p: &std::path::Path| StableDiffusion::load(p, &Device::Cpu, DType::F32, &[]).unwrap();
-    let file = fixtures().join("models/single/sdxl.safetensors");
+    let convert = sd_pipeline::loading::single_file::convert::to_single_file;
+    let dir = std::env::temp_dir().join(format!("sdxl-single-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sdxl.safetensors");
+    convert(&model_dir("sdxl"), &file, true).unwrap();
+    // what diffusers' script wrote, key for key and tensor for tensor
+    let want: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("models/single/sdxl_keys.json")).unwrap(),
+    )
+    .unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    let ours = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut keys: Vec<String> = ours.names().into_iter().map(String::from).collect();
+    keys.sort();
+    assert_eq!(
+        keys.iter().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for k in &keys {
+        let t = ours.tensor(k).unwrap();
+        assert_eq!(t.dtype(), safetensors::Dtype::F16, "{k}");
+        assert_eq!(serde_json::json!(t.shape()), want[k][0], "{k} shape");
+        assert_eq!(sha256(t.data()), want[k][1].as_str().unwrap(), "{k} values");
+    }
+    let (la, ia) = run(&load(&model_dir("sdxl")));
     let single = load(&file);
     assert!(single.is_sdxl() && single.force_zeros_for_empty_prompt);
-    let (la, ia) = run(&load(&model_dir("sdxl")));
     let (lb, ib) = run(&single);
     assert_eq!(max_abs_diff(&la, &lb), 0.0, "latents");
     assert_eq!(max_abs_diff(&ia, &ib), 0.0, "images");
     assert_close("single file", &lb, get(&exp, "latents"), 1e-3);
+    // sgm's own yaml (sd_xl_base.yaml at the tiny sizes) as the sidecar
+    std::fs::copy(
+        fixtures().join("models/single/sdxl.yaml"),
+        file.with_extension("yaml"),
+    )
+    .unwrap();
+    let (lc, _) = run(&load(&file));
+    assert_eq!(max_abs_diff(&la, &lc), 0.0, "with sgm's yaml");
     // single file -> diffusers folder
-    let dir = std::env::temp_dir().join(format!("sdxl-convert-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    sd_pipeline::loading::single_file::convert::to_diffusers(&file, &dir, false).unwrap();
-    let (lc, ic) = run(&load(&dir));
-    assert_eq!(max_abs_diff(&la, &lc), 0.0, "converted latents");
-    assert_eq!(max_abs_diff(&ia, &ic), 0.0, "converted images");
-    let _ = std::fs::remove_dir_all(&dir);
-    // diffusers folder -> single file (with its sgm-style sidecar) -> the same again
-    let back = std::env::temp_dir().join(format!("sdxl-single-{}.safetensors", std::process::id()));
-    let _ = std::fs::remove_file(&back);
-    let _ = std::fs::remove_file(back.with_extension("yaml"));
-    sd_pipeline::loading::single_file::convert::to_single_file(&model_dir("sdxl"), &back, true)
-        .unwrap();
+    let back = dir.join("folder");
+    sd_pipeline::loading::single_file::convert::to_diffusers(&file, &back, false).unwrap();
     let (ld, id) = run(&load(&back));
-    assert_eq!(max_abs_diff(&la, &ld), 0.0, "folder -> single latents");
-    assert_eq!(max_abs_diff(&ia, &id), 0.0, "folder -> single images");
-    // the same keys as diffusers' own conversion script wrote, tensor for tensor
-    let ours = candle_core::safetensors::load(&back, &Device::Cpu).unwrap();
-    let theirs = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
-    let mut keys: Vec<_> = ours.keys().collect();
-    keys.sort();
-    let mut want: Vec<_> = theirs.keys().collect();
-    want.sort();
-    assert_eq!(keys, want);
-    for (k, t) in &ours {
-        assert_eq!(max_abs_diff(t, &theirs[k]), 0.0, "{k}");
-    }
-    let _ = std::fs::remove_file(&back);
-    let _ = std::fs::remove_file(back.with_extension("yaml"));
+    assert_eq!(max_abs_diff(&la, &ld), 0.0, "converted latents");
+    assert_eq!(max_abs_diff(&ia, &id), 0.0, "converted images");
     // a kohya SDXL LoRA binds to every module of the single file too
     let targets = sd_lora::Targets::from_model(&file).unwrap();
     let spec = sd_lora::LoraSpec {
@@ -327,6 +350,7 @@ fn an_sdxl_single_file_equals_its_folder() {
     };
     let (_, report) = sd_lora::load_lora(&spec, &targets).unwrap();
     assert!(report.unmatched.is_empty(), "{}", report.summary());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A1111's emphasis, BREAK and 75-token chunks on both SDXL encoders (each encoder's chunks
