@@ -202,3 +202,71 @@ fn model_inspect_names_the_sdxl_family() {
     ]));
     assert!(out.contains("family: SDXL"), "{out}");
 }
+
+/// An SDXL PNG carries what made it, so `--from-png` gives the same latents: the absent
+/// negative prompt (zeros) and a given empty one (encoded) stay apart, and the
+/// micro-conditioning and the refiner come back.
+#[test]
+fn an_sdxl_png_round_trips() {
+    use crate::common::{latents_f32, ok};
+    let dir = scratch("sdxl", "png");
+    let (sdxl, refiner) = (model_dir("sdxl"), model_dir("sdxl-refiner"));
+    for (i, extra) in [
+        vec!["--original-size", "128x96", "--crop-top-left", "16,8"],
+        vec![
+            "--negative-prompt",
+            "",
+            "--refiner",
+            s(&refiner),
+            "--refiner-switch",
+            "0.5",
+        ],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (a, lat_a) = (
+            dir.join(format!("a{i}.png")),
+            dir.join(format!("a{i}.safetensors")),
+        );
+        let mut args = vec![
+            "generate",
+            "--model",
+            s(&sdxl),
+            "--prompt",
+            "a red circle",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+            "--sampler",
+            "euler",
+            "--output",
+            s(&a),
+            "--save-latents",
+            s(&lat_a),
+        ];
+        args.extend(extra);
+        ok(&sdctl(&args));
+        let lat_b = dir.join(format!("b{i}.safetensors"));
+        ok(&sdctl(&[
+            "generate",
+            "--from-png",
+            s(&a),
+            "--output",
+            s(&dir.join(format!("b{i}.png"))),
+            "--save-latents",
+            s(&lat_b),
+        ]));
+        assert_eq!(latents_f32(&lat_a), latents_f32(&lat_b), "case {i}");
+    }
+    // the empty negative prompt is not the absent one on SDXL base
+    assert_ne!(
+        latents_f32(&dir.join("a0.safetensors")),
+        latents_f32(&dir.join("a1.safetensors"))
+    );
+}

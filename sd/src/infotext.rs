@@ -194,6 +194,19 @@ impl Run<'_> {
         if st.refiner.is_some() {
             m.insert("refiner_switch".into(), st.refiner_switch.into());
         }
+        // SDXL micro-conditioning, when not the defaults
+        let micro = &req.micro;
+        let size = |s: (usize, usize)| Value::from(format!("{}x{}", s.0, s.1));
+        if let Some(s) = micro.original_size {
+            m.insert("original_size".into(), size(s));
+        }
+        if let Some(s) = micro.target_size {
+            m.insert("target_size".into(), size(s));
+        }
+        if micro.crop_top_left != (0, 0) {
+            let (x, y) = micro.crop_top_left;
+            m.insert("crop_top_left".into(), format!("{x},{y}").into());
+        }
         for (k, v) in [
             ("vae", &st.vae),
             ("refiner", &st.refiner),
@@ -449,6 +462,11 @@ pub const PNG_SETTINGS_KEYS: &[&str] = &[
     "dtype",
     "model",
     "vae",
+    "refiner",
+    "refiner_switch",
+    "original_size",
+    "target_size",
+    "crop_top_left",
     "control",
     "lora",
 ];
