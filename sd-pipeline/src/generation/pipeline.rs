@@ -404,24 +404,7 @@ impl StableDiffusion {
             None if self.force_zeros_for_empty_prompt => None,
             n => Some(n.unwrap_or("")),
         });
-        if self.is_sdxl() && self.text_encoder_2.is_none() {
-            // the refiner: bigG alone
-            let d = encode_prompts_dual(
-                &[(&self.tokenizer, &self.text_encoder)],
-                &req.prompt,
-                negative,
-                req.clip_skip,
-                dev,
-            )?;
-            let (uncond, uncond_pooled) = d.uncond.unzip();
-            return Ok(Conditioning {
-                cond: d.cond,
-                uncond,
-                pooled: Some(d.pooled),
-                uncond_pooled,
-            });
-        }
-        let Some((te2, tok2)) = &self.text_encoder_2 else {
+        if !self.is_sdxl() {
             let (cond, uncond) = encode_prompts(
                 &self.tokenizer,
                 &self.text_encoder,
@@ -436,14 +419,11 @@ impl StableDiffusion {
                 pooled: None,
                 uncond_pooled: None,
             });
-        };
-        let d = encode_prompts_dual(
-            &[(&self.tokenizer, &self.text_encoder), (tok2, te2)],
-            &req.prompt,
-            negative,
-            req.clip_skip,
-            dev,
-        )?;
+        }
+        // SDXL: CLIP-L and bigG; the refiner: bigG alone
+        let mut encoders = vec![(&self.tokenizer, &self.text_encoder)];
+        encoders.extend(self.text_encoder_2.as_ref().map(|(te, tok)| (tok, te)));
+        let d = encode_prompts_dual(&encoders, &req.prompt, negative, req.clip_skip, dev)?;
         let (uncond, uncond_pooled) = d.uncond.unzip();
         Ok(Conditioning {
             cond: d.cond,
