@@ -74,8 +74,8 @@ fn sdxl_txt2img_img2img_inpaint_match_diffusers() {
     run_matching(|c| !has_control(c));
 }
 
-/// The diffusers folder, and the same weights as an lllyasviel / A1111 file (`control_model.*`
-/// with `label_emb`).
+/// The diffusers folder, the same weights as an lllyasviel / A1111 file (`control_model.*`
+/// with `label_emb`), and a "-small"-style net (transformer depths 0, 0, 1).
 #[test]
 fn sdxl_controlnet_with_a_window_matches_diffusers() {
     run_matching(|c| has_control(c) && !union(c));
