@@ -268,7 +268,7 @@
     const pairs = [
       ['image', '.cn-image'], ['module', '.cn-module'], ['model', '.cn-model'], ['weight', '.cn-weight'],
       ['res', '.cn-processor-res'], ['start', '.cn-guidance-start'], ['end', '.cn-guidance-end'],
-      ['mode', '.cn-control-mode'], ['resize', '.cn-resize-mode'],
+      ['mode', '.cn-control-mode'], ['resize', '.cn-resize-mode'], ['union', '.cn-union-type'],
     ];
     for (const [k, sel] of pairs) {
       const el = unit.querySelector(sel);
@@ -331,6 +331,7 @@
       guidance_end: f('.cn-guidance-end', 1),
       control_mode: $('.cn-control-mode', unit).value,
       resize_mode: $('.cn-resize-mode', unit).value,
+      union_control_type: $('.cn-union-type', unit).value,
       processor_res: Math.round(f('.cn-processor-res', 512)),
       pixel_perfect: $('.cn-pixel-perfect', unit).checked,
     };
