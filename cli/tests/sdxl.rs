@@ -270,3 +270,43 @@ fn an_sdxl_png_round_trips() {
         latents_f32(&dir.join("a1.safetensors"))
     );
 }
+
+/// Bad SDXL settings are clear errors naming the key and value, before anything loads.
+#[test]
+fn bad_sdxl_settings_name_the_key() {
+    let dir = scratch("sdxl", "bad-keys");
+    let out = dir.join("out.png");
+    let sdxl = model_dir("sdxl");
+    let base = [
+        "generate",
+        "--model",
+        s(&sdxl),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--output",
+        s(&out),
+    ];
+    for (flag, value, want) in [
+        ("--original-size", "1024", "original_size"),
+        ("--target-size", "0x64", "target_size"),
+        ("--crop-top-left", "3;4", "crop_top_left"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend([flag, value]);
+        let e = fails(&args, &out);
+        assert!(e.contains(want) && e.contains(value), "{flag} {value}: {e}");
+    }
+    let cn = model_dir("controlnet-sdxl-union");
+    let image = fixtures().join("inputs/control_a.png");
+    let unit = format!("model={},image={},type=sketch", s(&cn), s(&image));
+    let mut args = base.to_vec();
+    args.extend(["--control", &unit]);
+    let e = fails(&args, &out);
+    assert!(e.contains("type") && e.contains("sketch"), "{e}");
+}
