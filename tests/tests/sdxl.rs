@@ -401,3 +401,85 @@ fn an_sdxl_vae_is_upcast_in_f16_as_diffusers_does() {
     let img = sdxl.decode_latents(&lat).unwrap();
     assert_eq!(img.dims(), &[1, 3, 32, 32]);
 }
+
+/// LyCORIS modules on SDXL bind through the same names: a LoHa on a bigG projection
+/// (`lora_te2_`) and a LoKr on a UNet attention (kohya's LDM name) patch exactly those weights
+/// with the published formulas (checked against lycoris-lora itself on SD1, lora.rs).
+#[test]
+fn lycoris_modules_bind_to_sdxl() {
+    use candle_core::Tensor;
+    use sd_plugins_api::{ModelPart, WeightPatch};
+    let dev = Device::Cpu;
+    let r = |s: &[usize], seed: u64| {
+        let n: usize = s.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 + 1) * (seed * 7919 + 13)) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        Tensor::from_vec(v, s, &dev).unwrap()
+    };
+    let te2 = "lora_te2_text_model_encoder_layers_1_self_attn_q_proj";
+    let unet = "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q";
+    let (w1a, w1b, w2a, w2b) = (
+        r(&[16, 2], 1),
+        r(&[2, 16], 2),
+        r(&[16, 2], 3),
+        r(&[2, 16], 4),
+    );
+    let (k1, k2) = (r(&[2, 2], 5), r(&[16, 16], 6));
+    let mut t = std::collections::HashMap::new();
+    for (k, v) in [
+        (format!("{te2}.hada_w1_a"), &w1a),
+        (format!("{te2}.hada_w1_b"), &w1b),
+        (format!("{te2}.hada_w2_a"), &w2a),
+        (format!("{te2}.hada_w2_b"), &w2b),
+        (format!("{unet}.lokr_w1"), &k1),
+        (format!("{unet}.lokr_w2"), &k2),
+    ] {
+        t.insert(k, v.clone());
+    }
+    t.insert(format!("{te2}.alpha"), Tensor::new(1f32, &dev).unwrap());
+    let dir = std::env::temp_dir().join(format!("sdxl-lycoris-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ly.safetensors");
+    candle_core::safetensors::save(&t, &file).unwrap();
+    let targets = sd_lora::Targets::from_model(&model_dir("sdxl")).unwrap();
+    let spec = sd_lora::LoraSpec {
+        path: file.clone(),
+        unet_weight: 0.5,
+        te_weight: 0.5,
+    };
+    let (patch, report) = sd_lora::load_lora(&spec, &targets).unwrap();
+    assert!(report.unmatched.is_empty(), "{}", report.summary());
+    assert_eq!((report.te_targets, report.unet_targets), (1, 1));
+    let base = Tensor::zeros((16, 16), DType::F32, &dev).unwrap();
+    // LoHa: (w1a @ w1b) * (w2a @ w2b) * alpha / rank, times the weight
+    let d = patch
+        .delta(
+            ModelPart::TextEncoder2,
+            "text_model.encoder.layers.1.self_attn.q_proj.weight",
+            &base,
+        )
+        .unwrap()
+        .expect("the bigG projection is patched");
+    let want = ((w1a.matmul(&w1b).unwrap() * w2a.matmul(&w2b).unwrap()).unwrap() * 0.25).unwrap();
+    assert!(max_abs_diff(&d, &want) < 1e-6);
+    // LoKr with whole factors: kron(w1, w2), no alpha scaling
+    let base = Tensor::zeros((32, 32), DType::F32, &dev).unwrap();
+    let d = patch
+        .delta(
+            ModelPart::Unet,
+            "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.weight",
+            &base,
+        )
+        .unwrap()
+        .expect("the UNet attention is patched");
+    let kron = k1
+        .reshape((2, 1, 2, 1))
+        .unwrap()
+        .broadcast_mul(&k2.reshape((1, 16, 1, 16)).unwrap())
+        .unwrap()
+        .reshape((32, 32))
+        .unwrap();
+    assert!(max_abs_diff(&d, &(kron * 0.5).unwrap()) < 1e-6);
+    let _ = std::fs::remove_dir_all(dir);
+}
