@@ -5,7 +5,7 @@
 use candle_core::Device;
 use sd_tests::{assert_close, expected, fixtures, get, model_dir};
 
-use crate::common::{fails, s, scratch, sdctl};
+use crate::common::{fails, one_step, s, scratch, sdctl};
 
 fn run(name: &str, extra: &[&str]) -> (String, candle_core::Tensor) {
     let dir = scratch("sdxl", name);
@@ -116,52 +116,13 @@ fn a_refiner_needs_sdxl_and_a_fraction() {
         model_dir("sdxl"),
         model_dir("sdxl-refiner"),
     );
-    let e = fails(
-        &[
-            "generate",
-            "--model",
-            s(&sd1),
-            "--prompt",
-            "x",
-            "--steps",
-            "1",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--refiner",
-            s(&refiner),
-            "--output",
-            s(&out),
-        ],
-        &out,
-    );
+    let e = fails(&one_step(&sd1, &out, &["--refiner", s(&refiner)]), &out);
     assert!(
         e.contains("a refiner works with SDXL models: the model is SD 1.x/2.x"),
         "{e}"
     );
-    let e = fails(
-        &[
-            "generate",
-            "--model",
-            s(&sdxl),
-            "--prompt",
-            "x",
-            "--steps",
-            "1",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--refiner",
-            s(&refiner),
-            "--refiner-switch",
-            "1.5",
-            "--output",
-            s(&out),
-        ],
-        &out,
-    );
+    let switch = ["--refiner", s(&refiner), "--refiner-switch", "1.5"];
+    let e = fails(&one_step(&sdxl, &out, &switch), &out);
     assert!(e.contains("refiner_switch") && e.contains("1.5"), "{e}");
 }
 
@@ -277,36 +238,32 @@ fn bad_sdxl_settings_name_the_key() {
     let dir = scratch("sdxl", "bad-keys");
     let out = dir.join("out.png");
     let sdxl = model_dir("sdxl");
-    let base = [
-        "generate",
-        "--model",
-        s(&sdxl),
-        "--prompt",
-        "x",
-        "--steps",
-        "1",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--output",
-        s(&out),
-    ];
     for (flag, value, want) in [
         ("--original-size", "1024", "original_size"),
         ("--target-size", "0x64", "target_size"),
         ("--crop-top-left", "3;4", "crop_top_left"),
     ] {
-        let mut args = base.to_vec();
-        args.extend([flag, value]);
-        let e = fails(&args, &out);
+        let e = fails(&one_step(&sdxl, &out, &[flag, value]), &out);
         assert!(e.contains(want) && e.contains(value), "{flag} {value}: {e}");
     }
     let cn = model_dir("controlnet-sdxl-union");
     let image = fixtures().join("inputs/control_a.png");
     let unit = format!("model={},image={},type=sketch", s(&cn), s(&image));
-    let mut args = base.to_vec();
-    args.extend(["--control", &unit]);
-    let e = fails(&args, &out);
+    let e = fails(&one_step(&sdxl, &out, &["--control", &unit]), &out);
     assert!(e.contains("type") && e.contains("sketch"), "{e}");
+}
+
+/// A refiner path that is a FIFO (or any non-file, non-folder) is refused before anything is
+/// read (no hang on the pipe), and nothing is written.
+#[test]
+fn a_refiner_that_is_no_file_or_folder_is_refused() {
+    use crate::common::mkfifo;
+    let (dir, src) = (scratch("sdxl", "fifo-refiner"), scratch("sdxl", "fifo-src"));
+    let (out, fifo) = (dir.join("out.png"), src.join("refiner"));
+    mkfifo(&fifo);
+    let e = fails(
+        &one_step(&model_dir("sdxl"), &out, &["--refiner", s(&fifo)]),
+        &out,
+    );
+    assert!(e.contains("refiner") && e.contains("named pipe"), "{e}");
 }

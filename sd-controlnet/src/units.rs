@@ -184,18 +184,11 @@ impl ControlUnit {
         latent_channels: usize,
     ) -> Result<(), ControlError> {
         let cn = &self.net.config().unet;
-        let family = |c: &sd_pipeline::model::config::UNetConfig| {
-            if c.text_time.is_some() {
-                "SDXL"
-            } else {
-                "SD 1.x/2.x"
-            }
-        };
-        if family(cn) != family(base) {
+        if cn.family() != base.family() {
             return Err(ControlError::Invalid(format!(
                 "an {} ControlNet cannot guide an {} model",
-                family(cn),
-                family(base)
+                cn.family(),
+                base.family()
             )));
         }
         if cn.block_out_channels != base.block_out_channels {

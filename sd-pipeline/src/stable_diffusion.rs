@@ -46,10 +46,6 @@ impl StableDiffusion {
 
     /// The model family, as messages and `model inspect` name it.
     pub fn family(&self) -> &'static str {
-        if self.is_sdxl() {
-            "SDXL"
-        } else {
-            "SD 1.x/2.x"
-        }
+        self.unet.config().family()
     }
 }

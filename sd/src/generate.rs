@@ -215,6 +215,9 @@ pub fn load(job: &Job) -> Result<Loaded> {
     let sd = StableDiffusion::load_with_vae(&model, &device, dtype, &patches, job.vae.as_deref())?;
     let refiner = match &job.refiner {
         Some(r) => {
+            // a regular file or a folder (never a FIFO or a device), as every model path
+            sd_plugins_api::input_file::check_file_or_folder(r)
+                .map_err(|e| format!("refiner {e}"))?;
             let r = StableDiffusion::load(r, &device, dtype, &[])
                 .map_err(|e| format!("refiner: {e}"))?;
             if !sd.is_sdxl() || !r.is_sdxl() {
@@ -487,6 +490,32 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A library caller's refiner that is a named pipe is refused, not read (no hang).
+    #[test]
+    fn a_refiner_that_is_a_pipe_is_refused() {
+        let dir = std::env::temp_dir().join(format!("sd-refiner-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("refiner");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let job = Job {
+            model: Some(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/sdxl"),
+            ),
+            refiner: Some(fifo.clone()),
+            ..Job::default()
+        };
+        let err = load(&job).err().expect("refused").to_string();
+        assert!(
+            err.contains("refiner") && err.contains("named pipe"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     /// A library caller's megabytes of prompt are refused before anything is loaded.
     #[test]

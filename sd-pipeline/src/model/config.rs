@@ -393,6 +393,16 @@ impl UNetConfig {
         })
     }
 
+    /// The model family this UNet belongs to, as messages name it: SDXL-class with the
+    /// `text_time` embedding, SD 1.x/2.x otherwise.
+    pub fn family(&self) -> &'static str {
+        if self.text_time.is_some() {
+            "SDXL"
+        } else {
+            "SD 1.x/2.x"
+        }
+    }
+
     /// Peak f32 values per latent pixel of one batch item (one UNet row of the batch).
     /// Inference: attention runs in row blocks (never the whole `(hw)^2` scores) and 3x3
     /// convolutions in bounded tiles, so what grows with the image is the skip connections
