@@ -61,10 +61,12 @@ pub struct FillArgs {
     /// Classifier-free guidance scale
     #[arg(long, default_value_t = 5.0)]
     pub cfg_scale: f64,
-    /// ddim | euler | euler_a | dpmpp_2m (A1111, ComfyUI and diffusers names work too)
+    /// ddim | euler | euler_a | dpmpp_2m | dpmpp_2m_sde | dpmpp_sde | heun | lms | unipc | lcm
+    /// (A1111, ComfyUI and diffusers names work too)
     #[arg(long, default_value = "dpmpp_2m")]
     pub sampler: String,
-    /// normal | karras (default karras, or what the sampler name says)
+    /// normal | karras | exponential | beta | sgm_uniform | simple (default karras, normal for
+    /// lcm, or what the sampler name says)
     #[arg(long)]
     pub schedule: Option<String>,
     /// cpu | cuda
@@ -130,7 +132,7 @@ fn fill(a: FillArgs) -> CliResult {
         Some(s) => s
             .parse::<Schedule>()
             .map_err(|e| format!("--schedule: {e}"))?,
-        None => implied.unwrap_or(Schedule::Karras),
+        None => implied.unwrap_or(sampler.default_schedule()),
     };
     let (model, controlnet) = match (&a.model, &a.controlnet) {
         (Some(m), Some(c)) => (m.clone(), c.clone()),

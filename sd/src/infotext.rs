@@ -23,13 +23,24 @@ pub fn a1111_sampler(kind: SamplerKind) -> &'static str {
         SamplerKind::Euler => "Euler",
         SamplerKind::EulerA => "Euler a",
         SamplerKind::DpmPP2M => "DPM++ 2M",
+        SamplerKind::DpmPP2MSde => "DPM++ 2M SDE",
+        SamplerKind::DpmPPSde => "DPM++ SDE",
+        SamplerKind::Heun => "Heun",
+        SamplerKind::Lms => "LMS",
+        SamplerKind::UniPc => "UniPC",
+        SamplerKind::Lcm => "LCM",
     }
 }
 
-fn a1111_schedule(s: Schedule) -> &'static str {
+/// A1111's schedule labels (its "Schedule type" field).
+pub fn a1111_schedule(s: Schedule) -> &'static str {
     match s {
         Schedule::Normal => "Normal",
         Schedule::Karras => "Karras",
+        Schedule::Exponential => "Exponential",
+        Schedule::Beta => "Beta",
+        Schedule::SgmUniform => "SGM Uniform",
+        Schedule::Simple => "Simple",
     }
 }
 
@@ -426,9 +437,12 @@ pub fn parse_parameters(text: &str) -> Result<Map<String, Value>, String> {
     if let Some(s) = sampler {
         let (kind, implied) = SamplerKind::parse_alias(&s).map_err(|e| format!("Sampler: {e}"))?;
         m.insert("sampler".into(), kind.name().into());
+        // A1111's labels ("SGM Uniform"); ones sdctl lacks ("Automatic", "Align Your Steps")
+        // leave the sampler's default
         let sched = schedule
-            .filter(|s| s == "karras" || s == "normal")
-            .or(implied.map(|i| i.to_string()));
+            .and_then(|s| s.parse::<Schedule>().ok())
+            .or(implied)
+            .map(|s| s.to_string());
         if let Some(sc) = sched {
             m.insert("schedule".into(), sc.into());
         }
@@ -562,6 +576,39 @@ mod tests {
         assert_eq!(m["sampler"], "euler_a");
         assert_eq!(m["cfg_scale"], 7.5);
         assert_eq!(m["rng"], "torch-cpu");
+        // A1111 1.9+ writes the schedule apart; older ones fold it into the sampler's name
+        for (text, sampler, schedule) in [
+            (
+                "Sampler: DPM++ 2M SDE, Schedule type: Exponential",
+                "dpmpp_2m_sde",
+                Some("exponential"),
+            ),
+            (
+                "Sampler: Heun, Schedule type: SGM Uniform",
+                "heun",
+                Some("sgm_uniform"),
+            ),
+            ("Sampler: DPM++ SDE Karras", "dpmpp_sde", Some("karras")),
+            ("Sampler: LMS, Schedule type: Align Your Steps", "lms", None),
+            ("Sampler: UniPC, Schedule type: Beta", "unipc", Some("beta")),
+            ("Sampler: LCM", "lcm", None),
+        ] {
+            let m =
+                parse_parameters(&format!("x\nSteps: 4, {text}, Seed: 1, Size: 64x64")).unwrap();
+            assert_eq!(m["sampler"], sampler, "{text}");
+            assert_eq!(
+                m.get("schedule").and_then(|v| v.as_str()),
+                schedule,
+                "{text}"
+            );
+        }
+        for kind in SamplerKind::ALL {
+            let (k, _) = SamplerKind::parse_alias(a1111_sampler(kind)).unwrap();
+            assert_eq!(k, kind);
+        }
+        for s in Schedule::ALL {
+            assert_eq!(a1111_schedule(s).parse::<Schedule>().unwrap(), s);
+        }
         assert!(parse_parameters("just text").is_err());
     }
 

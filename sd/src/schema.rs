@@ -81,7 +81,18 @@ pub const FIELDS: &[Field] = &[
         Default::Float(7.5),
     ),
     f("sampler", Ty::Str, Default::Str("dpmpp_2m")),
-    f("schedule", Ty::Choice(&["normal", "karras"]), Default::None),
+    f(
+        "schedule",
+        Ty::Choice(&[
+            "normal",
+            "karras",
+            "exponential",
+            "beta",
+            "sgm_uniform",
+            "simple",
+        ]),
+        Default::None,
+    ),
     f(
         "seed",
         Ty::Int {

@@ -13,7 +13,11 @@ use sd_tests::{assert_close, case_request, expected, fixtures, get, model_dir, R
 use serde_json::Value;
 
 fn cases() -> Vec<Value> {
-    let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
+    cases_in("cases.json")
+}
+
+fn cases_in(file: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(fixtures().join(file)).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -83,4 +87,19 @@ fn img2img() {
 #[test]
 fn inpaint_nine_channel_and_mask_blending() {
     run_matching(|c| kind(c) == "inpaint");
+}
+
+/// The A1111 samplers and schedules through the whole pipeline
+/// (make_sampler_pipeline_fixtures.py): Heun and DPM++ SDE's interleaved model calls (their
+/// img2img start at 2x the step, inpaint blending between the stages), LMS, UniPC, LCM, the SDE
+/// samplers' recorded noise, and the exponential / beta / sgm_uniform schedules; epsilon and
+/// v-prediction, txt2img, img2img, and both kinds of inpainting.
+#[test]
+fn a1111_samplers_and_schedules_through_the_pipeline() {
+    let mut models = HashMap::new();
+    let selected = cases_in("sampler_cases.json");
+    assert_eq!(selected.len(), 25);
+    for case in &selected {
+        run_case(case, &mut models);
+    }
 }

@@ -64,11 +64,13 @@ pub struct SettingsArgs {
     /// Classifier-free guidance scale [default: 7.5]
     #[arg(long)]
     pub cfg_scale: Option<f64>,
-    /// ddim | euler | euler_a | dpmpp_2m [default: dpmpp_2m] (A1111, ComfyUI and diffusers
-    /// names work too: "DPM++ 2M Karras", "Euler a", euler_ancestral, DPMSolverMultistepScheduler)
+    /// ddim | euler | euler_a | dpmpp_2m | dpmpp_2m_sde | dpmpp_sde | heun | lms | unipc | lcm
+    /// [default: dpmpp_2m] (A1111, ComfyUI and diffusers names work too: "DPM++ 2M Karras",
+    /// "Euler a", euler_ancestral, DPMSolverMultistepScheduler)
     #[arg(long)]
     pub sampler: Option<String>,
-    /// normal | karras (default karras, or what the sampler name says)
+    /// normal | karras | exponential | beta | sgm_uniform | simple (default karras, normal for
+    /// lcm, or what the sampler name says)
     #[arg(long)]
     pub schedule: Option<String>,
     /// Seed of the noise (drawn by --rng); random if absent

@@ -178,7 +178,7 @@ pub fn check(
     };
     let schedule = match get_str(&vals, "schedule") {
         Some(s) => s.parse().unwrap_or(Schedule::Karras),
-        None => implied.unwrap_or(Schedule::Karras),
+        None => implied.unwrap_or(sampler.default_schedule()),
     };
     let shown = std::mem::take(&mut top.shown);
 

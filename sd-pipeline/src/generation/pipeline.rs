@@ -558,7 +558,8 @@ impl StableDiffusion {
 
         let strength = req.effective_strength();
         let first = if req.init_image.is_some() {
-            img2img_start_index(req.steps, strength)
+            // diffusers' `t_start * scheduler.order` (2 for Heun and DPM++ SDE)
+            img2img_start_index(req.steps, strength) * sampler.order()
         } else {
             0
         };

@@ -91,6 +91,8 @@ struct Raw {
     clip_sample_range: Option<f64>,
     sigma_min: Option<f64>,
     sigma_max: Option<f64>,
+    original_inference_steps: Option<usize>,
+    timestep_scaling: Option<f64>,
     // Accepted only at their defaults: anything else changes results in ways not ported.
     thresholding: Option<bool>,
     rescale_betas_zero_snr: Option<bool>,
@@ -121,6 +123,10 @@ pub struct SchedulerConfig {
     /// scheduler's config, and `_convert_to_karras` reads them wherever they are.
     pub sigma_min: Option<f64>,
     pub sigma_max: Option<f64>,
+    /// LCM only: the distillation schedule's length (default 50).
+    pub original_inference_steps: Option<usize>,
+    /// LCM only: the boundary-condition timestep scale (default 10).
+    pub timestep_scaling: Option<f64>,
 }
 
 impl Default for SchedulerConfig {
@@ -284,9 +290,24 @@ impl SchedulerConfig {
                 ));
             }
         }
-        for (key, v) in [("sigma_min", raw.sigma_min), ("sigma_max", raw.sigma_max)] {
+        for (key, v) in [
+            ("sigma_min", raw.sigma_min),
+            ("sigma_max", raw.sigma_max),
+            ("timestep_scaling", raw.timestep_scaling),
+        ] {
             if let Some(v) = v {
                 range(key, v, Range::above(0.0))?;
+            }
+        }
+        if let Some(o) = raw.original_inference_steps {
+            if o == 0 || o > num_train_timesteps {
+                return Err(bad(
+                    path,
+                    "original_inference_steps",
+                    &o.to_string(),
+                    "invalid",
+                    &format!("between 1 and num_train_timesteps, {num_train_timesteps}"),
+                ));
             }
         }
         Ok(Self {
@@ -303,6 +324,8 @@ impl SchedulerConfig {
             clip_sample_range: raw.clip_sample_range.unwrap_or(1.0),
             sigma_min: raw.sigma_min,
             sigma_max: raw.sigma_max,
+            original_inference_steps: raw.original_inference_steps,
+            timestep_scaling: raw.timestep_scaling,
         })
     }
 

@@ -5,10 +5,11 @@ use thiserror::Error;
 /// Errors of sampler names and scheduler configs; each names the file, key and value at fault.
 #[derive(Debug, Error)]
 pub enum SamplerError {
-    #[error("unknown sampler {name:?}: expected one of ddim, euler, euler_a, dpmpp_2m")]
-    UnknownSampler { name: String },
-    #[error("unknown schedule {name:?}: expected normal or karras")]
-    UnknownSchedule { name: String },
+    /// `expected`: the valid names, comma-separated.
+    #[error("unknown sampler {name:?}: expected one of {expected}")]
+    UnknownSampler { name: String, expected: String },
+    #[error("unknown schedule {name:?}: expected one of {expected}")]
+    UnknownSchedule { name: String, expected: String },
     #[error("cannot read scheduler config {path}: {source}")]
     Read {
         path: String,

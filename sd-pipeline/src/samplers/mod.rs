@@ -14,8 +14,12 @@ mod ddim;
 mod dpm;
 mod error;
 mod euler;
+mod heun;
+mod lcm;
+mod lms;
 mod sampler;
 mod schedule;
+mod unipc;
 
 use std::fmt;
 use std::str::FromStr;
@@ -24,6 +28,7 @@ pub use config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing}
 pub use error::SamplerError;
 pub use sampler::{NoiseSource, Sampler};
 pub use schedule::alphas_cumprod;
+use schedule::Conversion;
 
 /// The samplers offered, by their user-facing names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,10 +37,27 @@ pub enum SamplerKind {
     Euler,
     EulerA,
     DpmPP2M,
+    DpmPP2MSde,
+    DpmPPSde,
+    Heun,
+    Lms,
+    UniPc,
+    Lcm,
 }
 
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 4] = [Self::Ddim, Self::Euler, Self::EulerA, Self::DpmPP2M];
+    pub const ALL: [SamplerKind; 10] = [
+        Self::Ddim,
+        Self::Euler,
+        Self::EulerA,
+        Self::DpmPP2M,
+        Self::DpmPP2MSde,
+        Self::DpmPPSde,
+        Self::Heun,
+        Self::Lms,
+        Self::UniPc,
+        Self::Lcm,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -43,8 +65,36 @@ impl SamplerKind {
             Self::Euler => "euler",
             Self::EulerA => "euler_a",
             Self::DpmPP2M => "dpmpp_2m",
+            Self::DpmPP2MSde => "dpmpp_2m_sde",
+            Self::DpmPPSde => "dpmpp_sde",
+            Self::Heun => "heun",
+            Self::Lms => "lms",
+            Self::UniPc => "unipc",
+            Self::Lcm => "lcm",
         }
     }
+
+    /// The schedule sdctl uses when none is given: Karras, except for LCM, whose timesteps are
+    /// its own.
+    pub fn default_schedule(self) -> Schedule {
+        match self {
+            Self::Lcm => Schedule::Normal,
+            _ => Schedule::Karras,
+        }
+    }
+
+    /// Whether each run draws fresh noise per step (from the run's noise source).
+    pub fn is_stochastic(self) -> bool {
+        matches!(
+            self,
+            Self::EulerA | Self::DpmPP2MSde | Self::DpmPPSde | Self::Lcm
+        )
+    }
+}
+
+/// Our sampler names, comma-separated (for messages).
+pub fn sampler_names() -> String {
+    SamplerKind::ALL.map(|k| k.name()).join(", ")
 }
 
 impl FromStr for SamplerKind {
@@ -53,14 +103,18 @@ impl FromStr for SamplerKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| SamplerError::UnknownSampler { name: s.into() })
+            .ok_or_else(|| SamplerError::UnknownSampler {
+                name: s.into(),
+                expected: sampler_names(),
+            })
     }
 }
 
 impl SamplerKind {
     /// Parse a sampler as people type it: our names (`dpmpp_2m`), A1111's (`"DPM++ 2M Karras"`,
-    /// `"Euler a"`, `"DDIM"`), ComfyUI's (`euler_ancestral`) and diffusers class names
-    /// (`DPMSolverMultistepScheduler`). A trailing "Karras" also names the schedule.
+    /// `"Euler a"`, `"DDIM"`, `"DPM++ 2M SDE"`, `"LMS"`), ComfyUI's (`euler_ancestral`,
+    /// `uni_pc`) and diffusers class names (`DPMSolverMultistepScheduler`). A trailing
+    /// "Karras" / "Exponential" also names the schedule (A1111 before 1.9).
     pub fn parse_alias(s: &str) -> Result<(Self, Option<Schedule>), SamplerError> {
         let mut n: String = s
             .to_lowercase()
@@ -69,9 +123,15 @@ impl SamplerKind {
             .filter(|c| c.is_ascii_alphanumeric())
             .collect();
         let mut schedule = None;
-        if let Some(stripped) = n.strip_suffix("karras") {
-            n = stripped.to_string();
-            schedule = Some(Schedule::Karras);
+        for (suffix, sched) in [
+            ("karras", Schedule::Karras),
+            ("exponential", Schedule::Exponential),
+        ] {
+            if let Some(stripped) = n.strip_suffix(suffix) {
+                n = stripped.to_string();
+                schedule = Some(sched);
+                break;
+            }
         }
         let kind = match n.as_str() {
             "ddim" | "ddimscheduler" => Self::Ddim,
@@ -83,7 +143,18 @@ impl SamplerKind {
             "dpmpp2m" | "dpmsolvermultistepscheduler" | "dpmsolvermultistep" | "dpmsolverpp2m" => {
                 Self::DpmPP2M
             }
-            _ => return Err(SamplerError::UnknownSampler { name: s.into() }),
+            "dpmpp2msde" => Self::DpmPP2MSde,
+            "dpmppsde" | "dpmsolversdescheduler" | "dpmsolversde" => Self::DpmPPSde,
+            "heun" | "heundiscretescheduler" | "heundiscrete" => Self::Heun,
+            "lms" | "lmsdiscretescheduler" | "lmsdiscrete" => Self::Lms,
+            "unipc" | "unipcmultistepscheduler" | "unipcmultistep" => Self::UniPc,
+            "lcm" | "lcmscheduler" => Self::Lcm,
+            _ => {
+                return Err(SamplerError::UnknownSampler {
+                    name: s.into(),
+                    expected: sampler_names(),
+                })
+            }
         };
         Ok((kind, schedule))
     }
@@ -95,42 +166,102 @@ impl fmt::Display for SamplerKind {
     }
 }
 
-/// The noise levels the steps visit: diffusers' own spacing, or Karras et al.'s (rho 7).
+/// The noise levels the steps visit (A1111's "Schedule type"), as diffusers' scheduler docs map
+/// them: `normal` the scheduler's own spacing; `karras` (rho 7), `exponential` and `beta`
+/// (alpha = beta = 0.6) redraw the sigmas with linspace spacing (`use_karras_sigmas`,
+/// `use_exponential_sigmas`, `use_beta_sigmas`); `sgm_uniform` and `simple` are
+/// `timestep_spacing="trailing"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Schedule {
     Normal,
     Karras,
+    Exponential,
+    Beta,
+    SgmUniform,
+    Simple,
+}
+
+impl Schedule {
+    pub const ALL: [Schedule; 6] = [
+        Self::Normal,
+        Self::Karras,
+        Self::Exponential,
+        Self::Beta,
+        Self::SgmUniform,
+        Self::Simple,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Karras => "karras",
+            Self::Exponential => "exponential",
+            Self::Beta => "beta",
+            Self::SgmUniform => "sgm_uniform",
+            Self::Simple => "simple",
+        }
+    }
+
+    fn conversion(self) -> Option<Conversion> {
+        match self {
+            Self::Karras => Some(Conversion::Karras),
+            Self::Exponential => Some(Conversion::Exponential),
+            Self::Beta => Some(Conversion::Beta),
+            _ => None,
+        }
+    }
+
+    /// The `timestep_spacing` the schedule sets; `None`: the config's own.
+    fn spacing(self) -> Option<TimestepSpacing> {
+        match self {
+            Self::Normal | Self::Karras => None,
+            Self::Exponential | Self::Beta => Some(TimestepSpacing::Linspace),
+            Self::SgmUniform | Self::Simple => Some(TimestepSpacing::Trailing),
+        }
+    }
+}
+
+/// Our schedule names, comma-separated (for messages).
+pub fn schedule_names() -> String {
+    Schedule::ALL.map(|k| k.name()).join(", ")
 }
 
 impl FromStr for Schedule {
     type Err = SamplerError;
     fn from_str(s: &str) -> Result<Self, SamplerError> {
-        match s {
-            "normal" => Ok(Self::Normal),
-            "karras" => Ok(Self::Karras),
-            other => Err(SamplerError::UnknownSchedule { name: other.into() }),
-        }
+        let n: String = s
+            .to_lowercase()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name().replace('_', "") == n)
+            .ok_or_else(|| SamplerError::UnknownSchedule {
+                name: s.into(),
+                expected: schedule_names(),
+            })
     }
 }
 
 impl fmt::Display for Schedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Normal => "normal",
-            Self::Karras => "karras",
-        })
+        f.write_str(self.name())
     }
 }
 
-/// Build a sampler for `steps` steps. The mapping to diffusers classes:
-/// - ddim/normal: `DDIMScheduler` (eta 0);
-/// - ddim/karras: `DPMSolverMultistepScheduler(solver_order=1, use_karras_sigmas=True)`
-///   (first-order DPM-Solver++ is DDIM; DDIMScheduler has no Karras option);
-/// - euler: `EulerDiscreteScheduler[(use_karras_sigmas=True)]`;
-/// - euler_a/normal: `EulerAncestralDiscreteScheduler`; euler_a/karras: the same on the sigmas
-///   and timesteps `EulerDiscreteScheduler(use_karras_sigmas=True)` computes;
-/// - dpmpp_2m: `DPMSolverMultistepScheduler[(use_karras_sigmas=True)]` with its defaults
-///   (dpmsolver++, order 2, midpoint, lower_order_final, final sigma 0).
+/// Build a sampler for `steps` steps. The mapping to diffusers classes (each `from_config` of
+/// the model's scheduler config, with the schedule's flags):
+/// - ddim/normal, sgm_uniform, simple: `DDIMScheduler` (eta 0);
+/// - ddim/karras, exponential, beta: `DPMSolverMultistepScheduler(solver_order=1, ...)`
+///   (first-order DPM-Solver++ is DDIM; DDIMScheduler has no sigma schedules);
+/// - euler: `EulerDiscreteScheduler`; euler_a: `EulerAncestralDiscreteScheduler`, on the
+///   sigmas and timesteps `EulerDiscreteScheduler` computes for karras / exponential / beta;
+/// - dpmpp_2m: `DPMSolverMultistepScheduler` (dpmsolver++, order 2, midpoint, final sigma 0);
+///   dpmpp_2m_sde: the same with `algorithm_type="sde-dpmsolver++"`;
+/// - dpmpp_sde: `DPMSolverSDEScheduler`; heun: `HeunDiscreteScheduler`; lms:
+///   `LMSDiscreteScheduler`; unipc: `UniPCMultistepScheduler` (bh2, order 2);
+/// - lcm: `LCMScheduler` (its own timesteps: normal only).
 ///
 /// The sampler kind and schedule decide the algorithm: a config's own `use_karras_sigmas`,
 /// `solver_order`, `algorithm_type`, `final_sigmas_type` ... are not consulted.
@@ -146,13 +277,29 @@ pub fn build_sampler(
             cfg.num_train_timesteps
         )));
     }
-    let karras = schedule == Schedule::Karras;
-    Ok(match (kind, karras) {
-        (SamplerKind::Ddim, false) => Box::new(ddim::Ddim::new(cfg, steps)?),
-        (SamplerKind::Ddim, true) => Box::new(dpm::DpmSolver::new(cfg, steps, 1, true)?),
-        (SamplerKind::Euler, k) => Box::new(euler::Euler::new(cfg, steps, k, false)?),
-        (SamplerKind::EulerA, k) => Box::new(euler::Euler::new(cfg, steps, k, true)?),
-        (SamplerKind::DpmPP2M, k) => Box::new(dpm::DpmSolver::new(cfg, steps, 2, k)?),
+    let mut cfg = cfg.clone();
+    if let Some(spacing) = schedule.spacing() {
+        cfg.timestep_spacing = Some(spacing);
+    }
+    let cfg = &cfg;
+    let conv = schedule.conversion();
+    Ok(match kind {
+        SamplerKind::Ddim if conv.is_none() => Box::new(ddim::Ddim::new(cfg, steps)?),
+        SamplerKind::Ddim => Box::new(dpm::DpmSolver::new(cfg, steps, 1, conv, false)?),
+        SamplerKind::Euler => Box::new(euler::Euler::new(cfg, steps, conv, false)?),
+        SamplerKind::EulerA => Box::new(euler::Euler::new(cfg, steps, conv, true)?),
+        SamplerKind::DpmPP2M => Box::new(dpm::DpmSolver::new(cfg, steps, 2, conv, false)?),
+        SamplerKind::DpmPP2MSde => Box::new(dpm::DpmSolver::new(cfg, steps, 2, conv, true)?),
+        SamplerKind::DpmPPSde => Box::new(heun::DpmSde::new(cfg, steps, conv)?),
+        SamplerKind::Heun => Box::new(heun::Heun::new(cfg, steps, conv)?),
+        SamplerKind::Lms => Box::new(lms::Lms::new(cfg, steps, conv)?),
+        SamplerKind::UniPc => Box::new(unipc::UniPc::new(cfg, steps, conv)?),
+        SamplerKind::Lcm if schedule == Schedule::Normal => Box::new(lcm::Lcm::new(cfg, steps)?),
+        SamplerKind::Lcm => {
+            return Err(SamplerError::Invalid(format!(
+                "schedule {schedule} does not apply to lcm, which has its own timesteps: use normal"
+            )))
+        }
     })
 }
 
@@ -197,16 +344,20 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_unknown_names_are_listed() {
-        for s in ["ddim", "euler", "euler_a", "dpmpp_2m"] {
+        for s in SamplerKind::ALL.map(|k| k.name()) {
             assert_eq!(s.parse::<SamplerKind>().unwrap().to_string(), s);
         }
         let e = "plms".parse::<SamplerKind>().unwrap_err().to_string();
         assert!(e.contains("plms") && e.contains("dpmpp_2m"), "{e}");
-        assert!("exponential"
+        assert!("polyexponential"
             .parse::<Schedule>()
             .unwrap_err()
             .to_string()
-            .contains("karras"));
+            .contains("sgm_uniform"));
+        assert_eq!(
+            "SGM Uniform".parse::<Schedule>().unwrap(),
+            Schedule::SgmUniform
+        );
     }
 
     #[test]

@@ -15,6 +15,11 @@ pub trait Sampler {
     /// Model timesteps (what the UNet receives), one per inference step, in order: exactly
     /// diffusers' `scheduler.timesteps` (int64 for DDIM/DPM-Solver, float32 for Euler/Euler a).
     fn timesteps(&self) -> &[f64];
+    /// Model calls per step (diffusers' `scheduler.order`): 2 for Heun and DPM++ SDE, whose
+    /// `timesteps()` hold `2 * steps - 1` entries; an img2img run starts at `order * start`.
+    fn order(&self) -> usize {
+        1
+    }
     /// Standard deviation of the initial txt2img latents (1 for DDIM/DPM-Solver).
     fn init_noise_sigma(&self) -> f64 {
         1.0

@@ -21,6 +21,18 @@ const SAMPLERS: &[Sampler] = &[
         automatic: Schedule::Karras,
     },
     Sampler {
+        name: "DPM++ SDE",
+        aliases: &["k_dpmpp_sde"],
+        kind: SamplerKind::DpmPPSde,
+        automatic: Schedule::Karras,
+    },
+    Sampler {
+        name: "DPM++ 2M SDE",
+        aliases: &["k_dpmpp_2m_sde"],
+        kind: SamplerKind::DpmPP2MSde,
+        automatic: Schedule::Exponential,
+    },
+    Sampler {
         name: "Euler a",
         aliases: &["k_euler_a", "k_euler_ancestral"],
         kind: SamplerKind::EulerA,
@@ -33,18 +45,46 @@ const SAMPLERS: &[Sampler] = &[
         automatic: Schedule::Normal,
     },
     Sampler {
+        name: "LMS",
+        aliases: &["k_lms"],
+        kind: SamplerKind::Lms,
+        automatic: Schedule::Normal,
+    },
+    Sampler {
+        name: "Heun",
+        aliases: &["k_heun"],
+        kind: SamplerKind::Heun,
+        automatic: Schedule::Normal,
+    },
+    Sampler {
         name: "DDIM",
         aliases: &["ddim"],
         kind: SamplerKind::Ddim,
         automatic: Schedule::Normal,
     },
+    Sampler {
+        name: "UniPC",
+        aliases: &["unipc"],
+        kind: SamplerKind::UniPc,
+        automatic: Schedule::Normal,
+    },
+    Sampler {
+        name: "LCM",
+        aliases: &["k_lcm"],
+        kind: SamplerKind::Lcm,
+        automatic: Schedule::Normal,
+    },
 ];
 
-/// `(name, label)` of the schedulers sdctl has.
+/// `(name, label)` of the schedulers sdctl has (A1111's `sd_schedulers.py` names).
 const SCHEDULERS: &[(&str, &str, Option<Schedule>)] = &[
     ("automatic", "Automatic", None),
     ("karras", "Karras", Some(Schedule::Karras)),
+    ("exponential", "Exponential", Some(Schedule::Exponential)),
+    ("sgm_uniform", "SGM Uniform", Some(Schedule::SgmUniform)),
+    ("simple", "Simple", Some(Schedule::Simple)),
     ("normal", "Normal", Some(Schedule::Normal)),
+    ("beta", "Beta", Some(Schedule::Beta)),
 ];
 
 /// A request's `sampler_name` (a name or an alias, any case; A1111's old "NAME Karras" form too)
@@ -98,10 +138,17 @@ pub fn list() -> Value {
         SAMPLERS
             .iter()
             .map(|s| {
-                let options = match s.automatic {
-                    Schedule::Karras => json!({"scheduler": "karras"}),
-                    Schedule::Normal => json!({}),
-                };
+                // sd_samplers_kdiffusion.py's options
+                let mut options = serde_json::Map::new();
+                if s.automatic != Schedule::Normal {
+                    options.insert("scheduler".into(), s.automatic.name().into());
+                }
+                if matches!(s.kind, SamplerKind::Heun | SamplerKind::DpmPPSde) {
+                    options.insert("second_order".into(), true.into());
+                }
+                if matches!(s.kind, SamplerKind::DpmPPSde | SamplerKind::DpmPP2MSde) {
+                    options.insert("brownian_noise".into(), true.into());
+                }
                 json!({"name": s.name, "aliases": s.aliases, "options": options})
             })
             .collect(),
@@ -157,10 +204,19 @@ mod tests {
             resolve("DDIM", "automatic").unwrap(),
             (Ddim, Schedule::Normal)
         );
-        let e = resolve("Heun", "automatic").unwrap_err();
+        assert_eq!(
+            resolve("DPM++ 2M SDE", "automatic").unwrap(),
+            (DpmPP2MSde, Schedule::Exponential)
+        );
+        assert_eq!(
+            resolve("k_heun", "SGM Uniform").unwrap(),
+            (Heun, Schedule::SgmUniform)
+        );
+        assert_eq!(resolve("UniPC", "beta").unwrap(), (UniPc, Schedule::Beta));
+        let e = resolve("DPM2 a", "automatic").unwrap_err();
         assert!(e.detail.starts_with("Sampler not found"), "{}", e.detail);
         assert_eq!(e.status, 400);
-        let e = resolve("Euler", "beta").unwrap_err();
+        let e = resolve("Euler", "align_your_steps").unwrap_err();
         assert!(e.detail.starts_with("Scheduler not found"), "{}", e.detail);
         assert_eq!(list().as_array().unwrap().len(), SAMPLERS.len());
     }
