@@ -17,6 +17,9 @@ pub fn run(args: GenerateArgs) -> CliResult {
     for r in &loaded.lora_reports {
         eprintln!("lora {r}");
     }
+    for (what, why) in &loaded.embeddings_skipped {
+        eprintln!("warning: embedding {what} skipped: {why}");
+    }
     let t_loaded = t0.elapsed();
     let progress = Progress::new();
     let bar = progress.bar();

@@ -5,6 +5,7 @@ mod config;
 mod controlnet;
 mod dataset;
 mod detect;
+mod embeddings;
 mod eval;
 mod generate;
 mod lora;
@@ -51,6 +52,9 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
     /// LoRA tools.
     #[command(subcommand)]
     Lora(lora::LoraCommand),
+    /// Textual-inversion embeddings: sdctl embeddings list DIR
+    #[command(subcommand)]
+    Embeddings(embeddings::EmbeddingsCommand),
     /// Layered settings: `config show` prints what generate would use.
     #[command(subcommand)]
     Config(config::ConfigCommand),
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Controlnet(cmd) => controlnet::run(cmd),
         Command::Lora(cmd) => lora::run(cmd),
+        Command::Embeddings(cmd) => embeddings::run(cmd),
         Command::PngInfo(a) => png_info::run(a),
         Command::Config(cmd) => config::run(cmd),
         Command::Preprocessors(cmd) => preprocessors::run(cmd),

@@ -34,7 +34,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_dir: Option<PathBuf>,
-    /// Textual-inversion embeddings (listed; not applied yet).
+    /// Textual-inversion embeddings, used by prompts that name them.
     #[arg(long, value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embeddings_dir: Option<PathBuf>,

@@ -31,6 +31,8 @@ pub struct StableDiffusion {
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
+    /// Textual-inversion embeddings the prompts may name ([`Self::set_embeddings`]).
+    pub embeddings: crate::text::embeddings::EmbeddingSet,
 }
 
 impl StableDiffusion {
@@ -42,6 +44,35 @@ impl StableDiffusion {
     /// True for SDXL-class models (a UNet with the `text_time` added embedding).
     pub fn is_sdxl(&self) -> bool {
         self.unet.config().text_time.is_some()
+    }
+
+    /// The hidden widths of the text encoders, in encoding order (an embedding must have
+    /// vectors for each).
+    pub fn text_widths(&self) -> Vec<usize> {
+        let mut w = vec![self.text_encoder.config().hidden_size];
+        w.extend(
+            self.text_encoder_2
+                .as_ref()
+                .map(|(te, _)| te.config().hidden_size),
+        );
+        w
+    }
+
+    /// Make the embeddings of `all` that fit this model's encoders available to its prompts;
+    /// returns the names left out and why.
+    pub fn set_embeddings(
+        &mut self,
+        all: &[crate::text::embeddings::TextualInversion],
+    ) -> Vec<(String, String)> {
+        let (set, skipped) =
+            crate::text::embeddings::EmbeddingSet::for_model(all, &self.text_widths());
+        self.embeddings = set;
+        skipped
+    }
+
+    /// The names of the embeddings `prompt` uses.
+    pub fn embeddings_used(&self, prompt: &str) -> Result<Vec<String>, crate::error::Error> {
+        crate::text::embeddings_used(&self.tokenizer, prompt, &self.embeddings)
     }
 
     /// The model family, as messages and `model inspect` name it.

@@ -689,3 +689,67 @@ async fn hashes_the_cache_lacks_are_read_in_the_background() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Embeddings from `--embeddings-dir`: listed as A1111 lists them, used by a prompt that
+/// names them (the image and infotext are the front door's, "TI hashes" included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_listed_and_used_by_prompts() {
+    let (mut config, dir) = config("embeddings");
+    config.folders.embeddings = Some(fixtures().join("embeddings"));
+    let (app, _) = sd_server::app(config);
+    let (status, res) = call(&app, "GET", "/sdapi/v1/embeddings", None, None).await;
+    assert_eq!(status, 200, "{res}");
+    assert_eq!(res["loaded"]["badhands"]["vectors"], 3);
+    assert_eq!(res["loaded"]["badhands"]["shape"], 8);
+    assert_eq!(res["loaded"]["xlstyle"]["shape"], 16);
+    assert!(res["skipped"]["broken"].is_object(), "{res}");
+
+    let req = json!({
+        "prompt": "a tinystyle cat", "negative_prompt": "badhands", "width": 64, "height": 64,
+        "steps": 3, "seed": 2, "cfg_scale": 5, "sampler_name": "Heun", "scheduler": "karras",
+        "override_settings": {"sd_model_checkpoint": "sd1"}
+    });
+    let (status, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(req), None).await;
+    assert_eq!(status, 200, "{res}");
+    let info: Value = serde_json::from_str(res["info"].as_str().unwrap()).unwrap();
+    let infotext = info["infotexts"][0].as_str().unwrap();
+    assert!(
+        infotext.contains("Sampler: Heun, Schedule type: Karras")
+            && infotext.contains("TI hashes: \"badhands: ")
+            && infotext.contains(", tinystyle: "),
+        "{infotext}"
+    );
+    let api = base64::engine::general_purpose::STANDARD
+        .decode(res["images"][0].as_str().unwrap())
+        .unwrap();
+    let mut job = sd::Job::new("a tinystyle cat");
+    job.model = Some(dir.join("models/sd1"));
+    job.negative_prompt = Some("badhands".into());
+    (job.width, job.height, job.steps, job.seed, job.cfg_scale) =
+        (Some(64), Some(64), 3, Some(2), 5.0);
+    job.sampler = sd_pipeline::samplers::SamplerKind::Heun;
+    job.schedule = sd_pipeline::samplers::Schedule::Karras;
+    job.rng = sd::Rng::Philox;
+    job.lora_dir = Some(fixtures().join("loras"));
+    job.embeddings_dir = Some(fixtures().join("embeddings"));
+    let g = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
+    assert_eq!(g.parameters, infotext);
+    let out = dir.join("lib.png");
+    g.write(&out, None).unwrap();
+    assert!(
+        image::load_from_memory(&api).unwrap().to_rgb8() == image::open(&out).unwrap().to_rgb8(),
+        "the API's pixels differ from the front door's"
+    );
+    // without the folder, the names are plain words: another image
+    job.embeddings_dir = None;
+    let plain = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
+    assert!(!plain.parameters.contains("TI hashes"));
+    let d = (plain.images - &g.images)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() > 1e-3);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -18,6 +18,8 @@
 //!   anything is inflated; a deflated member claiming more than deflate can produce from its
 //!   compressed size is refused when read, and data is read through `Read::take`, so no
 //!   header can make the reader inflate more than the tensor needs;
+//! - dictionaries nested in the state dict (Real-ESRGAN's `params_ema`) are read under dotted
+//!   names (`params_ema.conv_first.weight`), at most [`MAX_DICT_NESTING`] levels down;
 //! - shapes (`tensor_shapes`, `Store::shapes`) come from the pickle alone: no storage is
 //!   inflated for them.
 
@@ -34,6 +36,10 @@ use crate::error::{Error, Result};
 
 /// Deepest nesting of objects a pickle may build (a state dict needs a handful of levels).
 pub const MAX_DEPTH: usize = 1000;
+
+/// Dictionaries inside the state dict whose tensors are read (as `outer.inner.name`); deeper
+/// ones are skipped.
+pub const MAX_DICT_NESTING: usize = 4;
 
 /// Largest pickle (`data.pkl`, the tensor records, not their data) read.
 pub const MAX_PICKLE_BYTES: u64 = 256 << 20;
@@ -753,14 +759,23 @@ impl Archive {
                     .ok_or_else(|| bad(format!("key {key} not found")))?,
                 (_, obj) => obj,
             };
-            if let Object::Dict(kv) = obj {
+            // nested dictionaries of tensors under dotted names: Real-ESRGAN's releases hold
+            // `{"params_ema": state_dict, "params": state_dict}`
+            let mut dicts = vec![(String::new(), obj, 0)];
+            while let Some((prefix, obj, depth)) = dicts.pop() {
+                let Object::Dict(kv) = obj else { continue };
                 for (k, v) in kv {
-                    match record(k, v, dir) {
-                        Ok(Some((n, r))) => {
-                            records.insert(n, r);
+                    match (k, v) {
+                        (Object::Unicode(k), v @ Object::Dict(_)) if depth < MAX_DICT_NESTING => {
+                            dicts.push((format!("{prefix}{k}."), v, depth + 1));
                         }
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(path = %path.display(), "skipping: {e}"),
+                        (k, v) => match record(k, v, dir) {
+                            Ok(Some((n, r))) => {
+                                records.insert(format!("{prefix}{n}"), r);
+                            }
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(path = %path.display(), "skipping: {e}"),
+                        },
                     }
                 }
             }

@@ -222,3 +222,41 @@ fn shapes_never_inflate_storages_and_a_lying_header_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn nested_state_dicts_are_read_under_dotted_names() {
+    // Real-ESRGAN's releases: {"params_ema": {...}, "params": {...}}
+    let inner = |entries: &[(&str, Vec<u8>)]| {
+        let mut v = vec![b'}'];
+        for (k, value) in entries {
+            v.extend(unicode(k));
+            v.extend(value);
+            v.push(b's');
+        }
+        v
+    };
+    let p = scratch("nested-dicts.pth");
+    let f = |x: &[f32]| x.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+    let (a, b, c) = (f(&[1., 2.]), f(&[3., 4.]), f(&[5.]));
+    archive(
+        &p,
+        &dict_of(&[
+            (
+                "params_ema",
+                inner(&[("conv.weight", tensor("0", 2, &[2]))]),
+            ),
+            ("params", inner(&[("conv.weight", tensor("1", 2, &[2]))])),
+            ("top", tensor("2", 1, &[1])),
+        ]),
+        &[("0", &a), ("1", &b), ("2", &c)],
+    );
+    let s = Store::open(&p).unwrap();
+    assert_eq!(
+        s.names(),
+        vec!["params.conv.weight", "params_ema.conv.weight", "top"]
+    );
+    let get = |n: &str| s.get(n).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(get("params_ema.conv.weight"), vec![1., 2.]);
+    assert_eq!(get("params.conv.weight"), vec![3., 4.]);
+    assert_eq!(get("top"), vec![5.]);
+}

@@ -178,6 +178,8 @@ pub struct Loaded {
     pub device: Device,
     /// The SDXL refiner, when the job names one (no LoRAs or patches: those are the base's).
     pub refiner: Option<StableDiffusion>,
+    /// What `embeddings_dir` held that the model cannot use: `(file or name, why)`.
+    pub embeddings_skipped: Vec<(String, String)>,
 }
 
 /// Load the job's model with its LoRAs and plugin patches.
@@ -212,7 +214,8 @@ pub fn load(job: &Job) -> Result<Loaded> {
         .map(|p| p.lib.instance(&p.params))
         .collect::<Result<Vec<_>, _>>()?;
     patches.extend(plugins.iter().map(|i| i.patch()));
-    let sd = StableDiffusion::load_with_vae(&model, &device, dtype, &patches, job.vae.as_deref())?;
+    let mut sd =
+        StableDiffusion::load_with_vae(&model, &device, dtype, &patches, job.vae.as_deref())?;
     let refiner = match &job.refiner {
         Some(r) => {
             // a regular file or a folder (never a FIFO or a device), as every model path
@@ -232,7 +235,13 @@ pub fn load(job: &Job) -> Result<Loaded> {
         }
         None => None,
     };
+    let mut refiner = refiner;
+    let embeddings_skipped = match &job.embeddings_dir {
+        Some(dir) => load_embeddings(dir, &mut sd, refiner.as_mut())?,
+        None => Vec::new(),
+    };
     Ok(Loaded {
+        embeddings_skipped,
         refiner,
         sd,
         model,
@@ -242,6 +251,35 @@ pub fn load(job: &Job) -> Result<Loaded> {
         plugins,
         device,
     })
+}
+
+/// Give the model (and the refiner) the embeddings of `dir` that fit it. Files that are no
+/// embedding, and embeddings for another model family, are skipped with a warning, as A1111
+/// does; the list of them is returned.
+fn load_embeddings(
+    dir: &Path,
+    sd: &mut StableDiffusion,
+    refiner: Option<&mut StableDiffusion>,
+) -> Result<Vec<(String, String)>> {
+    let scan =
+        sd_pipeline::text::embeddings::scan_dir(dir).map_err(|e| format!("embeddings_dir: {e}"))?;
+    let mut skipped: Vec<(String, String)> = scan
+        .skipped
+        .iter()
+        .map(|(p, why)| (p.display().to_string(), why.clone()))
+        .collect();
+    for (name, why) in sd.set_embeddings(&scan.loaded) {
+        let file = scan
+            .loaded
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.path.display().to_string());
+        skipped.push((file.unwrap_or(name), why));
+    }
+    if let Some(r) = refiner {
+        r.set_embeddings(&scan.loaded);
+    }
+    Ok(skipped)
 }
 
 /// The generation size: the job's, else the init image's, else the model's own.
@@ -457,8 +495,21 @@ pub fn run(
     let decode = t_dec.elapsed();
 
     let seed = job.noise.is_none().then_some(seed);
+    // the embeddings the prompts use, for the infotext's "TI hashes"
+    let mut used = sd.embeddings_used(&req.prompt)?;
+    if let Some(n) = &req.negative_prompt {
+        used.extend(sd.embeddings_used(n)?);
+    }
+    let embeddings: Vec<(String, PathBuf)> = sd
+        .embeddings
+        .items()
+        .iter()
+        .filter(|t| used.contains(&t.name))
+        .map(|t| (t.name.clone(), t.path.clone()))
+        .collect();
     let info = Run {
         job,
+        embeddings: &embeddings,
         req: &req,
         seed,
         model: &loaded.model,

@@ -70,6 +70,8 @@ pub struct Run<'a> {
     pub seed: Option<u64>,
     pub model: &'a Path,
     pub loras: &'a [sd_lora::LoraSpec],
+    /// The textual-inversion embeddings the prompts used: `(name, file)`.
+    pub embeddings: &'a [(String, std::path::PathBuf)],
 }
 
 impl Run<'_> {
@@ -156,6 +158,15 @@ impl Run<'_> {
                 .collect();
             f.push(("Lora hashes".into(), list.join(", ")));
         }
+        if !self.embeddings.is_empty() {
+            // A1111: sha256 of the embedding file, 12 digits
+            let list: Vec<String> = self
+                .embeddings
+                .iter()
+                .map(|(name, path)| format!("{name}: {}", hashes.short(path, 12)))
+                .collect();
+            f.push(("TI hashes".into(), list.join(", ")));
+        }
         for p in &st.plugins {
             f.push((
                 format!("Plugin {}", p.lib.manifest.name),
@@ -225,6 +236,7 @@ impl Run<'_> {
             ("mask", &st.mask),
             ("noise", &st.noise),
             ("lora_dir", &st.lora_dir),
+            ("embeddings_dir", &st.embeddings_dir),
         ] {
             if let Some(p) = v {
                 m.insert(k.into(), path(p));

@@ -115,6 +115,8 @@ pub struct Job {
     pub dtype: String,
     /// Where `<lora:NAME:...>` prompt tags are looked up.
     pub lora_dir: Option<PathBuf>,
+    /// Textual-inversion embeddings the prompts may name (A1111's `--embeddings-dir`).
+    pub embeddings_dir: Option<PathBuf>,
     /// Refuse LoRAs with modules that match nothing in the model.
     pub strict_lora: bool,
     /// Allow prompt-tag LoRA weights outside [`sd_lora::WEIGHT_RANGE`] (still finite).
@@ -154,6 +156,7 @@ impl Default for Job {
             device: "cpu".into(),
             dtype: "f32".into(),
             lora_dir: None,
+            embeddings_dir: None,
             strict_lora: false,
             allow_extreme_weights: false,
             control: Vec::new(),

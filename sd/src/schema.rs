@@ -141,6 +141,7 @@ pub const FIELDS: &[Field] = &[
         Default::Str("f32"),
     ),
     f("lora_dir", Ty::Path(PathRole::Dir), Default::None),
+    f("embeddings_dir", Ty::Path(PathRole::Dir), Default::None),
     f("strict_lora", Ty::Bool, Default::Bool(false)),
     f("plugin_dir", Ty::Path(PathRole::Dir), Default::None),
     f("allow_extreme_weights", Ty::Bool, Default::Bool(false)),

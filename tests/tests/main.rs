@@ -4,6 +4,7 @@
 mod clip;
 mod controlnet;
 mod depth_anything;
+mod embeddings;
 mod lora;
 mod module_graph;
 mod openpose;

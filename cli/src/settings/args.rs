@@ -142,6 +142,10 @@ pub struct SettingsArgs {
     /// Where `<lora:NAME:WEIGHT>` prompt tags find NAME.safetensors
     #[arg(long)]
     pub lora_dir: Option<PathBuf>,
+    /// Textual-inversion embeddings (A1111 .pt, .safetensors, .bin; SDXL clip_l/clip_g): a
+    /// prompt naming a file's stem gets its vectors
+    #[arg(long)]
+    pub embeddings_dir: Option<PathBuf>,
     /// Fail when a LoRA has keys that match nothing in the model (otherwise they are reported)
     #[arg(long)]
     pub strict_lora: bool,
@@ -210,6 +214,7 @@ impl SettingsArgs {
         put("device", self.device.clone().map(Value::from));
         put("dtype", self.dtype.clone().map(Value::from));
         put("lora_dir", self.lora_dir.as_deref().map(path));
+        put("embeddings_dir", self.embeddings_dir.as_deref().map(path));
         put("plugin_dir", self.plugin_dir.as_deref().map(path));
         put("strict_lora", self.strict_lora.then_some(Value::from(true)));
         put(

@@ -409,6 +409,7 @@ pub fn check(
         device: get_str(&vals, "device").unwrap_or(d.device),
         dtype: get_str(&vals, "dtype").unwrap_or(d.dtype),
         lora_dir: get_path(&vals, "lora_dir"),
+        embeddings_dir: get_path(&vals, "embeddings_dir"),
         strict_lora: get_bool(&vals, "strict_lora").unwrap_or(d.strict_lora),
         allow_extreme_weights: allow_extreme,
         control,

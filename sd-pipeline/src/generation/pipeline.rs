@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::rng::NoiseSource;
 use crate::samplers::{build_sampler, img2img_start_index, Sampler, SamplerKind, Schedule};
 use crate::stable_diffusion::StableDiffusion;
-use crate::text::{encode_prompts, encode_prompts_dual};
+use crate::text::{encode_prompts_dual_with, encode_prompts_with};
 
 /// What to generate. Images and masks are tensors already prepared by `image_io`.
 #[derive(Debug, Clone)]
@@ -405,12 +405,13 @@ impl StableDiffusion {
             n => Some(n.unwrap_or("")),
         });
         if !self.is_sdxl() {
-            let (cond, uncond) = encode_prompts(
+            let (cond, uncond) = encode_prompts_with(
                 &self.tokenizer,
                 &self.text_encoder,
                 &req.prompt,
                 cfg.then_some(req.negative_prompt.as_deref().unwrap_or("")),
                 req.clip_skip,
+                &self.embeddings,
                 dev,
             )?;
             return Ok(Conditioning {
@@ -423,7 +424,14 @@ impl StableDiffusion {
         // SDXL: CLIP-L and bigG; the refiner: bigG alone
         let mut encoders = vec![(&self.tokenizer, &self.text_encoder)];
         encoders.extend(self.text_encoder_2.as_ref().map(|(te, tok)| (tok, te)));
-        let d = encode_prompts_dual(&encoders, &req.prompt, negative, req.clip_skip, dev)?;
+        let d = encode_prompts_dual_with(
+            &encoders,
+            &req.prompt,
+            negative,
+            req.clip_skip,
+            &self.embeddings,
+            dev,
+        )?;
         let (uncond, uncond_pooled) = d.uncond.unzip();
         Ok(Conditioning {
             cond: d.cond,

@@ -280,6 +280,7 @@ impl StableDiffusion {
             scheduler_config,
             device: device.clone(),
             dtype,
+            embeddings: Default::default(),
         })
     }
 }

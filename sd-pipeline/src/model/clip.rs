@@ -58,6 +58,14 @@ impl EncoderLayer {
     }
 }
 
+/// Token embeddings to replace: `vectors` `[n, D]` from position `offset` of batch row `row`.
+#[derive(Debug, Clone)]
+pub struct InputFix {
+    pub row: usize,
+    pub offset: usize,
+    pub vectors: Tensor,
+}
+
 /// The text transformer. `forward` returns the hidden states A1111's `clip_skip` asks for.
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
@@ -126,13 +134,23 @@ impl ClipTextModel {
     /// Encode token ids `[B, S]` (u32 or i64). `clip_skip` uses A1111's numbering: 1 is the last
     /// layer; n > 1 takes the output of layer `L - n + 1` and applies the final layer norm.
     pub fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        self.forward_fixed(ids, &[], clip_skip)
+    }
+
+    /// [`Self::forward`] with some token embeddings replaced (textual inversion).
+    pub fn forward_fixed(
+        &self,
+        ids: &Tensor,
+        fixes: &[InputFix],
+        clip_skip: usize,
+    ) -> Result<Tensor> {
         let n_layers = self.layers.len();
         if clip_skip == 0 || clip_skip > n_layers {
             candle_core::bail!(
                 "clip_skip {clip_skip} is out of range for a text encoder of {n_layers} layers (1..={n_layers})"
             );
         }
-        let xs = self.run_layers(ids, n_layers + 1 - clip_skip, |_, _| Ok(()))?;
+        let xs = self.run_layers(ids, fixes, n_layers + 1 - clip_skip, |_, _| Ok(()))?;
         self.final_layer_norm.forward(&xs)
     }
 
@@ -146,6 +164,16 @@ impl ClipTextModel {
         ids: &Tensor,
         clip_skip: usize,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        self.forward_penultimate_fixed(ids, &[], clip_skip)
+    }
+
+    /// [`Self::forward_penultimate`] with some token embeddings replaced (textual inversion).
+    pub fn forward_penultimate_fixed(
+        &self,
+        ids: &Tensor,
+        fixes: &[InputFix],
+        clip_skip: usize,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let n_layers = self.layers.len();
         if clip_skip == 0 || clip_skip >= n_layers {
             candle_core::bail!(
@@ -155,10 +183,10 @@ impl ClipTextModel {
         }
         let keep = n_layers - clip_skip;
         let Some(proj) = &self.text_projection else {
-            return Ok((self.run_layers(ids, keep, |_, _| Ok(()))?, None));
+            return Ok((self.run_layers(ids, fixes, keep, |_, _| Ok(()))?, None));
         };
         let mut hidden = None;
-        let last = self.run_layers(ids, n_layers, |i, xs| {
+        let last = self.run_layers(ids, fixes, n_layers, |i, xs| {
             if i == keep {
                 hidden = Some(xs.clone());
             }
@@ -181,6 +209,7 @@ impl ClipTextModel {
     fn run_layers(
         &self,
         ids: &Tensor,
+        fixes: &[InputFix],
         n: usize,
         mut each: impl FnMut(usize, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
@@ -193,7 +222,25 @@ impl ClipTextModel {
         }
         let ids = ids.to_dtype(DType::U32)?;
         let pos = self.position_embedding.i(..s)?;
-        let mut xs = self.token_embedding.forward(&ids)?.broadcast_add(&pos)?;
+        let mut xs = self.token_embedding.forward(&ids)?;
+        // A1111's EmbeddingsWithFixes: the vectors replace token embeddings, before positions
+        for f in fixes {
+            let (b, s, d) = xs.dims3()?;
+            let v = f.vectors.to_dtype(xs.dtype())?.to_device(xs.device())?;
+            let (n, vd) = v.dims2()?;
+            if f.row >= b || f.offset + n > s || vd != d {
+                candle_core::bail!(
+                    "embedding of {n}x{vd} does not fit at row {} position {} of {b}x{s}x{d} tokens",
+                    f.row,
+                    f.offset
+                );
+            }
+            xs = xs.slice_assign(
+                &[f.row..f.row + 1, f.offset..f.offset + n, 0..d],
+                &v.unsqueeze(0)?,
+            )?;
+        }
+        let mut xs = xs.broadcast_add(&pos)?;
         for (i, layer) in self.layers[..n].iter().enumerate() {
             xs = layer.forward(&xs)?;
             each(i + 1, &xs)?;

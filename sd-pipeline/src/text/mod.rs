@@ -3,15 +3,17 @@
 //! is in [`tokenizer`], the emphasis syntax in [`prompt`], the text model in
 //! [`crate::model::clip`].
 
+pub mod embeddings;
 pub mod prompt;
 pub mod tokenizer;
 
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::clip::ClipTextModel;
+use crate::model::clip::{ClipTextModel, InputFix};
+use embeddings::EmbeddingSet;
 use prompt::parse_prompt_attention;
-use tokenizer::{ClipTokenizer, WeightedChunk};
+use tokenizer::{ClipTokenizer, WeightedChunk, CHUNK_TOKENS};
 
 /// Encode token chunks `[n, 77]` and lay them end to end: `[1, 77 * n, D]`.
 pub fn encode_chunks(
@@ -38,7 +40,34 @@ pub fn encode_weighted(
     clip_skip: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    encode_weighted_with(chunks, device, |ids| clip.forward(ids, clip_skip))
+    let fixes = chunk_fixes(chunks, &EmbeddingSet::default(), clip, device)?;
+    encode_weighted_with(chunks, device, |ids| {
+        clip.forward_fixed(ids, &fixes, clip_skip)
+    })
+}
+
+/// The token-embedding replacements the chunks' embedding slots ask for, with the vectors
+/// `embeddings` holds for `clip`'s width (at most as many as fit one chunk).
+fn chunk_fixes(
+    chunks: &[WeightedChunk],
+    embeddings: &EmbeddingSet,
+    clip: &ClipTextModel,
+    device: &Device,
+) -> Result<Vec<InputFix>> {
+    let d = clip.config().hidden_size;
+    let mut out = Vec::new();
+    for (row, c) in chunks.iter().enumerate() {
+        for f in &c.fixes {
+            let v = embeddings.vectors(f.embedding, d, device, candle_core::DType::F32)?;
+            let n = v.dim(0)?.min(CHUNK_TOKENS);
+            out.push(InputFix {
+                row,
+                offset: f.offset,
+                vectors: v.narrow(0, 0, n)?,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// [`encode_weighted`] through any encoder: `encode` maps token ids `[n, 77]` to hidden
@@ -77,7 +106,42 @@ pub fn encode_weighted_with(
 
 /// Token chunks of a prompt (A1111 rules, emphasis parsed), for display and tests.
 pub fn prompt_chunks(tok: &ClipTokenizer, prompt: &str) -> Result<Vec<WeightedChunk>> {
-    tok.weighted_chunks(&parse_prompt_attention(prompt))
+    prompt_chunks_with(tok, prompt, &EmbeddingSet::default())
+}
+
+/// [`prompt_chunks`] with the names of `embeddings` matched in the prompt.
+pub fn prompt_chunks_with(
+    tok: &ClipTokenizer,
+    prompt: &str,
+    embeddings: &EmbeddingSet,
+) -> Result<Vec<WeightedChunk>> {
+    let table = if embeddings.is_empty() {
+        Vec::new()
+    } else {
+        embeddings.token_table(tok)?
+    };
+    tok.weighted_chunks_with(&parse_prompt_attention(prompt), &table)
+}
+
+/// The names of the embeddings a prompt uses, in the order of `embeddings`.
+pub fn embeddings_used(
+    tok: &ClipTokenizer,
+    prompt: &str,
+    embeddings: &EmbeddingSet,
+) -> Result<Vec<String>> {
+    let mut used = vec![false; embeddings.items().len()];
+    for c in prompt_chunks_with(tok, prompt, embeddings)? {
+        for f in c.fixes {
+            used[f.embedding] = true;
+        }
+    }
+    Ok(embeddings
+        .items()
+        .iter()
+        .zip(used)
+        .filter(|(_, u)| *u)
+        .map(|(t, _)| t.name.clone())
+        .collect())
 }
 
 /// Conditioning for `prompt` and, when `negative` is given, the unconditional embedding.
@@ -92,17 +156,37 @@ pub fn encode_prompts(
     clip_skip: usize,
     device: &Device,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    let none = EmbeddingSet::default();
+    encode_prompts_with(tok, clip, prompt, negative, clip_skip, &none, device)
+}
+
+/// [`encode_prompts`] with textual-inversion `embeddings` in both prompts.
+pub fn encode_prompts_with(
+    tok: &ClipTokenizer,
+    clip: &ClipTextModel,
+    prompt: &str,
+    negative: Option<&str>,
+    clip_skip: usize,
+    embeddings: &EmbeddingSet,
+    device: &Device,
+) -> Result<(Tensor, Option<Tensor>)> {
     let layers = clip.config().num_hidden_layers;
     if clip_skip == 0 || clip_skip > layers {
         return Err(Error::Invalid(format!(
             "clip_skip {clip_skip} is out of range: this text encoder has {layers} layers (use 1..={layers})"
         )));
     }
-    let mut pos = prompt_chunks(tok, prompt)?;
-    let Some(negative) = negative else {
-        return Ok((encode_weighted(clip, &pos, clip_skip, device)?, None));
+    let encode = |chunks: &[WeightedChunk]| -> Result<Tensor> {
+        let fixes = chunk_fixes(chunks, embeddings, clip, device)?;
+        encode_weighted_with(chunks, device, |ids| {
+            clip.forward_fixed(ids, &fixes, clip_skip)
+        })
     };
-    let mut neg = prompt_chunks(tok, negative)?;
+    let mut pos = prompt_chunks_with(tok, prompt, embeddings)?;
+    let Some(negative) = negative else {
+        return Ok((encode(&pos)?, None));
+    };
+    let mut neg = prompt_chunks_with(tok, negative, embeddings)?;
     let empty = prompt_chunks(tok, "")?.remove(0);
     while neg.len() < pos.len() {
         neg.push(empty.clone());
@@ -110,8 +194,8 @@ pub fn encode_prompts(
     while pos.len() < neg.len() {
         pos.push(empty.clone());
     }
-    let uncond = encode_weighted(clip, &neg, clip_skip, device)?;
-    let cond = encode_weighted(clip, &pos, clip_skip, device)?;
+    let uncond = encode(&neg)?;
+    let cond = encode(&pos)?;
     Ok((cond, Some(uncond)))
 }
 
@@ -138,6 +222,20 @@ pub fn encode_prompts_dual(
     clip_skip: usize,
     device: &Device,
 ) -> Result<DualEncoded> {
+    let none = EmbeddingSet::default();
+    encode_prompts_dual_with(encoders, prompt, negative, clip_skip, &none, device)
+}
+
+/// [`encode_prompts_dual`] with textual-inversion `embeddings` (each encoder gets the
+/// vectors of its width: `clip_l` and `clip_g`).
+pub fn encode_prompts_dual_with(
+    encoders: &[(&ClipTokenizer, &ClipTextModel)],
+    prompt: &str,
+    negative: Option<Option<&str>>,
+    clip_skip: usize,
+    embeddings: &EmbeddingSet,
+    device: &Device,
+) -> Result<DualEncoded> {
     let Some(&(_, last)) = encoders.last() else {
         return Err(Error::Invalid("no text encoder".into()));
     };
@@ -155,7 +253,7 @@ pub fn encode_prompts_dual(
     let chunks = |text: &str| -> Result<Vec<Vec<WeightedChunk>>> {
         encoders
             .iter()
-            .map(|(tok, _)| prompt_chunks(tok, text))
+            .map(|(tok, _)| prompt_chunks_with(tok, text, embeddings))
             .collect()
     };
     let mut pos = chunks(prompt)?;
@@ -181,8 +279,9 @@ pub fn encode_prompts_dual(
         let mut hidden = Vec::with_capacity(encoders.len());
         let mut pooled = None;
         for (c, (_, model)) in lists.iter().zip(encoders) {
+            let fixes = chunk_fixes(c, embeddings, model, device)?;
             hidden.push(encode_weighted_with(c, device, |ids| {
-                let (h, p) = model.forward_penultimate(ids, clip_skip)?;
+                let (h, p) = model.forward_penultimate_fixed(ids, &fixes, clip_skip)?;
                 if std::ptr::eq(*model, last) {
                     pooled = p.map(|p| p.narrow(0, 0, 1)).transpose()?;
                 }

@@ -225,15 +225,35 @@ impl ClipTokenizer {
     /// is tokenized on its own and its weight given to its tokens; `("BREAK", -1)` ends the
     /// chunk. BOS, EOS and padding have weight 1.
     pub fn weighted_chunks(&self, fragments: &[(String, f32)]) -> Result<Vec<WeightedChunk>> {
+        self.weighted_chunks_with(fragments, &[])
+    }
+
+    /// [`Self::weighted_chunks`] with textual-inversion embeddings (A1111 `tokenize_line`):
+    /// where the tokens hold an embedding's name (`embeddings`, longest names first), its
+    /// vectors take `vectors` slots (token id 0, the fragment's weight), starting a new chunk
+    /// when they do not fit in this one.
+    pub fn weighted_chunks_with(
+        &self,
+        fragments: &[(String, f32)],
+        embeddings: &[TokenEmbedding],
+    ) -> Result<Vec<WeightedChunk>> {
         let mut chunks: Vec<WeightedChunk> = Vec::new();
-        let mut chunk: Vec<(u32, f32)> = Vec::new();
+        // (token, weight, embedding index starting at this slot)
+        let mut chunk: Vec<(u32, f32, Option<usize>)> = Vec::new();
         let mut last_comma: Option<usize> = None;
-        let finish = |chunk: Vec<(u32, f32)>, chunks: &mut Vec<WeightedChunk>| {
+        let finish = |chunk: Vec<(u32, f32, Option<usize>)>, chunks: &mut Vec<WeightedChunk>| {
             let mut ids = Vec::with_capacity(CHUNK_TOKENS + 2);
             let mut weights = Vec::with_capacity(CHUNK_TOKENS + 2);
+            let mut fixes = Vec::new();
             ids.push(self.bos);
             weights.push(1.0);
-            for (t, w) in chunk {
+            for (t, w, e) in chunk {
+                if let Some(embedding) = e {
+                    fixes.push(ChunkFix {
+                        offset: ids.len(),
+                        embedding,
+                    });
+                }
                 ids.push(t);
                 weights.push(w);
             }
@@ -241,7 +261,11 @@ impl ClipTokenizer {
             weights.push(1.0);
             ids.resize(CHUNK_TOKENS + 2, self.pad);
             weights.resize(CHUNK_TOKENS + 2, 1.0);
-            chunks.push(WeightedChunk { ids, weights });
+            chunks.push(WeightedChunk {
+                ids,
+                weights,
+                fixes,
+            });
         };
         for (text, weight) in fragments {
             if text == "BREAK" && *weight == -1.0 {
@@ -249,11 +273,16 @@ impl ClipTokenizer {
                 last_comma = None;
                 continue;
             }
-            for token in self.encode(text)? {
+            let tokens = self.encode(text)?;
+            let mut position = 0;
+            while position < tokens.len() {
+                let token = tokens[position];
                 if Some(token) == self.comma {
                     last_comma = Some(chunk.len());
                 } else if let Some(lc) = last_comma {
                     if chunk.len() == CHUNK_TOKENS && chunk.len() - lc <= COMMA_BACKTRACK {
+                        // the relocated tokens keep their embedding slots (A1111 leaves the
+                        // fix behind in the finished chunk, a corner case not reproduced)
                         let reloc = chunk.split_off(lc + 1);
                         finish(std::mem::replace(&mut chunk, reloc), &mut chunks);
                         last_comma = None;
@@ -263,7 +292,22 @@ impl ClipTokenizer {
                     finish(std::mem::take(&mut chunk), &mut chunks);
                     last_comma = None;
                 }
-                chunk.push((token, *weight));
+                let found = embeddings
+                    .iter()
+                    .find(|e| tokens[position..].starts_with(&e.ids));
+                let Some(e) = found else {
+                    chunk.push((token, *weight, None));
+                    position += 1;
+                    continue;
+                };
+                let n = e.vectors.min(CHUNK_TOKENS);
+                if chunk.len() + n > CHUNK_TOKENS {
+                    finish(std::mem::take(&mut chunk), &mut chunks);
+                    last_comma = None;
+                }
+                chunk.push((0, *weight, Some(e.index)));
+                chunk.extend(std::iter::repeat_n((0, *weight, None), n - 1));
+                position += e.ids.len();
             }
         }
         if !chunk.is_empty() || chunks.is_empty() {
@@ -273,9 +317,28 @@ impl ClipTokenizer {
     }
 }
 
+/// An embedding as the tokenizer matches it: the ids its name tokenizes to, how many slots
+/// its vectors take, and its index in the [`super::embeddings::EmbeddingSet`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEmbedding {
+    pub ids: Vec<u32>,
+    pub vectors: usize,
+    pub index: usize,
+}
+
+/// Embedding `embedding`'s vectors replace the token embeddings from position `offset` of a
+/// chunk's ids (BOS is position 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkFix {
+    pub offset: usize,
+    pub embedding: usize,
+}
+
 /// 77 token ids and their emphasis weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WeightedChunk {
     pub ids: Vec<u32>,
     pub weights: Vec<f32>,
+    /// Textual-inversion vectors that replace token embeddings.
+    pub fixes: Vec<ChunkFix>,
 }

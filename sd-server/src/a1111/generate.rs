@@ -236,6 +236,7 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
         job.mask = mask.clone();
         job.inpaint = inpaint;
         job.lora_dir = st.config.folders.loras.clone();
+        job.embeddings_dir = st.config.folders.embeddings.clone();
         job.device = st.config.device.clone();
         job.dtype = st.config.dtype.clone();
         job.control = units.iter().map(|u| u.spec.clone().into()).collect();

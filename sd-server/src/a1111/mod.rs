@@ -154,22 +154,43 @@ async fn refresh(State(st): St) -> Json<Value> {
     Json(Value::Null)
 }
 
-/// The engine has no textual-inversion support yet: files in `--embeddings-dir` are listed
-/// as skipped, as A1111 lists embeddings it cannot use.
+/// The embeddings of `--embeddings-dir` (A1111's shape: `shape` is the vector width, the
+/// widest for SDXL ones); files that are no embedding under `skipped`. Which of them fit a
+/// model is decided per generation (the others are skipped then, as A1111 does).
 async fn embeddings(State(st): St) -> Json<Value> {
-    let skipped: serde_json::Map<String, Value> = st
-        .catalog()
-        .embeddings
+    let Some(dir) = st.config.folders.embeddings.clone() else {
+        return Json(json!({"loaded": {}, "skipped": {}}));
+    };
+    let scan = tokio::task::spawn_blocking(move || sd_pipeline::text::embeddings::scan_dir(&dir))
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+    let entry = |shape: Value, vectors: Value| {
+        json!({"step": null, "sd_checkpoint": null, "sd_checkpoint_name": null,
+               "shape": shape, "vectors": vectors})
+    };
+    let loaded: serde_json::Map<String, Value> = scan
+        .loaded
         .iter()
-        .map(|e| {
-            (
-                e.stem.clone(),
-                json!({"step": null, "sd_checkpoint": null, "sd_checkpoint_name": null,
-                       "shape": null, "vectors": null}),
-            )
+        .map(|t| {
+            let shape = t.widths().last().copied().unwrap_or(0);
+            (t.name.clone(), entry(shape.into(), t.vectors.into()))
         })
         .collect();
-    Json(json!({"loaded": {}, "skipped": skipped}))
+    let skipped: serde_json::Map<String, Value> = scan
+        .skipped
+        .iter()
+        .map(|(p, _)| {
+            let stem = p
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            (stem, entry(Value::Null, Value::Null))
+        })
+        .collect();
+    Json(json!({"loaded": loaded, "skipped": skipped}))
 }
 
 async fn scripts() -> Json<Value> {

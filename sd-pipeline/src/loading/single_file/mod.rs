@@ -347,6 +347,7 @@ impl Checkpoint {
             scheduler_config,
             device: device.clone(),
             dtype,
+            embeddings: Default::default(),
         })
     }
 }
