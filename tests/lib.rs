@@ -142,6 +142,8 @@ pub fn case_request(case: &serde_json::Value, exp: &HashMap<String, Tensor>) -> 
         noise: exp.get("noise").cloned(),
         latent_fill: Default::default(),
         micro: micro_conditioning(case),
+        init_latents: None,
+        run_steps: None,
     }
 }
 

@@ -8,6 +8,7 @@ mod detect;
 mod embedded;
 mod eval;
 mod front_door;
+mod hires;
 mod hostile;
 mod hostile_config;
 mod hostile_files;

@@ -493,6 +493,8 @@ fn every_hook_point_and_weight_patches_cross_the_abi() {
         noise: None,
         latent_fill: Default::default(),
         micro: Default::default(),
+        init_latents: None,
+        run_steps: None,
     };
     let run = |patch: Arc<dyn WeightPatch>, hook: Box<dyn sd_plugins_api::Hook>| {
         let sd = StableDiffusion::load(&model_dir("sd1"), &dev, candle_core::DType::F32, &[patch])

@@ -446,42 +446,88 @@ pub fn run(
             None => Default::default(),
         },
         micro: job.micro,
+        init_latents: None,
+        run_steps: None,
     };
     sd.validate(&req)?;
-    // Every ControlNet, control image and mask is loaded and checked before denoising starts.
+    // the hires pass's request, checked before the first pass runs
+    let hires = match &job.hires {
+        Some(h) => Some(crate::hires::plan(h, job, &req, sd)?),
+        None => None,
+    };
+    // Every ControlNet, control image and mask is loaded and checked before denoising starts
+    // (a unit acts on the passes its `hr` option names).
     let t_units = Instant::now();
     let mut cache = Vec::new();
-    let units = job
-        .control
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            c.spec
-                .build(sd, width, height, &mut cache, registry)
-                .map_err(|e| format!("control[{i}]: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let units_for = |first: bool, w: usize, h: usize, cache: &mut Vec<_>| {
+        job.control
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                job.hires.is_none()
+                    || if first {
+                        c.hr.first_pass()
+                    } else {
+                        c.hr.second_pass()
+                    }
+            })
+            .map(|(i, c)| {
+                c.spec
+                    .build(sd, w, h, cache, registry)
+                    .map_err(|e| format!("control[{i}]: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let units = units_for(true, width, height, &mut cache)?;
+    let hr_units = match &hires {
+        Some(p) => units_for(false, p.req.width, p.req.height, &mut cache)?,
+        None => Vec::new(),
+    };
     let controls = t_units.elapsed();
 
     let mut hooks = HookSet::new();
-    if !units.is_empty() {
-        hooks.push(Box::new(ControlNetHook::new(units)));
-    }
     for i in &loaded.plugins {
         hooks.push(i.hook());
     }
     for h in extra_hooks {
         hooks.push(h);
     }
-    let mut rng: Box<dyn NoiseSource> = match job.rng {
-        Rng::Philox => Box::new(PhiloxRng::new(seed)),
-        Rng::TorchCpu => Box::new(TorchRng::new(seed)),
+    let control_hook = |units: Vec<_>| -> Vec<Box<dyn Hook>> {
+        if units.is_empty() {
+            Vec::new()
+        } else {
+            vec![Box::new(ControlNetHook::new(units))]
+        }
     };
+    let new_rng = || -> Box<dyn NoiseSource> {
+        match job.rng {
+            Rng::Philox => Box::new(PhiloxRng::new(seed)),
+            Rng::TorchCpu => Box::new(TorchRng::new(seed)),
+        }
+    };
+    let mut rng = new_rng();
     let t_sampling = Instant::now();
     let refiner = loaded.refiner.as_ref().map(|r| (r, job.refiner_switch));
-    let latents = sd
-        .denoise_refined(&req, refiner, &mut hooks, rng.as_mut())
-        .map_err(|e| crate::non_finite::explain(e, &loaded.model, &loaded.loras, job))?;
+    let explain = |e| crate::non_finite::explain(e, &loaded.model, &loaded.loras, job);
+    let mut latents = {
+        let mut pass = hooks.with_leading(control_hook(units));
+        sd.denoise_refined(&req, refiner, &mut pass, rng.as_mut())
+            .map_err(explain)?
+    };
+    // A1111's hires pass: the result enlarged, then img2img at the larger size from noise
+    // drawn again from the seed
+    // (the infotext records the first pass's request and the hires settings, as A1111's)
+    let (width, height) = match hires {
+        Some(mut p) => {
+            p.req.init_latents = Some(crate::hires::upscale(sd, &p, &latents)?);
+            let mut pass = hooks.with_leading(control_hook(hr_units));
+            latents = sd
+                .denoise(&p.req, &mut pass, new_rng().as_mut())
+                .map_err(explain)?;
+            (p.req.width, p.req.height)
+        }
+        None => (width, height),
+    };
     let sampling = t_sampling.elapsed();
 
     let t_dec = Instant::now();

@@ -123,6 +123,30 @@ impl Run<'_> {
                 req.effective_strength().to_string(),
             ));
         }
+        if let Some(h) = &st.hires {
+            // processing.py's extra_generation_params for the hires fix
+            f.push(("Denoising strength".into(), h.denoise.to_string()));
+            match h.resize {
+                Some((w, hh)) => f.push(("Hires resize".into(), format!("{w}x{hh}"))),
+                None => f.push(("Hires upscale".into(), h.scale.to_string())),
+            }
+            if h.steps > 0 {
+                f.push(("Hires steps".into(), h.steps.to_string()));
+            }
+            f.push(("Hires upscaler".into(), h.upscaler.a1111_name()));
+            if let Some(s) = h.sampler {
+                f.push(("Hires sampler".into(), a1111_sampler(s).into()));
+            }
+            if let Some(s) = h.schedule {
+                f.push(("Hires schedule type".into(), a1111_schedule(s).into()));
+            }
+            if let Some(p) = &h.prompt {
+                f.push(("Hires prompt".into(), p.clone()));
+            }
+            if let Some(n) = &h.negative_prompt {
+                f.push(("Hires negative prompt".into(), n.clone()));
+            }
+        }
         if st.mask.is_some() {
             f.extend(st.inpaint.infotext());
         }
@@ -215,6 +239,29 @@ impl Run<'_> {
         m.insert("clip_skip".into(), req.clip_skip.into());
         if st.refiner.is_some() {
             m.insert("refiner_switch".into(), st.refiner_switch.into());
+        }
+        if let Some(h) = &st.hires {
+            match h.resize {
+                Some((w, hh)) => m.insert("hires_size".into(), format!("{w}x{hh}").into()),
+                None => m.insert("hires_scale".into(), h.scale.into()),
+            };
+            m.insert("hires_upscaler".into(), h.upscaler.to_string().into());
+            m.insert("hires_steps".into(), h.steps.into());
+            m.insert("hires_denoise".into(), h.denoise.into());
+            for (k, v) in [
+                ("hires_prompt", &h.prompt),
+                ("hires_negative_prompt", &h.negative_prompt),
+            ] {
+                if let Some(v) = v {
+                    m.insert(k.into(), v.clone().into());
+                }
+            }
+            if let Some(s) = h.sampler {
+                m.insert("hires_sampler".into(), s.name().into());
+            }
+            if let Some(s) = h.schedule {
+                m.insert("hires_schedule".into(), s.name().into());
+            }
         }
         // SDXL micro-conditioning, when not the defaults
         let micro = &req.micro;
@@ -420,6 +467,7 @@ pub fn parse_parameters(text: &str) -> Result<Map<String, Value>, String> {
     };
     let mut sampler = None;
     let mut schedule = None;
+    let mut denoise: Option<String> = None;
     let mut rng = "philox"; // A1111's default source is the GPU's: torch.randn on CUDA
     for (k, v) in fields(lines[last]) {
         match k.as_str() {
@@ -441,6 +489,36 @@ pub fn parse_parameters(text: &str) -> Result<Map<String, Value>, String> {
                 m.insert("height".into(), num(h, "Size")?);
             }
             "Sampler" => sampler = Some(v),
+            // the hires fix (A1111 writes "Denoising strength" for it too)
+            "Hires upscale" => {
+                m.insert("hires_scale".into(), num(&v, &k)?);
+            }
+            "Hires resize" => {
+                m.insert("hires_size".into(), v.clone().into());
+            }
+            "Hires steps" => {
+                m.insert("hires_steps".into(), num(&v, &k)?);
+            }
+            "Hires upscaler" => {
+                let u: crate::hires::HiresUpscaler = v.parse().map_err(|e| format!("{k}: {e}"))?;
+                m.insert("hires_upscaler".into(), u.to_string().into());
+            }
+            "Hires prompt" => {
+                m.insert("hires_prompt".into(), v.clone().into());
+            }
+            "Hires negative prompt" => {
+                m.insert("hires_negative_prompt".into(), v.clone().into());
+            }
+            "Hires sampler" => {
+                let (kind, _) = SamplerKind::parse_alias(&v).map_err(|e| format!("{k}: {e}"))?;
+                m.insert("hires_sampler".into(), kind.name().into());
+            }
+            "Hires schedule type" => {
+                if let Ok(s) = v.parse::<Schedule>() {
+                    m.insert("hires_schedule".into(), s.name().into());
+                }
+            }
+            "Denoising strength" => denoise = Some(v),
             "Schedule type" => schedule = Some(v.to_lowercase()),
             "RNG" if v == "CPU" => rng = "torch-cpu",
             _ => {}
@@ -457,6 +535,13 @@ pub fn parse_parameters(text: &str) -> Result<Map<String, Value>, String> {
             .map(|s| s.to_string());
         if let Some(sc) = sched {
             m.insert("schedule".into(), sc.into());
+        }
+    }
+    // with a hires fix, "Denoising strength" is its second pass's (img2img's strength is
+    // not carried: a PNG names no init image)
+    if m.contains_key("hires_scale") || m.contains_key("hires_size") {
+        if let Some(d) = denoise {
+            m.insert("hires_denoise".into(), num(&d, "Denoising strength")?);
         }
     }
     m.insert("rng".into(), rng.into());
@@ -490,6 +575,15 @@ pub const PNG_SETTINGS_KEYS: &[&str] = &[
     "vae",
     "refiner",
     "refiner_switch",
+    "hires_scale",
+    "hires_size",
+    "hires_upscaler",
+    "hires_steps",
+    "hires_denoise",
+    "hires_prompt",
+    "hires_negative_prompt",
+    "hires_sampler",
+    "hires_schedule",
     "original_size",
     "target_size",
     "crop_top_left",

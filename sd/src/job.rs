@@ -45,11 +45,17 @@ impl std::str::FromStr for Rng {
 pub struct Control {
     pub id: Option<String>,
     pub spec: UnitSpec,
+    /// The passes of a hires fix the unit acts on (sd-webui-controlnet's `hr_option`).
+    pub hr: crate::hires::HrOption,
 }
 
 impl From<UnitSpec> for Control {
     fn from(spec: UnitSpec) -> Self {
-        Self { id: None, spec }
+        Self {
+            id: None,
+            spec,
+            hr: Default::default(),
+        }
     }
 }
 
@@ -124,6 +130,8 @@ pub struct Job {
     pub control: Vec<Control>,
     pub lora: Vec<LoraSpec>,
     pub plugins: Vec<Plugin>,
+    /// A1111's hires fix: a second pass at a larger size.
+    pub hires: Option<crate::hires::Hires>,
 }
 
 impl Default for Job {
@@ -162,6 +170,7 @@ impl Default for Job {
             control: Vec::new(),
             lora: Vec::new(),
             plugins: Vec::new(),
+            hires: None,
         }
     }
 }

@@ -43,6 +43,7 @@ pub mod embedded;
 mod error;
 pub mod generate;
 pub mod hashes;
+pub mod hires;
 pub mod hub;
 pub mod infotext;
 pub mod inpaint;

@@ -65,6 +65,24 @@ pub const FIELDS: &[Field] = &[
     ),
     f("prompt", Ty::Str, Default::Str("")),
     f("negative_prompt", Ty::Str, Default::None),
+    // A1111's hires fix: on with hires_scale or hires_size ("WxH", 0 = from the other side)
+    f(
+        "hires_scale",
+        Ty::Float { min: 1.0, max: 8.0 },
+        Default::None,
+    ),
+    f("hires_size", Ty::Str, Default::None),
+    f("hires_upscaler", Ty::Str, Default::None),
+    f("hires_steps", Ty::Int { min: 0, max: 1000 }, Default::None),
+    f(
+        "hires_denoise",
+        Ty::Float { min: 0.0, max: 1.0 },
+        Default::None,
+    ),
+    f("hires_prompt", Ty::Str, Default::None),
+    f("hires_negative_prompt", Ty::Str, Default::None),
+    f("hires_sampler", Ty::Str, Default::None),
+    f("hires_schedule", Ty::Str, Default::None),
     // SDXL micro-conditioning: "WxH", "WxH", "X,Y"; absent: the generation size, 0,0
     f("original_size", Ty::Str, Default::None),
     f("target_size", Ty::Str, Default::None),
@@ -176,6 +194,12 @@ pub const CONTROL_FIELDS: &[Field] = &[
     f(
         "type",
         Ty::Choice(&sd_controlnet::union::TYPE_NAMES),
+        Default::None,
+    ),
+    // the hires fix's passes the unit acts on (sd-webui-controlnet's hr_option)
+    f(
+        "hr",
+        Ty::Choice(&crate::hires::HrOption::NAMES),
         Default::None,
     ),
     // the processor resolution a preprocessor runs at (sdctl detect --resolution)

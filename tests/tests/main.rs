@@ -5,6 +5,7 @@ mod clip;
 mod controlnet;
 mod depth_anything;
 mod embeddings;
+mod hires;
 mod lora;
 mod module_graph;
 mod openpose;

@@ -37,6 +37,8 @@ fn run(sd: &StableDiffusion) -> (Tensor, Tensor) {
         noise: None,
         latent_fill: Default::default(),
         micro: Default::default(),
+        init_latents: None,
+        run_steps: None,
     };
     let out = sd
         .generate(

@@ -38,6 +38,35 @@ pub struct SettingsArgs {
     /// The prompt; A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:WEIGHT>
     #[arg(long)]
     pub prompt: Option<String>,
+    /// Hires fix (A1111): a second pass at this scale of the size (turns the fix on)
+    #[arg(long)]
+    pub hires_scale: Option<f64>,
+    /// Hires fix at this size instead of a scale: WxH (0 for a side = keep the aspect ratio)
+    #[arg(long, value_name = "WxH")]
+    pub hires_size: Option<String>,
+    /// Hires upscaler: latent | latent-antialiased | latent-bicubic |
+    /// latent-bicubic-antialiased | latent-nearest | latent-nearest-exact | lanczos | nearest
+    /// [default: latent]
+    #[arg(long)]
+    pub hires_upscaler: Option<String>,
+    /// Hires pass steps (0 = the first pass's) [default: 0]
+    #[arg(long)]
+    pub hires_steps: Option<i64>,
+    /// Hires pass denoising strength [default: 0.7]
+    #[arg(long)]
+    pub hires_denoise: Option<f64>,
+    /// Hires pass prompt [default: the prompt]
+    #[arg(long)]
+    pub hires_prompt: Option<String>,
+    /// Hires pass negative prompt [default: the negative prompt]
+    #[arg(long)]
+    pub hires_negative_prompt: Option<String>,
+    /// Hires pass sampler [default: the sampler]
+    #[arg(long)]
+    pub hires_sampler: Option<String>,
+    /// Hires pass schedule [default: the schedule]
+    #[arg(long)]
+    pub hires_schedule: Option<String>,
     /// The negative prompt. Absent, SDXL base models use zeros (diffusers'
     /// force_zeros_for_empty_prompt); given, even "", it is encoded
     #[arg(long)]
@@ -178,6 +207,24 @@ impl SettingsArgs {
         put("vae", self.vae.as_deref().map(path));
         put("refiner", self.refiner.as_deref().map(path));
         put("refiner_switch", self.refiner_switch.map(Value::from));
+        put("hires_scale", self.hires_scale.map(Value::from));
+        put("hires_size", self.hires_size.clone().map(Value::from));
+        put(
+            "hires_upscaler",
+            self.hires_upscaler.clone().map(Value::from),
+        );
+        put("hires_steps", self.hires_steps.map(Value::from));
+        put("hires_denoise", self.hires_denoise.map(Value::from));
+        put("hires_prompt", self.hires_prompt.clone().map(Value::from));
+        put(
+            "hires_negative_prompt",
+            self.hires_negative_prompt.clone().map(Value::from),
+        );
+        put("hires_sampler", self.hires_sampler.clone().map(Value::from));
+        put(
+            "hires_schedule",
+            self.hires_schedule.clone().map(Value::from),
+        );
         put("prompt", self.prompt.clone().map(Value::from));
         put(
             "negative_prompt",

@@ -66,6 +66,92 @@ impl Settings {
 
 /// The index of the earlier entry with this `id`, or `None` after noting that the entry about
 /// to be pushed at `next` has it.
+/// The hires fix's keys: on with `hires_scale` or `hires_size`; the others alone are a
+/// problem (they would do nothing).
+fn hires_settings(vals: &[(String, Typed)], top: &mut Table) -> Option<sd::hires::Hires> {
+    let scale = get_float(vals, "hires_scale");
+    let size = get_str(vals, "hires_size");
+    let on = scale.is_some() || size.is_some();
+    let problem = |top: &mut Table, key: &str, m: String| {
+        let o = top.shown_origin(key).unwrap_or(Origin::Default);
+        top.problem(&o, key, m);
+    };
+    if !on {
+        for key in [
+            "hires_upscaler",
+            "hires_steps",
+            "hires_denoise",
+            "hires_prompt",
+            "hires_negative_prompt",
+            "hires_sampler",
+            "hires_schedule",
+        ] {
+            if get(vals, key).is_some() {
+                problem(
+                    top,
+                    key,
+                    "needs hires_scale or hires_size (the hires fix is off)".into(),
+                );
+            }
+        }
+        return None;
+    }
+    let mut h = sd::hires::Hires::default();
+    if let Some(s) = scale {
+        h.scale = s;
+    }
+    if let Some(s) = size {
+        let parse = |v: &str| {
+            let (w, hh) = v.trim().split_once(['x', 'X'])?;
+            Some((
+                w.trim().parse::<usize>().ok()?,
+                hh.trim().parse::<usize>().ok()?,
+            ))
+        };
+        match parse(&s).filter(|&(w, hh)| (w > 0 || hh > 0) && w <= 16384 && hh <= 16384) {
+            Some(wh) => h.resize = Some(wh),
+            None => problem(
+                top,
+                "hires_size",
+                format!("{s:?} is not a size WxH (0 for one side keeps the aspect ratio)"),
+            ),
+        }
+    }
+    if let Some(u) = get_str(vals, "hires_upscaler") {
+        match u.parse() {
+            Ok(u) => h.upscaler = u,
+            Err(m) => problem(top, "hires_upscaler", m),
+        }
+    }
+    if let Some(n) = get_int(vals, "hires_steps") {
+        h.steps = n as usize;
+    }
+    if let Some(d) = get_float(vals, "hires_denoise") {
+        if d <= 0.0 {
+            problem(top, "hires_denoise", format!("{d}: use a value in (0, 1]"));
+        }
+        h.denoise = d;
+    }
+    h.prompt = get_str(vals, "hires_prompt");
+    h.negative_prompt = get_str(vals, "hires_negative_prompt");
+    if let Some(s) = get_str(vals, "hires_sampler") {
+        match SamplerKind::parse_alias(&s) {
+            Ok((k, implied)) => {
+                h.sampler = Some(k);
+                h.schedule = implied;
+            }
+            Err(e) => problem(top, "hires_sampler", e.to_string()),
+        }
+    }
+    if let Some(s) = get_str(vals, "hires_schedule") {
+        match s.parse::<Schedule>() {
+            Ok(sc) => h.schedule = Some(sc),
+            Err(e) => problem(top, "hires_schedule", e.to_string()),
+        }
+    }
+    Some(h)
+}
+
 fn replace_at(ids: &mut HashMap<String, usize>, id: String, next: usize) -> Option<usize> {
     match ids.get(&id) {
         Some(&i) => Some(i),
@@ -136,6 +222,7 @@ pub fn check(
             top.problem(&o, key, m);
         }
     }
+    let hires = hires_settings(&vals, &mut top);
     let strength = get_float(&vals, "strength");
     if let Some(s) = strength {
         let o = top.shown_origin("strength").unwrap_or(Origin::Default);
@@ -234,6 +321,9 @@ pub fn check(
         }
         spec.mask = get_path(&vals, "mask");
         spec.control_type = get_str(&vals, "type");
+        let hr = get_str(&vals, "hr")
+            .and_then(|h| h.parse::<sd::hires::HrOption>().ok())
+            .unwrap_or_default();
         if let Some(r) = get_int(&vals, "resolution") {
             spec.resolution = r as usize;
         }
@@ -277,6 +367,7 @@ pub fn check(
             sd::Control {
                 id: id.clone(),
                 spec,
+                hr,
             },
             std::mem::take(&mut t.shown),
         );
@@ -377,6 +468,7 @@ pub fn check(
         vae: get_path(&vals, "vae"),
         refiner: get_path(&vals, "refiner"),
         refiner_switch: get_float(&vals, "refiner_switch").unwrap_or(d.refiner_switch),
+        hires,
         prompt: get_str(&vals, "prompt").unwrap_or_default(),
         negative_prompt: get_str(&vals, "negative_prompt"),
         micro,

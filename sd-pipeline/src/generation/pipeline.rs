@@ -43,6 +43,12 @@ pub struct GenerateRequest {
     pub latent_fill: LatentFill,
     /// SDXL's size and crop conditioning (ignored by SD 1.x/2.x).
     pub micro: MicroConditioning,
+    /// Start from these (scaled) latents, `[1 or batch, C, height/f, width/f]`, instead of
+    /// encoding `init_image`: the hires fix's latent upscale.
+    pub init_latents: Option<Tensor>,
+    /// Run the last `n` steps of the `steps`-step schedule (A1111's img2img with fixed steps,
+    /// as its hires pass runs) instead of diffusers' `int(steps * strength)`.
+    pub run_steps: Option<usize>,
 }
 
 /// SDXL's micro-conditioning (diffusers' `original_size`, `crops_coords_top_left`,
@@ -149,6 +155,23 @@ impl GenerateRequest {
             noise: None,
             latent_fill: LatentFill::Original,
             micro: MicroConditioning::default(),
+            init_latents: None,
+            run_steps: None,
+        }
+    }
+
+    /// Whether it starts from an image or latents (img2img, inpainting, a hires pass).
+    pub fn has_init(&self) -> bool {
+        self.init_image.is_some() || self.init_latents.is_some()
+    }
+
+    /// The schedule index the loop starts at, in steps (before a two-evaluation sampler's
+    /// doubling): 0 for txt2img, `steps - run_steps`, or diffusers' img2img start.
+    pub fn start_step(&self) -> usize {
+        match (self.has_init(), self.run_steps) {
+            (false, _) => 0,
+            (true, Some(n)) => self.steps.saturating_sub(n),
+            (true, None) => img2img_start_index(self.steps, self.effective_strength()),
         }
     }
 
@@ -343,7 +366,15 @@ impl StableDiffusion {
         };
         unit.check(strength)
             .map_err(|m| Error::Invalid(format!("strength: {m}")))?;
-        if req.init_image.is_some() && img2img_start_index(req.steps, strength) >= req.steps {
+        if let Some(n) = req.run_steps {
+            if n == 0 || n > req.steps {
+                return Err(Error::Invalid(format!(
+                    "run_steps {n} must be between 1 and steps ({})",
+                    req.steps
+                )));
+            }
+        }
+        if req.has_init() && req.start_step() >= req.steps {
             return Err(Error::Invalid(format!(
                 "strength {strength} with {} steps leaves no step to run (int(steps * strength) = 0)",
                 req.steps
@@ -369,6 +400,18 @@ impl StableDiffusion {
         };
         if let Some(img) = &req.init_image {
             check("init image", img, &[1, 3, req.height, req.width])?;
+        }
+        if let Some(l) = &req.init_latents {
+            let mut want = self.latent_shape(req);
+            if l.dim(0)? == 1 {
+                want[0] = 1;
+            }
+            check("init latents", l, &want)?;
+            if req.mask.is_some() {
+                return Err(Error::Invalid(
+                    "init latents take no mask (inpainting starts from an init image)".into(),
+                ));
+            }
         }
         if let Some(m) = &req.mask {
             check("mask", m, &[1, 1, req.height, req.width])?;
@@ -565,16 +608,14 @@ impl StableDiffusion {
         };
 
         let strength = req.effective_strength();
-        let first = if req.init_image.is_some() {
-            // diffusers' `t_start * scheduler.order` (2 for Heun and DPM++ SDE)
-            img2img_start_index(req.steps, strength) * sampler.order()
-        } else {
-            0
-        };
+        // diffusers' `t_start * scheduler.order` (2 for Heun and DPM++ SDE)
+        let first = req.start_step() * sampler.order();
         // Source latents, for img2img, inpaint blending and strength < 1 inpainting.
-        let mut image_latents = match &req.init_image {
-            Some(img) => Some(repeat(&self.encode_image(img)?)?),
-            None => None,
+        let mut image_latents = match (&req.init_latents, &req.init_image) {
+            (Some(l), _) if l.dim(0)? == req.batch => Some(l.to_dtype(DType::F32)?.to_device(dev)?),
+            (Some(l), _) => Some(repeat(&l.to_dtype(DType::F32)?.to_device(dev)?)?),
+            (None, Some(img)) => Some(repeat(&self.encode_image(img)?)?),
+            (None, None) => None,
         };
         // A1111's latent fills: the masked part of the init latents replaced before the
         // noise is added (`processing.py`, inpainting_fill 2 and 3)
