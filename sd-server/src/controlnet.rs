@@ -31,6 +31,8 @@ pub struct Unit {
     pub spec: UnitSpec,
     /// The detected map goes into the response's images.
     pub save_detected_map: bool,
+    /// The hires fix's passes it acts on (`hr_option`).
+    pub hr: sd::hires::HrOption,
 }
 
 /// One of three names, given as the name (or an old alias) or as its number 0/1/2.
@@ -307,8 +309,20 @@ pub fn units(
         spec.resolution = usize::try_from(resolution).unwrap_or(0);
         spec.validate()
             .map_err(|e| ApiError::bad(format!("{prefix}{e}")))?;
+        let hr = [
+            sd::hires::HrOption::Both,
+            sd::hires::HrOption::LowResOnly,
+            sd::hires::HrOption::HighResOnly,
+        ][choice(
+            &f,
+            "hr_option",
+            ["Both", "Low res only", "High res only"],
+            &[],
+        )?
+        .unwrap_or(0)];
         out.push(Unit {
             save_detected_map: f.bool("save_detected_map", true)?,
+            hr,
             spec,
         });
         if out.len() > MAX_UNITS {

@@ -232,7 +232,7 @@ async fn bad_requests_are_4xx_naming_the_field_and_the_server_goes_on() {
     };
     let cases: Vec<(Value, u16, &str)> = vec![
         (
-            with("sampler_name", json!("Heun")),
+            with("sampler_name", json!("DPM2 a")),
             400,
             "Sampler not found",
         ),
@@ -273,9 +273,13 @@ async fn bad_requests_are_4xx_naming_the_field_and_the_server_goes_on() {
             "no model \"/etc/passwd\"",
         ),
         (
-            with("enable_hr", json!(true)),
-            501,
-            "enable_hr: hires fix is not implemented",
+            {
+                let mut r = with("enable_hr", json!(true));
+                r["hr_upscaler"] = json!("R-ESRGAN 4x+");
+                r
+            },
+            400,
+            "hr_upscaler: \"R-ESRGAN 4x+\" is no hires upscaler",
         ),
         (
             with(

@@ -260,6 +260,12 @@ SAMPLER_CLI = {
     "k_euler_a": ("euler_a", "normal"),
     "k_euler": ("euler", "normal"),
     "ddim": ("ddim", "normal"),
+    "Heun": ("heun", "normal"),
+    "LMS": ("lms", "normal"),
+    "UniPC": ("unipc", "normal"),
+    "DPM++ SDE": ("dpmpp_sde", "karras"),
+    "DPM++ 2M SDE": ("dpmpp_2m_sde", "exponential"),
+    "LCM": ("lcm", "normal"),
 }
 
 
@@ -575,7 +581,9 @@ def test_txt2img_each_sampler():
     cases = [("DPM++ 2M", None), ("Euler a", None), ("Euler", None), ("DDIM", None),
              ("DPM++ 2M Karras", None), ("k_dpmpp_2m", None), ("k_euler_a", None),
              ("k_euler", None), ("ddim", None), ("Euler", "karras"), ("DPM++ 2M", "normal"),
-             ("Euler a", "automatic")]
+             ("Euler a", "automatic"), ("Heun", None), ("LMS", "karras"), ("UniPC", None),
+             ("DPM++ SDE", None), ("DPM++ 2M SDE", None), ("LCM", None),
+             ("Euler", "sgm_uniform"), ("DPM++ 2M", "beta"), ("Heun", "exponential")]
     failures = []
     for sampler, sched in cases:
         try:
@@ -584,6 +592,24 @@ def test_txt2img_each_sampler():
         except Exception as e:  # report every sampler, not only the first
             failures.append(str(e).splitlines()[0][:300])
     check(not failures, "; ".join(failures))
+
+
+def test_txt2img_hires_fix():
+    """A1111's hires fix through webuiapi: the image is the second pass's size, equal to
+    `sdctl generate --hires-*` with the same settings, and its infotext has the hires fields."""
+    api = CTX.main().api()
+    r = txt2img(api, sampler_name="Euler", scheduler="normal", seed=21, batch_size=1,
+                enable_hr=True, hr_scale=1.5, hr_upscaler=webuiapi.HiResUpscaler.Latent,
+                hr_second_pass_steps=2, denoising_strength=0.6)
+    imgs = generated(r, 1)
+    want = (int(W * 1.5) // 8 * 8, int(H * 1.5) // 8 * 8)
+    check(imgs[0].size == want, f"hires image is {imgs[0].size}, expected {want}")
+    text = imgs[0].info.get("parameters", "")
+    check("Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent" in text,
+          f"hires infotext: {text!r}")
+    cli = CTX.cli_generate(cli_args(sampler="Euler", scheduler="normal", seed=21, extra=[
+        "--hires-scale", "1.5", "--hires-steps", "2", "--hires-denoise", "0.6"]), 1)
+    same_pixels(imgs[0], cli[0], "hires fix")
 
 
 def test_txt2img_batch():
@@ -1165,6 +1191,7 @@ TESTS = [
     test_txt2img_fixed_seed_and_info,
     test_txt2img_random_seed,
     test_txt2img_each_sampler,
+    test_txt2img_hires_fix,
     test_txt2img_batch,
     test_override_settings_rng_cpu_and_clip_skip,
     test_img2img,

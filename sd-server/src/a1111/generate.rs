@@ -73,13 +73,57 @@ fn not_yet(field: &str, what: &str) -> ApiError {
     ApiError::not_implemented(format!("{field}: {what} is not implemented by sdctl yet"))
 }
 
+/// A1111's hires fix fields of a txt2img request (`enable_hr`, `hr_scale`, `hr_upscaler`,
+/// `hr_second_pass_steps`, `denoising_strength`, `hr_resize_x/y`, `hr_prompt`, ...).
+fn hires(f: &Fields, mode: Mode) -> ApiResult<Option<sd::hires::Hires>> {
+    if !f.bool("enable_hr", false)? || mode != Mode::Txt2Img {
+        return Ok(None);
+    }
+    let mut h = sd::hires::Hires {
+        scale: f.float_in("hr_scale", 2.0, 1.0, 8.0)?,
+        steps: f.int_in("hr_second_pass_steps", 0, 0, 1000)? as usize,
+        denoise: f.float_in("denoising_strength", 0.7, 0.0, 1.0)?,
+        ..Default::default()
+    };
+    if h.denoise == 0.0 {
+        return Err(ApiError::bad(
+            "denoising_strength: must be above 0 for the hires pass",
+        ));
+    }
+    let (rx, ry) = (
+        f.int_in("hr_resize_x", 0, 0, 16384)? as usize,
+        f.int_in("hr_resize_y", 0, 0, 16384)? as usize,
+    );
+    if rx > 0 || ry > 0 {
+        h.resize = Some((rx, ry));
+    }
+    if let Some(u) = f.opt_string("hr_upscaler")?.filter(|s| !s.is_empty()) {
+        h.upscaler = u
+            .parse()
+            .map_err(|e| ApiError::bad(format!("hr_upscaler: {e}")))?;
+    }
+    let text =
+        |k: &str| -> ApiResult<Option<String>> { Ok(f.opt_string(k)?.filter(|s| !s.is_empty())) };
+    if text("hr_checkpoint_name")?.is_some_and(|c| c != "Use same checkpoint") {
+        return Err(not_yet(
+            "hr_checkpoint_name",
+            "another checkpoint for the hires pass",
+        ));
+    }
+    h.prompt = text("hr_prompt")?;
+    h.negative_prompt = text("hr_negative_prompt")?;
+    if let Some(s) = text("hr_sampler_name")?.filter(|s| s != "Use same sampler") {
+        let sched = text("hr_scheduler")?.unwrap_or_else(|| "automatic".into());
+        let (k, sc) = super::samplers::resolve(&s, &sched)?;
+        (h.sampler, h.schedule) = (Some(k), Some(sc));
+    }
+    Ok(Some(h))
+}
+
 fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan, RunInfo)> {
     let f = Fields::new(req);
     let lim = st.config.limits;
     // features sdctl does not have are refused, never silently dropped
-    if f.bool("enable_hr", false)? {
-        return Err(not_yet("enable_hr", "hires fix"));
-    }
     if f.float("subseed_strength", 0.0)? != 0.0 {
         return Err(not_yet("subseed_strength", "variation seeds"));
     }
@@ -214,6 +258,7 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
 
     let prompt = f.string("prompt", "")?;
     let negative_prompt = f.string("negative_prompt", "")?;
+    let hires = hires(&f, mode)?;
     let mut jobs = Vec::new();
     for k in 0..n_iter {
         let mut job = sd::Job::new(prompt.clone());
@@ -239,7 +284,15 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
         job.embeddings_dir = st.config.folders.embeddings.clone();
         job.device = st.config.device.clone();
         job.dtype = st.config.dtype.clone();
-        job.control = units.iter().map(|u| u.spec.clone().into()).collect();
+        job.control = units
+            .iter()
+            .map(|u| sd::Control {
+                id: None,
+                spec: u.spec.clone(),
+                hr: u.hr,
+            })
+            .collect();
+        job.hires = hires.clone();
         jobs.push(job);
     }
     let info = RunInfo {
