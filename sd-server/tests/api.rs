@@ -441,7 +441,23 @@ async fn options_lists_and_auth() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["DPM++ 2M", "Euler a", "Euler", "DDIM"]);
+    // A1111's order (sd_samplers_kdiffusion.py, then the timestep samplers)
+    assert_eq!(
+        names,
+        [
+            "DPM++ 2M",
+            "DPM++ SDE",
+            "DPM++ 2M SDE",
+            "Euler a",
+            "Euler",
+            "LMS",
+            "Heun",
+            "DDIM",
+            "UniPC",
+            "LCM"
+        ]
+    );
+    assert_eq!(samplers[2]["options"]["scheduler"], "exponential");
     let (_, loras) = call(&app, "GET", "/sdapi/v1/loras", None, auth).await;
     assert!(loras
         .as_array()
