@@ -42,6 +42,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vae_dir: Option<PathBuf>,
+    /// A TAESD / TAESDXL decoder (folder or taesd_decoder file) for the live preview
+    /// (`/sdapi/v1/progress` current_image); without it, A1111's "Approx cheap".
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub taesd: Option<PathBuf>,
     /// HTTP Basic authentication on every route: user:pass[,user2:pass2].
     #[arg(long, value_name = "USER:PASS,...")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,6 +96,7 @@ struct Settings {
     lora_dir: Option<PathBuf>,
     embeddings_dir: Option<PathBuf>,
     vae_dir: Option<PathBuf>,
+    taesd: Option<PathBuf>,
     api_auth: Option<String>,
     #[serde(default = "default_queue")]
     queue_size: usize,
@@ -167,6 +173,15 @@ pub fn run(args: ServeArgs) -> CliResult {
         return Err("--queue-size must be at least 1".into());
     }
     config.queue_size = s.queue_size;
+    if let Some(t) = &s.taesd {
+        sd_pipeline::model::taesd::AutoencoderTiny::load(
+            t,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .map_err(|e| format!("--taesd: {e}"))?;
+        config.taesd = Some(t.clone());
+    }
     config.cors_origin = s.cors_origin;
     if s.body_limit_mb == 0 || s.body_limit_mb > 4096 {
         return Err(format!("--body-limit-mb {}: use 1..=4096", s.body_limit_mb).into());

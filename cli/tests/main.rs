@@ -18,6 +18,7 @@ mod infotext;
 mod inpaint_steps;
 mod model;
 mod plugins;
+mod previews;
 mod sdxl;
 mod serve;
 mod train;

@@ -44,8 +44,22 @@ pub fn app(config: Config) -> (Router, Arc<AppState>) {
     let complete = catalog.complete();
     let options = state::default_options(&catalog);
     let registry = sd::registry();
+    // a TAESD that does not load falls back to the cheap preview (`sdctl serve` checks it)
+    let preview = config
+        .taesd
+        .as_deref()
+        .and_then(|p| {
+            sd_pipeline::model::taesd::AutoencoderTiny::load(
+                p,
+                &candle_core::Device::Cpu,
+                candle_core::DType::F32,
+            )
+            .ok()
+        })
+        .map(|t| sd_pipeline::generation::preview::PreviewDecoder::Taesd(Arc::new(t)))
+        .unwrap_or_default();
     let state = Arc::new(AppState {
-        queue: Queue::start(sd::registry(), config.queue_size.max(1)),
+        queue: Queue::start(sd::registry(), config.queue_size.max(1), preview),
         registry,
         catalog: RwLock::new(catalog),
         options: Mutex::new(options),

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
+use sd_pipeline::generation::preview::{preview_rgb, PreviewDecoder};
 use sd_plugins_api::{Hook, HookError, NoiseLevels, StepInfo};
 use serde_json::{json, Value};
 
@@ -31,6 +32,8 @@ pub struct Shared {
     pub state: Mutex<State>,
     pub interrupted: AtomicBool,
     pub skipped: AtomicBool,
+    /// How `current_image` is made.
+    pub preview: PreviewDecoder,
 }
 
 impl Shared {
@@ -94,7 +97,9 @@ impl Shared {
         let image = if skip_current_image {
             None
         } else {
-            s.latents.as_ref().and_then(preview_png)
+            s.latents
+                .as_ref()
+                .and_then(|l| preview_png(l, &self.preview))
         };
         json!({
             "progress": progress.min(1.0),
@@ -140,36 +145,10 @@ impl Hook for ProgressHook {
     }
 }
 
-/// A1111's "Approx cheap" live preview (`sd_samplers_common.py`, the linear map from the four
-/// SD latent channels to RGB), of the first image at the latents' size, as base64 PNG.
-fn preview_png(latents: &Tensor) -> Option<String> {
-    const COEFS: [[f32; 3]; 4] = [
-        [0.298, 0.207, 0.208],
-        [0.187, 0.286, 0.173],
-        [-0.158, 0.189, 0.264],
-        [-0.184, -0.271, -0.473],
-    ];
-    let (_, c, h, w) = latents.dims4().ok()?;
-    if c != 4 {
-        return None;
-    }
-    let x: Vec<f32> = latents
-        .get(0)
-        .ok()?
-        .to_dtype(DType::F32)
-        .ok()?
-        .flatten_all()
-        .ok()?
-        .to_vec1()
-        .ok()?;
-    // at the latents' size, as A1111 sends it (the page scales it up)
-    let mut rgb = vec![0u8; w * h * 3];
-    for i in 0..w * h {
-        for (r, out) in rgb[i * 3..][..3].iter_mut().enumerate() {
-            let v: f32 = (0..4).map(|l| x[l * h * w + i] * COEFS[l][r]).sum();
-            *out = (((v + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0) as u8;
-        }
-    }
+/// The live preview of the first image as base64 PNG: A1111's "Approx cheap" at the latents'
+/// size (the page scales it up), or a TAESD decode when the server has one (`--taesd`).
+fn preview_png(latents: &Tensor, decoder: &PreviewDecoder) -> Option<String> {
+    let (w, h, rgb) = preview_rgb(latents, decoder).ok()??;
     crate::images::png_bytes(w as u32, h as u32, 3, rgb)
         .ok()
         .map(|b| crate::images::encode_b64(&b))
@@ -207,6 +186,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn civil_dates() {
@@ -243,10 +223,40 @@ mod tests {
     fn the_preview_is_the_cheap_approximation() {
         // one latent pixel of ones: R = 0.298+0.187-0.158-0.184 = 0.143 -> (1.143/2)*255
         let t = Tensor::ones((1, 4, 1, 1), DType::F32, &candle_core::Device::Cpu).unwrap();
-        let b64 = preview_png(&t).unwrap();
+        let b64 = preview_png(&t, &PreviewDecoder::Cheap).unwrap();
         let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
         let img = image::load_from_memory(&png).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (1, 1));
         assert_eq!(img.get_pixel(0, 0).0[0], (1.143f32 / 2.0 * 255.0) as u8);
+    }
+
+    /// With `--taesd`, the preview is the tiny decoder's image at the image size.
+    #[test]
+    fn a_taesd_preview_is_image_sized() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models/taesd-tiny");
+        let t = sd_pipeline::model::taesd::AutoencoderTiny::load(
+            &dir,
+            &candle_core::Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let latents = Tensor::randn(0f32, 1.0, (2, 4, 3, 5), &candle_core::Device::Cpu).unwrap();
+        let want = t.decode_images(&latents.narrow(0, 0, 1).unwrap()).unwrap();
+        let b64 = preview_png(&latents, &PreviewDecoder::Taesd(Arc::new(t))).unwrap();
+        let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
+        let img = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (40, 24));
+        let v = want
+            .get(0)
+            .unwrap()
+            .get(1)
+            .unwrap()
+            .get(7)
+            .unwrap()
+            .get(9)
+            .unwrap();
+        let v = (v.to_scalar::<f32>().unwrap() * 255.0).round() as u8;
+        assert_eq!(img.get_pixel(9, 7).0[1], v);
     }
 }

@@ -66,8 +66,15 @@ pub struct Queue {
 
 impl Queue {
     /// Start the engine thread. `size`: requests queued or running at most (more: 503).
-    pub fn start(registry: Registry, size: usize) -> Self {
-        let shared = Arc::new(Shared::default());
+    pub fn start(
+        registry: Registry,
+        size: usize,
+        preview: sd_pipeline::generation::preview::PreviewDecoder,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            preview,
+            ..Shared::default()
+        });
         let (tx, rx) = mpsc::channel::<Task>();
         let pending = Arc::new(AtomicUsize::new(0));
         let closing = Arc::new(AtomicBool::new(false));
@@ -177,7 +184,7 @@ mod tests {
 
     #[test]
     fn a_panicking_job_is_a_500_and_the_engine_goes_on() {
-        let q = Queue::start(Registry::builtin(), 4);
+        let q = Queue::start(Registry::builtin(), 4, Default::default());
         runtime().block_on(async {
             let e = q
                 .run(|_| -> ApiResult<()> { panic!("boom in a job") })
@@ -192,7 +199,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_is_a_503_and_closing_refuses_new_work() {
-        let q = Arc::new(Queue::start(Registry::builtin(), 1));
+        let q = Arc::new(Queue::start(Registry::builtin(), 1, Default::default()));
         let (release, wait) = mpsc::channel::<()>();
         let rt = runtime();
         let busy = {

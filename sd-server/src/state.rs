@@ -48,6 +48,9 @@ pub struct Config {
     /// `sdctl generate --device --dtype`.
     pub device: String,
     pub dtype: String,
+    /// A TAESD / TAESDXL decoder for the live preview (`current_image`); `None`: A1111's
+    /// "Approx cheap".
+    pub taesd: Option<PathBuf>,
 }
 
 impl Config {
@@ -66,6 +69,7 @@ impl Config {
             hash_wait: std::time::Duration::from_secs(5),
             device: "cpu".into(),
             dtype: "f32".into(),
+            taesd: None,
         }
     }
 }

@@ -180,6 +180,10 @@ pub struct Loaded {
     pub refiner: Option<StableDiffusion>,
     /// What `embeddings_dir` held that the model cannot use: `(file or name, why)`.
     pub embeddings_skipped: Vec<(String, String)>,
+    /// A TAESD given as `vae`: the final decode (the model's own VAE still encodes).
+    pub tiny_vae: Option<sd_pipeline::model::taesd::AutoencoderTiny>,
+    /// What the live previews are decoded with.
+    pub preview: sd_pipeline::generation::preview::PreviewDecoder,
 }
 
 /// Load the job's model with its LoRAs and plugin patches.
@@ -214,8 +218,30 @@ pub fn load(job: &Job) -> Result<Loaded> {
         .map(|p| p.lib.instance(&p.params))
         .collect::<Result<Vec<_>, _>>()?;
     patches.extend(plugins.iter().map(|i| i.patch()));
-    let mut sd =
-        StableDiffusion::load_with_vae(&model, &device, dtype, &patches, job.vae.as_deref())?;
+    // a TAESD as `vae` decodes; the model keeps its own VAE for encoding
+    let tiny_vae = match job.vae.as_deref() {
+        Some(v) if sd_pipeline::model::taesd::looks_like_taesd(v) => Some(
+            sd_pipeline::model::taesd::AutoencoderTiny::load(v, &device, dtype)
+                .map_err(|e| format!("vae {e}"))?,
+        ),
+        Some(v) if v.is_dir() => {
+            return Err(format!(
+                "vae {}: a folder must be a TAESD (AutoencoderTiny); give a VAE as its file",
+                v.display()
+            )
+            .into())
+        }
+        _ => None,
+    };
+    let vae = job.vae.as_deref().filter(|_| tiny_vae.is_none());
+    let mut sd = StableDiffusion::load_with_vae(&model, &device, dtype, &patches, vae)?;
+    let preview = match &job.taesd {
+        Some(t) => sd_pipeline::generation::preview::PreviewDecoder::Taesd(Arc::new(
+            sd_pipeline::model::taesd::AutoencoderTiny::load(t, &device, dtype)
+                .map_err(|e| format!("taesd {e}"))?,
+        )),
+        None => Default::default(),
+    };
     let refiner = match &job.refiner {
         Some(r) => {
             // a regular file or a folder (never a FIFO or a device), as every model path
@@ -241,6 +267,8 @@ pub fn load(job: &Job) -> Result<Loaded> {
         None => Vec::new(),
     };
     Ok(Loaded {
+        tiny_vae,
+        preview,
         embeddings_skipped,
         refiner,
         sd,
@@ -280,6 +308,42 @@ fn load_embeddings(
         r.set_embeddings(&scan.loaded);
     }
     Ok(skipped)
+}
+
+/// Writes a preview of the latents to `path` after every step (atomically: a viewer that
+/// reloads the file never sees half of one).
+struct PreviewHook {
+    path: PathBuf,
+    decoder: sd_pipeline::generation::preview::PreviewDecoder,
+}
+
+impl Hook for PreviewHook {
+    fn name(&self) -> &str {
+        "preview"
+    }
+
+    fn after_step(
+        &mut self,
+        _step: &sd_plugins_api::StepInfo,
+        _levels: &dyn sd_plugins_api::NoiseLevels,
+        latents: &mut Tensor,
+    ) -> std::result::Result<(), sd_plugins_api::HookError> {
+        let fail = |m: String| sd_plugins_api::HookError::Failed {
+            hook: "preview".into(),
+            message: m,
+        };
+        let Some((w, h, rgb)) =
+            sd_pipeline::generation::preview::preview_rgb(latents, &self.decoder)
+                .map_err(|e| fail(e.to_string()))?
+        else {
+            return Ok(());
+        };
+        let img = Tensor::from_vec(rgb, (h, w, 3), &Device::Cpu)
+            .and_then(|t| t.permute((2, 0, 1))?.to_dtype(DType::F32)? / 255.0)
+            .map_err(|e| fail(e.to_string()))?;
+        sd_pipeline::generation::image_io::save_png(&self.path, &img, &[])
+            .map_err(|e| fail(format!("{}: {e}", self.path.display())))
+    }
 }
 
 /// The generation size: the job's, else the init image's, else the model's own.
@@ -492,6 +556,12 @@ pub fn run(
     for h in extra_hooks {
         hooks.push(h);
     }
+    if let Some(p) = &job.preview_path {
+        hooks.push(Box::new(PreviewHook {
+            path: p.clone(),
+            decoder: loaded.preview.clone(),
+        }));
+    }
     let control_hook = |units: Vec<_>| -> Vec<Box<dyn Hook>> {
         if units.is_empty() {
             Vec::new()
@@ -531,9 +601,11 @@ pub fn run(
     let sampling = t_sampling.elapsed();
 
     let t_dec = Instant::now();
-    let mut images = sd
-        .decode_latents(&latents)
-        .map_err(|e| crate::non_finite::explain(e, &loaded.model, &loaded.loras, job))?;
+    let mut images = match &loaded.tiny_vae {
+        Some(t) => t.decode_images(&latents),
+        None => sd.decode_latents(&latents),
+    }
+    .map_err(|e| crate::non_finite::explain(e, &loaded.model, &loaded.loras, job))?;
     hooks.on_image(&mut images)?;
     if let Some(p) = &inpaint {
         images = finish_inpainting(p, &images)?;

@@ -132,6 +132,10 @@ pub struct Job {
     pub plugins: Vec<Plugin>,
     /// A1111's hires fix: a second pass at a larger size.
     pub hires: Option<crate::hires::Hires>,
+    /// Write a live preview of the latents here after every step.
+    pub preview_path: Option<PathBuf>,
+    /// A TAESD / TAESDXL decoder for the previews; `None`: A1111's "Approx cheap".
+    pub taesd: Option<PathBuf>,
 }
 
 impl Default for Job {
@@ -171,6 +175,8 @@ impl Default for Job {
             lora: Vec::new(),
             plugins: Vec::new(),
             hires: None,
+            preview_path: None,
+            taesd: None,
         }
     }
 }

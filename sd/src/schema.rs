@@ -55,7 +55,8 @@ const ANY_NUMBER: Ty = Ty::Float {
 /// Top-level scalar settings, in the order `config show` prints them.
 pub const FIELDS: &[Field] = &[
     f("model", Ty::Path(PathRole::FileOrDir), Default::None),
-    f("vae", Ty::Path(PathRole::File), Default::None),
+    // a VAE file, or a TAESD (folder or file) that then decodes
+    f("vae", Ty::Path(PathRole::FileOrDir), Default::None),
     // an SDXL refiner and A1111's "Switch at" (0.8 when absent)
     f("refiner", Ty::Path(PathRole::FileOrDir), Default::None),
     f(
@@ -160,6 +161,9 @@ pub const FIELDS: &[Field] = &[
     ),
     f("lora_dir", Ty::Path(PathRole::Dir), Default::None),
     f("embeddings_dir", Ty::Path(PathRole::Dir), Default::None),
+    // a live preview written after every step, decoded with a TAESD or A1111's cheap map
+    f("preview_path", Ty::Path(PathRole::Output), Default::None),
+    f("taesd", Ty::Path(PathRole::FileOrDir), Default::None),
     f("strict_lora", Ty::Bool, Default::Bool(false)),
     f("plugin_dir", Ty::Path(PathRole::Dir), Default::None),
     f("allow_extreme_weights", Ty::Bool, Default::Bool(false)),

@@ -15,5 +15,6 @@ mod rng;
 mod samplers;
 mod sdxl;
 mod single_file;
+mod taesd;
 mod train;
 mod unet_vae;

@@ -171,6 +171,14 @@ pub struct SettingsArgs {
     /// Where `<lora:NAME:WEIGHT>` prompt tags find NAME.safetensors
     #[arg(long)]
     pub lora_dir: Option<PathBuf>,
+    /// Write a live preview of the image to this PNG after every step (for a viewer that
+    /// reloads it)
+    #[arg(long, value_name = "PNG")]
+    pub preview_path: Option<PathBuf>,
+    /// A TAESD / TAESDXL decoder (folder or taesd_decoder file) for the previews (without
+    /// it: A1111's "Approx cheap", latent-sized)
+    #[arg(long, value_name = "PATH")]
+    pub taesd: Option<PathBuf>,
     /// Textual-inversion embeddings (A1111 .pt, .safetensors, .bin; SDXL clip_l/clip_g): a
     /// prompt naming a file's stem gets its vectors
     #[arg(long)]
@@ -262,6 +270,8 @@ impl SettingsArgs {
         put("dtype", self.dtype.clone().map(Value::from));
         put("lora_dir", self.lora_dir.as_deref().map(path));
         put("embeddings_dir", self.embeddings_dir.as_deref().map(path));
+        put("preview_path", self.preview_path.as_deref().map(path));
+        put("taesd", self.taesd.as_deref().map(path));
         put("plugin_dir", self.plugin_dir.as_deref().map(path));
         put("strict_lora", self.strict_lora.then_some(Value::from(true)));
         put(

@@ -502,6 +502,8 @@ pub fn check(
         dtype: get_str(&vals, "dtype").unwrap_or(d.dtype),
         lora_dir: get_path(&vals, "lora_dir"),
         embeddings_dir: get_path(&vals, "embeddings_dir"),
+        preview_path: get_path(&vals, "preview_path"),
+        taesd: get_path(&vals, "taesd"),
         strict_lora: get_bool(&vals, "strict_lora").unwrap_or(d.strict_lora),
         allow_extreme_weights: allow_extreme,
         control,

@@ -5,3 +5,4 @@
 pub mod image_io;
 pub mod latent_resize;
 pub mod pipeline;
+pub mod preview;

@@ -9,5 +9,6 @@ pub mod config;
 pub mod ldm_names;
 pub mod nn;
 pub mod shared_batch;
+pub mod taesd;
 pub mod unet;
 pub mod vae;
