@@ -17,6 +17,7 @@ mod hostile_weights;
 mod infotext;
 mod inpaint_steps;
 mod model;
+mod outpaint;
 mod plugins;
 mod previews;
 mod sdxl;

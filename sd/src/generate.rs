@@ -359,6 +359,14 @@ fn size(job: &Job, sd: &StableDiffusion) -> Result<(usize, usize)> {
         (_, Some(w), Some(h)) => (w, h),
         (Some(img), w, h) => {
             let (iw, ih) = image_size(img)?;
+            // outpainting renders the padded image
+            let (iw, ih) = match &job.outpaint {
+                Some(o) => {
+                    let (pw, ph) = o.size(iw as u32, ih as u32);
+                    (pw as usize, ph as usize)
+                }
+                None => (iw, ih),
+            };
             let (width, height) = (w.unwrap_or(iw), h.unwrap_or(ih));
             if width % f != 0 || height % f != 0 {
                 let missing = match (w, h) {
@@ -449,9 +457,32 @@ pub fn run(
         job.cfg_scale > 1.0,
         job.control.len(),
     )?;
-    // A1111's image steps around inpainting, when asked for
-    let inpaint = match (&job.init_image, &job.mask) {
-        (Some(i), Some(m)) if !job.inpaint.is_plain() => Some(crate::inpaint::prepare(
+    let seed = job.seed.unwrap_or_else(draw_seed);
+    // A1111's image steps around inpainting, when asked for; outpainting pads the init image
+    // and makes the mask, with the feather as the mask blur
+    let inpaint = match (&job.outpaint, &job.init_image, &job.mask) {
+        (Some(_), None, _) => return Err("outpaint needs an init image".into()),
+        (Some(_), _, Some(_)) => return Err("outpaint makes its own mask: drop the mask".into()),
+        (Some(o), Some(i), None) => {
+            let (padded, mask) = o.pad(&open_image(i)?.to_rgb8(), seed);
+            let mut steps = job.inpaint;
+            if steps.mask_blur == 0 {
+                steps.mask_blur = o.feather;
+            }
+            steps.overlay = true;
+            Some(crate::inpaint::prepare(
+                &DynamicImage::ImageRgb8(padded),
+                &DynamicImage::ImageLuma8(mask),
+                width,
+                height,
+                &steps,
+            ))
+        }
+        _ => None,
+    };
+    let inpaint = match (inpaint, &job.init_image, &job.mask) {
+        (Some(p), _, _) => Some(p),
+        (None, Some(i), Some(m)) if !job.inpaint.is_plain() => Some(crate::inpaint::prepare(
             &open_image(i)?,
             &open_image(m)?,
             width,
@@ -484,7 +515,6 @@ pub fn run(
                 .transpose()?,
         ),
     };
-    let seed = job.seed.unwrap_or_else(draw_seed);
     // the prompt without its LoRA tags; those tags' LoRAs are the ones `loaded` holds
     let (prompt, loras) = resolve_loras(job)?;
     if loras != loaded.loras {

@@ -150,6 +150,15 @@ impl Run<'_> {
         if st.mask.is_some() {
             f.extend(st.inpaint.infotext());
         }
+        if let Some(o) = &st.outpaint {
+            f.push((
+                "Outpaint".into(),
+                format!(
+                    "{},{},{},{} {} feather {}",
+                    o.left, o.right, o.top, o.bottom, o.fill, o.feather
+                ),
+            ));
+        }
         f.push((
             "RNG".into(),
             if st.rng == Rng::Philox { "NV" } else { "CPU" }.into(),

@@ -132,6 +132,8 @@ pub struct Job {
     pub plugins: Vec<Plugin>,
     /// A1111's hires fix: a second pass at a larger size.
     pub hires: Option<crate::hires::Hires>,
+    /// Outpainting: pad the init image and repaint the new border.
+    pub outpaint: Option<crate::outpaint::Outpaint>,
     /// Write a live preview of the latents here after every step.
     pub preview_path: Option<PathBuf>,
     /// A TAESD / TAESDXL decoder for the previews; `None`: A1111's "Approx cheap".
@@ -177,6 +179,7 @@ impl Default for Job {
             hires: None,
             preview_path: None,
             taesd: None,
+            outpaint: None,
         }
     }
 }

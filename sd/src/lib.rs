@@ -50,6 +50,7 @@ pub mod inpaint;
 pub mod job;
 pub mod model_files;
 mod non_finite;
+pub mod outpaint;
 pub mod output;
 pub mod plugins;
 pub mod png_text;

@@ -161,6 +161,19 @@ pub const FIELDS: &[Field] = &[
     ),
     f("lora_dir", Ty::Path(PathRole::Dir), Default::None),
     f("embeddings_dir", Ty::Path(PathRole::Dir), Default::None),
+    // outpainting: "LEFT,RIGHT,TOP,BOTTOM" pixels added to the init image, how they start, the
+    // mask feather (A1111's mask blur)
+    f("outpaint", Ty::Str, Default::None),
+    f(
+        "outpaint_fill",
+        Ty::Choice(&crate::outpaint::PadFill::NAMES),
+        Default::None,
+    ),
+    f(
+        "outpaint_feather",
+        Ty::Int { min: 0, max: 64 },
+        Default::None,
+    ),
     // a live preview written after every step, decoded with a TAESD or A1111's cheap map
     f("preview_path", Ty::Path(PathRole::Output), Default::None),
     f("taesd", Ty::Path(PathRole::FileOrDir), Default::None),

@@ -171,6 +171,15 @@ pub struct SettingsArgs {
     /// Where `<lora:NAME:WEIGHT>` prompt tags find NAME.safetensors
     #[arg(long)]
     pub lora_dir: Option<PathBuf>,
+    /// Outpaint: pixels added to the init image's sides, repainted: LEFT,RIGHT,TOP,BOTTOM
+    #[arg(long, value_name = "L,R,T,B")]
+    pub outpaint: Option<String>,
+    /// What the outpainted border starts as: edge | mirror | noise [default: edge]
+    #[arg(long)]
+    pub outpaint_fill: Option<String>,
+    /// The outpainting mask's feather (A1111's mask blur, pixels) [default: 8]
+    #[arg(long)]
+    pub outpaint_feather: Option<i64>,
     /// Write a live preview of the image to this PNG after every step (for a viewer that
     /// reloads it)
     #[arg(long, value_name = "PNG")]
@@ -271,6 +280,9 @@ impl SettingsArgs {
         put("lora_dir", self.lora_dir.as_deref().map(path));
         put("embeddings_dir", self.embeddings_dir.as_deref().map(path));
         put("preview_path", self.preview_path.as_deref().map(path));
+        put("outpaint", self.outpaint.clone().map(Value::from));
+        put("outpaint_fill", self.outpaint_fill.clone().map(Value::from));
+        put("outpaint_feather", self.outpaint_feather.map(Value::from));
         put("taesd", self.taesd.as_deref().map(path));
         put("plugin_dir", self.plugin_dir.as_deref().map(path));
         put("strict_lora", self.strict_lora.then_some(Value::from(true)));

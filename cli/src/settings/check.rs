@@ -223,6 +223,33 @@ pub fn check(
         }
     }
     let hires = hires_settings(&vals, &mut top);
+    let outpaint = match get_str(&vals, "outpaint") {
+        Some(v) => match sd::outpaint::Outpaint::parse(&v) {
+            Ok(mut o) => {
+                if let Some(f) = get_str(&vals, "outpaint_fill") {
+                    o.fill = f.parse().unwrap_or_default();
+                }
+                if let Some(f) = get_int(&vals, "outpaint_feather") {
+                    o.feather = f as u32;
+                }
+                Some(o)
+            }
+            Err(m) => {
+                let o = top.shown_origin("outpaint").unwrap_or(Origin::Default);
+                top.problem(&o, "outpaint", m);
+                None
+            }
+        },
+        None => {
+            for key in ["outpaint_fill", "outpaint_feather"] {
+                if get(&vals, key).is_some() {
+                    let o = top.shown_origin(key).unwrap_or(Origin::Default);
+                    top.problem(&o, key, "needs outpaint (LEFT,RIGHT,TOP,BOTTOM)");
+                }
+            }
+            None
+        }
+    };
     let strength = get_float(&vals, "strength");
     if let Some(s) = strength {
         let o = top.shown_origin("strength").unwrap_or(Origin::Default);
@@ -503,6 +530,7 @@ pub fn check(
         lora_dir: get_path(&vals, "lora_dir"),
         embeddings_dir: get_path(&vals, "embeddings_dir"),
         preview_path: get_path(&vals, "preview_path"),
+        outpaint,
         taesd: get_path(&vals, "taesd"),
         strict_lora: get_bool(&vals, "strict_lora").unwrap_or(d.strict_lora),
         allow_extreme_weights: allow_extreme,
