@@ -17,6 +17,21 @@ pub enum BenchCommand {
     /// One ControlNet training step (forward through ControlNet and frozen UNet, backward,
     /// gradients of every ControlNet weight): seconds and peak memory, random weights.
     Train(TrainBenchArgs),
+    /// An SD 1.5-size VAE decode (random weights) at a size, whole or tiled: seconds and the
+    /// process's peak memory (run each setting in its own process)
+    Vae(VaeBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct VaeBenchArgs {
+    /// Image side in pixels
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Decode in tiles of this many pixels (a quarter overlap); absent: whole
+    #[arg(long)]
+    pub tile: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Args, Debug)]
@@ -111,6 +126,32 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::Unet(a) => unet(a),
         BenchCommand::Train(a) => train(a),
         BenchCommand::Load(a) => load(a),
+        BenchCommand::Vae(a) => {
+            if a.size < 64 || a.size > 8192 || a.size % 8 != 0 {
+                return Err(format!("--size {}: use a multiple of 8 in 64..=8192", a.size).into());
+            }
+            if a.tile
+                .is_some_and(|t| !(64..=4096).contains(&t) || t % 8 != 0)
+            {
+                return Err("--tile: use a multiple of 8 in 64..=4096".into());
+            }
+            let device = sd::device::device(&a.device)?;
+            let r = sd::bench::VaeBench {
+                size: a.size,
+                tile: a.tile,
+                device,
+            }
+            .run()?;
+            println!(
+                "vae decode {0}x{0} {1}: {2:.2} s, peak RSS {3}",
+                r.size,
+                r.tile
+                    .map_or("whole".to_string(), |t| format!("tiles of {t}")),
+                r.seconds,
+                sd::bench::rss_text(r.peak_rss_bytes)
+            );
+            Ok(())
+        }
     }
 }
 

@@ -23,3 +23,4 @@ mod previews;
 mod sdxl;
 mod serve;
 mod train;
+mod vae_tiling;

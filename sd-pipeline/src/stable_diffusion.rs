@@ -33,7 +33,35 @@ pub struct StableDiffusion {
     pub dtype: DType,
     /// Textual-inversion embeddings the prompts may name ([`Self::set_embeddings`]).
     pub embeddings: crate::text::embeddings::EmbeddingSet,
+    /// When the VAE works in tiles.
+    pub vae_tiling: VaeTiling,
 }
+
+/// When the VAE decodes and encodes in tiles (diffusers' `enable_tiling`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum VaeTiling {
+    /// Tiles when the whole image's VAE working memory would exceed `budget` bytes.
+    Auto {
+        tiles: Option<crate::model::vae::VaeTiles>,
+        budget: u64,
+    },
+    /// Always tiles (images larger than one tile).
+    On(Option<crate::model::vae::VaeTiles>),
+    Off,
+}
+
+impl Default for VaeTiling {
+    fn default() -> Self {
+        Self::Auto {
+            tiles: None,
+            budget: VAE_TILING_BUDGET,
+        }
+    }
+}
+
+/// `VaeTiling::Auto`'s default budget: 4 GiB of VAE activations (an SD VAE at about 1450x1450
+/// in f32).
+pub const VAE_TILING_BUDGET: u64 = 4 << 30;
 
 impl StableDiffusion {
     /// True for 9-channel inpainting UNets.
@@ -73,6 +101,36 @@ impl StableDiffusion {
     /// The names of the embeddings `prompt` uses.
     pub fn embeddings_used(&self, prompt: &str) -> Result<Vec<String>, crate::error::Error> {
         crate::text::embeddings_used(&self.tokenizer, prompt, &self.embeddings)
+    }
+
+    /// The tiles the VAE works in for `batch` images of `width` x `height`, or `None` (whole).
+    pub fn vae_tiles(
+        &self,
+        batch: usize,
+        width: usize,
+        height: usize,
+    ) -> Option<crate::model::vae::VaeTiles> {
+        // a tile size of 0: the VAE's own (`sample_size`), with the given overlap
+        let fill = |t: Option<crate::model::vae::VaeTiles>| {
+            let d = self.vae.default_tiles();
+            match t {
+                Some(t) if t.sample > 0 => t,
+                Some(t) => crate::model::vae::VaeTiles {
+                    overlap: t.overlap,
+                    ..d
+                },
+                None => d,
+            }
+        };
+        let bytes = self.vae.config().values_per_pixel()
+            * (batch * width * height) as f64
+            * self.vae_dtype.size_in_bytes() as f64;
+        match self.vae_tiling {
+            VaeTiling::Off => None,
+            VaeTiling::On(t) => Some(fill(t)),
+            VaeTiling::Auto { tiles, budget } if bytes > budget as f64 => Some(fill(tiles)),
+            VaeTiling::Auto { .. } => None,
+        }
     }
 
     /// The model family, as messages and `model inspect` name it.

@@ -235,6 +235,7 @@ pub fn load(job: &Job) -> Result<Loaded> {
     };
     let vae = job.vae.as_deref().filter(|_| tiny_vae.is_none());
     let mut sd = StableDiffusion::load_with_vae(&model, &device, dtype, &patches, vae)?;
+    sd.vae_tiling = job.vae_tiling;
     let preview = match &job.taesd {
         Some(t) => sd_pipeline::generation::preview::PreviewDecoder::Taesd(Arc::new(
             sd_pipeline::model::taesd::AutoencoderTiny::load(t, &device, dtype)

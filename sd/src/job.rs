@@ -132,6 +132,8 @@ pub struct Job {
     pub plugins: Vec<Plugin>,
     /// A1111's hires fix: a second pass at a larger size.
     pub hires: Option<crate::hires::Hires>,
+    /// When the VAE works in tiles (diffusers' `enable_tiling`; `Auto` above a memory budget).
+    pub vae_tiling: sd_pipeline::VaeTiling,
     /// Outpainting: pad the init image and repaint the new border.
     pub outpaint: Option<crate::outpaint::Outpaint>,
     /// Write a live preview of the latents here after every step.
@@ -180,6 +182,7 @@ impl Default for Job {
             preview_path: None,
             taesd: None,
             outpaint: None,
+            vae_tiling: Default::default(),
         }
     }
 }

@@ -161,6 +161,22 @@ pub const FIELDS: &[Field] = &[
     ),
     f("lora_dir", Ty::Path(PathRole::Dir), Default::None),
     f("embeddings_dir", Ty::Path(PathRole::Dir), Default::None),
+    // tiled VAE: auto (above a memory budget), on, off; tile size (image pixels) and overlap
+    f(
+        "vae_tiling",
+        Ty::Choice(&["auto", "on", "off"]),
+        Default::None,
+    ),
+    f(
+        "vae_tile_size",
+        Ty::Int { min: 64, max: 4096 },
+        Default::None,
+    ),
+    f(
+        "vae_tile_overlap",
+        Ty::Float { min: 0.0, max: 0.5 },
+        Default::None,
+    ),
     // outpainting: "LEFT,RIGHT,TOP,BOTTOM" pixels added to the init image, how they start, the
     // mask feather (A1111's mask blur)
     f("outpaint", Ty::Str, Default::None),

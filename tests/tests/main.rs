@@ -18,3 +18,4 @@ mod single_file;
 mod taesd;
 mod train;
 mod unet_vae;
+mod vae_tiling;

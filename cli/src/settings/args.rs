@@ -171,6 +171,16 @@ pub struct SettingsArgs {
     /// Where `<lora:NAME:WEIGHT>` prompt tags find NAME.safetensors
     #[arg(long)]
     pub lora_dir: Option<PathBuf>,
+    /// Tiled VAE decode/encode: auto (when the image's VAE memory would pass 4 GiB) | on |
+    /// off [default: auto]
+    #[arg(long)]
+    pub vae_tiling: Option<String>,
+    /// VAE tile size in image pixels [default: the VAE's sample_size, 512 for SD 1.5]
+    #[arg(long)]
+    pub vae_tile_size: Option<i64>,
+    /// VAE tile overlap, a fraction of a tile [default: 0.25]
+    #[arg(long)]
+    pub vae_tile_overlap: Option<f64>,
     /// Outpaint: pixels added to the init image's sides, repainted: LEFT,RIGHT,TOP,BOTTOM
     #[arg(long, value_name = "L,R,T,B")]
     pub outpaint: Option<String>,
@@ -281,6 +291,9 @@ impl SettingsArgs {
         put("embeddings_dir", self.embeddings_dir.as_deref().map(path));
         put("preview_path", self.preview_path.as_deref().map(path));
         put("outpaint", self.outpaint.clone().map(Value::from));
+        put("vae_tiling", self.vae_tiling.clone().map(Value::from));
+        put("vae_tile_size", self.vae_tile_size.map(Value::from));
+        put("vae_tile_overlap", self.vae_tile_overlap.map(Value::from));
         put("outpaint_fill", self.outpaint_fill.clone().map(Value::from));
         put("outpaint_feather", self.outpaint_feather.map(Value::from));
         put("taesd", self.taesd.as_deref().map(path));

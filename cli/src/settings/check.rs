@@ -530,6 +530,28 @@ pub fn check(
         lora_dir: get_path(&vals, "lora_dir"),
         embeddings_dir: get_path(&vals, "embeddings_dir"),
         preview_path: get_path(&vals, "preview_path"),
+        vae_tiling: {
+            let tiles =
+                get_int(&vals, "vae_tile_size").map(|s| sd_pipeline::model::vae::VaeTiles {
+                    sample: s as usize,
+                    overlap: get_float(&vals, "vae_tile_overlap").unwrap_or(0.25),
+                });
+            let tiles = tiles.or_else(|| {
+                // an overlap alone keeps the VAE's own tile size: filled in when it loads
+                get_float(&vals, "vae_tile_overlap").map(|o| sd_pipeline::model::vae::VaeTiles {
+                    sample: 0,
+                    overlap: o,
+                })
+            });
+            match get_str(&vals, "vae_tiling").as_deref() {
+                Some("on") => sd_pipeline::VaeTiling::On(tiles),
+                Some("off") => sd_pipeline::VaeTiling::Off,
+                _ => sd_pipeline::VaeTiling::Auto {
+                    tiles,
+                    budget: sd_pipeline::VAE_TILING_BUDGET,
+                },
+            }
+        },
         outpaint,
         taesd: get_path(&vals, "taesd"),
         strict_lora: get_bool(&vals, "strict_lora").unwrap_or(d.strict_lora),

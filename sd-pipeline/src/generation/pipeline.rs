@@ -424,7 +424,12 @@ impl StableDiffusion {
 
     /// Encode images `[B, 3, H, W]` in [-1, 1] to scaled latents (the distribution's mean).
     pub fn encode_image(&self, image: &Tensor) -> Result<Tensor> {
-        let z = self.vae.encode_mean(&image.to_dtype(self.vae_dtype)?)?;
+        let (b, _, h, w) = image.dims4()?;
+        let x = image.to_dtype(self.vae_dtype)?;
+        let z = match self.vae_tiles(b, w, h) {
+            Some(t) => self.vae.encode_mean_tiled(&x, t)?,
+            None => self.vae.encode_mean(&x)?,
+        };
         Ok(self.vae.scale_latents(&z.to_dtype(DType::F32)?)?)
     }
 
@@ -434,7 +439,13 @@ impl StableDiffusion {
             .vae
             .unscale_latents(latents)?
             .to_dtype(self.vae_dtype)?;
-        let img = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        let (b, _, h, w) = z.dims4()?;
+        let f = self.vae_scale_factor();
+        let img = match self.vae_tiles(b, w * f, h * f) {
+            Some(t) => self.vae.decode_tiled(&z, t)?,
+            None => self.vae.decode(&z)?,
+        }
+        .to_dtype(DType::F32)?;
         finite(&img, || "the images decoded by the VAE".into())?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }

@@ -281,6 +281,7 @@ impl StableDiffusion {
             device: device.clone(),
             dtype,
             embeddings: Default::default(),
+            vae_tiling: Default::default(),
         })
     }
 }

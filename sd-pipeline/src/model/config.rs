@@ -504,6 +504,9 @@ pub struct VaeConfigFile {
     pub mid_block_add_attention: bool,
     #[serde(default = "d_true")]
     pub force_upcast: bool,
+    /// The image size it was trained at: diffusers' tile size (`enable_tiling`).
+    #[serde(default)]
+    pub sample_size: Option<serde_json::Value>,
 }
 
 mod vae_d {
@@ -547,6 +550,8 @@ pub struct VaeConfig {
     /// diffusers' `force_upcast` (default true): SDXL pipelines run such a VAE in f32 when the
     /// model runs in f16 (the original SDXL VAE overflows f16).
     pub force_upcast: bool,
+    /// `sample_size` (image pixels a side; diffusers' default 32): the tile of tiled decoding.
+    pub sample_size: usize,
 }
 
 impl VaeConfig {
@@ -620,6 +625,17 @@ impl VaeConfig {
             use_post_quant_conv: raw.use_post_quant_conv,
             mid_block_add_attention: raw.mid_block_add_attention,
             force_upcast: raw.force_upcast,
+            // an int, or [height, width] (the first is used, as diffusers' tiling does)
+            sample_size: match &raw.sample_size {
+                None | Some(serde_json::Value::Null) => 32,
+                Some(v) => v
+                    .as_u64()
+                    .or_else(|| v.get(0).and_then(|x| x.as_u64()))
+                    .filter(|&s| (8..=16384).contains(&s))
+                    .ok_or_else(|| {
+                        Error::config(path, format!("`sample_size` = {v}: expected 8..=16384"))
+                    })? as usize,
+            },
         })
     }
 

@@ -305,3 +305,126 @@ impl AutoencoderKL {
         (z / self.config.scaling_factor)? + self.config.shift_factor
     }
 }
+
+/// Tiled VAE work as diffusers' `AutoencoderKL.enable_tiling()` does it: tiles of `sample`
+/// image pixels (`sample / 2^(levels - 1)` latent pixels) stepping by `1 - overlap` of a tile,
+/// neighbours blended linearly over `overlap` of a tile, each tile cropped to its step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VaeTiles {
+    pub sample: usize,
+    pub overlap: f64,
+}
+
+impl AutoencoderKL {
+    /// diffusers' tile sizes for this VAE: its `sample_size`, a quarter overlap.
+    pub fn default_tiles(&self) -> VaeTiles {
+        VaeTiles {
+            sample: self.config.sample_size,
+            overlap: 0.25,
+        }
+    }
+
+    /// The latent side of a `sample`-pixel tile (`tile_latent_min_size`).
+    fn latent_tile(&self, sample: usize) -> usize {
+        sample / (1 << (self.config.block_out_channels.len() - 1))
+    }
+
+    /// [`Self::decode`] in tiles (diffusers' `tiled_decode`) when the latents are larger than a
+    /// tile, else whole.
+    pub fn decode_tiled(&self, latents: &Tensor, t: VaeTiles) -> Result<Tensor> {
+        let lt = self.latent_tile(t.sample).max(1);
+        let (_, _, h, w) = latents.dims4()?;
+        if h <= lt && w <= lt {
+            return self.decode(latents);
+        }
+        let step = ((lt as f64 * (1.0 - t.overlap)) as usize).max(1);
+        let blend = (t.sample as f64 * t.overlap) as usize;
+        tiled(latents, lt, step, blend, t.sample - blend, |x| {
+            self.decode(x)
+        })
+    }
+
+    /// [`Self::encode_mean`] in tiles (diffusers' `_tiled_encode`) when the images are larger
+    /// than a tile, else whole.
+    pub fn encode_mean_tiled(&self, images: &Tensor, t: VaeTiles) -> Result<Tensor> {
+        let (_, _, h, w) = images.dims4()?;
+        if h <= t.sample && w <= t.sample {
+            return self.encode_mean(images);
+        }
+        let lt = self.latent_tile(t.sample).max(1);
+        let step = ((t.sample as f64 * (1.0 - t.overlap)) as usize).max(1);
+        let blend = (lt as f64 * t.overlap) as usize;
+        let moments = tiled(images, t.sample, step, blend, lt - blend, |x| {
+            let m = self.encoder.forward(x)?;
+            match &self.quant_conv {
+                Some(q) => q.forward(&m),
+                None => Ok(m),
+            }
+        })?;
+        moments.narrow(1, 0, self.config.latent_channels)
+    }
+}
+
+/// diffusers' tile loop: `f` on every `tile`-sized window stepping by `step`, then each tile
+/// blended with the (already blended) tile above and to its left over `blend` rows/columns
+/// (`blend_v`, `blend_h`: `a * (1 - y / e) + b * (y / e)`), cropped to `keep` and joined.
+fn tiled(
+    x: &Tensor,
+    tile: usize,
+    step: usize,
+    blend: usize,
+    keep: usize,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let mut rows: Vec<Vec<Tensor>> = Vec::new();
+    for i in (0..h).step_by(step) {
+        let mut row = Vec::new();
+        for j in (0..w).step_by(step) {
+            let t = x
+                .narrow(2, i, tile.min(h - i))?
+                .narrow(3, j, tile.min(w - j))?;
+            row.push(f(&t)?);
+        }
+        rows.push(row);
+    }
+    // the blend weights, float64 divisions cast to float32 as torch multiplies by them
+    let weights = |e: usize, axis: usize, like: &Tensor| -> Result<(Tensor, Tensor)> {
+        let b: Vec<f32> = (0..e).map(|y| (y as f64 / e as f64) as f32).collect();
+        let a: Vec<f32> = (0..e).map(|y| (1.0 - y as f64 / e as f64) as f32).collect();
+        let shape: Vec<usize> = (0..4).map(|d| if d == axis { e } else { 1 }).collect();
+        Ok((
+            Tensor::from_vec(a, shape.as_slice(), like.device())?.to_dtype(like.dtype())?,
+            Tensor::from_vec(b, shape.as_slice(), like.device())?.to_dtype(like.dtype())?,
+        ))
+    };
+    let mix = |a: &Tensor, b: &Tensor, axis: usize| -> Result<Tensor> {
+        let e = blend.min(a.dim(axis)?).min(b.dim(axis)?);
+        if e == 0 {
+            return Ok(b.clone());
+        }
+        let (wa, wb) = weights(e, axis, b)?;
+        let top = (a.narrow(axis, a.dim(axis)? - e, e)?.broadcast_mul(&wa)?
+            + b.narrow(axis, 0, e)?.broadcast_mul(&wb)?)?;
+        Tensor::cat(&[&top, &b.narrow(axis, e, b.dim(axis)? - e)?], axis)
+    };
+    let mut out_rows = Vec::new();
+    for i in 0..rows.len() {
+        let mut out_row = Vec::new();
+        for j in 0..rows[i].len() {
+            let mut t = rows[i][j].clone();
+            if i > 0 {
+                t = mix(&rows[i - 1][j], &t, 2)?;
+            }
+            if j > 0 {
+                t = mix(&rows[i][j - 1], &t, 3)?;
+            }
+            // blended in place in diffusers: later neighbours see this version
+            rows[i][j] = t.clone();
+            let (th, tw) = (t.dim(2)?.min(keep), t.dim(3)?.min(keep));
+            out_row.push(t.narrow(2, 0, th)?.narrow(3, 0, tw)?);
+        }
+        out_rows.push(Tensor::cat(&out_row, 3)?);
+    }
+    Tensor::cat(&out_rows, 2)
+}

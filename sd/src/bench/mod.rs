@@ -9,9 +9,11 @@ mod measure;
 mod random;
 mod train;
 mod unet;
+mod vae;
 
 pub use load::{LoadBench, LoadReport};
 pub use measure::{once, peak_rss, peak_rss_bytes, rounds, rss_text, timed};
 pub use random::{merged_unet, Arch, MergedUnet, RandomVars, RandomWeights};
 pub use train::{TrainBench, TrainReport};
 pub use unet::{ControlNetTiming, LoraTiming, UnetBench, UnetReport, UnetTiming};
+pub use vae::{VaeBench, VaeReport};

@@ -445,6 +445,8 @@ pub fn detect(s: &Shapes, side: &Sidecar) -> Result<Detected, String> {
         "latent_channels": latent,
         "norm_num_groups": side.vae_norm_groups.unwrap_or(32),
         "scaling_factor": side.scale_factor.unwrap_or(if xl { 0.13025 } else { 0.18215 }),
+        // the size the VAE configs of the reference repos give (the tiled decode's tile)
+        "sample_size": if xl { 1024 } else { 512 },
     });
 
     // --- text encoders

@@ -348,6 +348,7 @@ impl Checkpoint {
             device: device.clone(),
             dtype,
             embeddings: Default::default(),
+            vae_tiling: Default::default(),
         })
     }
 }
