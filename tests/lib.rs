@@ -144,6 +144,7 @@ pub fn case_request(case: &serde_json::Value, exp: &HashMap<String, Tensor>) -> 
         micro: micro_conditioning(case),
         init_latents: None,
         run_steps: None,
+        depth: None,
     }
 }
 

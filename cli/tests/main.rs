@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod config;
+mod depth2img;
 mod detect;
 mod embedded;
 mod eval;

@@ -495,6 +495,7 @@ fn every_hook_point_and_weight_patches_cross_the_abi() {
         micro: Default::default(),
         init_latents: None,
         run_steps: None,
+        depth: None,
     };
     let run = |patch: Arc<dyn WeightPatch>, hook: Box<dyn sd_plugins_api::Hook>| {
         let sd = StableDiffusion::load(&model_dir("sd1"), &dev, candle_core::DType::F32, &[patch])

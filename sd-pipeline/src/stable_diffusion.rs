@@ -69,6 +69,11 @@ impl StableDiffusion {
         self.unet.config().in_channels == 2 * self.vae.config().latent_channels + 1
     }
 
+    /// True for SD 2 depth models (5-channel UNets: the latents and a depth map).
+    pub fn is_depth_model(&self) -> bool {
+        self.unet.config().in_channels == self.vae.config().latent_channels + 1
+    }
+
     /// True for SDXL-class models (a UNet with the `text_time` added embedding).
     pub fn is_sdxl(&self) -> bool {
         self.unet.config().text_time.is_some()

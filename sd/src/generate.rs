@@ -347,6 +347,65 @@ impl Hook for PreviewHook {
     }
 }
 
+/// depth2img's depth map `[1, 1, h, w]`: a PNG's first channel (8 or 16 bit), or what the
+/// named preprocessor (e.g. `depth_anything_v2`) makes of the init image.
+fn depth_map(
+    job: &Job,
+    registry: &Registry,
+    width: usize,
+    height: usize,
+) -> Result<Option<Tensor>> {
+    let (h, w, v): (usize, usize, Vec<f32>) = match (&job.depth_map, &job.depth_estimator) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => return Err("give a depth map or a depth estimator, not both".into()),
+        (Some(p), None) => {
+            let img = open_image(p)?.to_luma16();
+            let (w, h) = img.dimensions();
+            (
+                h as usize,
+                w as usize,
+                img.into_raw().into_iter().map(f32::from).collect(),
+            )
+        }
+        (None, Some(name)) => {
+            let init = job
+                .init_image
+                .as_deref()
+                .ok_or("a depth estimator reads the init image: give one")?;
+            let p = registry
+                .preprocessor(name)
+                .ok_or_else(|| format!("depth_estimator: no preprocessor {name:?}"))?;
+            let params = sd_controlnet::spec::PreprocessorChoice::named(name.clone())
+                .resolve(registry)
+                .map_err(|e| format!("depth_estimator: {}", e.join("; ")))?;
+            let sizing = sd_preprocessors::detect::Sizing {
+                resolution: 512,
+                pad: false,
+            };
+            let map = sd_preprocessors::detect::detect_file(
+                registry,
+                p.as_ref(),
+                init,
+                &params,
+                sizing,
+                (width, height),
+            )
+            .map_err(|e| format!("depth_estimator {name}: {e}"))?
+            .map;
+            let c = map.channels;
+            (
+                map.height,
+                map.width,
+                map.data.iter().step_by(c).map(|&b| b as f32).collect(),
+            )
+        }
+    };
+    if v.iter().all(|&x| x == v[0]) {
+        return Err("the depth map is flat (one value): it gives no depth".into());
+    }
+    Ok(Some(Tensor::from_vec(v, (1, 1, h, w), &Device::Cpu)?))
+}
+
 /// The generation size: the job's, else the init image's, else the model's own.
 fn size(job: &Job, sd: &StableDiffusion) -> Result<(usize, usize)> {
     let f = sd.vae_scale_factor();
@@ -521,7 +580,7 @@ pub fn run(
     if loras != loaded.loras {
         return Err("the job's LoRAs differ from those the model was loaded with".into());
     }
-    let req = GenerateRequest {
+    let mut req = GenerateRequest {
         prompt,
         negative_prompt: job.negative_prompt.clone(),
         width,
@@ -543,7 +602,9 @@ pub fn run(
         micro: job.micro,
         init_latents: None,
         run_steps: None,
+        depth: None,
     };
+    req.depth = depth_map(job, registry, width, height)?;
     sd.validate(&req)?;
     // the hires pass's request, checked before the first pass runs
     let hires = match &job.hires {

@@ -134,6 +134,10 @@ pub struct Job {
     pub hires: Option<crate::hires::Hires>,
     /// When the VAE works in tiles (diffusers' `enable_tiling`; `Auto` above a memory budget).
     pub vae_tiling: sd_pipeline::VaeTiling,
+    /// depth2img with a depth model: a depth map (any grayscale PNG, 8 or 16 bit; larger =
+    /// nearer), or a preprocessor that estimates one from the init image.
+    pub depth_map: Option<PathBuf>,
+    pub depth_estimator: Option<String>,
     /// Outpainting: pad the init image and repaint the new border.
     pub outpaint: Option<crate::outpaint::Outpaint>,
     /// Write a live preview of the latents here after every step.
@@ -182,6 +186,8 @@ impl Default for Job {
             preview_path: None,
             taesd: None,
             outpaint: None,
+            depth_map: None,
+            depth_estimator: None,
             vae_tiling: Default::default(),
         }
     }

@@ -177,6 +177,9 @@ pub const FIELDS: &[Field] = &[
         Ty::Float { min: 0.0, max: 0.5 },
         Default::None,
     ),
+    // depth2img (depth models): a depth map file, or a preprocessor estimating one
+    f("depth_map", Ty::Path(PathRole::File), Default::None),
+    f("depth_estimator", Ty::Str, Default::None),
     // outpainting: "LEFT,RIGHT,TOP,BOTTOM" pixels added to the init image, how they start, the
     // mask feather (A1111's mask blur)
     f("outpaint", Ty::Str, Default::None),

@@ -3,6 +3,7 @@
 
 mod clip;
 mod controlnet;
+mod depth2img;
 mod depth_anything;
 mod embeddings;
 mod hires;

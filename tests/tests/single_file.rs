@@ -39,6 +39,7 @@ fn run(sd: &StableDiffusion) -> (Tensor, Tensor) {
         micro: Default::default(),
         init_latents: None,
         run_steps: None,
+        depth: None,
     };
     let out = sd
         .generate(

@@ -181,6 +181,14 @@ pub struct SettingsArgs {
     /// VAE tile overlap, a fraction of a tile [default: 0.25]
     #[arg(long)]
     pub vae_tile_overlap: Option<f64>,
+    /// depth2img with an SD 2 depth model: a depth map (grayscale PNG, 8 or 16 bit, larger =
+    /// nearer)
+    #[arg(long, value_name = "PNG")]
+    pub depth_map: Option<PathBuf>,
+    /// depth2img: estimate the depth map from the init image with this preprocessor (e.g.
+    /// depth_anything_v2)
+    #[arg(long, value_name = "NAME")]
+    pub depth_estimator: Option<String>,
     /// Outpaint: pixels added to the init image's sides, repainted: LEFT,RIGHT,TOP,BOTTOM
     #[arg(long, value_name = "L,R,T,B")]
     pub outpaint: Option<String>,
@@ -291,6 +299,11 @@ impl SettingsArgs {
         put("embeddings_dir", self.embeddings_dir.as_deref().map(path));
         put("preview_path", self.preview_path.as_deref().map(path));
         put("outpaint", self.outpaint.clone().map(Value::from));
+        put("depth_map", self.depth_map.as_deref().map(path));
+        put(
+            "depth_estimator",
+            self.depth_estimator.clone().map(Value::from),
+        );
         put("vae_tiling", self.vae_tiling.clone().map(Value::from));
         put("vae_tile_size", self.vae_tile_size.map(Value::from));
         put("vae_tile_overlap", self.vae_tile_overlap.map(Value::from));

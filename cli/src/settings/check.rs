@@ -530,6 +530,8 @@ pub fn check(
         lora_dir: get_path(&vals, "lora_dir"),
         embeddings_dir: get_path(&vals, "embeddings_dir"),
         preview_path: get_path(&vals, "preview_path"),
+        depth_map: get_path(&vals, "depth_map"),
+        depth_estimator: get_str(&vals, "depth_estimator"),
         vae_tiling: {
             let tiles =
                 get_int(&vals, "vae_tile_size").map(|s| sd_pipeline::model::vae::VaeTiles {

@@ -49,6 +49,10 @@ pub struct GenerateRequest {
     /// Run the last `n` steps of the `steps`-step schedule (A1111's img2img with fixed steps,
     /// as its hires pass runs) instead of diffusers' `int(steps * strength)`.
     pub run_steps: Option<usize>,
+    /// A depth map for a depth model (depth2img), `[1, 1, h, w]` of any size and scale,
+    /// larger = nearer: resized to the latents (bicubic) and scaled to [-1, 1] (diffusers'
+    /// `prepare_depth_map`).
+    pub depth: Option<Tensor>,
 }
 
 /// SDXL's micro-conditioning (diffusers' `original_size`, `crops_coords_top_left`,
@@ -157,6 +161,7 @@ impl GenerateRequest {
             micro: MicroConditioning::default(),
             init_latents: None,
             run_steps: None,
+            depth: None,
         }
     }
 
@@ -382,6 +387,33 @@ impl StableDiffusion {
         }
         if req.mask.is_some() && req.init_image.is_none() {
             return Err(Error::Invalid("a mask needs an init image".into()));
+        }
+        match (self.is_depth_model(), &req.depth) {
+            (true, None) => {
+                return Err(Error::Invalid(format!(
+                    "{} is a depth model (5-channel UNet): it needs a depth map",
+                    self.root.display()
+                )))
+            }
+            (true, Some(_)) if !req.has_init() => {
+                return Err(Error::Invalid(
+                    "a depth model makes depth2img: it needs an init image".into(),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Error::Invalid(format!(
+                    "a depth map needs a depth model (5-channel UNet); {} is a {} model",
+                    self.root.display(),
+                    self.family()
+                )))
+            }
+            (_, Some(d)) if d.rank() != 4 || d.dim(0)? != 1 || d.dim(1)? != 1 => {
+                return Err(Error::Invalid(format!(
+                    "depth map has shape {:?}, expected [1, 1, h, w]",
+                    d.dims()
+                )))
+            }
+            _ => {}
         }
         if self.is_inpaint_model() && req.mask.is_none() {
             return Err(Error::Invalid(format!(
@@ -669,6 +701,20 @@ impl StableDiffusion {
                     mask: mask_lat,
                 }));
             }
+        }
+        // depth2img: the depth map at the latents' size in [-1, 1] (diffusers' prepare_depth_map)
+        if let (true, Some(d)) = (self.is_depth_model(), &req.depth) {
+            let d = crate::generation::latent_resize::resize_latents(
+                &d.to_dtype(DType::F32)?,
+                shape[2],
+                shape[3],
+                crate::generation::latent_resize::LatentUpscale::Bicubic,
+            )?
+            .to_device(dev)?;
+            let (lo, hi) = (d.min_all()?, d.max_all()?);
+            let d = ((d.broadcast_sub(&lo)? * 2.0)?.broadcast_div(&(hi - &lo)?)? - 1.0)?;
+            let d = repeat(&d)?;
+            extra_channels = Some(if cfg { Tensor::cat(&[&d, &d], 0)? } else { d });
         }
         // Called first at every hook point of the steps; gone again when this returns.
         let mut hooks = hooks.with_leading(own_hooks);

@@ -195,12 +195,13 @@ impl StableDiffusion {
             ));
         }
         let l = vae_cfg.latent_channels;
-        if unet_cfg.in_channels != l && unet_cfg.in_channels != 2 * l + 1 {
+        if ![l, l + 1, 2 * l + 1].contains(&unet_cfg.in_channels) {
             return Err(Error::config(
                 &unet_dir,
                 format!(
-                    "UNet in_channels {} fits neither plain ({l}) nor inpainting ({}) use of a VAE with {l} latent channels",
+                    "UNet in_channels {} fits neither plain ({l}), depth ({}) nor inpainting ({}) use of a VAE with {l} latent channels",
                     unet_cfg.in_channels,
+                    l + 1,
                     2 * l + 1
                 ),
             ));
