@@ -374,6 +374,7 @@ fn example_sandbox() -> PathBuf {
         ("inputs/sketch.png", fx.join("inputs/init.png")),
         ("inputs/photo.png", fx.join("inputs/init.png")),
         ("inputs/mask.png", fx.join("inputs/mask.png")),
+        ("embeddings", fx.join("embeddings")),
     ];
     for (name, target) in links {
         let p = d.join(name);
@@ -386,13 +387,14 @@ fn example_sandbox() -> PathBuf {
 #[test]
 fn every_example_runs_on_the_fixture_models() {
     let d = example_sandbox();
-    let runs: [&[&str]; 6] = [
+    let runs: [&[&str]; 7] = [
         &["pose-portrait.toml"],
         &["canny-depth.toml"],
         &["pose-portrait.toml", "style-watercolor.toml"],
         &["img2img-control.yaml"],
         &["inpaint-control.json"],
         &["sdxl-union-pose-depth.toml"],
+        &["pose-hires-embedding.toml"],
     ];
     for (i, files) in runs.iter().enumerate() {
         let out = d.join(format!("out{i}.png"));
@@ -416,7 +418,9 @@ fn every_example_runs_on_the_fixture_models() {
             String::from_utf8_lossy(&o.stderr)
         );
         let img = image::open(&out).unwrap();
-        assert_eq!((img.width(), img.height()), (64, 64), "{files:?}");
+        // the hires example's second pass is 1.5x the size
+        let side = if files[0].contains("hires") { 96 } else { 64 };
+        assert_eq!((img.width(), img.height()), (side, side), "{files:?}");
     }
     // the style layer really adds its LoRA to the pose scene
     let show = ok(&sdctl(&[
