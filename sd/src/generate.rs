@@ -608,7 +608,7 @@ pub fn run(
     sd.validate(&req)?;
     // the hires pass's request, checked before the first pass runs
     let hires = match &job.hires {
-        Some(h) => Some(crate::hires::plan(h, job, &req, sd)?),
+        Some(h) => Some(crate::hires::plan(h, job.refiner.is_some(), &req, sd)?),
         None => None,
     };
     // Every ControlNet, control image and mask is loaded and checked before denoising starts

@@ -14,7 +14,6 @@ use sd_pipeline::samplers::{SamplerKind, Schedule};
 use sd_pipeline::{GenerateRequest, StableDiffusion};
 
 use crate::error::Result;
-use crate::job::Job;
 
 /// How the first pass's result is enlarged.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,8 +238,14 @@ pub struct Plan {
     pub upscaler: HiresUpscaler,
 }
 
-/// Plan the second pass of `first` (the first pass's request) and check it as a request.
-pub fn plan(h: &Hires, job: &Job, first: &GenerateRequest, sd: &StableDiffusion) -> Result<Plan> {
+/// Plan the second pass of `first` (the first pass's request) and check it as a request;
+/// `refiner`: the job names an SDXL refiner.
+pub fn plan(
+    h: &Hires,
+    refiner: bool,
+    first: &GenerateRequest,
+    sd: &StableDiffusion,
+) -> Result<Plan> {
     h.validate()?;
     if first.has_init() {
         return Err(
@@ -249,7 +254,7 @@ pub fn plan(h: &Hires, job: &Job, first: &GenerateRequest, sd: &StableDiffusion)
                 .into(),
         );
     }
-    if job.refiner.is_some() {
+    if refiner {
         return Err("the hires fix and a refiner together are not supported".into());
     }
     for (key, p) in [
