@@ -18,6 +18,7 @@ mod progress;
 mod serve;
 mod settings;
 mod train;
+mod upscale;
 
 use std::process::ExitCode;
 
@@ -86,6 +87,9 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
     /// Measure control fidelity: sdctl eval fill --model M --controlnet CN --json report.json
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Upscale an image with an ESRGAN / Real-ESRGAN model, in tiles:
+    /// sdctl upscale photo.png -o big.png --model RealESRGAN_x4plus.pth
+    Upscale(Box<upscale::UpscaleArgs>),
 }
 
 fn main() -> ExitCode {
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
         Command::Model(cmd) => model::run(cmd),
         Command::Train(cmd) => train::run(cmd),
         Command::Dataset(cmd) => dataset::run(cmd),
+        Command::Upscale(a) => upscale::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -159,6 +159,62 @@ fn control_units_act_on_the_passes_they_name() {
     }
 }
 
+/// An ESRGAN model as the hires upscaler, by name in `--upscaler-dir`: the decoded first pass
+/// goes through the network before it is resized and encoded again (another image than
+/// Lanczos gives, the same size); a name the folder lacks is named with what it holds.
+#[test]
+fn an_esrgan_model_upscales_between_the_passes() {
+    let dir = scratch("hires", "esrgan");
+    let model = model_dir("sd1");
+    let esrgan = model_dir("esrgan");
+    let run = |upscaler: &str, extra: &[&str]| {
+        let out = dir.join(format!("{}.png", upscaler.replace(['/', ' '], "_")));
+        let mut a = vec![
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "a cat",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--hires-scale",
+            "1.5",
+            "--hires-upscaler",
+            upscaler,
+            "--output",
+            s(&out),
+        ];
+        a.extend_from_slice(extra);
+        let o = sdctl(&a);
+        (o, out)
+    };
+    let (o, lanczos) = run("lanczos", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o, net) = run("tiny_x4", &["--upscaler-dir", s(&esrgan)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (
+        image::open(&lanczos).unwrap().to_rgb8(),
+        image::open(&net).unwrap().to_rgb8(),
+    );
+    assert_eq!(a.dimensions(), (96, 96));
+    assert_eq!(b.dimensions(), (96, 96));
+    assert_ne!(a, b);
+    let info = sdctl(&["png-info", s(&net)]);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("Hires upscaler: tiny_x4"));
+    let (o, _) = run("tiny_x3", &["--upscaler-dir", s(&esrgan)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("tiny_x3") && err.contains("did you mean"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_hires_settings_are_named() {
     let dir = scratch("hires", "bad");

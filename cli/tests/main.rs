@@ -24,4 +24,5 @@ mod previews;
 mod sdxl;
 mod serve;
 mod train;
+mod upscale;
 mod vae_tiling;

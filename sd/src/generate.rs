@@ -681,7 +681,12 @@ pub fn run(
     // (the infotext records the first pass's request and the hires settings, as A1111's)
     let (width, height) = match hires {
         Some(mut p) => {
-            p.req.init_latents = Some(crate::hires::upscale(sd, &p, &latents)?);
+            p.req.init_latents = Some(crate::hires::upscale(
+                sd,
+                &p,
+                &latents,
+                job.upscaler_dir.as_deref(),
+            )?);
             let mut pass = hooks.with_leading(control_hook(hr_units));
             latents = sd
                 .denoise(&p.req, &mut pass, new_rng().as_mut())

@@ -24,6 +24,9 @@ pub enum HiresUpscaler {
     Lanczos,
     /// Decoded, resized with nearest neighbour (A1111's "Nearest"), encoded.
     Nearest,
+    /// Decoded, enlarged by an ESRGAN / Real-ESRGAN model (its name in `upscaler_dir`, one of
+    /// A1111's Real-ESRGAN names, or a path), resized to the size, encoded.
+    Model(String),
 }
 
 impl HiresUpscaler {
@@ -33,6 +36,7 @@ impl HiresUpscaler {
             Self::Latent(m) => m.a1111_name().into(),
             Self::Lanczos => "Lanczos".into(),
             Self::Nearest => "Nearest".into(),
+            Self::Model(m) => m.clone(),
         }
     }
 }
@@ -43,6 +47,7 @@ impl fmt::Display for HiresUpscaler {
             Self::Latent(m) => f.write_str(m.name()),
             Self::Lanczos => f.write_str("lanczos"),
             Self::Nearest => f.write_str("nearest"),
+            Self::Model(m) => f.write_str(m),
         }
     }
 }
@@ -50,17 +55,18 @@ impl fmt::Display for HiresUpscaler {
 impl FromStr for HiresUpscaler {
     type Err = String;
     /// sdctl's names (`latent`, `latent-bicubic`, ..., `lanczos`, `nearest`) or A1111's
-    /// (`Latent (bicubic antialiased)`, `Lanczos`, `None`), any case.
+    /// (`Latent (bicubic antialiased)`, `Lanczos`, `None`), any case; anything else names an
+    /// upscaler model (found when the job runs).
     fn from_str(s: &str) -> Result<Self, String> {
         match s.trim().to_lowercase().as_str() {
+            "" => Err(format!(
+                "an empty hires upscaler: use {}, lanczos, nearest or an upscaler model",
+                LatentUpscale::ALL.map(|m| m.name()).join(", ")
+            )),
             "lanczos" | "none" => Ok(Self::Lanczos),
             "nearest" => Ok(Self::Nearest),
-            _ => s.parse::<LatentUpscale>().map(Self::Latent).map_err(|_| {
-                format!(
-                    "{s:?} is no hires upscaler: use {}, lanczos or nearest",
-                    LatentUpscale::ALL.map(|m| m.name()).join(", ")
-                )
-            }),
+            t if t.starts_with("latent") => s.parse::<LatentUpscale>().map(Self::Latent),
+            _ => Ok(Self::Model(s.trim().to_string())),
         }
     }
 }
@@ -312,7 +318,12 @@ pub fn plan(
 /// The first pass's latents enlarged to the second pass's size: resized as latents, or
 /// decoded, resized as images and encoded; then A1111's crop for a resize of another aspect
 /// ratio (`samples[:, :, ty // 2 : H - (ty + 1) // 2, tx // 2 : W - (tx + 1) // 2]`).
-pub fn upscale(sd: &StableDiffusion, plan: &Plan, latents: &Tensor) -> Result<Tensor> {
+pub fn upscale(
+    sd: &StableDiffusion,
+    plan: &Plan,
+    latents: &Tensor,
+    upscaler_dir: Option<&std::path::Path>,
+) -> Result<Tensor> {
     let f = sd.vae_scale_factor();
     let (tw, th) = plan.target.upscale_to;
     let (lw, lh) = (tw / f, th / f);
@@ -324,12 +335,35 @@ pub fn upscale(sd: &StableDiffusion, plan: &Plan, latents: &Tensor) -> Result<Te
                 // PIL's Lanczos in A1111; this Lanczos3 is close, not bit-identical
                 _ => imageops::FilterType::Lanczos3,
             };
+            let model = match other {
+                HiresUpscaler::Model(name) => {
+                    let path = crate::upscaler::resolve(name, upscaler_dir)
+                        .map_err(|e| format!("hires_upscaler {e}"))?;
+                    Some(
+                        sd_pipeline::model::esrgan::Upscaler::load(&path)
+                            .map_err(|e| format!("hires_upscaler: {e}"))?,
+                    )
+                }
+                _ => None,
+            };
             let images = sd.decode_latents(latents)?;
             let mut out = Vec::new();
             for b in 0..images.dim(0)? {
                 let (w, h, data) = to_rgb8(&images.get(b)?)?;
                 let img = RgbImage::from_raw(w as u32, h as u32, data)
                     .ok_or("decoded image of the wrong size")?;
+                // A1111's resize_image with an upscaler: the model's scale, then to the size
+                let img = match &model {
+                    Some(m) => m
+                        .upscale_image(
+                            &DynamicImage::ImageRgb8(img),
+                            Default::default(),
+                            &mut |_, _| {},
+                        )
+                        .map_err(|e| format!("hires_upscaler: {e}"))?
+                        .to_rgb8(),
+                    None => img,
+                };
                 let img = imageops::resize(&img, (lw * f) as u32, (lh * f) as u32, filter);
                 let t = image_tensor(DynamicImage::ImageRgb8(img), lw * f, lh * f, &sd.device)?;
                 out.push(sd.encode_image(&t)?);
@@ -381,6 +415,12 @@ mod tests {
             "None".parse::<HiresUpscaler>().unwrap(),
             HiresUpscaler::Lanczos
         );
-        assert!("R-ESRGAN 4x+".parse::<HiresUpscaler>().is_err());
+        // any other name is an upscaler model, found when the job runs
+        assert_eq!(
+            "R-ESRGAN 4x+".parse::<HiresUpscaler>().unwrap(),
+            HiresUpscaler::Model("R-ESRGAN 4x+".into())
+        );
+        assert!("Latent (lanczos)".parse::<HiresUpscaler>().is_err());
+        assert!("".parse::<HiresUpscaler>().is_err());
     }
 }

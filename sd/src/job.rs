@@ -138,6 +138,8 @@ pub struct Job {
     /// nearer), or a preprocessor that estimates one from the init image.
     pub depth_map: Option<PathBuf>,
     pub depth_estimator: Option<String>,
+    /// Where the hires fix finds upscaler models by name.
+    pub upscaler_dir: Option<PathBuf>,
     /// Outpainting: pad the init image and repaint the new border.
     pub outpaint: Option<crate::outpaint::Outpaint>,
     /// Write a live preview of the latents here after every step.
@@ -186,6 +188,7 @@ impl Default for Job {
             preview_path: None,
             taesd: None,
             outpaint: None,
+            upscaler_dir: None,
             depth_map: None,
             depth_estimator: None,
             vae_tiling: Default::default(),

@@ -56,6 +56,7 @@ pub mod plugins;
 pub mod png_text;
 pub mod process;
 pub mod schema;
+pub mod upscaler;
 
 pub use error::{Error, Result};
 pub use generate::{generate, load, run, Generation, Loaded, Timings};

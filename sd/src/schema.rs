@@ -82,6 +82,7 @@ pub const FIELDS: &[Field] = &[
     ),
     f("hires_prompt", Ty::Str, Default::None),
     f("hires_negative_prompt", Ty::Str, Default::None),
+    f("upscaler_dir", Ty::Path(PathRole::Dir), Default::None),
     f("hires_sampler", Ty::Str, Default::None),
     f("hires_schedule", Ty::Str, Default::None),
     // SDXL micro-conditioning: "WxH", "WxH", "X,Y"; absent: the generation size, 0,0

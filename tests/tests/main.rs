@@ -19,4 +19,5 @@ mod single_file;
 mod taesd;
 mod train;
 mod unet_vae;
+mod upscaler;
 mod vae_tiling;

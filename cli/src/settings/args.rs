@@ -45,10 +45,13 @@ pub struct SettingsArgs {
     #[arg(long, value_name = "WxH")]
     pub hires_size: Option<String>,
     /// Hires upscaler: latent | latent-antialiased | latent-bicubic |
-    /// latent-bicubic-antialiased | latent-nearest | latent-nearest-exact | lanczos | nearest
-    /// [default: latent]
+    /// latent-bicubic-antialiased | latent-nearest | latent-nearest-exact | lanczos | nearest |
+    /// an ESRGAN / Real-ESRGAN model (its name in --upscaler-dir, or a path) [default: latent]
     #[arg(long)]
     pub hires_upscaler: Option<String>,
+    /// Where --hires-upscaler finds ESRGAN / Real-ESRGAN models by name
+    #[arg(long, value_name = "DIR")]
+    pub upscaler_dir: Option<PathBuf>,
     /// Hires pass steps (0 = the first pass's) [default: 0]
     #[arg(long)]
     pub hires_steps: Option<i64>,
@@ -249,6 +252,7 @@ impl SettingsArgs {
             self.hires_upscaler.clone().map(Value::from),
         );
         put("hires_steps", self.hires_steps.map(Value::from));
+        put("upscaler_dir", self.upscaler_dir.as_deref().map(path));
         put("hires_denoise", self.hires_denoise.map(Value::from));
         put("hires_prompt", self.hires_prompt.clone().map(Value::from));
         put(

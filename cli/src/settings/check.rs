@@ -530,6 +530,7 @@ pub fn check(
         lora_dir: get_path(&vals, "lora_dir"),
         embeddings_dir: get_path(&vals, "embeddings_dir"),
         preview_path: get_path(&vals, "preview_path"),
+        upscaler_dir: get_path(&vals, "upscaler_dir"),
         depth_map: get_path(&vals, "depth_map"),
         depth_estimator: get_str(&vals, "depth_estimator"),
         vae_tiling: {

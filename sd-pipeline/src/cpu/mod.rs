@@ -8,3 +8,4 @@ pub mod fused_attention;
 pub mod geglu;
 pub mod group_norm_op;
 mod simd;
+pub mod winograd_phase;

@@ -6,6 +6,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod esrgan;
 pub mod ldm_names;
 pub mod nn;
 pub mod shared_batch;

@@ -101,6 +101,12 @@ fn hires(f: &Fields, mode: Mode) -> ApiResult<Option<sd::hires::Hires>> {
         h.upscaler = u
             .parse()
             .map_err(|e| ApiError::bad(format!("hr_upscaler: {e}")))?;
+        // the server has no upscaler folder: a model is refused before the job runs
+        if let sd::hires::HiresUpscaler::Model(name) = &h.upscaler {
+            return Err(ApiError::bad(format!(
+                "hr_upscaler: {name:?} is no hires upscaler sdctl serve has (use Latent ..., Lanczos or Nearest)"
+            )));
+        }
     }
     let text =
         |k: &str| -> ApiResult<Option<String>> { Ok(f.opt_string(k)?.filter(|s| !s.is_empty())) };
