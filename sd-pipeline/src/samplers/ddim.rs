@@ -4,7 +4,7 @@ use candle_core::{Result, Tensor};
 
 use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
 use super::error::SamplerError;
-use super::sampler::{NoiseSource, Sampler};
+use super::sampler::{noise_by_alpha, NoiseSource, Sampler};
 use super::schedule::{alphas_cumprod, np_arange_down, np_linspace, round_half_even};
 
 pub struct Ddim {
@@ -65,12 +65,10 @@ impl Ddim {
     }
 
     fn alpha_at(&self, i: usize) -> Result<f32> {
+        let steps = self.timesteps.len();
         match self.timesteps.get(i) {
             Some(&t) => Ok(self.ac[t as usize]),
-            None => candle_core::bail!(
-                "step index {i} is past the {} DDIM steps",
-                self.timesteps.len()
-            ),
+            None => candle_core::bail!("step index {i} is past the {steps} DDIM steps"),
         }
     }
 }
@@ -117,7 +115,6 @@ impl Sampler for Ddim {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
-        let a = self.alpha_at(i)?;
-        (original * a.sqrt() as f64)? + (noise * (1.0 - a).sqrt() as f64)?
+        noise_by_alpha(original, noise, self.alpha_at(i)?)
     }
 }

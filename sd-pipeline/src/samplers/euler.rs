@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 
 use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
 use super::error::SamplerError;
-use super::sampler::{NoiseSource, Sampler};
+use super::sampler::{level_at, scale_by_sigma, NoiseSource, Sampler};
 use super::schedule::{discrete_sigmas, Conversion};
 
 /// float32 sigmas with the final 0 appended, and `init_noise_sigma`: `sigmas.max()` for
@@ -70,13 +70,7 @@ impl Euler {
     }
 
     fn sigma(&self, i: usize) -> Result<f32> {
-        match self.sigmas.get(i) {
-            Some(&s) if i < self.timesteps.len() => Ok(s),
-            _ => candle_core::bail!(
-                "step index {i} is past the {} Euler steps",
-                self.timesteps.len()
-            ),
-        }
+        level_at(&self.sigmas, self.timesteps.len(), i, "Euler")
     }
 }
 
@@ -90,8 +84,7 @@ impl Sampler for Euler {
     }
 
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
-        let s = self.sigma(i)?;
-        sample / (s * s + 1.0).sqrt() as f64
+        scale_by_sigma(sample, self.sigma(i)?)
     }
 
     fn step(

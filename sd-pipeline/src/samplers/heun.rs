@@ -10,7 +10,7 @@ use candle_core::{Result, Tensor};
 use super::config::{PredictionType, SchedulerConfig};
 use super::error::SamplerError;
 use super::euler::{denoised, with_final_zero};
-use super::sampler::{NoiseSource, Sampler};
+use super::sampler::{scale_by_sigma, NoiseSource, Sampler};
 use super::schedule::{discrete_sigmas, log_sigmas, sigma_to_t, train_sigmas, Conversion};
 
 /// `[s0, s1, s1, ..., s(n-1), s(n-1), 0]` from `[s0, ..., s(n-1), 0]` (`repeat_interleave(2)`
@@ -87,7 +87,7 @@ impl Sampler for Heun {
             .get(i)
             .filter(|_| i < self.timesteps.len())
             .ok_or_else(|| past_end(i, self.timesteps.len(), "Heun"))?;
-        sample / (s * s + 1.0).sqrt() as f64
+        scale_by_sigma(sample, s)
     }
 
     fn step(
@@ -212,7 +212,7 @@ impl Sampler for DpmSde {
             None => self.sigmas[i],
             Some(f) => f.mid,
         };
-        sample / (s * s + 1.0).sqrt() as f64
+        scale_by_sigma(sample, s)
     }
 
     fn step(

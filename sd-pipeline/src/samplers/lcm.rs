@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 
 use super::config::{PredictionType, SchedulerConfig};
 use super::error::SamplerError;
-use super::sampler::{NoiseSource, Sampler};
+use super::sampler::{noise_by_alpha, NoiseSource, Sampler};
 use super::schedule::alphas_cumprod;
 
 pub struct Lcm {
@@ -55,12 +55,10 @@ impl Lcm {
     }
 
     fn alpha_at(&self, i: usize) -> Result<f32> {
+        let steps = self.timesteps.len();
         match self.timesteps.get(i) {
             Some(&t) => Ok(self.ac[t as usize]),
-            None => candle_core::bail!(
-                "step index {i} is past the {} LCM steps",
-                self.timesteps.len()
-            ),
+            None => candle_core::bail!("step index {i} is past the {steps} LCM steps"),
         }
     }
 }
@@ -113,7 +111,6 @@ impl Sampler for Lcm {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
-        let a = self.alpha_at(i)?;
-        (original * a.sqrt() as f64)? + (noise * (1.0 - a).sqrt() as f64)?
+        noise_by_alpha(original, noise, self.alpha_at(i)?)
     }
 }

@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use super::config::{PredictionType, SchedulerConfig};
 use super::error::SamplerError;
 use super::euler::{denoised, with_final_zero};
-use super::sampler::{NoiseSource, Sampler};
+use super::sampler::{level_at, scale_by_sigma, NoiseSource, Sampler};
 use super::schedule::{discrete_sigmas, Conversion};
 
 const ORDER: usize = 4;
@@ -78,8 +78,7 @@ impl Sampler for Lms {
     }
 
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
-        let s = self.sigma(i)?;
-        sample / (s * s + 1.0).sqrt() as f64
+        scale_by_sigma(sample, self.sigma(i)?)
     }
 
     fn step(
@@ -117,12 +116,6 @@ impl Sampler for Lms {
 
 impl Lms {
     fn sigma(&self, i: usize) -> Result<f32> {
-        match self.sigmas.get(i) {
-            Some(&s) if i < self.timesteps.len() => Ok(s),
-            _ => candle_core::bail!(
-                "step index {i} is past the {} LMS steps",
-                self.timesteps.len()
-            ),
-        }
+        level_at(&self.sigmas, self.timesteps.len(), i, "LMS")
     }
 }

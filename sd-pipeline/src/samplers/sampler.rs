@@ -2,6 +2,34 @@
 
 use candle_core::{Device, Tensor};
 
+/// The noise level of step `i` of `steps` (`sigmas` may hold a final 0 past them), or an error
+/// naming the sampler.
+pub(super) fn level_at(
+    levels: &[f32],
+    steps: usize,
+    i: usize,
+    what: &str,
+) -> candle_core::Result<f32> {
+    match levels.get(i) {
+        Some(&s) if i < steps => Ok(s),
+        _ => candle_core::bail!("step index {i} is past the {steps} {what} steps"),
+    }
+}
+
+/// The sigma samplers' `scale_model_input`: `sample / (sigma**2 + 1) ** 0.5`.
+pub(super) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+    sample / (sigma * sigma + 1.0).sqrt() as f64
+}
+
+/// The alpha samplers' `add_noise` (DDIM, LCM): `a ** 0.5 x + (1 - a) ** 0.5 e`.
+pub(super) fn noise_by_alpha(
+    original: &Tensor,
+    noise: &Tensor,
+    a: f32,
+) -> candle_core::Result<Tensor> {
+    (original * a.sqrt() as f64)? + (noise * (1.0 - a).sqrt() as f64)?
+}
+
 /// Supplies the per-step noise of ancestral samplers (and anything else random).
 /// Tests replay recorded noise through it.
 pub trait NoiseSource {
