@@ -72,6 +72,22 @@ fn previews_are_written_after_every_step() {
     let o = sdctl(&a);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(image::image_dimensions(&tiny).unwrap(), (64, 64));
+    // --preview KIND without a path: beside the output; taesd needs its decoder
+    let mut a = base(s(&model), s(&out), s(&lat));
+    a.extend(["--preview", "taesd", "--taesd", s(&taesd)]);
+    let o = sdctl(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        image::image_dimensions(dir.join("o.preview.png")).unwrap(),
+        (64, 64)
+    );
+    let mut a = base(s(&model), s(&out), s(&lat));
+    a.extend(["--preview", "cheap", "--taesd", s(&taesd)]);
+    assert!(sdctl(&a).status.success());
+    assert_eq!(
+        image::image_dimensions(dir.join("o.preview.png")).unwrap(),
+        (8, 8)
+    );
     // a TAESD that is none is refused before anything runs
     let dir = scratch("previews", "bad");
     let (out, lat) = (dir.join("o.png"), dir.join("l.safetensors"));
@@ -80,4 +96,8 @@ fn previews_are_written_after_every_step() {
     a.extend(["--preview-path", s(&tiny), "--taesd", s(&vae)]);
     let err = fails(&a, &out);
     assert!(err.contains("taesd"), "{err}");
+    let mut a = base(s(&model), s(&out), s(&lat));
+    a.extend(["--preview", "taesd"]);
+    let err = fails(&a, &out);
+    assert!(err.contains("needs --taesd"), "{err}");
 }

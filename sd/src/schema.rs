@@ -195,6 +195,11 @@ pub const FIELDS: &[Field] = &[
         Default::None,
     ),
     // a live preview written after every step, decoded with a TAESD or A1111's cheap map
+    f(
+        "preview",
+        Ty::Choice(&["none", "cheap", "taesd"]),
+        Default::None,
+    ),
     f("preview_path", Ty::Path(PathRole::Output), Default::None),
     f("taesd", Ty::Path(PathRole::FileOrDir), Default::None),
     f("strict_lora", Ty::Bool, Default::Bool(false)),

@@ -201,6 +201,10 @@ pub struct SettingsArgs {
     /// The outpainting mask's feather (A1111's mask blur, pixels) [default: 8]
     #[arg(long)]
     pub outpaint_feather: Option<i64>,
+    /// Live previews while sampling: cheap (A1111's "Approx cheap", latent-sized) | taesd (with
+    /// --taesd) | none; written to --preview-path, by default OUTPUT.preview.png
+    #[arg(long)]
+    pub preview: Option<String>,
     /// Write a live preview of the image to this PNG after every step (for a viewer that
     /// reloads it)
     #[arg(long, value_name = "PNG")]
@@ -301,6 +305,7 @@ impl SettingsArgs {
         put("dtype", self.dtype.clone().map(Value::from));
         put("lora_dir", self.lora_dir.as_deref().map(path));
         put("embeddings_dir", self.embeddings_dir.as_deref().map(path));
+        put("preview", self.preview.clone().map(Value::from));
         put("preview_path", self.preview_path.as_deref().map(path));
         put("outpaint", self.outpaint.clone().map(Value::from));
         put("depth_map", self.depth_map.as_deref().map(path));

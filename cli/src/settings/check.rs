@@ -223,6 +223,22 @@ pub fn check(
         }
     }
     let hires = hires_settings(&vals, &mut top);
+    // --preview KIND: where (the given path, else beside the output) and with what decoder
+    let (preview_path, preview_taesd) = match get_str(&vals, "preview").as_deref() {
+        Some("none") => (None, None),
+        kind => {
+            let path = get_path(&vals, "preview_path").or_else(|| {
+                kind.and(get_path(&vals, "output"))
+                    .map(|o| o.with_extension("preview.png"))
+            });
+            let taesd = get_path(&vals, "taesd");
+            if kind == Some("taesd") && taesd.is_none() {
+                let o = top.shown_origin("preview").unwrap_or(Origin::Default);
+                top.problem(&o, "preview", "taesd needs --taesd PATH (a TAESD decoder)");
+            }
+            (path, if kind == Some("cheap") { None } else { taesd })
+        }
+    };
     let outpaint = match get_str(&vals, "outpaint") {
         Some(v) => match sd::outpaint::Outpaint::parse(&v) {
             Ok(mut o) => {
@@ -529,7 +545,7 @@ pub fn check(
         dtype: get_str(&vals, "dtype").unwrap_or(d.dtype),
         lora_dir: get_path(&vals, "lora_dir"),
         embeddings_dir: get_path(&vals, "embeddings_dir"),
-        preview_path: get_path(&vals, "preview_path"),
+        preview_path,
         upscaler_dir: get_path(&vals, "upscaler_dir"),
         depth_map: get_path(&vals, "depth_map"),
         depth_estimator: get_str(&vals, "depth_estimator"),
@@ -556,7 +572,7 @@ pub fn check(
             }
         },
         outpaint,
-        taesd: get_path(&vals, "taesd"),
+        taesd: preview_taesd,
         strict_lora: get_bool(&vals, "strict_lora").unwrap_or(d.strict_lora),
         allow_extreme_weights: allow_extreme,
         control,
