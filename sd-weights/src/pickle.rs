@@ -706,7 +706,12 @@ impl Archive {
     pub fn open(path: &Path) -> Result<Self> {
         let bad = |m: String| Error::pickle(path, m);
         let file = File::open(path).map_err(|e| bad(e.to_string()))?;
-        let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| {
+        // torch.save archives start at byte 0: the zip crate's offset detection (the default)
+        // misplaces the central directory of some (an archive name of 21 characters)
+        let config = zip::read::Config {
+            archive_offset: zip::read::ArchiveOffset::Known(0),
+        };
+        let mut zip = zip::ZipArchive::with_config(config, BufReader::new(file)).map_err(|e| {
             bad(format!(
                 "not a PyTorch zip archive ({e}); legacy tar/raw pickles are not read"
             ))

@@ -150,6 +150,17 @@ fn sdxl_embeddings_give_each_encoder_its_vectors() {
     );
 }
 
+/// torch.save archives of any name load (a 21-character archive name once made the zip
+/// reader's offset detection misplace the central directory).
+#[test]
+fn a_pt_of_any_archive_name_loads() {
+    let t = sd_pipeline::text::embeddings::TextualInversion::load(
+        &fixtures().join("embeddings-names/negative_hands_v21_xx.pt"),
+    )
+    .unwrap();
+    assert_eq!((t.name.as_str(), t.vectors), ("negative_hands_v21_xx", 1));
+}
+
 /// A1111's `tokenize_line`: an embedding takes one slot per vector at its fragment's emphasis,
 /// and moves to a new chunk whole when it does not fit in the current one.
 #[test]
