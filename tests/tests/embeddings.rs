@@ -181,3 +181,25 @@ fn embedding_slots_take_emphasis_and_never_straddle_chunks() {
     assert!(chunks[0].fixes.is_empty());
     assert_eq!(chunks[1].fixes[0].offset, 1);
 }
+
+/// A folder of more files than `MAX_FILES` reads that many and names the rest as skipped.
+#[test]
+fn a_folder_of_too_many_files_is_bounded() {
+    use sd_pipeline::text::embeddings::MAX_FILES;
+    let dir = std::env::temp_dir().join(format!("sd-emb-many-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..MAX_FILES + 3 {
+        std::fs::write(dir.join(format!("e{i:05}.pt")), b"").unwrap();
+    }
+    let scan = scan_dir(&dir).unwrap();
+    assert!(scan.loaded.is_empty());
+    assert_eq!(scan.skipped.len(), MAX_FILES + 3);
+    let over = scan
+        .skipped
+        .iter()
+        .filter(|(_, why)| why.contains("more than"))
+        .count();
+    assert_eq!(over, 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}

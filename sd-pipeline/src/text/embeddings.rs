@@ -17,6 +17,9 @@ use crate::error::{Error, Result};
 /// The file types an embeddings folder is scanned for.
 pub const EXTENSIONS: [&str; 4] = ["safetensors", "pt", "bin", "ckpt"];
 
+/// The most files an embeddings folder is scanned for (the rest are skipped, named).
+pub const MAX_FILES: usize = 4096;
+
 /// Largest embedding file read (real ones are a few KB to a few MB).
 pub const MAX_FILE_BYTES: u64 = 64 << 20;
 
@@ -204,6 +207,14 @@ pub fn scan_dir(dir: &Path) -> Result<Scan> {
     }
     files.sort();
     let mut scan = Scan::default();
+    if files.len() > MAX_FILES {
+        for f in files.split_off(MAX_FILES) {
+            scan.skipped.push((
+                f,
+                format!("more than {MAX_FILES} embedding files in the folder"),
+            ));
+        }
+    }
     for f in files {
         match TextualInversion::load(&f) {
             Ok(t) if scan.loaded.iter().any(|o| o.name == t.name) => scan
