@@ -9,11 +9,14 @@ pub mod init;
 pub mod load;
 pub mod model;
 pub mod spec;
+pub mod t2i_adapter;
 pub mod union;
+pub mod unit_model;
 pub mod units;
 
 pub use error::{ControlError, Result};
 pub use load::load_controlnet;
 pub use model::ControlNetModel;
 pub use spec::UnitSpec;
-pub use units::{ControlMode, ControlNetHook, ControlUnit, ResizeMode};
+pub use t2i_adapter::{load_t2i_adapter, T2IAdapter};
+pub use units::{AdapterUnit, ControlMode, ControlNetHook, ControlUnit, ResizeMode, Unit};

@@ -17,9 +17,9 @@ use crate::control_image::{
 use sd_preprocessors::detect::{detect_file, Sizing, RESOLUTIONS};
 
 use crate::error::{ControlError, Result};
-use crate::load::load_controlnet;
-use crate::model::ControlNetModel;
-use crate::units::{check_span, ControlMode, ControlUnit, ResizeMode};
+use crate::t2i_adapter::T2IAdapter;
+use crate::unit_model::{load_unit_model, ModelCache, UnitModel};
+use crate::units::{check_span, AdapterUnit, ControlMode, ControlUnit, ResizeMode, Unit};
 
 /// A preprocessor by name with its parameters as given (checked against its declaration).
 #[derive(Debug, Clone, PartialEq)]
@@ -134,9 +134,9 @@ impl UnitSpec {
         sd: &StableDiffusion,
         width: usize,
         height: usize,
-        cache: &mut Vec<(PathBuf, Arc<ControlNetModel>)>,
+        cache: &mut ModelCache,
         registry: &Registry,
-    ) -> Result<ControlUnit> {
+    ) -> Result<Unit> {
         self.validate()?;
         let pre = match &self.preprocessor {
             Some(choice) if !choice.is_none() => {
@@ -154,19 +154,10 @@ impl UnitSpec {
             _ => None,
         };
         let device: &Device = &sd.device;
-        let net = match cache.iter().find(|(p, _)| p == &self.model) {
-            Some((_, n)) => n.clone(),
-            None => {
-                let n = Arc::new(load_controlnet(
-                    &self.model,
-                    sd.unet.config(),
-                    device,
-                    sd.dtype,
-                )?);
-                cache.push((self.model.clone(), n.clone()));
-                n
-            }
-        };
+        let model = load_unit_model(&self.model, sd, cache)?;
+        if let UnitModel::Adapter(a) = &model {
+            self.check_adapter(a, sd, width, height)?;
+        }
         let fitted =
             |out: ImageBuf| to_tensor(&fit_map(&hwc3(&out), width, height, self.resize), device);
         let image = if let Some(kind) = InputKind::of_file(&self.image) {
@@ -212,6 +203,18 @@ impl UnitSpec {
             .as_deref()
             .map(|m| load_unit_mask(m, device))
             .transpose()?;
+        let net = match model {
+            UnitModel::ControlNet(net) => net,
+            UnitModel::Adapter(adapter) => {
+                return Ok(Unit::Adapter(AdapterUnit {
+                    adapter,
+                    image,
+                    weight: self.weight,
+                    start: self.start,
+                    end: self.end,
+                }))
+            }
+        };
         let unit = ControlUnit {
             net,
             image,
@@ -233,7 +236,48 @@ impl UnitSpec {
                 ControlError::Invalid(m) => ControlError::file(&self.model, m),
                 e => e,
             })?;
-        Ok(unit)
+        Ok(Unit::ControlNet(unit))
+    }
+
+    /// A T2I-Adapter unit: the keys it takes, its family and channels against the base, and
+    /// the image size its unshuffle needs; errors name the model file.
+    fn check_adapter(
+        &self,
+        a: &T2IAdapter,
+        sd: &StableDiffusion,
+        width: usize,
+        height: usize,
+    ) -> Result<()> {
+        let refuse = |m: String| Err(ControlError::file(&self.model, m));
+        let mut extra = Vec::new();
+        if self.mode != ControlMode::Balanced {
+            extra.push("mode");
+        }
+        if self.mask.is_some() {
+            extra.push("mask");
+        }
+        if self.layer_weights.is_some() {
+            extra.push("layer_weights");
+        }
+        if self.control_type.is_some() {
+            extra.push("type");
+        }
+        if !extra.is_empty() {
+            return refuse(format!(
+                "a T2I-Adapter unit takes weight, start and end (its features are added inside the UNet), not {}",
+                extra.join(", ")
+            ));
+        }
+        if let Err(m) = a.validate_for(sd.unet.config()) {
+            return refuse(m);
+        }
+        let f = a.config().downscale_factor;
+        if width % f != 0 || height % f != 0 {
+            return refuse(format!(
+                "this T2I-Adapter needs width and height that are multiples of {f}; the generation is {width}x{height}"
+            ));
+        }
+        Ok(())
     }
 
     /// The preprocessor reading this unit's image, a file of `kind`, with its parameters:

@@ -6,10 +6,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use sd_plugins_api::{Hook, HookError, ResidualInput, Residuals, StepInfo};
+use sd_plugins_api::{Hook, HookError, ResidualInput, Residuals, StepInfo, UNetAdditions};
 
 use crate::error::ControlError;
 use crate::model::ControlNetModel;
+use crate::t2i_adapter::T2IAdapter;
 use crate::union::UnionCondition;
 
 /// A unit's start and end (fractions of the schedule): 0 <= start <= end <= 1.
@@ -109,6 +110,77 @@ impl FromStr for ResizeMode {
     }
 }
 
+/// diffusers' keep rule over the steps that run: off when `i/N < start` or `(i+1)/N > end`
+/// (for a T2I-Adapter's `end`, the same steps as diffusers' `i < int(N * factor)`).
+pub fn window_active(start: f64, end: f64, step: &StepInfo) -> bool {
+    let n = (step.total - step.first_index) as f64;
+    let i = (step.index - step.first_index) as f64;
+    !(i / n < start || (i + 1.0) / n > end)
+}
+
+/// A T2I-Adapter with its image and settings: its features are computed once (at the first
+/// active step), scaled by `weight` (diffusers' `adapter_conditioning_scale`) and added
+/// inside the UNet while the unit is active.
+#[derive(Clone)]
+pub struct AdapterUnit {
+    pub adapter: Arc<T2IAdapter>,
+    /// `[1, 3, H, W]` in [0, 1] at the generation size.
+    pub image: Tensor,
+    pub weight: f64,
+    pub start: f64,
+    pub end: f64,
+}
+
+impl AdapterUnit {
+    pub fn new(adapter: Arc<T2IAdapter>, image: Tensor) -> Self {
+        Self {
+            adapter,
+            image,
+            weight: 1.0,
+            start: 0.0,
+            end: 1.0,
+        }
+    }
+
+    /// The scaled features in `dtype`.
+    fn features(&self, dtype: DType) -> candle_core::Result<Vec<Tensor>> {
+        self.adapter
+            .forward(&self.image.to_dtype(dtype)?)?
+            .into_iter()
+            .map(|f| f * self.weight)
+            .collect()
+    }
+}
+
+/// Any unit: a ControlNet (residuals) or a T2I-Adapter (features inside the UNet).
+#[derive(Clone)]
+pub enum Unit {
+    ControlNet(ControlUnit),
+    Adapter(AdapterUnit),
+}
+
+impl Unit {
+    /// The unit's control image at the generation size.
+    pub fn image(&self) -> &Tensor {
+        match self {
+            Self::ControlNet(u) => &u.image,
+            Self::Adapter(a) => &a.image,
+        }
+    }
+}
+
+impl From<ControlUnit> for Unit {
+    fn from(u: ControlUnit) -> Self {
+        Self::ControlNet(u)
+    }
+}
+
+impl From<AdapterUnit> for Unit {
+    fn from(u: AdapterUnit) -> Self {
+        Self::Adapter(u)
+    }
+}
+
 /// One ControlNet with its image and settings.
 #[derive(Clone)]
 pub struct ControlUnit {
@@ -171,9 +243,7 @@ impl ControlUnit {
 
     /// diffusers' keep rule over the steps that run: off when `i/N < start` or `(i+1)/N > end`.
     pub fn active(&self, step: &StepInfo) -> bool {
-        let n = (step.total - step.first_index) as f64;
-        let i = (step.index - step.first_index) as f64;
-        !(i / n < self.start || (i + 1.0) / n > self.end)
+        window_active(self.start, self.end, step)
     }
 
     /// Check the unit against the base UNet before any denoising.
@@ -345,11 +415,15 @@ impl ControlUnit {
     }
 }
 
-/// The residual provider that runs every active unit and sums their residuals.
+/// The residual provider that runs every active unit and sums their residuals (ControlNets)
+/// and features (T2I-Adapters).
 pub struct ControlNetHook {
     units: Vec<ControlUnit>,
     /// What each unit computes at its first active step and keeps.
     caches: Vec<UnitCache>,
+    adapters: Vec<AdapterUnit>,
+    /// Each adapter's scaled features, made at its first active step.
+    features: Vec<Option<Vec<Tensor>>>,
 }
 
 /// A unit's control image embedding, and its mask resized to each residual's size (the
@@ -361,9 +435,23 @@ struct UnitCache {
 }
 
 impl ControlNetHook {
-    pub fn new(units: Vec<ControlUnit>) -> Self {
-        let caches = units.iter().map(|_| UnitCache::default()).collect();
-        Self { units, caches }
+    /// A hook for any mix of units (ControlNets and T2I-Adapters).
+    pub fn new<U: Into<Unit>>(units: Vec<U>) -> Self {
+        let (mut nets, mut adapters) = (Vec::new(), Vec::new());
+        for u in units {
+            match u.into() {
+                Unit::ControlNet(u) => nets.push(u),
+                Unit::Adapter(a) => adapters.push(a),
+            }
+        }
+        let caches = nets.iter().map(|_| UnitCache::default()).collect();
+        let features = adapters.iter().map(|_| None).collect();
+        Self {
+            units: nets,
+            caches,
+            adapters,
+            features,
+        }
     }
 }
 
@@ -420,6 +508,36 @@ impl ControlNetHook {
 impl Hook for ControlNetHook {
     fn name(&self) -> &str {
         "controlnet"
+    }
+
+    /// The active adapters' features, summed (diffusers' `MultiAdapter` with the units'
+    /// weights).
+    fn additions(
+        &mut self,
+        step: &StepInfo,
+        input: &ResidualInput<'_>,
+    ) -> Result<Option<UNetAdditions>, HookError> {
+        let dtype = input.latents.dtype();
+        let mut total: Option<UNetAdditions> = None;
+        for (a, cached) in self.adapters.iter().zip(self.features.iter_mut()) {
+            if !window_active(a.start, a.end, step) {
+                continue;
+            }
+            let f = match cached {
+                Some(f) if f.first().is_some_and(|t| t.dtype() == dtype) => f.clone(),
+                _ => {
+                    let f = a.features(dtype)?;
+                    *cached = Some(f.clone());
+                    f
+                }
+            };
+            let add = UNetAdditions { intrablock: f };
+            total = Some(match total {
+                None => add,
+                Some(t) => t.add(&add)?,
+            });
+        }
+        Ok(total)
     }
 
     fn residuals(

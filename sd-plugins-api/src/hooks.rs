@@ -82,6 +82,49 @@ impl Residuals {
     }
 }
 
+/// What adapters add inside the UNet at one step (beside a ControlNet's [`Residuals`]).
+#[derive(Debug, Clone, Default)]
+pub struct UNetAdditions {
+    /// T2I-Adapter features (diffusers' `down_intrablock_additional_residuals`): one per down
+    /// block, added to its output (after the last resnet/attention pair, or after a block
+    /// without attention); a feature left over that has the mid block's shape is added to the
+    /// mid block's output (SDXL adapters). Batch 1 (broadcast) or the UNet's batch.
+    pub intrablock: Vec<Tensor>,
+}
+
+impl UNetAdditions {
+    /// Whether nothing is added.
+    pub fn is_empty(&self) -> bool {
+        self.intrablock.is_empty()
+    }
+
+    /// Element-wise sum of two sets (several adapters are summed, diffusers' `MultiAdapter`).
+    pub fn add(&self, other: &UNetAdditions) -> Result<UNetAdditions, HookError> {
+        let intrablock = match (self.intrablock.is_empty(), other.intrablock.is_empty()) {
+            (true, _) => other.intrablock.clone(),
+            (_, true) => self.intrablock.clone(),
+            _ => {
+                if self.intrablock.len() != other.intrablock.len() {
+                    return Err(HookError::failed(
+                        "adapters",
+                        format!(
+                            "cannot sum adapter feature sets of {} and {} tensors",
+                            self.intrablock.len(),
+                            other.intrablock.len()
+                        ),
+                    ));
+                }
+                self.intrablock
+                    .iter()
+                    .zip(&other.intrablock)
+                    .map(|(a, b)| a.broadcast_add(b))
+                    .collect::<candle_core::Result<Vec<_>>>()?
+            }
+        };
+        Ok(UNetAdditions { intrablock })
+    }
+}
+
 /// The UNet's predictions at one step, to be combined into one.
 #[derive(Debug)]
 pub struct NoisePrediction<'a> {
@@ -123,6 +166,15 @@ pub trait Hook: Send {
         _step: &StepInfo,
         _input: &ResidualInput<'_>,
     ) -> Result<Option<Residuals>, HookError> {
+        Ok(None)
+    }
+
+    /// Additions inside the UNet at this step (T2I-Adapters are providers).
+    fn additions(
+        &mut self,
+        _step: &StepInfo,
+        _input: &ResidualInput<'_>,
+    ) -> Result<Option<UNetAdditions>, HookError> {
         Ok(None)
     }
 
@@ -217,6 +269,24 @@ impl HookSet {
             }
         }
         Ok(total)
+    }
+
+    /// The sum of every provider's additions, or `None` when no hook provides any.
+    pub fn additions(
+        &mut self,
+        step: &StepInfo,
+        input: &ResidualInput<'_>,
+    ) -> Result<Option<UNetAdditions>, HookError> {
+        let mut total: Option<UNetAdditions> = None;
+        for hook in self.hooks.iter_mut() {
+            if let Some(a) = hook.additions(step, input)? {
+                total = Some(match total {
+                    None => a,
+                    Some(t) => t.add(&a)?,
+                });
+            }
+        }
+        Ok(total.filter(|t| !t.is_empty()))
     }
 
     /// The guided prediction: the first hook's answer, else plain CFG

@@ -82,7 +82,7 @@ pub use error::HookError;
 #[cfg(feature = "host")]
 pub use hooks::{
     classifier_free_guidance, AddedCond, Conditioning, Hook, HookSet, LeadingHooks, NoiseLevels,
-    NoisePrediction, ResidualInput, Residuals,
+    NoisePrediction, ResidualInput, Residuals, UNetAdditions,
 };
 pub use hwc3::hwc3;
 pub use params::{resolve_params, ParamError, ParamKind, ParamSpec, ParamValue, Params};

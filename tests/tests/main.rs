@@ -1,6 +1,7 @@
 //! The workspace's parity tests against the reference fixtures, one binary: each module is
 //! one area (its own file).
 
+mod adapters;
 mod clip;
 mod controlnet;
 mod depth2img;

@@ -751,28 +751,30 @@ impl StableDiffusion {
             let refining = !std::ptr::eq(unet, &self.unet);
             let model_input = model_input.to_dtype(dtype)?;
             let scaled_in = scaled.to_dtype(dtype)?;
-            let residuals = if refining {
-                None
+            let input = ResidualInput {
+                sample: &model_input,
+                latents: &scaled_in,
+                encoder_hidden_states: &context,
+                added: added.as_ref(),
+            };
+            let (residuals, additions) = if refining {
+                (None, None)
             } else {
-                hooks.residuals(
-                    &step,
-                    &ResidualInput {
-                        sample: &model_input,
-                        latents: &scaled_in,
-                        encoder_hidden_states: &context,
-                        added: added.as_ref(),
-                    },
-                )?
+                (
+                    hooks.residuals(&step, &input)?,
+                    hooks.additions(&step, &input)?,
+                )
             };
             let n = model_input.dim(0)?;
             let ts = Tensor::full(t as f32, n, &self.device)?;
             let out = unet
-                .forward_with(
+                .forward_full(
                     &model_input,
                     &ts,
                     &context,
                     added.as_ref(),
                     residuals.as_ref(),
+                    additions.as_ref(),
                 )?
                 .to_dtype(DType::F32)?;
             let (uncond_pred, cond_pred) = if cfg {

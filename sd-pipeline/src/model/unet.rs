@@ -6,7 +6,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::nn::{Conv2d, GroupNorm};
-use sd_plugins_api::{AddedCond, Residuals};
+use sd_plugins_api::{AddedCond, Residuals, UNetAdditions};
 
 use super::blocks::{
     Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, TransformerConfig, Upsample2D,
@@ -269,6 +269,21 @@ impl UNetEncoder {
         ctx: &Tensor,
         hint: Option<&Tensor>,
     ) -> Result<(Vec<Tensor>, Tensor)> {
+        self.forward_with_features(sample, emb, ctx, hint, &[])
+    }
+
+    /// [`Self::forward`] with T2I-Adapter features added inside the down blocks (diffusers'
+    /// `down_intrablock_additional_residuals`, see `UNetAdditions::intrablock`): the skips
+    /// carry them, as diffusers' in-place adds make its skips do.
+    pub fn forward_with_features(
+        &self,
+        sample: &Tensor,
+        emb: &Tensor,
+        ctx: &Tensor,
+        hint: Option<&Tensor>,
+        features: &[Tensor],
+    ) -> Result<(Vec<Tensor>, Tensor)> {
+        let mut features = features.iter();
         let sample = if self.config.center_input_sample {
             ((sample * 2.0)? - 1.0)?
         } else {
@@ -302,8 +317,15 @@ impl UNetEncoder {
             Some((s, _)) => s.expand(t),
             None => Ok(t.clone()),
         };
+        // a feature of batch 1 serves every item; a full batch is shrunk while items are shared
+        let add_feature =
+            |xs: &Tensor, f: &Tensor, shared: &Option<(SharedBatch, Tensor)>| match shared {
+                Some((s, _)) if f.dim(0)? != 1 => xs + s.shrink(f)?,
+                _ => xs.broadcast_add(f),
+            };
         let mut skips = vec![full(&xs, &shared)?];
         for block in &self.down {
+            let last_pair = block.attentions.len().checked_sub(1);
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let item_emb = shared.as_ref().map_or(emb, |(_, e)| e);
                 xs = resnet.forward(&xs, Some(item_emb))?;
@@ -313,11 +335,24 @@ impl UNetEncoder {
                         None => attn.forward(&xs, ctx)?,
                     };
                 }
+                // CrossAttnDownBlock2D: after the last resnet/attention pair
+                if Some(j) == last_pair {
+                    if let Some(f) = features.next() {
+                        xs = add_feature(&xs, f, &shared)?;
+                    }
+                }
                 skips.push(full(&xs, &shared)?);
             }
             if let Some(ds) = &block.downsampler {
                 xs = ds.forward(&xs)?;
                 skips.push(full(&xs, &shared)?);
+            }
+            // a block without attention: after the block, its last skip included
+            if last_pair.is_none() {
+                if let Some(f) = features.next() {
+                    xs = add_feature(&xs, f, &shared)?;
+                    *skips.last_mut().expect("a skip per block") = full(&xs, &shared)?;
+                }
             }
         }
         // (a down path without cross-attention)
@@ -326,6 +361,12 @@ impl UNetEncoder {
         for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
             xs = attn.forward(&xs, ctx)?;
             xs = resnet.forward(&xs, Some(emb))?;
+        }
+        // SDXL adapters: a last feature of the mid block's shape
+        if let Some(f) = features.next() {
+            if f.dims()[1..] == xs.dims()[1..] {
+                xs = xs.broadcast_add(f)?;
+            }
         }
         Ok((skips, xs))
     }
@@ -430,6 +471,26 @@ impl UNet2DConditionModel {
         added: Option<&AddedCond>,
         residuals: Option<&Residuals>,
     ) -> Result<Tensor> {
+        self.forward_full(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            added,
+            residuals,
+            None,
+        )
+    }
+
+    /// [`Self::forward_with`] with adapters' additions inside the UNet.
+    pub fn forward_full(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCond>,
+        residuals: Option<&Residuals>,
+        additions: Option<&UNetAdditions>,
+    ) -> Result<Tensor> {
         let b = sample.dim(0)?;
         let timesteps = match timesteps.rank() {
             0 => timesteps.broadcast_as(b)?.contiguous()?,
@@ -451,7 +512,10 @@ impl UNet2DConditionModel {
             .encoder
             .time_embedding(&timesteps, added, sample.dtype())?;
         let ctx = encoder_hidden_states;
-        let (mut skips, mut xs) = self.encoder.forward(sample, &emb, ctx, None)?;
+        let features = additions.map_or(&[][..], |a| &a.intrablock[..]);
+        let (mut skips, mut xs) = self
+            .encoder
+            .forward_with_features(sample, &emb, ctx, None, features)?;
         if let Some(r) = residuals {
             skips = skips
                 .iter()

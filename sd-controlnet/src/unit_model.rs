@@ -1,0 +1,86 @@
+//! What a unit's model file is (sd-webui-controlnet's model guess: from the keys), and the
+//! models loaded for the units of one generation.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sd_pipeline::loading::files::{tensor_shapes, weight_files};
+use sd_pipeline::StableDiffusion;
+
+use crate::error::{ControlError, Result};
+use crate::load::load_controlnet;
+use crate::model::ControlNetModel;
+use crate::t2i_adapter::{is_t2i_adapter, load_t2i_adapter, T2IAdapter};
+
+/// The kinds of unit model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitKind {
+    ControlNet,
+    T2IAdapter,
+}
+
+impl UnitKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::ControlNet => "ControlNet",
+            Self::T2IAdapter => "T2I-Adapter",
+        }
+    }
+}
+
+/// The weights file of a unit model (a folder's first weight file, or the file).
+fn weights_of(path: &Path) -> Result<PathBuf> {
+    if !path.exists() {
+        return Err(ControlError::file(path, "control model not found"));
+    }
+    if path.is_dir() {
+        Ok(weight_files(path)?[0].clone())
+    } else {
+        Ok(path.to_path_buf())
+    }
+}
+
+/// What the model at `path` is, from its keys (anything that is no adapter is read as a
+/// ControlNet, whose loader names what it lacks).
+pub fn unit_kind(path: &Path) -> Result<UnitKind> {
+    let shapes = tensor_shapes(&weights_of(path)?)?;
+    Ok(if is_t2i_adapter(&shapes) {
+        UnitKind::T2IAdapter
+    } else {
+        UnitKind::ControlNet
+    })
+}
+
+/// A loaded unit model; units naming one file share it.
+#[derive(Clone)]
+pub enum UnitModel {
+    ControlNet(Arc<ControlNetModel>),
+    Adapter(Arc<T2IAdapter>),
+}
+
+/// The models loaded so far for one generation, by path.
+pub type ModelCache = Vec<(PathBuf, UnitModel)>;
+
+/// The model at `path`, from `cache` or loaded (in the base's dtype, on its device).
+pub fn load_unit_model(
+    path: &Path,
+    sd: &StableDiffusion,
+    cache: &mut ModelCache,
+) -> Result<UnitModel> {
+    if let Some((_, m)) = cache.iter().find(|(p, _)| p == path) {
+        return Ok(m.clone());
+    }
+    let m = match unit_kind(path)? {
+        UnitKind::ControlNet => UnitModel::ControlNet(Arc::new(load_controlnet(
+            path,
+            sd.unet.config(),
+            &sd.device,
+            sd.dtype,
+        )?)),
+        UnitKind::T2IAdapter => {
+            UnitModel::Adapter(Arc::new(load_t2i_adapter(path, &sd.device, sd.dtype)?))
+        }
+    };
+    cache.push((path.to_path_buf(), m.clone()));
+    Ok(m)
+}
