@@ -11,6 +11,15 @@ pub enum ControlNetCommand {
     /// Write a new ControlNet for a base model (diffusers format): the encoder copied from the
     /// base UNet, zero convolutions zero, so it changes nothing until trained.
     Init(InitArgs),
+    /// Say what a unit model file or folder is (ControlNet, union ControlNet, T2I-Adapter),
+    /// the model family it fits and its architecture, read from its keys.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The model file (.safetensors, .pth) or diffusers folder
+    pub model: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -39,6 +48,11 @@ pub fn run(cmd: ControlNetCommand) -> CliResult {
             }
             sd_controlnet::init::write_initial_controlnet(&a.base, &a.output, a.seed)?;
             eprintln!("wrote {}", a.output.display());
+            Ok(())
+        }
+        ControlNetCommand::Inspect(a) => {
+            let what = sd_controlnet::unit_model::describe(&a.model)?;
+            println!("{}: {what}", a.model.display());
             Ok(())
         }
     }

@@ -1,6 +1,7 @@
 //! The CLI's integration tests, one binary: each module is one area (its own file), `common`
 //! holds what they share. One binary links once, where one per file linked 17 times.
 
+mod adapters;
 mod cli;
 mod common;
 mod config;

@@ -84,3 +84,53 @@ pub fn load_unit_model(
     cache.push((path.to_path_buf(), m.clone()));
     Ok(m)
 }
+
+/// What the unit model at `path` is, in words: its kind, the model family it fits and its
+/// architecture (`sdctl controlnet inspect`).
+pub fn describe(path: &Path) -> Result<String> {
+    let weights = weights_of(path)?;
+    let shapes = tensor_shapes(&weights)?;
+    if is_t2i_adapter(&shapes) {
+        let c = crate::t2i_adapter::inspect(path)?.expect("keys checked");
+        return Ok(format!(
+            "T2I-Adapter ({}) for {} models: {}-channel input, {}x{} pixel unshuffle, feature channels {:?}, {} resnets per level",
+            c.kind.name(),
+            c.kind.family(),
+            c.in_channels,
+            c.downscale_factor,
+            c.downscale_factor,
+            c.channels,
+            c.num_res_blocks
+        ));
+    }
+    let format = crate::load::detect(&shapes, &weights)?;
+    let has = |suffix: &str| shapes.iter().any(|(n, _)| n.ends_with(suffix));
+    let context = shapes
+        .iter()
+        .find(|(n, s)| n.ends_with("attn2.to_k.weight") && s.len() == 2)
+        .map(|(_, s)| s[1]);
+    let family = if has("add_embedding.linear_1.weight") || has("label_emb.0.0.weight") {
+        "SDXL".to_string()
+    } else {
+        match context {
+            Some(768) => "SD 1.x".into(),
+            Some(1024) => "SD 2.x".into(),
+            Some(d) => format!("SD 1.x/2.x-class (text width {d})"),
+            None => "SD 1.x/2.x-class".into(),
+        }
+    };
+    let union = shapes
+        .iter()
+        .find(|(n, _)| n.ends_with("task_embedding"))
+        .map(|(_, s)| s[0]);
+    let layout = match format {
+        crate::load::Format::Diffusers => "diffusers",
+        crate::load::Format::Ldm { .. } => "lllyasviel/A1111",
+    };
+    Ok(match union {
+        Some(types) => format!(
+            "union ControlNet ({layout} layout) for {family} models: {types} control types (type=...)"
+        ),
+        None => format!("ControlNet ({layout} layout) for {family} models"),
+    })
+}

@@ -1,0 +1,101 @@
+//! Adapter units through `sdctl`: `--control` with a T2I-Adapter (next to a ControlNet) gives
+//! diffusers' latents (make_adapter_fixtures.py, 1e-3 as the library test), the PNG's
+//! infotext names the unit, and `sdctl controlnet inspect` says what a unit file is.
+
+use candle_core::Device;
+use sd_tests::{assert_close, expected, fixtures, get, model_dir};
+
+use crate::common::{ok, s, scratch, sdctl};
+
+fn unit(model: &str, image: &str, weight: &str) -> String {
+    format!(
+        "model={},image={},weight={weight}",
+        s(&fixtures().join(model)),
+        s(&fixtures().join(image))
+    )
+}
+
+#[test]
+fn a_controlnet_and_a_t2i_adapter_from_the_command_line_match_diffusers() {
+    let name = "adapter_sd1_with_controlnet";
+    let dir = scratch("adapters", name);
+    let (out, lat) = (dir.join("out.png"), dir.join("latents.safetensors"));
+    let noise = fixtures().join(format!("expected/{name}.safetensors"));
+    let model = model_dir("sd1");
+    let cn = unit("models/controlnet-sd1", "inputs/control_a.png", "0.8");
+    let ad = unit("models/t2i-adapter-sd1", "inputs/control_b.png", "0.7");
+    let o = sdctl(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a red circle on a blue background",
+        "--negative-prompt",
+        "blurry, lowres",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "4",
+        "--sampler",
+        "euler",
+        "--schedule",
+        "normal",
+        "--cfg-scale",
+        "7.5",
+        "--noise",
+        s(&noise),
+        "--control",
+        &cn,
+        "--control",
+        &ad,
+        "--output",
+        s(&out),
+        "--save-latents",
+        s(&lat),
+    ]);
+    ok(&o);
+    let got = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
+    let want = expected(&format!("{name}.safetensors"));
+    assert_close(name, get(&got, "latents"), get(&want, "latents"), 1e-3);
+    let png = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).to_string();
+    assert!(
+        png.contains("t2i-adapter-sd1"),
+        "the infotext names the adapter unit"
+    );
+}
+
+#[test]
+fn controlnet_inspect_says_what_a_unit_file_is() {
+    let f = |p: &str| fixtures().join(p);
+    let said = |p: &str| ok(&sdctl(&["controlnet", "inspect", s(&f(p))]));
+    let t = said("models/t2i-adapter-sd1");
+    assert!(
+        t.contains("T2I-Adapter (full_adapter) for SD 1.x/2.x models"),
+        "{t}"
+    );
+    let t = said("models/t2i-adapter-sdxl");
+    assert!(
+        t.contains("T2I-Adapter (full_adapter_xl) for SDXL models"),
+        "{t}"
+    );
+    let t = said("models/t2i-adapter-sd1-light.pth");
+    assert!(
+        t.contains("light_adapter") && t.contains("3-channel"),
+        "{t}"
+    );
+    let t = said("models/t2i-adapter-sd1-sketch.safetensors");
+    assert!(t.contains("1-channel"), "{t}");
+    let t = said("models/controlnet-sd1-ldm.safetensors");
+    assert!(t.contains("ControlNet (lllyasviel/A1111 layout)"), "{t}");
+    let t = said("models/controlnet-sdxl-union");
+    assert!(
+        t.contains("union ControlNet (diffusers layout) for SDXL models: 8 control types"),
+        "{t}"
+    );
+    let o = sdctl(&["controlnet", "inspect", s(&f("inputs/control_a.png"))]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("control_a.png"), "{e}");
+}
