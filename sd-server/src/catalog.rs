@@ -60,14 +60,15 @@ fn is_diffusers(dir: &Path, class: &str) -> bool {
     if class == "pipeline" {
         return dir.join("model_index.json").is_file();
     }
-    // a union ControlNet (ControlNetUnionModel) is a ControlNet here too
-    let union = class == "ControlNetModel";
+    // every unit model (a union ControlNet, a T2I-Adapter) is listed with the ControlNets,
+    // as the extension lists them
+    let units = class == "ControlNetModel";
     sd_plugins_api::input_file::read_text(&dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .is_some_and(|v| {
             let c = v["_class_name"].as_str();
-            c == Some(class) || (union && c == Some("ControlNetUnionModel"))
+            c == Some(class) || (units && matches!(c, Some("ControlNetUnionModel" | "T2IAdapter")))
         })
 }
 

@@ -39,6 +39,11 @@ fn config(tag: &str) -> (sd_server::Config, PathBuf) {
         dir.join("cn/controlnet-sdxl-union"),
     )
     .unwrap();
+    std::os::unix::fs::symlink(
+        fx.join("models/t2i-adapter-sd1"),
+        dir.join("cn/t2i-adapter-sd1"),
+    )
+    .unwrap();
     std::env::set_var("SDCTL_CACHE_DIR", dir.join("cache"));
     let mut c = sd_server::Config::new("127.0.0.1:0".parse().unwrap(), dir.join("models"));
     c.folders.controlnets = Some(dir.join("cn"));
@@ -772,4 +777,64 @@ async fn embeddings_are_listed_and_used_by_prompts() {
         .unwrap();
     assert!(d.to_scalar::<f32>().unwrap() > 1e-3);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A T2I-Adapter folder is listed with the ControlNets and runs as a unit: the API's image is
+/// the front door's with the same settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_t2i_adapter_unit_is_listed_and_gives_the_front_doors_image() {
+    let (config, dir) = config("adapter");
+    let (app, _) = sd_server::app(config);
+    let (status, list) = call(&app, "GET", "/controlnet/model_list", None, None).await;
+    assert_eq!(status, 200);
+    let titles: Vec<&str> = list["model_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert!(
+        titles.iter().any(|t| t.starts_with("t2i-adapter-sd1")),
+        "{titles:?}"
+    );
+    let control = fixtures().join("inputs/control_b.png");
+    let req = json!({
+        "prompt": "a cat", "negative_prompt": "ugly", "width": 64, "height": 64, "steps": 4,
+        "seed": 5, "cfg_scale": 6, "sampler_name": "Euler", "scheduler": "normal",
+        "alwayson_scripts": {"ControlNet": {"args": [
+            {"enabled": true, "module": "none", "model": "t2i-adapter-sd1", "weight": 0.7,
+             "image": b64_file(&control), "guidance_end": 0.5}
+        ]}}
+    });
+    let (status, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(req), None).await;
+    assert_eq!(status, 200, "{res}");
+    let api_png = base64::engine::general_purpose::STANDARD
+        .decode(res["images"][0].as_str().unwrap())
+        .unwrap();
+    let mut job = sd::Job::new("a cat");
+    job.model = Some(dir.join("models/sd1"));
+    job.negative_prompt = Some("ugly".into());
+    job.width = Some(64);
+    job.height = Some(64);
+    job.steps = 4;
+    job.seed = Some(5);
+    job.cfg_scale = 6.0;
+    job.sampler = sd_pipeline::samplers::SamplerKind::Euler;
+    job.schedule = sd_pipeline::samplers::Schedule::Normal;
+    job.rng = sd::Rng::Philox;
+    let mut unit = sd::UnitSpec::new(dir.join("cn/t2i-adapter-sd1"), &control);
+    unit.weight = 0.7;
+    unit.end = 0.5;
+    job.control.push(unit.into());
+    let g = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
+    let out = dir.join("lib.png");
+    g.write(&out, None).unwrap();
+    let lib = image::open(&out).unwrap().to_rgb8();
+    let api = image::load_from_memory(&api_png).unwrap().to_rgb8();
+    assert!(api == lib, "the API's pixels differ from the front door's");
+    // and the adapter changed the image: without the unit it differs
+    job.control.clear();
+    let plain = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
+    plain.write(&out, None).unwrap();
+    assert!(image::open(&out).unwrap().to_rgb8() != api);
 }
