@@ -6,6 +6,7 @@ pub mod config;
 pub mod control_image;
 pub mod error;
 pub mod init;
+pub mod ip_adapter;
 pub mod load;
 pub mod model;
 pub mod spec;
@@ -19,4 +20,6 @@ pub use load::load_controlnet;
 pub use model::ControlNetModel;
 pub use spec::UnitSpec;
 pub use t2i_adapter::{load_t2i_adapter, T2IAdapter};
-pub use units::{AdapterUnit, ControlMode, ControlNetHook, ControlUnit, ResizeMode, Unit};
+pub use units::{
+    AdapterUnit, ControlMode, ControlNetHook, ControlUnit, IpAdapterUnit, ResizeMode, Unit,
+};

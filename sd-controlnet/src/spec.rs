@@ -2,7 +2,7 @@
 //! `sdctl --control model=...,image=...`; parsing and checking those is the CLI settings'
 //! job), and how it becomes a [`ControlUnit`]: ControlNet loaded, image preprocessed and sized.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Device;
@@ -17,9 +17,12 @@ use crate::control_image::{
 use sd_preprocessors::detect::{detect_file, Sizing, RESOLUTIONS};
 
 use crate::error::{ControlError, Result};
+use crate::ip_adapter::IpAdapter;
 use crate::t2i_adapter::T2IAdapter;
-use crate::unit_model::{load_unit_model, ModelCache, UnitModel};
-use crate::units::{check_span, AdapterUnit, ControlMode, ControlUnit, ResizeMode, Unit};
+use crate::unit_model::{load_image_encoder, load_unit_model, ModelCache, UnitModel};
+use crate::units::{
+    check_span, AdapterUnit, ControlMode, ControlUnit, IpAdapterUnit, ResizeMode, Unit,
+};
 
 /// A preprocessor by name with its parameters as given (checked against its declaration).
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +89,9 @@ pub struct UnitSpec {
     pub resolution: usize,
     /// A union ControlNet's control type by name (`type=openpose|depth|...`).
     pub control_type: Option<String>,
+    /// An IP-Adapter's CLIP image encoder (folder or file); default: an `image_encoder`
+    /// folder beside the IP-Adapter file or one level up (the h94/IP-Adapter layout).
+    pub encoder: Option<PathBuf>,
 }
 
 impl UnitSpec {
@@ -103,6 +109,7 @@ impl UnitSpec {
             layer_weights: None,
             resolution: Sizing::default().resolution,
             control_type: None,
+            encoder: None,
         }
     }
 
@@ -157,6 +164,9 @@ impl UnitSpec {
         let model = load_unit_model(&self.model, sd, cache)?;
         if let UnitModel::Adapter(a) = &model {
             self.check_adapter(a, sd, width, height)?;
+        }
+        if let UnitModel::IpAdapter(a) = &model {
+            return self.build_ip(a.clone(), sd, cache);
         }
         let fitted =
             |out: ImageBuf| to_tensor(&fit_map(&hwc3(&out), width, height, self.resize), device);
@@ -214,6 +224,9 @@ impl UnitSpec {
                     end: self.end,
                 }))
             }
+            UnitModel::IpAdapter(_) | UnitModel::ImageEncoder(_) => {
+                return Err(ControlError::file(&self.model, "not a control unit model"))
+            }
         };
         let unit = ControlUnit {
             net,
@@ -239,16 +252,8 @@ impl UnitSpec {
         Ok(Unit::ControlNet(unit))
     }
 
-    /// A T2I-Adapter unit: the keys it takes, its family and channels against the base, and
-    /// the image size its unshuffle needs; errors name the model file.
-    fn check_adapter(
-        &self,
-        a: &T2IAdapter,
-        sd: &StableDiffusion,
-        width: usize,
-        height: usize,
-    ) -> Result<()> {
-        let refuse = |m: String| Err(ControlError::file(&self.model, m));
+    /// The keys only ControlNets take, when set.
+    fn controlnet_only_keys(&self) -> Vec<&'static str> {
         let mut extra = Vec::new();
         if self.mode != ControlMode::Balanced {
             extra.push("mode");
@@ -262,6 +267,104 @@ impl UnitSpec {
         if self.control_type.is_some() {
             extra.push("type");
         }
+        extra
+    }
+
+    /// An IP-Adapter unit: the adapter against the base UNet, its image encoder, the
+    /// reference image encoded at the encoder's size (not fitted to the generation).
+    fn build_ip(
+        &self,
+        adapter: Arc<IpAdapter>,
+        sd: &StableDiffusion,
+        cache: &mut ModelCache,
+    ) -> Result<Unit> {
+        let refuse = |m: String| Err(ControlError::file(&self.model, m));
+        let mut extra = self.controlnet_only_keys();
+        // A1111's IP-Adapter preprocessors name the image encoder; here `encoder=` does
+        let ip_pre = |n: &str| n.starts_with("ip-adapter") || n.starts_with("clip_vision");
+        if self
+            .preprocessor
+            .as_ref()
+            .is_some_and(|p| !p.is_none() && !ip_pre(&p.name))
+        {
+            extra.push("preprocessor");
+        }
+        if !extra.is_empty() {
+            return refuse(format!(
+                "an IP-Adapter unit takes image, weight, start, end and encoder, not {}",
+                extra.join(", ")
+            ));
+        }
+        let dims = sd.unet.cross_attention_dims();
+        let base = sd.unet.config();
+        if let Err(m) = adapter.validate_for(&dims, base.cross_attention_dim, base.family()) {
+            return refuse(m);
+        }
+        let encoder_path = match &self.encoder {
+            Some(p) => p.clone(),
+            None => {
+                let dir = self.model.parent().unwrap_or(Path::new("."));
+                let found = [dir.join("image_encoder"), dir.join("../image_encoder")]
+                    .into_iter()
+                    .find(|p| p.is_dir());
+                match found {
+                    Some(p) => p,
+                    None => {
+                        return refuse(
+                            "an IP-Adapter needs its CLIP image encoder: set encoder=FOLDER_OR_FILE (no image_encoder folder beside it)".into(),
+                        )
+                    }
+                }
+            }
+        };
+        let encoder = load_image_encoder(&encoder_path, sd, cache)?;
+        let want = adapter.config().image_dim;
+        let ec = encoder.config();
+        let got = if adapter.config().uses_hidden_states() {
+            ec.hidden_size
+        } else {
+            ec.projection_dim
+        };
+        if got != want {
+            return Err(ControlError::file(
+                &encoder_path,
+                format!(
+                    "this image encoder gives {got}-wide outputs; the IP-Adapter {} takes {want} (ViT-H is 1024/1280 wide, ViT-bigG 1280/1664)",
+                    self.model.display()
+                ),
+            ));
+        }
+        if !self.image.is_file() {
+            return Err(ControlError::file(&self.image, "reference image not found"));
+        }
+        let img = sd_plugins_api::image_input::open_image(&self.image)
+            .map_err(|e| ControlError::file(&self.image, e.to_string()))?
+            .to_rgb8();
+        let pixels = encoder
+            .preprocess(img.as_raw(), img.width() as usize, img.height() as usize)?
+            .to_device(&sd.device)?;
+        Ok(Unit::IpAdapter(IpAdapterUnit {
+            adapter,
+            encoder,
+            pixels,
+            weight: self.weight,
+            start: self.start,
+            end: self.end,
+            counts: (dims.0.len(), dims.1.len(), dims.2.len()),
+        }))
+    }
+
+    /// A T2I-Adapter unit: the keys it takes, its family and channels against the base, and
+    /// the image size its unshuffle needs; errors name the model file.
+    fn check_adapter(
+        &self,
+        a: &T2IAdapter,
+        sd: &StableDiffusion,
+        width: usize,
+        height: usize,
+    ) -> Result<()> {
+        let refuse = |m: String| Err(ControlError::file(&self.model, m));
+        let extra = self.controlnet_only_keys();
         if !extra.is_empty() {
             return refuse(format!(
                 "a T2I-Adapter unit takes weight, start and end (its features are added inside the UNet), not {}",

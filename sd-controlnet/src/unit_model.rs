@@ -8,15 +8,18 @@ use sd_pipeline::loading::files::{tensor_shapes, weight_files};
 use sd_pipeline::StableDiffusion;
 
 use crate::error::{ControlError, Result};
+use crate::ip_adapter::{is_ip_adapter, load_ip_adapter, IpAdapter};
 use crate::load::load_controlnet;
 use crate::model::ControlNetModel;
 use crate::t2i_adapter::{is_t2i_adapter, load_t2i_adapter, T2IAdapter};
+use sd_pipeline::model::clip_vision::{load_clip_vision, ClipVisionModel};
 
 /// The kinds of unit model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnitKind {
     ControlNet,
     T2IAdapter,
+    IpAdapter,
 }
 
 impl UnitKind {
@@ -24,6 +27,7 @@ impl UnitKind {
         match self {
             Self::ControlNet => "ControlNet",
             Self::T2IAdapter => "T2I-Adapter",
+            Self::IpAdapter => "IP-Adapter",
         }
     }
 }
@@ -46,6 +50,8 @@ pub fn unit_kind(path: &Path) -> Result<UnitKind> {
     let shapes = tensor_shapes(&weights_of(path)?)?;
     Ok(if is_t2i_adapter(&shapes) {
         UnitKind::T2IAdapter
+    } else if is_ip_adapter(&shapes) {
+        UnitKind::IpAdapter
     } else {
         UnitKind::ControlNet
     })
@@ -56,6 +62,9 @@ pub fn unit_kind(path: &Path) -> Result<UnitKind> {
 pub enum UnitModel {
     ControlNet(Arc<ControlNetModel>),
     Adapter(Arc<T2IAdapter>),
+    IpAdapter(Arc<IpAdapter>),
+    /// An IP-Adapter unit's CLIP image encoder.
+    ImageEncoder(Arc<ClipVisionModel>),
 }
 
 /// The models loaded so far for one generation, by path.
@@ -80,8 +89,27 @@ pub fn load_unit_model(
         UnitKind::T2IAdapter => {
             UnitModel::Adapter(Arc::new(load_t2i_adapter(path, &sd.device, sd.dtype)?))
         }
+        UnitKind::IpAdapter => UnitModel::IpAdapter(Arc::new(load_ip_adapter(
+            &weights_of(path)?,
+            &sd.device,
+            sd.dtype,
+        )?)),
     };
     cache.push((path.to_path_buf(), m.clone()));
+    Ok(m)
+}
+
+/// The CLIP image encoder at `path` (folder or file), from `cache` or loaded.
+pub fn load_image_encoder(
+    path: &Path,
+    sd: &StableDiffusion,
+    cache: &mut ModelCache,
+) -> Result<Arc<ClipVisionModel>> {
+    if let Some((_, UnitModel::ImageEncoder(m))) = cache.iter().find(|(p, _)| p == path) {
+        return Ok(m.clone());
+    }
+    let m = Arc::new(load_clip_vision(path, &sd.device, sd.dtype)?);
+    cache.push((path.to_path_buf(), UnitModel::ImageEncoder(m.clone())));
     Ok(m)
 }
 
@@ -101,6 +129,22 @@ pub fn describe(path: &Path) -> Result<String> {
             c.downscale_factor,
             c.channels,
             c.num_res_blocks
+        ));
+    }
+    if is_ip_adapter(&shapes) {
+        let c = crate::ip_adapter::inspect(&weights)?.expect("keys checked");
+        let image = if c.uses_hidden_states() {
+            "the image encoder's penultimate hidden states"
+        } else {
+            "the image encoder's image_embeds"
+        };
+        return Ok(format!(
+            "IP-Adapter ({}) for {} models: {} image tokens from {image} ({} wide), {} cross-attention layers",
+            c.kind.name(),
+            c.family(),
+            c.tokens,
+            c.image_dim,
+            c.layer_dims.len()
         ));
     }
     let format = crate::load::detect(&shapes, &weights)?;

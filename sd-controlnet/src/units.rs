@@ -6,9 +6,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use sd_plugins_api::{Hook, HookError, ResidualInput, Residuals, StepInfo, UNetAdditions};
+use sd_pipeline::model::clip_vision::ClipVisionModel;
+use sd_plugins_api::{
+    ExtraAttention, Hook, HookError, ResidualInput, Residuals, StepInfo, UNetAdditions,
+};
 
 use crate::error::ControlError;
+use crate::ip_adapter::IpAdapter;
 use crate::model::ControlNetModel;
 use crate::t2i_adapter::T2IAdapter;
 use crate::union::UnionCondition;
@@ -152,11 +156,73 @@ impl AdapterUnit {
     }
 }
 
-/// Any unit: a ControlNet (residuals) or a T2I-Adapter (features inside the UNet).
+/// An IP-Adapter with its reference image(s) and image encoder: the image prompt's keys and
+/// values are made once (at the first active step) and added to every cross-attention layer
+/// with `weight` (diffusers' `ip_adapter_scale`) while the unit is active.
+#[derive(Clone)]
+pub struct IpAdapterUnit {
+    pub adapter: Arc<IpAdapter>,
+    pub encoder: Arc<ClipVisionModel>,
+    /// The reference images, preprocessed for the encoder, `[N, 3, S, S]`; several are
+    /// averaged after encoding (one image prompt).
+    pub pixels: Tensor,
+    pub weight: f64,
+    pub start: f64,
+    pub end: f64,
+    /// The base UNet's cross-attention layers (down, mid, up).
+    pub counts: (usize, usize, usize),
+}
+
+impl IpAdapterUnit {
+    /// The image prompt tokens for the conditional and the unconditional rows: the encoder's
+    /// output averaged over the images; the negative is diffusers' (zero `image_embeds`, or
+    /// the hidden states of a zero image).
+    fn tokens(&self, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
+        let pixels = self.pixels.to_dtype(dtype)?;
+        let out = self.encoder.forward(&pixels)?;
+        let hidden = self.adapter.config().uses_hidden_states();
+        let (cond, uncond) = if hidden {
+            let zero = self
+                .encoder
+                .forward(&pixels.narrow(0, 0, 1)?.zeros_like()?)?;
+            (out.penultimate.mean_keepdim(0)?, zero.penultimate)
+        } else {
+            let e = out.image_embeds.mean_keepdim(0)?;
+            let z = e.zeros_like()?;
+            (e, z)
+        };
+        Ok((
+            self.adapter.image_tokens(&cond)?,
+            self.adapter.image_tokens(&uncond)?,
+        ))
+    }
+
+    /// The keys and values for a UNet batch of `batch` items (with CFG: the unconditional
+    /// half first).
+    fn extra(&self, step: &StepInfo, dtype: DType) -> candle_core::Result<ExtraAttention> {
+        let (cond, uncond) = self.tokens(dtype)?;
+        let b = step.batch;
+        let rows = if step.cfg {
+            Tensor::cat(&[&uncond.repeat((b, 1, 1))?, &cond.repeat((b, 1, 1))?], 0)?
+        } else {
+            cond.repeat((b, 1, 1))?
+        };
+        let (keys, values) = self.adapter.keys_values(&rows, self.counts)?;
+        Ok(ExtraAttention {
+            keys,
+            values,
+            scale: self.weight,
+        })
+    }
+}
+
+/// Any unit: a ControlNet (residuals), a T2I-Adapter (features inside the UNet) or an
+/// IP-Adapter (an image prompt in the cross-attention).
 #[derive(Clone)]
 pub enum Unit {
     ControlNet(ControlUnit),
     Adapter(AdapterUnit),
+    IpAdapter(IpAdapterUnit),
 }
 
 impl Unit {
@@ -165,6 +231,7 @@ impl Unit {
         match self {
             Self::ControlNet(u) => &u.image,
             Self::Adapter(a) => &a.image,
+            Self::IpAdapter(a) => &a.pixels,
         }
     }
 }
@@ -172,6 +239,12 @@ impl Unit {
 impl From<ControlUnit> for Unit {
     fn from(u: ControlUnit) -> Self {
         Self::ControlNet(u)
+    }
+}
+
+impl From<IpAdapterUnit> for Unit {
+    fn from(u: IpAdapterUnit) -> Self {
+        Self::IpAdapter(u)
     }
 }
 
@@ -424,6 +497,9 @@ pub struct ControlNetHook {
     adapters: Vec<AdapterUnit>,
     /// Each adapter's scaled features, made at its first active step.
     features: Vec<Option<Vec<Tensor>>>,
+    ip: Vec<IpAdapterUnit>,
+    /// Each IP-Adapter's keys and values, made at its first active step.
+    ip_kv: Vec<Option<ExtraAttention>>,
 }
 
 /// A unit's control image embedding, and its mask resized to each residual's size (the
@@ -437,20 +513,24 @@ struct UnitCache {
 impl ControlNetHook {
     /// A hook for any mix of units (ControlNets and T2I-Adapters).
     pub fn new<U: Into<Unit>>(units: Vec<U>) -> Self {
-        let (mut nets, mut adapters) = (Vec::new(), Vec::new());
+        let (mut nets, mut adapters, mut ip) = (Vec::new(), Vec::new(), Vec::new());
         for u in units {
             match u.into() {
                 Unit::ControlNet(u) => nets.push(u),
                 Unit::Adapter(a) => adapters.push(a),
+                Unit::IpAdapter(a) => ip.push(a),
             }
         }
         let caches = nets.iter().map(|_| UnitCache::default()).collect();
         let features = adapters.iter().map(|_| None).collect();
+        let ip_kv = ip.iter().map(|_| None).collect();
         Self {
             units: nets,
             caches,
             adapters,
             features,
+            ip,
+            ip_kv,
         }
     }
 }
@@ -531,7 +611,37 @@ impl Hook for ControlNetHook {
                     f
                 }
             };
-            let add = UNetAdditions { intrablock: f };
+            let add = UNetAdditions {
+                intrablock: f,
+                attention: Vec::new(),
+            };
+            total = Some(match total {
+                None => add,
+                Some(t) => t.add(&add)?,
+            });
+        }
+        let rows = input.encoder_hidden_states.dim(0)?;
+        for (u, cached) in self.ip.iter().zip(self.ip_kv.iter_mut()) {
+            if !window_active(u.start, u.end, step) {
+                continue;
+            }
+            let fits = |e: &ExtraAttention| {
+                e.keys
+                    .first()
+                    .is_some_and(|k| k.dtype() == dtype && k.dim(0).ok() == Some(rows))
+            };
+            let e = match cached {
+                Some(e) if fits(e) => e.clone(),
+                _ => {
+                    let e = u.extra(step, dtype)?;
+                    *cached = Some(e.clone());
+                    e
+                }
+            };
+            let add = UNetAdditions {
+                intrablock: Vec::new(),
+                attention: vec![e],
+            };
             total = Some(match total {
                 None => add,
                 Some(t) => t.add(&add)?,

@@ -90,12 +90,25 @@ pub struct UNetAdditions {
     /// without attention); a feature left over that has the mid block's shape is added to the
     /// mid block's output (SDXL adapters). Batch 1 (broadcast) or the UNet's batch.
     pub intrablock: Vec<Tensor>,
+    /// IP-Adapter image prompts: extra keys and values for every cross-attention layer.
+    pub attention: Vec<ExtraAttention>,
+}
+
+/// One image prompt's keys and values for the UNet's cross-attention layers (diffusers'
+/// `IPAdapterAttnProcessor`): layer `i` adds `scale * attention(q, keys[i], values[i])` to its
+/// text attention, before the output projection. Layers in the order the UNet runs them (down
+/// blocks, mid block, up blocks); each `[n, tokens, inner]` for the UNet's batch `n`.
+#[derive(Debug, Clone)]
+pub struct ExtraAttention {
+    pub keys: Vec<Tensor>,
+    pub values: Vec<Tensor>,
+    pub scale: f64,
 }
 
 impl UNetAdditions {
     /// Whether nothing is added.
     pub fn is_empty(&self) -> bool {
-        self.intrablock.is_empty()
+        self.intrablock.is_empty() && self.attention.is_empty()
     }
 
     /// Element-wise sum of two sets (several adapters are summed, diffusers' `MultiAdapter`).
@@ -121,7 +134,16 @@ impl UNetAdditions {
                     .collect::<candle_core::Result<Vec<_>>>()?
             }
         };
-        Ok(UNetAdditions { intrablock })
+        let attention = self
+            .attention
+            .iter()
+            .chain(&other.attention)
+            .cloned()
+            .collect();
+        Ok(UNetAdditions {
+            intrablock,
+            attention,
+        })
     }
 }
 

@@ -81,8 +81,8 @@ pub use dylib::plugin::{HookPlugin, OwnedTensor, Part, TensorView};
 pub use error::HookError;
 #[cfg(feature = "host")]
 pub use hooks::{
-    classifier_free_guidance, AddedCond, Conditioning, Hook, HookSet, LeadingHooks, NoiseLevels,
-    NoisePrediction, ResidualInput, Residuals, UNetAdditions,
+    classifier_free_guidance, AddedCond, Conditioning, ExtraAttention, Hook, HookSet, LeadingHooks,
+    NoiseLevels, NoisePrediction, ResidualInput, Residuals, UNetAdditions,
 };
 pub use hwc3::hwc3;
 pub use params::{resolve_params, ParamError, ParamKind, ParamSpec, ParamValue, Params};

@@ -8,6 +8,7 @@ mod depth2img;
 mod depth_anything;
 mod embeddings;
 mod hires;
+mod ip_adapter;
 mod lora;
 mod module_graph;
 mod openpose;

@@ -4,5 +4,6 @@
 
 pub mod image_io;
 pub mod latent_resize;
+pub mod pil_resize;
 pub mod pipeline;
 pub mod preview;

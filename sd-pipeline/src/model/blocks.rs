@@ -1,7 +1,10 @@
 //! Building blocks shared by the UNet, the VAE and (later) ControlNet, with diffusers names.
 
+use std::cell::Cell;
+
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
+use sd_plugins_api::ExtraAttention;
 
 use super::nn::{Conv2d, GroupNorm};
 use super::shared_batch::SharedBatch;
@@ -90,12 +93,62 @@ impl CrossAttention {
     }
 
     fn forward(&self, xs: &Tensor, ctx: Option<&Tensor>) -> Result<Tensor> {
-        let ctx = ctx.unwrap_or(xs);
+        self.forward_extra(xs, ctx, None)
+    }
+
+    /// With image-prompt keys and values added (IP-Adapter), when this is a cross-attention
+    /// layer and `extras` has some.
+    fn forward_extra(
+        &self,
+        xs: &Tensor,
+        ctx: Option<&Tensor>,
+        extras: Option<&AttnExtras>,
+    ) -> Result<Tensor> {
+        let text = ctx.unwrap_or(xs);
         let q = self.to_q.forward(xs)?;
-        let k = self.to_k.forward(ctx)?;
-        let v = self.to_v.forward(ctx)?;
-        self.to_out
-            .forward(&attention(&q, &k, &v, self.heads, false)?)
+        let k = self.to_k.forward(text)?;
+        let v = self.to_v.forward(text)?;
+        let mut h = attention(&q, &k, &v, self.heads, false)?;
+        if let (Some(extras), Some(_)) = (extras, ctx) {
+            let layer = extras.next_layer();
+            for set in extras.sets {
+                let (Some(k), Some(v)) = (set.keys.get(layer), set.values.get(layer)) else {
+                    candle_core::bail!(
+                        "image prompt keys for {} cross-attention layers; the UNet has more",
+                        set.keys.len()
+                    );
+                };
+                h = (h + (attention(&q, k, v, self.heads, false)? * set.scale)?)?;
+            }
+        }
+        self.to_out.forward(&h)
+    }
+}
+
+/// The image prompts' keys and values, handed to the cross-attention layers in the order they
+/// run (see `sd_plugins_api::ExtraAttention`).
+pub struct AttnExtras<'a> {
+    sets: &'a [ExtraAttention],
+    next: Cell<usize>,
+}
+
+impl<'a> AttnExtras<'a> {
+    pub fn new(sets: &'a [ExtraAttention]) -> Self {
+        Self {
+            sets,
+            next: Cell::new(0),
+        }
+    }
+
+    fn next_layer(&self) -> usize {
+        let i = self.next.get();
+        self.next.set(i + 1);
+        i
+    }
+
+    /// How many cross-attention layers took their keys.
+    pub fn used(&self) -> usize {
+        self.next.get()
     }
 }
 
@@ -125,8 +178,8 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        self.after_self_attention(&self.self_attention(xs)?, ctx)
+    fn forward(&self, xs: &Tensor, ctx: &Tensor, extras: Option<&AttnExtras>) -> Result<Tensor> {
+        self.after_self_attention(&self.self_attention(xs)?, ctx, extras)
     }
 
     /// The part that does not see the text: norm1, self-attention, residual.
@@ -135,8 +188,16 @@ impl BasicTransformerBlock {
     }
 
     /// Cross-attention with the text and the feed-forward, each with its residual.
-    fn after_self_attention(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn2.forward(&self.norm2.forward(xs)?, Some(ctx))? + xs)?;
+    fn after_self_attention(
+        &self,
+        xs: &Tensor,
+        ctx: &Tensor,
+        extras: Option<&AttnExtras>,
+    ) -> Result<Tensor> {
+        let xs = (self
+            .attn2
+            .forward_extra(&self.norm2.forward(xs)?, Some(ctx), extras)?
+            + xs)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
         // GEGLU with exact (erf) GELU, as diffusers.
         let h = crate::cpu::geglu::geglu(&h)?;
@@ -195,7 +256,25 @@ impl Transformer2D {
     }
 
     pub fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        self.forward_inner(xs, ctx, None)
+        self.forward_inner(xs, ctx, None, None)
+    }
+
+    /// [`Self::forward`] with image-prompt keys and values for its cross-attention layers.
+    pub fn forward_extra(
+        &self,
+        xs: &Tensor,
+        ctx: &Tensor,
+        extras: Option<&AttnExtras>,
+    ) -> Result<Tensor> {
+        self.forward_inner(xs, ctx, None, extras)
+    }
+
+    /// The channels of its cross-attention layers, one per layer.
+    pub fn cross_attention_dims(&self) -> Vec<usize> {
+        self.blocks
+            .iter()
+            .map(|b| b.attn2.to_q.weight().dim(0).unwrap_or(0))
+            .collect()
     }
 
     /// [`Self::forward`] for `xs` holding only the distinct items of the batch that `ctx`
@@ -206,8 +285,9 @@ impl Transformer2D {
         xs: &Tensor,
         ctx: &Tensor,
         shared: &SharedBatch,
+        extras: Option<&AttnExtras>,
     ) -> Result<Tensor> {
-        self.forward_inner(xs, ctx, Some(shared))
+        self.forward_inner(xs, ctx, Some(shared), extras)
     }
 
     fn forward_inner(
@@ -215,6 +295,7 @@ impl Transformer2D {
         xs: &Tensor,
         ctx: &Tensor,
         shared: Option<&SharedBatch>,
+        extras: Option<&AttnExtras>,
     ) -> Result<Tensor> {
         let (_, c, h, w) = xs.dims4()?;
         let to_tokens = |t: &Tensor| {
@@ -234,10 +315,10 @@ impl Transformer2D {
         if let (Some(shared), Some(first)) = (shared, self.blocks.first()) {
             blocks.next();
             t = shared.expand(&first.self_attention(&t)?)?;
-            t = first.after_self_attention(&t, ctx)?;
+            t = first.after_self_attention(&t, ctx, extras)?;
         }
         for block in blocks {
-            t = block.forward(&t, ctx)?;
+            t = block.forward(&t, ctx, extras)?;
         }
         let out = match &self.proj_out {
             Proj::Conv(conv) => conv.forward(&to_image(&t)?)?,

@@ -7,8 +7,9 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 use super::config::{ClipActivation, ClipConfig};
 use super::nn::{attention, linear, LayerNorm};
 
+/// One transformer layer of a CLIP encoder (text: causal attention; vision: not).
 #[derive(Debug, Clone)]
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -19,10 +20,11 @@ struct EncoderLayer {
     fc2: Linear,
     heads: usize,
     activation: ClipActivation,
+    causal: bool,
 }
 
 impl EncoderLayer {
-    fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &ClipConfig, causal: bool, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let attn = vb.pp("self_attn");
         Ok(Self {
@@ -36,17 +38,18 @@ impl EncoderLayer {
             fc2: linear(cfg.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
             heads: cfg.num_attention_heads,
             activation: cfg.activation,
+            causal,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.layer_norm1.forward(xs)?;
         let q = self.q_proj.forward(&h)?;
         let k = self.k_proj.forward(&h)?;
         let v = self.v_proj.forward(&h)?;
         let a = self
             .out_proj
-            .forward(&attention(&q, &k, &v, self.heads, true)?)?;
+            .forward(&attention(&q, &k, &v, self.heads, self.causal)?)?;
         let xs = (xs + a)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
         let h = match self.activation {
@@ -105,7 +108,7 @@ impl ClipTextModel {
             "position_embedding.weight",
         )?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .map(|i| EncoderLayer::new(cfg, true, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(
             cfg.hidden_size,

@@ -5,6 +5,7 @@
 
 pub mod blocks;
 pub mod clip;
+pub mod clip_vision;
 pub mod config;
 pub mod esrgan;
 pub mod ldm_names;

@@ -9,7 +9,8 @@ use super::nn::{Conv2d, GroupNorm};
 use sd_plugins_api::{AddedCond, Residuals, UNetAdditions};
 
 use super::blocks::{
-    Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, TransformerConfig, Upsample2D,
+    AttnExtras, Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, TransformerConfig,
+    Upsample2D,
 };
 use super::config::{BlockKind, TextTime, UNetConfig};
 use super::nn::{conv2d, group_norm, linear};
@@ -269,7 +270,7 @@ impl UNetEncoder {
         ctx: &Tensor,
         hint: Option<&Tensor>,
     ) -> Result<(Vec<Tensor>, Tensor)> {
-        self.forward_with_features(sample, emb, ctx, hint, &[])
+        self.forward_with_features(sample, emb, ctx, hint, &[], None)
     }
 
     /// [`Self::forward`] with T2I-Adapter features added inside the down blocks (diffusers'
@@ -282,6 +283,7 @@ impl UNetEncoder {
         ctx: &Tensor,
         hint: Option<&Tensor>,
         features: &[Tensor],
+        extras: Option<&AttnExtras>,
     ) -> Result<(Vec<Tensor>, Tensor)> {
         let mut features = features.iter();
         let sample = if self.config.center_input_sample {
@@ -331,8 +333,8 @@ impl UNetEncoder {
                 xs = resnet.forward(&xs, Some(item_emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = match shared.take() {
-                        Some((s, _)) => attn.forward_shared(&xs, ctx, &s)?,
-                        None => attn.forward(&xs, ctx)?,
+                        Some((s, _)) => attn.forward_shared(&xs, ctx, &s, extras)?,
+                        None => attn.forward_extra(&xs, ctx, extras)?,
                     };
                 }
                 // CrossAttnDownBlock2D: after the last resnet/attention pair
@@ -359,7 +361,7 @@ impl UNetEncoder {
         xs = full(&xs, &shared)?;
         xs = self.mid_resnets[0].forward(&xs, Some(emb))?;
         for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
-            xs = attn.forward(&xs, ctx)?;
+            xs = attn.forward_extra(&xs, ctx, extras)?;
             xs = resnet.forward(&xs, Some(emb))?;
         }
         // SDXL adapters: a last feature of the mid block's shape
@@ -513,9 +515,16 @@ impl UNet2DConditionModel {
             .time_embedding(&timesteps, added, sample.dtype())?;
         let ctx = encoder_hidden_states;
         let features = additions.map_or(&[][..], |a| &a.intrablock[..]);
-        let (mut skips, mut xs) = self
-            .encoder
-            .forward_with_features(sample, &emb, ctx, None, features)?;
+        let sets = additions.map_or(&[][..], |a| &a.attention[..]);
+        let extras = (!sets.is_empty()).then(|| AttnExtras::new(sets));
+        let (mut skips, mut xs) = self.encoder.forward_with_features(
+            sample,
+            &emb,
+            ctx,
+            None,
+            features,
+            extras.as_ref(),
+        )?;
         if let Some(r) = residuals {
             skips = skips
                 .iter()
@@ -531,7 +540,7 @@ impl UNet2DConditionModel {
                 xs = Tensor::cat(&[&xs, &skip], 1)?;
                 xs = resnet.forward(&xs, Some(&emb))?;
                 if let Some(attn) = block.attentions.get(j) {
-                    xs = attn.forward(&xs, ctx)?;
+                    xs = attn.forward_extra(&xs, ctx, extras.as_ref())?;
                 }
             }
             if let Some(us) = &block.upsampler {
@@ -542,7 +551,38 @@ impl UNet2DConditionModel {
                 xs = us.forward(&xs, Some((h, w)))?;
             }
         }
+        if let Some(e) = &extras {
+            let want = sets[0].keys.len();
+            if e.used() != want {
+                candle_core::bail!(
+                    "image prompt keys for {want} cross-attention layers; the UNet has {}",
+                    e.used()
+                );
+            }
+        }
         let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
+    }
+
+    /// The channels of every cross-attention layer, in the order [`Self::forward_full`] runs
+    /// them, grouped as (down blocks, mid block, up blocks).
+    pub fn cross_attention_dims(&self) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+        let e = &self.encoder;
+        let down = e
+            .down
+            .iter()
+            .flat_map(|b| b.attentions.iter().flat_map(|a| a.cross_attention_dims()))
+            .collect();
+        let mid = e
+            .mid_attentions
+            .iter()
+            .flat_map(|a| a.cross_attention_dims())
+            .collect();
+        let up = self
+            .up
+            .iter()
+            .flat_map(|b| b.attentions.iter().flat_map(|a| a.cross_attention_dims()))
+            .collect();
+        (down, mid, up)
     }
 }
