@@ -99,3 +99,88 @@ fn controlnet_inspect_says_what_a_unit_file_is() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("control_a.png"), "{e}");
 }
+
+#[test]
+fn an_ip_adapter_from_the_command_line_matches_diffusers() {
+    let name = "ip_sd1_base";
+    let dir = scratch("adapters", name);
+    let (out, lat) = (dir.join("out.png"), dir.join("latents.safetensors"));
+    let noise = fixtures().join(format!("expected/{name}.safetensors"));
+    let model = model_dir("sd1");
+    // the image encoder named (it is also found beside the adapter file without `encoder=`)
+    let ip = format!(
+        "{},encoder={}",
+        unit("models/ip-adapter/ip-adapter_sd1.bin", "ip/ref.png", "0.6"),
+        s(&fixtures().join("models/ip-adapter/image_encoder"))
+    );
+    let o = sdctl(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a red circle on a blue background",
+        "--negative-prompt",
+        "blurry, lowres",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "4",
+        "--sampler",
+        "euler",
+        "--schedule",
+        "normal",
+        "--cfg-scale",
+        "7.5",
+        "--noise",
+        s(&noise),
+        "--control",
+        &ip,
+        "--output",
+        s(&out),
+        "--save-latents",
+        s(&lat),
+    ]);
+    ok(&o);
+    let got = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
+    let want = expected(&format!("{name}.safetensors"));
+    assert_close(name, get(&got, "latents"), get(&want, "latents"), 1e-3);
+    let t = ok(&sdctl(&[
+        "controlnet",
+        "inspect",
+        s(&fixtures().join("models/ip-adapter/ip-adapter-plus_sd1.safetensors")),
+    ]));
+    assert!(
+        t.contains("IP-Adapter (plus (resampler))") && t.contains("6 image tokens"),
+        "{t}"
+    );
+    // an encoder that is not there: named, nothing generated
+    let bad = format!(
+        "{},encoder={}",
+        unit("models/ip-adapter/ip-adapter_sd1.bin", "ip/ref.png", "0.6"),
+        s(&dir.join("no-such-encoder"))
+    );
+    let out2 = dir.join("never.png");
+    let o = sdctl(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--control",
+        &bad,
+        "--output",
+        s(&out2),
+    ]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("no-such-encoder"), "{e}");
+    assert!(!out2.exists());
+}

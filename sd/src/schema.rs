@@ -250,6 +250,8 @@ pub const CONTROL_FIELDS: &[Field] = &[
         Ty::Int { min: 64, max: 8192 },
         Default::Int(512),
     ),
+    // an IP-Adapter's CLIP image encoder (default: image_encoder/ beside the adapter file)
+    f("encoder", Ty::Path(PathRole::FileOrDir), Default::None),
 ];
 
 /// Keys of a `[[lora]]` table. `weight` sets both parts; `unet_weight` / `te_weight` one each.

@@ -363,6 +363,7 @@ pub fn check(
             }
         }
         spec.mask = get_path(&vals, "mask");
+        spec.encoder = get_path(&vals, "encoder");
         spec.control_type = get_str(&vals, "type");
         let hr = get_str(&vals, "hr")
             .and_then(|h| h.parse::<sd::hires::HrOption>().ok())
