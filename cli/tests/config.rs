@@ -375,6 +375,19 @@ fn example_sandbox() -> PathBuf {
         ("inputs/photo.png", fx.join("inputs/init.png")),
         ("inputs/mask.png", fx.join("inputs/mask.png")),
         ("embeddings", fx.join("embeddings")),
+        (
+            "models/ip-adapter/ip-adapter_sd15.bin",
+            fx.join("models/ip-adapter/ip-adapter_sd1.bin"),
+        ),
+        (
+            "models/ip-adapter/image_encoder",
+            fx.join("models/ip-adapter/image_encoder"),
+        ),
+        (
+            "models/t2iadapter_depth_sd15v2.pth",
+            fx.join("models/t2i-adapter-sd1-light.pth"),
+        ),
+        ("inputs/style.png", fx.join("ip/ref.png")),
     ];
     for (name, target) in links {
         let p = d.join(name);
@@ -387,7 +400,7 @@ fn example_sandbox() -> PathBuf {
 #[test]
 fn every_example_runs_on_the_fixture_models() {
     let d = example_sandbox();
-    let runs: [&[&str]; 7] = [
+    let runs: [&[&str]; 8] = [
         &["pose-portrait.toml"],
         &["canny-depth.toml"],
         &["pose-portrait.toml", "style-watercolor.toml"],
@@ -395,6 +408,7 @@ fn every_example_runs_on_the_fixture_models() {
         &["inpaint-control.json"],
         &["sdxl-union-pose-depth.toml"],
         &["pose-hires-embedding.toml"],
+        &["pose-style-ip-adapter.toml"],
     ];
     for (i, files) in runs.iter().enumerate() {
         let out = d.join(format!("out{i}.png"));
