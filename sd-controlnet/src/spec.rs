@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use sd_pipeline::StableDiffusion;
 use sd_plugins_api::{
     hwc3, resolve_params, ImageBuf, InputKind, ParamValue, Params, Preprocessor, Registry,
@@ -94,6 +94,45 @@ pub struct UnitSpec {
     pub encoder: Option<PathBuf>,
 }
 
+/// References an IP-Adapter unit takes from one folder at most (each is encoded).
+pub const MAX_REFERENCES: usize = 64;
+
+/// An IP-Adapter unit's reference images: the file, or every image in the folder (sorted by
+/// name; A1111's multi-input, averaged after encoding).
+fn reference_images(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    if !path.is_dir() {
+        return Err(ControlError::file(path, "reference image not found"));
+    }
+    let read = std::fs::read_dir(path).map_err(|e| ControlError::file(path, e.to_string()))?;
+    let mut found: Vec<PathBuf> = read
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                    ["png", "jpg", "jpeg", "webp", "bmp"].contains(&e.to_ascii_lowercase().as_str())
+                })
+        })
+        .take(MAX_REFERENCES + 1)
+        .collect();
+    if found.is_empty() {
+        return Err(ControlError::file(
+            path,
+            "no reference images (.png, .jpg, .webp, .bmp) in this folder",
+        ));
+    }
+    if found.len() > MAX_REFERENCES {
+        return Err(ControlError::file(
+            path,
+            format!("more than {MAX_REFERENCES} reference images in this folder"),
+        ));
+    }
+    found.sort();
+    Ok(found)
+}
+
 impl UnitSpec {
     pub fn new(model: impl Into<PathBuf>, image: impl Into<PathBuf>) -> Self {
         Self {
@@ -167,6 +206,12 @@ impl UnitSpec {
         }
         if let UnitModel::IpAdapter(a) = &model {
             return self.build_ip(a.clone(), sd, cache);
+        }
+        if self.image.is_dir() {
+            return Err(ControlError::file(
+                &self.image,
+                "a folder of images is for IP-Adapter units; this unit takes one control image",
+            ));
         }
         let fitted =
             |out: ImageBuf| to_tensor(&fit_map(&hwc3(&out), width, height, self.resize), device);
@@ -334,15 +379,18 @@ impl UnitSpec {
                 ),
             ));
         }
-        if !self.image.is_file() {
-            return Err(ControlError::file(&self.image, "reference image not found"));
+        let mut pixels = Vec::new();
+        for path in reference_images(&self.image)? {
+            let img = sd_plugins_api::image_input::open_image(&path)
+                .map_err(|e| ControlError::file(&path, e.to_string()))?
+                .to_rgb8();
+            pixels.push(encoder.preprocess(
+                img.as_raw(),
+                img.width() as usize,
+                img.height() as usize,
+            )?);
         }
-        let img = sd_plugins_api::image_input::open_image(&self.image)
-            .map_err(|e| ControlError::file(&self.image, e.to_string()))?
-            .to_rgb8();
-        let pixels = encoder
-            .preprocess(img.as_raw(), img.width() as usize, img.height() as usize)?
-            .to_device(&sd.device)?;
+        let pixels = Tensor::cat(&pixels, 0)?.to_device(&sd.device)?;
         Ok(Unit::IpAdapter(IpAdapterUnit {
             adapter,
             encoder,
@@ -375,7 +423,7 @@ impl UnitSpec {
             return refuse(m);
         }
         let f = a.config().downscale_factor;
-        if width % f != 0 || height % f != 0 {
+        if !width.is_multiple_of(f) || !height.is_multiple_of(f) {
             return refuse(format!(
                 "this T2I-Adapter needs width and height that are multiples of {f}; the generation is {width}x{height}"
             ));

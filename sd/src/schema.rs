@@ -211,7 +211,8 @@ pub const FIELDS: &[Field] = &[
 pub const CONTROL_FIELDS: &[Field] = &[
     f("id", Ty::Str, Default::None),
     f("model", Ty::Path(PathRole::FileOrDir), Default::None),
-    f("image", Ty::Path(PathRole::File), Default::None),
+    // a file; for an IP-Adapter also a folder of reference images (averaged)
+    f("image", Ty::Path(PathRole::FileOrDir), Default::None),
     f("weight", ANY_NUMBER, Default::Float(1.0)),
     f(
         "start",

@@ -1,8 +1,10 @@
 //! PIL's `Image.resize` for 8-bit images (libImaging/Resample.c): separable convolution with
 //! the filter stretched by the scale when shrinking, coefficients normalised and turned into
-//! 22-bit fixed point, horizontal pass then vertical, each rounded back to bytes. torch's
-//! uint8 antialiased `interpolate` (so torchvision's resize, transformers' CLIP processor)
-//! computes the same bytes.
+//! fixed point, horizontal pass then vertical, each rounded back to bytes. PIL's fixed point
+//! has 22 bits; torch's uint8 antialiased `interpolate` (so torchvision's resize and
+//! transformers' CLIP processor) the same algorithm with int16 weights at the most bits the
+//! largest weight allows (`_compute_index_ranges_int16_weights`), which rounds some bytes
+//! differently: [`Fixed`] picks one.
 
 /// PIL's filters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,13 +57,27 @@ impl PilFilter {
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
+/// Whose fixed-point weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fixed {
+    /// PIL: 22 bits.
+    Pil,
+    /// torch uint8: int16 weights, the most bits below 2^15 for the largest weight.
+    Torch,
+}
+
 /// Per output index: the first input index and the fixed-point weights (`precompute_coeffs`
-/// + `normalize_coeffs_8bpc`).
-fn coefficients(in_size: usize, out_size: usize, filter: PilFilter) -> Vec<(usize, Vec<i32>)> {
+/// + `normalize_coeffs_8bpc`), and the bits of the fixed point.
+fn coefficients(
+    in_size: usize,
+    out_size: usize,
+    filter: PilFilter,
+    fixed: Fixed,
+) -> (Vec<(usize, Vec<i32>)>, u32) {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
-    (0..out_size)
+    let weights: Vec<(usize, Vec<f64>)> = (0..out_size)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             let ss = 1.0 / filterscale;
@@ -71,12 +87,36 @@ fn coefficients(in_size: usize, out_size: usize, filter: PilFilter) -> Vec<(usiz
                 .map(|x| filter.weight((x as f64 - center + 0.5) * ss))
                 .collect();
             let total: f64 = w.iter().sum();
+            let w = w
+                .iter()
+                .map(|&v| if total != 0.0 { v / total } else { v })
+                .collect();
+            (xmin, w)
+        })
+        .collect();
+    let bits = match fixed {
+        Fixed::Pil => PRECISION_BITS,
+        Fixed::Torch => {
+            let max = weights
+                .iter()
+                .flat_map(|(_, w)| w.iter().copied())
+                .fold(f64::MIN, f64::max);
+            let mut p = 0;
+            while p < 22 && ((0.5 + max * (1u64 << (p + 1)) as f64) as i64) < (1 << 15) {
+                p += 1;
+            }
+            p
+        }
+    };
+    let one = (1u64 << bits) as f64;
+    let k = weights
+        .into_iter()
+        .map(|(xmin, w)| {
             let k = w
                 .iter()
                 .map(|&v| {
-                    let v = if total != 0.0 { v / total } else { v };
-                    let f = v * (1u64 << PRECISION_BITS) as f64;
-                    if v < 0.0 {
+                    let f = v * one;
+                    if f < 0.0 {
                         (f - 0.5) as i32
                     } else {
                         (f + 0.5) as i32
@@ -85,15 +125,16 @@ fn coefficients(in_size: usize, out_size: usize, filter: PilFilter) -> Vec<(usiz
                 .collect();
             (xmin, k)
         })
-        .collect()
+        .collect();
+    (k, bits)
 }
 
-fn clip8(v: i64) -> u8 {
-    let v = v >> PRECISION_BITS;
-    v.clamp(0, 255) as u8
+fn clip8(v: i64, bits: u32) -> u8 {
+    (v >> bits).clamp(0, 255) as u8
 }
 
-/// Resize an interleaved 8-bit image (`channels` per pixel) as PIL does.
+/// Resize an interleaved 8-bit image (`channels` per pixel) as PIL (or torch) does.
+#[allow(clippy::too_many_arguments)]
 pub fn pil_resize(
     data: &[u8],
     width: usize,
@@ -102,20 +143,21 @@ pub fn pil_resize(
     new_width: usize,
     new_height: usize,
     filter: PilFilter,
+    fixed: Fixed,
 ) -> Vec<u8> {
     let mut cur = data.to_vec();
     let mut w = width;
     if new_width != width {
-        let co = coefficients(width, new_width, filter);
+        let (co, bits) = coefficients(width, new_width, filter, fixed);
         let mut out = vec![0u8; new_width * height * channels];
         for y in 0..height {
             for (xx, (xmin, k)) in co.iter().enumerate() {
                 for c in 0..channels {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                    let mut ss: i64 = 1 << (bits - 1);
                     for (i, &kv) in k.iter().enumerate() {
                         ss += cur[(y * w + xmin + i) * channels + c] as i64 * kv as i64;
                     }
-                    out[(y * new_width + xx) * channels + c] = clip8(ss);
+                    out[(y * new_width + xx) * channels + c] = clip8(ss, bits);
                 }
             }
         }
@@ -123,16 +165,16 @@ pub fn pil_resize(
         w = new_width;
     }
     if new_height != height {
-        let co = coefficients(height, new_height, filter);
+        let (co, bits) = coefficients(height, new_height, filter, fixed);
         let mut out = vec![0u8; w * new_height * channels];
         for (yy, (ymin, k)) in co.iter().enumerate() {
             for x in 0..w {
                 for c in 0..channels {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                    let mut ss: i64 = 1 << (bits - 1);
                     for (i, &kv) in k.iter().enumerate() {
                         ss += cur[((ymin + i) * w + x) * channels + c] as i64 * kv as i64;
                     }
-                    out[(yy * w + x) * channels + c] = clip8(ss);
+                    out[(yy * w + x) * channels + c] = clip8(ss, bits);
                 }
             }
         }

@@ -11,7 +11,7 @@ use super::clip::EncoderLayer;
 use super::config::{ClipActivation, ClipConfig};
 use super::nn::LayerNorm;
 use crate::error::Error;
-use crate::generation::pil_resize::{pil_resize, PilFilter};
+use crate::generation::pil_resize::{pil_resize, Fixed, PilFilter};
 
 /// The vision tower's architecture.
 #[derive(Debug, Clone, PartialEq)]
@@ -236,8 +236,17 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, size: usize) -> Resul
     } else {
         (size, size * width / height)
     };
-    // torchvision's uint8 bicubic resize: PIL's bytes
-    let resized = pil_resize(rgb, width, height, 3, nw, nh, PilFilter::Bicubic);
+    // torchvision's uint8 bicubic resize (torch's int16 fixed point)
+    let resized = pil_resize(
+        rgb,
+        width,
+        height,
+        3,
+        nw,
+        nh,
+        PilFilter::Bicubic,
+        Fixed::Torch,
+    );
     let x = Tensor::from_vec(
         resized.iter().map(|&b| b as f32).collect::<Vec<_>>(),
         (nh, nw, 3),
