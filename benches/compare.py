@@ -6,6 +6,8 @@ two can be compared side by side in one run on one machine. CI does not run this
     sdctl bench unet --arch sd15 --width 512 --height 512 --batch 2 --iters 2 [--controlnet 1]
     python benches/compare.py --arch sdxl --width 1024 --height 1024 --iters 2 --controlnet 1
     sdctl bench unet --arch sdxl --iters 2 --controlnet 1
+    python benches/compare.py --iters 3 --t2i-adapter --ip-adapter
+    sdctl bench unet --arch sd15 --iters 3 --t2i-adapter --ip-adapter
 
 Needs torch and diffusers (see tests/fixtures/make_fixtures.py for the pinned versions). Random
 weights with the real SD1.5 (or SDXL base) architecture, f32, CPU, torch.inference_mode, default
@@ -28,6 +30,8 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--controlnet", type=int, default=0)
     ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    ap.add_argument("--t2i-adapter", action="store_true")
+    ap.add_argument("--ip-adapter", action="store_true")
     a = ap.parse_args()
     torch.manual_seed(0)
     if a.arch == "sdxl":  # stabilityai/stable-diffusion-xl-base-1.0's UNet config
@@ -74,6 +78,56 @@ def main():
         run(with_control)
         return time.perf_counter() - s
 
+    # adapters, as their pipelines call the UNet: T2I-Adapter features made once
+    # (down_intrablock_additional_residuals, cloned per call); an IP-Adapter (ip-adapter_sd15 /
+    # _sdxl layout: 4 tokens from a 1024-wide image embedding) loaded into a copy of the UNet
+    extra = {}
+    if a.t2i_adapter:
+        from diffusers import T2IAdapter
+        xl = a.arch == "sdxl"
+        ch = list(unet.config.block_out_channels) + ([unet.config.block_out_channels[-1]] if xl else [])
+        ad = T2IAdapter(in_channels=3, channels=ch, num_res_blocks=2,
+                        adapter_type="full_adapter_xl" if xl else "full_adapter",
+                        downscale_factor=16 if xl else 8).eval()
+        s0 = time.perf_counter()
+        with torch.inference_mode():
+            feats = [f.repeat(a.batch, 1, 1, 1) for f in ad(torch.rand(1, 3, a.height, a.width))]
+        t2i_once = time.perf_counter() - s0
+
+        def t2i():
+            with torch.inference_mode():
+                unet(x, t, ctx, added_cond_kwargs=added,
+                     down_intrablock_additional_residuals=[f.clone() for f in feats])
+        extra["t2i-adapter"] = (t2i, t2i_once)
+    if a.ip_adapter:
+        import copy
+        ipu = copy.deepcopy(unet)
+        cross = ipu.config.cross_attention_dim
+        sd = {"image_proj": {"proj.weight": torch.randn(4 * cross, 1024) * 0.02, "proj.bias": torch.zeros(4 * cross),
+                             "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)},
+              "ip_adapter": {}}
+        k = 1
+        for name, proc in ipu.attn_processors.items():
+            if name.endswith("attn2.processor"):
+                mod = ipu.get_submodule(name[: -len(".processor")])
+                hid = mod.to_q.out_features
+                sd["ip_adapter"][f"{k}.to_k_ip.weight"] = torch.randn(hid, cross) * 0.02
+                sd["ip_adapter"][f"{k}.to_v_ip.weight"] = torch.randn(hid, cross) * 0.02
+            k += 1
+        ipu._load_ip_adapter_weights([sd])
+        embeds = torch.randn(a.batch, 1, 1024)
+        ip_added = dict(added or {}, image_embeds=[embeds])
+
+        def ip():
+            with torch.inference_mode():
+                ipu(x, t, ctx, added_cond_kwargs=ip_added)
+        extra["ip-adapter"] = (ip, 0.0)
+
+    def timed(f):
+        s = time.perf_counter()
+        f()
+        return time.perf_counter() - s
+
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     # warm-ups; the plain call's peak memory is read before any ControlNet call
     first = once(False)
@@ -88,7 +142,17 @@ def main():
                 control.append(once(True))
             elif not with_control:
                 plain.append(once(False))
-    mean, mn = sum(plain) / a.iters, min(plain)
+    # adapters: alternate with the plain call, order reversed every round
+    ad_times = {k: [] for k in extra}
+    ad_first = {k: timed(f) for k, (f, _) in extra.items()}
+    for i in range(a.iters if extra else 0):
+        order = [None] + list(extra)
+        for k in (order if i % 2 == 0 else order[::-1]):
+            if k is None:
+                plain.append(once(False))
+            else:
+                ad_times[k].append(timed(extra[k][0]))
+    mean, mn = sum(plain) / len(plain), min(plain)
     print(f"diffusers unet {a.arch} {a.width}x{a.height} batch {a.batch} f32 cpu (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads): {mean:.3f} s/call (mean of {a.iters}, min {mn:.3f}, first {first:.3f}); "
           f"peak RSS {plain_rss:.2f} GiB")
@@ -97,6 +161,11 @@ def main():
         print(f"diffusers unet + {len(nets)} controlnet: {cmean:.3f} s/call (min {cmn:.3f}, first {cfirst:.3f}) = "
               f"{cmean / mean:.2f}x the plain call (mins: {cmn / mn:.2f}x; calls alternated with the plain ones, order reversed every round); "
               f"peak RSS {rss():.2f} GiB")
+    for k, ts in ad_times.items():
+        am, amn = sum(ts) / len(ts), min(ts)
+        print(f"diffusers unet + {k}: {am:.3f} s/call (min {amn:.3f}, first {ad_first[k]:.3f}) = {am / mean:.2f}x the "
+              f"plain call (mins: {amn / mn:.2f}x; alternated, order reversed every round); once per generation "
+              f"{extra[k][1]:.2f} s")
 
 if __name__ == "__main__":
     main()

@@ -116,6 +116,14 @@ pub struct UnetArgs {
     /// the first cross-attention)
     #[arg(long)]
     pub distinct: bool,
+    /// Also time the call with a T2I-Adapter's features added (the released architecture,
+    /// random weights, features made once beforehand as in a generation)
+    #[arg(long)]
+    pub t2i_adapter: bool,
+    /// Also time the call with an IP-Adapter's image prompt (4 tokens, keys and values made
+    /// once beforehand as in a generation)
+    #[arg(long)]
+    pub ip_adapter: bool,
     /// Also write the numbers as JSON to this file
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -238,6 +246,8 @@ fn unet(a: UnetArgs) -> CliResult {
         controlnet,
         lora,
         distinct,
+        t2i_adapter: a.t2i_adapter,
+        ip_adapter: a.ip_adapter,
     };
     let r = s.run()?;
     let (arch, dtype, dev, p, build) = (r.arch, r.dtype, &r.device, &r.unet, r.build_s);
@@ -266,6 +276,11 @@ fn unet(a: UnetArgs) -> CliResult {
         let (rank, n) = (l.rank, l.patched_weights);
         let (ratio, mins, build, merge) = (l.ratio_to_plain, l.ratio_of_mins, l.build_s, l.merge_s);
         println!("unet + merged LoRA (rank {rank}, {n} weights): {t} = {ratio:.2}x the plain call (mins: {mins:.2}x{alt}); build {build:.1} s (merge {merge:.1} s)");
+    }
+    for ad in &r.adapters {
+        let t = per_call(ad.mean_s, iters, ad.min_s, ad.first_s);
+        let (kind, ratio, mins, once) = (ad.kind, ad.ratio_to_plain, ad.ratio_of_mins, ad.once_s);
+        println!("unet + {kind}: {t} = {ratio:.2}x the plain call (mins: {mins:.2}x{alt}); once per generation {once:.2} s");
     }
     a.json.map_or(Ok(()), |p| write_json(&p, &r))
 }

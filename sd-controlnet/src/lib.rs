@@ -7,6 +7,7 @@ pub mod control_image;
 pub mod error;
 pub mod init;
 pub mod ip_adapter;
+pub mod lllite;
 pub mod load;
 pub mod model;
 pub mod spec;

@@ -18,10 +18,11 @@ use sd_preprocessors::detect::{detect_file, Sizing, RESOLUTIONS};
 
 use crate::error::{ControlError, Result};
 use crate::ip_adapter::IpAdapter;
+use crate::lllite::Lllite;
 use crate::t2i_adapter::T2IAdapter;
 use crate::unit_model::{load_image_encoder, load_unit_model, ModelCache, UnitModel};
 use crate::units::{
-    check_span, AdapterUnit, ControlMode, ControlUnit, IpAdapterUnit, ResizeMode, Unit,
+    check_span, AdapterUnit, ControlMode, ControlUnit, IpAdapterUnit, LlliteUnit, ResizeMode, Unit,
 };
 
 /// A preprocessor by name with its parameters as given (checked against its declaration).
@@ -269,6 +270,17 @@ impl UnitSpec {
                     end: self.end,
                 }))
             }
+            UnitModel::Lllite(model) => {
+                let layers = self.check_lllite(&model, sd, width, height)?;
+                return Ok(Unit::Lllite(LlliteUnit {
+                    model,
+                    image,
+                    weight: self.weight,
+                    start: self.start,
+                    end: self.end,
+                    layers,
+                }));
+            }
             UnitModel::IpAdapter(_) | UnitModel::ImageEncoder(_) => {
                 return Err(ControlError::file(&self.model, "not a control unit model"))
             }
@@ -400,6 +412,35 @@ impl UnitSpec {
             end: self.end,
             counts: (dims.0.len(), dims.1.len(), dims.2.len()),
         }))
+    }
+
+    /// A ControlNet-LLLite unit: the keys it takes, its modules' layers in the base UNet,
+    /// the image size its strided embeddings need. Returns the layers.
+    fn check_lllite(
+        &self,
+        m: &Lllite,
+        sd: &StableDiffusion,
+        width: usize,
+        height: usize,
+    ) -> Result<Vec<usize>> {
+        let refuse = |m: String| ControlError::file(&self.model, m);
+        let extra = self.controlnet_only_keys();
+        if !extra.is_empty() {
+            return Err(refuse(format!(
+                "a ControlNet-LLLite unit takes weight, start and end, not {}",
+                extra.join(", ")
+            )));
+        }
+        let layers = m
+            .layer_indices(&sd.unet.transformer_layers(), sd.unet.config())
+            .map_err(refuse)?;
+        if !width.is_multiple_of(m.stride) || !height.is_multiple_of(m.stride) {
+            return Err(refuse(format!(
+                "this ControlNet-LLLite needs width and height that are multiples of {}; the generation is {width}x{height}",
+                m.stride
+            )));
+        }
+        Ok(layers)
     }
 
     /// A T2I-Adapter unit: the keys it takes, its family and channels against the base, and

@@ -9,6 +9,7 @@ use sd_pipeline::StableDiffusion;
 
 use crate::error::{ControlError, Result};
 use crate::ip_adapter::{is_ip_adapter, load_ip_adapter, IpAdapter};
+use crate::lllite::{is_lllite, load_lllite, Lllite};
 use crate::load::load_controlnet;
 use crate::model::ControlNetModel;
 use crate::t2i_adapter::{is_t2i_adapter, load_t2i_adapter, T2IAdapter};
@@ -20,6 +21,7 @@ pub enum UnitKind {
     ControlNet,
     T2IAdapter,
     IpAdapter,
+    Lllite,
 }
 
 impl UnitKind {
@@ -28,6 +30,7 @@ impl UnitKind {
             Self::ControlNet => "ControlNet",
             Self::T2IAdapter => "T2I-Adapter",
             Self::IpAdapter => "IP-Adapter",
+            Self::Lllite => "ControlNet-LLLite",
         }
     }
 }
@@ -52,6 +55,8 @@ pub fn unit_kind(path: &Path) -> Result<UnitKind> {
         UnitKind::T2IAdapter
     } else if is_ip_adapter(&shapes) {
         UnitKind::IpAdapter
+    } else if is_lllite(&shapes) {
+        UnitKind::Lllite
     } else {
         UnitKind::ControlNet
     })
@@ -63,6 +68,7 @@ pub enum UnitModel {
     ControlNet(Arc<ControlNetModel>),
     Adapter(Arc<T2IAdapter>),
     IpAdapter(Arc<IpAdapter>),
+    Lllite(Arc<Lllite>),
     /// An IP-Adapter unit's CLIP image encoder.
     ImageEncoder(Arc<ClipVisionModel>),
 }
@@ -90,6 +96,11 @@ pub fn load_unit_model(
             UnitModel::Adapter(Arc::new(load_t2i_adapter(path, &sd.device, sd.dtype)?))
         }
         UnitKind::IpAdapter => UnitModel::IpAdapter(Arc::new(load_ip_adapter(
+            &weights_of(path)?,
+            &sd.device,
+            sd.dtype,
+        )?)),
+        UnitKind::Lllite => UnitModel::Lllite(Arc::new(load_lllite(
             &weights_of(path)?,
             &sd.device,
             sd.dtype,
@@ -145,6 +156,15 @@ pub fn describe(path: &Path) -> Result<String> {
             c.tokens,
             c.image_dim,
             c.layer_dims.len()
+        ));
+    }
+    if is_lllite(&shapes) {
+        let n = shapes
+            .iter()
+            .filter(|(n, _)| n.ends_with(".conditioning1.0.weight"))
+            .count();
+        return Ok(format!(
+            "ControlNet-LLLite (kohya) for SDXL models: {n} modules on attention projections (not mergeable)"
         ));
     }
     let format = crate::load::detect(&shapes, &weights)?;

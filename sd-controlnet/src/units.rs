@@ -13,6 +13,7 @@ use sd_plugins_api::{
 
 use crate::error::ControlError;
 use crate::ip_adapter::IpAdapter;
+use crate::lllite::{Lllite, LllitePatch};
 use crate::model::ControlNetModel;
 use crate::t2i_adapter::T2IAdapter;
 use crate::union::UnionCondition;
@@ -216,13 +217,29 @@ impl IpAdapterUnit {
     }
 }
 
-/// Any unit: a ControlNet (residuals), a T2I-Adapter (features inside the UNet) or an
-/// IP-Adapter (an image prompt in the cross-attention).
+/// A ControlNet-LLLite with its control image: the control embedded once (at the first
+/// active step), its modules change the attention projections' inputs while active.
+#[derive(Clone)]
+pub struct LlliteUnit {
+    pub model: Arc<Lllite>,
+    /// `[1, 3, H, W]` in [0, 1] at the generation size.
+    pub image: Tensor,
+    pub weight: f64,
+    pub start: f64,
+    pub end: f64,
+    /// Each module's transformer layer in the base UNet's run order.
+    pub layers: Vec<usize>,
+}
+
+/// Any unit: a ControlNet (residuals), a T2I-Adapter (features inside the UNet), an
+/// IP-Adapter (an image prompt in the cross-attention) or a ControlNet-LLLite (the attention
+/// projections' inputs).
 #[derive(Clone)]
 pub enum Unit {
     ControlNet(ControlUnit),
     Adapter(AdapterUnit),
     IpAdapter(IpAdapterUnit),
+    Lllite(LlliteUnit),
 }
 
 impl Unit {
@@ -232,6 +249,7 @@ impl Unit {
             Self::ControlNet(u) => &u.image,
             Self::Adapter(a) => &a.image,
             Self::IpAdapter(a) => &a.pixels,
+            Self::Lllite(a) => &a.image,
         }
     }
 }
@@ -239,6 +257,12 @@ impl Unit {
 impl From<ControlUnit> for Unit {
     fn from(u: ControlUnit) -> Self {
         Self::ControlNet(u)
+    }
+}
+
+impl From<LlliteUnit> for Unit {
+    fn from(u: LlliteUnit) -> Self {
+        Self::Lllite(u)
     }
 }
 
@@ -500,6 +524,9 @@ pub struct ControlNetHook {
     ip: Vec<IpAdapterUnit>,
     /// Each IP-Adapter's keys and values, made at its first active step.
     ip_kv: Vec<Option<ExtraAttention>>,
+    lllite: Vec<LlliteUnit>,
+    /// Each LLLite's control embeddings, made at its first active step.
+    lllite_patch: Vec<Option<Arc<LllitePatch>>>,
 }
 
 /// A unit's control image embedding, and its mask resized to each residual's size (the
@@ -514,13 +541,16 @@ impl ControlNetHook {
     /// A hook for any mix of units (ControlNets and T2I-Adapters).
     pub fn new<U: Into<Unit>>(units: Vec<U>) -> Self {
         let (mut nets, mut adapters, mut ip) = (Vec::new(), Vec::new(), Vec::new());
+        let mut lllite = Vec::new();
         for u in units {
             match u.into() {
                 Unit::ControlNet(u) => nets.push(u),
                 Unit::Adapter(a) => adapters.push(a),
                 Unit::IpAdapter(a) => ip.push(a),
+                Unit::Lllite(a) => lllite.push(a),
             }
         }
+        let lllite_patch = lllite.iter().map(|_| None).collect();
         let caches = nets.iter().map(|_| UnitCache::default()).collect();
         let features = adapters.iter().map(|_| None).collect();
         let ip_kv = ip.iter().map(|_| None).collect();
@@ -531,6 +561,8 @@ impl ControlNetHook {
             features,
             ip,
             ip_kv,
+            lllite,
+            lllite_patch,
         }
     }
 }
@@ -613,7 +645,7 @@ impl Hook for ControlNetHook {
             };
             let add = UNetAdditions {
                 intrablock: f,
-                attention: Vec::new(),
+                ..Default::default()
             };
             total = Some(match total {
                 None => add,
@@ -639,8 +671,30 @@ impl Hook for ControlNetHook {
                 }
             };
             let add = UNetAdditions {
-                intrablock: Vec::new(),
                 attention: vec![e],
+                ..Default::default()
+            };
+            total = Some(match total {
+                None => add,
+                Some(t) => t.add(&add)?,
+            });
+        }
+        for (u, cached) in self.lllite.iter().zip(self.lllite_patch.iter_mut()) {
+            if !window_active(u.start, u.end, step) {
+                continue;
+            }
+            let p = match cached {
+                Some(p) => p.clone(),
+                None => {
+                    let image = u.image.to_dtype(dtype)?;
+                    let p: Arc<LllitePatch> = Arc::new(u.model.patch(&image, &u.layers, u.weight)?);
+                    *cached = Some(p.clone());
+                    p
+                }
+            };
+            let add = UNetAdditions {
+                projections: vec![p as Arc<dyn sd_plugins_api::ProjectionInputs>],
+                ..Default::default()
             };
             total = Some(match total {
                 None => add,

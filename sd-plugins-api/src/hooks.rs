@@ -1,4 +1,5 @@
 use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
@@ -92,6 +93,31 @@ pub struct UNetAdditions {
     pub intrablock: Vec<Tensor>,
     /// IP-Adapter image prompts: extra keys and values for every cross-attention layer.
     pub attention: Vec<ExtraAttention>,
+    /// Deltas on the attention projections' inputs (ControlNet-LLLite).
+    pub projections: Vec<Arc<dyn ProjectionInputs>>,
+}
+
+/// An attention projection whose input an adapter may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    /// The self-attention's query, key and value (`attn1.to_q/k/v`).
+    SelfQ,
+    SelfK,
+    SelfV,
+    /// The cross-attention's query (`attn2.to_q`).
+    CrossQ,
+}
+
+/// Adds to the input of attention projections (kohya's ControlNet-LLLite): for transformer
+/// layer `layer` (its index in the order the UNet runs them: down blocks, mid, up blocks),
+/// what to add to `x` before projection `which`, or `None`.
+pub trait ProjectionInputs: Send + Sync + std::fmt::Debug {
+    fn delta(
+        &self,
+        layer: usize,
+        which: Projection,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>>;
 }
 
 /// One image prompt's keys and values for the UNet's cross-attention layers (diffusers'
@@ -108,7 +134,7 @@ pub struct ExtraAttention {
 impl UNetAdditions {
     /// Whether nothing is added.
     pub fn is_empty(&self) -> bool {
-        self.intrablock.is_empty() && self.attention.is_empty()
+        self.intrablock.is_empty() && self.attention.is_empty() && self.projections.is_empty()
     }
 
     /// Element-wise sum of two sets (several adapters are summed, diffusers' `MultiAdapter`).
@@ -140,9 +166,16 @@ impl UNetAdditions {
             .chain(&other.attention)
             .cloned()
             .collect();
+        let projections = self
+            .projections
+            .iter()
+            .chain(&other.projections)
+            .cloned()
+            .collect();
         Ok(UNetAdditions {
             intrablock,
             attention,
+            projections,
         })
     }
 }

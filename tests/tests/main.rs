@@ -9,6 +9,7 @@ mod depth_anything;
 mod embeddings;
 mod hires;
 mod ip_adapter;
+mod lllite;
 mod lora;
 mod module_graph;
 mod openpose;

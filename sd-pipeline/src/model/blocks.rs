@@ -4,7 +4,9 @@ use std::cell::Cell;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use sd_plugins_api::ExtraAttention;
+use std::sync::Arc;
+
+use sd_plugins_api::{ExtraAttention, Projection, ProjectionInputs};
 
 use super::nn::{Conv2d, GroupNorm};
 use super::shared_batch::SharedBatch;
@@ -92,25 +94,48 @@ impl CrossAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, ctx: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_extra(xs, ctx, None)
-    }
-
-    /// With image-prompt keys and values added (IP-Adapter), when this is a cross-attention
-    /// layer and `extras` has some.
+    /// With the extras of transformer layer `at` (its index in run order): adapters' deltas
+    /// on the projections' inputs (ControlNet-LLLite), and for a cross-attention layer the
+    /// image prompts' keys and values (IP-Adapter).
     fn forward_extra(
         &self,
         xs: &Tensor,
         ctx: Option<&Tensor>,
-        extras: Option<&AttnExtras>,
+        at: Option<(&AttnExtras, usize)>,
     ) -> Result<Tensor> {
         let text = ctx.unwrap_or(xs);
-        let q = self.to_q.forward(xs)?;
-        let k = self.to_k.forward(text)?;
-        let v = self.to_v.forward(text)?;
+        let patched = |which: Projection, x: &Tensor| -> Result<Tensor> {
+            let Some((e, layer)) = at else {
+                return Ok(x.clone());
+            };
+            let mut out = x.clone();
+            for p in e.patches {
+                if let Some(d) = p.delta(layer, which, x)? {
+                    out = (out + d)?;
+                }
+            }
+            Ok(out)
+        };
+        let has_patches = at.is_some_and(|(e, _)| !e.patches.is_empty());
+        let (q, k, v) = match (ctx, has_patches) {
+            (_, false) => (
+                self.to_q.forward(xs)?,
+                self.to_k.forward(text)?,
+                self.to_v.forward(text)?,
+            ),
+            (None, true) => (
+                self.to_q.forward(&patched(Projection::SelfQ, xs)?)?,
+                self.to_k.forward(&patched(Projection::SelfK, xs)?)?,
+                self.to_v.forward(&patched(Projection::SelfV, xs)?)?,
+            ),
+            (Some(_), true) => (
+                self.to_q.forward(&patched(Projection::CrossQ, xs)?)?,
+                self.to_k.forward(text)?,
+                self.to_v.forward(text)?,
+            ),
+        };
         let mut h = attention(&q, &k, &v, self.heads, false)?;
-        if let (Some(extras), Some(_)) = (extras, ctx) {
-            let layer = extras.next_layer();
+        if let (Some((extras, layer)), Some(_)) = (at, ctx) {
             for set in extras.sets {
                 let (Some(k), Some(v)) = (set.keys.get(layer), set.values.get(layer)) else {
                     candle_core::bail!(
@@ -125,17 +150,20 @@ impl CrossAttention {
     }
 }
 
-/// The image prompts' keys and values, handed to the cross-attention layers in the order they
-/// run (see `sd_plugins_api::ExtraAttention`).
+/// What adapters add inside the attention of the transformer layers, handed to them in the
+/// order they run: image prompts' keys and values (`sd_plugins_api::ExtraAttention`) and
+/// deltas on the projections' inputs (`sd_plugins_api::ProjectionInputs`).
 pub struct AttnExtras<'a> {
     sets: &'a [ExtraAttention],
+    patches: &'a [Arc<dyn ProjectionInputs>],
     next: Cell<usize>,
 }
 
 impl<'a> AttnExtras<'a> {
-    pub fn new(sets: &'a [ExtraAttention]) -> Self {
+    pub fn new(sets: &'a [ExtraAttention], patches: &'a [Arc<dyn ProjectionInputs>]) -> Self {
         Self {
             sets,
+            patches,
             next: Cell::new(0),
         }
     }
@@ -146,7 +174,7 @@ impl<'a> AttnExtras<'a> {
         i
     }
 
-    /// How many cross-attention layers took their keys.
+    /// How many transformer layers ran.
     pub fn used(&self) -> usize {
         self.next.get()
     }
@@ -178,13 +206,20 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, xs: &Tensor, ctx: &Tensor, extras: Option<&AttnExtras>) -> Result<Tensor> {
-        self.after_self_attention(&self.self_attention(xs)?, ctx, extras)
+    fn forward(
+        &self,
+        xs: &Tensor,
+        ctx: &Tensor,
+        at: Option<(&AttnExtras, usize)>,
+    ) -> Result<Tensor> {
+        self.after_self_attention(&self.self_attention(xs, at)?, ctx, at)
     }
 
     /// The part that does not see the text: norm1, self-attention, residual.
-    fn self_attention(&self, xs: &Tensor) -> Result<Tensor> {
-        self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs
+    fn self_attention(&self, xs: &Tensor, at: Option<(&AttnExtras, usize)>) -> Result<Tensor> {
+        self.attn1
+            .forward_extra(&self.norm1.forward(xs)?, None, at)?
+            + xs
     }
 
     /// Cross-attention with the text and the feed-forward, each with its residual.
@@ -192,11 +227,11 @@ impl BasicTransformerBlock {
         &self,
         xs: &Tensor,
         ctx: &Tensor,
-        extras: Option<&AttnExtras>,
+        at: Option<(&AttnExtras, usize)>,
     ) -> Result<Tensor> {
         let xs = (self
             .attn2
-            .forward_extra(&self.norm2.forward(xs)?, Some(ctx), extras)?
+            .forward_extra(&self.norm2.forward(xs)?, Some(ctx), at)?
             + xs)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
         // GEGLU with exact (erf) GELU, as diffusers.
@@ -312,13 +347,15 @@ impl Transformer2D {
             Proj::Linear(l) => l.forward(&to_tokens(&normed)?)?,
         };
         let mut blocks = self.blocks.iter();
+        let at = || extras.map(|e| (e, e.next_layer()));
         if let (Some(shared), Some(first)) = (shared, self.blocks.first()) {
             blocks.next();
-            t = shared.expand(&first.self_attention(&t)?)?;
-            t = first.after_self_attention(&t, ctx, extras)?;
+            let at = at();
+            t = shared.expand(&first.self_attention(&t, at)?)?;
+            t = first.after_self_attention(&t, ctx, at)?;
         }
         for block in blocks {
-            t = block.forward(&t, ctx, extras)?;
+            t = block.forward(&t, ctx, at())?;
         }
         let out = match &self.proj_out {
             Proj::Conv(conv) => conv.forward(&to_image(&t)?)?,

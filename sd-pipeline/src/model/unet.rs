@@ -516,7 +516,9 @@ impl UNet2DConditionModel {
         let ctx = encoder_hidden_states;
         let features = additions.map_or(&[][..], |a| &a.intrablock[..]);
         let sets = additions.map_or(&[][..], |a| &a.attention[..]);
-        let extras = (!sets.is_empty()).then(|| AttnExtras::new(sets));
+        let patches = additions.map_or(&[][..], |a| &a.projections[..]);
+        let extras =
+            (!sets.is_empty() || !patches.is_empty()).then(|| AttnExtras::new(sets, patches));
         let (mut skips, mut xs) = self.encoder.forward_with_features(
             sample,
             &emb,
@@ -551,8 +553,8 @@ impl UNet2DConditionModel {
                 xs = us.forward(&xs, Some((h, w)))?;
             }
         }
-        if let Some(e) = &extras {
-            let want = sets[0].keys.len();
+        if let (Some(e), Some(set)) = (&extras, sets.first()) {
+            let want = set.keys.len();
             if e.used() != want {
                 candle_core::bail!(
                     "image prompt keys for {want} cross-attention layers; the UNet has {}",
@@ -562,6 +564,32 @@ impl UNet2DConditionModel {
         }
         let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
+    }
+
+    /// Every transformer layer's diffusers name (`down_blocks.1.attentions.0.transformer_blocks.0`)
+    /// and channels, in the order [`Self::forward_full`] runs them (down, mid, up): the index
+    /// adapters' per-layer additions use.
+    pub fn transformer_layers(&self) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        let mut push = |prefix: String, t: &Transformer2D| {
+            for (i, c) in t.cross_attention_dims().into_iter().enumerate() {
+                out.push((format!("{prefix}.transformer_blocks.{i}"), c));
+            }
+        };
+        for (b, block) in self.encoder.down.iter().enumerate() {
+            for (j, a) in block.attentions.iter().enumerate() {
+                push(format!("down_blocks.{b}.attentions.{j}"), a);
+            }
+        }
+        for (j, a) in self.encoder.mid_attentions.iter().enumerate() {
+            push(format!("mid_block.attentions.{j}"), a);
+        }
+        for (b, block) in self.up.iter().enumerate() {
+            for (j, a) in block.attentions.iter().enumerate() {
+                push(format!("up_blocks.{b}.attentions.{j}"), a);
+            }
+        }
+        out
     }
 
     /// The channels of every cross-attention layer, in the order [`Self::forward_full`] runs

@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use sd_pipeline::model::unet::UNet2DConditionModel;
-use sd_plugins_api::{AddedCond, Residuals};
+use sd_plugins_api::{AddedCond, ExtraAttention, Residuals, UNetAdditions};
 use serde::Serialize;
 
 use super::measure::{dtype_name, once, peak_rss_bytes, rounds};
@@ -38,6 +38,26 @@ pub struct UnetBench {
     /// Every batch item a different latent; otherwise an even batch holds each latent once
     /// per prompt, as classifier-free guidance sends it.
     pub distinct: bool,
+    /// Also time the call with a T2I-Adapter's features (the released architecture, random
+    /// weights; computed once beforehand, as in a generation).
+    pub t2i_adapter: bool,
+    /// Also time the call with an IP-Adapter's image prompt (`ip-adapter_sd15` /
+    /// `ip-adapter_sdxl` layouts: 4 tokens; keys and values made once beforehand).
+    pub ip_adapter: bool,
+}
+
+/// A call with an adapter, against the plain call of the same run.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterTiming {
+    pub kind: &'static str,
+    pub mean_s: f64,
+    pub min_s: f64,
+    pub first_s: f64,
+    pub ratio_to_plain: f64,
+    pub ratio_of_mins: f64,
+    /// Seconds of the work done once per generation (adapter features, or image encoder +
+    /// projection + keys/values, without the encoder here).
+    pub once_s: f64,
 }
 
 /// The plain call's seconds, and the peak memory after its warm-up call.
@@ -97,12 +117,14 @@ pub struct UnetReport {
     pub controlnet: Option<ControlNetTiming>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraTiming>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterTiming>,
 }
 
 impl UnetReport {
     /// Whether other calls alternated with the plain one.
     pub fn alternated(&self) -> bool {
-        self.controlnet.is_some() || self.lora.is_some()
+        self.controlnet.is_some() || self.lora.is_some() || !self.adapters.is_empty()
     }
 }
 
@@ -147,6 +169,10 @@ impl UnetBench {
         let call = |u: &UNet2DConditionModel, r: Option<&Residuals>| -> Result<()> {
             Ok(u.forward_with(&x, &ts, &ctx, added.as_ref(), r).map(drop)?)
         };
+        let call_with = |a: &UNetAdditions| -> Result<()> {
+            let out = unet.forward_full(&x, &ts, &ctx, added.as_ref(), None, Some(a));
+            Ok(out.map(drop)?)
+        };
         let plain = || call(&unet, None);
         // the plain call's warm-up, before any ControlNet exists, gives its peak memory
         let first = once(&device, &plain)?;
@@ -183,6 +209,23 @@ impl UnetBench {
         });
         let cfirst = step.as_ref().map(|f| once(&device, f)).transpose()?;
         let control_rss = peak_rss_bytes();
+        // adapters: what a generation makes once (features; keys and values), then the call
+        let t = Instant::now();
+        let t2i = self
+            .t2i_adapter
+            .then(|| t2i_additions(&cfg, self.width, self.height, dtype, &device))
+            .transpose()?;
+        let t2i_once = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let ip = self
+            .ip_adapter
+            .then(|| ip_additions(&unet, b, dtype, &device))
+            .transpose()?;
+        let ip_once = t.elapsed().as_secs_f64();
+        let t2i_call = t2i.as_ref().map(|a| move || call_with(a));
+        let ip_call = ip.as_ref().map(|a| move || call_with(a));
+        let tfirst = t2i_call.as_ref().map(|f| once(&device, f)).transpose()?;
+        let ifirst = ip_call.as_ref().map(|f| once(&device, f)).transpose()?;
         let merged = (self.lora > 0)
             .then(|| merged_unet(&cfg, self.lora, dtype, &device))
             .transpose()?;
@@ -195,6 +238,12 @@ impl UnetBench {
             fs.push(f);
         }
         if let Some(f) = &merged_call {
+            fs.push(f);
+        }
+        if let Some(f) = &t2i_call {
+            fs.push(f);
+        }
+        if let Some(f) = &ip_call {
             fs.push(f);
         }
         let mut stats = rounds(self.iters, &device, &fs)?.into_iter();
@@ -225,6 +274,24 @@ impl UnetBench {
                 ratio_of_mins: lmin / min,
             }
         });
+        let mut adapters = Vec::new();
+        for (kind, first, once_s) in [
+            ("t2i-adapter", tfirst, t2i_once),
+            ("ip-adapter", ifirst, ip_once),
+        ] {
+            if let Some(first_s) = first {
+                let (amean, amin) = stats.next().expect("the adapter call is timed");
+                adapters.push(AdapterTiming {
+                    kind,
+                    mean_s: amean,
+                    min_s: amin,
+                    first_s,
+                    ratio_to_plain: amean / mean,
+                    ratio_of_mins: amin / min,
+                    once_s,
+                });
+            }
+        }
         Ok(UnetReport {
             arch: self.arch,
             width: self.width,
@@ -243,6 +310,85 @@ impl UnetBench {
             },
             controlnet,
             lora,
+            adapters,
         })
     }
+}
+
+/// A T2I-Adapter's features for one control image: the released architectures (SD1
+/// `full_adapter`, channels of the UNet's blocks; SDXL `full_adapter_xl`), random weights.
+fn t2i_additions(
+    cfg: &sd_pipeline::model::config::UNetConfig,
+    width: usize,
+    height: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<UNetAdditions> {
+    use sd_controlnet::t2i_adapter::{AdapterKind, T2IAdapter, T2IAdapterConfig};
+    let xl = cfg.text_time.is_some();
+    let mut channels = cfg.block_out_channels.clone();
+    if xl {
+        channels.push(*channels.last().expect("blocks"));
+    }
+    let acfg = T2IAdapterConfig {
+        kind: if xl {
+            AdapterKind::FullXl
+        } else {
+            AdapterKind::Full
+        },
+        in_channels: 3,
+        channels,
+        num_res_blocks: 2,
+        downscale_factor: if xl { 16 } else { 8 },
+    };
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
+    let adapter = T2IAdapter::new(&acfg, vb)?;
+    let image = Tensor::rand(0f32, 1.0, (1, 3, height, width), device)?.to_dtype(dtype)?;
+    Ok(UNetAdditions {
+        intrablock: adapter.forward(&image)?,
+        ..Default::default()
+    })
+}
+
+/// An IP-Adapter's keys and values (base layout: 4 tokens from a 1024-wide ViT-H embedding)
+/// for a batch of `b`, random weights.
+fn ip_additions(
+    unet: &UNet2DConditionModel,
+    b: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<UNetAdditions> {
+    use sd_controlnet::ip_adapter::{IpAdapter, IpAdapterConfig, ProjectionKind};
+    let dims = unet.cross_attention_dims();
+    let cross = unet.config().cross_attention_dim;
+    let cfg = IpAdapterConfig {
+        kind: ProjectionKind::Base,
+        tokens: 4,
+        image_dim: 1024,
+        cross_attention_dim: cross,
+        // the file's order: down, up, mid
+        layer_dims: dims
+            .0
+            .iter()
+            .chain(&dims.2)
+            .chain(&dims.1)
+            .copied()
+            .collect(),
+        depth: 0,
+        heads: 0,
+    };
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
+    let adapter = IpAdapter::new(&cfg, vb)?;
+    let embeds = Tensor::randn(0f32, 1.0, (b, 1024), device)?.to_dtype(dtype)?;
+    let tokens = adapter.image_tokens(&embeds)?;
+    let (keys, values) =
+        adapter.keys_values(&tokens, (dims.0.len(), dims.1.len(), dims.2.len()))?;
+    Ok(UNetAdditions {
+        attention: vec![ExtraAttention {
+            keys,
+            values,
+            scale: 1.0,
+        }],
+        ..Default::default()
+    })
 }
