@@ -1,6 +1,7 @@
 //! The few OpenCV drawing primitives pose rendering needs, with OpenCV's integer arithmetic
 //! (imgproc/src/drawing.cpp): `ellipse2Poly`, `fillConvexPoly` (8-connected outline plus
-//! 16.16 fixed-point scan conversion) and filled `circle` (midpoint algorithm).
+//! 16.16 fixed-point scan conversion) and filled `circle` (midpoint algorithm); and the 1-px
+//! `line` (`clipLine` plus the left-to-right walk) M-LSD draws with.
 
 /// An RGB canvas.
 pub struct Canvas {
@@ -190,6 +191,74 @@ fn line(c: &mut Canvas, p1: (i64, i64), p2: (i64, i64), col: [u8; 3]) {
         let (x, y) = at(k);
         c.put(x, y, col);
     }
+}
+
+/// OpenCV's `clipLine(Size2l, pt1, pt2)`: the segment cut to the canvas by its integer
+/// arithmetic (int64 products wrap, divisions truncate; the ends are never level where it
+/// divides); `None` when nothing of it is
+/// on the canvas.
+fn clip_line(
+    w: i64,
+    h: i64,
+    (mut x1, mut y1): (i64, i64),
+    (mut x2, mut y2): (i64, i64),
+) -> Option<((i64, i64), (i64, i64))> {
+    if w <= 0 || h <= 0 {
+        return None;
+    }
+    let (right, bottom) = (w - 1, h - 1);
+    let code = |x: i64, y: i64| {
+        (x < 0) as u8 + (x > right) as u8 * 2 + (y < 0) as u8 * 4 + (y > bottom) as u8 * 8
+    };
+    let (mut c1, mut c2) = (code(x1, y1), code(x2, y2));
+    if c1 & c2 == 0 && (c1 | c2) != 0 {
+        if c1 & 12 != 0 {
+            let a = if c1 < 8 { 0 } else { bottom };
+            x1 = x1.wrapping_add((a - y1).wrapping_mul(x2 - x1).wrapping_div(y2 - y1));
+            y1 = a;
+            c1 = code(x1, 0);
+        }
+        if c2 & 12 != 0 {
+            let a = if c2 < 8 { 0 } else { bottom };
+            x2 = x2.wrapping_add((a - y2).wrapping_mul(x2 - x1).wrapping_div(y2 - y1));
+            y2 = a;
+            c2 = code(x2, 0);
+        }
+        if c1 & c2 == 0 && (c1 | c2) != 0 {
+            if c1 != 0 {
+                let a = if c1 == 1 { 0 } else { right };
+                y1 = y1.wrapping_add((a - x1).wrapping_mul(y2 - y1).wrapping_div(x2 - x1));
+                x1 = a;
+                c1 = 0;
+            }
+            if c2 != 0 {
+                let a = if c2 == 1 { 0 } else { right };
+                y2 = y2.wrapping_add((a - x2).wrapping_mul(y2 - y1).wrapping_div(x2 - x1));
+                x2 = a;
+                c2 = 0;
+            }
+        }
+    }
+    ((c1 | c2) == 0).then_some(((x1, y1), (x2, y2)))
+}
+
+/// `cv2.line(img, p1, p2, color, 1)` (LINE_8, shift 0; points in int32 as cv2 takes them):
+/// OpenCV's `Line`, whose `LineIterator` first cuts the segment to the canvas with `clipLine`
+/// when an end is off it, then walks the cut segment left to right. (Walking the uncut segment
+/// and dropping the off-canvas pixels puts different pixels.)
+pub fn cv_line(c: &mut Canvas, p1: (i32, i32), p2: (i32, i32), col: [u8; 3]) {
+    let (w, h) = (c.width as i64, c.height as i64);
+    let (p1, p2) = ((p1.0 as i64, p1.1 as i64), (p2.0 as i64, p2.1 as i64));
+    let inside = |p: (i64, i64)| (0..w).contains(&p.0) && (0..h).contains(&p.1);
+    let (p1, p2) = if inside(p1) && inside(p2) {
+        (p1, p2)
+    } else {
+        match clip_line(w, h, p1, p2) {
+            Some(cut) => cut,
+            None => return,
+        }
+    };
+    line(c, p1, p2, col);
 }
 
 /// `cv2.fillConvexPoly(img, pts, color)` (LINE_8, shift 0).
