@@ -21,6 +21,7 @@ mod rng;
 mod samplers;
 mod sdxl;
 mod single_file;
+mod softedge;
 mod taesd;
 mod train;
 mod unet_vae;
