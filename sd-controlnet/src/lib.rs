@@ -10,6 +10,7 @@ pub mod ip_adapter;
 pub mod lllite;
 pub mod load;
 pub mod model;
+pub mod reference;
 pub mod spec;
 pub mod t2i_adapter;
 pub mod union;

@@ -19,6 +19,7 @@ use sd_preprocessors::detect::{detect_file, Sizing, RESOLUTIONS};
 use crate::error::{ControlError, Result};
 use crate::ip_adapter::IpAdapter;
 use crate::lllite::Lllite;
+use crate::reference::ReferenceUnit;
 use crate::t2i_adapter::T2IAdapter;
 use crate::unit_model::{load_image_encoder, load_unit_model, ModelCache, UnitModel};
 use crate::units::{
@@ -185,6 +186,13 @@ impl UnitSpec {
         registry: &Registry,
     ) -> Result<Unit> {
         self.validate()?;
+        if let Some(p) = self
+            .preprocessor
+            .as_ref()
+            .filter(|p| p.name.starts_with("reference"))
+        {
+            return self.build_reference(p, sd, width, height, registry);
+        }
         let pre = match &self.preprocessor {
             Some(choice) if !choice.is_none() => {
                 let params = choice
@@ -307,6 +315,57 @@ impl UnitSpec {
                 e => e,
             })?;
         Ok(Unit::ControlNet(unit))
+    }
+
+    /// A reference unit (sd-webui-controlnet's `reference_only`): no model, the image fitted
+    /// to the generation size and encoded to latents (the VAE's mean).
+    fn build_reference(
+        &self,
+        choice: &PreprocessorChoice,
+        sd: &StableDiffusion,
+        width: usize,
+        height: usize,
+        registry: &Registry,
+    ) -> Result<Unit> {
+        let refuse =
+            |m: String| ControlError::Invalid(format!("preprocessor {}: {m}", choice.name));
+        if choice.name != "reference_only" {
+            return Err(refuse(
+                "not supported yet (reference_only is; the AdaIN modes are not built)".into(),
+            ));
+        }
+        let model = self.model.to_string_lossy();
+        if !(model.is_empty() || model == "none" || model == "None") {
+            return Err(refuse(format!(
+                "a reference unit takes no model (model = \"{model}\"): leave it out or set none"
+            )));
+        }
+        let extra = self.controlnet_only_keys();
+        if !extra.is_empty() {
+            return Err(refuse(format!(
+                "a reference unit takes image, weight, start, end and resize, not {}",
+                extra.join(", ")
+            )));
+        }
+        let params = choice
+            .resolve(registry)
+            .map_err(|e| ControlError::Invalid(e.join("; ")))?;
+        let style_fidelity = params
+            .float("style_fidelity")
+            .unwrap_or(0.5)
+            .clamp(0.0, 1.0);
+        let image = load_control_image(&self.image, width, height, self.resize, &sd.device)?;
+        let pixels = ((image * 2.0)? - 1.0)?.to_dtype(sd.vae_dtype)?;
+        let latents = sd.vae.scale_latents(&sd.vae.encode_mean(&pixels)?)?;
+        Ok(Unit::Reference(ReferenceUnit {
+            latents,
+            weight: self.weight,
+            start: self.start,
+            end: self.end,
+            style_fidelity,
+            alphas_cumprod: sd_pipeline::samplers::alphas_cumprod(&sd.scheduler_config),
+            seed: 0,
+        }))
     }
 
     /// The keys only ControlNets take, when set.

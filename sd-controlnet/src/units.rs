@@ -15,8 +15,10 @@ use crate::error::ControlError;
 use crate::ip_adapter::IpAdapter;
 use crate::lllite::{Lllite, LllitePatch};
 use crate::model::ControlNetModel;
+use crate::reference::ReferenceUnit;
 use crate::t2i_adapter::T2IAdapter;
 use crate::union::UnionCondition;
+use sd_pipeline::rng::TorchRng;
 
 /// A unit's start and end (fractions of the schedule): 0 <= start <= end <= 1.
 pub fn check_span(start: f64, end: f64) -> Result<(), ControlError> {
@@ -240,6 +242,7 @@ pub enum Unit {
     Adapter(AdapterUnit),
     IpAdapter(IpAdapterUnit),
     Lllite(LlliteUnit),
+    Reference(ReferenceUnit),
 }
 
 impl Unit {
@@ -250,6 +253,7 @@ impl Unit {
             Self::Adapter(a) => &a.image,
             Self::IpAdapter(a) => &a.pixels,
             Self::Lllite(a) => &a.image,
+            Self::Reference(r) => &r.latents,
         }
     }
 }
@@ -257,6 +261,12 @@ impl Unit {
 impl From<ControlUnit> for Unit {
     fn from(u: ControlUnit) -> Self {
         Self::ControlNet(u)
+    }
+}
+
+impl From<ReferenceUnit> for Unit {
+    fn from(u: ReferenceUnit) -> Self {
+        Self::Reference(u)
     }
 }
 
@@ -527,6 +537,8 @@ pub struct ControlNetHook {
     lllite: Vec<LlliteUnit>,
     /// Each LLLite's control embeddings, made at its first active step.
     lllite_patch: Vec<Option<Arc<LllitePatch>>>,
+    /// Reference-only units, each with its noise stream.
+    reference: Vec<(ReferenceUnit, TorchRng)>,
 }
 
 /// A unit's control image embedding, and its mask resized to each residual's size (the
@@ -542,8 +554,13 @@ impl ControlNetHook {
     pub fn new<U: Into<Unit>>(units: Vec<U>) -> Self {
         let (mut nets, mut adapters, mut ip) = (Vec::new(), Vec::new(), Vec::new());
         let mut lllite = Vec::new();
+        let mut reference = Vec::new();
         for u in units {
             match u.into() {
+                Unit::Reference(r) => {
+                    let rng = TorchRng::new(r.seed);
+                    reference.push((r, rng))
+                }
                 Unit::ControlNet(u) => nets.push(u),
                 Unit::Adapter(a) => adapters.push(a),
                 Unit::IpAdapter(a) => ip.push(a),
@@ -563,6 +580,7 @@ impl ControlNetHook {
             ip_kv,
             lllite,
             lllite_patch,
+            reference,
         }
     }
 }
@@ -672,6 +690,20 @@ impl Hook for ControlNetHook {
             };
             let add = UNetAdditions {
                 attention: vec![e],
+                ..Default::default()
+            };
+            total = Some(match total {
+                None => add,
+                Some(t) => t.add(&add)?,
+            });
+        }
+        let channels = input.sample.dim(1)?;
+        for (u, rng) in self.reference.iter_mut() {
+            if !window_active(u.start, u.end, step) {
+                continue;
+            }
+            let add = UNetAdditions {
+                reference: vec![u.pass(step, rows, channels, dtype, rng)?],
                 ..Default::default()
             };
             total = Some(match total {

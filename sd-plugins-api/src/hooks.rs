@@ -95,6 +95,24 @@ pub struct UNetAdditions {
     pub attention: Vec<ExtraAttention>,
     /// Deltas on the attention projections' inputs (ControlNet-LLLite).
     pub projections: Vec<Arc<dyn ProjectionInputs>>,
+    /// Reference passes (sd-webui-controlnet's reference-only): the UNet runs on each first,
+    /// keeping its self-attention inputs, which the main pass then attends to as well.
+    pub reference: Vec<ReferencePass>,
+}
+
+/// One reference pass (sd-webui-controlnet's `AttentionInjection`, "write" then "read").
+#[derive(Debug, Clone)]
+pub struct ReferencePass {
+    /// The reference latents noised to this step, one row per UNet batch row.
+    pub latents: Tensor,
+    /// The unit's weight: transformer layers ranked below it (by width, widest first,
+    /// `rank / count`) keep their inputs.
+    pub weight: f64,
+    /// The extension's style fidelity (threshold_a): how much the unconditional rows keep
+    /// their plain self-attention.
+    pub style_fidelity: f64,
+    /// The first rows of the batch that are unconditional (CFG), 0 without CFG.
+    pub uncond_rows: usize,
 }
 
 /// An attention projection whose input an adapter may change.
@@ -134,7 +152,10 @@ pub struct ExtraAttention {
 impl UNetAdditions {
     /// Whether nothing is added.
     pub fn is_empty(&self) -> bool {
-        self.intrablock.is_empty() && self.attention.is_empty() && self.projections.is_empty()
+        self.intrablock.is_empty()
+            && self.attention.is_empty()
+            && self.projections.is_empty()
+            && self.reference.is_empty()
     }
 
     /// Element-wise sum of two sets (several adapters are summed, diffusers' `MultiAdapter`).
@@ -172,10 +193,17 @@ impl UNetAdditions {
             .chain(&other.projections)
             .cloned()
             .collect();
+        let reference = self
+            .reference
+            .iter()
+            .chain(&other.reference)
+            .cloned()
+            .collect();
         Ok(UNetAdditions {
             intrablock,
             attention,
             projections,
+            reference,
         })
     }
 }

@@ -82,8 +82,8 @@ pub use error::HookError;
 #[cfg(feature = "host")]
 pub use hooks::{
     classifier_free_guidance, AddedCond, Conditioning, ExtraAttention, Hook, HookSet, LeadingHooks,
-    NoiseLevels, NoisePrediction, Projection, ProjectionInputs, ResidualInput, Residuals,
-    UNetAdditions,
+    NoiseLevels, NoisePrediction, Projection, ProjectionInputs, ReferencePass, ResidualInput,
+    Residuals, UNetAdditions,
 };
 pub use hwc3::hwc3;
 pub use params::{resolve_params, ParamError, ParamKind, ParamSpec, ParamValue, Params};

@@ -18,6 +18,7 @@ pub mod normal;
 pub mod openpose;
 pub mod pidinet;
 pub mod pose;
+pub mod reference;
 pub mod resample;
 pub mod resize;
 pub mod segmentation;

@@ -634,11 +634,17 @@ pub fn run(
             })
             .collect::<Result<Vec<_>, _>>()
     };
-    let units = units_for(true, width, height, &mut cache)?;
-    let hr_units = match &hires {
+    let mut units = units_for(true, width, height, &mut cache)?;
+    let mut hr_units = match &hires {
         Some(p) => units_for(false, p.req.width, p.req.height, &mut cache)?,
         None => Vec::new(),
     };
+    // reference-only units draw their noise from the generation's seed
+    for u in units.iter_mut().chain(hr_units.iter_mut()) {
+        if let sd_controlnet::Unit::Reference(r) = u {
+            r.seed = seed;
+        }
+    }
     let controls = t_units.elapsed();
 
     let mut hooks = HookSet::new();

@@ -17,6 +17,7 @@ mod module_graph;
 mod openpose;
 mod pipelines;
 mod preprocessors;
+mod reference_only;
 mod rng;
 mod samplers;
 mod sdxl;

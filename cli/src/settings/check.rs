@@ -344,10 +344,16 @@ pub fn check(
         let vals = t.walk(d, CONTROL_FIELDS, &[]);
         let unit_origin = t.origin(v, "");
         let mut spec = UnitSpec::new(PathBuf::new(), PathBuf::new());
+        // reference units (sd-webui-controlnet's reference_only) need no model
+        let reference = match get(&vals, "preprocessor") {
+            Some(Typed::Preprocessor(p)) => p.name.starts_with("reference"),
+            _ => false,
+        };
         for (key, slot) in [("model", &mut spec.model), ("image", &mut spec.image)] {
             match get_path(&vals, key) {
                 Some(p) => *slot = p,
                 None if d.contains_key(key) => {}
+                None if key == "model" && reference => {}
                 // without a base model the embedded one is used, with its own ControlNet
                 None if key == "model" && sd::embedded::AVAILABLE && no_base_model => {
                     match sd::embedded::controlnet_dir() {

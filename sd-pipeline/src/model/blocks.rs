@@ -1,6 +1,7 @@
 //! Building blocks shared by the UNet, the VAE and (later) ControlNet, with diffusers names.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -94,6 +95,15 @@ impl CrossAttention {
         })
     }
 
+    /// Self-attention of `xs` with keys and values from `kv` (no extras).
+    fn attend(&self, xs: &Tensor, kv: &Tensor) -> Result<Tensor> {
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(kv)?;
+        let v = self.to_v.forward(kv)?;
+        self.to_out
+            .forward(&attention(&q, &k, &v, self.heads, false)?)
+    }
+
     /// With the extras of transformer layer `at` (its index in run order): adapters' deltas
     /// on the projections' inputs (ControlNet-LLLite), and for a cross-attention layer the
     /// image prompts' keys and values (IP-Adapter).
@@ -157,6 +167,29 @@ pub struct AttnExtras<'a> {
     sets: &'a [ExtraAttention],
     patches: &'a [Arc<dyn ProjectionInputs>],
     next: Cell<usize>,
+    reference: Option<RefMode<'a>>,
+}
+
+/// The self-attention inputs reference passes keep, per transformer layer (with each pass's
+/// style fidelity).
+#[derive(Default)]
+pub struct RefBank {
+    layers: RefCell<HashMap<usize, Vec<(Tensor, f64)>>>,
+}
+
+/// What a pass does with the bank: a reference pass writes the layers its weight reaches
+/// (`attn_weights[layer] < weight`), the main pass reads.
+pub enum RefMode<'a> {
+    Write {
+        bank: &'a RefBank,
+        weight: f64,
+        style_fidelity: f64,
+        attn_weights: &'a [f64],
+    },
+    Read {
+        bank: &'a RefBank,
+        uncond_rows: usize,
+    },
 }
 
 impl<'a> AttnExtras<'a> {
@@ -165,7 +198,19 @@ impl<'a> AttnExtras<'a> {
             sets,
             patches,
             next: Cell::new(0),
+            reference: None,
         }
+    }
+
+    /// These extras in a reference mode.
+    pub fn with_reference(mut self, mode: RefMode<'a>) -> Self {
+        self.reference = Some(mode);
+        self
+    }
+
+    /// Whether the main pass reads a reference bank (its batch rows then differ throughout).
+    pub fn reads_reference(&self) -> bool {
+        matches!(self.reference, Some(RefMode::Read { .. }))
     }
 
     fn next_layer(&self) -> usize {
@@ -215,11 +260,52 @@ impl BasicTransformerBlock {
         self.after_self_attention(&self.self_attention(xs, at)?, ctx, at)
     }
 
-    /// The part that does not see the text: norm1, self-attention, residual.
+    /// The part that does not see the text: norm1, self-attention, residual. A reference pass
+    /// keeps `norm1(x)`; the main pass attends to it too (sd-webui-controlnet's
+    /// `hacked_basic_transformer_inner_forward`).
     fn self_attention(&self, xs: &Tensor, at: Option<(&AttnExtras, usize)>) -> Result<Tensor> {
-        self.attn1
-            .forward_extra(&self.norm1.forward(xs)?, None, at)?
-            + xs
+        let xn = self.norm1.forward(xs)?;
+        match at.and_then(|(e, l)| e.reference.as_ref().map(|r| (r, l))) {
+            Some((
+                RefMode::Write {
+                    bank,
+                    weight,
+                    style_fidelity,
+                    attn_weights,
+                },
+                layer,
+            )) => {
+                if *weight > attn_weights.get(layer).copied().unwrap_or(f64::MAX) {
+                    let mut b = bank.layers.borrow_mut();
+                    b.entry(layer)
+                        .or_default()
+                        .push((xn.clone(), *style_fidelity));
+                }
+            }
+            Some((RefMode::Read { bank, uncond_rows }, layer)) => {
+                let entries = bank.layers.borrow_mut().remove(&layer);
+                if let Some(entries) = entries.filter(|e| !e.is_empty()) {
+                    let style = entries.iter().map(|e| e.1).sum::<f64>() / entries.len() as f64;
+                    let mut ctx = vec![xn.clone()];
+                    ctx.extend(entries.into_iter().map(|e| e.0));
+                    let with_ref = self.attn1.attend(&xn, &Tensor::cat(&ctx, 1)?)?;
+                    let uc = *uncond_rows;
+                    let out = if uc > 0 && style > 1e-5 {
+                        let plain = self
+                            .attn1
+                            .attend(&xn.narrow(0, 0, uc)?, &xn.narrow(0, 0, uc)?)?;
+                        let n = xn.dim(0)?;
+                        let c = Tensor::cat(&[&plain, &with_ref.narrow(0, uc, n - uc)?], 0)?;
+                        ((c * style)? + (with_ref * (1.0 - style))?)?
+                    } else {
+                        with_ref
+                    };
+                    return out + xs;
+                }
+            }
+            None => {}
+        }
+        self.attn1.forward_extra(&xn, None, at)? + xs
     }
 
     /// Cross-attention with the text and the feed-forward, each with its residual.

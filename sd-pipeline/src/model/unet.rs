@@ -9,8 +9,8 @@ use super::nn::{Conv2d, GroupNorm};
 use sd_plugins_api::{AddedCond, Residuals, UNetAdditions};
 
 use super::blocks::{
-    AttnExtras, Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, TransformerConfig,
-    Upsample2D,
+    AttnExtras, Downsample2D, RefBank, RefMode, ResnetBlock2D, ResnetConfig, Transformer2D,
+    TransformerConfig, Upsample2D,
 };
 use super::config::{BlockKind, TextTime, UNetConfig};
 use super::nn::{conv2d, group_norm, linear};
@@ -296,7 +296,12 @@ impl UNetEncoder {
         let mut parts = vec![&sample, emb];
         parts.extend(hint);
         // while shared: the batch and the time embedding of the distinct items
-        let mut shared = match SharedBatch::detect(&parts)? {
+        let detect = if extras.is_some_and(|e| e.reads_reference()) {
+            None
+        } else {
+            SharedBatch::detect(&parts)?
+        };
+        let mut shared = match detect {
             Some(s) => {
                 let e = s.shrink(emb)?;
                 Some((s, e))
@@ -517,16 +522,72 @@ impl UNet2DConditionModel {
         let features = additions.map_or(&[][..], |a| &a.intrablock[..]);
         let sets = additions.map_or(&[][..], |a| &a.attention[..]);
         let patches = additions.map_or(&[][..], |a| &a.projections[..]);
-        let extras =
-            (!sets.is_empty() || !patches.is_empty()).then(|| AttnExtras::new(sets, patches));
-        let (mut skips, mut xs) = self.encoder.forward_with_features(
-            sample,
-            &emb,
-            ctx,
-            None,
-            features,
-            extras.as_ref(),
-        )?;
+        let refs = additions.map_or(&[][..], |a| &a.reference[..]);
+        // reference-only: each reference pass first (the plain UNet writing its bank), then
+        // this pass reading it
+        let bank = RefBank::default();
+        let attn_weights = if refs.is_empty() {
+            Vec::new()
+        } else {
+            self.reference_weights()
+        };
+        for r in refs {
+            let write = AttnExtras::new(&[], &[]).with_reference(RefMode::Write {
+                bank: &bank,
+                weight: r.weight,
+                style_fidelity: r.style_fidelity,
+                attn_weights: &attn_weights,
+            });
+            self.forward_pass(&r.latents, &emb, ctx, None, &[], Some(&write))?;
+        }
+        let mut extras = (!sets.is_empty() || !patches.is_empty() || !refs.is_empty())
+            .then(|| AttnExtras::new(sets, patches));
+        if let (Some(e), Some(r)) = (extras.take(), refs.first()) {
+            extras = Some(e.with_reference(RefMode::Read {
+                bank: &bank,
+                uncond_rows: r.uncond_rows,
+            }));
+        }
+        let xs = self.forward_pass(sample, &emb, ctx, residuals, features, extras.as_ref())?;
+        if let (Some(e), Some(set)) = (&extras, sets.first()) {
+            let want = set.keys.len();
+            if e.used() != want {
+                candle_core::bail!(
+                    "image prompt keys for {want} cross-attention layers; the UNet has {}",
+                    e.used()
+                );
+            }
+        }
+        Ok(xs)
+    }
+
+    /// sd-webui-controlnet's `attn_weight` of each transformer layer (run order): its rank
+    /// when sorted by width, widest first (a stable sort), over the count.
+    fn reference_weights(&self) -> Vec<f64> {
+        let layers = self.transformer_layers();
+        let mut order: Vec<usize> = (0..layers.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(layers[i].1));
+        let mut w = vec![0.0; layers.len()];
+        for (rank, &i) in order.iter().enumerate() {
+            w[i] = rank as f64 / layers.len() as f64;
+        }
+        w
+    }
+
+    /// One UNet pass from the time embedding on.
+    fn forward_pass(
+        &self,
+        sample: &Tensor,
+        emb: &Tensor,
+        ctx: &Tensor,
+        residuals: Option<&Residuals>,
+        features: &[Tensor],
+        extras: Option<&AttnExtras>,
+    ) -> Result<Tensor> {
+        let emb = emb.clone();
+        let (mut skips, mut xs) = self
+            .encoder
+            .forward_with_features(sample, &emb, ctx, None, features, extras)?;
         if let Some(r) = residuals {
             skips = skips
                 .iter()
@@ -542,7 +603,7 @@ impl UNet2DConditionModel {
                 xs = Tensor::cat(&[&xs, &skip], 1)?;
                 xs = resnet.forward(&xs, Some(&emb))?;
                 if let Some(attn) = block.attentions.get(j) {
-                    xs = attn.forward_extra(&xs, ctx, extras.as_ref())?;
+                    xs = attn.forward_extra(&xs, ctx, extras)?;
                 }
             }
             if let Some(us) = &block.upsampler {
@@ -551,15 +612,6 @@ impl UNet2DConditionModel {
                 let next = skips.last().expect("an upsampler is followed by skips");
                 let (_, _, h, w) = next.dims4()?;
                 xs = us.forward(&xs, Some((h, w)))?;
-            }
-        }
-        if let (Some(e), Some(set)) = (&extras, sets.first()) {
-            let want = set.keys.len();
-            if e.used() != want {
-                candle_core::bail!(
-                    "image prompt keys for {want} cross-attention layers; the UNet has {}",
-                    e.used()
-                );
             }
         }
         let xs = self.conv_norm_out.forward_silu(&xs)?;

@@ -1,0 +1,93 @@
+//! Reference-only against a port of sd-webui-controlnet's `reference_only` on diffusers
+//! 0.42.1's SD1 pipeline (fixtures/make_reference_only_fixtures.py): every transformer layer
+//! (weight 1) and a partial one (weight 0.6: the layers ranked by width below it) with a
+//! window, style fidelity 0.5 and 1. The reference noise is the torch CPU generator's stream
+//! from the unit's seed, as the port draws it. Tolerance 1e-3 max abs on the final latents, as
+//! the other pipeline fixtures; each case's run without the unit must be > 1e-2 away.
+
+use candle_core::{DType, Device};
+use sd_controlnet::spec::PreprocessorChoice;
+use sd_controlnet::{ControlNetHook, Unit, UnitSpec};
+use sd_pipeline::StableDiffusion;
+use sd_plugins_api::{HookSet, ParamValue};
+use sd_tests::{assert_close, case_request, expected, fixtures, get, max_abs_diff, model_dir};
+use serde_json::Value;
+
+fn unit(c: &Value, base: &StableDiffusion, seed: u64) -> Unit {
+    let mut s = UnitSpec::new("", fixtures().join(c["image"].as_str().unwrap()));
+    s.weight = c["weight"].as_f64().unwrap();
+    s.end = c["end"].as_f64().unwrap_or(1.0);
+    s.preprocessor = Some(PreprocessorChoice {
+        name: "reference_only".into(),
+        params: vec![(
+            "style_fidelity".into(),
+            ParamValue::Float(c["style_fidelity"].as_f64().unwrap()),
+        )],
+    });
+    let mut u = s
+        .build(base, 64, 64, &mut Vec::new(), &sd_preprocessors::registry())
+        .unwrap();
+    if let Unit::Reference(r) = &mut u {
+        r.seed = seed;
+    } else {
+        panic!("not a reference unit");
+    }
+    u
+}
+
+#[test]
+fn reference_only_matches_the_extension_on_diffusers() {
+    let text = std::fs::read_to_string(fixtures().join("reference_only_cases.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(cases.len(), 2);
+    let sd = StableDiffusion::load(&model_dir("sd1"), &Device::Cpu, DType::F32, &[]).unwrap();
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let exp = expected(&format!("{name}.safetensors"));
+        let req = case_request(case, &exp);
+        let seed = case["seed"].as_u64().unwrap();
+        let units: Vec<Unit> = case["control"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| unit(c, &sd, seed))
+            .collect();
+        let mut hooks = HookSet::new();
+        hooks.push(Box::new(ControlNetHook::new(units)));
+        let latents = sd
+            .denoise(&req, &mut hooks, &mut sd_tests::Replay::new(None))
+            .unwrap();
+        let want = get(&exp, "latents");
+        assert_close(name, &latents, want, 1e-3);
+        let far = max_abs_diff(get(&exp, "latents_without"), want);
+        assert!(
+            far > 1e-2,
+            "{name}: the run without the unit is only {far} away"
+        );
+    }
+}
+
+/// A model on a reference unit, or an AdaIN mode: refused with the preprocessor named.
+#[test]
+fn reference_units_that_cannot_run_are_refused() {
+    let sd = StableDiffusion::load(&model_dir("sd1"), &Device::Cpu, DType::F32, &[]).unwrap();
+    let image = fixtures().join("inputs/init.png");
+    let build = |model: &str, pre: &str| {
+        let mut s = UnitSpec::new(model, &image);
+        s.preprocessor = Some(PreprocessorChoice::named(pre));
+        match s.build(&sd, 64, 64, &mut Vec::new(), &sd_preprocessors::registry()) {
+            Ok(_) => panic!("{pre} with model {model:?} accepted"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = build("models/controlnet-sd1", "reference_only");
+    assert!(
+        e.contains("reference_only") && e.contains("takes no model"),
+        "{e}"
+    );
+    let e = build("", "reference_adain");
+    assert!(
+        e.contains("reference_adain") && e.contains("not supported yet"),
+        "{e}"
+    );
+}
