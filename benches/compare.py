@@ -113,7 +113,7 @@ def main():
                 hid = mod.to_q.out_features
                 sd["ip_adapter"][f"{k}.to_k_ip.weight"] = torch.randn(hid, cross) * 0.02
                 sd["ip_adapter"][f"{k}.to_v_ip.weight"] = torch.randn(hid, cross) * 0.02
-            k += 1
+                k += 2  # diffusers' key ids: 1, 3, 5, ... over the cross-attention processors
         ipu._load_ip_adapter_weights([sd])
         embeds = torch.randn(a.batch, 1, 1024)
         ip_added = dict(added or {}, image_embeds=[embeds])
