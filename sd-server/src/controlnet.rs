@@ -242,14 +242,22 @@ pub fn units(
             continue;
         }
         let model = f.string("model", "None")?;
-        if model.is_empty() || model == "None" {
+        let module = f.string("module", "none")?;
+        // the extension's reference modules run without a model
+        let reference = module.starts_with("reference");
+        if (model.is_empty() || model == "None") && !reference {
             continue;
         }
-        let entry = catalog.controlnet(&model).ok_or_else(|| {
-            ApiError::bad(format!(
-                "{prefix}model: no ControlNet {model:?} in --controlnet-dir (GET /controlnet/model_list lists them)"
-            ))
-        })?;
+        let model_path = if reference {
+            PathBuf::new()
+        } else {
+            let entry = catalog.controlnet(&model).ok_or_else(|| {
+                ApiError::bad(format!(
+                    "{prefix}model: no ControlNet {model:?} in --controlnet-dir (GET /controlnet/model_list lists them)"
+                ))
+            })?;
+            entry.path.clone()
+        };
         let (img, dict_mask) = unit_image(&f)?;
         let image: PathBuf = match (img, init_image) {
             (Some(b64), _) => images::save(
@@ -280,7 +288,6 @@ pub fn units(
             None => None,
         };
         let resize = resize_mode(&f)?;
-        let module = f.string("module", "none")?;
         let pre = module_choice(
             registry,
             &module,
@@ -297,7 +304,7 @@ pub fn units(
                 .map_err(|e| ApiError::bad(format!("{prefix}image: {e}")))?;
             resolution = pixel_perfect(raw, size, resize) as i64;
         }
-        let mut spec = UnitSpec::new(&entry.path, image);
+        let mut spec = UnitSpec::new(&model_path, image);
         spec.weight = f.float("weight", 1.0)?;
         spec.start = f.float("guidance_start", 0.0)?;
         spec.end = f.float("guidance_end", 1.0)?;

@@ -838,3 +838,55 @@ async fn a_t2i_adapter_unit_is_listed_and_gives_the_front_doors_image() {
     plain.write(&out, None).unwrap();
     assert!(image::open(&out).unwrap().to_rgb8() != api);
 }
+
+/// A reference_only unit (no model, `threshold_a` = style fidelity) through the API equals
+/// the front door with the same settings; without it the image differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_only_unit_needs_no_model_and_gives_the_front_doors_image() {
+    let (config, dir) = config("reference");
+    let (app, _) = sd_server::app(config);
+    let reference = fixtures().join("inputs/init.png");
+    let req = json!({
+        "prompt": "a cat", "negative_prompt": "ugly", "width": 64, "height": 64, "steps": 3,
+        "seed": 9, "cfg_scale": 6, "sampler_name": "Euler", "scheduler": "normal",
+        "alwayson_scripts": {"ControlNet": {"args": [
+            {"enabled": true, "module": "reference_only", "model": "None", "weight": 1.0,
+             "threshold_a": 0.7, "image": b64_file(&reference)}
+        ]}}
+    });
+    let (status, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(req), None).await;
+    assert_eq!(status, 200, "{res}");
+    let api_png = base64::engine::general_purpose::STANDARD
+        .decode(res["images"][0].as_str().unwrap())
+        .unwrap();
+    let mut job = sd::Job::new("a cat");
+    job.model = Some(dir.join("models/sd1"));
+    job.negative_prompt = Some("ugly".into());
+    job.width = Some(64);
+    job.height = Some(64);
+    job.steps = 3;
+    job.seed = Some(9);
+    job.cfg_scale = 6.0;
+    job.sampler = sd_pipeline::samplers::SamplerKind::Euler;
+    job.schedule = sd_pipeline::samplers::Schedule::Normal;
+    job.rng = sd::Rng::Philox;
+    let mut unit = sd::UnitSpec::new("", &reference);
+    unit.preprocessor = Some(sd_controlnet::spec::PreprocessorChoice {
+        name: "reference_only".into(),
+        params: vec![(
+            "style_fidelity".into(),
+            sd_plugins_api::ParamValue::Float(0.7),
+        )],
+    });
+    job.control.push(unit.into());
+    let g = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
+    let out = dir.join("lib.png");
+    g.write(&out, None).unwrap();
+    let lib = image::open(&out).unwrap().to_rgb8();
+    let api = image::load_from_memory(&api_png).unwrap().to_rgb8();
+    assert!(api == lib, "the API's pixels differ from the front door's");
+    job.control.clear();
+    let plain = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
+    plain.write(&out, None).unwrap();
+    assert!(image::open(&out).unwrap().to_rgb8() != api);
+}
