@@ -184,3 +184,48 @@ fn an_ip_adapter_from_the_command_line_matches_diffusers() {
     assert!(e.contains("no-such-encoder"), "{e}");
     assert!(!out2.exists());
 }
+
+/// `preprocessor=reference_only` needs no model; the PNG says `Model: None` and `--from-png`
+/// repeats the image exactly.
+#[test]
+fn a_reference_only_unit_runs_without_a_model_and_round_trips() {
+    let dir = scratch("adapters", "reference");
+    let (out, again) = (dir.join("ref.png"), dir.join("again.png"));
+    let model = model_dir("sd1");
+    let unit = format!(
+        "preprocessor=reference_only,image={},weight=0.8",
+        s(&fixtures().join("inputs/init.png"))
+    );
+    ok(&sdctl(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a cat",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--control",
+        &unit,
+        "--output",
+        s(&out),
+    ]));
+    let png = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).to_string();
+    assert!(
+        png.contains("Module: reference_only, Model: None, Weight: 0.8"),
+        "infotext"
+    );
+    ok(&sdctl(&[
+        "generate",
+        "--from-png",
+        s(&out),
+        "--output",
+        s(&again),
+    ]));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+}

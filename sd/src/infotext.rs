@@ -172,9 +172,13 @@ impl Run<'_> {
             f.push((
                 format!("ControlNet {i}"),
                 format!(
-                    "Module: {module}, Model: {} [{}], Weight: {}, Resize Mode: {}, Guidance Start: {}, Guidance End: {}, Control Mode: {}",
-                    stem(&u.model),
-                    hashes.controlnet_short(&u.model),
+                    "Module: {module}, Model: {}, Weight: {}, Resize Mode: {}, Guidance Start: {}, Guidance End: {}, Control Mode: {}",
+                    // reference units have none, as the extension writes it
+                    if u.model.as_os_str().is_empty() {
+                        "None".to_string()
+                    } else {
+                        format!("{} [{}]", stem(&u.model), hashes.controlnet_short(&u.model))
+                    },
                     u.weight,
                     u.resize.a1111_name(),
                     u.start,
@@ -335,6 +339,13 @@ impl Run<'_> {
                     "resize": u.resize.name(),
                 });
                 let o = t.as_object_mut().expect("object");
+                // reference units have no model
+                if u.model.as_os_str().is_empty() {
+                    o.remove("model");
+                }
+                if let Some(e) = &u.encoder {
+                    o.insert("encoder".into(), path(e));
+                }
                 if let Some(id) = &c.id {
                     o.insert("id".into(), id.clone().into());
                 }

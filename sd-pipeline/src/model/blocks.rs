@@ -274,13 +274,11 @@ impl BasicTransformerBlock {
                     attn_weights,
                 },
                 layer,
-            )) => {
-                if *weight > attn_weights.get(layer).copied().unwrap_or(f64::MAX) {
-                    let mut b = bank.layers.borrow_mut();
-                    b.entry(layer)
-                        .or_default()
-                        .push((xn.clone(), *style_fidelity));
-                }
+            )) if *weight > attn_weights.get(layer).copied().unwrap_or(f64::MAX) => {
+                let mut b = bank.layers.borrow_mut();
+                b.entry(layer)
+                    .or_default()
+                    .push((xn.clone(), *style_fidelity));
             }
             Some((RefMode::Read { bank, uncond_rows }, layer)) => {
                 let entries = bank.layers.borrow_mut().remove(&layer);
@@ -303,7 +301,7 @@ impl BasicTransformerBlock {
                     return out + xs;
                 }
             }
-            None => {}
+            _ => {}
         }
         self.attn1.forward_extra(&xn, None, at)? + xs
     }

@@ -542,11 +542,13 @@ impl UNet2DConditionModel {
         }
         let mut extras = (!sets.is_empty() || !patches.is_empty() || !refs.is_empty())
             .then(|| AttnExtras::new(sets, patches));
-        if let (Some(e), Some(r)) = (extras.take(), refs.first()) {
-            extras = Some(e.with_reference(RefMode::Read {
-                bank: &bank,
-                uncond_rows: r.uncond_rows,
-            }));
+        if let Some(r) = refs.first() {
+            extras = extras.map(|e| {
+                e.with_reference(RefMode::Read {
+                    bank: &bank,
+                    uncond_rows: r.uncond_rows,
+                })
+            });
         }
         let xs = self.forward_pass(sample, &emb, ctx, residuals, features, extras.as_ref())?;
         if let (Some(e), Some(set)) = (&extras, sets.first()) {
