@@ -61,7 +61,7 @@ fn the_image_encoder_and_its_preprocessing_match_transformers() {
 fn ip_adapters_match_diffusers() {
     let mut models: HashMap<String, StableDiffusion> = HashMap::new();
     let all = cases();
-    assert_eq!(all.len(), 5);
+    assert_eq!(all.len(), 7);
     for case in &all {
         let name = case["name"].as_str().unwrap();
         let model = case["model"].as_str().unwrap().to_string();
