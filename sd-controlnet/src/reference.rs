@@ -22,6 +22,10 @@ pub struct ReferenceUnit {
     /// Seed of the reference noise (the extension draws it from the global generator each
     /// step; here a stream of its own: the generation's seed).
     pub seed: u64,
+    /// Attention injection and / or AdaIN (`reference_only`, `reference_adain`,
+    /// `reference_adain+attn`).
+    pub attention: bool,
+    pub adain: bool,
 }
 
 impl ReferenceUnit {
@@ -51,6 +55,8 @@ impl ReferenceUnit {
             weight: self.weight,
             style_fidelity: self.style_fidelity,
             uncond_rows: if step.cfg { step.batch } else { 0 },
+            attention: self.attention,
+            adain: self.adain,
         })
     }
 }

@@ -329,11 +329,15 @@ impl UnitSpec {
     ) -> Result<Unit> {
         let refuse =
             |m: String| ControlError::Invalid(format!("preprocessor {}: {m}", choice.name));
-        if choice.name != "reference_only" {
-            return Err(refuse(
-                "not supported yet (reference_only is; the AdaIN modes are not built)".into(),
-            ));
-        }
+        let (attention, adain) = match choice.name.as_str() {
+            "reference_only" => (true, false),
+            "reference_adain" => (false, true),
+            "reference_adain+attn" => (true, true),
+            _ => return Err(refuse(
+                "unknown reference mode: reference_only, reference_adain or reference_adain+attn"
+                    .into(),
+            )),
+        };
         let model = self.model.to_string_lossy();
         if !(model.is_empty() || model == "none" || model == "None") {
             return Err(refuse(format!(
@@ -365,6 +369,8 @@ impl UnitSpec {
             style_fidelity,
             alphas_cumprod: sd_pipeline::samplers::alphas_cumprod(&sd.scheduler_config),
             seed: 0,
+            attention,
+            adain,
         }))
     }
 

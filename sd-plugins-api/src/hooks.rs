@@ -113,6 +113,10 @@ pub struct ReferencePass {
     pub style_fidelity: f64,
     /// The first rows of the batch that are unconditional (CFG), 0 without CFG.
     pub uncond_rows: usize,
+    /// Attention injection (`reference_only`, `reference_adain+attn`).
+    pub attention: bool,
+    /// AdaIN on block outputs (`reference_adain`, `reference_adain+attn`).
+    pub adain: bool,
 }
 
 /// An attention projection whose input an adapter may change.

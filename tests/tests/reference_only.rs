@@ -1,7 +1,8 @@
-//! Reference-only against a port of sd-webui-controlnet's `reference_only` on diffusers
-//! 0.42.1's SD1 pipeline (fixtures/make_reference_only_fixtures.py): every transformer layer
-//! (weight 1) and a partial one (weight 0.6: the layers ranked by width below it) with a
-//! window, style fidelity 0.5 and 1. The reference noise is the torch CPU generator's stream
+//! Reference units against a port of sd-webui-controlnet's `reference_only` /
+//! `reference_adain` / `reference_adain+attn` on diffusers 0.42.1's SD1 pipeline
+//! (fixtures/make_reference_only_fixtures.py): attention on every transformer layer (weight 1)
+//! and on part (weight 0.6: the layers ranked by width below it) with a window, AdaIN alone
+//! (weight 1.5) and with attention; style fidelity 0.25 to 1. The reference noise is the torch CPU generator's stream
 //! from the unit's seed, as the port draws it. Tolerance 1e-3 max abs on the final latents, as
 //! the other pipeline fixtures; each case's run without the unit must be > 1e-2 away.
 
@@ -18,7 +19,7 @@ fn unit(c: &Value, base: &StableDiffusion, seed: u64) -> Unit {
     s.weight = c["weight"].as_f64().unwrap();
     s.end = c["end"].as_f64().unwrap_or(1.0);
     s.preprocessor = Some(PreprocessorChoice {
-        name: "reference_only".into(),
+        name: c["preprocessor"].as_str().unwrap().into(),
         params: vec![(
             "style_fidelity".into(),
             ParamValue::Float(c["style_fidelity"].as_f64().unwrap()),
@@ -39,7 +40,7 @@ fn unit(c: &Value, base: &StableDiffusion, seed: u64) -> Unit {
 fn reference_only_matches_the_extension_on_diffusers() {
     let text = std::fs::read_to_string(fixtures().join("reference_only_cases.json")).unwrap();
     let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
-    assert_eq!(cases.len(), 2);
+    assert_eq!(cases.len(), 4);
     let sd = StableDiffusion::load(&model_dir("sd1"), &Device::Cpu, DType::F32, &[]).unwrap();
     for case in &cases {
         let name = case["name"].as_str().unwrap();
@@ -67,7 +68,7 @@ fn reference_only_matches_the_extension_on_diffusers() {
     }
 }
 
-/// A model on a reference unit, or an AdaIN mode: refused with the preprocessor named.
+/// A model on a reference unit, or a mode that does not exist: refused, the preprocessor named.
 #[test]
 fn reference_units_that_cannot_run_are_refused() {
     let sd = StableDiffusion::load(&model_dir("sd1"), &Device::Cpu, DType::F32, &[]).unwrap();
@@ -85,9 +86,9 @@ fn reference_units_that_cannot_run_are_refused() {
         e.contains("reference_only") && e.contains("takes no model"),
         "{e}"
     );
-    let e = build("", "reference_adain");
+    let e = build("", "reference_bogus");
     assert!(
-        e.contains("reference_adain") && e.contains("not supported yet"),
+        e.contains("reference_bogus") && e.contains("unknown reference mode"),
         "{e}"
     );
 }

@@ -175,6 +175,35 @@ pub struct AttnExtras<'a> {
 #[derive(Default)]
 pub struct RefBank {
     layers: RefCell<HashMap<usize, Vec<(Tensor, f64)>>>,
+    /// AdaIN: per block output, the reference passes' (mean, var, style fidelity).
+    gn: RefCell<HashMap<GnKey, Vec<(Tensor, Tensor, f64)>>>,
+}
+
+/// A UNet block whose output AdaIN normalises, by its LDM index (sd-webui-controlnet hooks
+/// `input_blocks[4, 5, 7, 8, 10, 11]`, `middle_block`, `output_blocks[0..8]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GnKey {
+    Input(usize),
+    Middle,
+    Output(usize),
+}
+
+impl GnKey {
+    /// The extension's `gn_weight` (doubled, as it doubles them), or `None` for a block it
+    /// does not hook.
+    fn weight(self) -> Option<f64> {
+        const INPUT: [usize; 6] = [4, 5, 7, 8, 10, 11];
+        let w = match self {
+            Self::Middle => 0.0,
+            Self::Input(k) => {
+                let w = INPUT.iter().position(|&i| i == k)?;
+                1.0 - w as f64 / INPUT.len() as f64
+            }
+            Self::Output(k) if k < 8 => k as f64 / 8.0,
+            Self::Output(_) => return None,
+        };
+        Some(w * 2.0)
+    }
 }
 
 /// What a pass does with the bank: a reference pass writes the layers its weight reaches
@@ -185,6 +214,9 @@ pub enum RefMode<'a> {
         weight: f64,
         style_fidelity: f64,
         attn_weights: &'a [f64],
+        /// Which banks this pass writes: attention inputs, AdaIN statistics.
+        attention: bool,
+        adain: bool,
     },
     Read {
         bank: &'a RefBank,
@@ -211,6 +243,79 @@ impl<'a> AttnExtras<'a> {
     /// Whether the main pass reads a reference bank (its batch rows then differ throughout).
     pub fn reads_reference(&self) -> bool {
         matches!(self.reference, Some(RefMode::Read { .. }))
+    }
+
+    /// AdaIN at a block's output (sd-webui-controlnet's `hacked_group_norm_forward`): a
+    /// reference pass keeps the output's per-channel mean and variance; the main pass moves
+    /// its own to their average, the unconditional rows mixed back by the style fidelity.
+    pub fn adain(&self, key: GnKey, x: Tensor) -> Result<Tensor> {
+        let (Some(mode), Some(gn_weight)) = (&self.reference, key.weight()) else {
+            return Ok(x);
+        };
+        let stats = |x: &Tensor| -> Result<(Tensor, Tensor)> {
+            let x32 = x.to_dtype(candle_core::DType::F32)?;
+            let mean = x32.mean_keepdim(3)?.mean_keepdim(2)?;
+            let var = x32
+                .broadcast_sub(&mean)?
+                .sqr()?
+                .mean_keepdim(3)?
+                .mean_keepdim(2)?;
+            Ok((mean, var))
+        };
+        match mode {
+            RefMode::Write {
+                bank,
+                weight,
+                style_fidelity,
+                adain: true,
+                ..
+            } if *weight > gn_weight => {
+                let (mean, var) = stats(&x)?;
+                let mut b = bank.gn.borrow_mut();
+                b.entry(key).or_default().push((mean, var, *style_fidelity));
+                Ok(x)
+            }
+            RefMode::Read { bank, uncond_rows } => {
+                let Some(entries) = bank.gn.borrow_mut().remove(&key) else {
+                    return Ok(x);
+                };
+                if entries.is_empty() {
+                    return Ok(x);
+                }
+                let n = entries.len() as f64;
+                let style = entries.iter().map(|e| e.2).sum::<f64>() / n;
+                let eps = 1e-6;
+                let mut mean_acc = entries[0].0.clone();
+                let mut var_acc = entries[0].1.clone();
+                for e in &entries[1..] {
+                    mean_acc = (mean_acc + &e.0)?;
+                    var_acc = (var_acc + &e.1)?;
+                }
+                let (mean_acc, var_acc) = ((mean_acc / n)?, (var_acc / n)?);
+                let (mean, var) = stats(&x)?;
+                let std = var.maximum(eps)?.sqrt()?;
+                let std_acc = var_acc.maximum(eps)?.sqrt()?;
+                let x32 = x.to_dtype(candle_core::DType::F32)?;
+                let y_uc = x32
+                    .broadcast_sub(&mean)?
+                    .broadcast_div(&std)?
+                    .broadcast_mul(&std_acc)?
+                    .broadcast_add(&mean_acc)?;
+                let uc = *uncond_rows;
+                let y = if uc > 0 && style > 1e-5 {
+                    let rows = x32.dim(0)?;
+                    let y_c = Tensor::cat(
+                        &[&x32.narrow(0, 0, uc)?, &y_uc.narrow(0, uc, rows - uc)?],
+                        0,
+                    )?;
+                    ((y_c * style)? + (y_uc * (1.0 - style))?)?
+                } else {
+                    y_uc
+                };
+                y.to_dtype(x.dtype())
+            }
+            _ => Ok(x),
+        }
     }
 
     fn next_layer(&self) -> usize {
@@ -272,6 +377,8 @@ impl BasicTransformerBlock {
                     weight,
                     style_fidelity,
                     attn_weights,
+                    attention: true,
+                    ..
                 },
                 layer,
             )) if *weight > attn_weights.get(layer).copied().unwrap_or(f64::MAX) => {

@@ -9,7 +9,7 @@ use super::nn::{Conv2d, GroupNorm};
 use sd_plugins_api::{AddedCond, Residuals, UNetAdditions};
 
 use super::blocks::{
-    AttnExtras, Downsample2D, RefBank, RefMode, ResnetBlock2D, ResnetConfig, Transformer2D,
+    AttnExtras, Downsample2D, GnKey, RefBank, RefMode, ResnetBlock2D, ResnetConfig, Transformer2D,
     TransformerConfig, Upsample2D,
 };
 use super::config::{BlockKind, TextTime, UNetConfig};
@@ -331,6 +331,14 @@ impl UNetEncoder {
                 _ => xs.broadcast_add(f),
             };
         let mut skips = vec![full(&xs, &shared)?];
+        // LDM's input_blocks index of each resnet (+ attention): 1, 2, (3 = downsampler), 4...
+        let mut ldm = 1;
+        let adain =
+            |key: GnKey, xs: Tensor, shared: &Option<(SharedBatch, Tensor)>| match (extras, shared)
+            {
+                (Some(e), None) => e.adain(key, xs),
+                _ => Ok(xs),
+            };
         for block in &self.down {
             let last_pair = block.attentions.len().checked_sub(1);
             for (j, resnet) in block.resnets.iter().enumerate() {
@@ -348,10 +356,13 @@ impl UNetEncoder {
                         xs = add_feature(&xs, f, &shared)?;
                     }
                 }
+                xs = adain(GnKey::Input(ldm), xs, &shared)?;
+                ldm += 1;
                 skips.push(full(&xs, &shared)?);
             }
             if let Some(ds) = &block.downsampler {
                 xs = ds.forward(&xs)?;
+                ldm += 1;
                 skips.push(full(&xs, &shared)?);
             }
             // a block without attention: after the block, its last skip included
@@ -368,6 +379,9 @@ impl UNetEncoder {
         for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
             xs = attn.forward_extra(&xs, ctx, extras)?;
             xs = resnet.forward(&xs, Some(emb))?;
+        }
+        if let Some(e) = extras {
+            xs = e.adain(GnKey::Middle, xs)?;
         }
         // SDXL adapters: a last feature of the mid block's shape
         if let Some(f) = features.next() {
@@ -537,6 +551,8 @@ impl UNet2DConditionModel {
                 weight: r.weight,
                 style_fidelity: r.style_fidelity,
                 attn_weights: &attn_weights,
+                attention: r.attention,
+                adain: r.adain,
             });
             self.forward_pass(&r.latents, &emb, ctx, None, &[], Some(&write))?;
         }
@@ -599,13 +615,24 @@ impl UNet2DConditionModel {
             xs = (xs + &r.mid)?;
         }
 
+        // LDM's output_blocks index of each resnet (+ attention, + the block's upsampler)
+        let mut ldm = 0;
+        let adain = |key: GnKey, xs: Tensor| match extras {
+            Some(e) => e.adain(key, xs),
+            None => Ok(xs),
+        };
         for block in &self.up {
+            let n = block.resnets.len();
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("skip count matches the block layout");
                 xs = Tensor::cat(&[&xs, &skip], 1)?;
                 xs = resnet.forward(&xs, Some(&emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward_extra(&xs, ctx, extras)?;
+                }
+                if j + 1 < n {
+                    xs = adain(GnKey::Output(ldm), xs)?;
+                    ldm += 1;
                 }
             }
             if let Some(us) = &block.upsampler {
@@ -615,6 +642,8 @@ impl UNet2DConditionModel {
                 let (_, _, h, w) = next.dims4()?;
                 xs = us.forward(&xs, Some((h, w)))?;
             }
+            xs = adain(GnKey::Output(ldm), xs)?;
+            ldm += 1;
         }
         let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
