@@ -175,9 +175,13 @@ pub struct AttnExtras<'a> {
 #[derive(Default)]
 pub struct RefBank {
     layers: RefCell<HashMap<usize, Vec<(Tensor, f64)>>>,
-    /// AdaIN: per block output, the reference passes' (mean, var, style fidelity).
-    gn: RefCell<HashMap<GnKey, Vec<(Tensor, Tensor, f64)>>>,
+    /// AdaIN: per block output, the reference passes' statistics.
+    gn: RefCell<HashMap<GnKey, Vec<GnStats>>>,
 }
+
+/// A reference pass's per-channel mean and variance of one block output, with its style
+/// fidelity.
+type GnStats = (Tensor, Tensor, f64);
 
 /// A UNet block whose output AdaIN normalises, by its LDM index (sd-webui-controlnet hooks
 /// `input_blocks[4, 5, 7, 8, 10, 11]`, `middle_block`, `output_blocks[0..8]`).
