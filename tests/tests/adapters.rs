@@ -16,16 +16,19 @@ use serde_json::Value;
 
 use crate::controlnet::units;
 
-fn cases() -> Vec<Value> {
-    let text = std::fs::read_to_string(fixtures().join("adapter_cases.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-#[test]
-fn t2i_adapters_match_diffusers() {
+/// Run every case of a unit fixture file (`FILE_cases.json`: settings, `control` units) with
+/// the units `units_of` builds, against the expected latents within 1e-3; each case's run
+/// without the feature (`latents_without`) must be > 1e-2 away. `count` guards against a
+/// fixture file that lost cases.
+pub(crate) fn run_unit_cases(
+    file: &str,
+    count: usize,
+    units_of: &dyn Fn(&Value, &StableDiffusion) -> Vec<sd_controlnet::Unit>,
+) {
+    let text = std::fs::read_to_string(fixtures().join(file)).unwrap();
+    let all: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(all.len(), count, "{file}");
     let mut models: HashMap<String, StableDiffusion> = HashMap::new();
-    let all = cases();
-    assert_eq!(all.len(), 5);
     for case in &all {
         let name = case["name"].as_str().unwrap();
         let model = case["model"].as_str().unwrap().to_string();
@@ -35,7 +38,7 @@ fn t2i_adapters_match_diffusers() {
         let exp = expected(&format!("{name}.safetensors"));
         let req = case_request(case, &exp);
         let mut hooks = HookSet::new();
-        hooks.push(Box::new(ControlNetHook::new(units(case, sd))));
+        hooks.push(Box::new(ControlNetHook::new(units_of(case, sd))));
         let latents = sd
             .denoise(&req, &mut hooks, &mut sd_tests::Replay::new(None))
             .unwrap();
@@ -44,9 +47,14 @@ fn t2i_adapters_match_diffusers() {
         let far = max_abs_diff(get(&exp, "latents_without"), want);
         assert!(
             far > 1e-2,
-            "{name}: the run without the adapter is only {far} away"
+            "{name}: the run without the feature is only {far} away"
         );
     }
+}
+
+#[test]
+fn t2i_adapters_match_diffusers() {
+    run_unit_cases("adapter_cases.json", 5, &units);
 }
 
 fn build_error(

@@ -5,22 +5,13 @@
 //! Tolerance 1e-3 max abs on the final latents, as the other pipeline fixtures; each case's run
 //! without the IP-Adapter must be > 1e-2 away.
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device};
-use sd_controlnet::ControlNetHook;
 use sd_pipeline::model::clip_vision::load_clip_vision;
 use sd_pipeline::StableDiffusion;
-use sd_plugins_api::HookSet;
-use sd_tests::{assert_close, case_request, expected, fixtures, get, max_abs_diff, model_dir};
-use serde_json::Value;
+use sd_tests::{assert_close, expected, fixtures, get, model_dir};
 
+use crate::adapters::run_unit_cases;
 use crate::controlnet::units;
-
-fn cases() -> Vec<Value> {
-    let text = std::fs::read_to_string(fixtures().join("ip_adapter_cases.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
 
 /// transformers' CLIPImageProcessor (resize of the short side with antialiased bicubic,
 /// rounding to bytes, centre crop, normalisation) on a 48x40 image, and the encoder's
@@ -59,30 +50,7 @@ fn the_image_encoder_and_its_preprocessing_match_transformers() {
 
 #[test]
 fn ip_adapters_match_diffusers() {
-    let mut models: HashMap<String, StableDiffusion> = HashMap::new();
-    let all = cases();
-    assert_eq!(all.len(), 7);
-    for case in &all {
-        let name = case["name"].as_str().unwrap();
-        let model = case["model"].as_str().unwrap().to_string();
-        let sd = models.entry(model.clone()).or_insert_with(|| {
-            StableDiffusion::load(&model_dir(&model), &Device::Cpu, DType::F32, &[]).unwrap()
-        });
-        let exp = expected(&format!("{name}.safetensors"));
-        let req = case_request(case, &exp);
-        let mut hooks = HookSet::new();
-        hooks.push(Box::new(ControlNetHook::new(units(case, sd))));
-        let latents = sd
-            .denoise(&req, &mut hooks, &mut sd_tests::Replay::new(None))
-            .unwrap();
-        let want = get(&exp, "latents");
-        assert_close(name, &latents, want, 1e-3);
-        let far = max_abs_diff(get(&exp, "latents_without"), want);
-        assert!(
-            far > 1e-2,
-            "{name}: the run without the IP-Adapter is only {far} away"
-        );
-    }
+    run_unit_cases("ip_adapter_cases.json", 7, &units);
 }
 
 /// An IP-Adapter for the other family, a wrong image encoder, keys only ControlNets take:

@@ -5,37 +5,15 @@
 //! > 1e-2 away.
 
 use candle_core::{DType, Device};
-use sd_controlnet::ControlNetHook;
 use sd_pipeline::StableDiffusion;
-use sd_plugins_api::HookSet;
-use sd_tests::{assert_close, case_request, expected, fixtures, get, max_abs_diff, model_dir};
-use serde_json::Value;
+use sd_tests::{fixtures, model_dir};
 
+use crate::adapters::run_unit_cases;
 use crate::controlnet::units;
 
 #[test]
 fn controlnet_lllite_matches_kohyas_modules_on_diffusers() {
-    let text = std::fs::read_to_string(fixtures().join("lllite_cases.json")).unwrap();
-    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
-    assert_eq!(cases.len(), 2);
-    let sd = StableDiffusion::load(&model_dir("sdxl"), &Device::Cpu, DType::F32, &[]).unwrap();
-    for case in &cases {
-        let name = case["name"].as_str().unwrap();
-        let exp = expected(&format!("{name}.safetensors"));
-        let req = case_request(case, &exp);
-        let mut hooks = HookSet::new();
-        hooks.push(Box::new(ControlNetHook::new(units(case, &sd))));
-        let latents = sd
-            .denoise(&req, &mut hooks, &mut sd_tests::Replay::new(None))
-            .unwrap();
-        let want = get(&exp, "latents");
-        assert_close(name, &latents, want, 1e-3);
-        let far = max_abs_diff(get(&exp, "latents_without"), want);
-        assert!(
-            far > 1e-2,
-            "{name}: the run without LLLite is only {far} away"
-        );
-    }
+    run_unit_cases("lllite_cases.json", 2, &units);
 }
 
 /// On an SD1 model the LLLite's layers do not exist; ControlNet-only keys are refused.

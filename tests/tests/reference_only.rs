@@ -8,11 +8,13 @@
 
 use candle_core::{DType, Device};
 use sd_controlnet::spec::PreprocessorChoice;
-use sd_controlnet::{ControlNetHook, Unit, UnitSpec};
+use sd_controlnet::{Unit, UnitSpec};
 use sd_pipeline::StableDiffusion;
-use sd_plugins_api::{HookSet, ParamValue};
-use sd_tests::{assert_close, case_request, expected, fixtures, get, max_abs_diff, model_dir};
+use sd_plugins_api::ParamValue;
+use sd_tests::{fixtures, model_dir};
 use serde_json::Value;
+
+use crate::adapters::run_unit_cases;
 
 fn unit(c: &Value, base: &StableDiffusion, seed: u64) -> Unit {
     let mut s = UnitSpec::new("", fixtures().join(c["image"].as_str().unwrap()));
@@ -38,34 +40,15 @@ fn unit(c: &Value, base: &StableDiffusion, seed: u64) -> Unit {
 
 #[test]
 fn reference_only_matches_the_extension_on_diffusers() {
-    let text = std::fs::read_to_string(fixtures().join("reference_only_cases.json")).unwrap();
-    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
-    assert_eq!(cases.len(), 4);
-    let sd = StableDiffusion::load(&model_dir("sd1"), &Device::Cpu, DType::F32, &[]).unwrap();
-    for case in &cases {
-        let name = case["name"].as_str().unwrap();
-        let exp = expected(&format!("{name}.safetensors"));
-        let req = case_request(case, &exp);
+    run_unit_cases("reference_only_cases.json", 4, &|case, sd| {
         let seed = case["seed"].as_u64().unwrap();
-        let units: Vec<Unit> = case["control"]
+        case["control"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|c| unit(c, &sd, seed))
-            .collect();
-        let mut hooks = HookSet::new();
-        hooks.push(Box::new(ControlNetHook::new(units)));
-        let latents = sd
-            .denoise(&req, &mut hooks, &mut sd_tests::Replay::new(None))
-            .unwrap();
-        let want = get(&exp, "latents");
-        assert_close(name, &latents, want, 1e-3);
-        let far = max_abs_diff(get(&exp, "latents_without"), want);
-        assert!(
-            far > 1e-2,
-            "{name}: the run without the unit is only {far} away"
-        );
-    }
+            .map(|c| unit(c, sd, seed))
+            .collect()
+    });
 }
 
 /// A model on a reference unit, or a mode that does not exist: refused, the preprocessor named.
