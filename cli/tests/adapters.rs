@@ -5,7 +5,7 @@
 use candle_core::Device;
 use sd_tests::{assert_close, expected, fixtures, get, model_dir};
 
-use crate::common::{ok, s, scratch, sdctl};
+use crate::common::{fails, ok, s, scratch, sdctl};
 
 fn unit(model: &str, image: &str, weight: &str) -> String {
     format!(
@@ -15,16 +15,15 @@ fn unit(model: &str, image: &str, weight: &str) -> String {
     )
 }
 
-#[test]
-fn a_controlnet_and_a_t2i_adapter_from_the_command_line_match_diffusers() {
-    let name = "adapter_sd1_with_controlnet";
+/// `sdctl generate` with the fixture cases' settings (SD1, 64x64, 4 Euler steps, CFG 7.5), the
+/// case's noise and these units: the PNG's text and the final latents, checked against the
+/// case's expected latents (1e-3).
+fn generate_case(name: &str, units: &[String]) -> String {
     let dir = scratch("adapters", name);
     let (out, lat) = (dir.join("out.png"), dir.join("latents.safetensors"));
     let noise = fixtures().join(format!("expected/{name}.safetensors"));
     let model = model_dir("sd1");
-    let cn = unit("models/controlnet-sd1", "inputs/control_a.png", "0.8");
-    let ad = unit("models/t2i-adapter-sd1", "inputs/control_b.png", "0.7");
-    let o = sdctl(&[
+    let mut args = vec![
         "generate",
         "--model",
         s(&model),
@@ -46,20 +45,30 @@ fn a_controlnet_and_a_t2i_adapter_from_the_command_line_match_diffusers() {
         "7.5",
         "--noise",
         s(&noise),
-        "--control",
-        &cn,
-        "--control",
-        &ad,
         "--output",
         s(&out),
         "--save-latents",
         s(&lat),
-    ]);
-    ok(&o);
+    ];
+    for u in units {
+        args.extend(["--control", u.as_str()]);
+    }
+    ok(&sdctl(&args));
     let got = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
     let want = expected(&format!("{name}.safetensors"));
     assert_close(name, get(&got, "latents"), get(&want, "latents"), 1e-3);
-    let png = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).to_string();
+    String::from_utf8_lossy(&std::fs::read(&out).unwrap()).to_string()
+}
+
+#[test]
+fn a_controlnet_and_a_t2i_adapter_from_the_command_line_match_diffusers() {
+    let png = generate_case(
+        "adapter_sd1_with_controlnet",
+        &[
+            unit("models/controlnet-sd1", "inputs/control_a.png", "0.8"),
+            unit("models/t2i-adapter-sd1", "inputs/control_b.png", "0.7"),
+        ],
+    );
     assert!(
         png.contains("t2i-adapter-sd1"),
         "the infotext names the adapter unit"
@@ -102,50 +111,13 @@ fn controlnet_inspect_says_what_a_unit_file_is() {
 
 #[test]
 fn an_ip_adapter_from_the_command_line_matches_diffusers() {
-    let name = "ip_sd1_base";
-    let dir = scratch("adapters", name);
-    let (out, lat) = (dir.join("out.png"), dir.join("latents.safetensors"));
-    let noise = fixtures().join(format!("expected/{name}.safetensors"));
-    let model = model_dir("sd1");
     // the image encoder named (it is also found beside the adapter file without `encoder=`)
     let ip = format!(
         "{},encoder={}",
         unit("models/ip-adapter/ip-adapter_sd1.bin", "ip/ref.png", "0.6"),
         s(&fixtures().join("models/ip-adapter/image_encoder"))
     );
-    let o = sdctl(&[
-        "generate",
-        "--model",
-        s(&model),
-        "--prompt",
-        "a red circle on a blue background",
-        "--negative-prompt",
-        "blurry, lowres",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "4",
-        "--sampler",
-        "euler",
-        "--schedule",
-        "normal",
-        "--cfg-scale",
-        "7.5",
-        "--noise",
-        s(&noise),
-        "--control",
-        &ip,
-        "--output",
-        s(&out),
-        "--save-latents",
-        s(&lat),
-    ]);
-    ok(&o);
-    let got = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
-    let want = expected(&format!("{name}.safetensors"));
-    assert_close(name, get(&got, "latents"), get(&want, "latents"), 1e-3);
+    generate_case("ip_sd1_base", &[ip]);
     let t = ok(&sdctl(&[
         "controlnet",
         "inspect",
@@ -156,33 +128,35 @@ fn an_ip_adapter_from_the_command_line_matches_diffusers() {
         "{t}"
     );
     // an encoder that is not there: named, nothing generated
+    let dir = scratch("adapters", "bad-encoder");
     let bad = format!(
         "{},encoder={}",
         unit("models/ip-adapter/ip-adapter_sd1.bin", "ip/ref.png", "0.6"),
         s(&dir.join("no-such-encoder"))
     );
-    let out2 = dir.join("never.png");
-    let o = sdctl(&[
-        "generate",
-        "--model",
-        s(&model),
-        "--prompt",
-        "x",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "1",
-        "--control",
-        &bad,
-        "--output",
-        s(&out2),
-    ]);
-    assert!(!o.status.success());
-    let e = String::from_utf8_lossy(&o.stderr);
+    let out = dir.join("never.png");
+    let model = model_dir("sd1");
+    let e = fails(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--control",
+            &bad,
+            "--output",
+            s(&out),
+        ],
+        &out,
+    );
     assert!(e.contains("no-such-encoder"), "{e}");
-    assert!(!out2.exists());
 }
 
 /// `preprocessor=reference_only` needs no model; the PNG says `Model: None` and `--from-png`
