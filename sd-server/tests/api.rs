@@ -779,6 +779,52 @@ async fn embeddings_are_listed_and_used_by_prompts() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// POST `unit` (one ControlNet-extension unit) with a small fixed txt2img, and check the
+/// image against the front door's with the same settings and `spec`, and that the unit changed
+/// it.
+async fn unit_matches_the_front_door(
+    app: &axum::Router,
+    dir: &Path,
+    unit: Value,
+    spec: sd::UnitSpec,
+) {
+    let req = json!({
+        "prompt": "a cat", "negative_prompt": "ugly", "width": 64, "height": 64, "steps": 3,
+        "seed": 9, "cfg_scale": 6, "sampler_name": "Euler", "scheduler": "normal",
+        "alwayson_scripts": {"ControlNet": {"args": [unit]}}
+    });
+    let (status, res) = call(app, "POST", "/sdapi/v1/txt2img", Some(req), None).await;
+    assert_eq!(status, 200, "{res}");
+    let api_png = base64::engine::general_purpose::STANDARD
+        .decode(res["images"][0].as_str().unwrap())
+        .unwrap();
+    let mut job = sd::Job::new("a cat");
+    job.model = Some(dir.join("models/sd1"));
+    job.negative_prompt = Some("ugly".into());
+    job.width = Some(64);
+    job.height = Some(64);
+    job.steps = 3;
+    job.seed = Some(9);
+    job.cfg_scale = 6.0;
+    job.sampler = sd_pipeline::samplers::SamplerKind::Euler;
+    job.schedule = sd_pipeline::samplers::Schedule::Normal;
+    job.rng = sd::Rng::Philox;
+    job.control.push(spec.into());
+    let g = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
+    let out = dir.join("lib.png");
+    g.write(&out, None).unwrap();
+    let lib = image::open(&out).unwrap().to_rgb8();
+    let api = image::load_from_memory(&api_png).unwrap().to_rgb8();
+    assert!(api == lib, "the API's pixels differ from the front door's");
+    job.control.clear();
+    let plain = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
+    plain.write(&out, None).unwrap();
+    assert!(
+        image::open(&out).unwrap().to_rgb8() != api,
+        "the unit changed nothing"
+    );
+}
+
 /// A T2I-Adapter folder is listed with the ControlNets and runs as a unit: the API's image is
 /// the front door's with the same settings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -798,45 +844,12 @@ async fn a_t2i_adapter_unit_is_listed_and_gives_the_front_doors_image() {
         "{titles:?}"
     );
     let control = fixtures().join("inputs/control_b.png");
-    let req = json!({
-        "prompt": "a cat", "negative_prompt": "ugly", "width": 64, "height": 64, "steps": 4,
-        "seed": 5, "cfg_scale": 6, "sampler_name": "Euler", "scheduler": "normal",
-        "alwayson_scripts": {"ControlNet": {"args": [
-            {"enabled": true, "module": "none", "model": "t2i-adapter-sd1", "weight": 0.7,
-             "image": b64_file(&control), "guidance_end": 0.5}
-        ]}}
-    });
-    let (status, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(req), None).await;
-    assert_eq!(status, 200, "{res}");
-    let api_png = base64::engine::general_purpose::STANDARD
-        .decode(res["images"][0].as_str().unwrap())
-        .unwrap();
-    let mut job = sd::Job::new("a cat");
-    job.model = Some(dir.join("models/sd1"));
-    job.negative_prompt = Some("ugly".into());
-    job.width = Some(64);
-    job.height = Some(64);
-    job.steps = 4;
-    job.seed = Some(5);
-    job.cfg_scale = 6.0;
-    job.sampler = sd_pipeline::samplers::SamplerKind::Euler;
-    job.schedule = sd_pipeline::samplers::Schedule::Normal;
-    job.rng = sd::Rng::Philox;
-    let mut unit = sd::UnitSpec::new(dir.join("cn/t2i-adapter-sd1"), &control);
-    unit.weight = 0.7;
-    unit.end = 0.5;
-    job.control.push(unit.into());
-    let g = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
-    let out = dir.join("lib.png");
-    g.write(&out, None).unwrap();
-    let lib = image::open(&out).unwrap().to_rgb8();
-    let api = image::load_from_memory(&api_png).unwrap().to_rgb8();
-    assert!(api == lib, "the API's pixels differ from the front door's");
-    // and the adapter changed the image: without the unit it differs
-    job.control.clear();
-    let plain = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
-    plain.write(&out, None).unwrap();
-    assert!(image::open(&out).unwrap().to_rgb8() != api);
+    let unit = json!({"enabled": true, "module": "none", "model": "t2i-adapter-sd1",
+        "weight": 0.7, "image": b64_file(&control), "guidance_end": 0.5});
+    let mut spec = sd::UnitSpec::new(dir.join("cn/t2i-adapter-sd1"), &control);
+    spec.weight = 0.7;
+    spec.end = 0.5;
+    unit_matches_the_front_door(&app, &dir, unit, spec).await;
 }
 
 /// A reference_only unit (no model, `threshold_a` = style fidelity) through the API equals
@@ -846,47 +859,15 @@ async fn a_reference_only_unit_needs_no_model_and_gives_the_front_doors_image() 
     let (config, dir) = config("reference");
     let (app, _) = sd_server::app(config);
     let reference = fixtures().join("inputs/init.png");
-    let req = json!({
-        "prompt": "a cat", "negative_prompt": "ugly", "width": 64, "height": 64, "steps": 3,
-        "seed": 9, "cfg_scale": 6, "sampler_name": "Euler", "scheduler": "normal",
-        "alwayson_scripts": {"ControlNet": {"args": [
-            {"enabled": true, "module": "reference_only", "model": "None", "weight": 1.0,
-             "threshold_a": 0.7, "image": b64_file(&reference)}
-        ]}}
-    });
-    let (status, res) = call(&app, "POST", "/sdapi/v1/txt2img", Some(req), None).await;
-    assert_eq!(status, 200, "{res}");
-    let api_png = base64::engine::general_purpose::STANDARD
-        .decode(res["images"][0].as_str().unwrap())
-        .unwrap();
-    let mut job = sd::Job::new("a cat");
-    job.model = Some(dir.join("models/sd1"));
-    job.negative_prompt = Some("ugly".into());
-    job.width = Some(64);
-    job.height = Some(64);
-    job.steps = 3;
-    job.seed = Some(9);
-    job.cfg_scale = 6.0;
-    job.sampler = sd_pipeline::samplers::SamplerKind::Euler;
-    job.schedule = sd_pipeline::samplers::Schedule::Normal;
-    job.rng = sd::Rng::Philox;
-    let mut unit = sd::UnitSpec::new("", &reference);
-    unit.preprocessor = Some(sd_controlnet::spec::PreprocessorChoice {
+    let unit = json!({"enabled": true, "module": "reference_only", "model": "None",
+        "weight": 1.0, "threshold_a": 0.7, "image": b64_file(&reference)});
+    let mut spec = sd::UnitSpec::new("", &reference);
+    spec.preprocessor = Some(sd_controlnet::spec::PreprocessorChoice {
         name: "reference_only".into(),
         params: vec![(
             "style_fidelity".into(),
             sd_plugins_api::ParamValue::Float(0.7),
         )],
     });
-    job.control.push(unit.into());
-    let g = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
-    let out = dir.join("lib.png");
-    g.write(&out, None).unwrap();
-    let lib = image::open(&out).unwrap().to_rgb8();
-    let api = image::load_from_memory(&api_png).unwrap().to_rgb8();
-    assert!(api == lib, "the API's pixels differ from the front door's");
-    job.control.clear();
-    let plain = sd::generate(&job, &sd::registry(), Vec::new()).unwrap();
-    plain.write(&out, None).unwrap();
-    assert!(image::open(&out).unwrap().to_rgb8() != api);
+    unit_matches_the_front_door(&app, &dir, unit, spec).await;
 }
