@@ -16,12 +16,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig};
+use candle_core::{DType, Device, Tensor};
 use sd_plugins_api::{
     hwc3, register_preprocessor, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
 };
 
+use crate::conv::{Conv2d, Geometry};
 use crate::cvresize_f32::{resize_f32, Interp};
 
 /// The weight files looked for in the annotator folder.
@@ -106,102 +106,8 @@ pub(crate) fn file_getter(
     })
 }
 
-/// The number of threads for the hand-written loops.
-pub(crate) fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-/// A stride-1 "same" convolution (`k` x `k`, dilation `d`, zero padding `d * (k / 2)`) of a
-/// `[1, C, H, W]` f32 tensor on the CPU: im2col over strips of rows and one matrix product per
-/// strip (`w`: `[O, C * k * k]`, the `[O, C, k, k]` kernel flattened), plus the bias. candle's
-/// own convolution multiplies tiles of 512 pixels, repacking the kernel for each; strips of
-/// thousands of pixels keep the products large.
-pub(crate) struct SameConv {
-    w: Tensor,
-    b: Option<Tensor>,
-    k: usize,
-    d: usize,
-}
-
-impl SameConv {
-    /// From a `[O, C, k, k]` kernel (odd `k`) and an optional `[O]` bias.
-    pub(crate) fn new(w: Tensor, b: Option<Tensor>, d: usize) -> candle_core::Result<Self> {
-        let (o, c, k, k2) = w.dims4()?;
-        if k != k2 || k % 2 == 0 {
-            candle_core::bail!("SameConv: kernel {:?}", w.dims());
-        }
-        Ok(Self {
-            w: w.reshape((o, c * k * k))?.contiguous()?,
-            b,
-            k,
-            d,
-        })
-    }
-
-    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        let (o, kk) = self.w.dims2()?;
-        let (k, d) = (self.k, self.d);
-        if n != 1 || kk != c * k * k {
-            candle_core::bail!("SameConv: input {:?}, kernel [{o}, {kk}]", x.dims());
-        }
-        let src = x.flatten_all()?.to_vec1::<f32>()?;
-        let pad = d * (k / 2);
-        // strips of at most 4M im2col values (16 MB): large products, allocations the heap reuses
-        let rows = ((1 << 22) / (kk * w)).clamp(1, h);
-        let mut out = vec![0f32; o * h * w];
-        let mut y0 = 0;
-        while y0 < h {
-            let y1 = (y0 + rows).min(h);
-            let px = (y1 - y0) * w;
-            let mut col = vec![0f32; kk * px];
-            // the rows of the im2col matrix, `k * k` per input channel, split over the cores
-            let per = c.div_ceil(threads()) * k * k;
-            std::thread::scope(|s| {
-                for (t, part) in col.chunks_mut(per * px).enumerate() {
-                    let src = &src;
-                    s.spawn(move || {
-                        for (r, dst) in part.chunks_mut(px).enumerate() {
-                            let row_k = t * per + r;
-                            let (ci, ky, kx) = (row_k / (k * k), row_k / k % k, row_k % k);
-                            let plane = &src[ci * h * w..(ci + 1) * h * w];
-                            // output x reads input x + kx * d - pad
-                            let off = kx * d;
-                            let x0 = pad.saturating_sub(off).min(w);
-                            let x1 = (w + pad).saturating_sub(off).min(w);
-                            for y in y0..y1 {
-                                let iy = y + ky * d;
-                                if iy < pad || iy - pad >= h || x0 >= x1 {
-                                    continue;
-                                }
-                                let row = &plane[(iy - pad) * w..(iy - pad + 1) * w];
-                                let r = (y - y0) * w;
-                                dst[r + x0..r + x1]
-                                    .copy_from_slice(&row[x0 + off - pad..x1 + off - pad]);
-                            }
-                        }
-                    });
-                }
-            });
-            let col = Tensor::from_vec(col, (kk, px), &Device::Cpu)?;
-            let y = self.w.matmul(&col)?.flatten_all()?.to_vec1::<f32>()?;
-            for oi in 0..o {
-                out[oi * h * w + y0 * w..][..px].copy_from_slice(&y[oi * px..(oi + 1) * px]);
-            }
-            y0 = y1;
-        }
-        let y = Tensor::from_vec(out, (1, o, h, w), x.device())?;
-        match &self.b {
-            Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1))?),
-            None => Ok(y),
-        }
-    }
-}
-
 struct Block {
-    convs: Vec<SameConv>,
+    convs: Vec<Conv2d>,
     projection: Conv2d,
 }
 
@@ -217,22 +123,21 @@ impl HedNet {
     /// Build from a tensor getter, checking every shape.
     pub fn new(get: Getter, device: &Device) -> Result<Self, String> {
         let norm = checked(get, "norm", &[1, 3, 1, 1], WHAT, device)?;
-        let conv = |name: String, o, i, k| -> Result<(Tensor, Tensor), String> {
+        // 3x3 convs keep the size (padding 1); the 1x1 projections have none
+        let conv = |name: String, o, i, k| -> Result<Conv2d, String> {
             let w = checked(get, &format!("{name}.weight"), &[o, i, k, k], WHAT, device)?;
             let b = checked(get, &format!("{name}.bias"), &[o], WHAT, device)?;
-            Ok((w, b))
+            Conv2d::new(&w, Some(&b), Geometry::same(k, 1)).map_err(|e| e.to_string())
         };
         let mut blocks = Vec::new();
         for (b, &(i, o, n)) in BLOCKS.iter().enumerate() {
             let convs = (0..n)
                 .map(|c| {
                     let cin = if c == 0 { i } else { o };
-                    let (w, b) = conv(format!("block{}.convs.{c}", b + 1), o, cin, 3)?;
-                    SameConv::new(w, Some(b), 1).map_err(|e| e.to_string())
+                    conv(format!("block{}.convs.{c}", b + 1), o, cin, 3)
                 })
                 .collect::<Result<_, _>>()?;
-            let (w, bias) = conv(format!("block{}.projection", b + 1), 1, o, 1)?;
-            let projection = Conv2d::new(w, Some(bias), Conv2dConfig::default());
+            let projection = conv(format!("block{}.projection", b + 1), 1, o, 1)?;
             blocks.push(Block { convs, projection });
         }
         Ok(Self { norm, blocks })

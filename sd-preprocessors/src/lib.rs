@@ -3,6 +3,7 @@
 //! `shared/reference/preprocessors.md`.
 
 pub mod canny;
+pub mod conv;
 pub mod cvresize;
 pub mod cvresize_f32;
 pub mod depth_anything;

@@ -8,8 +8,8 @@
 //! convolutions when the weights load, as PiDiNet's `convert_pidinet` does: central (`cd`)
 //! subtracts the kernel's sum from its centre tap, angular (`ad`) is `w - w[3,0,1,6,4,2,7,8,5]`,
 //! radial (`rd`) becomes a 5x5 kernel (padding 2); the results equal the unconverted network's
-//! up to float rounding. Depthwise convolutions are computed directly (candle splits grouped
-//! convolutions into one call per channel).
+//! up to float rounding. The convolutions are [`crate::conv`]'s (its depthwise one for the
+//! blocks' pixel-difference convs).
 //!
 //! The map: the image as BGR / 255, the fused output (`outputs[-1]`, after its sigmoid),
 //! `(edge * 255).clip(0, 255)` truncated in float32; the `safe` variant first applies
@@ -25,9 +25,8 @@ use sd_plugins_api::{
     hwc3, register_preprocessor, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
 };
 
-use crate::hed::{
-    checked, file_getter, grey_to_rgb, level_f32, plane, safe_step, threads, Getter, SameConv,
-};
+use crate::conv::{Conv2d, Depthwise, Geometry};
+use crate::hed::{checked, file_getter, grey_to_rgb, level_f32, plane, safe_step, Getter};
 
 /// The weight files looked for in the annotator folder.
 pub const WEIGHT_FILES: [&str; 2] = ["table5_pidinet.pth", "table5_pidinet.safetensors"];
@@ -158,79 +157,12 @@ pub fn convert(pdc: Pdc, w: &[f32]) -> (Vec<f32>, usize) {
     }
 }
 
-/// A depthwise convolution (one `k` x `k` kernel per channel, zero padding `k / 2`, stride 1,
-/// no bias) of a `[1, C, H, W]` f32 tensor on the CPU, channels split over the cores.
-fn depthwise(x: &Tensor, kernels: &[f32], k: usize) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    if n != 1 || kernels.len() != c * k * k {
-        candle_core::bail!(
-            "depthwise: input {:?}, {} kernel values of size {k}",
-            x.dims(),
-            kernels.len()
-        );
-    }
-    let src = x.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; src.len()];
-    let p = k / 2;
-    let per = c.div_ceil(threads().min(c).max(1));
-    std::thread::scope(|s| {
-        for (t, dst) in out.chunks_mut(per * h * w).enumerate() {
-            let src = &src;
-            s.spawn(move || {
-                for (ci, dst) in dst.chunks_mut(h * w).enumerate() {
-                    let ch = t * per + ci;
-                    let img = &src[ch * h * w..(ch + 1) * h * w];
-                    let ker = &kernels[ch * k * k..(ch + 1) * k * k];
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            let v = ker[ky * k + kx];
-                            if v == 0.0 {
-                                continue;
-                            }
-                            // output x reads input x + kx - p
-                            let x0 = p.saturating_sub(kx);
-                            let x1 = (w + p).saturating_sub(kx).min(w);
-                            if x0 >= x1 {
-                                continue;
-                            }
-                            for y in 0..h {
-                                let iy = y + ky;
-                                if iy < p || iy - p >= h {
-                                    continue;
-                                }
-                                let row = &img[(iy - p) * w..(iy - p + 1) * w];
-                                let o = &mut dst[y * w..(y + 1) * w];
-                                for xx in x0..x1 {
-                                    o[xx] += v * row[xx + kx - p];
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    Tensor::from_vec(out, (1, c, h, w), x.device())
-}
-
-/// A 1x1 convolution as a matrix product: `w` `[O, I]`, `b` `[O]`.
-fn pointwise(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let (_, c, h, wd) = x.dims4()?;
-    let (o, _) = w.dims2()?;
-    let y = w.matmul(&x.reshape((c, h * wd))?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(&b.reshape((o, 1))?)?,
-        None => y,
-    };
-    y.reshape((1, o, h, wd))
-}
-
 struct Block {
     stride2: bool,
-    dw: Vec<f32>,
-    k: usize,
-    conv2: Tensor,
-    shortcut: Option<(Tensor, Tensor)>,
+    /// The (converted) pixel-difference conv.
+    dw: Depthwise,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
 }
 
 impl Block {
@@ -240,10 +172,9 @@ impl Block {
         } else {
             x.clone()
         };
-        let y = depthwise(&x, &self.dw, self.k)?.relu()?;
-        let y = pointwise(&y, &self.conv2, None)?;
+        let y = self.conv2.forward(&self.dw.forward(&x)?.relu()?)?;
         let x = match &self.shortcut {
-            Some((w, b)) => pointwise(&x, w, Some(b))?,
+            Some(c) => c.forward(&x)?,
             None => x,
         };
         y + x
@@ -251,40 +182,33 @@ impl Block {
 }
 
 struct Side {
-    cdcm_conv1: (Tensor, Tensor),
-    cdcm_conv2: Vec<SameConv>,
-    attn_conv1: (Tensor, Tensor),
-    attn_conv2: SameConv,
-    reduce: (Tensor, Tensor),
+    cdcm_conv1: Conv2d,
+    cdcm_conv2: Vec<Conv2d>,
+    attn_conv1: Conv2d,
+    attn_conv2: Conv2d,
+    reduce: Conv2d,
 }
 
 impl Side {
     /// CDCM, CSAM and MapReduce of one feature map: `[1, 1, h, w]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = pointwise(&x.relu()?, &self.cdcm_conv1.0, Some(&self.cdcm_conv1.1))?;
+        let x = self.cdcm_conv1.forward(&x.relu()?)?;
         let mut d = self.cdcm_conv2[0].forward(&x)?;
         for c in &self.cdcm_conv2[1..] {
             d = (d + c.forward(&x)?)?;
         }
-        let a = pointwise(&d.relu()?, &self.attn_conv1.0, Some(&self.attn_conv1.1))?;
+        let a = self.attn_conv1.forward(&d.relu()?)?;
         let a = candle_nn::ops::sigmoid(&self.attn_conv2.forward(&a)?)?;
-        let f = d.broadcast_mul(&a)?;
-        pointwise(&f, &self.reduce.0, Some(&self.reduce.1))
+        self.reduce.forward(&d.broadcast_mul(&a)?)
     }
 }
 
 /// PiDiNet (`pidinet()`, converted).
 pub struct PidiNet {
-    init_block: SameConv,
+    init_block: Conv2d,
     blocks: Vec<Block>,
     sides: Vec<Side>,
-    classifier: (Tensor, Tensor),
-}
-
-/// `[O, I, 1, 1]` as `[O, I]`.
-fn matrix(t: Tensor) -> std::result::Result<Tensor, String> {
-    let (o, i) = (t.dims()[0], t.dims()[1]);
-    t.reshape((o, i)).map_err(|e| e.to_string())
+    classifier: Conv2d,
 }
 
 impl PidiNet {
@@ -297,8 +221,19 @@ impl PidiNet {
                 .and_then(|t| t.to_vec1::<f32>())
                 .map_err(|e| e.to_string())
         };
-        let conv = |w: Tensor, dilation: usize| {
-            SameConv::new(w, None, dilation).map_err(|e| e.to_string())
+        // a stride-1 conv keeping the size, without bias
+        let same = |w: Tensor, dilation: usize| {
+            let k = w.dims()[3];
+            Conv2d::new(&w, None, Geometry::same(k, dilation)).map_err(|e| e.to_string())
+        };
+        // the 1x1 conv `{name}.weight` `[o, i, 1, 1]`, with its `{name}.bias` when `bias`
+        let point = |name: &str, o: usize, i: usize, bias: bool| {
+            let w = t(&format!("{name}.weight"), &[o, i, 1, 1])?;
+            let b = match bias {
+                true => Some(t(&format!("{name}.bias"), &[o])?),
+                false => None,
+            };
+            Conv2d::new(&w, b.as_ref(), Geometry::default()).map_err(|e| e.to_string())
         };
         let init = t("init_block.weight", &[C, 3, 3, 3])?;
         let (iw, ik) = convert(Pdc::of_layer(0), &values(&init)?);
@@ -307,20 +242,17 @@ impl PidiNet {
         for (layer, (n, i, o, stride)) in block_layout().into_iter().enumerate() {
             let w = t(&format!("{n}.conv1.weight"), &[i, 1, 3, 3])?;
             let (dw, k) = convert(Pdc::of_layer(layer + 1), &values(&w)?);
-            let conv2 = matrix(t(&format!("{n}.conv2.weight"), &[o, i, 1, 1])?)?;
+            let dw =
+                Depthwise::new(dw, None, k, Geometry::same(k, 1)).map_err(|e| e.to_string())?;
             let shortcut = if stride > 1 {
-                Some((
-                    matrix(t(&format!("{n}.shortcut.weight"), &[o, i, 1, 1])?)?,
-                    t(&format!("{n}.shortcut.bias"), &[o])?,
-                ))
+                Some(point(&format!("{n}.shortcut"), o, i, true)?)
             } else {
                 None
             };
             blocks.push(Block {
                 stride2: stride > 1,
                 dw,
-                k,
-                conv2,
+                conv2: point(&format!("{n}.conv2"), o, i, false)?,
                 shortcut,
             });
         }
@@ -333,47 +265,26 @@ impl PidiNet {
                         &[DIL, DIL, 3, 3],
                     )?;
                     // dilations 5, 7, 9, 11 with as much padding
-                    conv(w, 2 * j + 3)
+                    same(w, 2 * j + 3)
                 })
                 .collect::<std::result::Result<_, String>>()?;
+            let attn_conv2 = t(
+                &format!("attentions.{k}.conv2.weight"),
+                &[1, ATTN_MID, 3, 3],
+            )?;
             sides.push(Side {
-                cdcm_conv1: (
-                    matrix(t(&format!("dilations.{k}.conv1.weight"), &[DIL, p, 1, 1])?)?,
-                    t(&format!("dilations.{k}.conv1.bias"), &[DIL])?,
-                ),
+                cdcm_conv1: point(&format!("dilations.{k}.conv1"), DIL, p, true)?,
                 cdcm_conv2,
-                attn_conv1: (
-                    matrix(t(
-                        &format!("attentions.{k}.conv1.weight"),
-                        &[ATTN_MID, DIL, 1, 1],
-                    )?)?,
-                    t(&format!("attentions.{k}.conv1.bias"), &[ATTN_MID])?,
-                ),
-                attn_conv2: conv(
-                    t(
-                        &format!("attentions.{k}.conv2.weight"),
-                        &[1, ATTN_MID, 3, 3],
-                    )?,
-                    1,
-                )?,
-                reduce: (
-                    matrix(t(
-                        &format!("conv_reduces.{k}.conv.weight"),
-                        &[1, DIL, 1, 1],
-                    )?)?,
-                    t(&format!("conv_reduces.{k}.conv.bias"), &[1])?,
-                ),
+                attn_conv1: point(&format!("attentions.{k}.conv1"), ATTN_MID, DIL, true)?,
+                attn_conv2: same(attn_conv2, 1)?,
+                reduce: point(&format!("conv_reduces.{k}.conv"), 1, DIL, true)?,
             });
         }
-        let classifier = (
-            matrix(t("classifier.weight", &[1, 4, 1, 1])?)?,
-            t("classifier.bias", &[1])?,
-        );
         Ok(Self {
-            init_block: conv(init, 1)?,
+            init_block: same(init, 1)?,
             blocks,
             sides,
-            classifier,
+            classifier: point("classifier", 1, 4, true)?,
         })
     }
 
@@ -406,11 +317,7 @@ impl PidiNet {
                 e.upsample_bilinear2d(h, w, false)?
             });
         }
-        let fused = pointwise(
-            &Tensor::cat(&sides, 1)?,
-            &self.classifier.0,
-            Some(&self.classifier.1),
-        )?;
+        let fused = self.classifier.forward(&Tensor::cat(&sides, 1)?)?;
         sides.push(fused);
         sides.iter().map(candle_nn::ops::sigmoid).collect()
     }
@@ -513,52 +420,3 @@ impl Preprocessor for SoftedgePidinet {
 
 register_preprocessor!(SoftedgePidinet { safe: false });
 register_preprocessor!(SoftedgePidinet { safe: true });
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::DType;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    /// The hand-written convolutions against candle's, on odd sizes and paddings wider than
-    /// the image.
-    #[test]
-    fn convolutions_match_candle() {
-        let dev = Device::Cpu;
-        for (h, w) in [(7, 13), (16, 5), (1, 1)] {
-            let x = Tensor::randn(0f32, 1.0, (1, 6, h, w), &dev).unwrap();
-            for (k, d) in [(3, 1), (5, 1), (3, 5), (3, 11), (1, 1)] {
-                let wt = Tensor::randn(0f32, 1.0, (4, 6, k, k), &dev).unwrap();
-                let b = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
-                let pad = d * (k / 2);
-                let want = x
-                    .conv2d(&wt, pad, 1, d, 1)
-                    .unwrap()
-                    .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
-                    .unwrap();
-                let got = SameConv::new(wt, Some(b), d).unwrap().forward(&x).unwrap();
-                assert!(max_diff(&got, &want) < 1e-4, "{h}x{w} k{k} d{d}");
-            }
-            for k in [3, 5] {
-                let wt = Tensor::randn(0f32, 1.0, (6, 1, k, k), &dev).unwrap();
-                let want = x.conv2d(&wt, k / 2, 1, 1, 6).unwrap();
-                let kernels = wt.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let got = depthwise(&x, &kernels, k).unwrap();
-                assert_eq!(got.dtype(), DType::F32);
-                assert!(max_diff(&got, &want) < 1e-4, "{h}x{w} depthwise k{k}");
-            }
-        }
-    }
-}

@@ -18,9 +18,9 @@ use sd_plugins_api::{
 };
 
 use super::{
-    cached, check_memory, grey_map, instance_norm, model_param, rgb_tensor, Cache, Conv,
-    ConvTranspose, Tensors,
+    cached, check_memory, grey_map, instance_norm, model_param, rgb_tensor, Cache, Tensors,
 };
+use crate::conv::{Conv2d, ConvTranspose2d};
 use crate::cvresize::{self, Interp};
 use crate::cvresize_f32::resize_f32;
 
@@ -40,9 +40,9 @@ enum Level {
 
 struct Block {
     level: Level,
-    down: Conv,
+    down: Conv2d,
     sub: Option<Box<Block>>,
-    up: ConvTranspose,
+    up: ConvTranspose2d,
 }
 
 impl Block {
@@ -78,10 +78,10 @@ impl Block {
         };
         let up = t.conv_transpose2d(&up_key, up_inputs, 4, 2, 1, 0)?;
         let want = if outermost { 1 } else { inputs };
-        if up.outputs != want {
+        if up.outputs() != want {
             return Err(t.error(format!(
                 "`{up_key}` gives {} channels, expected {want}",
-                up.outputs
+                up.outputs()
             )));
         }
         Ok(Self {

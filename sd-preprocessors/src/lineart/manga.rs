@@ -21,7 +21,8 @@ use sd_plugins_api::{
     hwc3, register_preprocessor, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
 };
 
-use super::{cached, check_memory, grey_map, model_param, top_left, Cache, Conv, Tensors};
+use super::{cached, check_memory, grey_map, model_param, top_left, Cache, Tensors};
+use crate::conv::Conv2d;
 
 const NAME: &str = "lineart_anime_denoise";
 /// The weight files looked for in the annotator folder.
@@ -83,7 +84,7 @@ pub fn parameter_shapes() -> Vec<(String, Vec<usize>)> {
 struct BnReluConv {
     alpha: Vec<f32>,
     beta: Vec<f32>,
-    conv: Conv,
+    conv: Conv2d,
     upsample: bool,
 }
 
@@ -156,7 +157,7 @@ struct BasicBlock {
     conv1: BnReluConv,
     residual: BnReluConv,
     /// A 1x1 conv (upsampled x2 in the upsampling kind), or the identity.
-    shortcut: Option<(Conv, bool)>,
+    shortcut: Option<(Conv2d, bool)>,
 }
 
 impl BasicBlock {

@@ -18,8 +18,9 @@ use sd_plugins_api::{
 
 use super::{
     cached, check_memory, conv_in, grey_map, instance_norm, model_param, reflection_pad,
-    rgb_tensor, top_left, Cache, Conv, ConvTranspose, Tensors,
+    rgb_tensor, top_left, Cache, Tensors,
 };
+use crate::conv::{Conv2d, ConvTranspose2d};
 
 /// The weight files of `lineart_realistic`, looked for in the annotator folder.
 pub const WEIGHT_FILES: [&str; 2] = ["sk_model.pth", "sk_model.safetensors"];
@@ -60,11 +61,11 @@ pub fn parameter_shapes(n_blocks: usize) -> Vec<(String, Vec<usize>)> {
 
 /// The line-drawing Generator.
 pub struct Generator {
-    first: Conv,
-    down: [Conv; 2],
-    blocks: Vec<(Conv, Conv)>,
-    up: [ConvTranspose; 2],
-    last: Conv,
+    first: Conv2d,
+    down: [Conv2d; 2],
+    blocks: Vec<(Conv2d, Conv2d)>,
+    up: [ConvTranspose2d; 2],
+    last: Conv2d,
 }
 
 impl Generator {
@@ -85,8 +86,8 @@ impl Generator {
             blocks.push((a, b));
         }
         let u1 = t.conv_transpose2d("model3.0", c, 3, 2, 1, 1)?;
-        let u2 = t.conv_transpose2d("model3.3", u1.outputs, 3, 2, 1, 1)?;
-        let (last, out) = t.conv2d("model4.1", u2.outputs, 7, 1, 0)?;
+        let u2 = t.conv_transpose2d("model3.3", u1.outputs(), 3, 2, 1, 1)?;
+        let (last, out) = t.conv2d("model4.1", u2.outputs(), 7, 1, 0)?;
         if out != 1 {
             return Err(t.error(format!("`model4.1` gives {out} channels, expected 1")));
         }

@@ -15,6 +15,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::conv::{fold_batch_norm, Conv2d, Depthwise, Geometry};
+
 const BN_EPS: f64 = 1e-5;
 
 #[derive(Clone, Copy)]
@@ -32,175 +34,42 @@ fn act(x: Tensor, a: Act) -> candle_core::Result<Tensor> {
     }
 }
 
-/// One convolution with its BatchNorm folded in, and its activation.
-enum Conv {
-    /// 1x1: a matrix `[out, in]` times the pixels.
-    Point { w: Tensor, b: Tensor, act: Act },
-    /// 3x3 over all channels (candle's conv2d).
-    Full {
-        w: Tensor,
-        b: Tensor,
-        stride: usize,
-        padding: usize,
-        dilation: usize,
-        act: Act,
-    },
-    /// 3x3 depthwise (one filter per channel), computed directly.
-    Depthwise {
-        w: Vec<f32>,
-        b: Vec<f32>,
-        stride: usize,
-        act: Act,
-    },
+/// One convolution with its BatchNorm folded in (as its bias), and its activation.
+struct Conv {
+    op: Op,
+    act: Act,
+}
+
+enum Op {
+    /// Over all channels: 1x1, or 3x3 ([`tflite`] when strided, else as much padding as the
+    /// dilation).
+    Full(Conv2d),
+    /// 3x3, one filter per channel.
+    Depthwise(Depthwise),
+}
+
+/// The padding of a 3x3 layer: stride 1 with `dilation` and as much zero padding all round,
+/// or stride 2 with one of zero padding on the right and bottom only (TFLite's).
+fn tflite(stride: usize, dilation: usize) -> Geometry {
+    if stride == 2 {
+        Geometry {
+            stride,
+            pad: (0, 1),
+            dilation,
+        }
+    } else {
+        Geometry::same(3, dilation)
+    }
 }
 
 impl Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Conv::Point { w, b, act: a } => {
-                let (n, c, h, wd) = x.dims4()?;
-                let y = w
-                    .broadcast_matmul(&x.reshape((n, c, h * wd))?)?
-                    .broadcast_add(b)?;
-                act(y.reshape((n, (), h, wd))?, *a)
-            }
-            Conv::Full {
-                w,
-                b,
-                stride,
-                padding,
-                dilation,
-                act: a,
-            } => {
-                let y = if *stride == 2 {
-                    x.pad_with_zeros(2, 0, 1)?
-                        .pad_with_zeros(3, 0, 1)?
-                        .conv2d(w, *padding, *stride, *dilation, 1)?
-                } else {
-                    conv3x3_same(x, w, *dilation)?
-                };
-                act(y.broadcast_add(b)?, *a)
-            }
-            Conv::Depthwise {
-                w,
-                b,
-                stride,
-                act: a,
-            } => depthwise3x3(x, w, b, *stride, *a),
-        }
+        let y = match &self.op {
+            Op::Full(c) => c.forward(x)?,
+            Op::Depthwise(c) => c.forward(x)?,
+        };
+        act(y, self.act)
     }
-}
-
-/// A 3x3 convolution, stride 1, `dilation` and as much zero padding (same size out): the
-/// input unrolled (im2col) a band of rows at a time by row copies, each band one matrix
-/// product. (candle's conv2d unrolls element by element and the whole image at once: 300 MB
-/// and most of the time for a 128-channel 256x256 layer.)
-fn conv3x3_same(x: &Tensor, w: &Tensor, dilation: usize) -> candle_core::Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let o = w.dim(0)?;
-    let k = c * 9;
-    let w = w.reshape((o, k))?;
-    let src = x.flatten_all()?.to_vec1::<f32>()?;
-    let d = dilation as isize;
-    // about 8 MB of unrolled input per band
-    let band = (2_000_000 / (k * wd)).clamp(1, h);
-    let mut out = Vec::with_capacity(n);
-    for img in src.chunks_exact(c * h * wd) {
-        let mut bands = Vec::new();
-        for y0 in (0..h).step_by(band) {
-            let rows = band.min(h - y0);
-            let cols_w = rows * wd;
-            let mut cols = vec![0f32; k * cols_w];
-            for ch in 0..c {
-                let plane = &img[ch * h * wd..(ch + 1) * h * wd];
-                for ky in 0..3isize {
-                    for kx in 0..3isize {
-                        let r = ch * 9 + (ky * 3 + kx) as usize;
-                        let dst = &mut cols[r * cols_w..(r + 1) * cols_w];
-                        let dx = (kx - 1) * d;
-                        // output columns whose input column ox + dx lies in 0..wd
-                        let lo = (-dx).clamp(0, wd as isize) as usize;
-                        let hi = (wd as isize - dx).clamp(0, wd as isize) as usize;
-                        if lo >= hi {
-                            continue;
-                        }
-                        for oy in 0..rows {
-                            let iy = (y0 + oy) as isize + (ky - 1) * d;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            let srow = &plane[iy as usize * wd..(iy as usize + 1) * wd];
-                            let s0 = (lo as isize + dx) as usize;
-                            dst[oy * wd + lo..oy * wd + hi]
-                                .copy_from_slice(&srow[s0..s0 + (hi - lo)]);
-                        }
-                    }
-                }
-            }
-            let cols = Tensor::from_vec(cols, (k, cols_w), x.device())?;
-            bands.push(w.matmul(&cols)?.reshape((o, rows, wd))?);
-        }
-        out.push(Tensor::cat(&bands, 1)?);
-    }
-    Tensor::stack(&out, 0)
-}
-
-/// A 3x3 depthwise convolution plus bias and activation: stride 1 with one pixel of zero
-/// padding all round, or stride 2 with one of zero padding on the right and bottom only.
-fn depthwise3x3(
-    x: &Tensor,
-    w: &[f32],
-    b: &[f32],
-    stride: usize,
-    a: Act,
-) -> candle_core::Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (pad, oh, ow) = if stride == 1 {
-        (1isize, h, wd)
-    } else {
-        (0, h / 2, wd / 2)
-    };
-    let src = x.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; n * c * oh * ow];
-    for (plane, o) in out.chunks_exact_mut(oh * ow).enumerate() {
-        let ch = plane % c;
-        let s = &src[plane * h * wd..(plane + 1) * h * wd];
-        let k = &w[ch * 9..ch * 9 + 9];
-        o.fill(b[ch]);
-        for ky in 0..3isize {
-            for oy in 0..oh {
-                let iy = (oy * stride) as isize + ky - pad;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                let row = &s[iy as usize * wd..(iy as usize + 1) * wd];
-                let orow = &mut o[oy * ow..(oy + 1) * ow];
-                for kx in 0..3isize {
-                    let kv = k[(ky * 3 + kx) as usize];
-                    // ox whose input column ox*stride + kx - pad lies in 0..wd
-                    let lo = ((pad - kx).max(0) as usize).div_ceil(stride);
-                    let hi = ((wd as isize - 1 + pad - kx).div_euclid(stride as isize) + 1)
-                        .clamp(0, ow as isize) as usize;
-                    if stride == 1 {
-                        let off = kx - pad;
-                        for ox in lo..hi {
-                            orow[ox] += kv * row[(ox as isize + off) as usize];
-                        }
-                    } else {
-                        for ox in lo..hi {
-                            orow[ox] += kv * row[(ox as isize * 2 + kx - pad) as usize];
-                        }
-                    }
-                }
-            }
-        }
-        match a {
-            Act::None => {}
-            Act::Relu => o.iter_mut().for_each(|v| *v = v.max(0.0)),
-            Act::Relu6 => o.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
-        }
-    }
-    Tensor::from_vec(out, (n, c, oh, ow), x.device())
 }
 
 /// A tensor getter: name to tensor, or an error naming what is missing.
@@ -259,14 +128,7 @@ impl Weights<'_> {
                 p("running_mean")?,
                 p("running_var")?,
             );
-            let per = w.len() / cout;
-            for o in 0..cout {
-                let s = g[o] as f64 / (var[o] as f64 + BN_EPS).sqrt();
-                for v in &mut w[o * per..(o + 1) * per] {
-                    *v = (*v as f64 * s) as f32;
-                }
-                b[o] = ((b[o] as f64 - mean[o] as f64) * s + beta[o] as f64) as f32;
-            }
+            fold_batch_norm(&mut w, &mut b, [&g, &beta, &mean, &var], BN_EPS);
         }
         Ok((w, b))
     }
@@ -279,8 +141,23 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn t(&self, v: Vec<f32>, shape: &[usize]) -> Result<Tensor, String> {
-        Tensor::from_vec(v, shape, &self.device).map_err(|e| e.to_string())
+    /// A conv over all channels from its folded weights `[cout, cin, k, k]` and bias.
+    fn dense(
+        &self,
+        (w, b): (Vec<f32>, Vec<f32>),
+        cin: usize,
+        k: usize,
+        geo: Geometry,
+        act: Act,
+    ) -> Result<Conv, String> {
+        let cout = b.len();
+        let conv = Tensor::from_vec(w, (cout, cin, k, k), &self.device)
+            .and_then(|w| Conv2d::new(&w, Some(&Tensor::new(b, &self.device)?), geo))
+            .map_err(|e| e.to_string())?;
+        Ok(Conv {
+            op: Op::Full(conv),
+            act,
+        })
     }
 
     fn point(
@@ -292,12 +169,8 @@ impl Builder<'_> {
         bias: bool,
         act: Act,
     ) -> Result<Conv, String> {
-        let (w, b) = self.w.conv_bn(conv, bn, cin, cout, 1, 1, bias)?;
-        Ok(Conv::Point {
-            w: self.t(w, &[cout, cin])?,
-            b: self.t(b, &[cout, 1])?,
-            act,
-        })
+        let wb = self.w.conv_bn(conv, bn, cin, cout, 1, 1, bias)?;
+        self.dense(wb, cin, 1, Geometry::default(), act)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -312,15 +185,8 @@ impl Builder<'_> {
         bias: bool,
         act: Act,
     ) -> Result<Conv, String> {
-        let (w, b) = self.w.conv_bn(conv, bn, cin, cout, 3, 1, bias)?;
-        Ok(Conv::Full {
-            w: self.t(w, &[cout, cin, 3, 3])?,
-            b: self.t(b, &[1, cout, 1, 1])?,
-            stride,
-            padding: if stride == 2 { 0 } else { dilation },
-            dilation,
-            act,
-        })
+        let wb = self.w.conv_bn(conv, bn, cin, cout, 3, 1, bias)?;
+        self.dense(wb, cin, 3, tflite(stride, dilation), act)
     }
 
     fn depthwise(&mut self, prefix: &str, c: usize, stride: usize) -> Result<Conv, String> {
@@ -333,10 +199,10 @@ impl Builder<'_> {
             c,
             false,
         )?;
-        Ok(Conv::Depthwise {
-            w,
-            b,
-            stride,
+        Ok(Conv {
+            op: Op::Depthwise(
+                Depthwise::new(w, Some(b), 3, tflite(stride, 1)).map_err(|e| e.to_string())?,
+            ),
             act: Act::Relu6,
         })
     }
@@ -649,111 +515,4 @@ pub fn parameter_shapes() -> Vec<(String, Vec<usize>)> {
     };
     MlsdNet::build(&mut b).expect("recording cannot fail");
     b.w.seen
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
-
-    #[test]
-    fn depthwise_matches_candle_grouped_conv() {
-        for (c, h, w) in [(3, 4, 8), (384, 4, 8), (5, 7, 9), (2, 16, 16)] {
-            for stride in [1, 2] {
-                let x = Tensor::from_vec(lcg(c * h * w, 1), (1, c, h, w), &Device::Cpu).unwrap();
-                let k = lcg(c * 9, 2);
-                let b = lcg(c, 3);
-                let got = depthwise3x3(&x, &k, &b, stride, Act::None).unwrap();
-                let kt = Tensor::from_vec(k.clone(), (c, 1, 3, 3), &Device::Cpu).unwrap();
-                let bt = Tensor::from_vec(b.clone(), (1, c, 1, 1), &Device::Cpu).unwrap();
-                let xin = if stride == 2 {
-                    x.pad_with_zeros(2, 0, 1)
-                        .unwrap()
-                        .pad_with_zeros(3, 0, 1)
-                        .unwrap()
-                } else {
-                    x.clone()
-                };
-                let pad = if stride == 2 { 0 } else { 1 };
-                let want = xin
-                    .conv2d(&kt, pad, stride, 1, c)
-                    .unwrap()
-                    .broadcast_add(&bt)
-                    .unwrap();
-                assert_eq!(got.dims(), want.dims());
-                let d = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(d < 1e-5, "{c} {h} {w} stride {stride}: {d}");
-            }
-        }
-    }
-
-    #[test]
-    fn pointwise_matches_candle_conv() {
-        for (cin, cout, h, w) in [(32, 192, 8, 16), (64, 384, 4, 8), (96, 64, 4, 8)] {
-            let x = Tensor::from_vec(lcg(cin * h * w, 1), (1, cin, h, w), &Device::Cpu).unwrap();
-            let k = Tensor::from_vec(lcg(cin * cout, 2), (cout, cin, 1, 1), &Device::Cpu).unwrap();
-            let b = Tensor::zeros((cout, 1), DType::F32, &Device::Cpu).unwrap();
-            let p = Conv::Point {
-                w: k.reshape((cout, cin)).unwrap(),
-                b,
-                act: Act::None,
-            };
-            let got = p.forward(&x).unwrap();
-            let want = x.conv2d(&k, 0, 1, 1, 1).unwrap();
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d < 1e-4, "{cin} {cout} {h} {w}: {d}");
-        }
-    }
-
-    #[test]
-    fn banded_conv_matches_candle_conv() {
-        for (cin, cout, h, w, d) in [(3, 5, 7, 9, 1), (4, 6, 12, 11, 5), (64, 2, 40, 300, 1)] {
-            let x = Tensor::from_vec(lcg(cin * h * w, 1), (1, cin, h, w), &Device::Cpu).unwrap();
-            let k =
-                Tensor::from_vec(lcg(cin * cout * 9, 2), (cout, cin, 3, 3), &Device::Cpu).unwrap();
-            let got = conv3x3_same(&x, &k, d).unwrap();
-            let want = x.conv2d(&k, d, 1, d, 1).unwrap();
-            assert_eq!(got.dims(), want.dims());
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < 1e-5, "{cin} {cout} {h}x{w} d{d}: {diff}");
-        }
-    }
 }
