@@ -235,7 +235,7 @@ preprocessor = "invret"
         format!("{f}:6: height: expected an integer, found string \"tall\""),
         format!("{f}:7: sampler: "),
         format!("{f}:8: init_image: no such file: {}", d.join("missing.png").display()),
-        format!("{f}:12: control[0].image: no such file"),
+        format!("{f}:12: control[0].image: not found"),
         format!("{f}:13: control[0].start: start 0.8 is after end 0.2"),
         format!("{f}:15: control[0].weight: must be a finite number in [0, 2] (allow more with --allow-extreme-weights), got 2.5"),
         format!("{f}:16: control[0].wieght: unknown key (did you mean `weight`?)"),
