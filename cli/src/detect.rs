@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use sd_plugins_api::{hwc3, resolve_params, ParamValue};
 use sd_preprocessors::detect::{detect_file, Sizing, RESOLUTIONS};
+use sd_preprocessors::pose_detect::{detect_file_with_pose, pose_detector, pose_detector_names};
 
 use crate::settings::{self, SettingsArgs};
 use crate::CliResult;
@@ -24,6 +25,12 @@ pub struct DetectArgs {
     /// padded to multiples of 64 for detection and cropped back after (resize_image_with_pad)
     #[arg(long)]
     pub pad: bool,
+    /// Also write the detected pose as OpenPose keypoint JSON (people[].pose_keypoints_2d,
+    /// hand_left/right_keypoints_2d, face_keypoints_2d, normalised, with canvas_width/height):
+    /// pose preprocessors only (openpose, openpose_hand, openpose_face, ...). The detection
+    /// then runs (the result cache holds maps, not poses)
+    #[arg(long, value_name = "OUT")]
+    pub json: Option<PathBuf>,
     /// A preprocessor parameter, repeatable: KEY=VALUE
     #[arg(long = "param", value_name = "KEY=VALUE")]
     pub params: Vec<String>,
@@ -36,6 +43,9 @@ pub struct DetectArgs {
 
 pub fn run(a: DetectArgs) -> CliResult {
     crate::check_output("--output", &a.output, false)?;
+    if let Some(j) = &a.json {
+        crate::check_output("--json", j, false)?;
+    }
     let st = settings::load(&SettingsArgs {
         plugin: a.plugin.clone(),
         plugin_dir: a.plugin_dir.clone(),
@@ -78,14 +88,41 @@ pub fn run(a: DetectArgs) -> CliResult {
             .collect::<Vec<_>>()
             .join("; ")
     })?;
+    // --json: the pose detector behind the preprocessor, before anything runs
+    let detector = match &a.json {
+        Some(_) => Some(pose_detector(p.name()).ok_or_else(|| {
+            format!(
+                "--json: `{}` does not detect poses (pose preprocessors: {})",
+                a.name,
+                pose_detector_names().join(", ")
+            )
+        })?),
+        None => None,
+    };
     let sizing = Sizing {
         resolution: a.resolution,
         pad: a.pad,
     };
     let size = (a.resolution, a.resolution);
     sd_plugins_api::input_file::check(&a.input)?;
-    let out = detect_file(reg, p.as_ref(), &a.input, &params, sizing, size)?;
-    let (map, cached) = (out.map, out.cached);
+    let (map, cached, pose) = match &detector {
+        Some(det) => {
+            let d = detect_file_with_pose(
+                reg,
+                p.as_ref(),
+                det.as_ref(),
+                &a.input,
+                &params,
+                sizing,
+                size,
+            )?;
+            (d.map, false, Some(d.pose))
+        }
+        None => {
+            let out = detect_file(reg, p.as_ref(), &a.input, &params, sizing, size)?;
+            (out.map, out.cached, None)
+        }
+    };
     let (w, h) = (map.width as u32, map.height as u32);
     let write = |tmp: &Path| -> sd::Result<()> {
         let saved = if map.channels == 4 {
@@ -100,7 +137,20 @@ pub fn run(a: DetectArgs) -> CliResult {
         };
         saved.map_err(|e| format!("{}: {e}", a.output.display()).into())
     };
-    sd::output::write_atomic(&a.output, write)?;
+    // the map and the pose JSON are written together, or neither
+    let mut staged = sd::output::Staged::new();
+    staged.write(&a.output, write)?;
+    if let (Some(path), Some(pose)) = (&a.json, &pose) {
+        let text =
+            serde_json::to_string_pretty(&pose.to_json()).map_err(|e| format!("--json: {e}"))?;
+        staged.write(path, |tmp: &Path| -> sd::Result<()> {
+            std::fs::write(tmp, text + "\n").map_err(|e| format!("{}: {e}", path.display()).into())
+        })?;
+    }
+    staged.commit()?;
+    if let Some(path) = &a.json {
+        eprintln!("pose -> {}", path.display());
+    }
     eprintln!(
         "{} {}x{} -> {}{}",
         a.name,

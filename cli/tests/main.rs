@@ -7,6 +7,7 @@ mod common;
 mod config;
 mod depth2img;
 mod detect;
+mod detect_json;
 mod embedded;
 mod eval;
 mod front_door;

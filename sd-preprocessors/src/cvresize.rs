@@ -40,16 +40,20 @@ pub(crate) fn lanczos4_coeffs(x: f32) -> [f32; 8] {
         [-S45, S45],
     ];
     let mut c = [0f32; 8];
-    if x < f32::EPSILON {
-        c[3] = 1.0;
-        return c;
-    }
-    let y0 = -(x as f64 + 3.0) * std::f64::consts::PI * 0.25;
+    // `interpolateLanczos4`: x + 3 and x + 3 - i are floats there (in doubles, a tap of
+    // 31 -> 552 pixels, column 32, is 784.5004 / 2048 where OpenCV has 784.5); 1e30 marks
+    // the tap at x
+    let y0 = -((x + 3.0) as f64) * std::f64::consts::PI * 0.25;
     let (s0, c0) = (y0.sin(), y0.cos());
     let mut sum = 0f32;
     for (i, cs) in CS.iter().enumerate() {
-        let y = -(x as f64 + 3.0 - i as f64) * std::f64::consts::PI * 0.25;
-        c[i] = ((cs[0] * s0 + cs[1] * c0) / (y * y)) as f32;
+        let y0_ = x + 3.0 - i as f32;
+        c[i] = if y0_.abs() >= 1e-6 {
+            let y = -(y0_ as f64) * std::f64::consts::PI * 0.25;
+            ((cs[0] * s0 + cs[1] * c0) / (y * y)) as f32
+        } else {
+            1e30
+        };
         sum += c[i];
     }
     let inv = 1.0 / sum;
@@ -120,7 +124,8 @@ fn axis(src: usize, dst: usize, interp: Interp) -> Vec<Vec<(usize, i32)>> {
         .into_iter()
         .map(|t| {
             t.into_iter()
-                .map(|(j, w)| (j, (w * COEF_SCALE).round() as i32))
+                // saturate_cast<short>: rounds half to even (784.5 -> 784)
+                .map(|(j, w)| (j, (w * COEF_SCALE).round_ties_even() as i32))
                 .collect()
         })
         .collect()

@@ -69,7 +69,8 @@ pub struct Pose {
 }
 
 fn points(v: &Value, key: &str) -> Result<Vec<Keypoint>, String> {
-    let Some(a) = v.get(key) else {
+    // absent, or null as sd-webui-controlnet's encode_poses_as_json writes a missing part
+    let Some(a) = v.get(key).filter(|a| !a.is_null()) else {
         return Ok(Vec::new());
     };
     let a = a.as_array().ok_or(format!("`{key}` is not a list"))?;

@@ -21,14 +21,25 @@ pub fn find_weights(
     params: &Params,
     file_names: &[&str],
 ) -> Result<PathBuf, PluginError> {
-    if let Some(p) = params.str("model").filter(|s| !s.is_empty()) {
+    find_weights_param(preprocessor, params, "model", file_names)
+}
+
+/// [`find_weights`] for a preprocessor with several networks: the weight file named by the
+/// parameter `key` (`hand_model`, ...), else the first of `file_names` in the annotator folder.
+pub fn find_weights_param(
+    preprocessor: &str,
+    params: &Params,
+    key: &str,
+    file_names: &[&str],
+) -> Result<PathBuf, PluginError> {
+    if let Some(p) = params.str(key).filter(|s| !s.is_empty()) {
         let path = PathBuf::from(p);
         return if path.is_file() {
             Ok(path)
         } else {
             Err(PluginError::failed(
                 preprocessor,
-                format!("model file {} not found", path.display()),
+                format!("{key} file {} not found", path.display()),
             ))
         };
     }
@@ -49,7 +60,7 @@ pub fn find_weights(
         preprocessor,
         format!(
             "needs its weights: put {} in {place} (or set SDCTL_ANNOTATOR_DIR), \
-             or pass --param model=FILE",
+             or pass --param {key}=FILE",
             file_names.join(" or ")
         ),
     ))
@@ -62,7 +73,17 @@ pub fn weights_salt(
     params: &Params,
     file_names: &[&str],
 ) -> Result<String, PluginError> {
-    let p = find_weights(preprocessor, params, file_names)?;
+    weights_salt_param(preprocessor, params, "model", file_names)
+}
+
+/// [`weights_salt`] of the weight file [`find_weights_param`] finds.
+pub fn weights_salt_param(
+    preprocessor: &str,
+    params: &Params,
+    key: &str,
+    file_names: &[&str],
+) -> Result<String, PluginError> {
+    let p = find_weights_param(preprocessor, params, key, file_names)?;
     let meta = std::fs::metadata(&p)
         .map_err(|e| PluginError::failed(preprocessor, format!("{}: {e}", p.display())))?;
     let mtime = meta

@@ -3,7 +3,11 @@
 //! photo (see [`crate::pose`]).
 
 pub mod assemble;
+pub mod cpm;
+pub mod face;
+pub mod hand;
 pub mod net;
+pub mod variants;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,8 +29,8 @@ const NAME: &str = "openpose";
 pub const WEIGHT_FILES: [&str; 2] = ["body_pose_model.pth", "body_pose_model.safetensors"];
 
 const BOXSIZE: f64 = 368.0;
-const STRIDE: usize = 8;
-const PAD_VALUE: u8 = 128;
+pub(crate) const STRIDE: usize = 8;
+pub(crate) const PAD_VALUE: u8 = 128;
 
 /// Network outputs brought back to the image: heatmaps (H x W x 19) and PAFs (H x W x 38).
 pub struct Maps {
@@ -37,7 +41,7 @@ pub struct Maps {
 }
 
 /// controlnet_aux `smart_resize`: AREA when shrinking (by the sum of the sides), else LANCZOS4.
-fn smart_interp(from: (usize, usize), to: (f64, f64)) -> Interp {
+pub(crate) fn smart_interp(from: (usize, usize), to: (f64, f64)) -> Interp {
     let k = (to.0 + to.1) / (from.0 + from.1) as f64;
     if k < 1.0 {
         Interp::Area
@@ -47,7 +51,7 @@ fn smart_interp(from: (usize, usize), to: (f64, f64)) -> Interp {
 }
 
 /// HWC f32 from `[1, C, h, w]`.
-fn to_hwc(t: &Tensor) -> candle_core::Result<(Vec<f32>, usize, usize, usize)> {
+pub(crate) fn to_hwc(t: &Tensor) -> candle_core::Result<(Vec<f32>, usize, usize, usize)> {
     let (_, c, h, w) = t.dims4()?;
     let v = t
         .squeeze(0)?

@@ -10,15 +10,17 @@ use candle_nn::{Conv2d, Conv2dConfig};
 /// One conv layer: name, input/output channels, kernel, padding.
 type Layer = (String, usize, usize, usize, usize);
 
-enum Op {
+/// A layer: a convolution (with or without a ReLU after it) or a 2x2 max pool.
+pub(super) enum Op {
     Conv { conv: Conv2d, relu: bool },
     Pool,
 }
 
-struct Block(Vec<Op>);
+/// Layers run in order (also the hand and face networks', `cpm.rs`).
+pub(super) struct Block(pub(super) Vec<Op>);
 
 impl Block {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for op in &self.0 {
             x = match op {

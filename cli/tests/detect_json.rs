@@ -1,0 +1,139 @@
+//! `sdctl detect --json OUT`: the pose a pose preprocessor found, as OpenPose keypoint JSON,
+//! beside its map; refused for preprocessors that do not detect poses.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use sd_preprocessors::pose::Pose;
+use sd_tests::fixtures;
+
+use crate::common::{s, scratch, sdctl_command};
+
+fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn detect_json_writes_the_pose_of_pose_preprocessors() {
+    let d = scratch("detect_json", "pose");
+    let ann = d.join("annotators");
+    std::fs::create_dir_all(&ann).unwrap();
+    let run = |args: &[&str]| {
+        sdctl_command()
+            .args(args)
+            .env("SDCTL_CACHE_DIR", d.join("cache"))
+            .env("SDCTL_ANNOTATOR_DIR", &ann)
+            .output()
+            .unwrap()
+    };
+
+    // A keypoint file: drawn with every part (openpose_full), its pose written back with the
+    // hands it has, on the map's canvas.
+    let file = fixtures().join("preprocessors/pose_1.json");
+    let (png, json) = (d.join("full.png"), d.join("full.json"));
+    let o = run(&[
+        "detect",
+        "openpose_full",
+        s(&file),
+        "-o",
+        s(&png),
+        "--json",
+        s(&json),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = image::open(fixtures().join("preprocessors/pose_1.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(
+        image::open(&png).unwrap().to_rgb8().into_raw(),
+        want.into_raw()
+    );
+    let v = read_json(&json);
+    assert_eq!(
+        (v["canvas_width"].as_u64(), v["canvas_height"].as_u64()),
+        (Some(768), Some(512))
+    );
+    let got = Pose::from_json(&v.to_string()).unwrap();
+    let src = Pose::from_file(&file).unwrap();
+    assert_eq!(got.people, src.people);
+    assert_eq!(got.people[0].left_hand.len(), 21, "the hands are carried");
+
+    // Body-only openpose on a photo (weights of zeros: nobody is found): the JSON is written
+    // with the map's canvas, also with the webui's padded sizing (cropped back to 750x500).
+    let shapes = sd_preprocessors::openpose::net::parameter_shapes();
+    let zeros: HashMap<String, Tensor> = shapes
+        .into_iter()
+        .map(|(n, sh)| (n, Tensor::zeros(sh, DType::F16, &Device::Cpu).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&zeros, ann.join("body_pose_model.safetensors")).unwrap();
+    drop(zeros);
+    let photo = fixtures().join("preprocessors/chelsea.png");
+    for (extra, size) in [
+        (vec!["--resolution", "64"], (128, 64)),
+        (vec!["--resolution", "100", "--pad"], (150, 100)),
+    ] {
+        let (png, json) = (d.join("body.png"), d.join("body.json"));
+        let mut args = vec![
+            "detect",
+            "openpose",
+            s(&photo),
+            "-o",
+            s(&png),
+            "--json",
+            s(&json),
+        ];
+        args.extend(extra);
+        let o = run(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            image::open(&png).unwrap().to_rgb8().dimensions(),
+            (size.0, size.1)
+        );
+        let v = read_json(&json);
+        assert_eq!(v["people"].as_array().map(|p| p.len()), Some(0));
+        assert_eq!(
+            (v["canvas_width"].as_u64(), v["canvas_height"].as_u64()),
+            (Some(size.0 as u64), Some(size.1 as u64))
+        );
+    }
+
+    // openpose_full without the hand network: the file wanted and where; nothing written.
+    let (png, json) = (d.join("none.png"), d.join("none.json"));
+    let o = run(&[
+        "detect",
+        "openpose_full",
+        s(&photo),
+        "-o",
+        s(&png),
+        "--json",
+        s(&json),
+        "--resolution",
+        "64",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("hand_pose_model.pth") && e.contains(s(&ann)),
+        "{e}"
+    );
+    assert!(!png.exists() && !json.exists());
+
+    // Not a pose preprocessor: refused before anything runs, the pose ones named.
+    let o = run(&[
+        "detect",
+        "canny",
+        s(&photo),
+        "-o",
+        s(&png),
+        "--json",
+        s(&json),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("--json") && e.contains("does not detect poses") && e.contains("openpose_full"),
+        "{e}"
+    );
+    assert!(!png.exists() && !json.exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}
