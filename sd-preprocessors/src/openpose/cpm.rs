@@ -9,9 +9,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig};
 
 use super::net::{Block, Op};
+use crate::conv::{Conv2d, Geometry};
 
 /// One conv layer: name, input/output channels, kernel, padding, ReLU after it.
 type Layer = (String, usize, usize, usize, usize, bool);
@@ -103,14 +103,9 @@ impl CpmNet {
                     .and_then(|t| t.to_device(device))
                     .map_err(|e| format!("{n}: {e}"))
             };
-            let cfg = Conv2dConfig {
-                padding: *p,
-                ..Default::default()
-            };
-            Ok(Op::Conv {
-                conv: Conv2d::new(to(w)?, Some(to(b)?), cfg),
-                relu: *relu,
-            })
+            let conv = Conv2d::new(&to(w)?, Some(&to(b)?), Geometry::new(1, *p))
+                .map_err(|e| format!("{n}: {e}"))?;
+            Ok(Op::Conv { conv, relu: *relu })
         };
         let stem = Block(
             stem()

@@ -1,11 +1,14 @@
 //! The CMU OpenPose body network (COCO-18) as controlnet_aux's `bodypose_model`:
 //! a VGG-19 stem and six two-branch stages, PAFs (38 channels) and heatmaps (19).
 //! Weights: `body_pose_model.pth` keys (`conv1_1.weight`, `Mconv7_stage6_L2.bias`, ...).
+//! Convolutions: [`crate::conv::Conv2d`] (banded im2col; candle's CPU conv2d unrolls the whole
+//! image at once and was 1.5x slower here).
 
 use std::path::Path;
 
-use candle_core::{Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig};
+use candle_core::{Device, Tensor};
+
+use crate::conv::{Conv2d, Geometry};
 
 /// One conv layer: name, input/output channels, kernel, padding.
 type Layer = (String, usize, usize, usize, usize);
@@ -136,12 +139,10 @@ impl BodyNet {
                     .and_then(|t| t.to_device(device))
                     .map_err(|e| format!("{n}: {e}"))
             };
-            let cfg = Conv2dConfig {
-                padding: *p,
-                ..Default::default()
-            };
+            let conv = Conv2d::new(&to(w)?, Some(&to(b)?), Geometry::new(1, *p))
+                .map_err(|e| format!("{n}: {e}"))?;
             Ok(Op::Conv {
-                conv: Conv2d::new(to(w)?, Some(to(b)?), cfg),
+                conv,
                 relu: has_relu(n),
             })
         };
