@@ -165,6 +165,39 @@ fn micro_conditioning(case: &serde_json::Value) -> sd_pipeline::MicroConditionin
     }
 }
 
+/// The OpenPose fixture scripts' random weights, redrawn: for each `(name, shape)`, torch's
+/// `randn` from seed `1000 + seed_add + sum((i + 1) * byte)` over the name's bytes, times the
+/// power of two nearest sqrt(2 / fan_in) (4-d weights) or 1/64 (biases).
+pub fn openpose_weights(
+    shapes: impl IntoIterator<Item = (String, Vec<usize>)>,
+    seed_add: u64,
+) -> HashMap<String, Tensor> {
+    let mut out = HashMap::new();
+    for (name, shape) in shapes {
+        let seed = 1000
+            + seed_add
+            + name
+                .bytes()
+                .enumerate()
+                .map(|(i, b)| (i as u64 + 1) * b as u64)
+                .sum::<u64>();
+        let n: usize = shape.iter().product();
+        let scale = if shape.len() == 4 {
+            let fan_in = (shape[1] * shape[2] * shape[3]) as f64;
+            2f64.powi((2.0 / fan_in).sqrt().log2().round() as i32) as f32
+        } else {
+            1.0 / 64.0
+        };
+        let v: Vec<f32> = sd_pipeline::rng::TorchRng::new(seed)
+            .randn_f32(n)
+            .into_iter()
+            .map(|x| x * scale)
+            .collect();
+        out.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use sha2::{Digest, Sha256};

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use sd_pipeline::rng::TorchRng;
 use sd_plugins_api::ImageBuf;
 use sd_preprocessors::openpose::{assemble, maps, net, people, pose_map, BodyNet, PoseNetwork};
 use sd_tests::fixtures;
@@ -21,29 +20,7 @@ fn fixture() -> HashMap<String, Tensor> {
 
 /// The fixture script's weights: randn from `seed(name)` times a power of two.
 fn random_weights() -> HashMap<String, Tensor> {
-    let mut out = HashMap::new();
-    for (name, shape) in net::parameter_shapes() {
-        let seed = 1000
-            + name
-                .bytes()
-                .enumerate()
-                .map(|(i, b)| (i as u64 + 1) * b as u64)
-                .sum::<u64>();
-        let n: usize = shape.iter().product();
-        let scale = if shape.len() == 4 {
-            let fan_in = (shape[1] * shape[2] * shape[3]) as f64;
-            2f64.powi((2.0 / fan_in).sqrt().log2().round() as i32) as f32
-        } else {
-            1.0 / 64.0
-        };
-        let v: Vec<f32> = TorchRng::new(seed)
-            .randn_f32(n)
-            .into_iter()
-            .map(|x| x * scale)
-            .collect();
-        out.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
-    }
-    out
+    sd_tests::openpose_weights(net::parameter_shapes(), 0)
 }
 
 #[test]
