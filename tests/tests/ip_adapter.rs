@@ -87,3 +87,32 @@ fn ip_adapters_that_do_not_fit_are_refused() {
     });
     assert!(e.contains("visual_projection"), "{e}");
 }
+
+/// A reference folder is bounded: more than `MAX_REFERENCES` images is refused before any is
+/// read, and an empty folder is named too (hostile input: a folder of thousands of images).
+#[test]
+fn reference_folders_are_bounded() {
+    let sd1 = StableDiffusion::load(&model_dir("sd1"), &Device::Cpu, DType::F32, &[]).unwrap();
+    let dir = std::env::temp_dir().join(format!("ip-refs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let build = || {
+        let s = sd_controlnet::UnitSpec::new(
+            fixtures().join("models/ip-adapter/ip-adapter_sd1.bin"),
+            &dir,
+        );
+        match s.build(&sd1, 64, 64, &mut Vec::new(), &sd_preprocessors::registry()) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = build();
+    assert!(e.contains("no reference images"), "{e}");
+    let png = std::fs::read(fixtures().join("ip/ref.png")).unwrap();
+    for i in 0..=sd_controlnet::spec::MAX_REFERENCES {
+        std::fs::write(dir.join(format!("r{i:03}.png")), &png).unwrap();
+    }
+    let e = build();
+    assert!(e.contains("more than 64 reference images"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
