@@ -221,7 +221,7 @@ impl Block {
 
 /// `nn.AvgPool2d(2, 2, ceil_mode=True)`: a window cut by the edge averages what it covers.
 fn avg_pool_ceil(x: &Tensor) -> CResult<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
+    let (_, _, h, w) = x.dims4()?;
     if h % 2 == 0 && w % 2 == 0 {
         return x.avg_pool2d(2);
     }
@@ -238,7 +238,6 @@ fn avg_pool_ceil(x: &Tensor) -> CResult<Tensor> {
         })
         .collect();
     let count = Tensor::from_vec(count, (1, 1, oh, ow), x.device())?.to_dtype(x.dtype())?;
-    let _ = (b, c);
     summed.broadcast_div(&count)
 }
 
