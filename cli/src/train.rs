@@ -1,4 +1,4 @@
-//! `sdctl train controlnet|vae|unet` and `sdctl dataset fill`: flags, progress and messages;
+//! `sdctl train controlnet|t2i-adapter|vae|unet` and `sdctl dataset fill`: flags, progress and messages;
 //! the config file handling is `sd_train::config`'s.
 
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_train::config::{base_config, controlnet_config};
-use sd_train::{train_unet, train_vae, BaseStep, Part, Trainer};
+use sd_train::{train_unet, train_vae, BaseStep, NetworkKind, Part, Trainer};
 use serde::Serialize;
 
 use crate::CliResult;
@@ -15,6 +15,9 @@ use crate::CliResult;
 pub enum TrainCommand {
     /// Train a ControlNet on a dataset (fill50k layout or diffusers image folder).
     Controlnet(Box<TrainArgs>),
+    /// Train a T2I-Adapter on the same datasets, with the same settings and checkpoints
+    /// (`output/checkpoint-N/t2iadapter/`, the last in `output/t2iadapter/`).
+    T2iAdapter(Box<TrainArgs>),
     /// Train a model's VAE (AutoencoderKL) on a dataset's images; measures the latent scaling
     /// factor at the end.
     Vae(Box<BaseTrainArgs>),
@@ -75,10 +78,20 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: bool,
+    /// Set by the subcommand.
+    #[arg(skip)]
+    pub network: Option<NetworkKind>,
     #[arg(long)]
     pub base: Option<PathBuf>,
+    /// train controlnet: a ControlNet to start from (diffusers folder)
     #[arg(long)]
     pub controlnet: Option<PathBuf>,
+    /// train t2i-adapter: a T2I-Adapter to start from (diffusers folder)
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// train t2i-adapter: full_adapter (default) | light_adapter
+    #[arg(long)]
+    pub adapter_type: Option<String>,
     #[arg(long)]
     pub dataset: Option<PathBuf>,
     #[arg(long)]
@@ -172,11 +185,16 @@ fn run_base(args: &BaseTrainArgs, part: Part) -> CliResult {
 }
 
 pub fn run(cmd: TrainCommand) -> CliResult {
-    let args = match cmd {
+    let mut args = match cmd {
         TrainCommand::Controlnet(args) => args,
+        TrainCommand::T2iAdapter(mut args) => {
+            args.network = Some(NetworkKind::T2iAdapter);
+            args
+        }
         TrainCommand::Vae(a) => return run_base(&a, Part::Vae),
         TrainCommand::Unet(a) => return run_base(&a, Part::Unet),
     };
+    args.network.get_or_insert(NetworkKind::Controlnet);
     let cfg = controlnet_config(args.config.as_deref(), &*args)?;
     let mut trainer = Trainer::new(cfg, args.resume, &mut |w| eprintln!("warning: {w}"))?;
     let bar = bar(trainer.cfg.max_steps);
@@ -189,12 +207,14 @@ pub fn run(cmd: TrainCommand) -> CliResult {
     })?;
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
+    let kind = trainer.cfg.network;
     eprintln!(
-        "{} steps in {:.1} s ({:.2} it/s); ControlNet in {}",
+        "{} steps in {:.1} s ({:.2} it/s); {} in {}",
         trainer.step - start,
         secs,
         (trainer.step - start) as f64 / secs.max(1e-9),
-        trainer.cfg.output.join("controlnet").display()
+        kind.label(),
+        trainer.cfg.output.join(kind.folder()).display()
     );
     Ok(())
 }

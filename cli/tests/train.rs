@@ -102,14 +102,43 @@ fn fill_dataset_train_checkpoint_generate_and_resume_after_a_kill() {
 
     // killed at a random moment, then resumed: the same weights as the uninterrupted run
     let part = config(&d, "part", 6, "");
+    kill_then_resume(&d, "controlnet", "part", &part, &log);
+    assert_eq!(
+        weights(&d.join("part/controlnet")),
+        final_w,
+        "resumed run differs"
+    );
+    // a fresh run into a used folder is refused
+    let e = sdctl(&["train", "controlnet", "--config", s(&part)]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("use --resume"));
+
+    // the trained ControlNet (and a checkpoint) load into generate --control
+    for cn in [
+        d.join("full/controlnet"),
+        d.join("full/checkpoint-3/controlnet"),
+    ] {
+        generate_with(&d, &cn);
+    }
+}
+
+/// `sdctl train SUB --config CONFIG` (output `d/out`) killed at a random moment after its
+/// second step, its latest checkpoint checked complete, then resumed to the end: the log must
+/// equal `full_log` (the uninterrupted run's).
+fn kill_then_resume(d: &Path, sub: &str, out: &str, config: &Path, full_log: &str) {
+    let folder = if sub == "controlnet" {
+        "controlnet"
+    } else {
+        "t2iadapter"
+    };
+    let log_path = d.join(out).join("log.csv");
     let mut child = sdctl_command()
-        .args(["train", "controlnet", "--config", s(&part)])
+        .args(["train", sub, "--config", s(config)])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let t0 = Instant::now();
     loop {
-        let rows = std::fs::read_to_string(d.join("part/log.csv"))
+        let rows = std::fs::read_to_string(&log_path)
             .map(|l| l.lines().count())
             .unwrap_or(0);
         if rows >= 3 || t0.elapsed() > Duration::from_secs(120) {
@@ -128,19 +157,16 @@ fn fill_dataset_train_checkpoint_generate_and_resume_after_a_kill() {
     );
     let _ = child.kill();
     let _ = child.wait();
-    let rows_at_kill = std::fs::read_to_string(d.join("part/log.csv"))
-        .unwrap()
-        .lines()
-        .count();
+    let rows_at_kill = std::fs::read_to_string(&log_path).unwrap().lines().count();
     assert!(
-        !d.join("part/controlnet").exists() && rows_at_kill < log.lines().count(),
+        !d.join(out).join(folder).exists() && rows_at_kill < full_log.lines().count(),
         "killed after the run finished ({rows_at_kill} log rows)"
     );
-    let latest = std::fs::read_to_string(d.join("part/latest")).unwrap();
-    let ck = d.join("part").join(latest.trim());
+    let latest = std::fs::read_to_string(d.join(out).join("latest")).unwrap();
+    let ck = d.join(out).join(latest.trim());
     for f in [
-        "controlnet/config.json",
-        "controlnet/diffusion_pytorch_model.safetensors",
+        &format!("{folder}/config.json"),
+        &format!("{folder}/diffusion_pytorch_model.safetensors"),
         "optimizer.safetensors",
         "state.json",
     ] {
@@ -150,59 +176,117 @@ fn fill_dataset_train_checkpoint_generate_and_resume_after_a_kill() {
             ck.display()
         );
     }
-    ok(&sdctl(&[
-        "train",
-        "controlnet",
-        "--config",
-        s(&part),
-        "--resume",
-    ]));
+    ok(&sdctl(&["train", sub, "--config", s(config), "--resume"]));
+    let log2 = std::fs::read_to_string(&log_path).unwrap();
     assert_eq!(
-        weights(&d.join("part/controlnet")),
+        log2, full_log,
+        "the resumed log differs from the uninterrupted one"
+    );
+}
+
+/// generate --control with `unit_model` on the tiny SD1 base and a fill outline.
+fn generate_with(d: &Path, unit_model: &Path) {
+    let unit = format!(
+        "model={},image={}",
+        unit_model.display(),
+        d.join("data/source/0.png").display()
+    );
+    let out = d.join("gen.png");
+    let _ = std::fs::remove_file(&out);
+    ok(&sdctl(&[
+        "generate",
+        "--model",
+        s(&model_dir("sd1")),
+        "--prompt",
+        "red circle with blue background",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--control",
+        &unit,
+        "--output",
+        s(&out),
+    ]));
+    assert!(out.is_file());
+}
+
+#[test]
+fn t2i_adapter_trains_checkpoints_resumes_and_generates() {
+    let d = scratch("train", "t2i");
+    ok(&sdctl(&[
+        "dataset",
+        "fill",
+        "--output",
+        s(&d.join("data")),
+        "--count",
+        "6",
+        "--size",
+        "64",
+        "--seed",
+        "3",
+    ]));
+    let full = config(&d, "full", 6, "adapter_type = \"light_adapter\"\n");
+    ok(&sdctl(&["train", "t2i-adapter", "--config", s(&full)]));
+    let log = std::fs::read_to_string(d.join("full/log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 7, "{log}");
+    let final_w = weights(&d.join("full/t2iadapter"));
+    let start = weights(&d.join("full/checkpoint-1/t2iadapter"));
+    assert_ne!(final_w, start, "training changed nothing");
+    // a light adapter, named as diffusers names it
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("full/t2iadapter/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["_class_name"], "T2IAdapter");
+    assert_eq!(cfg["adapter_type"], "light_adapter");
+    assert!(final_w.iter().all(|(k, _)| k.starts_with("adapter.body.")));
+
+    let part = config(&d, "part", 6, "adapter_type = \"light_adapter\"\n");
+    kill_then_resume(&d, "t2i-adapter", "part", &part, &log);
+    assert_eq!(
+        weights(&d.join("part/t2iadapter")),
         final_w,
         "resumed run differs"
     );
-    let log2 = std::fs::read_to_string(d.join("part/log.csv")).unwrap();
-    assert_eq!(
-        log2, log,
-        "the resumed log differs from the uninterrupted one"
+    // resuming with the other trainer is refused, naming the checkpoint
+    let as_cn = d.join("part-cn.toml");
+    let text = std::fs::read_to_string(&part).unwrap();
+    std::fs::write(
+        &as_cn,
+        text.replace("adapter_type = \"light_adapter\"\n", ""),
+    )
+    .unwrap();
+    let e = sdctl(&["train", "controlnet", "--config", s(&as_cn), "--resume"]);
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success() && msg.contains("checkpoint of a T2I-Adapter run"),
+        "{msg}"
     );
-    // a fresh run into a used folder is refused
-    let e = sdctl(&["train", "controlnet", "--config", s(&part)]);
-    assert!(String::from_utf8_lossy(&e.stderr).contains("use --resume"));
+    // a ControlNet-only setting is refused by name
+    let bad = config(&d, "bad", 2, "sd_locked = false\n");
+    let e = sdctl(&["train", "t2i-adapter", "--config", s(&bad)]);
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        msg.contains("sd_locked = false: not a setting for training a T2I-Adapter"),
+        "{msg}"
+    );
+    assert!(!d.join("bad").exists(), "a refused run wrote its output");
 
-    // the trained ControlNet (and a checkpoint) load into generate --control
-    for cn in [
-        d.join("full/controlnet"),
-        d.join("full/checkpoint-3/controlnet"),
+    // continued from the trained adapter (the `adapter` key), and the results load into
+    // generate --control
+    let more = config(&d, "more", 1, "adapter = \"full/t2iadapter\"\n");
+    ok(&sdctl(&["train", "t2i-adapter", "--config", s(&more)]));
+    for a in [
+        d.join("full/t2iadapter"),
+        d.join("full/checkpoint-3/t2iadapter"),
+        d.join("more/t2iadapter"),
     ] {
-        let unit = format!(
-            "model={},image={}",
-            cn.display(),
-            d.join("data/source/0.png").display()
-        );
-        let out = d.join("gen.png");
-        let _ = std::fs::remove_file(&out);
-        ok(&sdctl(&[
-            "generate",
-            "--model",
-            s(&model_dir("sd1")),
-            "--prompt",
-            "red circle with blue background",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "2",
-            "--seed",
-            "1",
-            "--control",
-            &unit,
-            "--output",
-            s(&out),
-        ]));
-        assert!(out.is_file());
+        generate_with(&d, &a);
     }
 }
 

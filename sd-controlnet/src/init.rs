@@ -2,6 +2,9 @@
 //! lllyasviel's `tool_add_control.py` make it: the encoder copied from the base UNet, the hint
 //! block's convs randomly initialised except its last conv, which is zero, and every zero
 //! convolution zero. Written in diffusers format (config.json + safetensors).
+//!
+//! A new T2I-Adapter for a base (diffusers' `T2IAdapter(...)` as `train_t2i_adapter_sdxl.py`
+//! makes it): one feature level per UNet block, every conv at PyTorch's default init.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,6 +16,8 @@ use serde_json::Value;
 
 use crate::config::ControlNetConfig;
 use crate::error::{ControlError, Result};
+use crate::t2i_adapter::{AdapterKind, T2IAdapter, T2IAdapterConfig};
+use sd_pipeline::model::config::UNetConfig;
 
 /// PyTorch's default conv init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
 fn torch_default(shape: &[usize], fan_in: usize, rng: &mut TorchRng) -> Result<Tensor> {
@@ -211,4 +216,78 @@ pub fn write_initial_controlnet(base: &Path, out: &Path, seed: u64) -> Result<()
     candle_core::safetensors::save(&weights, tmp.join("diffusion_pytorch_model.safetensors"))?;
     stage.commit()?;
     Ok(())
+}
+
+/// The architecture of a new T2I-Adapter for the base UNet `unet`: one feature per down block
+/// (`full_adapter`: `channels` = the blocks' widths; `light_adapter`: the same less a repeated
+/// last width, which its extra last level gives back). SD 1.x/2.x bases only: latents at 1/8
+/// of the image, so `downscale_factor` 8 as TencentARC's SD 1.5 adapters.
+pub fn adapter_config_for(unet: &UNetConfig, kind: AdapterKind) -> Result<T2IAdapterConfig> {
+    if unet.family() != "SD 1.x/2.x" || kind == AdapterKind::FullXl {
+        return Err(ControlError::Invalid(format!(
+            "a new T2I-Adapter can be made for SD 1.x/2.x bases (full_adapter or light_adapter); this is {} with {}",
+            unet.family(),
+            kind.name()
+        )));
+    }
+    let blocks = &unet.block_out_channels;
+    let mut channels = blocks.clone();
+    if kind == AdapterKind::Light
+        && channels.len() > 1
+        && blocks[blocks.len() - 1] == blocks[blocks.len() - 2]
+    {
+        channels.pop();
+    }
+    Ok(T2IAdapterConfig {
+        kind,
+        in_channels: 3,
+        channels,
+        num_res_blocks: 2,
+        downscale_factor: 8,
+    })
+}
+
+/// The weights of a new T2I-Adapter (diffusers names, under `adapter.`): every conv weight and
+/// bias drawn uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's default init, in name order.
+pub fn init_adapter_weights(cfg: &T2IAdapterConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    // the parameters' names and shapes, as the model asks for them
+    let map = candle_nn::VarMap::new();
+    T2IAdapter::new(
+        cfg,
+        candle_nn::VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+    )?;
+    let mut shapes: Vec<(String, Vec<usize>)> = map
+        .data()
+        .lock()
+        .map_err(|_| ControlError::Invalid("adapter init: poisoned lock".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect();
+    shapes.sort();
+    let fan_in = |name: &str| -> usize {
+        let w = format!("{}.weight", name.rsplit_once('.').map_or(name, |(a, _)| a));
+        shapes
+            .iter()
+            .find(|(k, _)| *k == w)
+            .map_or(1, |(_, s)| s[1..].iter().product())
+    };
+    let mut rng = TorchRng::new(seed);
+    let mut out = HashMap::new();
+    for (name, shape) in &shapes {
+        out.insert(name.clone(), torch_default(shape, fan_in(name), &mut rng)?);
+    }
+    Ok(out)
+}
+
+/// The diffusers config.json of a T2I-Adapter.
+pub fn adapter_config_json(cfg: &T2IAdapterConfig) -> Value {
+    serde_json::json!({
+        "_class_name": "T2IAdapter",
+        "_diffusers_version": "0.42.1",
+        "adapter_type": cfg.kind.name(),
+        "channels": cfg.channels,
+        "downscale_factor": cfg.downscale_factor,
+        "in_channels": cfg.in_channels,
+        "num_res_blocks": cfg.num_res_blocks,
+    })
 }

@@ -25,6 +25,13 @@ pub enum AdapterKind {
 }
 
 impl AdapterKind {
+    /// The kind diffusers' `adapter_type` names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Full, Self::Light, Self::FullXl]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Full => "full_adapter",

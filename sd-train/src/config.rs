@@ -10,13 +10,14 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::base::BaseTrainConfig;
-use crate::controlnet::TrainConfig;
+use crate::control::TrainConfig;
 use crate::error::{Result, TrainError};
 
 /// The keys of [`TrainConfig`] that hold paths.
 pub const CONTROLNET_PATH_KEYS: &[&str] = &[
     "base",
     "controlnet",
+    "adapter",
     "dataset",
     "output",
     "validation_image",
@@ -98,14 +99,15 @@ fn check_exist<'a>(paths: impl IntoIterator<Item = (&'a str, Option<&'a Path>)>)
     Ok(())
 }
 
-/// `train controlnet` settings ([`layered`] over [`CONTROLNET_PATH_KEYS`]), with the base,
-/// dataset, ControlNet and validation image they name checked to exist.
+/// `train controlnet|t2i-adapter` settings ([`layered`] over [`CONTROLNET_PATH_KEYS`]), with
+/// the base, dataset, starting network and validation image they name checked to exist.
 pub fn controlnet_config(file: Option<&Path>, flags: &impl Serialize) -> Result<TrainConfig> {
     let cfg: TrainConfig = layered(file, flags, CONTROLNET_PATH_KEYS)?;
     check_exist([
         ("base", Some(cfg.base.as_path())),
         ("dataset", Some(cfg.dataset.as_path())),
         ("controlnet", cfg.controlnet.as_deref()),
+        ("adapter", cfg.adapter.as_deref()),
         ("validation_image", cfg.validation_image.as_deref()),
     ])?;
     Ok(cfg)

@@ -1,9 +1,11 @@
 //! Training for the Stable Diffusion + ControlNet framework, and the measures that say how a
 //! trained model does.
 //!
-//! - [`controlnet`]: training ControlNets against a frozen base (diffusers'
-//!   `train_controlnet.py`): [`Trainer`], its [`TrainConfig`], the loss ([`training_loss`]),
-//!   atomic checkpoints and exact resumption.
+//! - [`control`]: training ControlNets and T2I-Adapters against a frozen base (diffusers'
+//!   `train_controlnet.py`, `train_t2i_adapter_sdxl.py`): [`Trainer`], its [`TrainConfig`],
+//!   the loss ([`training_loss`]), atomic checkpoints and exact resumption.
+//! - [`network`]: what differs between the two: the [`Network`] (built, made new, run into
+//!   the UNet, turned into a generation unit) and its [`NetworkKind`].
 //! - [`base`]: a base model's own parts for people building small models: a fresh model from
 //!   configs ([`new_model`]), the VAE ([`train_vae`]) and the UNet with optionally the text
 //!   encoder ([`train_unet`]).
@@ -20,23 +22,25 @@
 //! - [`error`]: the crate's error, [`TrainError`].
 //!
 //! Module dependencies run one way, and no module uses this root or its re-exports:
-//! `config` uses `controlnet`, `base` and `error`; `controlnet` and `base` use `train_loop`,
-//! `optim`, `dataset`, `files` and `error`; `train_loop` uses `optim` and `error`; `eval` uses
+//! `config` uses `control`, `base` and `error`; `control` and `base` use `train_loop`,
+//! `optim`, `dataset`, `files` and `error`, `control` also `network`; `network` uses `error`; `train_loop` uses `optim` and `error`; `eval` uses
 //! `fill` and `error`; `dataset`, `fill` and `files` use `error`; `optim` and `error` use
 //! none.
 
 pub mod base;
 pub mod config;
-pub mod controlnet;
+pub mod control;
 pub mod dataset;
 pub mod error;
 pub mod eval;
 mod files;
 pub mod fill;
+pub mod network;
 pub mod optim;
 pub mod train_loop;
 
 pub use base::{new_model, train_unet, train_vae, BaseStep, BaseTrainConfig, Part};
-pub use controlnet::{training_loss, StepReport, TrainConfig, Trainer};
+pub use control::{training_loss, StepReport, TrainConfig, Trainer};
 pub use error::{Result, TrainError};
+pub use network::{Network, NetworkKind};
 pub use train_loop::{LoopConfig, LrSchedule, StepDone, TrainTask};

@@ -1,27 +1,24 @@
-//! ControlNet training: one step's loss and every ControlNet gradient against PyTorch
-//! (diffusers models, fixtures/make_training_fixtures.py), for epsilon and v targets.
+//! ControlNet and T2I-Adapter training: one step's loss and every trained gradient against
+//! PyTorch (diffusers models, fixtures/make_training_fixtures.py), for epsilon and v targets.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Var};
 use candle_nn::VarBuilder;
 use sd_controlnet::config::ControlNetConfig;
-use sd_controlnet::ControlNetModel;
+use sd_controlnet::{ControlNetModel, T2IAdapter};
 use sd_pipeline::samplers::{alphas_cumprod, SchedulerConfig};
 use sd_pipeline::StableDiffusion;
 use sd_tests::{expected, fixtures, get, max_abs, max_abs_diff, model_dir};
-use sd_train::training_loss;
+use sd_train::{training_loss, Network};
 
-#[test]
-fn loss_and_controlnet_gradients_match_pytorch() {
-    let dev = Device::Cpu;
-    let exp = expected("train_grads.safetensors");
-    let sd = StableDiffusion::load(&model_dir("sd1"), &dev, DType::F32, &[]).unwrap();
-    let dir = fixtures().join("models/controlnet-sd1");
-    let cfg = ControlNetConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights =
-        candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &dev)
-            .unwrap();
+/// The weights of a diffusers folder as variables, and the same tensors by name.
+fn vars_of(dir: &std::path::Path) -> (HashMap<String, Var>, HashMap<String, candle_core::Tensor>) {
+    let weights = candle_core::safetensors::load(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut vars: HashMap<String, Var> = HashMap::new();
     let mut tensors = HashMap::new();
     for (k, t) in weights {
@@ -29,8 +26,15 @@ fn loss_and_controlnet_gradients_match_pytorch() {
         tensors.insert(k.clone(), v.as_tensor().clone());
         vars.insert(k, v);
     }
-    let cn =
-        ControlNetModel::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap();
+    (vars, tensors)
+}
+
+/// One step's loss and every gradient of `net` (over `vars`, named as PyTorch's parameters)
+/// against `file`'s, for epsilon and v targets.
+fn check_grads(file: &str, net: &Network, vars: &HashMap<String, Var>) {
+    let dev = Device::Cpu;
+    let exp = expected(file);
+    let sd = StableDiffusion::load(&model_dir("sd1"), &dev, DType::F32, &[]).unwrap();
     let sched = SchedulerConfig::from_json_str(
         r#"{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}"#,
     )
@@ -38,7 +42,7 @@ fn loss_and_controlnet_gradients_match_pytorch() {
     let alphas = alphas_cumprod(&sched);
     for (case, v) in [("eps", false), ("v", true)] {
         let loss = training_loss(
-            &cn,
+            net,
             &sd.unet,
             get(&exp, "latents"),
             get(&exp, "noise"),
@@ -47,7 +51,6 @@ fn loss_and_controlnet_gradients_match_pytorch() {
             get(&exp, "cond"),
             &alphas,
             v,
-            false,
         )
         .unwrap();
         let want = get(&exp, &format!("{case}.loss")).to_vec1::<f32>().unwrap()[0];
@@ -59,24 +62,58 @@ fn loss_and_controlnet_gradients_match_pytorch() {
         let grads = loss.backward().unwrap();
         let mut checked = 0;
         let mut worst = 0f32;
-        for (name, var) in &vars {
-            let want = get(&exp, &format!("{case}.grad.{name}"));
+        for (n, var) in vars {
+            let want = get(&exp, &format!("{case}.grad.{n}"));
             let got = grads
                 .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {name}"));
+                .unwrap_or_else(|| panic!("no gradient for {n}"));
             let scale = max_abs(want).max(1e-12);
             let rel = max_abs_diff(got, want) / scale;
             worst = worst.max(rel);
-            assert!(rel < 1e-4, "{case} {name}: relative difference {rel}");
+            assert!(rel < 1e-4, "{case} {n}: relative difference {rel}");
             checked += 1;
         }
         assert_eq!(checked, vars.len());
-        eprintln!("{case}: {checked} gradients, worst relative difference {worst:e}");
+        eprintln!("{file} {case}: {checked} gradients, worst relative difference {worst:e}");
         // the gradients are not all zero (the check can fail)
         assert!(vars
             .values()
             .any(|v| max_abs(grads.get(v.as_tensor()).unwrap()) > 1e-6));
     }
+}
+
+#[test]
+fn loss_and_controlnet_gradients_match_pytorch() {
+    let dir = fixtures().join("models/controlnet-sd1");
+    let cfg = ControlNetConfig::from_file(&dir.join("config.json")).unwrap();
+    let (vars, tensors) = vars_of(&dir);
+    let cn = Network::ControlNet {
+        model: ControlNetModel::new(
+            &cfg,
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+        )
+        .unwrap(),
+        config: cfg,
+        only_mid: false,
+    };
+    check_grads("train_grads.safetensors", &cn, &vars);
+}
+
+#[test]
+fn loss_and_t2i_adapter_gradients_match_pytorch() {
+    // relative tolerance 1e-4 as the ControlNet's: f32 sums in another order, over a UNet
+    // backward pass (the measured worst is printed)
+    let dir = fixtures().join("models/t2i-adapter-sd1");
+    let cfg = sd_controlnet::t2i_adapter::inspect(&dir).unwrap().unwrap();
+    let (vars, tensors) = vars_of(&dir);
+    let net = Network::Adapter(
+        T2IAdapter::new(
+            &cfg,
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+        )
+        .unwrap(),
+    );
+    check_grads("train_adapter_grads.safetensors", &net, &vars);
 }
 
 #[test]

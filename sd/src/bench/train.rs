@@ -74,10 +74,18 @@ impl TrainBench {
         )?;
         let cn_cfg = sd_controlnet::config::ControlNetConfig::from_unet(&cfg);
         let backend = Arc::new(RandomVars(Mutex::new(Vec::new())));
-        let cn = sd_controlnet::ControlNetModel::new(
-            &cn_cfg,
-            VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, dev.clone()),
-        )?;
+        let cn = sd_train::Network::ControlNet {
+            model: sd_controlnet::ControlNetModel::new(
+                &cn_cfg,
+                VarBuilder::from_backend(
+                    Box::new(Shared(backend.clone())),
+                    DType::F32,
+                    dev.clone(),
+                ),
+            )?,
+            config: cn_cfg,
+            only_mid: false,
+        };
         let vars = backend.0.lock().map(|v| v.len()).unwrap_or(0);
         let (b, l) = (self.batch, self.size / 8);
         let latents = Tensor::randn(0f32, 1.0, (b, 4, l, l), &dev)?;
@@ -92,7 +100,7 @@ impl TrainBench {
         for _ in 0..self.iters {
             let t = Instant::now();
             let loss = sd_train::training_loss(
-                &cn, &unet, &latents, &noise, &ts, &ehs, &cond, &alphas, false, false,
+                &cn, &unet, &latents, &noise, &ts, &ehs, &cond, &alphas, false,
             )
             .map_err(|e| Error::Message(e.to_string()))?;
             let grads = loss.backward()?;

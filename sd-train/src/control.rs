@@ -1,27 +1,24 @@
-//! Training ControlNets: a frozen base (UNet, VAE, text encoder), gradients flowing through
-//! the frozen UNet into the ControlNet (and, with `sd_locked = false`, into the UNet's decoder
-//! too), noise, timesteps and targets as diffusers' `examples/controlnet/train_controlnet.py`,
+//! Training ControlNets and T2I-Adapters: a frozen base (UNet, VAE, text encoder), gradients
+//! flowing through the frozen UNet into the trained network (and, for a ControlNet with
+//! `sd_locked = false`, into the UNet's decoder too), noise, timesteps and targets as diffusers'
+//! `examples/controlnet/train_controlnet.py` and `examples/t2i_adapter/train_t2i_adapter_sdxl.py`,
 //! AdamW, checkpoints written atomically, and resumption that reproduces an uninterrupted run
 //! (every random draw is keyed by the step, so a resumed run draws the same).
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use sd_controlnet::config::ControlNetConfig;
 use sd_controlnet::control_image::load_control_image;
-use sd_controlnet::init::{init_config_json, init_weights};
-use sd_controlnet::model::ControlNetModel;
-use sd_controlnet::units::{ControlNetHook, ControlUnit, ResizeMode};
+use sd_controlnet::units::{ControlNetHook, ResizeMode};
 use sd_pipeline::model::unet::UNet2DConditionModel;
 use sd_pipeline::output::{write_file, StagedDir};
 use sd_pipeline::rng::{NoiseSource, TorchRng};
 use sd_pipeline::samplers::{alphas_cumprod, PredictionType};
 use sd_pipeline::{GenerateRequest, StableDiffusion};
-use sd_plugins_api::{HookSet, Residuals};
+use sd_plugins_api::HookSet;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -29,7 +26,8 @@ use crate::dataset::{read_dataset, Sample};
 use sd_plugins_api::number::Range;
 
 use crate::error::{Result, TrainError};
-use crate::files::{io_err, load_raw, save_weights, vars_from, weights_of};
+use crate::files::{io_err, load_raw, read_json, save_weights, vars_from, weights_of};
+use crate::network::{Network, NetworkKind, NewNetwork};
 use crate::optim::{AdamW, AdamWParams};
 use crate::train_loop::{LoopConfig, LrSchedule, StepDone, TrainTask};
 
@@ -70,15 +68,25 @@ fn d_true() -> bool {
     true
 }
 
-/// `sdctl train controlnet` settings (config keys; every one is also a flag).
+/// `sdctl train controlnet` and `sdctl train t2i-adapter` settings (config keys; every one is
+/// also a flag).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
+    /// What is trained (the subcommand sets it).
+    #[serde(default)]
+    pub network: NetworkKind,
     /// The base model (diffusers folder).
     pub base: PathBuf,
     /// A ControlNet to start from (diffusers folder); otherwise one made from the base.
     #[serde(default)]
     pub controlnet: Option<PathBuf>,
+    /// A T2I-Adapter to start from (diffusers folder); otherwise a new one.
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+    /// A new T2I-Adapter's architecture: `full_adapter` (default) or `light_adapter`.
+    #[serde(default)]
+    pub adapter_type: Option<String>,
     pub dataset: PathBuf,
     pub output: PathBuf,
     #[serde(default = "d_resolution")]
@@ -175,8 +183,37 @@ impl TrainConfig {
         if self.validation_prompt.is_some() != self.validation_image.is_some() {
             return bad("validation needs both validation_prompt and validation_image".into());
         }
-        // the base's configs if readable (this needs no other file)
-        crate::train_loop::check_memory(&self.base, self.resolution, self.batch_size, 2.0)
+        let other = match self.network {
+            NetworkKind::Controlnet => [
+                ("adapter", self.adapter.is_some()),
+                ("adapter_type", self.adapter_type.is_some()),
+            ],
+            NetworkKind::T2iAdapter => [
+                ("controlnet", self.controlnet.is_some()),
+                ("sd_locked = false", !self.sd_locked),
+            ],
+        };
+        let only_mid = self.network == NetworkKind::T2iAdapter && self.only_mid_control;
+        if let Some((key, _)) = other
+            .iter()
+            .find(|(_, set)| *set)
+            .or(only_mid.then_some(&("only_mid_control", true)))
+        {
+            return bad(format!(
+                "{key}: not a setting for training a {}",
+                self.network.label()
+            ));
+        }
+        if self.adapter.is_some() && self.adapter_type.is_some() {
+            return bad("adapter_type: the adapter given as adapter has its own type".into());
+        }
+        // the base's configs if readable (this needs no other file); an adapter's own
+        // activations are small beside the UNet's
+        let networks = match self.network {
+            NetworkKind::Controlnet => 2.0,
+            NetworkKind::T2iAdapter => 1.2,
+        };
+        crate::train_loop::check_memory(&self.base, self.resolution, self.batch_size, networks)
     }
 
     /// The learning rate schedule (diffusers' `constant` or `constant_with_warmup`).
@@ -209,11 +246,12 @@ impl TrainConfig {
     }
 }
 
-/// The loss of one batch: noise added at `timesteps` (DDPMScheduler.add_noise), ControlNet
-/// residuals into the UNet, MSE against epsilon or v (diffusers' train_controlnet.py).
+/// The loss of one batch: noise added at `timesteps` (DDPMScheduler.add_noise), the network's
+/// control into the UNet, MSE against epsilon or v (diffusers' train_controlnet.py; the
+/// T2I-Adapter script's sigma-weighted loss on denoised latents is the same MSE against epsilon).
 #[allow(clippy::too_many_arguments)]
 pub fn training_loss(
-    cn: &ControlNetModel,
+    net: &Network,
     unet: &UNet2DConditionModel,
     latents: &Tensor,
     noise: &Tensor,
@@ -222,7 +260,6 @@ pub fn training_loss(
     cond: &Tensor,
     alphas_cumprod: &[f32],
     v_prediction: bool,
-    only_mid_control: bool,
 ) -> Result<Tensor> {
     let dev = latents.device();
     let b = timesteps.len();
@@ -242,18 +279,7 @@ pub fn training_loss(
         b,
         dev,
     )?;
-    let mut res = cn.forward(&noisy, &ts, ehs, cond)?;
-    if only_mid_control {
-        res = Residuals {
-            down: res
-                .down
-                .iter()
-                .map(|d| d.zeros_like())
-                .collect::<candle_core::Result<_>>()?,
-            mid: res.mid,
-        };
-    }
-    let pred = unet.forward(&noisy, &ts, ehs, Some(&res))?;
+    let pred = net.predict(unet, &noisy, &ts, ehs, cond)?;
     let target = if v_prediction {
         (noise.broadcast_mul(&sa)? - latents.broadcast_mul(&so)?)?
     } else {
@@ -278,9 +304,9 @@ pub struct Trainer {
     sd: StableDiffusion,
     /// The UNet the loss runs through: the base's, or one with a trainable decoder.
     unet: Option<UNet2DConditionModel>,
-    cn: ControlNetModel,
-    cn_config: Value,
-    cn_cfg: ControlNetConfig,
+    net: Network,
+    /// The network's diffusers config.json.
+    net_config: Value,
     opt: AdamW,
     samples: Vec<Sample>,
     alphas: Vec<f32>,
@@ -322,7 +348,7 @@ impl Trainer {
             return Err(TrainError::file(&index, "no usable rows"));
         }
         let sd = StableDiffusion::load(&cfg.base, &dev, DType::F32, &[])?;
-        let unet_cfg_path = cfg.base.join("unet/config.json");
+        let kind = cfg.network;
 
         // where to start: the latest checkpoint, a given ControlNet, or a new one
         let latest = cfg.output.join("latest");
@@ -339,7 +365,19 @@ impl Trainer {
             )
             .map_err(|e| TrainError::file(dir.join("state.json"), e.to_string()))?;
             let step = state["step"].as_u64().unwrap_or(0) as usize;
-            (Some(dir.join("controlnet")), step)
+            let was: NetworkKind =
+                serde_json::from_value(state["config"]["network"].clone()).unwrap_or_default();
+            if was != kind {
+                return Err(TrainError::file(
+                    &dir,
+                    format!(
+                        "is a checkpoint of a {} run; this run trains a {}",
+                        was.label(),
+                        kind.label()
+                    ),
+                ));
+            }
+            (Some(dir.join(kind.folder())), step)
         } else {
             if latest.exists() {
                 return Err(TrainError::file(
@@ -347,27 +385,23 @@ impl Trainer {
                     "holds checkpoints of an earlier run: use --resume, or another output folder",
                 ));
             }
-            (cfg.controlnet.clone(), 0)
+            (cfg.controlnet.clone().or(cfg.adapter.clone()), 0)
         };
-        let (weights, cn_cfg, cn_config) = match &start_dir {
-            Some(dir) => {
-                let cfg_path = dir.join("config.json");
-                let v: Value = serde_json::from_str(
-                    &std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?,
-                )
-                .map_err(|e| TrainError::file(&cfg_path, e.to_string()))?;
-                (weights_of(dir)?, ControlNetConfig::from_file(&cfg_path)?, v)
-            }
-            None => {
-                let c = ControlNetConfig::for_base(&cfg.base)?;
-                let w = init_weights(&cfg.base.join("unet"), &c, cfg.seed)?;
-                let v = init_config_json(&unet_cfg_path, &c)?;
-                (w, c, v)
-            }
+        let cfg_path = start_dir.as_ref().map_or_else(
+            || cfg.base.join("unet/config.json"),
+            |d| d.join("config.json"),
+        );
+        let NewNetwork { weights, config } = match &start_dir {
+            Some(dir) => NewNetwork {
+                config: read_json(&cfg_path)?,
+                weights: weights_of(dir)?,
+            },
+            None => Network::new_for(kind, &cfg.base, cfg.adapter_type.as_deref(), cfg.seed)?,
         };
         let (mut vars, tensors) = vars_from(weights)?;
-        let cn =
-            ControlNetModel::new(&cn_cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
+        let net = Network::build(kind, &config, &cfg_path, tensors, cfg.only_mid_control)?;
+        net.validate_for(&sd)
+            .map_err(|m| TrainError::file(&cfg_path, m))?;
 
         // sd_locked = false: the UNet's decoder trains too
         let unet = if cfg.sd_locked {
@@ -437,9 +471,8 @@ impl Trainer {
             cfg,
             sd,
             unet,
-            cn,
-            cn_config,
-            cn_cfg,
+            net,
+            net_config: config,
             opt,
             samples,
             alphas,
@@ -503,7 +536,7 @@ impl Trainer {
                 1,
                 &dev,
             )?);
-            timesteps.push((rng.next_u32() as usize) % n_train);
+            timesteps.push(self.cfg.network.timestep(rng.next_u32(), n_train));
         }
         let target = Tensor::cat(&targets, 0)?;
         let cond = Tensor::cat(&conds, 0)?;
@@ -515,7 +548,7 @@ impl Trainer {
         let noise = rng.randn(latents.dims(), &dev)?;
         let unet = self.unet.as_ref().unwrap_or(&self.sd.unet);
         training_loss(
-            &self.cn,
+            &self.net,
             unet,
             &latents,
             &noise,
@@ -524,7 +557,6 @@ impl Trainer {
             &cond,
             &self.alphas,
             self.v_prediction,
-            cfg.only_mid_control,
         )
     }
 
@@ -546,8 +578,8 @@ impl Trainer {
         Ok(self.cfg.loop_config().step(self)?.loss)
     }
 
-    /// The ControlNet's current weights (detached copies).
-    pub fn controlnet_weights(&self) -> Result<HashMap<String, Tensor>> {
+    /// The trained network's current weights (detached copies).
+    pub fn network_weights(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (name, var) in self.opt.vars() {
             if !name.starts_with("unet.") {
@@ -557,23 +589,25 @@ impl Trainer {
         Ok(out)
     }
 
-    /// Write `output/checkpoint-STEP/` (controlnet/ in diffusers format, optimizer state,
-    /// step, trained UNet decoder) under a temporary name, rename it, then point `latest` at
-    /// it: a run killed at any moment leaves `latest` naming a complete checkpoint.
+    /// Write `output/checkpoint-STEP/` (controlnet/ or t2iadapter/ in diffusers format,
+    /// optimizer state, step, trained UNet decoder) under a temporary name, rename it, then
+    /// point `latest` at it: a run killed at any moment leaves `latest` naming a complete
+    /// checkpoint.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let out = &self.cfg.output;
         let name = format!("checkpoint-{}", self.step);
         let dir = out.join(&name);
         let stage = StagedDir::new(&dir)?;
         let tmp = stage.path();
-        std::fs::create_dir_all(tmp.join("controlnet")).map_err(io_err(tmp))?;
+        let net_dir = tmp.join(self.cfg.network.folder());
+        std::fs::create_dir_all(&net_dir).map_err(io_err(tmp))?;
         save_weights(
-            &self.controlnet_weights()?,
-            &tmp.join("controlnet/diffusion_pytorch_model.safetensors"),
+            &self.network_weights()?,
+            &net_dir.join("diffusion_pytorch_model.safetensors"),
         )?;
         std::fs::write(
-            tmp.join("controlnet/config.json"),
-            serde_json::to_string_pretty(&self.cn_config).unwrap_or_default(),
+            net_dir.join("config.json"),
+            serde_json::to_string_pretty(&self.net_config).unwrap_or_default(),
         )
         .map_err(io_err(tmp))?;
         save_weights(&self.opt.state(), &tmp.join("optimizer.safetensors"))?;
@@ -598,7 +632,7 @@ impl Trainer {
         Ok(dir)
     }
 
-    /// A validation image with the current ControlNet: `output/validation/step-STEP.png`.
+    /// A validation image with the current network: `output/validation/step-STEP.png`.
     pub fn validate_image(&self) -> Result<Option<PathBuf>> {
         let (Some(prompt), Some(image)) = (&self.cfg.validation_prompt, &self.cfg.validation_image)
         else {
@@ -606,14 +640,10 @@ impl Trainer {
         };
         let dev = Device::Cpu;
         let r = self.cfg.resolution as usize;
-        let net = ControlNetModel::new(
-            &self.cn_cfg,
-            VarBuilder::from_tensors(self.controlnet_weights()?, DType::F32, &dev),
-        )?;
-        let unit = ControlUnit::new(
-            Arc::new(net),
+        let unit = self.net.unit(
+            self.network_weights()?,
             load_control_image(image, r, r, ResizeMode::Crop, &dev)?,
-        );
+        )?;
         let mut hooks = HookSet::new();
         hooks.push(Box::new(ControlNetHook::new(vec![unit])));
         // sdctl's defaults (20 steps of DPM++ 2M Karras, CFG 7.5) at the training resolution
@@ -637,19 +667,21 @@ impl Trainer {
     }
 
     /// Train to `max_steps`, checkpointing and validating on schedule; `report` is called
-    /// after every step. The final ControlNet is also written to `output/controlnet/`.
+    /// after every step. The final network is also written to `output/controlnet/` (or
+    /// `output/t2iadapter/`).
     pub fn run(&mut self, report: &mut dyn FnMut(StepReport)) -> Result<()> {
         self.cfg.loop_config().run(self, report)?;
-        // the final ControlNet, ready for --control
+        // the final network, ready for --control
+        let folder = self.cfg.network.folder();
         let last = self
             .cfg
             .output
             .join(format!("checkpoint-{}", self.step))
-            .join("controlnet");
+            .join(folder);
         if !last.is_dir() {
             self.save_checkpoint()?;
         }
-        let dst = self.cfg.output.join("controlnet");
+        let dst = self.cfg.output.join(folder);
         let stage = StagedDir::new(&dst)?;
         let tmp = stage.path();
         for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
@@ -660,7 +692,7 @@ impl Trainer {
     }
 }
 
-/// The ControlNet run as the shared loop drives it: a non-finite loss stops it, each step is a
+/// The run as the shared loop drives it: a non-finite loss stops it, each step is a
 /// row of `output/log.csv`, validation images follow checkpoints.
 impl TrainTask for Trainer {
     type Extra = ();
