@@ -9,16 +9,15 @@
 //! models, shows progress and prints the table; the report is `sd_train::eval::FillReport`'s.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
-use sd_controlnet::load_controlnet;
+use sd_controlnet::unit_model::load_unit_model;
 use sd_pipeline::samplers::{SamplerKind, Schedule};
 use sd_pipeline::StableDiffusion;
 use sd_train::eval::{
-    check_controlnet_fits, eval_fill, mean_iou, summarise_examples, write_grid, FillEvalConfig,
+    check_control_fits, eval_fill, mean_iou, summarise_examples, write_grid, FillEvalConfig,
     FillReport, GRID_MAX_PAIRS,
 };
 
@@ -38,8 +37,8 @@ pub struct FillArgs {
     /// tiny-fill model]
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// The ControlNet (diffusers folder or single file) trained on the fill task [default:
-    /// the embedded model's, when --model is not given]
+    /// The ControlNet or T2I-Adapter (diffusers folder or single file) trained on the fill
+    /// task [default: the embedded model's ControlNet, when --model is not given]
     #[arg(long)]
     pub controlnet: Option<PathBuf>,
     /// Control weight; 0 runs without the ControlNet (the baseline)
@@ -165,12 +164,9 @@ fn fill(a: FillArgs) -> CliResult {
         );
     }
     let cn_err = |e: &dyn std::fmt::Display| flag_error("--controlnet", &controlnet, e);
-    let net = Arc::new(
-        load_controlnet(&controlnet, sd.unet.config(), &device, sd.dtype)
-            .map_err(|e| cn_err(&e))?,
-    );
-    // the ControlNet must fit the base model even when --weight 0 leaves it out
-    check_controlnet_fits(&sd, &net, size, &device).map_err(|e| cn_err(&e))?;
+    let net = load_unit_model(&controlnet, &sd, &mut Vec::new()).map_err(|e| cn_err(&e))?;
+    // the network must fit the base model even when --weight 0 leaves it out
+    check_control_fits(&sd, &net, size, &device).map_err(|e| cn_err(&e))?;
 
     let bar = ProgressBar::new(a.count as u64);
     bar.set_style(

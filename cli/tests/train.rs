@@ -277,10 +277,53 @@ fn t2i_adapter_trains_checkpoints_resumes_and_generates() {
     );
     assert!(!d.join("bad").exists(), "a refused run wrote its output");
 
+    // an adapter folder whose config is no adapter's is refused by name
+    let odd = d.join("odd");
+    std::fs::create_dir_all(&odd).unwrap();
+    std::fs::copy(
+        d.join("full/t2iadapter/diffusion_pytorch_model.safetensors"),
+        odd.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        odd.join("config.json"),
+        r#"{"adapter_type": "full_adapter", "channels": [4000000000], "in_channels": 3, "num_res_blocks": 2, "downscale_factor": 8}"#,
+    )
+    .unwrap();
+    let cont = config(&d, "cont", 1, "adapter = \"odd\"\n");
+    let e = sdctl(&["train", "t2i-adapter", "--config", s(&cont)]);
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success()
+            && msg.contains("config.json")
+            && msg.contains("not a T2I-Adapter's architecture"),
+        "{msg}"
+    );
+    assert!(!d.join("cont").exists(), "a refused run wrote its output");
+
     // continued from the trained adapter (the `adapter` key), and the results load into
     // generate --control
     let more = config(&d, "more", 1, "adapter = \"full/t2iadapter\"\n");
     ok(&sdctl(&["train", "t2i-adapter", "--config", s(&more)]));
+    // eval fill takes a T2I-Adapter as it takes a ControlNet
+    let out = sdctl(&[
+        "eval",
+        "fill",
+        "--model",
+        s(&model_dir("sd1")),
+        "--controlnet",
+        s(&d.join("full/t2iadapter")),
+        "--count",
+        "2",
+        "--steps",
+        "2",
+        "--json",
+        s(&d.join("eval.json")),
+    ]);
+    ok(&out);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(report["examples"].as_array().map(|e| e.len()), Some(2));
     for a in [
         d.join("full/t2iadapter"),
         d.join("full/checkpoint-3/t2iadapter"),

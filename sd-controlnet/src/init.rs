@@ -220,9 +220,14 @@ pub fn write_initial_controlnet(base: &Path, out: &Path, seed: u64) -> Result<()
 
 /// The architecture of a new T2I-Adapter for the base UNet `unet`: one feature per down block
 /// (`full_adapter`: `channels` = the blocks' widths; `light_adapter`: the same less a repeated
-/// last width, which its extra last level gives back). SD 1.x/2.x bases only: latents at 1/8
-/// of the image, so `downscale_factor` 8 as TencentARC's SD 1.5 adapters.
-pub fn adapter_config_for(unet: &UNetConfig, kind: AdapterKind) -> Result<T2IAdapterConfig> {
+/// last width, which its extra last level gives back). SD 1.x/2.x bases only; the first
+/// feature at the latents' size, so `downscale_factor` is the VAE's (8 as TencentARC's SD 1.5
+/// adapters).
+pub fn adapter_config_for(
+    unet: &UNetConfig,
+    vae_scale_factor: usize,
+    kind: AdapterKind,
+) -> Result<T2IAdapterConfig> {
     if unet.family() != "SD 1.x/2.x" || kind == AdapterKind::FullXl {
         return Err(ControlError::Invalid(format!(
             "a new T2I-Adapter can be made for SD 1.x/2.x bases (full_adapter or light_adapter); this is {} with {}",
@@ -243,7 +248,7 @@ pub fn adapter_config_for(unet: &UNetConfig, kind: AdapterKind) -> Result<T2IAda
         in_channels: 3,
         channels,
         num_res_blocks: 2,
-        downscale_factor: 8,
+        downscale_factor: vae_scale_factor,
     })
 }
 

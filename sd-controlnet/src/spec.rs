@@ -525,7 +525,7 @@ impl UnitSpec {
                 extra.join(", ")
             ));
         }
-        if let Err(m) = a.validate_for(sd.unet.config()) {
+        if let Err(m) = a.validate_for(sd.unet.config(), sd.vae_scale_factor()) {
             return refuse(m);
         }
         let f = a.config().downscale_factor;

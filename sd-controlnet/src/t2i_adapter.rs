@@ -369,15 +369,32 @@ impl T2IAdapter {
         Ok(out)
     }
 
-    /// Check the adapter against a base UNet: family, and each feature's channels against the
-    /// down block it is added to (an extra last feature goes to the mid block).
-    pub fn validate_for(&self, base: &UNetConfig) -> std::result::Result<(), String> {
+    /// Check the adapter against a base UNet and its VAE's scale factor: family, the first
+    /// feature's size against the latents' (`full_adapter_xl`'s at half of it), and each
+    /// feature's channels against the down block it is added to (an extra last feature goes
+    /// to the mid block).
+    pub fn validate_for(
+        &self,
+        base: &UNetConfig,
+        vae_scale_factor: usize,
+    ) -> std::result::Result<(), String> {
         if self.family() != base.family() {
             return Err(format!(
                 "an {} T2I-Adapter ({}) cannot guide an {} model",
                 self.family(),
                 self.config.kind.name(),
                 base.family()
+            ));
+        }
+        let f = self.config.downscale_factor;
+        let want = match self.config.kind {
+            AdapterKind::FullXl => 2 * vae_scale_factor,
+            _ => vae_scale_factor,
+        };
+        if f != want {
+            return Err(format!(
+                "the T2I-Adapter ({}) unshuffles {f}x{f} pixels; this base needs {want}x{want} (latents at 1/{vae_scale_factor} of the image)",
+                self.config.kind.name()
             ));
         }
         let feats = self.feature_channels();

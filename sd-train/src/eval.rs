@@ -1,4 +1,5 @@
-//! The fill task's evaluation: how well a model with a ControlNet follows its control.
+//! The fill task's evaluation: how well a model with a ControlNet or a T2I-Adapter follows its
+//! control.
 //!
 //! It draws unseen examples of the synthetic fill task ([`crate::fill`]: a white circle
 //! outline on black as the control image, prompt "<colour> circle with <colour> background"),
@@ -9,12 +10,13 @@
 use sd_pipeline::output::write_atomic;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use image::{Rgb, RgbImage};
 use sd_controlnet::control_image::{rgb_buf, to_tensor};
-use sd_controlnet::{ControlNetHook, ControlNetModel, ControlUnit};
+use sd_controlnet::unit_model::UnitModel;
+use sd_controlnet::units::{AdapterUnit, Unit};
+use sd_controlnet::{ControlNetHook, ControlUnit};
 use sd_pipeline::generation::image_io::to_rgb8;
 use sd_pipeline::rng::TorchRng;
 use sd_pipeline::samplers::{SamplerKind, Schedule};
@@ -330,7 +332,7 @@ pub fn grid(pairs: &[(RgbImage, RgbImage)], size: u32) -> RgbImage {
 /// How the examples are drawn and generated.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FillEvalConfig {
-    /// Control weight; 0 runs without the ControlNet (the baseline).
+    /// Control weight; 0 runs without the ControlNet or adapter (the baseline).
     pub weight: f64,
     /// Number of examples.
     pub count: usize,
@@ -346,20 +348,48 @@ pub struct FillEvalConfig {
     pub schedule: Schedule,
 }
 
+/// The unit of `net` (a ControlNet or a T2I-Adapter) for a control image at `weight`.
+pub fn fill_unit(net: &UnitModel, image: Tensor, weight: f64) -> Result<Unit> {
+    Ok(match net {
+        UnitModel::ControlNet(n) => {
+            let mut u = ControlUnit::new(n.clone(), image);
+            u.weight = weight;
+            u.into()
+        }
+        UnitModel::Adapter(a) => {
+            let mut u = AdapterUnit::new(a.clone(), image);
+            u.weight = weight;
+            u.into()
+        }
+        _ => {
+            return Err(TrainError::Invalid(
+                "the fill task is evaluated with a ControlNet or a T2I-Adapter".into(),
+            ))
+        }
+    })
+}
+
 /// Check that `net` fits the base model `sd` at `size` x `size`, as it must even when weight 0
 /// leaves it out.
-pub fn check_controlnet_fits(
+pub fn check_control_fits(
     sd: &StableDiffusion,
-    net: &Arc<ControlNetModel>,
+    net: &UnitModel,
     size: usize,
     device: &Device,
 ) -> Result<()> {
     let blank = Tensor::zeros((1, 3, size, size), DType::F32, device)?;
-    ControlUnit::new(net.clone(), blank).validate_for(
-        sd.unet.config(),
-        sd.unet.num_skips(),
-        sd.vae.config().latent_channels,
-    )?;
+    match fill_unit(net, blank, 1.0)? {
+        Unit::ControlNet(u) => u.validate_for(
+            sd.unet.config(),
+            sd.unet.num_skips(),
+            sd.vae.config().latent_channels,
+        )?,
+        Unit::Adapter(u) => u
+            .adapter
+            .validate_for(sd.unet.config(), sd.vae_scale_factor())
+            .map_err(TrainError::Invalid)?,
+        _ => {}
+    }
     Ok(())
 }
 
@@ -368,7 +398,7 @@ pub fn check_controlnet_fits(
 /// generated image.
 pub fn eval_fill_example(
     sd: &StableDiffusion,
-    net: &Arc<ControlNetModel>,
+    net: &UnitModel,
     cfg: &FillEvalConfig,
     i: usize,
     device: &Device,
@@ -392,8 +422,11 @@ pub fn eval_fill_example(
     };
     let mut hooks = HookSet::new();
     if cfg.weight != 0.0 {
-        let mut unit = ControlUnit::new(net.clone(), to_tensor(&rgb_buf(control.clone()), device)?);
-        unit.weight = cfg.weight;
+        let unit = fill_unit(
+            net,
+            to_tensor(&rgb_buf(control.clone()), device)?,
+            cfg.weight,
+        )?;
         hooks.push(Box::new(ControlNetHook::new(vec![unit])));
     }
     let latents = sd.denoise(&req, &mut hooks, &mut TorchRng::new(seed))?;
@@ -420,7 +453,7 @@ pub fn eval_fill_example(
 /// new one last) and the new one's control and generated images.
 pub fn eval_fill(
     sd: &StableDiffusion,
-    net: &Arc<ControlNetModel>,
+    net: &UnitModel,
     cfg: &FillEvalConfig,
     device: &Device,
     each: &mut dyn FnMut(&[FillExample], RgbImage, RgbImage),

@@ -127,8 +127,11 @@ impl Network {
             }
             NetworkKind::T2iAdapter => {
                 let unet = sd_pipeline::model::config::UNetConfig::from_file(&unet_cfg_path)?;
+                let vae = sd_pipeline::model::config::VaeConfig::from_file(
+                    &base.join("vae/config.json"),
+                )?;
                 let kind = parse_adapter_type(adapter_type.unwrap_or("full_adapter"))?;
-                let c = adapter_config_for(&unet, kind)?;
+                let c = adapter_config_for(&unet, vae.downscale_factor(), kind)?;
                 Ok(NewNetwork {
                     weights: init_adapter_weights(&c, seed)?,
                     config: adapter_config_json(&c),
@@ -182,7 +185,7 @@ impl Network {
     ) -> std::result::Result<(), String> {
         match self {
             Self::ControlNet { .. } => Ok(()),
-            Self::Adapter(a) => a.validate_for(sd.unet.config()),
+            Self::Adapter(a) => a.validate_for(sd.unet.config(), sd.vae_scale_factor()),
         }
     }
 
@@ -238,13 +241,35 @@ fn adapter_config_from_json(v: &Value, path: &Path) -> Result<T2IAdapterConfig> 
     // sizes a trained adapter has; the features are checked against the base before training
     if !(1..=4).contains(&cfg.in_channels)
         || !(1..=8).contains(&cfg.num_res_blocks)
-        || ![8, 16].contains(&cfg.downscale_factor)
+        || ![2, 4, 8, 16].contains(&cfg.downscale_factor)
         || cfg.channels.len() > 8
         || cfg.channels.iter().any(|&c| c == 0 || c > 4096)
     {
         return Err(bad(
-            "not a T2I-Adapter's architecture (in_channels 1..4, num_res_blocks 1..8, downscale_factor 8 or 16, up to 8 levels of up to 4096 channels)",
+            "not a T2I-Adapter's architecture (in_channels 1..4, num_res_blocks 1..8, downscale_factor 2, 4, 8 or 16, up to 8 levels of up to 4096 channels)",
         ));
     }
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NetworkKind;
+
+    #[test]
+    fn timesteps_are_uniform_for_controlnets_and_cubic_for_adapters() {
+        let n = 1000;
+        assert_eq!(NetworkKind::Controlnet.timestep(1234, n), 234);
+        // u = 0 gives the noisiest step, u near 1 the cleanest, u = 0.5 gives (1 - 1/8) n
+        let a = NetworkKind::T2iAdapter;
+        assert_eq!(a.timestep(0, n), 999);
+        assert_eq!(a.timestep(u32::MAX, n), 0);
+        assert_eq!(a.timestep(1 << 31, n), 875);
+        // three quarters of the draws land in the noisier half (1 - u^3 > 0.5 for u < 0.794)
+        let draws = 10_000u32;
+        let noisy = (0..draws)
+            .filter(|i| a.timestep(i * (u32::MAX / draws), n) >= 500)
+            .count();
+        assert!((7_900..=7_950).contains(&noisy), "{noisy}");
+    }
 }
