@@ -62,6 +62,15 @@ pub struct TrainBenchArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 1)]
     pub iters: usize,
+    /// What trains: controlnet | t2i-adapter
+    #[arg(long, value_enum, default_value = "controlnet")]
+    pub network: TrainedNetwork,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TrainedNetwork {
+    Controlnet,
+    T2iAdapter,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -178,7 +187,7 @@ fn per_call(mean: f64, iters: usize, min: f64, first: f64) -> String {
 
 fn train(a: TrainBenchArgs) -> CliResult {
     if matches!(a.arch, Arch::Sdxl) {
-        return Err("bench train: ControlNet training covers sd15 and sd21 (not SDXL yet)".into());
+        return Err("bench train: training covers sd15 and sd21 (not SDXL yet)".into());
     }
     let (arch, size, batch, iters) = (a.arch.into(), a.size, a.batch, a.iters);
     if size == 0 || !size.is_multiple_of(8) || batch == 0 || iters == 0 {
@@ -186,8 +195,13 @@ fn train(a: TrainBenchArgs) -> CliResult {
             "--size must be a positive multiple of 8; --batch and --iters at least 1".into(),
         );
     }
+    let network = match a.network {
+        TrainedNetwork::Controlnet => sd_train::NetworkKind::Controlnet,
+        TrainedNetwork::T2iAdapter => sd_train::NetworkKind::T2iAdapter,
+    };
     let r = TrainBench {
         arch,
+        network,
         size,
         batch,
         iters,
@@ -195,7 +209,8 @@ fn train(a: TrainBenchArgs) -> CliResult {
     .run()?;
     let (arch, l, mean, n) = (r.arch, r.latent, r.mean_s, r.trainable_tensors);
     let rss = rss_text(r.peak_rss_bytes);
-    println!("train controlnet {arch:?} {size}x{size} (latents {l}x{l}) batch {batch} f32 on cpu: {mean:.1} s/step (mean of {iters}), {n} trainable tensors; peak RSS {rss}");
+    let what = network.folder();
+    println!("train {what} {arch:?} {size}x{size} (latents {l}x{l}) batch {batch} f32 on cpu: {mean:.1} s/step (mean of {iters}), {n} trainable tensors; peak RSS {rss}");
     Ok(())
 }
 

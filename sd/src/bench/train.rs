@@ -1,5 +1,6 @@
-//! The training benchmark: one ControlNet training step (forward through ControlNet and frozen
-//! UNet, backward, gradients of every ControlNet weight) with random weights, f32 on the CPU.
+//! The training benchmark: one ControlNet or T2I-Adapter training step (forward through the
+//! network and the frozen UNet, backward, gradients of every trained weight) with random
+//! weights, f32 on the CPU.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -18,6 +19,8 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug)]
 pub struct TrainBench {
     pub arch: Arch,
+    /// What trains.
+    pub network: sd_train::NetworkKind,
     /// Image size, a positive multiple of 8 (latents are size / 8).
     pub size: usize,
     pub batch: usize,
@@ -36,7 +39,7 @@ pub struct TrainReport {
     pub iters: usize,
     /// mean seconds per step
     pub mean_s: f64,
-    /// the ControlNet's weights, all trained
+    /// the trained network's weights
     pub trainable_tensors: usize,
     pub peak_rss_bytes: Option<u64>,
 }
@@ -64,7 +67,7 @@ impl SimpleBackend for Shared {
 }
 
 impl TrainBench {
-    /// `iters` training steps of a random ControlNet on a random UNet.
+    /// `iters` training steps of a random ControlNet or T2I-Adapter on a random UNet.
     pub fn run(&self) -> Result<TrainReport> {
         let dev = Device::Cpu;
         let cfg = self.arch.unet_config();
@@ -74,17 +77,23 @@ impl TrainBench {
         )?;
         let cn_cfg = sd_controlnet::config::ControlNetConfig::from_unet(&cfg);
         let backend = Arc::new(RandomVars(Mutex::new(Vec::new())));
-        let cn = sd_train::Network::ControlNet {
-            model: sd_controlnet::ControlNetModel::new(
-                &cn_cfg,
-                VarBuilder::from_backend(
-                    Box::new(Shared(backend.clone())),
-                    DType::F32,
-                    dev.clone(),
-                ),
-            )?,
-            config: cn_cfg,
-            only_mid: false,
+        let vb =
+            VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, dev.clone());
+        let cn = match self.network {
+            sd_train::NetworkKind::Controlnet => sd_train::Network::ControlNet {
+                model: sd_controlnet::ControlNetModel::new(&cn_cfg, vb)?,
+                config: cn_cfg,
+                only_mid: false,
+            },
+            sd_train::NetworkKind::T2iAdapter => {
+                let a = sd_controlnet::init::adapter_config_for(
+                    &cfg,
+                    8,
+                    sd_controlnet::t2i_adapter::AdapterKind::Full,
+                )
+                .map_err(|e| Error::Message(e.to_string()))?;
+                sd_train::Network::Adapter(sd_controlnet::T2IAdapter::new(&a, vb)?)
+            }
         };
         let vars = backend.0.lock().map(|v| v.len()).unwrap_or(0);
         let (b, l) = (self.batch, self.size / 8);
