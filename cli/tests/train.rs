@@ -33,6 +33,23 @@ fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
     v
 }
 
+/// `sdctl dataset fill`: 6 examples of 64x64 drawn with `seed` into `d/data`.
+fn fill_data(d: &Path, seed: u64) {
+    let seed = seed.to_string();
+    ok(&sdctl(&[
+        "dataset",
+        "fill",
+        "--output",
+        s(&d.join("data")),
+        "--count",
+        "6",
+        "--size",
+        "64",
+        "--seed",
+        &seed,
+    ]));
+}
+
 /// A training config next to the dataset; paths relative to it.
 fn config(dir: &Path, out: &str, steps: usize, extra: &str) -> PathBuf {
     let p = dir.join(format!("{out}.toml"));
@@ -50,18 +67,7 @@ fn config(dir: &Path, out: &str, steps: usize, extra: &str) -> PathBuf {
 #[test]
 fn fill_dataset_train_checkpoint_generate_and_resume_after_a_kill() {
     let d = scratch("train", "run");
-    ok(&sdctl(&[
-        "dataset",
-        "fill",
-        "--output",
-        s(&d.join("data")),
-        "--count",
-        "6",
-        "--size",
-        "64",
-        "--seed",
-        "2",
-    ]));
+    fill_data(&d, 2);
     let index = std::fs::read_to_string(d.join("data/prompt.json")).unwrap();
     assert_eq!(index.lines().count(), 6);
     for l in index.lines() {
@@ -218,18 +224,7 @@ fn generate_with(d: &Path, unit_model: &Path) {
 #[test]
 fn t2i_adapter_trains_checkpoints_resumes_and_generates() {
     let d = scratch("train", "t2i");
-    ok(&sdctl(&[
-        "dataset",
-        "fill",
-        "--output",
-        s(&d.join("data")),
-        "--count",
-        "6",
-        "--size",
-        "64",
-        "--seed",
-        "3",
-    ]));
+    fill_data(&d, 3);
     let full = config(&d, "full", 6, "adapter_type = \"light_adapter\"\n");
     ok(&sdctl(&["train", "t2i-adapter", "--config", s(&full)]));
     let log = std::fs::read_to_string(d.join("full/log.csv")).unwrap();
