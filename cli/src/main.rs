@@ -67,7 +67,7 @@ order, SDCTL_* variables, flags. See `sdctl config show`."
     /// Preprocessors (annotators) for control images.
     #[command(subcommand)]
     Preprocessors(preprocessors::PreprocessorsCommand),
-    /// Train ControlNets.
+    /// Train ControlNets, T2I-Adapters, and a base model's VAE or UNet.
     #[command(subcommand)]
     Train(train::TrainCommand),
     /// Training datasets.
