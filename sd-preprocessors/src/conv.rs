@@ -38,7 +38,7 @@ const MIN_WORK_PER_THREAD: usize = 1 << 16;
 
 /// `f(i, unit)` for each `unit`-long piece of `data` (`i` counts the pieces), runs of pieces
 /// split over the cores when `work` (about the operations of the whole) is large enough.
-fn for_each_unit<F>(data: &mut [f32], unit: usize, work: usize, f: F)
+pub(crate) fn for_each_unit<F>(data: &mut [f32], unit: usize, work: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {

@@ -41,6 +41,7 @@ use sd_plugins_api::{
 };
 use sd_weights::Store;
 
+use crate::conv::{Conv2d as FastConv, Geometry};
 use crate::cvresize::cubic_coeffs;
 use crate::cvresize_f32::{resize_f32, Interp};
 
@@ -137,7 +138,9 @@ impl Config {
     }
 }
 
-struct Block {
+/// A pre-norm ViT block (timm / DINOv2 names: `norm1`, `attn.qkv`, `attn.proj`, `ls1.gamma`,
+/// `norm2`, `mlp.fc1`, `mlp.fc2`, `ls2.gamma`; LayerNorm eps 1e-6, exact GELU); also MiDaS's.
+pub(crate) struct Block {
     norm1: LayerNorm,
     qkv: Linear,
     proj: Linear,
@@ -151,13 +154,30 @@ struct Block {
 
 impl Block {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.embed_dim;
+        Self::build(
+            cfg.embed_dim,
+            cfg.num_heads,
+            cfg.mlp_hidden,
+            cfg.layer_scale,
+            vb,
+        )
+    }
+
+    /// A block of width `d` with `num_heads` heads, an MLP of `mlp_hidden`, and layer scale
+    /// (`ls1.gamma`, `ls2.gamma`) when `layer_scale`.
+    pub(crate) fn build(
+        d: usize,
+        num_heads: usize,
+        mlp_hidden: usize,
+        layer_scale: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let ln = LayerNormConfig {
             eps: 1e-6,
             ..Default::default()
         };
         let ls = |n: &str| -> Result<Option<Tensor>> {
-            cfg.layer_scale
+            layer_scale
                 .then(|| vb.get(d, &format!("{n}.gamma")))
                 .transpose()
         };
@@ -167,10 +187,10 @@ impl Block {
             proj: linear(d, d, vb.pp("attn.proj"))?,
             ls1: ls("ls1")?,
             norm2: layer_norm(d, ln, vb.pp("norm2"))?,
-            fc1: linear(d, cfg.mlp_hidden, vb.pp("mlp.fc1"))?,
-            fc2: linear(cfg.mlp_hidden, d, vb.pp("mlp.fc2"))?,
+            fc1: linear(d, mlp_hidden, vb.pp("mlp.fc1"))?,
+            fc2: linear(mlp_hidden, d, vb.pp("mlp.fc2"))?,
             ls2: ls("ls2")?,
-            num_heads: cfg.num_heads,
+            num_heads,
         })
     }
 
@@ -190,7 +210,7 @@ impl Block {
         self.proj.forward(&out)
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let scale = |t: Tensor, g: &Option<Tensor>| match g {
             Some(g) => t.broadcast_mul(g),
             None => Ok(t),
@@ -203,20 +223,25 @@ impl Block {
     }
 }
 
-struct ResidualConvUnit {
-    conv1: Conv2d,
-    conv2: Conv2d,
+/// A `k` x `k` convolution `{vb}.weight` / `{vb}.bias` of `f` channels with padding `k / 2`,
+/// computed by [`crate::conv::Conv2d`] (candle's CPU conv2d unrolls the whole image at once).
+fn conv_same(f: usize, k: usize, vb: VarBuilder) -> Result<FastConv> {
+    let w = vb.get((f, f, k, k), "weight")?;
+    let b = vb.get(f, "bias")?;
+    FastConv::new(&w, Some(&b), Geometry::new(1, k / 2))
+}
+
+/// DPT's `ResidualConvUnit` (no batch norm): `x + conv2(relu(conv1(relu(x))))`.
+pub(crate) struct ResidualConvUnit {
+    conv1: FastConv,
+    conv2: FastConv,
 }
 
 impl ResidualConvUnit {
     fn new(f: usize, vb: VarBuilder) -> Result<Self> {
-        let c = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         Ok(Self {
-            conv1: conv2d(f, f, 3, c, vb.pp("conv1"))?,
-            conv2: conv2d(f, f, 3, c, vb.pp("conv2"))?,
+            conv1: conv_same(f, 3, vb.pp("conv1"))?,
+            conv2: conv_same(f, 3, vb.pp("conv2"))?,
         })
     }
 
@@ -227,23 +252,25 @@ impl ResidualConvUnit {
     }
 }
 
-struct FusionBlock {
+/// DPT's `FeatureFusionBlock` (`bn=False, expand=False, align_corners=True`: the same in
+/// Depth Anything V2 and MiDaS): `resConfUnit1`, `resConfUnit2`, `out_conv` (1x1).
+pub(crate) struct FusionBlock {
     res1: ResidualConvUnit,
     res2: ResidualConvUnit,
-    out_conv: Conv2d,
+    out_conv: FastConv,
 }
 
 impl FusionBlock {
-    fn new(f: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(f: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             res1: ResidualConvUnit::new(f, vb.pp("resConfUnit1"))?,
             res2: ResidualConvUnit::new(f, vb.pp("resConfUnit2"))?,
-            out_conv: conv2d(f, f, 1, Default::default(), vb.pp("out_conv"))?,
+            out_conv: conv_same(f, 1, vb.pp("out_conv"))?,
         })
     }
 
     /// `FeatureFusionBlock.forward(x, [skip], size)`; no size = twice the input size.
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         skip: Option<&Tensor>,

@@ -14,6 +14,7 @@ pub mod inpaint;
 pub mod lineart;
 pub mod lines;
 pub mod map_resize;
+pub mod midas;
 pub mod mlsd;
 pub mod normal;
 pub mod normalbae;

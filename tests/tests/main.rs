@@ -12,6 +12,7 @@ mod ip_adapter;
 mod lineart;
 mod lllite;
 mod lora;
+mod midas;
 mod mlsd;
 mod module_graph;
 mod normalbae;

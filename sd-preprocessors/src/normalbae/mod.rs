@@ -117,7 +117,7 @@ pub fn normal_colours(out: &Map, w: usize, h: usize) -> ImageBuf {
 }
 
 /// An image edge-padded (numpy `mode="edge"`) on the right and bottom to `w` x `h`.
-fn pad_edge(img: &ImageBuf, w: usize, h: usize) -> ImageBuf {
+pub(crate) fn pad_edge(img: &ImageBuf, w: usize, h: usize) -> ImageBuf {
     let c = img.channels;
     let mut data = Vec::with_capacity(w * h * c);
     for y in 0..h {
