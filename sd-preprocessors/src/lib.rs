@@ -28,6 +28,7 @@ pub mod resize;
 pub mod segmentation;
 mod simple;
 pub mod weights;
+pub mod zoe;
 
 pub use sd_plugins_api::{hwc3, Registry};
 

@@ -106,8 +106,9 @@ fn std_conv(
     Conv2d::new(&w, None, geo)
 }
 
-/// A plain `nn.Conv2d` `{vb}.weight` (`[outputs, inputs, k, k]`) with its bias when `bias`.
-fn conv(
+/// A plain `nn.Conv2d` `{vb}.weight` (`[outputs, inputs, k, k]`) with its bias when `bias`
+/// (also ZoeDepth's, [`crate::zoe`]).
+pub(crate) fn conv(
     vb: &VarBuilder,
     inputs: usize,
     outputs: usize,

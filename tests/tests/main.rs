@@ -31,3 +31,4 @@ mod train;
 mod unet_vae;
 mod upscaler;
 mod vae_tiling;
+mod zoe;
