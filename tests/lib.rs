@@ -198,6 +198,46 @@ pub fn openpose_weights(
     out
 }
 
+/// A fixture script's `(scale, offset)` for a tensor, by name and shape.
+pub type ScaleOffset = dyn Fn(&str, &[usize]) -> (f32, f32);
+
+/// The depth fixture scripts' random weights (make_midas_fixtures.py, make_zoe_fixtures.py),
+/// redrawn: for each `(name, shape)`, torch's `randn` from seed `1000 + sum((i + 1) * byte)`
+/// over the name's bytes, times the power of two nearest sqrt(2 / fan_in) (4-d weights) or
+/// sqrt(1 / fan_in) (2-d), rounded half to even as Python; any other tensor is `x * scale +
+/// offset` with `(scale, offset) = other(name, shape)` (each script's own rules).
+pub fn depth_weights(
+    shapes: impl IntoIterator<Item = (String, Vec<usize>)>,
+    other: &ScaleOffset,
+) -> HashMap<String, Tensor> {
+    let pow2 = |x: f64| 2f64.powi(x.log2().round_ties_even() as i32) as f32;
+    let mut out = HashMap::new();
+    for (name, shape) in shapes {
+        let seed = 1000
+            + name
+                .bytes()
+                .enumerate()
+                .map(|(i, b)| (i as u64 + 1) * b as u64)
+                .sum::<u64>();
+        let (scale, offset) = match shape.len() {
+            4 => (
+                pow2((2.0 / (shape[1] * shape[2] * shape[3]) as f64).sqrt()),
+                0.0,
+            ),
+            2 => (pow2((1.0 / shape[1] as f64).sqrt()), 0.0),
+            _ => other(&name, &shape),
+        };
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = sd_pipeline::rng::TorchRng::new(seed)
+            .randn_f32(n)
+            .into_iter()
+            .map(|x| x * scale + offset)
+            .collect();
+        out.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use sha2::{Digest, Sha256};

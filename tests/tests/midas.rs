@@ -16,7 +16,6 @@
 //!   gradient, flips (at most 0.1% of the values; none on the fixture);
 //! - the tensors of a zip-format `.pt` state dict read by the pickle-free loader.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
@@ -28,31 +27,8 @@ fn dir() -> PathBuf {
     fixtures().join("midas")
 }
 
-fn seed_of(name: &str) -> u64 {
-    1000 + name
-        .bytes()
-        .enumerate()
-        .map(|(i, b)| (i as u64 + 1) * b as u64)
-        .sum::<u64>()
-}
-
-fn pow2(x: f64) -> f32 {
-    // Python's round() is half-to-even (fan_in 256: log2 sqrt(2 / 256) = -3.5 -> -4)
-    2f64.powi(x.log2().round_ties_even() as i32) as f32
-}
-
-/// The script's `scale_offset`.
+/// The script's `scale_offset` for tensors that are neither 4-d nor 2-d.
 fn scale_offset(key: &str, shape: &[usize]) -> (f32, f32) {
-    match shape.len() {
-        4 => {
-            return (
-                pow2((2.0 / (shape[1] * shape[2] * shape[3]) as f64).sqrt()),
-                0.0,
-            )
-        }
-        2 => return (pow2((1.0 / shape[1] as f64).sqrt()), 0.0),
-        _ => {}
-    }
     let parts: Vec<&str> = key.split('.').collect();
     let last = if parts.len() > 1 {
         parts[parts.len() - 2]
@@ -71,25 +47,13 @@ fn scale_offset(key: &str, shape: &[usize]) -> (f32, f32) {
 }
 
 fn random_tensor(key: &str, shape: &[usize]) -> Tensor {
-    let (s, o) = scale_offset(key, shape);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = sd_pipeline::rng::TorchRng::new(seed_of(key))
-        .randn_f32(n)
-        .into_iter()
-        .map(|x| x * s + o)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    sd_tests::depth_weights([(key.to_string(), shape.to_vec())], &scale_offset)
+        .remove(key)
+        .unwrap()
 }
 
 fn random_net() -> MidasNet {
-    let tensors: HashMap<String, Tensor> = parameter_shapes()
-        .into_iter()
-        .map(|(k, s)| {
-            let t = random_tensor(&k, &s);
-            (k, t)
-        })
-        .collect();
-    MidasNet::from_tensors(tensors).unwrap()
+    MidasNet::from_tensors(sd_tests::depth_weights(parameter_shapes(), &scale_offset)).unwrap()
 }
 
 fn rgb(path: PathBuf) -> ImageBuf {
