@@ -808,23 +808,9 @@ impl Preprocessor for NormalMidas {
          MidasDetector depth_and_normal = sd-webui-controlnet normal_midas)"
     }
     fn params(&self) -> Vec<ParamSpec> {
-        vec![
-            model_param(&WEIGHT_FILES),
-            ParamSpec::float(
-                "bg_threshold",
-                0.4,
-                0.0,
-                1.0,
-                "depth (0..1 after min-max) below which a pixel is flat background",
-            ),
-            ParamSpec::float(
-                "a",
-                std::f64::consts::TAU,
-                0.01,
-                1000.0,
-                "the constant z component; smaller makes slopes stronger",
-            ),
-        ]
+        let mut specs = vec![model_param(&WEIGHT_FILES)];
+        specs.extend(crate::normal::normal_params());
+        specs
     }
     fn cache_salt(&self, params: &Params) -> std::result::Result<String, PluginError> {
         crate::weights::weights_salt(self.name(), params, &WEIGHT_FILES)
@@ -835,8 +821,7 @@ impl Preprocessor for NormalMidas {
         params: &Params,
     ) -> std::result::Result<ImageBuf, PluginError> {
         let name = self.name();
-        let a = params.float("a").unwrap_or(std::f64::consts::TAU) as f32;
-        let th = params.float("bg_threshold").unwrap_or(0.4) as f32;
+        let (a, th) = crate::normal::normal_settings(params);
         let net = model(name, params)?;
         normal_map(&net, input, a, th).map_err(|e| PluginError::failed(name, e))
     }

@@ -71,6 +71,34 @@ pub fn normal_from_depth(depth: &[f32], w: usize, h: usize, a: f32, bg_th: f32) 
     out
 }
 
+/// The parameters of a normal map from depth: `bg_threshold` (0.4) and `a` (2 pi).
+pub(crate) fn normal_params() -> [ParamSpec; 2] {
+    [
+        ParamSpec::float(
+            "bg_threshold",
+            0.4,
+            0.0,
+            1.0,
+            "depth (0..1 after min-max) below which a pixel is flat background",
+        ),
+        ParamSpec::float(
+            "a",
+            std::f64::consts::TAU,
+            0.01,
+            1000.0,
+            "the constant z component; smaller makes slopes stronger",
+        ),
+    ]
+}
+
+/// `(a, bg_threshold)` as [`normal_params`] give them.
+pub(crate) fn normal_settings(params: &Params) -> (f32, f32) {
+    (
+        params.float("a").unwrap_or(std::f64::consts::TAU) as f32,
+        params.float("bg_threshold").unwrap_or(0.4) as f32,
+    )
+}
+
 /// `normal_from_depth`: a depth image (grey, near = white) to a normal map.
 pub struct NormalFromDepth;
 
@@ -82,22 +110,7 @@ impl Preprocessor for NormalFromDepth {
         "normal map from a depth map (near = white), ControlNet 1.0 normal / webui normal_midas"
     }
     fn params(&self) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec::float(
-                "bg_threshold",
-                0.4,
-                0.0,
-                1.0,
-                "depth (0..1 after min-max) below which a pixel is flat background",
-            ),
-            ParamSpec::float(
-                "a",
-                std::f64::consts::TAU,
-                0.01,
-                1000.0,
-                "the constant z component; smaller makes slopes stronger",
-            ),
-        ]
+        normal_params().to_vec()
     }
     fn process(&self, input: &ImageBuf, params: &Params) -> Result<ImageBuf, PluginError> {
         let rgb = hwc3(input);
@@ -114,8 +127,7 @@ impl Preprocessor for NormalFromDepth {
                 "the depth map is flat (every pixel the same value)",
             ));
         }
-        let a = params.float("a").unwrap_or(std::f64::consts::TAU) as f32;
-        let th = params.float("bg_threshold").unwrap_or(0.4) as f32;
+        let (a, th) = normal_settings(params);
         Ok(ImageBuf {
             data: normal_from_depth(&depth, rgb.width, rgb.height, a, th),
             ..rgb
