@@ -428,9 +428,7 @@ pub struct MidasNet {
     readout: [Linear; 2],
     post3: Conv2d,
     post4: [Conv2d; 2],
-    layer_rn: Vec<Conv2d>,
-    refine: Vec<FusionBlock>,
-    head: [Conv2d; 3],
+    decoder: DptDecoder,
 }
 
 impl MidasNet {
@@ -557,37 +555,7 @@ impl MidasNet {
             Geometry::new(2, 1),
             true,
         )?;
-        let scratch = vb.pp("scratch");
-        let layer_rn = [256, 512, WIDTH, WIDTH]
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| {
-                conv(
-                    &scratch.pp(format!("layer{}_rn", i + 1)),
-                    c,
-                    FEATURES,
-                    3,
-                    Geometry::new(1, 1),
-                    false,
-                )
-            })
-            .collect::<Result<_>>()?;
-        let refine = (1..=4)
-            .map(|i| FusionBlock::new(FEATURES, scratch.pp(format!("refinenet{i}"))))
-            .collect::<Result<_>>()?;
-        let out = scratch.pp("output_conv");
-        let head = [
-            conv(
-                &out.pp("0"),
-                FEATURES,
-                FEATURES / 2,
-                3,
-                Geometry::new(1, 1),
-                true,
-            )?,
-            conv(&out.pp("2"), FEATURES / 2, 32, 3, Geometry::new(1, 1), true)?,
-            conv(&out.pp("4"), 32, 1, 1, Geometry::default(), true)?,
-        ];
+        let decoder = DptDecoder::new(&vb.pp("scratch"), [256, 512, WIDTH, WIDTH])?;
         Ok(Self {
             stem_conv,
             stem_norm,
@@ -601,9 +569,7 @@ impl MidasNet {
             readout: [readout(3)?, readout(4)?],
             post3: c1("act_postprocess3.3")?,
             post4: [c1("act_postprocess4.3")?, post4b],
-            layer_rn,
-            refine,
-            head,
+            decoder,
         })
     }
 
@@ -671,21 +637,92 @@ impl MidasNet {
             .forward(&self.reassemble(0, &hooked[0], gh, gw)?)?;
         let l4 = self.reassemble(1, &hooked[1], gh, gw)?;
         let l4 = self.post4[1].forward(&self.post4[0].forward(&l4)?)?;
-        let feats = [&layers[0], &layers[1], &l3, &l4];
+        let feats = [layers[0].clone(), layers[1].clone(), l3, l4];
+        self.decoder.forward(&feats, false)?.rel.squeeze(1)
+    }
+}
+
+/// The DPT decoder under `scratch.` (MiDaS's `_make_scratch`, four `FeatureFusionBlock_custom`
+/// and the `output_conv` head), shared by MiDaS and ZoeDepth.
+pub(crate) struct DptDecoder {
+    layer_rn: Vec<Conv2d>,
+    refine: Vec<FusionBlock>,
+    head: [Conv2d; 3],
+}
+
+/// What the decoder gives: the relu'd relative depth `(B, 1, H, W)`, the head's 32-channel
+/// ReLU output, `layer4_rn`'s output and the four fusion outputs (deepest first).
+pub(crate) struct DptOutput {
+    pub rel: Tensor,
+    pub out_conv: Tensor,
+    pub rn4: Tensor,
+    pub paths: Vec<Tensor>,
+}
+
+impl DptDecoder {
+    /// `widths`: the channels of the four backbone features.
+    pub(crate) fn new(scratch: &VarBuilder, widths: [usize; 4]) -> Result<Self> {
+        let g3 = Geometry::new(1, 1);
+        let layer_rn = widths
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                conv(
+                    &scratch.pp(format!("layer{}_rn", i + 1)),
+                    c,
+                    FEATURES,
+                    3,
+                    g3,
+                    false,
+                )
+            })
+            .collect::<Result<_>>()?;
+        let refine = (1..=4)
+            .map(|i| FusionBlock::new(FEATURES, scratch.pp(format!("refinenet{i}"))))
+            .collect::<Result<_>>()?;
+        let out = scratch.pp("output_conv");
+        let head = [
+            conv(&out.pp("0"), FEATURES, FEATURES / 2, 3, g3, true)?,
+            conv(&out.pp("2"), FEATURES / 2, 32, 3, g3, true)?,
+            conv(&out.pp("4"), 32, 1, 1, Geometry::default(), true)?,
+        ];
+        Ok(Self {
+            layer_rn,
+            refine,
+            head,
+        })
+    }
+
+    /// The four backbone features through the decoder. `sized`: each fusion output is resized
+    /// to the next feature's size (MiDaS v3.1, as ZoeDepth runs it) instead of doubled.
+    pub(crate) fn forward(&self, feats: &[Tensor], sized: bool) -> Result<DptOutput> {
         let rn: Vec<Tensor> = feats
             .iter()
             .zip(&self.layer_rn)
             .map(|(f, c)| c.forward(f))
             .collect::<Result<_>>()?;
-        let p4 = self.refine[3].forward(&rn[3], None, None)?;
-        let p3 = self.refine[2].forward(&p4, Some(&rn[2]), None)?;
-        let p2 = self.refine[1].forward(&p3, Some(&rn[1]), None)?;
+        let size = |i: usize| -> Result<Option<(usize, usize)>> {
+            if !sized {
+                return Ok(None);
+            }
+            let (_, _, h, w) = rn[i].dims4()?;
+            Ok(Some((h, w)))
+        };
+        let p4 = self.refine[3].forward(&rn[3], None, size(2)?)?;
+        let p3 = self.refine[2].forward(&p4, Some(&rn[2]), size(1)?)?;
+        let p2 = self.refine[1].forward(&p3, Some(&rn[1]), size(0)?)?;
         let p1 = self.refine[0].forward(&p2, Some(&rn[0]), None)?;
         let out = self.head[0].forward(&p1)?;
         let (_, _, oh, ow) = out.dims4()?;
         let out = out.upsample_bilinear2d(2 * oh, 2 * ow, true)?;
-        let out = self.head[1].forward(&out)?.relu()?;
-        self.head[2].forward(&out)?.relu()?.squeeze(1)
+        let out_conv = self.head[1].forward(&out)?.relu()?;
+        let rel = self.head[2].forward(&out_conv)?.relu()?;
+        Ok(DptOutput {
+            rel,
+            out_conv,
+            rn4: rn[3].clone(),
+            paths: vec![p4, p3, p2, p1],
+        })
     }
 }
 

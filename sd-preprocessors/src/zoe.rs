@@ -66,9 +66,9 @@ use sd_plugins_api::{
 use sd_weights::Store;
 
 use crate::conv::{for_each_unit, Conv2d, ConvTranspose2d, Geometry};
-use crate::depth_anything::{bicubic_hwc, FusionBlock};
+use crate::depth_anything::bicubic_hwc;
 use crate::lineart::{cached, grey_map, model_param};
-use crate::midas::{bilinear_hwc, conv};
+use crate::midas::{bilinear_hwc, conv, DptDecoder};
 
 /// The weight files looked for in the annotator folder.
 pub const WEIGHT_FILES: [&str; 2] = ["ZoeD_M12_N.pt", "ZoeD_M12_N.safetensors"];
@@ -372,9 +372,7 @@ pub struct ZoeNet {
     post_1x1: Vec<Conv2d>,
     post_up: [ConvTranspose2d; 2],
     post_down: Conv2d,
-    layer_rn: Vec<Conv2d>,
-    refine: Vec<FusionBlock>,
-    head: [Conv2d; 3],
+    decoder: DptDecoder,
     conv2: Conv2d,
     seed_regressor: Mlp2,
     seed_projector: Mlp2,
@@ -478,31 +476,7 @@ impl ZoeNet {
             Geometry::new(2, 1),
             true,
         )?;
-        let scratch = vb.pp(SCRATCH);
-        let layer_rn = POST
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| {
-                conv(
-                    &scratch.pp(format!("layer{}_rn", i + 1)),
-                    c,
-                    FEATURES,
-                    3,
-                    Geometry::new(1, 1),
-                    false,
-                )
-            })
-            .collect::<Result<_>>()?;
-        let refine = (1..=4)
-            .map(|i| FusionBlock::new(FEATURES, scratch.pp(format!("refinenet{i}"))))
-            .collect::<Result<_>>()?;
-        let out = scratch.pp("output_conv");
-        let g3 = Geometry::new(1, 1);
-        let head = [
-            conv(&out.pp("0"), FEATURES, FEATURES / 2, 3, g3, true)?,
-            conv(&out.pp("2"), FEATURES / 2, 32, 3, g3, true)?,
-            conv(&out.pp("4"), 32, 1, 1, g1, true)?,
-        ];
+        let decoder = DptDecoder::new(&vb.pp(SCRATCH), POST)?;
         let last = 32 + 1 + EMBED;
         Ok(Self {
             patch_embed,
@@ -512,9 +486,7 @@ impl ZoeNet {
             post_1x1,
             post_up,
             post_down,
-            layer_rn,
-            refine,
-            head,
+            decoder,
             conv2: conv(&vb.pp("conv2"), FEATURES, FEATURES, 1, g1, true)?,
             seed_regressor: Mlp2::new(&vb.pp("seed_bin_regressor._net"), FEATURES, 256, N_BINS)?,
             seed_projector: Mlp2::new(&vb.pp("seed_projector._net"), FEATURES, EMBED, EMBED)?,
@@ -585,25 +557,8 @@ impl ZoeNet {
                 _ => self.post_down.forward(&y)?,
             });
         }
-        let rn: Vec<Tensor> = layers
-            .iter()
-            .zip(&self.layer_rn)
-            .map(|(f, c)| c.forward(f))
-            .collect::<Result<_>>()?;
-        let hw = |t: &Tensor| -> Result<(usize, usize)> {
-            let (_, _, h, w) = t.dims4()?;
-            Ok((h, w))
-        };
-        let r4 = self.refine[3].forward(&rn[3], None, Some(hw(&rn[2])?))?;
-        let r3 = self.refine[2].forward(&r4, Some(&rn[2]), Some(hw(&rn[1])?))?;
-        let r2 = self.refine[1].forward(&r3, Some(&rn[1]), Some(hw(&rn[0])?))?;
-        let r1 = self.refine[0].forward(&r2, Some(&rn[0]), None)?;
-        let out = self.head[0].forward(&r1)?;
-        let (_, _, oh, ow) = out.dims4()?;
-        let out = out.upsample_bilinear2d(2 * oh, 2 * ow, true)?;
-        let out_conv = self.head[1].forward(&out)?.relu()?;
-        let rel = self.head[2].forward(&out_conv)?.relu()?;
-        Ok((rel, out_conv, rn[3].clone(), vec![r4, r3, r2, r1]))
+        let o = self.decoder.forward(&layers, true)?;
+        Ok((o.rel, o.out_conv, o.rn4, o.paths))
     }
 
     /// `ZoeDepth.forward(x)["metric_depth"]` on a prepared input `(1, 3, H, W)` (after
