@@ -152,7 +152,7 @@ fn fill(a: FillArgs) -> CliResult {
     }
     let device = sd::device::device(&a.device)?;
     let dtype = sd::device::dtype(&a.dtype)?;
-    sd::device::check_dtype(&device, dtype)?;
+    let dtype = sd::device::compute_dtype(&device, dtype)?;
 
     let sd = StableDiffusion::load_with_vae(&model, &device, dtype, &[], None)
         .map_err(|e| flag_error("--model", &model, &e))?;

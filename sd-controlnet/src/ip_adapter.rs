@@ -9,9 +9,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use sd_pipeline::loading::diffusers::load_component;
 use sd_pipeline::loading::files::tensor_shapes;
+use sd_pipeline::model::nn::Linear;
 use sd_pipeline::model::nn::{attention, LayerNorm};
 use sd_plugins_api::ModelPart;
 
@@ -155,12 +156,12 @@ impl ResamplerLayer {
         Ok(Self {
             norm1: LayerNorm::new(dim, 1e-5, a.pp("norm1"))?,
             norm2: LayerNorm::new(dim, 1e-5, a.pp("norm2"))?,
-            to_q: candle_nn::linear_no_bias(dim, inner, a.pp("to_q"))?,
-            to_kv: candle_nn::linear_no_bias(dim, 2 * inner, a.pp("to_kv"))?,
-            to_out: candle_nn::linear_no_bias(inner, dim, a.pp("to_out"))?,
+            to_q: sd_pipeline::model::nn::linear_no_bias(dim, inner, a.pp("to_q"))?,
+            to_kv: sd_pipeline::model::nn::linear_no_bias(dim, 2 * inner, a.pp("to_kv"))?,
+            to_out: sd_pipeline::model::nn::linear_no_bias(inner, dim, a.pp("to_out"))?,
             ff_norm: LayerNorm::new(dim, 1e-5, f.pp("0"))?,
-            ff1: candle_nn::linear_no_bias(dim, 4 * dim, f.pp("1"))?,
-            ff2: candle_nn::linear_no_bias(4 * dim, dim, f.pp("3"))?,
+            ff1: sd_pipeline::model::nn::linear_no_bias(dim, 4 * dim, f.pp("1"))?,
+            ff2: sd_pipeline::model::nn::linear_no_bias(4 * dim, dim, f.pp("3"))?,
             heads,
         })
     }
@@ -223,13 +224,17 @@ impl IpAdapter {
         let cross = cfg.cross_attention_dim;
         let projection = match cfg.kind {
             ProjectionKind::Base => Projection::Base {
-                proj: candle_nn::linear(cfg.image_dim, cfg.tokens * cross, p.pp("proj"))?,
+                proj: sd_pipeline::model::nn::linear(
+                    cfg.image_dim,
+                    cfg.tokens * cross,
+                    p.pp("proj"),
+                )?,
                 norm: LayerNorm::new(cross, 1e-5, p.pp("norm"))?,
                 tokens: cfg.tokens,
             },
             ProjectionKind::FullFace => Projection::FullFace {
-                fc1: candle_nn::linear(cfg.image_dim, cfg.image_dim, p.pp("proj.0"))?,
-                fc2: candle_nn::linear(cfg.image_dim, cross, p.pp("proj.2"))?,
+                fc1: sd_pipeline::model::nn::linear(cfg.image_dim, cfg.image_dim, p.pp("proj.0"))?,
+                fc2: sd_pipeline::model::nn::linear(cfg.image_dim, cross, p.pp("proj.2"))?,
                 norm: LayerNorm::new(cross, 1e-5, p.pp("proj.3"))?,
             },
             ProjectionKind::Plus => {
@@ -238,8 +243,12 @@ impl IpAdapter {
                 let out = p.get_unchecked("proj_out.weight")?.dim(0)?;
                 Projection::Plus {
                     latents: lat,
-                    proj_in: candle_nn::linear(cfg.image_dim, hidden, p.pp("proj_in"))?,
-                    proj_out: candle_nn::linear(hidden, out, p.pp("proj_out"))?,
+                    proj_in: sd_pipeline::model::nn::linear(
+                        cfg.image_dim,
+                        hidden,
+                        p.pp("proj_in"),
+                    )?,
+                    proj_out: sd_pipeline::model::nn::linear(hidden, out, p.pp("proj_out"))?,
                     norm_out: LayerNorm::new(out, 1e-5, p.pp("norm_out"))?,
                     layers: (0..cfg.depth)
                         .map(|i| {
@@ -254,8 +263,16 @@ impl IpAdapter {
         let mut to_v = Vec::new();
         for (i, &d) in cfg.layer_dims.iter().enumerate() {
             let l = ip.pp((2 * i + 1).to_string());
-            to_k.push(candle_nn::linear_no_bias(cross, d, l.pp("to_k_ip"))?);
-            to_v.push(candle_nn::linear_no_bias(cross, d, l.pp("to_v_ip"))?);
+            to_k.push(sd_pipeline::model::nn::linear_no_bias(
+                cross,
+                d,
+                l.pp("to_k_ip"),
+            )?);
+            to_v.push(sd_pipeline::model::nn::linear_no_bias(
+                cross,
+                d,
+                l.pp("to_v_ip"),
+            )?);
         }
         Ok(Self {
             config: cfg.clone(),

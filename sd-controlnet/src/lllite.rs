@@ -10,11 +10,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear};
+use candle_nn::{Conv2d, Conv2dConfig};
 use sd_pipeline::loading::diffusers::load_component;
 use sd_pipeline::loading::files::tensor_shapes;
 use sd_pipeline::model::config::UNetConfig;
 use sd_pipeline::model::ldm_names::unet_ldm_name;
+use sd_pipeline::model::nn::Linear;
 use sd_plugins_api::{ModelPart, Projection, ProjectionInputs};
 
 use crate::error::{ControlError, Result};
@@ -181,9 +182,9 @@ pub fn load_lllite(path: &Path, device: &Device, dtype: DType) -> Result<Lllite>
                         layer_ldm: ldm.clone(),
                         which: *which,
                         conditioning,
-                        down: candle_nn::linear(inf, mlp, vb.pp("down.0"))?,
-                        mid: candle_nn::linear(mid[1], mlp, vb.pp("mid.0"))?,
-                        up: candle_nn::linear(mlp, inf, vb.pp("up.0"))?,
+                        down: sd_pipeline::model::nn::linear(inf, mlp, vb.pp("down.0"))?,
+                        mid: sd_pipeline::model::nn::linear(mid[1], mlp, vb.pp("mid.0"))?,
+                        up: sd_pipeline::model::nn::linear(mlp, inf, vb.pp("up.0"))?,
                     })
                 })
                 .collect::<CResult<Vec<_>>>()

@@ -6,8 +6,8 @@
 //! in use is embedded into the time embedding (`control_add_embedding`).
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
-use sd_pipeline::model::nn::{attention, linear, LayerNorm};
+use candle_nn::VarBuilder;
+use sd_pipeline::model::nn::{attention, linear, LayerNorm, Linear};
 use sd_pipeline::model::unet::timestep_embedding;
 
 use crate::error::ControlError;

@@ -23,10 +23,18 @@ pub fn dtype(name: &str) -> Result<DType> {
     }
 }
 
-/// Refuse combinations candle cannot run, before any model is loaded.
-pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
-    if device.is_cpu() && dtype == DType::BF16 {
-        return Err("--dtype bf16 is not supported on the CPU (candle's CPU matmul has no bf16 kernel); use f32 (default) or f16".into());
-    }
-    Ok(())
+/// Refuse combinations that cannot run, before any model is loaded, and set the CPU kernels'
+/// precision: `bf16` on the CPU keeps f32 tensors (models load as f32) and computes the
+/// convolutions', attention's and linear layers' products in bf16 with f32 sums, on CPUs with
+/// AVX512-BF16. Returns the dtype to load models in.
+pub fn compute_dtype(device: &Device, dtype: DType) -> Result<DType> {
+    use sd_pipeline::cpu::matmul::{set_precision, Precision};
+    let cpu_bf16 = device.is_cpu() && dtype == DType::BF16;
+    set_precision(if cpu_bf16 {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    })
+    .map_err(|e| format!("--dtype bf16: {e}"))?;
+    Ok(if cpu_bf16 { DType::F32 } else { dtype })
 }

@@ -96,11 +96,12 @@ impl Generation {
     }
 }
 
-/// `--device` and `--dtype` as candle's.
+/// `--device` and `--dtype` as candle's (the dtype models load in: see
+/// [`crate::device::compute_dtype`]).
 pub fn device_and_dtype(job: &Job) -> Result<(Device, DType)> {
     let device = crate::device::device(&job.device)?;
     let dtype = crate::device::dtype(&job.dtype)?;
-    crate::device::check_dtype(&device, dtype)?;
+    let dtype = crate::device::compute_dtype(&device, dtype)?;
     Ok((device, dtype))
 }
 

@@ -4,6 +4,7 @@
 //! kernel for the weight gradient, which makes training crawl; here the backward recomputes
 //! `im2col` columns and takes both gradients as matmuls (the input's through `col2im`).
 
+use super::matmul::{all_threads, matmul, Mat, MatMut};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -178,7 +179,7 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
             }
         }
     });
-    let par = gemm_parallelism();
+    let threads = all_threads();
     let total = th * tw;
     let cap = WINOGRAD_TILES.min(total);
     let mut v = vec![0f32; c * 16 * cap];
@@ -198,26 +199,16 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
                 // SAFETY: M_e [o, t] (row stride 16 cap) = U_e [o, c] (row stride 16c) x
                 // V_e [c, t] (row stride 16 cap), t <= cap, all inside the buffers above.
                 unsafe {
-                    gemm::gemm(
+                    matmul(
                         o,
                         t,
                         c,
-                        m.as_mut_ptr().add(e * cap),
-                        1,
-                        (16 * cap) as isize,
+                        MatMut::new(m.as_mut_ptr().add(e * cap), (16 * cap) as isize, 1),
                         false,
-                        u.as_ptr().add(e * c),
-                        1,
-                        (16 * c) as isize,
-                        v.as_ptr().add(e * cap),
-                        1,
-                        (16 * cap) as isize,
-                        0.0,
+                        Mat::new(u.as_ptr().add(e * c), (16 * c) as isize, 1),
+                        Mat::new(v.as_ptr().add(e * cap), (16 * cap) as isize, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        par,
+                        threads,
                     );
                 }
             }
@@ -456,14 +447,6 @@ fn conv2d_im2col_batched(
     out
 }
 
-/// gemm on all of rayon's threads.
-fn gemm_parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
 /// `dst[m, n] = bias + lhs[m, k] x rhs[k, n]`, row-major, on all threads.
 fn gemm_with_bias(
     dst: &mut [f32],
@@ -480,29 +463,18 @@ fn gemm_with_bias(
             .zip(bias.par_iter())
             .for_each(|(row, &v)| row.fill(v));
     }
-    let par = gemm_parallelism();
     // SAFETY: row-major [m, n] = [m, k] x [k, n], the slices' sizes checked above.
     unsafe {
-        gemm::gemm(
+        matmul(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
+            MatMut::new(dst.as_mut_ptr(), n as isize, 1),
             bias.is_some(),
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
+            Mat::new(lhs.as_ptr(), k as isize, 1),
+            Mat::new(rhs.as_ptr(), n as isize, 1),
             1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
+            all_threads(),
         );
     }
 }

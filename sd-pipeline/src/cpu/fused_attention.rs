@@ -6,6 +6,7 @@
 //! made, and no `(B*H, N, N)` score tensor ever exists. Blocks run in parallel, each gemm on one
 //! thread. The plain path in `nn::attention` is the reference it is tested against.
 
+use super::matmul::{matmul, Mat, MatMut};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -95,52 +96,32 @@ impl CustomOp3 for FusedAttention {
                 // column < d within the head) and inside `scores` / `out_t`.
                 unsafe {
                     // scores[r, j] = scale * q_blk[r, :] . k[j, :]
-                    gemm::gemm(
+                    matmul(
                         rows,
                         sk,
                         d,
-                        scores.as_mut_ptr(),
-                        rows as isize,
-                        1,
+                        MatMut::new(scores.as_mut_ptr(), 1, rows as isize),
                         false,
-                        q0.as_ptr(),
-                        1,
-                        inner as isize,
-                        k0.as_ptr(),
-                        inner as isize,
-                        1,
-                        0.0,
+                        Mat::new(q0.as_ptr(), inner as isize, 1),
+                        Mat::new(k0.as_ptr(), 1, inner as isize),
                         self.scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        1,
                     );
                 }
                 softmax_columns(scores, max, sum);
                 // SAFETY: as above; `out_t` is [d][rows].
                 unsafe {
                     // out_t[r, i] = sum_j p[r, j] v[j, i]
-                    gemm::gemm(
+                    matmul(
                         rows,
                         d,
                         sk,
-                        out_t.as_mut_ptr(),
-                        rows as isize,
-                        1,
+                        MatMut::new(out_t.as_mut_ptr(), 1, rows as isize),
                         false,
-                        scores.as_ptr(),
-                        rows as isize,
-                        1,
-                        v0.as_ptr(),
-                        1,
-                        inner as isize,
-                        0.0,
+                        Mat::new(scores.as_ptr(), 1, rows as isize),
+                        Mat::new(v0.as_ptr(), inner as isize, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        1,
                     );
                 }
                 let o0 = (bi * sq + r0) * inner + h * d;

@@ -3,9 +3,12 @@
 //! pass training needs, vectorised through run-time SIMD dispatch.
 
 pub mod attention_op;
+mod bf16_gemm;
 pub mod conv_op;
 pub mod fused_attention;
 pub mod geglu;
 pub mod group_norm_op;
+pub mod linear_op;
+pub mod matmul;
 mod simd;
 pub mod winograd_phase;

@@ -3,8 +3,9 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
+use super::nn::Linear;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use std::sync::Arc;
 
 use sd_plugins_api::{ExtraAttention, Projection, ProjectionInputs};

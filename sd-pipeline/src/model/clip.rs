@@ -1,8 +1,9 @@
 //! CLIP text encoder (transformers' `CLIPTextModel`, keys under `text_model.`; with
 //! `text_projection` at the root, `CLIPTextModelWithProjection`, SDXL's second encoder).
 
+use super::nn::Linear;
 use candle_core::{DType, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{ClipActivation, ClipConfig};
 use super::nn::{attention, linear, LayerNorm};

@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use super::nn::Linear;
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use super::clip::EncoderLayer;
 use super::config::{ClipActivation, ClipConfig};
@@ -174,7 +175,7 @@ impl ClipVisionModel {
                 .map(|i| EncoderLayer::new(&clip, false, vm.pp(format!("encoder.layers.{i}"))))
                 .collect::<Result<Vec<_>>>()?,
             post_layernorm: LayerNorm::new(d, cfg.layer_norm_eps, vm.pp("post_layernorm"))?,
-            visual_projection: candle_nn::linear_no_bias(
+            visual_projection: super::nn::linear_no_bias(
                 d,
                 cfg.projection_dim,
                 vb.pp("visual_projection"),

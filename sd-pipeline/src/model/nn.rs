@@ -1,7 +1,7 @@
 //! Shared layers: layer norm, attention, convolutions, with a differentiable path.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// Layer norm over the last dimension. Uses candle's fused kernel for inference and the
 /// differentiable formula when a gradient is being tracked (the fused op has no backward).
@@ -41,12 +41,56 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A linear layer: candle's, except on the CPU in bf16 precision
+/// ([`crate::cpu::matmul::Precision`]), where inference goes through
+/// [`crate::cpu::linear_op::linear_infer`].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            inner: candle_nn::Linear::new(weight, bias),
+        }
+    }
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use crate::cpu::matmul::{precision, Precision};
+        let w = self.inner.weight();
+        let b = self.inner.bias();
+        let bf16 = precision() == Precision::Bf16
+            && x.device().is_cpu()
+            && x.dtype() == candle_core::DType::F32
+            && w.dtype() == candle_core::DType::F32
+            && !(x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op()));
+        if bf16 {
+            crate::cpu::linear_op::linear_infer(x, w, b)
+        } else {
+            self.inner.forward(x)
+        }
+    }
+}
+
 pub fn linear(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear(i, o, vb)
+    Ok(Linear {
+        inner: candle_nn::linear(i, o, vb)?,
+    })
 }
 
 pub fn linear_no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear_no_bias(i, o, vb)
+    Ok(Linear {
+        inner: candle_nn::linear_no_bias(i, o, vb)?,
+    })
 }
 
 /// A 2-D convolution. On the CPU in f32: [`crate::cpu::conv_op::conv2d_infer`] (im2col + one gemm

@@ -2,8 +2,9 @@
 //! with per-sample timesteps and additive residuals (ControlNet) on the skip connections and
 //! the mid block.
 
+use super::nn::Linear;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::nn::{Conv2d, GroupNorm};
 use sd_plugins_api::{AddedCond, Residuals, UNetAdditions};

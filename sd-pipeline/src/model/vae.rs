@@ -1,7 +1,8 @@
 //! diffusers `AutoencoderKL` (encoder, decoder, quant convs).
 
+use super::nn::Linear;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::nn::{Conv2d, GroupNorm};
 

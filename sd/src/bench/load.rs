@@ -41,15 +41,15 @@ impl LoadBench {
     /// Load the model once, then `iters` more times.
     pub fn run(&self) -> Result<LoadReport> {
         let device = crate::device::device(&self.device)?;
-        let dtype = crate::device::dtype(&self.dtype)?;
-        crate::device::check_dtype(&device, dtype)?;
+        let requested = crate::device::dtype(&self.dtype)?;
+        let dtype = crate::device::compute_dtype(&device, requested)?;
         let (mean, min, first) = timed(self.iters, &device, &|| {
             sd_pipeline::StableDiffusion::load_with_vae(&self.model, &device, dtype, &[], None)?;
             Ok(())
         })?;
         Ok(LoadReport {
             model: self.model.clone(),
-            dtype,
+            dtype: requested,
             device: self.device.clone(),
             iters: self.iters,
             first_s: first,

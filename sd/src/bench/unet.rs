@@ -133,8 +133,8 @@ impl UnetBench {
     /// in `iters` alternating rounds.
     pub fn run(&self) -> Result<UnetReport> {
         let device = crate::device::device(&self.device)?;
-        let dtype = crate::device::dtype(&self.dtype)?;
-        crate::device::check_dtype(&device, dtype)?;
+        let requested = crate::device::dtype(&self.dtype)?;
+        let dtype = crate::device::compute_dtype(&device, requested)?;
         let cfg = self.arch.unet_config();
         let t = Instant::now();
         let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
@@ -298,7 +298,7 @@ impl UnetBench {
             height: self.height,
             batch: b,
             cfg_batch,
-            dtype,
+            dtype: requested,
             device: self.device.clone(),
             iters: self.iters,
             build_s: build.as_secs_f64(),

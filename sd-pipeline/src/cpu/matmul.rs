@@ -1,0 +1,249 @@
+//! The one f32 matrix product the CPU kernels call (convolutions, attention, linear layers), in
+//! the process's compute precision: f32 through the `gemm` crate (the parity-tested path), or
+//! bf16 products with f32 sums ([`super::bf16_gemm`]) when `--dtype bf16` runs on a CPU with
+//! AVX512-BF16. Tensors stay f32 either way: weights are rounded as they are packed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A strided matrix operand.
+#[derive(Clone, Copy)]
+pub struct Mat {
+    ptr: *const f32,
+    /// Distance between rows, in elements.
+    pub rs: isize,
+    /// Distance between columns, in elements.
+    pub cs: isize,
+}
+
+/// A strided destination.
+#[derive(Clone, Copy)]
+pub struct MatMut {
+    ptr: *mut f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+// SAFETY: a product's threads only read through `Mat` and write disjoint tiles through
+// `MatMut`; the caller of `matmul` keeps the memory valid for the call.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+unsafe impl Send for MatMut {}
+unsafe impl Sync for MatMut {}
+
+impl Mat {
+    pub fn new(ptr: *const f32, rs: isize, cs: isize) -> Self {
+        Self { ptr, rs, cs }
+    }
+    pub(super) fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+    /// # Safety
+    /// The element must lie inside the matrix's allocation.
+    pub(super) unsafe fn at(self, r: usize, c: usize) -> *const f32 {
+        self.ptr.offset(r as isize * self.rs + c as isize * self.cs)
+    }
+    /// # Safety
+    /// As [`Mat::at`].
+    pub(super) unsafe fn offset(self, r: usize, c: usize) -> Self {
+        Self {
+            ptr: self.at(r, c),
+            ..self
+        }
+    }
+}
+
+impl MatMut {
+    pub fn new(ptr: *mut f32, rs: isize, cs: isize) -> Self {
+        Self { ptr, rs, cs }
+    }
+    /// # Safety
+    /// As [`Mat::at`].
+    pub(super) unsafe fn at(self, r: usize, c: usize) -> *mut f32 {
+        self.ptr.offset(r as isize * self.rs + c as isize * self.cs)
+    }
+    /// # Safety
+    /// As [`Mat::at`].
+    pub(super) unsafe fn offset(self, r: usize, c: usize) -> Self {
+        Self {
+            ptr: self.at(r, c),
+            ..self
+        }
+    }
+}
+
+static BF16: AtomicBool = AtomicBool::new(false);
+
+/// The precision of the CPU kernels' products for this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    /// bf16 products, f32 sums (AVX512-BF16 only).
+    Bf16,
+}
+
+/// Whether this CPU can compute in [`Precision::Bf16`].
+pub fn bf16_supported() -> bool {
+    super::bf16_gemm::supported()
+}
+
+/// Sets the precision of every later product (a generation sets it as it starts; generations
+/// run one at a time). `Bf16` on a CPU without AVX512-BF16 is an error.
+pub fn set_precision(p: Precision) -> Result<(), String> {
+    if p == Precision::Bf16 && !bf16_supported() {
+        return Err(
+            "bf16 on the CPU needs AVX512-BF16 (vdpbf16ps), which this CPU lacks; use --dtype f32"
+                .into(),
+        );
+    }
+    BF16.store(p == Precision::Bf16, Ordering::Relaxed);
+    Ok(())
+}
+
+pub fn precision() -> Precision {
+    if BF16.load(Ordering::Relaxed) {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    }
+}
+
+/// rayon's thread count (what a product that may use every thread asks for).
+pub fn all_threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// `dst[m, n] = (accumulate ? dst : 0) + alpha * lhs[m, k] x rhs[k, n]` on up to `threads` of
+/// rayon's threads (1: the calling thread only), in the process's [`precision`].
+///
+/// # Safety
+/// Every element the strides address (`r < m`, `c < n`, `p < k`) must be valid: readable for
+/// `lhs` / `rhs`, writable and aliased by neither for `dst`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    alpha: f32,
+    threads: usize,
+) {
+    matmul_in(
+        precision(),
+        m,
+        n,
+        k,
+        dst,
+        accumulate,
+        lhs,
+        rhs,
+        alpha,
+        threads,
+    )
+}
+
+/// [`matmul`] in the given precision (`Bf16` needs [`bf16_supported`]).
+///
+/// # Safety
+/// As [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_in(
+    precision: Precision,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    alpha: f32,
+    threads: usize,
+) {
+    if precision == Precision::Bf16 && m > 0 && n > 0 && k > 0 {
+        if dst.cs == 1 {
+            return super::bf16_gemm::gemm(m, n, k, dst, accumulate, lhs, rhs, alpha, threads);
+        }
+        if dst.rs == 1 {
+            // dst^T = rhs^T x lhs^T into a row-major dst^T
+            let dt = MatMut {
+                ptr: dst.ptr,
+                rs: dst.cs,
+                cs: 1,
+            };
+            return super::bf16_gemm::gemm(
+                n,
+                m,
+                k,
+                dt,
+                accumulate,
+                rhs.t(),
+                lhs.t(),
+                alpha,
+                threads,
+            );
+        }
+    }
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m, n, k, dst.ptr, dst.cs, dst.rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs,
+        rhs.rs, 1.0, alpha, false, false, false, par,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A column-major destination goes through the transposed product in bf16 and gives what
+    /// the row-major one gives.
+    #[test]
+    fn column_major_destination_in_bf16() {
+        if !bf16_supported() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let (m, n, k) = (37, 90, 21);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+            .collect();
+        let (mut row, mut col) = (vec![0f32; m * n], vec![0f32; m * n]);
+        let (l, r) = (
+            Mat::new(a.as_ptr(), k as isize, 1),
+            Mat::new(b.as_ptr(), n as isize, 1),
+        );
+        unsafe {
+            let d = MatMut::new(row.as_mut_ptr(), n as isize, 1);
+            matmul_in(Precision::Bf16, m, n, k, d, false, l, r, 1.0, 1);
+            let d = MatMut::new(col.as_mut_ptr(), 1, m as isize);
+            matmul_in(Precision::Bf16, m, n, k, d, false, l, r, 1.0, 1);
+        }
+        let mut f32s = vec![0f32; m * n];
+        unsafe {
+            let d = MatMut::new(f32s.as_mut_ptr(), n as isize, 1);
+            matmul_in(Precision::F32, m, n, k, d, false, l, r, 1.0, 1);
+        }
+        for i in 0..m {
+            for j in 0..n {
+                assert!((row[i * n + j] - col[j * m + i]).abs() < 1e-5);
+                // the operands (multiples of 0.1 up to 0.6) lose at most 2^-9 relative to bf16
+                assert!(
+                    (row[i * n + j] - f32s[i * n + j]).abs() < 0.02,
+                    "bf16 far from f32"
+                );
+            }
+        }
+    }
+}
