@@ -10,8 +10,8 @@ two can be compared side by side in one run on one machine. CI does not run this
     sdctl bench unet --arch sd15 --iters 3 --t2i-adapter --ip-adapter
 
 Needs torch and diffusers (see tests/fixtures/make_fixtures.py for the pinned versions). Random
-weights with the real SD1.5 (or SDXL base) architecture, f32, CPU, torch.inference_mode, default
-thread count.
+weights with the real SD1.5 (or SDXL base) architecture, f32 (or `--dtype bf16`: CPU autocast to
+bf16, PyTorch's own bf16 path), CPU, torch.inference_mode, default thread count.
 """
 
 import argparse
@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     ap.add_argument("--t2i-adapter", action="store_true")
     ap.add_argument("--ip-adapter", action="store_true")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                    help="bf16: torch.autocast('cpu', torch.bfloat16) around every call (f32 weights)")
     a = ap.parse_args()
     torch.manual_seed(0)
     if a.arch == "sdxl":  # stabilityai/stable-diffusion-xl-base-1.0's UNet config
@@ -62,8 +64,11 @@ def main():
         ids = torch.tensor([[a.height, a.width, 0, 0, a.height, a.width]], dtype=torch.float32)
         added = dict(text_embeds=torch.randn(a.batch, 1280), time_ids=ids.repeat(a.batch, 1))
 
+    import contextlib
+    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bf16" else contextlib.nullcontext
+
     def run(with_control):
-        with torch.inference_mode():
+        with torch.inference_mode(), cast():
             down, mid = None, None
             if with_control:
                 for n in nets:
@@ -95,7 +100,7 @@ def main():
         t2i_once = time.perf_counter() - s0
 
         def t2i():
-            with torch.inference_mode():
+            with torch.inference_mode(), cast():
                 unet(x, t, ctx, added_cond_kwargs=added,
                      down_intrablock_additional_residuals=[f.clone() for f in feats])
         extra["t2i-adapter"] = (t2i, t2i_once)
@@ -119,7 +124,7 @@ def main():
         ip_added = dict(added or {}, image_embeds=[embeds])
 
         def ip():
-            with torch.inference_mode():
+            with torch.inference_mode(), cast():
                 ipu(x, t, ctx, added_cond_kwargs=ip_added)
         extra["ip-adapter"] = (ip, 0.0)
 
@@ -153,7 +158,7 @@ def main():
             else:
                 ad_times[k].append(timed(extra[k][0]))
     mean, mn = sum(plain) / len(plain), min(plain)
-    print(f"diffusers unet {a.arch} {a.width}x{a.height} batch {a.batch} f32 cpu (torch {torch.__version__}, "
+    print(f"diffusers unet {a.arch} {a.width}x{a.height} batch {a.batch} {a.dtype} cpu (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads): {mean:.3f} s/call (mean of {a.iters}, min {mn:.3f}, first {first:.3f}); "
           f"peak RSS {plain_rss:.2f} GiB")
     if nets:

@@ -32,6 +32,9 @@ pub struct VaeBenchArgs {
     pub tile: Option<usize>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// f32, or bf16 (on the CPU: bf16 products with f32 sums, AVX512-BF16)
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 #[derive(Args, Debug)]
@@ -153,19 +156,22 @@ pub fn run(cmd: BenchCommand) -> CliResult {
                 return Err("--tile: use a multiple of 8 in 64..=4096".into());
             }
             let device = sd::device::device(&a.device)?;
+            let dtype = sd::device::dtype(&a.dtype)?;
             let r = sd::bench::VaeBench {
                 size: a.size,
                 tile: a.tile,
                 device,
+                dtype,
             }
             .run()?;
             println!(
-                "vae decode {0}x{0} {1}: {2:.2} s, peak RSS {3}",
+                "vae decode {0}x{0} {1} {4:?}: {2:.2} s, peak RSS {3}",
                 r.size,
                 r.tile
                     .map_or("whole".to_string(), |t| format!("tiles of {t}")),
                 r.seconds,
-                sd::bench::rss_text(r.peak_rss_bytes)
+                sd::bench::rss_text(r.peak_rss_bytes),
+                dtype,
             );
             Ok(())
         }

@@ -18,6 +18,8 @@ pub struct VaeBench {
     /// `None`: whole; else tiles of this many image pixels, a quarter overlap.
     pub tile: Option<usize>,
     pub device: Device,
+    /// f32, f16, or bf16 (on the CPU: f32 tensors, bf16 products).
+    pub dtype: DType,
 }
 
 #[derive(Debug, Serialize)]
@@ -40,14 +42,16 @@ fn sd15_vae() -> VaeConfig {
 
 impl VaeBench {
     pub fn run(&self) -> Result<VaeReport> {
-        let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, self.device.clone());
+        let dtype = crate::device::compute_dtype(&self.device, self.dtype)?;
+        let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, self.device.clone());
         let vae = AutoencoderKL::new(&sd15_vae(), vb.pp("vae"))?;
         let z = Tensor::randn(
             0f32,
             1.0,
             (1, 4, self.size / 8, self.size / 8),
             &self.device,
-        )?;
+        )?
+        .to_dtype(dtype)?;
         let seconds = once(&self.device, &|| {
             let img = match self.tile {
                 Some(t) => vae.decode_tiled(
@@ -59,7 +63,7 @@ impl VaeBench {
                 )?,
                 None => vae.decode(&z)?,
             };
-            img.sum_all()?.to_scalar::<f32>()?;
+            img.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
             Ok(())
         })?;
         Ok(VaeReport {

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# bf16 on the CPU (issue: CPU speed, round two), one run on one machine: the SD1.5 UNet CFG step
+# at 512 (+ 1 ControlNet) and the SD1.5 VAE decode at 512 in f32 and bf16, PyTorch (f32, and
+# bf16 through CPU autocast) beside sdctl; then the accuracy of bf16: one 512x512 generation of
+# the random SD1.5 folder in f32 and in bf16 (same seed), the PSNR of the bf16 image against the
+# f32 one. Needs torch + diffusers (PYTHON) and a release sdctl (SDCTL). CI does not run this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+S=${SDCTL:-target/release/sdctl}
+SD15=${SD15:-/tmp/sd15-random}
+ITERS=${ITERS:-3}
+[ -d "$SD15" ] || "$PY" benches/make_sd15_random.py "$SD15"
+date; grep -m1 "model name" /proc/cpuinfo || true; nproc; grep -o -m1 avx512_bf16 /proc/cpuinfo || true
+for dt in f32 bf16; do
+  "$PY" benches/compare.py --width 512 --height 512 --batch 2 --iters "$ITERS" --controlnet 1 --dtype "$dt"
+  "$S" bench unet --width 512 --height 512 --batch 2 --iters "$ITERS" --controlnet 1 --dtype "$dt"
+done
+for dt in f32 bf16; do
+  "$PY" - "$dt" <<'PY'
+import sys, time, torch, contextlib
+from diffusers import AutoencoderKL
+torch.manual_seed(0)
+vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                    up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4).eval()
+z = torch.randn(1, 4, 64, 64)
+cast = torch.autocast("cpu", dtype=torch.bfloat16) if sys.argv[1] == "bf16" else contextlib.nullcontext()
+ts = []
+with torch.inference_mode(), cast:
+    for _ in range(3):
+        t = time.perf_counter(); vae.decode(z); ts.append(time.perf_counter() - t)
+print(f"diffusers vae decode 512x512 {sys.argv[1]}: {min(ts):.2f} s (min of 3, first {ts[0]:.2f})")
+PY
+  for _ in 1 2; do "$S" bench vae --size 512 --dtype "$dt"; done
+done
+for dt in f32 bf16; do
+  "$S" generate --model "$SD15" --prompt "a red circle on a blue background" --steps 4 \
+    --sampler "DPM++ 2M" --schedule karras --width 512 --height 512 --seed 7 --dtype "$dt" \
+    --output "/tmp/bf16-check-$dt.png"
+done
+"$PY" - <<'PY'
+import numpy as np
+from PIL import Image
+a = np.asarray(Image.open("/tmp/bf16-check-f32.png")).astype(np.float64)
+b = np.asarray(Image.open("/tmp/bf16-check-bf16.png")).astype(np.float64)
+mse = ((a - b) ** 2).mean()
+print(f"bf16 vs f32 image, SD1.5-size random model, 512x512, 4 steps DPM++ 2M Karras: "
+      f"PSNR {10 * np.log10(255 ** 2 / mse):.1f} dB, max |diff| {np.abs(a - b).max():.0f} levels")
+PY
+date
