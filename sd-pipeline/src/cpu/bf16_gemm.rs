@@ -223,7 +223,7 @@ unsafe fn convert_contiguous(src: *const f32, len: usize, out: &mut [u32]) {
         let v = _mm512_cvtne2ps_pbh(b, a);
         _mm512_storeu_si512(
             out.as_mut_ptr().add(i / 2) as *mut _,
-            std::mem::transmute(v),
+            std::mem::transmute::<__m512bh, __m512i>(v),
         );
         i += 32;
     }
@@ -291,7 +291,7 @@ unsafe fn pack_row_pair(
     run: &mut [u32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if cols % 16 == 0 {
+    if cols.is_multiple_of(16) {
         return pack_row_pair_avx512(r0, r1, cols, o);
     }
     let (even, odd) = run.split_at_mut(NR / 2 + 8);
@@ -319,7 +319,7 @@ unsafe fn pack_row_pair_avx512(r0: *const f32, r1: Option<*const f32>, cols: usi
     for c in (0..cols).step_by(16) {
         let a = _mm512_loadu_ps(r0.add(c));
         let b = r1.map_or(_mm512_setzero_ps(), |r1| _mm512_loadu_ps(r1.add(c)));
-        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+        let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a));
         _mm512_storeu_si512(
             o.as_mut_ptr().add(c).cast(),
             _mm512_permutexvar_epi16(idx, v),
@@ -371,10 +371,11 @@ unsafe fn kernel(
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     let (mut a, mut b) = (a, b);
     for _ in 0..kc2 {
-        let bv: [__m512bh; NV] =
-            std::array::from_fn(|h| std::mem::transmute(_mm512_load_si512(b.add(16 * h).cast())));
+        let bv: [__m512bh; NV] = std::array::from_fn(|h| {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_load_si512(b.add(16 * h).cast()))
+        });
         for (r, row) in acc.iter_mut().enumerate() {
-            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r) as i32));
+            let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*a.add(r) as i32));
             for (h, v) in row.iter_mut().enumerate() {
                 *v = _mm512_dpbf16_ps(*v, av, bv[h]);
             }
