@@ -134,22 +134,86 @@ impl AlignedBuf {
     }
 }
 
+/// A left operand converted and packed once, for products that reuse it (attention's keys and
+/// values across its blocks of queries): the blocks in the order [`serial`] reads them.
+pub struct PackedLhs {
+    m: usize,
+    k: usize,
+    data: Vec<u32>,
+}
+
+impl PackedLhs {
+    /// Packs `lhs[m, k]`.
+    ///
+    /// # Safety
+    /// Every element the strides address must be readable; [`supported`] must be true.
+    pub unsafe fn new(lhs: Mat, m: usize, k: usize) -> Self {
+        let (k2, m_pad) = (k.div_ceil(2), m.div_ceil(MR) * MR);
+        let mut data = vec![0u32; k2 * m_pad];
+        PACK.with_borrow_mut(|[_, _, run]| {
+            let run = run.get(KC2.max(NR) + 16);
+            for q0 in (0..k2).step_by(KC2) {
+                let kc2 = KC2.min(k2 - q0);
+                let (p0, kc) = (2 * q0, (2 * kc2).min(k - 2 * q0));
+                for i0 in (0..m).step_by(MC) {
+                    let mc = MC.min(m - i0);
+                    let at = q0 * m_pad + kc2 * i0;
+                    let len = kc2 * mc.div_ceil(MR) * MR;
+                    pack_lhs(lhs, i0, mc, p0, kc, &mut data[at..at + len], run);
+                }
+            }
+        });
+        Self { m, k, data }
+    }
+
+    fn block(&self, q0: usize, kc2: usize, i0: usize) -> &[u32] {
+        let at = q0 * self.m.div_ceil(MR) * MR + kc2 * i0;
+        &self.data[at..]
+    }
+}
+
+/// A left operand as given, or packed beforehand.
+#[derive(Clone, Copy)]
+enum Lhs<'a> {
+    Strided(Mat),
+    Packed(&'a PackedLhs),
+}
+
+/// [`gemm`] with a packed left operand, on the calling thread.
+///
+/// # Safety
+/// As [`gemm`], for `dst[a.m, n]` and `rhs[a.k, n]`.
+pub(super) unsafe fn gemm_packed_lhs(
+    a: &PackedLhs,
+    n: usize,
+    dst: MatMut,
+    accumulate: bool,
+    rhs: Mat,
+    alpha: f32,
+) {
+    debug_assert!(dst.cs == 1 && supported());
+    if a.m > 0 && n > 0 && a.k > 0 {
+        serial(a.m, n, a.k, dst, accumulate, Lhs::Packed(a), rhs, alpha);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-unsafe fn serial(
+unsafe fn serial<'a>(
     m: usize,
     n: usize,
     k: usize,
     dst: MatMut,
     accumulate: bool,
-    lhs: Mat,
+    lhs: impl Into<Lhs<'a>>,
     rhs: Mat,
     alpha: f32,
 ) {
+    let lhs = lhs.into();
     let k2 = k.div_ceil(2);
     PACK.with_borrow_mut(|[abuf, bbuf, run]| {
         let kc2_max = KC2.min(k2);
         let bp = bbuf.get(kc2_max * NC.min(n.div_ceil(NR) * NR));
-        let ap = abuf.get(kc2_max * MC.min(m.div_ceil(MR) * MR));
+        let ap_buf = abuf.get(kc2_max * MC.min(m.div_ceil(MR) * MR));
         let run = run.get(KC2.max(NR) + 16);
         for j0 in (0..n).step_by(NC) {
             let nc = NC.min(n - j0);
@@ -160,7 +224,13 @@ unsafe fn serial(
                 pack_rhs(rhs, p0, kc, j0, nc, bp, run);
                 for i0 in (0..m).step_by(MC) {
                     let mc = MC.min(m - i0);
-                    pack_lhs(lhs, i0, mc, p0, kc, ap, run);
+                    let ap: &[u32] = match lhs {
+                        Lhs::Strided(l) => {
+                            pack_lhs(l, i0, mc, p0, kc, ap_buf, run);
+                            ap_buf
+                        }
+                        Lhs::Packed(a) => a.block(q0, kc2, i0),
+                    };
                     for js in 0..nc.div_ceil(NR) {
                         let bsl = bp.as_ptr().add(js * kc2 * NR);
                         let cols = NR.min(nc - js * NR);
@@ -188,6 +258,12 @@ unsafe fn serial(
             }
         }
     });
+}
+
+impl From<Mat> for Lhs<'_> {
+    fn from(m: Mat) -> Self {
+        Lhs::Strided(m)
+    }
 }
 
 /// `len` values at `src` (stride `step`) as bf16 pairs into `out[..len.div_ceil(2)]`, the last
@@ -426,6 +502,51 @@ mod tests {
         assert_eq!(round_bf16(-2.5), -2.5);
         assert!(round_bf16(f32::NAN).is_nan());
         assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+    }
+
+    /// A packed left operand gives what the strided one gives, across several depth blocks and
+    /// row blocks (k over 2 * KC2, m over MC), transposed as attention's values are.
+    #[test]
+    fn packed_left_operand_equals_strided() {
+        if !supported() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let (m, n, k) = (203, 77, 1601);
+        let a = values(m * k, 4);
+        let b = values(k * n, 5);
+        for transposed in [false, true] {
+            let lhs = if transposed {
+                Mat::new(a.as_ptr(), 1, m as isize)
+            } else {
+                Mat::new(a.as_ptr(), k as isize, 1)
+            };
+            let rhs = Mat::new(b.as_ptr(), n as isize, 1);
+            let (mut d1, mut d2) = (vec![0f32; m * n], vec![0f32; m * n]);
+            unsafe {
+                gemm(
+                    m,
+                    n,
+                    k,
+                    MatMut::new(d1.as_mut_ptr(), n as isize, 1),
+                    false,
+                    lhs,
+                    rhs,
+                    1.0,
+                    1,
+                );
+                let p = PackedLhs::new(lhs, m, k);
+                gemm_packed_lhs(
+                    &p,
+                    n,
+                    MatMut::new(d2.as_mut_ptr(), n as isize, 1),
+                    false,
+                    rhs,
+                    1.0,
+                );
+            }
+            assert_eq!(d1, d2, "transposed {transposed}");
+        }
     }
 
     /// Every layout the callers use (row-major, transposed, column-major destination), odd and

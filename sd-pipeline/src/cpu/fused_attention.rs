@@ -6,7 +6,7 @@
 //! made, and no `(B*H, N, N)` score tensor ever exists. Blocks run in parallel, each gemm on one
 //! thread. The plain path in `nn::attention` is the reference it is tested against.
 
-use super::matmul::{matmul, Mat, MatMut};
+use super::matmul::{matmul, matmul_packed_lhs, precision, Mat, MatMut, PackedLhs, Precision};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -75,73 +75,99 @@ impl CustomOp3 for FusedAttention {
         let (heads, d) = (self.heads, inner / self.heads);
         let mut out = vec![0f32; b * sq * inner];
         let dst = OutPtr(out.as_mut_ptr());
-        let block_rows = match super::matmul::precision() {
-            super::matmul::Precision::F32 => ROWS,
-            super::matmul::Precision::Bf16 => ROWS_BF16,
-        };
+        let bf16 = precision() == Precision::Bf16;
+        let block_rows = if bf16 { ROWS_BF16 } else { ROWS };
         let blocks = sq.div_ceil(block_rows);
-        (0..b * heads * blocks).into_par_iter().for_each(|task| {
-            let (bh, blk) = (task / blocks, task % blocks);
-            let (bi, h) = (bh / heads, bh % heads);
-            let r0 = blk * block_rows;
-            let rows = block_rows.min(sq - r0);
-            let q0 = &q[(bi * sq + r0) * inner + h * d..];
-            let k0 = &k[bi * sk * inner + h * d..];
-            let v0 = &v[bi * sk * inner + h * d..];
-            SCRATCH.with_borrow_mut(|scratch| {
-                // scores column-major [sk][rows] (the gemms' natural layout: neither packs or
-                // transposes it), then the block's output column-major [d][rows], row stats
-                let need = rows * sk + rows * d + 2 * rows;
-                if scratch.len() < need {
-                    scratch.resize(need, 0.0);
-                }
-                let (scores, rest) = scratch.split_at_mut(rows * sk);
-                let (out_t, rest) = rest.split_at_mut(rows * d);
-                let (max, rest) = rest.split_at_mut(rows);
-                let sum = &mut rest[..rows];
-                // SAFETY: the strides below stay inside q/k/v (row r < rows of Sq, key j < Sk,
-                // column < d within the head) and inside `scores` / `out_t`.
-                unsafe {
-                    // scores[r, j] = scale * q_blk[r, :] . k[j, :]
-                    matmul(
-                        rows,
-                        sk,
-                        d,
-                        MatMut::new(scores.as_mut_ptr(), 1, rows as isize),
-                        false,
-                        Mat::new(q0.as_ptr(), inner as isize, 1),
-                        Mat::new(k0.as_ptr(), 1, inner as isize),
-                        self.scale,
-                        1,
-                    );
-                }
-                softmax_columns(scores, max, sum);
-                // SAFETY: as above; `out_t` is [d][rows].
-                unsafe {
-                    // out_t[r, i] = sum_j p[r, j] v[j, i]
-                    matmul(
-                        rows,
-                        d,
-                        sk,
-                        MatMut::new(out_t.as_mut_ptr(), 1, rows as isize),
-                        false,
-                        Mat::new(scores.as_ptr(), 1, rows as isize),
-                        Mat::new(v0.as_ptr(), inner as isize, 1),
-                        1.0,
-                        1,
-                    );
-                }
-                let o0 = (bi * sq + r0) * inner + h * d;
-                for (r, s) in sum.iter().enumerate() {
-                    let inv = 1.0 / s;
-                    // SAFETY: out[rows, d] at row stride `inner` is this block's own region.
-                    let row = unsafe { std::slice::from_raw_parts_mut(dst.at(o0 + r * inner), d) };
-                    for (i, x) in row.iter_mut().enumerate() {
-                        *x = out_t[i * rows + r] * inv;
-                    }
+        // f32: a task per block of queries; bf16: a task per head, its keys and values converted
+        // and packed once for all its blocks
+        let per_task = if bf16 { blocks } else { 1 };
+        (0..b * heads * blocks / per_task)
+            .into_par_iter()
+            .for_each(|task| {
+                let (bh, first) = (task * per_task / blocks, task * per_task % blocks);
+                let (bi, h) = (bh / heads, bh % heads);
+                let k0 = &k[bi * sk * inner + h * d..];
+                let v0 = &v[bi * sk * inner + h * d..];
+                // SAFETY: k[j, :] and v^T[:, j] for j < sk within the head stay inside k / v.
+                let packed = bf16.then(|| unsafe {
+                    (
+                        PackedLhs::new(Mat::new(k0.as_ptr(), inner as isize, 1), sk, d),
+                        PackedLhs::new(Mat::new(v0.as_ptr(), 1, inner as isize), d, sk),
+                    )
+                });
+                for blk in first..first + per_task {
+                    let r0 = blk * block_rows;
+                    let rows = block_rows.min(sq - r0);
+                    let q0 = &q[(bi * sq + r0) * inner + h * d..];
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        // scores column-major [sk][rows] (the gemms' natural layout: neither packs or
+                        // transposes it), then the block's output column-major [d][rows], row stats
+                        let need = rows * sk + rows * d + 2 * rows;
+                        if scratch.len() < need {
+                            scratch.resize(need, 0.0);
+                        }
+                        let (scores, rest) = scratch.split_at_mut(rows * sk);
+                        let (out_t, rest) = rest.split_at_mut(rows * d);
+                        let (max, rest) = rest.split_at_mut(rows);
+                        let sum = &mut rest[..rows];
+                        // SAFETY: the strides below stay inside q/k/v (row r < rows of Sq, key j < Sk,
+                        // column < d within the head) and inside `scores` / `out_t`.
+                        unsafe {
+                            // scores[r, j] = scale * q_blk[r, :] . k[j, :]
+                            let s_t = MatMut::new(scores.as_mut_ptr(), rows as isize, 1);
+                            let q_t = Mat::new(q0.as_ptr(), 1, inner as isize);
+                            match &packed {
+                                Some((pk, _)) => {
+                                    matmul_packed_lhs(pk, rows, s_t, false, q_t, self.scale)
+                                }
+                                None => matmul(
+                                    sk,
+                                    rows,
+                                    d,
+                                    s_t,
+                                    false,
+                                    Mat::new(k0.as_ptr(), inner as isize, 1),
+                                    q_t,
+                                    self.scale,
+                                    1,
+                                ),
+                            }
+                        }
+                        softmax_columns(scores, max, sum);
+                        // SAFETY: as above; `out_t` is [d][rows].
+                        unsafe {
+                            // out_t[i, r] = sum_j v[j, i] p[r, j]
+                            let o_t = MatMut::new(out_t.as_mut_ptr(), rows as isize, 1);
+                            let p_t = Mat::new(scores.as_ptr(), rows as isize, 1);
+                            match &packed {
+                                Some((_, pv)) => matmul_packed_lhs(pv, rows, o_t, false, p_t, 1.0),
+                                None => matmul(
+                                    d,
+                                    rows,
+                                    sk,
+                                    o_t,
+                                    false,
+                                    Mat::new(v0.as_ptr(), 1, inner as isize),
+                                    p_t,
+                                    1.0,
+                                    1,
+                                ),
+                            }
+                        }
+                        let o0 = (bi * sq + r0) * inner + h * d;
+                        for (r, s) in sum.iter().enumerate() {
+                            let inv = 1.0 / s;
+                            // SAFETY: out[rows, d] at row stride `inner` is this block's own region.
+                            let row = unsafe {
+                                std::slice::from_raw_parts_mut(dst.at(o0 + r * inner), d)
+                            };
+                            for (i, x) in row.iter_mut().enumerate() {
+                                *x = out_t[i * rows + r] * inv;
+                            }
+                        }
+                    });
                 }
             });
-        });
         Ok((CpuStorage::F32(out), Shape::from((b, sq, inner))))
     }
 }

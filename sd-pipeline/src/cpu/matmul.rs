@@ -75,6 +75,25 @@ impl MatMut {
     }
 }
 
+pub use super::bf16_gemm::PackedLhs;
+
+/// `dst[m, n] = (accumulate ? dst : 0) + alpha * a x rhs[k, n]` on the calling thread, `a` a left
+/// operand packed for bf16 ([`PackedLhs::new`], only in [`Precision::Bf16`]), `dst` row-major.
+///
+/// # Safety
+/// As [`matmul`]; `dst.cs == 1`.
+pub unsafe fn matmul_packed_lhs(
+    a: &PackedLhs,
+    n: usize,
+    dst: MatMut,
+    accumulate: bool,
+    rhs: Mat,
+    alpha: f32,
+) {
+    assert_eq!(dst.cs, 1, "matmul_packed_lhs: a row-major destination");
+    super::bf16_gemm::gemm_packed_lhs(a, n, dst, accumulate, rhs, alpha)
+}
+
 static BF16: AtomicBool = AtomicBool::new(false);
 
 /// The precision of the CPU kernels' products for this process.
