@@ -132,6 +132,12 @@ impl AlignedBuf {
         let off = self.raw.as_ptr().align_offset(64).min(15);
         &mut self.raw[off..off + len]
     }
+
+    /// The first `len` values [`AlignedBuf::get`] gave.
+    fn slice(&self, len: usize) -> &[u32] {
+        let off = self.raw.as_ptr().align_offset(64).min(15);
+        &self.raw[off..off + len]
+    }
 }
 
 /// A left operand converted and packed once, for products that reuse it (attention's keys and
@@ -172,6 +178,107 @@ impl PackedLhs {
     }
 }
 
+/// A right operand converted and packed once (a linear layer's weights, kept by the layer): the
+/// blocks in the order [`serial`] reads them, 64-byte aligned.
+pub struct PackedRhs {
+    k: usize,
+    n: usize,
+    data: AlignedBuf,
+}
+
+impl PackedRhs {
+    /// Packs `rhs[k, n]`.
+    ///
+    /// # Safety
+    /// Every element the strides address must be readable; [`supported`] must be true.
+    pub unsafe fn new(rhs: Mat, k: usize, n: usize) -> Self {
+        let (k2, n_pad) = (k.div_ceil(2), n.div_ceil(NR) * NR);
+        let mut data = AlignedBuf::default();
+        let buf = data.get(k2 * n_pad);
+        PACK.with_borrow_mut(|[_, _, run]| {
+            let run = run.get(KC2.max(NR) + 16);
+            for j0 in (0..n).step_by(NC) {
+                let nc = NC.min(n - j0);
+                for q0 in (0..k2).step_by(KC2) {
+                    let kc2 = KC2.min(k2 - q0);
+                    let (p0, kc) = (2 * q0, (2 * kc2).min(k - 2 * q0));
+                    let at = j0 * k2 + q0 * nc.div_ceil(NR) * NR;
+                    let len = kc2 * nc.div_ceil(NR) * NR;
+                    pack_rhs(rhs, p0, kc, j0, nc, &mut buf[at..at + len], run);
+                }
+            }
+        });
+        Self { k, n, data }
+    }
+
+    /// Depth and width (`k`, `n`).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    fn block(&self, j0: usize, q0: usize) -> &[u32] {
+        let (k2, nc) = (self.k.div_ceil(2), NC.min(self.n - j0));
+        let at = j0 * k2 + q0 * nc.div_ceil(NR) * NR;
+        &self
+            .data
+            .slice(self.k.div_ceil(2) * self.n.div_ceil(NR) * NR)[at..]
+    }
+}
+
+/// [`gemm`] with a packed right operand: `dst[m, b.n] (+)= alpha * lhs[m, b.k] x b`, rows split
+/// over up to `threads` of rayon's threads.
+///
+/// # Safety
+/// As [`gemm`].
+pub(super) unsafe fn gemm_packed_rhs(
+    m: usize,
+    dst: MatMut,
+    accumulate: bool,
+    lhs: Mat,
+    b: &PackedRhs,
+    alpha: f32,
+    threads: usize,
+) {
+    debug_assert!(dst.cs == 1 && supported());
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let threads = if m * n * k < 1 << 18 {
+        1
+    } else {
+        threads.max(1)
+    };
+    let step = m.div_ceil(threads).div_ceil(MR) * MR;
+    (0..m.div_ceil(step)).into_par_iter().for_each(|t| {
+        let r0 = t * step;
+        let l = Lhs::Strided(lhs.offset(r0, 0));
+        serial(
+            step.min(m - r0),
+            n,
+            k,
+            dst.offset(r0, 0),
+            accumulate,
+            l,
+            Rhs::Packed(b),
+            alpha,
+        );
+    });
+}
+
+/// A right operand as given, or packed beforehand.
+#[derive(Clone, Copy)]
+enum Rhs<'a> {
+    Strided(Mat),
+    Packed(&'a PackedRhs),
+}
+
+impl From<Mat> for Rhs<'_> {
+    fn from(m: Mat) -> Self {
+        Rhs::Strided(m)
+    }
+}
+
 /// A left operand as given, or packed beforehand.
 #[derive(Clone, Copy)]
 enum Lhs<'a> {
@@ -205,14 +312,14 @@ unsafe fn serial<'a>(
     dst: MatMut,
     accumulate: bool,
     lhs: impl Into<Lhs<'a>>,
-    rhs: Mat,
+    rhs: impl Into<Rhs<'a>>,
     alpha: f32,
 ) {
-    let lhs = lhs.into();
+    let (lhs, rhs) = (lhs.into(), rhs.into());
     let k2 = k.div_ceil(2);
     PACK.with_borrow_mut(|[abuf, bbuf, run]| {
         let kc2_max = KC2.min(k2);
-        let bp = bbuf.get(kc2_max * NC.min(n.div_ceil(NR) * NR));
+        let bp_buf = bbuf.get(kc2_max * NC.min(n.div_ceil(NR) * NR));
         let ap_buf = abuf.get(kc2_max * MC.min(m.div_ceil(MR) * MR));
         let run = run.get(KC2.max(NR) + 16);
         for j0 in (0..n).step_by(NC) {
@@ -221,7 +328,13 @@ unsafe fn serial<'a>(
                 let kc2 = KC2.min(k2 - q0);
                 let (p0, kc) = (2 * q0, (2 * kc2).min(k - 2 * q0));
                 let load = accumulate || q0 > 0;
-                pack_rhs(rhs, p0, kc, j0, nc, bp, run);
+                let bp: &[u32] = match rhs {
+                    Rhs::Strided(r) => {
+                        pack_rhs(r, p0, kc, j0, nc, bp_buf, run);
+                        bp_buf
+                    }
+                    Rhs::Packed(b) => b.block(j0, q0),
+                };
                 for i0 in (0..m).step_by(MC) {
                     let mc = MC.min(m - i0);
                     let ap: &[u32] = match lhs {
@@ -547,6 +660,29 @@ mod tests {
             }
             assert_eq!(d1, d2, "transposed {transposed}");
         }
+        // and a packed right operand (a transposed weight over two column blocks), two threads
+        let (m, n, k) = (50, NC + 70, 900);
+        let (a, w) = (values(m * k, 6), values(n * k, 7));
+        let lhs = Mat::new(a.as_ptr(), k as isize, 1);
+        let rhs = Mat::new(w.as_ptr(), 1, k as isize);
+        let (mut d1, mut d2) = (vec![0.5f32; m * n], vec![0.5f32; m * n]);
+        unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                MatMut::new(d1.as_mut_ptr(), n as isize, 1),
+                true,
+                lhs,
+                rhs,
+                0.5,
+                2,
+            );
+            let p = PackedRhs::new(rhs, k, n);
+            let d = MatMut::new(d2.as_mut_ptr(), n as isize, 1);
+            gemm_packed_rhs(m, d, true, lhs, &p, 0.5, 2);
+        }
+        assert_eq!(d1, d2, "packed right operand");
     }
 
     /// Every layout the callers use (row-major, transposed, column-major destination), odd and

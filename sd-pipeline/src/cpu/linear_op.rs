@@ -1,14 +1,54 @@
 //! `x W^T + b` for inference through [`super::matmul`], so that a linear layer computes in the
-//! process's precision (candle's own matmul serves f32; this op is what `--dtype bf16` uses).
+//! process's precision (candle's own matmul serves f32; this op is what `--dtype bf16` uses,
+//! with the weight converted and packed once and kept by the layer: [`PackedWeight`]).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::conv_op::f32_slice;
-use super::matmul::{all_threads, matmul, Mat, MatMut};
+use super::matmul::{all_threads, matmul_packed_rhs, Mat, MatMut, PackedRhs};
+
+/// A linear layer's weight `W [n, k]` as the packed bf16 right operand `W^T`, made at the first
+/// bf16 call and kept (remade if the layer's weight tensor is replaced).
+#[derive(Default, Clone)]
+pub struct PackedWeight(Arc<Mutex<Option<(candle_core::TensorId, Arc<PackedRhs>)>>>);
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PackedWeight")
+    }
+}
+
+impl PackedWeight {
+    fn get(&self, w: &Tensor) -> Result<Arc<PackedRhs>> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, p)) = slot.as_ref() {
+            if *id == w.id() {
+                return Ok(p.clone());
+            }
+        }
+        let [n, k] = w.dims() else {
+            candle_core::bail!("linear: weight {:?} is not 2-d", w.dims())
+        };
+        let (n, k) = (*n, *k);
+        let w = w.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("linear: the packed weight is for the CPU")
+        };
+        let v = f32_slice(cpu, layout)?;
+        // SAFETY: W^T [k, n] of the row-major W [n, k]: element (p, c) at c * k + p < n * k.
+        let packed = Arc::new(unsafe { PackedRhs::new(Mat::new(v.as_ptr(), 1, k as isize), k, n) });
+        *slot = Some((w.id(), packed.clone()));
+        Ok(packed)
+    }
+}
 
 struct LinearInfer {
     bias: Option<Vec<f32>>,
+    weight: Arc<PackedRhs>,
 }
 
 impl CustomOp2 for LinearInfer {
@@ -20,17 +60,14 @@ impl CustomOp2 for LinearInfer {
         &self,
         xs: &CpuStorage,
         xl: &Layout,
-        ws: &CpuStorage,
+        _ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
+        let x = f32_slice(xs, xl)?;
         let dims = xl.dims();
         let (&k, lead) = dims.split_last().unwrap_or((&0, &[]));
-        let [n, wk] = wl.dims() else {
-            candle_core::bail!("linear: weight {:?} is not 2-d", wl.dims())
-        };
-        let n = *n;
-        if *wk != k || self.bias.as_ref().is_some_and(|b| b.len() != n) {
+        let (wk, n) = self.weight.dims();
+        if wk != k || self.bias.as_ref().is_some_and(|b| b.len() != n) {
             candle_core::bail!("linear: input {dims:?}, weight {:?}", wl.dims());
         }
         let m: usize = lead.iter().product();
@@ -39,16 +76,14 @@ impl CustomOp2 for LinearInfer {
             out.par_chunks_mut(n.max(1))
                 .for_each(|row| row.copy_from_slice(b));
         }
-        // SAFETY: out [m, n] row-major = x [m, k] row-major x W^T (W [n, k] row-major).
+        // SAFETY: out [m, n] row-major = x [m, k] row-major x W^T (packed, [k, n]).
         unsafe {
-            matmul(
+            matmul_packed_rhs(
                 m,
-                n,
-                k,
                 MatMut::new(out.as_mut_ptr(), n as isize, 1),
                 self.bias.is_some(),
                 Mat::new(x.as_ptr(), k as isize, 1),
-                Mat::new(w.as_ptr(), 1, k as isize),
+                &self.weight,
                 1.0,
                 all_threads(),
             );
@@ -59,9 +94,16 @@ impl CustomOp2 for LinearInfer {
     }
 }
 
-/// `x W^T + b` for a CPU f32 `x` (any leading dims) without gradient.
-pub fn linear_infer(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+/// `x W^T + b` in bf16 for a CPU f32 `x` (any leading dims) without gradient, `W` packed once
+/// into `packed`.
+pub fn linear_bf16(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    packed: &PackedWeight,
+) -> Result<Tensor> {
     let bias = b.map(|b| b.flatten_all()?.to_vec1::<f32>()).transpose()?;
+    let weight = packed.get(w)?;
     x.contiguous()?
-        .apply_op2_no_bwd(&w.contiguous()?, &LinearInfer { bias })
+        .apply_op2_no_bwd(w, &LinearInfer { bias, weight })
 }

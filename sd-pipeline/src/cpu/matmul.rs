@@ -75,7 +75,25 @@ impl MatMut {
     }
 }
 
-pub use super::bf16_gemm::PackedLhs;
+pub use super::bf16_gemm::{PackedLhs, PackedRhs};
+
+/// `dst[m, n] = (accumulate ? dst : 0) + alpha * lhs[m, k] x b` with `b` a right operand packed
+/// for bf16 ([`PackedRhs::new`], only in [`Precision::Bf16`]), `dst` row-major.
+///
+/// # Safety
+/// As [`matmul`]; `dst.cs == 1`.
+pub unsafe fn matmul_packed_rhs(
+    m: usize,
+    dst: MatMut,
+    accumulate: bool,
+    lhs: Mat,
+    b: &PackedRhs,
+    alpha: f32,
+    threads: usize,
+) {
+    assert_eq!(dst.cs, 1, "matmul_packed_rhs: a row-major destination");
+    super::bf16_gemm::gemm_packed_rhs(m, dst, accumulate, lhs, b, alpha, threads)
+}
 
 /// `dst[m, n] = (accumulate ? dst : 0) + alpha * a x rhs[k, n]` on the calling thread, `a` a left
 /// operand packed for bf16 ([`PackedLhs::new`], only in [`Precision::Bf16`]), `dst` row-major.

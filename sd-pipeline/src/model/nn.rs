@@ -47,12 +47,20 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    packed: crate::cpu::linear_op::PackedWeight,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
             inner: candle_nn::Linear::new(weight, bias),
+            packed: Default::default(),
+        }
+    }
+    fn new_from(inner: candle_nn::Linear) -> Self {
+        Self {
+            inner,
+            packed: Default::default(),
         }
     }
     pub fn weight(&self) -> &Tensor {
@@ -74,7 +82,7 @@ impl Module for Linear {
             && w.dtype() == candle_core::DType::F32
             && !(x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op()));
         if bf16 {
-            crate::cpu::linear_op::linear_infer(x, w, b)
+            crate::cpu::linear_op::linear_bf16(x, w, b, &self.packed)
         } else {
             self.inner.forward(x)
         }
@@ -82,15 +90,11 @@ impl Module for Linear {
 }
 
 pub fn linear(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear {
-        inner: candle_nn::linear(i, o, vb)?,
-    })
+    Ok(Linear::new_from(candle_nn::linear(i, o, vb)?))
 }
 
 pub fn linear_no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear {
-        inner: candle_nn::linear_no_bias(i, o, vb)?,
-    })
+    Ok(Linear::new_from(candle_nn::linear_no_bias(i, o, vb)?))
 }
 
 /// A 2-D convolution. On the CPU in f32: [`crate::cpu::conv_op::conv2d_infer`] (im2col + one gemm
