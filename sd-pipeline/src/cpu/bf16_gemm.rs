@@ -5,7 +5,7 @@
 //! both precisions); the microkernel holds a 6x64 tile in 24 registers and per step of two `k`
 //! loads four vectors of the right panel and broadcasts six pairs of the left one.
 
-use super::matmul::{Mat, MatMut};
+use super::mat::{Mat, MatMut};
 use rayon::prelude::*;
 use std::cell::RefCell;
 

@@ -5,77 +5,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// A strided matrix operand.
-#[derive(Clone, Copy)]
-pub struct Mat {
-    ptr: *const f32,
-    /// Distance between rows, in elements.
-    pub rs: isize,
-    /// Distance between columns, in elements.
-    pub cs: isize,
-}
-
-/// A strided destination.
-#[derive(Clone, Copy)]
-pub struct MatMut {
-    ptr: *mut f32,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-// SAFETY: a product's threads only read through `Mat` and write disjoint tiles through
-// `MatMut`; the caller of `matmul` keeps the memory valid for the call.
-unsafe impl Send for Mat {}
-unsafe impl Sync for Mat {}
-unsafe impl Send for MatMut {}
-unsafe impl Sync for MatMut {}
-
-impl Mat {
-    pub fn new(ptr: *const f32, rs: isize, cs: isize) -> Self {
-        Self { ptr, rs, cs }
-    }
-    pub(super) fn t(self) -> Self {
-        Self {
-            ptr: self.ptr,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-    /// # Safety
-    /// The element must lie inside the matrix's allocation.
-    pub(super) unsafe fn at(self, r: usize, c: usize) -> *const f32 {
-        self.ptr.offset(r as isize * self.rs + c as isize * self.cs)
-    }
-    /// # Safety
-    /// As [`Mat::at`].
-    pub(super) unsafe fn offset(self, r: usize, c: usize) -> Self {
-        Self {
-            ptr: self.at(r, c),
-            ..self
-        }
-    }
-}
-
-impl MatMut {
-    pub fn new(ptr: *mut f32, rs: isize, cs: isize) -> Self {
-        Self { ptr, rs, cs }
-    }
-    /// # Safety
-    /// As [`Mat::at`].
-    pub(super) unsafe fn at(self, r: usize, c: usize) -> *mut f32 {
-        self.ptr.offset(r as isize * self.rs + c as isize * self.cs)
-    }
-    /// # Safety
-    /// As [`Mat::at`].
-    pub(super) unsafe fn offset(self, r: usize, c: usize) -> Self {
-        Self {
-            ptr: self.at(r, c),
-            ..self
-        }
-    }
-}
-
 pub use super::bf16_gemm::{PackedLhs, PackedRhs};
+pub use super::mat::{Mat, MatMut};
 
 /// `dst[m, n] = (accumulate ? dst : 0) + alpha * lhs[m, k] x b` with `b` a right operand packed
 /// for bf16 ([`PackedRhs::new`], only in [`Precision::Bf16`]), `dst` row-major.
@@ -208,11 +139,7 @@ pub unsafe fn matmul_in(
         }
         if dst.rs == 1 {
             // dst^T = rhs^T x lhs^T into a row-major dst^T
-            let dt = MatMut {
-                ptr: dst.ptr,
-                rs: dst.cs,
-                cs: 1,
-            };
+            let dt = MatMut::new(dst.ptr(), dst.cs, 1);
             return super::bf16_gemm::gemm(
                 n,
                 m,
@@ -232,8 +159,25 @@ pub unsafe fn matmul_in(
         gemm::Parallelism::None
     };
     gemm::gemm(
-        m, n, k, dst.ptr, dst.cs, dst.rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs,
-        rhs.rs, 1.0, alpha, false, false, false, par,
+        m,
+        n,
+        k,
+        dst.ptr(),
+        dst.cs,
+        dst.rs,
+        accumulate,
+        lhs.ptr(),
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr(),
+        rhs.cs,
+        rhs.rs,
+        1.0,
+        alpha,
+        false,
+        false,
+        false,
+        par,
     );
 }
 

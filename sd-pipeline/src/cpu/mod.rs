@@ -9,6 +9,7 @@ pub mod fused_attention;
 pub mod geglu;
 pub mod group_norm_op;
 pub mod linear_op;
+mod mat;
 pub mod matmul;
 mod simd;
 pub mod winograd_phase;
