@@ -13,7 +13,10 @@ use super::matmul::{all_threads, matmul_packed_rhs, Mat, MatMut, PackedRhs};
 /// A linear layer's weight `W [n, k]` as the packed bf16 right operand `W^T`, made at the first
 /// bf16 call and kept (remade if the layer's weight tensor is replaced).
 #[derive(Default, Clone)]
-pub struct PackedWeight(Arc<Mutex<Option<(candle_core::TensorId, Arc<PackedRhs>)>>>);
+pub struct PackedWeight(Arc<Mutex<Option<Packed>>>);
+
+/// The weight tensor a packing was made from, and the packing.
+type Packed = (candle_core::TensorId, Arc<PackedRhs>);
 
 impl std::fmt::Debug for PackedWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
