@@ -67,48 +67,58 @@ pub(super) unsafe fn gemm(
     alpha: f32,
     threads: usize,
 ) {
+    let (l, r) = (Lhs::Strided(lhs), Rhs::Strided(rhs));
+    parallel(m, n, k, dst, accumulate, l, r, alpha, threads)
+}
+
+/// [`serial`] on up to `threads` of rayon's threads: one part of `dst` per thread, split in whole
+/// tiles along the longer side (along the rows for a packed right operand, along the columns for
+/// a packed left one).
+#[allow(clippy::too_many_arguments)]
+unsafe fn parallel(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut,
+    accumulate: bool,
+    lhs: Lhs,
+    rhs: Rhs,
+    alpha: f32,
+    threads: usize,
+) {
     debug_assert!(dst.cs == 1 && supported());
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
     let threads = if m * n * k < 1 << 18 {
         1
     } else {
         threads.max(1)
     };
-    if threads == 1 {
-        return serial(m, n, k, dst, accumulate, lhs, rhs, alpha);
-    }
-    // one part of dst per thread, split along the longer side in whole tiles
-    if m >= n {
-        let step = m.div_ceil(threads).div_ceil(MR) * MR;
-        (0..m.div_ceil(step)).into_par_iter().for_each(|t| {
-            let r0 = t * step;
-            let d = dst.offset(r0, 0);
-            serial(
-                step.min(m - r0),
-                n,
-                k,
-                d,
-                accumulate,
-                lhs.offset(r0, 0),
-                rhs,
-                alpha,
-            );
-        });
-    } else {
-        let step = n.div_ceil(threads).div_ceil(NR) * NR;
-        (0..n.div_ceil(step)).into_par_iter().for_each(|t| {
-            let c0 = t * step;
-            let d = dst.offset(0, c0);
-            serial(
-                m,
-                step.min(n - c0),
-                k,
-                d,
-                accumulate,
-                lhs,
-                rhs.offset(0, c0),
-                alpha,
-            );
-        });
+    let by_rows = match (lhs, rhs) {
+        (Lhs::Packed(_), _) => false,
+        (_, Rhs::Packed(_)) => true,
+        _ => m >= n,
+    };
+    match (lhs, rhs) {
+        _ if threads == 1 => serial(m, n, k, dst, accumulate, lhs, rhs, alpha),
+        (Lhs::Strided(l), _) if by_rows => {
+            let step = m.div_ceil(threads).div_ceil(MR) * MR;
+            (0..m.div_ceil(step)).into_par_iter().for_each(|t| {
+                let (r0, d) = (t * step, dst.offset(t * step, 0));
+                let l = Lhs::Strided(l.offset(r0, 0));
+                serial(step.min(m - r0), n, k, d, accumulate, l, rhs, alpha);
+            });
+        }
+        (_, Rhs::Strided(r)) => {
+            let step = n.div_ceil(threads).div_ceil(NR) * NR;
+            (0..n.div_ceil(step)).into_par_iter().for_each(|t| {
+                let (c0, d) = (t * step, dst.offset(0, t * step));
+                let r = Rhs::Strided(r.offset(0, c0));
+                serial(m, step.min(n - c0), k, d, accumulate, lhs, r, alpha);
+            });
+        }
+        _ => unreachable!("both operands packed"),
     }
 }
 
@@ -239,31 +249,8 @@ pub(super) unsafe fn gemm_packed_rhs(
     alpha: f32,
     threads: usize,
 ) {
-    debug_assert!(dst.cs == 1 && supported());
-    let (k, n) = (b.k, b.n);
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    let threads = if m * n * k < 1 << 18 {
-        1
-    } else {
-        threads.max(1)
-    };
-    let step = m.div_ceil(threads).div_ceil(MR) * MR;
-    (0..m.div_ceil(step)).into_par_iter().for_each(|t| {
-        let r0 = t * step;
-        let l = Lhs::Strided(lhs.offset(r0, 0));
-        serial(
-            step.min(m - r0),
-            n,
-            k,
-            dst.offset(r0, 0),
-            accumulate,
-            l,
-            Rhs::Packed(b),
-            alpha,
-        );
-    });
+    let (l, r) = (Lhs::Strided(lhs), Rhs::Packed(b));
+    parallel(m, b.n, b.k, dst, accumulate, l, r, alpha, threads)
 }
 
 /// A right operand as given, or packed beforehand.
@@ -271,12 +258,6 @@ pub(super) unsafe fn gemm_packed_rhs(
 enum Rhs<'a> {
     Strided(Mat),
     Packed(&'a PackedRhs),
-}
-
-impl From<Mat> for Rhs<'_> {
-    fn from(m: Mat) -> Self {
-        Rhs::Strided(m)
-    }
 }
 
 /// A left operand as given, or packed beforehand.
@@ -298,24 +279,21 @@ pub(super) unsafe fn gemm_packed_lhs(
     rhs: Mat,
     alpha: f32,
 ) {
-    debug_assert!(dst.cs == 1 && supported());
-    if a.m > 0 && n > 0 && a.k > 0 {
-        serial(a.m, n, a.k, dst, accumulate, Lhs::Packed(a), rhs, alpha);
-    }
+    let (l, r) = (Lhs::Packed(a), Rhs::Strided(rhs));
+    parallel(a.m, n, a.k, dst, accumulate, l, r, alpha, 1)
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn serial<'a>(
+unsafe fn serial(
     m: usize,
     n: usize,
     k: usize,
     dst: MatMut,
     accumulate: bool,
-    lhs: impl Into<Lhs<'a>>,
-    rhs: impl Into<Rhs<'a>>,
+    lhs: Lhs,
+    rhs: Rhs,
     alpha: f32,
 ) {
-    let (lhs, rhs) = (lhs.into(), rhs.into());
     let k2 = k.div_ceil(2);
     PACK.with_borrow_mut(|[abuf, bbuf, run]| {
         let kc2_max = KC2.min(k2);
@@ -371,12 +349,6 @@ unsafe fn serial<'a>(
             }
         }
     });
-}
-
-impl From<Mat> for Lhs<'_> {
-    fn from(m: Mat) -> Self {
-        Lhs::Strided(m)
-    }
 }
 
 /// `len` values at `src` (stride `step`) as bf16 pairs into `out[..len.div_ceil(2)]`, the last
@@ -594,18 +566,7 @@ unsafe fn kernel(_: usize, _: *const u32, _: *const u32, _: *mut f32, _: isize, 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::cpu::test_values as values;
 
     #[test]
     fn rounding_is_to_nearest_even() {
