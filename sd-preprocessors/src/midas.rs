@@ -43,7 +43,6 @@ use candle_nn::{linear, Linear, VarBuilder};
 use sd_plugins_api::{
     hwc3, register_preprocessor, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
 };
-use sd_weights::Store;
 
 use crate::conv::{for_each_unit, Conv2d, Geometry};
 use crate::depth_anything::{depth_to_grey, Block, FusionBlock};
@@ -434,37 +433,17 @@ pub struct MidasNet {
 impl MidasNet {
     /// Load `dpt_hybrid-midas-501f0c75.pt` (or a safetensors file with its keys).
     pub fn load(path: &Path) -> std::result::Result<Self, String> {
-        let store = Store::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let names = store.names();
         let key = format!("{ROOT}.pos_embed");
-        // MiDaS's BaseModel.load takes `parameters["model"]` from a training checkpoint
-        let prefix = ["", "model."]
-            .into_iter()
-            .find(|p| names.iter().any(|n| *n == format!("{p}{key}")))
-            .ok_or_else(|| {
-                format!(
-                    "{}: no tensor `{key}` (not the MiDaS DPT-Hybrid weights {}?)",
-                    path.display(),
-                    WEIGHT_FILES[0]
-                )
-            })?;
-        let mut tensors = HashMap::new();
-        for n in &names {
-            let Some(k) = n.strip_prefix(prefix) else {
-                continue;
-            };
-            // the ImageNet classifier and the unused final norm stay on disk
-            if !(k.starts_with("pretrained.") || k.starts_with("scratch."))
-                || k.starts_with("pretrained.model.head.")
-            {
-                continue;
-            }
-            let t = store
-                .get(n)
-                .and_then(|t| t.to_dtype(DType::F32))
-                .map_err(|e| format!("{}: `{n}`: {e}", path.display()))?;
-            tensors.insert(k.to_string(), t);
-        }
+        let tensors = crate::weights::read_state_dict(
+            path,
+            &key,
+            &format!("MiDaS DPT-Hybrid weights {}", WEIGHT_FILES[0]),
+            |k| {
+                // the ImageNet classifier and the unused final norm stay on disk
+                (k.starts_with("pretrained.") || k.starts_with("scratch."))
+                    && !k.starts_with("pretrained.model.head.")
+            },
+        )?;
         Self::from_tensors(tensors).map_err(|e| format!("{}: {e}", path.display()))
     }
 

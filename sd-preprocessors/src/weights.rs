@@ -2,7 +2,11 @@
 //! well-known file name in the annotator folder (`SDCTL_ANNOTATOR_DIR`, default
 //! `~/.local/share/sdctl/annotators`).
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use sd_weights::Store;
 
 use sd_plugins_api::{Params, PluginError};
 
@@ -93,4 +97,37 @@ pub fn weights_salt_param(
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     Ok(format!("{}|{}|{mtime}", p.display(), meta.len()))
+}
+
+/// The tensors of a weights file as f32, named without the `model.` prefix a training
+/// checkpoint puts on them (MiDaS's `BaseModel.load` takes `parameters["model"]`), those whose
+/// name `keep` accepts. `key` (unprefixed) must be in the file; without it the error says the
+/// file is not `what`.
+pub fn read_state_dict(
+    path: &Path,
+    key: &str,
+    what: &str,
+    keep: impl Fn(&str) -> bool,
+) -> Result<HashMap<String, Tensor>, String> {
+    let store = Store::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let names = store.names();
+    let prefix = ["", "model."]
+        .into_iter()
+        .find(|p| names.iter().any(|n| *n == format!("{p}{key}")))
+        .ok_or_else(|| format!("{}: no tensor `{key}` (not the {what}?)", path.display()))?;
+    let mut tensors = HashMap::new();
+    for n in &names {
+        let Some(k) = n.strip_prefix(prefix) else {
+            continue;
+        };
+        if !keep(k) {
+            continue;
+        }
+        let t = store
+            .get(n)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| format!("{}: `{n}`: {e}", path.display()))?;
+        tensors.insert(k.to_string(), t);
+    }
+    Ok(tensors)
 }

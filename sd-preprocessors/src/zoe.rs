@@ -63,7 +63,6 @@ use candle_nn::{layer_norm, linear, LayerNorm, LayerNormConfig, Linear, VarBuild
 use sd_plugins_api::{
     hwc3, register_preprocessor, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
 };
-use sd_weights::Store;
 
 use crate::conv::{for_each_unit, Conv2d, ConvTranspose2d, Geometry};
 use crate::depth_anything::bicubic_hwc;
@@ -384,35 +383,15 @@ pub struct ZoeNet {
 impl ZoeNet {
     /// Load `ZoeD_M12_N.pt` (or a safetensors file with its keys).
     pub fn load(path: &Path) -> std::result::Result<Self, String> {
-        let store = Store::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let names = store.names();
         let key = format!("{ROOT}.cls_token");
-        let prefix = ["", "model."]
-            .into_iter()
-            .find(|p| names.iter().any(|n| *n == format!("{p}{key}")))
-            .ok_or_else(|| {
-                format!(
-                    "{}: no tensor `{key}` (not the ZoeDepth weights {}?)",
-                    path.display(),
-                    WEIGHT_FILES[0]
-                )
-            })?;
         let wanted: std::collections::HashSet<String> =
             parameter_shapes().into_iter().map(|(k, _)| k).collect();
-        let mut tensors = HashMap::new();
-        for n in &names {
-            let Some(k) = n.strip_prefix(prefix) else {
-                continue;
-            };
-            if !wanted.contains(k) {
-                continue;
-            }
-            let t = store
-                .get(n)
-                .and_then(|t| t.to_dtype(DType::F32))
-                .map_err(|e| format!("{}: `{n}`: {e}", path.display()))?;
-            tensors.insert(k.to_string(), t);
-        }
+        let tensors = crate::weights::read_state_dict(
+            path,
+            &key,
+            &format!("ZoeDepth weights {}", WEIGHT_FILES[0]),
+            |k| wanted.contains(k),
+        )?;
         Self::from_tensors(tensors).map_err(|e| format!("{}: {e}", path.display()))
     }
 
