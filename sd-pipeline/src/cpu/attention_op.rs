@@ -63,23 +63,36 @@ impl CustomOp3 for RecomputedAttention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // cross-attention's keys and values in a frozen UNet come from the text alone: no
+        // gradient is taken for an input that depends on no variable
+        let (need_q, need_k, need_v) = (q.track_op(), k.track_op(), v.track_op());
         let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), grad.detach());
         let kt = k.t()?;
         let vt = v.t()?;
         let mut dq = Vec::new();
-        let mut dk = k.zeros_like()?;
-        let mut dv = v.zeros_like()?;
+        let mut dk = need_k.then(|| k.zeros_like()).transpose()?;
+        let mut dv = need_v.then(|| v.zeros_like()).transpose()?;
         for (start, len) in self.chunks(q.dim(2)?) {
             let qc = q.narrow(2, start, len)?;
             let gc = g.narrow(2, start, len)?.contiguous()?;
             let p = candle_nn::ops::softmax_last_dim(&qc.matmul(&kt)?)?;
-            dv = (dv + p.t()?.matmul(&gc)?)?;
+            if let Some(d) = dv.as_mut() {
+                *d = (&*d + p.t()?.matmul(&gc)?)?;
+            }
+            if !(need_q || need_k) {
+                continue;
+            }
             let dp = gc.matmul(&vt)?;
             let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-            dq.push(ds.matmul(&k)?);
-            dk = (dk + ds.t()?.matmul(&qc)?)?;
+            if need_q {
+                dq.push(ds.matmul(&k)?);
+            }
+            if let Some(d) = dk.as_mut() {
+                *d = (&*d + ds.t()?.matmul(&qc)?)?;
+            }
         }
-        Ok((Some(Tensor::cat(&dq, 2)?), Some(dk), Some(dv)))
+        let dq = need_q.then(|| Tensor::cat(&dq, 2)).transpose()?;
+        Ok((dq, dk, dv))
     }
 }
 
@@ -128,6 +141,38 @@ mod tests {
             let (a, b) = (
                 ga.get(x.as_tensor()).unwrap(),
                 gb.get(x.as_tensor()).unwrap(),
+            );
+            assert!(diff(a, b) < 1e-4, "{}", diff(a, b));
+        }
+        // frozen keys and values (cross-attention to the text in a frozen UNet): the query's
+        // gradient alone, the same as before
+        let (kf, vf) = (k.as_tensor().detach(), v.as_tensor().detach());
+        let cross = q
+            .as_tensor()
+            .apply_op3(&kf, &vf, RecomputedAttention { rows: 3 })
+            .unwrap();
+        let gc = (cross * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(gc.get(&kf).is_none() && gc.get(&vf).is_none());
+        let (a, b) = (
+            ga.get(q.as_tensor()).unwrap(),
+            gc.get(q.as_tensor()).unwrap(),
+        );
+        assert!(diff(a, b) < 1e-4, "{}", diff(a, b));
+        // a frozen query (the keys' and values' gradients only)
+        let qf = q.as_tensor().detach();
+        let kv = qf
+            .apply_op3(
+                k.as_tensor(),
+                v.as_tensor(),
+                RecomputedAttention { rows: 3 },
+            )
+            .unwrap();
+        let gk = (kv * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(gk.get(&qf).is_none());
+        for x in [&k, &v] {
+            let (a, b) = (
+                ga.get(x.as_tensor()).unwrap(),
+                gk.get(x.as_tensor()).unwrap(),
             );
             assert!(diff(a, b) < 1e-4, "{}", diff(a, b));
         }

@@ -5,7 +5,7 @@
 //! `im2col` columns and takes both gradients as matmuls (the input's through `col2im`).
 
 use super::matmul::{all_threads, matmul, Mat, MatMut};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution.
@@ -52,16 +52,12 @@ impl Geo {
     }
 }
 
-/// `[B, C, H, W]` -> `[B, C*K*K, OH*OW]` (rows ordered (c, ky, kx) like the weight).
-struct Im2Col {
-    k: usize,
-    stride: usize,
-    pad: usize,
-}
-
-/// `[B, C*K*K, OH*OW]` -> `[B, C, H, W]` (sums overlapping patches): im2col's adjoint.
-struct Col2Im {
-    geo: Geo,
+/// The f32 values of a contiguous CPU tensor's storage (a backward pass's inputs).
+pub(super) fn cpu_f32<'a>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32_slice(c, l),
+        _ => candle_core::bail!("custom CPU op: CPU tensors only"),
+    }
 }
 
 /// The f32 values of a contiguous CPU tensor (the custom ops' inputs).
@@ -72,23 +68,6 @@ pub(super) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> 
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("custom CPU op: input is not contiguous"),
-    }
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = Geo::new(l.dims(), self.k, self.stride, self.pad)?;
-        let x = f32_slice(s, l)?;
-        let (n, p) = (g.cols(), g.positions());
-        let mut out = vec![0f32; g.b * n * p];
-        for (bi, dst) in out.chunks_mut(n * p).enumerate() {
-            im2col(&x[bi * g.c * g.h * g.w..][..g.c * g.h * g.w], &g, dst);
-        }
-        Ok((CpuStorage::F32(out), Shape::from((g.b, n, p))))
     }
 }
 
@@ -552,45 +531,46 @@ pub fn conv2d_infer(
     )
 }
 
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "col2im"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.geo;
-        let cols = f32_slice(s, l)?;
-        let (n, p) = (g.cols(), g.positions());
-        let mut out = vec![0f32; g.b * g.c * g.h * g.w];
-        // one input channel plane per task: it gathers its k*k rows of columns
-        out.par_chunks_mut(g.h * g.w)
-            .enumerate()
-            .for_each(|(plane, dst)| {
-                let (bi, c) = (plane / g.c, plane % g.c);
-                for ky in 0..g.k {
-                    for kx in 0..g.k {
-                        let r = (c * g.k + ky) * g.k + kx;
-                        let row = &cols[(bi * n + r) * p..][..p];
-                        for oy in 0..g.oh {
-                            let Some(y) =
-                                (oy * g.stride + ky).checked_sub(g.pad).filter(|&y| y < g.h)
-                            else {
-                                continue;
-                            };
-                            for ox in 0..g.ow {
+/// im2col's adjoint for one batch item: `dst [C, H, W]` = the sums of `cols [C*K*K, OH*OW]`
+/// over the patches that read each pixel (`dst` is overwritten), one channel plane per task.
+fn col2im(cols: &[f32], g: &Geo, dst: &mut [f32]) {
+    let p = g.positions();
+    dst.par_chunks_mut(g.h * g.w)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            dst.fill(0.0);
+            for ky in 0..g.k {
+                for kx in 0..g.k {
+                    let r = (c * g.k + ky) * g.k + kx;
+                    let row = &cols[r * p..][..p];
+                    for oy in 0..g.oh {
+                        let Some(y) = (oy * g.stride + ky).checked_sub(g.pad).filter(|&y| y < g.h)
+                        else {
+                            continue;
+                        };
+                        let line = &mut dst[y * g.w..(y + 1) * g.w];
+                        let src = &row[oy * g.ow..(oy + 1) * g.ow];
+                        if g.stride == 1 {
+                            let lo = g.pad.saturating_sub(kx).min(g.ow);
+                            let hi = (g.w + g.pad).saturating_sub(kx).min(g.ow).max(lo);
+                            let line = &mut line[lo + kx - g.pad..hi + kx - g.pad];
+                            for (d, s) in line.iter_mut().zip(&src[lo..hi]) {
+                                *d += s;
+                            }
+                        } else {
+                            for (ox, s) in src.iter().enumerate() {
                                 if let Some(xx) = (ox * g.stride + kx)
                                     .checked_sub(g.pad)
                                     .filter(|&xx| xx < g.w)
                                 {
-                                    dst[y * g.w + xx] += row[oy * g.ow + ox];
+                                    line[xx] += s;
                                 }
                             }
                         }
                     }
                 }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((g.b, g.c, g.h, g.w))))
-    }
+            }
+        });
 }
 
 /// The convolution as one op: forward is [`conv2d_f32`] (the inference path's numbers),
@@ -630,21 +610,92 @@ impl CustomOp2 for ConvTrain {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (o, c, k, _) = w.dims4()?;
         let geo = Geo::new(x.dims(), k, self.stride, self.pad)?;
-        let b = geo.b;
-        let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col {
-            k,
-            stride: self.stride,
-            pad: self.pad,
-        })?; // [B, N, P]
-        let g = grad.contiguous()?.reshape((b, o, geo.positions()))?;
-        let gw = g
-            .matmul(&cols.transpose(1, 2)?)?
-            .sum(0)?
-            .reshape((o, c, k, k))?;
-        let wm = w.reshape((o, c * k * k))?.t()?.contiguous()?; // [N, O]
-        let gcols = wm.broadcast_matmul(&g)?.contiguous()?; // [B, N, P]
-        let gx = gcols.apply_op1_no_bwd(&Col2Im { geo })?;
-        Ok((Some(gx), Some(gw)))
+        let (n, p) = (geo.cols(), geo.positions());
+        let image = c * geo.h * geo.w;
+        // a frozen weight (the UNet's) or an input that depends on no variable (a control
+        // image) needs no gradient: its product is skipped
+        let (need_w, need_x) = (w.track_op(), x.track_op());
+        let direct = k == 1 && self.stride == 1 && self.pad == 0;
+        let (x, w, grad) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (xv, wv, gv) = (cpu_f32(&xs, xl)?, cpu_f32(&ws, wl)?, cpu_f32(&gs, gl)?);
+        let mut cols = if direct || !(need_w || need_x) {
+            Vec::new()
+        } else {
+            vec![0f32; n * p]
+        };
+        let mut gw = if need_w {
+            vec![0f32; o * n]
+        } else {
+            Vec::new()
+        };
+        let mut gx = if need_x {
+            vec![0f32; geo.b * image]
+        } else {
+            Vec::new()
+        };
+        for bi in 0..geo.b {
+            let gb = &gv[bi * o * p..][..o * p];
+            if need_w {
+                let xb = &xv[bi * image..][..image];
+                let cb = if direct {
+                    xb
+                } else {
+                    im2col(xb, &geo, &mut cols);
+                    &cols[..]
+                };
+                // SAFETY: gw [o, n] += g_b [o, p] x cols_b^T ([n, p] row-major read as [p, n])
+                unsafe {
+                    matmul(
+                        o,
+                        n,
+                        p,
+                        MatMut::new(gw.as_mut_ptr(), n as isize, 1),
+                        bi > 0,
+                        Mat::new(gb.as_ptr(), p as isize, 1),
+                        Mat::new(cb.as_ptr(), 1, p as isize),
+                        1.0,
+                        all_threads(),
+                    );
+                }
+            }
+            if need_x {
+                let gxb = &mut gx[bi * image..][..image];
+                let dst = if direct {
+                    gxb.as_mut_ptr()
+                } else {
+                    cols.as_mut_ptr()
+                };
+                // SAFETY: [n, p] = W^T ([o, n] row-major read as [n, o]) x g_b [o, p]; `dst`
+                // holds n * p values (the columns, or the input gradient itself when 1x1)
+                unsafe {
+                    matmul(
+                        n,
+                        p,
+                        o,
+                        MatMut::new(dst, p as isize, 1),
+                        false,
+                        Mat::new(wv.as_ptr(), 1, n as isize),
+                        Mat::new(gb.as_ptr(), p as isize, 1),
+                        1.0,
+                        all_threads(),
+                    );
+                }
+                if !direct {
+                    col2im(&cols, &geo, gxb);
+                }
+            }
+        }
+        let dev = x.device();
+        let gw = need_w
+            .then(|| Tensor::from_vec(gw, (o, c, k, k), dev))
+            .transpose()?;
+        let gx = need_x
+            .then(|| Tensor::from_vec(gx, x.dims(), dev))
+            .transpose()?;
+        Ok((gx, gw))
     }
 }
 
@@ -823,6 +874,39 @@ mod tests {
                     "stride {stride} pad {pad} k {k}"
                 );
             }
+        }
+    }
+
+    /// Only what depends on a variable gets a gradient: with a frozen weight the input's
+    /// gradient is the same as with a trained one and the weight has none; with a plain input
+    /// (a control image) only the weight has one.
+    #[test]
+    fn frozen_operands_get_no_gradient() {
+        let dev = Device::Cpu;
+        for (stride, pad, k) in [(1, 1, 3), (2, 1, 3), (1, 0, 1)] {
+            let x = Tensor::randn(0f32, 1., (2, 3, 8, 6), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1., (4, 3, k, k), &dev).unwrap();
+            let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+            let run = |x: &Tensor, w: &Tensor| {
+                let y = conv2d_train(x, w, None, stride, pad).unwrap();
+                let r = Tensor::ones(y.dims(), DType::F32, &dev).unwrap();
+                (y * r).unwrap().sum_all().unwrap().backward().unwrap()
+            };
+            let both = run(xv.as_tensor(), wv.as_tensor());
+            let frozen_w = run(xv.as_tensor(), &w);
+            assert!(frozen_w.get(&w).is_none());
+            assert_close(
+                frozen_w.get(xv.as_tensor()).unwrap(),
+                both.get(xv.as_tensor()).unwrap(),
+                "input gradient",
+            );
+            let plain_x = run(&x, wv.as_tensor());
+            assert!(plain_x.get(&x).is_none());
+            assert_close(
+                plain_x.get(wv.as_tensor()).unwrap(),
+                both.get(wv.as_tensor()).unwrap(),
+                "weight gradient",
+            );
         }
     }
 }

@@ -179,10 +179,12 @@ impl CustomOp3 for GroupNormOp {
                 dev,
             )
         };
+        // a frozen norm's affine parameters (the UNet's) get no gradient
+        let affine = gamma.track_op() || _beta.track_op();
         Ok((
             Some(Tensor::from_vec(dx, x.dims(), dev)?),
-            Some(to(dgamma)?),
-            Some(to(dbeta)?),
+            affine.then(|| to(dgamma)).transpose()?,
+            affine.then(|| to(dbeta)).transpose()?,
         ))
     }
 }

@@ -110,3 +110,134 @@ pub fn linear_bf16(
     x.contiguous()?
         .apply_op2_no_bwd(w, &LinearInfer { bias, weight })
 }
+
+/// `x W^T` for training: the forward is one product through [`super::matmul::matmul`]; the
+/// backward takes the input's gradient and, only when the weight is trained (a frozen UNet's is
+/// not), the weight's. candle's own matmul backward always computes both, and keeps the frozen
+/// weight's gradient until the step ends.
+struct LinearTrain;
+
+impl CustomOp2 for LinearTrain {
+    fn name(&self) -> &'static str {
+        "linear-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
+        let dims = xl.dims();
+        let (&k, lead) = dims.split_last().unwrap_or((&0, &[]));
+        let &[n, wk] = wl.dims() else {
+            candle_core::bail!("linear: weight {:?} is not 2-d", wl.dims())
+        };
+        if wk != k {
+            candle_core::bail!("linear: input {dims:?}, weight {:?}", wl.dims());
+        }
+        let m: usize = lead.iter().product();
+        let mut out = vec![0f32; m * n];
+        // SAFETY: out [m, n] row-major = x [m, k] row-major x W^T (W [n, k] row-major).
+        unsafe {
+            super::matmul::matmul(
+                m,
+                n,
+                k,
+                MatMut::new(out.as_mut_ptr(), n as isize, 1),
+                false,
+                Mat::new(x.as_ptr(), k as isize, 1),
+                Mat::new(w.as_ptr(), 1, k as isize),
+                1.0,
+                all_threads(),
+            );
+        }
+        let mut shape = lead.to_vec();
+        shape.push(n);
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let g = grad.contiguous()?.reshape(((), n))?;
+        let gx = if x.track_op() {
+            Some(g.matmul(w)?.reshape(x.dims())?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            let xm = x.reshape(((), k))?;
+            Some(g.t()?.matmul(&xm)?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+/// `x W^T + b` (any leading dims of `x`) on the CPU in f32 with gradients, as
+/// [`LinearTrain`] takes them.
+pub fn linear_train(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.contiguous()?.apply_op2(&w.contiguous()?, LinearTrain)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Output and gradients equal candle's linear layer's (f32 sums of 24 products of values
+    /// around 1, in another order: 1e-5); a frozen weight gets no gradient.
+    #[test]
+    fn matches_candles_linear_and_skips_a_frozen_weight() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 5, 24), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (7, 24), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., 7, &dev).unwrap()).unwrap();
+        let r = Tensor::randn(0f32, 1., (2, 5, 7), &dev).unwrap();
+        let ours = linear_train(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap();
+        let lin = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let theirs = candle_core::Module::forward(&lin, x.as_tensor()).unwrap();
+        assert!(max_diff(&ours, &theirs) < 1e-5);
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            let (a, e) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
+            assert!(max_diff(a.unwrap(), e.unwrap()) < 1e-5);
+        }
+        let frozen = w.as_tensor().detach();
+        let y = linear_train(x.as_tensor(), &frozen, None).unwrap();
+        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&frozen).is_none());
+        let want = r.matmul(&frozen.broadcast_left(2).unwrap()).unwrap();
+        assert!(max_diff(g.get(x.as_tensor()).unwrap(), &want) < 1e-5);
+    }
+}

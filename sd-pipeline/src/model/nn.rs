@@ -41,9 +41,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A linear layer: candle's, except on the CPU in bf16 precision
-/// ([`crate::cpu::matmul::Precision`]), where inference goes through
-/// [`crate::cpu::linear_op::linear_infer`].
+/// A linear layer: candle's, except on the CPU in f32 with a gradient tracked
+/// ([`crate::cpu::linear_op::linear_train`]: no gradient for a frozen weight) and for inference
+/// in bf16 precision ([`crate::cpu::matmul::Precision`], [`crate::cpu::linear_op::linear_bf16`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
@@ -76,12 +76,14 @@ impl Module for Linear {
         use crate::cpu::matmul::{precision, Precision};
         let w = self.inner.weight();
         let b = self.inner.bias();
-        let bf16 = precision() == Precision::Bf16
-            && x.device().is_cpu()
+        let cpu_f32 = x.device().is_cpu()
             && x.dtype() == candle_core::DType::F32
             && w.dtype() == candle_core::DType::F32
-            && !(x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op()));
-        if bf16 {
+            && b.is_none_or(|b| b.dtype() == candle_core::DType::F32);
+        let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
+        if cpu_f32 && tracked {
+            crate::cpu::linear_op::linear_train(x, w, b)
+        } else if cpu_f32 && precision() == Precision::Bf16 {
             crate::cpu::linear_op::linear_bf16(x, w, b, &self.packed)
         } else {
             self.inner.forward(x)
