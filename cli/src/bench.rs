@@ -216,7 +216,15 @@ fn train(a: TrainBenchArgs) -> CliResult {
     let (arch, l, mean, n) = (r.arch, r.latent, r.mean_s, r.trainable_tensors);
     let rss = rss_text(r.peak_rss_bytes);
     let what = network.folder();
-    println!("train {what} {arch:?} {size}x{size} (latents {l}x{l}) batch {batch} f32 on cpu: {mean:.1} s/step (mean of {iters}), {n} trainable tensors; peak RSS {rss}");
+    let min = r.step_s.iter().cloned().fold(f64::INFINITY, f64::min);
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|t| format!("{t:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (all, fwd) = (list(&r.step_s), list(&r.forward_s));
+    println!("train {what} {arch:?} {size}x{size} (latents {l}x{l}) batch {batch} f32 on cpu: {mean:.2} s/step (mean of {iters}, min {min:.2}, all {all}; forward passes {fwd}), {n} trainable tensors; peak RSS {rss}");
     Ok(())
 }
 

@@ -39,6 +39,10 @@ pub struct TrainReport {
     pub iters: usize,
     /// mean seconds per step
     pub mean_s: f64,
+    /// seconds of each step, in order (the first includes one-time set-up)
+    pub step_s: Vec<f64>,
+    /// of which the forward pass (the loss)
+    pub forward_s: Vec<f64>,
     /// the trained network's weights
     pub trainable_tensors: usize,
     pub peak_rss_bytes: Option<u64>,
@@ -105,13 +109,14 @@ impl TrainBench {
         let alphas = sd_pipeline::samplers::alphas_cumprod(
             &sd_pipeline::samplers::SchedulerConfig::default(),
         );
-        let mut times = Vec::new();
+        let (mut times, mut forward) = (Vec::new(), Vec::new());
         for _ in 0..self.iters {
             let t = Instant::now();
             let loss = sd_train::training_loss(
                 &cn, &unet, &latents, &noise, &ts, &ehs, &cond, &alphas, false,
             )
             .map_err(|e| Error::Message(e.to_string()))?;
+            forward.push(t.elapsed().as_secs_f64());
             let grads = loss.backward()?;
             drop(grads);
             times.push(t.elapsed().as_secs_f64());
@@ -121,8 +126,10 @@ impl TrainBench {
             size: self.size,
             latent: l,
             batch: b,
-            iters: times.len(),
+            iters: self.iters,
             mean_s: times.iter().sum::<f64>() / times.len() as f64,
+            step_s: times,
+            forward_s: forward,
             trainable_tensors: vars,
             peak_rss_bytes: peak_rss_bytes(),
         })
