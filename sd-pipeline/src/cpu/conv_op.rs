@@ -573,6 +573,21 @@ fn col2im(cols: &[f32], g: &Geo, dst: &mut [f32]) {
         });
 }
 
+/// `W [O, C, 3, 3]` -> `W' [C, O, 3, 3]` with `W'[c, o, y, x] = W[o, c, 2 - y, 2 - x]`: the kernel
+/// whose convolution is the 3x3 stride-1 pad-1 convolution's transpose.
+fn flipped_transposed(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0f32; o * c * 9];
+    out.par_chunks_mut(o * 9).enumerate().for_each(|(ci, dst)| {
+        for (oi, d) in dst.chunks_exact_mut(9).enumerate() {
+            let src = &w[(oi * c + ci) * 9..][..9];
+            for (t, v) in d.iter_mut().enumerate() {
+                *v = src[8 - t];
+            }
+        }
+    });
+    out
+}
+
 /// The convolution as one op: forward is [`conv2d_f32`] (the inference path's numbers),
 /// backward recomputes the columns from the input and takes both gradients as matmuls. Only
 /// the input and the weight are kept for backward, as candle's own op does.
@@ -616,6 +631,11 @@ impl CustomOp2 for ConvTrain {
         // image) needs no gradient: its product is skipped
         let (need_w, need_x) = (w.track_op(), x.track_op());
         let direct = k == 1 && self.stride == 1 && self.pad == 0;
+        // a 3x3 stride-1 pad-1 convolution's input gradient is the convolution of the output
+        // gradient with the flipped, transposed kernel: Winograd where it pays, as forward
+        let tiles = geo.b * geo.h.div_ceil(2) * geo.w.div_ceil(2);
+        let winograd_x =
+            need_x && k == 3 && self.stride == 1 && self.pad == 1 && winograd_pays(tiles, o, c);
         let (x, w, grad) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
@@ -631,7 +651,10 @@ impl CustomOp2 for ConvTrain {
         } else {
             Vec::new()
         };
-        let mut gx = if need_x {
+        let mut gx = if winograd_x {
+            let gg = Geo::new(&[geo.b, o, geo.h, geo.w], 3, 1, 1)?;
+            conv3x3_winograd(gv, &flipped_transposed(wv, o, c), None, &gg, c)
+        } else if need_x {
             vec![0f32; geo.b * image]
         } else {
             Vec::new()
@@ -661,7 +684,7 @@ impl CustomOp2 for ConvTrain {
                     );
                 }
             }
-            if need_x {
+            if need_x && !winograd_x {
                 let gxb = &mut gx[bi * image..][..image];
                 let dst = if direct {
                     gxb.as_mut_ptr()
@@ -908,5 +931,34 @@ mod tests {
                 "weight gradient",
             );
         }
+    }
+
+    /// The input gradient by Winograd (3x3, stride 1, enough tiles and channels) equals
+    /// candle's conv2d gradient.
+    #[test]
+    fn winograd_input_gradient_matches_candles() {
+        let dev = Device::Cpu;
+        let (c, o) = (8, 12);
+        assert!(
+            winograd_pays(2 * 8 * 8, o, c),
+            "the case must take the Winograd path"
+        );
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, c, 16, 15), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1., (o, c, 3, 3), &dev).unwrap();
+        let ours = conv2d_train(x.as_tensor(), &w, None, 1, 1).unwrap();
+        let theirs = x.as_tensor().conv2d(&w, 1, 1, 1, 1).unwrap();
+        let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_close(
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+            "input gradient",
+        );
     }
 }

@@ -192,7 +192,7 @@ thread_local! {
 super::simd::simd_dispatch! {
     /// Softmax numerators of column-major scores `[keys][rows]`: each row's `exp(x - max)` in
     /// place, its sum in `sum` (`max` is scratch), vectorised across the rows.
-    fn softmax_columns(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) -> () = exp_columns
+    pub(super) fn softmax_columns(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) -> () = exp_columns
 }
 
 #[inline(always)]

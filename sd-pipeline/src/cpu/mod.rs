@@ -12,6 +12,7 @@ pub mod linear_op;
 mod mat;
 pub mod matmul;
 mod simd;
+pub mod upsample_op;
 pub mod winograd_phase;
 
 /// Deterministic values in [-0.5, 0.5) (an LCG) for the kernels' tests.

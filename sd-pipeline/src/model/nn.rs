@@ -243,7 +243,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     if tracked && !causal && q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
         // training: keep only q, k, v and the output; scores are recomputed in backward
         let op = crate::cpu::attention_op::RecomputedAttention {
-            rows: rows_per_chunk,
+            rows: crate::cpu::attention_op::BLOCK_ROWS,
         };
         let out = q.apply_op3(&k, &v, op)?;
         return out.transpose(1, 2)?.reshape((b, sq, inner));
