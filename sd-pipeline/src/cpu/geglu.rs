@@ -1,5 +1,5 @@
 //! GEGLU (`a * gelu(b)` over the two halves of the last dimension, exact erf GELU as diffusers)
-//! in one vectorised CPU pass for inference in f32: candle's path makes two strided copies for
+//! in one vectorised CPU pass in f32, and its gradient in another: candle's path makes two strided copies for
 //! the halves, runs libm's scalar `erff` per element and a third pass for the product.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -32,6 +32,28 @@ impl CustomOp1 for Geglu {
         shape.push(inner);
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
+
+    /// `d/da = gelu(b)`, `d/db = a * (Phi(b) + b * phi(b))` (the exact GELU's derivative).
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let last = x.dims().last().copied().unwrap_or(0);
+        let inner = last / 2;
+        let (x, grad) = (x.contiguous()?, grad.contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (h, g) = (
+            super::conv_op::cpu_f32(&xs, xl)?,
+            super::conv_op::cpu_f32(&gs, gl)?,
+        );
+        let mut gx = vec![0f32; h.len()];
+        gx.par_chunks_mut(last.max(1))
+            .zip(h.par_chunks(last.max(1)))
+            .zip(g.par_chunks(inner.max(1)))
+            .for_each(|((d, row), g)| {
+                let (da, db) = d.split_at_mut(inner);
+                geglu_grad_row(&row[..inner], &row[inner..], g, da, db)
+            });
+        Ok(Some(Tensor::from_vec(gx, x.dims(), x.device())?))
+    }
 }
 
 /// `x[..., :n] * gelu_erf(x[..., n:])` for `x` of last dimension `2n`.
@@ -39,6 +61,9 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
     if cpu_f32 && !x.track_op() {
         return x.contiguous()?.apply_op1_no_bwd(&Geglu);
+    }
+    if cpu_f32 {
+        return x.contiguous()?.apply_op1(Geglu);
     }
     let last = x
         .rank()
@@ -50,6 +75,22 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
 
 super::simd::simd_dispatch! {
     fn geglu_row(a: &[f32], b: &[f32], out: &mut [f32]) -> () = geglu_plain
+}
+
+super::simd::simd_dispatch! {
+    fn geglu_grad_row(a: &[f32], b: &[f32], g: &[f32], da: &mut [f32], db: &mut [f32]) -> () = geglu_grad_plain
+}
+
+#[inline(always)]
+fn geglu_grad_plain(a: &[f32], b: &[f32], g: &[f32], da: &mut [f32], db: &mut [f32]) {
+    // 1 / sqrt(2 pi)
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    for ((((&a, &b), &g), da), db) in a.iter().zip(b).zip(g).zip(da).zip(db) {
+        let cdf = 0.5 * (1.0 + erf(b * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = INV_SQRT_2PI * (-0.5 * b * b).exp();
+        *da = g * b * cdf;
+        *db = g * a * (cdf + b * pdf);
+    }
 }
 
 #[inline(always)]
@@ -128,5 +169,36 @@ mod tests {
                 .unwrap()
         )
         .is_err());
+    }
+
+    /// The tracked op's gradient equals candle's formula's (erf within 1e-6 of libm, values of
+    /// order 10: 1e-4).
+    #[test]
+    fn gradient_matches_candles_formula() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(
+            &(Tensor::randn(0f32, 1., (2, 7, 2 * 19), &dev).unwrap() * 2.0).unwrap(),
+        )
+        .unwrap();
+        let r = Tensor::randn(0f32, 1., (2, 7, 19), &dev).unwrap();
+        let ours = geglu(x.as_tensor()).unwrap();
+        let xt = x.as_tensor();
+        let theirs = (xt.narrow(2, 0, 19).unwrap()
+            * xt.narrow(2, 19, 19).unwrap().gelu_erf().unwrap())
+        .unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = (g1.get(xt).unwrap() - g2.get(xt).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
     }
 }

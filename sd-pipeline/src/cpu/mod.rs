@@ -8,6 +8,7 @@ pub mod conv_op;
 pub mod fused_attention;
 pub mod geglu;
 pub mod group_norm_op;
+pub mod layer_norm_op;
 pub mod linear_op;
 mod mat;
 pub mod matmul;

@@ -3,8 +3,9 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-/// Layer norm over the last dimension. Uses candle's fused kernel for inference and the
-/// differentiable formula when a gradient is being tracked (the fused op has no backward).
+/// Layer norm over the last dimension. Uses candle's fused kernel for inference; when a gradient
+/// is tracked, [`crate::cpu::layer_norm_op`] on the CPU in f32, candle's differentiable formula
+/// elsewhere (the fused op has no backward).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -24,7 +25,19 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() || self.weight.track_op() || self.bias.track_op() {
+        let tracked = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        let cpu_f32 = x.device().is_cpu()
+            && [x, &self.weight, &self.bias]
+                .iter()
+                .all(|t| t.dtype() == candle_core::DType::F32);
+        if tracked && cpu_f32 {
+            crate::cpu::layer_norm_op::layer_norm_train(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )
+        } else if tracked {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
