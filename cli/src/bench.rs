@@ -68,6 +68,9 @@ pub struct TrainBenchArgs {
     /// What trains: controlnet | t2i-adapter
     #[arg(long, value_enum, default_value = "controlnet")]
     pub network: TrainedNetwork,
+    /// no | bf16: the step's products in bf16 with f32 sums (as `train --mixed-precision`)
+    #[arg(long, default_value = "no")]
+    pub mixed_precision: String,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -205,6 +208,14 @@ fn train(a: TrainBenchArgs) -> CliResult {
         TrainedNetwork::Controlnet => sd_train::NetworkKind::Controlnet,
         TrainedNetwork::T2iAdapter => sd_train::NetworkKind::T2iAdapter,
     };
+    use sd_pipeline::cpu::matmul::{bf16_supported, set_precision, Precision};
+    let precision = match a.mixed_precision.as_str() {
+        "no" => Precision::F32,
+        "bf16" if bf16_supported() => Precision::Bf16,
+        "bf16" => return Err("--mixed-precision bf16: this CPU lacks AVX512-BF16".into()),
+        other => return Err(format!("--mixed-precision {other:?}: expected no or bf16").into()),
+    };
+    set_precision(precision)?;
     let r = TrainBench {
         arch,
         network,
@@ -224,7 +235,11 @@ fn train(a: TrainBenchArgs) -> CliResult {
             .join(" ")
     };
     let (all, fwd) = (list(&r.step_s), list(&r.forward_s));
-    println!("train {what} {arch:?} {size}x{size} (latents {l}x{l}) batch {batch} f32 on cpu: {mean:.2} s/step (mean of {iters}, min {min:.2}, all {all}; forward passes {fwd}), {n} trainable tensors; peak RSS {rss}");
+    let prec = match precision {
+        Precision::F32 => "f32",
+        Precision::Bf16 => "bf16 mixed precision",
+    };
+    println!("train {what} {arch:?} {size}x{size} (latents {l}x{l}) batch {batch} {prec} on cpu: {mean:.2} s/step (mean of {iters}, min {min:.2}, all {all}; forward passes {fwd}), {n} trainable tensors; peak RSS {rss}");
     Ok(())
 }
 

@@ -138,6 +138,9 @@ pub struct TrainArgs {
     pub sd_locked: Option<bool>,
     #[arg(long)]
     pub only_mid_control: Option<bool>,
+    /// no | bf16 (bf16 products, f32 sums and weights; CPUs with AVX512-BF16)
+    #[arg(long)]
+    pub mixed_precision: Option<String>,
     #[arg(long)]
     pub skip_bad_rows: Option<bool>,
 }

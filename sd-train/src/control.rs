@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use sd_controlnet::control_image::load_control_image;
 use sd_controlnet::units::{ControlNetHook, ResizeMode};
+use sd_pipeline::cpu::matmul::{set_precision, Precision};
 use sd_pipeline::model::unet::UNet2DConditionModel;
 use sd_pipeline::output::{write_file, StagedDir};
 use sd_pipeline::rng::{NoiseSource, TorchRng};
@@ -135,6 +136,15 @@ pub struct TrainConfig {
     /// Skip unusable dataset rows (reported) instead of stopping.
     #[serde(default)]
     pub skip_bad_rows: bool,
+    /// `no` (f32) or `bf16`: the products of the forward and backward passes in bf16 with f32
+    /// sums, on a CPU with AVX512-BF16 (weights, gradients and AdamW state stay f32, as
+    /// diffusers' `--mixed_precision bf16` keeps f32 master weights).
+    #[serde(default = "d_precision")]
+    pub mixed_precision: String,
+}
+
+fn d_precision() -> String {
+    "no".into()
 }
 
 impl TrainConfig {
@@ -180,6 +190,7 @@ impl TrainConfig {
                 self.lr_scheduler
             ));
         }
+        self.precision()?;
         if self.validation_prompt.is_some() != self.validation_image.is_some() {
             return bad("validation needs both validation_prompt and validation_image".into());
         }
@@ -214,6 +225,21 @@ impl TrainConfig {
             NetworkKind::T2iAdapter => 1.2,
         };
         crate::train_loop::check_memory(&self.base, self.resolution, self.batch_size, networks)
+    }
+
+    /// The products' precision that `mixed_precision` names (bf16 refused on a CPU without
+    /// AVX512-BF16).
+    pub fn precision(&self) -> Result<Precision> {
+        match self.mixed_precision.as_str() {
+            "no" => Ok(Precision::F32),
+            "bf16" if sd_pipeline::cpu::matmul::bf16_supported() => Ok(Precision::Bf16),
+            "bf16" => Err(TrainError::Invalid(
+                "mixed_precision bf16: this CPU lacks AVX512-BF16 (vdpbf16ps); use no".into(),
+            )),
+            other => Err(TrainError::Invalid(format!(
+                "mixed_precision {other:?}: expected no or bf16"
+            ))),
+        }
     }
 
     /// The learning rate schedule (diffusers' `constant` or `constant_with_warmup`).
@@ -498,6 +524,8 @@ impl Trainer {
     /// the caller).
     fn batch_loss(&self, step: usize, micro: usize) -> Result<Tensor> {
         let cfg = &self.cfg;
+        // set for every batch: a validation image in between generates in f32
+        set_precision(cfg.precision()?).map_err(TrainError::Invalid)?;
         let dev = Device::Cpu;
         let r = cfg.resolution as usize;
         let global = step * cfg.gradient_accumulation + micro;

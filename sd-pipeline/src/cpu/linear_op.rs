@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::conv_op::f32_slice;
+use super::conv_op::{cpu_f32, f32_slice};
 use super::matmul::{all_threads, matmul_packed_rhs, Mat, MatMut, PackedRhs};
 
 /// A linear layer's weight `W [n, k]` as the packed bf16 right operand `W^T`, made at the first
@@ -167,15 +167,52 @@ impl CustomOp2 for LinearTrain {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
-        let g = grad.contiguous()?.reshape(((), n))?;
-        let gx = if x.track_op() {
-            Some(g.matmul(w)?.reshape(x.dims())?)
+        let (need_x, need_w) = (x.track_op(), w.track_op());
+        let (x, w, grad) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (xv, wv, gv) = (cpu_f32(&xs, xl)?, cpu_f32(&ws, wl)?, cpu_f32(&gs, gl)?);
+        let m = gv.len() / n.max(1);
+        let dev = x.device();
+        // through `matmul`, so that bf16 mixed precision takes the backward's products too
+        let gx = if need_x {
+            let mut gx = vec![0f32; m * k];
+            // SAFETY: gx [m, k] = g [m, n] x W [n, k], all row-major and of these sizes
+            unsafe {
+                super::matmul::matmul(
+                    m,
+                    k,
+                    n,
+                    MatMut::new(gx.as_mut_ptr(), k as isize, 1),
+                    false,
+                    Mat::new(gv.as_ptr(), n as isize, 1),
+                    Mat::new(wv.as_ptr(), k as isize, 1),
+                    1.0,
+                    all_threads(),
+                );
+            }
+            Some(Tensor::from_vec(gx, x.dims(), dev)?)
         } else {
             None
         };
-        let gw = if w.track_op() {
-            let xm = x.reshape(((), k))?;
-            Some(g.t()?.matmul(&xm)?)
+        let gw = if need_w {
+            let mut gw = vec![0f32; n * k];
+            // SAFETY: gw [n, k] = g^T ([m, n] read transposed) x x [m, k]
+            unsafe {
+                super::matmul::matmul(
+                    n,
+                    k,
+                    m,
+                    MatMut::new(gw.as_mut_ptr(), k as isize, 1),
+                    false,
+                    Mat::new(gv.as_ptr(), 1, n as isize),
+                    Mat::new(xv.as_ptr(), k as isize, 1),
+                    1.0,
+                    all_threads(),
+                );
+            }
+            Some(Tensor::from_vec(gw, (n, k), dev)?)
         } else {
             None
         };
