@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# ControlNet training step, sdctl beside PyTorch/diffusers (issue: training at PyTorch's speed),
+# one run on one machine: SD1.5 architecture, random weights, batch 1, at each SIZES, f32 and
+# bf16 mixed precision (PyTorch: CPU autocast), each setting in its own process (peak RSS is
+# the process's), sdctl and PyTorch alternating. Each line lists every step: the first one
+# includes one-time set-up (page faults of fresh memory, first packing), so compare the later
+# ones. Needs torch + diffusers (PYTHON) and a release sdctl (SDCTL). CI does not run this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+S=${SDCTL:-target/release/sdctl}
+ITERS=${ITERS:-4}
+SIZES=${SIZES:-256 512}
+date; grep -m1 "model name" /proc/cpuinfo || true; nproc; grep -o -m1 avx512_bf16 /proc/cpuinfo || true
+for size in $SIZES; do
+  for prec in f32 bf16; do
+    mp=$([ "$prec" = bf16 ] && echo bf16 || echo no)
+    "$PY" benches/train_compare.py --size "$size" --iters "$ITERS" --dtype "$prec"
+    "$S" bench train --size "$size" --iters "$ITERS" --mixed-precision "$mp"
+  done
+done
