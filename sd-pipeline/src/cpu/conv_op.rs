@@ -5,7 +5,7 @@
 //! `im2col` columns and takes both gradients as matmuls (the input's through `col2im`).
 
 use super::matmul::{all_threads, matmul, Mat, MatMut};
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution.
@@ -731,16 +731,63 @@ pub fn conv2d_train(
     padding: usize,
 ) -> Result<Tensor> {
     let o = output_channels(x, weight, "conv2d_train")?;
-    let y = x.contiguous()?.apply_op2(
-        &weight.contiguous()?,
-        ConvTrain {
-            stride,
-            pad: padding,
-        },
-    )?;
+    let op = ConvTrain {
+        stride,
+        pad: padding,
+    };
+    let (x, w) = (x.contiguous()?, weight.contiguous()?);
     match bias {
-        Some(bb) => y.broadcast_add(&bb.reshape((1, o, 1, 1))?),
-        None => Ok(y),
+        // the bias inside the op: no pre-bias output is kept for the backward pass
+        Some(b) if b.elem_count() == o => x.apply_op3(&w, &b.flatten_all()?, op),
+        Some(_) => candle_core::bail!("conv2d: bias of the wrong size for {o} output channels"),
+        None => x.apply_op2(&w, op),
+    }
+}
+
+/// [`ConvTrain`] with the bias added in the forward pass; its gradient is the output
+/// gradient's sum per channel.
+impl CustomOp3 for ConvTrain {
+    fn name(&self) -> &'static str {
+        "conv2d-bias-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        ConvInfer {
+            stride: self.stride,
+            pad: self.pad,
+            bias: Some(f32_slice(s3, l3)?.to_vec()),
+        }
+        .cpu_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = CustomOp2::bwd(self, x, w, res, grad)?;
+        let gb = if b.track_op() {
+            Some(
+                grad.sum_keepdim(0)?
+                    .sum_keepdim(2)?
+                    .sum_keepdim(3)?
+                    .flatten_all()?,
+            )
+        } else {
+            None
+        };
+        Ok((gx, gw, gb))
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::conv_op::{cpu_f32, f32_slice};
@@ -223,10 +223,62 @@ impl CustomOp2 for LinearTrain {
 /// `x W^T + b` (any leading dims of `x`) on the CPU in f32 with gradients, as
 /// [`LinearTrain`] takes them.
 pub fn linear_train(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.contiguous()?.apply_op2(&w.contiguous()?, LinearTrain)?;
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
+        // the bias inside the op: no pre-bias output is kept for the backward pass
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearTrain),
+        None => x.apply_op2(&w, LinearTrain),
+    }
+}
+
+/// [`LinearTrain`] with the bias added in the forward pass; its gradient is the output
+/// gradient's sum over rows.
+impl CustomOp3 for LinearTrain {
+    fn name(&self) -> &'static str {
+        "linear-bias-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let b = f32_slice(bs, bl)?;
+        let n = wl.dims().first().copied().unwrap_or(0);
+        if b.len() != n {
+            candle_core::bail!("linear: bias {:?} for weight {:?}", bl.dims(), wl.dims());
+        }
+        let (out, shape) = CustomOp2::cpu_fwd(self, xs, xl, ws, wl)?;
+        let CpuStorage::F32(mut out) = out else {
+            candle_core::bail!("linear: f32 only")
+        };
+        out.par_chunks_mut(n.max(1)).for_each(|row| {
+            for (o, b) in row.iter_mut().zip(b) {
+                *o += b;
+            }
+        });
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = CustomOp2::bwd(self, x, w, res, grad)?;
+        let gb = if b.track_op() {
+            Some(grad.reshape(((), b.elem_count()))?.sum(0)?)
+        } else {
+            None
+        };
+        Ok((gx, gw, gb))
     }
 }
 
