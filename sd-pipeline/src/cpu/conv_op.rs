@@ -927,14 +927,7 @@ mod tests {
             assert!(d.to_scalar::<f32>().unwrap() < 4e-5); // 27 products + bias: outputs up to ~20, a few f32 epsilons of those
                                                            // gradients of sum(y * r) for a random r (candle's own backward fails on odd sizes
                                                            // at stride 2, so the cases compared have even ones)
-            let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
-            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (g1, g2) = crate::cpu::weighted_grads(ours, theirs);
             for v in [&x, &wt, &bias] {
                 let a = g1.get(v.as_tensor()).unwrap();
                 let b = g2.get(v.as_tensor()).unwrap();
@@ -994,14 +987,7 @@ mod tests {
         let w = Tensor::randn(0f32, 1., (o, c, 3, 3), &dev).unwrap();
         let ours = conv2d_train(x.as_tensor(), &w, None, 1, 1).unwrap();
         let theirs = x.as_tensor().conv2d(&w, 1, 1, 1, 1).unwrap();
-        let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (g1, g2) = crate::cpu::weighted_grads(ours, theirs);
         assert_close(
             g1.get(x.as_tensor()).unwrap(),
             g2.get(x.as_tensor()).unwrap(),

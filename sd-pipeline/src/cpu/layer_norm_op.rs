@@ -149,24 +149,11 @@ mod tests {
         let theirs =
             candle_nn::ops::layer_norm_slow(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
                 .unwrap();
-        let d = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let d = crate::cpu::max_diff;
         assert!(d(&ours, &theirs) < 1e-5);
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        // one r for both and for the frozen case below
+        let grads = |y: Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (grads(ours), grads(theirs));
         for v in [&x, &w, &b] {
             let (a, e) = (
                 g1.get(v.as_tensor()).unwrap(),
@@ -176,7 +163,7 @@ mod tests {
         }
         let (wf, bf) = (w.as_tensor().detach(), b.as_tensor().detach());
         let y = layer_norm_train(x.as_tensor(), &wf, &bf, 1e-5).unwrap();
-        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads(y);
         assert!(g.get(&wf).is_none() && g.get(&bf).is_none());
         let (a, e) = (
             g.get(x.as_tensor()).unwrap(),

@@ -285,18 +285,8 @@ impl CustomOp3 for LinearTrain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::{max_diff, weighted_grads};
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// Output and gradients equal candle's linear layer's (f32 sums of 24 products of values
     /// around 1, in another order: 1e-5); a frozen weight gets no gradient.
@@ -311,13 +301,7 @@ mod tests {
         let lin = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
         let theirs = candle_core::Module::forward(&lin, x.as_tensor()).unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-5);
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (g1, g2) = weighted_grads(ours, theirs);
         for v in [&x, &w, &b] {
             let (a, e) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
             assert!(max_diff(a.unwrap(), e.unwrap()) < 1e-5);

@@ -31,3 +31,31 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// max |a - b| over two tensors of one shape (the kernels' tests).
+#[cfg(test)]
+pub(crate) fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// The gradients of `sum(y * r)`, `r` one random tensor of `y`'s shape, for an op's output and
+/// the reference's output (the kernels' gradient tests).
+#[cfg(test)]
+pub(crate) fn weighted_grads(
+    ours: candle_core::Tensor,
+    theirs: candle_core::Tensor,
+) -> (
+    candle_core::backprop::GradStore,
+    candle_core::backprop::GradStore,
+) {
+    let r = candle_core::Tensor::randn(0f32, 1., ours.dims(), ours.device()).unwrap();
+    let grads = |y: candle_core::Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    (grads(ours), grads(theirs))
+}
