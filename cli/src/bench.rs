@@ -208,13 +208,8 @@ fn train(a: TrainBenchArgs) -> CliResult {
         TrainedNetwork::Controlnet => sd_train::NetworkKind::Controlnet,
         TrainedNetwork::T2iAdapter => sd_train::NetworkKind::T2iAdapter,
     };
-    use sd_pipeline::cpu::matmul::{bf16_supported, set_precision, Precision};
-    let precision = match a.mixed_precision.as_str() {
-        "no" => Precision::F32,
-        "bf16" if bf16_supported() => Precision::Bf16,
-        "bf16" => return Err("--mixed-precision bf16: this CPU lacks AVX512-BF16".into()),
-        other => return Err(format!("--mixed-precision {other:?}: expected no or bf16").into()),
-    };
+    use sd_pipeline::cpu::matmul::{set_precision, Precision};
+    let precision = sd_train::control::mixed_precision(&a.mixed_precision)?;
     set_precision(precision)?;
     let r = TrainBench {
         arch,

@@ -230,16 +230,7 @@ impl TrainConfig {
     /// The products' precision that `mixed_precision` names (bf16 refused on a CPU without
     /// AVX512-BF16).
     pub fn precision(&self) -> Result<Precision> {
-        match self.mixed_precision.as_str() {
-            "no" => Ok(Precision::F32),
-            "bf16" if sd_pipeline::cpu::matmul::bf16_supported() => Ok(Precision::Bf16),
-            "bf16" => Err(TrainError::Invalid(
-                "mixed_precision bf16: this CPU lacks AVX512-BF16 (vdpbf16ps); use no".into(),
-            )),
-            other => Err(TrainError::Invalid(format!(
-                "mixed_precision {other:?}: expected no or bf16"
-            ))),
-        }
+        mixed_precision(&self.mixed_precision).map_err(TrainError::Invalid)
     }
 
     /// The learning rate schedule (diffusers' `constant` or `constant_with_warmup`).
@@ -269,6 +260,19 @@ impl TrainConfig {
             checkpointing_steps: self.checkpointing_steps,
             checkpoint_last: true,
         }
+    }
+}
+
+/// The products' precision a `mixed_precision` value names (`no` or `bf16`; bf16 refused on a
+/// CPU without AVX512-BF16), for the trainers and `sdctl bench train`.
+pub fn mixed_precision(name: &str) -> std::result::Result<Precision, String> {
+    match name {
+        "no" => Ok(Precision::F32),
+        "bf16" if sd_pipeline::cpu::matmul::bf16_supported() => Ok(Precision::Bf16),
+        "bf16" => {
+            Err("mixed_precision bf16: this CPU lacks AVX512-BF16 (vdpbf16ps); use no".into())
+        }
+        other => Err(format!("mixed_precision {other:?}: expected no or bf16")),
     }
 }
 

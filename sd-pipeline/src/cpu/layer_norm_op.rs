@@ -70,12 +70,13 @@ impl CustomOp3 for LayerNormOp {
         let (ws, wl) = w.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
         let (xv, wv, gv) = (cpu_f32(&xs, xl)?, cpu_f32(&ws, wl)?, cpu_f32(&gs, gl)?);
+        let row_stats: Vec<(f32, f32)> = xv.par_chunks(n).map(|r| stats(r, self.eps)).collect();
         let mut dx = vec![0f32; xv.len()];
         // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = g * w
         dx.par_chunks_mut(n)
             .zip(xv.par_chunks(n).zip(gv.par_chunks(n)))
-            .for_each(|(d, (row, g))| {
-                let (mean, rstd) = stats(row, self.eps);
+            .zip(row_stats.par_iter())
+            .for_each(|((d, (row, g)), &(mean, rstd))| {
                 let (mut s1, mut s2) = (0f64, 0f64);
                 for ((&v, &g), &w) in row.iter().zip(g).zip(wv) {
                     let dxh = (g * w) as f64;
@@ -94,10 +95,10 @@ impl CustomOp3 for LayerNormOp {
             let (dw, db) = xv
                 .par_chunks(n)
                 .zip(gv.par_chunks(n))
+                .zip(row_stats.par_iter())
                 .fold(
                     || (vec![0f64; n], vec![0f64; n]),
-                    |(mut dw, mut db), (row, g)| {
-                        let (mean, rstd) = stats(row, self.eps);
+                    |(mut dw, mut db), ((row, g), &(mean, rstd))| {
                         for (((dw, db), &v), &g) in dw.iter_mut().zip(db.iter_mut()).zip(row).zip(g)
                         {
                             *dw += (g * (v - mean) * rstd) as f64;
