@@ -161,23 +161,31 @@ pub fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> std::io::Result<()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // handlers installed before the address is announced: a SIGTERM sent as soon as the
+        // server answers is a clean stop, not the default kill
+        let shutdown = signals();
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         ready(listener.local_addr()?);
-        serve(config, listener, signals()).await
+        serve(config, listener, shutdown).await
     })
 }
 
-async fn signals() {
+/// Installs the SIGTERM and SIGINT handlers now (inside the runtime) and returns the future
+/// that ends at the first of them.
+fn signals() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let streams = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = streams else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        eprintln!("sdctl serve: stopping (the running job is interrupted)");
     }
-    eprintln!("sdctl serve: stopping (the running job is interrupted)");
 }
