@@ -71,6 +71,9 @@ pub struct TrainBenchArgs {
     /// no | bf16: the step's products in bf16 with f32 sums (as `train --mixed-precision`)
     #[arg(long, default_value = "no")]
     pub mixed_precision: String,
+    /// Recompute each block in the backward pass (as `train --gradient-checkpointing true`)
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -211,6 +214,7 @@ fn train(a: TrainBenchArgs) -> CliResult {
     use sd_pipeline::cpu::matmul::{set_precision, Precision};
     let precision = sd_train::control::mixed_precision(&a.mixed_precision)?;
     set_precision(precision)?;
+    sd_pipeline::model::checkpoint::set_enabled(a.gradient_checkpointing);
     let r = TrainBench {
         arch,
         network,
@@ -233,6 +237,11 @@ fn train(a: TrainBenchArgs) -> CliResult {
     let prec = match precision {
         Precision::F32 => "f32",
         Precision::Bf16 => "bf16 mixed precision",
+    };
+    let prec = if a.gradient_checkpointing {
+        format!("{prec}, gradient checkpointing")
+    } else {
+        prec.to_string()
     };
     println!("train {what} {arch:?} {size}x{size} (latents {l}x{l}) batch {batch} {prec} on cpu: {mean:.2} s/step (mean of {iters}, min {min:.2}, all {all}; forward passes {fwd}), {n} trainable tensors; peak RSS {rss}");
     Ok(())

@@ -143,6 +143,10 @@ pub struct TrainArgs {
     pub mixed_precision: Option<String>,
     #[arg(long)]
     pub skip_bad_rows: Option<bool>,
+    /// true: keep only each block's inputs and recompute the block in the backward pass
+    /// (less memory, more time)
+    #[arg(long)]
+    pub gradient_checkpointing: Option<bool>,
 }
 
 fn bar(len: usize) -> ProgressBar {

@@ -141,6 +141,10 @@ pub struct TrainConfig {
     /// diffusers' `--mixed_precision bf16` keeps f32 master weights).
     #[serde(default = "d_precision")]
     pub mixed_precision: String,
+    /// Keep only each ResNet and transformer block's inputs for the backward pass and run the
+    /// block again there (the ControlNet's and the UNet decoder's): less memory, more time.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn d_precision() -> String {
@@ -530,6 +534,7 @@ impl Trainer {
         let cfg = &self.cfg;
         // set for every batch: a validation image in between generates in f32
         set_precision(cfg.precision()?).map_err(TrainError::Invalid)?;
+        sd_pipeline::model::checkpoint::set_enabled(cfg.gradient_checkpointing);
         let dev = Device::Cpu;
         let r = cfg.resolution as usize;
         let global = step * cfg.gradient_accumulation + micro;

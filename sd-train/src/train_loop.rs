@@ -99,7 +99,7 @@ impl LoopConfig {
             let (loss, extra) = task.micro_loss(step, micro)?;
             loss_sum += loss.to_scalar::<f32>()?;
             extras.push(extra);
-            let grads = loss.backward()?;
+            let grads = sd_pipeline::model::checkpoint::backward(&loss)?;
             for (name, var) in task.optimizer().vars() {
                 if let Some(g) = grads.get(var.as_tensor()) {
                     // one micro-batch: the gradient as it is (dividing by 1 would only turn

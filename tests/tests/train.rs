@@ -29,9 +29,34 @@ fn vars_of(dir: &std::path::Path) -> (HashMap<String, Var>, HashMap<String, cand
     (vars, tensors)
 }
 
-/// One step's loss and every gradient of `net` (over `vars`, named as PyTorch's parameters)
-/// against `file`'s, for epsilon and v targets.
+/// [`check_grads_with`] without and with gradient checkpointing; the two runs' gradients must
+/// also agree with each other (the same blocks, run again in the backward pass).
 fn check_grads(file: &str, net: &Network, vars: &HashMap<String, Var>) {
+    let plain = check_grads_with(file, net, vars, false);
+    let ckpt = check_grads_with(file, net, vars, true);
+    let mut worst = 0f32;
+    for (k, g) in &plain {
+        let rel = max_abs_diff(g, &ckpt[k]) / max_abs(g).max(1e-12);
+        worst = worst.max(rel);
+        // the same f32 operations but the weight gradients summed in another order
+        assert!(
+            rel < 1e-5,
+            "checkpointing changes {k}: relative difference {rel}"
+        );
+    }
+    eprintln!("{file}: checkpointed gradients within {worst:e} of the plain ones");
+}
+
+/// One step's loss and every gradient of `net` (over `vars`, named as PyTorch's parameters)
+/// against `file`'s, for epsilon and v targets; returns the gradients (case.name).
+fn check_grads_with(
+    file: &str,
+    net: &Network,
+    vars: &HashMap<String, Var>,
+    checkpointing: bool,
+) -> HashMap<String, candle_core::Tensor> {
+    sd_pipeline::model::checkpoint::set_enabled(checkpointing);
+    let mut all = HashMap::new();
     let dev = Device::Cpu;
     let exp = expected(file);
     let sd = StableDiffusion::load(&model_dir("sd1"), &dev, DType::F32, &[]).unwrap();
@@ -59,7 +84,13 @@ fn check_grads(file: &str, net: &Network, vars: &HashMap<String, Var>) {
             ((got - want) / want).abs() < 1e-4,
             "{case} loss {got} vs {want}"
         );
-        let grads = loss.backward().unwrap();
+        if checkpointing {
+            // the blocks were checkpointed: a plain backward has nowhere to put their weights'
+            // gradients and says so
+            let e = loss.backward().unwrap_err().to_string();
+            assert!(e.contains("checkpoint"), "{e}");
+        }
+        let grads = sd_pipeline::model::checkpoint::backward(&loss).unwrap();
         let mut checked = 0;
         let mut worst = 0f32;
         for (n, var) in vars {
@@ -72,6 +103,7 @@ fn check_grads(file: &str, net: &Network, vars: &HashMap<String, Var>) {
             worst = worst.max(rel);
             assert!(rel < 1e-4, "{case} {n}: relative difference {rel}");
             checked += 1;
+            all.insert(format!("{case}.{n}"), got.clone());
         }
         assert_eq!(checked, vars.len());
         eprintln!("{file} {case}: {checked} gradients, worst relative difference {worst:e}");
@@ -80,6 +112,8 @@ fn check_grads(file: &str, net: &Network, vars: &HashMap<String, Var>) {
             .values()
             .any(|v| max_abs(grads.get(v.as_tensor()).unwrap()) > 1e-6));
     }
+    sd_pipeline::model::checkpoint::set_enabled(false);
+    all
 }
 
 #[test]
@@ -151,5 +185,41 @@ fn a_few_dozen_steps_lower_the_loss_on_a_fill_dataset() {
     assert!(dir
         .join("out/controlnet/diffusion_pytorch_model.safetensors")
         .is_file());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `gradient_checkpointing = true` reaches the trainer's loss: its blocks are checkpointed (a
+/// plain `backward` has nowhere to put their weights' gradients and fails), and the
+/// checkpointing backward gives every trained weight a gradient.
+#[test]
+fn the_trainer_checkpoints_its_blocks_when_asked() {
+    use sd_train::{fill::write_fill_dataset, TrainConfig, TrainTask, Trainer};
+    let dir = std::env::temp_dir().join(format!("train-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    write_fill_dataset(&dir.join("data"), 2, 64, 5).unwrap();
+    let cfg = |on: bool| -> TrainConfig {
+        serde_json::from_value(serde_json::json!({
+            "base": model_dir("sd1"),
+            "dataset": dir.join("data"),
+            "output": dir.join(format!("out-{on}")),
+            "resolution": 64,
+            "max_steps": 1,
+            "gradient_checkpointing": on,
+        }))
+        .unwrap()
+    };
+    for on in [false, true] {
+        let mut t = Trainer::new(cfg(on), false, &mut |w| panic!("{w}")).unwrap();
+        let (loss, ()) = t.micro_loss(0, 0).unwrap();
+        assert_eq!(loss.backward().is_err(), on, "checkpointing {on}");
+        let grads = sd_pipeline::model::checkpoint::backward(&loss).unwrap();
+        let vars: Vec<_> = t.optimizer().vars().to_vec();
+        assert!(!vars.is_empty());
+        for (name, v) in &vars {
+            assert!(grads.get(v.as_tensor()).is_some(), "{name}: no gradient");
+        }
+    }
+    sd_pipeline::model::checkpoint::set_enabled(false);
     let _ = std::fs::remove_dir_all(dir);
 }

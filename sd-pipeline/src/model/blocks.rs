@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use sd_plugins_api::{ExtraAttention, Projection, ProjectionInputs};
 
+use super::checkpoint;
 use super::nn::{Conv2d, GroupNorm};
 use super::shared_batch::SharedBatch;
 
@@ -56,6 +57,15 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let inputs: Vec<&Tensor> = std::iter::once(xs).chain(temb).collect();
+        if checkpoint::wanted(&inputs) {
+            let me = self.clone();
+            return checkpoint::checkpointed(&inputs, move |t| me.forward_plain(&t[0], t.get(1)));
+        }
+        self.forward_plain(xs, temb)
+    }
+
+    fn forward_plain(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -528,6 +538,12 @@ impl Transformer2D {
         shared: Option<&SharedBatch>,
         extras: Option<&AttnExtras>,
     ) -> Result<Tensor> {
+        if shared.is_none() && extras.is_none() && checkpoint::wanted(&[xs, ctx]) {
+            let me = self.clone();
+            return checkpoint::checkpointed(&[xs, ctx], move |t| {
+                me.forward_inner(&t[0], &t[1], None, None)
+            });
+        }
         let (_, c, h, w) = xs.dims4()?;
         let to_tokens = |t: &Tensor| {
             let b = t.dim(0)?;

@@ -4,6 +4,7 @@
 //! call are in [`crate::cpu`].
 
 pub mod blocks;
+pub mod checkpoint;
 pub mod clip;
 pub mod clip_vision;
 pub mod config;

@@ -117,7 +117,7 @@ impl TrainBench {
             )
             .map_err(|e| Error::Message(e.to_string()))?;
             forward.push(t.elapsed().as_secs_f64());
-            let grads = loss.backward()?;
+            let grads = sd_pipeline::model::checkpoint::backward(&loss)?;
             drop(grads);
             times.push(t.elapsed().as_secs_f64());
         }

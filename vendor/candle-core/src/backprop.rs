@@ -163,13 +163,26 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        self.backward_from(self.ones_like()?.contiguous()?)
+    }
+
+    /// sd-rs patch: [`Tensor::backward`] with `grad` as this tensor's own gradient instead of
+    /// ones (what a recomputed block of gradient checkpointing starts from).
+    pub fn backward_from(&self, grad: Tensor) -> Result<GradStore> {
+        if grad.shape() != self.shape() {
+            crate::bail!(
+                "backward_from: gradient of shape {:?} for a tensor of shape {:?}",
+                grad.shape(),
+                self.shape()
+            )
+        }
         let sorted_nodes = self.sorted_nodes();
         // sd-rs patch: the nodes that lead to a variable; no other tensor gets a gradient
         let tracked: std::collections::HashSet<TensorId> =
             sorted_nodes.iter().map(|n| n.id()).collect();
         let needs = |t: &Tensor| tracked.contains(&t.id());
         let mut grads = GradStore::new();
-        grads.insert(self, self.ones_like()?.contiguous()?);
+        grads.insert(self, grad.contiguous()?);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 continue;
