@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ControlNet training step, sdctl beside PyTorch/diffusers (issue: training at PyTorch's speed),
 # one run on one machine: SD1.5 architecture, random weights, batch 1, at each SIZES, f32 and
-# bf16 mixed precision (PyTorch: CPU autocast), each setting in its own process (peak RSS is
+# bf16 mixed precision (PyTorch: CPU autocast), with and without gradient checkpointing
+# (MODES), each setting in its own process (peak RSS is
 # the process's), sdctl and PyTorch alternating. Each line lists every step: the first one
 # includes one-time set-up (page faults of fresh memory, first packing), so compare the later
 # ones. Needs torch + diffusers (PYTHON) and a release sdctl (SDCTL). CI does not run this.
@@ -11,11 +12,16 @@ PY=${PYTHON:-python3}
 S=${SDCTL:-target/release/sdctl}
 ITERS=${ITERS:-4}
 SIZES=${SIZES:-256 512}
+# f32, bf16 (mixed precision), f32-ckpt and bf16-ckpt (with gradient checkpointing)
+MODES=${MODES:-f32 bf16 f32-ckpt}
 date; grep -m1 "model name" /proc/cpuinfo || true; nproc; grep -o -m1 avx512_bf16 /proc/cpuinfo || true
 for size in $SIZES; do
-  for prec in f32 bf16; do
+  for mode in $MODES; do
+    prec=${mode%-ckpt}
     mp=$([ "$prec" = bf16 ] && echo bf16 || echo no)
-    "$PY" benches/train_compare.py --size "$size" --iters "$ITERS" --dtype "$prec"
-    "$S" bench train --size "$size" --iters "$ITERS" --mixed-precision "$mp"
+    gc=()
+    [ "$mode" != "$prec" ] && gc=(--gradient-checkpointing)
+    "$PY" benches/train_compare.py --size "$size" --iters "$ITERS" --dtype "$prec" "${gc[@]}"
+    "$S" bench train --size "$size" --iters "$ITERS" --mixed-precision "$mp" "${gc[@]}"
   done
 done

@@ -74,6 +74,9 @@ pub struct TrainBenchArgs {
     /// Recompute each block in the backward pass (as `train --gradient-checkpointing true`)
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Print the time of each kernel (forward and backward) in the last step
+    #[arg(long)]
+    pub op_profile: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -221,6 +224,7 @@ fn train(a: TrainBenchArgs) -> CliResult {
         size,
         batch,
         iters,
+        op_profile: a.op_profile,
     }
     .run()?;
     let (arch, l, mean, n) = (r.arch, r.latent, r.mean_s, r.trainable_tensors);
@@ -244,6 +248,22 @@ fn train(a: TrainBenchArgs) -> CliResult {
         prec.to_string()
     };
     println!("train {what} {arch:?} {size}x{size} (latents {l}x{l}) batch {batch} {prec} on cpu: {mean:.2} s/step (mean of {iters}, min {min:.2}, all {all}; forward passes {fwd}), {n} trainable tensors; peak RSS {rss}");
+    if let (Some(ops), Some(step)) = (r.op_profile.last(), r.step_s.last()) {
+        let kernels: f64 = ops.iter().map(|o| o.1).sum();
+        println!("kernels of the last step ({step:.2} s), their own time:");
+        for (name, s, calls) in ops {
+            println!(
+                "  {name:<24} {s:>7.3} s  {:>5.1}%  {calls} calls",
+                100.0 * s / step
+            );
+        }
+        println!(
+            "  {:<24} {:>7.3} s  {:>5.1}%",
+            "other (candle ops, graph)",
+            step - kernels,
+            100.0 * (step - kernels) / step
+        );
+    }
     Ok(())
 }
 

@@ -245,6 +245,7 @@ impl CustomOp3 for RecomputedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = super::op_profile::span("attention fwd");
         let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let (bh, sq, sk, d) = dims(l1.dims(), l2.dims(), l3.dims())?;
         let mut out = vec![0f32; bh * sq * d];
@@ -270,6 +271,7 @@ impl CustomOp3 for RecomputedAttention {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = super::op_profile::span("attention bwd");
         // cross-attention's keys and values in a frozen UNet come from the text alone: no
         // gradient is taken for an input that leads to no variable
         let (need_q, need_k, need_v) = (q.track_op(), k.track_op(), v.track_op());

@@ -54,6 +54,7 @@ impl CustomOp3 for FusedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = super::op_profile::span("attention fwd");
         let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let [b, sq, inner] = l1.dims() else {
             candle_core::bail!(

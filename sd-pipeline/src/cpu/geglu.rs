@@ -15,6 +15,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = super::op_profile::span("geglu fwd");
         let h = f32_slice(s, l)?;
         let dims = l.dims();
         let Some((&last, lead)) = dims.split_last() else {
@@ -35,6 +36,7 @@ impl CustomOp1 for Geglu {
 
     /// `d/da = gelu(b)`, `d/db = a * (Phi(b) + b * phi(b))` (the exact GELU's derivative).
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _span = super::op_profile::span("geglu bwd");
         let last = x.dims().last().copied().unwrap_or(0);
         let inner = last / 2;
         let (x, grad) = (x.contiguous()?, grad.contiguous()?);

@@ -79,6 +79,7 @@ impl CustomOp3 for GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = super::op_profile::span("group norm fwd");
         let g = self.geo(l1.dims())?;
         let (x, gamma, beta) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let stats = self.stats(x, &g);
@@ -112,6 +113,7 @@ impl CustomOp3 for GroupNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = super::op_profile::span("group norm bwd");
         let g = self.geo(x.dims())?;
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
         let gv = gamma.flatten_all()?.to_vec1::<f32>()?;

@@ -33,6 +33,7 @@ impl CustomOp3 for LayerNormOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = super::op_profile::span("layer norm fwd");
         let (x, w, b) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?, f32_slice(bs, bl)?);
         let n = xl.dims().last().copied().unwrap_or(0);
         if n == 0 || w.len() != n || b.len() != n {
@@ -63,6 +64,7 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = super::op_profile::span("layer norm bwd");
         let n = w.elem_count();
         let affine = w.track_op() || b.track_op();
         let (x, w, grad) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);

@@ -66,6 +66,7 @@ impl CustomOp2 for LinearInfer {
         _ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = super::op_profile::span("linear fwd");
         let x = f32_slice(xs, xl)?;
         let dims = xl.dims();
         let (&k, lead) = dims.split_last().unwrap_or((&0, &[]));
@@ -129,6 +130,7 @@ impl CustomOp2 for LinearTrain {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = super::op_profile::span("linear fwd");
         let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
         let dims = xl.dims();
         let (&k, lead) = dims.split_last().unwrap_or((&0, &[]));
@@ -166,6 +168,7 @@ impl CustomOp2 for LinearTrain {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _span = super::op_profile::span("linear bwd");
         let (n, k) = w.dims2()?;
         let (need_x, need_w) = (x.track_op(), w.track_op());
         let (x, w, grad) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);

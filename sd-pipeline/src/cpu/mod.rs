@@ -12,6 +12,7 @@ pub mod layer_norm_op;
 pub mod linear_op;
 mod mat;
 pub mod matmul;
+pub mod op_profile;
 mod simd;
 pub mod upsample_op;
 pub mod winograd_phase;

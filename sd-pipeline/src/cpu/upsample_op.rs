@@ -19,6 +19,7 @@ impl CustomOp1 for UpsampleNearest {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = super::op_profile::span("upsample fwd");
         let x = f32_slice(st, l)?;
         let (b, c, h, w) = l.shape().dims4()?;
         let s = self.scale;
@@ -38,6 +39,7 @@ impl CustomOp1 for UpsampleNearest {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _span = super::op_profile::span("upsample bwd");
         let (b, c, h, w) = x.dims4()?;
         let s = self.scale;
         let (oh, ow) = (h * s, w * s);

@@ -117,6 +117,7 @@ struct Checkpoint {
 
 impl Checkpoint {
     fn forward(&self) -> Result<(CpuStorage, Shape)> {
+        let _span = crate::cpu::op_profile::span("checkpoint output copy");
         let out = self
             .out
             .lock()

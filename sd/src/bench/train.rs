@@ -26,6 +26,8 @@ pub struct TrainBench {
     pub batch: usize,
     /// Timed steps; at least 1.
     pub iters: usize,
+    /// Record the time of each kernel (forward and backward) per step.
+    pub op_profile: bool,
 }
 
 /// Seconds per step and the process's peak memory.
@@ -45,6 +47,8 @@ pub struct TrainReport {
     pub forward_s: Vec<f64>,
     /// the trained network's weights
     pub trainable_tensors: usize,
+    /// with `op_profile`: each step's seconds and calls per kernel, most time first
+    pub op_profile: Vec<Vec<(String, f64, u64)>>,
     pub peak_rss_bytes: Option<u64>,
 }
 
@@ -109,7 +113,9 @@ impl TrainBench {
         let alphas = sd_pipeline::samplers::alphas_cumprod(
             &sd_pipeline::samplers::SchedulerConfig::default(),
         );
-        let (mut times, mut forward) = (Vec::new(), Vec::new());
+        let (mut times, mut forward, mut profile) = (Vec::new(), Vec::new(), Vec::new());
+        use sd_pipeline::cpu::op_profile;
+        op_profile::set_enabled(self.op_profile);
         for _ in 0..self.iters {
             let t = Instant::now();
             let loss = sd_train::training_loss(
@@ -120,7 +126,16 @@ impl TrainBench {
             let grads = sd_pipeline::model::checkpoint::backward(&loss)?;
             drop(grads);
             times.push(t.elapsed().as_secs_f64());
+            if self.op_profile {
+                let ops = op_profile::take();
+                profile.push(
+                    ops.into_iter()
+                        .map(|(k, s, n)| (k.to_string(), s, n))
+                        .collect(),
+                );
+            }
         }
+        op_profile::set_enabled(false);
         Ok(TrainReport {
             arch: self.arch,
             size: self.size,
@@ -131,6 +146,7 @@ impl TrainBench {
             step_s: times,
             forward_s: forward,
             trainable_tensors: vars,
+            op_profile: profile,
             peak_rss_bytes: peak_rss_bytes(),
         })
     }
