@@ -158,11 +158,26 @@ fn bar(len: usize) -> ProgressBar {
     bar
 }
 
+/// ", steady X s/step" from the second step on (the first pays one-time set-up), given the
+/// instants each step ended; empty for fewer than three steps. Checkpoints and validation
+/// images in between count.
+fn steady(ends: &[std::time::Instant]) -> String {
+    match (ends.first(), ends.last()) {
+        (Some(a), Some(b)) if ends.len() >= 3 => format!(
+            ", steady {:.3} s/step",
+            (*b - *a).as_secs_f64() / (ends.len() - 1) as f64
+        ),
+        _ => String::new(),
+    }
+}
+
 fn run_base(args: &BaseTrainArgs, part: Part) -> CliResult {
     let cfg = base_config(args.config.as_deref(), args)?;
     let bar = bar(cfg.max_train_steps);
     let t0 = std::time::Instant::now();
+    let mut ends = Vec::new();
     let mut report = |r: BaseStep| {
+        ends.push(std::time::Instant::now());
         bar.set_position(r.step as u64);
         bar.set_message(format!("{:.5}", r.loss));
     };
@@ -183,9 +198,10 @@ fn run_base(args: &BaseTrainArgs, part: Part) -> CliResult {
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     eprintln!(
-        "{} steps in {secs:.1} s ({:.2} it/s); {what} trained into {}",
+        "{} steps in {secs:.1} s ({:.2} it/s{}); {what} trained into {}",
         cfg.max_train_steps,
         cfg.max_train_steps as f64 / secs.max(1e-9),
+        steady(&ends),
         cfg.output.display()
     );
     Ok(())
@@ -208,7 +224,9 @@ pub fn run(cmd: TrainCommand) -> CliResult {
     bar.set_position(trainer.step as u64);
     let t0 = std::time::Instant::now();
     let start = trainer.step;
+    let mut ends = Vec::new();
     trainer.run(&mut |r| {
+        ends.push(std::time::Instant::now());
         bar.set_position(r.step as u64);
         bar.set_message(format!("{:.4}  lr {:.2e}", r.loss, r.lr));
     })?;
@@ -216,10 +234,11 @@ pub fn run(cmd: TrainCommand) -> CliResult {
     let secs = t0.elapsed().as_secs_f64();
     let kind = trainer.cfg.network;
     eprintln!(
-        "{} steps in {:.1} s ({:.2} it/s); {} in {}",
+        "{} steps in {:.1} s ({:.2} it/s{}); {} in {}",
         trainer.step - start,
         secs,
         (trainer.step - start) as f64 / secs.max(1e-9),
+        steady(&ends),
         kind.label(),
         trainer.cfg.output.join(kind.folder()).display()
     );
