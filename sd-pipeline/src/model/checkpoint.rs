@@ -254,3 +254,54 @@ impl CustomOp3 for Checkpoint {
         Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// A block of two tracked inputs and a weight, checkpointed: the same output and the same
+    /// gradients (inputs and weight) as run plainly, and a plain `backward` refuses it.
+    #[test]
+    fn checkpointed_block_gives_the_plain_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 5), &dev).unwrap()).unwrap();
+        let t = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 1), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (5, 4), &dev).unwrap()).unwrap();
+        let c = Tensor::randn(0f32, 1., (3, 4), &dev).unwrap();
+        let wt = w.as_tensor().clone();
+        // untracked third input `c`, passed through as it is
+        let block = move |i: &[Tensor]| -> Result<Tensor> {
+            (i[0].broadcast_add(&i[1])?.matmul(&wt)?.tanh()? * &i[2])?.exp()
+        };
+        let loss = |y: Tensor| (y * 0.5).unwrap().sum_all().unwrap();
+        let inputs = [x.as_tensor(), t.as_tensor(), &c];
+        let plain = block(&inputs.map(|t| t.clone())).unwrap();
+        let g_plain = loss(plain.clone()).backward().unwrap();
+        set_enabled(true);
+        assert!(wanted(&inputs));
+        let ck = checkpointed(&inputs, block).unwrap();
+        set_enabled(false);
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert_eq!(diff(&plain, &ck), 0.0);
+        let l = loss(ck);
+        let e = l.backward().unwrap_err().to_string();
+        assert!(e.contains("checkpoint"), "{e}");
+        let g_ck = backward(&l).unwrap();
+        for v in [&x, &t, &w] {
+            let (a, b) = (g_plain.get(v).unwrap(), g_ck.get(v).unwrap());
+            // the same f32 operations in the same order
+            assert!(diff(a, b) <= 1e-6, "{}", diff(a, b));
+        }
+        assert!(g_ck.get(&c).is_none());
+    }
+}
