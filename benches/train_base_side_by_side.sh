@@ -15,11 +15,12 @@ D=$(mktemp -d)
 trap 'rm -rf "$D"' EXIT
 date; grep -m1 "model name" /proc/cpuinfo || true; nproc
 "$S" dataset fill --output "$D/data" --count 64 --size 64 --seed 0 > /dev/null
-for _ in $(seq "$ROUNDS"); do
+for round in $(seq "$ROUNDS"); do
   for part in unet vae; do
     b=$([ "$part" = unet ] && echo 16 || echo 8)
-    "$PY" benches/train_base_compare.py --part "$part" --batch "$b" --size 64 --iters "$ITERS"
-    "$S" train "$part" --model models/tiny-fill --dataset "$D/data" --output "$D/$part" \
+    "$PY" benches/train_base_compare.py --part "$part" --batch "$b" --size 64 --iters "$ITERS" 2>&1 |
+      grep "^pytorch"
+    "$S" train "$part" --model models/tiny-fill --dataset "$D/data" --output "$D/$part-$round" \
       --batch-size "$b" --max-train-steps "$ITERS" --checkpointing-steps 100000 2>&1 | tail -1
   done
 done
