@@ -5,6 +5,7 @@
 //! `im2col` columns and takes both gradients as matmuls (the input's through `col2im`).
 
 use super::matmul::{all_threads, matmul, precision, Mat, MatMut, Precision};
+use super::scratch::with_scratch;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -158,12 +159,34 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
             }
         }
     });
+    let cap = WINOGRAD_TILES.min(th * tw);
+    let mut out = vec![0f32; g.b * o * g.oh * g.ow];
+    // each pass writes the first `t` tiles of V and M and reads no others
+    with_scratch(c * 16 * cap, |v| {
+        with_scratch(o * 16 * cap, |m| {
+            winograd_passes(x, &u, bias, g, o, v, m, &mut out)
+        })
+    });
+    out
+}
+
+/// The passes of [`conv3x3_winograd`] over `V` and `M` scratch, into `out`.
+#[allow(clippy::too_many_arguments)]
+fn winograd_passes(
+    x: &[f32],
+    u: &[f32],
+    bias: Option<&[f32]>,
+    g: &Geo,
+    o: usize,
+    v: &mut [f32],
+    m: &mut [f32],
+    out: &mut [f32],
+) {
+    let c = g.c;
+    let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
     let threads = all_threads();
     let total = th * tw;
     let cap = WINOGRAD_TILES.min(total);
-    let mut v = vec![0f32; c * 16 * cap];
-    let mut m = vec![0f32; o * 16 * cap];
-    let mut out = vec![0f32; g.b * o * g.oh * g.ow];
     let hw = g.oh * g.ow;
     for (bi, dst) in out.chunks_mut(o * hw).enumerate() {
         let xb = &x[bi * c * g.h * g.w..][..c * g.h * g.w];
@@ -197,7 +220,6 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
             });
         }
     }
-    out
 }
 
 /// Tiles handled together by the Winograd transforms: one vector register of f32 lanes.
@@ -379,22 +401,20 @@ fn conv2d_im2col(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usize) 
         return conv2d_im2col_batched(x, w, bias, g, o);
     }
     let direct = g.k == 1 && g.stride == 1 && g.pad == 0;
-    let mut cols = if direct {
-        Vec::new()
-    } else {
-        vec![0f32; n * p]
-    };
     let mut out = vec![0f32; g.b * o * p];
-    for (bi, dst) in out.chunks_mut(o * p).enumerate() {
-        let xb = &x[bi * g.c * g.h * g.w..][..g.c * g.h * g.w];
-        let rhs = if direct {
-            xb
-        } else {
-            im2col(xb, g, &mut cols);
-            &cols[..]
-        };
-        gemm_with_bias(dst, w, rhs, bias, o, p, n);
-    }
+    // im2col writes every column value
+    with_scratch(if direct { 0 } else { n * p }, |cols| {
+        for (bi, dst) in out.chunks_mut(o * p).enumerate() {
+            let xb = &x[bi * g.c * g.h * g.w..][..g.c * g.h * g.w];
+            let rhs = if direct {
+                xb
+            } else {
+                im2col(xb, g, cols);
+                &cols[..]
+            };
+            gemm_with_bias(dst, w, rhs, bias, o, p, n);
+        }
+    });
     out
 }
 
@@ -413,15 +433,18 @@ fn conv2d_im2col_batched(
     o: usize,
 ) -> Vec<f32> {
     let (n, p, b) = (g.cols(), g.positions(), g.b);
-    let mut cols = vec![0f32; n * b * p];
-    im2col_items(x, g, b, &mut cols);
-    let mut all = vec![0f32; o * b * p];
-    gemm_with_bias(&mut all, w, &cols, bias, o, b * p, n);
     let mut out = vec![0f32; b * o * p];
-    out.par_chunks_mut(o * p).enumerate().for_each(|(bi, dst)| {
-        for (oi, row) in dst.chunks_exact_mut(p).enumerate() {
-            row.copy_from_slice(&all[(oi * b + bi) * p..][..p]);
-        }
+    // im2col and the gemm (bias fill, or no accumulation) write every value they leave
+    with_scratch(n * b * p, |cols| {
+        im2col_items(x, g, b, cols);
+        with_scratch(o * b * p, |all| {
+            gemm_with_bias(all, w, cols, bias, o, b * p, n);
+            out.par_chunks_mut(o * p).enumerate().for_each(|(bi, dst)| {
+                for (oi, row) in dst.chunks_exact_mut(p).enumerate() {
+                    row.copy_from_slice(&all[(oi * b + bi) * p..][..p]);
+                }
+            });
+        })
     });
     out
 }
@@ -643,10 +666,11 @@ impl CustomOp2 for ConvTrain {
         let (ws, wl) = w.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
         let (xv, wv, gv) = (cpu_f32(&xs, xl)?, cpu_f32(&ws, wl)?, cpu_f32(&gs, gl)?);
-        let mut cols = if direct || !(need_w || need_x) {
-            Vec::new()
+        // columns: the weight gradient's input, or the input gradient before col2im
+        let cols_len = if !direct && (need_w || (need_x && !winograd_x)) {
+            n * p
         } else {
-            vec![0f32; n * p]
+            0
         };
         // f32 with many positions: the weight gradient is made transposed ([n, o], a
         // column-major [o, n]), which the gemm crate computes without repacking the columns
@@ -666,64 +690,67 @@ impl CustomOp2 for ConvTrain {
         } else {
             Vec::new()
         };
-        for bi in 0..geo.b {
-            let gb = &gv[bi * o * p..][..o * p];
-            if need_w {
-                let xb = &xv[bi * image..][..image];
-                let cb = if direct {
-                    xb
-                } else {
-                    im2col(xb, &geo, &mut cols);
-                    &cols[..]
-                };
-                let dst = if transposed_gw {
-                    MatMut::new(gw.as_mut_ptr(), 1, o as isize)
-                } else {
-                    MatMut::new(gw.as_mut_ptr(), n as isize, 1)
-                };
-                // SAFETY: gw [o, n] += g_b [o, p] x cols_b^T ([n, p] row-major read as [p, n]);
-                // `gw` holds o * n values in either layout
-                unsafe {
-                    matmul(
-                        o,
-                        n,
-                        p,
-                        dst,
-                        bi > 0,
-                        Mat::new(gb.as_ptr(), p as isize, 1),
-                        Mat::new(cb.as_ptr(), 1, p as isize),
-                        1.0,
-                        all_threads(),
-                    );
+        // im2col and the product (no accumulation) write every column value
+        with_scratch(cols_len, |cols| {
+            for bi in 0..geo.b {
+                let gb = &gv[bi * o * p..][..o * p];
+                if need_w {
+                    let xb = &xv[bi * image..][..image];
+                    let cb = if direct {
+                        xb
+                    } else {
+                        im2col(xb, &geo, cols);
+                        &cols[..]
+                    };
+                    let dst = if transposed_gw {
+                        MatMut::new(gw.as_mut_ptr(), 1, o as isize)
+                    } else {
+                        MatMut::new(gw.as_mut_ptr(), n as isize, 1)
+                    };
+                    // SAFETY: gw [o, n] += g_b [o, p] x cols_b^T ([n, p] row-major read as [p, n]);
+                    // `gw` holds o * n values in either layout
+                    unsafe {
+                        matmul(
+                            o,
+                            n,
+                            p,
+                            dst,
+                            bi > 0,
+                            Mat::new(gb.as_ptr(), p as isize, 1),
+                            Mat::new(cb.as_ptr(), 1, p as isize),
+                            1.0,
+                            all_threads(),
+                        );
+                    }
+                }
+                if need_x && !winograd_x {
+                    let gxb = &mut gx[bi * image..][..image];
+                    let dst = if direct {
+                        gxb.as_mut_ptr()
+                    } else {
+                        cols.as_mut_ptr()
+                    };
+                    // SAFETY: [n, p] = W^T ([o, n] row-major read as [n, o]) x g_b [o, p]; `dst`
+                    // holds n * p values (the columns, or the input gradient itself when 1x1)
+                    unsafe {
+                        matmul(
+                            n,
+                            p,
+                            o,
+                            MatMut::new(dst, p as isize, 1),
+                            false,
+                            Mat::new(wv.as_ptr(), 1, n as isize),
+                            Mat::new(gb.as_ptr(), p as isize, 1),
+                            1.0,
+                            all_threads(),
+                        );
+                    }
+                    if !direct {
+                        col2im(cols, &geo, gxb);
+                    }
                 }
             }
-            if need_x && !winograd_x {
-                let gxb = &mut gx[bi * image..][..image];
-                let dst = if direct {
-                    gxb.as_mut_ptr()
-                } else {
-                    cols.as_mut_ptr()
-                };
-                // SAFETY: [n, p] = W^T ([o, n] row-major read as [n, o]) x g_b [o, p]; `dst`
-                // holds n * p values (the columns, or the input gradient itself when 1x1)
-                unsafe {
-                    matmul(
-                        n,
-                        p,
-                        o,
-                        MatMut::new(dst, p as isize, 1),
-                        false,
-                        Mat::new(wv.as_ptr(), 1, n as isize),
-                        Mat::new(gb.as_ptr(), p as isize, 1),
-                        1.0,
-                        all_threads(),
-                    );
-                }
-                if !direct {
-                    col2im(&cols, &geo, gxb);
-                }
-            }
-        }
+        });
         if need_w && transposed_gw {
             gw = transposed(&gw, n, o);
         }

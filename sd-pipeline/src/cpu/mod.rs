@@ -13,6 +13,7 @@ pub mod linear_op;
 mod mat;
 pub mod matmul;
 pub mod op_profile;
+mod scratch;
 mod simd;
 pub mod upsample_op;
 pub mod winograd_phase;
