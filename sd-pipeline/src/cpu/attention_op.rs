@@ -15,10 +15,13 @@ use super::matmul::{all_threads, matmul, Mat, MatMut};
 /// Query rows per block: 2 MiB of scores against the UNet's 4096 keys at 512x512.
 pub const BLOCK_ROWS: usize = 128;
 
-/// Attention over `[B, H, S, D]` contiguous f32 tensors, `q` already scaled.
+/// Attention `softmax(q k^T * scale) v` over `[B, H, S, D]` contiguous f32 tensors.
 pub struct RecomputedAttention {
     /// Query rows per block.
     pub rows: usize,
+    /// Applied to the scores by the product that makes them, as the inference kernel applies
+    /// it (scaling `q` first rounds the scores differently).
+    pub scale: f32,
 }
 
 /// One head's operands: `[S, D]` row-major slices.
@@ -29,6 +32,7 @@ struct Head<'a> {
     sq: usize,
     sk: usize,
     d: usize,
+    scale: f32,
 }
 
 impl Head<'_> {
@@ -43,7 +47,8 @@ impl Head<'_> {
         stats: &mut [f32],
     ) {
         let (sk, d) = (self.sk, self.d);
-        // SAFETY: p[j, r] = k[j, :] . q[r0 + r, :] for j < sk, r < rows: inside both slices.
+        // SAFETY: p[j, r] = scale * k[j, :] . q[r0 + r, :] for j < sk, r < rows: inside both
+        // slices.
         unsafe {
             matmul(
                 sk,
@@ -53,7 +58,7 @@ impl Head<'_> {
                 false,
                 Mat::new(self.k.as_ptr(), d as isize, 1),
                 Mat::new(self.q[r0 * d..].as_ptr(), 1, d as isize),
-                1.0,
+                self.scale,
                 threads,
             );
         }
@@ -167,7 +172,7 @@ impl Head<'_> {
                 }
             }
             if need_q {
-                // SAFETY: dq[r0 + r, i] = sum_j ds[j, r] k[j, i]
+                // SAFETY: dq[r0 + r, i] = scale * sum_j ds[j, r] k[j, i]
                 unsafe {
                     matmul(
                         rows,
@@ -177,13 +182,13 @@ impl Head<'_> {
                         false,
                         Mat::new(dp.as_ptr(), 1, rows as isize),
                         Mat::new(self.k.as_ptr(), d as isize, 1),
-                        1.0,
+                        self.scale,
                         threads,
                     );
                 }
             }
             if need_k {
-                // SAFETY: dk[j, i] += sum_r ds[j, r] q[r0 + r, i]
+                // SAFETY: dk[j, i] += scale * sum_r ds[j, r] q[r0 + r, i]
                 unsafe {
                     matmul(
                         sk,
@@ -193,7 +198,7 @@ impl Head<'_> {
                         bi > 0,
                         Mat::new(dp.as_ptr(), rows as isize, 1),
                         Mat::new(self.q[r0 * d..].as_ptr(), d as isize, 1),
-                        1.0,
+                        self.scale,
                         threads,
                     );
                 }
@@ -257,6 +262,7 @@ impl CustomOp3 for RecomputedAttention {
                 sq,
                 sk,
                 d,
+                scale: self.scale,
             };
             head.forward(self.rows, threads, o);
         });
@@ -313,6 +319,7 @@ impl CustomOp3 for RecomputedAttention {
                 sq,
                 sk,
                 d,
+                scale: self.scale,
             };
             let (o, go) = (&ov[h * sq * d..][..sq * d], &gv[h * sq * d..][..sq * d]);
             head.backward(self.rows, threads, o, go, dqh, dkh, dvh);
@@ -351,7 +358,7 @@ mod tests {
         let (q, k, v) = (mk(10), mk(7), mk(7));
         let w = Tensor::randn(0f32, 1.0, (b, h, 10, 4), &dev).unwrap();
         let plain = candle_nn::ops::softmax(
-            &q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap(),
+            &(q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap() * 0.5).unwrap(),
             D::Minus1,
         )
         .unwrap()
@@ -362,7 +369,10 @@ mod tests {
             .apply_op3(
                 k.as_tensor(),
                 v.as_tensor(),
-                RecomputedAttention { rows: 3 },
+                RecomputedAttention {
+                    rows: 3,
+                    scale: 0.5,
+                },
             )
             .unwrap();
         let diff = |a: &Tensor, b: &Tensor| {
@@ -390,7 +400,14 @@ mod tests {
         let (kf, vf) = (k.as_tensor().detach(), v.as_tensor().detach());
         let cross = q
             .as_tensor()
-            .apply_op3(&kf, &vf, RecomputedAttention { rows: 3 })
+            .apply_op3(
+                &kf,
+                &vf,
+                RecomputedAttention {
+                    rows: 3,
+                    scale: 0.5,
+                },
+            )
             .unwrap();
         let gc = (cross * &w).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(gc.get(&kf).is_none() && gc.get(&vf).is_none());
@@ -405,7 +422,10 @@ mod tests {
             .apply_op3(
                 k.as_tensor(),
                 v.as_tensor(),
-                RecomputedAttention { rows: 3 },
+                RecomputedAttention {
+                    rows: 3,
+                    scale: 0.5,
+                },
             )
             .unwrap();
         let gk = (kv * &w).unwrap().sum_all().unwrap().backward().unwrap();

@@ -249,18 +249,20 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let split = |t: &Tensor, s: usize| -> Result<Tensor> {
         t.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous()
     };
-    let q = (split(q, sq)? * (hd as f64).powf(-0.5))?;
     let k = split(k, sk)?;
     let v = split(v, sk)?;
-    let rows_per_chunk = (ATTENTION_CHUNK_BYTES / (4 * b * heads * sk).max(1)).clamp(1, sq);
-    if tracked && !causal && q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
-        // training: keep only q, k, v and the output; scores are recomputed in backward
+    if tracked && !causal && q.device().is_cpu() && f32s {
+        // training: keep only q, k, v and the output; scores are recomputed in backward (and
+        // scaled inside, as the inference kernel scales them)
         let op = crate::cpu::attention_op::RecomputedAttention {
             rows: crate::cpu::attention_op::BLOCK_ROWS,
+            scale: (hd as f32).powf(-0.5),
         };
-        let out = q.apply_op3(&k, &v, op)?;
+        let out = split(q, sq)?.apply_op3(&k, &v, op)?;
         return out.transpose(1, 2)?.reshape((b, sq, inner));
     }
+    let q = (split(q, sq)? * (hd as f64).powf(-0.5))?;
+    let rows_per_chunk = (ATTENTION_CHUNK_BYTES / (4 * b * heads * sk).max(1)).clamp(1, sq);
     let kt = k.t()?;
     let mut outs = Vec::with_capacity(sq.div_ceil(rows_per_chunk));
     let mut start = 0;
