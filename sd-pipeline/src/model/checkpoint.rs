@@ -282,16 +282,7 @@ mod tests {
         assert!(wanted(&inputs));
         let ck = checkpointed(&inputs, block).unwrap();
         set_enabled(false);
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::cpu::max_diff;
         assert_eq!(diff(&plain, &ck), 0.0);
         let l = loss(ck);
         let e = l.backward().unwrap_err().to_string();
