@@ -73,7 +73,14 @@ pub(crate) fn cv_scale(src: usize, dst: usize) -> f64 {
 /// destination position along one axis, as `resizeGeneric` computes them for `interp`
 /// (Linear, Cubic, Lanczos4, or Area = INTER_AREA enlarging: bilinear with OpenCV's own
 /// offsets). The 8-bit path rounds the weights to 11-bit fixed point, the float path uses them.
-pub(crate) fn axis_taps(src: usize, dst: usize, interp: Interp) -> Vec<Vec<(usize, f32)>> {
+/// Only the horizontal axis pins a bilinear weight at the borders (`resize.cpp` clamps `sx`,
+/// `fx`; for rows it keeps `fy` and replicates the row): `vertical` says which axis this is.
+pub(crate) fn axis_taps(
+    src: usize,
+    dst: usize,
+    interp: Interp,
+    vertical: bool,
+) -> Vec<Vec<(usize, f32)>> {
     let scale = cv_scale(src, dst);
     let inv_scale = dst as f64 / src as f64;
     let ksize: isize = match interp {
@@ -92,6 +99,7 @@ pub(crate) fn axis_taps(src: usize, dst: usize, interp: Interp) -> Vec<Vec<(usiz
                 (f.floor() as isize, f - f.floor())
             };
             let coeffs: Vec<f32> = match interp {
+                Interp::Linear | Interp::Area if vertical => vec![1.0 - fx, fx],
                 Interp::Linear | Interp::Area => {
                     if sx < 0 {
                         fx = 0.0;
@@ -119,8 +127,8 @@ pub(crate) fn axis_taps(src: usize, dst: usize, interp: Interp) -> Vec<Vec<(usiz
 }
 
 /// Source indices and fixed-point weights of each destination position along one axis.
-fn axis(src: usize, dst: usize, interp: Interp) -> Vec<Vec<(usize, i32)>> {
-    axis_taps(src, dst, interp)
+fn axis(src: usize, dst: usize, interp: Interp, vertical: bool) -> Vec<Vec<(usize, i32)>> {
+    axis_taps(src, dst, interp, vertical)
         .into_iter()
         .map(|t| {
             t.into_iter()
@@ -181,8 +189,8 @@ pub(crate) fn area_tab(src: usize, dst: usize) -> Vec<Vec<(usize, f32)>> {
 
 fn generic(img: &ImageBuf, w: usize, h: usize, interp: Interp) -> Vec<u8> {
     let c = img.channels;
-    let xt = axis(img.width, w, interp);
-    let yt = axis(img.height, h, interp);
+    let xt = axis(img.width, w, interp, false);
+    let yt = axis(img.height, h, interp, true);
     // horizontal pass on every source row, integer
     let rows: Vec<Vec<i32>> = (0..img.height)
         .map(|y| {

@@ -59,8 +59,8 @@ pub fn resize_f32(
         i => separable(
             &img,
             height,
-            &axis_taps(width, dst_w, i),
-            &axis_taps(height, dst_h, i),
+            &axis_taps(width, dst_w, i, false),
+            &axis_taps(height, dst_h, i, true),
         ),
     }
 }

@@ -6,6 +6,7 @@ mod clip;
 mod controlnet;
 mod depth2img;
 mod depth_anything;
+mod dwpose;
 mod embeddings;
 mod hires;
 mod ip_adapter;

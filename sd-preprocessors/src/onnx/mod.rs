@@ -1,0 +1,224 @@
+//! A small ONNX interpreter for the annotator networks that users have as `.onnx` files (DWPose's
+//! `yolox_l.onnx` and `dw-ll_ucoco_384.onnx`): the graph is read from the file (so no layer
+//! names need mapping), constant subgraphs are folded once at load, and each node runs on
+//! candle tensors, convolutions on this crate's CPU kernels ([`crate::conv`]). The operators
+//! are those of the ONNX specification (opsets 7 to 18) that exported PyTorch CNNs and
+//! transformers use; any other is refused by name when the file is loaded.
+//!
+//! Values are `F32` (`FLOAT`, `FLOAT16`, `DOUBLE` read as f32), `I64` (every integer type)
+//! or `U8` (`BOOL`).
+
+mod node;
+mod ops;
+pub mod proto;
+mod tensor;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use prost::Message;
+
+use node::Node;
+use tensor::tensor_of;
+pub use tensor::MAX_ELEMENTS;
+
+/// Largest model file read (the DWPose files are 217 and 135 MB).
+pub const MAX_FILE_BYTES: u64 = 2 << 30;
+
+/// A loaded model: nodes in the file's (topological) order with their constants folded.
+pub struct Model {
+    nodes: Vec<Node>,
+    /// Initializers and folded constants.
+    consts: HashMap<String, Tensor>,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    /// For each value computed at run time, the index of the last node reading it.
+    last_use: HashMap<String, usize>,
+}
+
+impl Model {
+    /// Read an `.onnx` file (errors name the file, and the node or tensor at fault).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let bytes = sd_plugins_api::input_file::read_limited(path, MAX_FILE_BYTES)?;
+        Self::from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// [`Model::load`] of a file's bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let model = proto::ModelProto::decode(bytes)
+            .map_err(|e| format!("not an ONNX model (protobuf: {e})"))?;
+        let graph = model.graph.ok_or("not an ONNX model: it has no graph")?;
+        if graph.node.is_empty() {
+            return Err("not an ONNX model: its graph has no nodes".into());
+        }
+        let opset = model
+            .opset_import
+            .iter()
+            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .map_or(11, |o| o.version);
+        if !(7..=21).contains(&opset) {
+            return Err(format!("ONNX opset {opset} is not supported (7 to 21 are)"));
+        }
+        let mut consts = HashMap::new();
+        for t in &graph.initializer {
+            consts.insert(t.name.clone(), tensor_of(t)?);
+        }
+        let inputs: Vec<String> = graph
+            .input
+            .iter()
+            .map(|v| v.name.clone())
+            .filter(|n| !consts.contains_key(n))
+            .collect();
+        let outputs: Vec<String> = graph.output.iter().map(|v| v.name.clone()).collect();
+        let mut nodes = Vec::new();
+        for n in graph.node {
+            let node = Node::from_proto(n, opset)?;
+            ops::check_supported(&node)?;
+            nodes.push(node);
+        }
+        let mut m = Self {
+            nodes,
+            consts,
+            inputs,
+            outputs,
+            last_use: HashMap::new(),
+        };
+        m.fold()?;
+        m.check_defined()?;
+        for node in &mut m.nodes {
+            node.prepared =
+                ops::prepare(node, &m.consts).map_err(|e| format!("{}: {e}", node.label()))?;
+        }
+        for (i, node) in m.nodes.iter().enumerate() {
+            for x in &node.inputs {
+                if !x.is_empty() && !m.consts.contains_key(x) {
+                    m.last_use.insert(x.clone(), i);
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// Evaluate every node whose inputs are all constant, once, and keep its outputs.
+    fn fold(&mut self) -> Result<(), String> {
+        let mut kept = Vec::with_capacity(self.nodes.len());
+        for node in std::mem::take(&mut self.nodes) {
+            let constant = node
+                .inputs
+                .iter()
+                .all(|x| x.is_empty() || self.consts.contains_key(x));
+            if constant && ops::foldable(&node) {
+                let ins: Vec<Option<&Tensor>> = node
+                    .inputs
+                    .iter()
+                    .map(|x| (!x.is_empty()).then(|| &self.consts[x]))
+                    .collect();
+                let outs = ops::run(&node, &ins).map_err(|e| format!("{}: {e}", node.label()))?;
+                for (name, t) in node.outputs.iter().zip(outs) {
+                    self.consts.insert(name.clone(), t);
+                }
+            } else {
+                kept.push(node);
+            }
+        }
+        self.nodes = kept;
+        Ok(())
+    }
+
+    /// Every input of every node is a graph input, a constant or an earlier node's output.
+    fn check_defined(&self) -> Result<(), String> {
+        let mut known: std::collections::HashSet<&str> =
+            self.inputs.iter().map(String::as_str).collect();
+        for node in &self.nodes {
+            for x in &node.inputs {
+                if !x.is_empty() && !known.contains(x.as_str()) && !self.consts.contains_key(x) {
+                    return Err(format!(
+                        "{}: its input `{x}` is made by no earlier node",
+                        node.label()
+                    ));
+                }
+            }
+            known.extend(node.outputs.iter().map(String::as_str));
+        }
+        for o in &self.outputs {
+            if !known.contains(o.as_str()) && !self.consts.contains_key(o) {
+                return Err(format!("the graph output `{o}` is made by no node"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The graph's input names (initializers excluded).
+    pub fn input_names(&self) -> &[String] {
+        &self.inputs
+    }
+
+    /// The graph's output names.
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// The operator types the graph runs, sorted (folded constants excluded).
+    pub fn op_types(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.nodes.iter().map(|n| n.op.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Run the graph on its inputs (by name, f32 on the CPU); the graph's outputs in order.
+    pub fn run(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, String> {
+        let mut values: HashMap<&str, Tensor> = HashMap::new();
+        for name in &self.inputs {
+            let t = inputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.clone())
+                .ok_or_else(|| format!("the model's input `{name}` was not given"))?;
+            values.insert(name, t);
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            let ins: Vec<Option<&Tensor>> = node
+                .inputs
+                .iter()
+                .map(|x| {
+                    if x.is_empty() {
+                        Ok(None)
+                    } else {
+                        self.consts
+                            .get(x)
+                            .or_else(|| values.get(x.as_str()))
+                            .map(Some)
+                            .ok_or_else(|| format!("{}: input `{x}` has no value", node.label()))
+                    }
+                })
+                .collect::<Result<_, String>>()?;
+            let outs = ops::run(node, &ins).map_err(|e| format!("{}: {e}", node.label()))?;
+            for (name, t) in node.outputs.iter().zip(outs) {
+                if t.elem_count() > MAX_ELEMENTS {
+                    return Err(format!(
+                        "{}: makes more than {MAX_ELEMENTS} values",
+                        node.label()
+                    ));
+                }
+                values.insert(name, t);
+            }
+            for x in &node.inputs {
+                if self.last_use.get(x) == Some(&i) && !self.outputs.contains(x) {
+                    values.remove(x.as_str());
+                }
+            }
+        }
+        self.outputs
+            .iter()
+            .map(|o| {
+                self.consts
+                    .get(o)
+                    .or_else(|| values.get(o.as_str()))
+                    .cloned()
+                    .ok_or_else(|| format!("the graph output `{o}` has no value"))
+            })
+            .collect()
+    }
+}
