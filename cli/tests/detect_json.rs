@@ -137,3 +137,144 @@ fn detect_json_writes_the_pose_of_pose_preprocessors() {
     assert!(!png.exists() && !json.exists());
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// An ONNX model whose one output is a constant (its input is declared and ignored): the
+/// detector of `dw_openpose_full` with the fixture's canned output.
+fn constant_onnx(input: &str, output: &str, value: &Tensor) -> Vec<u8> {
+    use prost::Message;
+    use sd_preprocessors::onnx::proto::*;
+    let t = TensorProto {
+        dims: value.dims().iter().map(|&d| d as i64).collect(),
+        data_type: data_type::FLOAT,
+        float_data: value.flatten_all().unwrap().to_vec1().unwrap(),
+        ..Default::default()
+    };
+    let node = NodeProto {
+        output: vec![output.into()],
+        op_type: "Constant".into(),
+        attribute: vec![AttributeProto {
+            name: "value".into(),
+            t: Some(t),
+            r#type: 4,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let info = |n: &str| ValueInfoProto { name: n.into() };
+    ModelProto {
+        ir_version: 7,
+        graph: Some(GraphProto {
+            node: vec![node],
+            name: "canned".into(),
+            input: vec![info(input)],
+            output: vec![info(output)],
+            ..Default::default()
+        }),
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 11,
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn dw_openpose_full_runs_the_onnx_files_and_names_bad_ones() {
+    let d = scratch("detect_json", "dwpose");
+    let ann = d.join("annotators");
+    std::fs::create_dir_all(&ann).unwrap();
+    let run = |args: &[&str]| {
+        sdctl_command()
+            .args(args)
+            .env("SDCTL_CACHE_DIR", d.join("cache"))
+            .env("SDCTL_ANNOTATOR_DIR", &ann)
+            .output()
+            .unwrap()
+    };
+    let photo = fixtures().join("preprocessors/chelsea.png");
+    let (png, json) = (d.join("dw.png"), d.join("dw.json"));
+    let args = [
+        "detect",
+        "dw_openpose_full",
+        s(&photo),
+        "-o",
+        s(&png),
+        "--json",
+        s(&json),
+        "--resolution",
+        "128",
+    ];
+
+    // No weights yet: both files named, with the folder they go in; nothing written.
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("yolox_l.onnx") && e.contains(s(&ann)), "{e}");
+    assert!(!png.exists() && !json.exists());
+
+    // Under the real names: the fixture's canned detector output (two people) as a constant
+    // ONNX graph, and the tiny real-architecture RTMPose export; a map at the detect size and
+    // the two people drawn, on its canvas.
+    let fx = fixtures().join("dwpose");
+    let canned =
+        candle_core::safetensors::load(fx.join("pipeline.safetensors"), &Device::Cpu).unwrap();
+    let mut det = vec![0f32; 8400 * 85];
+    let rows: Vec<i64> = canned["det_rows_index"].to_vec1().unwrap();
+    let vals: Vec<f32> = canned["det_rows_values"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (r, v) in rows.iter().zip(vals.chunks(85)) {
+        det[*r as usize * 85..(*r as usize + 1) * 85].copy_from_slice(v);
+    }
+    let det = Tensor::from_vec(det, (1, 8400, 85), &Device::Cpu).unwrap();
+    std::fs::write(
+        ann.join("yolox_l.onnx"),
+        constant_onnx("images", "output", &det),
+    )
+    .unwrap();
+    std::fs::copy(
+        fx.join("rtmpose_tiny.onnx"),
+        ann.join("dw-ll_ucoco_384.onnx"),
+    )
+    .unwrap();
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let map = image::open(&png).unwrap().to_rgb8();
+    let v = read_json(&json);
+    assert_eq!(
+        (v["canvas_width"].as_u64(), v["canvas_height"].as_u64()),
+        (Some(map.width() as u64), Some(map.height() as u64))
+    );
+    let pose = Pose::from_json(&v.to_string()).unwrap();
+    assert_eq!(pose.people.len(), 2, "the two canned people");
+    let drawn = map.pixels().filter(|p| p.0 != [0, 0, 0]).count();
+    assert!(drawn > 0, "nothing drawn");
+    for p in &pose.people {
+        assert_eq!(p.body.len(), 18);
+        assert!(
+            p.face.is_empty() || p.face.len() == 70,
+            "68 face points and the eyes"
+        );
+    }
+
+    // A file that is not an ONNX model, named by --param: refused with its name.
+    let bad = d.join("not-a-model.onnx");
+    std::fs::write(&bad, b"\x0a\xff\xff\xff\xff\x0fnot protobuf").unwrap();
+    std::fs::remove_file(&png).unwrap();
+    std::fs::remove_file(&json).unwrap();
+    let param = format!("det_model={}", s(&bad));
+    let mut with_bad = args.to_vec();
+    with_bad.extend(["--param", &param]);
+    let o = run(&with_bad);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("not-a-model.onnx") && e.contains("not an ONNX model"),
+        "{e}"
+    );
+    assert!(!png.exists() && !json.exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}

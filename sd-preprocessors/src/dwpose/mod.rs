@@ -251,11 +251,11 @@ pub fn crop(rgb: &ImageBuf, b: [f64; 4]) -> Result<Crop, String> {
     let (dw, dh) = (pw as f32, ph as f32);
     let dst0 = [dw * 0.5, dh * 0.5];
     let dst1 = [dw * 0.5, dh * 0.5 - dw * 0.5];
+    // an empty box gives OpenCV's zero matrix: a crop of the first pixel
     let m = warp::affine_transform(
         [src0, src1, third(src0, src1)],
         [dst0, dst1, third(dst0, dst1)],
-    )
-    .ok_or_else(|| format!("the box {b:?} is degenerate"))?;
+    );
     let pixels = warp::warp_affine(&rgb.data, (rgb.width, rgb.height), 3, m, POSE_SIZE);
     Ok(Crop {
         center,

@@ -7,8 +7,9 @@
 //! positions one float32 step apart at the image's last column).
 
 /// `cv2.getAffineTransform(src, dst)`: the 2x3 matrix mapping the three `src` points onto
-/// `dst` (solved in double from the float32 points), row-major.
-pub fn affine_transform(src: [[f32; 2]; 3], dst: [[f32; 2]; 3]) -> Option<[f64; 6]> {
+/// `dst` (solved in double from the float32 points), row-major; all zeros when the points are
+/// collinear (OpenCV's `solve` leaves zeros when LU finds the system singular).
+pub fn affine_transform(src: [[f32; 2]; 3], dst: [[f32; 2]; 3]) -> [f64; 6] {
     // [x y 1 0 0 0; 0 0 0 x y 1] * m = [u; v] for each point: two 3x3 systems
     let a = [
         [src[0][0] as f64, src[0][1] as f64, 1.0],
@@ -16,9 +17,12 @@ pub fn affine_transform(src: [[f32; 2]; 3], dst: [[f32; 2]; 3]) -> Option<[f64; 
         [src[2][0] as f64, src[2][1] as f64, 1.0],
     ];
     let solve = |b: [f64; 3]| solve3(a, b);
-    let r0 = solve([dst[0][0] as f64, dst[1][0] as f64, dst[2][0] as f64])?;
-    let r1 = solve([dst[0][1] as f64, dst[1][1] as f64, dst[2][1] as f64])?;
-    Some([r0[0], r0[1], r0[2], r1[0], r1[1], r1[2]])
+    let r0 = solve([dst[0][0] as f64, dst[1][0] as f64, dst[2][0] as f64]);
+    let r1 = solve([dst[0][1] as f64, dst[1][1] as f64, dst[2][1] as f64]);
+    match (r0, r1) {
+        (Some(r0), Some(r1)) => [r0[0], r0[1], r0[2], r1[0], r1[1], r1[2]],
+        _ => [0.0; 6],
+    }
 }
 
 /// Gaussian elimination with partial pivoting (OpenCV's `solve` with `DECOMP_LU`).
@@ -107,12 +111,22 @@ mod tests {
     fn the_affine_transform_maps_the_points() {
         let src = [[10.0, 20.0], [10.0, 5.0], [25.0, 20.0]];
         let dst = [[144.0, 192.0], [144.0, 0.0], [336.0, 192.0]];
-        let m = affine_transform(src, dst).unwrap();
+        let m = affine_transform(src, dst);
         for (s, d) in src.iter().zip(&dst) {
             let u = m[0] * s[0] as f64 + m[1] * s[1] as f64 + m[2];
             let v = m[3] * s[0] as f64 + m[4] * s[1] as f64 + m[5];
             assert!((u - d[0] as f64).abs() < 1e-9 && (v - d[1] as f64).abs() < 1e-9);
         }
+    }
+
+    #[test]
+    fn collinear_points_give_opencv_s_zero_matrix_and_a_warp_of_the_first_pixel() {
+        let p = [[5.0, 5.0]; 3];
+        let m = affine_transform(p, [[1.0, 2.0], [3.0, 4.0], [5.0, 7.0]]);
+        assert_eq!(m, [0.0; 6]);
+        let src: Vec<u8> = (7..7 + 4 * 3 * 3).collect();
+        let out = warp_affine(&src, (4, 3), 3, m, (2, 2));
+        assert_eq!(out, [7, 8, 9].repeat(4));
     }
 
     #[test]

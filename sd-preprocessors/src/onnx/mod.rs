@@ -21,7 +21,7 @@ use prost::Message;
 
 use node::Node;
 use tensor::tensor_of;
-pub use tensor::MAX_ELEMENTS;
+pub use tensor::{element_limit, with_element_limit, MAX_ELEMENTS};
 
 /// Largest model file read (the DWPose files are 217 and 135 MB).
 pub const MAX_FILE_BYTES: u64 = 2 << 30;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use super::node::{Node, Prepared};
-use super::tensor::{tensor_of, MAX_ELEMENTS};
+use super::tensor::{element_limit, tensor_of};
 use crate::conv::{Conv2d, Depthwise, Geometry};
 
 type R<T> = Result<T, String>;
@@ -229,7 +229,7 @@ fn floats(t: &Tensor) -> R<Vec<f32>> {
 fn axis(a: i64, rank: usize) -> R<usize> {
     let r = rank as i64;
     let x = if a < 0 { a + r } else { a };
-    if (0..r.max(1)).contains(&x) {
+    if (0..r).contains(&x) {
         Ok(x as usize)
     } else {
         Err(format!("axis {a} for rank {rank}"))
@@ -281,23 +281,28 @@ fn binary(node: &Node, a: &Tensor, b: &Tensor) -> R<Tensor> {
         a.broadcast_as(shape.as_slice()).map_err(e)?,
         b.broadcast_as(shape.as_slice()).map_err(e)?,
     );
+    let int_op: Option<fn(i64, i64) -> i64> = match node.op.as_str() {
+        "Add" => Some(i64::wrapping_add),
+        "Sub" => Some(i64::wrapping_sub),
+        "Mul" => Some(i64::wrapping_mul),
+        // integer division truncates toward zero (C semantics)
+        "Div" => Some(i64::wrapping_div),
+        _ => None,
+    };
+    if let (DType::I64, Some(f)) = (a.dtype(), int_op) {
+        // shape arithmetic, on the values themselves: wrapping, never a panic
+        let (x, y) = (ints(&a)?, ints(&b)?);
+        if node.op == "Div" && y.contains(&0) {
+            return Err("integer division by zero".into());
+        }
+        let v: Vec<i64> = x.iter().zip(&y).map(|(p, q)| f(*p, *q)).collect();
+        return Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).map_err(e);
+    }
     let r = match node.op.as_str() {
         "Add" => a.add(&b),
         "Sub" => a.sub(&b),
         "Mul" => a.mul(&b),
-        "Div" => {
-            if a.dtype() == DType::I64 {
-                // integer division truncates toward zero (C semantics)
-                let (x, y) = (ints(&a)?, ints(&b)?);
-                if y.contains(&0) {
-                    return Err("integer division by zero".into());
-                }
-                let v: Vec<i64> = x.iter().zip(&y).map(|(p, q)| p.wrapping_div(*q)).collect();
-                Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)
-            } else {
-                a.div(&b)
-            }
-        }
+        "Div" => a.div(&b),
         "Pow" => {
             if let Ok(p) = floats(&b) {
                 if b.elem_count() > 0 && p.iter().all(|&x| x == p[0]) && p[0] == 2.0 {
@@ -481,9 +486,11 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>]) -> R<Vec<Tensor>> {
                 if d == 0 {
                     return Err("Range with delta 0".into());
                 }
-                let n = ((l - s) as f64 / d as f64).ceil().max(0.0) as usize;
+                let n = ((l as f64 - s as f64) / d as f64).ceil().max(0.0) as usize;
                 check_count(&[n])?;
-                let v: Vec<i64> = (0..n as i64).map(|i| s + i * d).collect();
+                let v: Vec<i64> = (0..n as i64)
+                    .map(|i| s.wrapping_add(i.wrapping_mul(d)))
+                    .collect();
                 one(Tensor::new(v.as_slice(), &Device::Cpu))
             } else {
                 let (s, l, d) = (floats(s)?[0], floats(l)?[0], floats(d)?[0]);
@@ -741,8 +748,13 @@ fn check_count(shape: &[usize]) -> R<()> {
     for &d in shape {
         n = n
             .checked_mul(d)
-            .filter(|&n| n <= MAX_ELEMENTS)
-            .ok_or_else(|| format!("a shape of {shape:?} is more than {MAX_ELEMENTS} values"))?;
+            .filter(|&n| n <= element_limit())
+            .ok_or_else(|| {
+                format!(
+                    "a shape of {shape:?} is more than {} values",
+                    element_limit()
+                )
+            })?;
     }
     Ok(())
 }
@@ -763,7 +775,10 @@ fn reshape_dims(dims: &[usize], spec: &[i64], allowzero: bool) -> R<Vec<usize>> 
             _ => return Err(format!("Reshape to {spec:?}")),
         }
     }
-    let known: usize = out.iter().product();
+    let known = out
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("Reshape to {spec:?}"))?;
     if let Some(i) = infer {
         if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("Reshape of {dims:?} to {spec:?}"));
@@ -787,6 +802,13 @@ fn matmul(a: &Tensor, b: &Tensor) -> R<Tensor> {
     } else {
         b.clone()
     };
+    // the product's size before it is made (an outer product can be far larger than both)
+    if a2.rank() >= 2 && b2.rank() >= 2 {
+        let (ad, bd) = (a2.dims(), b2.dims());
+        let mut out = broadcast_shape(&ad[..ad.len() - 2], &bd[..bd.len() - 2])?;
+        out.extend([ad[ad.len() - 2], bd[bd.len() - 1]]);
+        check_count(&out)?;
+    }
     let mut y = if a2.rank() == 2 && b2.rank() == 2 {
         a2.contiguous()
             .and_then(|a| a.matmul(&b2.contiguous()?))
@@ -828,14 +850,16 @@ fn slice(node: &Node, ins: &[Option<&Tensor>]) -> R<Vec<Tensor>> {
     let mut y = t.clone();
     for i in 0..starts.len() {
         let a = axis(axes[i], t.rank())?;
-        let n = t.dims()[a] as i64;
+        let n = y.dims()[a] as i64;
         let step = steps[i];
         if step == 0 {
             return Err("Slice with step 0".into());
         }
         let fix = |v: i64| if v < 0 { v + n } else { v };
         let (s, en) = (fix(starts[i].max(-n - 1)), fix(ends[i].max(-n - 1)));
-        let idx: Vec<u32> = if step > 0 {
+        let idx: Vec<u32> = if n == 0 {
+            Vec::new()
+        } else if step > 0 {
             let (s, en) = (s.clamp(0, n), en.clamp(0, n));
             (s..en).step_by(step as usize).map(|v| v as u32).collect()
         } else {
@@ -844,7 +868,7 @@ fn slice(node: &Node, ins: &[Option<&Tensor>]) -> R<Vec<Tensor>> {
             let mut j = s;
             while j > en {
                 v.push(j as u32);
-                j += step;
+                j = j.saturating_add(step);
             }
             v
         };
@@ -905,6 +929,7 @@ fn reduce(node: &Node, ins: &[Option<&Tensor>]) -> R<Vec<Tensor>> {
 
 fn conv(node: &Node, ins: &[Option<&Tensor>]) -> R<Tensor> {
     let x = unary_f32(input(ins, 0, "X")?)?;
+    conv_size_check(node, x, input(ins, 1, "W")?)?;
     match &node.prepared {
         Some(Prepared::Conv(c)) => return c.forward(x).map_err(e),
         Some(Prepared::Depthwise(d)) => return d.forward(x).map_err(e),
@@ -929,6 +954,20 @@ fn conv(node: &Node, ins: &[Option<&Tensor>]) -> R<Tensor> {
         .and_then(|t| t.pad_with_zeros(3, pads[1], pads[3]))
         .map_err(e)?;
     let g = node.attr_i("group", 1).max(1) as usize;
+    let (_, c, ph, pw) = xp.dims4().map_err(e)?;
+    let (o, wc, _, _) = w.dims4().map_err(e)?;
+    let span = |k: usize| {
+        (d[0] as usize)
+            .saturating_mul(k.saturating_sub(1))
+            .saturating_add(1)
+    };
+    if wc.checked_mul(g) != Some(c) || o % g != 0 || ph < span(kh) || pw < span(kw) {
+        return Err(format!(
+            "a weight {:?} in {g} groups does not fit the (padded) input {:?}",
+            w.dims(),
+            xp.dims()
+        ));
+    }
     let mut y = xp
         .conv2d(w, 0, s[0] as usize, d[0] as usize, g)
         .map_err(e)?;
@@ -938,6 +977,36 @@ fn conv(node: &Node, ins: &[Option<&Tensor>]) -> R<Tensor> {
             .map_err(e)?;
     }
     Ok(y)
+}
+
+/// A conv's padded input and output fit the element limit (pads come from the file).
+fn conv_size_check(node: &Node, x: &Tensor, w: &Tensor) -> R<()> {
+    if x.rank() != 4 || w.rank() != 4 {
+        return Err(format!(
+            "only 2-D convolutions run (input {:?}, weight {:?})",
+            x.dims(),
+            w.dims()
+        ));
+    }
+    if x.elem_count() == 0 || w.elem_count() == 0 {
+        return Err(format!(
+            "a conv of an empty tensor ({:?}, {:?})",
+            x.dims(),
+            w.dims()
+        ));
+    }
+    let (n, c, h, wd) = x.dims4().map_err(e)?;
+    let (o, _, kh, kw) = w.dims4().map_err(e)?;
+    let p = conv_pads(node, (kh, kw), Some((h, wd)))?;
+    let (ph, pw) = (
+        h.checked_add(p[0]).and_then(|v| v.checked_add(p[2])),
+        wd.checked_add(p[1]).and_then(|v| v.checked_add(p[3])),
+    );
+    let (Some(ph), Some(pw)) = (ph, pw) else {
+        return Err(format!("pads {p:?}"));
+    };
+    check_count(&[n, c, ph, pw])?;
+    check_count(&[n, o, ph, pw])
 }
 
 fn pool(node: &Node, x: &Tensor) -> R<Tensor> {
@@ -963,8 +1032,19 @@ fn pool(node: &Node, x: &Tensor) -> R<Tensor> {
         return Err("dilated pools are not supported".into());
     }
     let (sh, sw) = (s[0] as usize, s[1] as usize);
+    if x.elem_count() == 0 {
+        return Err(format!("a pool of an empty tensor {:?}", x.dims()));
+    }
     let (_, _, h, w) = x.dims4().map_err(e)?;
     let mut p = conv_pads(node, (kh, kw), Some((h, w)))?;
+    if p.iter().any(|&v| v > h.max(w) + kh.max(kw)) {
+        return Err(format!("pads {p:?} larger than the input and kernel"));
+    }
+    check_count(&[
+        x.elem_count() / (h * w).max(1),
+        h + p[0] + p[2],
+        w + p[1] + p[3],
+    ])?;
     let max = node.op == "MaxPool";
     if node.attr_i("ceil_mode", 0) == 1 {
         // extra room after the input so that flooring gives the ceiled size
@@ -985,6 +1065,11 @@ fn pool(node: &Node, x: &Tensor) -> R<Tensor> {
     }
     if !max && node.attr_i("count_include_pad", 0) == 0 && p.iter().any(|&v| v > 0) {
         return Err("AveragePool over padding without count_include_pad".into());
+    }
+    if h + p[0] + p[2] < kh || w + p[1] + p[3] < kw {
+        return Err(format!(
+            "a {kh}x{kw} pool over a {h}x{w} input padded by {p:?}"
+        ));
     }
     let fill = if max { f32::NEG_INFINITY } else { 0.0 };
     let padded = pad_value(x, &[(2, p[0], p[2]), (3, p[1], p[3])], fill)?;

@@ -4,8 +4,26 @@ use candle_core::{DType, Device, Tensor};
 
 use super::proto::{data_type, TensorProto};
 
-/// Largest tensor any node may make, in elements (4 GiB of f32).
-pub const MAX_ELEMENTS: usize = 1 << 30;
+/// Largest tensor a file may hold or a node may make, in elements (512 MiB of f32; the
+/// DWPose networks' largest is 6.6M).
+pub const MAX_ELEMENTS: usize = 1 << 27;
+
+thread_local! {
+    static LIMIT: std::cell::Cell<usize> = const { std::cell::Cell::new(MAX_ELEMENTS) };
+}
+
+/// The element limit in force on this thread ([`MAX_ELEMENTS`] unless lowered).
+pub fn element_limit() -> usize {
+    LIMIT.with(|l| l.get())
+}
+
+/// Run `f` with a lower element limit on this thread (the fuzz target's memory budget).
+pub fn with_element_limit<T>(limit: usize, f: impl FnOnce() -> T) -> T {
+    let old = LIMIT.with(|l| l.replace(limit.min(MAX_ELEMENTS)));
+    let r = f();
+    LIMIT.with(|l| l.set(old));
+    r
+}
 
 /// A tensor of the file as a candle tensor (errors name it).
 pub(crate) fn tensor_of(t: &TensorProto) -> Result<Tensor, String> {
@@ -22,8 +40,8 @@ pub(crate) fn tensor_of(t: &TensorProto) -> Result<Tensor, String> {
         let d = usize::try_from(d).map_err(|_| format!("{}: dimension {d}", what()))?;
         n = n
             .checked_mul(d)
-            .filter(|&n| n <= MAX_ELEMENTS)
-            .ok_or_else(|| format!("{}: more than {MAX_ELEMENTS} elements", what()))?;
+            .filter(|&n| n <= element_limit())
+            .ok_or_else(|| format!("{}: more than {} elements", what(), element_limit()))?;
         dims.push(d);
     }
     let raw = &t.raw_data;
