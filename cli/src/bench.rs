@@ -20,6 +20,50 @@ pub enum BenchCommand {
     /// An SD 1.5-size VAE decode (random weights) at a size, whole or tiled: seconds and the
     /// process's peak memory (run each setting in its own process)
     Vae(VaeBenchArgs),
+    /// Seconds per run of an annotator (preprocessor) on an image at a detect resolution:
+    /// the first run (which loads its networks) and the runs after it, without the result cache
+    Annotator(AnnotatorBenchArgs),
+    /// Seconds per run of an ONNX model (the annotators' interpreter) on an input of a shape
+    /// (values from a fixed formula): the first run and the runs after it
+    Onnx(OnnxBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct OnnxBenchArgs {
+    /// The .onnx file
+    pub model: std::path::PathBuf,
+    /// The input's shape, comma-separated (e.g. 1,3,640,640); one input only
+    #[arg(long)]
+    pub shape: String,
+    /// Timed runs after the first
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Also print the seconds of one more run per operator
+    #[arg(long)]
+    pub op_profile: bool,
+    /// Also write the numbers as JSON to this file
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct AnnotatorBenchArgs {
+    /// Preprocessor name (`sdctl preprocessors list`)
+    pub name: String,
+    /// The image it runs on
+    pub input: std::path::PathBuf,
+    /// Detect resolution (short side), as `sdctl detect --resolution`
+    #[arg(long, default_value_t = 512)]
+    pub resolution: usize,
+    /// Timed runs after the first
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// A preprocessor parameter, repeatable: KEY=VALUE
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+    /// Also write the numbers as JSON to this file
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -155,6 +199,8 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::Unet(a) => unet(a),
         BenchCommand::Train(a) => train(a),
         BenchCommand::Load(a) => load(a),
+        BenchCommand::Annotator(a) => annotator(a),
+        BenchCommand::Onnx(a) => onnx(a),
         BenchCommand::Vae(a) => {
             if a.size < 64 || a.size > 8192 || a.size % 8 != 0 {
                 return Err(format!("--size {}: use a multiple of 8 in 64..=8192", a.size).into());
@@ -351,4 +397,165 @@ fn unet(a: UnetArgs) -> CliResult {
         println!("unet + {kind}: {t} = {ratio:.2}x the plain call (mins: {mins:.2}x{alt}); once per generation {once:.2} s");
     }
     a.json.map_or(Ok(()), |p| write_json(&p, &r))
+}
+
+#[derive(serde::Serialize)]
+struct AnnotatorReport {
+    name: String,
+    width: usize,
+    height: usize,
+    first_seconds: f64,
+    mean_seconds: f64,
+    min_seconds: f64,
+    iters: usize,
+}
+
+fn annotator(a: AnnotatorBenchArgs) -> CliResult {
+    use sd_preprocessors::detect::{detect, read_image, Sizing, RESOLUTIONS};
+    if !RESOLUTIONS.contains(&a.resolution) {
+        return Err(format!("--resolution {}: use {RESOLUTIONS:?}", a.resolution).into());
+    }
+    if a.iters == 0 || a.iters > 1000 {
+        return Err(format!("--iters {}: use 1..=1000", a.iters).into());
+    }
+    if let Some(j) = &a.json {
+        crate::check_output("--json", j, false)?;
+    }
+    // the built-in preprocessors and no result cache: every run computes
+    let reg = sd_preprocessors::registry();
+    let p = reg.preprocessor(&a.name).ok_or_else(|| {
+        format!(
+            "unknown preprocessor {:?} (`sdctl preprocessors list`)",
+            a.name
+        )
+    })?;
+    let params = crate::detect::cli_params(p.as_ref(), &a.params)?;
+    let input = read_image(&a.input)?;
+    let sizing = Sizing {
+        resolution: a.resolution,
+        pad: false,
+    };
+    let mut times = Vec::with_capacity(a.iters + 1);
+    let mut size = (0, 0);
+    for _ in 0..=a.iters {
+        let t = std::time::Instant::now();
+        let out = detect(&reg, p.as_ref(), &input, &params, sizing)
+            .map_err(|e| format!("{}: {e}", a.name))?;
+        times.push(t.elapsed().as_secs_f64());
+        size = (out.map.width, out.map.height);
+    }
+    let rest = &times[1..];
+    let mean = rest.iter().sum::<f64>() / rest.len() as f64;
+    let min = rest.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "annotator {} {}x{}: {}",
+        a.name,
+        size.0,
+        size.1,
+        per_call(mean, a.iters, min, times[0]).replace("call", "run")
+    );
+    if let Some(j) = &a.json {
+        write_json(
+            j,
+            &AnnotatorReport {
+                name: a.name,
+                width: size.0,
+                height: size.1,
+                first_seconds: times[0],
+                mean_seconds: mean,
+                min_seconds: min,
+                iters: a.iters,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct OnnxReport {
+    model: String,
+    shape: Vec<usize>,
+    load_seconds: f64,
+    first_seconds: f64,
+    mean_seconds: f64,
+    min_seconds: f64,
+    iters: usize,
+}
+
+fn onnx(a: OnnxBenchArgs) -> CliResult {
+    use sd_preprocessors::onnx::{Model, MAX_ELEMENTS};
+    if a.iters == 0 || a.iters > 1000 {
+        return Err(format!("--iters {}: use 1..=1000", a.iters).into());
+    }
+    let shape: Vec<usize> = a
+        .shape
+        .split(',')
+        .map(|d| d.trim().parse::<usize>().ok().filter(|&d| d > 0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| format!("--shape {:?}: positive sizes with commas", a.shape))?;
+    let n = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_ELEMENTS)
+        .ok_or_else(|| format!("--shape {:?}: more than {MAX_ELEMENTS} values", a.shape))?;
+    if let Some(j) = &a.json {
+        crate::check_output("--json", j, false)?;
+    }
+    let t = std::time::Instant::now();
+    let m = Model::load(&a.model)?;
+    let load = t.elapsed().as_secs_f64();
+    let name = match m.input_names() {
+        [one] => one.clone(),
+        other => {
+            return Err(format!(
+                "{}: {} inputs, one expected",
+                a.model.display(),
+                other.len()
+            )
+            .into())
+        }
+    };
+    let v: Vec<f32> = (0..n).map(|i| (i % 251) as f32 / 125.0 - 1.0).collect();
+    let x = candle_core::Tensor::from_vec(v, shape.as_slice(), &candle_core::Device::Cpu)
+        .map_err(|e| e.to_string())?;
+    let mut times = Vec::with_capacity(a.iters + 1);
+    for _ in 0..=a.iters {
+        let t = std::time::Instant::now();
+        m.run(&[(&name, x.clone())])
+            .map_err(|e| format!("{}: {e}", a.model.display()))?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    if a.op_profile {
+        let mut ops = std::collections::HashMap::new();
+        m.run_profiled(&[(&name, x.clone())], &mut ops)
+            .map_err(|e| format!("{}: {e}", a.model.display()))?;
+        let mut ops: Vec<(String, f64)> = ops.into_iter().collect();
+        ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (op, s) in ops {
+            println!("  {s:8.4} s  {op}");
+        }
+    }
+    let rest = &times[1..];
+    let mean = rest.iter().sum::<f64>() / rest.len() as f64;
+    let min = rest.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "onnx {} {shape:?} (load {load:.2} s): {}",
+        a.model.display(),
+        per_call(mean, a.iters, min, times[0]).replace("call", "run")
+    );
+    if let Some(j) = &a.json {
+        write_json(
+            j,
+            &OnnxReport {
+                model: a.model.display().to_string(),
+                shape,
+                load_seconds: load,
+                first_seconds: times[0],
+                mean_seconds: mean,
+                min_seconds: min,
+                iters: a.iters,
+            },
+        )?;
+    }
+    Ok(())
 }

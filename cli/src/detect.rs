@@ -41,6 +41,30 @@ pub struct DetectArgs {
     pub plugin_dir: Option<PathBuf>,
 }
 
+/// A preprocessor's `--param KEY=VALUE` arguments resolved against its parameters (defaults
+/// filled in, unknown keys and bad values named).
+pub fn cli_params(
+    p: &dyn sd_plugins_api::Preprocessor,
+    args: &[String],
+) -> Result<sd_plugins_api::Params, String> {
+    let specs = p.params();
+    let mut given = Vec::new();
+    for kv in args {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--param {kv:?}: expected KEY=VALUE"))?;
+        let kind = specs.iter().find(|s| s.name == k).map(|s| &s.kind);
+        let value = ParamValue::from_text(v, kind);
+        given.push((k.to_string(), value));
+    }
+    resolve_params(&specs, &given).map_err(|errs| {
+        errs.iter()
+            .map(|e| format!("--param {e}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
 pub fn run(a: DetectArgs) -> CliResult {
     crate::check_output("--output", &a.output, false)?;
     if let Some(j) = &a.json {
@@ -72,22 +96,7 @@ pub fn run(a: DetectArgs) -> CliResult {
         )
         .into());
     }
-    let specs = p.params();
-    let mut given = Vec::new();
-    for kv in &a.params {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| format!("--param {kv:?}: expected KEY=VALUE"))?;
-        let kind = specs.iter().find(|s| s.name == k).map(|s| &s.kind);
-        let value = ParamValue::from_text(v, kind);
-        given.push((k.to_string(), value));
-    }
-    let params = resolve_params(&specs, &given).map_err(|errs| {
-        errs.iter()
-            .map(|e| format!("--param {e}"))
-            .collect::<Vec<_>>()
-            .join("; ")
-    })?;
+    let params = cli_params(p.as_ref(), &a.params)?;
     // --json: the pose detector behind the preprocessor, before anything runs
     let detector = match &a.json {
         Some(_) => Some(pose_detector(p.name()).ok_or_else(|| {

@@ -274,6 +274,21 @@ impl Conv2d {
             };
             return y.reshape((n, o, oh, ow));
         }
+        if self.w.is_empty() && self.geo.pad.0 == self.geo.pad.1 && self.geo.dilation == 1 {
+            // the UNet's CPU convolution (Winograd for 3x3 stride 1, packed im2col products)
+            let w4 = self.weight.reshape((o, c, self.k, self.k))?;
+            let b = match &self.bias {
+                Some(b) => Some(Tensor::from_slice(b, o, x.device())?),
+                None => None,
+            };
+            return sd_pipeline::cpu::conv_op::conv2d_infer(
+                &x.to_dtype(DType::F32)?,
+                &w4,
+                b.as_ref(),
+                self.geo.stride,
+                self.geo.pad.0,
+            );
+        }
         let src = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; n * o * oh * ow];
         for (img, dst) in src

@@ -103,7 +103,9 @@ fn im2col_items(x: &[f32], g: &Geo, items: usize, dst: &mut [f32]) {
                         let hi = (g.w + g.pad).saturating_sub(kx).min(g.ow).max(lo);
                         d[..lo].fill(0.0);
                         d[hi..].fill(0.0);
-                        d[lo..hi].copy_from_slice(&line[lo + kx - g.pad..hi + kx - g.pad]);
+                        if lo < hi {
+                            d[lo..hi].copy_from_slice(&line[lo + kx - g.pad..hi + kx - g.pad]);
+                        }
                     } else {
                         for (ox, v) in d.iter_mut().enumerate() {
                             *v = (ox * g.stride + kx)
@@ -577,6 +579,9 @@ fn col2im(cols: &[f32], g: &Geo, dst: &mut [f32]) {
                         if g.stride == 1 {
                             let lo = g.pad.saturating_sub(kx).min(g.ow);
                             let hi = (g.w + g.pad).saturating_sub(kx).min(g.ow).max(lo);
+                            if lo == hi {
+                                continue;
+                            }
                             let line = &mut line[lo + kx - g.pad..hi + kx - g.pad];
                             for (d, s) in line.iter_mut().zip(&src[lo..hi]) {
                                 *d += s;

@@ -218,7 +218,7 @@ fn exp_columns(scores: &mut [f32], max: &mut [f32], sum: &mut [f32]) {
 /// ln 2 in two parts, degree-5 polynomial), 0 below -87. Branch- and cast-free so that it
 /// vectorises: n = round(x / ln 2) and 2^n both come from the bits of `x log2(e) + 1.5 * 2^23`.
 #[inline(always)]
-fn exp_approx(x: f32) -> f32 {
+pub(crate) fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;

@@ -2,6 +2,7 @@
 //! convolutions, fused and recomputed attention, GEGLU and group norm, each with the backward
 //! pass training needs, vectorised through run-time SIMD dispatch.
 
+pub mod activation;
 pub mod attention_op;
 mod bf16_gemm;
 pub mod conv_op;

@@ -86,6 +86,7 @@ impl Model {
         };
         m.fold()?;
         m.check_defined()?;
+        m.fuse_silu();
         for node in &mut m.nodes {
             node.prepared =
                 ops::prepare(node, &m.consts).map_err(|e| format!("{}: {e}", node.label()))?;
@@ -124,6 +125,53 @@ impl Model {
         }
         self.nodes = kept;
         Ok(())
+    }
+
+    /// `Mul(x, Sigmoid(x))` (PyTorch's exported SiLU) as one `SiLU` node, when nothing else
+    /// reads the sigmoid.
+    fn fuse_silu(&mut self) {
+        let mut uses: HashMap<&str, usize> = HashMap::new();
+        for n in &self.nodes {
+            for x in &n.inputs {
+                *uses.entry(x.as_str()).or_default() += 1;
+            }
+        }
+        for o in &self.outputs {
+            *uses.entry(o.as_str()).or_default() += 1;
+        }
+        let sigmoid_of: HashMap<&str, (usize, &str)> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.op == "Sigmoid" && n.inputs.len() == 1 && n.outputs.len() == 1)
+            .map(|(i, n)| (n.outputs[0].as_str(), (i, n.inputs[0].as_str())))
+            .collect();
+        let mut fused: Vec<(usize, usize, String)> = Vec::new();
+        for (j, n) in self.nodes.iter().enumerate() {
+            if n.op != "Mul" || n.inputs.len() != 2 {
+                continue;
+            }
+            for (x, s) in [(0, 1), (1, 0)].map(|(a, b)| (&n.inputs[a], &n.inputs[b])) {
+                if let Some(&(i, sx)) = sigmoid_of.get(s.as_str()) {
+                    if sx == x && uses.get(s.as_str()) == Some(&1) {
+                        fused.push((i, j, x.clone()));
+                        break;
+                    }
+                }
+            }
+        }
+        let mut drop = vec![false; self.nodes.len()];
+        for (i, j, x) in fused {
+            drop[i] = true;
+            let n = &mut self.nodes[j];
+            n.op = "SiLU".into();
+            n.inputs = vec![x];
+        }
+        let mut k = 0;
+        self.nodes.retain(|_| {
+            k += 1;
+            !drop[k - 1]
+        });
     }
 
     /// Every input of every node is a graph input, a constant or an earlier node's output.
@@ -169,6 +217,23 @@ impl Model {
 
     /// Run the graph on its inputs (by name, f32 on the CPU); the graph's outputs in order.
     pub fn run(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, String> {
+        self.run_timed(inputs, None)
+    }
+
+    /// [`Model::run`], adding each node's seconds to `times` under [`Node::profile_key`].
+    pub fn run_profiled(
+        &self,
+        inputs: &[(&str, Tensor)],
+        times: &mut HashMap<String, f64>,
+    ) -> Result<Vec<Tensor>, String> {
+        self.run_timed(inputs, Some(times))
+    }
+
+    fn run_timed(
+        &self,
+        inputs: &[(&str, Tensor)],
+        mut times: Option<&mut HashMap<String, f64>>,
+    ) -> Result<Vec<Tensor>, String> {
         let mut values: HashMap<&str, Tensor> = HashMap::new();
         for name in &self.inputs {
             let t = inputs
@@ -194,12 +259,17 @@ impl Model {
                     }
                 })
                 .collect::<Result<_, String>>()?;
+            let start = times.is_some().then(std::time::Instant::now);
             let outs = ops::run(node, &ins).map_err(|e| format!("{}: {e}", node.label()))?;
+            if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
+                *times.entry(node.profile_key()).or_default() += start.elapsed().as_secs_f64();
+            }
             for (name, t) in node.outputs.iter().zip(outs) {
-                if t.elem_count() > MAX_ELEMENTS {
+                if t.elem_count() > element_limit() {
                     return Err(format!(
-                        "{}: makes more than {MAX_ELEMENTS} values",
-                        node.label()
+                        "{}: makes more than {} values",
+                        node.label(),
+                        element_limit()
                     ));
                 }
                 values.insert(name, t);

@@ -31,6 +31,26 @@ impl Node {
             format!("{} ({})", self.name, self.op)
         }
     }
+    /// The name a profile adds this node's time to: its operator, convolutions by kernel,
+    /// groups and the kernel that runs them.
+    pub fn profile_key(&self) -> String {
+        if self.op != "Conv" {
+            return self.op.clone();
+        }
+        let k = self.attr_ints("kernel_shape").unwrap_or_default();
+        let g = self.attr_i("group", 1);
+        let kind = match &self.prepared {
+            Some(Prepared::Conv(_)) => "",
+            Some(Prepared::Depthwise(_)) => " depthwise",
+            None => " (candle)",
+        };
+        let groups = if g > 1 {
+            format!(" groups {g}")
+        } else {
+            String::new()
+        };
+        format!("Conv {k:?}{groups}{kind}")
+    }
     pub fn attr_i(&self, key: &str, default: i64) -> i64 {
         self.attrs.get(key).map_or(default, |a| a.i)
     }
