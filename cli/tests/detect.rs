@@ -3,7 +3,7 @@
 
 use sd_tests::fixtures;
 
-use crate::common::{scratch, sdctl_cached, sdctl_command};
+use crate::common::{s, scratch, sdctl_cached, sdctl_command};
 
 #[test]
 fn detect_canny_equals_opencv_and_is_cached() {
@@ -373,4 +373,80 @@ fn network_results_are_cached_per_weight_file() {
         "{e}"
     );
     std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn seg_ufade20k_segments_with_the_checkpoint_and_names_bad_files() {
+    let d = scratch("detect", "seg_ufade20k");
+    let ann = d.join("annotators");
+    std::fs::create_dir_all(&ann).unwrap();
+    let run = |args: &[&str]| {
+        sdctl_command()
+            .args(args)
+            .env("SDCTL_CACHE_DIR", d.join("cache"))
+            .env("SDCTL_ANNOTATOR_DIR", &ann)
+            .output()
+            .unwrap()
+    };
+    let photo = fixtures().join("uniformer/image.png");
+    let png = d.join("seg.png");
+    let args = [
+        "detect",
+        "seg_ufade20k",
+        s(&photo),
+        "-o",
+        s(&png),
+        "--resolution",
+        "64",
+        "--pad",
+    ];
+    // no weights: the file and the folder named, nothing written
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("upernet_global_small.pth") && e.contains(s(&ann)),
+        "{e}"
+    );
+    assert!(!png.exists());
+
+    // another network's checkpoint under the name: named, nothing written
+    std::fs::copy(
+        fixtures().join("dwpose/network.safetensors"),
+        ann.join("upernet_global_small.safetensors"),
+    )
+    .unwrap();
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("upernet_global_small.safetensors") && e.contains("UniFormer"),
+        "{e}"
+    );
+    assert!(!png.exists());
+    std::fs::remove_file(ann.join("upernet_global_small.safetensors")).unwrap();
+
+    // the tiny real-architecture checkpoint (an mmcv .pth with meta) under the real name: the
+    // map webui makes, every pixel an ADE20K colour
+    std::fs::copy(
+        fixtures().join("uniformer/upernet_tiny.pth"),
+        ann.join("upernet_global_small.pth"),
+    )
+    .unwrap();
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = image::open(&png).unwrap().to_rgb8();
+    let want = image::open(fixtures().join("uniformer/net_webui_64.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(got.dimensions(), want.dimensions());
+    let differ = got
+        .pixels()
+        .zip(want.pixels())
+        .filter(|(a, b)| a != b)
+        .count();
+    // as the parity test: near-ties at class boundaries (2 of 5,568 there)
+    assert!(differ <= 20, "{differ} pixels differ");
+    let palette = sd_preprocessors::segmentation::ADE20K_PALETTE;
+    assert!(got.pixels().all(|p| palette.contains(&p.0)));
 }

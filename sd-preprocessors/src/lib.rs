@@ -29,6 +29,7 @@ pub mod resample;
 pub mod resize;
 pub mod segmentation;
 mod simple;
+pub mod uniformer;
 pub mod weights;
 pub mod zoe;
 

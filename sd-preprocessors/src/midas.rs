@@ -265,19 +265,7 @@ fn max_pool_same(x: &Tensor) -> Result<Tensor> {
 /// `oh x ow` (`size=` given: source `max((d + 0.5) * in / out - 0.5, 0)`, the upper index
 /// clamped), in f32 as torch's CPU kernel.
 pub fn bilinear_hwc(src: &[f32], h: usize, w: usize, c: usize, oh: usize, ow: usize) -> Vec<f32> {
-    let taps = |n: usize, o: usize| -> Vec<(usize, usize, f32, f32)> {
-        let scale = n as f32 / o as f32;
-        (0..o)
-            .map(|d| {
-                let real = (scale * (d as f32 + 0.5) - 0.5).max(0.0);
-                let i0 = (real as usize).min(n - 1);
-                let i1 = if i0 < n - 1 { i0 + 1 } else { i0 };
-                let l1 = real - i0 as f32;
-                (i0, i1, 1.0 - l1, l1)
-            })
-            .collect()
-    };
-    let (ty, tx) = (taps(h, oh), taps(w, ow));
+    let (ty, tx) = (bilinear_taps(h, oh), bilinear_taps(w, ow));
     let mut out = vec![0f32; oh * ow * c];
     for (oy, &(y0, y1, wy0, wy1)) in ty.iter().enumerate() {
         for (ox, &(x0, x1, wx0, wx1)) in tx.iter().enumerate() {
@@ -290,6 +278,21 @@ pub fn bilinear_hwc(src: &[f32], h: usize, w: usize, c: usize, oh: usize, ow: us
         }
     }
     out
+}
+
+/// The taps of [`bilinear_hwc`] along one axis of `n` inputs and `o` outputs: per output
+/// `(i0, i1, weight0, weight1)`.
+pub fn bilinear_taps(n: usize, o: usize) -> Vec<(usize, usize, f32, f32)> {
+    let scale = n as f32 / o as f32;
+    (0..o)
+        .map(|d| {
+            let real = (scale * (d as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = (real as usize).min(n - 1);
+            let i1 = if i0 < n - 1 { i0 + 1 } else { i0 };
+            let l1 = real - i0 as f32;
+            (i0, i1, 1.0 - l1, l1)
+        })
+        .collect()
 }
 
 /// Every tensor the network reads, with its shape (the file also holds the unused ImageNet

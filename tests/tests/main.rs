@@ -30,6 +30,7 @@ mod softedge;
 mod taesd;
 mod train;
 mod unet_vae;
+mod uniformer;
 mod upscaler;
 mod vae_tiling;
 mod zoe;
