@@ -33,9 +33,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{
-    conv2d, conv2d_no_bias, conv_transpose2d, layer_norm, linear, Conv2d, Conv2dConfig,
-    ConvTranspose2d, ConvTranspose2dConfig, LayerNorm, LayerNormConfig, Linear, VarBuilder,
+    conv_transpose2d, layer_norm, linear, ConvTranspose2d, ConvTranspose2dConfig, LayerNorm,
+    LayerNormConfig, Linear, VarBuilder,
 };
+use sd_pipeline::cpu::activation::gelu_erf as gelu;
 use sd_plugins_api::{
     hwc3, register_preprocessor, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
 };
@@ -195,18 +196,15 @@ impl Block {
     }
 
     fn attention(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let hd = c / self.num_heads;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, self.num_heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let c = x.dim(2)?;
+        let qkv = self.qkv.forward(x)?;
+        // [B, N, heads * D] each, as the UNet's fused CPU attention takes them
+        let (q, k, v) = (
+            qkv.narrow(2, 0, c)?,
+            qkv.narrow(2, c, c)?,
+            qkv.narrow(2, 2 * c, c)?,
+        );
+        let out = sd_pipeline::cpu::fused_attention::fused_attention(&q, &k, &v, self.num_heads)?;
         self.proj.forward(&out)
     }
 
@@ -217,7 +215,7 @@ impl Block {
         };
         let a = scale(self.attention(&self.norm1.forward(x)?)?, &self.ls1)?;
         let x = (x + a)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        let h = gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         let m = scale(self.fc2.forward(&h)?, &self.ls2)?;
         x + m
     }
@@ -288,31 +286,46 @@ impl FusionBlock {
     }
 }
 
+/// `nn.Conv2d` `{vb}.weight` (and `.bias` when `bias`) on [`crate::conv::Conv2d`] (candle's CPU
+/// conv2d unrolls the whole image at once).
+fn fast_conv(
+    inputs: usize,
+    outputs: usize,
+    k: usize,
+    (stride, padding): (usize, usize),
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<FastConv> {
+    let w = vb.get((outputs, inputs, k, k), "weight")?;
+    let b = if bias {
+        Some(vb.get(outputs, "bias")?)
+    } else {
+        None
+    };
+    FastConv::new(&w, b.as_ref(), Geometry::new(stride, padding))
+}
+
 enum Resize {
     Up(ConvTranspose2d),
     Same,
-    Down(Conv2d),
+    Down(FastConv),
 }
 
 /// The DPT head of Depth Anything V2 (`depth_head.*`).
 struct DptHead {
-    projects: Vec<Conv2d>,
+    projects: Vec<FastConv>,
     resize: Vec<Resize>,
-    layer_rn: Vec<Conv2d>,
+    layer_rn: Vec<FastConv>,
     refine: Vec<FusionBlock>,
-    output_conv1: Conv2d,
-    output_conv2_0: Conv2d,
-    output_conv2_2: Conv2d,
+    output_conv1: FastConv,
+    output_conv2_0: FastConv,
+    output_conv2_2: FastConv,
 }
 
 impl DptHead {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let oc = cfg.out_channels;
         let f = cfg.features;
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let up = |i: usize, k: usize| -> Result<Resize> {
             let c = ConvTranspose2dConfig {
                 stride: k,
@@ -326,25 +339,16 @@ impl DptHead {
                 vb.pp(format!("resize_layers.{i}")),
             )?))
         };
-        let down = conv2d(
-            oc[3],
-            oc[3],
-            3,
-            Conv2dConfig {
-                padding: 1,
-                stride: 2,
-                ..Default::default()
-            },
-            vb.pp("resize_layers.3"),
-        )?;
+        let down = fast_conv(oc[3], oc[3], 3, (2, 1), true, vb.pp("resize_layers.3"))?;
         Ok(Self {
             projects: (0..4)
                 .map(|i| {
-                    conv2d(
+                    fast_conv(
                         cfg.embed_dim,
                         oc[i],
                         1,
-                        Default::default(),
+                        (1, 0),
+                        true,
                         vb.pp(format!("projects.{i}")),
                     )
                 })
@@ -352,11 +356,12 @@ impl DptHead {
             resize: vec![up(0, 4)?, up(1, 2)?, Resize::Same, Resize::Down(down)],
             layer_rn: (0..4)
                 .map(|i| {
-                    conv2d_no_bias(
+                    fast_conv(
                         oc[i],
                         f,
                         3,
-                        pad1,
+                        (1, 1),
+                        false,
                         vb.pp(format!("scratch.layer{}_rn", i + 1)),
                     )
                 })
@@ -364,19 +369,21 @@ impl DptHead {
             refine: (1..=4)
                 .map(|i| FusionBlock::new(f, vb.pp(format!("scratch.refinenet{i}"))))
                 .collect::<Result<_>>()?,
-            output_conv1: conv2d(f, f / 2, 3, pad1, vb.pp("scratch.output_conv1"))?,
-            output_conv2_0: conv2d(
+            output_conv1: fast_conv(f, f / 2, 3, (1, 1), true, vb.pp("scratch.output_conv1"))?,
+            output_conv2_0: fast_conv(
                 f / 2,
                 cfg.head_hidden,
                 3,
-                pad1,
+                (1, 1),
+                true,
                 vb.pp("scratch.output_conv2.0"),
             )?,
-            output_conv2_2: conv2d(
+            output_conv2_2: fast_conv(
                 cfg.head_hidden,
                 1,
                 1,
-                Default::default(),
+                (1, 0),
+                true,
                 vb.pp("scratch.output_conv2.2"),
             )?,
         })
@@ -414,7 +421,7 @@ impl DptHead {
 /// A Depth Anything V2 network.
 pub struct DepthAnythingV2 {
     pub config: Config,
-    patch_embed: Conv2d,
+    patch_embed: FastConv,
     cls_token: Tensor,
     /// `(1 + N, D)`, as stored (f32).
     pos_embed: Tensor,
@@ -446,16 +453,7 @@ impl DepthAnythingV2 {
         let d = config.embed_dim;
         let p = config.patch_size;
         let pre = vb.pp("pretrained");
-        let patch_embed = conv2d(
-            3,
-            d,
-            p,
-            Conv2dConfig {
-                stride: p,
-                ..Default::default()
-            },
-            pre.pp("patch_embed.proj"),
-        )?;
+        let patch_embed = fast_conv(3, d, p, (p, 0), true, pre.pp("patch_embed.proj"))?;
         let cls_token = pre.get((1, 1, d), "cls_token")?;
         let pos_embed = pre
             .get((1, config.num_positions + 1, d), "pos_embed")?

@@ -40,6 +40,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
+use sd_pipeline::cpu::activation::gelu_erf as gelu;
 use sd_plugins_api::{
     hwc3, register_preprocessor, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
 };
@@ -571,9 +572,7 @@ impl MidasNet {
         let n = n1 - 1;
         let cls = x.narrow(1, 0, 1)?.broadcast_as((b, n, d))?;
         let feats = Tensor::cat(&[&x.narrow(1, 1, n)?, &cls.contiguous()?], 2)?;
-        self.readout[i]
-            .forward(&feats)?
-            .gelu_erf()?
+        gelu(&self.readout[i].forward(&feats)?)?
             .transpose(1, 2)?
             .reshape((b, d, gh, gw))
     }

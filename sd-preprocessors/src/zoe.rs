@@ -60,6 +60,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use sd_pipeline::cpu::activation::gelu_erf as gelu;
 use sd_plugins_api::{
     hwc3, register_preprocessor, ImageBuf, ParamSpec, Params, PluginError, Preprocessor,
 };
@@ -282,7 +283,7 @@ impl BeitBlock {
         let a = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         let a = self.proj.forward(&a)?.broadcast_mul(&self.gamma1)?;
         let x = (x + a)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        let h = gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         let m = self.fc2.forward(&h)?.broadcast_mul(&self.gamma2)?;
         x + m
     }
@@ -335,7 +336,7 @@ impl Mlp2 {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.a.forward(x)?;
-        let h = if self.gelu { h.gelu_erf()? } else { h.relu()? };
+        let h = if self.gelu { gelu(&h)? } else { h.relu()? };
         self.b.forward(&h)
     }
 }
@@ -497,9 +498,7 @@ impl ZoeNet {
         let n = n1 - 1;
         let cls = x.narrow(1, 0, 1)?.broadcast_as((b, n, d))?;
         let feats = Tensor::cat(&[&x.narrow(1, 1, n)?, &cls.contiguous()?], 2)?;
-        self.readout[i]
-            .forward(&feats)?
-            .gelu_erf()?
+        gelu(&self.readout[i].forward(&feats)?)?
             .transpose(1, 2)?
             .reshape((b, d, gh, gw))
     }

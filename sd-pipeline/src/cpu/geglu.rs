@@ -105,7 +105,7 @@ fn geglu_plain(a: &[f32], b: &[f32], out: &mut [f32]) {
 /// erf for f32 as a rational function on [-4, 4] (Eigen's `generic_fast_erf_float`), +-1
 /// beyond; within 1e-6 of libm's `erff` (tested). Branch-free, so it vectorises.
 #[inline(always)]
-fn erf(x: f32) -> f32 {
+pub(crate) fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let p = -2.726_142_3e-10_f32;

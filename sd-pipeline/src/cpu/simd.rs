@@ -2,7 +2,9 @@
 //! `#[inline(always)]` function and compiled again inside `target_feature` wrappers.
 
 /// `$vis fn $name(args) -> ret` that calls `$body` built for AVX-512, for AVX2 + FMA, or for the
-/// baseline target, whichever the CPU has (detected at run time, cached by std).
+/// baseline target, whichever the CPU has (detected at run time, cached by std). Exported for
+/// the annotators' loops (`sd_pipeline::simd_dispatch!`).
+#[macro_export]
 macro_rules! simd_dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $body:path) => {
         $(#[$meta])*

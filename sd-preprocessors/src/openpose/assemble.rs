@@ -114,33 +114,40 @@ pub fn gaussian_filter(map: &[f64], w: usize, h: usize, sigma: f64) -> Vec<f64> 
             m
         }
     };
-    let filter_line = |line: &[f64], out: &mut [f64]| {
-        let n = line.len();
-        for (i, o) in out.iter_mut().enumerate() {
-            let mut s = line[i] * k[r];
+    // axis 0: whole rows at a time (each column summed in the same order as a lone line:
+    // the centre, then the pairs from the outermost in)
+    let mut tmp = vec![0f64; w * h];
+    for (y, dst) in tmp.chunks_exact_mut(w.max(1)).enumerate() {
+        let row = |yy: usize| &map[yy * w..(yy + 1) * w];
+        for (d, &c) in dst.iter_mut().zip(row(y)) {
+            *d = c * k[r];
+        }
+        for jj in (1..=r).rev() {
+            let a = row(reflect(y as isize - jj as isize, h));
+            let b = row(reflect(y as isize + jj as isize, h));
+            let kk = k[r - jj];
+            for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
+                *d += (a + b) * kk;
+            }
+        }
+    }
+    // axis 1: each row through a reflect-padded copy
+    let mut out = vec![0f64; w * h];
+    let mut padded = vec![0f64; w + 2 * r];
+    for (src, dst) in tmp
+        .chunks_exact(w.max(1))
+        .zip(out.chunks_exact_mut(w.max(1)))
+    {
+        for (i, p) in padded.iter_mut().enumerate() {
+            *p = src[reflect(i as isize - r as isize, w)];
+        }
+        for (i, o) in dst.iter_mut().enumerate() {
+            let mut s = padded[i + r] * k[r];
             for jj in (1..=r).rev() {
-                let a = line[reflect(i as isize - jj as isize, n)];
-                let b = line[reflect(i as isize + jj as isize, n)];
-                s += (a + b) * k[r - jj];
+                s += (padded[i + r - jj] + padded[i + r + jj]) * k[r - jj];
             }
             *o = s;
         }
-    };
-    let mut tmp = vec![0f64; w * h];
-    let mut line = vec![0f64; h];
-    let mut out_line = vec![0f64; h];
-    for x in 0..w {
-        for y in 0..h {
-            line[y] = map[y * w + x];
-        }
-        filter_line(&line, &mut out_line);
-        for y in 0..h {
-            tmp[y * w + x] = out_line[y];
-        }
-    }
-    let mut out = vec![0f64; w * h];
-    for y in 0..h {
-        filter_line(&tmp[y * w..(y + 1) * w], &mut out[y * w..(y + 1) * w]);
     }
     out
 }
@@ -150,9 +157,23 @@ pub fn gaussian_filter(map: &[f64], w: usize, h: usize, sigma: f64) -> Vec<f64> 
 pub fn find_peaks(heat: &[f64], w: usize, h: usize) -> Vec<Vec<Candidate>> {
     let mut all = Vec::with_capacity(18);
     let mut counter = 0;
-    for part in 0..18 {
-        let map: Vec<f64> = (0..w * h).map(|i| heat[i * 19 + part]).collect();
-        let s = gaussian_filter(&map, w, h, 3.0);
+    // the 18 smoothings in parallel; peaks numbered in part order afterwards
+    let maps: Vec<Vec<f64>> = (0..18)
+        .map(|part| (0..w * h).map(|i| heat[i * 19 + part]).collect())
+        .collect();
+    let mut smoothed: Vec<Vec<f64>> = vec![Vec::new(); 18];
+    let threads = crate::conv::threads().clamp(1, 18);
+    std::thread::scope(|sc| {
+        for (t, chunk) in smoothed.chunks_mut(18usize.div_ceil(threads)).enumerate() {
+            let maps = &maps;
+            sc.spawn(move || {
+                for (i, out) in chunk.iter_mut().enumerate() {
+                    *out = gaussian_filter(&maps[t * 18usize.div_ceil(threads) + i], w, h, 3.0);
+                }
+            });
+        }
+    });
+    for (map, s) in maps.iter().zip(&smoothed) {
         let at = |x: isize, y: isize| -> f64 {
             if x < 0 || y < 0 || x >= w as isize || y >= h as isize {
                 0.0

@@ -91,7 +91,7 @@ pub fn interpolate_bilinear(
     (h, w): (usize, usize),
 ) -> Vec<f32> {
     // (index0, index1, lambda0, lambda1) per output position, in float as PyTorch does
-    let axis = |input: usize, output: usize| -> Vec<(usize, usize, f32, f32)> {
+    let axis = |input: usize, output: usize| -> Vec<Taps> {
         let scale = if output > 1 {
             (input - 1) as f32 / (output - 1) as f32
         } else {
@@ -111,29 +111,71 @@ pub fn interpolate_bilinear(
             .collect()
     };
     let (ys, xs) = (axis(ih, h), axis(iw, w));
-    let at = |ch: usize, y: usize, xx: usize| x[(ch * ih + y) * iw + xx];
     let mut out = vec![0f32; c * h * w];
-    let small = h + w <= 128;
-    let vector_channels = c - c % 16;
+    if h * w == 0 || ih * iw == 0 {
+        return out;
+    }
+    let kernel = Kernel {
+        small: h + w <= 128,
+        vector_channels: c - c % 16,
+    };
+    // channel planes in parallel (every value computed as in a serial loop)
+    let per = c.div_ceil(crate::conv::threads()).max(1);
+    std::thread::scope(|s| {
+        for (i, chunk) in out.chunks_mut(per * h * w).enumerate() {
+            let (ys, xs) = (&ys, &xs);
+            s.spawn(move || {
+                for (j, dst) in chunk.chunks_mut(h * w).enumerate() {
+                    let ch = i * per + j;
+                    let src = &x[ch * ih * iw..(ch + 1) * ih * iw];
+                    interpolate_plane(src, iw, ch, kernel, ys, xs, dst);
+                }
+            });
+        }
+    });
+    out
+}
+
+type Taps = (usize, usize, f32, f32);
+
+/// Which of PyTorch's kernels a size takes ([`interpolate_bilinear`]).
+#[derive(Clone, Copy)]
+struct Kernel {
+    small: bool,
+    vector_channels: usize,
+}
+
+// the fused multiply-adds inlined (a baseline x86-64 build calls libm's `fmaf` for each)
+sd_pipeline::simd_dispatch!(fn interpolate_plane(src: &[f32], iw: usize, ch: usize, k: Kernel, ys: &[Taps], xs: &[Taps], dst: &mut [f32]) -> () = interpolate_plane_body);
+
+#[inline(always)]
+fn interpolate_plane_body(
+    src: &[f32],
+    iw: usize,
+    ch: usize,
+    k: Kernel,
+    ys: &[Taps],
+    xs: &[Taps],
+    dst: &mut [f32],
+) {
+    let at = |y: usize, xx: usize| src[y * iw + xx];
+    let w = xs.len();
     for (oy, &(y0, y1, hl0, hl1)) in ys.iter().enumerate() {
         for (ox, &(x0, x1, wl0, wl1)) in xs.iter().enumerate() {
             let (w00, w01, w10, w11) = (hl0 * wl0, hl0 * wl1, hl1 * wl0, hl1 * wl1);
-            for ch in 0..c {
-                let (a, b) = (at(ch, y0, x0), at(ch, y0, x1));
-                let (cc, d) = (at(ch, y1, x0), at(ch, y1, x1));
-                out[(ch * h + oy) * w + ox] = if !small {
-                    let t0 = a.mul_add(wl0, b * wl1);
-                    let t1 = cc.mul_add(wl0, d * wl1);
-                    t0.mul_add(hl0, t1 * hl1)
-                } else if ch < vector_channels {
-                    a.mul_add(w00, b.mul_add(w01, d.mul_add(w11, cc * w10)))
-                } else {
-                    d.mul_add(w11, cc.mul_add(w10, a.mul_add(w00, b * w01)))
-                };
-            }
+            let (a, b) = (at(y0, x0), at(y0, x1));
+            let (cc, d) = (at(y1, x0), at(y1, x1));
+            dst[oy * w + ox] = if !k.small {
+                let t0 = a.mul_add(wl0, b * wl1);
+                let t1 = cc.mul_add(wl0, d * wl1);
+                t0.mul_add(hl0, t1 * hl1)
+            } else if ch < k.vector_channels {
+                a.mul_add(w00, b.mul_add(w01, d.mul_add(w11, cc * w10)))
+            } else {
+                d.mul_add(w11, cc.mul_add(w10, a.mul_add(w00, b * w01)))
+            };
         }
     }
-    out
 }
 
 /// `Face.__call__` on a face's crop (BGR): the heatmaps at the crop's size, `[71, h, w]`.

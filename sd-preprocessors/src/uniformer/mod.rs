@@ -118,29 +118,41 @@ fn argmax_resized(
     let rows_per = oh.div_ceil(threads).max(1);
     std::thread::scope(|s| {
         for (part, dst) in out.chunks_mut(rows_per * ow).enumerate() {
-            let (ty, tx) = (&ty, &tx);
-            s.spawn(move || {
-                for (r, row) in dst.chunks_mut(ow).enumerate() {
-                    let (y0, y1, wy0, wy1) = ty[part * rows_per + r];
-                    for (ox, o) in row.iter_mut().enumerate() {
-                        let (x0, x1, wx0, wx1) = tx[ox];
-                        let at = |y: usize, x: usize| &src[(y * w + x) * c..(y * w + x + 1) * c];
-                        let (a, b, cc, d) = (at(y0, x0), at(y0, x1), at(y1, x0), at(y1, x1));
-                        let mut best = (f32::NEG_INFINITY, 0usize);
-                        for i in 0..c {
-                            // the same arithmetic as `bilinear_hwc`
-                            let v = net::lerp2(a[i], b[i], cc[i], d[i], (wx0, wx1), (wy0, wy1));
-                            if v > best.0 {
-                                best = (v, i);
-                            }
-                        }
-                        *o = best.1 as u16;
-                    }
-                }
-            });
+            let (ty, tx) = (&ty[part * rows_per..], &tx[..]);
+            s.spawn(move || argmax_rows(src, (w, c), ty, tx, dst));
         }
     });
     out
+}
+
+type Taps = (usize, usize, f32, f32);
+
+sd_pipeline::simd_dispatch!(fn argmax_rows(src: &[f32], wc: (usize, usize), ty: &[Taps], tx: &[Taps], dst: &mut [u16]) -> () = argmax_rows_body);
+
+/// Rows of [`argmax_resized`]: `dst` holds whole output rows, `ty` their taps from the first.
+#[inline(always)]
+fn argmax_rows_body(
+    src: &[f32],
+    (w, c): (usize, usize),
+    ty: &[Taps],
+    tx: &[Taps],
+    dst: &mut [u16],
+) {
+    let ow = tx.len();
+    for (row, &(y0, y1, wy0, wy1)) in dst.chunks_mut(ow).zip(ty) {
+        for (o, &(x0, x1, wx0, wx1)) in row.iter_mut().zip(tx) {
+            let at = |y: usize, x: usize| &src[(y * w + x) * c..(y * w + x + 1) * c];
+            let (a, b, cc, d) = (at(y0, x0), at(y0, x1), at(y1, x0), at(y1, x1));
+            let mut best = (f32::NEG_INFINITY, 0usize);
+            for i in 0..c {
+                let v = net::lerp2(a[i], b[i], cc[i], d[i], (wx0, wx1), (wy0, wy1));
+                if v > best.0 {
+                    best = (v, i);
+                }
+            }
+            *o = best.1 as u16;
+        }
+    }
 }
 
 /// Each class's ADE20K colour (RGB; classes past the palette black).

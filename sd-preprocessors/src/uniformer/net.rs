@@ -25,6 +25,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder};
+use sd_pipeline::cpu::activation::gelu_erf as gelu;
 
 use crate::conv::{fold_batch_norm, Conv2d, Depthwise, Geometry};
 use crate::depth_anything::Block;
@@ -222,7 +223,7 @@ impl CBlock {
         let a = self.conv1.forward(&x)?;
         let a = self.conv2.forward(&self.attn.forward(&a)?)?;
         let x = (x + a)?;
-        let m = self.fc1.forward(&x)?.gelu_erf()?;
+        let m = gelu(&self.fc1.forward(&x)?)?;
         x + self.fc2.forward(&m)?
     }
 }
@@ -332,6 +333,17 @@ pub(crate) fn lerp2(
 /// `F.interpolate(mode="bilinear", align_corners=False)` of an `h x w x c` grid to `oh x ow`
 /// with [`lerp2`]'s arithmetic.
 pub(crate) fn bilinear_hwc(
+    src: &[f32],
+    hwc: (usize, usize, usize),
+    ohw: (usize, usize),
+) -> Vec<f32> {
+    bilinear_hwc_run(src, hwc, ohw)
+}
+
+sd_pipeline::simd_dispatch!(fn bilinear_hwc_run(src: &[f32], hwc: (usize, usize, usize), ohw: (usize, usize)) -> Vec<f32> = bilinear_hwc_body);
+
+#[inline(always)]
+fn bilinear_hwc_body(
     src: &[f32],
     (h, w, c): (usize, usize, usize),
     (oh, ow): (usize, usize),
