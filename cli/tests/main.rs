@@ -2,6 +2,7 @@
 //! holds what they share. One binary links once, where one per file linked 17 times.
 
 mod adapters;
+mod bench;
 mod cli;
 mod common;
 mod config;
