@@ -377,3 +377,20 @@ pub fn render(pose: &Pose, width: usize, height: usize) -> Canvas {
     }
     c
 }
+
+/// A keypoint file drawn whole on its canvas (`canvas_width` / `canvas_height`, else `size`),
+/// as the pose preprocessors draw a `PoseFile` input. Errors name the problem, not the file.
+pub fn render_file(
+    path: &std::path::Path,
+    size: (usize, usize),
+) -> Result<sd_plugins_api::ImageBuf, String> {
+    let pose = Pose::from_file(path)?;
+    let (w, h) = pose.canvas(None, None, size)?;
+    let c = render(&pose, w, h);
+    Ok(sd_plugins_api::ImageBuf {
+        width: c.width,
+        height: c.height,
+        channels: 3,
+        data: c.data,
+    })
+}

@@ -5,6 +5,7 @@
 use super::fused_attention::exp_approx;
 use super::geglu::erf;
 use super::simd::simd_dispatch;
+use candle_core::{Result, Tensor};
 
 /// sigmoid(x) = 1 / (1 + e^-x), through e^-|x| so the exponent never overflows.
 #[inline(always)]
@@ -84,11 +85,26 @@ pub fn gelu_erf_inplace(v: &mut [f32]) {
     split(v, gelu_run)
 }
 
-/// The exact GELU of an f32 CPU tensor, vectorised (candle's `gelu_erf` calls libm per value).
-pub fn gelu_erf(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+/// `f` on a copy of an f32 tensor's values, as a tensor of its shape.
+fn map(t: &Tensor, f: fn(&mut [f32])) -> Result<Tensor> {
     let mut v = t.flatten_all()?.to_vec1::<f32>()?;
-    gelu_erf_inplace(&mut v);
-    candle_core::Tensor::from_vec(v, t.dims(), t.device())
+    f(&mut v);
+    Tensor::from_vec(v, t.dims(), t.device())
+}
+
+/// The exact GELU of an f32 CPU tensor, vectorised (candle's `gelu_erf` calls libm per value).
+pub fn gelu_erf(t: &Tensor) -> Result<Tensor> {
+    map(t, gelu_erf_inplace)
+}
+
+/// The sigmoid of an f32 CPU tensor ([`sigmoid_inplace`]).
+pub fn sigmoid(t: &Tensor) -> Result<Tensor> {
+    map(t, sigmoid_inplace)
+}
+
+/// `x * sigmoid(x)` of an f32 CPU tensor ([`silu_inplace`]).
+pub fn silu(t: &Tensor) -> Result<Tensor> {
+    map(t, silu_inplace)
 }
 
 /// `v[i] = v[i] * sigmoid(v[i])`.

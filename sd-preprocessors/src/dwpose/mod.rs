@@ -514,15 +514,7 @@ impl Preprocessor for DwOpenposeFull {
         size: (usize, usize),
         _params: &Params,
     ) -> Result<ImageBuf, PluginError> {
-        let pose = Pose::from_file(path).map_err(Self::fail)?;
-        let (w, h) = pose.canvas(None, None, size).map_err(Self::fail)?;
-        let c = crate::pose::render(&pose, w, h);
-        Ok(ImageBuf {
-            width: c.width,
-            height: c.height,
-            channels: 3,
-            data: c.data,
-        })
+        crate::pose::render_file(path, size).map_err(Self::fail)
     }
     fn process(&self, input: &ImageBuf, params: &Params) -> Result<ImageBuf, PluginError> {
         let rgb = hwc3(input);

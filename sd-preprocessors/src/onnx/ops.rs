@@ -377,9 +377,9 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>]) -> R<Vec<Tensor>> {
                 .and_then(|c| c.where_cond(&a.broadcast_as(s)?, &b.broadcast_as(s)?)))
         }
         "Relu" => one(unary_f32(x()?)?.relu()),
-        "Sigmoid" => in_place(unary_f32(x()?)?, activation::sigmoid_inplace),
+        "Sigmoid" => one(activation::sigmoid(unary_f32(x()?)?)),
         // Mul(x, Sigmoid(x)) fused at load
-        "SiLU" => in_place(unary_f32(x()?)?, activation::silu_inplace),
+        "SiLU" => one(activation::silu(unary_f32(x()?)?)),
         "Tanh" => one(unary_f32(x()?)?.tanh()),
         "Exp" => one(unary_f32(x()?)?.exp()),
         "Log" => one(unary_f32(x()?)?.log()),
@@ -738,18 +738,6 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>]) -> R<Vec<Tensor>> {
         "Resize" | "Upsample" => resize(node, ins).map(|t| vec![t]),
         op => Err(format!("the ONNX operator {op} is not supported")),
     }
-}
-
-/// `f` applied to a copy of the tensor's values.
-fn in_place(t: &Tensor, f: fn(&mut [f32])) -> R<Vec<Tensor>> {
-    let mut v = t
-        .flatten_all()
-        .and_then(|v| v.to_vec1::<f32>())
-        .map_err(e)?;
-    f(&mut v);
-    Tensor::from_vec(v, t.dims(), &Device::Cpu)
-        .map(|t| vec![t])
-        .map_err(e)
 }
 
 fn pooled_dims(d: &[usize]) -> Vec<usize> {

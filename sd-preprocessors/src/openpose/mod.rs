@@ -252,17 +252,7 @@ impl Preprocessor for Openpose {
         size: (usize, usize),
         _params: &Params,
     ) -> Result<ImageBuf, PluginError> {
-        let pose = Pose::from_file(path).map_err(|e| PluginError::failed(NAME, e))?;
-        let (w, h) = pose
-            .canvas(None, None, size)
-            .map_err(|e| PluginError::failed(NAME, e))?;
-        let c = render(&pose, w, h);
-        Ok(ImageBuf {
-            width: c.width,
-            height: c.height,
-            channels: 3,
-            data: c.data,
-        })
+        crate::pose::render_file(path, size).map_err(|e| PluginError::failed(NAME, e))
     }
     fn process(&self, input: &ImageBuf, params: &Params) -> Result<ImageBuf, PluginError> {
         let path = crate::weights::find_weights(NAME, params, &WEIGHT_FILES)?;

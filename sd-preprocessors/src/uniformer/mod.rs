@@ -104,15 +104,11 @@ fn argmax_resized(
     (h, w, c): (usize, usize, usize),
     (oh, ow): (usize, usize),
 ) -> Vec<u16> {
-    let (ty, tx) = if (h, w) == (oh, ow) {
-        let id = |n: usize| (0..n).map(|i| (i, i, 1.0, 0.0)).collect::<Vec<_>>();
-        (id(h), id(w))
-    } else {
-        (
-            crate::midas::bilinear_taps(h, oh),
-            crate::midas::bilinear_taps(w, ow),
-        )
-    };
+    // equal sizes give identity taps (weights 1 and 0): the values themselves
+    let (ty, tx) = (
+        crate::midas::bilinear_taps(h, oh),
+        crate::midas::bilinear_taps(w, ow),
+    );
     let mut out = vec![0u16; oh * ow];
     let threads = crate::conv::threads();
     let rows_per = oh.div_ceil(threads).max(1);
