@@ -9,9 +9,15 @@ two can be compared side by side in one run on one machine. CI does not run this
     python benches/compare.py --iters 3 --t2i-adapter --ip-adapter
     sdctl bench unet --arch sd15 --iters 3 --t2i-adapter --ip-adapter
 
+    python benches/compare.py --device cuda --dtype f16 --iters 10 --controlnet 2 --json o.json
+    sdctl bench unet --device cuda --dtype f16 --iters 10 --controlnet 2 --json o.json
+
 Needs torch and diffusers (see tests/fixtures/make_fixtures.py for the pinned versions). Random
 weights with the real SD1.5 (or SDXL base) architecture, f32 (or `--dtype bf16`: CPU autocast to
-bf16, PyTorch's own bf16 path), CPU, torch.inference_mode, default thread count.
+bf16, PyTorch's own bf16 path), CPU, torch.inference_mode, default thread count. On `--device
+cuda` the weights and inputs are on the GPU in the dtype (f16 / bf16 / f32), attention is
+PyTorch's SDPA (diffusers' default), every call ends with a synchronize, and the peak of
+PyTorch's allocator is reported (benches/gpu_check.sh).
 """
 
 import argparse
@@ -32,10 +38,21 @@ def main():
     ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     ap.add_argument("--t2i-adapter", action="store_true")
     ap.add_argument("--ip-adapter", action="store_true")
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
-                    help="bf16: torch.autocast('cpu', torch.bfloat16) around every call (f32 weights)")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
+                    help="cpu bf16: torch.autocast('cpu', torch.bfloat16) around every call (f32 weights); "
+                         "cuda: weights and inputs in this dtype")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--json", help="also write the numbers to this file")
     a = ap.parse_args()
+    if a.device == "cpu" and a.dtype == "f16":
+        ap.error("--dtype f16 is for --device cuda")
     torch.manual_seed(0)
+    gpu = a.device == "cuda"
+    wdtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype] if gpu else torch.float32
+    # on the GPU the random weights are made there (an SDXL UNet's init on the CPU takes minutes)
+    import contextlib
+    made_on = torch.device("cuda") if gpu else contextlib.nullcontext()
+    made_on.__enter__()
     if a.arch == "sdxl":  # stabilityai/stable-diffusion-xl-base-1.0's UNet config
         unet = UNet2DConditionModel(
             block_out_channels=(320, 640, 1280),
@@ -49,6 +66,10 @@ def main():
         unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64).eval()
         ctx_dim = 768
     nets = [ControlNetModel.from_unet(unet).eval() for _ in range(a.controlnet)]
+    made_on.__exit__(None, None, None)
+    if gpu:
+        unet = unet.to(dtype=wdtype)
+        nets = [n.to(dtype=wdtype) for n in nets]
     # an even batch is one CFG step, as sdctl bench sends it: each latent once per prompt
     shape = (4, a.height // 8, a.width // 8)
     if a.batch % 2 == 0:
@@ -63,9 +84,14 @@ def main():
     if a.arch == "sdxl":
         ids = torch.tensor([[a.height, a.width, 0, 0, a.height, a.width]], dtype=torch.float32)
         added = dict(text_embeds=torch.randn(a.batch, 1280), time_ids=ids.repeat(a.batch, 1))
+    if gpu:
+        x, ctx, hint = (v.to("cuda", wdtype) for v in (x, ctx, hint))
+        t = t.to("cuda")
+        if added:
+            added = {k: v.to("cuda", wdtype) for k, v in added.items()}
 
-    import contextlib
-    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bf16" else contextlib.nullcontext
+    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bf16" and not gpu else contextlib.nullcontext
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
 
     def run(with_control):
         with torch.inference_mode(), cast():
@@ -81,6 +107,7 @@ def main():
     def once(with_control):
         s = time.perf_counter()
         run(with_control)
+        sync()
         return time.perf_counter() - s
 
     # adapters, as their pipelines call the UNet: T2I-Adapter features made once
@@ -134,10 +161,13 @@ def main():
         return time.perf_counter() - s
 
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # the GPU allocator's peak (weights included)
+    gpu_peak = (lambda: torch.cuda.max_memory_allocated() / 2**30) if gpu else (lambda: 0.0)
     # warm-ups; the plain call's peak memory is read before any ControlNet call
     first = once(False)
-    plain_rss = rss()
+    plain_rss, plain_gpu = rss(), gpu_peak()
     cfirst = once(True) if nets else 0.0
+    control_gpu = gpu_peak()
     # with ControlNets, plain and controlled calls alternate, order reversed every round (as
     # sdctl bench): a drift in the machine's speed falls on both alike
     plain, control = [], []
@@ -158,11 +188,17 @@ def main():
             else:
                 ad_times[k].append(timed(extra[k][0]))
     mean, mn = sum(plain) / len(plain), min(plain)
-    print(f"diffusers unet {a.arch} {a.width}x{a.height} batch {a.batch} {a.dtype} cpu (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads): {mean:.3f} s/call (mean of {a.iters}, min {mn:.3f}, first {first:.3f}); "
-          f"peak RSS {plain_rss:.2f} GiB")
+    where = torch.cuda.get_device_name() if gpu else f"cpu, {torch.get_num_threads()} threads"
+    mem = f"; peak GPU allocation {plain_gpu:.2f} GiB" if gpu else ""
+    print(f"diffusers unet {a.arch} {a.width}x{a.height} batch {a.batch} {a.dtype} {where} (torch {torch.__version__}): "
+          f"{mean:.3f} s/call (mean of {a.iters}, min {mn:.3f}, first {first:.3f}); "
+          f"peak RSS {plain_rss:.2f} GiB{mem}")
+    report = dict(arch=a.arch, width=a.width, height=a.height, batch=a.batch, dtype=a.dtype, device=where,
+                  torch=torch.__version__, unet=dict(mean_s=mean, min_s=mn, first_s=first, peak_gpu_gib=plain_gpu))
     if nets:
         cmean, cmn = sum(control) / a.iters, min(control)
+        report["controlnet"] = dict(count=len(nets), mean_s=cmean, min_s=cmn, first_s=cfirst,
+                                    ratio_to_plain=cmean / mean, peak_gpu_gib=control_gpu)
         print(f"diffusers unet + {len(nets)} controlnet: {cmean:.3f} s/call (min {cmn:.3f}, first {cfirst:.3f}) = "
               f"{cmean / mean:.2f}x the plain call (mins: {cmn / mn:.2f}x; calls alternated with the plain ones, order reversed every round); "
               f"peak RSS {rss():.2f} GiB")
@@ -171,6 +207,12 @@ def main():
         print(f"diffusers unet + {k}: {am:.3f} s/call (min {amn:.3f}, first {ad_first[k]:.3f}) = {am / mean:.2f}x the "
               f"plain call (mins: {amn / mn:.2f}x; alternated, order reversed every round); once per generation "
               f"{extra[k][1]:.2f} s")
+
+    if a.json:
+        import json
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+
 
 if __name__ == "__main__":
     main()

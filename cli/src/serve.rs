@@ -75,8 +75,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MB")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_limit_mb: Option<usize>,
-    /// Where the jobs run: cpu or cuda (default cpu).
-    #[arg(long, value_name = "cpu|cuda")]
+    /// Where the jobs run: cpu, cuda or cuda:N (default cpu).
+    #[arg(long, value_name = "cpu|cuda[:N]")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     /// Precision: f32, f16 or bf16 (default f32).

@@ -9,6 +9,7 @@ mod config;
 mod depth2img;
 mod detect;
 mod detect_json;
+mod device_path;
 mod embedded;
 mod eval;
 mod front_door;

@@ -44,7 +44,7 @@ pub struct Config {
     /// How long start-up waits for hashes the cache lacks before serving (titles show the
     /// hash once it is read, in the background).
     pub hash_wait: std::time::Duration,
-    /// Where jobs run (`cpu`, `cuda`) and in what precision (`f32`, `f16`, `bf16`), as
+    /// Where jobs run (`cpu`, `cuda`, `cuda:N`) and in what precision (`f32`, `f16`, `bf16`), as
     /// `sdctl generate --device --dtype`.
     pub device: String,
     pub dtype: String,

@@ -4,14 +4,60 @@ use candle_core::{DType, Device};
 
 use crate::error::Result;
 
-pub fn device(name: &str) -> Result<Device> {
+/// Where a job runs: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceName {
+    Cpu,
+    Cuda(usize),
+}
+
+/// Reads a device name without opening anything: what config files and flags are checked with.
+pub fn parse_name(name: &str) -> std::result::Result<DeviceName, String> {
     match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| {
-            format!("--device cuda: no usable CUDA device ({e}); sdctl must be built with `--features cuda`").into()
-        }),
-        other => Err(format!("--device {other:?}: expected cpu or cuda").into()),
+        "cpu" => Ok(DeviceName::Cpu),
+        "cuda" => Ok(DeviceName::Cuda(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(DeviceName::Cuda(n)),
+            _ => Err(format!(
+                "{other:?} is not a device: expected cpu, cuda or cuda:N (N the GPU's number, from 0)"
+            )),
+        },
     }
+}
+
+pub fn device(name: &str) -> Result<Device> {
+    match parse_name(name).map_err(|e| format!("--device {e}"))? {
+        DeviceName::Cpu => Ok(Device::Cpu),
+        DeviceName::Cuda(n) => cuda(n).map_err(|e| format!("--device {name}: {e}").into()),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_ordinal: usize) -> std::result::Result<Device, String> {
+    Err("this sdctl was built without CUDA: build it with `--features cuda` (README, GPU)".into())
+}
+
+/// Opens GPU `ordinal`. The CUDA libraries are loaded at run time (candle's cudarc with
+/// `dynamic-loading`, vendor/README.md), so a CUDA build starts on any machine; they are looked
+/// for first, so that a missing one is named here instead of a panic inside cudarc.
+#[cfg(feature = "cuda")]
+fn cuda(ordinal: usize) -> std::result::Result<Device, String> {
+    for lib in ["cuda", "cublas", "cublasLt", "curand", "nvrtc"] {
+        let names = cudarc::get_lib_name_candidates(lib);
+        // SAFETY: CUDA's libraries run no initialisers that depend on the caller's state
+        let found = names
+            .iter()
+            .any(|n| unsafe { libloading::Library::new(n) }.is_ok());
+        if !found {
+            return Err(format!(
+                "no usable CUDA device: the CUDA library {lib:?} is not on the library path \
+                 (looked for {}); the NVIDIA driver provides libcuda, the CUDA toolkit or \
+                 NVIDIA's PyPI wheels the others (set LD_LIBRARY_PATH to their lib folders)",
+                names.join(", ")
+            ));
+        }
+    }
+    Device::new_cuda(ordinal).map_err(|e| format!("no usable CUDA device {ordinal} ({e})"))
 }
 
 pub fn dtype(name: &str) -> Result<DType> {

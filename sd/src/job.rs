@@ -115,7 +115,7 @@ pub struct Job {
     pub inpaint: crate::inpaint::Inpaint,
     /// A safetensors file whose `noise` tensor replaces every initial-noise draw.
     pub noise: Option<PathBuf>,
-    /// `cpu` or `cuda`.
+    /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     /// `f32`, `f16` or `bf16`.
     pub dtype: String,

@@ -18,10 +18,18 @@ pub enum PathRole {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Ty {
     Str,
-    Int { min: i64, max: i64 },
-    Float { min: f64, max: f64 },
+    Int {
+        min: i64,
+        max: i64,
+    },
+    Float {
+        min: f64,
+        max: f64,
+    },
     Bool,
     Choice(&'static [&'static str]),
+    /// `cpu`, `cuda` or `cuda:N` ([`crate::device::parse_name`]).
+    Device,
     Path(PathRole),
 }
 
@@ -154,7 +162,7 @@ pub const FIELDS: &[Field] = &[
     f("noise", Ty::Path(PathRole::File), Default::None),
     f("save_latents", Ty::Path(PathRole::Output), Default::None),
     f("output", Ty::Path(PathRole::Output), Default::None),
-    f("device", Ty::Choice(&["cpu", "cuda"]), Default::Str("cpu")),
+    f("device", Ty::Device, Default::Str("cpu")),
     f(
         "dtype",
         Ty::Choice(&["f32", "f16", "bf16"]),

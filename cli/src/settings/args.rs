@@ -156,7 +156,7 @@ pub struct SettingsArgs {
     /// Output PNG; with batch N > 1, OUT-0.png, OUT-1.png, ...
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// cpu | cuda [default: cpu]
+    /// cpu | cuda | cuda:N [default: cpu]
     #[arg(long)]
     pub device: Option<String>,
     /// f32 | f16 | bf16 (model weights and activations) [default: f32]

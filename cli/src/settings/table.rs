@@ -93,6 +93,10 @@ fn typed(v: &Value, ty: Ty, origin: &Origin) -> Result<Typed, String> {
                 found()
             )),
         },
+        Ty::Device => match v {
+            Value::String(_, s) => sd::device::parse_name(s).map(|_| Typed::Str(s.clone())),
+            _ => Err(format!("expected cpu, cuda or cuda:N, found {}", found())),
+        },
         Ty::Path(_) => match v {
             Value::String(_, s) if !s.is_empty() => Ok(Typed::Path(resolve(origin.base_dir(), s))),
             _ => Err(format!("expected a file name, found {}", found())),

@@ -60,7 +60,7 @@ impl CustomOp1 for Geglu {
 
 /// `x[..., :n] * gelu_erf(x[..., n:])` for `x` of last dimension `2n`.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
-    let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
+    let cpu_f32 = super::serve(x.device()) && x.dtype() == candle_core::DType::F32;
     if cpu_f32 && !x.track_op() {
         return x.contiguous()?.apply_op1_no_bwd(&Geglu);
     }

@@ -19,6 +19,17 @@ mod simd;
 pub mod upsample_op;
 pub mod winograd_phase;
 
+/// Whether these kernels serve a tensor on `device`: on the CPU, unless the environment says
+/// `SDCTL_KERNELS=generic` (read once). Then candle's generic ops run on the CPU too: the path
+/// every other device (CUDA) takes, which is how the tests check that path without a GPU.
+pub fn serve(device: &candle_core::Device) -> bool {
+    static GENERIC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    device.is_cpu()
+        && !*GENERIC.get_or_init(|| {
+            std::env::var("SDCTL_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("generic"))
+        })
+}
+
 /// Deterministic values in [-0.5, 0.5) (an LCG) for the kernels' tests.
 #[cfg(test)]
 pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {

@@ -65,7 +65,7 @@ impl CustomOp1 for UpsampleNearest {
 /// on both axes, candle's otherwise.
 pub fn upsample_nearest2d(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
+    let cpu_f32 = super::serve(x.device()) && x.dtype() == candle_core::DType::F32;
     let integer = h > 0 && w > 0 && th.is_multiple_of(h) && tw.is_multiple_of(w);
     if cpu_f32 && integer && th / h == tw / w {
         x.contiguous()?.apply_op1(UpsampleNearest { scale: th / h })

@@ -26,7 +26,7 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let tracked = x.track_op() || self.weight.track_op() || self.bias.track_op();
-        let cpu_f32 = x.device().is_cpu()
+        let cpu_f32 = crate::cpu::serve(x.device())
             && [x, &self.weight, &self.bias]
                 .iter()
                 .all(|t| t.dtype() == candle_core::DType::F32);
@@ -89,7 +89,7 @@ impl Module for Linear {
         use crate::cpu::matmul::{precision, Precision};
         let w = self.inner.weight();
         let b = self.inner.bias();
-        let cpu_f32 = x.device().is_cpu()
+        let cpu_f32 = crate::cpu::serve(x.device())
             && x.dtype() == candle_core::DType::F32
             && w.dtype() == candle_core::DType::F32
             && b.is_none_or(|b| b.dtype() == candle_core::DType::F32);
@@ -137,7 +137,7 @@ impl Module for Conv2d {
         let b = self.inner.bias();
         let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
         let f32s = x.dtype() == candle_core::DType::F32 && w.dtype() == candle_core::DType::F32;
-        if !(x.device().is_cpu() && f32s) {
+        if !(crate::cpu::serve(x.device()) && f32s) {
             self.inner.forward(x)
         } else if tracked {
             crate::cpu::conv_op::conv2d_train(x, w, b, self.stride, self.padding)
@@ -184,7 +184,7 @@ impl GroupNorm {
         let f32s = [x, &self.weight, &self.bias]
             .iter()
             .all(|t| t.dtype() == candle_core::DType::F32);
-        if x.device().is_cpu() && f32s {
+        if crate::cpu::serve(x.device()) && f32s {
             x.contiguous()?.apply_op3(
                 &self.weight,
                 &self.bias,
@@ -242,7 +242,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let f32s = [q, k, v]
         .iter()
         .all(|t| t.dtype() == candle_core::DType::F32);
-    if !tracked && !causal && q.device().is_cpu() && f32s {
+    if !tracked && !causal && crate::cpu::serve(q.device()) && f32s {
         return crate::cpu::fused_attention::fused_attention(q, k, v, heads);
     }
     let hd = inner / heads;
@@ -251,7 +251,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     };
     let k = split(k, sk)?;
     let v = split(v, sk)?;
-    if tracked && !causal && q.device().is_cpu() && f32s {
+    if tracked && !causal && crate::cpu::serve(q.device()) && f32s {
         // training: keep only q, k, v and the output; scores are recomputed in backward (and
         // scaled inside, as the inference kernel scales them)
         let op = crate::cpu::attention_op::RecomputedAttention {
