@@ -23,6 +23,7 @@ smoke=0
 bin=${SDCTL:-.gpu/sdctl}
 py=${PYTHON:-python3}
 out=${OUT:-$(mktemp -d)}
+mkdir -p "$out"
 work=$(mktemp -d)
 report="$out/gpu_check.md"
 fail=0
