@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 27's GPU check: one script for the device machine (an H100 / H200 lent for minutes, with
 # the CUDA driver, PyTorch and NVIDIA's library wheels, but no Rust). Build and pack here first:
-#   bash benches/build_cuda.sh        # .gpu/sdctl (built with --features cuda) and .gpu/whl/
+#   bash benches/build_cuda.sh        # .gpu/sdctl.gz (built with --features cuda) and .gpu/whl/
 # then run it there, from the repository root, with .gpu carried (the device tool's `carry`):
 #   bash benches/gpu_check.sh         # about 5 minutes; $OUT gets gpu_check.md and the JSON
 # It prints one table:
@@ -20,17 +20,21 @@ cd "$(dirname "$0")/.."
 dev=${GPU_CHECK_DEVICE:-cuda}
 smoke=0
 [ "${1:-}" = --smoke ] && smoke=1
-bin=${SDCTL:-.gpu/sdctl}
 py=${PYTHON:-python3}
 out=${OUT:-$(mktemp -d)}
 mkdir -p "$out"
 work=$(mktemp -d)
+bin=${SDCTL:-}
+if [ -z "$bin" ] && [ -f .gpu/sdctl.gz ]; then
+  gunzip -c .gpu/sdctl.gz >"$work/sdctl" && chmod +x "$work/sdctl" && bin="$work/sdctl"
+fi
 report="$out/gpu_check.md"
 fail=0
 say() { echo "$*" | tee -a "$report"; }
 : >"$report"
 
-[ -x "$bin" ] || { echo "gpu_check: no sdctl at $bin (run benches/build_cuda.sh here first)" >&2; exit 1; }
+[ -n "$bin" ] && [ -x "$bin" ] ||
+  { echo "gpu_check: no sdctl (.gpu/sdctl.gz: run benches/build_cuda.sh here first; or SDCTL=PATH)" >&2; exit 1; }
 # diffusers is not in the device image: the wheels build_cuda.sh packed
 if ! "$py" -c 'import diffusers' 2>/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --target "$work/site" .gpu/whl/*.whl ||

@@ -83,6 +83,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "f32|f16|bf16")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
+    /// The text encoders and the VAE on the CPU in f32 (as `generate --lowvram`)
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub lowvram: bool,
 }
 
 /// The settings after layering: what the server runs with.
@@ -108,6 +112,8 @@ struct Settings {
     body_limit_mb: usize,
     device: Option<String>,
     dtype: Option<String>,
+    #[serde(default)]
+    lowvram: bool,
 }
 
 fn default_listen() -> String {
@@ -207,6 +213,7 @@ pub fn run(args: ServeArgs) -> CliResult {
     if let Some(d) = s.dtype {
         config.dtype = d;
     }
+    config.lowvram = s.lowvram;
     let probe = sd::Job {
         device: config.device.clone(),
         dtype: config.dtype.clone(),

@@ -14,6 +14,10 @@ const GENERIC: &[(&str, &str)] = &[("SDCTL_KERNELS", "generic")];
 /// `sdctl generate` on the tiny SD1 model with one ControlNet unit (the fixture
 /// `pipe_cn_sd1_one_unit`), in `dtype`, with the environment `env`: the final latents.
 fn controlled(name: &str, dtype: &str, env: &[(&str, &str)]) -> Tensor {
+    controlled_with(name, dtype, env, &[])
+}
+
+fn controlled_with(name: &str, dtype: &str, env: &[(&str, &str)], extra: &[&str]) -> Tensor {
     let dir = scratch("device", name);
     let (out, lat) = (dir.join("out.png"), dir.join("latents.safetensors"));
     let noise = fixtures().join("expected/pipe_cn_sd1_one_unit.safetensors");
@@ -22,41 +26,42 @@ fn controlled(name: &str, dtype: &str, env: &[(&str, &str)]) -> Tensor {
         fixtures().join("models/controlnet-sd1").display(),
         fixtures().join("inputs/control_a.png").display()
     );
-    let o = sdctl_with(
-        &[
-            "generate",
-            "--model",
-            s(&model_dir("sd1")),
-            "--prompt",
-            "a red circle on a blue background",
-            "--negative-prompt",
-            "blurry, lowres",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "4",
-            "--cfg-scale",
-            "7.5",
-            "--sampler",
-            "euler",
-            "--schedule",
-            "normal",
-            "--noise",
-            s(&noise),
-            "--control",
-            &control,
-            "--dtype",
-            dtype,
-            "--output",
-            s(&out),
-            "--save-latents",
-            s(&lat),
-        ],
-        env,
-    );
+    let model = model_dir("sd1");
+    let mut args = vec![
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a red circle on a blue background",
+        "--negative-prompt",
+        "blurry, lowres",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "4",
+        "--cfg-scale",
+        "7.5",
+        "--sampler",
+        "euler",
+        "--schedule",
+        "normal",
+        "--noise",
+        s(&noise),
+        "--control",
+        &control,
+        "--dtype",
+        dtype,
+        "--output",
+        s(&out),
+        "--save-latents",
+        s(&lat),
+    ];
+    args.extend_from_slice(extra);
+    let o = sdctl_with(&args, env);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.is_file());
     let got = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
     get(&got, "latents")
         .to_dtype(candle_core::DType::F32)
@@ -108,6 +113,29 @@ fn f16_on_the_gpu_path_stays_near_f32() {
     assert!(
         rel > 1e-5 && rel < 3e-3,
         "f16 latents {rel} (relative RMS) from diffusers' f32"
+    );
+}
+
+/// `--lowvram`: the text encoders and the VAE on the CPU in f32. In f32 on the CPU that is
+/// where they were anyway: the latents are bit-equal to a plain run (the hand-overs change
+/// nothing). In f16 (the UNet and ControlNet in f16 on the generic path, as on a GPU) the text
+/// conditioning is now computed in f32 and rounded once: not the plain f16 run's latents, and
+/// as near diffusers' f32 as f16 gets (the f16 bound above).
+#[test]
+fn lowvram_runs_the_text_encoders_and_the_vae_in_f32() {
+    let plain = controlled("lv-plain", "f32", &[]);
+    let low = controlled_with("lv-f32", "f32", &[], &["--lowvram"]);
+    assert_eq!(max_abs_diff(&plain, &low), 0.0);
+    let half = controlled("lv-f16-plain", "f16", GENERIC);
+    let half_low = controlled_with("lv-f16", "f16", GENERIC, &["--lowvram"]);
+    assert!(
+        max_abs_diff(&half, &half_low) > 0.0,
+        "--lowvram changed nothing in f16"
+    );
+    let rel = rel_rms(&half_low, &want_controlled());
+    assert!(
+        rel > 1e-5 && rel < 3e-3,
+        "f16 --lowvram latents {rel} from diffusers' f32"
     );
 }
 

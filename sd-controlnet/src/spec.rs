@@ -359,8 +359,14 @@ impl UnitSpec {
             .unwrap_or(0.5)
             .clamp(0.0, 1.0);
         let image = load_control_image(&self.image, width, height, self.resize, &sd.device)?;
-        let pixels = ((image * 2.0)? - 1.0)?.to_dtype(sd.vae_dtype)?;
-        let latents = sd.vae.scale_latents(&sd.vae.encode_mean(&pixels)?)?;
+        // the VAE runs where the model placed it (`--lowvram`: the CPU)
+        let pixels = ((image * 2.0)? - 1.0)?
+            .to_device(&sd.aux_device)?
+            .to_dtype(sd.vae_dtype)?;
+        let latents = sd
+            .vae
+            .scale_latents(&sd.vae.encode_mean(&pixels)?)?
+            .to_device(&sd.device)?;
         Ok(Unit::Reference(ReferenceUnit {
             latents,
             weight: self.weight,

@@ -38,4 +38,4 @@ pub mod text;
 
 pub use error::{Error, Result};
 pub use generation::pipeline::{GenerateOutput, GenerateRequest, LatentFill, MicroConditioning};
-pub use stable_diffusion::{StableDiffusion, VaeTiling, VAE_TILING_BUDGET};
+pub use stable_diffusion::{Offload, StableDiffusion, VaeTiling, VAE_TILING_BUDGET};

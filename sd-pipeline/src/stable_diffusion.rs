@@ -29,12 +29,44 @@ pub struct StableDiffusion {
     /// The VAE's dtype: `dtype`, or f32 for an SDXL VAE with `force_upcast` in an f16 model.
     pub vae_dtype: DType,
     pub scheduler_config: SchedulerConfig,
+    /// Where the UNet (and the ControlNets given to it) run, and in what dtype.
     pub device: Device,
     pub dtype: DType,
+    /// Where the text encoders and the VAE run ([`Offload`]).
+    pub aux_device: Device,
     /// Textual-inversion embeddings the prompts may name ([`Self::set_embeddings`]).
     pub embeddings: crate::text::embeddings::EmbeddingSet,
     /// When the VAE works in tiles.
     pub vae_tiling: VaeTiling,
+}
+
+/// Where the text encoders and the VAE run. `Cpu` (`--lowvram`): on the CPU in f32 (its fast
+/// kernels), as stable-diffusion.cpp's `--clip-on-cpu --vae-on-cpu`, so that a GPU holds only
+/// the UNet and the ControlNets; embeddings cross to the device once per generation, latents
+/// once each way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Offload {
+    /// beside the UNet, in its dtype (the VAE upcast where its config says)
+    #[default]
+    None,
+    Cpu,
+}
+
+impl Offload {
+    /// The device and dtype the text encoders load to.
+    pub fn text_placement(self, device: &Device, dtype: DType) -> (Device, DType) {
+        match self {
+            Offload::None => (device.clone(), dtype),
+            Offload::Cpu => (Device::Cpu, DType::F32),
+        }
+    }
+    /// The VAE's dtype, given the one it would have beside the UNet.
+    pub fn vae_dtype(self, beside_unet: DType) -> DType {
+        match self {
+            Offload::None => beside_unet,
+            Offload::Cpu => DType::F32,
+        }
+    }
 }
 
 /// When the VAE decodes and encodes in tiles (diffusers' `enable_tiling`).

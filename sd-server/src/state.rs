@@ -48,6 +48,8 @@ pub struct Config {
     /// `sdctl generate --device --dtype`.
     pub device: String,
     pub dtype: String,
+    /// `generate --lowvram`: the text encoders and the VAE on the CPU.
+    pub lowvram: bool,
     /// A TAESD / TAESDXL decoder for the live preview (`current_image`); `None`: A1111's
     /// "Approx cheap".
     pub taesd: Option<PathBuf>,
@@ -68,6 +70,7 @@ impl Config {
             limits: Limits::default(),
             hash_wait: std::time::Duration::from_secs(5),
             device: "cpu".into(),
+            lowvram: false,
             dtype: "f32".into(),
             taesd: None,
         }

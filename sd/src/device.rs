@@ -43,7 +43,9 @@ fn cuda(_ordinal: usize) -> std::result::Result<Device, String> {
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize) -> std::result::Result<Device, String> {
     for lib in ["cuda", "cublas", "cublasLt", "curand", "nvrtc"] {
-        let names = cudarc::get_lib_name_candidates(lib);
+        let mut names = cudarc::get_lib_name_candidates(lib);
+        names.sort();
+        names.dedup();
         // SAFETY: CUDA's libraries run no initialisers that depend on the caller's state
         let found = names
             .iter()

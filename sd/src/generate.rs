@@ -235,7 +235,12 @@ pub fn load(job: &Job) -> Result<Loaded> {
         _ => None,
     };
     let vae = job.vae.as_deref().filter(|_| tiny_vae.is_none());
-    let mut sd = StableDiffusion::load_with_vae(&model, &device, dtype, &patches, vae)?;
+    let offload = if job.lowvram {
+        sd_pipeline::Offload::Cpu
+    } else {
+        sd_pipeline::Offload::None
+    };
+    let mut sd = StableDiffusion::load_placed(&model, &device, dtype, &patches, vae, offload)?;
     sd.vae_tiling = job.vae_tiling;
     let preview = match &job.taesd {
         Some(t) => sd_pipeline::generation::preview::PreviewDecoder::Taesd(Arc::new(
@@ -249,7 +254,7 @@ pub fn load(job: &Job) -> Result<Loaded> {
             // a regular file or a folder (never a FIFO or a device), as every model path
             sd_plugins_api::input_file::check_file_or_folder(r)
                 .map_err(|e| format!("refiner {e}"))?;
-            let r = StableDiffusion::load(r, &device, dtype, &[])
+            let r = StableDiffusion::load_placed(r, &device, dtype, &[], None, offload)
                 .map_err(|e| format!("refiner: {e}"))?;
             if !sd.is_sdxl() || !r.is_sdxl() {
                 return Err(format!(

@@ -119,6 +119,9 @@ pub struct Job {
     pub device: String,
     /// `f32`, `f16` or `bf16`.
     pub dtype: String,
+    /// The text encoders and the VAE on the CPU in f32 (`--lowvram`,
+    /// [`sd_pipeline::Offload::Cpu`]): a GPU holds only the UNet and the ControlNets.
+    pub lowvram: bool,
     /// Where `<lora:NAME:...>` prompt tags are looked up.
     pub lora_dir: Option<PathBuf>,
     /// Textual-inversion embeddings the prompts may name (A1111's `--embeddings-dir`).
@@ -177,6 +180,7 @@ impl Default for Job {
             noise: None,
             device: "cpu".into(),
             dtype: "f32".into(),
+            lowvram: false,
             lora_dir: None,
             embeddings_dir: None,
             strict_lora: false,

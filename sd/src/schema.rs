@@ -168,6 +168,7 @@ pub const FIELDS: &[Field] = &[
         Ty::Choice(&["f32", "f16", "bf16"]),
         Default::Str("f32"),
     ),
+    f("lowvram", Ty::Bool, Default::Bool(false)),
     f("lora_dir", Ty::Path(PathRole::Dir), Default::None),
     f("embeddings_dir", Ty::Path(PathRole::Dir), Default::None),
     // tiled VAE: auto (above a memory budget), on, off; tile size (image pixels) and overlap

@@ -162,6 +162,10 @@ pub struct SettingsArgs {
     /// f32 | f16 | bf16 (model weights and activations) [default: f32]
     #[arg(long)]
     pub dtype: Option<String>,
+    /// The text encoders and the VAE on the CPU in f32, so that the GPU holds only the UNet
+    /// and the ControlNets (stable-diffusion.cpp's --clip-on-cpu --vae-on-cpu)
+    #[arg(long)]
+    pub lowvram: bool,
     /// A control unit, repeatable: model=PATH,image=PATH[,weight=F][,start=F][,end=F]
     /// [,mode=balanced|prompt|control][,resize=just|crop|fill][,preprocessor=NAME][,resolution=N]
     /// [,mask=PATH][,id=NAME][,type=openpose|depth|hed|canny|normal|segment|tile|repaint
@@ -303,6 +307,7 @@ impl SettingsArgs {
         put("output", self.output.as_deref().map(path));
         put("device", self.device.clone().map(Value::from));
         put("dtype", self.dtype.clone().map(Value::from));
+        put("lowvram", self.lowvram.then_some(Value::from(true)));
         put("lora_dir", self.lora_dir.as_deref().map(path));
         put("embeddings_dir", self.embeddings_dir.as_deref().map(path));
         put("preview", self.preview.clone().map(Value::from));

@@ -550,6 +550,7 @@ pub fn check(
         noise: get_path(&vals, "noise"),
         device: get_str(&vals, "device").unwrap_or(d.device),
         dtype: get_str(&vals, "dtype").unwrap_or(d.dtype),
+        lowvram: get_bool(&vals, "lowvram").unwrap_or(false),
         lora_dir: get_path(&vals, "lora_dir"),
         embeddings_dir: get_path(&vals, "embeddings_dir"),
         preview_path,

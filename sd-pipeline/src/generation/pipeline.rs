@@ -457,19 +457,22 @@ impl StableDiffusion {
     /// Encode images `[B, 3, H, W]` in [-1, 1] to scaled latents (the distribution's mean).
     pub fn encode_image(&self, image: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = image.dims4()?;
-        let x = image.to_dtype(self.vae_dtype)?;
+        let x = image
+            .to_device(&self.aux_device)?
+            .to_dtype(self.vae_dtype)?;
         let z = match self.vae_tiles(b, w, h) {
             Some(t) => self.vae.encode_mean_tiled(&x, t)?,
             None => self.vae.encode_mean(&x)?,
         };
-        Ok(self.vae.scale_latents(&z.to_dtype(DType::F32)?)?)
+        let z = self.vae.scale_latents(&z.to_dtype(DType::F32)?)?;
+        Ok(z.to_device(&self.device)?)
     }
 
     /// Decode scaled latents to images in [0, 1].
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let z = self
             .vae
-            .unscale_latents(latents)?
+            .unscale_latents(&latents.to_device(&self.aux_device)?)?
             .to_dtype(self.vae_dtype)?;
         let (b, _, h, w) = z.dims4()?;
         let f = self.vae_scale_factor();
@@ -485,7 +488,20 @@ impl StableDiffusion {
     /// The text conditioning of a request: one encoder for SD 1.x/2.x, both (and the pooled
     /// vectors) for SDXL; `uncond` only with classifier-free guidance.
     fn encode_text(&self, req: &GenerateRequest, cfg: bool) -> Result<Conditioning> {
-        let dev = &self.device;
+        let c = self.encode_text_on_aux(req, cfg)?;
+        // from the text encoders' device and dtype to the UNet's ([`crate::Offload`])
+        let place =
+            |t: Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
+        Ok(Conditioning {
+            cond: place(c.cond)?,
+            uncond: c.uncond.map(place).transpose()?,
+            pooled: c.pooled.map(place).transpose()?,
+            uncond_pooled: c.uncond_pooled.map(place).transpose()?,
+        })
+    }
+
+    fn encode_text_on_aux(&self, req: &GenerateRequest, cfg: bool) -> Result<Conditioning> {
+        let dev = &self.aux_device;
         let negative = cfg.then_some(match req.negative_prompt.as_deref() {
             None if self.force_zeros_for_empty_prompt => None,
             n => Some(n.unwrap_or("")),

@@ -20,7 +20,7 @@ use crate::model::config::{ClipConfig, UNetConfig, VaeConfig};
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
 use crate::samplers::SchedulerConfig;
-use crate::stable_diffusion::StableDiffusion;
+use crate::stable_diffusion::{Offload, StableDiffusion};
 use crate::text::tokenizer::ClipTokenizer;
 
 /// A safetensors backend that adds the deltas of weight patches to the tensors it reads.
@@ -120,8 +120,22 @@ impl StableDiffusion {
         patches: &[Arc<dyn WeightPatch>],
         vae: Option<&Path>,
     ) -> Result<Self> {
+        Self::load_placed(root, device, dtype, patches, vae, Offload::None)
+    }
+
+    /// [`StableDiffusion::load_with_vae`] with the text encoders and the VAE placed by
+    /// `offload`.
+    pub fn load_placed(
+        root: &Path,
+        device: &Device,
+        dtype: DType,
+        patches: &[Arc<dyn WeightPatch>],
+        vae: Option<&Path>,
+        offload: Offload,
+    ) -> Result<Self> {
         if root.is_file() {
-            return single_file::Checkpoint::open(root)?.load(device, dtype, patches, vae);
+            return single_file::Checkpoint::open(root)?
+                .load_placed(device, dtype, patches, vae, offload);
         }
         if !root.is_dir() {
             return Err(Error::io(
@@ -219,15 +233,16 @@ impl StableDiffusion {
             device,
             |vb| UNet2DConditionModel::new(&unet_cfg, vb),
         )?;
-        let vae_dtype = vae_cfg.run_dtype(dtype, unet_cfg.text_time.is_some());
+        let (aux, te_dtype) = offload.text_placement(device, dtype);
+        let vae_dtype = offload.vae_dtype(vae_cfg.run_dtype(dtype, unet_cfg.text_time.is_some()));
         let vae = match vae {
-            Some(v) => single_file::load_vae(v, &vae_cfg, patches, vae_dtype, device)?,
+            Some(v) => single_file::load_vae(v, &vae_cfg, patches, vae_dtype, &aux)?,
             None => load_component(
                 &weight_files(&vae_dir)?,
                 ModelPart::Vae,
                 patches,
                 vae_dtype,
-                device,
+                &aux,
                 |vb| AutoencoderKL::new(&vae_cfg, vb),
             )?,
         };
@@ -235,8 +250,8 @@ impl StableDiffusion {
             &weight_files(&te_dir)?,
             te_part,
             patches,
-            dtype,
-            device,
+            te_dtype,
+            &aux,
             |vb| ClipTextModel::new(&clip_cfg, vb),
         )?;
         let text_encoder_2 = match second {
@@ -245,8 +260,8 @@ impl StableDiffusion {
                     &weight_files(&dir)?,
                     ModelPart::TextEncoder2,
                     patches,
-                    dtype,
-                    device,
+                    te_dtype,
+                    &aux,
                     |vb| ClipTextModel::new(&cfg, vb),
                 )?;
                 if !te.has_projection() {
@@ -281,6 +296,7 @@ impl StableDiffusion {
             scheduler_config,
             device: device.clone(),
             dtype,
+            aux_device: aux,
             embeddings: Default::default(),
             vae_tiling: Default::default(),
         })

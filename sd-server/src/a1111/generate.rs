@@ -289,6 +289,7 @@ fn plan(st: &AppState, req: &Map<String, Value>, mode: Mode) -> ApiResult<(Plan,
         job.lora_dir = st.config.folders.loras.clone();
         job.embeddings_dir = st.config.folders.embeddings.clone();
         job.device = st.config.device.clone();
+        job.lowvram = st.config.lowvram;
         job.dtype = st.config.dtype.clone();
         job.control = units
             .iter()

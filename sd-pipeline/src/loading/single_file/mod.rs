@@ -25,7 +25,7 @@ use crate::model::config::{ClipConfig, UNetConfig, UNetConfigFile, VaeConfig, Va
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
 use crate::samplers::SchedulerConfig;
-use crate::stable_diffusion::StableDiffusion;
+use crate::stable_diffusion::{Offload, StableDiffusion};
 use crate::text::tokenizer::ClipTokenizer;
 
 pub use detect::{Detected, Family, Kind, Sidecar, TextEncoderFile, TextLayout};
@@ -297,6 +297,18 @@ impl Checkpoint {
         patches: &[Arc<dyn WeightPatch>],
         vae_override: Option<&Path>,
     ) -> Result<StableDiffusion> {
+        self.load_placed(device, dtype, patches, vae_override, Offload::None)
+    }
+
+    /// [`Checkpoint::load`] with the text encoders and the VAE placed by `offload`.
+    pub fn load_placed(
+        &self,
+        device: &Device,
+        dtype: DType,
+        patches: &[Arc<dyn WeightPatch>],
+        vae_override: Option<&Path>,
+        offload: Offload,
+    ) -> Result<StableDiffusion> {
         let wrap = |source| Error::Weights {
             path: self.path.clone(),
             source,
@@ -306,21 +318,21 @@ impl Checkpoint {
         let unet =
             UNet2DConditionModel::new(&unet_cfg, self.vb(ModelPart::Unet, patches, dtype, device)?)
                 .map_err(wrap)?;
-        let vae_dtype = vae_cfg.run_dtype(dtype, unet_cfg.text_time.is_some());
+        let (aux, te_dtype) = offload.text_placement(device, dtype);
+        let vae_dtype = offload.vae_dtype(vae_cfg.run_dtype(dtype, unet_cfg.text_time.is_some()));
         let vae = match vae_override {
-            Some(v) => load_vae(v, &vae_cfg, patches, vae_dtype, device)?,
-            None => AutoencoderKL::new(
-                &vae_cfg,
-                self.vb(ModelPart::Vae, patches, vae_dtype, device)?,
-            )
-            .map_err(wrap)?,
+            Some(v) => load_vae(v, &vae_cfg, patches, vae_dtype, &aux)?,
+            None => {
+                AutoencoderKL::new(&vae_cfg, self.vb(ModelPart::Vae, patches, vae_dtype, &aux)?)
+                    .map_err(wrap)?
+            }
         };
         // SD 1.x/2.x and SDXL base: the first encoder is `text_encoder`; SDXL's bigG is
         // `text_encoder_2`, or the refiner's only encoder
         let mut encoders = Vec::new();
         for (i, te) in self.detected.text_encoders.iter().enumerate() {
             let cfg = self.text_config(i)?;
-            let model = ClipTextModel::new(&cfg, self.vb(te.part, patches, dtype, device)?)
+            let model = ClipTextModel::new(&cfg, self.vb(te.part, patches, te_dtype, &aux)?)
                 .map_err(wrap)?;
             let tok = ClipTokenizer::embedded(te.pad_token)?;
             tok.check_fits(cfg.vocab_size, &self.path)?;
@@ -347,6 +359,7 @@ impl Checkpoint {
             scheduler_config,
             device: device.clone(),
             dtype,
+            aux_device: aux,
             embeddings: Default::default(),
             vae_tiling: Default::default(),
         })
