@@ -132,14 +132,19 @@ impl BnReluConv {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-        for (i, plane) in v.chunks_mut(h * w).enumerate() {
-            let (a, b) = (self.alpha[i % c], self.beta[i % c]);
-            for p in plane.iter_mut() {
-                let y = *p * a + b;
-                *p = if y > 0.0 { y } else { y * 0.2 };
-            }
-        }
+        let hw = h * w;
+        let mut v = vec![0f32; n * c * hw];
+        let work = v.len();
+        // planes split over the cores, each value as in a serial loop
+        super::with_values(x, |src| {
+            crate::conv::for_each_unit(&mut v, hw, work, |i, plane| {
+                let (a, b) = (self.alpha[i % c], self.beta[i % c]);
+                for (o, &p) in plane.iter_mut().zip(&src[i * hw..(i + 1) * hw]) {
+                    let y = p * a + b;
+                    *o = if y > 0.0 { y } else { y * 0.2 };
+                }
+            })
+        })?;
         let y = self
             .conv
             .forward(&Tensor::from_vec(v, (n, c, h, w), x.device())?)?;

@@ -159,55 +159,125 @@ impl Tensors {
     }
 }
 
-/// `nn.ReflectionPad2d(p)` of `[n, c, h, w]` (needs `p < h` and `p < w`).
-pub fn reflection_pad(x: &Tensor, p: usize) -> candle_core::Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    if p >= h || p >= w {
-        candle_core::bail!("reflection padding {p} of a {w}x{h} map (the image is too small)");
+/// `f` of `x`'s values in order, read in place when `x` is a contiguous f32 CPU tensor (a copy
+/// otherwise).
+pub(crate) fn with_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    use candle_core::{CpuStorage, Storage};
+    if x.is_contiguous() {
+        let (storage, layout) = x.storage_and_layout();
+        if let Storage::Cpu(CpuStorage::F32(v)) = &*storage {
+            let start = layout.start_offset();
+            return Ok(f(&v[start..start + x.elem_count()]));
+        }
     }
-    let ids = |n: usize| -> Vec<u32> {
-        (0..n + 2 * p)
-            .map(|i| {
-                let j = i as isize - p as isize;
-                let j = if j < 0 {
-                    -j
-                } else if j >= n as isize {
-                    2 * (n as isize - 1) - j
-                } else {
-                    j
-                };
-                j as u32
-            })
-            .collect()
-    };
-    let dev = x.device();
-    let rows = Tensor::new(ids(h), dev)?;
-    let cols = Tensor::new(ids(w), dev)?;
-    x.index_select(&cols, 3)?.index_select(&rows, 2)
+    let v = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(f(&v))
+}
+
+/// The source index of each position of an axis of `n` padded by `p` on both sides, as
+/// `nn.ReflectionPad2d` mirrors it (without repeating the edge).
+fn reflected(n: usize, p: usize) -> Vec<usize> {
+    (0..n + 2 * p)
+        .map(|i| {
+            let j = i as isize - p as isize;
+            let j = if j < 0 {
+                -j
+            } else if j >= n as isize {
+                2 * (n as isize - 1) - j
+            } else {
+                j
+            };
+            j as usize
+        })
+        .collect()
+}
+
+/// Writes `g` of a `h` x `w` plane into the middle of the `(h + 2p)` x `(w + 2p)` plane `dst`
+/// and mirrors the border from it (`nn.ReflectionPad2d(p)` of `g(plane)`); `g` maps one source
+/// row to one destination row.
+fn pad_plane(dst: &mut [f32], (h, w, p): (usize, usize, usize), g: impl Fn(usize, &mut [f32])) {
+    let pw = w + 2 * p;
+    let cols = reflected(w, p);
+    for r in 0..h {
+        let row = &mut dst[(r + p) * pw..(r + p + 1) * pw];
+        g(r, &mut row[p..p + w]);
+        for k in (0..p).chain(p + w..pw) {
+            row[k] = row[p + cols[k]];
+        }
+    }
+    for (r, &src) in reflected(h, p).iter().enumerate() {
+        if r < p || r >= p + h {
+            dst.copy_within((src + p) * pw..(src + p + 1) * pw, r * pw);
+        }
+    }
+}
+
+/// The sum of `f(value as f64)` over `v`, in eight running sums (vectorised; f64's rounding
+/// leaves the f32 statistics as a serial sum gives them).
+fn sum_f64(v: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x as f64);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&x| f(x as f64)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `nn.ReflectionPad2d(p)` of `[n, c, h, w]` (needs `p < h` and `p < w`): one pass per plane,
+/// planes split over the cores.
+pub fn reflection_pad(x: &Tensor, p: usize) -> candle_core::Result<Tensor> {
+    norm_pad(x, None, p)
 }
 
 /// `nn.InstanceNorm2d(c)` (no affine parameters, eps 1e-5), then ReLU when `relu`, of
 /// `[1, c, h, w]`. The statistics in f64 and the output as `x * invstd - mean * invstd`, as
-/// PyTorch's CPU batch-norm kernel (which instance norm runs) computes them.
+/// PyTorch's CPU batch-norm kernel (which instance norm runs) computes them. Planes split over
+/// the cores (each computed as in a serial loop).
 pub fn instance_norm(x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
+    norm_pad(x, Some(relu), 0)
+}
+
+/// `reflection_pad(instance_norm(x, relu), p)` in one pass, the same values.
+pub fn instance_norm_pad(x: &Tensor, relu: bool, p: usize) -> candle_core::Result<Tensor> {
+    norm_pad(x, Some(relu), p)
+}
+
+/// Instance norm (`Some(relu)`) or not, then reflection padding by `p` (0: none).
+fn norm_pad(x: &Tensor, norm: Option<bool>, p: usize) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-    let hw = h * w;
-    for plane in v.chunks_mut(hw) {
-        let mean = plane.iter().map(|&a| a as f64).sum::<f64>() / hw as f64;
-        let var = plane
-            .iter()
-            .map(|&a| (a as f64 - mean) * (a as f64 - mean))
-            .sum::<f64>()
-            / hw as f64;
-        let invstd = 1.0 / (var + 1e-5).sqrt();
-        let (alpha, beta) = (invstd as f32, (-mean * invstd) as f32);
-        for a in plane.iter_mut() {
-            let y = *a * alpha + beta;
-            *a = if relu { y.max(0.0) } else { y };
-        }
+    if p > 0 && (p >= h || p >= w) {
+        candle_core::bail!("reflection padding {p} of a {w}x{h} map (the image is too small)");
     }
-    Tensor::from_vec(v, (n, c, h, w), x.device())
+    let (ph, pw, hw) = (h + 2 * p, w + 2 * p, h * w);
+    let mut out = vec![0f32; n * c * ph * pw];
+    let work = (if norm.is_some() { 4 } else { 1 }) * out.len();
+    with_values(x, |src| {
+        crate::conv::for_each_unit(&mut out, ph * pw, work, |plane, dst| {
+            let src = &src[plane * hw..(plane + 1) * hw];
+            let Some(relu) = norm else {
+                return pad_plane(dst, (h, w, p), |r, row| {
+                    row.copy_from_slice(&src[r * w..(r + 1) * w])
+                });
+            };
+            let mean = sum_f64(src, |a| a) / hw as f64;
+            let var = sum_f64(src, |a| (a - mean) * (a - mean)) / hw as f64;
+            let invstd = 1.0 / (var + 1e-5).sqrt();
+            let (alpha, beta) = (invstd as f32, (-mean * invstd) as f32);
+            pad_plane(dst, (h, w, p), |r, row| {
+                for (o, &a) in row.iter_mut().zip(&src[r * w..(r + 1) * w]) {
+                    let y = a * alpha + beta;
+                    *o = if relu { y.max(0.0) } else { y };
+                }
+            });
+        })
+    })?;
+    Tensor::from_vec(out, (n, c, ph, pw), x.device())
 }
 
 /// A conv layer followed by instance norm (+ ReLU): `Conv2d`, `InstanceNorm2d`, `ReLU`.
@@ -318,6 +388,60 @@ mod tests {
         assert_eq!(rows[1], [1., 0., 1., 2., 1.]);
         assert_eq!(rows[3], [1., 0., 1., 2., 1.]);
         assert!(reflection_pad(&x, 2).is_err());
+    }
+
+    /// Several planes and a wider pad, against torch's rule written out: index i of the padded
+    /// axis reads |i - p| mirrored at the far edge.
+    #[test]
+    fn reflection_pad_pads_every_plane() {
+        let (n, c, h, w, p) = (2, 3, 5, 4, 3);
+        let x = t(
+            (0..n * c * h * w).map(|v| v as f32).collect(),
+            &[n, c, h, w],
+        );
+        let y = reflection_pad(&x, p).unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let m = |i: usize, len: usize| -> usize {
+            let j = (i as isize - p as isize).unsigned_abs();
+            if j >= len {
+                2 * (len - 1) - j
+            } else {
+                j
+            }
+        };
+        let (ph, pw) = (h + 2 * p, w + 2 * p);
+        for plane in 0..n * c {
+            for r in 0..ph {
+                for col in 0..pw {
+                    let want = (plane * h * w + m(r, h) * w + m(col, w)) as f32;
+                    assert_eq!(y[plane * ph * pw + r * pw + col], want, "{plane} {r} {col}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn norm_then_pad_in_one_pass_is_norm_then_pad() {
+        let (n, c, h, w) = (1, 5, 6, 7);
+        let v: Vec<f32> = (0..n * c * h * w)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let x = t(v, &[n, c, h, w]);
+        for (relu, p) in [(true, 1), (false, 3), (true, 0)] {
+            let one = instance_norm_pad(&x, relu, p).unwrap();
+            let two = reflection_pad(&instance_norm(&x, relu).unwrap(), p.max(1)).unwrap();
+            let two = if p == 0 {
+                instance_norm(&x, relu).unwrap()
+            } else {
+                two
+            };
+            let (a, b) = (
+                one.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                two.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert_eq!(one.dims(), two.dims());
+            assert_eq!(a, b, "relu {relu} pad {p}");
+        }
     }
 
     #[test]

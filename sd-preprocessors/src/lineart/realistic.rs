@@ -17,7 +17,7 @@ use sd_plugins_api::{
 };
 
 use super::{
-    cached, check_memory, conv_in, grey_map, instance_norm, model_param, reflection_pad,
+    cached, check_memory, conv_in, grey_map, instance_norm_pad, model_param, reflection_pad,
     rgb_tensor, top_left, Cache, Tensors,
 };
 use crate::conv::{Conv2d, ConvTranspose2d};
@@ -114,14 +114,17 @@ impl Generator {
             x = conv_in(d, &x, true)?;
         }
         for (a, b) in &self.blocks {
-            let y = conv_in(a, &reflection_pad(&x, 1)?, true)?;
-            let y = conv_in(b, &reflection_pad(&y, 1)?, false)?;
+            // the norm and the next conv's reflection padding in one pass
+            let y = instance_norm_pad(&a.forward(&reflection_pad(&x, 1)?)?, true, 1)?;
+            let y = conv_in(b, &y, false)?;
             x = (x + y)?;
         }
-        for u in &self.up {
-            x = instance_norm(&u.forward(&x)?, true)?;
+        // the last upsampling's norm pads for the last conv
+        for (i, u) in self.up.iter().enumerate() {
+            let pad = if i + 1 == self.up.len() { 3 } else { 0 };
+            x = instance_norm_pad(&u.forward(&x)?, true, pad)?;
         }
-        candle_nn::ops::sigmoid(&self.last.forward(&reflection_pad(&x, 3)?)?)
+        candle_nn::ops::sigmoid(&self.last.forward(&x)?)
     }
 }
 
