@@ -6,37 +6,9 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use sd_tests::{assert_close, expected, fixtures, get, model_dir};
 
-use crate::common::{copy_tree, fails, latents, one_step, s, scratch, sdctl};
+use crate::common::{base_args, copy_tree, fails, latents, one_step, s, scratch, sdctl};
 
 const CASE: &str = "sd1_txt2img_euler_normal";
-
-fn base_args<'a>(model: &'a str, noise: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec![
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        "a red circle on a blue background",
-        "--negative-prompt",
-        "blurry, lowres",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "4",
-        "--cfg-scale",
-        "7.5",
-        "--sampler",
-        "euler",
-        "--schedule",
-        "normal",
-        "--noise",
-        noise,
-        "--output",
-        out,
-    ]
-}
 
 #[test]
 fn generate_matches_diffusers_and_writes_png_and_latents() {

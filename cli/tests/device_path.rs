@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor};
 use sd_tests::{assert_close, expected, fixtures, get, max_abs_diff, model_dir};
 
-use crate::common::{s, scratch, sdctl_with};
+use crate::common::{base_args, one_step, s, scratch, sdctl_with};
 
 const GENERIC: &[(&str, &str)] = &[("SDCTL_KERNELS", "generic")];
 
@@ -27,37 +27,15 @@ fn controlled_with(name: &str, dtype: &str, env: &[(&str, &str)], extra: &[&str]
         fixtures().join("inputs/control_a.png").display()
     );
     let model = model_dir("sd1");
-    let mut args = vec![
-        "generate",
-        "--model",
-        s(&model),
-        "--prompt",
-        "a red circle on a blue background",
-        "--negative-prompt",
-        "blurry, lowres",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "4",
-        "--cfg-scale",
-        "7.5",
-        "--sampler",
-        "euler",
-        "--schedule",
-        "normal",
-        "--noise",
-        s(&noise),
+    let mut args = base_args(s(&model), s(&noise), s(&out));
+    args.extend([
         "--control",
         &control,
         "--dtype",
         dtype,
-        "--output",
-        s(&out),
         "--save-latents",
         s(&lat),
-    ];
+    ]);
     args.extend_from_slice(extra);
     let o = sdctl_with(&args, env);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -157,40 +135,11 @@ fn lora_and_sdxl_on_the_gpu_path_match_diffusers() {
     let peft = format!("{}:0.7", loras.join("lora_a_peft.safetensors").display());
     let kohya = format!("{}:0.5", loras.join("lora_b_kohya.safetensors").display());
     let lat = dir.join("lora.safetensors");
-    let o = sdctl_with(
-        &[
-            "generate",
-            "--model",
-            s(&model_dir("sd1")),
-            "--prompt",
-            "a red circle on a blue background",
-            "--negative-prompt",
-            "blurry, lowres",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "4",
-            "--cfg-scale",
-            "7.5",
-            "--sampler",
-            "euler",
-            "--schedule",
-            "normal",
-            "--noise",
-            s(&noise),
-            "--lora",
-            &peft,
-            "--lora",
-            &kohya,
-            "--output",
-            s(&dir.join("lora.png")),
-            "--save-latents",
-            s(&lat),
-        ],
-        GENERIC,
-    );
+    let model = model_dir("sd1");
+    let png = dir.join("lora.png");
+    let mut args = base_args(s(&model), s(&noise), s(&png));
+    args.extend(["--lora", &peft, "--lora", &kohya, "--save-latents", s(&lat)]);
+    let o = sdctl_with(&args, GENERIC);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
     assert_close(
@@ -257,28 +206,8 @@ fn lora_and_sdxl_on_the_gpu_path_match_diffusers() {
 fn device_names_are_checked_and_a_missing_gpu_is_a_clear_error() {
     let dir = scratch("device", "names");
     let out = dir.join("o.png");
-    let run = |device: &str| {
-        sdctl_with(
-            &[
-                "generate",
-                "--model",
-                s(&model_dir("sd1")),
-                "--prompt",
-                "x",
-                "--width",
-                "64",
-                "--height",
-                "64",
-                "--steps",
-                "1",
-                "--device",
-                device,
-                "--output",
-                s(&out),
-            ],
-            &[],
-        )
-    };
+    let model = model_dir("sd1");
+    let run = |device: &str| sdctl_with(&one_step(&model, &out, &["--device", device]), &[]);
     for bad in ["gpu", "cuda:", "cuda:x", "cuda1"] {
         let o = run(bad);
         let e = String::from_utf8_lossy(&o.stderr);

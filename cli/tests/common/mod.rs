@@ -61,6 +61,36 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The arguments of the tiny-model pipeline fixtures' generation (`pipe_*`: 64x64, 4 Euler
+/// steps, CFG 7.5, the fixture's noise), writing `out`.
+pub fn base_args<'a>(model: &'a str, noise: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "a red circle on a blue background",
+        "--negative-prompt",
+        "blurry, lowres",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "4",
+        "--cfg-scale",
+        "7.5",
+        "--sampler",
+        "euler",
+        "--schedule",
+        "normal",
+        "--noise",
+        noise,
+        "--output",
+        out,
+    ]
+}
+
 /// The arguments of a one-step 64x64 `sdctl generate` at seed 1 with `model`, writing `out`,
 /// then `extra`: the smallest run that goes through every stage.
 pub fn one_step<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
