@@ -240,10 +240,16 @@ fn tile_run(g: &Geo, t0: usize, ti: usize, t: usize) -> (usize, usize, usize) {
     (ty, tx, run)
 }
 
-/// One value per lane.
+/// One value per lane. A plain loop, not `std::array::from_fn`: that is not inlined, so its
+/// body was compiled for the baseline target outside the AVX-512 / AVX2 builds of the
+/// transforms (perf showed `core::array::try_from_fn` beside them).
 #[inline(always)]
 fn lanes(f: impl Fn(usize) -> f32) -> [f32; LANES] {
-    std::array::from_fn(f)
+    let mut out = [0f32; LANES];
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = f(k);
+    }
+    out
 }
 
 /// `dst[..run] = vals[..run]`, a fixed-size (inlined, vector) copy for a full run.
@@ -260,17 +266,41 @@ super::simd::simd_dispatch! {
     /// Winograd input transform of one channel `plane` `[H][W]` for tiles `t0..t0 + t`:
     /// `V = B^T d B`, `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`,
     /// into `vc` `[16][cap]`.
-    fn winograd_input(plane: &[f32], g: &Geo, t0: usize, t: usize, cap: usize, vc: &mut [f32]) -> () = winograd_input_body
+    fn winograd_input(plane: &[f32], g: &Geo, t0: usize, t: usize, cap: usize, vc: &mut [f32]) -> () = winograd_input_body::<true>
 }
 
+/// `REGISTERS`: runs inside the image through [`winograd_input_run_avx512`] where the CPU has
+/// AVX-512 (false: the portable loop only, which the tests compare it with).
 #[inline(always)]
-fn winograd_input_body(plane: &[f32], g: &Geo, t0: usize, t: usize, cap: usize, vc: &mut [f32]) {
+fn winograd_input_body<const REGISTERS: bool>(
+    plane: &[f32],
+    g: &Geo,
+    t0: usize,
+    t: usize,
+    cap: usize,
+    vc: &mut [f32],
+) {
     let mut ti = 0;
     while ti < t {
         let (ty, tx, run) = tile_run(g, t0, ti, t);
         // d[i][j][k]: row i, column j of tile k's 4x4 input (zero outside the image)
         let mut d = [[[0f32; LANES]; 4]; 4];
         let last = tx + run - 1;
+        #[cfg(target_arch = "x86_64")]
+        if REGISTERS
+            && ty > 0
+            && tx > 0
+            && 2 * ty + 2 < g.h
+            && 2 * last + 2 < g.w
+            && std::is_x86_feature_detected!("avx512f")
+        {
+            // SAFETY: AVX-512 was detected; the run's four input rows (2 run + 2 values each
+            // from column 2 tx - 1) lie inside the plane (checked just above), and vc holds 16
+            // rows of cap >= ti + run values.
+            unsafe { winograd_input_run_avx512(plane, g.w, (ty, tx, run), &mut vc[ti..], cap) };
+            ti += run;
+            continue;
+        }
         if ty > 0 && tx > 0 && 2 * ty + 2 < g.h && 2 * last + 2 < g.w {
             for (i, di) in d.iter_mut().enumerate() {
                 let row = &plane[(2 * ty + i - 1) * g.w + 2 * tx - 1..][..2 * run + 2];
@@ -295,14 +325,15 @@ fn winograd_input_body(plane: &[f32], g: &Geo, t0: usize, t: usize, cap: usize, 
             }
         }
         // B^T d: rows
-        let bd: [[[f32; LANES]; 4]; 4] = std::array::from_fn(|j| {
-            [
-                lanes(|k| d[0][j][k] - d[2][j][k]),
-                lanes(|k| d[1][j][k] + d[2][j][k]),
-                lanes(|k| d[2][j][k] - d[1][j][k]),
-                lanes(|k| d[1][j][k] - d[3][j][k]),
-            ]
-        });
+        let mut bd = [[[0f32; LANES]; 4]; 4];
+        for (j, b) in bd.iter_mut().enumerate() {
+            for k in 0..LANES {
+                b[0][k] = d[0][j][k] - d[2][j][k];
+                b[1][k] = d[1][j][k] + d[2][j][k];
+                b[2][k] = d[2][j][k] - d[1][j][k];
+                b[3][k] = d[1][j][k] - d[3][j][k];
+            }
+        }
         // (B^T d) B: columns; bd[j][i] is row i, column j
         for i in 0..4 {
             let r = |j: usize| &bd[j][i];
@@ -320,15 +351,76 @@ fn winograd_input_body(plane: &[f32], g: &Geo, t0: usize, t: usize, cap: usize, 
     }
 }
 
+/// [`winograd_input_body`] for a run of up to [`LANES`] tiles inside the image, in registers:
+/// each input row's `2 run + 2` values are loaded (masked) as four vectors and split into its
+/// four strided columns by two-source permutes; the same additions in the same order (equal
+/// values); `run` lanes stored. `vc` starts at the run's first tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn winograd_input_run_avx512(
+    plane: &[f32],
+    w: usize,
+    (ty, tx, run): (usize, usize, usize),
+    vc: &mut [f32],
+    cap: usize,
+) {
+    use std::arch::x86_64::*;
+    // lanes `from..` of a load that are inside the row's n values
+    let n = 2 * run + 2;
+    let mask = |from: usize| -> __mmask16 {
+        let valid = n.saturating_sub(from).min(16);
+        ((1u32 << valid) - 1) as __mmask16
+    };
+    let store = ((1u32 << run) - 1) as __mmask16;
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    // d[i][j]: row i, column j of the run's 4x4 tiles, one tile per lane
+    let mut d = [[_mm512_setzero_ps(); 4]; 4];
+    for (i, di) in d.iter_mut().enumerate() {
+        let row = &plane[(2 * ty + i - 1) * w + 2 * tx - 1..][..n];
+        let p = row.as_ptr();
+        let a = _mm512_maskz_loadu_ps(mask(0), p);
+        let b = _mm512_maskz_loadu_ps(mask(16), p.wrapping_add(16));
+        let a2 = _mm512_maskz_loadu_ps(mask(2), p.wrapping_add(2));
+        let b2 = _mm512_maskz_loadu_ps(mask(18), p.wrapping_add(18));
+        di[0] = _mm512_permutex2var_ps(a, even, b);
+        di[1] = _mm512_permutex2var_ps(a, odd, b);
+        di[2] = _mm512_permutex2var_ps(a2, even, b2);
+        di[3] = _mm512_permutex2var_ps(a2, odd, b2);
+    }
+    // B^T d: bd[i][j] is row i, column j
+    let mut bd = [[_mm512_setzero_ps(); 4]; 4];
+    for j in 0..4 {
+        bd[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+        bd[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+        bd[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+        bd[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+    }
+    // (B^T d) B, row by row, into vc[(i * 4 + j) * cap ..]
+    for (i, r) in bd.iter().enumerate() {
+        let out = [
+            _mm512_sub_ps(r[0], r[2]),
+            _mm512_add_ps(r[1], r[2]),
+            _mm512_sub_ps(r[2], r[1]),
+            _mm512_sub_ps(r[1], r[3]),
+        ];
+        for (j, v) in out.into_iter().enumerate() {
+            let dst = &mut vc[(i * 4 + j) * cap..][..run];
+            _mm512_mask_storeu_ps(dst.as_mut_ptr(), store, v);
+        }
+    }
+}
+
 super::simd::simd_dispatch! {
     /// Winograd output transform of one output channel: `Y = A^T M A`,
     /// `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`, plus `bias`, from `mo` `[16][cap]` into the
     /// tiles `t0..t0 + t` of the plane `yo` `[OH][OW]`.
-    fn winograd_output(mo: &[f32], bias: f32, g: &Geo, t0: usize, t: usize, cap: usize, yo: &mut [f32]) -> () = winograd_output_body
+    fn winograd_output(mo: &[f32], bias: f32, g: &Geo, t0: usize, t: usize, cap: usize, yo: &mut [f32]) -> () = winograd_output_body::<true>
 }
 
+/// `REGISTERS`: as in [`winograd_input_body`], through [`winograd_output_run_avx512`].
 #[inline(always)]
-fn winograd_output_body(
+fn winograd_output_body<const REGISTERS: bool>(
     mo: &[f32],
     bias: f32,
     g: &Geo,
@@ -340,6 +432,16 @@ fn winograd_output_body(
     let mut ti = 0;
     while ti < t {
         let (ty, tx, run) = tile_run(g, t0, ti, t);
+        #[cfg(target_arch = "x86_64")]
+        if REGISTERS && 2 * (tx + run) <= g.ow && std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512 was detected; mo holds 16 rows of cap >= ti + run values, and
+            // the run's two output rows (those below oh) have 2 (tx + run) <= ow columns.
+            unsafe {
+                winograd_output_run_avx512(&mo[ti..], cap, bias, (ty, tx, run), (g.oh, g.ow), yo)
+            };
+            ti += run;
+            continue;
+        }
         let mut e = [[0f32; LANES]; 16];
         for (n, en) in e.iter_mut().enumerate() {
             let src = &mo[n * cap + ti..];
@@ -351,10 +453,12 @@ fn winograd_output_body(
         }
         let at = |i: usize, j: usize| &e[i * 4 + j];
         // A^T M: two rows of four
-        let am: [[[f32; LANES]; 4]; 2] = [
-            std::array::from_fn(|j| lanes(|k| at(0, j)[k] + at(1, j)[k] + at(2, j)[k])),
-            std::array::from_fn(|j| lanes(|k| at(1, j)[k] - at(2, j)[k] - at(3, j)[k])),
-        ];
+        let (mut top, mut bottom) = ([[0f32; LANES]; 4], [[0f32; LANES]; 4]);
+        for (j, (t, b)) in top.iter_mut().zip(bottom.iter_mut()).enumerate() {
+            *t = lanes(|k| at(0, j)[k] + at(1, j)[k] + at(2, j)[k]);
+            *b = lanes(|k| at(1, j)[k] - at(2, j)[k] - at(3, j)[k]);
+        }
+        let am = [top, bottom];
         for (a, r) in am.iter().enumerate() {
             let y = 2 * ty + a;
             if y >= g.oh {
@@ -379,6 +483,59 @@ fn winograd_output_body(
             }
         }
         ti += run;
+    }
+}
+
+/// [`winograd_output_body`] for a run of up to [`LANES`] tiles whose outputs fit the row, in
+/// registers: the same additions in the same order (equal values), the two columns of each
+/// output row interleaved by permutes and stored masked. `mo` starts at the run's first tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn winograd_output_run_avx512(
+    mo: &[f32],
+    cap: usize,
+    bias: f32,
+    (ty, tx, run): (usize, usize, usize),
+    (oh, ow): (usize, usize),
+    yo: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let lanes = ((1u32 << run) - 1) as __mmask16;
+    let mut e = [_mm512_setzero_ps(); 16];
+    for (n, en) in e.iter_mut().enumerate() {
+        *en = _mm512_maskz_loadu_ps(lanes, mo[n * cap..][..run].as_ptr());
+    }
+    let b = _mm512_set1_ps(bias);
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let (mask_lo, mask_hi) = {
+        let n = 2 * run;
+        let m = |v: usize| ((1u32 << v.min(16)) - 1) as __mmask16;
+        (m(n), m(n.saturating_sub(16)))
+    };
+    for a in 0..2 {
+        let y = 2 * ty + a;
+        if y >= oh {
+            continue;
+        }
+        // A^T M, row a: e[4 i + j] is M's row i, column j
+        let mut r = [_mm512_setzero_ps(); 4];
+        for (j, rj) in r.iter_mut().enumerate() {
+            *rj = if a == 0 {
+                _mm512_add_ps(_mm512_add_ps(e[j], e[4 + j]), e[8 + j])
+            } else {
+                _mm512_sub_ps(_mm512_sub_ps(e[4 + j], e[8 + j]), e[12 + j])
+            };
+        }
+        let left = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(r[0], r[1]), r[2]), b);
+        let right = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(r[1], r[2]), r[3]), b);
+        let dst = yo[y * ow + 2 * tx..][..2 * run].as_mut_ptr();
+        _mm512_mask_storeu_ps(dst, mask_lo, _mm512_permutex2var_ps(left, lo, right));
+        _mm512_mask_storeu_ps(
+            dst.wrapping_add(16),
+            mask_hi,
+            _mm512_permutex2var_ps(left, hi, right),
+        );
     }
 }
 
@@ -935,6 +1092,32 @@ mod tests {
             1
         )
         .is_err());
+    }
+
+    /// The AVX-512 register kernels give the portable transforms' values bit for bit, on
+    /// planes whose tile rows hold full runs, partial runs and lone edge tiles (odd and even
+    /// sizes), over passes that start mid-row.
+    #[test]
+    fn winograd_register_kernels_equal_the_loops() {
+        for (h, w) in [(7, 6), (9, 40), (70, 65), (33, 67), (2, 2)] {
+            let g = Geo::new(&[1, 1, h, w], 3, 1, 1).unwrap();
+            let total = g.oh.div_ceil(2) * g.ow.div_ceil(2);
+            let plane = crate::cpu::test_values(h * w, (h * w) as u64);
+            for cap in [total, 37, 16] {
+                for t0 in (0..total).step_by(cap) {
+                    let t = cap.min(total - t0);
+                    let (mut a, mut b) = (vec![0f32; 16 * cap], vec![0f32; 16 * cap]);
+                    winograd_input(&plane, &g, t0, t, cap, &mut a);
+                    winograd_input_body::<false>(&plane, &g, t0, t, cap, &mut b);
+                    assert_eq!(a, b, "input {h}x{w} cap {cap} from {t0}");
+                    let m = crate::cpu::test_values(16 * cap, t0 as u64 + 7);
+                    let (mut ya, mut yb) = (vec![0f32; g.oh * g.ow], vec![0f32; g.oh * g.ow]);
+                    winograd_output(&m, 0.25, &g, t0, t, cap, &mut ya);
+                    winograd_output_body::<false>(&m, 0.25, &g, t0, t, cap, &mut yb);
+                    assert_eq!(ya, yb, "output {h}x{w} cap {cap} from {t0}");
+                }
+            }
+        }
     }
 
     #[test]
