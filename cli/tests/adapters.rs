@@ -5,7 +5,7 @@
 use candle_core::Device;
 use sd_tests::{assert_close, expected, fixtures, get, model_dir};
 
-use crate::common::{fails, ok, s, scratch, sdctl};
+use crate::common::{base_args, fails, ok, s, scratch, sdctl};
 
 fn unit(model: &str, image: &str, weight: &str) -> String {
     format!(
@@ -23,33 +23,8 @@ fn generate_case(name: &str, units: &[String]) -> String {
     let (out, lat) = (dir.join("out.png"), dir.join("latents.safetensors"));
     let noise = fixtures().join(format!("expected/{name}.safetensors"));
     let model = model_dir("sd1");
-    let mut args = vec![
-        "generate",
-        "--model",
-        s(&model),
-        "--prompt",
-        "a red circle on a blue background",
-        "--negative-prompt",
-        "blurry, lowres",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "4",
-        "--sampler",
-        "euler",
-        "--schedule",
-        "normal",
-        "--cfg-scale",
-        "7.5",
-        "--noise",
-        s(&noise),
-        "--output",
-        s(&out),
-        "--save-latents",
-        s(&lat),
-    ];
+    let mut args = base_args(s(&model), s(&noise), s(&out));
+    args.extend(["--save-latents", s(&lat)]);
     for u in units {
         args.extend(["--control", u.as_str()]);
     }
