@@ -4,19 +4,23 @@
 # bf16 through CPU autocast) beside sdctl; then the accuracy of bf16: one 512x512 generation of
 # the random SD1.5 folder in f32 and in bf16 (same seed), the PSNR of the bf16 image against the
 # f32 one. Needs torch + diffusers (PYTHON) and a release sdctl (SDCTL). CI does not run this.
+# PARTS (default "unet vae generate") picks the parts; ROUNDS (default 1) repeats the VAE part,
+# PyTorch and sdctl alternating.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 S=${SDCTL:-target/release/sdctl}
 SD15=${SD15:-/tmp/sd15-random}
 ITERS=${ITERS:-3}
-[ -d "$SD15" ] || "$PY" benches/make_sd15_random.py "$SD15"
+PARTS=${PARTS:-unet vae generate}
+ROUNDS=${ROUNDS:-1}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 date; grep -m1 "model name" /proc/cpuinfo || true; nproc; grep -o -m1 avx512_bf16 /proc/cpuinfo || true
-for dt in f32 bf16; do
+part unet && for dt in f32 bf16; do
   "$PY" benches/compare.py --width 512 --height 512 --batch 2 --iters "$ITERS" --controlnet 1 --dtype "$dt"
   "$S" bench unet --width 512 --height 512 --batch 2 --iters "$ITERS" --controlnet 1 --dtype "$dt"
 done
-for dt in f32 bf16; do
+part vae && for _ in $(seq "$ROUNDS"); do for dt in f32 bf16; do
   "$PY" - "$dt" <<'PY'
 import sys, time, torch, contextlib
 from diffusers import AutoencoderKL
@@ -32,7 +36,9 @@ with torch.inference_mode(), cast:
 print(f"diffusers vae decode 512x512 {sys.argv[1]}: {min(ts):.2f} s (min of 3, first {ts[0]:.2f})")
 PY
   for _ in 1 2; do "$S" bench vae --size 512 --dtype "$dt"; done
-done
+done; done
+part generate || exit 0
+[ -d "$SD15" ] || "$PY" benches/make_sd15_random.py "$SD15"
 for dt in f32 bf16; do
   "$S" generate --model "$SD15" --prompt "a red circle on a blue background" --steps 4 \
     --sampler "DPM++ 2M" --schedule karras --width 512 --height 512 --seed 7 --dtype "$dt" \

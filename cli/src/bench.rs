@@ -189,6 +189,9 @@ pub struct UnetArgs {
     /// once beforehand as in a generation)
     #[arg(long)]
     pub ip_adapter: bool,
+    /// After the timed rounds, one more plain call printing each kernel's own time
+    #[arg(long)]
+    pub op_profile: bool,
     /// Also write the numbers as JSON to this file
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -295,22 +298,31 @@ fn train(a: TrainBenchArgs) -> CliResult {
     };
     println!("train {what} {arch:?} {size}x{size} (latents {l}x{l}) batch {batch} {prec} on cpu: {mean:.2} s/step (mean of {iters}, min {min:.2}, all {all}; forward passes {fwd}), {n} trainable tensors; peak RSS {rss}");
     if let (Some(ops), Some(step)) = (r.op_profile.last(), r.step_s.last()) {
-        let kernels: f64 = ops.iter().map(|o| o.1).sum();
-        println!("kernels of the last step ({step:.2} s), their own time:");
-        for (name, s, calls) in ops {
-            println!(
-                "  {name:<24} {s:>7.3} s  {:>5.1}%  {calls} calls",
-                100.0 * s / step
-            );
-        }
-        println!(
-            "  {:<24} {:>7.3} s  {:>5.1}%",
-            "other (candle ops, graph)",
-            step - kernels,
-            100.0 * (step - kernels) / step
+        print_kernels(
+            &format!("kernels of the last step ({step:.2} s)"),
+            *step,
+            ops,
         );
     }
     Ok(())
+}
+
+/// Each kernel's own seconds in a call or step of `total` seconds, and the rest.
+fn print_kernels(title: &str, total: f64, ops: &[(String, f64, u64)]) {
+    let kernels: f64 = ops.iter().map(|o| o.1).sum();
+    println!("{title}, their own time:");
+    for (name, s, calls) in ops {
+        println!(
+            "  {name:<24} {s:>7.3} s  {:>5.1}%  {calls} calls",
+            100.0 * s / total
+        );
+    }
+    println!(
+        "  {:<24} {:>7.3} s  {:>5.1}%",
+        "other (candle ops, graph)",
+        total - kernels,
+        100.0 * (total - kernels) / total
+    );
 }
 
 fn load(a: LoadArgs) -> CliResult {
@@ -362,6 +374,7 @@ fn unet(a: UnetArgs) -> CliResult {
         distinct,
         t2i_adapter: a.t2i_adapter,
         ip_adapter: a.ip_adapter,
+        op_profile: a.op_profile,
     };
     let r = s.run()?;
     let (arch, dtype, dev, p, build) = (r.arch, r.dtype, &r.device, &r.unet, r.build_s);
@@ -395,6 +408,13 @@ fn unet(a: UnetArgs) -> CliResult {
         let t = per_call(ad.mean_s, iters, ad.min_s, ad.first_s);
         let (kind, ratio, mins, once) = (ad.kind, ad.ratio_to_plain, ad.ratio_of_mins, ad.once_s);
         println!("unet + {kind}: {t} = {ratio:.2}x the plain call (mins: {mins:.2}x{alt}); once per generation {once:.2} s");
+    }
+    if let Some((call, ops)) = &r.op_profile {
+        print_kernels(
+            &format!("kernels of one more plain call ({call:.2} s)"),
+            *call,
+            ops,
+        );
     }
     a.json.map_or(Ok(()), |p| write_json(&p, &r))
 }

@@ -105,3 +105,50 @@ fn bench_onnx_runs_a_model_and_profiles_its_operators() {
     let e = String::from_utf8_lossy(&o2.stderr);
     assert!(e.contains("keys.json"), "{e}");
 }
+
+#[test]
+fn bench_unet_profiles_each_kernel_of_a_call() {
+    let d = scratch("bench", "unet-profile");
+    let out = d.join("unet.json");
+    let o = sdctl_command()
+        .args([
+            "bench", "unet", "--arch", "sd15", "--width", "64", "--iters", "1",
+        ])
+        .args(["--op-profile", "--json", s(&out)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("kernels of one more plain call"), "{text}");
+    let j = json(&out);
+    let p = &j["op_profile"];
+    let call = p[0].as_f64().unwrap();
+    let kernels = p[1].as_array().unwrap();
+    let calls = |name: &str| {
+        kernels
+            .iter()
+            .find(|k| k[0] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {p}"))[2]
+            .as_u64()
+            .unwrap()
+    };
+    // SD1.5's UNet, counted from its config. 16 transformer blocks: 2 attentions, 1 GEGLU, 3
+    // layer norms and 10 linear layers each (q, k, v, out twice; GEGLU's in, feed-forward out).
+    // 22 ResNet blocks: 2 GroupNorms, 2 convolutions and a time projection each. Convolutions:
+    // 44 in ResNets, 14 shortcuts (channel changes), 3 down- and 3 upsamplers, conv_in and
+    // conv_out, 32 1x1 projections in and out of the transformers. GroupNorms: 44 + one per
+    // transformer + conv_norm_out. Linear: 160 + 22 + the time embedding's 2.
+    assert_eq!(calls("attention fwd"), 32, "{p}");
+    assert_eq!(calls("geglu fwd"), 16, "{p}");
+    assert_eq!(calls("layer norm (candle)"), 48, "{p}");
+    assert_eq!(calls("upsample fwd"), 3, "{p}");
+    assert_eq!(calls("conv fwd"), 98, "{p}");
+    assert_eq!(calls("group norm fwd"), 61, "{p}");
+    assert_eq!(calls("linear (candle)"), 184, "{p}");
+    // the spans exclude one another: their seconds add up to at most the call's
+    let total: f64 = kernels.iter().map(|k| k[1].as_f64().unwrap()).sum();
+    assert!(
+        total > 0.0 && total <= call * 1.01,
+        "{total} of {call}: {p}"
+    );
+}

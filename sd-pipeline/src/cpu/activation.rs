@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor};
 
 /// sigmoid(x) = 1 / (1 + e^-x), through e^-|x| so the exponent never overflows.
 #[inline(always)]
-fn sigmoid1(x: f32) -> f32 {
+pub(super) fn sigmoid1(x: f32) -> f32 {
     let e = exp_approx(-x.abs());
     let r = 1.0 / (1.0 + e);
     if x >= 0.0 {

@@ -40,6 +40,7 @@ impl Module for LayerNorm {
         } else if tracked {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
         } else {
+            let _span = crate::cpu::op_profile::span("layer norm (candle)");
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
         }
     }
@@ -99,6 +100,7 @@ impl Module for Linear {
         } else if cpu_f32 && precision() == Precision::Bf16 {
             crate::cpu::linear_op::linear_bf16(x, w, b, &self.packed)
         } else {
+            let _span = crate::cpu::op_profile::span("linear (candle)");
             self.inner.forward(x)
         }
     }

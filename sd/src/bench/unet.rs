@@ -44,6 +44,8 @@ pub struct UnetBench {
     /// Also time the call with an IP-Adapter's image prompt (`ip-adapter_sd15` /
     /// `ip-adapter_sdxl` layouts: 4 tokens; keys and values made once beforehand).
     pub ip_adapter: bool,
+    /// After the timed rounds, one more plain call with each kernel's own time recorded.
+    pub op_profile: bool,
 }
 
 /// A call with an adapter, against the plain call of the same run.
@@ -97,6 +99,9 @@ pub struct LoraTiming {
     pub ratio_of_mins: f64,
 }
 
+/// Seconds and calls per kernel (`sd_pipeline::cpu::op_profile`), most time first.
+pub type KernelTimes = Vec<(String, f64, u64)>;
+
 /// What [`UnetBench::run`] measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct UnetReport {
@@ -119,6 +124,10 @@ pub struct UnetReport {
     pub lora: Option<LoraTiming>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub adapters: Vec<AdapterTiming>,
+    /// with `op_profile`: the profiled call's seconds, and its seconds and calls per kernel,
+    /// most time first
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op_profile: Option<(f64, KernelTimes)>,
 }
 
 impl UnetReport {
@@ -292,6 +301,18 @@ impl UnetBench {
                 });
             }
         }
+        let op_profile = if self.op_profile {
+            use sd_pipeline::cpu::op_profile;
+            op_profile::set_enabled(true);
+            let done = once(&device, &plain);
+            let ops = op_profile::take();
+            op_profile::set_enabled(false);
+            let call_s = done?;
+            let ops = ops.into_iter().map(|(k, s, n)| (k.to_string(), s, n));
+            Some((call_s, ops.collect()))
+        } else {
+            None
+        };
         Ok(UnetReport {
             arch: self.arch,
             width: self.width,
@@ -311,6 +332,7 @@ impl UnetBench {
             controlnet,
             lora,
             adapters,
+            op_profile,
         })
     }
 }
