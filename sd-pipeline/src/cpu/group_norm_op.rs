@@ -61,15 +61,8 @@ impl GroupNormOp {
             .into_par_iter()
             .map(|i| {
                 let s = &x[i * n..(i + 1) * n];
-                let mean = s.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-                let var = s
-                    .iter()
-                    .map(|&v| {
-                        let d = v as f64 - mean;
-                        d * d
-                    })
-                    .sum::<f64>()
-                    / n as f64;
+                let mean = super::reduce::sum_f64(s) / n as f64;
+                let var = super::reduce::sum_sq_dev_f64(s, mean) / n as f64;
                 (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
             })
             .collect()

@@ -14,6 +14,7 @@ pub mod linear_op;
 mod mat;
 pub mod matmul;
 pub mod op_profile;
+pub mod reduce;
 mod scratch;
 mod simd;
 pub mod upsample_op;

@@ -215,20 +215,6 @@ fn pad_plane(dst: &mut [f32], (h, w, p): (usize, usize, usize), g: impl Fn(usize
     }
 }
 
-/// The sum of `f(value as f64)` over `v`, in eight running sums (vectorised; f64's rounding
-/// leaves the f32 statistics as a serial sum gives them).
-fn sum_f64(v: &[f32], f: impl Fn(f64) -> f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let mut chunks = v.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += f(x as f64);
-        }
-    }
-    let tail: f64 = chunks.remainder().iter().map(|&x| f(x as f64)).sum();
-    acc.iter().sum::<f64>() + tail
-}
-
 /// `nn.ReflectionPad2d(p)` of `[n, c, h, w]` (needs `p < h` and `p < w`): one pass per plane,
 /// planes split over the cores.
 pub fn reflection_pad(x: &Tensor, p: usize) -> candle_core::Result<Tensor> {
@@ -265,8 +251,8 @@ fn norm_pad(x: &Tensor, norm: Option<bool>, p: usize) -> candle_core::Result<Ten
                     row.copy_from_slice(&src[r * w..(r + 1) * w])
                 });
             };
-            let mean = sum_f64(src, |a| a) / hw as f64;
-            let var = sum_f64(src, |a| (a - mean) * (a - mean)) / hw as f64;
+            let mean = sd_pipeline::cpu::reduce::sum_f64(src) / hw as f64;
+            let var = sd_pipeline::cpu::reduce::sum_sq_dev_f64(src, mean) / hw as f64;
             let invstd = 1.0 / (var + 1e-5).sqrt();
             let (alpha, beta) = (invstd as f32, (-mean * invstd) as f32);
             pad_plane(dst, (h, w, p), |r, row| {
