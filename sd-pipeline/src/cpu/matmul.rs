@@ -92,11 +92,8 @@ pub fn bf16_at_f32_rate() -> bool {
         // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
         #[allow(unused_unsafe)]
         let id = unsafe { std::arch::x86_64::__cpuid(0) };
-        let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
-            .iter()
-            .flat_map(|r| r.to_le_bytes())
-            .collect();
-        vendor == b"GenuineIntel"
+        // the vendor string is EBX, EDX, ECX: "Genu" "ineI" "ntel"
+        [id.ebx, id.edx, id.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e]
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
