@@ -388,6 +388,23 @@ unsafe fn winograd_input_run_avx512(
         di[2] = _mm512_permutex2var_ps(a2, even, b2);
         di[3] = _mm512_permutex2var_ps(a2, odd, b2);
     }
+    // V[i][j] into vc[(i * 4 + j) * cap ..]
+    for (i, row) in winograd_input_avx512(&d).iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            let dst = &mut vc[(i * 4 + j) * cap..][..run];
+            _mm512_mask_storeu_ps(dst.as_mut_ptr(), store, v);
+        }
+    }
+}
+
+/// `V = B^T d B` of 16 tiles at once (`d[i][j]`: row i, column j, a tile per lane), the
+/// additions in the portable loop's order; for callers built with AVX-512 (inlined into them).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn winograd_input_avx512(
+    d: &[[std::arch::x86_64::__m512; 4]; 4],
+) -> [[std::arch::x86_64::__m512; 4]; 4] {
+    use std::arch::x86_64::*;
     // B^T d: bd[i][j] is row i, column j
     let mut bd = [[_mm512_setzero_ps(); 4]; 4];
     for j in 0..4 {
@@ -396,19 +413,17 @@ unsafe fn winograd_input_run_avx512(
         bd[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
         bd[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
     }
-    // (B^T d) B, row by row, into vc[(i * 4 + j) * cap ..]
-    for (i, r) in bd.iter().enumerate() {
-        let out = [
+    // (B^T d) B, row by row (a plain loop: `array::map` is not inlined, nor then its intrinsics)
+    let mut v = [[_mm512_setzero_ps(); 4]; 4];
+    for (o, r) in v.iter_mut().zip(&bd) {
+        *o = [
             _mm512_sub_ps(r[0], r[2]),
             _mm512_add_ps(r[1], r[2]),
             _mm512_sub_ps(r[2], r[1]),
             _mm512_sub_ps(r[1], r[3]),
         ];
-        for (j, v) in out.into_iter().enumerate() {
-            let dst = &mut vc[(i * 4 + j) * cap..][..run];
-            _mm512_mask_storeu_ps(dst.as_mut_ptr(), store, v);
-        }
     }
+    v
 }
 
 super::simd::simd_dispatch! {

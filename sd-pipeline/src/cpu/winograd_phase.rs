@@ -729,20 +729,9 @@ mod avx512 {
                         )
                     })
                 });
-                let t: [[__m512; 4]; 4] = [
-                    std::array::from_fn(|j| _mm512_sub_ps(d[0][j], d[2][j])),
-                    std::array::from_fn(|j| _mm512_add_ps(d[1][j], d[2][j])),
-                    std::array::from_fn(|j| _mm512_sub_ps(d[2][j], d[1][j])),
-                    std::array::from_fn(|j| _mm512_sub_ps(d[1][j], d[3][j])),
-                ];
-                for (i, r) in t.iter().enumerate() {
-                    let out = [
-                        _mm512_sub_ps(r[0], r[2]),
-                        _mm512_add_ps(r[1], r[2]),
-                        _mm512_sub_ps(r[2], r[1]),
-                        _mm512_sub_ps(r[1], r[3]),
-                    ];
-                    for (j, val) in out.into_iter().enumerate() {
+                let out = crate::cpu::conv_op::winograd_input_avx512(&d);
+                for (i, row) in out.iter().enumerate() {
+                    for (j, &val) in row.iter().enumerate() {
                         _mm512_mask_storeu_ps(dst.add((i * 4 + j) * es + at + g), mask, val);
                     }
                 }
