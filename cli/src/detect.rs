@@ -13,10 +13,18 @@ use crate::CliResult;
 #[derive(Args)]
 pub struct DetectArgs {
     /// Preprocessor name (`sdctl preprocessors list`)
-    pub name: String,
-    pub input: PathBuf,
+    #[arg(required_unless_present = "convert")]
+    pub name: Option<String>,
+    #[arg(required_unless_present = "convert")]
+    pub input: Option<PathBuf>,
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Convert a network file instead of detecting: a TorchScript file of DWPose's detector or
+    /// pose network (ComfyUI's yolox_l.torchscript.pt, dw-ll_ucoco_384_bs5.torchscript.pt)
+    /// written as the ONNX file dw_openpose_full reads (-o yolox_l.onnx). dw_openpose_full
+    /// also reads the TorchScript files directly, converting them at every start
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["name", "input", "json"])]
+    pub convert: Option<PathBuf>,
     /// Detect resolution (short side); an input whose short side is this and whose sides are
     /// multiples of 64 is processed at its own size
     #[arg(long, default_value_t = 512)]
@@ -65,8 +73,44 @@ pub fn cli_params(
     })
 }
 
+/// `--convert FILE -o OUT.onnx`: a DWPose TorchScript file written as ONNX.
+fn convert(input: &Path, output: &Path) -> CliResult {
+    sd_plugins_api::input_file::check(input)?;
+    if !sd_preprocessors::dwpose::is_torchscript(input) {
+        return Err(format!(
+            "--convert {}: not a TorchScript file (a zip archive, as torch.jit.save writes)",
+            input.display()
+        )
+        .into());
+    }
+    let (model, role) = sd_preprocessors::dwpose::convert_torchscript(input)?;
+    let bytes = sd_preprocessors::onnx::encode(&model);
+    // the written graph must load as any ONNX file does
+    sd_preprocessors::onnx::Model::from_bytes(&bytes)
+        .map_err(|e| format!("--convert {}: {e}", input.display()))?;
+    sd_pipeline::output::write_file(output, &bytes)?;
+    let nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
+    eprintln!(
+        "{}: DWPose's {} network, {nodes} ONNX nodes, written to {}",
+        input.display(),
+        match role {
+            sd_preprocessors::dwpose::Role::Detector => "detector",
+            sd_preprocessors::dwpose::Role::Pose => "pose",
+        },
+        output.display()
+    );
+    Ok(())
+}
+
 pub fn run(a: DetectArgs) -> CliResult {
     crate::check_output("--output", &a.output, false)?;
+    if let Some(c) = &a.convert {
+        return convert(c, &a.output);
+    }
+    let (Some(name), Some(input)) = (&a.name, &a.input) else {
+        return Err("a preprocessor name and an input image are needed (or --convert FILE)".into());
+    };
+    let (name, input) = (name.as_str(), input.as_path());
     if let Some(j) = &a.json {
         crate::check_output("--json", j, false)?;
     }
@@ -76,13 +120,13 @@ pub fn run(a: DetectArgs) -> CliResult {
         ..Default::default()
     })?;
     let reg = &st.registry;
-    let p = reg.preprocessor(&a.name).ok_or_else(|| {
+    let p = reg.preprocessor(name).ok_or_else(|| {
         let names = reg.preprocessor_names();
-        match sd_plugins_api::params::closest(&a.name, &names) {
-            Some(c) => format!("unknown preprocessor {:?} (did you mean `{c}`?)", a.name),
+        match sd_plugins_api::params::closest(name, &names) {
+            Some(c) => format!("unknown preprocessor {:?} (did you mean `{c}`?)", name),
             None => format!(
                 "unknown preprocessor {:?} (available: {})",
-                a.name,
+                name,
                 names.join(", ")
             ),
         }
@@ -102,7 +146,7 @@ pub fn run(a: DetectArgs) -> CliResult {
         Some(_) => Some(pose_detector(p.name()).ok_or_else(|| {
             format!(
                 "--json: `{}` does not detect poses (pose preprocessors: {})",
-                a.name,
+                name,
                 pose_detector_names().join(", ")
             )
         })?),
@@ -113,14 +157,14 @@ pub fn run(a: DetectArgs) -> CliResult {
         pad: a.pad,
     };
     let size = (a.resolution, a.resolution);
-    sd_plugins_api::input_file::check(&a.input)?;
+    sd_plugins_api::input_file::check(input)?;
     let (map, cached, pose) = match &detector {
         Some(det) => {
             let d = detect_file_with_pose(
                 reg,
                 p.as_ref(),
                 det.as_ref(),
-                &a.input,
+                input,
                 &params,
                 sizing,
                 size,
@@ -128,7 +172,7 @@ pub fn run(a: DetectArgs) -> CliResult {
             (d.map, false, Some(d.pose))
         }
         None => {
-            let out = detect_file(reg, p.as_ref(), &a.input, &params, sizing, size)?;
+            let out = detect_file(reg, p.as_ref(), input, &params, sizing, size)?;
             (out.map, out.cached, None)
         }
     };
@@ -162,7 +206,7 @@ pub fn run(a: DetectArgs) -> CliResult {
     }
     eprintln!(
         "{} {}x{} -> {}{}",
-        a.name,
+        name,
         w,
         h,
         a.output.display(),

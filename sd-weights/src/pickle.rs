@@ -102,13 +102,25 @@ pub fn is_pickle(path: &Path) -> bool {
         )
 }
 
-fn check(o: &Object) -> std::result::Result<(), String> {
+/// Deepest module nesting read from a TorchScript archive (`backbone.stage4.1.blocks.0.conv`).
+pub const MAX_MODULE_NESTING: usize = 64;
+
+/// Largest total of TorchScript code (`code/**.py`) read from an archive.
+pub const MAX_CODE_BYTES: u64 = 64 << 20;
+
+/// Whether a class is an allowed type; in a TorchScript archive (`torchscript`) the module
+/// classes its own code defines (`__torch__.*`) too: they are plain records here.
+fn check(o: &Object, torchscript: bool) -> std::result::Result<(), String> {
+    let check = |o: &Object| check(o, torchscript);
     match o {
         Object::Class {
             module_name,
             class_name,
         } => {
-            if ALLOWED.contains(&(module_name.as_str(), class_name.as_str())) {
+            if ALLOWED.contains(&(module_name.as_str(), class_name.as_str()))
+                || (torchscript
+                    && (is_torchscript_class(module_name) || module_name == "torch.jit._pickle"))
+            {
                 Ok(())
             } else {
                 Err(format!(
@@ -688,6 +700,50 @@ fn record(name: Object, value: Object, dir: &str) -> Limit<Option<(String, Recor
     )))
 }
 
+/// A TorchScript module tree: every module's (path, class) into `modules` and every tensor
+/// attribute (parameters, buffers) into `records` under its dotted path.
+fn read_modules(
+    root: Object,
+    dir: &str,
+    modules: &mut Vec<(String, String)>,
+    records: &mut HashMap<String, Record>,
+) -> Limit<()> {
+    let mut stack = vec![(String::new(), root, 0usize)];
+    while let Some((path, obj, depth)) = stack.pop() {
+        let (class, attrs) = match torchscript_module(obj) {
+            Ok(m) => m,
+            Err(_) if path.is_empty() => {
+                return Err("data.pkl does not hold a TorchScript module".into())
+            }
+            Err(_) => continue,
+        };
+        if depth > MAX_MODULE_NESTING {
+            return Err(format!(
+                "{path}: modules nested more than {MAX_MODULE_NESTING} deep: refused"
+            ));
+        }
+        modules.push((path.clone(), class));
+        let prefix = if path.is_empty() {
+            String::new()
+        } else {
+            format!("{path}.")
+        };
+        for (k, v) in attrs {
+            let Object::Unicode(k) = k else { continue };
+            let name = format!("{prefix}{k}");
+            match v {
+                v @ Object::Build { .. } => stack.push((name, v, depth + 1)),
+                v => {
+                    if let Some((n, r)) = record(Object::Unicode(name), v, dir)? {
+                        records.insert(n, r);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Bytes of tensor data (its elements times their size).
 fn data_bytes(r: &Record) -> u64 {
     r.layout.shape().elem_count() as u64 * r.dtype.size_in_bytes() as u64
@@ -699,7 +755,45 @@ fn data_bytes(r: &Record) -> u64 {
 pub struct Archive {
     path: PathBuf,
     records: HashMap<String, Record>,
+    /// A TorchScript archive's modules: (dotted path, `__torch__.` qualified class), the root
+    /// first at path "".
+    modules: Vec<(String, String)>,
+    /// The zip's member names.
+    members: Vec<String>,
     zip: Mutex<Zip>,
+}
+
+/// A class of TorchScript's own (`__torch__.yolox.models.yolox YOLOX`).
+fn is_torchscript_class(module_name: &str) -> bool {
+    module_name == "__torch__" || module_name.starts_with("__torch__.")
+}
+
+/// A TorchScript module object: `NEWOBJ` of a `__torch__` class, then `BUILD` with its
+/// attributes; its class (`module.Class`) and its attributes.
+fn torchscript_module(o: Object) -> std::result::Result<(String, Vec<(Object, Object)>), Object> {
+    match o {
+        Object::Build { callable, args } => match (*callable, *args) {
+            (
+                Object::Reduce { callable: c, .. },
+                Object::Dict(kv),
+            ) if matches!(&*c, Object::Class { module_name, .. } if is_torchscript_class(module_name)) =>
+            {
+                let Object::Class {
+                    module_name,
+                    class_name,
+                } = *c
+                else {
+                    unreachable!()
+                };
+                Ok((format!("{module_name}.{class_name}"), kv))
+            }
+            (callable, args) => Err(Object::Build {
+                callable: Box::new(callable),
+                args: Box::new(args),
+            }),
+        },
+        o => Err(o),
+    }
 }
 
 impl Archive {
@@ -724,12 +818,38 @@ impl Archive {
         let mut has_state_dict = false;
         let mut found = false;
         let mut pickles = Vec::new();
+        // torch.jit.save: `<dir>/data.pkl` (the module tree), `<dir>/constants.pkl`, `<dir>/code/`
+        let torchscript = names.iter().any(|n| n.contains("/code/__torch__/"));
+        let mut modules = Vec::new();
+        let mut records = HashMap::new();
         for name in names.iter().filter(|n| n.ends_with(".pkl")) {
             found = true;
+            // TorchScript keeps its example inputs (`traced_inputs.pkl`) too: not read
+            if torchscript && !(name.ends_with("/data.pkl") || name.ends_with("/constants.pkl")) {
+                continue;
+            }
             let data = read_pickle(&mut zip, name).map_err(bad)?;
             let obj = decode(name, &data).map_err(bad)?;
             drop(data);
-            check(&obj).map_err(bad)?;
+            check(&obj, torchscript).map_err(bad)?;
+            if torchscript {
+                let dir = name.strip_suffix(".pkl").unwrap_or(name);
+                if name.ends_with("/data.pkl") {
+                    read_modules(obj, dir, &mut modules, &mut records).map_err(bad)?;
+                } else if name.ends_with("/constants.pkl") {
+                    // a tuple of tensors, `CONSTANTS.c0`, `CONSTANTS.c1`... in the code
+                    let Object::Tuple(items) = obj else { continue };
+                    for (i, t) in items.into_iter().enumerate() {
+                        if let Some((n, r)) =
+                            record(Object::Unicode(format!("CONSTANTS.c{i}")), t, dir)
+                                .map_err(bad)?
+                        {
+                            records.insert(n, r);
+                        }
+                    }
+                }
+                continue;
+            }
             if let Object::Dict(kv) = &obj {
                 has_state_dict |= kv
                     .iter()
@@ -743,7 +863,6 @@ impl Archive {
             return Err(bad("no pickle (data.pkl) in the archive".into()));
         }
         let key = has_state_dict.then_some("state_dict");
-        let mut records = HashMap::new();
         for (name, obj) in pickles {
             let dir = name.strip_suffix(".pkl").unwrap_or(name);
             // a TorchScript module: its state is the BUILD's argument
@@ -793,8 +912,45 @@ impl Archive {
         Ok(Archive {
             path: path.to_path_buf(),
             records,
+            modules,
+            members: names,
             zip: Mutex::new(zip),
         })
+    }
+
+    /// A TorchScript archive's modules, (dotted path, class as its code names it: `__torch__.`
+    /// module path and class), the root module first at path ""; empty for a state dict.
+    pub fn torchscript_modules(&self) -> &[(String, String)] {
+        &self.modules
+    }
+
+    /// A TorchScript archive's code: (path inside `code/`, e.g. `__torch__/yolox/models/yolox.py`,
+    /// text) for every `.py` member, at most [`MAX_CODE_BYTES`] in all.
+    pub fn torchscript_code(&self) -> Limit<Vec<(String, String)>> {
+        let mut zip = self.zip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let mut left = MAX_CODE_BYTES;
+        for name in &self.members {
+            let Some(at) = name.find("/code/") else {
+                continue;
+            };
+            if !name.ends_with(".py") {
+                continue;
+            }
+            let f = zip.by_name(name).map_err(|e| format!("{name}: {e}"))?;
+            let mut text = String::new();
+            f.take(left + 1)
+                .read_to_string(&mut text)
+                .map_err(|e| format!("{name}: not UTF-8 text ({e})"))?;
+            left = left.checked_sub(text.len() as u64).ok_or_else(|| {
+                format!(
+                    "more than {} MiB of TorchScript code: refused",
+                    MAX_CODE_BYTES >> 20
+                )
+            })?;
+            out.push((name[at + "/code/".len()..].to_string(), text));
+        }
+        Ok(out)
     }
 
     /// The file read.

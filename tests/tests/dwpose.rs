@@ -348,3 +348,68 @@ fn no_detection_gives_no_people_and_a_black_map() {
     let map = dwpose::draw(&pose, image.width, image.height);
     assert!(map.data.iter().all(|&v| v == 0));
 }
+
+// ------------------------------------------------------------------------------------------
+// TorchScript files (fixtures/make_dwpose_torchscript_fixtures.py): the same tiny networks
+// traced with torch.jit.trace, converted to ONNX graphs and run by the interpreter.
+
+fn ts(name: &str) -> std::path::PathBuf {
+    dir().join("torchscript").join(name)
+}
+
+fn ts_outputs() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(ts("outputs.safetensors"), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn a_traced_yolox_converts_and_runs_as_torchscript_runs_it() {
+    let m = dwpose::load_network(&ts("yolox_tiny.torchscript.pt"), dwpose::Role::Detector).unwrap();
+    let x = formula(3, 640, 640, |c, h, w| {
+        127.5 + 127.5 * (0.37 * c + 0.013 * h + 0.021 * w + 0.5 * c * h / 640.0).sin()
+    });
+    let out = m.run(&[("images", x)]).unwrap();
+    assert_eq!(out[0].dims(), &[1, 8400, 85]);
+    let all = vec_f32(&out[0]);
+    let rows: Vec<f32> = all
+        .chunks(85)
+        .step_by(16)
+        .flat_map(|r| r.iter().copied())
+        .collect();
+    let f = ts_outputs();
+    // as for the ONNX file: float32 runs are ~2e-4 from the float64 one (the TorchScript run
+    // 2.3e-4), so the float64 run is the reference, within 1.5x of PyTorch's own distance
+    let d = rel_diff(&rows, &vec_f32(&f["det_rows_f64"]));
+    let t = rel_diff(&rows, &vec_f32(&f["det_rows"]));
+    println!("traced YOLOX: {d} from float64, {t} from TorchScript's float32 run");
+    assert!(d < 3.5e-4, "YOLOX output off by {d} (relative to float64)");
+}
+
+#[test]
+fn a_traced_rtmpose_of_batch_five_converts_and_runs_one_crop_as_torchscript_does() {
+    let m = dwpose::load_network(&ts("rtmpose_tiny.torchscript.pt"), dwpose::Role::Pose).unwrap();
+    let x = formula(3, 384, 288, |c, h, w| {
+        (0.29 * c + 0.017 * h + 0.023 * w).sin() * 2.0
+    });
+    let out = m.run(&[("input", x)]).unwrap();
+    let f = ts_outputs();
+    for (i, k) in ["simcc_x", "simcc_y"].iter().enumerate() {
+        assert_eq!(out[i].dims(), f[*k].dims(), "{k}");
+        // the ONNX export's tolerance against ONNX Runtime (BatchNorm folded here as there)
+        let d = rel_diff(&vec_f32(&out[i]), &vec_f32(&f[*k]));
+        println!("traced RTMPose {k}: {d} from TorchScript");
+        assert!(d < 1e-4, "{k} off by {d} (relative)");
+    }
+}
+
+#[test]
+fn a_torchscript_file_of_the_other_network_is_refused_by_name() {
+    let e = dwpose::load_network(&ts("yolox_tiny.torchscript.pt"), dwpose::Role::Pose)
+        .err()
+        .unwrap();
+    assert!(e.contains("yolox_tiny.torchscript.pt") && e.contains("Detector"), "{e}");
+    // a state dict is not TorchScript
+    let e = dwpose::convert_torchscript(&fixtures().join("models/esrgan/tiny_x1_ema.pth"))
+        .err()
+        .unwrap();
+    assert!(e.contains("not a TorchScript archive"), "{e}");
+}

@@ -34,10 +34,10 @@ use crate::register_pose_detector;
 use crate::weights::{find_weights_param, weights_salt_param};
 
 const NAME: &str = "dw_openpose_full";
-/// The detector's file in the annotator folder.
-pub const DET_FILES: [&str; 1] = ["yolox_l.onnx"];
-/// The pose network's file in the annotator folder.
-pub const POSE_FILES: [&str; 1] = ["dw-ll_ucoco_384.onnx"];
+/// The detector's file in the annotator folder (ONNX first, then ComfyUI's TorchScript).
+pub const DET_FILES: [&str; 2] = ["yolox_l.onnx", "yolox_l.torchscript.pt"];
+/// The pose network's file in the annotator folder (ONNX first, then ComfyUI's TorchScript).
+pub const POSE_FILES: [&str; 2] = ["dw-ll_ucoco_384.onnx", "dw-ll_ucoco_384_bs5.torchscript.pt"];
 
 /// The detector's square input side.
 pub const DET_SIZE: usize = 640;
@@ -422,10 +422,76 @@ pub fn draw(pose: &Pose, width: usize, height: usize) -> ImageBuf {
     }
 }
 
-type ModelCache = Mutex<HashMap<(PathBuf, u64, u128), Arc<Model>>>;
+type ModelCache = Mutex<HashMap<(PathBuf, u64, u128, Role), Arc<Model>>>;
 
-/// An ONNX file, loaded once per process (per path, size and modification time).
-pub fn load_model_cached(path: &Path) -> Result<Arc<Model>, String> {
+/// Which of DWPose's two networks a file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Detector,
+    Pose,
+}
+
+impl Role {
+    /// The input name and shape, and the output names, of the network's ONNX file.
+    pub fn signature(self) -> (&'static str, [usize; 4], &'static [&'static str]) {
+        match self {
+            Role::Detector => ("images", [1, 3, DET_SIZE, DET_SIZE], &["output"]),
+            Role::Pose => (
+                "input",
+                [1, 3, POSE_SIZE.1, POSE_SIZE.0],
+                &["simcc_x", "simcc_y"],
+            ),
+        }
+    }
+}
+
+/// A TorchScript file of one of DWPose's networks as the ONNX model its ONNX file would be
+/// (the network told by its outputs: one for the detector, `simcc_x` and `simcc_y` for the
+/// pose network); the pose network is converted for one crop at a time, whatever batch it was
+/// traced with.
+pub fn convert_torchscript(path: &Path) -> Result<(crate::onnx::proto::ModelProto, Role), String> {
+    let program = crate::onnx::torchscript::Program::open(path)?;
+    let role = match program.outputs() {
+        1 => Role::Detector,
+        2 => Role::Pose,
+        n => {
+            return Err(format!(
+                "{}: a network with {n} outputs is neither DWPose's detector (1) nor its pose network (2)",
+                path.display()
+            ))
+        }
+    };
+    let (input, shape, outputs) = role.signature();
+    let model = program
+        .to_onnx(input, &shape, outputs)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((model, role))
+}
+
+/// Whether a weights file is a TorchScript archive rather than ONNX (a zip: ONNX files are
+/// protobuf).
+pub fn is_torchscript(path: &Path) -> bool {
+    sd_weights::sniff::is_zip(path)
+}
+
+/// A network's file, ONNX or TorchScript (converted), checked to be the `role` network.
+pub fn load_network(path: &Path, role: Role) -> Result<Model, String> {
+    if !is_torchscript(path) {
+        return Model::load(path);
+    }
+    let (model, found) = convert_torchscript(path)?;
+    if found != role {
+        return Err(format!(
+            "{}: this TorchScript file holds DWPose's {found:?} network, not its {role:?} network",
+            path.display()
+        ));
+    }
+    Model::from_proto(model).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A network's file (ONNX, or TorchScript converted), loaded once per process (per path, size
+/// and modification time).
+pub fn load_model_cached(path: &Path, role: Role) -> Result<Arc<Model>, String> {
     static CACHE: OnceLock<ModelCache> = OnceLock::new();
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mtime = meta
@@ -433,7 +499,7 @@ pub fn load_model_cached(path: &Path) -> Result<Arc<Model>, String> {
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    let key = (path.to_path_buf(), meta.len(), mtime);
+    let key = (path.to_path_buf(), meta.len(), mtime, role);
     let mut cache = CACHE
         .get_or_init(Default::default)
         .lock()
@@ -441,7 +507,7 @@ pub fn load_model_cached(path: &Path) -> Result<Arc<Model>, String> {
     if let Some(m) = cache.get(&key) {
         return Ok(m.clone());
     }
-    let m = Arc::new(Model::load(path)?);
+    let m = Arc::new(load_network(path, role)?);
     cache.insert(key, m.clone());
     Ok(m)
 }
@@ -463,8 +529,8 @@ impl PoseDetector for DwOpenposeFull {
         let det = find_weights_param(NAME, params, "det_model", &DET_FILES)?;
         let pose = find_weights_param(NAME, params, "pose_model", &POSE_FILES)?;
         let nets = OnnxNetworks {
-            det: load_model_cached(&det).map_err(Self::fail)?,
-            pose: load_model_cached(&pose).map_err(Self::fail)?,
+            det: load_model_cached(&det, Role::Detector).map_err(Self::fail)?,
+            pose: load_model_cached(&pose, Role::Pose).map_err(Self::fail)?,
         };
         detect_pose(&nets, rgb).map_err(Self::fail)
     }

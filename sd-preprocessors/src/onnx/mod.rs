@@ -12,6 +12,7 @@ mod node;
 mod ops;
 pub mod proto;
 mod tensor;
+pub mod torchscript;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,6 +23,11 @@ use prost::Message;
 use node::Node;
 use tensor::tensor_of;
 pub use tensor::{element_limit, with_element_limit, MAX_ELEMENTS};
+
+/// A model as the bytes of an `.onnx` file.
+pub fn encode(model: &proto::ModelProto) -> Vec<u8> {
+    model.encode_to_vec()
+}
 
 /// Largest model file read (the DWPose files are 217 and 135 MB).
 pub const MAX_FILE_BYTES: u64 = 2 << 30;
@@ -48,6 +54,11 @@ impl Model {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
         let model = proto::ModelProto::decode(bytes)
             .map_err(|e| format!("not an ONNX model (protobuf: {e})"))?;
+        Self::from_proto(model)
+    }
+
+    /// [`Model::load`] of a decoded model (one converted from TorchScript, say).
+    pub fn from_proto(model: proto::ModelProto) -> Result<Self, String> {
         let graph = model.graph.ok_or("not an ONNX model: it has no graph")?;
         if graph.node.is_empty() {
             return Err("not an ONNX model: its graph has no nodes".into());

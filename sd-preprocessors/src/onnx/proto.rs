@@ -39,11 +39,44 @@ pub struct GraphProto {
     pub output: Vec<ValueInfoProto>,
 }
 
-/// `ValueInfoProto` (the name only: shapes come from the values themselves).
+/// `ValueInfoProto` (the interpreter reads the name: shapes come from the values themselves;
+/// the type is written for other runtimes, which need it on graph inputs and outputs).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ValueInfoProto {
     #[prost(string, tag = "1")]
     pub name: String,
+    #[prost(message, optional, tag = "2")]
+    pub r#type: Option<TypeProto>,
+}
+
+/// `TypeProto` (tensors only).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TypeProto {
+    #[prost(message, optional, tag = "1")]
+    pub tensor_type: Option<TypeProtoTensor>,
+}
+
+/// `TypeProto.Tensor`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TypeProtoTensor {
+    #[prost(int32, tag = "1")]
+    pub elem_type: i32,
+    #[prost(message, optional, tag = "2")]
+    pub shape: Option<TensorShapeProto>,
+}
+
+/// `TensorShapeProto`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TensorShapeProto {
+    #[prost(message, repeated, tag = "1")]
+    pub dim: Vec<TensorShapeDimension>,
+}
+
+/// `TensorShapeProto.Dimension` (fixed sizes only).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TensorShapeDimension {
+    #[prost(int64, tag = "1")]
+    pub dim_value: i64,
 }
 
 /// `NodeProto`.
