@@ -160,15 +160,8 @@ pub fn run(a: DetectArgs) -> CliResult {
     sd_plugins_api::input_file::check(input)?;
     let (map, cached, pose) = match &detector {
         Some(det) => {
-            let d = detect_file_with_pose(
-                reg,
-                p.as_ref(),
-                det.as_ref(),
-                input,
-                &params,
-                sizing,
-                size,
-            )?;
+            let d =
+                detect_file_with_pose(reg, p.as_ref(), det.as_ref(), input, &params, sizing, size)?;
             (d.map, false, Some(d.pose))
         }
         None => {

@@ -160,7 +160,10 @@ fn constant_onnx(input: &str, output: &str, value: &Tensor) -> Vec<u8> {
         }],
         ..Default::default()
     };
-    let info = |n: &str| ValueInfoProto { name: n.into() };
+    let info = |n: &str| ValueInfoProto {
+        name: n.into(),
+        ..Default::default()
+    };
     ModelProto {
         ir_version: 7,
         graph: Some(GraphProto {
@@ -276,5 +279,150 @@ fn dw_openpose_full_runs_the_onnx_files_and_names_bad_ones() {
         "{e}"
     );
     assert!(!png.exists() && !json.exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The canned two-person detector output of the DWPose fixture, as a constant ONNX graph.
+fn canned_detector() -> Vec<u8> {
+    let canned = candle_core::safetensors::load(
+        fixtures().join("dwpose/pipeline.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut det = vec![0f32; 8400 * 85];
+    let rows: Vec<i64> = canned["det_rows_index"].to_vec1().unwrap();
+    let vals: Vec<f32> = canned["det_rows_values"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (r, v) in rows.iter().zip(vals.chunks(85)) {
+        det[*r as usize * 85..(*r as usize + 1) * 85].copy_from_slice(v);
+    }
+    let det = Tensor::from_vec(det, (1, 8400, 85), &Device::Cpu).unwrap();
+    constant_onnx("images", "output", &det)
+}
+
+#[test]
+fn dw_openpose_full_reads_torchscript_files_as_detect_convert_writes_them() {
+    let d = scratch("detect_json", "dwpose_torchscript");
+    let ann = d.join("annotators");
+    std::fs::create_dir_all(&ann).unwrap();
+    let run = |args: &[&str]| {
+        sdctl_command()
+            .args(args)
+            .env("SDCTL_CACHE_DIR", d.join("cache"))
+            .env("SDCTL_ANNOTATOR_DIR", &ann)
+            .output()
+            .unwrap()
+    };
+    let ts = fixtures().join("dwpose/torchscript");
+    std::fs::write(ann.join("yolox_l.onnx"), canned_detector()).unwrap();
+    // only ComfyUI's TorchScript pose file in the folder: found under its name
+    std::fs::copy(
+        ts.join("rtmpose_tiny.torchscript.pt"),
+        ann.join("dw-ll_ucoco_384_bs5.torchscript.pt"),
+    )
+    .unwrap();
+    let photo = fixtures().join("preprocessors/chelsea.png");
+    let detect = |png: &std::path::Path, json: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "detect",
+            "dw_openpose_full",
+            s(&photo),
+            "-o",
+            s(png),
+            "--json",
+            s(json),
+            "--resolution",
+            "128",
+        ];
+        args.extend(extra);
+        let o = run(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (png_ts, json_ts) = (d.join("ts.png"), d.join("ts.json"));
+    detect(&png_ts, &json_ts, &[]);
+
+    // --convert writes the pose network as an ONNX file; run from it, the map and the pose
+    // are the same
+    let onnx = d.join("converted_pose.onnx");
+    let o = run(&[
+        "detect",
+        "--convert",
+        s(&ts.join("rtmpose_tiny.torchscript.pt")),
+        "-o",
+        s(&onnx),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pose network"));
+    let m = sd_preprocessors::onnx::Model::load(&onnx).unwrap();
+    assert_eq!(m.input_names(), ["input"]);
+    assert_eq!(m.output_names(), ["simcc_x", "simcc_y"]);
+    let (png_onnx, json_onnx) = (d.join("onnx.png"), d.join("onnx.json"));
+    let param = format!("pose_model={}", s(&onnx));
+    detect(&png_onnx, &json_onnx, &["--param", &param]);
+    assert_eq!(read_json(&json_ts), read_json(&json_onnx));
+    let pose = Pose::from_json(&read_json(&json_ts).to_string()).unwrap();
+    assert_eq!(pose.people.len(), 2, "the two canned people");
+    assert_eq!(
+        image::open(&png_ts).unwrap().to_rgb8().into_raw(),
+        image::open(&png_onnx).unwrap().to_rgb8().into_raw()
+    );
+
+    // the detector converts too, under its ONNX names
+    let det = d.join("converted_det.onnx");
+    let o = run(&[
+        "detect",
+        "--convert",
+        s(&ts.join("yolox_tiny.torchscript.pt")),
+        "-o",
+        s(&det),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = sd_preprocessors::onnx::Model::load(&det).unwrap();
+    assert_eq!(m.input_names(), ["images"]);
+    assert_eq!(m.output_names(), ["output"]);
+
+    // the pose network given as the detector: refused, naming the file and what it holds
+    let (png, json) = (d.join("bad.png"), d.join("bad.json"));
+    let param = format!("det_model={}", s(&ts.join("rtmpose_tiny.torchscript.pt")));
+    let mut args = vec![
+        "detect",
+        "dw_openpose_full",
+        s(&photo),
+        "-o",
+        s(&png),
+        "--json",
+        s(&json),
+    ];
+    args.extend(["--param", &param]);
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("rtmpose_tiny.torchscript.pt") && e.contains("Pose network"),
+        "{e}"
+    );
+    assert!(!png.exists() && !json.exists());
+
+    // --convert of a state dict or an ONNX file: refused, nothing written
+    let out = d.join("never.onnx");
+    for (input, says) in [
+        (
+            fixtures().join("models/esrgan/tiny_x1_ema.pth"),
+            "not a TorchScript archive",
+        ),
+        (
+            fixtures().join("dwpose/yolox_tiny.onnx"),
+            "not a TorchScript file",
+        ),
+    ] {
+        let o = run(&["detect", "--convert", s(&input), "-o", s(&out)]);
+        assert_eq!(o.status.code(), Some(1));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(says) && e.contains(s(&input)), "{e}");
+        assert!(!out.exists());
+    }
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -773,10 +773,7 @@ fn is_torchscript_class(module_name: &str) -> bool {
 fn torchscript_module(o: Object) -> std::result::Result<(String, Vec<(Object, Object)>), Object> {
     match o {
         Object::Build { callable, args } => match (*callable, *args) {
-            (
-                Object::Reduce { callable: c, .. },
-                Object::Dict(kv),
-            ) if matches!(&*c, Object::Class { module_name, .. } if is_torchscript_class(module_name)) =>
+            (Object::Reduce { callable: c, .. }, Object::Dict(kv)) if matches!(&*c, Object::Class { module_name, .. } if is_torchscript_class(module_name)) =>
             {
                 let Object::Class {
                     module_name,

@@ -406,7 +406,20 @@ fn a_torchscript_file_of_the_other_network_is_refused_by_name() {
     let e = dwpose::load_network(&ts("yolox_tiny.torchscript.pt"), dwpose::Role::Pose)
         .err()
         .unwrap();
-    assert!(e.contains("yolox_tiny.torchscript.pt") && e.contains("Detector"), "{e}");
+    assert!(
+        e.contains("yolox_tiny.torchscript.pt") && e.contains("Detector"),
+        "{e}"
+    );
+    // an operator the converter does not write: refused by name, with the code that calls it
+    let e = dwpose::convert_torchscript(&ts("gelu.torchscript.pt"))
+        .err()
+        .unwrap();
+    assert!(
+        e.contains("gelu.torchscript.pt")
+            && e.contains("`gelu` is not supported")
+            && e.contains("activation.py, line"),
+        "{e}"
+    );
     // a state dict is not TorchScript
     let e = dwpose::convert_torchscript(&fixtures().join("models/esrgan/tiny_x1_ema.pth"))
         .err()

@@ -15,9 +15,8 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 
 use super::proto::{
-    data_type, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    TensorProto, TensorShapeDimension, TensorShapeProto, TypeProto, TypeProtoTensor,
-    ValueInfoProto,
+    data_type, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeDimension, TensorShapeProto, TypeProto, TypeProtoTensor, ValueInfoProto,
 };
 
 /// A float tensor's value info.
@@ -93,9 +92,11 @@ impl Program {
     }
 
     fn method(&self, class: &str, name: &str) -> Result<&Method, String> {
-        let c = self.code.classes.get(class).ok_or_else(|| {
-            format!("the code defines no class {class}")
-        })?;
+        let c = self
+            .code
+            .classes
+            .get(class)
+            .ok_or_else(|| format!("the code defines no class {class}"))?;
         c.get(name).ok_or_else(|| {
             format!(
                 "class {class} ({}) has no method {name}",
@@ -161,7 +162,11 @@ impl Program {
             .zip(keep)
             .filter_map(|(n, k)| k.then_some(n))
             .collect();
-        let initializer = e.inits.into_iter().filter(|t| need.contains(&t.name)).collect();
+        let initializer = e
+            .inits
+            .into_iter()
+            .filter(|t| need.contains(&t.name))
+            .collect();
         Ok(ModelProto {
             ir_version: 6,
             producer_name: "sdctl (from TorchScript)".into(),
@@ -260,7 +265,9 @@ fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
             (x, y) if x == y => Ok(x),
             (1, y) => Ok(y),
             (x, 1) => Ok(x),
-            (x, y) => Err(format!("shapes {a:?} and {b:?} do not broadcast ({x} against {y})")),
+            (x, y) => Err(format!(
+                "shapes {a:?} and {b:?} do not broadcast ({x} against {y})"
+            )),
         })
         .collect()
 }
@@ -616,7 +623,8 @@ impl Emit<'_> {
                             k.sort();
                             return Err(format!("torch.{op} with keyword arguments {k:?}"));
                         }
-                        self.aten(op, vals).map_err(|e| format!("torch.{op}: {e}"))?
+                        self.aten(op, vals)
+                            .map_err(|e| format!("torch.{op}: {e}"))?
                     }
                 }
             }
@@ -659,12 +667,22 @@ impl Emit<'_> {
                 let w = self.tensor(&arg(1))?;
                 let ws = self.shape(&w)?;
                 let (stride, pad, dil, groups) = if op == "conv2d" {
-                    (arg(3).ints()?, arg(4).ints()?, arg(5).ints()?, arg(6).int()?)
+                    (
+                        arg(3).ints()?,
+                        arg(4).ints()?,
+                        arg(5).ints()?,
+                        arg(6).int()?,
+                    )
                 } else {
                     if arg(6).bool()? {
                         return Err("transposed convolutions are not supported".into());
                     }
-                    (arg(3).ints()?, arg(4).ints()?, arg(5).ints()?, arg(8).int()?)
+                    (
+                        arg(3).ints()?,
+                        arg(4).ints()?,
+                        arg(5).ints()?,
+                        arg(8).int()?,
+                    )
                 };
                 if xs.len() != 4 || ws.len() != 4 {
                     return Err(format!("a 2-D convolution of {xs:?} by {ws:?}"));
@@ -676,7 +694,7 @@ impl Emit<'_> {
                     ins.push(self.tensor(&arg(2))?);
                 }
                 let out = |i: usize| {
-                    let k = (dil[i] * (ws[2 + i] as i64 - 1) + 1) as i64;
+                    let k = dil[i] * (ws[2 + i] as i64 - 1) + 1;
                     ((xs[2 + i] as i64 + 2 * pad[i] - k) / stride[i] + 1).max(0) as usize
                 };
                 let shape = vec![xs[0], ws[0], out(0), out(1)];
@@ -723,19 +741,27 @@ impl Emit<'_> {
                 if let Some(&i) = self.conv_of.get(&x) {
                     // fold into the convolution: W * scale per output channel, (B - mean) * scale + b
                     let conv = self.nodes[i].clone();
-                    let w0 = self.consts[&conv.input[1]].to_dtype(DType::F64).map_err(err)?;
+                    let w0 = self.consts[&conv.input[1]]
+                        .to_dtype(DType::F64)
+                        .map_err(err)?;
                     let wf = w0
                         .broadcast_mul(&scale.reshape((c, 1, 1, 1)).map_err(err)?)
                         .map_err(err)?;
                     let b0 = match conv.input.get(2) {
                         Some(n) => self.consts[n].to_dtype(DType::F64).map_err(err)?,
-                        None => Tensor::zeros(c, DType::F64, &candle_core::Device::Cpu)
-                            .map_err(err)?,
+                        None => {
+                            Tensor::zeros(c, DType::F64, &candle_core::Device::Cpu).map_err(err)?
+                        }
                     };
                     let bf = b0.mul(&scale).and_then(|t| t.add(&shift)).map_err(err)?;
                     let wn = self.constant("conv_w", wf)?;
                     let bn = self.constant("conv_b", bf)?;
-                    return Ok(self.op1("Conv", vec![conv.input[0].clone(), wn, bn], conv.attribute, xs));
+                    return Ok(self.op1(
+                        "Conv",
+                        vec![conv.input[0].clone(), wn, bn],
+                        conv.attribute,
+                        xs,
+                    ));
                 }
                 let r = xs.len();
                 let per = |t: Tensor| t.reshape([vec![c], vec![1; r.saturating_sub(2)]].concat());
@@ -818,7 +844,11 @@ impl Emit<'_> {
             }
             "leaky_relu" | "leaky_relu_" => {
                 let (x, xs) = x_of(self, 0)?;
-                let slope = if arg(1).is_none() { 0.01 } else { arg(1).float()? };
+                let slope = if arg(1).is_none() {
+                    0.01
+                } else {
+                    arg(1).float()?
+                };
                 self.op1("LeakyRelu", vec![x], vec![af("alpha", slope as f32)], xs)
             }
             "square" => {
@@ -877,7 +907,11 @@ impl Emit<'_> {
                 let (x, xs) = x_of(self, 0)?;
                 let r = xs.len();
                 let s = dim(arg(1).int()?, r.max(1))?;
-                let e = if arg(2).is_none() { r - 1 } else { dim(arg(2).int()?, r)? };
+                let e = if arg(2).is_none() {
+                    r - 1
+                } else {
+                    dim(arg(2).int()?, r)?
+                };
                 let mut shape = xs[..s].to_vec();
                 shape.push(xs[s..=e].iter().product());
                 shape.extend_from_slice(&xs[e + 1..]);
@@ -928,8 +962,16 @@ impl Emit<'_> {
                 let d = dim(arg(1).int()?, xs.len())?;
                 let n = xs[d] as i64;
                 let clampi = |v: i64| if v < 0 { (v + n).max(0) } else { v.min(n) };
-                let st = if arg(2).is_none() { 0 } else { clampi(arg(2).int()?) };
-                let en = if arg(3).is_none() { n } else { clampi(arg(3).int()?) };
+                let st = if arg(2).is_none() {
+                    0
+                } else {
+                    clampi(arg(2).int()?)
+                };
+                let en = if arg(3).is_none() {
+                    n
+                } else {
+                    clampi(arg(3).int()?)
+                };
                 let step = if arg(4).is_none() { 1 } else { arg(4).int()? };
                 if step < 1 {
                     return Err(format!("a slice step of {step}"));
@@ -950,7 +992,12 @@ impl Emit<'_> {
                 let d = dim(arg(1).int()?, xs.len() + 1)?;
                 let mut shape = xs;
                 shape.insert(d, 1);
-                self.op1("Unsqueeze", vec![x], vec![aints("axes", &[d as i64])], shape)
+                self.op1(
+                    "Unsqueeze",
+                    vec![x],
+                    vec![aints("axes", &[d as i64])],
+                    shape,
+                )
             }
             "squeeze" => {
                 let (x, xs) = x_of(self, 0)?;
@@ -975,17 +1022,28 @@ impl Emit<'_> {
             }
             "split_with_sizes" | "split" | "unbind" | "chunk" => {
                 let (x, xs) = x_of(self, 0)?;
-                let d = dim(if op == "unbind" { arg(1).int()? } else { arg(2).int()? }, xs.len())?;
+                let d = dim(
+                    if op == "unbind" {
+                        arg(1).int()?
+                    } else {
+                        arg(2).int()?
+                    },
+                    xs.len(),
+                )?;
                 let n = xs[d];
                 let sizes: Vec<usize> = match (op, arg(1)) {
                     ("unbind", _) => vec![1; n],
                     ("chunk", c) => {
                         let each = n.div_ceil(c.int()?.max(1) as usize);
-                        (0..n.div_ceil(each)).map(|i| each.min(n - i * each)).collect()
+                        (0..n.div_ceil(each))
+                            .map(|i| each.min(n - i * each))
+                            .collect()
                     }
                     ("split", V::I(each)) => {
                         let each = each.max(1) as usize;
-                        (0..n.div_ceil(each)).map(|i| each.min(n - i * each)).collect()
+                        (0..n.div_ceil(each))
+                            .map(|i| each.min(n - i * each))
+                            .collect()
                     }
                     (_, l) => l.ints()?.iter().map(|&v| v.max(0) as usize).collect(),
                 };
@@ -1008,7 +1066,12 @@ impl Emit<'_> {
                     self.shapes.insert(o.clone(), shape.clone());
                     if op == "unbind" {
                         shape.remove(d);
-                        vals.push(self.op1("Squeeze", vec![o], vec![aints("axes", &[d as i64])], shape));
+                        vals.push(self.op1(
+                            "Squeeze",
+                            vec![o],
+                            vec![aints("axes", &[d as i64])],
+                            shape,
+                        ));
                     } else {
                         vals.push(V::T(o));
                     }
@@ -1129,7 +1192,12 @@ impl Emit<'_> {
                 if arg(1).ints()?.iter().any(|&v| v != 1) {
                     return Err("adaptive average pooling to other than 1x1".into());
                 }
-                self.op1("GlobalAveragePool", vec![x], vec![], vec![xs[0], xs[1], 1, 1])
+                self.op1(
+                    "GlobalAveragePool",
+                    vec![x],
+                    vec![],
+                    vec![xs[0], xs[1], 1, 1],
+                )
             }
             "upsample_nearest2d" => {
                 let (x, xs) = x_of(self, 0)?;
@@ -1155,7 +1223,11 @@ impl Emit<'_> {
                 )
                 .map_err(err)?;
                 let roi = Tensor::zeros(0, DType::F32, &candle_core::Device::Cpu).map_err(err)?;
-                let ins = vec![x, self.constant("roi", roi)?, self.constant("scales", scales)?];
+                let ins = vec![
+                    x,
+                    self.constant("roi", roi)?,
+                    self.constant("scales", scales)?,
+                ];
                 let attrs = vec![
                     astr("mode", "nearest"),
                     astr("coordinate_transformation_mode", "asymmetric"),
@@ -1164,10 +1236,8 @@ impl Emit<'_> {
                 self.op1("Resize", ins, attrs, vec![xs[0], xs[1], oh, ow])
             }
             "contiguous" | "detach" | "clone" | "dropout" | "dropout_" | "feature_dropout" => {
-                if op.starts_with("dropout") || op == "feature_dropout" {
-                    if arg(2).bool()? {
-                        return Err("dropout in training mode".into());
-                    }
+                if (op.starts_with("dropout") || op == "feature_dropout") && arg(2).bool()? {
+                    return Err("dropout in training mode".into());
                 }
                 arg(0)
             }
@@ -1179,7 +1249,11 @@ impl Emit<'_> {
                     V::I(xs[dim(arg(1).int()?, xs.len())?] as i64)
                 }
             }
-            other => return Err(format!("the operator `{other}` is not supported by the converter")),
+            other => {
+                return Err(format!(
+                    "the operator `{other}` is not supported by the converter"
+                ))
+            }
         })
     }
 

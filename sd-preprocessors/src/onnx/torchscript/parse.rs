@@ -55,10 +55,7 @@ impl Code {
     pub fn parse(files: &[(String, String)]) -> Result<Self, String> {
         let mut code = Code::default();
         for (path, text) in files {
-            let module = path
-                .strip_suffix(".py")
-                .unwrap_or(path)
-                .replace('/', ".");
+            let module = path.strip_suffix(".py").unwrap_or(path).replace('/', ".");
             parse_file(&module, text, &mut code).map_err(|e| format!("code/{path}: {e}"))?;
             for class in code.classes.keys() {
                 code.files
@@ -123,13 +120,10 @@ fn parse_file(module: &str, text: &str, code: &mut Code) -> Result<(), String> {
             }
             i += 1;
         }
-        code.classes.get_mut(c).expect("entered above").insert(
-            name,
-            Method {
-                body,
-                ..method
-            },
-        );
+        code.classes
+            .get_mut(c)
+            .expect("entered above")
+            .insert(name, Method { body, ..method });
     }
     Ok(())
 }
@@ -166,7 +160,16 @@ fn signature(sig: &str) -> Result<(String, Method), String> {
     params.push(cur);
     let params: Vec<String> = params
         .iter()
-        .map(|p| p.split(':').next().unwrap_or("").split('=').next().unwrap_or("").trim().to_string())
+        .map(|p| {
+            p.split(':')
+                .next()
+                .unwrap_or("")
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
         .filter(|p| !p.is_empty())
         .collect();
     if params.first().map(String::as_str) != Some("self") {
@@ -252,6 +255,9 @@ fn tokens(s: &str) -> Result<Vec<Tok>, String> {
     Ok(out)
 }
 
+/// Items of a bracket: positional, keyword (`name=value`), and whether a comma ended them.
+type Items = (Vec<Expr>, Vec<(String, Expr)>, bool);
+
 struct Parser {
     t: Vec<Tok>,
     at: usize,
@@ -280,7 +286,7 @@ impl Parser {
     }
     /// Items up to `close`, comma separated, a trailing comma allowed; keyword arguments
     /// (`name=value`) go to the second list.
-    fn items(&mut self, close: char) -> Result<(Vec<Expr>, Vec<(String, Expr)>, bool), String> {
+    fn items(&mut self, close: char) -> Result<Items, String> {
         let (mut pos, mut kw, mut comma) = (Vec::new(), Vec::new(), false);
         while !self.eat(close) {
             if let (Some(Tok::Ident(k)), Some(Tok::P('='))) =
@@ -411,7 +417,7 @@ fn statement(s: &str) -> Result<Stmt, String> {
 
 impl Parser {
     /// `return a, b` without brackets.
-    fn items_until_end(&mut self) -> Result<(Vec<Expr>, Vec<(String, Expr)>, bool), String> {
+    fn items_until_end(&mut self) -> Result<Items, String> {
         let mut items = Vec::new();
         let mut comma = false;
         while self.at < self.t.len() {
@@ -446,7 +452,10 @@ mod tests {
         let s = statement("u, v, base, = _1").unwrap();
         assert_eq!(
             s,
-            Stmt::Assign(vec!["u".into(), "v".into(), "base".into()], Expr::Name("_1".into()))
+            Stmt::Assign(
+                vec!["u".into(), "v".into(), "base".into()],
+                Expr::Name("_1".into())
+            )
         );
         let s = statement("_4 = torch.slice(_3, 2, 0, 9223372036854775807)").unwrap();
         let Stmt::Assign(_, Expr::Call { args, .. }) = s else {
@@ -461,9 +470,14 @@ mod tests {
         let s = statement("return (head).forward(_0, _1, _2, )").unwrap();
         assert!(matches!(s, Stmt::Return(Expr::Call { .. })), "{s:?}");
         let s = statement("return (_0, _1)").unwrap();
-        assert!(matches!(s, Stmt::Return(Expr::Tuple(ref v)) if v.len() == 2), "{s:?}");
+        assert!(
+            matches!(s, Stmt::Return(Expr::Tuple(ref v)) if v.len() == 2),
+            "{s:?}"
+        );
         let s = statement("_2 = getattr(obj_preds, \"2\")").unwrap();
-        assert!(matches!(s, Stmt::Assign(_, Expr::Call { ref args, .. }) if args[1] == Expr::Str("2".into())));
+        assert!(
+            matches!(s, Stmt::Assign(_, Expr::Call { ref args, .. }) if args[1] == Expr::Str("2".into()))
+        );
         assert!(statement("x = = y").is_err());
         assert!(statement("x = foo(").is_err());
         assert!(statement("if x:").is_err());
@@ -472,7 +486,8 @@ mod tests {
     #[test]
     fn parses_classes_and_multiline_signatures() {
         let text = "class Conv2d(Module):\n  __parameters__ = [\"weight\", ]\n  weight : Tensor\n  def forward(self: __torch__.torch.nn.modules.conv.Conv2d,\n    input: Tensor) -> Tensor:\n    weight = self.weight\n    return torch._convolution(input, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, False, False, True, True)\n  def forward1(self: X,\n    a: Tensor,\n    b: Tensor) -> Tuple[Tensor, Tensor]:\n    return (a, b)\n";
-        let code = Code::parse(&[("__torch__/torch/nn/modules/conv.py".into(), text.into())]).unwrap();
+        let code =
+            Code::parse(&[("__torch__/torch/nn/modules/conv.py".into(), text.into())]).unwrap();
         let c = &code.classes["__torch__.torch.nn.modules.conv.Conv2d"];
         assert_eq!(c["forward"].params, vec!["input"]);
         assert_eq!(c["forward"].body.len(), 2);
