@@ -46,6 +46,16 @@ pub const OPSET: i64 = 11;
 /// Deepest chain of method calls followed (a module tree's depth, with margin).
 const MAX_CALL_DEPTH: usize = 128;
 
+/// Most statements run in all (YOLOX-L's code runs about 2,000): a file whose methods call
+/// each other over and over is refused, not followed.
+const MAX_STATEMENTS: usize = 1_000_000;
+
+/// Most bytes of constants the graph may hold (the DWPose files hold 217 and 135 MB).
+const MAX_CONSTANT_BYTES: usize = 4 << 30;
+
+/// Most pieces one split may make.
+const MAX_SPLIT: usize = 1 << 16;
+
 /// A traced TorchScript archive: its modules, tensors and code.
 pub struct Program {
     archive: sd_weights::pickle::Archive,
@@ -122,6 +132,9 @@ impl Program {
             conv_of: HashMap::new(),
             fresh: 0,
             depth: 0,
+            statements: 0,
+            constant_bytes: 0,
+            transposed: HashMap::new(),
         };
         e.shapes.insert(input.to_string(), shape.to_vec());
         let root = e.call(
@@ -211,6 +224,12 @@ struct Emit<'a> {
     conv_of: HashMap<String, usize>,
     fresh: usize,
     depth: usize,
+    /// Statements run so far ([`MAX_STATEMENTS`]).
+    statements: usize,
+    /// Bytes of constants made so far ([`MAX_CONSTANT_BYTES`]).
+    constant_bytes: usize,
+    /// Transposed linear weights already made, by weight.
+    transposed: HashMap<String, String>,
 }
 
 fn ai(name: &str, i: i64) -> AttributeProto {
@@ -362,6 +381,21 @@ impl Emit<'_> {
         V::T(o)
     }
 
+    /// A shape's elements, refused past the interpreter's bound on any tensor.
+    fn check_size(shape: &[usize]) -> Result<(), String> {
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= crate::onnx::MAX_ELEMENTS);
+        match n {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "a tensor of shape {shape:?}, more than {} values: refused",
+                crate::onnx::MAX_ELEMENTS
+            )),
+        }
+    }
+
     /// A constant f32 tensor as an initializer.
     fn constant(&mut self, hint: &str, t: Tensor) -> Result<String, String> {
         let name = self.name(hint);
@@ -370,6 +404,13 @@ impl Emit<'_> {
     }
 
     fn add_init(&mut self, name: &str, t: &Tensor) -> Result<(), String> {
+        self.constant_bytes = self.constant_bytes.saturating_add(t.elem_count() * 4);
+        if self.constant_bytes > MAX_CONSTANT_BYTES {
+            return Err(format!(
+                "more than {} MiB of constants: refused",
+                MAX_CONSTANT_BYTES >> 20
+            ));
+        }
         let t = t.to_dtype(DType::F32).map_err(err)?;
         let data: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(err)?;
         let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -464,6 +505,12 @@ impl Emit<'_> {
             .unwrap_or_default();
         let mut out = None;
         for (line, stmt) in &m.body {
+            self.statements += 1;
+            if self.statements > MAX_STATEMENTS {
+                return Err(format!(
+                    "more than {MAX_STATEMENTS} statements run: refused (traced networks run a few thousand)"
+                ));
+            }
             match stmt {
                 Stmt::Assign(targets, e) => {
                     let v = self
@@ -623,8 +670,26 @@ impl Emit<'_> {
                             k.sort();
                             return Err(format!("torch.{op} with keyword arguments {k:?}"));
                         }
-                        self.aten(op, vals)
-                            .map_err(|e| format!("torch.{op}: {e}"))?
+                        let v = self
+                            .aten(op, vals)
+                            .map_err(|e| format!("torch.{op}: {e}"))?;
+                        let made = match &v {
+                            V::T(x) => vec![x.clone()],
+                            V::L(items) => items
+                                .iter()
+                                .filter_map(|i| match i {
+                                    V::T(x) => Some(x.clone()),
+                                    _ => None,
+                                })
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        for x in made {
+                            if let Some(sh) = self.shapes.get(&x) {
+                                Self::check_size(sh).map_err(|e| format!("torch.{op}: {e}"))?;
+                            }
+                        }
+                        v
                     }
                 }
             }
@@ -1047,6 +1112,9 @@ impl Emit<'_> {
                     }
                     (_, l) => l.ints()?.iter().map(|&v| v.max(0) as usize).collect(),
                 };
+                if sizes.len() > MAX_SPLIT {
+                    return Err(format!("a split into {} pieces: refused", sizes.len()));
+                }
                 if sizes.iter().sum::<usize>() != n {
                     return Err(format!("split of {n} into {sizes:?}"));
                 }
@@ -1081,18 +1149,27 @@ impl Emit<'_> {
             "linear" => {
                 let (x, xs) = x_of(self, 0)?;
                 let w = self.tensor(&arg(1))?;
-                let wt = self
-                    .consts
-                    .get(&w)
-                    .ok_or("linear with weights that are not constants")?
-                    .t()
-                    .and_then(|t| t.contiguous())
-                    .map_err(err)?;
-                let (k, n) = wt.dims2().map_err(err)?;
+                let wt = match self.transposed.get(&w) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = self
+                            .consts
+                            .get(&w)
+                            .ok_or("linear with weights that are not constants")?
+                            .t()
+                            .and_then(|t| t.contiguous())
+                            .map_err(err)?;
+                        let name = self.constant("linear_wt", t)?;
+                        self.transposed.insert(w, name.clone());
+                        name
+                    }
+                };
+                let (k, n) = <[usize; 2]>::try_from(self.shape(&wt)?)
+                    .map(|[k, n]| (k, n))
+                    .map_err(|_| "linear weights that are not a matrix".to_string())?;
                 if xs.last() != Some(&k) {
                     return Err(format!("linear of {xs:?} by [{n}, {k}]"));
                 }
-                let wt = self.constant("linear_wt", wt)?;
                 let mut shape = xs;
                 *shape.last_mut().expect("checked") = n;
                 let V::T(m) = self.op1("MatMul", vec![x, wt], vec![], shape.clone()) else {

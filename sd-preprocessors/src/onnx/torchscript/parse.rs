@@ -133,7 +133,10 @@ fn signature(sig: &str) -> Result<(String, Method), String> {
     let rest = sig.strip_prefix("def ").ok_or("not a def")?;
     let open = rest.find('(').ok_or("a def without parameters")?;
     let name = rest[..open].trim().to_string();
-    let close = rest.rfind(')').ok_or("a def without `)`")?;
+    let close = rest
+        .rfind(')')
+        .filter(|&c| c > open)
+        .ok_or("a def without `)` after its `(`")?;
     let returns = rest[close + 1..]
         .trim()
         .trim_end_matches(':')
@@ -258,9 +261,13 @@ fn tokens(s: &str) -> Result<Vec<Tok>, String> {
 /// Items of a bracket: positional, keyword (`name=value`), and whether a comma ended them.
 type Items = (Vec<Expr>, Vec<(String, Expr)>, bool);
 
+/// Deepest nesting of brackets and signs in one expression (traced code nests a few levels).
+const MAX_NESTING: usize = 200;
+
 struct Parser {
     t: Vec<Tok>,
     at: usize,
+    depth: usize,
 }
 
 impl Parser {
@@ -305,6 +312,16 @@ impl Parser {
         Ok((pos, kw, comma))
     }
     fn expr(&mut self) -> Result<Expr, String> {
+        self.depth += 1;
+        if self.depth > MAX_NESTING {
+            return Err(format!("expressions nested more than {MAX_NESTING} deep"));
+        }
+        let e = self.expr_inner();
+        self.depth -= 1;
+        e
+    }
+
+    fn expr_inner(&mut self) -> Result<Expr, String> {
         let mut e = match self.peek().cloned() {
             Some(Tok::Int(v)) => {
                 self.at += 1;
@@ -380,7 +397,7 @@ impl Parser {
 
 fn statement(s: &str) -> Result<Stmt, String> {
     let t = tokens(s)?;
-    let mut p = Parser { t, at: 0 };
+    let mut p = Parser { t, at: 0, depth: 0 };
     if p.peek() == Some(&Tok::Ident("return".into())) {
         p.at += 1;
         let (items, _, comma) = p.items_until_end()?;
@@ -481,6 +498,14 @@ mod tests {
         assert!(statement("x = = y").is_err());
         assert!(statement("x = foo(").is_err());
         assert!(statement("if x:").is_err());
+        // hostile nesting is refused, not recursed into
+        let deep = format!("x = {}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(statement(&deep).unwrap_err().contains("nested"));
+        let neg = format!("x = {}1", "-".repeat(100_000));
+        assert!(statement(&neg).unwrap_err().contains("nested"));
+        assert!(statement("x = \"é\\").is_err());
+        assert!(statement("é = 1").is_err());
+        assert!(signature("def f)(self:").is_err());
     }
 
     #[test]
