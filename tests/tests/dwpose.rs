@@ -367,7 +367,8 @@ fn a_traced_yolox_converts_and_runs_as_torchscript_runs_it() {
     let x = formula(3, 640, 640, |c, h, w| {
         127.5 + 127.5 * (0.37 * c + 0.013 * h + 0.021 * w + 0.5 * c * h / 640.0).sin()
     });
-    let out = m.run(&[("images", x)]).unwrap();
+    assert_eq!(m.batch, 1);
+    let out = m.model.run(&[("images", x)]).unwrap();
     assert_eq!(out[0].dims(), &[1, 8400, 85]);
     let all = vec_f32(&out[0]);
     let rows: Vec<f32> = all
@@ -390,7 +391,8 @@ fn a_traced_rtmpose_of_batch_five_converts_and_runs_one_crop_as_torchscript_does
     let x = formula(3, 384, 288, |c, h, w| {
         (0.29 * c + 0.017 * h + 0.023 * w).sin() * 2.0
     });
-    let out = m.run(&[("input", x)]).unwrap();
+    assert_eq!(m.batch, 1, "converted for one crop");
+    let out = m.model.run(&[("input", x)]).unwrap();
     let f = ts_outputs();
     for (i, k) in ["simcc_x", "simcc_y"].iter().enumerate() {
         assert_eq!(out[i].dims(), f[*k].dims(), "{k}");
@@ -425,4 +427,42 @@ fn a_torchscript_file_of_the_other_network_is_refused_by_name() {
         .err()
         .unwrap();
     assert!(e.contains("not a TorchScript archive"), "{e}");
+}
+
+#[test]
+fn a_pose_file_traced_for_a_fixed_batch_of_five_runs_one_crop_padded_with_zeros() {
+    use std::sync::Arc;
+    let path = ts("rtmpose_tiny_static5.torchscript.pt");
+    let pose = dwpose::load_network(&path, dwpose::Role::Pose).unwrap();
+    assert_eq!(pose.batch, 5, "its code reshapes to a batch of 5");
+    let det =
+        dwpose::load_network(&ts("yolox_tiny.torchscript.pt"), dwpose::Role::Detector).unwrap();
+    let nets = dwpose::OnnxNetworks {
+        det: Arc::new(det),
+        pose: Arc::new(pose),
+    };
+    let x = formula(3, 384, 288, |c, h, w| {
+        (0.29 * c + 0.017 * h + 0.023 * w).sin() * 2.0
+    });
+    let (sx, sy) = nets.pose(&x).unwrap();
+    let first_x = vec_f32(&sx);
+    let f = ts_outputs();
+    for (k, out) in [("simcc_x", sx), ("simcc_y", sy)] {
+        assert_eq!(out.dims(), f[k].dims(), "{k}: one crop's rows");
+        let d = rel_diff(&vec_f32(&out), &vec_f32(&f[k]));
+        assert!(d < 1e-4, "{k} off by {d} (relative)");
+    }
+    // written as ONNX (detect --convert), the file declares its batch and runs the same way
+    let (model, _) = dwpose::convert_torchscript(&path).unwrap();
+    let onnx = std::env::temp_dir().join(format!("sdctl-static5-{}.onnx", std::process::id()));
+    std::fs::write(&onnx, sd_preprocessors::onnx::encode(&model)).unwrap();
+    let pose = dwpose::load_network(&onnx, dwpose::Role::Pose).unwrap();
+    std::fs::remove_file(&onnx).unwrap();
+    assert_eq!(pose.batch, 5);
+    let nets = dwpose::OnnxNetworks {
+        det: nets.det.clone(),
+        pose: Arc::new(pose),
+    };
+    let (sx2, _) = nets.pose(&x).unwrap();
+    assert_eq!(vec_f32(&sx2), first_x, "the same numbers");
 }

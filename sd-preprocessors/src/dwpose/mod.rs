@@ -64,8 +64,16 @@ pub trait DwNetworks {
 
 /// The networks from their ONNX files.
 pub struct OnnxNetworks {
-    pub det: Arc<Model>,
-    pub pose: Arc<Model>,
+    pub det: Arc<Network>,
+    pub pose: Arc<Network>,
+}
+
+/// A network and the batch its graph runs (1 for the ONNX files; a TorchScript pose file
+/// whose traced code fixes its batch, as ComfyUI's `bs5` may, runs that batch: one crop and
+/// zeros, as ComfyUI pads its crops).
+pub struct Network {
+    pub model: Model,
+    pub batch: usize,
 }
 
 fn only_input(m: &Model, what: &str) -> Result<String, String> {
@@ -80,16 +88,36 @@ fn only_input(m: &Model, what: &str) -> Result<String, String> {
 
 impl DwNetworks for OnnxNetworks {
     fn detect(&self, input: &Tensor) -> Result<Tensor, String> {
-        let name = only_input(&self.det, "detector")?;
-        let out = self.det.run(&[(&name, input.clone())])?;
+        let det = &self.det.model;
+        let name = only_input(det, "detector")?;
+        let out = det.run(&[(&name, input.clone())])?;
         out.into_iter()
             .next()
             .ok_or_else(|| "the detector has no output".into())
     }
     fn pose(&self, input: &Tensor) -> Result<(Tensor, Tensor), String> {
-        let name = only_input(&self.pose, "pose network")?;
-        let out = self.pose.run(&[(&name, input.clone())])?;
-        let names = self.pose.output_names();
+        let pose = &self.pose.model;
+        let name = only_input(pose, "pose network")?;
+        let batch = self.pose.batch;
+        let x = if batch > 1 {
+            let pad = Tensor::zeros(
+                [vec![batch - 1], input.dims()[1..].to_vec()].concat(),
+                input.dtype(),
+                input.device(),
+            )
+            .and_then(|z| Tensor::cat(&[input, &z], 0))
+            .map_err(|e| e.to_string())?;
+            pad
+        } else {
+            input.clone()
+        };
+        let mut out = pose.run(&[(&name, x)])?;
+        if batch > 1 {
+            for o in &mut out {
+                *o = o.narrow(0, 0, 1).map_err(|e| e.to_string())?;
+            }
+        }
+        let names = pose.output_names();
         let by = |n: &str| names.iter().position(|o| o == n);
         let (ix, iy) = match (by("simcc_x"), by("simcc_y")) {
             (Some(x), Some(y)) => (x, y),
@@ -422,7 +450,7 @@ pub fn draw(pose: &Pose, width: usize, height: usize) -> ImageBuf {
     }
 }
 
-type ModelCache = Mutex<HashMap<(PathBuf, u64, u128, Role), Arc<Model>>>;
+type ModelCache = Mutex<HashMap<(PathBuf, u64, u128, Role), Arc<Network>>>;
 
 /// Which of DWPose's two networks a file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -461,11 +489,39 @@ pub fn convert_torchscript(path: &Path) -> Result<(crate::onnx::proto::ModelProt
             ))
         }
     };
-    let (input, shape, outputs) = role.signature();
-    let model = program
-        .to_onnx(input, &shape, outputs)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let (input, mut shape, outputs) = role.signature();
+    let model = match program.to_onnx(input, &shape, outputs) {
+        Ok(m) => m,
+        // a pose graph traced with a fixed batch (ComfyUI pads crops to batches of 5)
+        Err(first) if role == Role::Pose => {
+            shape[0] = TORCHSCRIPT_POSE_BATCH;
+            program.to_onnx(input, &shape, outputs).map_err(|_| {
+                format!(
+                    "{}: {first} (and at a batch of {TORCHSCRIPT_POSE_BATCH})",
+                    path.display()
+                )
+            })?
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
     Ok((model, role))
+}
+
+/// The batch ComfyUI runs its TorchScript pose file with (`dw-ll_ucoco_384_bs5`), tried when
+/// a file does not convert for one crop.
+pub const TORCHSCRIPT_POSE_BATCH: usize = 5;
+
+/// The batch of a converted graph's first input.
+fn input_batch(model: &crate::onnx::proto::ModelProto) -> usize {
+    model
+        .graph
+        .as_ref()
+        .and_then(|g| g.input.first())
+        .and_then(|i| i.r#type.as_ref())
+        .and_then(|t| t.tensor_type.as_ref())
+        .and_then(|t| t.shape.as_ref())
+        .and_then(|s| s.dim.first())
+        .map_or(1, |d| d.dim_value.max(1) as usize)
 }
 
 /// Whether a weights file is a TorchScript archive rather than ONNX (a zip: ONNX files are
@@ -475,9 +531,15 @@ pub fn is_torchscript(path: &Path) -> bool {
 }
 
 /// A network's file, ONNX or TorchScript (converted), checked to be the `role` network.
-pub fn load_network(path: &Path, role: Role) -> Result<Model, String> {
+pub fn load_network(path: &Path, role: Role) -> Result<Network, String> {
     if !is_torchscript(path) {
-        return Model::load(path);
+        // the batch its input declares (a --convert of a fixed-batch TorchScript file), else 1
+        let proto = crate::onnx::decode_file(path)?;
+        let batch = input_batch(&proto);
+        return Ok(Network {
+            model: Model::from_proto(proto).map_err(|e| format!("{}: {e}", path.display()))?,
+            batch,
+        });
     }
     let (model, found) = convert_torchscript(path)?;
     if found != role {
@@ -486,12 +548,16 @@ pub fn load_network(path: &Path, role: Role) -> Result<Model, String> {
             path.display()
         ));
     }
-    Model::from_proto(model).map_err(|e| format!("{}: {e}", path.display()))
+    let batch = input_batch(&model);
+    Ok(Network {
+        model: Model::from_proto(model).map_err(|e| format!("{}: {e}", path.display()))?,
+        batch,
+    })
 }
 
 /// A network's file (ONNX, or TorchScript converted), loaded once per process (per path, size
 /// and modification time).
-pub fn load_model_cached(path: &Path, role: Role) -> Result<Arc<Model>, String> {
+pub fn load_model_cached(path: &Path, role: Role) -> Result<Arc<Network>, String> {
     static CACHE: OnceLock<ModelCache> = OnceLock::new();
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mtime = meta

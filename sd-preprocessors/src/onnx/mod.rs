@@ -24,6 +24,17 @@ use node::Node;
 use tensor::tensor_of;
 pub use tensor::{element_limit, with_element_limit, MAX_ELEMENTS};
 
+/// An `.onnx` file's bytes decoded (not checked: [`Model::from_proto`] checks).
+pub fn decode(bytes: &[u8]) -> Result<proto::ModelProto, String> {
+    proto::ModelProto::decode(bytes).map_err(|e| format!("not an ONNX model (protobuf: {e})"))
+}
+
+/// An `.onnx` file read (at most [`MAX_FILE_BYTES`]) and decoded; errors name the file.
+pub fn decode_file(path: &Path) -> Result<proto::ModelProto, String> {
+    let bytes = sd_plugins_api::input_file::read_limited(path, MAX_FILE_BYTES)?;
+    decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// A model as the bytes of an `.onnx` file.
 pub fn encode(model: &proto::ModelProto) -> Vec<u8> {
     model.encode_to_vec()
@@ -52,9 +63,7 @@ impl Model {
 
     /// [`Model::load`] of a file's bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let model = proto::ModelProto::decode(bytes)
-            .map_err(|e| format!("not an ONNX model (protobuf: {e})"))?;
-        Self::from_proto(model)
+        Self::from_proto(decode(bytes)?)
     }
 
     /// [`Model::load`] of a decoded model (one converted from TorchScript, say).

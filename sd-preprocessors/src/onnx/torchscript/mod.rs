@@ -1192,8 +1192,15 @@ impl Emit<'_> {
                 shape.extend([xs[xs.len() - 2], ys[ys.len() - 1]]);
                 self.op1("MatMul", vec![x, y], vec![], shape)
             }
-            "linalg_vector_norm" | "norm" => {
+            "linalg_vector_norm" | "norm" | "frobenius_norm" => {
                 let (x, xs) = x_of(self, 0)?;
+                // frobenius_norm(x, dims, keepdim): the 2-norm without its `ord` argument
+                let a: Vec<V> = if op == "frobenius_norm" {
+                    [vec![arg(0), V::I(2)], a[1..].to_vec()].concat()
+                } else {
+                    a.clone()
+                };
+                let arg = |i: usize| a.get(i).cloned().unwrap_or(V::N);
                 if arg(1).float()? != 2.0 {
                     return Err("a norm other than 2".into());
                 }
@@ -1311,6 +1318,22 @@ impl Emit<'_> {
                     astr("nearest_mode", "floor"),
                 ];
                 self.op1("Resize", ins, attrs, vec![xs[0], xs[1], oh, ow])
+            }
+            "floor" | "ceil" | "round" if !matches!(arg(0), V::T(_)) => {
+                let v = arg(0).float()?;
+                V::I(match op {
+                    "floor" => v.floor(),
+                    "ceil" => v.ceil(),
+                    _ => v.round_ties_even(),
+                } as i64)
+            }
+            "to" | "type_as" => {
+                // `to(x, dtype, ...)`: floating types (half 5, float 6, double 7, bfloat16 15)
+                // are all float32 here; a device or a tensor argument changes nothing either
+                match arg(1) {
+                    V::I(5 | 6 | 7 | 15) | V::N | V::T(_) | V::S(_) => arg(0),
+                    other => return Err(format!("a conversion to {other:?}")),
+                }
             }
             "contiguous" | "detach" | "clone" | "dropout" | "dropout_" | "feature_dropout" => {
                 if (op.starts_with("dropout") || op == "feature_dropout") && arg(2).bool()? {
