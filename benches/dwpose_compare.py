@@ -6,6 +6,11 @@ as sdctl runs them (`sdctl bench onnx`), in alternating rounds on this machine.
 
     python benches/dwpose_compare.py --sdctl target/release/sdctl --out /tmp/dwfull [--rounds 3]
 
+With --torchscript the same networks are also traced as ComfyUI's TorchScript files
+(yolox_l.torchscript.pt, dw-ll_ucoco_384_bs5.torchscript.pt, the pose network traced on a batch
+of 5), timed as ComfyUI runs them (torch.jit.load, one image / crop) and converted by `sdctl
+detect --convert` (`sdctl (TorchScript)`: the converted graph in `sdctl bench onnx`).
+
 Needs the fixture script's environment (see its docstring). The models are written to --out
 (yolox_l.onnx ~217 MB, dw-ll_ucoco_384.onnx ~135 MB) and reused when there.
 """
@@ -38,15 +43,25 @@ def build(out: Path):
     torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        if not (out / "yolox_l.onnx").exists():
+        if not all((out / f).exists() for f in ("yolox_l.onnx", "yolox_l.torchscript.pt")):
             yolox, get_model = fx.load_yolox(args.yolox, tmp / "yolox")
-            m = fx.export(fx.build_yolox(yolox, get_model), fx.det_input(), "images", ["output"])
-            onnx.save(m, str(out / "yolox_l.onnx"))
-        if not (out / "dw-ll_ucoco_384.onnx").exists():
+            det = fx.build_yolox(yolox, get_model)
+            if not (out / "yolox_l.onnx").exists():
+                onnx.save(fx.export(det, fx.det_input(), "images", ["output"]),
+                          str(out / "yolox_l.onnx"))
+            with torch.no_grad():
+                torch.jit.trace(det, torch.from_numpy(fx.det_input())).save(
+                    str(out / "yolox_l.torchscript.pt"))
+        pose_files = ("dw-ll_ucoco_384.onnx", "dw-ll_ucoco_384_bs5.torchscript.pt")
+        if not all((out / f).exists() for f in pose_files):
             CSPNeXt, RTMCCHead = fx.load_mmpose(args.mmpose, tmp / "mmpose")
-            m = fx.export(fx.build_rtmpose(CSPNeXt, RTMCCHead), fx.pose_input(), "input",
-                          ["simcc_x", "simcc_y"])
-            onnx.save(m, str(out / "dw-ll_ucoco_384.onnx"))
+            pose = fx.build_rtmpose(CSPNeXt, RTMCCHead)
+            if not (out / "dw-ll_ucoco_384.onnx").exists():
+                onnx.save(fx.export(pose, fx.pose_input(), "input", ["simcc_x", "simcc_y"]),
+                          str(out / "dw-ll_ucoco_384.onnx"))
+            x5 = torch.from_numpy(fx.pose_input()).repeat(5, 1, 1, 1)
+            with torch.no_grad():
+                torch.jit.trace(pose, x5).save(str(out / "dw-ll_ucoco_384_bs5.torchscript.pt"))
 
 
 def time_ort(path, shape, iters):
@@ -82,6 +97,25 @@ def time_cv2(path, shape, iters):
     return float(np.mean(ts)), float(np.min(ts))
 
 
+TORCHSCRIPT = {"yolox_l.onnx": "yolox_l.torchscript.pt",
+               "dw-ll_ucoco_384.onnx": "dw-ll_ucoco_384_bs5.torchscript.pt"}
+
+
+def time_jit(path, shape, iters):
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    m = torch.jit.load(str(path)).eval()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    ts = []
+    with torch.no_grad():
+        m(x)
+        for _ in range(iters):
+            t = time.perf_counter()
+            m(x)
+            ts.append(time.perf_counter() - t)
+    return float(np.mean(ts)), float(np.min(ts))
+
+
 def time_sdctl(sdctl, path, shape, iters):
     with tempfile.TemporaryDirectory() as t:
         j = Path(t) / "r.json"
@@ -98,6 +132,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--skip-cv2", action="store_true")
+    ap.add_argument("--torchscript", action="store_true")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +141,15 @@ def main():
                ("onnxruntime", lambda p, s: time_ort(p, s, a.iters))]
     if not a.skip_cv2:
         runners.append(("cv2.dnn", lambda p, s: time_cv2(p, s, a.iters)))
+    if a.torchscript:
+        for onnx_file, ts in TORCHSCRIPT.items():
+            conv = out / (ts + ".converted.onnx")
+            if not conv.exists():
+                subprocess.run([a.sdctl, "detect", "--convert", str(out / ts), "-o", str(conv)],
+                               check=True)
+        runners.append(("sdctl (TorchScript)", lambda p, s: time_sdctl(
+            a.sdctl, out / (TORCHSCRIPT[p.name] + ".converted.onnx"), s, a.iters)))
+        runners.append(("torch.jit", lambda p, s: time_jit(out / TORCHSCRIPT[p.name], s, a.iters)))
     res = {}
     for r in range(a.rounds):
         order = runners if r % 2 == 0 else runners[::-1]
@@ -113,13 +157,13 @@ def main():
             for name, f in order:
                 mean, mn = f(out / file, shape)
                 res.setdefault((file, name), []).append(mean)
-                print(f"round {r} {file:22s} {name:12s} {mean:.3f} s (min {mn:.3f})", flush=True)
+                print(f"round {r} {file:22s} {name:20s} {mean:.3f} s (min {mn:.3f})", flush=True)
     print()
     for file in SHAPES:
         base = np.mean(res[(file, "sdctl")])
         for name, _ in runners:
             v = np.mean(res[(file, name)])
-            print(f"{file:22s} {name:12s} {v:.3f} s  sdctl/this = {base / v:.2f}x")
+            print(f"{file:22s} {name:20s} {v:.3f} s  sdctl/this = {base / v:.2f}x")
 
 
 if __name__ == "__main__":

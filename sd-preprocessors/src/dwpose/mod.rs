@@ -611,21 +611,22 @@ impl Preprocessor for DwOpenposeFull {
     }
     fn description(&self) -> &str {
         "DWPose whole-body pose: body, feet, hands and face (sd-webui-controlnet \
-         dw_openpose_full; yolox_l.onnx + dw-ll_ucoco_384.onnx); also draws keypoint JSON files"
+         dw_openpose_full; yolox_l.onnx + dw-ll_ucoco_384.onnx, or ComfyUI's TorchScript files); \
+         also draws keypoint JSON files"
     }
     fn params(&self) -> Vec<ParamSpec> {
         vec![
             ParamSpec::string(
                 "det_model",
                 "",
-                "yolox_l.onnx (the YOLOX-L person detector); empty: looked for in the \
-                 annotator folder",
+                "yolox_l.onnx or yolox_l.torchscript.pt (the YOLOX-L person detector); empty: \
+                 looked for in the annotator folder",
             ),
             ParamSpec::string(
                 "pose_model",
                 "",
-                "dw-ll_ucoco_384.onnx (the RTMPose-L whole-body network); empty: looked for in \
-                 the annotator folder",
+                "dw-ll_ucoco_384.onnx or dw-ll_ucoco_384_bs5.torchscript.pt (the RTMPose-L \
+                 whole-body network); empty: looked for in the annotator folder",
             ),
         ]
     }
