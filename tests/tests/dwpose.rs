@@ -466,3 +466,25 @@ fn a_pose_file_traced_for_a_fixed_batch_of_five_runs_one_crop_padded_with_zeros(
     let (sx2, _) = nets.pose(&x).unwrap();
     assert_eq!(vec_f32(&sx2), first_x, "the same numbers");
 }
+
+#[test]
+fn the_converters_other_operators_run_as_torchscript_runs_them() {
+    // OpsNet: dilated and grouped convolutions, BatchNorm, in-place arithmetic, ceil-mode
+    // pooling, upsampling to a size read from a shape, chunk, mean, linear, softmax, view...
+    let program =
+        sd_preprocessors::onnx::torchscript::Program::open(&ts("ops.torchscript.pt")).unwrap();
+    assert_eq!(program.outputs(), 3);
+    let model = program
+        .to_onnx("x", &[1, 3, 32, 32], &["u", "t", "w"])
+        .unwrap();
+    let m = Model::from_proto(model).unwrap();
+    let f = ts_outputs();
+    let out = m.run(&[("x", f["ops_x"].clone())]).unwrap();
+    for (i, k) in ["ops_u", "ops_t", "ops_w"].iter().enumerate() {
+        assert_eq!(out[i].dims(), f[*k].dims(), "{k}");
+        // a few layers of O(1) values: float32 rounding only
+        let d = rel_diff(&vec_f32(&out[i]), &vec_f32(&f[*k]));
+        println!("OpsNet {k}: {d} from TorchScript");
+        assert!(d < 1e-5, "{k} off by {d} (relative)");
+    }
+}

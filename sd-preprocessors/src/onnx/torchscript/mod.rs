@@ -617,7 +617,13 @@ impl Emit<'_> {
             Expr::Call { func, args, kwargs } => {
                 // a method of a module: `(conv).forward(x, )`
                 if let Expr::Attr(obj, method) = &**func {
-                    let root_bound = match &**obj {
+                    // `a.b.c(...)`: a method when `a` is a variable (`self`, a module), a
+                    // function (`torch.cat`, `ops.prim.NumToTensor`) when it is not
+                    let mut root = &**obj;
+                    while let Expr::Attr(inner, _) = root {
+                        root = inner;
+                    }
+                    let root_bound = match root {
                         Expr::Name(n) => env.contains_key(n),
                         _ => true,
                     };
@@ -720,6 +726,11 @@ impl Emit<'_> {
 
     /// One `torch.<op>` call.
     fn aten(&mut self, op: &str, a: Vec<V>) -> Result<V, String> {
+        // in-place arithmetic as the activations: traced code uses the value it returns
+        let op = match op {
+            "add_" | "sub_" | "mul_" | "div_" => op.trim_end_matches('_'),
+            o => o,
+        };
         let arg = |i: usize| a.get(i).cloned().unwrap_or(V::N);
         let x_of = |s: &mut Self, i: usize| -> Result<(String, Vec<usize>), String> {
             let x = s.tensor(&arg(i))?;
@@ -1228,7 +1239,7 @@ impl Emit<'_> {
                     .iter()
                     .map(|&d| dim(d, xs.len()))
                     .collect::<Result<_, _>>()?;
-                let keep = arg(2).bool()?;
+                let keep = !arg(2).is_none() && arg(2).bool()?;
                 let shape = (0..xs.len())
                     .filter_map(|i| match (dims.contains(&i), keep) {
                         (false, _) => Some(xs[i]),
@@ -1298,20 +1309,28 @@ impl Emit<'_> {
                 } else {
                     return Err("nearest upsampling without a size or scales".into());
                 };
-                if oh % xs[2] != 0 || ow % xs[3] != 0 {
+                if oh == 0 || ow == 0 {
                     return Err(format!("nearest upsampling of {xs:?} to {oh}x{ow}"));
                 }
-                let scales = Tensor::new(
-                    &[1f32, 1.0, (oh / xs[2]) as f32, (ow / xs[3]) as f32],
-                    &candle_core::Device::Cpu,
-                )
-                .map_err(err)?;
-                let roi = Tensor::zeros(0, DType::F32, &candle_core::Device::Cpu).map_err(err)?;
-                let ins = vec![
-                    x,
-                    self.constant("roi", roi)?,
-                    self.constant("scales", scales)?,
-                ];
+                let cpu = &candle_core::Device::Cpu;
+                let roi = Tensor::zeros(0, DType::F32, cpu).map_err(err)?;
+                let roi = self.constant("roi", roi)?;
+                // PyTorch's nearest: source floor(o * in / out), ONNX's asymmetric + floor
+                let ins = if oh % xs[2] == 0 && ow % xs[3] == 0 {
+                    // whole factors as scales, as the exporter writes them
+                    let f = [1f32, 1.0, (oh / xs[2]) as f32, (ow / xs[3]) as f32];
+                    let scales = Tensor::new(&f, cpu).map_err(err)?;
+                    vec![x, roi, self.constant("scales", scales)?]
+                } else {
+                    let none = Tensor::zeros(0, DType::F32, cpu).map_err(err)?;
+                    let sizes = [xs[0] as i64, xs[1] as i64, oh as i64, ow as i64];
+                    vec![
+                        x,
+                        roi,
+                        self.constant("scales", none)?,
+                        self.ints_init("sizes", &sizes),
+                    ]
+                };
                 let attrs = vec![
                     astr("mode", "nearest"),
                     astr("coordinate_transformation_mode", "asymmetric"),
