@@ -3,7 +3,7 @@
 
 use sd_tests::fixtures;
 
-use crate::common::{s, scratch, sdctl_cached, sdctl_command};
+use crate::common::{annotator_scratch, s, scratch, sdctl_annotators, sdctl_cached, sdctl_command};
 
 #[test]
 fn detect_canny_equals_opencv_and_is_cached() {
@@ -377,17 +377,8 @@ fn network_results_are_cached_per_weight_file() {
 
 #[test]
 fn seg_ufade20k_segments_with_the_checkpoint_and_names_bad_files() {
-    let d = scratch("detect", "seg_ufade20k");
-    let ann = d.join("annotators");
-    std::fs::create_dir_all(&ann).unwrap();
-    let run = |args: &[&str]| {
-        sdctl_command()
-            .args(args)
-            .env("SDCTL_CACHE_DIR", d.join("cache"))
-            .env("SDCTL_ANNOTATOR_DIR", &ann)
-            .output()
-            .unwrap()
-    };
+    let (d, ann) = annotator_scratch("detect", "seg_ufade20k");
+    let run = |args: &[&str]| sdctl_annotators(args, &d, &ann);
     let photo = fixtures().join("uniformer/image.png");
     let png = d.join("seg.png");
     let args = [

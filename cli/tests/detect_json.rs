@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use sd_preprocessors::pose::Pose;
 use sd_tests::fixtures;
 
-use crate::common::{s, scratch, sdctl_command};
+use crate::common::{annotator_scratch, s, sdctl_annotators};
 
 fn read_json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -15,17 +15,8 @@ fn read_json(path: &std::path::Path) -> serde_json::Value {
 
 #[test]
 fn detect_json_writes_the_pose_of_pose_preprocessors() {
-    let d = scratch("detect_json", "pose");
-    let ann = d.join("annotators");
-    std::fs::create_dir_all(&ann).unwrap();
-    let run = |args: &[&str]| {
-        sdctl_command()
-            .args(args)
-            .env("SDCTL_CACHE_DIR", d.join("cache"))
-            .env("SDCTL_ANNOTATOR_DIR", &ann)
-            .output()
-            .unwrap()
-    };
+    let (d, ann) = annotator_scratch("detect_json", "pose");
+    let run = |args: &[&str]| sdctl_annotators(args, &d, &ann);
 
     // A keypoint file: drawn with every part (openpose_full), its pose written back with the
     // hands it has, on the map's canvas.
@@ -184,17 +175,8 @@ fn constant_onnx(input: &str, output: &str, value: &Tensor) -> Vec<u8> {
 
 #[test]
 fn dw_openpose_full_runs_the_onnx_files_and_names_bad_ones() {
-    let d = scratch("detect_json", "dwpose");
-    let ann = d.join("annotators");
-    std::fs::create_dir_all(&ann).unwrap();
-    let run = |args: &[&str]| {
-        sdctl_command()
-            .args(args)
-            .env("SDCTL_CACHE_DIR", d.join("cache"))
-            .env("SDCTL_ANNOTATOR_DIR", &ann)
-            .output()
-            .unwrap()
-    };
+    let (d, ann) = annotator_scratch("detect_json", "dwpose");
+    let run = |args: &[&str]| sdctl_annotators(args, &d, &ann);
     let photo = fixtures().join("preprocessors/chelsea.png");
     let (png, json) = (d.join("dw.png"), d.join("dw.json"));
     let args = [
@@ -220,24 +202,7 @@ fn dw_openpose_full_runs_the_onnx_files_and_names_bad_ones() {
     // ONNX graph, and the tiny real-architecture RTMPose export; a map at the detect size and
     // the two people drawn, on its canvas.
     let fx = fixtures().join("dwpose");
-    let canned =
-        candle_core::safetensors::load(fx.join("pipeline.safetensors"), &Device::Cpu).unwrap();
-    let mut det = vec![0f32; 8400 * 85];
-    let rows: Vec<i64> = canned["det_rows_index"].to_vec1().unwrap();
-    let vals: Vec<f32> = canned["det_rows_values"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    for (r, v) in rows.iter().zip(vals.chunks(85)) {
-        det[*r as usize * 85..(*r as usize + 1) * 85].copy_from_slice(v);
-    }
-    let det = Tensor::from_vec(det, (1, 8400, 85), &Device::Cpu).unwrap();
-    std::fs::write(
-        ann.join("yolox_l.onnx"),
-        constant_onnx("images", "output", &det),
-    )
-    .unwrap();
+    std::fs::write(ann.join("yolox_l.onnx"), canned_detector()).unwrap();
     std::fs::copy(
         fx.join("rtmpose_tiny.onnx"),
         ann.join("dw-ll_ucoco_384.onnx"),
@@ -305,17 +270,8 @@ fn canned_detector() -> Vec<u8> {
 
 #[test]
 fn dw_openpose_full_reads_torchscript_files_as_detect_convert_writes_them() {
-    let d = scratch("detect_json", "dwpose_torchscript");
-    let ann = d.join("annotators");
-    std::fs::create_dir_all(&ann).unwrap();
-    let run = |args: &[&str]| {
-        sdctl_command()
-            .args(args)
-            .env("SDCTL_CACHE_DIR", d.join("cache"))
-            .env("SDCTL_ANNOTATOR_DIR", &ann)
-            .output()
-            .unwrap()
-    };
+    let (d, ann) = annotator_scratch("detect_json", "dwpose_torchscript");
+    let run = |args: &[&str]| sdctl_annotators(args, &d, &ann);
     let ts = fixtures().join("dwpose/torchscript");
     std::fs::write(ann.join("yolox_l.onnx"), canned_detector()).unwrap();
     // only ComfyUI's TorchScript pose file in the folder: found under its name

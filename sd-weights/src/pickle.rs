@@ -711,11 +711,11 @@ fn read_modules(
     let mut stack = vec![(String::new(), root, 0usize)];
     while let Some((path, obj, depth)) = stack.pop() {
         let (class, attrs) = match torchscript_module(obj) {
-            Ok(m) => m,
-            Err(_) if path.is_empty() => {
+            Some(m) => m,
+            None if path.is_empty() => {
                 return Err("data.pkl does not hold a TorchScript module".into())
             }
-            Err(_) => continue,
+            None => continue,
         };
         if depth > MAX_MODULE_NESTING {
             return Err(format!(
@@ -768,28 +768,23 @@ fn is_torchscript_class(module_name: &str) -> bool {
     module_name == "__torch__" || module_name.starts_with("__torch__.")
 }
 
-/// A TorchScript module object: `NEWOBJ` of a `__torch__` class, then `BUILD` with its
-/// attributes; its class (`module.Class`) and its attributes.
-fn torchscript_module(o: Object) -> std::result::Result<(String, Vec<(Object, Object)>), Object> {
-    match o {
-        Object::Build { callable, args } => match (*callable, *args) {
-            (Object::Reduce { callable: c, .. }, Object::Dict(kv)) if matches!(&*c, Object::Class { module_name, .. } if is_torchscript_class(module_name)) =>
-            {
-                let Object::Class {
-                    module_name,
-                    class_name,
-                } = *c
-                else {
-                    unreachable!()
-                };
-                Ok((format!("{module_name}.{class_name}"), kv))
-            }
-            (callable, args) => Err(Object::Build {
-                callable: Box::new(callable),
-                args: Box::new(args),
-            }),
-        },
-        o => Err(o),
+/// A TorchScript module object (`NEWOBJ` of a `__torch__` class, then `BUILD` with its
+/// attributes): its class (`module.Class`) and its attributes; `None` for anything else.
+fn torchscript_module(o: Object) -> Option<(String, Vec<(Object, Object)>)> {
+    let Object::Build { callable, args } = o else {
+        return None;
+    };
+    let (Object::Reduce { callable: c, .. }, Object::Dict(kv)) = (*callable, *args) else {
+        return None;
+    };
+    match *c {
+        Object::Class {
+            module_name,
+            class_name,
+        } if is_torchscript_class(&module_name) => {
+            Some((format!("{module_name}.{class_name}"), kv))
+        }
+        _ => None,
     }
 }
 

@@ -47,6 +47,29 @@ fn formula(c: usize, h: usize, w: usize, f: impl Fn(f64, f64, f64) -> f64) -> Te
     Tensor::from_vec(v, (1, c, h, w), &Device::Cpu).unwrap()
 }
 
+/// The detector's formula input `[1, 3, 640, 640]`.
+fn det_formula() -> Tensor {
+    formula(3, 640, 640, |c, h, w| {
+        127.5 + 127.5 * (0.37 * c + 0.013 * h + 0.021 * w + 0.5 * c * h / 640.0).sin()
+    })
+}
+
+/// The pose network's formula input `[1, 3, 384, 288]`.
+fn pose_formula() -> Tensor {
+    formula(3, 384, 288, |c, h, w| {
+        (0.29 * c + 0.017 * h + 0.023 * w).sin() * 2.0
+    })
+}
+
+/// Rows 0, 16, 32, ... of the detector's `[1, 8400, 85]` output, as the fixtures keep them.
+fn every_16th_row(out: &Tensor) -> Vec<f32> {
+    vec_f32(out)
+        .chunks(85)
+        .step_by(16)
+        .flat_map(|r| r.iter().copied())
+        .collect()
+}
+
 /// Largest |a - b| relative to the largest |b|.
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -57,17 +80,10 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn the_yolox_export_runs_as_onnxruntime_runs_it() {
     let m = Model::load(&dir().join("yolox_tiny.onnx")).unwrap();
-    let x = formula(3, 640, 640, |c, h, w| {
-        127.5 + 127.5 * (0.37 * c + 0.013 * h + 0.021 * w + 0.5 * c * h / 640.0).sin()
-    });
+    let x = det_formula();
     let out = m.run(&[("images", x)]).unwrap();
     assert_eq!(out[0].dims(), &[1, 8400, 85]);
-    let all = vec_f32(&out[0]);
-    let rows: Vec<f32> = all
-        .chunks(85)
-        .step_by(16)
-        .flat_map(|r| r.iter().copied())
-        .collect();
+    let rows = every_16th_row(&out[0]);
     let f = load("network.safetensors");
     let ort = vec_f32(&f["det_rows"]);
     let f64_ref = vec_f32(&f["det_rows_f64"].to_dtype(candle_core::DType::F32).unwrap());
@@ -86,9 +102,7 @@ fn the_yolox_export_runs_as_onnxruntime_runs_it() {
 #[test]
 fn the_rtmpose_export_runs_as_onnxruntime_runs_it() {
     let m = Model::load(&dir().join("rtmpose_tiny.onnx")).unwrap();
-    let x = formula(3, 384, 288, |c, h, w| {
-        (0.29 * c + 0.017 * h + 0.023 * w).sin() * 2.0
-    });
+    let x = pose_formula();
     let out = m.run(&[("input", x)]).unwrap();
     let f = load("network.safetensors");
     for (i, k) in ["simcc_x", "simcc_y"].iter().enumerate() {
@@ -364,18 +378,11 @@ fn ts_outputs() -> HashMap<String, Tensor> {
 #[test]
 fn a_traced_yolox_converts_and_runs_as_torchscript_runs_it() {
     let m = dwpose::load_network(&ts("yolox_tiny.torchscript.pt"), dwpose::Role::Detector).unwrap();
-    let x = formula(3, 640, 640, |c, h, w| {
-        127.5 + 127.5 * (0.37 * c + 0.013 * h + 0.021 * w + 0.5 * c * h / 640.0).sin()
-    });
+    let x = det_formula();
     assert_eq!(m.batch, 1);
     let out = m.model.run(&[("images", x)]).unwrap();
     assert_eq!(out[0].dims(), &[1, 8400, 85]);
-    let all = vec_f32(&out[0]);
-    let rows: Vec<f32> = all
-        .chunks(85)
-        .step_by(16)
-        .flat_map(|r| r.iter().copied())
-        .collect();
+    let rows = every_16th_row(&out[0]);
     let f = ts_outputs();
     // as for the ONNX file: float32 runs are ~2e-4 from the float64 one (the TorchScript run
     // 2.3e-4), so the float64 run is the reference, within 1.5x of PyTorch's own distance
@@ -388,9 +395,7 @@ fn a_traced_yolox_converts_and_runs_as_torchscript_runs_it() {
 #[test]
 fn a_traced_rtmpose_of_batch_five_converts_and_runs_one_crop_as_torchscript_does() {
     let m = dwpose::load_network(&ts("rtmpose_tiny.torchscript.pt"), dwpose::Role::Pose).unwrap();
-    let x = formula(3, 384, 288, |c, h, w| {
-        (0.29 * c + 0.017 * h + 0.023 * w).sin() * 2.0
-    });
+    let x = pose_formula();
     assert_eq!(m.batch, 1, "converted for one crop");
     let out = m.model.run(&[("input", x)]).unwrap();
     let f = ts_outputs();
@@ -441,9 +446,7 @@ fn a_pose_file_traced_for_a_fixed_batch_of_five_runs_one_crop_padded_with_zeros(
         det: Arc::new(det),
         pose: Arc::new(pose),
     };
-    let x = formula(3, 384, 288, |c, h, w| {
-        (0.29 * c + 0.017 * h + 0.023 * w).sin() * 2.0
-    });
+    let x = pose_formula();
     let (sx, sy) = nets.pose(&x).unwrap();
     let first_x = vec_f32(&sx);
     let f = ts_outputs();

@@ -29,6 +29,25 @@ pub fn sdctl_command() -> Command {
     c
 }
 
+/// A scratch folder (see [`scratch`]) with an empty `annotators/` folder in it: (the folder,
+/// the annotator folder), for [`sdctl_annotators`].
+pub fn annotator_scratch(prefix: &str, name: &str) -> (PathBuf, PathBuf) {
+    let d = scratch(prefix, name);
+    let ann = d.join("annotators");
+    std::fs::create_dir_all(&ann).unwrap();
+    (d, ann)
+}
+
+/// Runs sdctl with its result cache in `d/cache` and its annotator folder `ann`.
+pub fn sdctl_annotators(args: &[&str], d: &Path, ann: &Path) -> Output {
+    sdctl_command()
+        .args(args)
+        .env("SDCTL_CACHE_DIR", d.join("cache"))
+        .env("SDCTL_ANNOTATOR_DIR", ann)
+        .output()
+        .unwrap()
+}
+
 /// Runs sdctl with these arguments and these environment variables.
 pub fn sdctl_with(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = sdctl_command();

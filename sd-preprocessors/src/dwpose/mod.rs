@@ -100,14 +100,14 @@ impl DwNetworks for OnnxNetworks {
         let name = only_input(pose, "pose network")?;
         let batch = self.pose.batch;
         let x = if batch > 1 {
-            let pad = Tensor::zeros(
+            // the crop, then zero crops to the graph's batch
+            Tensor::zeros(
                 [vec![batch - 1], input.dims()[1..].to_vec()].concat(),
                 input.dtype(),
                 input.device(),
             )
-            .and_then(|z| Tensor::cat(&[input, &z], 0))
-            .map_err(|e| e.to_string())?;
-            pad
+            .and_then(|zeros| Tensor::cat(&[input, &zeros], 0))
+            .map_err(|e| e.to_string())?
         } else {
             input.clone()
         };

@@ -57,8 +57,7 @@ pub struct Model {
 impl Model {
     /// Read an `.onnx` file (errors name the file, and the node or tensor at fault).
     pub fn load(path: &Path) -> Result<Self, String> {
-        let bytes = sd_plugins_api::input_file::read_limited(path, MAX_FILE_BYTES)?;
-        Self::from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+        Self::from_proto(decode_file(path)?).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// [`Model::load`] of a file's bytes.

@@ -291,6 +291,15 @@ fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
         .collect()
 }
 
+/// A 2-D size given once (`[k]`) or per side (`[kh, kw]`).
+fn pair(v: Vec<i64>) -> Vec<i64> {
+    if v.len() == 1 {
+        vec![v[0], v[0]]
+    } else {
+        v
+    }
+}
+
 /// A dimension index (negative from the end) for rank `r`.
 fn dim(d: i64, r: usize) -> Result<usize, String> {
     let v = if d < 0 { d + r as i64 } else { d };
@@ -322,6 +331,10 @@ impl V {
             V::I(v) => Ok(vec![*v]),
             o => Err(format!("a list of integers expected, found {o:?}")),
         }
+    }
+    /// A list of dimensions (negative from the end) of a rank-`r` tensor.
+    fn dims(&self, r: usize) -> Result<Vec<usize>, String> {
+        self.ints()?.iter().map(|&d| dim(d, r)).collect()
     }
     fn bool(&self) -> Result<bool, String> {
         match self {
@@ -367,7 +380,21 @@ impl Emit<'_> {
         output
     }
 
-    /// One node with one output of `shape`.
+    /// One node with one output of `shape`: the output's name.
+    fn op1_name(
+        &mut self,
+        op: &str,
+        inputs: Vec<String>,
+        attrs: Vec<AttributeProto>,
+        shape: Vec<usize>,
+    ) -> String {
+        let hint = format!("{}?", op.to_lowercase());
+        let o = self.node(op, inputs, &[&hint], attrs).remove(0);
+        self.shapes.insert(o.clone(), shape);
+        o
+    }
+
+    /// [`Emit::op1_name`] as a value.
     fn op1(
         &mut self,
         op: &str,
@@ -375,10 +402,28 @@ impl Emit<'_> {
         attrs: Vec<AttributeProto>,
         shape: Vec<usize>,
     ) -> V {
-        let hint = format!("{}?", op.to_lowercase());
-        let o = self.node(op, inputs, &[&hint], attrs).remove(0);
-        self.shapes.insert(o.clone(), shape);
-        V::T(o)
+        V::T(self.op1_name(op, inputs, attrs, shape))
+    }
+
+    /// `Transpose` of `x` (shape `xs`) by `perm`.
+    fn transpose(&mut self, x: String, xs: &[usize], perm: &[usize]) -> V {
+        let shape = perm.iter().map(|&p| xs[p]).collect();
+        let p: Vec<i64> = perm.iter().map(|&p| p as i64).collect();
+        self.op1("Transpose", vec![x], vec![aints("perm", &p)], shape)
+    }
+
+    /// A reduction (`ReduceL2`, `ReduceMean`) of `x` (shape `xs`) over `dims`.
+    fn reduce(&mut self, op: &str, x: String, xs: &[usize], dims: &[usize], keep: bool) -> V {
+        let shape = (0..xs.len())
+            .filter_map(|i| match (dims.contains(&i), keep) {
+                (false, _) => Some(xs[i]),
+                (true, true) => Some(1),
+                (true, false) => None,
+            })
+            .collect();
+        let axes: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        let attrs = vec![aints("axes", &axes), ai("keepdims", keep as i64)];
+        self.op1(op, vec![x], attrs, shape)
     }
 
     /// A shape's elements, refused past the interpreter's bound on any tensor.
@@ -763,8 +808,7 @@ impl Emit<'_> {
                 if xs.len() != 4 || ws.len() != 4 {
                     return Err(format!("a 2-D convolution of {xs:?} by {ws:?}"));
                 }
-                let two = |v: Vec<i64>| if v.len() == 1 { vec![v[0], v[0]] } else { v };
-                let (stride, pad, dil) = (two(stride), two(pad), two(dil));
+                let (stride, pad, dil) = (pair(stride), pair(pad), pair(dil));
                 let mut ins = vec![x, w.clone()];
                 if !arg(2).is_none() {
                     ins.push(self.tensor(&arg(2))?);
@@ -843,9 +887,7 @@ impl Emit<'_> {
                 let per = |t: Tensor| t.reshape([vec![c], vec![1; r.saturating_sub(2)]].concat());
                 let s = self.constant("bn_scale", per(scale).map_err(err)?)?;
                 let h = self.constant("bn_shift", per(shift).map_err(err)?)?;
-                let V::T(m) = self.op1("Mul", vec![x, s], vec![], xs.clone()) else {
-                    unreachable!()
-                };
+                let m = self.op1_name("Mul", vec![x, s], vec![], xs.clone());
                 self.op1("Add", vec![m, h], vec![], xs)
             }
             "add" | "sub" | "mul" | "div" | "pow" | "maximum" | "minimum" => {
@@ -908,9 +950,7 @@ impl Emit<'_> {
             }
             "silu" | "silu_" => {
                 let (x, xs) = x_of(self, 0)?;
-                let V::T(s) = self.op1("Sigmoid", vec![x.clone()], vec![], xs.clone()) else {
-                    unreachable!()
-                };
+                let s = self.op1_name("Sigmoid", vec![x.clone()], vec![], xs.clone());
                 self.op1("Mul", vec![x, s], vec![], xs)
             }
             "hardsigmoid" | "hardsigmoid_" => {
@@ -1015,23 +1055,15 @@ impl Emit<'_> {
             }
             "permute" => {
                 let (x, xs) = x_of(self, 0)?;
-                let perm: Vec<usize> = arg(1)
-                    .ints()?
-                    .iter()
-                    .map(|&d| dim(d, xs.len()))
-                    .collect::<Result<_, _>>()?;
-                let shape = perm.iter().map(|&p| xs[p]).collect();
-                let p: Vec<i64> = perm.iter().map(|&p| p as i64).collect();
-                self.op1("Transpose", vec![x], vec![aints("perm", &p)], shape)
+                let perm = arg(1).dims(xs.len())?;
+                self.transpose(x, &xs, &perm)
             }
             "transpose" => {
                 let (x, xs) = x_of(self, 0)?;
                 let (d0, d1) = (dim(arg(1).int()?, xs.len())?, dim(arg(2).int()?, xs.len())?);
                 let mut perm: Vec<usize> = (0..xs.len()).collect();
                 perm.swap(d0, d1);
-                let shape = perm.iter().map(|&p| xs[p]).collect();
-                let p: Vec<i64> = perm.iter().map(|&p| p as i64).collect();
-                self.op1("Transpose", vec![x], vec![aints("perm", &p)], shape)
+                self.transpose(x, &xs, &perm)
             }
             "slice" => {
                 let (x, xs) = x_of(self, 0)?;
@@ -1080,14 +1112,8 @@ impl Emit<'_> {
                 let dims: Vec<usize> = if arg(1).is_none() {
                     (0..xs.len()).filter(|&i| xs[i] == 1).collect()
                 } else {
-                    arg(1)
-                        .ints()?
-                        .iter()
-                        .map(|&d| dim(d, xs.len()))
-                        .collect::<Result<Vec<_>, _>>()?
-                        .into_iter()
-                        .filter(|&i| xs[i] == 1)
-                        .collect()
+                    let d = arg(1).dims(xs.len())?;
+                    d.into_iter().filter(|&i| xs[i] == 1).collect()
                 };
                 let shape = (0..xs.len())
                     .filter(|i| !dims.contains(i))
@@ -1183,9 +1209,7 @@ impl Emit<'_> {
                 }
                 let mut shape = xs;
                 *shape.last_mut().expect("checked") = n;
-                let V::T(m) = self.op1("MatMul", vec![x, wt], vec![], shape.clone()) else {
-                    unreachable!()
-                };
+                let m = self.op1_name("MatMul", vec![x, wt], vec![], shape.clone());
                 if arg(2).is_none() {
                     V::T(m)
                 } else {
@@ -1205,62 +1229,33 @@ impl Emit<'_> {
             }
             "linalg_vector_norm" | "norm" | "frobenius_norm" => {
                 let (x, xs) = x_of(self, 0)?;
-                // frobenius_norm(x, dims, keepdim): the 2-norm without its `ord` argument
-                let a: Vec<V> = if op == "frobenius_norm" {
-                    [vec![arg(0), V::I(2)], a[1..].to_vec()].concat()
-                } else {
-                    a.clone()
+                // (x, ord, dims, keepdim); frobenius_norm is (x, dims, keepdim), ord 2
+                let (ord, at) = match op {
+                    "frobenius_norm" => (2.0, 1),
+                    _ => (arg(1).float()?, 2),
                 };
-                let arg = |i: usize| a.get(i).cloned().unwrap_or(V::N);
-                if arg(1).float()? != 2.0 {
+                if ord != 2.0 {
                     return Err("a norm other than 2".into());
                 }
-                let dims: Vec<usize> = arg(2)
-                    .ints()?
-                    .iter()
-                    .map(|&d| dim(d, xs.len()))
-                    .collect::<Result<_, _>>()?;
-                let keep = arg(3).bool()?;
-                let shape = (0..xs.len())
-                    .filter_map(|i| match (dims.contains(&i), keep) {
-                        (false, _) => Some(xs[i]),
-                        (true, true) => Some(1),
-                        (true, false) => None,
-                    })
-                    .collect();
-                let axes: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
-                let attrs = vec![aints("axes", &axes), ai("keepdims", keep as i64)];
-                self.op1("ReduceL2", vec![x], attrs, shape)
+                let dims = arg(at).dims(xs.len())?;
+                let keep = arg(at + 1).bool()?;
+                self.reduce("ReduceL2", x, &xs, &dims, keep)
             }
             "mean" => {
                 let (x, xs) = x_of(self, 0)?;
-                let dims: Vec<usize> = arg(1)
-                    .ints()?
-                    .iter()
-                    .map(|&d| dim(d, xs.len()))
-                    .collect::<Result<_, _>>()?;
+                let dims = arg(1).dims(xs.len())?;
                 let keep = !arg(2).is_none() && arg(2).bool()?;
-                let shape = (0..xs.len())
-                    .filter_map(|i| match (dims.contains(&i), keep) {
-                        (false, _) => Some(xs[i]),
-                        (true, true) => Some(1),
-                        (true, false) => None,
-                    })
-                    .collect();
-                let axes: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
-                let attrs = vec![aints("axes", &axes), ai("keepdims", keep as i64)];
-                self.op1("ReduceMean", vec![x], attrs, shape)
+                self.reduce("ReduceMean", x, &xs, &dims, keep)
             }
             "max_pool2d" => {
                 let (x, xs) = x_of(self, 0)?;
-                let two = |v: Vec<i64>| if v.len() == 1 { vec![v[0], v[0]] } else { v };
-                let k = two(arg(1).ints()?);
+                let k = pair(arg(1).ints()?);
                 let s = match arg(2).ints() {
-                    Ok(v) if !v.is_empty() => two(v),
+                    Ok(v) if !v.is_empty() => pair(v),
                     _ => k.clone(),
                 };
-                let p = two(arg(3).ints()?);
-                if !arg(4).is_none() && two(arg(4).ints()?) != [1, 1] {
+                let p = pair(arg(3).ints()?);
+                if !arg(4).is_none() && pair(arg(4).ints()?) != [1, 1] {
                     return Err("dilated max pooling".into());
                 }
                 let ceil = !arg(5).is_none() && arg(5).bool()?;

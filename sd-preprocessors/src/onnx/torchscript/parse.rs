@@ -56,12 +56,8 @@ impl Code {
         let mut code = Code::default();
         for (path, text) in files {
             let module = path.strip_suffix(".py").unwrap_or(path).replace('/', ".");
-            parse_file(&module, text, &mut code).map_err(|e| format!("code/{path}: {e}"))?;
-            for class in code.classes.keys() {
-                code.files
-                    .entry(class.clone())
-                    .or_insert_with(|| format!("code/{path}"));
-            }
+            parse_file(&module, &format!("code/{path}"), text, &mut code)
+                .map_err(|e| format!("code/{path}: {e}"))?;
         }
         Ok(code)
     }
@@ -71,7 +67,8 @@ fn indent(line: &str) -> usize {
     line.len() - line.trim_start_matches(' ').len()
 }
 
-fn parse_file(module: &str, text: &str, code: &mut Code) -> Result<(), String> {
+/// The classes of one code file (`file`, for error messages) of module `module`.
+fn parse_file(module: &str, file: &str, text: &str, code: &mut Code) -> Result<(), String> {
     let lines: Vec<&str> = text.lines().collect();
     let mut i = 0;
     let mut class: Option<String> = None;
@@ -90,6 +87,9 @@ fn parse_file(module: &str, text: &str, code: &mut Code) -> Result<(), String> {
                 .map(|name| format!("{module}.{}", name.trim()));
             if let Some(c) = &class {
                 code.classes.entry(c.clone()).or_default();
+                code.files
+                    .entry(c.clone())
+                    .or_insert_with(|| file.to_string());
             }
             i += 1;
             continue;
