@@ -260,3 +260,59 @@ fn nested_state_dicts_are_read_under_dotted_names() {
     assert_eq!(get("params.conv.weight"), vec![3., 4.]);
     assert_eq!(get("top"), vec![5.]);
 }
+
+/// A TorchScript-style archive: `m/data.pkl` and one code file, `m/code/__torch__/m.py`.
+fn torchscript_archive(path: &Path, pkl: &[u8]) {
+    use zip::write::SimpleFileOptions;
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let stored = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("m/data.pkl", stored).unwrap();
+    z.write_all(pkl).unwrap();
+    z.start_file("m/code/__torch__/m.py", stored).unwrap();
+    z.write_all(b"class M(Module):\n  def forward(self: __torch__.m.M,\n    x: Tensor) -> Tensor:\n    return x\n")
+        .unwrap();
+    z.finish().unwrap();
+}
+
+/// `GLOBAL module class`, `EMPTY_TUPLE`, `NEWOBJ`, `EMPTY_DICT`, `BUILD`, `STOP`: an object of
+/// that class, as TorchScript writes its modules.
+fn object_of(module: &str, class: &str) -> Vec<u8> {
+    let mut v = vec![0x80, 2, b'c'];
+    v.extend(format!("{module}\n{class}\n").as_bytes());
+    v.extend([b')', 0x81, b'}', b'b', b'.']);
+    v
+}
+
+#[test]
+fn a_torchscript_archive_takes_its_own_module_classes_and_nothing_else() {
+    use sd_weights::pickle::Archive;
+    // TorchScript's own record class: a module tree of one module, its code readable
+    let ok = scratch("module.pt");
+    torchscript_archive(&ok, &object_of("__torch__.m", "M"));
+    let a = Archive::open(&ok).unwrap();
+    assert_eq!(
+        a.torchscript_modules(),
+        [(String::new(), "__torch__.m.M".to_string())]
+    );
+    let code = a.torchscript_code().unwrap();
+    assert_eq!(code.len(), 1);
+    assert_eq!(code[0].0, "__torch__/m.py");
+    // any other class, in the same place of the same kind of archive, is refused by name
+    for (module, class) in [("os", "system"), ("builtins", "eval"), ("torch", "load")] {
+        let bad = scratch(&format!("{module}_{class}.pt"));
+        torchscript_archive(&bad, &object_of(module, class));
+        let e = Archive::open(&bad).err().expect("refused").to_string();
+        assert!(
+            e.contains(&format!("`{module}.{class}`")) && e.contains("refused"),
+            "{e}"
+        );
+    }
+    // the `__torch__` classes are allowed only where the archive has TorchScript code
+    let plain = scratch("plain_module.pt");
+    archive(&plain, &object_of("__torch__.m", "M"), &[]);
+    let e = Archive::open(&plain).err().expect("refused").to_string();
+    assert!(
+        e.contains("`__torch__.m.M`") && e.contains("refused"),
+        "{e}"
+    );
+}
