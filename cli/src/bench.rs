@@ -76,7 +76,8 @@ pub struct VaeBenchArgs {
     pub tile: Option<usize>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// f32, or bf16 (on the CPU: bf16 products with f32 sums, AVX512-BF16)
+    /// f32, bf16 (on the CPU: bf16 products with f32 sums, AVX512-BF16) or f16 (on the CPU:
+    /// f16 products with f32 sums every 64, AVX512-FP16)
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }
@@ -290,6 +291,7 @@ fn train(a: TrainBenchArgs) -> CliResult {
     let prec = match precision {
         Precision::F32 => "f32",
         Precision::Bf16 => "bf16 mixed precision",
+        Precision::F16 => "f16 mixed precision",
     };
     let prec = if a.gradient_checkpointing {
         format!("{prec}, gradient checkpointing")

@@ -72,17 +72,23 @@ pub fn dtype(name: &str) -> Result<DType> {
 }
 
 /// Refuse combinations that cannot run, before any model is loaded, and set the CPU kernels'
-/// precision: `bf16` on the CPU keeps f32 tensors (models load as f32) and computes the
-/// convolutions', attention's and linear layers' products in bf16 with f32 sums, on CPUs with
-/// AVX512-BF16. Returns the dtype to load models in.
+/// precision: on the CPU, `bf16` (on CPUs with AVX512-BF16) and `f16` (on CPUs with
+/// AVX512-FP16, where the CPU kernels serve) keep f32 tensors (models load as f32) and compute
+/// the convolutions', attention's and linear layers' products in that half precision with f32
+/// sums. `f16` on a CPU without AVX512-FP16 keeps f16 tensors on candle's generic ops, as on a
+/// GPU. Returns the dtype to load models in.
 pub fn compute_dtype(device: &Device, dtype: DType) -> Result<DType> {
-    use sd_pipeline::cpu::matmul::{set_precision, Precision};
-    let cpu_bf16 = device.is_cpu() && dtype == DType::BF16;
-    set_precision(if cpu_bf16 {
-        Precision::Bf16
+    use sd_pipeline::cpu::matmul::{f16_supported, set_precision, Precision};
+    let kernels = sd_pipeline::cpu::serve(device);
+    let precision = match dtype {
+        DType::BF16 if device.is_cpu() => Precision::Bf16,
+        DType::F16 if kernels && f16_supported() => Precision::F16,
+        _ => Precision::F32,
+    };
+    set_precision(precision).map_err(|e| format!("--dtype {}: {e}", dtype.as_str()))?;
+    Ok(if precision == Precision::F32 {
+        dtype
     } else {
-        Precision::F32
+        DType::F32
     })
-    .map_err(|e| format!("--dtype bf16: {e}"))?;
-    Ok(if cpu_bf16 { DType::F32 } else { dtype })
 }

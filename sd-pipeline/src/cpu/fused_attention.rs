@@ -6,7 +6,7 @@
 //! made, and no `(B*H, N, N)` score tensor ever exists. Blocks run in parallel, each gemm on one
 //! thread. The plain path in `nn::attention` is the reference it is tested against.
 
-use super::matmul::{matmul, matmul_packed_lhs, precision, Mat, MatMut, PackedLhs, Precision};
+use super::matmul::{matmul, matmul_packed_lhs, precision, Mat, MatMut, PackedLhs};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -16,9 +16,10 @@ use super::conv_op::f32_slice;
 /// SD1.5 self-attention at 512x512 (batch 2, 4096 tokens, 8 heads of 40): 64 rows 283 ms,
 /// 128 rows 268-278 ms, 256 rows 270-300 ms, 512 rows 313 ms.
 const ROWS: usize = 128;
-/// The same in bf16, where every block converts and packs the keys and values anew (SD1.5 at
-/// 512x512, whole UNet call: 128 rows 5.76 s, 256 rows 5.63 s, 512 rows 5.81 s, 1024 6.22 s).
-const ROWS_BF16: usize = 256;
+/// The same in a half precision (bf16 / f16), where a task converts and packs a head's keys and
+/// values once (bf16, SD1.5 at 512x512, whole UNet call, when every block packed them anew:
+/// 128 rows 5.76 s, 256 rows 5.63 s, 512 rows 5.81 s, 1024 6.22 s).
+const ROWS_HALF: usize = 256;
 
 /// `softmax(q k^T * scale) v` per head, over `[B, Sq, H*D]`, `[B, Sk, H*D]`, `[B, Sk, H*D]`.
 struct FusedAttention {
@@ -76,12 +77,12 @@ impl CustomOp3 for FusedAttention {
         let (heads, d) = (self.heads, inner / self.heads);
         let mut out = vec![0f32; b * sq * inner];
         let dst = OutPtr(out.as_mut_ptr());
-        let bf16 = precision() == Precision::Bf16;
-        let block_rows = if bf16 { ROWS_BF16 } else { ROWS };
+        let half = precision().half();
+        let block_rows = if half.is_some() { ROWS_HALF } else { ROWS };
         let blocks = sq.div_ceil(block_rows);
-        // f32: a task per block of queries; bf16: a task per head, its keys and values converted
+        // f32: a task per block of queries; half: a task per head, its keys and values converted
         // and packed once for all its blocks
-        let per_task = if bf16 { blocks } else { 1 };
+        let per_task = if half.is_some() { blocks } else { 1 };
         (0..b * heads * blocks / per_task)
             .into_par_iter()
             .for_each(|task| {
@@ -90,10 +91,10 @@ impl CustomOp3 for FusedAttention {
                 let k0 = &k[bi * sk * inner + h * d..];
                 let v0 = &v[bi * sk * inner + h * d..];
                 // SAFETY: k[j, :] and v^T[:, j] for j < sk within the head stay inside k / v.
-                let packed = bf16.then(|| unsafe {
+                let packed = half.map(|h| unsafe {
                     (
-                        PackedLhs::new(Mat::new(k0.as_ptr(), inner as isize, 1), sk, d),
-                        PackedLhs::new(Mat::new(v0.as_ptr(), 1, inner as isize), d, sk),
+                        PackedLhs::new(h, Mat::new(k0.as_ptr(), inner as isize, 1), sk, d),
+                        PackedLhs::new(h, Mat::new(v0.as_ptr(), 1, inner as isize), d, sk),
                     )
                 });
                 for blk in first..first + per_task {
@@ -139,7 +140,8 @@ impl CustomOp3 for FusedAttention {
                         unsafe {
                             // out_t[i, r] = sum_j v[j, i] p[r, j]
                             let o_t = MatMut::new(out_t.as_mut_ptr(), rows as isize, 1);
-                            let p_t = Mat::new(scores.as_ptr(), rows as isize, 1);
+                            // softmax weights: at most 1 (no scan for the f16 scale)
+                            let p_t = Mat::new(scores.as_ptr(), rows as isize, 1).bounded(1.0);
                             match &packed {
                                 Some((_, pv)) => matmul_packed_lhs(pv, rows, o_t, false, p_t, 1.0),
                                 None => matmul(

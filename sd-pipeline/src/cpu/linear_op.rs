@@ -1,6 +1,6 @@
 //! `x W^T + b` for inference through [`super::matmul`], so that a linear layer computes in the
-//! process's precision (candle's own matmul serves f32; this op is what `--dtype bf16` uses,
-//! with the weight converted and packed once and kept by the layer: [`PackedWeight`]).
+//! process's precision (candle's own matmul serves f32; this op is what `--dtype bf16` / `f16`
+//! use, with the weight converted and packed once and kept by the layer: [`PackedWeight`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -8,10 +8,11 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Stora
 use rayon::prelude::*;
 
 use super::conv_op::{cpu_f32, f32_slice};
-use super::matmul::{all_threads, matmul_packed_rhs, Mat, MatMut, PackedRhs};
+use super::matmul::{all_threads, matmul_packed_rhs, Half, Mat, MatMut, PackedRhs};
 
-/// A linear layer's weight `W [n, k]` as the packed bf16 right operand `W^T`, made at the first
-/// bf16 call and kept (remade if the layer's weight tensor is replaced).
+/// A linear layer's weight `W [n, k]` as the packed half-precision right operand `W^T`, made at
+/// the first call in that precision and kept (remade if the layer's weight tensor is replaced or
+/// the precision changes).
 #[derive(Default, Clone)]
 pub struct PackedWeight(Arc<Mutex<Option<Packed>>>);
 
@@ -25,10 +26,10 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    fn get(&self, w: &Tensor) -> Result<Arc<PackedRhs>> {
+    fn get(&self, w: &Tensor, half: Half) -> Result<Arc<PackedRhs>> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((id, p)) = slot.as_ref() {
-            if *id == w.id() {
+            if *id == w.id() && p.half() == half {
                 return Ok(p.clone());
             }
         }
@@ -43,7 +44,8 @@ impl PackedWeight {
         };
         let v = f32_slice(cpu, layout)?;
         // SAFETY: W^T [k, n] of the row-major W [n, k]: element (p, c) at c * k + p < n * k.
-        let packed = Arc::new(unsafe { PackedRhs::new(Mat::new(v.as_ptr(), 1, k as isize), k, n) });
+        let wt = Mat::new(v.as_ptr(), 1, k as isize);
+        let packed = Arc::new(unsafe { PackedRhs::new(half, wt, k, n) });
         *slot = Some((w.id(), packed.clone()));
         Ok(packed)
     }
@@ -98,16 +100,17 @@ impl CustomOp2 for LinearInfer {
     }
 }
 
-/// `x W^T + b` in bf16 for a CPU f32 `x` (any leading dims) without gradient, `W` packed once
+/// `x W^T + b` in `half` for a CPU f32 `x` (any leading dims) without gradient, `W` packed once
 /// into `packed`.
-pub fn linear_bf16(
+pub fn linear_half(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
     packed: &PackedWeight,
+    half: Half,
 ) -> Result<Tensor> {
     let bias = b.map(|b| b.flatten_all()?.to_vec1::<f32>()).transpose()?;
-    let weight = packed.get(w)?;
+    let weight = packed.get(w, half)?;
     x.contiguous()?
         .apply_op2_no_bwd(w, &LinearInfer { bias, weight })
 }

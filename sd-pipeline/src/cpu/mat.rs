@@ -8,6 +8,9 @@ pub struct Mat {
     pub rs: isize,
     /// Distance between columns, in elements.
     pub cs: isize,
+    /// A bound the caller knows on every |element| (NaN: none known); the f16 product uses it
+    /// instead of scanning the operand for its scale.
+    bound: f32,
 }
 
 /// A strided destination.
@@ -27,16 +30,30 @@ unsafe impl Sync for MatMut {}
 
 impl Mat {
     pub fn new(ptr: *const f32, rs: isize, cs: isize) -> Self {
-        Self { ptr, rs, cs }
+        Self {
+            ptr,
+            rs,
+            cs,
+            bound: f32::NAN,
+        }
+    }
+    /// The same view, its every finite |element| known to be at most `bound` (softmax weights:
+    /// 1).
+    pub fn bounded(self, bound: f32) -> Self {
+        Self { bound, ..self }
+    }
+    /// The bound given by [`Mat::bounded`], if any.
+    pub(super) fn bound(self) -> Option<f32> {
+        (self.bound >= 0.0).then_some(self.bound)
     }
     pub fn ptr(self) -> *const f32 {
         self.ptr
     }
     pub(super) fn t(self) -> Self {
         Self {
-            ptr: self.ptr,
             rs: self.cs,
             cs: self.rs,
+            ..self
         }
     }
     /// # Safety

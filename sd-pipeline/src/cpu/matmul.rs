@@ -1,15 +1,16 @@
 //! The one f32 matrix product the CPU kernels call (convolutions, attention, linear layers), in
-//! the process's compute precision: f32 through the `gemm` crate (the parity-tested path), or
-//! bf16 products with f32 sums ([`super::bf16_gemm`]) when `--dtype bf16` runs on a CPU with
-//! AVX512-BF16. Tensors stay f32 either way: weights are rounded as they are packed.
+//! the process's compute precision: f32 through the `gemm` crate (the parity-tested path), bf16
+//! products with f32 sums when `--dtype bf16` runs on a CPU with AVX512-BF16, or f16 products
+//! with f32 sums every 64 products when `--dtype f16` runs on one with AVX512-FP16
+//! ([`super::half_gemm`]). Tensors stay f32 either way: weights are rounded as they are packed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
-pub use super::bf16_gemm::{PackedLhs, PackedRhs};
+pub use super::half_gemm::{Half, PackedLhs, PackedRhs};
 pub use super::mat::{Mat, MatMut};
 
 /// `dst[m, n] = (accumulate ? dst : 0) + alpha * lhs[m, k] x b` with `b` a right operand packed
-/// for bf16 ([`PackedRhs::new`], only in [`Precision::Bf16`]), `dst` row-major.
+/// in a half precision ([`PackedRhs::new`]), `dst` row-major.
 ///
 /// # Safety
 /// As [`matmul`]; `dst.cs == 1`.
@@ -23,11 +24,11 @@ pub unsafe fn matmul_packed_rhs(
     threads: usize,
 ) {
     assert_eq!(dst.cs, 1, "matmul_packed_rhs: a row-major destination");
-    super::bf16_gemm::gemm_packed_rhs(m, dst, accumulate, lhs, b, alpha, threads)
+    super::half_gemm::gemm_packed_rhs(m, dst, accumulate, lhs, b, alpha, threads)
 }
 
 /// `dst[m, n] = (accumulate ? dst : 0) + alpha * a x rhs[k, n]` on the calling thread, `a` a left
-/// operand packed for bf16 ([`PackedLhs::new`], only in [`Precision::Bf16`]), `dst` row-major.
+/// operand packed in a half precision ([`PackedLhs::new`]), `dst` row-major.
 ///
 /// # Safety
 /// As [`matmul`]; `dst.cs == 1`.
@@ -40,10 +41,11 @@ pub unsafe fn matmul_packed_lhs(
     alpha: f32,
 ) {
     assert_eq!(dst.cs, 1, "matmul_packed_lhs: a row-major destination");
-    super::bf16_gemm::gemm_packed_lhs(a, n, dst, accumulate, rhs, alpha)
+    super::half_gemm::gemm_packed_lhs(a, n, dst, accumulate, rhs, alpha)
 }
 
-static BF16: AtomicBool = AtomicBool::new(false);
+/// The process's [`Precision`] (0 f32, 1 bf16, 2 f16).
+static PRECISION: AtomicU8 = AtomicU8::new(0);
 
 /// The precision of the CPU kernels' products for this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,19 +53,44 @@ pub enum Precision {
     F32,
     /// bf16 products, f32 sums (AVX512-BF16 only).
     Bf16,
+    /// f16 products and sums of 64 products, taken into f32 sums (AVX512-FP16 only).
+    F16,
+}
+
+impl Precision {
+    /// The 16-bit float of a half precision (`None` for f32).
+    pub fn half(self) -> Option<Half> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(Half::Bf16),
+            Precision::F16 => Some(Half::F16),
+        }
+    }
 }
 
 /// Whether this CPU can compute in [`Precision::Bf16`].
 pub fn bf16_supported() -> bool {
-    super::bf16_gemm::supported()
+    super::half_gemm::supported(Half::Bf16)
+}
+
+/// Whether this CPU can compute in [`Precision::F16`].
+pub fn f16_supported() -> bool {
+    super::half_gemm::supported(Half::F16)
 }
 
 /// Sets the precision of every later product (a generation sets it as it starts; generations
-/// run one at a time). `Bf16` on a CPU without AVX512-BF16 is an error.
+/// run one at a time). `Bf16` on a CPU without AVX512-BF16, or `F16` without AVX512-FP16, is an
+/// error.
 pub fn set_precision(p: Precision) -> Result<(), String> {
     if p == Precision::Bf16 && !bf16_supported() {
         return Err(
             "bf16 on the CPU needs AVX512-BF16 (vdpbf16ps), which this CPU lacks; use --dtype f32"
+                .into(),
+        );
+    }
+    if p == Precision::F16 && !f16_supported() {
+        return Err(
+            "f16 on the CPU needs AVX512-FP16 (vfmadd231ph), which this CPU lacks; use --dtype f32"
                 .into(),
         );
     }
@@ -74,11 +101,16 @@ pub fn set_precision(p: Precision) -> Result<(), String> {
                 "bf16 on this Intel CPU is slower than f32: its vdpbf16ps does no more \
                  multiply-adds per cycle than f32 FMAs (measured 1.5x f32's time for an SD1.5 \
                  UNet call on a Xeon, family 6 model 207), and sdctl has no AMX path; \
-                 --dtype f32 is faster here"
+                 --dtype f32 is faster here{}",
+                if f16_supported() {
+                    ", and --dtype f16 (AVX512-FP16) faster still"
+                } else {
+                    ""
+                }
             )
         });
     }
-    BF16.store(p == Precision::Bf16, Ordering::Relaxed);
+    PRECISION.store(p as u8, Ordering::Relaxed);
     Ok(())
 }
 
@@ -102,10 +134,10 @@ pub fn bf16_at_f32_rate() -> bool {
 }
 
 pub fn precision() -> Precision {
-    if BF16.load(Ordering::Relaxed) {
-        Precision::Bf16
-    } else {
-        Precision::F32
+    match PRECISION.load(Ordering::Relaxed) {
+        1 => Precision::Bf16,
+        2 => Precision::F16,
+        _ => Precision::F32,
     }
 }
 
@@ -146,7 +178,8 @@ pub unsafe fn matmul(
     )
 }
 
-/// [`matmul`] in the given precision (`Bf16` needs [`bf16_supported`]).
+/// [`matmul`] in the given precision (`Bf16` needs [`bf16_supported`], `F16`
+/// [`f16_supported`]).
 ///
 /// # Safety
 /// As [`matmul`].
@@ -163,14 +196,17 @@ pub unsafe fn matmul_in(
     alpha: f32,
     threads: usize,
 ) {
-    if precision == Precision::Bf16 && m > 0 && n > 0 && k > 0 {
+    if let Some(half) = precision.half().filter(|_| m > 0 && n > 0 && k > 0) {
         if dst.cs == 1 {
-            return super::bf16_gemm::gemm(m, n, k, dst, accumulate, lhs, rhs, alpha, threads);
+            return super::half_gemm::gemm(
+                half, m, n, k, dst, accumulate, lhs, rhs, alpha, threads,
+            );
         }
         if dst.rs == 1 {
             // dst^T = rhs^T x lhs^T into a row-major dst^T
             let dt = MatMut::new(dst.ptr(), dst.cs, 1);
-            return super::bf16_gemm::gemm(
+            return super::half_gemm::gemm(
+                half,
                 n,
                 m,
                 k,
@@ -215,45 +251,51 @@ pub unsafe fn matmul_in(
 mod tests {
     use super::*;
 
-    /// A column-major destination goes through the transposed product in bf16 and gives what
-    /// the row-major one gives.
+    /// A column-major destination goes through the transposed product in each half precision
+    /// and gives what the row-major one gives.
     #[test]
-    fn column_major_destination_in_bf16() {
-        if !bf16_supported() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
-            return;
-        }
-        let (m, n, k) = (37, 90, 21);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
-            .collect();
-        let b: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
-            .collect();
-        let (mut row, mut col) = (vec![0f32; m * n], vec![0f32; m * n]);
-        let (l, r) = (
-            Mat::new(a.as_ptr(), k as isize, 1),
-            Mat::new(b.as_ptr(), n as isize, 1),
-        );
-        unsafe {
-            let d = MatMut::new(row.as_mut_ptr(), n as isize, 1);
-            matmul_in(Precision::Bf16, m, n, k, d, false, l, r, 1.0, 1);
-            let d = MatMut::new(col.as_mut_ptr(), 1, m as isize);
-            matmul_in(Precision::Bf16, m, n, k, d, false, l, r, 1.0, 1);
-        }
-        let mut f32s = vec![0f32; m * n];
-        unsafe {
-            let d = MatMut::new(f32s.as_mut_ptr(), n as isize, 1);
-            matmul_in(Precision::F32, m, n, k, d, false, l, r, 1.0, 1);
-        }
-        for i in 0..m {
-            for j in 0..n {
-                assert!((row[i * n + j] - col[j * m + i]).abs() < 1e-5);
-                // the operands (multiples of 0.1 up to 0.6) lose at most 2^-9 relative to bf16
-                assert!(
-                    (row[i * n + j] - f32s[i * n + j]).abs() < 0.02,
-                    "bf16 far from f32"
-                );
+    fn column_major_destination_in_half_precision() {
+        for (p, ok) in [
+            (Precision::Bf16, bf16_supported()),
+            (Precision::F16, f16_supported()),
+        ] {
+            if !ok {
+                eprintln!("skipped {p:?}: this CPU lacks its AVX-512 extension");
+                continue;
+            }
+            let (m, n, k) = (37, 90, 21);
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+                .collect();
+            let (mut row, mut col) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let (l, r) = (
+                Mat::new(a.as_ptr(), k as isize, 1),
+                Mat::new(b.as_ptr(), n as isize, 1),
+            );
+            unsafe {
+                let d = MatMut::new(row.as_mut_ptr(), n as isize, 1);
+                matmul_in(p, m, n, k, d, false, l, r, 1.0, 1);
+                let d = MatMut::new(col.as_mut_ptr(), 1, m as isize);
+                matmul_in(p, m, n, k, d, false, l, r, 1.0, 1);
+            }
+            let mut f32s = vec![0f32; m * n];
+            unsafe {
+                let d = MatMut::new(f32s.as_mut_ptr(), n as isize, 1);
+                matmul_in(Precision::F32, m, n, k, d, false, l, r, 1.0, 1);
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    assert!((row[i * n + j] - col[j * m + i]).abs() < 1e-5, "{p:?}");
+                    // the operands (multiples of 0.1 up to 0.6) lose at most 2^-9 relative to
+                    // bf16, 2^-12 to f16
+                    assert!(
+                        (row[i * n + j] - f32s[i * n + j]).abs() < 0.02,
+                        "{p:?} far from f32"
+                    );
+                }
             }
         }
     }

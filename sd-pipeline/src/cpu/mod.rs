@@ -4,11 +4,11 @@
 
 pub mod activation;
 pub mod attention_op;
-mod bf16_gemm;
 pub mod conv_op;
 pub mod fused_attention;
 pub mod geglu;
 pub mod group_norm_op;
+mod half_gemm;
 pub mod layer_norm_op;
 pub mod linear_op;
 mod mat;

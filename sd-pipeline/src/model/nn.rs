@@ -57,7 +57,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// A linear layer: candle's, except on the CPU in f32 with a gradient tracked
 /// ([`crate::cpu::linear_op::linear_train`]: no gradient for a frozen weight) and for inference
-/// in bf16 precision ([`crate::cpu::matmul::Precision`], [`crate::cpu::linear_op::linear_bf16`]).
+/// in a half precision ([`crate::cpu::matmul::Precision`], [`crate::cpu::linear_op::linear_half`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
@@ -87,7 +87,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        use crate::cpu::matmul::{precision, Precision};
+        use crate::cpu::matmul::precision;
         let w = self.inner.weight();
         let b = self.inner.bias();
         let cpu_f32 = crate::cpu::serve(x.device())
@@ -97,8 +97,8 @@ impl Module for Linear {
         let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
         if cpu_f32 && tracked {
             crate::cpu::linear_op::linear_train(x, w, b)
-        } else if cpu_f32 && precision() == Precision::Bf16 {
-            crate::cpu::linear_op::linear_bf16(x, w, b, &self.packed)
+        } else if let Some(half) = precision().half().filter(|_| cpu_f32) {
+            crate::cpu::linear_op::linear_half(x, w, b, &self.packed, half)
         } else {
             let _span = crate::cpu::op_profile::span("linear (candle)");
             self.inner.forward(x)
