@@ -13,8 +13,8 @@ two can be compared side by side in one run on one machine. CI does not run this
     sdctl bench unet --device cuda --dtype f16 --iters 10 --controlnet 2 --json o.json
 
 Needs torch and diffusers (see tests/fixtures/make_fixtures.py for the pinned versions). Random
-weights with the real SD1.5 (or SDXL base) architecture, f32 (or `--dtype bf16`: CPU autocast to
-bf16, PyTorch's own bf16 path), CPU, torch.inference_mode, default thread count. On `--device
+weights with the real SD1.5 (or SDXL base) architecture, f32 (or `--dtype bf16` / `f16`: CPU
+autocast to bf16 / f16, PyTorch's own half-precision paths), CPU, torch.inference_mode, default thread count. On `--device
 cuda` the weights and inputs are on the GPU in the dtype (f16 / bf16 / f32), attention is
 PyTorch's SDPA (diffusers' default), every call ends with a synchronize, and the peak of
 PyTorch's allocator is reported (benches/gpu_check.sh).
@@ -39,13 +39,11 @@ def main():
     ap.add_argument("--t2i-adapter", action="store_true")
     ap.add_argument("--ip-adapter", action="store_true")
     ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
-                    help="cpu bf16: torch.autocast('cpu', torch.bfloat16) around every call (f32 weights); "
+                    help="cpu bf16 / f16: torch.autocast('cpu', torch.bfloat16 / float16) around every call (f32 weights); "
                          "cuda: weights and inputs in this dtype")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", help="also write the numbers to this file")
     a = ap.parse_args()
-    if a.device == "cpu" and a.dtype == "f16":
-        ap.error("--dtype f16 is for --device cuda")
     torch.manual_seed(0)
     gpu = a.device == "cuda"
     wdtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype] if gpu else torch.float32
@@ -90,7 +88,8 @@ def main():
         if added:
             added = {k: v.to("cuda", wdtype) for k, v in added.items()}
 
-    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bf16" and not gpu else contextlib.nullcontext
+    half = {"bf16": torch.bfloat16, "f16": torch.float16}.get(a.dtype)
+    cast = (lambda: torch.autocast("cpu", dtype=half)) if half and not gpu else contextlib.nullcontext
     sync = torch.cuda.synchronize if gpu else (lambda: None)
 
     def run(with_control):

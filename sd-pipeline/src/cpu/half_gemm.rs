@@ -34,6 +34,8 @@ const NC: usize = 4096;
 /// holds one of the pair's two `k`). Measured on one core of a Xeon (family 6 model 207), hot
 /// operands: 16 pairs 251, 32 pairs 308, 64 pairs 340, 128 pairs 359 GFLOP/s; f32 FMAs 170.
 pub(super) const F16_CHUNK: usize = 64;
+/// Length of a thread's conversion buffer: 16 converted runs of a depth block.
+const RUN: usize = 16 * KC2 + 16;
 /// The largest scaled magnitude of an f16 operand (see the module docs).
 const F16_MAX_SCALED: f32 = 16.0;
 
@@ -319,7 +321,7 @@ impl PackedLhs {
         let mut data = vec![0u32; k2 * m_pad];
         let mut inv = vec![1f32; k2.div_ceil(KC2) * slivers];
         PACK.with_borrow_mut(|[_, _, run]| {
-            let run = run.get(KC2.max(NR) + 16);
+            let run = run.get(RUN);
             for q0 in (0..k2).step_by(KC2) {
                 let kc2 = KC2.min(k2 - q0);
                 let (p0, kc) = (2 * q0, (2 * kc2).min(k - 2 * q0));
@@ -373,7 +375,7 @@ impl PackedRhs {
         let mut inv = vec![1f32; k2.div_ceil(KC2) * slivers];
         let buf = data.get(k2 * n_pad);
         PACK.with_borrow_mut(|[_, _, run]| {
-            let run = run.get(KC2.max(NR) + 16);
+            let run = run.get(RUN);
             for j0 in (0..n).step_by(NC) {
                 let nc = NC.min(n - j0);
                 for q0 in (0..k2).step_by(KC2) {
@@ -484,7 +486,7 @@ unsafe fn serial(
         let kc2_max = KC2.min(k2);
         let bp_buf = bbuf.get(kc2_max * NC.min(n.div_ceil(NR) * NR));
         let ap_buf = abuf.get(kc2_max * MC.min(m.div_ceil(MR) * MR));
-        let run = run.get(KC2.max(NR) + 16);
+        let run = run.get(RUN);
         for j0 in (0..n).step_by(NC) {
             let nc = NC.min(n - j0);
             for q0 in (0..k2).step_by(KC2) {
@@ -686,16 +688,15 @@ unsafe fn pack_rhs(
         } else {
             // 16 columns of k at a time (each contiguous when rhs is a transposed row-major
             // matrix: a linear layer's weight), then written a pair of k (16 lanes) at a time
-            let mut tmp = [[0u32; KC2]; 16];
             for g in (0..cols).step_by(16) {
                 let gc = 16.min(cols - g);
-                for (c, t) in tmp[..gc].iter_mut().enumerate() {
+                for (c, t) in run.chunks_exact_mut(kc2).take(gc).enumerate() {
                     convert_run(half, rhs.at(p0, c0 + g + c), rhs.rs, kc, scale, t);
                 }
                 for q in 0..kc2 {
                     let o = &mut out[q * NR + g..q * NR + g + gc];
                     for (c, v) in o.iter_mut().enumerate() {
-                        *v = tmp[c][q];
+                        *v = run[c * kc2 + q];
                     }
                 }
             }
