@@ -123,6 +123,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // one generation or benchmark per process, in one precision: a linear layer packed in a
+    // half precision may drop its f32 weight (the server and the trainers keep theirs)
+    if matches!(cli.command, Command::Generate(_))
+        || matches!(
+            cli.command,
+            Command::Bench(bench::BenchCommand::Unet(_) | bench::BenchCommand::Vae(_))
+        )
+    {
+        sd_pipeline::cpu::linear_op::set_release_packed(true);
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(cmd) => bench::run(cmd),

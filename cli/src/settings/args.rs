@@ -159,7 +159,8 @@ pub struct SettingsArgs {
     /// cpu | cuda | cuda:N [default: cpu]
     #[arg(long)]
     pub device: Option<String>,
-    /// f32 | f16 | bf16 (model weights and activations) [default: f32]
+    /// f32 | f16 | bf16 (model weights and activations; on the CPU f16 / bf16 keep f32 tensors
+    /// and multiply in f16 (AVX512-FP16) / bf16 (AVX512-BF16)) [default: f32]
     #[arg(long)]
     pub dtype: Option<String>,
     /// The text encoders and the VAE on the CPU in f32, so that the GPU holds only the UNet

@@ -509,14 +509,14 @@ unsafe fn serial(
                         }
                         Lhs::Packed(a) => a.block(q0, kc2, i0),
                     };
-                    for js in 0..nc.div_ceil(NR) {
+                    for (js, b_inv) in bi[..nc.div_ceil(NR)].iter().enumerate() {
                         let bsl = bp.as_ptr().add(js * kc2 * NR);
                         let cols = NR.min(nc - js * NR);
-                        for is in 0..mc.div_ceil(MR) {
+                        for (is, a_inv) in ai[..mc.div_ceil(MR)].iter().enumerate() {
                             let asl = ap.as_ptr().add(is * kc2 * MR);
                             let rows = MR.min(mc - is * MR);
                             let c = dst.at(i0 + is * MR, j0 + js * NR);
-                            let al = alpha * ai[is] * bi[js];
+                            let al = alpha * a_inv * b_inv;
                             if rows == MR && cols == NR {
                                 kernel(half, kc2, asl, bsl, c, dst.rs, al, load);
                             } else {

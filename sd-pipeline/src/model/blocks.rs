@@ -514,7 +514,7 @@ impl Transformer2D {
     pub fn cross_attention_dims(&self) -> Vec<usize> {
         self.blocks
             .iter()
-            .map(|b| b.attn2.to_q.weight().dim(0).unwrap_or(0))
+            .map(|b| b.attn2.to_q.out_features())
             .collect()
     }
 

@@ -2,6 +2,7 @@
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
+use std::sync::{Arc, RwLock};
 
 /// Layer norm over the last dimension. Uses candle's fused kernel for inference; when a gradient
 /// is tracked, [`crate::cpu::layer_norm_op`] on the CPU in f32, candle's differentiable formula
@@ -58,50 +59,69 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// A linear layer: candle's, except on the CPU in f32 with a gradient tracked
 /// ([`crate::cpu::linear_op::linear_train`]: no gradient for a frozen weight) and for inference
 /// in a half precision ([`crate::cpu::matmul::Precision`], [`crate::cpu::linear_op::linear_half`]).
+/// In a process that asked for it ([`crate::cpu::linear_op::set_release_packed`]) the f32 weight
+/// is dropped once it is packed in a half precision: the layer then runs in that precision only.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    /// `None` once released after packing.
+    weight: Arc<RwLock<Option<Tensor>>>,
+    bias: Option<Tensor>,
+    out_features: usize,
     packed: crate::cpu::linear_op::PackedWeight,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            inner: candle_nn::Linear::new(weight, bias),
+            out_features: weight.dims().first().copied().unwrap_or(0),
+            weight: Arc::new(RwLock::new(Some(weight))),
+            bias,
             packed: Default::default(),
         }
     }
     fn new_from(inner: candle_nn::Linear) -> Self {
-        Self {
-            inner,
-            packed: Default::default(),
-        }
+        Self::new(inner.weight().clone(), inner.bias().cloned())
     }
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    /// The f32 (or model-dtype) weight, unless it was released after packing.
+    pub fn weight(&self) -> Option<Tensor> {
+        self.weight
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    /// The number of outputs (the weight's first dimension).
+    pub fn out_features(&self) -> usize {
+        self.out_features
     }
     pub fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
+        self.bias.as_ref()
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use crate::cpu::linear_op;
         use crate::cpu::matmul::precision;
-        let w = self.inner.weight();
-        let b = self.inner.bias();
+        let b = self.bias.as_ref();
+        let Some(w) = self.weight() else {
+            return linear_op::linear_released(x, b, &self.packed, precision().half());
+        };
         let cpu_f32 = crate::cpu::serve(x.device())
             && x.dtype() == candle_core::DType::F32
             && w.dtype() == candle_core::DType::F32
             && b.is_none_or(|b| b.dtype() == candle_core::DType::F32);
         let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
         if cpu_f32 && tracked {
-            crate::cpu::linear_op::linear_train(x, w, b)
+            linear_op::linear_train(x, &w, b)
         } else if let Some(half) = precision().half().filter(|_| cpu_f32) {
-            crate::cpu::linear_op::linear_half(x, w, b, &self.packed, half)
+            let y = linear_op::linear_half(x, &w, b, &self.packed, half)?;
+            if linear_op::release_packed() {
+                *self.weight.write().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            Ok(y)
         } else {
             let _span = crate::cpu::op_profile::span("linear (candle)");
-            self.inner.forward(x)
+            candle_nn::Linear::new(w, b.cloned()).forward(x)
         }
     }
 }
