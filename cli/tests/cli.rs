@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use sd_tests::{assert_close, expected, fixtures, get, model_dir};
 
-use crate::common::{base_args, copy_tree, fails, latents, one_step, s, scratch, sdctl};
+use crate::common::{
+    base_args, copy_tree, fails, latents, one_step, rel_rms, s, scratch, sdctl, sdxl_micro_args,
+};
 
 const CASE: &str = "sd1_txt2img_euler_normal";
 
@@ -562,17 +564,7 @@ fn bf16_on_the_cpu() {
     let want = get(&exp, "latents");
     let (l16, l32) = (latents(&lat16), latents(&lat32));
     assert!(sd_tests::max_abs_diff(&l32, want) < 1e-3);
-    let rms = |t: &candle_core::Tensor| -> f32 {
-        t.sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
-    let rel = rms(&(&l16 - want).unwrap()) / rms(want);
+    let rel = rel_rms(&l16, want);
     // bf16 keeps 8 significant bits (2^-9 relative per operand); through 4 steps of the tiny
     // random UNet at CFG 7.5 (which scales the difference of two predictions by 7.5) that is
     // ~0.5% RMS of the latents (measured 0.47%); f32 is ~1e-7
@@ -602,17 +594,7 @@ fn f16_on_the_cpu() {
     let exp = expected(&format!("pipe_{CASE}.safetensors"));
     let want = get(&exp, "latents");
     let got = latents(&lat);
-    let rms = |t: &candle_core::Tensor| -> f32 {
-        t.sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
-    let rel = rms(&(&got - want).unwrap()) / rms(want);
+    let rel = rel_rms(&got, want);
     eprintln!("f16 latents {rel} (relative RMS) from diffusers' f32");
     assert!(
         rel > 1e-5 && rel < 4e-3,
@@ -630,57 +612,13 @@ fn f16_on_the_cpu_for_sdxl() {
     let noise = fixtures().join(format!("expected/{name}.safetensors"));
     let (lat, png) = (dir.join("sdxl.safetensors"), dir.join("sdxl.png"));
     let model = model_dir("sdxl");
-    let o = sdctl(&[
-        "generate",
-        "--model",
-        s(&model),
-        "--prompt",
-        "a red circle on a blue background",
-        "--negative-prompt",
-        "blurry, lowres",
-        "--cfg-scale",
-        "5",
-        "--noise",
-        s(&noise),
-        "--width",
-        "64",
-        "--height",
-        "48",
-        "--steps",
-        "4",
-        "--sampler",
-        "dpmpp_2m",
-        "--schedule",
-        "karras",
-        "--batch",
-        "2",
-        "--original-size",
-        "128x96",
-        "--target-size",
-        "56x40",
-        "--crop-top-left",
-        "16,8",
-        "--output",
-        s(&png),
-        "--save-latents",
-        s(&lat),
-        "--dtype",
-        "f16",
-    ]);
+    let mut args = sdxl_micro_args(s(&model), s(&noise), s(&png), s(&lat));
+    args.extend(["--dtype", "f16"]);
+    let o = sdctl(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let exp = expected(&format!("{name}.safetensors"));
     let (got, want) = (latents(&lat), get(&exp, "latents").clone());
-    let rms = |t: &candle_core::Tensor| -> f32 {
-        t.sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
-    let rel = rms(&(&got - &want).unwrap()) / rms(&want);
+    let rel = rel_rms(&got, &want);
     eprintln!("SDXL f16 latents {rel} (relative RMS) from diffusers' f32");
     assert!(
         rel > 1e-5 && rel < 4e-3,

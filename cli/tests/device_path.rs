@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor};
 use sd_tests::{assert_close, expected, fixtures, get, max_abs_diff, model_dir};
 
-use crate::common::{base_args, one_step, s, scratch, sdctl_with};
+use crate::common::{base_args, one_step, rel_rms, s, scratch, sdctl_with, sdxl_micro_args};
 
 const GENERIC: &[(&str, &str)] = &[("SDCTL_KERNELS", "generic")];
 
@@ -48,21 +48,6 @@ fn controlled_with(name: &str, dtype: &str, env: &[(&str, &str)], extra: &[&str]
 
 fn want_controlled() -> Tensor {
     get(&expected("pipe_cn_sd1_one_unit.safetensors"), "latents").clone()
-}
-
-/// Relative RMS distance of `a` from `b`.
-fn rel_rms(a: &Tensor, b: &Tensor) -> f32 {
-    let rms = |t: &Tensor| -> f32 {
-        t.sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
-    rms(&(a - b).unwrap()) / rms(b)
 }
 
 /// ControlNet on the generic ops: diffusers' latents within the tolerance the CPU kernels
@@ -151,42 +136,10 @@ fn lora_and_sdxl_on_the_gpu_path_match_diffusers() {
 
     let name = "sdxl_txt2img_micro";
     let lat = dir.join("sdxl.safetensors");
+    let (model, png) = (model_dir("sdxl"), dir.join("sdxl.png"));
+    let noise = fixtures().join(format!("expected/{name}.safetensors"));
     let o = sdctl_with(
-        &[
-            "generate",
-            "--model",
-            s(&model_dir("sdxl")),
-            "--prompt",
-            "a red circle on a blue background",
-            "--negative-prompt",
-            "blurry, lowres",
-            "--cfg-scale",
-            "5",
-            "--noise",
-            s(&fixtures().join(format!("expected/{name}.safetensors"))),
-            "--width",
-            "64",
-            "--height",
-            "48",
-            "--steps",
-            "4",
-            "--sampler",
-            "dpmpp_2m",
-            "--schedule",
-            "karras",
-            "--batch",
-            "2",
-            "--original-size",
-            "128x96",
-            "--target-size",
-            "56x40",
-            "--crop-top-left",
-            "16,8",
-            "--output",
-            s(&dir.join("sdxl.png")),
-            "--save-latents",
-            s(&lat),
-        ],
+        &sdxl_micro_args(s(&model), s(&noise), s(&png), s(&lat)),
         GENERIC,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -110,6 +110,67 @@ pub fn base_args<'a>(model: &'a str, noise: &'a str, out: &'a str) -> Vec<&'a st
     ]
 }
 
+/// The arguments of the SDXL fixture case `sdxl_txt2img_micro` (64x48, 4 steps DPM++ 2M
+/// Karras, CFG 5, batch 2, micro-conditioning flags, the fixture's noise), writing `out` and
+/// the final latents to `lat`.
+pub fn sdxl_micro_args<'a>(
+    model: &'a str,
+    noise: &'a str,
+    out: &'a str,
+    lat: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "a red circle on a blue background",
+        "--negative-prompt",
+        "blurry, lowres",
+        "--cfg-scale",
+        "5",
+        "--noise",
+        noise,
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--steps",
+        "4",
+        "--sampler",
+        "dpmpp_2m",
+        "--schedule",
+        "karras",
+        "--batch",
+        "2",
+        "--original-size",
+        "128x96",
+        "--target-size",
+        "56x40",
+        "--crop-top-left",
+        "16,8",
+        "--output",
+        out,
+        "--save-latents",
+        lat,
+    ]
+}
+
+/// Relative RMS distance of `a` from `b`.
+pub fn rel_rms(a: &Tensor, b: &Tensor) -> f32 {
+    let rms = |t: &Tensor| -> f32 {
+        t.sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    rms(&(a - b).unwrap()) / rms(b)
+}
+
 /// The arguments of a one-step 64x64 `sdctl generate` at seed 1 with `model`, writing `out`,
 /// then `extra`: the smallest run that goes through every stage.
 pub fn one_step<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {

@@ -123,6 +123,24 @@ fn scale_for(half: Half, max: f32) -> f32 {
     s
 }
 
+/// [`scale_for`] the `rows x cols` sliver of `mat` from (`r0`, `c0`): scanned in f16 only.
+///
+/// # Safety
+/// As [`finite_max`].
+unsafe fn sliver_scale(
+    half: Half,
+    mat: Mat,
+    r0: usize,
+    rows: usize,
+    c0: usize,
+    cols: usize,
+) -> f32 {
+    match half {
+        Half::Bf16 => 1.0,
+        Half::F16 => scale_for(half, finite_max(mat, r0, rows, c0, cols)),
+    }
+}
+
 /// The largest finite |x| over `rows x cols` of `mat` from (`r0`, `c0`) (0 if none), or the
 /// bound the caller gave ([`Mat::bounded`]).
 ///
@@ -662,10 +680,7 @@ unsafe fn pack_rhs(
         let cols = NR.min(nc - js * NR);
         let out = &mut bp[js * kc2 * NR..(js + 1) * kc2 * NR];
         let c0 = j0 + js * NR;
-        let scale = match half {
-            Half::Bf16 => 1.0,
-            Half::F16 => scale_for(half, finite_max(rhs, p0, kc, c0, cols)),
-        };
+        let scale = sliver_scale(half, rhs, p0, kc, c0, cols);
         inv[js] = 1.0 / scale;
         if cols < NR {
             out.fill(0);
@@ -777,10 +792,7 @@ unsafe fn pack_lhs(
         let rows = MR.min(mc - is * MR);
         let out = &mut ap[is * kc2 * MR..(is + 1) * kc2 * MR];
         let r0 = i0 + is * MR;
-        let scale = match half {
-            Half::Bf16 => 1.0,
-            Half::F16 => scale_for(half, finite_max(lhs, r0, rows, p0, kc)),
-        };
+        let scale = sliver_scale(half, lhs, r0, rows, p0, kc);
         inv[is] = 1.0 / scale;
         if rows < MR {
             out.fill(0);
