@@ -311,3 +311,38 @@ impl Model {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod regressions {
+    use super::*;
+
+    /// Inputs the `onnx_model` fuzz target found (fuzz/regressions/onnx_model), run as it runs
+    /// them: an error is fine, a panic is not. `reduce_l2_of_integers`: a ReduceL2 of an i64
+    /// tensor (a folded Shape) reached candle's square, which panics on integers.
+    #[test]
+    fn fuzz_regressions_end_in_errors_not_panics() {
+        let bytes = include_bytes!("../../../fuzz/regressions/onnx_model/reduce_l2_of_integers");
+        with_element_limit(1 << 22, || {
+            let m = Model::from_bytes(bytes);
+            let ran = m.map(|m| {
+                let x = Tensor::ones(
+                    (1, 3, 8, 8),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap();
+                let inputs: Vec<(&str, Tensor)> = m
+                    .input_names()
+                    .iter()
+                    .map(|n| (n.as_str(), x.clone()))
+                    .collect();
+                m.run(&inputs)
+            });
+            let err = match ran {
+                Err(e) | Ok(Err(e)) => e,
+                Ok(Ok(_)) => String::new(),
+            };
+            assert!(err.contains("float input expected"), "{err}");
+        });
+    }
+}

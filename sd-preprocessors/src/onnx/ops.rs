@@ -905,8 +905,11 @@ fn reduce(node: &Node, ins: &[Option<&Tensor>]) -> R<Vec<Tensor>> {
     };
     axes.sort_unstable();
     axes.dedup();
+    // candle's square, square root and mean of integers panic: those reductions take floats
     let mut y = if node.op == "ReduceL2" {
-        t.sqr().map_err(e)?
+        unary_f32(t)?.sqr().map_err(e)?
+    } else if node.op == "ReduceMean" {
+        unary_f32(t)?.clone()
     } else {
         t.clone()
     };
