@@ -9,8 +9,8 @@ compare side by side in one run on one machine. CI does not run this.
 The step is diffusers' train_controlnet.py's: random SD1.5-architecture UNet (frozen,
 `requires_grad_(False)`), `ControlNetModel.from_unet`, noise added at fixed timesteps, ControlNet
 residuals into the UNet, MSE against the noise, `backward()` to every ControlNet weight. f32 (or
-`--dtype bf16`: CPU autocast, diffusers' `--mixed_precision bf16`), default thread count. Peak RSS
-is the process's (ru_maxrss), so run one setting per process.
+`--dtype bf16` / `fp16`: CPU autocast, diffusers' `--mixed_precision bf16` / `fp16`), default
+thread count. Peak RSS is the process's (ru_maxrss), so run one setting per process.
 """
 
 import argparse
@@ -27,7 +27,7 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--iters", type=int, default=2)
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "fp16"], default="f32")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -46,7 +46,8 @@ def main():
     cond = torch.rand(b, 3, a.size, a.size)
     ts = torch.tensor([100 + 300 * i for i in range(b)])
     import contextlib
-    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bf16" else contextlib.nullcontext
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.dtype)
+    cast = (lambda: torch.autocast("cpu", dtype=half)) if half else contextlib.nullcontext
     times = []
     for _ in range(a.iters):
         t0 = time.perf_counter()

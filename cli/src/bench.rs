@@ -113,7 +113,8 @@ pub struct TrainBenchArgs {
     /// What trains: controlnet | t2i-adapter
     #[arg(long, value_enum, default_value = "controlnet")]
     pub network: TrainedNetwork,
-    /// no | bf16: the step's products in bf16 with f32 sums (as `train --mixed-precision`)
+    /// no | bf16 | fp16: the step's products in bf16 or f16 with f32 sums (as `train
+    /// --mixed-precision`)
     #[arg(long, default_value = "no")]
     pub mixed_precision: String,
     /// Recompute each block in the backward pass (as `train --gradient-checkpointing true`)

@@ -138,7 +138,7 @@ pub struct TrainArgs {
     pub sd_locked: Option<bool>,
     #[arg(long)]
     pub only_mid_control: Option<bool>,
-    /// no | bf16 (bf16 products, f32 sums and weights; CPUs with AVX512-BF16)
+    /// no | bf16 | fp16 (half products, f32 sums and weights; CPUs with AVX512-BF16 / AVX512-FP16)
     #[arg(long)]
     pub mixed_precision: Option<String>,
     #[arg(long)]

@@ -579,7 +579,7 @@ fn bf16_on_the_cpu() {
 /// generic ops, as on a GPU. Either way the final latents are near diffusers' f32 ones and not
 /// ours in f32. f16 keeps 11 significant bits, 8 times bf16's, but sums 64 products in f16:
 /// through the same 4 steps at CFG 7.5 where bf16 lands 0.47% RMS away, the AVX512-FP16 path
-/// measured 0.19% (the generic f16 path 0.12%, `device_path.rs`); bound 0.4% (under bf16's),
+/// measured 0.094% (the generic f16 path 0.12%, `device_path.rs`); bound 0.4% (under bf16's),
 /// and f32 is ~1e-7.
 #[test]
 fn f16_on_the_cpu() {
@@ -604,7 +604,7 @@ fn f16_on_the_cpu() {
 
 /// `--dtype f16` on the CPU for SDXL (two text encoders, micro-conditioning, 2048-wide context,
 /// the fixture's txt2img case at CFG 5): the final latents near diffusers' f32 ones, as for SD1
-/// above (measured 0.11% RMS; bound 0.4%).
+/// above (measured 0.080% RMS; bound 0.4%).
 #[test]
 fn f16_on_the_cpu_for_sdxl() {
     let dir = scratch("test", "f16-sdxl");

@@ -136,9 +136,9 @@ pub struct TrainConfig {
     /// Skip unusable dataset rows (reported) instead of stopping.
     #[serde(default)]
     pub skip_bad_rows: bool,
-    /// `no` (f32) or `bf16`: the products of the forward and backward passes in bf16 with f32
-    /// sums, on a CPU with AVX512-BF16 (weights, gradients and AdamW state stay f32, as
-    /// diffusers' `--mixed_precision bf16` keeps f32 master weights).
+    /// `no` (f32), `bf16` or `fp16`: the products of the forward and backward passes in bf16
+    /// (a CPU with AVX512-BF16) or f16 (AVX512-FP16) with f32 sums (weights, gradients and AdamW
+    /// state stay f32, as diffusers' `--mixed_precision` keeps f32 master weights).
     #[serde(default = "d_precision")]
     pub mixed_precision: String,
     /// Keep only each ResNet and transformer block's inputs for the backward pass and run the
@@ -231,8 +231,8 @@ impl TrainConfig {
         crate::train_loop::check_memory(&self.base, self.resolution, self.batch_size, networks)
     }
 
-    /// The products' precision that `mixed_precision` names (bf16 refused on a CPU without
-    /// AVX512-BF16).
+    /// The products' precision that `mixed_precision` names (refused on a CPU without the
+    /// instructions it needs).
     pub fn precision(&self) -> Result<Precision> {
         mixed_precision(&self.mixed_precision).map_err(TrainError::Invalid)
     }
@@ -267,16 +267,24 @@ impl TrainConfig {
     }
 }
 
-/// The products' precision a `mixed_precision` value names (`no` or `bf16`; bf16 refused on a
-/// CPU without AVX512-BF16), for the trainers and `sdctl bench train`.
+/// The products' precision a `mixed_precision` value names, as diffusers' `--mixed_precision`:
+/// `no`, `bf16` (AVX512-BF16) or `fp16` (AVX512-FP16); refused on a CPU without the
+/// instructions; for the trainers and `sdctl bench train`.
 pub fn mixed_precision(name: &str) -> std::result::Result<Precision, String> {
+    use sd_pipeline::cpu::matmul::{bf16_supported, f16_supported};
     match name {
         "no" => Ok(Precision::F32),
-        "bf16" if sd_pipeline::cpu::matmul::bf16_supported() => Ok(Precision::Bf16),
+        "bf16" if bf16_supported() => Ok(Precision::Bf16),
         "bf16" => {
             Err("mixed_precision bf16: this CPU lacks AVX512-BF16 (vdpbf16ps); use no".into())
         }
-        other => Err(format!("mixed_precision {other:?}: expected no or bf16")),
+        "fp16" if f16_supported() => Ok(Precision::F16),
+        "fp16" => {
+            Err("mixed_precision fp16: this CPU lacks AVX512-FP16 (vfmadd231ph); use no".into())
+        }
+        other => Err(format!(
+            "mixed_precision {other:?}: expected no, bf16 or fp16"
+        )),
     }
 }
 

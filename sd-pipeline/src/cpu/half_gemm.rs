@@ -787,6 +787,11 @@ unsafe fn pack_lhs(
     inv: &mut [f32],
     run: &mut [u32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if lhs.rs == 1 && lhs.cs != 1 {
+        // a column-major (transposed) operand: each `k` is a contiguous run of rows
+        return pack_lhs_columns_avx512(half, lhs, i0, mc, p0, kc, ap, inv);
+    }
     let kc2 = kc.div_ceil(2);
     for is in 0..mc.div_ceil(MR) {
         let rows = MR.min(mc - is * MR);
@@ -801,6 +806,97 @@ unsafe fn pack_lhs(
             convert_run(half, lhs.at(r0 + r, p0), lhs.cs, kc, scale, run);
             for (q, v) in run[..kc2].iter().enumerate() {
                 *out.get_unchecked_mut(q * MR + r) = *v;
+            }
+        }
+    }
+}
+
+/// [`pack_lhs`] of a column-major `lhs` (`rs == 1`: a transposed row-major matrix, as the
+/// gradients' products read weights and activations): 16 rows of a pair of `k` are loaded,
+/// scaled per row by their sliver's scale, converted and interleaved at once (the strided
+/// path converts one value at a time). The same values as [`pack_lhs`]'s other path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_lhs_columns_avx512(
+    half: Half,
+    lhs: Mat,
+    i0: usize,
+    mc: usize,
+    p0: usize,
+    kc: usize,
+    ap: &mut [u32],
+    inv: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(lhs.rs == 1 && mc <= MC);
+    let (kc2, slivers, vecs) = (kc.div_ceil(2), mc.div_ceil(MR), mc.div_ceil(16));
+    let mask = |v: usize| -> __mmask16 {
+        match mc - 16 * v {
+            left if left >= 16 => 0xffff,
+            left => (1u16 << left) - 1,
+        }
+    };
+    // each row's lane holds its sliver's scale
+    let mut scale = [1f32; MC];
+    inv[..slivers].fill(1.0);
+    if half == Half::F16 {
+        let mut rowmax = [0f32; MC];
+        match lhs.bound() {
+            Some(b) => rowmax.fill(b),
+            None => {
+                let abs = _mm512_set1_epi32(0x7fff_ffff);
+                let infinity = _mm512_set1_ps(f32::INFINITY);
+                let mut acc = [_mm512_setzero_ps(); MC / 16];
+                for p in 0..kc {
+                    let col = lhs.at(i0, p0 + p);
+                    for (v, m) in acc[..vecs].iter_mut().enumerate() {
+                        let x = _mm512_maskz_loadu_ps(mask(v), col.add(16 * v));
+                        let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), abs));
+                        // |x| where finite (NaN compares false), as `block_max_avx512`
+                        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, infinity);
+                        *m = _mm512_mask_max_ps(*m, finite, *m, a);
+                    }
+                }
+                for (v, m) in acc[..vecs].iter().enumerate() {
+                    _mm512_storeu_ps(rowmax.as_mut_ptr().add(16 * v), *m);
+                }
+            }
+        }
+        for (is, inv) in inv[..slivers].iter_mut().enumerate() {
+            let rows = is * MR..(is * MR + MR).min(mc);
+            let max = rowmax[rows.clone()].iter().fold(0f32, |a, &b| a.max(b));
+            let s = scale_for(half, max);
+            *inv = 1.0 / s;
+            scale[rows].fill(s);
+        }
+    }
+    if !mc.is_multiple_of(MR) {
+        ap[(slivers - 1) * kc2 * MR..slivers * kc2 * MR].fill(0);
+    }
+    // [h(a) x16, h(b) x16] as 16-bit lanes; the permute interleaves them (as pack_row_pair)
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    let mut pairs = [0u32; 16];
+    for q in 0..kc2 {
+        let c0 = lhs.at(i0, p0 + 2 * q);
+        let c1 = (2 * q + 1 < kc).then(|| lhs.at(i0, p0 + 2 * q + 1));
+        for v in 0..vecs {
+            let s = _mm512_loadu_ps(scale.as_ptr().add(16 * v));
+            let a = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(v), c0.add(16 * v)), s);
+            let b = c1.map_or(_mm512_setzero_ps(), |c1| {
+                _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(v), c1.add(16 * v)), s)
+            });
+            let h = match half {
+                Half::Bf16 => convert_bf16x32(a, b),
+                Half::F16 => convert_f16x32(a, b),
+            };
+            _mm512_storeu_si512(pairs.as_mut_ptr().cast(), _mm512_permutexvar_epi16(idx, h));
+            for (j, pair) in pairs[..16.min(mc - 16 * v)].iter().enumerate() {
+                let r = 16 * v + j;
+                *ap.get_unchecked_mut((r / MR) * kc2 * MR + q * MR + r % MR) = *pair;
             }
         }
     }
@@ -1108,6 +1204,53 @@ mod tests {
                 gemm_packed_rhs(m, d, true, lhs, &p, 0.5, 2);
             }
             assert_eq!(d1, d2, "{half:?} packed right operand");
+        }
+    }
+
+    /// A column-major left operand (the gradients' transposed weights) is packed by its own
+    /// vector path: bit for bit what its row-major copy gives, over row counts that leave
+    /// partial slivers and vectors, an odd depth, slivers of very different magnitudes (their
+    /// own scales), an infinity (which must not set a scale) and a declared bound.
+    #[test]
+    fn column_major_left_operand_packs_as_its_row_major_copy() {
+        for half in halves() {
+            for (m, n, k) in [(203, 77, 1601), (5, 64, 3), (96, 130, 800), (17, 9, 2)] {
+                let mut a = values(m * k, 8);
+                for (i, x) in a.iter_mut().enumerate() {
+                    // rows 6..12 a thousand times larger, rows 12..18 a thousand times smaller
+                    match (i / k) / MR {
+                        1 => *x *= 1e3,
+                        2 => *x *= 1e-3,
+                        _ => {}
+                    }
+                }
+                if m > 3 {
+                    a[3 * k + k / 2] = f32::INFINITY;
+                }
+                let b = values(k * n, 9);
+                // `at` [k, m] row-major: `a` transposed
+                let mut at = vec![0f32; m * k];
+                for r in 0..m {
+                    for c in 0..k {
+                        at[c * m + r] = a[r * k + c];
+                    }
+                }
+                let rhs = Mat::new(b.as_ptr(), n as isize, 1);
+                for bound in [None, Some(2e3f32)] {
+                    let with = |l: Mat| bound.map_or(l, |b| l.bounded(b));
+                    let rows = with(Mat::new(a.as_ptr(), k as isize, 1));
+                    let cols = with(Mat::new(at.as_ptr(), 1, m as isize));
+                    let (mut d1, mut d2) = (vec![0f32; m * n], vec![0f32; m * n]);
+                    unsafe {
+                        let d = MatMut::new(d1.as_mut_ptr(), n as isize, 1);
+                        gemm(half, m, n, k, d, false, rows, rhs, 1.0, 1);
+                        let d = MatMut::new(d2.as_mut_ptr(), n as isize, 1);
+                        gemm(half, m, n, k, d, false, cols, rhs, 1.0, 1);
+                    }
+                    let bits = |d: &[f32]| d.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&d1), bits(&d2), "{half:?} {m}x{n}x{k} bound {bound:?}");
+                }
+            }
         }
     }
 
