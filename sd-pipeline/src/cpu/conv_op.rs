@@ -161,7 +161,7 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
             }
         }
     });
-    let cap = WINOGRAD_TILES.min(th * tw);
+    let cap = WINOGRAD_TILES.min(g.b * th * tw);
     let mut out = vec![0f32; g.b * o * g.oh * g.ow];
     // each pass writes the first `t` tiles of V and M and reads no others
     with_scratch(c * 16 * cap, |v| {
@@ -172,7 +172,9 @@ fn conv3x3_winograd(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geo, o: usiz
     out
 }
 
-/// The passes of [`conv3x3_winograd`] over `V` and `M` scratch, into `out`.
+/// The passes of [`conv3x3_winograd`] over `V` and `M` scratch, into `out`. A pass takes up to
+/// `cap` tiles of the whole batch, across images: a CFG batch of two 16x16 maps (64 tiles each)
+/// is one pass of 128, so each of the 16 products packs the weights once, not once per image.
 #[allow(clippy::too_many_arguments)]
 fn winograd_passes(
     x: &[f32],
@@ -185,40 +187,49 @@ fn winograd_passes(
     out: &mut [f32],
 ) {
     let c = g.c;
-    let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+    let per = g.oh.div_ceil(2) * g.ow.div_ceil(2);
     let threads = all_threads();
-    let total = th * tw;
+    let total = g.b * per;
     let cap = WINOGRAD_TILES.min(total);
-    let hw = g.oh * g.ow;
-    for (bi, dst) in out.chunks_mut(o * hw).enumerate() {
-        let xb = &x[bi * c * g.h * g.w..][..c * g.h * g.w];
-        for t0 in (0..total).step_by(cap) {
-            let t = cap.min(total - t0);
-            // V = B^T d B per tile, B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
-            v.par_chunks_mut(16 * cap).enumerate().for_each(|(ci, vc)| {
-                let plane = &xb[ci * g.h * g.w..][..g.h * g.w];
-                winograd_input(plane, g, t0, t, cap, vc);
-            });
-            for e in 0..16 {
-                // SAFETY: M_e [o, t] (row stride 16 cap) = U_e [o, c] (row stride 16c) x
-                // V_e [c, t] (row stride 16 cap), t <= cap, all inside the buffers above.
-                unsafe {
-                    matmul(
-                        o,
-                        t,
-                        c,
-                        MatMut::new(m.as_mut_ptr().add(e * cap), (16 * cap) as isize, 1),
-                        false,
-                        Mat::new(u.as_ptr().add(e * c), (16 * c) as isize, 1),
-                        Mat::new(v.as_ptr().add(e * cap), (16 * cap) as isize, 1),
-                        1.0,
-                        threads,
-                    );
-                }
+    let (hw, image) = (g.oh * g.ow, c * g.h * g.w);
+    for p0 in (0..total).step_by(cap) {
+        let t = cap.min(total - p0);
+        // per image in this pass: (image, its first tile, tiles, their offset in the pass)
+        let parts: Vec<(usize, usize, usize, usize)> = (p0 / per..(p0 + t).div_ceil(per))
+            .map(|bi| {
+                let (lo, hi) = (p0.max(bi * per), (p0 + t).min((bi + 1) * per));
+                (bi, lo - bi * per, hi - lo, lo - p0)
+            })
+            .collect();
+        // V = B^T d B per tile, B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+        v.par_chunks_mut(16 * cap).enumerate().for_each(|(ci, vc)| {
+            for &(bi, t0, n, off) in &parts {
+                let plane = &x[bi * image + ci * g.h * g.w..][..g.h * g.w];
+                winograd_input(plane, g, t0, n, cap, &mut vc[off..]);
             }
+        });
+        for e in 0..16 {
+            // SAFETY: M_e [o, t] (row stride 16 cap) = U_e [o, c] (row stride 16c) x
+            // V_e [c, t] (row stride 16 cap), t <= cap, all inside the buffers above.
+            unsafe {
+                matmul(
+                    o,
+                    t,
+                    c,
+                    MatMut::new(m.as_mut_ptr().add(e * cap), (16 * cap) as isize, 1),
+                    false,
+                    Mat::new(u.as_ptr().add(e * c), (16 * c) as isize, 1),
+                    Mat::new(v.as_ptr().add(e * cap), (16 * cap) as isize, 1),
+                    1.0,
+                    threads,
+                );
+            }
+        }
+        for &(bi, t0, n, off) in &parts {
+            let dst = &mut out[bi * o * hw..][..o * hw];
             dst.par_chunks_mut(hw).enumerate().for_each(|(oi, yo)| {
-                let mo = &m[oi * 16 * cap..][..16 * cap];
-                winograd_output(mo, bias.map_or(0.0, |b| b[oi]), g, t0, t, cap, yo);
+                let mo = &m[oi * 16 * cap + off..];
+                winograd_output(mo, bias.map_or(0.0, |b| b[oi]), g, t0, n, cap, yo);
             });
         }
     }
@@ -1138,12 +1149,14 @@ mod tests {
     #[test]
     fn winograd_matches_candles_conv2d() {
         let dev = Device::Cpu;
-        // odd and even sizes, one pixel, and 35x33 = 1155 tiles: two passes, the second partial
+        // odd and even sizes, one pixel, 35x33 = 1155 tiles: two passes, the second partial;
+        // three images of 20x30 = 600 tiles: passes of 1024 that start and end inside images
         for (b, c, o, h, w) in [
             (2, 5, 6, 7, 6),
             (1, 3, 4, 1, 1),
             (1, 4, 3, 70, 65),
             (2, 2, 2, 3, 5),
+            (3, 3, 2, 40, 59),
         ] {
             let x = Tensor::randn(0f32, 1., (b, c, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1., (o, c, 3, 3), &dev).unwrap();
