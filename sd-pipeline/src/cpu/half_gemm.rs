@@ -177,14 +177,8 @@ unsafe fn finite_max(mat: Mat, r0: usize, rows: usize, c0: usize, cols: usize) -
 #[target_feature(enable = "avx512f")]
 unsafe fn block_max_avx512(p: *const f32, stride: isize, runs: usize, len: usize) -> f32 {
     use std::arch::x86_64::*;
-    let abs = _mm512_set1_epi32(0x7fff_ffff);
-    let inf = _mm512_set1_ps(f32::INFINITY);
     let mut acc = [_mm512_setzero_ps(); 4];
-    // |x| into the running maximum where it is finite (NaN compares false)
-    let step = |m: __m512, x: __m512| {
-        let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), abs));
-        _mm512_mask_max_ps(m, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, inf), m, a)
-    };
+    let step = |m, x| finite_abs_max(m, x);
     for r in 0..runs {
         let p = p.offset(r as isize * stride);
         let mut i = 0;
@@ -207,6 +201,34 @@ unsafe fn block_max_avx512(p: *const f32, stride: isize, runs: usize, len: usize
     }
     let m = _mm512_max_ps(_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3]));
     _mm512_reduce_max_ps(m)
+}
+
+/// `max(m, |x|)` per lane where `x` is finite (NaN compares false): a running maximum that
+/// skips infinities and NaNs, as [`finite_max`] does.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn finite_abs_max(
+    m: std::arch::x86_64::__m512,
+    x: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let a = _mm512_castsi512_ps(_mm512_and_si512(
+        _mm512_castps_si512(x),
+        _mm512_set1_epi32(0x7fff_ffff),
+    ));
+    let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, _mm512_set1_ps(f32::INFINITY));
+    _mm512_mask_max_ps(m, finite, m, a)
+}
+
+/// The 16-bit lane order that turns `[h(a) x16, h(b) x16]` into 16 pairs `h(a[c]) | h(b[c]) << 16`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pair_interleave() -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    )
 }
 
 /// `x` rounded to bf16 and back.
@@ -757,11 +779,7 @@ unsafe fn pack_row_pair_avx512(
     o: &mut [u32],
 ) {
     use std::arch::x86_64::*;
-    // [h(a) x16, h(b) x16] as 16-bit lanes; the permute interleaves them
-    let idx = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
-        19, 3, 18, 2, 17, 1, 16, 0,
-    );
+    let idx = pair_interleave();
     for c in (0..cols).step_by(16) {
         let a = _mm512_loadu_ps(r0.add(c));
         let b = r1.map_or(_mm512_setzero_ps(), |r1| _mm512_loadu_ps(r1.add(c)));
@@ -845,17 +863,12 @@ unsafe fn pack_lhs_columns_avx512(
         match lhs.bound() {
             Some(b) => rowmax.fill(b),
             None => {
-                let abs = _mm512_set1_epi32(0x7fff_ffff);
-                let infinity = _mm512_set1_ps(f32::INFINITY);
                 let mut acc = [_mm512_setzero_ps(); MC / 16];
                 for p in 0..kc {
                     let col = lhs.at(i0, p0 + p);
                     for (v, m) in acc[..vecs].iter_mut().enumerate() {
                         let x = _mm512_maskz_loadu_ps(mask(v), col.add(16 * v));
-                        let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), abs));
-                        // |x| where finite (NaN compares false), as `block_max_avx512`
-                        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, infinity);
-                        *m = _mm512_mask_max_ps(*m, finite, *m, a);
+                        *m = finite_abs_max(*m, x);
                     }
                 }
                 for (v, m) in acc[..vecs].iter().enumerate() {
@@ -874,11 +887,7 @@ unsafe fn pack_lhs_columns_avx512(
     if !mc.is_multiple_of(MR) {
         ap[(slivers - 1) * kc2 * MR..slivers * kc2 * MR].fill(0);
     }
-    // [h(a) x16, h(b) x16] as 16-bit lanes; the permute interleaves them (as pack_row_pair)
-    let idx = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
-        19, 3, 18, 2, 17, 1, 16, 0,
-    );
+    let idx = pair_interleave();
     let mut pairs = [0u32; 16];
     for q in 0..kc2 {
         let c0 = lhs.at(i0, p0 + 2 * q);
