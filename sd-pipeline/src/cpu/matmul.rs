@@ -188,7 +188,8 @@ fn half_pays(m: usize, n: usize, k: usize) -> bool {
 }
 
 /// [`matmul`] in the given precision (`Bf16` needs [`bf16_supported`], `F16`
-/// [`f16_supported`]).
+/// [`f16_supported`]); a product with a side under 32 runs in f32 whatever the precision
+/// (`half_pays`).
 ///
 /// # Safety
 /// As [`matmul`].
